@@ -1,0 +1,61 @@
+# Every workflow of Shoal. `make run` and `make test` install into .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/shoal/v1/*.proto)
+GEN_DIR := clients/python
+
+.PHONY: dev reinstall-pkg run test unit integration lint typecheck protos protos-check bench clean
+
+dev: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --config-settings editable_mode=strict -e '.[dev]'
+	touch $(STAMP)
+
+# Re-running the editable install picks up new modules (strict mode links files one by one).
+reinstall-pkg: $(STAMP)
+	@$(BIN)/python -m pip install -q --no-deps --config-settings editable_mode=strict -e . >/dev/null
+
+run: $(STAMP) reinstall-pkg
+	$(BIN)/shoal up --demo
+
+test: $(STAMP) reinstall-pkg lint protos-check
+	$(BIN)/python -m pytest -q tests
+
+unit: $(STAMP) reinstall-pkg
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP) reinstall-pkg
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP) reinstall-pkg
+	$(BIN)/ruff check .
+	$(BIN)/mypy clients/python/shoal coordinator node tests bench
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+	  --mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  $(PROTOS)
+
+# Fails when the checked-in generated code differs from what protos/ generates.
+protos-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  $(PROTOS) && \
+	diff -r -x __init__.py -x __pycache__ $$tmp/shoal/v1 $(GEN_DIR)/shoal/v1 && rm -rf $$tmp && echo "generated code is up to date"
+
+bench: $(STAMP) reinstall-pkg
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated protocol code for shoal.v1 (see protos/)."""

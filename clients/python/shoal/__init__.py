@@ -1,0 +1,40 @@
+"""Shoal: a gRPC service mesh of standalone worker nodes.
+
+    from shoal import Client, shell
+    with Client() as client:
+        task = client.submit(shell("echo hello"))
+        print(client.wait(task.id).result.stdout)
+"""
+
+from shoal._builders import noop, python, shell
+from shoal._client import AsyncClient, Client
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShoalError,
+    Unavailable,
+)
+from shoal.v1.task_pb2 import Event, Task, TaskResult, TaskSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Event",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "ShoalError",
+    "Task",
+    "TaskResult",
+    "TaskSpec",
+    "Unavailable",
+    "__version__",
+    "noop",
+    "python",
+    "shell",
+]

@@ -1,0 +1,84 @@
+"""Spec builders: `shell(...)`, `python(...)` and `noop(...)` make a TaskSpec in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from shoal.v1 import task_pb2
+
+__all__ = ["PRIORITIES", "noop", "python", "shell"]
+
+PRIORITIES = {
+    "critical": task_pb2.PRIORITY_CRITICAL,
+    "high": task_pb2.PRIORITY_HIGH,
+    "normal": task_pb2.PRIORITY_NORMAL,
+    "low": task_pb2.PRIORITY_LOW,
+    "background": task_pb2.PRIORITY_BACKGROUND,
+}
+
+
+def _common(
+    spec: task_pb2.TaskSpec,
+    *,
+    name: str = "",
+    priority: str | int = "normal",
+    timeout: timedelta | None = None,
+    idempotency_key: str = "",
+    tenant: str = "",
+    labels: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> task_pb2.TaskSpec:
+    spec.name = name
+    spec.priority = PRIORITIES[priority] if isinstance(priority, str) else priority  # type: ignore[assignment]
+    if timeout is not None:
+        spec.timeout.FromTimedelta(timeout)
+    spec.idempotency_key = idempotency_key
+    spec.tenant = tenant
+    spec.required_labels.update(labels or {})
+    spec.metadata.update(metadata or {})
+    return spec
+
+
+def shell(
+    command: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str = "",
+    stdin: bytes = b"",
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """A shell task: a string runs as a /bin/sh script, a sequence as argv (no shell)."""
+    sh = task_pb2.ShellSpec(env=env or {}, cwd=cwd, stdin=stdin)
+    if isinstance(command, str):
+        sh.script = command
+    else:
+        sh.argv.extend(command)
+    return _common(task_pb2.TaskSpec(shell=sh), **common)
+
+
+def python(
+    code: str,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: str = "",
+    stdin: bytes = b"",
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """Python code run by an isolated interpreter on the node."""
+    py = task_pb2.PythonSpec(code=code, args=list(args), env=env or {}, cwd=cwd, stdin=stdin)
+    return _common(task_pb2.TaskSpec(python=py), **common)
+
+
+def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
+    """A task that succeeds at once, echoing `params` as its output."""
+    custom = task_pb2.CustomSpec(executor="noop")
+    if params:
+        st = struct_pb2.Struct()
+        st.update(params)
+        custom.params.CopyFrom(st)
+    return _common(task_pb2.TaskSpec(custom=custom), **common)

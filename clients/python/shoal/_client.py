@@ -1,0 +1,266 @@
+"""The Python SDK: AsyncClient over grpc.aio, and Client, its blocking twin."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, wait_exponential_jitter
+
+from shoal._server import grpc_options
+from shoal._status import from_rpc_error
+from shoal.config import ClientSettings
+from shoal.errors import Unavailable
+from shoal.specs import is_final
+from shoal.v1 import admin_pb2, admin_pb2_grpc, task_pb2, tasks_pb2, tasks_pb2_grpc
+
+__all__ = ["AsyncClient", "Client"]
+
+_T = TypeVar("_T")
+_MAX_MESSAGE = 64 << 20
+
+
+async def _call(awaitable: Awaitable[_T]) -> _T:
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from None
+
+
+def _duration(td: timedelta) -> Any:
+    d = task_pb2.google_dot_protobuf_dot_duration__pb2.Duration()  # type: ignore[attr-defined]
+    d.FromTimedelta(td)
+    return d
+
+
+class AsyncClient:
+    """Talks to a coordinator. Errors arrive as `shoal.errors` exceptions."""
+
+    def __init__(self, target: str | None = None, *, timeout: timedelta = timedelta(seconds=30)):
+        self.target = target or ClientSettings().coordinator
+        self._timeout = timeout.total_seconds()
+        self._channel = grpc.aio.insecure_channel(self.target, options=grpc_options(_MAX_MESSAGE))
+        self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
+        """Submit one task; returns it as stored (an existing one when its key matched)."""
+        response = await _call(
+            self._tasks.Submit(tasks_pb2.SubmitRequest(spec=spec), timeout=self._timeout)
+        )
+        return response.task
+
+    async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
+        """Submit many tasks atomically in one call; returns their ids in order."""
+        response = await _call(
+            self._tasks.SubmitBatch(
+                tasks_pb2.SubmitBatchRequest(specs=list(specs)), timeout=self._timeout
+            )
+        )
+        return list(response.task_ids)
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        return await _call(self._tasks.Get(tasks_pb2.GetRequest(task_id=task_id), timeout=self._timeout))
+
+    async def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
+        """The task once final; with `timeout`, as it is then if not final yet."""
+        request = tasks_pb2.WaitRequest(task_id=task_id)
+        deadline = None
+        if timeout is not None:
+            request.timeout.CopyFrom(_duration(timeout))
+            deadline = timeout.total_seconds() + self._timeout
+        return await _call(self._tasks.Wait(request, timeout=deadline))
+
+    async def cancel(self, task_id: str) -> task_pb2.Task:
+        return await _call(
+            self._tasks.Cancel(tasks_pb2.CancelRequest(task_id=task_id), timeout=self._timeout)
+        )
+
+    async def list(
+        self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100
+    ) -> list[task_pb2.Task]:
+        """Up to `limit` tasks, newest first."""
+        out: list[task_pb2.Task] = []
+        token = ""
+        while len(out) < limit:
+            request = tasks_pb2.ListRequest(
+                states=list(states),  # type: ignore[arg-type]
+                tenant=tenant,
+                limit=min(1000, limit - len(out)),
+                page_token=token,
+            )
+            page = await _call(self._tasks.List(request, timeout=self._timeout))
+            out += page.tasks
+            token = page.next_page_token
+            if not token:
+                break
+        return out[:limit]
+
+    async def nodes(self) -> list[admin_pb2.NodeStatus]:
+        response = await _call(
+            self._admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=self._timeout)
+        )
+        return list(response.nodes)
+
+    async def watch(
+        self,
+        *,
+        since: int | None = None,
+        task_ids: Iterable[str] = (),
+        output: bool = False,
+        tenant: str = "",
+        reconnect: bool = True,
+    ) -> AsyncIterator[task_pb2.Event]:
+        """Events after `since` (None: from now), following live ones.
+
+        When the connection drops it reconnects with backoff and resumes after the last
+        position it reached, so nothing is lost or repeated.
+        """
+        ids = list(task_ids)
+        cursor = since
+        while True:
+            request = tasks_pb2.WatchRequest(task_ids=ids, output=output, tenant=tenant)
+            if cursor is not None:
+                request.since = cursor
+            stream = await self._open_watch(request, reconnect)
+            cursor = request.since
+            try:
+                while (response := await stream.read()) is not grpc.aio.EOF:
+                    for event in response.events:
+                        yield event
+                    cursor = response.cursor
+                return
+            except grpc.aio.AioRpcError as err:
+                error = from_rpc_error(err)
+                if not reconnect or not isinstance(error, Unavailable):
+                    raise error from None
+            finally:
+                stream.cancel()
+
+    async def _open_watch(
+        self, request: tasks_pb2.WatchRequest, reconnect: bool
+    ) -> grpc.aio.UnaryStreamCall[tasks_pb2.WatchRequest, tasks_pb2.WatchResponse]:
+        """Open a Watch and read its first (cursor) response, retrying with backoff."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
+            wait=wait_exponential_jitter(initial=0.05, max=5.0),
+            reraise=True,
+        ):
+            with attempt:
+                stream = self._tasks.Watch(request)
+                try:
+                    first = await stream.read()
+                except grpc.aio.AioRpcError as err:
+                    raise from_rpc_error(err) from None
+                if first is grpc.aio.EOF:
+                    raise Unavailable("the watch ended before it started")
+                request.since = first.cursor
+                return stream
+        raise AssertionError("unreachable")
+
+    async def run(self, spec: task_pb2.TaskSpec) -> AsyncIterator[task_pb2.Event]:
+        """Submit a task and follow it to its end, output included; the last event is final."""
+        task = await self.submit(spec)
+        async for event in self.watch(since=task.created_seq - 1, task_ids=[task.id], output=True):
+            yield event
+            if is_final(event.state) and not event.HasField("output"):
+                return
+
+
+class Client:
+    """The blocking SDK: every AsyncClient method, run on a private event loop thread."""
+
+    def __init__(self, target: str | None = None, *, timeout: timedelta = timedelta(seconds=30)):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="shoal-client", daemon=True)
+        self._thread.start()
+        self._async: AsyncClient = self._run(_make_async(target, timeout))
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    @property
+    def target(self) -> str:
+        return self._async.target
+
+    def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
+        return self._run(self._async.submit(spec))
+
+    def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
+        return self._run(self._async.submit_batch(list(specs)))
+
+    def get(self, task_id: str) -> task_pb2.Task:
+        return self._run(self._async.get(task_id))
+
+    def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
+        return self._run(self._async.wait(task_id, timeout=timeout))
+
+    def cancel(self, task_id: str) -> task_pb2.Task:
+        return self._run(self._async.cancel(task_id))
+
+    def list(
+        self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100
+    ) -> list[task_pb2.Task]:
+        return self._run(self._async.list(states=list(states), tenant=tenant, limit=limit))
+
+    def nodes(self) -> list[admin_pb2.NodeStatus]:
+        return self._run(self._async.nodes())
+
+    def watch(self, **kwargs: Any) -> Iterator[task_pb2.Event]:
+        """See AsyncClient.watch."""
+        return self._iterate(self._async.watch(**kwargs))
+
+    def run(self, spec: task_pb2.TaskSpec) -> Iterator[task_pb2.Event]:
+        """See AsyncClient.run."""
+        return self._iterate(self._async.run(spec))
+
+    def _iterate(self, agen: AsyncIterator[_T]) -> Iterator[_T]:
+        try:
+            while True:
+                try:
+                    yield self._run(_anext(agen))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(_aclose(agen))
+
+
+async def _make_async(target: str | None, timeout: timedelta) -> AsyncClient:
+    return AsyncClient(target, timeout=timeout)
+
+
+async def _anext(agen: AsyncIterator[_T]) -> _T:
+    return await agen.__anext__()
+
+
+async def _aclose(agen: AsyncIterator[Any]) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,141 @@
+"""The one table between Shoal's errors and gRPC status codes, used by servers and the SDK."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from shoal import errors
+
+_log = logging.getLogger("shoal.rpc")
+
+# error class -> (status code, log level). Order matters only for lookups by code.
+_TABLE: dict[type[errors.ShoalError], tuple[grpc.StatusCode, int]] = {
+    errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, logging.DEBUG),
+    errors.NotFound: (grpc.StatusCode.NOT_FOUND, logging.DEBUG),
+    errors.AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, logging.DEBUG),
+    errors.FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, logging.DEBUG),
+    errors.ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, logging.INFO),
+    errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, logging.WARNING),
+    errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, logging.WARNING),
+    errors.Unavailable: (grpc.StatusCode.UNAVAILABLE, logging.INFO),
+    errors.InternalError: (grpc.StatusCode.INTERNAL, logging.ERROR),
+}
+_BY_CODE = {code: cls for cls, (code, _) in _TABLE.items()}
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _code_and_level(err: errors.ShoalError) -> tuple[grpc.StatusCode, int]:
+    for cls in type(err).__mro__:
+        if cls in _TABLE:
+            return _TABLE[cast(type[errors.ShoalError], cls)]
+    return grpc.StatusCode.INTERNAL, logging.ERROR
+
+
+def to_status(err: errors.ShoalError) -> grpc.Status:
+    """Encode an error as a gRPC status with google.rpc details (BadRequest, RetryInfo)."""
+    code, _ = _code_and_level(err)
+    status = status_pb2.Status(code=code.value[0], message=err.message)
+    violations: list[errors.FieldViolation] = getattr(err, "violations", [])
+    if violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in violations
+            ]
+        )
+        status.details.add().Pack(bad)
+    retry_after: timedelta | None = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(retry_after)
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return cast(grpc.Status, rpc_status.to_status(status))
+
+
+def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
+    """Turn a failed call back into the typed error the server raised."""
+    call = cast(grpc.Call, exc)
+    code = call.code()
+    message = call.details() or code.name
+    violations: list[errors.FieldViolation] = []
+    retry_after: timedelta | None = None
+    for key, value in call.trailing_metadata() or ():
+        if key != _DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(cast(bytes, value))
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [
+                    errors.FieldViolation(v.field, v.description) for v in bad.field_violations
+                ]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                retry_after = info.retry_delay.ToTimedelta()
+    cls = _BY_CODE.get(code)
+    if cls is errors.InvalidArgument:
+        return errors.InvalidArgument(message, violations)
+    if cls is errors.ResourceExhausted:
+        return errors.ResourceExhausted(message, retry_after=retry_after, violations=violations)
+    if cls is None:
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return errors.Unavailable(f"{code.name.lower()}: {message}")
+        return errors.InternalError(f"{code.name}: {message}")
+    return cls(message)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception, method: str) -> None:
+    if isinstance(err, errors.ShoalError):
+        _, level = _code_and_level(err)
+        _log.log(level, "rpc=%s error=%s", method, _describe(err))
+        await context.abort_with_status(to_status(err))
+    _log.exception("rpc=%s unexpected error", method)
+    await context.abort_with_status(to_status(errors.InternalError("internal error")))
+
+
+def rpc_errors(fn: _F) -> _F:
+    """Map ShoalError raised by a servicer method to its status; works for all four RPC shapes."""
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:
+                await _abort(context, err, name)
+
+        return cast(_F, stream)
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await cast(Callable[..., Awaitable[Any]], fn)(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await _abort(context, err, name)
+
+    return cast(_F, unary)

@@ -1,0 +1,490 @@
+"""The `shoal` command. Signals, logging and config loading live here only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from shoal import _builders
+from shoal._client import AsyncClient
+from shoal.config import ClientSettings, CoordinatorSettings, NodeSettings
+from shoal.errors import ShoalError
+from shoal.specs import is_final, state_name
+from shoal.v1 import task_pb2
+
+app = typer.Typer(help="Shoal: spread background work across machines.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+_T = TypeVar("_T")
+
+CoordinatorOpt = Annotated[
+    str | None,
+    typer.Option("--coordinator", "-c", help="Coordinator address [env SHOAL_COORDINATOR]"),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _client(coordinator: str | None) -> AsyncClient:
+    return AsyncClient(coordinator or ClientSettings().coordinator)
+
+
+def _run(coro: Awaitable[_T]) -> _T:
+    """Run a client coroutine; Shoal errors become a message and exit status 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except ShoalError as err:
+        err_console.print(f"[red]error:[/red] {err.message}")
+        for v in getattr(err, "violations", []):
+            err_console.print(f"  {v.field}: {v.description}")
+        raise typer.Exit(1) from None
+
+
+async def _until_signalled(*stops: Callable[[], Awaitable[None]]) -> None:
+    """Wait for SIGINT or SIGTERM, then run each stop in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    err_console.print("stopping…")
+    for fn in stops:
+        await fn()
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _duration(seconds: float | None) -> timedelta | None:
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    listen: Annotated[str | None, typer.Option(help="Coordinator address to bind")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives")] = None,
+    slots: Annotated[int | None, typer.Option(help="Concurrent tasks on the local node")] = None,
+    demo: Annotated[bool, typer.Option(help="Run a short demo batch once started")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start a coordinator and one local node in this process (loopback, embedded SQLite)."""
+    from shoal.coordinator.server import CoordinatorServer
+    from shoal.node.agent import NodeAgent
+
+    _logging(verbose)
+    coord = CoordinatorServer(CoordinatorSettings(**_given(listen=listen, data_dir=data_dir)))
+
+    async def main() -> None:
+        await coord.start()
+        node = NodeAgent(NodeSettings(**_given(coordinator=coord.address, slots=slots)))
+        await node.start()
+        console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
+        console.print(f"  data dir   {coord.settings.data_dir}")
+        console.print(f"  local node {node.node_id} (health on 127.0.0.1:{node.port})")
+        console.print(f"  try: shoal run -c {coord.address} -- echo hello;  Ctrl-C to stop")
+        if demo:
+            await asyncio.wait_for(node.connected.wait(), 10)
+            await _demo(coord.address)
+        await _until_signalled(node.stop, coord.stop)
+
+    asyncio.run(main())
+
+
+async def _demo(address: str) -> None:
+    specs = [
+        _builders.shell(["uname", "-sr"], name="kernel"),
+        _builders.shell("echo $((6 * 7))", name="arithmetic"),
+        _builders.python("import sys; print(sys.version.split()[0])", name="python-version"),
+        _builders.python("print(sum(i * i for i in range(10**6)))", name="sum-of-squares"),
+        _builders.shell("echo to stderr >&2; exit 3", name="fails-with-3"),
+        _builders.noop({"hello": "shoal"}, name="noop"),
+    ]
+    async with AsyncClient(address) as client:
+        ids = await client.submit_batch(specs)
+        tasks = await asyncio.gather(*(client.wait(i) for i in ids))
+    table = Table(title=f"demo batch: {len(tasks)} tasks")
+    for col in ("name", "state", "exit", "node", "output"):
+        table.add_column(col)
+    for t in tasks:
+        output = t.result.stdout.strip() or t.result.stderr.strip()
+        if t.result.HasField("output"):
+            output = json.dumps(json_format.MessageToDict(t.result.output))
+        table.add_row(
+            t.spec.name, _state(t.state), str(t.result.exit_code), t.node_id, output[:60]
+        )
+    console.print(table)
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """Flags that were given: they override the config file and environment."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@app.command()
+def coordinator(
+    listen: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1:7070]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the store lives")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a coordinator."""
+    from shoal.coordinator.server import CoordinatorServer
+
+    _logging(verbose)
+    server = CoordinatorServer(CoordinatorSettings(**_given(listen=listen, data_dir=data_dir)))
+
+    async def main() -> None:
+        await server.start()
+        console.print(f"coordinator listening on [cyan]{server.address}[/cyan]")
+        await _until_signalled(server.stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def node(
+    coordinator: CoordinatorOpt = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="Stable node id")] = None,
+    slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
+    listen: Annotated[str | None, typer.Option(help="Node service address")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a node that dials the coordinator and runs what it is assigned."""
+    from shoal.node.agent import NodeAgent
+
+    _logging(verbose)
+    settings = NodeSettings(
+        **_given(
+            coordinator=coordinator,
+            node_id=node_id,
+            slots=slots,
+            labels=_labels(label) if label else None,
+            listen=listen,
+        )
+    )
+
+    async def main() -> None:
+        agent = NodeAgent(settings)
+        await agent.start()
+        await _until_signalled(agent.stop)
+
+    asyncio.run(main())
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+def _state(state: int) -> str:
+    name = state_name(state)
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "TIMED_OUT": "red", "CANCELLED": "yellow"}
+    return f"[{colour[name]}]{name}[/]" if name in colour else name
+
+
+def _spec(
+    command: list[str],
+    python_code: str | None,
+    *,
+    name: str,
+    priority: str,
+    timeout: float | None,
+    label: list[str] | None,
+    key: str,
+    tenant: str,
+) -> task_pb2.TaskSpec:
+    if priority not in _builders.PRIORITIES:
+        raise typer.BadParameter(f"priority must be one of {', '.join(_builders.PRIORITIES)}")
+    common: dict[str, Any] = dict(
+        name=name,
+        priority=priority,
+        timeout=_duration(timeout),
+        labels=_labels(label or []),
+        idempotency_key=key,
+        tenant=tenant,
+    )
+    if python_code is not None:
+        return _builders.python(python_code, args=command, **common)
+    if not command:
+        raise typer.BadParameter("give a command after --, or --python CODE")
+    return _builders.shell(command, **common)
+
+
+NameOpt = Annotated[str, typer.Option(help="Task name")]
+PriorityOpt = Annotated[str, typer.Option(help="critical|high|normal|low|background")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="Execution timeout in seconds")]
+LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="Required node label")]
+PythonOpt = Annotated[str | None, typer.Option("--python", help="Run Python code instead")]
+KeyOpt = Annotated[str, typer.Option("--key", help="Idempotency key")]
+TenantOpt = Annotated[str, typer.Option(help="Tenant")]
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments")] = None,
+    coordinator: CoordinatorOpt = None,
+    python_code: PythonOpt = None,
+    name: NameOpt = "",
+    priority: PriorityOpt = "normal",
+    timeout: TimeoutOpt = None,
+    label: LabelOpt = None,
+    key: KeyOpt = "",
+    tenant: TenantOpt = "",
+) -> None:
+    """Run a task, stream its output live, and exit with its exit code."""
+    spec = _spec(
+        command or [], python_code, name=name, priority=priority, timeout=timeout,
+        label=label, key=key, tenant=tenant,
+    )
+    code = _run(_follow(coordinator, spec))
+    raise typer.Exit(code)
+
+
+async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
+    async with _client(coordinator) as client:
+        task = await client.submit(spec)
+        err_console.print(f"[dim]task {task.id}[/dim]")
+        try:
+            async for event in client.watch(
+                since=task.created_seq - 1, task_ids=[task.id], output=True
+            ):
+                if event.HasField("output"):
+                    out = sys.stderr if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR else sys.stdout
+                    out.write(event.output.data)
+                    out.flush()
+                elif is_final(event.state):
+                    result = event.result
+                    if event.state == task_pb2.TASK_STATE_SUCCEEDED:
+                        return 0
+                    if result.error:
+                        err_console.print(f"[red]{state_name(event.state)}[/red]: {result.error}")
+                    if event.state == task_pb2.TASK_STATE_FAILED and result.exit_code > 0:
+                        return result.exit_code
+                    return 124 if event.state == task_pb2.TASK_STATE_TIMED_OUT else 1
+        except asyncio.CancelledError:
+            with contextlib.suppress(ShoalError):
+                await client.cancel(task.id)
+            raise
+    return 1
+
+
+@app.command()
+def submit(
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments")] = None,
+    coordinator: CoordinatorOpt = None,
+    python_code: PythonOpt = None,
+    name: NameOpt = "",
+    priority: PriorityOpt = "normal",
+    timeout: TimeoutOpt = None,
+    label: LabelOpt = None,
+    key: KeyOpt = "",
+    tenant: TenantOpt = "",
+    count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
+    file: Annotated[
+        Path | None, typer.Option(help="JSON file: a list of TaskSpec objects (proto JSON)")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for every task to finish")] = False,
+) -> None:
+    """Submit tasks and print their ids (a progress bar for batches)."""
+    if file is not None:
+        try:
+            specs = [json_format.ParseDict(d, task_pb2.TaskSpec()) for d in json.loads(file.read_text())]
+        except (OSError, ValueError, json_format.ParseError) as err:
+            raise typer.BadParameter(f"{file}: {err}") from None
+    else:
+        one = _spec(
+            command or [], python_code, name=name, priority=priority, timeout=timeout,
+            label=label, key=key, tenant=tenant,
+        )
+        specs = [one] * count
+    _run(_submit(coordinator, specs, wait))
+
+
+async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait: bool) -> None:
+    async with _client(coordinator) as client:
+        if len(specs) == 1 and not wait:
+            task = await client.submit(specs[0])
+            console.print(task.id)
+            return
+        ids: list[str] = []
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task("submitting", total=len(specs))
+            for i in range(0, len(specs), 1000):
+                ids += await client.submit_batch(specs[i : i + 1000])
+                progress.update(bar, completed=len(ids))
+            if wait:
+                done = progress.add_task("running", total=len(ids))
+                tasks = []
+                for coro in asyncio.as_completed([client.wait(i) for i in ids]):
+                    tasks.append(await coro)
+                    progress.advance(done)
+        if wait:
+            counts: dict[str, int] = {}
+            for t in tasks:
+                counts[state_name(t.state)] = counts.get(state_name(t.state), 0) + 1
+            console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        else:
+            for task_id in ids:
+                console.print(task_id)
+
+
+@app.command()
+def get(
+    task_id: str,
+    coordinator: CoordinatorOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON")] = False,
+) -> None:
+    """Show one task."""
+
+    async def main() -> task_pb2.Task:
+        async with _client(coordinator) as client:
+            return await client.get(task_id)
+
+    task = _run(main())
+    if as_json:
+        console.print_json(json_format.MessageToJson(task))
+        return
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("id", task.id),
+        ("name", task.spec.name),
+        ("kind", task.spec.WhichOneof("kind") or ""),
+        ("state", _state(task.state)),
+        ("node", task.node_id),
+        ("attempt", f"{task.attempt.number}" if task.attempt.number else ""),
+        ("waiting", task.pending_reason),
+        ("exit code", str(task.result.exit_code) if is_final(task.state) else ""),
+        ("error", task.result.error),
+    ]
+    for k, v in rows:
+        if v:
+            table.add_row(f"[bold]{k}[/bold]", v)
+    console.print(table)
+    if task.result.stdout:
+        console.print("[bold]stdout[/bold]", markup=True)
+        console.out(task.result.stdout, end="")
+    if task.result.stderr:
+        console.print("[bold]stderr[/bold]", markup=True)
+        console.out(task.result.stderr, end="")
+
+
+@app.command()
+def cancel(task_id: str, coordinator: CoordinatorOpt = None) -> None:
+    """Cancel a task (a running one is killed on its node)."""
+
+    async def main() -> task_pb2.Task:
+        async with _client(coordinator) as client:
+            return await client.cancel(task_id)
+
+    task = _run(main())
+    console.print(f"{task.id} {_state(task.state)}")
+
+
+@app.command("ls")
+def ls(
+    coordinator: CoordinatorOpt = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only these states")] = None,
+    tenant: TenantOpt = "",
+    limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+) -> None:
+    """List tasks, newest first."""
+    try:
+        states = [task_pb2.TaskState.Value(f"TASK_STATE_{s.upper()}") for s in state or []]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+    async def main() -> list[task_pb2.Task]:
+        async with _client(coordinator) as client:
+            return await client.list(states=states, tenant=tenant, limit=limit)
+
+    tasks = _run(main())
+    table = Table()
+    for col in ("id", "name", "kind", "state", "exit", "node", "created"):
+        table.add_column(col)
+    for t in tasks:
+        table.add_row(
+            t.id,
+            t.spec.name,
+            t.spec.WhichOneof("kind") or "",
+            _state(t.state),
+            str(t.result.exit_code) if is_final(t.state) else "",
+            t.node_id,
+            t.created_at.ToDatetime().strftime("%H:%M:%S"),
+        )
+    console.print(table)
+
+
+@app.command()
+def watch(
+    coordinator: CoordinatorOpt = None,
+    since: Annotated[int | None, typer.Option(help="Replay events after this sequence number")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Only these task ids")] = None,
+    output: Annotated[bool, typer.Option(help="Include output chunks")] = False,
+) -> None:
+    """Follow the event stream (Ctrl-C to stop)."""
+
+    async def main() -> None:
+        async with _client(coordinator) as client:
+            async for e in client.watch(since=since, task_ids=task or [], output=output):
+                what = repr(e.output.data) if e.HasField("output") else _state(e.state)
+                node_part = f" node={e.node_id}" if e.node_id else ""
+                console.print(f"{e.seq} {e.task_id} {what}{node_part}", highlight=False)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(main())
+
+
+@app.command()
+def nodes(coordinator: CoordinatorOpt = None) -> None:
+    """List connected nodes."""
+
+    async def main() -> Any:
+        async with _client(coordinator) as client:
+            return await client.nodes()
+
+    table = Table()
+    for col in ("node", "host", "executors", "labels", "running", "free", "address"):
+        table.add_column(col)
+    for n in _run(main()):
+        table.add_row(
+            n.info.node_id,
+            n.info.hostname,
+            ",".join(n.info.executors),
+            ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
+            str(n.running),
+            str(n.free_slots),
+            n.address,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()

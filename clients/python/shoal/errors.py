@@ -1,0 +1,87 @@
+"""Shoal's one exception tree. No gRPC here: `shoal._status` maps it to status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+__all__ = [
+    "AlreadyExists",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InternalError",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ShoalError",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+class ShoalError(Exception):
+    """Base of every error Shoal raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: `field` is a path such as `specs[3].shell.argv`."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(ShoalError):
+    """The request is malformed; nothing was changed."""
+
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
+        super().__init__(message)
+        self.violations: list[FieldViolation] = violations or []
+
+
+class NotFound(ShoalError):
+    """The named task, node or object does not exist."""
+
+
+class AlreadyExists(ShoalError):
+    """The object to create exists already."""
+
+
+class FailedPrecondition(ShoalError):
+    """The request is valid but the object is not in a state that allows it."""
+
+
+class ResourceExhausted(ShoalError):
+    """A size, quota or capacity limit was hit; `retry_after` says when trying again may work."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: timedelta | None = None,
+        violations: list[FieldViolation] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.violations: list[FieldViolation] = violations or []
+
+
+class PermissionDenied(ShoalError):
+    """The caller is known but may not do this."""
+
+
+class Unauthenticated(ShoalError):
+    """The caller presented no valid credentials."""
+
+
+class Unavailable(ShoalError):
+    """The service cannot take the call now (starting, shutting down, unreachable)."""
+
+
+class InternalError(ShoalError):
+    """A bug: something Shoal did not expect."""

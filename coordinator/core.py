@@ -1,0 +1,630 @@
+"""The coordinator's core: accepts, stores, schedules and tracks tasks. No gRPC in here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shoal.coordinator.events import EventLog
+from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.scheduler import PlacementClass, Scheduler
+from shoal.coordinator.sessions import NodeSession
+from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow
+from shoal.coordinator.validation import Limits, validate_batch
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.specs import FINAL_STATES, executor_of, is_final
+from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2
+
+__all__ = ["Coordinator", "CoreOptions", "Submitted"]
+
+_log = logging.getLogger("shoal.coordinator")
+
+_QUEUED = task_pb2.TASK_STATE_QUEUED
+_ASSIGNED = task_pb2.TASK_STATE_ASSIGNED
+_RUNNING = task_pb2.TASK_STATE_RUNNING
+_CANCELLED = task_pb2.TASK_STATE_CANCELLED
+_FAILED = task_pb2.TASK_STATE_FAILED
+_REPLAY_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class CoreOptions:
+    """Tunables of the core; durations are timedelta."""
+
+    limits: Limits = field(default_factory=Limits)
+    heartbeat_interval: timedelta = timedelta(seconds=2)
+    lease: timedelta = timedelta(seconds=10)
+    event_capacity: int = 100_000
+    finished_cache: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    task_id: str
+    created: bool
+    seq: int
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class Coordinator:
+    """Owns every live task, the event log and the node sessions."""
+
+    def __init__(
+        self,
+        store: Store,
+        options: CoreOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options or CoreOptions()
+        self._store = store
+        self._clock = clock
+        self._wall = wall
+        self.epoch = 0
+        self.events = EventLog(0)
+        self._scheduler = Scheduler()
+        self._tasks: dict[str, TaskRecord] = {}
+        self._finished: deque[str] = deque()
+        self._sessions: dict[str, NodeSession] = {}
+        self._to_finish: list[TaskRecord] = []
+        self._dispatch_pending = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.accepting = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, start a new epoch and queue every unfinished task again."""
+        self.epoch = await self._store.open()
+        self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
+        recovered = await self._store.unfinished()
+        for row in recovered:
+            spec = task_pb2.TaskSpec.FromString(row.spec)
+            rec = self._record(row.id, row.seq, spec, row.created_at)
+            self._tasks[rec.id] = rec
+            self._scheduler.queue.push(rec)
+        self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
+        self.accepting = True
+        _log.info("coordinator started epoch=%d recovered=%d", self.epoch, len(recovered))
+
+    async def stop(self) -> None:
+        """Refuse new work, close node sessions, flush outcomes, close the store; idempotent."""
+        self.accepting = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for session in list(self._sessions.values()):
+            session.close()
+        self._flush_finished()
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._store.close()
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def _record(
+        self, task_id: str, seq: int, spec: task_pb2.TaskSpec, created_at: float
+    ) -> TaskRecord:
+        labels = frozenset(spec.required_labels.items())
+        return TaskRecord(
+            id=task_id,
+            seq=seq,
+            spec=spec,
+            priority=spec.priority or task_pb2.PRIORITY_NORMAL,
+            placement=PlacementClass(executor_of(spec), labels),
+            tenant=spec.tenant,
+            created_at=created_at,
+        )
+
+    async def submit(
+        self, specs: Sequence[task_pb2.TaskSpec], *, single: bool = False
+    ) -> list[Submitted]:
+        """Store the tasks atomically, then queue them; returns once they are durable."""
+        if not self.accepting:
+            raise Unavailable("the coordinator is not accepting tasks")
+        validate_batch(specs, self.options.limits, single=single)
+        now = self._wall()
+        records: list[TaskRecord] = []
+        rows: list[TaskRow] = []
+        for spec in specs:
+            rec = self._record(secrets.token_hex(8), self.events.reserve(), spec, now)
+            records.append(rec)
+            rows.append(
+                TaskRow(
+                    rec.seq,
+                    rec.id,
+                    spec.idempotency_key or None,
+                    rec.tenant,
+                    rec.priority,
+                    spec.SerializeToString(),
+                    now,
+                )
+            )
+        try:
+            existing = await self._store.insert(rows)
+        except BaseException:
+            self.events.abandon(r.seq for r in records)
+            raise
+        out: list[Submitted] = []
+        accepted: list[task_pb2.Event] = []
+        for rec, other in zip(records, existing, strict=True):
+            if other is not None:
+                self.events.abandon((rec.seq,))
+                out.append(Submitted(other, False, 0))
+                continue
+            self._tasks[rec.id] = rec
+            self._scheduler.queue.push(rec)
+            accepted.append(self._event(rec, seq=rec.seq))
+            out.append(Submitted(rec.id, True, rec.seq))
+        self.events.publish(accepted)
+        self._kick()
+        return out
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        rec = self._tasks.get(task_id)
+        if rec is not None:
+            return self._task_proto(rec)
+        return self._stored_proto(await self._stored(task_id))
+
+    async def _stored(self, task_id: str) -> StoredTask:
+        if not task_id:
+            raise InvalidArgument("task_id is required")
+        stored = await self._store.get(task_id)
+        if stored is None:
+            raise NotFound(f"no task {task_id!r}")
+        return stored
+
+    async def wait(self, task_id: str, timeout: timedelta | None) -> task_pb2.Task:
+        """The task once its outcome is durable, or as it is when `timeout` passes."""
+        rec = self._tasks.get(task_id)
+        if rec is None:
+            return self._stored_proto(await self._stored(task_id))
+        if not rec.durable:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            rec.waiters.append(fut)
+            try:
+                seconds = None if timeout is None else timeout.total_seconds()
+                await asyncio.wait_for(asyncio.shield(fut), seconds)
+            except TimeoutError:
+                pass
+            finally:
+                if fut in rec.waiters:
+                    rec.waiters.remove(fut)
+        return self._task_proto(rec)
+
+    async def cancel(self, task_id: str) -> task_pb2.Task:
+        """Cancel a task: at once when queued; a running one is killed by its node."""
+        rec = self._tasks.get(task_id)
+        if rec is None:
+            stored = await self._stored(task_id)
+            if stored.outcome is None:
+                raise FailedPrecondition(f"task {task_id!r} is not held by this coordinator")
+            return self._stored_proto(stored)
+        if is_final(rec.state):
+            return self._task_proto(rec)
+        if rec.state == _QUEUED:
+            self._scheduler.queue.discard()
+            self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled while queued"))
+            return await self.wait(task_id, None)
+        rec.cancel_requested = True
+        session = self._sessions.get(rec.node_id)
+        if session is not None:
+            session.cancel(rec.id, self._attempt(rec))
+        return self._task_proto(rec)
+
+    async def list(
+        self,
+        *,
+        states: Sequence[int],
+        tenant: str,
+        limit: int,
+        page_token: str,
+    ) -> tuple[list[task_pb2.Task], str]:
+        """Tasks newest first, filtered by state and tenant; paged by an opaque token."""
+        limit = min(max(limit or 100, 1), 1000)
+        before: int | None = None
+        if page_token:
+            try:
+                before = int(page_token)
+            except ValueError:
+                raise InvalidArgument(f"bad page_token {page_token!r}") from None
+        wanted = set(states)
+        unknown = wanted - set(task_pb2.TaskState.values())
+        if unknown:
+            raise InvalidArgument(f"unknown states {sorted(unknown)}")
+        finals = [s for s in wanted if s in FINAL_STATES] if wanted else None
+        include_live = not wanted or bool(wanted - FINAL_STATES)
+        stored = await self._store.list(
+            before_seq=before,
+            tenant=tenant or None,
+            final_states=finals,
+            include_unfinished=include_live,
+            limit=limit,
+        )
+        tasks: list[task_pb2.Task] = []
+        for st in stored:
+            rec = self._tasks.get(st.row.id)
+            task = self._task_proto(rec) if rec is not None else self._stored_proto(st)
+            if not wanted or task.state in wanted:
+                tasks.append(task)
+        token = str(stored[-1].row.seq) if len(stored) == limit else ""
+        return tasks, token
+
+    async def watch(
+        self,
+        *,
+        since: int | None,
+        task_ids: Sequence[str] = (),
+        output: bool = False,
+        tenant: str = "",
+    ) -> AsyncIterator[tuple[int, list[task_pb2.Event]]]:
+        """(cursor, events) after `since`: from the store when no longer in memory, then live.
+
+        The first item has no events and gives the starting cursor.
+        """
+        ids = frozenset(task_ids)
+        cursor = self.events.last_seq if since is None else since
+
+        def keep(e: task_pb2.Event | None) -> bool:
+            return (
+                e is not None
+                and (not ids or e.task_id in ids)
+                and (output or not e.HasField("output"))
+                and (not tenant or e.tenant == tenant)
+            )
+
+        yield cursor, []
+        while True:
+            held = self.events.after(cursor)
+            if held is None:
+                upto = self.events.oldest_seq
+                items = await self._store.events_between(cursor, upto, _REPLAY_PAGE)
+                if not items:
+                    cursor = upto - 1
+                    continue
+                cursor = items[-1][0]
+                replayed = [self._stored_event(seq, st) for seq, st in items]
+                batch = [e for e in replayed if keep(e)]
+            else:
+                if not held:
+                    await self.events.wait_after(cursor)
+                    continue
+                cursor += len(held)
+                batch = [e for e in held if keep(e)]  # type: ignore[misc]
+            for i in range(0, len(batch), _REPLAY_PAGE):
+                page = batch[i : i + _REPLAY_PAGE]
+                yield (cursor if i + _REPLAY_PAGE >= len(batch) else page[-1].seq), page
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _finish(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
+        """Make a task final now; its outcome is committed with the next group of outcomes."""
+        rec.state = state
+        rec.result = result
+        rec.finished_at = self._wall()
+        rec.final_seq = self.events.reserve()
+        if not self._to_finish:
+            asyncio.get_running_loop().call_soon(self._flush_finished)
+        self._to_finish.append(rec)
+
+    def _flush_finished(self) -> None:
+        batch, self._to_finish = self._to_finish, []
+        if batch:
+            self._spawn(self._commit_finished(batch))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _commit_finished(self, batch: list[TaskRecord]) -> None:
+        rows = [
+            FinishedRow(
+                id=rec.id,
+                state=rec.state,
+                final_seq=rec.final_seq,
+                finished_at=rec.finished_at or 0.0,
+                started_at=rec.started_at,
+                node_id=rec.node_id,
+                attempt_epoch=self.epoch,
+                attempt_number=rec.attempt,
+                result=rec.result.SerializeToString() if rec.result else b"",
+            )
+            for rec in batch
+        ]
+        try:
+            await self._store.finish(rows)
+        except Exception:
+            # The outcome is lost with the store: the tasks run again after a restart.
+            _log.exception("failed to record %d outcomes", len(batch))
+            self.events.abandon(rec.final_seq for rec in batch)
+            return
+        self.events.publish(self._event(rec, seq=rec.final_seq) for rec in batch)
+        cap = self.options.finished_cache
+        for rec in batch:
+            rec.durable = True
+            for fut in rec.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            rec.waiters.clear()
+            self._finished.append(rec.id)
+        while len(self._finished) > cap:
+            self._tasks.pop(self._finished.popleft(), None)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _attempt(self, rec: TaskRecord) -> task_pb2.AttemptId:
+        return task_pb2.AttemptId(epoch=self.epoch, number=rec.attempt)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        by_node: dict[str, list[gateway_pb2.Assignment]] = {}
+        events: list[task_pb2.Event] = []
+        for queued, slots in self._scheduler.schedule():
+            rec: TaskRecord = queued  # type: ignore[assignment]
+            session = self._sessions[slots.node_id]
+            rec.state = _ASSIGNED
+            rec.attempt += 1
+            rec.node_id = session.node_id
+            session.inflight[rec.id] = rec
+            attempt = self._attempt(rec)
+            by_node.setdefault(session.node_id, []).append(
+                gateway_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=rec.spec)
+            )
+            events.append(self._event(rec))
+        for node_id, assignments in by_node.items():
+            self._sessions[node_id].assign(assignments)
+        for event in events:
+            self.events.emit(event)
+
+    # -- node sessions ---------------------------------------------------------------------
+
+    def attach(self, hello: gateway_pb2.Hello, peer: str) -> NodeSession:
+        """Start a node's session; a session already open under its id is replaced."""
+        info = hello.info
+        if not info.node_id:
+            raise InvalidArgument("hello.info.node_id is required")
+        if not self.accepting:
+            raise Unavailable("the coordinator is shutting down")
+        old = self._sessions.get(info.node_id)
+        if old is not None:
+            _log.info("node=%s replaces its previous session", info.node_id)
+            self.detach(old)
+            old.close()
+        session = NodeSession(info, peer, now=self._clock(), wall=self._wall())
+        self._sessions[info.node_id] = session
+        for running in hello.running:
+            rec = self._tasks.get(running.task_id)
+            attempt = running.attempt
+            if (
+                rec is not None
+                and not is_final(rec.state)
+                and rec.node_id == info.node_id
+                and attempt.epoch == self.epoch
+                and attempt.number == rec.attempt
+                and rec.state in (_ASSIGNED, _RUNNING)
+            ):
+                session.inflight[rec.id] = rec
+                session.slots.running += 1
+            else:
+                session.cancel(running.task_id, attempt)
+        self._scheduler.add_node(session.slots)
+        _log.info(
+            "node=%s joined peer=%s slots=%d executors=%s",
+            info.node_id,
+            peer,
+            session.slots.slots,
+            ",".join(info.executors),
+        )
+        self._kick()
+        return session
+
+    def detach(self, session: NodeSession) -> None:
+        """End a node's session: its unfinished tasks are queued again with a new attempt."""
+        if self._sessions.get(session.node_id) is not session:
+            return
+        del self._sessions[session.node_id]
+        self._scheduler.remove_node(session.node_id)
+        session.close()
+        requeued = 0
+        for rec in session.inflight.values():
+            if is_final(rec.state):
+                continue
+            if rec.cancel_requested:
+                self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled; node left"))
+                continue
+            rec.state = _QUEUED
+            rec.node_id = ""
+            rec.started_at = None
+            self._scheduler.queue.push_front(rec)
+            self.events.emit(self._event(rec))
+            requeued += 1
+        session.inflight.clear()
+        _log.info("node=%s left requeued=%d", session.node_id, requeued)
+        self._kick()
+
+    def on_message(self, session: NodeSession, msg: gateway_pb2.NodeMessage) -> None:
+        """Apply one message from a node."""
+        session.last_seen = self._clock()
+        kind = msg.WhichOneof("msg")
+        if kind == "updates":
+            self._on_updates(session, msg.updates.updates)
+        elif kind == "hello":
+            raise InvalidArgument("hello is only valid as the first message of a session")
+
+    def _on_updates(self, session: NodeSession, updates: Sequence[gateway_pb2.TaskUpdate]) -> None:
+        freed = False
+        for u in updates:
+            rec = session.inflight.get(u.task_id)
+            if (
+                rec is None
+                or u.attempt.epoch != self.epoch
+                or u.attempt.number != rec.attempt
+                or is_final(rec.state)
+            ):
+                # A stale attempt: fenced off; it changes nothing, and the node should stop it.
+                if u.WhichOneof("update") != "finished":
+                    session.cancel(u.task_id, u.attempt)
+                continue
+            kind = u.WhichOneof("update")
+            if kind == "started":
+                rec.state = _RUNNING
+                rec.started_at = self._wall()
+                self.events.emit(self._event(rec))
+            elif kind == "output":
+                self.events.emit(self._event(rec, output=u.output))
+            elif kind == "finished":
+                state = u.finished.state
+                result = u.finished.result
+                if state not in FINAL_STATES:
+                    state = _FAILED
+                    result.error = result.error or f"node reported non-final state {state}"
+                del session.inflight[rec.id]
+                session.slots.running -= 1
+                freed = True
+                self._finish(rec, state, result)
+        if freed:
+            self._kick()
+
+    async def _sweep_leases(self) -> None:
+        lease = self.options.lease.total_seconds()
+        while True:
+            await asyncio.sleep(min(1.0, lease / 4))
+            deadline = self._clock() - lease
+            for session in list(self._sessions.values()):
+                if session.last_seen < deadline:
+                    _log.warning("node=%s lease expired", session.node_id)
+                    self.detach(session)
+
+    def nodes(self) -> list[admin_pb2.NodeStatus]:
+        now = self._clock()
+        wall = self._wall()
+        out = []
+        for s in self._sessions.values():
+            out.append(
+                admin_pb2.NodeStatus(
+                    info=s.info,
+                    connected=True,
+                    running=s.slots.running,
+                    free_slots=max(0, s.slots.free),
+                    connected_at=_ts(s.connected_at),
+                    last_seen=_ts(wall - (now - s.last_seen)),
+                    address=s.peer,
+                )
+            )
+        return out
+
+    def welcome(self, session: NodeSession) -> gateway_pb2.CoordinatorMessage:
+        welcome = gateway_pb2.Welcome(session_id=session.id, epoch=self.epoch)
+        welcome.heartbeat_interval.FromTimedelta(self.options.heartbeat_interval)
+        return gateway_pb2.CoordinatorMessage(welcome=welcome)
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def _event(
+        self,
+        rec: TaskRecord,
+        *,
+        seq: int = 0,
+        output: task_pb2.OutputChunk | None = None,
+    ) -> task_pb2.Event:
+        event = task_pb2.Event(
+            seq=seq,
+            task_id=rec.id,
+            state=rec.state,  # type: ignore[arg-type]
+            node_id=rec.node_id,
+            tenant=rec.tenant,
+            output=output,
+        )
+        event.time.FromNanoseconds(time.time_ns())
+        if rec.attempt:
+            event.attempt.CopyFrom(self._attempt(rec))
+        if rec.result is not None and is_final(rec.state):
+            event.result.CopyFrom(rec.result)
+        return event
+
+    def _pending_reason(self, rec: TaskRecord) -> str:
+        if rec.state != _QUEUED:
+            return ""
+        if not self._scheduler.offered(rec.placement):
+            labels = ",".join(f"{k}={v}" for k, v in sorted(rec.placement.labels))
+            where = f" with labels {labels}" if labels else ""
+            return f"no connected node offers executor {rec.placement.executor!r}{where}"
+        return "waiting for a free slot"
+
+    def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
+        task = task_pb2.Task(
+            id=rec.id,
+            spec=rec.spec,
+            state=rec.state,  # type: ignore[arg-type]
+            node_id=rec.node_id,
+            result=rec.result,
+            created_at=_ts(rec.created_at),
+            started_at=_ts(rec.started_at),
+            finished_at=_ts(rec.finished_at),
+            pending_reason=self._pending_reason(rec),
+            created_seq=rec.seq,
+        )
+        if rec.attempt:
+            task.attempt.CopyFrom(self._attempt(rec))
+        return task
+
+    @staticmethod
+    def _stored_proto(st: StoredTask) -> task_pb2.Task:
+        row, outcome = st.row, st.outcome
+        task = task_pb2.Task(
+            id=row.id,
+            spec=task_pb2.TaskSpec.FromString(row.spec),
+            state=_QUEUED if outcome is None else outcome.state,  # type: ignore[arg-type]
+            created_at=_ts(row.created_at),
+            created_seq=row.seq,
+        )
+        if outcome is not None:
+            task.node_id = outcome.node_id
+            task.result.ParseFromString(outcome.result)
+            task.finished_at.CopyFrom(_ts(outcome.finished_at))
+            if outcome.started_at is not None:
+                task.started_at.CopyFrom(_ts(outcome.started_at))
+            if outcome.attempt_number:
+                task.attempt.epoch = outcome.attempt_epoch
+                task.attempt.number = outcome.attempt_number
+        return task
+
+    @staticmethod
+    def _stored_event(seq: int, st: StoredTask) -> task_pb2.Event:
+        row, outcome = st.row, st.outcome
+        event = task_pb2.Event(seq=seq, task_id=row.id, tenant=row.tenant)
+        if seq == row.seq or outcome is None:
+            event.state = _QUEUED
+            event.time.CopyFrom(_ts(row.created_at))
+        else:
+            event.state = outcome.state  # type: ignore[assignment]
+            event.node_id = outcome.node_id
+            event.result.ParseFromString(outcome.result)
+            event.time.CopyFrom(_ts(outcome.finished_at))
+        return event

@@ -1,0 +1,92 @@
+"""The event log: a global sequence of state changes, published in order, kept in a bounded ring.
+
+Sequence numbers are `(epoch << 40) | counter`, so they keep growing across restarts.
+An event whose change must be durable first reserves its number, and is published once
+its commit lands; events behind it wait, so subscribers always see numbers in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from shoal.v1 import task_pb2
+
+__all__ = ["EPOCH_SHIFT", "EventLog"]
+
+EPOCH_SHIFT = 40
+
+
+class EventLog:
+    """Orders, holds and fans out events; watchers read by sequence number."""
+
+    def __init__(self, epoch: int, *, capacity: int = 100_000) -> None:
+        self.first_seq = (epoch << EPOCH_SHIFT) + 1
+        self._capacity = capacity
+        self._ring: list[task_pb2.Event | None] = []
+        self._base = self.first_seq  # seq of _ring[0]
+        self._reserved = self.first_seq - 1  # last number handed out
+        self._staged: dict[int, task_pb2.Event | None] = {}
+        self._wakeup: asyncio.Future[None] | None = None
+
+    @property
+    def last_seq(self) -> int:
+        """The last published sequence number."""
+        return self._base + len(self._ring) - 1
+
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest sequence number still held in memory."""
+        return self._base
+
+    def reserve(self) -> int:
+        """A number for an event that is published later by `publish` or `abandon`."""
+        self._reserved += 1
+        return self._reserved
+
+    def emit(self, event: task_pb2.Event) -> None:
+        """Number and publish an event at once (behind any reserved one still pending)."""
+        event.seq = self.reserve()
+        self.publish((event,))
+
+    def publish(self, events: Iterable[task_pb2.Event]) -> None:
+        """Publish events whose numbers came from `reserve`."""
+        for event in events:
+            self._staged[event.seq] = event
+        self._flush()
+
+    def abandon(self, seqs: Iterable[int]) -> None:
+        """Give up reserved numbers whose change never committed."""
+        for seq in seqs:
+            self._staged[seq] = None
+        self._flush()
+
+    def _flush(self) -> None:
+        staged = self._staged
+        nxt = self._base + len(self._ring)
+        if nxt not in staged:
+            return
+        ring = self._ring
+        while nxt in staged:
+            ring.append(staged.pop(nxt))
+            nxt += 1
+        if len(ring) > 2 * self._capacity:
+            drop = len(ring) - self._capacity
+            del ring[:drop]
+            self._base += drop
+        if self._wakeup is not None:
+            self._wakeup.set_result(None)
+            self._wakeup = None
+
+    def after(self, seq: int) -> list[task_pb2.Event | None] | None:
+        """Published events after `seq` (None marks an abandoned number); None if no longer held."""
+        if seq + 1 < self._base:
+            return None
+        return self._ring[seq + 1 - self._base :]
+
+    async def wait_after(self, seq: int) -> None:
+        """Return once an event after `seq` is published."""
+        while self.last_seq <= seq:
+            if self._wakeup is None:
+                self._wakeup = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._wakeup)

@@ -1,0 +1,36 @@
+"""The coordinator's in-memory record of a live (or recently finished) task."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from shoal.coordinator.scheduler import PlacementClass
+from shoal.v1 import task_pb2
+
+__all__ = ["TaskRecord"]
+
+
+@dataclass(eq=False, slots=True)
+class TaskRecord:
+    id: str
+    seq: int
+    spec: task_pb2.TaskSpec
+    priority: int  # 1..5
+    placement: PlacementClass
+    tenant: str
+    created_at: float
+    state: int = task_pb2.TASK_STATE_QUEUED
+    attempt: int = 0  # dispatches in this coordinator epoch
+    node_id: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: task_pb2.TaskResult | None = None
+    final_seq: int = 0
+    cancel_requested: bool = False
+    durable: bool = False  # its outcome is committed
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def queued(self) -> bool:
+        return self.state == task_pb2.TASK_STATE_QUEUED

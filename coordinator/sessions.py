@@ -1,0 +1,77 @@
+"""A connected node's session as the coordinator holds it: its slots, its tasks, its outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.scheduler import NodeSlots
+from shoal.v1 import gateway_pb2, node_pb2, task_pb2
+
+__all__ = ["NodeSession"]
+
+
+class NodeSession:
+    """One node's stream: what it runs, and the messages waiting to be sent to it."""
+
+    def __init__(
+        self, info: node_pb2.NodeInfo, peer: str, *, now: float, wall: float
+    ) -> None:
+        self.id = secrets.token_hex(8)
+        self.info = info
+        self.peer = peer
+        self.slots = NodeSlots(
+            node_id=info.node_id,
+            executors=frozenset(info.executors),
+            labels=dict(info.labels),
+            slots=max(1, info.slots),
+        )
+        self.inflight: dict[str, TaskRecord] = {}
+        self.last_seen = now  # monotonic
+        self.connected_at = wall
+        self.closed = False
+        self._assignments: list[gateway_pb2.Assignment] = []
+        self._cancels: list[gateway_pb2.RunningAttempt] = []
+        self._wake = asyncio.Event()
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    def assign(self, assignments: list[gateway_pb2.Assignment]) -> None:
+        self._assignments += assignments
+        self._wake.set()
+
+    def cancel(self, task_id: str, attempt: task_pb2.AttemptId) -> None:
+        self._cancels.append(gateway_pb2.RunningAttempt(task_id=task_id, attempt=attempt))
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the session: the stream's writer sees it and returns."""
+        self.closed = True
+        self._wake.set()
+
+    async def outgoing(self) -> list[gateway_pb2.CoordinatorMessage] | None:
+        """The next messages to send, batched; None once the session is closed."""
+        while not self.closed:
+            if self._assignments or self._cancels:
+                out: list[gateway_pb2.CoordinatorMessage] = []
+                if self._cancels:
+                    out.append(
+                        gateway_pb2.CoordinatorMessage(
+                            cancels=gateway_pb2.CancelBatch(attempts=self._cancels)
+                        )
+                    )
+                    self._cancels = []
+                if self._assignments:
+                    out.append(
+                        gateway_pb2.CoordinatorMessage(
+                            assignments=gateway_pb2.AssignmentBatch(assignments=self._assignments)
+                        )
+                    )
+                    self._assignments = []
+                return out
+            self._wake.clear()
+            await self._wake.wait()
+        return None

@@ -1,0 +1,413 @@
+"""Durable task storage: the Store interface and its embedded SQLite backend.
+
+Two records per task reach the disk: its acceptance and its outcome. Everything in
+between (assignment, start, progress) lives in memory, since execution is at-least-once
+and a restart simply queues every unfinished task again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import Unavailable
+
+__all__ = ["FinishedRow", "SqliteStore", "Store", "StoredTask", "TaskRow"]
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """The acceptance record of a task."""
+
+    seq: int  # sequence number of its acceptance event; also its arrival order
+    id: str
+    idempotency_key: str | None
+    tenant: str
+    priority: int
+    spec: bytes  # a serialised shoal.v1.TaskSpec
+    created_at: float
+
+
+@dataclass(slots=True)
+class FinishedRow:
+    """The outcome record of a task."""
+
+    id: str
+    state: int
+    final_seq: int
+    finished_at: float
+    started_at: float | None
+    node_id: str
+    attempt_epoch: int
+    attempt_number: int
+    result: bytes  # a serialised shoal.v1.TaskResult
+
+
+@dataclass(slots=True)
+class StoredTask:
+    """A task as the store knows it; `outcome` is None while it is unfinished."""
+
+    row: TaskRow
+    outcome: FinishedRow | None
+
+
+class Store(ABC):
+    """Where accepted tasks and outcomes live; every write returns after it is durable."""
+
+    @abstractmethod
+    async def open(self) -> int:
+        """Open the store and durably start a new epoch, returning it."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and close; idempotent."""
+
+    @abstractmethod
+    async def insert(self, rows: Sequence[TaskRow]) -> list[str | None]:
+        """Insert atomically; per row None, or the id of the task already holding its key."""
+
+    @abstractmethod
+    async def finish(self, rows: Sequence[FinishedRow]) -> None:
+        """Record outcomes."""
+
+    @abstractmethod
+    async def unfinished(self) -> list[TaskRow]:
+        """Every accepted task without an outcome, in arrival order."""
+
+    @abstractmethod
+    async def get(self, task_id: str) -> StoredTask | None:
+        """One task by id."""
+
+    @abstractmethod
+    async def list(
+        self,
+        *,
+        before_seq: int | None,
+        tenant: str | None,
+        final_states: Sequence[int] | None,
+        include_unfinished: bool,
+        limit: int,
+    ) -> list[StoredTask]:
+        """Tasks newest first; `final_states` None means any outcome."""
+
+    @abstractmethod
+    async def events_between(
+        self, after: int, before: int, limit: int
+    ) -> list[tuple[int, StoredTask]]:
+        """Acceptances and outcomes with a sequence number in (after, before), in order.
+
+        Each item is (seq, task): the task's acceptance when seq == task.row.seq, else its outcome.
+        """
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    tenant TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    spec BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    state INTEGER,
+    final_seq INTEGER,
+    finished_at REAL,
+    started_at REAL,
+    node_id TEXT,
+    attempt_epoch INTEGER,
+    attempt_number INTEGER,
+    result BLOB
+);
+CREATE INDEX IF NOT EXISTS tasks_final_seq ON tasks(final_seq) WHERE final_seq IS NOT NULL;
+"""
+
+_COLUMNS = (
+    "seq, id, idempotency_key, tenant, priority, spec, created_at, state, final_seq,"
+    " finished_at, started_at, node_id, attempt_epoch, attempt_number, result"
+)
+
+
+def _stored(r: tuple[Any, ...]) -> StoredTask:
+    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+    outcome = None
+    if r[8] is not None:
+        outcome = FinishedRow(r[1], r[7], r[8], r[9], r[10], r[11] or "", r[12], r[13], r[14])
+    return StoredTask(row, outcome)
+
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class _Writer(threading.Thread):
+    """The one writer: takes every queued operation, runs them in one transaction, commits once."""
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="shoal-store-writer", daemon=True)
+        self._conn = conn
+        self._loop = loop
+        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+
+    def submit(self, op: _Op) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put((op, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def run(self) -> None:
+        conn = self._conn
+        while True:
+            item = self._queue.get()
+            batch: list[tuple[_Op, asyncio.Future[Any]]] = []
+            stopping = item is None
+            if item is not None:
+                batch.append(item)
+            while not stopping:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                else:
+                    batch.append(nxt)
+            if batch:
+                self._loop.call_soon_threadsafe(_deliver, self._commit(conn, batch))
+            if stopping:
+                conn.close()
+                return
+
+    @staticmethod
+    def _commit(
+        conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, fut in batch:
+                # A savepoint per operation: one failing operation leaves the others intact.
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((fut, op(conn), None))
+                    conn.execute("RELEASE op")
+                except sqlite3.Error as err:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, None, err))
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = Unavailable(f"store write failed: {err}")
+            return [(fut, None, failure) for _, fut in batch]
+        return results
+
+
+def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, err in results:
+        if fut.cancelled():
+            continue
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
+
+
+def _insert(rows: Sequence[TaskRow]) -> _Op:
+    def op(conn: sqlite3.Connection) -> list[str | None]:
+        plain = [r for r in rows if r.idempotency_key is None]
+        conn.executemany(
+            "INSERT INTO tasks (seq, id, idempotency_key, tenant, priority, spec, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.seq, r.id, None, r.tenant, r.priority, r.spec, r.created_at) for r in plain],
+        )
+        existing: dict[str, str] = {}
+        for r in rows:
+            if r.idempotency_key is None:
+                continue
+            cur = conn.execute(
+                "INSERT INTO tasks (seq, id, idempotency_key, tenant, priority, spec, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idempotency_key) DO NOTHING",
+                (r.seq, r.id, r.idempotency_key, r.tenant, r.priority, r.spec, r.created_at),
+            )
+            if cur.rowcount == 0:
+                found = conn.execute(
+                    "SELECT id FROM tasks WHERE idempotency_key = ?", (r.idempotency_key,)
+                ).fetchone()
+                existing[r.id] = found[0]
+        return [existing.get(r.id) for r in rows]
+
+    return op
+
+
+def _finish(rows: Sequence[FinishedRow]) -> _Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
+            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?"
+            " WHERE id = ? AND final_seq IS NULL",
+            [
+                (
+                    r.state,
+                    r.final_seq,
+                    r.finished_at,
+                    r.started_at,
+                    r.node_id,
+                    r.attempt_epoch,
+                    r.attempt_number,
+                    r.result,
+                    r.id,
+                )
+                for r in rows
+            ],
+        )
+
+    return op
+
+
+def _bump_epoch(conn: sqlite3.Connection) -> int:
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0)")
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0])
+
+
+class SqliteStore(Store):
+    """SQLite in WAL mode: one writer thread with group commit, one reader thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        self._path = path
+        self._synchronous = synchronous.upper()
+        self._writer: _Writer | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-store-reader")
+        self._reader_conn: sqlite3.Connection | None = None
+
+    def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=check_same_thread
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def open(self) -> int:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await asyncio.to_thread(self._connect, check_same_thread=False)
+        await asyncio.to_thread(conn.executescript, _SCHEMA)
+        self._writer = _Writer(conn, asyncio.get_running_loop())
+        self._writer.start()
+        return int(await self._writer.submit(_bump_epoch))
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
+            await asyncio.to_thread(writer.join)
+        if self._reader_conn is not None:
+            await self._read(lambda conn: conn.close())
+            self._reader_conn = None
+        self._reader.shutdown(wait=True)
+
+    def _write(self, op: _Op) -> asyncio.Future[Any]:
+        if self._writer is None:
+            raise Unavailable("the store is closed")
+        return self._writer.submit(op)
+
+    async def insert(self, rows: Sequence[TaskRow]) -> list[str | None]:
+        result: list[str | None] = await self._write(_insert(rows))
+        return result
+
+    async def finish(self, rows: Sequence[FinishedRow]) -> None:
+        await self._write(_finish(rows))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def call() -> Any:
+            if self._reader_conn is None:
+                self._reader_conn = self._connect()
+            return fn(self._reader_conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, call)
+
+    async def unfinished(self) -> list[TaskRow]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT seq, id, idempotency_key, tenant, priority, spec, created_at"
+                " FROM tasks WHERE final_seq IS NULL ORDER BY seq"
+            ).fetchall()
+        )
+        return [TaskRow(*r) for r in rows]
+
+    async def get(self, task_id: str) -> StoredTask | None:
+        r = await self._read(
+            lambda c: c.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        )
+        return None if r is None else _stored(r)
+
+    async def list(
+        self,
+        *,
+        before_seq: int | None,
+        tenant: str | None,
+        final_states: Sequence[int] | None,
+        include_unfinished: bool,
+        limit: int,
+    ) -> list[StoredTask]:
+        where: list[str] = []
+        args: list[Any] = []
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(before_seq)
+        if tenant:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if final_states is None:
+            finals = "final_seq IS NOT NULL"
+        else:
+            finals = f"state IN ({','.join('?' * len(final_states))})" if final_states else "0"
+            args += list(final_states)
+        where.append(f"({finals} OR final_seq IS NULL)" if include_unfinished else finals)
+        sql = f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return [_stored(r) for r in rows]
+
+    async def events_between(
+        self, after: int, before: int, limit: int
+    ) -> list[tuple[int, StoredTask]]:
+        def query(c: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            acc = c.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+                (after, before, limit),
+            ).fetchall()
+            fin = c.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE final_seq > ? AND final_seq < ?"
+                " ORDER BY final_seq LIMIT ?",
+                (after, before, limit),
+            ).fetchall()
+            return acc, fin
+
+        acc, fin = await self._read(query)
+        # Either list may have been cut by the limit: keep only what both lists cover.
+        bound = before
+        if len(acc) == limit:
+            bound = min(bound, acc[-1][0] + 1)
+        if len(fin) == limit:
+            bound = min(bound, fin[-1][8] + 1)
+        items = [(r[0], _stored(r)) for r in acc if r[0] < bound]
+        items += [(r[8], _stored(r)) for r in fin if r[8] < bound]
+        items.sort(key=lambda item: item[0])
+        return items

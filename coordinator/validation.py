@@ -1,0 +1,106 @@
+"""Checks on submitted specs: a bad spec is refused with every violation named, nothing stored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from shoal.v1 import task_pb2
+
+__all__ = ["Limits", "validate_batch"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may submit."""
+
+    max_spec_bytes: int = 1 << 20
+    max_batch: int = 10_000
+    max_name: int = 256
+    max_key: int = 256
+    max_labels: int = 64
+
+
+def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[FieldViolation]:
+    out: list[FieldViolation] = []
+
+    def bad(path: str, why: str) -> None:
+        out.append(FieldViolation(f"{at}.{path}" if at else path, why))
+
+    kind = spec.WhichOneof("kind")
+    if kind is None:
+        bad("kind", "missing task kind: set one of shell, python, docker, ollama, llm, http, tool, custom")
+    elif kind == "shell":
+        sh = spec.shell
+        if not sh.argv and not sh.script:
+            bad("shell", "empty command: set argv or script")
+        elif sh.argv and sh.script:
+            bad("shell", "set argv or script, not both")
+        elif sh.argv and not sh.argv[0]:
+            bad("shell.argv", "argv[0] is empty")
+    elif kind == "python":
+        if not spec.python.code.strip():
+            bad("python.code", "empty code")
+    elif kind == "custom":
+        if not spec.custom.executor:
+            bad("custom.executor", "missing executor name")
+    elif kind == "docker" and not spec.docker.image:
+        bad("docker.image", "missing image")
+    elif kind in ("ollama", "llm") and not getattr(spec, kind).model:
+        bad(f"{kind}.model", "missing model")
+    elif kind == "http" and not spec.http.url:
+        bad("http.url", "missing url")
+    elif kind == "tool" and not spec.tool.name:
+        bad("tool.name", "missing tool name")
+    if spec.priority not in task_pb2.Priority.values():
+        bad("priority", f"unknown priority {spec.priority}")
+    if spec.HasField("timeout"):
+        t = spec.timeout
+        if t.seconds < 0 or t.nanos < 0 or (t.seconds == 0 and t.nanos == 0):
+            bad("timeout", "must be positive")
+    if len(spec.name) > limits.max_name:
+        bad("name", f"longer than {limits.max_name} characters")
+    if len(spec.idempotency_key) > limits.max_key:
+        bad("idempotency_key", f"longer than {limits.max_key} characters")
+    if len(spec.tenant) > limits.max_name:
+        bad("tenant", f"longer than {limits.max_name} characters")
+    for name, labels in (("required_labels", spec.required_labels), ("metadata", spec.metadata)):
+        if len(labels) > limits.max_labels:
+            bad(name, f"more than {limits.max_labels} entries")
+    return out
+
+
+def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single: bool) -> None:
+    """Raise InvalidArgument or ResourceExhausted naming every bad field of the batch."""
+    if not specs:
+        raise InvalidArgument("empty batch: submit at least one spec")
+    if len(specs) > limits.max_batch:
+        raise ResourceExhausted(
+            f"batch of {len(specs)} tasks exceeds the limit of {limits.max_batch}",
+            violations=[FieldViolation("specs", f"at most {limits.max_batch} per batch")],
+        )
+    oversize = [
+        FieldViolation("spec" if single else f"specs[{i}]", f"{size} bytes > {limits.max_spec_bytes}")
+        for i, spec in enumerate(specs)
+        if (size := spec.ByteSize()) > limits.max_spec_bytes
+    ]
+    if oversize:
+        raise ResourceExhausted(
+            f"task spec larger than {limits.max_spec_bytes} bytes", violations=oversize
+        )
+    violations: list[FieldViolation] = []
+    keys: set[str] = set()
+    for i, spec in enumerate(specs):
+        at = "spec" if single else f"specs[{i}]"
+        violations += _spec_violations(spec, at, limits)
+        if spec.idempotency_key:
+            if spec.idempotency_key in keys:
+                violations.append(
+                    FieldViolation(f"{at}.idempotency_key", "repeated within the batch")
+                )
+            keys.add(spec.idempotency_key)
+    if violations:
+        first = violations[0]
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        raise InvalidArgument(f"{first.field}: {first.description}{more}", violations)

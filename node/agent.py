@@ -1,0 +1,279 @@
+"""The node: holds one session with its coordinator and runs what it is assigned."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import socket
+from dataclasses import dataclass
+
+import grpc
+import psutil
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from shoal import __version__
+from shoal._server import grpc_options, serve_health
+from shoal.config import NodeSettings
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
+from shoal.node.service import NodeService
+from shoal.specs import executor_of
+from shoal.v1 import gateway_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
+
+__all__ = ["NodeAgent"]
+
+_log = logging.getLogger("shoal.node")
+_MAX_OUTBOX = 10_000
+_MAX_MESSAGE = 16 << 20
+
+
+class _SessionFailed(Exception):
+    """The session could not be established (or broke before Welcome)."""
+
+
+@dataclass(eq=False)
+class _Run:
+    task_id: str
+    attempt: task_pb2.AttemptId
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+
+
+class NodeAgent:
+    """A standalone node: `start()`, then `stop()` (idempotent)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        *,
+        executors: dict[str, Executor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.resolved_node_id()
+        self.executors = (
+            executors if executors is not None else available_executors(settings.executors)
+        )
+        self.connected = asyncio.Event()  # set while a session is up
+        self.port = 0
+        self._runs: dict[str, _Run] = {}
+        self._outbox: list[gateway_pb2.TaskUpdate] = []
+        self._outbox_ready = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._server: grpc.aio.Server | None = None
+
+    def info(self) -> node_pb2.NodeInfo:
+        """This node's fingerprint and capabilities."""
+        return node_pb2.NodeInfo(
+            node_id=self.node_id,
+            hostname=socket.gethostname(),
+            version=__version__,
+            labels=self.settings.labels,
+            executors=sorted(self.executors),
+            slots=self.settings.slots,
+            resources=node_pb2.Resources(
+                cpus=psutil.cpu_count() or 1,
+                memory_mb=psutil.virtual_memory().total >> 20,
+            ),
+            python_version=platform.python_version(),
+        )
+
+    @property
+    def running(self) -> int:
+        return len(self._runs)
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE))
+        node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
+        await serve_health(server, (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,))
+        self.port = server.add_insecure_port(self.settings.listen)
+        await server.start()
+        self._server = server
+        self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
+        _log.info(
+            "node=%s serving on port %d, coordinator=%s slots=%d executors=%s",
+            self.node_id,
+            self.port,
+            self.settings.coordinator,
+            self.settings.slots,
+            ",".join(sorted(self.executors)),
+        )
+
+    async def stop(self) -> None:
+        loop_task, self._loop_task = self._loop_task, None
+        if loop_task is not None:
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+        runs = [r.task for r in self._runs.values() if r.task is not None]
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(1.0)
+
+    # -- the session -----------------------------------------------------------------------
+
+    async def _session_loop(self) -> None:
+        """Keep a session up: reconnect with jittered exponential backoff, reset after success."""
+        wait = wait_exponential_jitter(
+            initial=0.05, max=self.settings.reconnect_max.total_seconds()
+        )
+        while True:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
+            ):
+                with attempt:
+                    await self._session()
+
+    async def _session(self) -> None:
+        channel = grpc.aio.insecure_channel(
+            self.settings.coordinator, options=grpc_options(_MAX_MESSAGE)
+        )
+        try:
+            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect()
+            hello = gateway_pb2.Hello(
+                info=self.info(),
+                running=[
+                    gateway_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
+                    for r in self._runs.values()
+                ],
+            )
+            try:
+                await call.write(gateway_pb2.NodeMessage(hello=hello))
+                first = await call.read()
+            except grpc.aio.AioRpcError as err:
+                raise _SessionFailed(err.details()) from err
+            if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
+                raise _SessionFailed("the coordinator did not welcome this node")
+            welcome = first.welcome
+            _log.info("node=%s session=%s up", self.node_id, welcome.session_id)
+            self.connected.set()
+            writer = asyncio.create_task(
+                self._write(call, welcome.heartbeat_interval.ToTimedelta().total_seconds() or 2.0)
+            )
+            try:
+                await self._read(call, writer)
+            finally:
+                self.connected.clear()
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await writer
+            _log.warning("node=%s session lost; reconnecting", self.node_id)
+        finally:
+            await channel.close()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, writer: asyncio.Task[None]) -> None:  # type: ignore[type-arg]
+        while not writer.done():
+            try:
+                msg = await call.read()
+            except grpc.aio.AioRpcError as err:
+                _log.warning("node=%s stream error: %s", self.node_id, err.details())
+                return
+            if msg is grpc.aio.EOF:
+                return
+            kind = msg.WhichOneof("msg")
+            if kind == "assignments":
+                for a in msg.assignments.assignments:
+                    self._start(a)
+            elif kind == "cancels":
+                for c in msg.cancels.attempts:
+                    self._cancel(c)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, heartbeat: float) -> None:  # type: ignore[type-arg]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_ready.wait(), heartbeat)
+            self._outbox_ready.clear()
+            if self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    await call.write(
+                        gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=batch))
+                    )
+                except BaseException:
+                    self._outbox[:0] = batch  # resend with the next session
+                    raise
+            else:
+                free = max(0, self.settings.slots - len(self._runs))
+                await call.write(
+                    gateway_pb2.NodeMessage(
+                        heartbeat=gateway_pb2.Heartbeat(running=len(self._runs), free_slots=free)
+                    )
+                )
+
+    def _push(self, update: gateway_pb2.TaskUpdate) -> None:
+        if len(self._outbox) >= _MAX_OUTBOX and update.WhichOneof("update") == "output":
+            return  # disconnected for long: output is dropped first, results never
+        self._outbox.append(update)
+        self._outbox_ready.set()
+
+    # -- running tasks ---------------------------------------------------------------------
+
+    def _start(self, a: gateway_pb2.Assignment) -> None:
+        run = self._runs.get(a.task_id)
+        if run is not None:
+            if run.attempt == a.attempt:
+                return  # a repeated assignment
+            run.cancel_requested = True
+            if run.task is not None:
+                run.task.cancel()
+        run = _Run(a.task_id, a.attempt)
+        self._runs[a.task_id] = run
+        run.task = asyncio.create_task(self._run(run, a.spec), name=f"shoal-task-{a.task_id}")
+
+    def _cancel(self, c: gateway_pb2.RunningAttempt) -> None:
+        run = self._runs.get(c.task_id)
+        if run is not None and run.attempt == c.attempt and run.task is not None:
+            _log.info("node=%s task=%s cancelling", self.node_id, c.task_id)
+            run.cancel_requested = True
+            run.task.cancel()
+
+    async def _run(self, run: _Run, spec: task_pb2.TaskSpec) -> None:
+        def update(**kw: object) -> gateway_pb2.TaskUpdate:
+            return gateway_pb2.TaskUpdate(task_id=run.task_id, attempt=run.attempt, **kw)  # type: ignore[arg-type]
+
+        try:
+            outcome = await self._execute(run, spec, lambda chunk: self._push(update(output=chunk)))
+        finally:
+            if self._runs.get(run.task_id) is run:
+                del self._runs[run.task_id]
+        self._push(
+            update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
+        )
+
+    async def _execute(self, run: _Run, spec: task_pb2.TaskSpec, emit: object) -> Outcome:
+        name = executor_of(spec)
+        executor = self.executors.get(name)
+        if executor is None:
+            return Outcome(
+                task_pb2.TASK_STATE_FAILED,
+                task_pb2.TaskResult(
+                    error=f"executor {name!r} is not available on node {self.node_id}",
+                    infrastructure_failure=True,
+                ),
+            )
+        self._push(gateway_pb2.TaskUpdate(task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()))
+        ctx = ExecutionContext(run.task_id, emit, self.settings.output_tail_bytes)  # type: ignore[arg-type]
+        timeout = spec.timeout.ToTimedelta().total_seconds() if spec.HasField("timeout") else None
+        try:
+            return await asyncio.wait_for(executor.run(spec, ctx), timeout)
+        except TimeoutError:
+            return Outcome(
+                task_pb2.TASK_STATE_TIMED_OUT,
+                task_pb2.TaskResult(exit_code=-9, error=f"timed out after {timeout:g} s"),
+            )
+        except asyncio.CancelledError:
+            if not run.cancel_requested:
+                raise
+            return Outcome(
+                task_pb2.TASK_STATE_CANCELLED,
+                task_pb2.TaskResult(exit_code=-9, error="cancelled"),
+            )
+        except Exception as err:
+            _log.exception("node=%s task=%s executor %s failed", self.node_id, run.task_id, name)
+            return Outcome(
+                task_pb2.TASK_STATE_FAILED,
+                task_pb2.TaskResult(error=f"executor {name} failed: {err}", infrastructure_failure=True),
+            )

@@ -1,0 +1,71 @@
+"""The executor contract: a small class per kind of work, registered by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+from shoal.v1 import task_pb2
+
+__all__ = ["ExecutionContext", "Executor", "Outcome", "available_executors", "register"]
+
+Emit = Callable[[task_pb2.OutputChunk], None]
+
+
+@dataclass(frozen=True)
+class ExecutionContext:
+    """What an executor gets besides the spec."""
+
+    task_id: str
+    emit: Emit  # streams an output chunk to whoever follows the task
+    output_tail_bytes: int
+
+
+@dataclass
+class Outcome:
+    state: int  # a final TaskState
+    result: task_pb2.TaskResult
+
+
+class Executor(ABC):
+    """Runs one kind of spec. Cancellation arrives as asyncio.CancelledError and must clean up."""
+
+    name: ClassVar[str]
+
+    def available(self) -> bool:
+        """Whether this machine can run it (checked when the node starts)."""
+        return True
+
+    @abstractmethod
+    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
+        """Run the task to completion and return its outcome."""
+
+
+_REGISTRY: dict[str, type[Executor]] = {}
+
+
+def register(cls: type[Executor]) -> type[Executor]:
+    """Class decorator: make an executor known by its name."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_executors(enabled: list[str] | None = None) -> dict[str, Executor]:
+    """Instances of every registered (and `shoal.executors` entry-point) executor that is available."""
+    from shoal.node.executors import noop, python, shell  # noqa: F401  (registers the built-ins)
+
+    for ep in entry_points(group="shoal.executors"):
+        cls = ep.load()
+        if isinstance(cls, type) and issubclass(cls, Executor):
+            register(cls)
+    out: dict[str, Executor] = {}
+    for name, cls in sorted(_REGISTRY.items()):
+        if enabled and name not in enabled:
+            continue
+        executor = cls()
+        if executor.available():
+            out[name] = executor
+    return out

@@ -1,0 +1,120 @@
+"""Running a subprocess for a task: streamed output, a tail kept for the result, group kill."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+import signal
+from collections.abc import Mapping, Sequence
+
+from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.v1 import task_pb2
+
+__all__ = ["run_process"]
+
+_CHUNK = 64 << 10
+
+
+class _Tail:
+    """The last `limit` characters of a stream."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > 2 * self.limit:
+            joined = "".join(self.parts)[-self.limit :]
+            self.parts, self.size = [joined], len(joined)
+
+    def text(self) -> str:
+        return "".join(self.parts)[-self.limit :]
+
+
+async def _pump(
+    reader: asyncio.StreamReader, stream: int, ctx: ExecutionContext, tail: _Tail
+) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        data = await reader.read(_CHUNK)
+        text = decoder.decode(data, final=not data)
+        if text:
+            tail.add(text)
+            ctx.emit(task_pb2.OutputChunk(stream=stream, data=text))  # type: ignore[arg-type]
+        if not data:
+            return
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
+    if writer is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if data:
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+async def run_process(
+    argv: Sequence[str],
+    ctx: ExecutionContext,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: bytes = b"",
+) -> Outcome:
+    """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group."""
+    merged = dict(os.environ)
+    if env:
+        merged.update(env)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=merged,
+            cwd=cwd or None,
+            start_new_session=True,
+        )
+    except OSError as err:
+        # The command could not start (not found, not executable, bad cwd): the task's fault.
+        return Outcome(
+            task_pb2.TASK_STATE_FAILED,
+            task_pb2.TaskResult(exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"),
+        )
+    out, err = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
+    assert proc.stdout is not None and proc.stderr is not None
+    pumps = asyncio.gather(
+        _feed(proc.stdin, stdin),
+        _pump(proc.stdout, task_pb2.OUTPUT_STREAM_STDOUT, ctx, out),
+        _pump(proc.stderr, task_pb2.OUTPUT_STREAM_STDERR, ctx, err),
+    )
+    try:
+        await proc.wait()
+        # Nothing the task started outlives it (and holds its pipes open).
+        _kill_group(proc.pid)
+        await pumps
+    except BaseException:
+        _kill_group(proc.pid)
+        pumps.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(proc.wait())
+        raise
+    code = proc.returncode
+    assert code is not None
+    result = task_pb2.TaskResult(exit_code=code, stdout=out.text(), stderr=err.text())
+    if code < 0:
+        result.error = f"killed by signal {signal.Signals(-code).name}"
+    state = task_pb2.TASK_STATE_SUCCEEDED if code == 0 else task_pb2.TASK_STATE_FAILED
+    return Outcome(state, result)

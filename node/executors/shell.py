@@ -1,0 +1,19 @@
+"""`shell`: a command as argv (no shell), or a script run by a shell (default /bin/sh)."""
+
+from __future__ import annotations
+
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.process import run_process
+from shoal.v1 import task_pb2
+
+__all__ = ["ShellExecutor"]
+
+
+@register
+class ShellExecutor(Executor):
+    name = "shell"
+
+    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
+        sh = spec.shell
+        argv = list(sh.argv) if sh.argv else [sh.shell or "/bin/sh", "-c", sh.script]
+        return await run_process(argv, ctx, env=sh.env, cwd=sh.cwd, stdin=sh.stdin)

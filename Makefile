@@ -32,9 +32,12 @@ unit: $(STAMP) reinstall-pkg
 integration: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/integration
 
+# mypy checks the package through its editable-install tree, where the three folders are one `shoal`.
 lint: $(STAMP) reinstall-pkg
 	$(BIN)/ruff check .
-	$(BIN)/mypy clients/python/shoal coordinator node tests bench
+	$(BIN)/ruff format --check .
+	cd build/__editable__.shoal-*/ && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shoal
+	$(BIN)/mypy tests bench
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos \

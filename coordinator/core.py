@@ -22,7 +22,7 @@ from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shoal.specs import FINAL_STATES, executor_of, is_final
-from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
@@ -55,8 +55,10 @@ class Submitted:
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
+    return None if seconds is None else _timestamp(seconds)
+
+
+def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
@@ -232,7 +234,7 @@ class Coordinator:
             session.cancel(rec.id, self._attempt(rec))
         return self._task_proto(rec)
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         states: Sequence[int],
@@ -254,7 +256,7 @@ class Coordinator:
             raise InvalidArgument(f"unknown states {sorted(unknown)}")
         finals = [s for s in wanted if s in FINAL_STATES] if wanted else None
         include_live = not wanted or bool(wanted - FINAL_STATES)
-        stored = await self._store.list(
+        stored = await self._store.list_tasks(
             before_seq=before,
             tenant=tenant or None,
             final_states=finals,
@@ -607,9 +609,9 @@ class Coordinator:
         if outcome is not None:
             task.node_id = outcome.node_id
             task.result.ParseFromString(outcome.result)
-            task.finished_at.CopyFrom(_ts(outcome.finished_at))
+            task.finished_at.CopyFrom(_timestamp(outcome.finished_at))
             if outcome.started_at is not None:
-                task.started_at.CopyFrom(_ts(outcome.started_at))
+                task.started_at.CopyFrom(_timestamp(outcome.started_at))
             if outcome.attempt_number:
                 task.attempt.epoch = outcome.attempt_epoch
                 task.attempt.number = outcome.attempt_number
@@ -621,10 +623,10 @@ class Coordinator:
         event = task_pb2.Event(seq=seq, task_id=row.id, tenant=row.tenant)
         if seq == row.seq or outcome is None:
             event.state = _QUEUED
-            event.time.CopyFrom(_ts(row.created_at))
+            event.time.CopyFrom(_timestamp(row.created_at))
         else:
             event.state = outcome.state  # type: ignore[assignment]
             event.node_id = outcome.node_id
             event.result.ParseFromString(outcome.result)
-            event.time.CopyFrom(_ts(outcome.finished_at))
+            event.time.CopyFrom(_timestamp(outcome.finished_at))
         return event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -14,7 +15,14 @@ from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.service import AdminService, NodeGatewayService, TasksService
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
-from shoal.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from shoal.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 
 __all__ = ["SERVICE_NAMES", "CoordinatorServer"]
 
@@ -59,8 +67,11 @@ class CoordinatorServer:
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.port = server.add_insecure_port(self.settings.listen)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -26,7 +26,7 @@ from shoal.v1 import (
 __all__ = ["AdminService", "NodeGatewayService", "TasksService"]
 
 _log = logging.getLogger("shoal.coordinator")
-_Ctx = grpc.aio.ServicerContext[Any, Any]
+_Ctx: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 
 class TasksService(tasks_pb2_grpc.TasksServicer):
@@ -34,9 +34,13 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         self._core = core
 
     @rpc_errors
-    async def Submit(self, request: tasks_pb2.SubmitRequest, context: _Ctx) -> tasks_pb2.SubmitResponse:
+    async def Submit(
+        self, request: tasks_pb2.SubmitRequest, context: _Ctx
+    ) -> tasks_pb2.SubmitResponse:
         (done,) = await self._core.submit([request.spec], single=True)
-        return tasks_pb2.SubmitResponse(task=await self._core.get(done.task_id), created=done.created)
+        return tasks_pb2.SubmitResponse(
+            task=await self._core.get(done.task_id), created=done.created
+        )
 
     @rpc_errors
     async def SubmitBatch(
@@ -67,7 +71,7 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
 
     @rpc_errors
     async def List(self, request: tasks_pb2.ListRequest, context: _Ctx) -> tasks_pb2.ListResponse:
-        tasks, token = await self._core.list(
+        tasks, token = await self._core.list_tasks(
             states=list(request.states),
             tenant=request.tenant,
             limit=request.limit,

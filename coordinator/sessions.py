@@ -15,9 +15,7 @@ __all__ = ["NodeSession"]
 class NodeSession:
     """One node's stream: what it runs, and the messages waiting to be sent to it."""
 
-    def __init__(
-        self, info: node_pb2.NodeInfo, peer: str, *, now: float, wall: float
-    ) -> None:
+    def __init__(self, info: node_pb2.NodeInfo, peer: str, *, now: float, wall: float) -> None:
         self.id = secrets.token_hex(8)
         self.info = info
         self.peer = peer

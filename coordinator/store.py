@@ -87,7 +87,7 @@ class Store(ABC):
         """One task by id."""
 
     @abstractmethod
-    async def list(
+    async def list_tasks(
         self,
         *,
         before_seq: int | None,
@@ -154,9 +154,7 @@ class _Writer(threading.Thread):
         super().__init__(name="shoal-store-writer", daemon=True)
         self._conn = conn
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
 
     def submit(self, op: _Op) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -357,7 +355,7 @@ class SqliteStore(Store):
         )
         return None if r is None else _stored(r)
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         before_seq: int | None,

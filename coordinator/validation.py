@@ -30,7 +30,10 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
 
     kind = spec.WhichOneof("kind")
     if kind is None:
-        bad("kind", "missing task kind: set one of shell, python, docker, ollama, llm, http, tool, custom")
+        bad(
+            "kind",
+            "missing task kind: set one of shell, python, docker, ollama, llm, http, tool, custom",
+        )
     elif kind == "shell":
         sh = spec.shell
         if not sh.argv and not sh.script:
@@ -81,7 +84,9 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
             violations=[FieldViolation("specs", f"at most {limits.max_batch} per batch")],
         )
     oversize = [
-        FieldViolation("spec" if single else f"specs[{i}]", f"{size} bytes > {limits.max_spec_bytes}")
+        FieldViolation(
+            "spec" if single else f"specs[{i}]", f"{size} bytes > {limits.max_spec_bytes}"
+        )
         for i, spec in enumerate(specs)
         if (size := spec.ByteSize()) > limits.max_spec_bytes
     ]

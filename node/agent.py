@@ -164,7 +164,7 @@ class NodeAgent:
         finally:
             await channel.close()
 
-    async def _read(self, call: grpc.aio.StreamStreamCall, writer: asyncio.Task[None]) -> None:  # type: ignore[type-arg]
+    async def _read(self, call: grpc.aio.StreamStreamCall, writer: asyncio.Task[None]) -> None:
         while not writer.done():
             try:
                 msg = await call.read()
@@ -181,7 +181,7 @@ class NodeAgent:
                 for c in msg.cancels.attempts:
                     self._cancel(c)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, heartbeat: float) -> None:  # type: ignore[type-arg]
+    async def _write(self, call: grpc.aio.StreamStreamCall, heartbeat: float) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_ready.wait(), heartbeat)
@@ -254,7 +254,11 @@ class NodeAgent:
                     infrastructure_failure=True,
                 ),
             )
-        self._push(gateway_pb2.TaskUpdate(task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()))
+        self._push(
+            gateway_pb2.TaskUpdate(
+                task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()
+            )
+        )
         ctx = ExecutionContext(run.task_id, emit, self.settings.output_tail_bytes)  # type: ignore[arg-type]
         timeout = spec.timeout.ToTimedelta().total_seconds() if spec.HasField("timeout") else None
         try:
@@ -275,5 +279,7 @@ class NodeAgent:
             _log.exception("node=%s task=%s executor %s failed", self.node_id, run.task_id, name)
             return Outcome(
                 task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(error=f"executor {name} failed: {err}", infrastructure_failure=True),
+                task_pb2.TaskResult(
+                    error=f"executor {name} failed: {err}", infrastructure_failure=True
+                ),
             )

@@ -54,7 +54,7 @@ def register(cls: type[Executor]) -> type[Executor]:
 
 
 def available_executors(enabled: list[str] | None = None) -> dict[str, Executor]:
-    """Instances of every registered (and `shoal.executors` entry-point) executor that is available."""
+    """Every available executor: the built-ins and those of the `shoal.executors` entry points."""
     from shoal.node.executors import noop, python, shell  # noqa: F401  (registers the built-ins)
 
     for ep in entry_points(group="shoal.executors"):

@@ -91,14 +91,16 @@ async def run_process(
         # The command could not start (not found, not executable, bad cwd): the task's fault.
         return Outcome(
             task_pb2.TASK_STATE_FAILED,
-            task_pb2.TaskResult(exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"),
+            task_pb2.TaskResult(
+                exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"
+            ),
         )
-    out, err = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
+    out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
     assert proc.stdout is not None and proc.stderr is not None
     pumps = asyncio.gather(
         _feed(proc.stdin, stdin),
-        _pump(proc.stdout, task_pb2.OUTPUT_STREAM_STDOUT, ctx, out),
-        _pump(proc.stderr, task_pb2.OUTPUT_STREAM_STDERR, ctx, err),
+        _pump(proc.stdout, task_pb2.OUTPUT_STREAM_STDOUT, ctx, out_tail),
+        _pump(proc.stderr, task_pb2.OUTPUT_STREAM_STDERR, ctx, err_tail),
     )
     try:
         await proc.wait()
@@ -113,7 +115,7 @@ async def run_process(
         raise
     code = proc.returncode
     assert code is not None
-    result = task_pb2.TaskResult(exit_code=code, stdout=out.text(), stderr=err.text())
+    result = task_pb2.TaskResult(exit_code=code, stdout=out_tail.text(), stderr=err_tail.text())
     if code < 0:
         result.error = f"killed by signal {signal.Signals(-code).name}"
     state = task_pb2.TASK_STATE_SUCCEEDED if code == 0 else task_pb2.TASK_STATE_FAILED

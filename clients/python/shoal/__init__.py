@@ -1,9 +1,9 @@
 """Shoal: a gRPC service mesh of standalone worker nodes.
 
-    from shoal import Client, shell
-    with Client() as client:
-        task = client.submit(shell("echo hello"))
-        print(client.wait(task.id).result.stdout)
+from shoal import Client, shell
+with Client() as client:
+    task = client.submit(shell("echo hello"))
+    print(client.wait(task.id).result.stdout)
 """
 
 from shoal._builders import noop, python, shell

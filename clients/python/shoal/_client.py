@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
 from datetime import timedelta
@@ -58,7 +59,7 @@ class AsyncClient:
 
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
-        response = await _call(
+        response: tasks_pb2.SubmitResponse = await _call(
             self._tasks.Submit(tasks_pb2.SubmitRequest(spec=spec), timeout=self._timeout)
         )
         return response.task
@@ -73,7 +74,10 @@ class AsyncClient:
         return list(response.task_ids)
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        return await _call(self._tasks.Get(tasks_pb2.GetRequest(task_id=task_id), timeout=self._timeout))
+        task: task_pb2.Task = await _call(
+            self._tasks.Get(tasks_pb2.GetRequest(task_id=task_id), timeout=self._timeout)
+        )
+        return task
 
     async def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
         """The task once final; with `timeout`, as it is then if not final yet."""
@@ -91,9 +95,9 @@ class AsyncClient:
 
     async def list(
         self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100
-    ) -> list[task_pb2.Task]:
+    ) -> builtins.list[task_pb2.Task]:
         """Up to `limit` tasks, newest first."""
-        out: list[task_pb2.Task] = []
+        out: builtins.list[task_pb2.Task] = []
         token = ""
         while len(out) < limit:
             request = tasks_pb2.ListRequest(
@@ -109,7 +113,7 @@ class AsyncClient:
                 break
         return out[:limit]
 
-    async def nodes(self) -> list[admin_pb2.NodeStatus]:
+    async def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
         response = await _call(
             self._admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=self._timeout)
         )
@@ -185,7 +189,9 @@ class Client:
 
     def __init__(self, target: str | None = None, *, timeout: timedelta = timedelta(seconds=30)):
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="shoal-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="shoal-client", daemon=True
+        )
         self._thread.start()
         self._async: AsyncClient = self._run(_make_async(target, timeout))
 
@@ -213,7 +219,7 @@ class Client:
     def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         return self._run(self._async.submit(spec))
 
-    def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
+    def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[str]:
         return self._run(self._async.submit_batch(list(specs)))
 
     def get(self, task_id: str) -> task_pb2.Task:
@@ -227,10 +233,10 @@ class Client:
 
     def list(
         self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100
-    ) -> list[task_pb2.Task]:
+    ) -> builtins.list[task_pb2.Task]:
         return self._run(self._async.list(states=list(states), tenant=tenant, limit=limit))
 
-    def nodes(self) -> list[admin_pb2.NodeStatus]:
+    def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
         return self._run(self._async.nodes())
 
     def watch(self, **kwargs: Any) -> Iterator[task_pb2.Event]:

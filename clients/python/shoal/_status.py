@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from shoal import errors
@@ -37,7 +37,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 def _code_and_level(err: errors.ShoalError) -> tuple[grpc.StatusCode, int]:
     for cls in type(err).__mro__:
         if cls in _TABLE:
-            return _TABLE[cast(type[errors.ShoalError], cls)]
+            return _TABLE[cls]
     return grpc.StatusCode.INTERNAL, logging.ERROR
 
 
@@ -49,7 +49,9 @@ def to_status(err: errors.ShoalError) -> grpc.Status:
     if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in violations
             ]
         )

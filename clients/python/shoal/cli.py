@@ -139,9 +139,7 @@ async def _demo(address: str) -> None:
         output = t.result.stdout.strip() or t.result.stderr.strip()
         if t.result.HasField("output"):
             output = json.dumps(json_format.MessageToDict(t.result.output))
-        table.add_row(
-            t.spec.name, _state(t.state), str(t.result.exit_code), t.node_id, output[:60]
-        )
+        table.add_row(t.spec.name, _state(t.state), str(t.result.exit_code), t.node_id, output[:60])
     console.print(table)
 
 
@@ -261,8 +259,14 @@ def run(
 ) -> None:
     """Run a task, stream its output live, and exit with its exit code."""
     spec = _spec(
-        command or [], python_code, name=name, priority=priority, timeout=timeout,
-        label=label, key=key, tenant=tenant,
+        command or [],
+        python_code,
+        name=name,
+        priority=priority,
+        timeout=timeout,
+        label=label,
+        key=key,
+        tenant=tenant,
     )
     code = _run(_follow(coordinator, spec))
     raise typer.Exit(code)
@@ -277,7 +281,11 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                 since=task.created_seq - 1, task_ids=[task.id], output=True
             ):
                 if event.HasField("output"):
-                    out = sys.stderr if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR else sys.stdout
+                    out = (
+                        sys.stderr
+                        if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR
+                        else sys.stdout
+                    )
                     out.write(event.output.data)
                     out.flush()
                 elif is_final(event.state):
@@ -316,13 +324,21 @@ def submit(
     """Submit tasks and print their ids (a progress bar for batches)."""
     if file is not None:
         try:
-            specs = [json_format.ParseDict(d, task_pb2.TaskSpec()) for d in json.loads(file.read_text())]
+            specs = [
+                json_format.ParseDict(d, task_pb2.TaskSpec()) for d in json.loads(file.read_text())
+            ]
         except (OSError, ValueError, json_format.ParseError) as err:
             raise typer.BadParameter(f"{file}: {err}") from None
     else:
         one = _spec(
-            command or [], python_code, name=name, priority=priority, timeout=timeout,
-            label=label, key=key, tenant=tenant,
+            command or [],
+            python_code,
+            name=name,
+            priority=priority,
+            timeout=timeout,
+            label=label,
+            key=key,
+            tenant=tenant,
         )
         specs = [one] * count
     _run(_submit(coordinator, specs, wait))
@@ -445,7 +461,9 @@ def ls(
 @app.command()
 def watch(
     coordinator: CoordinatorOpt = None,
-    since: Annotated[int | None, typer.Option(help="Replay events after this sequence number")] = None,
+    since: Annotated[
+        int | None, typer.Option(help="Replay events after this sequence number")
+    ] = None,
     task: Annotated[list[str] | None, typer.Option(help="Only these task ids")] = None,
     output: Annotated[bool, typer.Option(help="Include output chunks")] = False,
 ) -> None:

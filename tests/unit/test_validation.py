@@ -1,0 +1,66 @@
+"""Bad specs are refused with every violation named."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal import noop, python, shell
+from shoal.coordinator.validation import Limits, validate_batch
+from shoal.errors import InvalidArgument, ResourceExhausted
+from shoal.v1 import task_pb2
+
+LIMITS = Limits()
+
+
+def violations(specs: list[task_pb2.TaskSpec]) -> list[str]:
+    with pytest.raises(InvalidArgument) as info:
+        validate_batch(specs, LIMITS, single=False)
+    return [v.field for v in info.value.violations]
+
+
+def test_good_specs_pass() -> None:
+    validate_batch(
+        [shell("echo hi"), shell(["true"]), python("print(1)"), noop()], LIMITS, single=False
+    )
+
+
+def test_each_bad_field_is_named() -> None:
+    negative = shell("true")
+    negative.timeout.seconds = -1
+    unknown_priority = shell("true")
+    unknown_priority.priority = 42  # type: ignore[assignment]
+    both = task_pb2.TaskSpec(shell=task_pb2.ShellSpec(argv=["a"], script="b"))
+    assert violations(
+        [
+            task_pb2.TaskSpec(),
+            task_pb2.TaskSpec(shell=task_pb2.ShellSpec()),
+            negative,
+            unknown_priority,
+            both,
+            python("   "),
+            task_pb2.TaskSpec(custom=task_pb2.CustomSpec()),
+        ]
+    ) == [
+        "specs[0].kind",
+        "specs[1].shell",
+        "specs[2].timeout",
+        "specs[3].priority",
+        "specs[4].shell",
+        "specs[5].python.code",
+        "specs[6].custom.executor",
+    ]
+
+
+def test_repeated_key_in_one_batch() -> None:
+    assert violations([shell("a", idempotency_key="k"), shell("b", idempotency_key="k")]) == [
+        "specs[1].idempotency_key"
+    ]
+
+
+def test_sizes_are_resource_exhausted() -> None:
+    with pytest.raises(ResourceExhausted):
+        validate_batch([shell("x" * (LIMITS.max_spec_bytes + 1))], LIMITS, single=True)
+    with pytest.raises(ResourceExhausted):
+        validate_batch([shell("true")] * (LIMITS.max_batch + 1), LIMITS, single=False)
+    with pytest.raises(InvalidArgument):
+        validate_batch([], LIMITS, single=False)

@@ -118,7 +118,7 @@ class NodeAgent:
     async def _session_loop(self) -> None:
         """Keep a session up: reconnect with jittered exponential backoff, reset after success."""
         wait = wait_exponential_jitter(
-            initial=0.05, max=self.settings.reconnect_max.total_seconds()
+            multiplier=0.05, jitter=0.05, max=self.settings.reconnect_max.total_seconds()
         )
         while True:
             async for attempt in AsyncRetrying(

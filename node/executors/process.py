@@ -112,6 +112,8 @@ async def run_process(
         pumps.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(proc.wait())
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumps  # retrieve its CancelledError, or asyncio reports it as never retrieved
         raise
     code = proc.returncode
     assert code is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -127,7 +127,7 @@ class AsyncClient:
         output: bool = False,
         tenant: str = "",
         reconnect: bool = True,
-    ) -> AsyncIterator[task_pb2.Event]:
+    ) -> AsyncGenerator[task_pb2.Event, None]:
         """Events after `since` (None: from now), following live ones.
 
         When the connection drops it reconnects with backoff and resumes after the last
@@ -160,7 +160,7 @@ class AsyncClient:
         """Open a Watch and read its first (cursor) response, retrying with backoff."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
-            wait=wait_exponential_jitter(initial=0.05, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.05, jitter=0.05, max=5.0),
             reraise=True,
         ):
             with attempt:
@@ -175,7 +175,7 @@ class AsyncClient:
                 return stream
         raise AssertionError("unreachable")
 
-    async def run(self, spec: task_pb2.TaskSpec) -> AsyncIterator[task_pb2.Event]:
+    async def run(self, spec: task_pb2.TaskSpec) -> AsyncGenerator[task_pb2.Event, None]:
         """Submit a task and follow it to its end, output included; the last event is final."""
         task = await self.submit(spec)
         async for event in self.watch(since=task.created_seq - 1, task_ids=[task.id], output=True):

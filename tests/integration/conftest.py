@@ -1,0 +1,86 @@
+"""Integration fixtures: real servers on loopback port 0, real channels, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from shoal import AsyncClient
+from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.coordinator.server import CoordinatorServer
+from shoal.node.agent import NodeAgent
+
+from .harness import BIN, STARTUP, CliProcesses, Mesh, MeshFactory
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No user config file or SHOAL_* variable reaches what the tests start."""
+    for name in list(os.environ):
+        if name.startswith("SHOAL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "no-such-config.toml"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+@pytest.fixture
+async def mesh_factory(tmp_path: Path) -> AsyncIterator[MeshFactory]:
+    """Makes connected in-process meshes (`await make(slots=1)`); teardown shuts all down."""
+    async with contextlib.AsyncExitStack() as stack:
+        made = 0
+
+        async def make(*, slots: int = 4) -> Mesh:
+            nonlocal made
+            data_dir = tmp_path / f"mesh-{made}"
+            made += 1
+            data_dir.mkdir()
+            coordinator = CoordinatorServer(
+                CoordinatorSettings(listen="127.0.0.1:0", data_dir=data_dir)
+            )
+            await coordinator.start()
+            stack.push_async_callback(_bounded, coordinator.stop)
+            node = NodeAgent(
+                NodeSettings(coordinator=coordinator.address, slots=slots, listen="127.0.0.1:0")
+            )
+            await node.start()
+            stack.push_async_callback(_bounded, node.stop)
+            client = AsyncClient(coordinator.address)
+            stack.push_async_callback(_bounded, client.close)
+            await asyncio.wait_for(node.connected.wait(), STARTUP)
+            return Mesh(coordinator, node, client, data_dir)
+
+        # Teardown runs in reverse: the client, the node (it hands back its work), the coordinator.
+        yield make
+
+
+async def _bounded(stop: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.wait_for(stop(), 20)
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory) -> Mesh:
+    """An in-process coordinator and a connected 4-slot node on loopback port 0."""
+    return await mesh_factory(slots=4)
+
+
+@pytest.fixture
+async def cli(tmp_path: Path) -> AsyncIterator[CliProcesses]:
+    """Starts `shoal` CLI processes; every one is stopped, or killed, in teardown."""
+    processes = CliProcesses(tmp_path)
+    try:
+        yield processes
+    finally:
+        await processes.aclose()
+
+
+@pytest.fixture
+def grpcurl() -> Path:
+    """The real grpcurl of the venv: a missing one fails the test rather than skipping it."""
+    path = BIN / "grpcurl"
+    assert path.exists(), f"{path} is missing: install the dev extras (make dev)"
+    return path

@@ -37,7 +37,7 @@ lint: $(STAMP) reinstall-pkg
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd build/__editable__.shoal-*/ && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shoal
-	$(BIN)/mypy tests bench
+	$(BIN)/mypy tests $(wildcard bench/*.py)
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos \

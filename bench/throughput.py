@@ -14,11 +14,13 @@ Two modes, for each cluster size in --nodes (default: 1 node, then 4 nodes):
   p50/p99 of submit-to-final-event, measured on the client's clock.
 
 Every loop is bounded in count and in time (--deadline for the whole run); every child process
-is stopped at exit, also on errors and on SIGTERM. Figures are printed as a table and written to
-bench/results/throughput.json. With --profile, py-spy samples the coordinator, the first node
-and this client during each throughput phase (figures are then lower; use them for shape only).
+is stopped at exit, also on errors, Ctrl-C and SIGTERM. Figures are printed as a table and
+written to bench/results/throughput.json (with a per-second latency timeline per phase, CPU use
+of each process, and this client's own GC pauses). With --profile, py-spy samples the
+coordinator, the first node and this client during each phase and the table is followed by the
+hot spots; profiling slows the processes, so use those runs for the shape, not the figures.
 
-    .venv/bin/python bench/throughput.py                      # the default run
+    .venv/bin/python bench/throughput.py                      # the default run (make bench)
     .venv/bin/python bench/throughput.py --nodes 1 --tasks 20000 --rate-fraction 0.1,0.5
     .venv/bin/python bench/throughput.py --profile            # also write py-spy profiles
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -236,6 +239,7 @@ class Phase:
     timed_out: bool = False
     saturated: bool = False
     error: BaseException | None = None
+    client_gc: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -507,6 +511,7 @@ def summarise(phase: Phase, cpu: dict[str, float], offered: float | None) -> dic
         "ack_p50_ms": _ms(percentile(phase.acks, 0.50)),
         "ack_p99_ms": _ms(percentile(phase.acks, 0.99)),
         "cpu_percent": cpu,
+        "client_gc": phase.client_gc,
         "timed_out": phase.timed_out,
         "saturated": phase.saturated,
         "error": None if phase.error is None else repr(phase.error),
@@ -520,6 +525,35 @@ def summarise(phase: Phase, cpu: dict[str, float], offered: float | None) -> dic
             if window > 0 and n > 1:
                 out["achieved_offer_per_s"] = round(phase.submitted * (n - 1) / n / window, 1)
     return out
+
+
+class GcPauses:
+    """This client's own garbage-collection pauses: they would delay what it measures."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._started)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "collections": len(self.pauses),
+            "total_ms": _ms(sum(self.pauses)),
+            "max_ms": _ms(max(self.pauses, default=0.0)),
+        }
 
 
 class CpuMeter:
@@ -710,11 +744,13 @@ async def bench_cluster(
                     await asyncio.sleep(0.5)  # let py-spy attach
                 meter = CpuMeter(cluster) if cluster is not None else None
                 try:
-                    phase = await guarded(step, checks)
+                    with GcPauses() as pauses:
+                        phase = await guarded(step, checks)
                 finally:
                     if profiler is not None:
                         profiler.stop()
                 cpu = meter.percent() if meter is not None else {}
+                phase.client_gc = pauses.summary()
                 profiles: dict[str, Any] = {}
                 if profiler is not None:
                     profiles = {

@@ -115,9 +115,6 @@ class ReadyQueue:
                 return level.popleft()
         raise IndexError("pop from an empty class queue")
 
-    def placeable(self, placement: PlacementClass) -> bool:
-        return placement in self._classes
-
 
 class Scheduler:
     """Matches ready tasks to nodes with free slots: highest priority first, least loaded node."""

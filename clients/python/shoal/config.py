@@ -22,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shoal.errors import Unauthenticated
+
 __all__ = [
     "DEFAULT_COORDINATOR",
     "ClientSettings",
@@ -29,6 +31,7 @@ __all__ = [
     "NodeSettings",
     "config_path",
     "default_data_dir",
+    "read_token",
 ]
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
@@ -45,6 +48,26 @@ def config_path() -> Path:
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "shoal"
+
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def read_token(token: str = "", token_file: Path | None = None) -> str:
+    """The token to present: given, else read from `token_file`, else the local admin token.
+
+    The local admin token is the one `shoal up` / `shoal coordinator` wrote to the default
+    data dir; it lets commands on the coordinator's own machine work with no set-up.
+    """
+    if token:
+        return token.strip()
+    path = token_file or default_data_dir() / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        if token_file is not None:
+            raise Unauthenticated(f"cannot read token file {path}: {err.strerror}") from None
+        return ""
 
 
 class _Settings(BaseSettings):
@@ -84,6 +107,22 @@ class CoordinatorSettings(_Settings):
     max_message_bytes: int = 16 << 20
     max_spec_bytes: int = 1 << 20
     max_batch: int = 10_000
+    max_string: int = 256  # names, keys, tenants, label keys and values
+    max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
+    max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
+    max_watch_tasks: int = 1000  # task ids in one Watch filter
+    # Authentication: bearer tokens checked on every call but health. Off is allowed on
+    # loopback only.
+    auth: bool = True
+    # TLS: the server's certificate and key (PEM); with `tls_client_ca`, clients must present
+    # a certificate signed by that CA (mTLS) when `require_client_cert` is on.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    require_client_cert: bool = False
+    # Messages per second a node session may send (a token bucket; excess is read later).
+    node_message_rate: float = 2000.0
+    node_message_burst: int = 4000
 
 
 class NodeSettings(_Settings):
@@ -100,6 +139,19 @@ class NodeSettings(_Settings):
     executors: list[str] = Field(default_factory=list)  # empty: every available executor
     output_tail_bytes: int = 64 << 10
     reconnect_max: timedelta = timedelta(seconds=5)
+    # The token presented to the coordinator (else read from token_file, else the local
+    # admin token); callers of the node's own service must present it too.
+    token: str = ""
+    token_file: Path | None = None
+    # TLS towards the coordinator: the CA that signed its certificate, and this node's own
+    # certificate and key for mTLS.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Secrets tasks may ask for by name (SecretRef): inline values, and a directory with one
+    # file per secret (file name = secret name). Values never leave the node.
+    secrets: dict[str, str] = Field(default_factory=dict)
+    secrets_dir: Path | None = None
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.urandom(3).hex()}"
@@ -112,3 +164,8 @@ class ClientSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore")
 
     coordinator: str = DEFAULT_COORDINATOR
+    token: str = ""  # SHOAL_TOKEN
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None

@@ -22,23 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shoal.v1 import node_pb2 as shoal_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/admin.proto\x12\x08shoal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/node.proto\"\x12\n\x10ListNodesRequest\"\xd8\x01\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shoal.v1.NodeStatus2M\n\x05\x41\x64min\x12\x44\n\tListNodes\x12\x1a.shoal.v1.ListNodesRequest\x1a\x1b.shoal.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/admin.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/node.proto\"\xfb\x02\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x04role\x18\x03 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\texecutors\x18\x06 \x03(\t\x12/\n\x06labels\x18\x07 \x03(\x0b\x32\x1f.shoal.v1.TokenInfo.LabelsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x02\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\x38\n\x06labels\x18\x06 \x03(\x0b\x32(.shoal.v1.CreateTokenRequest.LabelsEntry\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x13\x43reateTokenResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.shoal.v1.TokenInfo\x12\r\n\x05token\x18\x02 \x01(\t\",\n\x11ListTokensRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"9\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.shoal.v1.TokenInfo\"#\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\xd8\x01\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shoal.v1.NodeStatus*`\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x12\n\x0eROLE_SUBMITTER\x10\x02\x12\x0f\n\x0bROLE_READER\x10\x03\x12\r\n\tROLE_NODE\x10\x04\x32\xa4\x02\n\x05\x41\x64min\x12\x44\n\tListNodes\x12\x1a.shoal.v1.ListNodesRequest\x1a\x1b.shoal.v1.ListNodesResponse\x12J\n\x0b\x43reateToken\x12\x1c.shoal.v1.CreateTokenRequest\x1a\x1d.shoal.v1.CreateTokenResponse\x12G\n\nListTokens\x12\x1b.shoal.v1.ListTokensRequest\x1a\x1c.shoal.v1.ListTokensResponse\x12@\n\x0bRevokeToken\x12\x1c.shoal.v1.RevokeTokenRequest\x1a\x13.shoal.v1.TokenInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTNODESREQUEST']._serialized_start=88
-  _globals['_LISTNODESREQUEST']._serialized_end=106
-  _globals['_NODESTATUS']._serialized_start=109
-  _globals['_NODESTATUS']._serialized_end=325
-  _globals['_LISTNODESRESPONSE']._serialized_start=327
-  _globals['_LISTNODESRESPONSE']._serialized_end=383
-  _globals['_ADMIN']._serialized_start=385
-  _globals['_ADMIN']._serialized_end=462
+  _globals['_TOKENINFO_LABELSENTRY']._loaded_options = None
+  _globals['_TOKENINFO_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1278
+  _globals['_ROLE']._serialized_end=1374
+  _globals['_TOKENINFO']._serialized_start=121
+  _globals['_TOKENINFO']._serialized_end=500
+  _globals['_TOKENINFO_LABELSENTRY']._serialized_start=455
+  _globals['_TOKENINFO_LABELSENTRY']._serialized_end=500
+  _globals['_CREATETOKENREQUEST']._serialized_start=503
+  _globals['_CREATETOKENREQUEST']._serialized_end=764
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_start=455
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_end=500
+  _globals['_CREATETOKENRESPONSE']._serialized_start=766
+  _globals['_CREATETOKENRESPONSE']._serialized_end=837
+  _globals['_LISTTOKENSREQUEST']._serialized_start=839
+  _globals['_LISTTOKENSREQUEST']._serialized_end=883
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=885
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=942
+  _globals['_REVOKETOKENREQUEST']._serialized_start=944
+  _globals['_REVOKETOKENREQUEST']._serialized_end=979
+  _globals['_LISTNODESREQUEST']._serialized_start=981
+  _globals['_LISTNODESREQUEST']._serialized_end=999
+  _globals['_NODESTATUS']._serialized_start=1002
+  _globals['_NODESTATUS']._serialized_end=1218
+  _globals['_LISTNODESRESPONSE']._serialized_start=1220
+  _globals['_LISTNODESRESPONSE']._serialized_end=1276
+  _globals['_ADMIN']._serialized_start=1377
+  _globals['_ADMIN']._serialized_end=1669
 # @@protoc_insertion_point(module_scope)

@@ -509,6 +509,7 @@ class TaskSpec(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     REQUIRED_LABELS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
@@ -540,6 +541,12 @@ class TaskSpec(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretRef]:
+        """Node-side secrets the task needs, by name: the node resolves them at run time, so
+        their values are never stored, sent or shown.
+        """
+
     def __init__(
         self,
         *,
@@ -558,16 +565,42 @@ class TaskSpec(_message.Message):
         tenant: _builtins.str = ...,
         required_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        secrets: _abc.Iterable[Global___SecretRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "kind", b"kind", "llm", b"llm", "ollama", b"ollama", "python", b"python", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "name", b"name", "ollama", b"ollama", "priority", b"priority", "python", b"python", "required_labels", b"required_labels", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "name", b"name", "ollama", b"ollama", "priority", b"priority", "python", b"python", "required_labels", b"required_labels", "secrets", b"secrets", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class SecretRef(_message.Message):
+    """A secret held by the node, exposed to the task as an environment variable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    env: _builtins.str
+    """the variable; default: the name"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        env: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretRef: _TypeAlias = SecretRef  # noqa: Y015
 
 @_typing.final
 class AttemptId(_message.Message):
@@ -648,6 +681,7 @@ class Task(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     CREATED_SEQ_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     node_id: _builtins.str
@@ -655,6 +689,8 @@ class Task(_message.Message):
     """Why a task that is not running waits."""
     created_seq: _builtins.int
     """Sequence number of the event that accepted the task: Watch(since=created_seq - 1) sees all of it."""
+    submitted_by: _builtins.str
+    """the principal that submitted it"""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -681,10 +717,11 @@ class Task(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         pending_reason: _builtins.str = ...,
         created_seq: _builtins.int = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "created_seq", b"created_seq", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "created_seq", b"created_seq", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,12 +764,15 @@ class Event(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     task_id: _builtins.str
     state: Global___TaskState.ValueType
     """the task's state after this event"""
     node_id: _builtins.str
     tenant: _builtins.str
+    principal: _builtins.str
+    """Who caused the change: a token name, a node id, or "coordinator"."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -757,10 +797,11 @@ class Event(_message.Message):
         output: Global___OutputChunk | None = ...,
         result: Global___TaskResult | None = ...,
         tenant: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "output", b"output", "result", b"result", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "node_id", b"node_id", "output", b"output", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "node_id", b"node_id", "output", b"output", "principal", b"principal", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,15 +14,24 @@ from datetime import timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shoal.auth import COORDINATOR, Principal, Role
 from shoal.coordinator.events import EventLog
+from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import PlacementClass, Scheduler
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow
+from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import Limits, validate_batch
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from shoal.specs import FINAL_STATES, executor_of, is_final
-from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
@@ -45,6 +54,8 @@ class CoreOptions:
     lease: timedelta = timedelta(seconds=10)
     event_capacity: int = 100_000
     finished_cache: int = 10_000
+    node_message_rate: float = 2000.0
+    node_message_burst: int = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,42 @@ class Submitted:
     task_id: str
     created: bool
     seq: int
+
+
+def _check_claims(info: node_pb2.NodeInfo, by: Principal, limits: Limits) -> None:
+    """Refuse a Hello whose identity or capabilities go beyond what its credentials allow."""
+    if by.role is Role.NODE and info.node_id != by.node_id:
+        raise PermissionDenied(f"token {by.name!r} may connect as node {by.node_id!r} only")
+    if by.cert_name and info.node_id != by.cert_name:
+        raise PermissionDenied(f"the client certificate is for {by.cert_name!r}, not this node")
+    if by.executors and (extra := set(info.executors) - by.executors):
+        raise PermissionDenied(f"token {by.name!r} may not offer executors {sorted(extra)}")
+    if by.labels and (extra := {k for k, v in info.labels.items() if by.labels.get(k) != v}):
+        raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
+    too_long = [
+        s
+        for s in (info.node_id, *info.executors, *info.labels, *info.labels.values())
+        if len(s) > limits.max_string
+    ]
+    if too_long or len(info.labels) > limits.max_labels or len(info.executors) > limits.max_labels:
+        raise InvalidArgument(
+            f"node info over its bounds: at most {limits.max_labels} labels and executors,"
+            f" {limits.max_string} characters each"
+        )
+
+
+def _bounded(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
+    """A node's result cut to `limit` bytes: the output tails keep their ends."""
+    if result.ByteSize() <= limit:
+        return result
+    share = limit // 4
+    result.stdout = result.stdout[-share:]
+    result.stderr = result.stderr[-share:]
+    result.error = result.error[:share]
+    if result.ByteSize() > limit:
+        result.ClearField("output")
+        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
+    return result
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -77,6 +124,7 @@ class Coordinator:
     ) -> None:
         self.options = options or CoreOptions()
         self._store = store
+        self.tokens = TokenRegistry(store, wall=wall)
         self._clock = clock
         self._wall = wall
         self.epoch = 0
@@ -96,11 +144,12 @@ class Coordinator:
     async def start(self) -> None:
         """Open the store, start a new epoch and queue every unfinished task again."""
         self.epoch = await self._store.open()
+        await self.tokens.load()
         self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
         recovered = await self._store.unfinished()
         for row in recovered:
             spec = task_pb2.TaskSpec.FromString(row.spec)
-            rec = self._record(row.id, row.seq, spec, row.created_at)
+            rec = self._record(row.id, row.seq, spec, row.created_at, row.submitted_by)
             self._tasks[rec.id] = rec
             self._scheduler.queue.push(rec)
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
@@ -125,7 +174,7 @@ class Coordinator:
     # -- tasks -----------------------------------------------------------------------------
 
     def _record(
-        self, task_id: str, seq: int, spec: task_pb2.TaskSpec, created_at: float
+        self, task_id: str, seq: int, spec: task_pb2.TaskSpec, created_at: float, by: str
     ) -> TaskRecord:
         labels = frozenset(spec.required_labels.items())
         return TaskRecord(
@@ -136,20 +185,29 @@ class Coordinator:
             placement=PlacementClass(executor_of(spec), labels),
             tenant=spec.tenant,
             created_at=created_at,
+            submitted_by=by,
         )
 
     async def submit(
-        self, specs: Sequence[task_pb2.TaskSpec], *, single: bool = False
+        self, specs: Sequence[task_pb2.TaskSpec], *, by: Principal, single: bool = False
     ) -> list[Submitted]:
-        """Store the tasks atomically, then queue them; returns once they are durable."""
+        """Store the tasks atomically, then queue them; returns once they are durable.
+
+        A principal with a tenant submits into it: a spec without tenant gets it, and a spec
+        naming another tenant is refused.
+        """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
         validate_batch(specs, self.options.limits, single=single)
+        if by.tenant:
+            for spec in specs:
+                by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
+                spec.tenant = by.tenant
         now = self._wall()
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
         for spec in specs:
-            rec = self._record(secrets.token_hex(8), self.events.reserve(), spec, now)
+            rec = self._record(secrets.token_hex(8), self.events.reserve(), spec, now, by.name)
             records.append(rec)
             rows.append(
                 TaskRow(
@@ -160,6 +218,7 @@ class Coordinator:
                     rec.priority,
                     spec.SerializeToString(),
                     now,
+                    by.name,
                 )
             )
         try:
@@ -176,31 +235,40 @@ class Coordinator:
                 continue
             self._tasks[rec.id] = rec
             self._scheduler.queue.push(rec)
-            accepted.append(self._event(rec, seq=rec.seq))
+            accepted.append(self._event(rec, by=rec.submitted_by, seq=rec.seq))
             out.append(Submitted(rec.id, True, rec.seq))
         self.events.publish(accepted)
         self._kick()
         return out
 
-    async def get(self, task_id: str) -> task_pb2.Task:
-        rec = self._tasks.get(task_id)
+    async def get(self, task_id: str, *, by: Principal) -> task_pb2.Task:
+        rec = self._live(task_id, by)
         if rec is not None:
             return self._task_proto(rec)
-        return self._stored_proto(await self._stored(task_id))
+        return self._stored_proto(await self._stored(task_id, by))
 
-    async def _stored(self, task_id: str) -> StoredTask:
+    def _live(self, task_id: str, by: Principal) -> TaskRecord | None:
+        rec = self._tasks.get(task_id)
+        if rec is not None:
+            by.check_tenant(rec.tenant, f"task {task_id!r}")
+        return rec
+
+    async def _stored(self, task_id: str, by: Principal) -> StoredTask:
         if not task_id:
             raise InvalidArgument("task_id is required")
         stored = await self._store.get(task_id)
         if stored is None:
             raise NotFound(f"no task {task_id!r}")
+        by.check_tenant(stored.row.tenant, f"task {task_id!r}")
         return stored
 
-    async def wait(self, task_id: str, timeout: timedelta | None) -> task_pb2.Task:
+    async def wait(
+        self, task_id: str, timeout: timedelta | None, *, by: Principal
+    ) -> task_pb2.Task:
         """The task once its outcome is durable, or as it is when `timeout` passes."""
-        rec = self._tasks.get(task_id)
+        rec = self._live(task_id, by)
         if rec is None:
-            return self._stored_proto(await self._stored(task_id))
+            return self._stored_proto(await self._stored(task_id, by))
         if not rec.durable:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             rec.waiters.append(fut)
@@ -214,20 +282,21 @@ class Coordinator:
                     rec.waiters.remove(fut)
         return self._task_proto(rec)
 
-    async def cancel(self, task_id: str) -> task_pb2.Task:
+    async def cancel(self, task_id: str, *, by: Principal) -> task_pb2.Task:
         """Cancel a task: at once when queued; a running one is killed by its node."""
-        rec = self._tasks.get(task_id)
+        rec = self._live(task_id, by)
         if rec is None:
-            stored = await self._stored(task_id)
+            stored = await self._stored(task_id, by)
             if stored.outcome is None:
                 raise FailedPrecondition(f"task {task_id!r} is not held by this coordinator")
             return self._stored_proto(stored)
         if is_final(rec.state):
             return self._task_proto(rec)
+        rec.finished_by = by.name
         if rec.state == _QUEUED:
             self._scheduler.queue.discard()
             self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled while queued"))
-            return await self.wait(task_id, None)
+            return await self.wait(task_id, None, by=by)
         rec.cancel_requested = True
         session = self._sessions.get(rec.node_id)
         if session is not None:
@@ -241,8 +310,10 @@ class Coordinator:
         tenant: str,
         limit: int,
         page_token: str,
+        by: Principal,
     ) -> tuple[list[task_pb2.Task], str]:
         """Tasks newest first, filtered by state and tenant; paged by an opaque token."""
+        tenant = by.scoped_tenant(tenant)
         limit = min(max(limit or 100, 1), 1000)
         before: int | None = None
         if page_token:
@@ -279,11 +350,17 @@ class Coordinator:
         task_ids: Sequence[str] = (),
         output: bool = False,
         tenant: str = "",
+        by: Principal,
     ) -> AsyncIterator[tuple[int, list[task_pb2.Event]]]:
         """(cursor, events) after `since`: from the store when no longer in memory, then live.
 
         The first item has no events and gives the starting cursor.
         """
+        tenant = by.scoped_tenant(tenant)
+        if len(task_ids) > self.options.limits.max_watch_tasks:
+            raise InvalidArgument(
+                f"watch at most {self.options.limits.max_watch_tasks} task ids at once"
+            )
         ids = frozenset(task_ids)
         cursor = self.events.last_seq if since is None else since
 
@@ -351,6 +428,7 @@ class Coordinator:
                 attempt_epoch=self.epoch,
                 attempt_number=rec.attempt,
                 result=rec.result.SerializeToString() if rec.result else b"",
+                finished_by=rec.finished_by,
             )
             for rec in batch
         ]
@@ -361,7 +439,9 @@ class Coordinator:
             _log.exception("failed to record %d outcomes", len(batch))
             self.events.abandon(rec.final_seq for rec in batch)
             return
-        self.events.publish(self._event(rec, seq=rec.final_seq) for rec in batch)
+        self.events.publish(
+            self._event(rec, by=rec.finished_by, seq=rec.final_seq) for rec in batch
+        )
         cap = self.options.finished_cache
         for rec in batch:
             rec.durable = True
@@ -398,7 +478,7 @@ class Coordinator:
             by_node.setdefault(session.node_id, []).append(
                 gateway_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=rec.spec)
             )
-            events.append(self._event(rec))
+            events.append(self._event(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
         for event in events:
@@ -406,11 +486,12 @@ class Coordinator:
 
     # -- node sessions ---------------------------------------------------------------------
 
-    def attach(self, hello: gateway_pb2.Hello, peer: str) -> NodeSession:
+    def attach(self, hello: gateway_pb2.Hello, peer: str, *, by: Principal) -> NodeSession:
         """Start a node's session; a session already open under its id is replaced."""
         info = hello.info
         if not info.node_id:
             raise InvalidArgument("hello.info.node_id is required")
+        _check_claims(info, by, self.options.limits)
         if not self.accepting:
             raise Unavailable("the coordinator is shutting down")
         old = self._sessions.get(info.node_id)
@@ -418,7 +499,16 @@ class Coordinator:
             _log.info("node=%s replaces its previous session", info.node_id)
             self.detach(old)
             old.close()
-        session = NodeSession(info, peer, now=self._clock(), wall=self._wall())
+        session = NodeSession(
+            info,
+            peer,
+            by,
+            TokenBucket(
+                self.options.node_message_rate, self.options.node_message_burst, clock=self._clock
+            ),
+            now=self._clock(),
+            wall=self._wall(),
+        )
         self._sessions[info.node_id] = session
         for running in hello.running:
             rec = self._tasks.get(running.task_id)
@@ -464,7 +554,7 @@ class Coordinator:
             rec.node_id = ""
             rec.started_at = None
             self._scheduler.queue.push_front(rec)
-            self.events.emit(self._event(rec))
+            self.events.emit(self._event(rec, by=COORDINATOR))
             requeued += 1
         session.inflight.clear()
         _log.info("node=%s left requeued=%d", session.node_id, requeued)
@@ -497,18 +587,23 @@ class Coordinator:
             if kind == "started":
                 rec.state = _RUNNING
                 rec.started_at = self._wall()
-                self.events.emit(self._event(rec))
+                self.events.emit(self._event(rec, by=session.principal.name))
             elif kind == "output":
-                self.events.emit(self._event(rec, output=u.output))
+                output = u.output
+                if len(output.data) > self.options.limits.max_result_bytes:
+                    output.data = output.data[: self.options.limits.max_result_bytes]
+                self.events.emit(self._event(rec, by=session.principal.name, output=output))
             elif kind == "finished":
                 state = u.finished.state
-                result = u.finished.result
+                result = _bounded(u.finished.result, self.options.limits.max_result_bytes)
                 if state not in FINAL_STATES:
                     state = _FAILED
                     result.error = result.error or f"node reported non-final state {state}"
                 del session.inflight[rec.id]
                 session.slots.running -= 1
                 freed = True
+                if not rec.cancel_requested:
+                    rec.finished_by = session.principal.name
                 self._finish(rec, state, result)
         if freed:
             self._kick()
@@ -537,6 +632,7 @@ class Coordinator:
                     connected_at=_ts(s.connected_at),
                     last_seen=_ts(wall - (now - s.last_seen)),
                     address=s.peer,
+                    throttled=s.throttled,
                 )
             )
         return out
@@ -552,6 +648,7 @@ class Coordinator:
         self,
         rec: TaskRecord,
         *,
+        by: str,
         seq: int = 0,
         output: task_pb2.OutputChunk | None = None,
     ) -> task_pb2.Event:
@@ -562,6 +659,7 @@ class Coordinator:
             node_id=rec.node_id,
             tenant=rec.tenant,
             output=output,
+            principal=by,
         )
         event.time.FromNanoseconds(time.time_ns())
         if rec.attempt:
@@ -591,6 +689,7 @@ class Coordinator:
             finished_at=_ts(rec.finished_at),
             pending_reason=self._pending_reason(rec),
             created_seq=rec.seq,
+            submitted_by=rec.submitted_by,
         )
         if rec.attempt:
             task.attempt.CopyFrom(self._attempt(rec))
@@ -605,6 +704,7 @@ class Coordinator:
             state=_QUEUED if outcome is None else outcome.state,  # type: ignore[arg-type]
             created_at=_ts(row.created_at),
             created_seq=row.seq,
+            submitted_by=row.submitted_by,
         )
         if outcome is not None:
             task.node_id = outcome.node_id
@@ -622,10 +722,12 @@ class Coordinator:
         row, outcome = st.row, st.outcome
         event = task_pb2.Event(seq=seq, task_id=row.id, tenant=row.tenant)
         if seq == row.seq or outcome is None:
+            event.principal = row.submitted_by
             event.state = _QUEUED
             event.time.CopyFrom(_timestamp(row.created_at))
         else:
             event.state = outcome.state  # type: ignore[assignment]
+            event.principal = outcome.finished_by
             event.node_id = outcome.node_id
             event.result.ParseFromString(outcome.result)
             event.time.CopyFrom(_timestamp(outcome.finished_at))

@@ -20,6 +20,7 @@ class TaskRecord:
     placement: PlacementClass
     tenant: str
     created_at: float
+    submitted_by: str = ""
     state: int = task_pb2.TASK_STATE_QUEUED
     attempt: int = 0  # dispatches in this coordinator epoch
     node_id: str = ""
@@ -28,6 +29,7 @@ class TaskRecord:
     result: task_pb2.TaskResult | None = None
     final_seq: int = 0
     cancel_requested: bool = False
+    finished_by: str = ""  # the principal that made it final
     durable: bool = False  # its outcome is committed
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from shoal._server import grpc_options, serve_health
-from shoal.config import CoordinatorSettings
+from shoal._server import (
+    HEALTH_POLICY,
+    HEALTH_SERVICE,
+    Gate,
+    grpc_options,
+    method_path,
+    serve_health,
+    server_credentials,
+)
+from shoal.auth import Role
+from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.service import AdminService, NodeGatewayService, TasksService
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
+from shoal.errors import FailedPrecondition
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -24,7 +35,7 @@ from shoal.v1 import (
     tasks_pb2_grpc,
 )
 
-__all__ = ["SERVICE_NAMES", "CoordinatorServer"]
+__all__ = ["POLICY", "SERVICE_NAMES", "CoordinatorServer", "is_loopback"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -33,6 +44,30 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     gateway_pb2.DESCRIPTOR.services_by_name["NodeGateway"].full_name,
 )
+
+_SUBMIT = frozenset({Role.SUBMITTER})
+_READ = frozenset({Role.SUBMITTER, Role.READER})
+POLICY: dict[str, frozenset[Role]] = {
+    **{method_path(tasks_pb2.DESCRIPTOR, "Tasks", m): _SUBMIT for m in ("Submit", "SubmitBatch")},
+    method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Cancel"): _SUBMIT,
+    **{method_path(tasks_pb2.DESCRIPTOR, "Tasks", m): _READ for m in ("Get", "Wait", "List")},
+    method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Watch"): _READ,
+    method_path(admin_pb2.DESCRIPTOR, "Admin", "ListNodes"): frozenset({Role.READER}),
+    method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Connect"): frozenset({Role.NODE}),
+    **HEALTH_POLICY,
+}
+"""Which roles may call each method besides admin; a method not listed is admin only."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a `host:port` listen address binds loopback only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class CoordinatorServer:
@@ -43,11 +78,20 @@ class CoordinatorServer:
         self.core = Coordinator(
             SqliteStore(settings.data_dir / "shoal.db", synchronous=settings.synchronous),
             CoreOptions(
-                limits=Limits(max_spec_bytes=settings.max_spec_bytes, max_batch=settings.max_batch),
+                limits=Limits(
+                    max_spec_bytes=settings.max_spec_bytes,
+                    max_batch=settings.max_batch,
+                    max_string=settings.max_string,
+                    max_labels=settings.max_labels,
+                    max_result_bytes=settings.max_result_bytes,
+                    max_watch_tasks=settings.max_watch_tasks,
+                ),
                 heartbeat_interval=settings.heartbeat_interval,
                 lease=settings.lease,
                 event_capacity=settings.event_capacity,
                 finished_cache=settings.finished_cache,
+                node_message_rate=settings.node_message_rate,
+                node_message_burst=settings.node_message_burst,
             ),
         )
         self._server: grpc.aio.Server | None = None
@@ -59,28 +103,66 @@ class CoordinatorServer:
         host = self.settings.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    @property
+    def admin_token_path(self) -> Path:
+        return self.settings.data_dir / ADMIN_TOKEN_FILE
+
+    def _check_settings(self) -> None:
+        s = self.settings
+        if not s.auth and not is_loopback(s.listen):
+            raise FailedPrecondition(
+                f"refusing to listen on {s.listen} with auth off: anyone who reaches it could"
+                " run code here. Turn auth on, or bind 127.0.0.1."
+            )
+        if (s.tls_cert is None) != (s.tls_key is None):
+            raise FailedPrecondition("TLS needs both tls_cert and tls_key")
+        if s.require_client_cert and (s.tls_cert is None or s.tls_client_ca is None):
+            raise FailedPrecondition(
+                "require_client_cert needs tls_cert, tls_key and tls_client_ca"
+            )
+        if s.tls_cert is None and not is_loopback(s.listen):
+            _log.warning("listening on %s without TLS: tokens cross the network in clear", s.listen)
+
     async def start(self) -> None:
+        self._check_settings()
         await self.core.start()
-        server = grpc.aio.server(options=grpc_options(self.settings.max_message_bytes))
+        try:
+            await self._serve()
+        except BaseException:
+            await self.core.stop()
+            raise
+
+    async def _serve(self) -> None:
+        s = self.settings
+        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
+            _log.info("wrote a new admin token to %s", self.admin_token_path)
+        gate = Gate(POLICY, self.core.tokens.authenticate if s.auth else None)
+        server = grpc.aio.server(options=grpc_options(s.max_message_bytes), interceptors=[gate])
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
         reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.settings.listen)
+        if s.tls_cert is not None and s.tls_key is not None:
+            credentials = server_credentials(
+                s.tls_cert, s.tls_key, s.tls_client_ca, s.require_client_cert
+            )
+            self.port = server.add_secure_port(s.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(s.listen)
         if not self.port:
-            await self.core.stop()
-            raise OSError(f"cannot listen on {self.settings.listen}")
+            raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self._server = server
-        _log.info("coordinator listening on %s data_dir=%s", self.address, self.settings.data_dir)
+        _log.info(
+            "coordinator listening on %s tls=%s auth=%s data_dir=%s",
+            self.address,
+            "mtls" if s.require_client_cert else bool(s.tls_cert),
+            s.auth,
+            s.data_dir,
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         server, self._server = self._server, None

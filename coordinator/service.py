@@ -1,4 +1,8 @@
-"""gRPC servicers of the coordinator: decode, call the core, encode."""
+"""gRPC servicers of the coordinator: decode, call the core, encode.
+
+The Gate (shoal._server) has already authenticated the caller, checked its role and mapped
+errors to statuses; `current_principal()` is who is calling.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from shoal._status import rpc_errors
+from shoal._server import current_principal
+from shoal.auth import Role
 from shoal.coordinator.core import Coordinator
+from shoal.coordinator.sessions import NodeSession
+from shoal.coordinator.store import TokenRow
 from shoal.errors import InvalidArgument
 from shoal.v1 import (
     admin_pb2,
@@ -28,25 +36,32 @@ __all__ = ["AdminService", "NodeGatewayService", "TasksService"]
 _log = logging.getLogger("shoal.coordinator")
 _Ctx: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
+_ROLES = {
+    admin_pb2.ROLE_ADMIN: Role.ADMIN,
+    admin_pb2.ROLE_SUBMITTER: Role.SUBMITTER,
+    admin_pb2.ROLE_READER: Role.READER,
+    admin_pb2.ROLE_NODE: Role.NODE,
+}
+_ROLE_ENUMS = {role: value for value, role in _ROLES.items()}
+
 
 class TasksService(tasks_pb2_grpc.TasksServicer):
     def __init__(self, core: Coordinator) -> None:
         self._core = core
 
-    @rpc_errors
     async def Submit(
         self, request: tasks_pb2.SubmitRequest, context: _Ctx
     ) -> tasks_pb2.SubmitResponse:
-        (done,) = await self._core.submit([request.spec], single=True)
+        by = current_principal()
+        (done,) = await self._core.submit([request.spec], single=True, by=by)
         return tasks_pb2.SubmitResponse(
-            task=await self._core.get(done.task_id), created=done.created
+            task=await self._core.get(done.task_id, by=by), created=done.created
         )
 
-    @rpc_errors
     async def SubmitBatch(
         self, request: tasks_pb2.SubmitBatchRequest, context: _Ctx
     ) -> tasks_pb2.SubmitBatchResponse:
-        done = await self._core.submit(request.specs)
+        done = await self._core.submit(request.specs, by=current_principal())
         seqs = [d.seq for d in done if d.created]
         return tasks_pb2.SubmitBatchResponse(
             task_ids=[d.task_id for d in done],
@@ -54,32 +69,28 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             first_seq=min(seqs) if seqs else 0,
         )
 
-    @rpc_errors
     async def Get(self, request: tasks_pb2.GetRequest, context: _Ctx) -> task_pb2.Task:
-        return await self._core.get(request.task_id)
+        return await self._core.get(request.task_id, by=current_principal())
 
-    @rpc_errors
     async def Wait(self, request: tasks_pb2.WaitRequest, context: _Ctx) -> task_pb2.Task:
         timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else None
         if timeout is not None and timeout.total_seconds() < 0:
             raise InvalidArgument("timeout must not be negative")
-        return await self._core.wait(request.task_id, timeout)
+        return await self._core.wait(request.task_id, timeout, by=current_principal())
 
-    @rpc_errors
     async def Cancel(self, request: tasks_pb2.CancelRequest, context: _Ctx) -> task_pb2.Task:
-        return await self._core.cancel(request.task_id)
+        return await self._core.cancel(request.task_id, by=current_principal())
 
-    @rpc_errors
     async def List(self, request: tasks_pb2.ListRequest, context: _Ctx) -> tasks_pb2.ListResponse:
         tasks, token = await self._core.list_tasks(
             states=list(request.states),
             tenant=request.tenant,
             limit=request.limit,
             page_token=request.page_token,
+            by=current_principal(),
         )
         return tasks_pb2.ListResponse(tasks=tasks, next_page_token=token)
 
-    @rpc_errors
     async def Watch(
         self, request: tasks_pb2.WatchRequest, context: _Ctx
     ) -> AsyncIterator[tasks_pb2.WatchResponse]:
@@ -89,53 +100,115 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             task_ids=list(request.task_ids),
             output=request.output,
             tenant=request.tenant,
+            by=current_principal(),
         ):
             yield tasks_pb2.WatchResponse(events=events, cursor=cursor)
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        id=row.id,
+        name=row.name,
+        role=_ROLE_ENUMS[Role(row.role)],
+        tenant=row.tenant,
+        node_id=row.node_id,
+        executors=row.executors,
+        labels=row.labels,
+        created_at=_timestamp(row.created_at),
+        expires_at=_timestamp(row.expires_at),
+        revoked_at=_timestamp(row.revoked_at),
+        created_by=row.created_by,
+    )
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, core: Coordinator) -> None:
         self._core = core
 
-    @rpc_errors
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: _Ctx
     ) -> admin_pb2.ListNodesResponse:
         return admin_pb2.ListNodesResponse(nodes=self._core.nodes())
+
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: _Ctx
+    ) -> admin_pb2.CreateTokenResponse:
+        role = _ROLES.get(request.role)
+        if role is None:
+            raise InvalidArgument("role must be one of admin, submitter, reader, node")
+        made = await self._core.tokens.create(
+            name=request.name,
+            role=role,
+            tenant=request.tenant,
+            node_id=request.node_id,
+            executors=list(request.executors),
+            labels=dict(request.labels),
+            ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+            created_by=current_principal().name,
+        )
+        _log.info("token %r (%s) created by %s", made.row.name, role, made.row.created_by)
+        return admin_pb2.CreateTokenResponse(info=_token_info(made.row), token=made.token)
+
+    async def ListTokens(
+        self, request: admin_pb2.ListTokensRequest, context: _Ctx
+    ) -> admin_pb2.ListTokensResponse:
+        rows = self._core.tokens.all() if request.include_revoked else self._core.tokens.active()
+        return admin_pb2.ListTokensResponse(tokens=[_token_info(r) for r in rows])
+
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: _Ctx
+    ) -> admin_pb2.TokenInfo:
+        row = await self._core.tokens.revoke(request.token)
+        _log.info("token %r revoked by %s", row.name, current_principal().name)
+        return _token_info(row)
 
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
     def __init__(self, core: Coordinator) -> None:
         self._core = core
 
-    @rpc_errors
     async def Connect(
         self, request_iterator: AsyncIterator[gateway_pb2.NodeMessage], context: _Ctx
     ) -> AsyncIterator[gateway_pb2.CoordinatorMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "hello":
             raise InvalidArgument("a node session starts with hello")
-        session = self._core.attach(first.hello, context.peer())
+        session = self._core.attach(first.hello, context.peer(), by=current_principal())
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
             yield self._core.welcome(session)
             while (messages := await session.outgoing()) is not None:
                 for message in messages:
                     yield message
+            if reader.done() and not reader.cancelled():
+                reader.result()  # a bad message ends the session with its status
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self._core.detach(session)
 
-    async def _read(self, session: Any, messages: AsyncIterator[gateway_pb2.NodeMessage]) -> None:
+    async def _read(
+        self, session: NodeSession, messages: AsyncIterator[gateway_pb2.NodeMessage]
+    ) -> None:
         try:
             async for message in messages:
+                # Rate-limited: a flooding node is read slowly, and flow control pushes back.
+                delay = session.bucket.take()
+                if delay:
+                    session.throttled += 1
+                    await asyncio.sleep(delay)
                 self._core.on_message(session, message)
         except grpc.aio.AioRpcError:
             pass
-        except Exception:
-            _log.exception("node=%s bad message; closing its session", session.node_id)
         finally:
             # The node closed its side (or broke): end the session now, not at lease expiry.
             self._core.detach(session)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+from shoal.auth import Principal
+from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import NodeSlots
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
@@ -15,10 +17,22 @@ __all__ = ["NodeSession"]
 class NodeSession:
     """One node's stream: what it runs, and the messages waiting to be sent to it."""
 
-    def __init__(self, info: node_pb2.NodeInfo, peer: str, *, now: float, wall: float) -> None:
+    def __init__(
+        self,
+        info: node_pb2.NodeInfo,
+        peer: str,
+        principal: Principal,
+        bucket: TokenBucket,
+        *,
+        now: float,
+        wall: float,
+    ) -> None:
         self.id = secrets.token_hex(8)
         self.info = info
         self.peer = peer
+        self.principal = principal  # who opened it: its updates are recorded under this name
+        self.bucket = bucket  # bounds the messages read from it per second
+        self.throttled = 0  # messages that had to wait for the bucket
         self.slots = NodeSlots(
             node_id=info.node_id,
             executors=frozenset(info.executors),

@@ -8,6 +8,7 @@ and a restart simply queues every unfinished task again.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 from shoal.errors import Unavailable
 
-__all__ = ["FinishedRow", "SqliteStore", "Store", "StoredTask", "TaskRow"]
+__all__ = ["FinishedRow", "SqliteStore", "Store", "StoredTask", "TaskRow", "TokenRow"]
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class TaskRow:
     priority: int
     spec: bytes  # a serialised shoal.v1.TaskSpec
     created_at: float
+    submitted_by: str = ""
 
 
 @dataclass(slots=True)
@@ -49,6 +51,25 @@ class FinishedRow:
     attempt_epoch: int
     attempt_number: int
     result: bytes  # a serialised shoal.v1.TaskResult
+    finished_by: str = ""
+
+
+@dataclass(slots=True)
+class TokenRow:
+    """An API token as stored: never its secret, only a hash of it."""
+
+    id: str
+    name: str
+    role: str
+    tenant: str
+    node_id: str
+    executors: list[str]
+    labels: dict[str, str]
+    secret_hash: bytes
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    created_by: str
 
 
 @dataclass(slots=True)
@@ -107,6 +128,18 @@ class Store(ABC):
         Each item is (seq, task): the task's acceptance when seq == task.row.seq, else its outcome.
         """
 
+    @abstractmethod
+    async def tokens(self) -> list[TokenRow]:
+        """Every token, revoked ones included."""
+
+    @abstractmethod
+    async def put_token(self, row: TokenRow) -> None:
+        """Store a new token."""
+
+    @abstractmethod
+    async def revoke_token(self, token_id: str, at: float) -> None:
+        """Mark a token revoked."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -125,23 +158,60 @@ CREATE TABLE IF NOT EXISTS tasks (
     node_id TEXT,
     attempt_epoch INTEGER,
     attempt_number INTEGER,
-    result BLOB
+    result BLOB,
+    submitted_by TEXT NOT NULL DEFAULT '',
+    finished_by TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_final_seq ON tasks(final_seq) WHERE final_seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    executors TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    secret_hash BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    created_by TEXT NOT NULL
+);
 """
+
+# Columns added after the first release: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("tasks", "submitted_by", "TEXT NOT NULL DEFAULT ''"),
+    ("tasks", "finished_by", "TEXT"),
+)
 
 _COLUMNS = (
     "seq, id, idempotency_key, tenant, priority, spec, created_at, state, final_seq,"
-    " finished_at, started_at, node_id, attempt_epoch, attempt_number, result"
+    " finished_at, started_at, node_id, attempt_epoch, attempt_number, result,"
+    " submitted_by, finished_by"
+)
+_TOKEN_COLUMNS = (
+    "id, name, role, tenant, node_id, executors, labels, secret_hash, created_at, expires_at,"
+    " revoked_at, created_by"
 )
 
 
 def _stored(r: tuple[Any, ...]) -> StoredTask:
-    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[15])
     outcome = None
     if r[8] is not None:
-        outcome = FinishedRow(r[1], r[7], r[8], r[9], r[10], r[11] or "", r[12], r[13], r[14])
+        outcome = FinishedRow(
+            r[1], r[7], r[8], r[9], r[10], r[11] or "", r[12], r[13], r[14], r[16] or ""
+        )
     return StoredTask(row, outcome)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.executescript(_SCHEMA)
+    for table, column, definition in _ADDED_COLUMNS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 _Op = Callable[[sqlite3.Connection], Any]
@@ -223,22 +293,36 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             fut.set_result(value)
 
 
+_INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by"
+
+
 def _insert(rows: Sequence[TaskRow]) -> _Op:
     def op(conn: sqlite3.Connection) -> list[str | None]:
         plain = [r for r in rows if r.idempotency_key is None]
         conn.executemany(
-            "INSERT INTO tasks (seq, id, idempotency_key, tenant, priority, spec, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(r.seq, r.id, None, r.tenant, r.priority, r.spec, r.created_at) for r in plain],
+            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.seq, r.id, None, r.tenant, r.priority, r.spec, r.created_at, r.submitted_by)
+                for r in plain
+            ],
         )
         existing: dict[str, str] = {}
         for r in rows:
             if r.idempotency_key is None:
                 continue
             cur = conn.execute(
-                "INSERT INTO tasks (seq, id, idempotency_key, tenant, priority, spec, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(idempotency_key) DO NOTHING",
-                (r.seq, r.id, r.idempotency_key, r.tenant, r.priority, r.spec, r.created_at),
+                f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(idempotency_key) DO NOTHING",
+                (
+                    r.seq,
+                    r.id,
+                    r.idempotency_key,
+                    r.tenant,
+                    r.priority,
+                    r.spec,
+                    r.created_at,
+                    r.submitted_by,
+                ),
             )
             if cur.rowcount == 0:
                 found = conn.execute(
@@ -254,7 +338,7 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
     def op(conn: sqlite3.Connection) -> None:
         conn.executemany(
             "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
-            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?"
+            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?"
             " WHERE id = ? AND final_seq IS NULL",
             [
                 (
@@ -266,6 +350,7 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
                     r.attempt_epoch,
                     r.attempt_number,
                     r.result,
+                    r.finished_by,
                     r.id,
                 )
                 for r in rows
@@ -305,7 +390,7 @@ class SqliteStore(Store):
     async def open(self) -> int:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         conn = await asyncio.to_thread(self._connect, check_same_thread=False)
-        await asyncio.to_thread(conn.executescript, _SCHEMA)
+        await asyncio.to_thread(_migrate, conn)
         self._writer = _Writer(conn, asyncio.get_running_loop())
         self._writer.start()
         return int(await self._writer.submit(_bump_epoch))
@@ -343,8 +428,7 @@ class SqliteStore(Store):
     async def unfinished(self) -> list[TaskRow]:
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT seq, id, idempotency_key, tenant, priority, spec, created_at"
-                " FROM tasks WHERE final_seq IS NULL ORDER BY seq"
+                f"SELECT {_INSERTED} FROM tasks WHERE final_seq IS NULL ORDER BY seq"
             ).fetchall()
         )
         return [TaskRow(*r) for r in rows]
@@ -409,3 +493,57 @@ class SqliteStore(Store):
         items += [(r[8], _stored(r)) for r in fin if r[8] < bound]
         items.sort(key=lambda item: item[0])
         return items
+
+    async def tokens(self) -> list[TokenRow]:
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at"
+            ).fetchall()
+        )
+        return [
+            TokenRow(
+                id=r[0],
+                name=r[1],
+                role=r[2],
+                tenant=r[3],
+                node_id=r[4],
+                executors=json.loads(r[5]),
+                labels=json.loads(r[6]),
+                secret_hash=r[7],
+                created_at=r[8],
+                expires_at=r[9],
+                revoked_at=r[10],
+                created_by=r[11],
+            )
+            for r in rows
+        ]
+
+    async def put_token(self, row: TokenRow) -> None:
+        values = (
+            row.id,
+            row.name,
+            row.role,
+            row.tenant,
+            row.node_id,
+            json.dumps(row.executors),
+            json.dumps(row.labels),
+            row.secret_hash,
+            row.created_at,
+            row.expires_at,
+            row.revoked_at,
+            row.created_by,
+        )
+        await self._write(
+            lambda c: c.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({','.join('?' * len(values))})",
+                values,
+            )
+        )
+
+    async def revoke_token(self, token_id: str, at: float) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (at, token_id),
+            )
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ class Limits:
 
     max_spec_bytes: int = 1 << 20
     max_batch: int = 10_000
-    max_name: int = 256
-    max_key: int = 256
-    max_labels: int = 64
+    max_string: int = 256  # names, keys, tenants, label keys and values
+    max_labels: int = 64  # entries of each map or list in a spec
+    max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
+    max_watch_tasks: int = 1000
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[FieldViolation]:
@@ -62,15 +67,33 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         t = spec.timeout
         if t.seconds < 0 or t.nanos < 0 or (t.seconds == 0 and t.nanos == 0):
             bad("timeout", "must be positive")
-    if len(spec.name) > limits.max_name:
-        bad("name", f"longer than {limits.max_name} characters")
-    if len(spec.idempotency_key) > limits.max_key:
-        bad("idempotency_key", f"longer than {limits.max_key} characters")
-    if len(spec.tenant) > limits.max_name:
-        bad("tenant", f"longer than {limits.max_name} characters")
-    for name, labels in (("required_labels", spec.required_labels), ("metadata", spec.metadata)):
-        if len(labels) > limits.max_labels:
+    for name in ("name", "idempotency_key", "tenant"):
+        if len(getattr(spec, name)) > limits.max_string:
+            bad(name, f"longer than {limits.max_string} characters")
+    maps = {"required_labels": spec.required_labels, "metadata": spec.metadata}
+    if kind in ("shell", "python", "docker"):
+        maps[f"{kind}.env"] = getattr(spec, kind).env
+    for name, entries in maps.items():
+        if len(entries) > limits.max_labels:
             bad(name, f"more than {limits.max_labels} entries")
+        elif any(len(k) > limits.max_string for k in entries):
+            bad(name, f"a key longer than {limits.max_string} characters")
+        elif name == "required_labels" and any(
+            len(v) > limits.max_string for v in entries.values()
+        ):
+            bad(name, f"a value longer than {limits.max_string} characters")
+    if len(spec.secrets) > limits.max_labels:
+        bad("secrets", f"more than {limits.max_labels} entries")
+    seen: set[str] = set()
+    for i, ref in enumerate(spec.secrets):
+        env = ref.env or ref.name
+        if not ref.name or len(ref.name) > limits.max_string:
+            bad(f"secrets[{i}].name", f"must be 1-{limits.max_string} characters")
+        elif not _ENV_NAME.match(env):
+            bad(f"secrets[{i}].env", f"{env!r} is not an environment variable name")
+        elif env in seen:
+            bad(f"secrets[{i}].env", f"{env!r} is set by two secrets")
+        seen.add(env)
     return out
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import platform
 import socket
+import traceback
 from dataclasses import dataclass
 
 import grpc
@@ -14,9 +15,13 @@ import psutil
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal import __version__
-from shoal._server import grpc_options, serve_health
-from shoal.config import NodeSettings
+from shoal._channel import bearer, open_channel
+from shoal._server import HEALTH_POLICY, Gate, grpc_options, serve_health
+from shoal.auth import Principal, Role, hash_secret, secret_matches
+from shoal.config import NodeSettings, read_token
+from shoal.errors import InvalidArgument, Unauthenticated
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
+from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
 from shoal.node.service import NodeService
 from shoal.specs import executor_of
 from shoal.v1 import gateway_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
@@ -26,6 +31,7 @@ __all__ = ["NodeAgent"]
 _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
+_POLICY = HEALTH_POLICY  # everything else (the Node service) needs the node's token
 
 
 class _SessionFailed(Exception):
@@ -54,6 +60,7 @@ class NodeAgent:
         self.executors = (
             executors if executors is not None else available_executors(settings.executors)
         )
+        self.secrets = SecretStore.from_settings(settings)
         self.connected = asyncio.Event()  # set while a session is up
         self.port = 0
         self._runs: dict[str, _Run] = {}
@@ -61,6 +68,7 @@ class NodeAgent:
         self._outbox_ready = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
+        self._token = ""
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
@@ -82,8 +90,18 @@ class NodeAgent:
     def running(self) -> int:
         return len(self._runs)
 
+    def _authenticate(self, token: str) -> Principal:
+        """Callers of the node's own service present the node's token."""
+        if not self._token or not secret_matches(token, hash_secret(self._token)):
+            raise Unauthenticated("invalid token")
+        return Principal("node-operator", Role.ADMIN)
+
     async def start(self) -> None:
-        server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE))
+        self._token = await asyncio.to_thread(
+            read_token, self.settings.token, self.settings.token_file
+        )
+        gate = Gate(_POLICY, self._authenticate)
+        server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         await serve_health(server, (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,))
         self.port = server.add_insecure_port(self.settings.listen)
@@ -128,11 +146,16 @@ class NodeAgent:
                     await self._session()
 
     async def _session(self) -> None:
-        channel = grpc.aio.insecure_channel(
-            self.settings.coordinator, options=grpc_options(_MAX_MESSAGE)
+        s = self.settings
+        channel = open_channel(
+            s.coordinator,
+            max_message_bytes=_MAX_MESSAGE,
+            tls_ca=s.tls_ca,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
         )
         try:
-            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect()
+            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(metadata=bearer(self._token))
             hello = gateway_pb2.Hello(
                 info=self.info(),
                 running=[
@@ -144,6 +167,13 @@ class NodeAgent:
                 await call.write(gateway_pb2.NodeMessage(hello=hello))
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
+                _log.warning(
+                    "node=%s cannot join %s: %s %s",
+                    self.node_id,
+                    s.coordinator,
+                    err.code().name,
+                    err.details(),
+                )
                 raise _SessionFailed(err.details()) from err
             if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
                 raise _SessionFailed("the coordinator did not welcome this node")
@@ -254,15 +284,40 @@ class NodeAgent:
                     infrastructure_failure=True,
                 ),
             )
-        self._push(
-            gateway_pb2.TaskUpdate(
-                task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()
-            )
-        )
-        ctx = ExecutionContext(run.task_id, emit, self.settings.output_tail_bytes)  # type: ignore[arg-type]
         timeout = spec.timeout.ToTimedelta().total_seconds() if spec.HasField("timeout") else None
+        redactor = Redactor()
         try:
-            return await asyncio.wait_for(executor.run(spec, ctx), timeout)
+            try:
+                secret_env = (
+                    await asyncio.to_thread(self.secrets.resolve, spec.secrets)
+                    if spec.secrets
+                    else {}
+                )
+            except MissingSecrets as err:
+                # Another node may hold them: this node's shortcoming, not the task's.
+                _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
+                return Outcome(
+                    task_pb2.TASK_STATE_FAILED,
+                    task_pb2.TaskResult(
+                        error=f"{err.message} (node {self.node_id})", infrastructure_failure=True
+                    ),
+                )
+            except InvalidArgument as err:
+                return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
+            redactor = Redactor(secret_env.values())
+            self._push(
+                gateway_pb2.TaskUpdate(
+                    task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()
+                )
+            )
+            ctx = ExecutionContext(
+                run.task_id,
+                emit,  # type: ignore[arg-type]
+                self.settings.output_tail_bytes,
+                secret_env=secret_env,
+                redactor=redactor,
+            )
+            outcome = await asyncio.wait_for(executor.run(spec, ctx), timeout)
         except TimeoutError:
             return Outcome(
                 task_pb2.TASK_STATE_TIMED_OUT,
@@ -276,10 +331,25 @@ class NodeAgent:
                 task_pb2.TaskResult(exit_code=-9, error="cancelled"),
             )
         except Exception as err:
-            _log.exception("node=%s task=%s executor %s failed", self.node_id, run.task_id, name)
+            # Formatted here rather than by logging, so that it can be redacted.
+            _log.error(
+                "node=%s task=%s executor %s failed\n%s",
+                self.node_id,
+                run.task_id,
+                name,
+                redactor.redact("".join(traceback.format_exception(err))).rstrip(),
+            )
             return Outcome(
                 task_pb2.TASK_STATE_FAILED,
                 task_pb2.TaskResult(
-                    error=f"executor {name} failed: {err}", infrastructure_failure=True
+                    error=redactor.redact(f"executor {name} failed: {err}"),
+                    infrastructure_failure=True,
                 ),
             )
+        if redactor:
+            # Whatever the executor did, no value leaves the node in the result.
+            result = outcome.result
+            result.error = redactor.redact(result.error)
+            result.stdout = redactor.redact(result.stdout)
+            result.stderr = redactor.redact(result.stderr)
+        return outcome

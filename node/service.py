@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from shoal._status import rpc_errors
 from shoal.v1 import node_pb2, node_pb2_grpc
 
 if TYPE_CHECKING:
@@ -19,7 +18,6 @@ class NodeService(node_pb2_grpc.NodeServicer):
     def __init__(self, agent: NodeAgent) -> None:
         self._agent = agent
 
-    @rpc_errors
     async def Info(
         self, request: node_pb2.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> node_pb2.NodeInfo:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import ClassVar
 
+from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 
 __all__ = ["ExecutionContext", "Executor", "Outcome", "available_executors", "register"]
@@ -17,11 +18,19 @@ Emit = Callable[[task_pb2.OutputChunk], None]
 
 @dataclass(frozen=True)
 class ExecutionContext:
-    """What an executor gets besides the spec."""
+    """What an executor gets besides the spec.
+
+    An executor that puts `secret_env` into a process's environment must pass everything that
+    process says through `redactor` (a `redactor.stream()` per output stream) before it is
+    emitted or put into the result.
+    """
 
     task_id: str
     emit: Emit  # streams an output chunk to whoever follows the task
     output_tail_bytes: int
+    # The task's resolved secrets (variable -> value), set over the spec's own env.
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+    redactor: Redactor = field(default_factory=Redactor)  # hides the values of secret_env
 
 
 @dataclass

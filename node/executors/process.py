@@ -39,12 +39,16 @@ class _Tail:
 async def _pump(
     reader: asyncio.StreamReader, stream: int, ctx: ExecutionContext, tail: _Tail
 ) -> None:
+    """Decode, redact, emit and keep the tail of one output stream until EOF."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    redactor = ctx.redactor.stream()
     while True:
         data = await reader.read(_CHUNK)
-        text = decoder.decode(data, final=not data)
+        text = redactor.feed(decoder.decode(data, final=not data))
+        if not data:
+            text += redactor.flush()
         if text:
-            tail.add(text)
+            tail.add(text)  # redacted already, so the result's tail is too
             ctx.emit(task_pb2.OutputChunk(stream=stream, data=text))  # type: ignore[arg-type]
         if not data:
             return
@@ -73,10 +77,15 @@ async def run_process(
     cwd: str | None = None,
     stdin: bytes = b"",
 ) -> Outcome:
-    """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group."""
+    """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group.
+
+    Its environment is the node's, then `env`, then `ctx.secret_env`; its output is redacted
+    with `ctx.redactor` before it is emitted or kept for the result.
+    """
     merged = dict(os.environ)
     if env:
         merged.update(env)
+    merged.update(ctx.secret_env)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shoal import AsyncClient
-from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
 
@@ -44,15 +44,22 @@ async def mesh_factory(tmp_path: Path) -> AsyncIterator[MeshFactory]:
             )
             await coordinator.start()
             stack.push_async_callback(_bounded, coordinator.stop)
+            token_file = coordinator.admin_token_path
             node = NodeAgent(
-                NodeSettings(coordinator=coordinator.address, slots=slots, listen="127.0.0.1:0")
+                NodeSettings(
+                    coordinator=coordinator.address,
+                    slots=slots,
+                    listen="127.0.0.1:0",
+                    token_file=token_file,
+                )
             )
             await node.start()
             stack.push_async_callback(_bounded, node.stop)
-            client = AsyncClient(coordinator.address)
+            token = token_file.read_text().strip()
+            client = AsyncClient(coordinator.address, token=token)
             stack.push_async_callback(_bounded, client.close)
             await asyncio.wait_for(node.connected.wait(), STARTUP)
-            return Mesh(coordinator, node, client, data_dir)
+            return Mesh(coordinator, node, client, data_dir, token)
 
         # Teardown runs in reverse: the client, the node (it hands back its work), the coordinator.
         yield make
@@ -69,8 +76,15 @@ async def mesh(mesh_factory: MeshFactory) -> Mesh:
 
 
 @pytest.fixture
-async def cli(tmp_path: Path) -> AsyncIterator[CliProcesses]:
-    """Starts `shoal` CLI processes; every one is stopped, or killed, in teardown."""
+async def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[CliProcesses]:
+    """Starts `shoal` CLI processes; every one is stopped, or killed, in teardown.
+
+    Coordinators keep their data in tmp_path/"data"; clients and nodes, in this process and
+    the ones started, find its admin token there.
+    """
+    token_file = str(tmp_path / "data" / ADMIN_TOKEN_FILE)
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", token_file)
+    monkeypatch.setenv("SHOAL_NODE_TOKEN_FILE", token_file)
     processes = CliProcesses(tmp_path)
     try:
         yield processes

@@ -166,6 +166,7 @@ class Mesh:
     node: NodeAgent
     client: AsyncClient
     data_dir: Path
+    token: str  # the coordinator's admin token
 
     @property
     def address(self) -> str:

@@ -220,10 +220,12 @@ async def test_idempotency_key_returns_the_existing_task(mesh: Mesh) -> None:
     first = await mesh.client.submit(spec)
     again = await mesh.client.submit(spec)
     (in_batch,) = await mesh.client.submit_batch([spec])
+    auth = (("authorization", f"Bearer {mesh.token}"),)
     async with grpc.aio.insecure_channel(mesh.address) as channel:
-        raw = await tasks_pb2_grpc.TasksStub(channel).Submit(tasks_pb2.SubmitRequest(spec=spec))
-        raw_batch = await tasks_pb2_grpc.TasksStub(channel).SubmitBatch(
-            tasks_pb2.SubmitBatchRequest(specs=[spec, shell(["echo", "new"])])
+        stub = tasks_pb2_grpc.TasksStub(channel)
+        raw = await stub.Submit(tasks_pb2.SubmitRequest(spec=spec), metadata=auth)
+        raw_batch = await stub.SubmitBatch(
+            tasks_pb2.SubmitBatchRequest(specs=[spec, shell(["echo", "new"])]), metadata=auth
         )
 
     assert again.id == first.id

@@ -18,9 +18,16 @@ pytestmark = pytest.mark.timeout(30)
 
 
 async def grpcurl_call(
-    grpcurl: Path, address: str, method: str, body: dict[str, Any] | None = None, *extra: str
+    grpcurl: Path,
+    address: str,
+    method: str,
+    body: dict[str, Any] | None = None,
+    *extra: str,
+    token: str = "",
 ) -> Completed:
     argv = [str(grpcurl), "-plaintext", *extra]
+    if token:
+        argv += ["-H", f"authorization: Bearer {token}"]
     if body is not None:
         argv += ["-d", json.dumps(body)]
     return await run_tool([*argv, address, method])
@@ -43,9 +50,12 @@ def node_protoset(tmp_path: Path) -> Path:
 
 
 async def test_list_by_reflection_shows_every_service(mesh: Mesh, grpcurl: Path) -> None:
-    done = await run_tool([str(grpcurl), "-plaintext", mesh.address, "list"])
+    done = await grpcurl_call(grpcurl, mesh.address, "list", token=mesh.token)
+    anonymous = await grpcurl_call(grpcurl, mesh.address, "list")
 
     assert done.returncode == 0, done.stderr
+    assert anonymous.returncode != 0
+    assert "Unauthenticated" in anonymous.stderr  # reflection is for admins
     services = set(done.stdout.split())
     assert {
         "shoal.v1.Tasks",
@@ -62,6 +72,7 @@ async def test_submit_as_json_then_wait_reads_stdout(mesh: Mesh, grpcurl: Path) 
             mesh.address,
             "shoal.v1.Tasks/Submit",
             {"spec": {"shell": {"argv": ["echo", "hello"]}}},
+            token=mesh.token,
         )
     )
     assert submitted["created"] is True
@@ -69,7 +80,11 @@ async def test_submit_as_json_then_wait_reads_stdout(mesh: Mesh, grpcurl: Path) 
 
     task = ok_json(
         await grpcurl_call(
-            grpcurl, mesh.address, "shoal.v1.Tasks/Wait", {"task_id": task_id, "timeout": "15s"}
+            grpcurl,
+            mesh.address,
+            "shoal.v1.Tasks/Wait",
+            {"task_id": task_id, "timeout": "15s"},
+            token=mesh.token,
         )
     )
 
@@ -82,31 +97,24 @@ async def test_submit_as_json_then_wait_reads_stdout(mesh: Mesh, grpcurl: Path) 
 async def test_health_serving_on_coordinator_and_node(
     mesh: Mesh, grpcurl: Path, tmp_path: Path
 ) -> None:
-    coordinator = ok_json(
-        await grpcurl_call(grpcurl, mesh.address, "grpc.health.v1.Health/Check", {})
-    )
+    # Health is open to probes: no token, and the schema from a protoset (reflection is for admins).
+    protoset = ["-protoset", str(node_protoset(tmp_path))]
+    health = "grpc.health.v1.Health/Check"
+    coordinator = ok_json(await grpcurl_call(grpcurl, mesh.address, health, {}, *protoset))
     tasks_service = ok_json(
-        await grpcurl_call(
-            grpcurl, mesh.address, "grpc.health.v1.Health/Check", {"service": "shoal.v1.Tasks"}
-        )
+        await grpcurl_call(grpcurl, mesh.address, health, {"service": "shoal.v1.Tasks"}, *protoset)
     )
-    protoset = node_protoset(tmp_path)
-    node = ok_json(
-        await grpcurl_call(
-            grpcurl,
-            mesh.node_address,
-            "grpc.health.v1.Health/Check",
-            {},
-            "-protoset",
-            str(protoset),
-        )
-    )
+    node = ok_json(await grpcurl_call(grpcurl, mesh.node_address, health, {}, *protoset))
     info = ok_json(
         await grpcurl_call(
-            grpcurl, mesh.node_address, "shoal.v1.Node/Info", {}, "-protoset", str(protoset)
+            grpcurl, mesh.node_address, "shoal.v1.Node/Info", {}, *protoset, token=mesh.token
         )
     )
+    anonymous_info = await grpcurl_call(
+        grpcurl, mesh.node_address, "shoal.v1.Node/Info", {}, *protoset
+    )
 
+    assert anonymous_info.returncode != 0 and "Unauthenticated" in anonymous_info.stderr
     assert coordinator == {"status": "SERVING"}
     assert tasks_service == {"status": "SERVING"}
     assert node == {"status": "SERVING"}
@@ -116,11 +124,13 @@ async def test_health_serving_on_coordinator_and_node(
 
 async def test_bad_input_is_invalid_argument_and_stores_nothing(mesh: Mesh, grpcurl: Path) -> None:
     done = await grpcurl_call(
-        grpcurl, mesh.address, "shoal.v1.Tasks/Submit", {"spec": {"shell": {}}}
+        grpcurl, mesh.address, "shoal.v1.Tasks/Submit", {"spec": {"shell": {}}}, token=mesh.token
     )
 
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr
     assert "spec.shell" in done.stderr  # the BadRequest detail names the field
-    listed = ok_json(await grpcurl_call(grpcurl, mesh.address, "shoal.v1.Tasks/List", {}))
+    listed = ok_json(
+        await grpcurl_call(grpcurl, mesh.address, "shoal.v1.Tasks/List", {}, token=mesh.token)
+    )
     assert listed.get("tasks", []) == []

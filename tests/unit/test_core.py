@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 
 from shoal import shell
+from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
+
+ALICE = Principal("alice", Role.SUBMITTER)
+NODE = Principal("fleet", Role.ADMIN)  # may connect under any node id
 
 
 @pytest.fixture
@@ -47,46 +51,46 @@ def finished(a: gateway_pb2.Assignment, code: int = 0) -> gateway_pb2.NodeMessag
 
 
 async def test_dispatch_respects_slots_and_records_outcome(core: Coordinator) -> None:
-    done = await core.submit([shell("true") for _ in range(3)])
-    session = core.attach(hello("n1", slots=2), "peer")
+    done = await core.submit([shell("true") for _ in range(3)], by=ALICE)
+    session = core.attach(hello("n1", slots=2), "peer", by=NODE)
     first = await assignments(session)
     assert len(first) == 2
     core.on_message(session, finished(first[0]))
-    task = await core.wait(first[0].task_id, None)
+    task = await core.wait(first[0].task_id, None, by=ALICE)
     assert task.state == task_pb2.TASK_STATE_SUCCEEDED
     assert [a.task_id for a in await assignments(session)] == [done[2].task_id]
 
 
 async def test_stale_attempt_is_fenced(core: Coordinator) -> None:
-    (done,) = await core.submit([shell("true")])
-    s1 = core.attach(hello("n1"), "peer")
+    (done,) = await core.submit([shell("true")], by=ALICE)
+    s1 = core.attach(hello("n1"), "peer", by=NODE)
     (old,) = await assignments(s1)
     core.detach(s1)  # node lost: the task goes back to the queue
-    s2 = core.attach(hello("n2"), "peer")
+    s2 = core.attach(hello("n2"), "peer", by=NODE)
     (new,) = await assignments(s2)
     assert new.attempt.number == old.attempt.number + 1
     core.on_message(s2, finished(old, code=1))  # the old attempt's result arrives late
-    assert (await core.get(done.task_id)).state == task_pb2.TASK_STATE_ASSIGNED
+    assert (await core.get(done.task_id, by=ALICE)).state == task_pb2.TASK_STATE_ASSIGNED
     core.on_message(s2, finished(new))
-    assert (await core.wait(done.task_id, None)).state == task_pb2.TASK_STATE_SUCCEEDED
+    assert (await core.wait(done.task_id, None, by=ALICE)).state == task_pb2.TASK_STATE_SUCCEEDED
 
 
 async def test_cancel_queued_is_final_at_once(core: Coordinator) -> None:
-    (done,) = await core.submit([shell("true")])
-    task = await core.cancel(done.task_id)
+    (done,) = await core.submit([shell("true")], by=ALICE)
+    task = await core.cancel(done.task_id, by=ALICE)
     assert task.state == task_pb2.TASK_STATE_CANCELLED
-    session = core.attach(hello("n1"), "peer")
+    session = core.attach(hello("n1"), "peer", by=NODE)
     assert session.slots.running == 0
 
 
 async def test_unfinished_tasks_survive_a_restart(tmp_path: Path) -> None:
     c = Coordinator(SqliteStore(tmp_path / "s.db"))
     await c.start()
-    done = await c.submit([shell(f"echo {i}") for i in range(5)])
-    session = c.attach(hello("n1", slots=1), "peer")
+    done = await c.submit([shell(f"echo {i}") for i in range(5)], by=ALICE)
+    session = c.attach(hello("n1", slots=1), "peer", by=NODE)
     (a,) = await assignments(session)
     c.on_message(session, finished(a))
-    await c.wait(a.task_id, None)
+    await c.wait(a.task_id, None, by=ALICE)
     await c.stop()
 
     c = Coordinator(SqliteStore(tmp_path / "s.db"))
@@ -95,7 +99,7 @@ async def test_unfinished_tasks_survive_a_restart(tmp_path: Path) -> None:
         assert c.epoch == 2
         # The node still runs an attempt of the old epoch: it is told to stop it.
         stale = gateway_pb2.RunningAttempt(task_id=done[1].task_id, attempt=a.attempt)
-        session = c.attach(hello("n1", slots=10, running=[stale]), "peer")
+        session = c.attach(hello("n1", slots=10, running=[stale]), "peer", by=NODE)
         await asyncio.sleep(0)  # let the dispatch scheduled by attach run
         messages = await session.outgoing()
         assert messages is not None
@@ -103,7 +107,7 @@ async def test_unfinished_tasks_survive_a_restart(tmp_path: Path) -> None:
         got = [x for m in messages for x in m.assignments.assignments]
         assert [x.task_id for x in cancels] == [done[1].task_id]
         assert sorted(x.task_id for x in got) == sorted(d.task_id for d in done[1:])
-        assert (await c.get(done[0].task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+        assert (await c.get(done[0].task_id, by=ALICE)).state == task_pb2.TASK_STATE_SUCCEEDED
     finally:
         await c.stop()
 
@@ -111,13 +115,13 @@ async def test_unfinished_tasks_survive_a_restart(tmp_path: Path) -> None:
 async def test_watch_replays_from_the_store_after_restart(tmp_path: Path) -> None:
     c = Coordinator(SqliteStore(tmp_path / "s.db"))
     await c.start()
-    done = await c.submit([shell("true")])
+    done = await c.submit([shell("true")], by=ALICE)
     since = done[0].seq - 1
     await c.stop()
     c = Coordinator(SqliteStore(tmp_path / "s.db"))
     await c.start()
     try:
-        stream = c.watch(since=since)
+        stream = c.watch(since=since, by=ALICE)
         cursor, first = await anext(stream)
         assert first == [] and cursor == since
         _, replayed = await anext(stream)

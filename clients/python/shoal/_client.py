@@ -7,14 +7,15 @@ import builtins
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, wait_exponential_jitter
 
-from shoal._server import grpc_options
+from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
-from shoal.config import ClientSettings
+from shoal.config import ClientSettings, read_token
 from shoal.errors import Unavailable
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, admin_pb2_grpc, task_pb2, tasks_pb2, tasks_pb2_grpc
@@ -39,14 +40,40 @@ def _duration(td: timedelta) -> Any:
 
 
 class AsyncClient:
-    """Talks to a coordinator. Errors arrive as `shoal.errors` exceptions."""
+    """Talks to a coordinator. Errors arrive as `shoal.errors` exceptions.
 
-    def __init__(self, target: str | None = None, *, timeout: timedelta = timedelta(seconds=30)):
-        self.target = target or ClientSettings().coordinator
+    What is not given comes from ClientSettings (config file, `SHOAL_*` variables); the token
+    falls back to the local admin token that `shoal up` wrote.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        timeout: timedelta = timedelta(seconds=30),
+    ):
+        settings = ClientSettings()
+        self.target = target or settings.coordinator
         self._timeout = timeout.total_seconds()
-        self._channel = grpc.aio.insecure_channel(self.target, options=grpc_options(_MAX_MESSAGE))
+        if token is None:
+            token = read_token(settings.token, settings.token_file)
+        self._metadata = bearer(token)
+        self._channel = open_channel(
+            self.target,
+            max_message_bytes=_MAX_MESSAGE,
+            tls_ca=tls_ca or settings.tls_ca,
+            tls_cert=tls_cert or settings.tls_cert,
+            tls_key=tls_key or settings.tls_key,
+        )
         self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        return await _call(method(request, timeout=self._timeout, metadata=self._metadata))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -59,23 +86,21 @@ class AsyncClient:
 
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
-        response: tasks_pb2.SubmitResponse = await _call(
-            self._tasks.Submit(tasks_pb2.SubmitRequest(spec=spec), timeout=self._timeout)
+        response: tasks_pb2.SubmitResponse = await self._unary(
+            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=spec)
         )
         return response.task
 
     async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
         """Submit many tasks atomically in one call; returns their ids in order."""
-        response = await _call(
-            self._tasks.SubmitBatch(
-                tasks_pb2.SubmitBatchRequest(specs=list(specs)), timeout=self._timeout
-            )
+        response = await self._unary(
+            self._tasks.SubmitBatch, tasks_pb2.SubmitBatchRequest(specs=list(specs))
         )
         return list(response.task_ids)
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        task: task_pb2.Task = await _call(
-            self._tasks.Get(tasks_pb2.GetRequest(task_id=task_id), timeout=self._timeout)
+        task: task_pb2.Task = await self._unary(
+            self._tasks.Get, tasks_pb2.GetRequest(task_id=task_id)
         )
         return task
 
@@ -86,12 +111,13 @@ class AsyncClient:
         if timeout is not None:
             request.timeout.CopyFrom(_duration(timeout))
             deadline = timeout.total_seconds() + self._timeout
-        return await _call(self._tasks.Wait(request, timeout=deadline))
+        return await _call(self._tasks.Wait(request, timeout=deadline, metadata=self._metadata))
 
     async def cancel(self, task_id: str) -> task_pb2.Task:
-        return await _call(
-            self._tasks.Cancel(tasks_pb2.CancelRequest(task_id=task_id), timeout=self._timeout)
+        task: task_pb2.Task = await self._unary(
+            self._tasks.Cancel, tasks_pb2.CancelRequest(task_id=task_id)
         )
+        return task
 
     async def list(
         self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100
@@ -106,7 +132,7 @@ class AsyncClient:
                 limit=min(1000, limit - len(out)),
                 page_token=token,
             )
-            page = await _call(self._tasks.List(request, timeout=self._timeout))
+            page = await self._unary(self._tasks.List, request)
             out += page.tasks
             token = page.next_page_token
             if not token:
@@ -114,10 +140,27 @@ class AsyncClient:
         return out[:limit]
 
     async def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
-        response = await _call(
-            self._admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=self._timeout)
-        )
+        response = await self._unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
         return list(response.nodes)
+
+    async def create_token(
+        self, request: admin_pb2.CreateTokenRequest
+    ) -> admin_pb2.CreateTokenResponse:
+        """Create an API token (admin); the response holds its secret, shown only then."""
+        made: admin_pb2.CreateTokenResponse = await self._unary(self._admin.CreateToken, request)
+        return made
+
+    async def tokens(self, *, include_revoked: bool = False) -> builtins.list[admin_pb2.TokenInfo]:
+        response = await self._unary(
+            self._admin.ListTokens, admin_pb2.ListTokensRequest(include_revoked=include_revoked)
+        )
+        return list(response.tokens)
+
+    async def revoke_token(self, name_or_id: str) -> admin_pb2.TokenInfo:
+        info: admin_pb2.TokenInfo = await self._unary(
+            self._admin.RevokeToken, admin_pb2.RevokeTokenRequest(token=name_or_id)
+        )
+        return info
 
     async def watch(
         self,
@@ -164,7 +207,7 @@ class AsyncClient:
             reraise=True,
         ):
             with attempt:
-                stream = self._tasks.Watch(request)
+                stream = self._tasks.Watch(request, metadata=self._metadata)
                 try:
                     first = await stream.read()
                 except grpc.aio.AioRpcError as err:
@@ -185,15 +228,18 @@ class AsyncClient:
 
 
 class Client:
-    """The blocking SDK: every AsyncClient method, run on a private event loop thread."""
+    """The blocking SDK: every AsyncClient method, run on a private event loop thread.
 
-    def __init__(self, target: str | None = None, *, timeout: timedelta = timedelta(seconds=30)):
+    Takes the arguments of AsyncClient.
+    """
+
+    def __init__(self, target: str | None = None, **options: Any):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="shoal-client", daemon=True
         )
         self._thread.start()
-        self._async: AsyncClient = self._run(_make_async(target, timeout))
+        self._async: AsyncClient = self._run(_make_async(target, options))
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -239,6 +285,15 @@ class Client:
     def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
         return self._run(self._async.nodes())
 
+    def create_token(self, request: admin_pb2.CreateTokenRequest) -> admin_pb2.CreateTokenResponse:
+        return self._run(self._async.create_token(request))
+
+    def tokens(self, *, include_revoked: bool = False) -> builtins.list[admin_pb2.TokenInfo]:
+        return self._run(self._async.tokens(include_revoked=include_revoked))
+
+    def revoke_token(self, name_or_id: str) -> admin_pb2.TokenInfo:
+        return self._run(self._async.revoke_token(name_or_id))
+
     def watch(self, **kwargs: Any) -> Iterator[task_pb2.Event]:
         """See AsyncClient.watch."""
         return self._iterate(self._async.watch(**kwargs))
@@ -258,8 +313,8 @@ class Client:
             self._run(_aclose(agen))
 
 
-async def _make_async(target: str | None, timeout: timedelta) -> AsyncClient:
-    return AsyncClient(target, timeout=timeout)
+async def _make_async(target: str | None, options: dict[str, Any]) -> AsyncClient:
+    return AsyncClient(target, **options)
 
 
 async def _anext(agen: AsyncIterator[_T]) -> _T:

@@ -1,14 +1,45 @@
-"""What every Shoal gRPC endpoint shares: options and the health service."""
+"""What every Shoal gRPC server shares: options, health, TLS, and the Gate every call passes."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-__all__ = ["grpc_options", "serve_health"]
+from shoal._status import abort
+from shoal.auth import ANONYMOUS, Principal, Role
+from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+__all__ = [
+    "HEALTH_POLICY",
+    "HEALTH_SERVICE",
+    "OPEN",
+    "Gate",
+    "current_principal",
+    "grpc_options",
+    "method_path",
+    "serve_health",
+    "server_credentials",
+]
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+OPEN: frozenset[Role] = frozenset()
+"""Policy entry of a method anyone may call, unauthenticated."""
+HEALTH_POLICY = {
+    f"/{HEALTH_SERVICE}/{m.name}": OPEN
+    for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods
+}
+"""Health is open, for probes: every Shoal server's policy includes this."""
+
+_PRINCIPAL: ContextVar[Principal] = ContextVar("shoal_principal", default=ANONYMOUS)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -24,10 +55,183 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+class _Health(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1.Health with List, which grpcio-health-checking's servicer lacks."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 async def serve_health(server: grpc.aio.Server, names: tuple[str, ...]) -> HealthServicer:
     """Register grpc.health.v1.Health reporting SERVING for '' and each named service."""
-    health = HealthServicer()
+    health = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return health
+
+
+def method_path(file: FileDescriptor, service: str, method: str) -> str:
+    """The wire path (`/package.Service/Method`) of a method, from its descriptor."""
+    desc = file.services_by_name[service]
+    return f"/{desc.full_name}/{desc.methods_by_name[method].name}"
+
+
+def server_credentials(
+    cert: Path, key: Path, client_ca: Path | None, require_client_cert: bool
+) -> grpc.ServerCredentials:
+    """TLS from PEM files; with `require_client_cert`, clients need a cert signed by client_ca."""
+    if require_client_cert and client_ca is None:
+        raise ValueError("require_client_cert needs a client CA (tls_client_ca)")
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=require_client_cert,
+    )
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by the Gate)."""
+    return _PRINCIPAL.get()
+
+
+class _Malformed:
+    """A request that did not parse; the Gate answers it with INVALID_ARGUMENT."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _bearer(context: Any) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be `Bearer <token>`")
+            return token.strip()
+    return ""
+
+
+def _cert_name(context: Any) -> str:
+    names = (context.auth_context() or {}).get("x509_common_name")
+    return names[0].decode() if names else ""
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(f"malformed request: {request.error}")
+    return request
+
+
+class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call passes here, whatever its shape: it authenticates the caller, checks the
+    caller's role against `policy` (a method missing from it is admin only), refuses malformed
+    requests, and turns every error into its status. `authenticate` None: auth is off.
+    """
+
+    def __init__(
+        self,
+        policy: Mapping[str, frozenset[Role]],
+        authenticate: Callable[[str], Principal] | None,
+    ) -> None:
+        self._policy = policy
+        self._authenticate = authenticate
+
+    def _admit(self, method: str, context: Any) -> None:
+        roles = self._policy.get(method, frozenset({Role.ADMIN}))
+        if not roles:  # OPEN
+            return
+        if self._authenticate is None:
+            principal = ANONYMOUS
+        else:
+            token = _bearer(context)
+            if not token:
+                raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
+            principal = self._authenticate(token)
+        cert = _cert_name(context)
+        if cert:
+            principal = dataclasses.replace(principal, cert_name=cert)
+        if principal.role is not Role.ADMIN and principal.role not in roles:
+            raise PermissionDenied(f"{principal.name} ({principal.role}) may not call {method}")
+        _PRINCIPAL.set(principal)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return self._guard(handler, details.method)
+
+    def _guard(self, handler: Any, method: str) -> Any:
+        parse = handler.request_deserializer
+
+        def lenient(raw: bytes) -> Any:
+            try:
+                return parse(raw) if parse else raw
+            except Exception as err:
+                return _Malformed(err)
+
+        admit = self._admit
+
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield _parsed(request)
+
+        if handler.request_streaming:
+            inner = handler.stream_stream or handler.stream_unary
+
+            def arg(request: Any) -> Any:
+                return checked(request)
+        else:
+            inner = handler.unary_stream or handler.unary_unary
+            arg = _parsed
+
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    admit(method, context)
+                    async for response in inner(arg(request), context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as err:
+                    await abort(context, err, method)
+
+            behaviour: Any = stream
+        else:
+
+            async def call(request: Any, context: Any) -> Any:
+                try:
+                    admit(method, context)
+                    return await inner(arg(request), context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as err:
+                    await abort(context, err, method)
+
+            behaviour = call
+
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[handler.request_streaming, handler.response_streaming]
+        return make(
+            behaviour,
+            request_deserializer=lenient,
+            response_serializer=handler.response_serializer,
+        )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import duration_pb2
@@ -98,46 +95,17 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
     return cls(message)
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception, method: str) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception, method: str) -> None:
+    """End the call with the status of `err`; an unexpected error is logged and INTERNAL."""
     if isinstance(err, errors.ShoalError):
         _, level = _code_and_level(err)
         _log.log(level, "rpc=%s error=%s", method, _describe(err))
         await context.abort_with_status(to_status(err))
+    if isinstance(err, NotImplementedError):  # what generated servicer bases raise
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     _log.exception("rpc=%s unexpected error", method)
     await context.abort_with_status(to_status(errors.InternalError("internal error")))
-
-
-def rpc_errors(fn: _F) -> _F:
-    """Map ShoalError raised by a servicer method to its status; works for all four RPC shapes."""
-    name = fn.__qualname__
-    if inspect.isasyncgenfunction(fn):
-
-        @functools.wraps(fn)
-        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as err:
-                await _abort(context, err, name)
-
-        return cast(_F, stream)
-
-    @functools.wraps(fn)
-    async def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await cast(Callable[..., Awaitable[Any]], fn)(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as err:
-            await _abort(context, err, name)
-
-    return cast(_F, unary)

@@ -15,20 +15,22 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from google.protobuf import json_format
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from shoal import _builders
+from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
-from shoal.config import ClientSettings, CoordinatorSettings, NodeSettings
+from shoal._console import console, err_console, print_error
+from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name
-from shoal.v1 import task_pb2
+from shoal.v1 import admin_pb2, task_pb2
 
 app = typer.Typer(help="Shoal: spread background work across machines.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
+token_app = typer.Typer(help="Create, list and revoke API tokens (admin).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(certs_app, name="certs")
 _T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[
@@ -46,17 +48,15 @@ def _logging(verbose: bool) -> None:
 
 
 def _client(coordinator: str | None) -> AsyncClient:
-    return AsyncClient(coordinator or ClientSettings().coordinator)
+    return AsyncClient(coordinator)
 
 
 def _run(coro: Awaitable[_T]) -> _T:
-    """Run a client coroutine; Shoal errors become a message and exit status 1."""
+    """Run a coroutine; Shoal errors become a message and exit status 1."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except ShoalError as err:
-        err_console.print(f"[red]error:[/red] {err.message}")
-        for v in getattr(err, "violations", []):
-            err_console.print(f"  {v.field}: {v.description}")
+        print_error(err)
         raise typer.Exit(1) from None
 
 
@@ -89,11 +89,18 @@ def _duration(seconds: float | None) -> timedelta | None:
 # -- processes -----------------------------------------------------------------------------
 
 
+AuthOpt = Annotated[
+    bool | None,
+    typer.Option("--auth/--no-auth", help="Require tokens (off is allowed on loopback only)"),
+]
+
+
 @app.command()
 def up(
     listen: Annotated[str | None, typer.Option(help="Coordinator address to bind")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks on the local node")] = None,
+    auth: AuthOpt = None,
     demo: Annotated[bool, typer.Option(help="Run a short demo batch once started")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -102,25 +109,32 @@ def up(
     from shoal.node.agent import NodeAgent
 
     _logging(verbose)
-    coord = CoordinatorServer(CoordinatorSettings(**_given(listen=listen, data_dir=data_dir)))
+    coord = CoordinatorServer(
+        CoordinatorSettings(**_given(listen=listen, data_dir=data_dir, auth=auth))
+    )
 
     async def main() -> None:
         await coord.start()
-        node = NodeAgent(NodeSettings(**_given(coordinator=coord.address, slots=slots)))
+        token_file = coord.admin_token_path if coord.settings.auth else None
+        node = NodeAgent(
+            NodeSettings(**_given(coordinator=coord.address, slots=slots, token_file=token_file))
+        )
         await node.start()
         console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
-        console.print(f"  data dir   {coord.settings.data_dir}")
-        console.print(f"  local node {node.node_id} (health on 127.0.0.1:{node.port})")
+        console.print(f"  data dir    {coord.settings.data_dir}")
+        if token_file is not None:
+            console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
+        console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
         console.print(f"  try: shoal run -c {coord.address} -- echo hello;  Ctrl-C to stop")
         if demo:
             await asyncio.wait_for(node.connected.wait(), 10)
-            await _demo(coord.address)
+            await _demo(coord.address, token_file)
         await _until_signalled(node.stop, coord.stop)
 
-    asyncio.run(main())
+    _run(main())
 
 
-async def _demo(address: str) -> None:
+async def _demo(address: str, token_file: Path | None) -> None:
     specs = [
         _builders.shell(["uname", "-sr"], name="kernel"),
         _builders.shell("echo $((6 * 7))", name="arithmetic"),
@@ -129,7 +143,8 @@ async def _demo(address: str) -> None:
         _builders.shell("echo to stderr >&2; exit 3", name="fails-with-3"),
         _builders.noop({"hello": "shoal"}, name="noop"),
     ]
-    async with AsyncClient(address) as client:
+    token = (await asyncio.to_thread(token_file.read_text)).strip() if token_file else ""
+    async with AsyncClient(address, token=token) as client:
         ids = await client.submit_batch(specs)
         tasks = await asyncio.gather(*(client.wait(i) for i in ids))
     table = Table(title=f"demo batch: {len(tasks)} tasks")
@@ -152,20 +167,41 @@ def _given(**kwargs: Any) -> dict[str, Any]:
 def coordinator(
     listen: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1:7070]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the store lives")] = None,
+    auth: AuthOpt = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server key (PEM)")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="CA of client certificates")] = None,
+    require_client_cert: Annotated[
+        bool | None, typer.Option(help="mTLS: every client presents a certificate")
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
     from shoal.coordinator.server import CoordinatorServer
 
     _logging(verbose)
-    server = CoordinatorServer(CoordinatorSettings(**_given(listen=listen, data_dir=data_dir)))
+    server = CoordinatorServer(
+        CoordinatorSettings(
+            **_given(
+                listen=listen,
+                data_dir=data_dir,
+                auth=auth,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_client_ca=tls_client_ca,
+                require_client_cert=require_client_cert,
+            )
+        )
+    )
 
     async def main() -> None:
         await server.start()
         console.print(f"coordinator listening on [cyan]{server.address}[/cyan]")
+        if server.settings.auth:
+            console.print(f"admin token in {server.admin_token_path}")
         await _until_signalled(server.stop)
 
-    asyncio.run(main())
+    _run(main())
 
 
 @app.command()
@@ -175,6 +211,12 @@ def node(
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
     listen: Annotated[str | None, typer.Option(help="Node service address")] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding this node's token [env SHOAL_NODE_TOKEN]")
+    ] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA of the coordinator's certificate")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="This node's certificate (mTLS)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="This node's key (mTLS)")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a node that dials the coordinator and runs what it is assigned."""
@@ -188,6 +230,10 @@ def node(
             slots=slots,
             labels=_labels(label) if label else None,
             listen=listen,
+            token_file=token_file,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     )
 
@@ -196,7 +242,7 @@ def node(
         await agent.start()
         await _until_signalled(agent.stop)
 
-    asyncio.run(main())
+    _run(main())
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -502,6 +548,110 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             n.address,
         )
     console.print(table)
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+_ROLE_NAMES = {
+    "admin": admin_pb2.ROLE_ADMIN,
+    "submitter": admin_pb2.ROLE_SUBMITTER,
+    "reader": admin_pb2.ROLE_READER,
+    "node": admin_pb2.ROLE_NODE,
+}
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(text: str) -> timedelta:
+    number, unit = text[:-1], text[-1:]
+    if unit not in _TTL_UNITS or not number.isdigit() or int(number) <= 0:
+        raise typer.BadParameter(f"expected a duration such as 90m, 12h or 30d, got {text!r}")
+    return timedelta(seconds=int(number) * _TTL_UNITS[unit])
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="A name for the token (shown in the audit trail)")],
+    role: Annotated[str, typer.Option(help="admin|submitter|reader|node")] = "submitter",
+    tenant: Annotated[str, typer.Option(help="Limit a submitter or reader to a tenant")] = "",
+    node_id: Annotated[str, typer.Option(help="Node tokens: the node id [the name]")] = "",
+    executor: Annotated[
+        list[str] | None, typer.Option("--executor", help="Node tokens: an allowed executor")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="Node tokens: an allowed KEY=VALUE")
+    ] = None,
+    ttl: Annotated[str | None, typer.Option(help="Expire after e.g. 90m, 12h, 30d")] = None,
+    coordinator: CoordinatorOpt = None,
+) -> None:
+    """Create a token and print it (it is shown only once)."""
+    if role not in _ROLE_NAMES:
+        raise typer.BadParameter(f"role must be one of {', '.join(_ROLE_NAMES)}")
+    request = admin_pb2.CreateTokenRequest(
+        name=name,
+        role=_ROLE_NAMES[role],
+        tenant=tenant,
+        node_id=node_id,
+        executors=executor or [],
+        labels=_labels(label or []),
+    )
+    if ttl is not None:
+        request.ttl.FromTimedelta(_ttl(ttl))
+
+    async def main() -> admin_pb2.CreateTokenResponse:
+        async with _client(coordinator) as client:
+            return await client.create_token(request)
+
+    made = _run(main())
+    console.print(made.token, highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[dim]token {made.info.name!r} ({role}); it is not shown again. Use it as"
+        " SHOAL_TOKEN=... or `authorization: Bearer ...`[/dim]"
+    )
+
+
+@token_app.command("ls")
+def token_ls(
+    coordinator: CoordinatorOpt = None,
+    revoked: Annotated[bool, typer.Option(help="Include revoked tokens")] = False,
+) -> None:
+    """List tokens (never their secrets)."""
+
+    async def main() -> list[admin_pb2.TokenInfo]:
+        async with _client(coordinator) as client:
+            return await client.tokens(include_revoked=revoked)
+
+    table = Table()
+    for col in ("name", "id", "role", "tenant", "node", "created", "expires", "revoked"):
+        table.add_column(col)
+    role_names = {v: k for k, v in _ROLE_NAMES.items()}
+    for t in _run(main()):
+        table.add_row(
+            t.name,
+            t.id,
+            role_names.get(t.role, "?"),
+            t.tenant,
+            t.node_id,
+            *(
+                t.ToDatetime().strftime("%Y-%m-%d %H:%M") if t.ByteSize() else ""
+                for t in (t.created_at, t.expires_at, t.revoked_at)
+            ),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="The token's name or id")],
+    coordinator: CoordinatorOpt = None,
+) -> None:
+    """Revoke a token: calls made with it fail from now on."""
+
+    async def main() -> admin_pb2.TokenInfo:
+        async with _client(coordinator) as client:
+            return await client.revoke_token(token)
+
+    info = _run(main())
+    console.print(f"revoked {info.name} ({info.id})")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from pydantic_settings import (
 from shoal.errors import Unauthenticated
 
 __all__ = [
+    "ADMIN_TOKEN_FILE",
     "DEFAULT_COORDINATOR",
     "ClientSettings",
     "CoordinatorSettings",
@@ -51,6 +52,7 @@ def default_data_dir() -> Path:
 
 
 ADMIN_TOKEN_FILE = "admin.token"
+"""Where `shoal up` and `shoal coordinator` keep the local admin token, in their data dir."""
 
 
 def read_token(token: str = "", token_file: Path | None = None) -> str:

@@ -308,12 +308,15 @@ class NodeStatus(_message.Message):
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    THROTTLED_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     running: _builtins.int
     """tasks assigned to the node and not finished"""
     free_slots: _builtins.int
     address: _builtins.str
     """the peer address of its session"""
+    throttled: _builtins.int
+    """messages read late because the node sent faster than its rate limit"""
     @_builtins.property
     def info(self) -> _node_pb2.NodeInfo: ...
     @_builtins.property
@@ -330,10 +333,11 @@ class NodeStatus(_message.Message):
         connected_at: _timestamp_pb2.Timestamp | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         address: _builtins.str = ...,
+        throttled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "info", b"info", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connected", b"connected", "connected_at", b"connected_at", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connected", b"connected", "connected_at", b"connected_at", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "running", b"running", "throttled", b"throttled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

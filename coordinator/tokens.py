@@ -1,0 +1,151 @@
+"""API tokens: created, listed and revoked by admins, checked on every call. No gRPC here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from shoal.auth import COORDINATOR, Principal, Role, new_token, parse_token, secret_matches
+from shoal.coordinator.store import Store, TokenRow
+from shoal.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+
+__all__ = ["NewToken", "TokenRegistry"]
+
+_NAME_MAX = 128
+
+
+@dataclass(frozen=True)
+class NewToken:
+    row: TokenRow
+    token: str  # the only time the secret is seen
+
+
+class TokenRegistry:
+    """Every token, held in memory and written through to the store."""
+
+    def __init__(self, store: Store, *, wall: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._wall = wall
+        self._rows: dict[str, TokenRow] = {}
+
+    async def load(self) -> None:
+        self._rows = {row.id: row for row in await self._store.tokens()}
+
+    def authenticate(self, token: str) -> Principal:
+        """The principal of a presented token; Unauthenticated when unknown, expired or revoked."""
+        token_id, secret = parse_token(token)
+        row = self._rows.get(token_id)
+        # Unknown ids cost a hash comparison too, so timing tells nothing about which ids exist.
+        digest = row.secret_hash if row is not None else b"\0" * 32
+        if not secret_matches(secret, digest) or row is None:
+            raise Unauthenticated("invalid token")
+        if row.revoked_at is not None:
+            raise Unauthenticated(f"token {row.name!r} was revoked")
+        if row.expires_at is not None and row.expires_at <= self._wall():
+            raise Unauthenticated(f"token {row.name!r} has expired")
+        return Principal(
+            name=row.name,
+            role=Role(row.role),
+            tenant=row.tenant,
+            node_id=row.node_id,
+            executors=frozenset(row.executors),
+            labels=dict(row.labels),
+            token_id=row.id,
+        )
+
+    def active(self) -> list[TokenRow]:
+        return [r for r in self._rows.values() if r.revoked_at is None]
+
+    def all(self) -> list[TokenRow]:
+        return list(self._rows.values())
+
+    async def create(
+        self,
+        *,
+        name: str,
+        role: Role,
+        created_by: str,
+        tenant: str = "",
+        node_id: str = "",
+        executors: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        ttl: timedelta | None = None,
+    ) -> NewToken:
+        """Make and store a token; its name must be free among tokens not revoked."""
+        if not name or len(name) > _NAME_MAX or not name.isprintable():
+            raise InvalidArgument(f"token name must be 1-{_NAME_MAX} printable characters")
+        if any(r.name == name for r in self.active()):
+            raise AlreadyExists(f"a token named {name!r} exists; revoke it first")
+        if ttl is not None and ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        if role is Role.NODE:
+            node_id = node_id or name
+        elif node_id or executors or labels:
+            raise InvalidArgument("node_id, executors and labels apply to node tokens only")
+        if role in (Role.ADMIN, Role.NODE) and tenant:
+            raise InvalidArgument(f"a {role} token has no tenant")
+        token_id, token, digest = new_token()
+        now = self._wall()
+        row = TokenRow(
+            id=token_id,
+            name=name,
+            role=role.value,
+            tenant=tenant,
+            node_id=node_id,
+            executors=sorted(executors),
+            labels=dict(labels or {}),
+            secret_hash=digest,
+            created_at=now,
+            expires_at=None if ttl is None else now + ttl.total_seconds(),
+            revoked_at=None,
+            created_by=created_by,
+        )
+        await self._store.put_token(row)
+        self._rows[row.id] = row
+        return NewToken(row, token)
+
+    async def revoke(self, name_or_id: str) -> TokenRow:
+        """Revoke the active token with this name or id."""
+        row = self._rows.get(name_or_id)
+        if row is None or row.revoked_at is not None:
+            row = next((r for r in self.active() if r.name == name_or_id), None)
+        if row is None:
+            raise NotFound(f"no active token {name_or_id!r}")
+        at = self._wall()
+        await self._store.revoke_token(row.id, at)
+        row.revoked_at = at
+        return row
+
+    async def bootstrap_admin(self, path: Path) -> bool:
+        """Make sure `path` holds a working admin token, creating one if needed (mode 0600).
+
+        Returns True when a new token was written.
+        """
+        try:
+            self.authenticate((await asyncio.to_thread(path.read_text)).strip())
+            return False
+        except (OSError, Unauthenticated):
+            pass
+        name = "local-admin"
+        for row in self.active():
+            if row.name == name:
+                await self.revoke(row.id)  # its file is gone: nobody can use it
+        made = await self.create(name=name, role=Role.ADMIN, created_by=COORDINATOR)
+        await asyncio.to_thread(_write_private, path, made.token + "\n")
+        return True
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,369 @@
+"""Authentication and roles, over real channels: every method, every role, tenants, audit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+
+from shoal import AsyncClient, shell
+from shoal.config import CoordinatorSettings
+from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
+from shoal.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from shoal.specs import is_final
+from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2
+
+from .harness import BIN, Mesh, run_tool
+
+pytestmark = pytest.mark.timeout(60)
+
+OK = grpc.StatusCode.OK
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
+
+
+def path_of(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+async def call_status(
+    channel: grpc.aio.Channel, method: MethodDescriptor, request: bytes, token: str = ""
+) -> grpc.StatusCode:
+    """Call any method with raw request bytes; its status (OK once a stream answers)."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    path = path_of(method)
+    try:
+        if method.client_streaming:
+            factory = channel.stream_stream if method.server_streaming else channel.stream_unary
+            call = factory(path)(metadata=metadata, timeout=10)
+            await call.write(request)
+            if method.server_streaming:
+                await call.read()
+            else:
+                await call.done_writing()
+                await call
+        elif method.server_streaming:
+            call = channel.unary_stream(path)(request, metadata=metadata, timeout=10)
+            await call.read()
+        else:
+            await channel.unary_unary(path)(request, metadata=metadata, timeout=10)
+            return OK
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    code = OK if call.done() is False else await call.code()
+    call.cancel()
+    return code
+
+
+async def reflected_services(channel: grpc.aio.Channel, token: str) -> set[str]:
+    stub = channel.stream_stream(
+        f"/{REFLECTION}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = stub(metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await call.read()
+    call.cancel()
+    return {s.name for s in response.list_services_response.service}
+
+
+def methods_of(services: set[str]) -> list[MethodDescriptor]:
+    pool = descriptor_pool.Default()
+    return [m for name in sorted(services) for m in pool.FindServiceByName(name).methods]
+
+
+# -- 1. nothing without credentials --------------------------------------------------------
+
+
+async def test_every_method_of_every_service_refuses_a_caller_without_credentials(
+    mesh: Mesh,
+) -> None:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        services = await reflected_services(channel, mesh.token)
+        assert services == {*SERVICE_NAMES, HEALTH, REFLECTION}
+        coordinator = {path_of(m): await call_status(channel, m, b"") for m in methods_of(services)}
+    async with grpc.aio.insecure_channel(mesh.node_address) as channel:
+        node_services = {node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, HEALTH}
+        node = {path_of(m): await call_status(channel, m, b"") for m in methods_of(node_services)}
+
+    for statuses in (coordinator, node):
+        health = {p: c for p, c in statuses.items() if p.startswith(f"/{HEALTH}/")}
+        assert set(health.values()) == {OK}, health
+        rest = {p: c for p, c in statuses.items() if p not in health}
+        assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
+    assert len(coordinator) == 16  # 7 Tasks, 4 Admin, Connect, reflection, 3 health
+
+
+async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
+    revoked = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="gone", role=admin_pb2.ROLE_READER)
+    )
+    await mesh.client.revoke_token("gone")
+    expiring = admin_pb2.CreateTokenRequest(name="brief", role=admin_pb2.ROLE_READER)
+    expiring.ttl.FromMilliseconds(300)
+    brief = await mesh.client.create_token(expiring)
+    async with AsyncClient(mesh.address, token=brief.token) as client:
+        await client.list()  # valid while it lasts
+        await asyncio.sleep(0.35)  # the token's own lifetime, not a wait for the server
+        with pytest.raises(Unauthenticated, match="expired"):
+            await client.list()
+    for token, why in [
+        ("not-a-token", "malformed"),
+        ("shoal_000000000000_forged", "invalid"),
+        (revoked.token, "revoked"),
+        (mesh.token[:-2] + "xx", "invalid"),
+    ]:
+        async with AsyncClient(mesh.address, token=token) as client:
+            with pytest.raises(Unauthenticated, match=why):
+                await client.list()
+
+
+# -- 2. roles x methods --------------------------------------------------------------------
+
+
+@dataclass
+class Fixture:
+    mesh: Mesh
+    tokens: dict[str, str]
+    task_id: str
+
+
+ROLES = ("admin", "submitter", "reader", "node")
+# method -> roles besides admin that may call it; every other role gets PERMISSION_DENIED.
+EXPECTED: dict[str, set[str]] = {
+    "/shoal.v1.Tasks/Submit": {"submitter"},
+    "/shoal.v1.Tasks/SubmitBatch": {"submitter"},
+    "/shoal.v1.Tasks/Cancel": {"submitter"},
+    "/shoal.v1.Tasks/Get": {"submitter", "reader"},
+    "/shoal.v1.Tasks/Wait": {"submitter", "reader"},
+    "/shoal.v1.Tasks/List": {"submitter", "reader"},
+    "/shoal.v1.Tasks/Watch": {"submitter", "reader"},
+    "/shoal.v1.Admin/ListNodes": {"reader"},
+    "/shoal.v1.Admin/CreateToken": set(),
+    "/shoal.v1.Admin/ListTokens": set(),
+    "/shoal.v1.Admin/RevokeToken": set(),
+    "/shoal.v1.NodeGateway/Connect": {"node"},
+    f"/{REFLECTION}/ServerReflectionInfo": set(),
+    f"/{HEALTH}/Check": {"submitter", "reader", "node"},
+    f"/{HEALTH}/Watch": {"submitter", "reader", "node"},
+    f"/{HEALTH}/List": {"submitter", "reader", "node"},
+}
+
+
+def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
+    spec = shell(["true"])
+    made = 0
+
+    async def token_to_revoke() -> Message:
+        nonlocal made
+        made += 1
+        name = f"throwaway-{made}"
+        await f.mesh.client.create_token(
+            admin_pb2.CreateTokenRequest(name=name, role=admin_pb2.ROLE_READER)
+        )
+        return admin_pb2.RevokeTokenRequest(token=name)
+
+    async def new_token_request() -> Message:
+        nonlocal made
+        made += 1
+        return admin_pb2.CreateTokenRequest(name=f"made-{made}", role=admin_pb2.ROLE_READER)
+
+    def const(message: Message) -> Callable[[], Awaitable[Message]]:
+        async def make() -> Message:
+            return message
+
+        return make
+
+    return {
+        "/shoal.v1.Tasks/Submit": const(tasks_pb2.SubmitRequest(spec=spec)),
+        "/shoal.v1.Tasks/SubmitBatch": const(tasks_pb2.SubmitBatchRequest(specs=[spec])),
+        "/shoal.v1.Tasks/Cancel": const(tasks_pb2.CancelRequest(task_id=f.task_id)),
+        "/shoal.v1.Tasks/Get": const(tasks_pb2.GetRequest(task_id=f.task_id)),
+        "/shoal.v1.Tasks/Wait": const(tasks_pb2.WaitRequest(task_id=f.task_id)),
+        "/shoal.v1.Tasks/List": const(tasks_pb2.ListRequest()),
+        "/shoal.v1.Tasks/Watch": const(tasks_pb2.WatchRequest()),
+        "/shoal.v1.Admin/ListNodes": const(admin_pb2.ListNodesRequest()),
+        "/shoal.v1.Admin/CreateToken": new_token_request,
+        "/shoal.v1.Admin/ListTokens": const(admin_pb2.ListTokensRequest()),
+        "/shoal.v1.Admin/RevokeToken": token_to_revoke,
+        "/shoal.v1.NodeGateway/Connect": const(
+            gateway_pb2.NodeMessage(
+                hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))
+            )
+        ),
+        f"/{REFLECTION}/ServerReflectionInfo": const(
+            reflection_pb2.ServerReflectionRequest(list_services="")
+        ),
+        f"/{HEALTH}/Check": const(health_pb2.HealthCheckRequest()),
+        f"/{HEALTH}/Watch": const(health_pb2.HealthCheckRequest()),
+        f"/{HEALTH}/List": const(health_pb2.HealthListRequest()),
+    }
+
+
+@pytest.fixture
+async def roles(mesh: Mesh) -> Fixture:
+    tokens = {"admin": mesh.token}
+    for role, request in [
+        ("submitter", admin_pb2.CreateTokenRequest(role=admin_pb2.ROLE_SUBMITTER, tenant="acme")),
+        ("reader", admin_pb2.CreateTokenRequest(role=admin_pb2.ROLE_READER)),
+        ("node", admin_pb2.CreateTokenRequest(role=admin_pb2.ROLE_NODE, node_id="edge-1")),
+    ]:
+        request.name = f"{role}-token"
+        tokens[role] = (await mesh.client.create_token(request)).token
+    task = await mesh.client.submit(shell(["true"], tenant="acme"))
+    await mesh.client.wait(task.id)
+    return Fixture(mesh, tokens, task.id)
+
+
+async def test_each_role_gets_exactly_the_methods_it_should(roles: Fixture) -> None:
+    requests = _requests(roles)
+    pool = descriptor_pool.Default()
+    got: dict[tuple[str, str], grpc.StatusCode] = {}
+    async with grpc.aio.insecure_channel(roles.mesh.address) as channel:
+        for path in EXPECTED:
+            service, name = path[1:].rsplit("/", 1)
+            method = pool.FindServiceByName(service).methods_by_name[name]
+            for role in ROLES:
+                request = await requests[path]()
+                got[path, role] = await call_status(
+                    channel, method, request.SerializeToString(), roles.tokens[role]
+                )
+
+    expected = {
+        (path, role): OK if role == "admin" or role in allowed else DENIED
+        for path, allowed in EXPECTED.items()
+        for role in ROLES
+    }
+    assert got == expected
+    assert set(EXPECTED) == {path_of(m) for m in methods_of({*SERVICE_NAMES, HEALTH, REFLECTION})}
+
+
+async def test_a_tenant_sees_and_touches_only_its_own_tasks(mesh: Mesh) -> None:
+    clients = {}
+    for tenant in ("acme", "globex"):
+        made = await mesh.client.create_token(
+            admin_pb2.CreateTokenRequest(name=tenant, role=admin_pb2.ROLE_SUBMITTER, tenant=tenant)
+        )
+        clients[tenant] = AsyncClient(mesh.address, token=made.token)
+    acme, globex = clients["acme"], clients["globex"]
+    try:
+        watch = globex.watch(since=0)
+        mine = await acme.submit(shell(["sleep", "30"]))  # tenant filled in from the token
+        theirs = await globex.submit(shell(["true"]))
+        assert mine.spec.tenant == "acme" and theirs.spec.tenant == "globex"
+
+        for attempt in (
+            globex.get(mine.id),
+            globex.wait(mine.id),
+            globex.cancel(mine.id),
+            globex.submit(shell(["true"], tenant="acme")),
+            globex.list(tenant="acme"),
+        ):
+            with pytest.raises(PermissionDenied):
+                await attempt
+        with pytest.raises(PermissionDenied):
+            await anext(globex.watch(since=0, tenant="acme"))
+        assert [t.id for t in await globex.list()] == [theirs.id]
+        # Globex's watch, even of acme's task id, carries only globex's events.
+        seen = set()
+        async for event in watch:
+            seen.add(event.task_id)
+            if event.task_id == theirs.id and event.state == task_pb2.TASK_STATE_SUCCEEDED:
+                break
+        assert seen == {theirs.id}
+        assert (await acme.get(mine.id)).state != task_pb2.TASK_STATE_CANCELLED
+        await acme.cancel(mine.id)
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+async def _until_final(client: AsyncClient, task: task_pb2.Task) -> list[task_pb2.Event]:
+    events = []
+    async for event in client.watch(since=task.created_seq - 1, task_ids=[task.id]):
+        events.append(event)
+        if is_final(event.state):
+            return events
+    raise AssertionError("the watch ended")
+
+
+async def test_every_event_names_the_principal_that_caused_it(mesh: Mesh) -> None:
+    made = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="alice", role=admin_pb2.ROLE_SUBMITTER)
+    )
+    async with AsyncClient(mesh.address, token=made.token) as alice:
+        done = await alice.submit(shell(["true"]))
+        events = await _until_final(alice, done)
+        blocked = await alice.submit(shell(["sleep", "30"]))
+        await mesh.client.cancel(blocked.id)  # by the admin
+        cancelled = await _until_final(alice, blocked)
+
+    by_state = {task_pb2.TaskState.Name(e.state): e.principal for e in events}
+    assert by_state["TASK_STATE_QUEUED"] == "alice"
+    assert by_state["TASK_STATE_ASSIGNED"] == "coordinator"
+    # The mesh's node connects with the local admin token.
+    assert by_state["TASK_STATE_RUNNING"] == by_state["TASK_STATE_SUCCEEDED"] == "local-admin"
+    assert done.submitted_by == "alice"
+    assert cancelled[-1].state == task_pb2.TASK_STATE_CANCELLED
+    assert cancelled[-1].principal == "local-admin"  # the admin's cancel, audited
+
+
+# -- safe defaults and local use -----------------------------------------------------------
+
+
+async def test_a_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> None:
+    server = CoordinatorServer(
+        CoordinatorSettings(listen="0.0.0.0:0", data_dir=tmp_path, auth=False)
+    )
+    with pytest.raises(FailedPrecondition, match="auth off"):
+        await server.start()
+    assert not (tmp_path / "shoal.db").exists()  # refused before anything was touched
+
+
+async def test_the_admin_token_file_is_private_and_kept_across_restarts(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    path = mesh.coordinator.admin_token_path
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text()
+    await mesh.node.stop()
+    await mesh.coordinator.stop()
+    again = CoordinatorServer(mesh.coordinator.settings)
+    await again.start()
+    try:
+        assert path.read_text() == token
+    finally:
+        await again.stop()
+
+
+async def test_token_commands_create_list_and_revoke(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOAL_TOKEN", mesh.token)
+    monkeypatch.setenv("SHOAL_COORDINATOR", mesh.address)
+    token_cmd = [str(BIN / "shoal"), "token"]
+    created = await run_tool([*token_cmd, "create", "ci", "--role", "reader"])
+    listed = await run_tool([*token_cmd, "ls"])
+    revoked = await run_tool([*token_cmd, "revoke", "ci"])
+
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("shoal_")
+    assert "ci" in listed.stdout and "reader" in listed.stdout
+    assert token not in listed.stdout  # secrets are never listed
+    assert revoked.returncode == 0, revoked.stderr
+    async with AsyncClient(mesh.address, token=token) as client:
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await client.list()

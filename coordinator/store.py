@@ -388,7 +388,7 @@ class SqliteStore(Store):
         return conn
 
     async def open(self) -> int:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conn = await asyncio.to_thread(self._connect, check_same_thread=False)
         await asyncio.to_thread(_migrate, conn)
         self._writer = _Writer(conn, asyncio.get_running_loop())

@@ -367,3 +367,19 @@ async def test_token_commands_create_list_and_revoke(
     async with AsyncClient(mesh.address, token=token) as client:
         with pytest.raises(Unauthenticated, match="revoked"):
             await client.list()
+
+
+async def test_malformed_request_bytes_are_invalid_argument_for_every_shape(mesh: Mesh) -> None:
+    pool = descriptor_pool.Default()
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # a length-delimited field longer than the message
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        got = {
+            name: await call_status(channel, pool.FindMethodByName(name), garbage, token=mesh.token)
+            for name in (
+                "shoal.v1.Tasks.Submit",  # unary
+                "shoal.v1.Tasks.Watch",  # server streaming
+                "shoal.v1.NodeGateway.Connect",  # bidirectional
+            )
+        }
+        assert set(got.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, got
+        assert await mesh.client.list() == []

@@ -64,3 +64,34 @@ def test_sizes_are_resource_exhausted() -> None:
         validate_batch([shell("true")] * (LIMITS.max_batch + 1), LIMITS, single=False)
     with pytest.raises(InvalidArgument):
         validate_batch([], LIMITS, single=False)
+
+
+def test_strings_maps_and_secret_refs_are_bounded() -> None:
+    long = "x" * (LIMITS.max_string + 1)
+    many = {f"k{i}": "v" for i in range(LIMITS.max_labels + 1)}
+    secrets = shell("true")
+    secrets.secrets.add(name="db-password", env="1BAD")
+    secrets.secrets.add(name="", env="OK")
+    twice = shell("true")
+    twice.secrets.add(name="a", env="SAME")
+    twice.secrets.add(name="b", env="SAME")
+    assert violations(
+        [
+            shell("true", name=long),
+            shell("true", tenant=long),
+            shell("true", labels={"zone": long}),
+            shell("true", env=many),
+            shell("true", metadata={long: "v"}),
+            secrets,
+            twice,
+        ]
+    ) == [
+        "specs[0].name",
+        "specs[1].tenant",
+        "specs[2].required_labels",
+        "specs[3].shell.env",
+        "specs[4].metadata",
+        "specs[5].secrets[0].env",
+        "specs[5].secrets[1].name",
+        "specs[6].secrets[1].env",
+    ]

@@ -535,7 +535,7 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             return await client.nodes()
 
     table = Table()
-    for col in ("node", "host", "executors", "labels", "running", "free", "address"):
+    for col in ("node", "host", "executors", "labels", "running", "free", "throttled", "address"):
         table.add_column(col)
     for n in _run(main()):
         table.add_row(
@@ -545,6 +545,7 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
             str(n.running),
             str(n.free_slots),
+            str(n.throttled),
             n.address,
         )
     console.print(table)

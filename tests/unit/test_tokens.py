@@ -1,0 +1,128 @@
+"""API tokens: hashed at rest, constant-time checked, expiring, revocable, bootstrapped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from shoal.auth import Principal, Role, parse_token
+from shoal.coordinator.store import SqliteStore
+from shoal.coordinator.tokens import TokenRegistry
+from shoal.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _files_of(directory: Path, pattern: str) -> bytes:
+    return b"".join(p.read_bytes() for p in directory.glob(pattern))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "s.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_a_token_authenticates_as_its_principal_and_only_its_hash_is_stored(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    registry = TokenRegistry(store)
+    made = await registry.create(
+        name="edge", role=Role.NODE, created_by="root", executors=["shell"], labels={"z": "a"}
+    )
+    principal = registry.authenticate(made.token)
+    assert principal == Principal(
+        "edge",
+        Role.NODE,
+        node_id="edge",
+        executors=frozenset({"shell"}),
+        labels={"z": "a"},
+        token_id=made.row.id,
+    )
+    _, secret = parse_token(made.token)
+    await store.close()
+    on_disk = _files_of(tmp_path, "s.db*")
+    assert secret.encode() not in on_disk
+    assert made.row.secret_hash in on_disk
+
+
+async def test_expiry_revocation_and_forgery(store: SqliteStore) -> None:
+    clock = Clock()
+    registry = TokenRegistry(store, wall=clock)
+    brief = await registry.create(
+        name="brief", role=Role.READER, created_by="root", ttl=timedelta(minutes=5)
+    )
+    kept = await registry.create(name="kept", role=Role.READER, created_by="root")
+    registry.authenticate(brief.token)
+    clock.now += 301
+    with pytest.raises(Unauthenticated, match="expired"):
+        registry.authenticate(brief.token)
+    token_id, secret = parse_token(kept.token)
+    with pytest.raises(Unauthenticated, match="invalid"):
+        registry.authenticate(f"shoal_{token_id}_{secret[:-1]}A")
+    with pytest.raises(Unauthenticated, match="malformed"):
+        registry.authenticate("Bearer nonsense")
+    await registry.revoke("kept")
+    with pytest.raises(Unauthenticated, match="revoked"):
+        registry.authenticate(kept.token)
+    with pytest.raises(NotFound):
+        await registry.revoke("kept")
+
+    reloaded = TokenRegistry(store, wall=clock)
+    await reloaded.load()
+    with pytest.raises(Unauthenticated, match="revoked"):
+        reloaded.authenticate(kept.token)
+    assert {r.name for r in reloaded.active()} == {"brief"}
+
+
+async def test_bad_token_requests_are_refused(store: SqliteStore) -> None:
+    registry = TokenRegistry(store)
+    await registry.create(name="a", role=Role.READER, created_by="root")
+    with pytest.raises(AlreadyExists):
+        await registry.create(name="a", role=Role.READER, created_by="root")
+    for kwargs in (
+        {"name": ""},
+        {"name": "x\n"},
+        {"name": "b", "ttl": timedelta(0)},
+        {"name": "c", "node_id": "n1"},  # node claims on a reader token
+        {"name": "d", "role": Role.ADMIN, "tenant": "t"},
+    ):
+        args = {"role": Role.READER, "created_by": "root", **kwargs}
+        with pytest.raises(InvalidArgument):
+            await registry.create(**args)  # type: ignore[arg-type]
+
+
+async def test_bootstrap_writes_a_private_admin_token_once(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    registry = TokenRegistry(store)
+    path = tmp_path / "data" / "admin.token"
+    assert await registry.bootstrap_admin(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert registry.authenticate(path.read_text().strip()).role is Role.ADMIN
+    assert not await registry.bootstrap_admin(path)  # a working token is kept
+    path.unlink()
+    assert await registry.bootstrap_admin(path)  # a lost one is replaced, the old revoked
+    assert [r.name for r in registry.active()] == ["local-admin"]
+
+
+def test_a_tenant_principal_is_confined_to_its_tenant() -> None:
+    acme = Principal("a", Role.SUBMITTER, tenant="acme")
+    acme.check_tenant("acme", "task t")
+    with pytest.raises(PermissionDenied):
+        acme.check_tenant("globex", "task t")
+    assert acme.scoped_tenant("") == "acme"
+    with pytest.raises(PermissionDenied):
+        acme.scoped_tenant("globex")
+    assert Principal("r", Role.READER).scoped_tenant("globex") == "globex"

@@ -54,6 +54,7 @@ import grpc
 import psutil
 
 from shoal import AsyncClient, noop
+from shoal.config import ADMIN_TOKEN_FILE
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name
 from shoal.v1 import task_pb2
@@ -159,6 +160,8 @@ def _child_env(workdir: Path) -> dict[str, str]:
     env["SHOAL_CONFIG"] = str(workdir / "no-config.toml")
     env["SHOAL_COORDINATOR_SYNCHRONOUS"] = "FULL"
     env["NO_COLOR"] = "1"
+    # The coordinator writes its admin token into its data dir; nodes and the client use it.
+    env["SHOAL_NODE_TOKEN_FILE"] = str(workdir / "data" / ADMIN_TOKEN_FILE)
     return env
 
 
@@ -711,7 +714,8 @@ async def bench_cluster(
     cluster: Cluster | None = None
     try:
         cluster = await start_cluster(args.shoal, workdir, n_nodes, args.slots, children, deadline)
-        client = AsyncClient(cluster.address)
+        token = (workdir / "data" / ADMIN_TOKEN_FILE).read_text().strip()
+        client = AsyncClient(cluster.address, token=token)
         tracker = Tracker(client)
         watcher = asyncio.create_task(tracker.run(), name="bench-watch")
         try:

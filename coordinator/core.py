@@ -20,7 +20,7 @@ from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import PlacementClass, Scheduler
 from shoal.coordinator.sessions import NodeSession
-from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow
+from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow, TokenRow
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import (
@@ -28,6 +28,7 @@ from shoal.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, executor_of, is_final
@@ -374,6 +375,8 @@ class Coordinator:
 
         yield cursor, []
         while True:
+            if not self.tokens.valid(by):
+                raise Unauthenticated(f"the token of {by.name!r} was revoked or has expired")
             held = self.events.after(cursor)
             if held is None:
                 upto = self.events.oldest_seq
@@ -617,6 +620,18 @@ class Coordinator:
                 if session.last_seen < deadline:
                     _log.warning("node=%s lease expired", session.node_id)
                     self.detach(session)
+                elif not self.tokens.valid(session.principal):
+                    _log.warning("node=%s token expired; closing its session", session.node_id)
+                    self.detach(session)
+
+    async def revoke_token(self, name_or_id: str) -> TokenRow:
+        """Revoke a token and end the node sessions opened with it."""
+        row = await self.tokens.revoke(name_or_id)
+        for session in list(self._sessions.values()):
+            if session.principal.token_id == row.id:
+                _log.warning("node=%s token revoked; closing its session", session.node_id)
+                self.detach(session)
+        return row
 
     def nodes(self) -> list[admin_pb2.NodeStatus]:
         now = self._clock()

@@ -166,7 +166,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RevokeToken(
         self, request: admin_pb2.RevokeTokenRequest, context: _Ctx
     ) -> admin_pb2.TokenInfo:
-        row = await self._core.tokens.revoke(request.token)
+        row = await self._core.revoke_token(request.token)
         _log.info("token %r revoked by %s", row.name, current_principal().name)
         return _token_info(row)
 

@@ -58,6 +58,20 @@ class TokenRegistry:
             token_id=row.id,
         )
 
+    def valid(self, principal: Principal) -> bool:
+        """Whether the token a principal authenticated with still holds (not revoked or expired).
+
+        Long-lived streams ask this again, so revoking a token also ends them.
+        """
+        if not principal.token_id:
+            return True
+        row = self._rows.get(principal.token_id)
+        return (
+            row is not None
+            and row.revoked_at is None
+            and (row.expires_at is None or row.expires_at > self._wall())
+        )
+
     def active(self) -> list[TokenRow]:
         return [r for r in self._rows.values() if r.revoked_at is None]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -16,13 +17,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from shoal import AsyncClient, shell
-from shoal.config import CoordinatorSettings
+from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
 from shoal.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from shoal.node.agent import NodeAgent
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2
 
-from .harness import BIN, Mesh, run_tool
+from .harness import BIN, STARTUP, Mesh, eventually, run_tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -383,3 +385,40 @@ async def test_malformed_request_bytes_are_invalid_argument_for_every_shape(mesh
         }
         assert set(got.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, got
         assert await mesh.client.list() == []
+
+
+async def test_revoking_a_token_ends_the_streams_opened_with_it(mesh: Mesh) -> None:
+    reader = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="watcher", role=admin_pb2.ROLE_READER)
+    )
+    node_token = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="edge-2", role=admin_pb2.ROLE_NODE)
+    )
+    node = NodeAgent(
+        NodeSettings(
+            coordinator=mesh.address,
+            node_id="edge-2",
+            listen="127.0.0.1:0",
+            token=node_token.token,
+            reconnect_max=timedelta(milliseconds=200),
+        )
+    )
+    await node.start()
+    try:
+        await asyncio.wait_for(node.connected.wait(), STARTUP)
+        async with AsyncClient(mesh.address, token=reader.token) as watcher:
+            events = watcher.watch()
+            first = asyncio.ensure_future(anext(events))
+            await mesh.client.revoke_token("watcher")
+            await mesh.client.revoke_token("edge-2")
+            await mesh.client.submit(shell(["true"]))  # an event the revoked watcher must not get
+            with pytest.raises(Unauthenticated, match="revoked"):
+                await first
+
+        async def node_gone() -> None:
+            assert "edge-2" not in {n.info.node_id for n in await mesh.client.nodes()}
+            assert not node.connected.is_set()
+
+        await eventually(node_gone)
+    finally:
+        await node.stop()

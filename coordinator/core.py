@@ -88,6 +88,13 @@ def _check_claims(info: node_pb2.NodeInfo, by: Principal, limits: Limits) -> Non
         )
 
 
+def _scoped_key(spec: task_pb2.TaskSpec) -> str | None:
+    """The stored idempotency key: unique within the task's tenant, so tenants never collide."""
+    if not spec.idempotency_key:
+        return None
+    return f"{spec.tenant}\0{spec.idempotency_key}" if spec.tenant else spec.idempotency_key
+
+
 def _bounded(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
     """A node's result cut to `limit` bytes: the output tails keep their ends."""
     if result.ByteSize() <= limit:
@@ -214,7 +221,7 @@ class Coordinator:
                 TaskRow(
                     rec.seq,
                     rec.id,
-                    spec.idempotency_key or None,
+                    _scoped_key(spec),
                     rec.tenant,
                     rec.priority,
                     spec.SerializeToString(),

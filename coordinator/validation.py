@@ -70,6 +70,8 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
     for name in ("name", "idempotency_key", "tenant"):
         if len(getattr(spec, name)) > limits.max_string:
             bad(name, f"longer than {limits.max_string} characters")
+        elif not getattr(spec, name).isprintable():
+            bad(name, "must be printable text")
     maps = {"required_labels": spec.required_labels, "metadata": spec.metadata}
     if kind in ("shell", "python", "docker"):
         maps[f"{kind}.env"] = getattr(spec, kind).env

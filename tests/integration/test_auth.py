@@ -422,3 +422,22 @@ async def test_revoking_a_token_ends_the_streams_opened_with_it(mesh: Mesh) -> N
         await eventually(node_gone)
     finally:
         await node.stop()
+
+
+async def test_idempotency_keys_are_scoped_to_the_tenant(mesh: Mesh) -> None:
+    clients = []
+    for tenant in ("acme", "globex"):
+        made = await mesh.client.create_token(
+            admin_pb2.CreateTokenRequest(name=tenant, role=admin_pb2.ROLE_SUBMITTER, tenant=tenant)
+        )
+        clients.append(AsyncClient(mesh.address, token=made.token))
+    acme, globex = clients
+    try:
+        first = await acme.submit(shell(["true"], idempotency_key="nightly"))
+        other = await globex.submit(shell(["true"], idempotency_key="nightly"))
+        again = await acme.submit(shell(["true"], idempotency_key="nightly"))
+    finally:
+        for client in clients:
+            await client.close()
+    assert other.id != first.id and other.spec.tenant == "globex"
+    assert again.id == first.id

@@ -32,7 +32,7 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, executor_of, is_final
-from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
@@ -66,8 +66,11 @@ class Submitted:
     seq: int
 
 
-def _check_claims(info: node_pb2.NodeInfo, by: Principal, limits: Limits) -> None:
+def _check_hello(hello: gateway_pb2.Hello, by: Principal, limits: Limits) -> None:
     """Refuse a Hello whose identity or capabilities go beyond what its credentials allow."""
+    info = hello.info
+    if len(hello.running) > limits.max_batch:
+        raise InvalidArgument(f"a node runs at most {limits.max_batch} tasks")
     if by.role is Role.NODE and info.node_id != by.node_id:
         raise PermissionDenied(f"token {by.name!r} may connect as node {by.node_id!r} only")
     if by.cert_name and info.node_id != by.cert_name:
@@ -81,7 +84,7 @@ def _check_claims(info: node_pb2.NodeInfo, by: Principal, limits: Limits) -> Non
         for s in (info.node_id, *info.executors, *info.labels, *info.labels.values())
         if len(s) > limits.max_string
     ]
-    if too_long or len(info.labels) > limits.max_labels or len(info.executors) > limits.max_labels:
+    if too_long or max(len(info.labels), len(info.executors)) > limits.max_labels:
         raise InvalidArgument(
             f"node info over its bounds: at most {limits.max_labels} labels and executors,"
             f" {limits.max_string} characters each"
@@ -501,7 +504,7 @@ class Coordinator:
         info = hello.info
         if not info.node_id:
             raise InvalidArgument("hello.info.node_id is required")
-        _check_claims(info, by, self.options.limits)
+        _check_hello(hello, by, self.options.limits)
         if not self.accepting:
             raise Unavailable("the coordinator is shutting down")
         old = self._sessions.get(info.node_id)

@@ -11,7 +11,10 @@ from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import NodeSlots
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
 
-__all__ = ["NodeSession"]
+__all__ = ["MAX_PENDING_CANCELS", "NodeSession"]
+
+MAX_PENDING_CANCELS = 10_000
+"""Bounds what a node that floods updates for unknown attempts can make the coordinator hold."""
 
 
 class NodeSession:
@@ -44,7 +47,8 @@ class NodeSession:
         self.connected_at = wall
         self.closed = False
         self._assignments: list[gateway_pb2.Assignment] = []
-        self._cancels: list[gateway_pb2.RunningAttempt] = []
+        # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
+        self._cancels: dict[str, gateway_pb2.RunningAttempt] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -56,8 +60,10 @@ class NodeSession:
         self._wake.set()
 
     def cancel(self, task_id: str, attempt: task_pb2.AttemptId) -> None:
-        self._cancels.append(gateway_pb2.RunningAttempt(task_id=task_id, attempt=attempt))
-        self._wake.set()
+        """Tell the node to stop an attempt; beyond MAX_PENDING_CANCELS unsent ones, dropped."""
+        if len(self._cancels) < MAX_PENDING_CANCELS or task_id in self._cancels:
+            self._cancels[task_id] = gateway_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
+            self._wake.set()
 
     def close(self) -> None:
         """End the session: the stream's writer sees it and returns."""
@@ -72,10 +78,10 @@ class NodeSession:
                 if self._cancels:
                     out.append(
                         gateway_pb2.CoordinatorMessage(
-                            cancels=gateway_pb2.CancelBatch(attempts=self._cancels)
+                            cancels=gateway_pb2.CancelBatch(attempts=self._cancels.values())
                         )
                     )
-                    self._cancels = []
+                    self._cancels = {}
                 if self._assignments:
                     out.append(
                         gateway_pb2.CoordinatorMessage(

@@ -11,7 +11,7 @@ import pytest
 from shoal import shell
 from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
-from shoal.coordinator.sessions import NodeSession
+from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
 
@@ -131,3 +131,28 @@ async def test_watch_replays_from_the_store_after_restart(tmp_path: Path) -> Non
         await stream.aclose()  # type: ignore[attr-defined]
     finally:
         await c.stop()
+
+
+async def test_a_flood_of_updates_for_unknown_attempts_holds_bounded_memory(
+    core: Coordinator,
+) -> None:
+    session = core.attach(hello("n1"), "peer", by=NODE)
+    attempt = task_pb2.AttemptId(epoch=core.epoch, number=1)
+    for batch in range(3):
+        updates = [
+            gateway_pb2.TaskUpdate(
+                task_id=f"forged-{batch}-{i}", attempt=attempt, started=gateway_pb2.Started()
+            )
+            for i in range(MAX_PENDING_CANCELS)
+        ]
+        core.on_message(
+            session, gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=updates))
+        )
+    messages = await session.outgoing()
+    assert messages is not None
+    cancels = [c for m in messages for c in m.cancels.attempts]
+    assert len(cancels) == MAX_PENDING_CANCELS
+    assert await core.list_tasks(states=[], tenant="", limit=10, page_token="", by=ALICE) == (
+        [],
+        "",
+    )

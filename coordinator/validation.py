@@ -25,6 +25,7 @@ class Limits:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file name
 
 
 def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[FieldViolation]:
@@ -86,15 +87,18 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             bad(name, f"a value longer than {limits.max_string} characters")
     if len(spec.secrets) > limits.max_labels:
         bad("secrets", f"more than {limits.max_labels} entries")
-    seen: set[str] = set()
+    seen = set(getattr(spec, kind).env) if kind in ("shell", "python", "docker") else set()
     for i, ref in enumerate(spec.secrets):
         env = ref.env or ref.name
-        if not ref.name or len(ref.name) > limits.max_string:
-            bad(f"secrets[{i}].name", f"must be 1-{limits.max_string} characters")
+        if not _SECRET_NAME.match(ref.name) or len(ref.name) > limits.max_string:
+            bad(
+                f"secrets[{i}].name",
+                f"must be 1-{limits.max_string} letters, digits, '_', '.' or '-'",
+            )
         elif not _ENV_NAME.match(env):
             bad(f"secrets[{i}].env", f"{env!r} is not an environment variable name")
         elif env in seen:
-            bad(f"secrets[{i}].env", f"{env!r} is set by two secrets")
+            bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
         seen.add(env)
     return out
 

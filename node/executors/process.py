@@ -79,10 +79,12 @@ async def run_process(
 ) -> Outcome:
     """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group.
 
-    Its environment is the node's, then `env`, then `ctx.secret_env`; its output is redacted
-    with `ctx.redactor` before it is emitted or kept for the result.
+    Its environment is the node's (without SHOAL_* settings), then `env`, then
+    `ctx.secret_env`; its output is redacted with `ctx.redactor` before it is emitted or kept
+    for the result.
     """
-    merged = dict(os.environ)
+    # The node's own settings (its token among them) are not the task's business.
+    merged = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     if env:
         merged.update(env)
     merged.update(ctx.secret_env)

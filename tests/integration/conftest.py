@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ async def mesh_factory(tmp_path: Path) -> AsyncIterator[MeshFactory]:
     async with contextlib.AsyncExitStack() as stack:
         made = 0
 
-        async def make(*, slots: int = 4) -> Mesh:
+        async def make(*, slots: int = 4, **node_settings: Any) -> Mesh:
             nonlocal made
             data_dir = tmp_path / f"mesh-{made}"
             made += 1
@@ -51,6 +52,7 @@ async def mesh_factory(tmp_path: Path) -> AsyncIterator[MeshFactory]:
                     slots=slots,
                     listen="127.0.0.1:0",
                     token_file=token_file,
+                    **node_settings,
                 )
             )
             await node.start()

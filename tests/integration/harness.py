@@ -178,7 +178,7 @@ class Mesh:
 
 
 MeshFactory = Callable[..., Awaitable[Mesh]]
-"""`await make(slots=N)`: a new connected mesh, shut down by the fixture's teardown."""
+"""`await make(slots=N, **node_settings)`: a new connected mesh, shut down in teardown."""
 
 
 # -- processes -----------------------------------------------------------------------------

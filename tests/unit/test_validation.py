@@ -72,8 +72,8 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
     secrets = shell("true")
     secrets.secrets.add(name="db-password", env="1BAD")
     secrets.secrets.add(name="", env="OK")
-    twice = shell("true")
-    twice.secrets.add(name="a", env="SAME")
+    twice = shell("true", env={"SAME": "1"})
+    twice.secrets.add(name="../etc/passwd", env="X")
     twice.secrets.add(name="b", env="SAME")
     assert violations(
         [
@@ -93,5 +93,6 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
         "specs[4].metadata",
         "specs[5].secrets[0].env",
         "specs[5].secrets[1].name",
+        "specs[6].secrets[0].name",
         "specs[6].secrets[1].env",
     ]

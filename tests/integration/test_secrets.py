@@ -1,0 +1,155 @@
+"""Task secrets end to end: the node resolves them, the task sees them, nobody else does."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from shoal import shell
+from shoal.specs import is_final
+from shoal.v1 import task_pb2
+
+from .harness import Mesh, MeshFactory, eventually, gate_script
+
+pytestmark = pytest.mark.timeout(30)
+
+WAIT = timedelta(seconds=15)
+TOKEN = "tok-7f3a9c1e5b2d"  # inline, exposed as $TOKEN
+DB_PASSWORD = "pw-0d4e8b6a2c9f"  # a file in secrets_dir, exposed under its own name
+VALUES = (TOKEN, DB_PASSWORD)
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory, tmp_path: Path) -> Mesh:
+    """A mesh whose node holds TOKEN (inline) and DB_PASSWORD (in secrets_dir)."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "DB_PASSWORD").write_text(DB_PASSWORD + "\n")
+    return await mesh_factory(slots=2, secrets={"api-token": TOKEN}, secrets_dir=secrets_dir)
+
+
+def stored_bytes(data_dir: Path) -> bytes:
+    """The coordinator's SQLite database and its write-ahead log, as bytes."""
+    files = [data_dir / "shoal.db", data_dir / "shoal.db-wal"]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+def shows_no_value(text: str | bytes) -> None:
+    """Assert that no secret value occurs in `text` (bytes are searched byte for byte)."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")  # one character per byte: ASCII values still match
+    for value in VALUES:
+        assert value not in text, f"{value!r} leaked"
+
+
+async def test_task_uses_its_secrets_and_no_output_shows_them(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gate = tmp_path / "gate"
+    # The last line writes TOKEN's head in one write, then waits: it reaches the node in one
+    # chunk and its tail in another, after the gate opens.
+    script = (
+        'echo "out:$TOKEN"; echo "err:$TOKEN" >&2; echo "db:$DB_PASSWORD"; '
+        'printf \'start:%s\' "${TOKEN%"${TOKEN#??????}"}"; '
+        + gate_script(gate, 'printf "%s:end\\n" "${TOKEN#??????}"')
+    )
+    spec = shell(script, name="secretive")
+    spec.secrets.add(name="api-token", env="TOKEN")
+    spec.secrets.add(name="DB_PASSWORD")
+
+    outputs: list[task_pb2.Event] = []
+    task_id = ""
+    async for event in mesh.client.run(spec):
+        task_id = event.task_id
+        if event.HasField("output"):
+            outputs.append(event)
+            stdout = "".join(
+                e.output.data for e in outputs if e.output.stream == task_pb2.OUTPUT_STREAM_STDOUT
+            )
+            if "start:" in stdout and not gate.exists():
+                gate.touch()
+        elif is_final(event.state):
+            break
+    done = await mesh.client.wait(task_id, timeout=WAIT)
+    got = await mesh.client.get(task_id)
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result.error
+    by_stream = {
+        stream: "".join(e.output.data for e in outputs if e.output.stream == stream)
+        for stream in (task_pb2.OUTPUT_STREAM_STDOUT, task_pb2.OUTPUT_STREAM_STDERR)
+    }
+    assert by_stream[task_pb2.OUTPUT_STREAM_STDOUT] == "out:***\ndb:***\nstart:***:end\n"
+    assert by_stream[task_pb2.OUTPUT_STREAM_STDERR] == "err:***\n"
+    # TOKEN's head was held back until its tail arrived in a later chunk.
+    assert any(e.output.data.endswith("start:") for e in outputs)
+    for event in outputs:
+        shows_no_value(event.output.data)
+    assert done.result.stdout == "out:***\ndb:***\nstart:***:end\n"
+    assert done.result.stderr == "err:***\n"
+    assert [(r.name, r.env) for r in got.spec.secrets] == [
+        ("api-token", "TOKEN"),
+        ("DB_PASSWORD", ""),
+    ]
+    shows_no_value(got.SerializeToString())
+    shows_no_value(str(got))
+
+    def stored() -> bytes:
+        data = stored_bytes(mesh.data_dir)
+        assert b"out:***" in data  # the result is stored: the check below sees it
+        return data
+
+    shows_no_value(await eventually(stored))
+    shows_no_value(caplog.text)
+    for record in caplog.records:
+        shows_no_value(record.getMessage())
+
+
+async def test_missing_secret_fails_the_task_naming_it(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    spec = shell('echo "$TOKEN $NOPE"')
+    spec.secrets.add(name="api-token", env="TOKEN")
+    spec.secrets.add(name="NOPE")
+    spec.secrets.add(name="ALSO_ABSENT")
+
+    done = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+
+    assert done.state == task_pb2.TASK_STATE_FAILED
+    assert done.result.infrastructure_failure
+    assert "'NOPE'" in done.result.error and "'ALSO_ABSENT'" in done.result.error
+    assert mesh.node.node_id in done.result.error
+    assert "'api-token'" not in done.result.error
+    assert not done.result.stdout
+    shows_no_value(done.result.error)
+    assert any("'NOPE'" in r.getMessage() for r in caplog.records if r.name == "shoal.node")
+    shows_no_value(caplog.text)
+
+
+async def test_rotated_secret_file_is_used_by_the_next_task(mesh: Mesh, tmp_path: Path) -> None:
+    spec = shell('test "$DB_PASSWORD" = rotated-value && echo "db:$DB_PASSWORD"')
+    spec.secrets.add(name="DB_PASSWORD")
+    await asyncio.to_thread((tmp_path / "secrets" / "DB_PASSWORD").write_text, "rotated-value\n")
+
+    done = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result.stderr
+    assert done.result.stdout == "db:***\n"
+
+
+async def test_tasks_do_not_inherit_the_nodes_shoal_settings(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The in-process node's environment is this process's: a token set for it must not leak.
+    monkeypatch.setenv("SHOAL_NODE_TOKEN", "shoal_abc_node-secret")
+    task = await mesh.client.submit(shell(["env"]))
+    done = await mesh.client.wait(task.id, timeout=WAIT)
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert "PATH=" in done.result.stdout
+    assert "SHOAL_" not in done.result.stdout

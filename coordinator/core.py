@@ -331,7 +331,9 @@ class Coordinator:
             try:
                 before = int(page_token)
             except ValueError:
-                raise InvalidArgument(f"bad page_token {page_token!r}") from None
+                before = -1
+            if not 0 < before < 1 << 63:
+                raise InvalidArgument(f"bad page_token {page_token[:64]!r}")
         wanted = set(states)
         unknown = wanted - set(task_pb2.TaskState.values())
         if unknown:

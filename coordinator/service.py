@@ -21,6 +21,7 @@ from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
 from shoal.errors import InvalidArgument
+from shoal.specs import duration
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -73,9 +74,7 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         return await self._core.get(request.task_id, by=current_principal())
 
     async def Wait(self, request: tasks_pb2.WaitRequest, context: _Ctx) -> task_pb2.Task:
-        timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else None
-        if timeout is not None and timeout.total_seconds() < 0:
-            raise InvalidArgument("timeout must not be negative")
+        timeout = duration(request.timeout, "timeout") if request.HasField("timeout") else None
         return await self._core.wait(request.task_id, timeout, by=current_principal())
 
     async def Cancel(self, request: tasks_pb2.CancelRequest, context: _Ctx) -> task_pb2.Task:
@@ -151,7 +150,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             node_id=request.node_id,
             executors=list(request.executors),
             labels=dict(request.labels),
-            ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+            ttl=duration(request.ttl, "ttl", positive=True) if request.HasField("ttl") else None,
             created_by=current_principal().name,
         )
         _log.info("token %r (%s) created by %s", made.row.name, role, made.row.created_by)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from shoal.specs import duration
 from shoal.v1 import task_pb2
 
 __all__ = ["Limits", "validate_batch"]
@@ -65,9 +66,10 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
     if spec.priority not in task_pb2.Priority.values():
         bad("priority", f"unknown priority {spec.priority}")
     if spec.HasField("timeout"):
-        t = spec.timeout
-        if t.seconds < 0 or t.nanos < 0 or (t.seconds == 0 and t.nanos == 0):
-            bad("timeout", "must be positive")
+        try:
+            duration(spec.timeout, "timeout", positive=True)
+        except InvalidArgument as err:
+            bad("timeout", err.message)
     for name in ("name", "idempotency_key", "tenant"):
         if len(getattr(spec, name)) > limits.max_string:
             bad(name, f"longer than {limits.max_string} characters")

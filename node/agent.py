@@ -266,6 +266,15 @@ class NodeAgent:
 
         try:
             outcome = await self._execute(run, spec, lambda chunk: self._push(update(output=chunk)))
+        except Exception as err:  # a bug: still report an outcome, or the slot stays taken
+            _log.exception("node=%s task=%s failed to run", self.node_id, run.task_id)
+            outcome = Outcome(
+                task_pb2.TASK_STATE_FAILED,
+                task_pb2.TaskResult(
+                    error=f"node {self.node_id} failed to run it: {type(err).__name__}",
+                    infrastructure_failure=True,
+                ),
+            )
         finally:
             if self._runs.get(run.task_id) is run:
                 del self._runs[run.task_id]
@@ -284,7 +293,7 @@ class NodeAgent:
                     infrastructure_failure=True,
                 ),
             )
-        timeout = spec.timeout.ToTimedelta().total_seconds() if spec.HasField("timeout") else None
+        timeout = spec.timeout.ToNanoseconds() / 1e9 if spec.HasField("timeout") else None
         redactor = Redactor()
         try:
             try:

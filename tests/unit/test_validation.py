@@ -72,6 +72,8 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
     secrets = shell("true")
     secrets.secrets.add(name="db-password", env="1BAD")
     secrets.secrets.add(name="", env="OK")
+    forever = shell("true")
+    forever.timeout.seconds = 2**62  # beyond what Duration (and timedelta) can hold
     twice = shell("true", env={"SAME": "1"})
     twice.secrets.add(name="../etc/passwd", env="X")
     twice.secrets.add(name="b", env="SAME")
@@ -84,6 +86,7 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
             shell("true", metadata={long: "v"}),
             secrets,
             twice,
+            forever,
         ]
     ) == [
         "specs[0].name",
@@ -95,4 +98,5 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
         "specs[5].secrets[1].name",
         "specs[6].secrets[0].name",
         "specs[6].secrets[1].env",
+        "specs[7].timeout",
     ]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from google.protobuf.duration_pb2 import Duration
+
+from shoal.errors import InvalidArgument
 from shoal.v1 import task_pb2
 
-__all__ = ["FINAL_STATES", "executor_of", "is_final", "state_name"]
+__all__ = ["FINAL_STATES", "MAX_DURATION", "duration", "executor_of", "is_final", "state_name"]
+
+MAX_DURATION = timedelta(seconds=315_576_000_000)
+"""The range google.protobuf.Duration documents (10,000 years); timedelta overflows far beyond."""
 
 FINAL_STATES = frozenset(
     {
@@ -32,3 +40,14 @@ def is_final(state: int) -> bool:
 def state_name(state: int) -> str:
     """`TASK_STATE_SUCCEEDED` -> `SUCCEEDED`."""
     return task_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]
+
+
+def duration(d: Duration, field: str, *, positive: bool = False) -> timedelta:
+    """A request's Duration as timedelta; InvalidArgument when negative (or zero with
+    `positive`) or beyond the range Duration documents."""
+    seconds, nanos = d.seconds, d.nanos
+    if seconds < 0 or nanos < 0 or nanos >= 1_000_000_000 or seconds > MAX_DURATION.days * 86400:
+        raise InvalidArgument(f"{field} must be between 0 and {MAX_DURATION.days} days")
+    if positive and not (seconds or nanos):
+        raise InvalidArgument(f"{field} must be positive")
+    return timedelta(seconds=seconds, microseconds=nanos // 1000)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\"\x8f\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest29\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\"\x9f\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest29\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_NODEINFO']._serialized_start=34
-  _globals['_NODEINFO']._serialized_end=305
-  _globals['_NODEINFO_LABELSENTRY']._serialized_start=260
-  _globals['_NODEINFO_LABELSENTRY']._serialized_end=305
-  _globals['_RESOURCES']._serialized_start=307
-  _globals['_RESOURCES']._serialized_end=365
-  _globals['_INFOREQUEST']._serialized_start=367
-  _globals['_INFOREQUEST']._serialized_end=380
-  _globals['_NODE']._serialized_start=382
-  _globals['_NODE']._serialized_end=439
+  _globals['_NODEINFO']._serialized_end=321
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=276
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=321
+  _globals['_RESOURCES']._serialized_start=323
+  _globals['_RESOURCES']._serialized_end=381
+  _globals['_INFOREQUEST']._serialized_start=383
+  _globals['_INFOREQUEST']._serialized_end=396
+  _globals['_NODE']._serialized_start=398
+  _globals['_NODE']._serialized_end=455
 # @@protoc_insertion_point(module_scope)

@@ -53,11 +53,14 @@ class NodeInfo(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     version: _builtins.str
     slots: _builtins.int
     python_version: _builtins.str
+    weight: _builtins.float
+    """share of work under ROUTING_STRATEGY_WEIGHTED (default 1)"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -78,10 +81,11 @@ class NodeInfo(_message.Message):
         resources: Global___Resources | None = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         python_version: _builtins.str = ...,
+        weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "hostname", b"hostname", "labels", b"labels", "models", b"models", "node_id", b"node_id", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "hostname", b"hostname", "labels", b"labels", "models", b"models", "node_id", b"node_id", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,6 +22,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RoutingStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoutingStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoutingStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTING_STRATEGY_UNSPECIFIED: _RoutingStrategy.ValueType  # 0
+    """the coordinator's default (least loaded)"""
+    ROUTING_STRATEGY_LEAST_LOADED: _RoutingStrategy.ValueType  # 1
+    """the node with the lowest share of its slots in use"""
+    ROUTING_STRATEGY_ROUND_ROBIN: _RoutingStrategy.ValueType  # 2
+    ROUTING_STRATEGY_RANDOM: _RoutingStrategy.ValueType  # 3
+    ROUTING_STRATEGY_WEIGHTED: _RoutingStrategy.ValueType  # 4
+    """random, in proportion to each node's weight"""
+    ROUTING_STRATEGY_AFFINITY: _RoutingStrategy.ValueType  # 5
+    """the node that last ran the task's affinity_key, if it can"""
+
+class RoutingStrategy(_RoutingStrategy, metaclass=_RoutingStrategyEnumTypeWrapper):
+    """How the coordinator picks among the nodes that can run a task."""
+
+ROUTING_STRATEGY_UNSPECIFIED: RoutingStrategy.ValueType  # 0
+"""the coordinator's default (least loaded)"""
+ROUTING_STRATEGY_LEAST_LOADED: RoutingStrategy.ValueType  # 1
+"""the node with the lowest share of its slots in use"""
+ROUTING_STRATEGY_ROUND_ROBIN: RoutingStrategy.ValueType  # 2
+ROUTING_STRATEGY_RANDOM: RoutingStrategy.ValueType  # 3
+ROUTING_STRATEGY_WEIGHTED: RoutingStrategy.ValueType  # 4
+"""random, in proportion to each node's weight"""
+ROUTING_STRATEGY_AFFINITY: RoutingStrategy.ValueType  # 5
+"""the node that last ran the task's affinity_key, if it can"""
+Global___RoutingStrategy: _TypeAlias = RoutingStrategy  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -105,6 +137,208 @@ OUTPUT_STREAM_UNSPECIFIED: OutputStream.ValueType  # 0
 OUTPUT_STREAM_STDOUT: OutputStream.ValueType  # 1
 OUTPUT_STREAM_STDERR: OutputStream.ValueType  # 2
 Global___OutputStream: _TypeAlias = OutputStream  # noqa: Y015
+
+@_typing.final
+class LabelSelector(_message.Message):
+    """A condition on one node label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Operator:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LabelSelector._Operator.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OPERATOR_UNSPECIFIED: LabelSelector._Operator.ValueType  # 0
+        """treated as IN"""
+        OPERATOR_IN: LabelSelector._Operator.ValueType  # 1
+        """the label is one of `values`"""
+        OPERATOR_NOT_IN: LabelSelector._Operator.ValueType  # 2
+        """the label is absent or none of `values`"""
+        OPERATOR_EXISTS: LabelSelector._Operator.ValueType  # 3
+        OPERATOR_DOES_NOT_EXIST: LabelSelector._Operator.ValueType  # 4
+
+    class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper): ...
+    OPERATOR_UNSPECIFIED: LabelSelector.Operator.ValueType  # 0
+    """treated as IN"""
+    OPERATOR_IN: LabelSelector.Operator.ValueType  # 1
+    """the label is one of `values`"""
+    OPERATOR_NOT_IN: LabelSelector.Operator.ValueType  # 2
+    """the label is absent or none of `values`"""
+    OPERATOR_EXISTS: LabelSelector.Operator.ValueType  # 3
+    OPERATOR_DOES_NOT_EXIST: LabelSelector.Operator.ValueType  # 4
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    operator: Global___LabelSelector.Operator.ValueType
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        operator: Global___LabelSelector.Operator.ValueType = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "operator", b"operator", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelSelector: _TypeAlias = LabelSelector  # noqa: Y015
+
+@_typing.final
+class PreferredLabel(_message.Message):
+    """A label a node should preferably carry: among fitting nodes, the sum of matched weights wins."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    weight: _builtins.float
+    """default 1"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreferredLabel: _TypeAlias = PreferredLabel  # noqa: Y015
+
+@_typing.final
+class ResourceRequest(_message.Message):
+    """What a task occupies on its node while it runs; never oversubscribed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    cpu: _builtins.float
+    """cores"""
+    memory_mb: _builtins.int
+    gpus: _builtins.int
+    slots: _builtins.int
+    """default 1"""
+    def __init__(
+        self,
+        *,
+        cpu: _builtins.float = ...,
+        memory_mb: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpus", b"gpus", "memory_mb", b"memory_mb", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceRequest: _TypeAlias = ResourceRequest  # noqa: Y015
+
+@_typing.final
+class Dependency(_message.Message):
+    """A task this one waits for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    BATCH_INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ON_FAILURE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """an existing task"""
+    batch_index: _builtins.int
+    """a task of the same SubmitBatch, by its index"""
+    run_on_failure: _builtins.bool
+    """Run even when the upstream did not succeed (otherwise this task is SKIPPED)."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        batch_index: _builtins.int = ...,
+        run_on_failure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "ref", b"ref", "task_id", b"task_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "ref", b"ref", "run_on_failure", b"run_on_failure", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_ref: _TypeAlias = _typing.Literal["task_id", "batch_index"]  # noqa: Y015
+    _WhichOneofArgType_ref: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_ref) -> _WhichOneofReturnType_ref | None: ...
+
+Global___Dependency: _TypeAlias = Dependency  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """Whether and when a failed attempt is tried again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_FIELD_NUMBER: _builtins.int
+    RETRY_ON_EXIT_FIELD_NUMBER: _builtins.int
+    RETRY_EXIT_CODES_FIELD_NUMBER: _builtins.int
+    RETRY_ON_TIMEOUT_FIELD_NUMBER: _builtins.int
+    NO_RETRY_ON_INFRASTRUCTURE_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """in all, the first included; 0 or 1: no retry"""
+    multiplier: _builtins.float
+    """default 2"""
+    retry_on_exit: _builtins.bool
+    """Which failures are retried: a non-zero exit (all, or only these codes), a timeout,
+    a lost node or another infrastructure failure.
+    """
+    retry_on_timeout: _builtins.bool
+    no_retry_on_infrastructure: _builtins.bool
+    """infrastructure failures are retried unless this is set"""
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """default 1 s"""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """default 60 s"""
+
+    @_builtins.property
+    def retry_exit_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """with retry_on_exit: only these (empty: any non-zero)"""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+        multiplier: _builtins.float = ...,
+        retry_on_exit: _builtins.bool = ...,
+        retry_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
+        retry_on_timeout: _builtins.bool = ...,
+        no_retry_on_infrastructure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "multiplier", b"multiplier", "no_retry_on_infrastructure", b"no_retry_on_infrastructure", "retry_exit_codes", b"retry_exit_codes", "retry_on_exit", b"retry_on_exit", "retry_on_timeout", b"retry_on_timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class ShellSpec(_message.Message):
@@ -510,11 +744,29 @@ class TaskSpec(_message.Message):
     REQUIRED_LABELS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SECRETS_FIELD_NUMBER: _builtins.int
+    SELECTORS_FIELD_NUMBER: _builtins.int
+    PREFERRED_LABELS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    AFFINITY_KEY_FIELD_NUMBER: _builtins.int
+    HARD_AFFINITY_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
     """A client key: submitting the same key again returns the existing task."""
     tenant: _builtins.str
+    model: _builtins.str
+    """a node must offer this model (LLM tasks)"""
+    routing: Global___RoutingStrategy.ValueType
+    affinity_key: _builtins.str
+    """with ROUTING_STRATEGY_AFFINITY: tasks with one key stick to a node"""
+    hard_affinity: _builtins.bool
+    """wait for that node rather than run elsewhere"""
     @_builtins.property
     def shell(self) -> Global___ShellSpec: ...
     @_builtins.property
@@ -547,6 +799,28 @@ class TaskSpec(_message.Message):
         their values are never stored, sent or shown.
         """
 
+    @_builtins.property
+    def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelSelector]:
+        """Placement, beyond required_labels (exact matches)."""
+
+    @_builtins.property
+    def preferred_labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreferredLabel]: ...
+    @_builtins.property
+    def resources(self) -> Global___ResourceRequest: ...
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dependency]:
+        """Ordering and time."""
+
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """not started before this time"""
+
+    @_builtins.property
+    def queue_timeout(self) -> _duration_pb2.Duration:
+        """TIMED_OUT if not started within this"""
+
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy: ...
     def __init__(
         self,
         *,
@@ -566,10 +840,21 @@ class TaskSpec(_message.Message):
         required_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         secrets: _abc.Iterable[Global___SecretRef] | None = ...,
+        selectors: _abc.Iterable[Global___LabelSelector] | None = ...,
+        preferred_labels: _abc.Iterable[Global___PreferredLabel] | None = ...,
+        resources: Global___ResourceRequest | None = ...,
+        model: _builtins.str = ...,
+        routing: Global___RoutingStrategy.ValueType = ...,
+        affinity_key: _builtins.str = ...,
+        hard_affinity: _builtins.bool = ...,
+        depends_on: _abc.Iterable[Global___Dependency] | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        queue_timeout: _duration_pb2.Duration | None = ...,
+        retry: Global___RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "kind", b"kind", "llm", b"llm", "ollama", b"ollama", "python", b"python", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "name", b"name", "ollama", b"ollama", "priority", b"priority", "python", b"python", "required_labels", b"required_labels", "secrets", b"secrets", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -667,6 +952,46 @@ class TaskResult(_message.Message):
 Global___TaskResult: _TypeAlias = TaskResult  # noqa: Y015
 
 @_typing.final
+class Attempt(_message.Message):
+    """One dispatch of a task, as it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    state: Global___TaskState.ValueType
+    @_builtins.property
+    def id(self) -> Global___AttemptId: ...
+    @_builtins.property
+    def result(self) -> Global___TaskResult: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: Global___AttemptId | None = ...,
+        node_id: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+        result: Global___TaskResult | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "id", b"id", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "result", b"result", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
+
+@_typing.final
 class Task(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -682,6 +1007,8 @@ class Task(_message.Message):
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     CREATED_SEQ_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     node_id: _builtins.str
@@ -703,6 +1030,14 @@ class Task(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """earlier attempts that failed and were retried"""
+
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """upstream task ids (batch indexes resolved)"""
+
     def __init__(
         self,
         *,
@@ -718,10 +1053,12 @@ class Task(_message.Message):
         pending_reason: _builtins.str = ...,
         created_seq: _builtins.int = ...,
         submitted_by: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "created_seq", b"created_seq", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "created_seq", b"created_seq", "depends_on", b"depends_on", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

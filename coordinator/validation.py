@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.specs import duration
 from shoal.v1 import task_pb2
@@ -23,6 +25,8 @@ class Limits:
     max_labels: int = 64  # entries of each map or list in a spec
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
     max_watch_tasks: int = 1000
+    max_depends_on: int = 100  # upstream tasks of one task (fan-in)
+    max_attempts: int = 100
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -102,7 +106,89 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         elif env in seen:
             bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
         seen.add(env)
+    _check_scheduling(spec, limits, bad)
     return out
+
+
+def _check_scheduling(
+    spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
+) -> None:
+    """Placement, dependency, time and retry fields; reports through `bad`."""
+    for i, sel in enumerate(spec.selectors):
+        if not sel.key or len(sel.key) > limits.max_string:
+            bad(f"selectors[{i}].key", f"must be 1-{limits.max_string} characters")
+        if sel.operator not in task_pb2.LabelSelector.Operator.values():
+            bad(f"selectors[{i}].operator", f"unknown operator {sel.operator}")
+        if len(sel.values) > limits.max_labels:
+            bad(f"selectors[{i}].values", f"more than {limits.max_labels} values")
+    if len(spec.selectors) > limits.max_labels:
+        bad("selectors", f"more than {limits.max_labels} selectors")
+    if len(spec.preferred_labels) > limits.max_labels:
+        bad("preferred_labels", f"more than {limits.max_labels} entries")
+    for i, pref in enumerate(spec.preferred_labels):
+        if not math.isfinite(pref.weight) or pref.weight < 0:
+            bad(f"preferred_labels[{i}].weight", "must be a finite number >= 0")
+    res = spec.resources
+    if not math.isfinite(res.cpu) or res.cpu < 0 or res.cpu > 1e6:
+        bad("resources.cpu", "must be between 0 and 1e6 cores")
+    if spec.routing not in task_pb2.RoutingStrategy.values():
+        bad("routing", f"unknown routing strategy {spec.routing}")
+    if len(spec.affinity_key) > limits.max_string or len(spec.model) > limits.max_string:
+        bad("affinity_key" if spec.affinity_key else "model", "too long")
+    if len(spec.depends_on) > limits.max_depends_on:
+        bad("depends_on", f"more than {limits.max_depends_on} upstream tasks")
+    for i, dep in enumerate(spec.depends_on):
+        if dep.WhichOneof("ref") is None or (dep.HasField("task_id") and not dep.task_id):
+            bad(f"depends_on[{i}]", "set task_id or batch_index")
+    for text, index in references(spec):
+        if index is None or index >= len(spec.depends_on):
+            bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
+    if spec.HasField("not_before"):
+        ts = spec.not_before
+        if not 0 <= ts.seconds <= 253402300799 or not 0 <= ts.nanos < 1_000_000_000:
+            bad("not_before", "must be a time between 1970 and 9999")
+    if spec.HasField("queue_timeout"):
+        try:
+            duration(spec.queue_timeout, "queue_timeout", positive=True)
+        except InvalidArgument as err:
+            bad("queue_timeout", err.message)
+    retry = spec.retry
+    if retry.max_attempts > limits.max_attempts:
+        bad("retry.max_attempts", f"at most {limits.max_attempts}")
+    for name in ("initial_backoff", "max_backoff"):
+        if retry.HasField(name):
+            try:
+                duration(getattr(retry, name), f"retry.{name}")
+            except InvalidArgument as err:
+                bad(f"retry.{name}", err.message)
+    if not math.isfinite(retry.multiplier) or not (retry.multiplier == 0 or retry.multiplier >= 1):
+        bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
+
+
+def _cycle(specs: Sequence[task_pb2.TaskSpec]) -> list[int] | None:
+    """Indexes of a dependency cycle within the batch, or None."""
+    edges = [
+        [d.batch_index for d in spec.depends_on if d.HasField("batch_index")] for spec in specs
+    ]
+    state = [0] * len(specs)  # 0 new, 1 on the path, 2 done
+    for start in range(len(specs)):
+        if state[start]:
+            continue
+        path, stack = [start], [iter(edges[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif 0 <= nxt < len(specs):
+                if state[nxt] == 1:
+                    return path[path.index(nxt) :]
+                if state[nxt] == 0:
+                    state[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(edges[nxt]))
+    return None
 
 
 def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single: bool) -> None:
@@ -130,12 +216,25 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
     for i, spec in enumerate(specs):
         at = "spec" if single else f"specs[{i}]"
         violations += _spec_violations(spec, at, limits)
+        for j, dep in enumerate(spec.depends_on):
+            if dep.HasField("batch_index") and (
+                dep.batch_index >= len(specs) or dep.batch_index == i
+            ):
+                violations.append(
+                    FieldViolation(
+                        f"{at}.depends_on[{j}].batch_index",
+                        f"{dep.batch_index} is not another task of this batch",
+                    )
+                )
         if spec.idempotency_key:
             if spec.idempotency_key in keys:
                 violations.append(
                     FieldViolation(f"{at}.idempotency_key", "repeated within the batch")
                 )
             keys.add(spec.idempotency_key)
+    if not violations and (cycle := _cycle(specs)) is not None:
+        loop = " -> ".join(f"specs[{i}]" for i in [*cycle, cycle[0]])
+        violations.append(FieldViolation("depends_on", f"dependency cycle: {loop}"))
     if violations:
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""

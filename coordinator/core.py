@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from collections import deque
@@ -18,31 +19,40 @@ from shoal.auth import COORDINATOR, Principal, Role
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.scheduler import PlacementClass, Scheduler
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow, TokenRow
+from shoal.coordinator.templates import references, render
+from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import (
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
-from shoal.specs import FINAL_STATES, executor_of, is_final
+from shoal.specs import FINAL_STATES, executor_of, is_final, state_name
 from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
 _log = logging.getLogger("shoal.coordinator")
 
+_PENDING = task_pb2.TASK_STATE_PENDING
 _QUEUED = task_pb2.TASK_STATE_QUEUED
 _ASSIGNED = task_pb2.TASK_STATE_ASSIGNED
 _RUNNING = task_pb2.TASK_STATE_RUNNING
 _CANCELLED = task_pb2.TASK_STATE_CANCELLED
 _FAILED = task_pb2.TASK_STATE_FAILED
+_SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+_SKIPPED = task_pb2.TASK_STATE_SKIPPED
+_TIMED_OUT = task_pb2.TASK_STATE_TIMED_OUT
+_NO_RESULT = task_pb2.TaskResult()
 _REPLAY_PAGE = 1000
 
 
@@ -132,6 +142,7 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self.options = options or CoreOptions()
         self._store = store
@@ -148,6 +159,11 @@ class Coordinator:
         self._dispatch_pending = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._rng = rng or random.Random()
+        self._timers = Timers()
+        self._timer_loop: asyncio.Task[None] | None = None
+        self._timer_wake: asyncio.Event | None = None
+        self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -158,11 +174,19 @@ class Coordinator:
         await self.tokens.load()
         self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
         recovered = await self._store.unfinished()
+        records = []
         for row in recovered:
             spec = task_pb2.TaskSpec.FromString(row.spec)
             rec = self._record(row.id, row.seq, spec, row.created_at, row.submitted_by)
+            rec.upstream = [str(u) for u in row.depends_on]
             self._tasks[rec.id] = rec
-            self._scheduler.queue.push(rec)
+            records.append(rec)
+        outcomes = await self._outcomes_of(records)
+        for rec in records:
+            self._link(rec, outcomes)
+            self._admit(rec)
+        self._timer_wake = asyncio.Event()
+        self._timer_loop = asyncio.create_task(self._run_timers(), name="shoal-timers")
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
         self.accepting = True
         _log.info("coordinator started epoch=%d recovered=%d", self.epoch, len(recovered))
@@ -170,11 +194,12 @@ class Coordinator:
     async def stop(self) -> None:
         """Refuse new work, close node sessions, flush outcomes, close the store; idempotent."""
         self.accepting = False
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for loop_task in (self._sweeper, self._timer_loop):
+            if loop_task is not None:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+        self._sweeper = self._timer_loop = None
         for session in list(self._sessions.values()):
             session.close()
         self._flush_finished()
@@ -197,6 +222,10 @@ class Coordinator:
             tenant=spec.tenant,
             created_at=created_at,
             submitted_by=by,
+            templated=bool(spec.depends_on) and any(True for _ in references(spec)),
+            release_at=(
+                spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
+            ),
         )
 
     async def submit(
@@ -214,6 +243,7 @@ class Coordinator:
             for spec in specs:
                 by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
                 spec.tenant = by.tenant
+        await self._check_upstream_ids(specs, by)
         now = self._wall()
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
@@ -230,27 +260,139 @@ class Coordinator:
                     spec.SerializeToString(),
                     now,
                     by.name,
+                    [
+                        d.task_id if d.HasField("task_id") else d.batch_index
+                        for d in spec.depends_on
+                    ],
                 )
             )
         try:
-            existing = await self._store.insert(rows)
+            existing, upstream = await self._store.insert(rows)
+            created = [r for r, old in zip(records, existing, strict=True) if old is None]
+            for rec, ups in zip(records, upstream, strict=True):
+                rec.upstream = ups
+            outcomes = await self._outcomes_of(created, exclude={r.id for r in created})
         except BaseException:
             self.events.abandon(r.seq for r in records)
             raise
+        # From here on nothing awaits: upstream tasks cannot finish between linking and queueing.
         out: list[Submitted] = []
-        accepted: list[task_pb2.Event] = []
-        for rec, other in zip(records, existing, strict=True):
-            if other is not None:
+        for rec, old in zip(records, existing, strict=True):
+            if old is not None:
                 self.events.abandon((rec.seq,))
-                out.append(Submitted(other, False, 0))
-                continue
-            self._tasks[rec.id] = rec
-            self._scheduler.queue.push(rec)
-            accepted.append(self._event(rec, by=rec.submitted_by, seq=rec.seq))
-            out.append(Submitted(rec.id, True, rec.seq))
+                out.append(Submitted(old, False, 0))
+            else:
+                self._tasks[rec.id] = rec
+                out.append(Submitted(rec.id, True, rec.seq))
+        accepted = []
+        for rec in created:
+            self._link(rec, outcomes)
+            self._admit(rec)
+            event = self._event(rec, by=rec.submitted_by, seq=rec.seq)
+            if is_final(event.state):  # skipped at once: its outcome is its own, later event
+                event.state = _PENDING
+                event.ClearField("result")
+            accepted.append(event)
         self.events.publish(accepted)
-        self._kick()
         return out
+
+    async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
+        """Every upstream named by id exists and is visible to the submitter."""
+        for i, spec in enumerate(specs):
+            for j, dep in enumerate(spec.depends_on):
+                if not dep.HasField("task_id") or dep.task_id in self._tasks:
+                    continue
+                stored = await self._store.get(dep.task_id)
+                if stored is None:
+                    raise InvalidArgument(
+                        f"specs[{i}].depends_on[{j}]: no task {dep.task_id!r}",
+                        [FieldViolation(f"specs[{i}].depends_on[{j}]", "no such task")],
+                    )
+                by.check_tenant(stored.row.tenant, f"task {dep.task_id!r}")
+        for spec in specs:
+            for dep in spec.depends_on:
+                if (up := self._tasks.get(dep.task_id)) is not None:
+                    by.check_tenant(up.tenant, f"task {dep.task_id!r}")
+
+    async def _outcomes_of(
+        self, records: Sequence[TaskRecord], exclude: frozenset[str] | set[str] = frozenset()
+    ) -> dict[str, tuple[int, task_pb2.TaskResult]]:
+        """(state, result) of the final upstream tasks of `records` that are not in memory."""
+        out: dict[str, tuple[int, task_pb2.TaskResult]] = {}
+        for rec in records:
+            for up in rec.upstream:
+                if up in self._tasks or up in exclude or up in out:
+                    continue
+                stored = await self._store.get(up)
+                if stored is not None and stored.outcome is not None:
+                    result = task_pb2.TaskResult.FromString(stored.outcome.result)
+                    out[up] = (stored.outcome.state, result)
+        return out
+
+    def _link(self, rec: TaskRecord, outcomes: dict[str, tuple[int, task_pb2.TaskResult]]) -> None:
+        """Note which upstream tasks `rec` waits for, and the results of those already final."""
+        for index, up_id in enumerate(rec.upstream):
+            up = self._tasks.get(up_id)
+            if up is not None and not (up.durable and up.result is not None):
+                rec.waiting_on.add(up_id)
+                self._dependents.setdefault(up_id, []).append(rec.id)
+            elif up is not None and up.result is not None:
+                self._upstream_done(rec, index, up_id, up.state, up.result)
+            elif up_id in outcomes:
+                self._upstream_done(rec, index, up_id, *outcomes[up_id])
+            else:  # gone from memory while this task was being stored: look it up
+                rec.waiting_on.add(up_id)
+                self._spawn(self._fetch_upstream(rec, up_id))
+
+    async def _fetch_upstream(self, rec: TaskRecord, up_id: str) -> None:
+        stored = await self._store.get(up_id)
+        if stored is None or stored.outcome is None:
+            return
+        result = task_pb2.TaskResult.FromString(stored.outcome.result)
+        self._upstream_final(rec, up_id, stored.outcome.state, result)
+
+    def _upstream_done(
+        self, rec: TaskRecord, index: int, up_id: str, state: int, result: task_pb2.TaskResult
+    ) -> None:
+        edge = rec.spec.depends_on[index]
+        if state != _SUCCEEDED and not edge.run_on_failure and not rec.skip_reason:
+            rec.skip_reason = f"upstream task {up_id} ended {state_name(state)}"
+        rec.upstream_results[up_id] = result
+
+    def _upstream_final(
+        self, rec: TaskRecord, up_id: str, state: int, result: task_pb2.TaskResult
+    ) -> None:
+        """An upstream task of `rec` reached a durable outcome: release or skip `rec`."""
+        if is_final(rec.state) or up_id not in rec.waiting_on:
+            return
+        for index, candidate in enumerate(rec.upstream):
+            if candidate == up_id:
+                self._upstream_done(rec, index, up_id, state, result)
+        rec.waiting_on.discard(up_id)
+        if rec.skip_reason:
+            self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
+        elif not rec.waiting_on:
+            self._admit(rec)
+            self.events.emit(self._event(rec, by=COORDINATOR))
+
+    def _admit(self, rec: TaskRecord) -> None:
+        """Queue a task whose upstream tasks are done and whose time has come; else PENDING."""
+        if rec.skip_reason and not rec.waiting_on:
+            self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
+            return
+        now = self._wall()
+        if rec.spec.HasField("queue_timeout") and rec.attempt == 0 and not rec.attempts:
+            timeout = rec.spec.queue_timeout.ToNanoseconds() / 1e9
+            self._set_timer(TimerKind.QUEUE_TIMEOUT, rec.id, rec.created_at + timeout)
+        if rec.waiting_on or (rec.release_at is not None and rec.release_at > now):
+            rec.state = _PENDING
+            if rec.release_at is not None and not rec.waiting_on:
+                self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
+            return
+        rec.release_at = None
+        rec.state = _QUEUED
+        self._scheduler.queue.push(rec)
+        self._kick()
 
     async def get(self, task_id: str, *, by: Principal) -> task_pb2.Task:
         rec = self._live(task_id, by)
@@ -303,16 +445,38 @@ class Coordinator:
             return self._stored_proto(stored)
         if is_final(rec.state):
             return self._task_proto(rec)
-        rec.finished_by = by.name
-        if rec.state == _QUEUED:
-            self._scheduler.queue.discard()
-            self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled while queued"))
+        self._cancel_one(rec, by.name, "cancelled")
+        for dependent in self._descendants(rec.id):
+            self._cancel_one(dependent, by.name, f"cancelled with upstream task {rec.id}")
+        if is_final(rec.state):
             return await self.wait(task_id, None, by=by)
+        return self._task_proto(rec)
+
+    def _cancel_one(self, rec: TaskRecord, by: str, why: str) -> None:
+        """Waiting tasks end at once; a running one is killed by its node, which reports it."""
+        if is_final(rec.state):
+            return
+        rec.finished_by = by
+        if rec.state in (_PENDING, _QUEUED):
+            self._finish(rec, _CANCELLED, task_pb2.TaskResult(error=f"{why} before it started"))
+            return
         rec.cancel_requested = True
         session = self._sessions.get(rec.node_id)
         if session is not None:
             session.cancel(rec.id, self._attempt(rec))
-        return self._task_proto(rec)
+
+    def _descendants(self, task_id: str) -> list[TaskRecord]:
+        """Every task waiting, directly or not, on `task_id`."""
+        out: list[TaskRecord] = []
+        seen = {task_id}
+        frontier = [task_id]
+        while frontier:
+            for dependent in self._dependents.get(frontier.pop(), ()):
+                if dependent not in seen and (rec := self._tasks.get(dependent)) is not None:
+                    seen.add(dependent)
+                    out.append(rec)
+                    frontier.append(dependent)
+        return out
 
     async def list_tasks(
         self,
@@ -411,8 +575,16 @@ class Coordinator:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _finish(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
+    def _finish(
+        self, rec: TaskRecord, state: int, result: task_pb2.TaskResult, *, by: str = ""
+    ) -> None:
         """Make a task final now; its outcome is committed with the next group of outcomes."""
+        if rec.state == _QUEUED:
+            self._scheduler.queue.discard()
+        if by:
+            rec.finished_by = by
+        self._timers.cancel(TimerKind.RELEASE, rec.id)
+        self._timers.cancel(TimerKind.QUEUE_TIMEOUT, rec.id)
         rec.state = state
         rec.result = result
         rec.finished_at = self._wall()
@@ -444,6 +616,11 @@ class Coordinator:
                 attempt_number=rec.attempt,
                 result=rec.result.SerializeToString() if rec.result else b"",
                 finished_by=rec.finished_by,
+                attempts=(
+                    task_pb2.Task(attempts=rec.attempts).SerializeToString()
+                    if rec.attempts
+                    else b""
+                ),
             )
             for rec in batch
         ]
@@ -465,6 +642,9 @@ class Coordinator:
                     fut.set_result(None)
             rec.waiters.clear()
             self._finished.append(rec.id)
+            for dependent in self._dependents.pop(rec.id, ()):
+                if (down := self._tasks.get(dependent)) is not None:
+                    self._upstream_final(down, rec.id, rec.state, rec.result or _NO_RESULT)
         while len(self._finished) > cap:
             self._tasks.pop(self._finished.popleft(), None)
 
@@ -490,8 +670,11 @@ class Coordinator:
             rec.node_id = session.node_id
             session.inflight[rec.id] = rec
             attempt = self._attempt(rec)
+            spec = rec.spec
+            if rec.templated:
+                spec = render(spec, [rec.upstream_results.get(u, _NO_RESULT) for u in rec.upstream])
             by_node.setdefault(session.node_id, []).append(
-                gateway_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=rec.spec)
+                gateway_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=spec)
             )
             events.append(self._event(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
@@ -565,6 +748,14 @@ class Coordinator:
             if rec.cancel_requested:
                 self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled; node left"))
                 continue
+            lost = task_pb2.TaskResult(
+                error=f"node {session.node_id} was lost", infrastructure_failure=True
+            )
+            if rec.spec.retry.max_attempts:
+                self._after_failure(rec, _FAILED, lost, by=COORDINATOR)
+                continue
+            # Without a retry policy a lost node never loses a task: it runs again at once.
+            self._record_attempt(rec, _FAILED, lost)
             rec.state = _QUEUED
             rec.node_id = ""
             rec.started_at = None
@@ -617,11 +808,75 @@ class Coordinator:
                 del session.inflight[rec.id]
                 session.slots.running -= 1
                 freed = True
-                if not rec.cancel_requested:
-                    rec.finished_by = session.principal.name
-                self._finish(rec, state, result)
+                if rec.cancel_requested:
+                    self._finish(rec, state, result)
+                else:
+                    self._after_failure(rec, state, result, by=session.principal.name)
         if freed:
             self._kick()
+
+    def _record_attempt(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
+        attempt = task_pb2.Attempt(
+            id=self._attempt(rec),
+            node_id=rec.node_id,
+            state=state,  # type: ignore[arg-type]
+            result=result,
+            started_at=_ts(rec.started_at),
+            finished_at=_timestamp(self._wall()),
+        )
+        rec.attempts.append(attempt)
+
+    def _after_failure(
+        self, rec: TaskRecord, state: int, result: task_pb2.TaskResult, *, by: str
+    ) -> None:
+        """An attempt ended: final, or (per its retry policy) tried again after a backoff."""
+        delay = None
+        if state != _SUCCEEDED:
+            made = len(rec.attempts) + 1
+            delay = retry_delay(rec.spec.retry, made, state, result, self._rng)
+        if delay is None:
+            self._finish(rec, state, result, by=by)
+            return
+        self._record_attempt(rec, state, result)
+        rec.node_id = ""
+        rec.started_at = None
+        rec.release_at = self._wall() + delay
+        rec.state = _PENDING
+        self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
+        self.events.emit(self._event(rec, by=by))
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _set_timer(self, kind: TimerKind, task_id: str, due: float) -> None:
+        earliest = self._timers.next_due()
+        self._timers.set(kind, task_id, due)
+        if self._timer_wake is not None and (earliest is None or due < earliest):
+            self._timer_wake.set()
+
+    async def _run_timers(self) -> None:
+        assert self._timer_wake is not None
+        while True:
+            due = self._timers.next_due()
+            wait = 1.0 if due is None else min(1.0, max(0.0, due - self._wall()))
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), wait)
+            self.tick()
+
+    def tick(self) -> None:
+        """Act on every timer that is due: release waiting tasks, time out unstarted ones."""
+        for kind, task_id in self._timers.pop_due(self._wall()):
+            rec = self._tasks.get(task_id)
+            if rec is None or is_final(rec.state):
+                continue
+            if kind is TimerKind.RELEASE and rec.state == _PENDING and not rec.waiting_on:
+                rec.release_at = None
+                self._admit(rec)
+                self.events.emit(self._event(rec, by=COORDINATOR))
+            elif kind is TimerKind.QUEUE_TIMEOUT and rec.state in (_PENDING, _QUEUED):
+                waited = rec.spec.queue_timeout.ToNanoseconds() / 1e9
+                error = f"not started within its queue timeout of {waited:g} s"
+                self._finish(rec, _TIMED_OUT, task_pb2.TaskResult(error=error), by=COORDINATOR)
 
     async def _sweep_leases(self) -> None:
         lease = self.options.lease.total_seconds()
@@ -696,6 +951,16 @@ class Coordinator:
         return event
 
     def _pending_reason(self, rec: TaskRecord) -> str:
+        if rec.state == _PENDING:
+            if rec.waiting_on:
+                ids = ", ".join(sorted(rec.waiting_on)[:5])
+                return f"waiting on {len(rec.waiting_on)} upstream task(s): {ids}"
+            if rec.release_at is not None:
+                at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.release_at))
+                if rec.attempts:
+                    total = rec.spec.retry.max_attempts
+                    return f"attempt {len(rec.attempts) + 1} of {total} at {at} (backoff)"
+                return f"not before {at}"
         if rec.state != _QUEUED:
             return ""
         if not self._scheduler.offered(rec.placement):
@@ -717,6 +982,8 @@ class Coordinator:
             pending_reason=self._pending_reason(rec),
             created_seq=rec.seq,
             submitted_by=rec.submitted_by,
+            attempts=rec.attempts,
+            depends_on=rec.upstream,
         )
         if rec.attempt:
             task.attempt.CopyFrom(self._attempt(rec))
@@ -732,8 +999,11 @@ class Coordinator:
             created_at=_ts(row.created_at),
             created_seq=row.seq,
             submitted_by=row.submitted_by,
+            depends_on=[str(u) for u in row.depends_on],
         )
         if outcome is not None:
+            if outcome.attempts:
+                task.attempts.extend(task_pb2.Task.FromString(outcome.attempts).attempts)
             task.node_id = outcome.node_id
             task.result.ParseFromString(outcome.result)
             task.finished_at.CopyFrom(_timestamp(outcome.finished_at))

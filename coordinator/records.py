@@ -30,6 +30,13 @@ class TaskRecord:
     final_seq: int = 0
     cancel_requested: bool = False
     finished_by: str = ""  # the principal that made it final
+    upstream: list[str] = field(default_factory=list)  # depends_on, resolved, in order
+    waiting_on: set[str] = field(default_factory=set)  # upstream ids not final yet
+    upstream_results: dict[str, task_pb2.TaskResult] = field(default_factory=dict)
+    templated: bool = False  # its spec refers to upstream results
+    skip_reason: str = ""  # an upstream failed: it will be SKIPPED
+    attempts: list[task_pb2.Attempt] = field(default_factory=list)  # earlier, failed ones
+    release_at: float | None = None  # wall time it may be queued (not_before, retry backoff)
     durable: bool = False  # its outcome is committed
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 

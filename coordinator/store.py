@@ -15,7 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class TaskRow:
     spec: bytes  # a serialised shoal.v1.TaskSpec
     created_at: float
     submitted_by: str = ""
+    # Upstream tasks: ids, or (when inserting) indexes into the same insert's rows.
+    depends_on: list[str | int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class FinishedRow:
     attempt_number: int
     result: bytes  # a serialised shoal.v1.TaskResult
     finished_by: str = ""
+    attempts: bytes = b""  # earlier attempts: a serialised shoal.v1.Task with only `attempts`
 
 
 @dataclass(slots=True)
@@ -92,8 +95,12 @@ class Store(ABC):
         """Flush pending writes and close; idempotent."""
 
     @abstractmethod
-    async def insert(self, rows: Sequence[TaskRow]) -> list[str | None]:
-        """Insert atomically; per row None, or the id of the task already holding its key."""
+    async def insert(self, rows: Sequence[TaskRow]) -> tuple[list[str | None], list[list[str]]]:
+        """Insert atomically; per row None, or the id of the task already holding its key.
+
+        Also returns each row's upstream ids, batch indexes resolved to the final ids (an
+        existing task's id where a key matched).
+        """
 
     @abstractmethod
     async def finish(self, rows: Sequence[FinishedRow]) -> None:
@@ -160,7 +167,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempt_number INTEGER,
     result BLOB,
     submitted_by TEXT NOT NULL DEFAULT '',
-    finished_by TEXT
+    finished_by TEXT,
+    depends_on TEXT NOT NULL DEFAULT '[]',
+    attempts BLOB
 );
 CREATE INDEX IF NOT EXISTS tasks_final_seq ON tasks(final_seq) WHERE final_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tokens (
@@ -183,12 +192,14 @@ CREATE TABLE IF NOT EXISTS tokens (
 _ADDED_COLUMNS = (
     ("tasks", "submitted_by", "TEXT NOT NULL DEFAULT ''"),
     ("tasks", "finished_by", "TEXT"),
+    ("tasks", "depends_on", "TEXT NOT NULL DEFAULT '[]'"),
+    ("tasks", "attempts", "BLOB"),
 )
 
 _COLUMNS = (
     "seq, id, idempotency_key, tenant, priority, spec, created_at, state, final_seq,"
     " finished_at, started_at, node_id, attempt_epoch, attempt_number, result,"
-    " submitted_by, finished_by"
+    " submitted_by, finished_by, depends_on, attempts"
 )
 _TOKEN_COLUMNS = (
     "id, name, role, tenant, node_id, executors, labels, secret_hash, created_at, expires_at,"
@@ -197,11 +208,21 @@ _TOKEN_COLUMNS = (
 
 
 def _stored(r: tuple[Any, ...]) -> StoredTask:
-    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[15])
+    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[15], json.loads(r[17]))
     outcome = None
     if r[8] is not None:
         outcome = FinishedRow(
-            r[1], r[7], r[8], r[9], r[10], r[11] or "", r[12], r[13], r[14], r[16] or ""
+            r[1],
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            r[11] or "",
+            r[12],
+            r[13],
+            r[14],
+            r[16] or "",
+            r[18] or b"",
         )
     return StoredTask(row, outcome)
 
@@ -293,26 +314,24 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             fut.set_result(value)
 
 
-_INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by"
+_INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on"
 
 
 def _insert(rows: Sequence[TaskRow]) -> _Op:
-    def op(conn: sqlite3.Connection) -> list[str | None]:
-        plain = [r for r in rows if r.idempotency_key is None]
+    def op(conn: sqlite3.Connection) -> tuple[list[str | None], list[list[str]]]:
+        # The one writer runs this: nothing can insert a key between the lookup and the insert.
+        existing: list[str | None] = [None] * len(rows)
+        for i, r in enumerate(rows):
+            if r.idempotency_key is not None:
+                found = conn.execute(
+                    "SELECT id FROM tasks WHERE idempotency_key = ?", (r.idempotency_key,)
+                ).fetchone()
+                existing[i] = found[0] if found else None
+        final = [old or r.id for old, r in zip(existing, rows, strict=True)]
+        resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
         conn.executemany(
-            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (r.seq, r.id, None, r.tenant, r.priority, r.spec, r.created_at, r.submitted_by)
-                for r in plain
-            ],
-        )
-        existing: dict[str, str] = {}
-        for r in rows:
-            if r.idempotency_key is None:
-                continue
-            cur = conn.execute(
-                f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(idempotency_key) DO NOTHING",
                 (
                     r.seq,
                     r.id,
@@ -322,14 +341,13 @@ def _insert(rows: Sequence[TaskRow]) -> _Op:
                     r.spec,
                     r.created_at,
                     r.submitted_by,
-                ),
-            )
-            if cur.rowcount == 0:
-                found = conn.execute(
-                    "SELECT id FROM tasks WHERE idempotency_key = ?", (r.idempotency_key,)
-                ).fetchone()
-                existing[r.id] = found[0]
-        return [existing.get(r.id) for r in rows]
+                    json.dumps(ups) if ups else "[]",
+                )
+                for r, old, ups in zip(rows, existing, resolved, strict=True)
+                if old is None
+            ],
+        )
+        return existing, resolved
 
     return op
 
@@ -338,8 +356,8 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
     def op(conn: sqlite3.Connection) -> None:
         conn.executemany(
             "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
-            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?"
-            " WHERE id = ? AND final_seq IS NULL",
+            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?,"
+            " attempts = ? WHERE id = ? AND final_seq IS NULL",
             [
                 (
                     r.state,
@@ -351,6 +369,7 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
                     r.attempt_number,
                     r.result,
                     r.finished_by,
+                    r.attempts or None,
                     r.id,
                 )
                 for r in rows
@@ -410,8 +429,8 @@ class SqliteStore(Store):
             raise Unavailable("the store is closed")
         return self._writer.submit(op)
 
-    async def insert(self, rows: Sequence[TaskRow]) -> list[str | None]:
-        result: list[str | None] = await self._write(_insert(rows))
+    async def insert(self, rows: Sequence[TaskRow]) -> tuple[list[str | None], list[list[str]]]:
+        result: tuple[list[str | None], list[list[str]]] = await self._write(_insert(rows))
         return result
 
     async def finish(self, rows: Sequence[FinishedRow]) -> None:
@@ -431,7 +450,10 @@ class SqliteStore(Store):
                 f"SELECT {_INSERTED} FROM tasks WHERE final_seq IS NULL ORDER BY seq"
             ).fetchall()
         )
-        return [TaskRow(*r) for r in rows]
+        return [
+            TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]))
+            for r in rows
+        ]
 
     async def get(self, task_id: str) -> StoredTask | None:
         r = await self._read(

@@ -43,7 +43,7 @@ def _each_string(message: Message, fn: Callable[[str], str | None]) -> None:
                         value[i] = new
             elif (new := fn(value)) is not None:
                 setattr(message, fd.name, new)
-        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
             if fd.message_type.GetOptions().map_entry:
                 if fd.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_STRING:
                     for key in list(value):

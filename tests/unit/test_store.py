@@ -22,7 +22,7 @@ def done(seq: int, final_seq: int, state: int = task_pb2.TASK_STATE_SUCCEEDED) -
 async def test_epoch_grows_and_rows_survive_reopen(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     assert await store.open() == 1
-    assert await store.insert([row(1), row(2), row(3)]) == [None, None, None]
+    assert (await store.insert([row(1), row(2), row(3)]))[0] == [None, None, None]
     await store.finish([done(2, 10)])
     await store.close()
 
@@ -40,9 +40,27 @@ async def test_epoch_grows_and_rows_survive_reopen(tmp_path: Path) -> None:
 async def test_idempotency_key_returns_existing_id(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     await store.open()
-    assert await store.insert([row(1, key="k")]) == [None]
-    assert await store.insert([row(2, key="k"), row(3)]) == ["t1", None]
+    assert (await store.insert([row(1, key="k")]))[0] == [None]
+    assert (await store.insert([row(2, key="k"), row(3)]))[0] == ["t1", None]
     assert await store.get("t2") is None
+    await store.close()
+
+
+async def test_batch_indexes_resolve_to_final_ids_and_survive_reopen(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(1, key="k")])
+    keyed, fresh, child = row(2, key="k"), row(3), row(4)
+    child.depends_on = [0, 1, "t1"]  # the keyed row (an existing task), the fresh one, by id
+    existing, resolved = await store.insert([keyed, fresh, child])
+    assert existing == ["t1", None, None]
+    assert resolved[2] == ["t1", "t3", "t1"]
+    await store.close()
+
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    unfinished = {r.id: r.depends_on for r in await store.unfinished()}
+    assert unfinished == {"t1": [], "t3": [], "t4": ["t1", "t3", "t1"]}
     await store.close()
 
 
@@ -50,7 +68,7 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
     await store.open()
     results = await asyncio.gather(*(store.insert([row(i)]) for i in range(1, 201)))
-    assert all(r == [None] for r in results)
+    assert all(r[0] == [None] for r in results)
     assert len(await store.unfinished()) == 200
     await store.close()
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from shoal import shell
+from shoal import retry, shell
 from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
@@ -156,3 +158,50 @@ async def test_a_flood_of_updates_for_unknown_attempts_holds_bounded_memory(
         [],
         "",
     )
+
+
+class Wall:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_time_moves_tasks_under_an_injected_clock(tmp_path: Path) -> None:
+    wall = Wall()
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall, rng=random.Random(7))
+    await c.start()
+    try:
+        later = shell("true")
+        later.not_before.FromNanoseconds(int((wall.now + 60) * 1e9))
+        expiring = shell("true", labels={"gpu": "yes"}, queue_timeout=timedelta(seconds=30))
+        flaky = shell("false", retry=retry(2, backoff=timedelta(seconds=10)))
+        (held, stale, failing) = await c.submit([later, expiring, flaky], by=ALICE)
+        session = c.attach(hello("n1", slots=4), "peer", by=NODE)
+        (first,) = await assignments(session)
+        assert first.task_id == failing.task_id
+        c.on_message(session, finished(first, code=1))
+        backing_off = await c.get(failing.task_id, by=ALICE)
+        assert backing_off.state == task_pb2.TASK_STATE_PENDING
+        assert "attempt 2 of 2" in backing_off.pending_reason
+
+        wall.now += 31  # the queue timeout passes; the backoff (5-10 s) too
+        c.tick()
+        (second,) = await assignments(session)
+        assert second.task_id == failing.task_id
+        assert second.attempt.number == first.attempt.number + 1
+        timed_out = await c.wait(stale.task_id, None, by=ALICE)
+        assert timed_out.state == task_pb2.TASK_STATE_TIMED_OUT
+        assert (await c.get(held.task_id, by=ALICE)).state == task_pb2.TASK_STATE_PENDING
+
+        wall.now += 30  # not_before reached
+        c.tick()
+        (third,) = await assignments(session)
+        assert third.task_id == held.task_id
+        c.on_message(session, finished(second, code=1))
+        done = await c.wait(failing.task_id, None, by=ALICE)
+        assert done.state == task_pb2.TASK_STATE_FAILED  # two attempts in all
+        assert len(done.attempts) == 1
+    finally:
+        await c.stop()

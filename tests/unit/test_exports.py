@@ -11,15 +11,18 @@ def test_public_names() -> None:
         "FailedPrecondition",
         "InvalidArgument",
         "NotFound",
+        "PermissionDenied",
         "ResourceExhausted",
         "ShoalError",
         "Task",
         "TaskResult",
         "TaskSpec",
+        "Unauthenticated",
         "Unavailable",
         "__version__",
         "noop",
         "python",
+        "retry",
         "shell",
     ]
     for name in shoal.__all__:

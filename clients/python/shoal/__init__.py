@@ -6,14 +6,16 @@ with Client() as client:
     print(client.wait(task.id).result.stdout)
 """
 
-from shoal._builders import noop, python, shell
+from shoal._builders import noop, python, retry, shell
 from shoal._client import AsyncClient, Client
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ShoalError,
+    Unauthenticated,
     Unavailable,
 )
 from shoal.v1.task_pb2 import Event, Task, TaskResult, TaskSpec
@@ -27,14 +29,17 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "ShoalError",
     "Task",
     "TaskResult",
     "TaskSpec",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
     "noop",
     "python",
+    "retry",
     "shell",
 ]

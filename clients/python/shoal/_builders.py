@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from shoal.v1 import task_pb2
 
-__all__ = ["PRIORITIES", "noop", "python", "shell"]
+__all__ = ["PRIORITIES", "noop", "python", "retry", "shell"]
 
 PRIORITIES = {
     "critical": task_pb2.PRIORITY_CRITICAL,
@@ -31,6 +31,10 @@ def _common(
     tenant: str = "",
     labels: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    depends_on: Sequence[int | str | task_pb2.Dependency] = (),
+    retry: task_pb2.RetryPolicy | None = None,
+    queue_timeout: timedelta | None = None,
+    not_before: datetime | None = None,
 ) -> task_pb2.TaskSpec:
     spec.name = name
     spec.priority = PRIORITIES[priority] if isinstance(priority, str) else priority  # type: ignore[assignment]
@@ -40,7 +44,44 @@ def _common(
     spec.tenant = tenant
     spec.required_labels.update(labels or {})
     spec.metadata.update(metadata or {})
+    for dep in depends_on:
+        if isinstance(dep, task_pb2.Dependency):
+            spec.depends_on.append(dep)
+        elif isinstance(dep, int):
+            spec.depends_on.add(batch_index=dep)  # another task of the same batch
+        else:
+            spec.depends_on.add(task_id=dep)
+    if retry is not None:
+        spec.retry.CopyFrom(retry)
+    if queue_timeout is not None:
+        spec.queue_timeout.FromTimedelta(queue_timeout)
+    if not_before is not None:
+        spec.not_before.FromDatetime(not_before)
     return spec
+
+
+def retry(
+    attempts: int,
+    *,
+    backoff: timedelta = timedelta(seconds=1),
+    max_backoff: timedelta = timedelta(seconds=60),
+    multiplier: float = 2.0,
+    on_exit: bool = True,
+    exit_codes: Sequence[int] = (),
+    on_timeout: bool = False,
+) -> task_pb2.RetryPolicy:
+    """Up to `attempts` in all, backing off exponentially; retries a non-zero exit (all, or
+    only `exit_codes`), a timeout when `on_timeout`, and infrastructure failures."""
+    policy = task_pb2.RetryPolicy(
+        max_attempts=attempts,
+        multiplier=multiplier,
+        retry_on_exit=on_exit,
+        retry_exit_codes=exit_codes,
+        retry_on_timeout=on_timeout,
+    )
+    policy.initial_backoff.FromTimedelta(backoff)
+    policy.max_backoff.FromTimedelta(max_backoff)
+    return policy
 
 
 def shell(

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -254,6 +254,19 @@ def _state(state: int) -> str:
     return f"[{colour[name]}]{name}[/]" if name in colour else name
 
 
+def _at(text: str | None) -> datetime | None:
+    """`--at`: an ISO time (local unless it says otherwise), or +SECONDS from now."""
+    if text is None:
+        return None
+    try:
+        if text.startswith("+"):
+            return datetime.now(UTC) + timedelta(seconds=float(text[1:]))
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO time or +SECONDS, got {text!r}") from None
+    return when if when.tzinfo else when.astimezone()
+
+
 def _spec(
     command: list[str],
     python_code: str | None,
@@ -264,6 +277,10 @@ def _spec(
     label: list[str] | None,
     key: str,
     tenant: str,
+    after: list[str] | None,
+    retries: int,
+    queue_timeout: float | None,
+    at: str | None,
 ) -> task_pb2.TaskSpec:
     if priority not in _builders.PRIORITIES:
         raise typer.BadParameter(f"priority must be one of {', '.join(_builders.PRIORITIES)}")
@@ -274,6 +291,10 @@ def _spec(
         labels=_labels(label or []),
         idempotency_key=key,
         tenant=tenant,
+        depends_on=after or [],
+        retry=_builders.retry(retries + 1) if retries else None,
+        queue_timeout=_duration(queue_timeout),
+        not_before=_at(at),
     )
     if python_code is not None:
         return _builders.python(python_code, args=command, **common)
@@ -289,6 +310,14 @@ LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="Requi
 PythonOpt = Annotated[str | None, typer.Option("--python", help="Run Python code instead")]
 KeyOpt = Annotated[str, typer.Option("--key", help="Idempotency key")]
 TenantOpt = Annotated[str, typer.Option(help="Tenant")]
+AfterOpt = Annotated[
+    list[str] | None, typer.Option("--after", help="Run after this task succeeds (repeatable)")
+]
+RetriesOpt = Annotated[int, typer.Option(help="Retry a failure up to N times, backing off")]
+QueueTimeoutOpt = Annotated[
+    float | None, typer.Option(help="Time out if not started within SECONDS")
+]
+AtOpt = Annotated[str | None, typer.Option(help="Not before this ISO time, or +SECONDS")]
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -302,6 +331,10 @@ def run(
     label: LabelOpt = None,
     key: KeyOpt = "",
     tenant: TenantOpt = "",
+    after: AfterOpt = None,
+    retries: RetriesOpt = 0,
+    queue_timeout: QueueTimeoutOpt = None,
+    at: AtOpt = None,
 ) -> None:
     """Run a task, stream its output live, and exit with its exit code."""
     spec = _spec(
@@ -313,6 +346,10 @@ def run(
         label=label,
         key=key,
         tenant=tenant,
+        after=after,
+        retries=retries,
+        queue_timeout=queue_timeout,
+        at=at,
     )
     code = _run(_follow(coordinator, spec))
     raise typer.Exit(code)
@@ -361,6 +398,10 @@ def submit(
     label: LabelOpt = None,
     key: KeyOpt = "",
     tenant: TenantOpt = "",
+    after: AfterOpt = None,
+    retries: RetriesOpt = 0,
+    queue_timeout: QueueTimeoutOpt = None,
+    at: AtOpt = None,
     count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
     file: Annotated[
         Path | None, typer.Option(help="JSON file: a list of TaskSpec objects (proto JSON)")
@@ -385,6 +426,10 @@ def submit(
             label=label,
             key=key,
             tenant=tenant,
+            after=after,
+            retries=retries,
+            queue_timeout=queue_timeout,
+            at=at,
         )
         specs = [one] * count
     _run(_submit(coordinator, specs, wait))
@@ -442,6 +487,8 @@ def get(
         ("state", _state(task.state)),
         ("node", task.node_id),
         ("attempt", f"{task.attempt.number}" if task.attempt.number else ""),
+        ("after", ", ".join(task.depends_on)),
+        ("retried", f"{len(task.attempts)} earlier attempt(s)" if task.attempts else ""),
         ("waiting", task.pending_reason),
         ("exit code", str(task.result.exit_code) if is_final(task.state) else ""),
         ("error", task.result.error),

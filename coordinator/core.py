@@ -9,7 +9,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -20,7 +20,8 @@ from shoal.coordinator.events import EventLog
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
-from shoal.coordinator.scheduler import PlacementClass, Scheduler
+from shoal.coordinator.scheduler import Routing, Scheduler, requirements_of
+from shoal.coordinator.schedules import ScheduleState, check
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow, TokenRow
 from shoal.coordinator.templates import references, render
@@ -28,15 +29,17 @@ from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import (
+    AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ShoalError,
     Unauthenticated,
     Unavailable,
 )
-from shoal.specs import FINAL_STATES, executor_of, is_final, state_name
+from shoal.specs import FINAL_STATES, is_final, state_name
 from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
@@ -67,6 +70,8 @@ class CoreOptions:
     finished_cache: int = 10_000
     node_message_rate: float = 2000.0
     node_message_burst: int = 4000
+    routing: Routing = Routing.LEAST_LOADED  # for tasks that name no strategy
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +156,12 @@ class Coordinator:
         self._wall = wall
         self.epoch = 0
         self.events = EventLog(0)
-        self._scheduler = Scheduler()
+        self._rng = rng or random.Random()
+        self._scheduler = Scheduler(
+            tenant_weights=self.options.tenant_weights,
+            routing=self.options.routing,
+            rng=self._rng,
+        )
         self._tasks: dict[str, TaskRecord] = {}
         self._finished: deque[str] = deque()
         self._sessions: dict[str, NodeSession] = {}
@@ -159,11 +169,11 @@ class Coordinator:
         self._dispatch_pending = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._rng = rng or random.Random()
         self._timers = Timers()
         self._timer_loop: asyncio.Task[None] | None = None
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
+        self._schedules: dict[str, ScheduleState] = {}
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -185,6 +195,10 @@ class Coordinator:
         for rec in records:
             self._link(rec, outcomes)
             self._admit(rec)
+        for body in await self._store.schedules():
+            state = ScheduleState(admin_pb2.Schedule.FromString(body))
+            self._schedules[state.name] = state
+            self._set_timer(TimerKind.SCHEDULE, state.name, state.next_run)
         self._timer_wake = asyncio.Event()
         self._timer_loop = asyncio.create_task(self._run_timers(), name="shoal-timers")
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
@@ -212,13 +226,12 @@ class Coordinator:
     def _record(
         self, task_id: str, seq: int, spec: task_pb2.TaskSpec, created_at: float, by: str
     ) -> TaskRecord:
-        labels = frozenset(spec.required_labels.items())
         return TaskRecord(
             id=task_id,
             seq=seq,
             spec=spec,
             priority=spec.priority or task_pb2.PRIORITY_NORMAL,
-            placement=PlacementClass(executor_of(spec), labels),
+            placement=requirements_of(spec),
             tenant=spec.tenant,
             created_at=created_at,
             submitted_by=by,
@@ -720,7 +733,7 @@ class Coordinator:
                 and rec.state in (_ASSIGNED, _RUNNING)
             ):
                 session.inflight[rec.id] = rec
-                session.slots.running += 1
+                session.slots.take(rec.placement.cls.resources)
             else:
                 session.cancel(running.task_id, attempt)
         self._scheduler.add_node(session.slots)
@@ -806,7 +819,7 @@ class Coordinator:
                     state = _FAILED
                     result.error = result.error or f"node reported non-final state {state}"
                 del session.inflight[rec.id]
-                session.slots.running -= 1
+                self._scheduler.release(session.slots, rec)
                 freed = True
                 if rec.cancel_requested:
                     self._finish(rec, state, result)
@@ -860,12 +873,17 @@ class Coordinator:
             wait = 1.0 if due is None else min(1.0, max(0.0, due - self._wall()))
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._timer_wake.wait()
             self.tick()
 
     def tick(self) -> None:
         """Act on every timer that is due: release waiting tasks, time out unstarted ones."""
-        for kind, task_id in self._timers.pop_due(self._wall()):
+        now = self._wall()
+        for kind, task_id in self._timers.pop_due(now):
+            if kind is TimerKind.SCHEDULE:
+                self._fire_schedule(task_id, now)
+                continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
                 continue
@@ -877,6 +895,102 @@ class Coordinator:
                 waited = rec.spec.queue_timeout.ToNanoseconds() / 1e9
                 error = f"not started within its queue timeout of {waited:g} s"
                 self._finish(rec, _TIMED_OUT, task_pb2.TaskResult(error=error), by=COORDINATOR)
+
+    # -- schedules -------------------------------------------------------------------------
+
+    def _fire_schedule(self, name: str, now: float) -> None:
+        state = self._schedules.get(name)
+        if state is None:
+            return
+        last = self._tasks.get(state.schedule.last_task_id)
+        owed = state.fire(now, previous_running=last is not None and not is_final(last.state))
+        if not state.schedule.paused:
+            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
+        self._spawn(self._run_schedule(state, owed, now))
+
+    async def _run_schedule(self, state: ScheduleState, owed: int, now: float) -> None:
+        """Submit what a firing owes, then store the schedule's new state."""
+        s = state.schedule
+        if owed:
+            spec = task_pb2.TaskSpec()
+            spec.CopyFrom(s.spec)
+            spec.idempotency_key = ""
+            spec.metadata["shoal.schedule"] = s.name
+            by = Principal(f"schedule:{s.name}", Role.SUBMITTER, tenant=spec.tenant)
+            try:
+                done = await self.submit([spec] * owed, by=by)
+            except ShoalError as err:
+                _log.warning("schedule=%s could not submit: %s", s.name, err.message)
+            else:
+                s.last_task_id = done[-1].task_id
+                s.runs += owed
+                s.last_run.FromNanoseconds(int(now * 1e9))
+        if s.name in self._schedules:
+            await self._store.put_schedule(s.name, s.SerializeToString())
+
+    async def create_schedule(
+        self, schedule: admin_pb2.Schedule, *, by: Principal
+    ) -> admin_pb2.Schedule:
+        """Store a new schedule; its first run is its first firing time from now."""
+        limits = self.options.limits
+        if not schedule.name or len(schedule.name) > limits.max_string:
+            raise InvalidArgument(f"schedule name must be 1-{limits.max_string} characters")
+        if not schedule.name.isprintable():
+            raise InvalidArgument("schedule name must be printable text")
+        if schedule.name in self._schedules:
+            raise AlreadyExists(f"a schedule named {schedule.name!r} exists")
+        check(schedule)
+        validate_batch([schedule.spec], limits, single=True)
+        if schedule.spec.depends_on:
+            raise InvalidArgument("a scheduled task cannot depend on other tasks")
+        fresh = admin_pb2.Schedule(
+            name=schedule.name,
+            spec=schedule.spec,
+            timezone=schedule.timezone,
+            overlap=schedule.overlap,
+            catch_up=schedule.catch_up,
+            created_by=by.name,
+        )
+        if schedule.HasField("cron"):
+            fresh.cron = schedule.cron
+        else:
+            fresh.every.CopyFrom(schedule.every)
+        state = ScheduleState(fresh)
+        state.start(self._wall())
+        await self._store.put_schedule(fresh.name, fresh.SerializeToString())
+        self._schedules[fresh.name] = state
+        self._set_timer(TimerKind.SCHEDULE, fresh.name, state.next_run)
+        return fresh
+
+    def schedules(self) -> list[admin_pb2.Schedule]:
+        return [state.schedule for _, state in sorted(self._schedules.items())]
+
+    def _schedule(self, name: str) -> ScheduleState:
+        state = self._schedules.get(name)
+        if state is None:
+            raise NotFound(f"no schedule {name!r}")
+        return state
+
+    async def delete_schedule(self, name: str) -> admin_pb2.Schedule:
+        state = self._schedule(name)
+        await self._store.delete_schedule(name)
+        del self._schedules[name]
+        self._timers.cancel(TimerKind.SCHEDULE, name)
+        return state.schedule
+
+    async def pause_schedule(self, name: str, *, paused: bool) -> admin_pb2.Schedule:
+        """Pause, or resume from now on (runs missed while paused are not made up)."""
+        state = self._schedule(name)
+        if paused == state.schedule.paused:
+            return state.schedule
+        state.schedule.paused = paused
+        if paused:
+            self._timers.cancel(TimerKind.SCHEDULE, name)
+        else:
+            state.start(self._wall())
+            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
+        await self._store.put_schedule(name, state.schedule.SerializeToString())
+        return state.schedule
 
     async def _sweep_leases(self) -> None:
         lease = self.options.lease.total_seconds()
@@ -963,11 +1077,7 @@ class Coordinator:
                 return f"not before {at}"
         if rec.state != _QUEUED:
             return ""
-        if not self._scheduler.offered(rec.placement):
-            labels = ",".join(f"{k}={v}" for k, v in sorted(rec.placement.labels))
-            where = f" with labels {labels}" if labels else ""
-            return f"no connected node offers executor {rec.placement.executor!r}{where}"
-        return "waiting for a free slot"
+        return self._scheduler.explain(rec)
 
     def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
         task = task_pb2.Task(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from shoal.coordinator.scheduler import PlacementClass
+from shoal.coordinator.scheduler import Requirements
 from shoal.v1 import task_pb2
 
 __all__ = ["TaskRecord"]
@@ -17,7 +17,7 @@ class TaskRecord:
     seq: int
     spec: task_pb2.TaskSpec
     priority: int  # 1..5
-    placement: PlacementClass
+    placement: Requirements
     tenant: str
     created_at: float
     submitted_by: str = ""

@@ -1,52 +1,227 @@
-"""Placement: the ready queue and the choice of node for each task.
+"""Placement: the ready queue, the ledger of node resources and the choice of node per task.
 
-Tasks are grouped by placement class (executor + required labels). Each class keeps one
-FIFO per priority, so picking the next task costs O(classes x priorities), never O(queue),
-and a task nobody can place never blocks the classes behind it.
+What a task asks is its `Requirements`: a `PlacementClass` (everything that decides *which*
+nodes can run it: executor, exact labels, selectors, model, resource request, hard affinity
+key) and how to rank those nodes (routing strategy, preferred labels, soft affinity key).
+Protobuf stays at the edge: `requirements_of(spec)` and `node_slots_of(info)` convert.
+
+Queue. Tasks wait in lanes, one FIFO per (class, priority level, tenant). Each level keeps one
+heap of the lanes that can run, keyed by their head's (fair tag, seq); the next task is the
+top of the first non-empty level, so a dispatch costs O(log lanes) whatever the queue holds.
+
+Fairness. Levels are strict (1 critical .. 5 background). Within a level, tenants share by
+weight through virtual time (weighted fair queueing): a task pushed by tenant T gets the tag
+max(T's previous tag, the level's virtual time) + 1 / weight(T), and the level's virtual time
+is the largest tag dispatched. Tags grow with a tenant's own backlog, so a flood only delays
+its own tenant; a tenant that was idle starts at the current virtual time, with no credit.
+
+Never blocked at the head. A class whose fitting nodes have no room for its request is parked:
+its lanes leave the heaps until a fitting node frees room, changes or joins
+(`release`, `set_accepting`, `add_node`). So a task nobody can place never delays another
+class, and parked classes cost nothing per dispatch. No resources are held back for a parked
+class: a large request can wait while smaller ones keep a node busy.
+
+Resources. A node's capacity is what it reports: slots, CPUs, memory, GPUs. Zero (or nothing
+reported) means none: a node that reports no GPUs takes only tasks that request no GPUs. A
+dispatch takes the task's request from its node; `release` gives it back; the scheduler never
+assigns beyond capacity. CPU is counted in millicores so the ledger is exact.
+
+Routing. Among the fitting nodes with room now, the nodes with the highest preferred-label
+score are kept (score: the sum of the weights of the task's preferred labels the node carries;
+a preference with an empty value matches any value of its key), then the strategy picks one:
+`least_loaded` (lowest share of slots in use; ties: node id order), `round_robin` (the next
+node after the one this class used last, in node id order), `random`, `weighted` (random in
+proportion to node weight), `affinity` (the node that last ran the task's affinity key if it
+has room, regardless of preference; otherwise `least_loaded`). Hard affinity makes the key part
+of the class: its tasks wait for the remembered node, or go anywhere while the key has no
+node. The key-to-node map is a bounded LRU: a forgotten key counts as never run.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+import heapq
+import math
+import random
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from enum import StrEnum
+from itertools import count
+from typing import ClassVar, Protocol
 
-__all__ = ["NodeSlots", "PlacementClass", "Queued", "ReadyQueue", "Scheduler"]
+from shoal.specs import executor_of
+from shoal.v1 import node_pb2, task_pb2
+
+__all__ = [
+    "PRIORITY_LEVELS",
+    "ROUTERS",
+    "AffinityMap",
+    "NodeSlots",
+    "Op",
+    "PlacementClass",
+    "Preference",
+    "Queued",
+    "ReadyQueue",
+    "Requirements",
+    "Resources",
+    "RouteState",
+    "Router",
+    "Routing",
+    "Scheduler",
+    "Selector",
+    "most_preferred",
+    "node_slots_of",
+    "requirements_of",
+]
 
 PRIORITY_LEVELS = 5
+_UNPLACEABLE = 1 << 62  # an infinite request: larger than any capacity
+
+
+class Op(StrEnum):
+    """How a selector tests one label."""
+
+    IN = "in"
+    NOT_IN = "not in"
+    EXISTS = "exists"
+    DOES_NOT_EXIST = "does not exist"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Selector:
+    """A condition on one node label; `values` sorted and unique (IN / NOT_IN only)."""
+
+    key: str
+    op: Op = Op.IN
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.op is Op.IN:
+            return value is not None and value in self.values
+        if self.op is Op.NOT_IN:
+            return value is None or value not in self.values
+        if self.op is Op.EXISTS:
+            return value is not None
+        return value is None
+
+    def __str__(self) -> str:
+        if self.op in (Op.IN, Op.NOT_IN):
+            return f"{self.key} {self.op} ({', '.join(self.values)})"
+        return f"{self.key} {self.op}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """An amount of each tracked resource: what a task occupies while it runs."""
+
+    slots: int = 1
+    cpu_milli: int = 0
+    memory_mb: int = 0
+    gpus: int = 0
+
+
+_ONE_SLOT = Resources()
 
 
 @dataclass(frozen=True, slots=True)
 class PlacementClass:
-    """What a node must offer to run a task."""
+    """Everything that decides which nodes can run a task; tasks of one class share lanes."""
 
     executor: str
-    labels: frozenset[tuple[str, str]]
+    labels: frozenset[tuple[str, str]] = frozenset()
+    selectors: tuple[Selector, ...] = ()
+    model: str = ""
+    resources: Resources = _ONE_SLOT
+    affinity_key: str = ""  # set only with hard affinity
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
 
-    def fits(self, executors: frozenset[str], labels: Mapping[str, str]) -> bool:
-        return self.executor in executors and all(labels.get(k) == v for k, v in self.labels)
+    def __post_init__(self) -> None:
+        # Hashed at every push: computed once.
+        fields = (self.executor, self.labels, self.selectors, self.model)
+        object.__setattr__(self, "_hash", hash((*fields, self.resources, self.affinity_key)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def fits(self, node: NodeSlots) -> bool:
+        """Whether the node could ever run this class: capabilities and total capacity."""
+        r = self.resources
+        return (
+            self.executor in node.executors
+            and all(node.labels.get(k) == v for k, v in self.labels)
+            and all(s.matches(node.labels) for s in self.selectors)
+            and (not self.model or self.model in node.models)
+            and r.slots <= node.slots
+            and r.cpu_milli <= node.cpu_milli
+            and r.memory_mb <= node.memory_mb
+            and r.gpus <= node.gpus
+        )
+
+
+class Routing(StrEnum):
+    """The routing strategies, by the names used in configuration."""
+
+    LEAST_LOADED = "least_loaded"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    WEIGHTED = "weighted"
+    AFFINITY = "affinity"
+
+
+@dataclass(frozen=True, slots=True)
+class Preference:
+    """A label a node should preferably carry; an empty value matches any value of the key."""
+
+    key: str
+    value: str = ""
+    weight: float = 1.0
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        return value is not None and (not self.value or value == self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What a task asks of its node: the class it queues in, and how to rank fitting nodes.
+
+    `routing` None means the scheduler's default; `affinity_key` is used by `affinity` routing
+    (and is also `cls.affinity_key` when the affinity is hard).
+    """
+
+    cls: PlacementClass
+    routing: Routing | None = None
+    preferred: tuple[Preference, ...] = ()
+    affinity_key: str = ""
 
 
 class Queued(Protocol):
     """What the scheduler needs of a task."""
 
     @property
-    def seq(self) -> int: ...
+    def seq(self) -> int: ...  # arrival order
 
     @property
     def priority(self) -> int: ...  # 1 (critical) .. 5 (background)
 
     @property
-    def placement(self) -> PlacementClass: ...
+    def tenant(self) -> str: ...
+
+    @property
+    def placement(self) -> Requirements: ...
 
     @property
     def queued(self) -> bool: ...  # False once cancelled while in the queue
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class NodeSlots:
-    """A node as placement sees it."""
+    """A node as placement sees it: capabilities, capacity, and what its tasks hold of it.
+
+    `running` is the slots in use. Capacities of 0 mean the node offers none of that resource.
+    """
 
     node_id: str
     executors: frozenset[str]
@@ -54,116 +229,703 @@ class NodeSlots:
     slots: int
     running: int = 0
     accepting: bool = True
+    _: KW_ONLY
+    cpu_milli: int = 0
+    memory_mb: int = 0
+    gpus: int = 0
+    models: frozenset[str] = frozenset()
+    weight: float = 1.0
+    used_cpu_milli: int = 0
+    used_memory_mb: int = 0
+    used_gpus: int = 0
 
     @property
     def free(self) -> int:
+        """Free slots; 0 while the node does not accept work."""
         return self.slots - self.running if self.accepting else 0
 
+    def has_room(self, r: Resources) -> bool:
+        """Whether the node accepts work and has `r` free now."""
+        return (
+            self.accepting
+            and self.slots - self.running >= r.slots
+            and self.cpu_milli - self.used_cpu_milli >= r.cpu_milli
+            and self.memory_mb - self.used_memory_mb >= r.memory_mb
+            and self.gpus - self.used_gpus >= r.gpus
+        )
 
-@dataclass
-class _ClassQueue:
-    placement: PlacementClass
-    levels: list[deque[Queued]] = field(
-        default_factory=lambda: [deque() for _ in range(PRIORITY_LEVELS)]
+    def take(self, r: Resources) -> None:
+        """Hold `r` for a task (also one the node already runs when it reconnects)."""
+        self.running += r.slots
+        self.used_cpu_milli += r.cpu_milli
+        self.used_memory_mb += r.memory_mb
+        self.used_gpus += r.gpus
+
+    def give(self, r: Resources) -> None:
+        """Give back what a finished task held; never below zero."""
+        self.running = max(0, self.running - r.slots)
+        self.used_cpu_milli = max(0, self.used_cpu_milli - r.cpu_milli)
+        self.used_memory_mb = max(0, self.used_memory_mb - r.memory_mb)
+        self.used_gpus = max(0, self.used_gpus - r.gpus)
+
+
+# -- conversion at the edge ------------------------------------------------------------------
+
+_OPS = {
+    task_pb2.LabelSelector.OPERATOR_UNSPECIFIED: Op.IN,
+    task_pb2.LabelSelector.OPERATOR_IN: Op.IN,
+    task_pb2.LabelSelector.OPERATOR_NOT_IN: Op.NOT_IN,
+    task_pb2.LabelSelector.OPERATOR_EXISTS: Op.EXISTS,
+    task_pb2.LabelSelector.OPERATOR_DOES_NOT_EXIST: Op.DOES_NOT_EXIST,
+}
+_ROUTINGS = {
+    task_pb2.ROUTING_STRATEGY_LEAST_LOADED: Routing.LEAST_LOADED,
+    task_pb2.ROUTING_STRATEGY_ROUND_ROBIN: Routing.ROUND_ROBIN,
+    task_pb2.ROUTING_STRATEGY_RANDOM: Routing.RANDOM,
+    task_pb2.ROUTING_STRATEGY_WEIGHTED: Routing.WEIGHTED,
+    task_pb2.ROUTING_STRATEGY_AFFINITY: Routing.AFFINITY,
+}
+
+
+_VALUED = (Op.IN, Op.NOT_IN)
+
+
+def _milli(cpu: float) -> int:
+    """Cores as millicores, rounded up; NaN or negative asks none, infinity fits nowhere."""
+    if math.isnan(cpu) or cpu <= 0:
+        return 0
+    return math.ceil(cpu * 1000) if math.isfinite(cpu) else _UNPLACEABLE
+
+
+def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
+    """A spec's placement, as plain values; never raises (validation rejects bad values first).
+
+    An affinity key with no routing (or with hard affinity) means `affinity` routing; a soft
+    key under another strategy is ignored. Operators default to IN, slots to 1, preference
+    weights to 1 (0 or non-finite).
+    """
+    res = spec.resources
+    resources = Resources(
+        slots=max(1, res.slots),
+        cpu_milli=_milli(res.cpu),
+        memory_mb=res.memory_mb,
+        gpus=res.gpus,
+    )
+    selectors = tuple(
+        sorted(
+            {
+                Selector(s.key, op, tuple(sorted(set(s.values))) if op in _VALUED else ())
+                for s in spec.selectors
+                for op in (_OPS.get(s.operator, Op.IN),)
+            }
+        )
+    )
+    key = spec.affinity_key
+    hard = bool(key) and spec.hard_affinity
+    routing = _ROUTINGS.get(spec.routing)
+    if hard or (routing is None and key):
+        routing = Routing.AFFINITY
+    cls = PlacementClass(
+        executor=executor_of(spec),
+        labels=frozenset(spec.required_labels.items()),
+        selectors=selectors,
+        model=spec.model,
+        resources=resources,
+        affinity_key=key if hard else "",
+    )
+    preferred = tuple(
+        Preference(p.key, p.value, p.weight if math.isfinite(p.weight) and p.weight else 1.0)
+        for p in spec.preferred_labels
+    )
+    return Requirements(cls, routing, preferred, key if routing is Routing.AFFINITY else "")
+
+
+def node_slots_of(info: node_pb2.NodeInfo) -> NodeSlots:
+    """A node's Hello as placement sees it: at least one slot, weight 1 unless positive."""
+    r = info.resources
+    weight = info.weight if math.isfinite(info.weight) and info.weight > 0 else 1.0
+    return NodeSlots(
+        info.node_id,
+        frozenset(info.executors),
+        dict(info.labels),
+        max(1, info.slots),
+        cpu_milli=r.cpus * 1000,
+        memory_mb=r.memory_mb,
+        gpus=r.gpus,
+        models=frozenset(info.models),
+        weight=weight,
     )
 
-    def head(self) -> Queued | None:
-        for level in self.levels:
-            while level and not level[0].queued:
-                level.popleft()
-            if level:
-                return level[0]
-        return None
+
+# -- routing strategies ----------------------------------------------------------------------
+
+
+class AffinityMap:
+    """The node that last ran each affinity key; bounded: least recently used keys go first."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError("an affinity map holds at least one key")
+        self.capacity = capacity
+        self._nodes: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, key: str) -> str | None:
+        """The node of `key`, without touching its recency."""
+        return self._nodes.get(key)
+
+    def remember(self, key: str, node_id: str) -> tuple[bool, str | None]:
+        """Record that `node_id` ran `key`: (whether its node changed, the key forgotten)."""
+        before = self._nodes.get(key)
+        self._nodes[key] = node_id
+        self._nodes.move_to_end(key)
+        evicted = None
+        if len(self._nodes) > self.capacity:
+            evicted, _ = self._nodes.popitem(last=False)
+        return before != node_id, evicted
+
+
+@dataclass(slots=True)
+class RouteState:
+    """What a strategy may keep per placement class."""
+
+    last: str = ""  # round robin: the node id chosen last
+
+
+def most_preferred(
+    candidates: Sequence[NodeSlots], preferred: Sequence[Preference]
+) -> Sequence[NodeSlots]:
+    """The candidates with the highest preference score (all of them without preferences)."""
+    if not preferred:
+        return candidates
+    scored = [(sum(p.weight for p in preferred if p.matches(n.labels)), n) for n in candidates]
+    best = max(s for s, _ in scored)
+    return [n for s, n in scored if s == best]
+
+
+class Router(ABC):
+    """A routing strategy: picks a task's node among those that can take it now."""
+
+    name: ClassVar[Routing]
+
+    def __init__(self, rng: random.Random, affinity: AffinityMap) -> None:
+        self.rng = rng
+        self.affinity = affinity
+
+    def choose(
+        self, candidates: Sequence[NodeSlots], req: Requirements, state: RouteState
+    ) -> NodeSlots:
+        """One of `candidates` (non-empty, in node id order): most preferred, then `pick`."""
+        if req.preferred:
+            candidates = most_preferred(candidates, req.preferred)
+        return self.pick(candidates, req, state)
+
+    @abstractmethod
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        """One of `nodes` (non-empty, in node id order)."""
+
+
+ROUTERS: dict[Routing, type[Router]] = {}
+
+
+def _register(cls: type[Router]) -> type[Router]:
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def _least_loaded(nodes: Sequence[NodeSlots]) -> NodeSlots:
+    return min(nodes, key=lambda n: n.running / n.slots if n.slots > 0 else 1.0)
+
+
+@_register
+class LeastLoadedRouter(Router):
+    name = Routing.LEAST_LOADED
+
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        return _least_loaded(nodes)
+
+
+@_register
+class RoundRobinRouter(Router):
+    name = Routing.ROUND_ROBIN
+
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        node = next((n for n in nodes if n.node_id > state.last), nodes[0])
+        state.last = node.node_id
+        return node
+
+
+@_register
+class RandomRouter(Router):
+    name = Routing.RANDOM
+
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        return self.rng.choice(nodes)
+
+
+@_register
+class WeightedRouter(Router):
+    name = Routing.WEIGHTED
+
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        weights = [max(n.weight, 0.0) for n in nodes]
+        if not sum(weights) > 0:
+            return self.rng.choice(nodes)
+        return self.rng.choices(nodes, weights)[0]
+
+
+@_register
+class AffinityRouter(Router):
+    name = Routing.AFFINITY
+
+    def choose(
+        self, candidates: Sequence[NodeSlots], req: Requirements, state: RouteState
+    ) -> NodeSlots:
+        target = self.affinity.get(req.affinity_key) if req.affinity_key else None
+        for n in candidates:
+            if n.node_id == target:
+                return n
+        return super().choose(candidates, req, state)
+
+    def pick(self, nodes: Sequence[NodeSlots], req: Requirements, state: RouteState) -> NodeSlots:
+        return _least_loaded(nodes)
+
+
+# -- the ready queue -------------------------------------------------------------------------
+
+
+def _level(priority: int) -> int:
+    return min(max(priority, 1), PRIORITY_LEVELS) - 1
+
+
+class _Lane:
+    """The FIFO of one (class, level, tenant); `gen` names its one live heap entry."""
+
+    __slots__ = ("cls", "gen", "in_heap", "items", "level", "tenant")
+
+    def __init__(self, cls: _Class, level: int, tenant: str) -> None:
+        self.cls = cls
+        self.level = level
+        self.tenant = tenant
+        self.items: deque[tuple[float, Queued]] = deque()  # (fair tag, task)
+        self.gen = 0
+        self.in_heap = False
+
+
+class _Class:
+    """A placement class: its lanes, whether it is parked, and its cached fitting nodes."""
+
+    __slots__ = ("blocked", "key", "lanes", "node_ids", "nodes", "route", "slots_only", "version")
+
+    def __init__(self, key: PlacementClass) -> None:
+        self.key = key
+        r = key.resources
+        self.slots_only = not (r.cpu_milli or r.memory_mb or r.gpus)  # the common, cheap case
+        self.lanes: dict[tuple[int, str], _Lane] = {}
+        self.blocked = False
+        self.nodes: list[NodeSlots] = []
+        self.node_ids: frozenset[str] = frozenset()
+        self.version = -1  # of the node set `nodes` was computed for
+        self.route = RouteState()
+
+
+_Entry = tuple[float, int, int, _Lane]  # (head tag, head seq, lane gen, lane)
 
 
 class ReadyQueue:
-    """Ready tasks by placement class and priority; FIFO by arrival within a priority."""
+    """Ready tasks in lanes per (placement class, priority, tenant), fair between tenants.
 
-    def __init__(self) -> None:
-        self._classes: dict[PlacementClass, _ClassQueue] = {}
+    `len()` counts tasks still to dispatch; a task cancelled in the queue is `discard()`ed by
+    the caller and dropped when it reaches the head of its lane.
+    """
+
+    def __init__(
+        self, tenant_weights: Mapping[str, float] | None = None, *, idle_classes: int = 1024
+    ) -> None:
+        self._weights: dict[str, float] = {}
+        for tenant, weight in (tenant_weights or {}).items():
+            self.set_weight(tenant, weight)
+        self._classes: dict[PlacementClass, _Class] = {}
+        self._idle: OrderedDict[PlacementClass, _Class] = OrderedDict()  # kept for their state
+        self._idle_cap = idle_classes
+        self._heaps: list[list[_Entry]] = [[] for _ in range(PRIORITY_LEVELS)]
+        self._vtime = [0.0] * PRIORITY_LEVELS
+        self._last: list[dict[str, float]] = [{} for _ in range(PRIORITY_LEVELS)]
+        self._prune_at = [1024] * PRIORITY_LEVELS
+        self._blocked: dict[_Class, None] = {}  # parked classes, in parking order
+        self._gen = count(1)
         self._size = 0
+        self._woken = PRIORITY_LEVELS  # the lowest level a class was unparked into
 
     def __len__(self) -> int:
         return self._size
 
-    def _queue(self, task: Queued) -> deque[Queued]:
-        cq = self._classes.get(task.placement)
-        if cq is None:
-            cq = self._classes[task.placement] = _ClassQueue(task.placement)
-        return cq.levels[task.priority - 1]
+    def set_weight(self, tenant: str, weight: float) -> None:
+        """A tenant's share within a level (default 1); applies to tasks pushed from now on."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"tenant {tenant!r}: weight must be positive, not {weight}")
+        self._weights[tenant] = weight
 
     def push(self, task: Queued) -> None:
-        self._queue(task).append(task)
+        """Queue a task behind its tenant's earlier tasks of the same priority."""
+        level = _level(task.priority)
+        tenant = task.tenant
+        last = self._last[level]
+        tag = max(last.get(tenant, 0.0), self._vtime[level]) + 1.0 / self._weights.get(tenant, 1.0)
+        last[tenant] = tag
+        if len(last) > self._prune_at[level]:
+            self._prune(level)
+        lane = self._lane(task, level)
+        lane.items.append((tag, task))
         self._size += 1
+        if not lane.in_heap and not lane.cls.blocked:
+            self._enter(lane)
 
     def push_front(self, task: Queued) -> None:
-        """Put back a task that was dispatched before (it keeps its place ahead of newer ones)."""
-        self._queue(task).appendleft(task)
+        """Put back a task that was dispatched before: ahead of its tenant's queued tasks."""
+        level = _level(task.priority)
+        lane = self._lane(task, level)
+        tag = self._vtime[level]
+        if lane.items:
+            tag = min(tag, lane.items[0][0])
+        lane.items.appendleft((tag, task))
         self._size += 1
+        if not lane.cls.blocked:
+            self._enter(lane)  # its head changed: a new entry; the old one goes stale
 
     def discard(self) -> None:
         """Account for a queued task that left the queue without being popped (cancelled)."""
         self._size -= 1
 
-    def classes(self) -> Iterable[_ClassQueue]:
-        return self._classes.values()
+    def _lane(self, task: Queued, level: int) -> _Lane:
+        key = task.placement.cls
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._idle.pop(key, None) or _Class(key)
+            self._classes[key] = cls
+        lane = cls.lanes.get((level, task.tenant))
+        if lane is None:
+            lane = cls.lanes[level, task.tenant] = _Lane(cls, level, task.tenant)
+        return lane
 
-    def pop(self, cq: _ClassQueue) -> Queued:
-        for level in cq.levels:
-            if level:
-                self._size -= 1
-                return level.popleft()
-        raise IndexError("pop from an empty class queue")
+    def _enter(self, lane: _Lane) -> None:
+        tag, task = lane.items[0]
+        lane.gen = next(self._gen)
+        lane.in_heap = True
+        heapq.heappush(self._heaps[lane.level], (tag, task.seq, lane.gen, lane))
+
+    def _prune(self, level: int) -> None:
+        """Forget tenants' tags the virtual time has passed: they start from it anyway."""
+        vtime = self._vtime[level]
+        last = self._last[level] = {t: v for t, v in self._last[level].items() if v > vtime}
+        self._prune_at[level] = max(1024, 2 * len(last))
+
+    def _park(self, cls: _Class) -> None:
+        cls.blocked = True
+        self._blocked[cls] = None
+
+    def _unpark(self, cls: _Class) -> None:
+        cls.blocked = False
+        self._blocked.pop(cls, None)
+        for lane in cls.lanes.values():
+            if not lane.in_heap and lane.items:
+                self._enter(lane)
+                self._woken = min(self._woken, lane.level)
+
+    def _drop_lane(self, lane: _Lane) -> None:
+        """An emptied lane goes; an emptied class is kept idle a while for its routing state."""
+        cls = lane.cls
+        del cls.lanes[lane.level, lane.tenant]
+        if not cls.lanes:
+            del self._classes[cls.key]
+            self._idle[cls.key] = cls
+            if len(self._idle) > self._idle_cap:
+                self._idle.popitem(last=False)
+
+    def classes(self) -> Iterable[PlacementClass]:
+        """The classes with queued tasks (or cancelled ones not yet dropped)."""
+        return self._classes.keys()
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+_RESOURCES = ("gpus", "memory_mb", "cpu_milli", "slots")  # the order explain() checks them
+
+
+def _amount(attr: str, value: int) -> str:
+    """A quantity of one resource, as people write it."""
+    if attr == "memory_mb":
+        return f"{value} MB"
+    if attr == "cpu_milli":
+        return f"{value / 1000:g} CPU" + ("" if value == 1000 else "s")
+    return _plural(value, "GPU" if attr == "gpus" else "slot")
+
+
+def _number(attr: str, value: int) -> str:
+    return f"{value / 1000:g}" if attr == "cpu_milli" else str(value)
+
+
+def _used(node: NodeSlots, attr: str) -> int:
+    return node.running if attr == "slots" else int(getattr(node, "used_" + attr))
 
 
 class Scheduler:
-    """Matches ready tasks to nodes with free slots: highest priority first, least loaded node."""
+    """Matches ready tasks to nodes: strict priority, fair tenants, exact resource ledger.
 
-    def __init__(self) -> None:
-        self.queue = ReadyQueue()
+    `schedule()` assigns what fits now and takes each task's resources from its node; the
+    caller gives them back with `release()` when the task ends, and tells of node changes with
+    `add_node`, `remove_node` and `set_accepting`. Nothing here blocks or does I/O.
+    """
+
+    def __init__(
+        self,
+        *,
+        tenant_weights: Mapping[str, float] | None = None,
+        routing: Routing = Routing.LEAST_LOADED,
+        rng: random.Random | None = None,
+        affinity_keys: int = 100_000,
+        idle_classes: int = 1024,
+    ) -> None:
+        self.queue = ReadyQueue(tenant_weights, idle_classes=idle_classes)
         self.nodes: dict[str, NodeSlots] = {}
+        self.routing = routing
+        self.affinity = AffinityMap(affinity_keys)
+        rng = rng if rng is not None else random.Random()
+        self._routers = {name: cls(rng, self.affinity) for name, cls in ROUTERS.items()}
+        self._version = 0  # of the node set: classes recompute their fitting nodes when it moves
+
+    # -- nodes -------------------------------------------------------------------------------
 
     def add_node(self, node: NodeSlots) -> None:
+        """A node joined, or came back changed (it replaces the one with its id)."""
         self.nodes[node.node_id] = node
+        self._version += 1
+        for cls in list(self.queue._blocked):
+            self.queue._unpark(cls)  # each checks again at its next turn
 
     def remove_node(self, node_id: str) -> None:
-        self.nodes.pop(node_id, None)
+        if self.nodes.pop(node_id, None) is not None:
+            self._version += 1
+
+    def set_accepting(self, node_id: str, accepting: bool) -> None:
+        """Drain (False) or undrain (True) a node; draining keeps what it runs."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.accepting = accepting
+            if accepting:
+                self._wake(node)
+
+    def release(self, node: NodeSlots, task: Queued) -> None:
+        """Give back what `task` held on `node` (its run ended); classes it can now take wake."""
+        node.give(task.placement.cls.resources)
+        if self.nodes.get(node.node_id) is node:
+            self._wake(node)
+
+    def _wake(self, node: NodeSlots) -> None:
+        for cls in list(self.queue._blocked):
+            if cls.version != self._version or (
+                node.node_id in cls.node_ids
+                and node.has_room(cls.key.resources)
+                and self._target_allows(cls.key, node.node_id)
+            ):
+                self.queue._unpark(cls)
+
+    def _target_allows(self, key: PlacementClass, node_id: str) -> bool:
+        if not key.affinity_key:
+            return True
+        target = self.affinity.get(key.affinity_key)
+        return target is None or target == node_id
+
+    def _fitting(self, cls: _Class) -> list[NodeSlots]:
+        if cls.version != self._version:
+            key = cls.key
+            cls.nodes = sorted(
+                (n for n in self.nodes.values() if key.fits(n)), key=lambda n: n.node_id
+            )
+            cls.node_ids = frozenset(n.node_id for n in cls.nodes)
+            cls.version = self._version
+        return cls.nodes
 
     def offered(self, placement: PlacementClass) -> bool:
-        """Whether any connected node could ever run this class."""
-        return any(placement.fits(n.executors, n.labels) for n in self.nodes.values())
+        """Whether any connected node could ever run this class (room aside)."""
+        return any(placement.fits(n) for n in self.nodes.values())
+
+    # -- dispatch ----------------------------------------------------------------------------
 
     def schedule(self) -> list[tuple[Queued, NodeSlots]]:
-        """Assign as many ready tasks as free slots allow; never more than a node's free slots."""
-        free = [n for n in self.nodes.values() if n.free > 0]
-        if not free or not len(self.queue):
-            return []
-        candidates: list[tuple[_ClassQueue, list[NodeSlots]]] = []
-        for cq in self.queue.classes():
-            fitting = [n for n in free if cq.placement.fits(n.executors, n.labels)]
-            if fitting:
-                candidates.append((cq, fitting))
+        """Assign ready tasks while they fit, best first; each takes its request from its node."""
+        q = self.queue
         out: list[tuple[Queued, NodeSlots]] = []
-        while candidates:
-            best: tuple[int, int] | None = None
-            pick: tuple[_ClassQueue, list[NodeSlots]] | None = None
-            for cq, fitting in candidates:
-                head = cq.head()
-                if head is None:
-                    continue
-                rank = (head.priority, head.seq)
-                if best is None or rank < best:
-                    best, pick = rank, (cq, fitting)
-            if pick is None:
-                break
-            cq, fitting = pick
-            node = min(fitting, key=lambda n: n.running / n.slots)
-            task = self.queue.pop(cq)
-            node.running += 1
-            out.append((task, node))
-            if node.free <= 0:
-                for _, nodes in candidates:
-                    if node in nodes:
-                        nodes.remove(node)
-                candidates = [(c, ns) for c, ns in candidates if ns]
+        if not q._size or not self.nodes:
+            return out
+        level = 0
+        while level < PRIORITY_LEVELS:
+            q._woken = PRIORITY_LEVELS
+            self._drain(level, out)
+            # Placing can wake a hard-affinity class (its key moved): it gets its turn now.
+            level = min(level + 1, q._woken)
         return out
+
+    def _drain(self, level: int, out: list[tuple[Queued, NodeSlots]]) -> None:
+        """Dispatch from one level until each of its lanes is empty or its class parked."""
+        q = self.queue
+        heap = q._heaps[level]
+        heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
+        vtime = q._vtime[level]
+        while heap:
+            _, _, gen, lane = heap[0]
+            if gen != lane.gen:  # superseded by a newer entry of its lane
+                heappop(heap)
+                continue
+            cls = lane.cls
+            if cls.blocked:
+                heappop(heap)
+                lane.in_heap = False
+                continue
+            items = lane.items
+            tag, task = items[0]
+            if not task.queued:  # cancelled while queued: already discarded
+                items.popleft()
+                if items:
+                    lane.gen = next(q._gen)
+                    tag, task = items[0]
+                    heapreplace(heap, (tag, task.seq, lane.gen, lane))
+                else:
+                    heappop(heap)
+                    lane.in_heap = False
+                    q._drop_lane(lane)
+                continue
+            heappop(heap)  # before placing: that may unpark classes into this heap
+            node = self._place(cls, task.placement)
+            if node is None:
+                lane.in_heap = False
+                q._park(cls)
+                continue
+            items.popleft()
+            q._size -= 1
+            node.take(cls.key.resources)
+            out.append((task, node))
+            if tag > vtime:
+                vtime = q._vtime[level] = tag
+            if items:
+                lane.gen = next(q._gen)
+                tag, task = items[0]
+                heappush(heap, (tag, task.seq, lane.gen, lane))
+            else:
+                lane.in_heap = False
+                q._drop_lane(lane)
+
+    def _place(self, cls: _Class, req: Requirements) -> NodeSlots | None:
+        """The node for the next task of `cls`, or None when no fitting node has room."""
+        nodes = self._fitting(cls)
+        res = cls.key.resources
+        key = cls.key.affinity_key
+        if key:  # hard affinity: only the key's node, once it has one
+            target = self.affinity.get(key)
+            if target is not None:
+                node = self.nodes.get(target)
+                if node is None or target not in cls.node_ids or not node.has_room(res):
+                    return None
+                self._remember(key, node.node_id)
+                return node
+        if cls.slots_only:
+            need = res.slots
+            candidates = [n for n in nodes if n.accepting and n.slots - n.running >= need]
+        else:
+            candidates = [n for n in nodes if n.has_room(res)]
+        if not candidates:
+            return None
+        routing = req.routing or self.routing
+        node = self._routers[routing].choose(candidates, req, cls.route)
+        key = key or (req.affinity_key if routing is Routing.AFFINITY else "")
+        if key:
+            self._remember(key, node.node_id)
+        return node
+
+    def _remember(self, key: str, node_id: str) -> None:
+        changed, evicted = self.affinity.remember(key, node_id)
+        if (changed or evicted) and self.queue._blocked:
+            # A hard-affinity class of this key (or the forgotten one) now waits elsewhere.
+            for cls in list(self.queue._blocked):
+                if cls.key.affinity_key and cls.key.affinity_key in (key, evicted):
+                    self.queue._unpark(cls)
+
+    # -- why pending -------------------------------------------------------------------------
+
+    def explain(self, task: Queued) -> str:
+        """Why a queued task is not running: the first constraint no connected node meets."""
+        if not task.queued:
+            return ""
+        key = task.placement.cls
+        res = key.resources
+        nodes = sorted(self.nodes.values(), key=lambda n: n.node_id)
+        nodes = [n for n in nodes if key.executor in n.executors]
+        if not nodes:
+            return f"no connected node offers executor {key.executor!r}"
+        for k, v in sorted(key.labels):
+            nodes = [n for n in nodes if n.labels.get(k) == v]
+            if not nodes:
+                return f"no node matches label {k}={v}"
+        for s in key.selectors:
+            nodes = [n for n in nodes if s.matches(n.labels)]
+            if not nodes:
+                return f"no node matches selector {s}"
+        if key.model:
+            nodes = [n for n in nodes if key.model in n.models]
+            if not nodes:
+                return f"no node offers model {key.model!r}"
+        for attr in _RESOURCES:
+            need: int = getattr(res, attr)
+            most = max(int(getattr(n, attr)) for n in nodes)
+            if most < need:
+                return (
+                    f"needs {_amount(attr, need)}; the most any matching node has in all"
+                    f" is {_number(attr, most)}"
+                )
+            nodes = [n for n in nodes if getattr(n, attr) >= need]
+        if key.affinity_key:
+            target = self.affinity.get(key.affinity_key)
+            if target is not None:
+                node = self.nodes.get(target)
+                if node is None:
+                    return f"hard affinity: waiting for node {target} (not connected)"
+                if node not in nodes:
+                    return f"hard affinity: waiting for node {target} (it no longer fits)"
+                if not node.accepting:
+                    return f"hard affinity: waiting for node {target} (draining)"
+                if not node.has_room(res):
+                    return f"hard affinity: waiting for node {target} ({self._short([node], res)})"
+                return "ready: waiting for the next dispatch"
+        accepting = [n for n in nodes if n.accepting]
+        if not accepting:
+            if len(nodes) == 1:
+                return f"the only fitting node ({nodes[0].node_id}) is draining"
+            return f"all {len(nodes)} fitting nodes are draining"
+        if any(n.has_room(res) for n in accepting):
+            return "ready: waiting for the next dispatch"
+        return self._short(accepting, res)
+
+    @staticmethod
+    def _short(nodes: Sequence[NodeSlots], res: Resources) -> str:
+        """What the fitting, accepting `nodes` lack for `res`."""
+        for attr in _RESOURCES:
+            need: int = getattr(res, attr)
+            most = max(int(getattr(n, attr)) - _used(n, attr) for n in nodes)
+            if most < need:
+                if attr == "slots" and need == 1:
+                    return f"waiting for a free slot on {_plural(len(nodes), 'fitting node')}"
+                return (
+                    f"needs {_amount(attr, need)}; the most any fitting node has free"
+                    f" is {_number(attr, max(most, 0))}"
+                )
+        return (
+            f"waiting for {_plural(len(nodes), 'fitting node')} to have all of its request"
+            " free at once"
+        )

@@ -22,6 +22,7 @@ from shoal._server import (
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
 from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.scheduler import Routing
 from shoal.coordinator.service import AdminService, NodeGatewayService, TasksService
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
@@ -92,6 +93,8 @@ class CoordinatorServer:
                 finished_cache=settings.finished_cache,
                 node_message_rate=settings.node_message_rate,
                 node_message_burst=settings.node_message_burst,
+                routing=Routing(settings.routing),
+                tenant_weights=settings.tenant_weights,
             ),
         )
         self._server: grpc.aio.Server | None = None

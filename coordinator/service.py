@@ -169,6 +169,31 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         _log.info("token %r revoked by %s", row.name, current_principal().name)
         return _token_info(row)
 
+    async def CreateSchedule(
+        self, request: admin_pb2.Schedule, context: _Ctx
+    ) -> admin_pb2.Schedule:
+        return await self._core.create_schedule(request, by=current_principal())
+
+    async def ListSchedules(
+        self, request: admin_pb2.ListSchedulesRequest, context: _Ctx
+    ) -> admin_pb2.ListSchedulesResponse:
+        return admin_pb2.ListSchedulesResponse(schedules=self._core.schedules())
+
+    async def DeleteSchedule(
+        self, request: admin_pb2.ScheduleRef, context: _Ctx
+    ) -> admin_pb2.Schedule:
+        return await self._core.delete_schedule(request.name)
+
+    async def PauseSchedule(
+        self, request: admin_pb2.ScheduleRef, context: _Ctx
+    ) -> admin_pb2.Schedule:
+        return await self._core.pause_schedule(request.name, paused=True)
+
+    async def ResumeSchedule(
+        self, request: admin_pb2.ScheduleRef, context: _Ctx
+    ) -> admin_pb2.Schedule:
+        return await self._core.pause_schedule(request.name, paused=False)
+
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
     def __init__(self, core: Coordinator) -> None:

@@ -8,7 +8,7 @@ import secrets
 from shoal.auth import Principal
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.scheduler import NodeSlots
+from shoal.coordinator.scheduler import node_slots_of
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
 
 __all__ = ["MAX_PENDING_CANCELS", "NodeSession"]
@@ -36,12 +36,7 @@ class NodeSession:
         self.principal = principal  # who opened it: its updates are recorded under this name
         self.bucket = bucket  # bounds the messages read from it per second
         self.throttled = 0  # messages that had to wait for the bucket
-        self.slots = NodeSlots(
-            node_id=info.node_id,
-            executors=frozenset(info.executors),
-            labels=dict(info.labels),
-            slots=max(1, info.slots),
-        )
+        self.slots = node_slots_of(info)
         self.inflight: dict[str, TaskRecord] = {}
         self.last_seen = now  # monotonic
         self.connected_at = wall

@@ -147,6 +147,18 @@ class Store(ABC):
     async def revoke_token(self, token_id: str, at: float) -> None:
         """Mark a token revoked."""
 
+    @abstractmethod
+    async def schedules(self) -> list[bytes]:
+        """Every schedule: serialised shoal.v1.Schedule messages."""
+
+    @abstractmethod
+    async def put_schedule(self, name: str, body: bytes) -> None:
+        """Create or replace a schedule."""
+
+    @abstractmethod
+    async def delete_schedule(self, name: str) -> None:
+        """Remove a schedule (nothing when it does not exist)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -186,6 +198,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at REAL,
     created_by TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
 
 # Columns added after the first release: (table, column, definition).
@@ -451,8 +464,7 @@ class SqliteStore(Store):
             ).fetchall()
         )
         return [
-            TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]))
-            for r in rows
+            TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows
         ]
 
     async def get(self, task_id: str) -> StoredTask | None:
@@ -569,3 +581,21 @@ class SqliteStore(Store):
                 (at, token_id),
             )
         )
+
+    async def schedules(self) -> list[bytes]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT body FROM schedules ORDER BY name").fetchall()
+        )
+        return [r[0] for r in rows]
+
+    async def put_schedule(self, name: str, body: bytes) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO schedules (name, body) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                (name, body),
+            )
+        )
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._write(lambda c: c.execute("DELETE FROM schedules WHERE name = ?", (name,)))

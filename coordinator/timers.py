@@ -11,10 +11,11 @@ __all__ = ["TimerKind", "Timers"]
 class TimerKind(Enum):
     RELEASE = "release"  # not_before reached, or a retry's backoff over: the task may be queued
     QUEUE_TIMEOUT = "queue_timeout"  # not started in time: TIMED_OUT
+    SCHEDULE = "schedule"  # a schedule (keyed by its name) fires
 
 
 class Timers:
-    """At most one due time per (kind, task); setting again replaces, cancelled ones are skipped.
+    """At most one due time per (kind, key); setting again replaces, cancelled ones are skipped.
 
     Every operation is O(log n); nothing scans all timers.
     """

@@ -72,6 +72,7 @@ class NodeAgent:
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
+        s = self.settings
         return node_pb2.NodeInfo(
             node_id=self.node_id,
             hostname=socket.gethostname(),
@@ -80,9 +81,14 @@ class NodeAgent:
             executors=sorted(self.executors),
             slots=self.settings.slots,
             resources=node_pb2.Resources(
-                cpus=psutil.cpu_count() or 1,
-                memory_mb=psutil.virtual_memory().total >> 20,
+                cpus=s.cpus if s.cpus is not None else psutil.cpu_count() or 1,
+                memory_mb=(
+                    s.memory_mb if s.memory_mb is not None else psutil.virtual_memory().total >> 20
+                ),
+                gpus=s.gpus,
             ),
+            models=s.models,
+            weight=s.weight,
             python_version=platform.python_version(),
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import os
 import threading
 from collections.abc import Coroutine, Iterator
@@ -125,4 +126,7 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
         finally:
             loop.run(_bounded(coordinator.stop()), STARTUP + 5)
     finally:
+        # grpc.aio objects made on this loop must be freed while it still runs: freed later,
+        # from another thread, their finalizer shuts grpc's poller down and hangs.
+        gc.collect()
         loop.close()

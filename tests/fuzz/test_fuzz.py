@@ -676,6 +676,12 @@ def targets(services: Sequence[str], server: str) -> list[Target]:
     ]
 
 
+def _header_safe(value: str | None, fallback: str) -> str:
+    """`value` if grpc can send it as a header value (visible ASCII), else `fallback`."""
+    ok = value and value.isascii() and value.isprintable() and " " not in value
+    return value if ok and value is not None else fallback
+
+
 def credentials(token: str, known: KnownValues) -> SearchStrategy[_Metadata]:
     """Mostly the admin token; sometimes tokens the fuzzer created, none, or garbage."""
     token_id, _ = parse_token(token)
@@ -686,7 +692,12 @@ def credentials(token: str, known: KnownValues) -> SearchStrategy[_Metadata]:
 
     return weighted(
         (30, st.just(bearer(token))),
-        (4, st.integers(0, 2**16).map(lambda n: bearer(known.pick("token", n) or token))),
+        (
+            4,
+            st.integers(0, 2**16).map(
+                lambda n: bearer(_header_safe(known.pick("token", n), token))
+            ),
+        ),
         (2, st.just(())),
         (1, garbage.map(bearer)),
         (1, garbage.map(lambda v: (("authorization", v),))),

@@ -105,7 +105,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    assert len(coordinator) == 16  # 7 Tasks, 4 Admin, Connect, reflection, 3 health
+    assert len(coordinator) == 21  # 7 Tasks, 9 Admin, Connect, reflection, 3 health
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -156,6 +156,8 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Admin/CreateToken": set(),
     "/shoal.v1.Admin/ListTokens": set(),
     "/shoal.v1.Admin/RevokeToken": set(),
+    **{f"/shoal.v1.Admin/{m}Schedule": set() for m in ("Create", "Delete", "Pause", "Resume")},
+    "/shoal.v1.Admin/ListSchedules": set(),
     "/shoal.v1.NodeGateway/Connect": {"node"},
     f"/{REFLECTION}/ServerReflectionInfo": set(),
     f"/{HEALTH}/Check": {"submitter", "reader", "node"},
@@ -182,6 +184,19 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         made += 1
         return admin_pb2.CreateTokenRequest(name=f"made-{made}", role=admin_pb2.ROLE_READER)
 
+    async def new_schedule() -> Message:
+        nonlocal made
+        made += 1
+        schedule = admin_pb2.Schedule(name=f"every-{made}", spec=spec)
+        schedule.every.FromSeconds(3600)
+        return schedule
+
+    async def schedule_to_delete() -> Message:
+        schedule = await new_schedule()
+        assert isinstance(schedule, admin_pb2.Schedule)
+        await f.mesh.client.create_schedule(schedule)
+        return admin_pb2.ScheduleRef(name=schedule.name)
+
     def const(message: Message) -> Callable[[], Awaitable[Message]]:
         async def make() -> Message:
             return message
@@ -200,6 +215,11 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/CreateToken": new_token_request,
         "/shoal.v1.Admin/ListTokens": const(admin_pb2.ListTokensRequest()),
         "/shoal.v1.Admin/RevokeToken": token_to_revoke,
+        "/shoal.v1.Admin/CreateSchedule": new_schedule,
+        "/shoal.v1.Admin/ListSchedules": const(admin_pb2.ListSchedulesRequest()),
+        "/shoal.v1.Admin/PauseSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
+        "/shoal.v1.Admin/ResumeSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
+        "/shoal.v1.Admin/DeleteSchedule": schedule_to_delete,
         "/shoal.v1.NodeGateway/Connect": const(
             gateway_pb2.NodeMessage(
                 hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))
@@ -226,6 +246,8 @@ async def roles(mesh: Mesh) -> Fixture:
         tokens[role] = (await mesh.client.create_token(request)).token
     task = await mesh.client.submit(shell(["true"], tenant="acme"))
     await mesh.client.wait(task.id)
+    nightly = admin_pb2.Schedule(name="nightly", spec=shell(["true"]), cron="0 3 * * *")
+    await mesh.client.create_schedule(nightly)
     return Fixture(mesh, tokens, task.id)
 
 

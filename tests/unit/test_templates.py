@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from google.protobuf import struct_pb2
 
@@ -12,7 +14,7 @@ from shoal.errors import InvalidArgument
 from shoal.v1 import task_pb2
 
 
-def result(stdout: str = "", code: int = 0, **output: object) -> task_pb2.TaskResult:
+def result(stdout: str = "", code: int = 0, **output: Any) -> task_pb2.TaskResult:
     r = task_pb2.TaskResult(stdout=stdout, exit_code=code)
     if output:
         s = struct_pb2.Struct()

@@ -70,7 +70,7 @@ async def test_expiry_revocation_and_forgery(store: SqliteStore) -> None:
         registry.authenticate(brief.token)
     token_id, secret = parse_token(kept.token)
     with pytest.raises(Unauthenticated, match="invalid"):
-        registry.authenticate(f"shoal_{token_id}_{secret[:-1]}A")
+        registry.authenticate(f"shoal_{token_id}_{secret[:-1]}{'B' if secret[-1] == 'A' else 'A'}")
     with pytest.raises(Unauthenticated, match="malformed"):
         registry.authenticate("Bearer nonsense")
     await registry.revoke("kept")

@@ -162,6 +162,29 @@ class AsyncClient:
         )
         return info
 
+    async def create_schedule(self, schedule: admin_pb2.Schedule) -> admin_pb2.Schedule:
+        """Create a schedule (admin): `schedule.spec` is submitted on its cron or interval."""
+        made: admin_pb2.Schedule = await self._unary(self._admin.CreateSchedule, schedule)
+        return made
+
+    async def schedules(self) -> builtins.list[admin_pb2.Schedule]:
+        response = await self._unary(self._admin.ListSchedules, admin_pb2.ListSchedulesRequest())
+        return list(response.schedules)
+
+    async def schedule_action(self, action: str, name: str) -> admin_pb2.Schedule:
+        """`delete`, `pause` or `resume` a schedule."""
+        methods = {
+            "delete": self._admin.DeleteSchedule,
+            "pause": self._admin.PauseSchedule,
+            "resume": self._admin.ResumeSchedule,
+        }
+        if action not in methods:
+            raise ValueError(f"unknown schedule action {action!r}")
+        done: admin_pb2.Schedule = await self._unary(
+            methods[action], admin_pb2.ScheduleRef(name=name)
+        )
+        return done
+
     async def watch(
         self,
         *,
@@ -293,6 +316,15 @@ class Client:
 
     def revoke_token(self, name_or_id: str) -> admin_pb2.TokenInfo:
         return self._run(self._async.revoke_token(name_or_id))
+
+    def create_schedule(self, schedule: admin_pb2.Schedule) -> admin_pb2.Schedule:
+        return self._run(self._async.create_schedule(schedule))
+
+    def schedules(self) -> builtins.list[admin_pb2.Schedule]:
+        return self._run(self._async.schedules())
+
+    def schedule_action(self, action: str, name: str) -> admin_pb2.Schedule:
+        return self._run(self._async.schedule_action(action, name))
 
     def watch(self, **kwargs: Any) -> Iterator[task_pb2.Event]:
         """See AsyncClient.watch."""

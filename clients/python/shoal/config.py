@@ -12,7 +12,7 @@ import socket
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -125,6 +125,12 @@ class CoordinatorSettings(_Settings):
     # Messages per second a node session may send (a token bucket; excess is read later).
     node_message_rate: float = 2000.0
     node_message_burst: int = 4000
+    # Scheduling: the routing strategy of tasks that name none, and tenant weights for
+    # fair sharing within a priority (a tenant not listed weighs 1).
+    routing: Literal["least_loaded", "round_robin", "random", "weighted", "affinity"] = (
+        "least_loaded"
+    )
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
 
 
 class NodeSettings(_Settings):
@@ -139,6 +145,12 @@ class NodeSettings(_Settings):
     slots: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)
     executors: list[str] = Field(default_factory=list)  # empty: every available executor
+    weight: float = Field(default=1.0, gt=0)  # share of work under weighted routing
+    # What tasks may reserve here (ResourceRequest); unset: what the machine has.
+    cpus: int | None = None
+    memory_mb: int | None = None
+    gpus: int = 0
+    models: list[str] = Field(default_factory=list)  # LLM models this node serves
     output_tail_bytes: int = 64 << 10
     reconnect_max: timedelta = timedelta(seconds=5)
     # The token presented to the coordinator (else read from token_file, else the local

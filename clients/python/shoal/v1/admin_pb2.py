@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shoal.v1 import node_pb2 as shoal_dot_v1_dot_node__pb2
+from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/admin.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/node.proto\"\xfb\x02\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x04role\x18\x03 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\texecutors\x18\x06 \x03(\t\x12/\n\x06labels\x18\x07 \x03(\x0b\x32\x1f.shoal.v1.TokenInfo.LabelsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x02\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\x38\n\x06labels\x18\x06 \x03(\x0b\x32(.shoal.v1.CreateTokenRequest.LabelsEntry\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x13\x43reateTokenResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.shoal.v1.TokenInfo\x12\r\n\x05token\x18\x02 \x01(\t\",\n\x11ListTokensRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"9\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.shoal.v1.TokenInfo\"#\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\xeb\x01\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x11\n\tthrottled\x18\x08 \x01(\x04\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shoal.v1.NodeStatus*`\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x12\n\x0eROLE_SUBMITTER\x10\x02\x12\x0f\n\x0bROLE_READER\x10\x03\x12\r\n\tROLE_NODE\x10\x04\x32\xa4\x02\n\x05\x41\x64min\x12\x44\n\tListNodes\x12\x1a.shoal.v1.ListNodesRequest\x1a\x1b.shoal.v1.ListNodesResponse\x12J\n\x0b\x43reateToken\x12\x1c.shoal.v1.CreateTokenRequest\x1a\x1d.shoal.v1.CreateTokenResponse\x12G\n\nListTokens\x12\x1b.shoal.v1.ListTokensRequest\x1a\x1c.shoal.v1.ListTokensResponse\x12@\n\x0bRevokeToken\x12\x1c.shoal.v1.RevokeTokenRequest\x1a\x13.shoal.v1.TokenInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/admin.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/node.proto\x1a\x13shoal/v1/task.proto\"\xc5\x04\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0e\n\x04\x63ron\x18\x03 \x01(\tH\x00\x12*\n\x05\x65very\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12\x10\n\x08timezone\x18\x05 \x01(\t\x12+\n\x07overlap\x18\x06 \x01(\x0e\x32\x1a.shoal.v1.Schedule.Overlap\x12,\n\x08\x63\x61tch_up\x18\x07 \x01(\x0e\x32\x1a.shoal.v1.Schedule.CatchUp\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12,\n\x08next_run\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08last_run\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_task_id\x18\x0b \x01(\t\x12\x0c\n\x04runs\x18\x0c \x01(\x04\x12\x0f\n\x07skipped\x18\r \x01(\x04\x12\x12\n\ncreated_by\x18\x0e \x01(\t\"G\n\x07Overlap\x12\x17\n\x13OVERLAP_UNSPECIFIED\x10\x00\x12\x10\n\x0cOVERLAP_SKIP\x10\x01\x12\x11\n\rOVERLAP_ALLOW\x10\x02\"Z\n\x07\x43\x61tchUp\x12\x18\n\x14\x43\x41TCH_UP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43\x41TCH_UP_ONE\x10\x01\x12\x10\n\x0c\x43\x41TCH_UP_ALL\x10\x02\x12\x11\n\rCATCH_UP_NONE\x10\x03\x42\x06\n\x04when\"\x16\n\x14ListSchedulesRequest\">\n\x15ListSchedulesResponse\x12%\n\tschedules\x18\x01 \x03(\x0b\x32\x12.shoal.v1.Schedule\"\x1b\n\x0bScheduleRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xfb\x02\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x04role\x18\x03 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\texecutors\x18\x06 \x03(\t\x12/\n\x06labels\x18\x07 \x03(\x0b\x32\x1f.shoal.v1.TokenInfo.LabelsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x02\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.shoal.v1.Role\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\x38\n\x06labels\x18\x06 \x03(\x0b\x32(.shoal.v1.CreateTokenRequest.LabelsEntry\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x13\x43reateTokenResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.shoal.v1.TokenInfo\x12\r\n\x05token\x18\x02 \x01(\t\",\n\x11ListTokensRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"9\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.shoal.v1.TokenInfo\"#\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"\xeb\x01\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x11\n\tthrottled\x18\x08 \x01(\x04\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shoal.v1.NodeStatus*`\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x12\n\x0eROLE_SUBMITTER\x10\x02\x12\x0f\n\x0bROLE_READER\x10\x03\x12\r\n\tROLE_NODE\x10\x04\x32\xe6\x04\n\x05\x41\x64min\x12\x44\n\tListNodes\x12\x1a.shoal.v1.ListNodesRequest\x1a\x1b.shoal.v1.ListNodesResponse\x12J\n\x0b\x43reateToken\x12\x1c.shoal.v1.CreateTokenRequest\x1a\x1d.shoal.v1.CreateTokenResponse\x12G\n\nListTokens\x12\x1b.shoal.v1.ListTokensRequest\x1a\x1c.shoal.v1.ListTokensResponse\x12@\n\x0bRevokeToken\x12\x1c.shoal.v1.RevokeTokenRequest\x1a\x13.shoal.v1.TokenInfo\x12\x38\n\x0e\x43reateSchedule\x12\x12.shoal.v1.Schedule\x1a\x12.shoal.v1.Schedule\x12P\n\rListSchedules\x12\x1e.shoal.v1.ListSchedulesRequest\x1a\x1f.shoal.v1.ListSchedulesResponse\x12;\n\x0e\x44\x65leteSchedule\x12\x15.shoal.v1.ScheduleRef\x1a\x12.shoal.v1.Schedule\x12:\n\rPauseSchedule\x12\x15.shoal.v1.ScheduleRef\x1a\x12.shoal.v1.Schedule\x12;\n\x0eResumeSchedule\x12\x15.shoal.v1.ScheduleRef\x1a\x12.shoal.v1.Scheduleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +39,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATETOKENREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1297
-  _globals['_ROLE']._serialized_end=1393
-  _globals['_TOKENINFO']._serialized_start=121
-  _globals['_TOKENINFO']._serialized_end=500
-  _globals['_TOKENINFO_LABELSENTRY']._serialized_start=455
-  _globals['_TOKENINFO_LABELSENTRY']._serialized_end=500
-  _globals['_CREATETOKENREQUEST']._serialized_start=503
-  _globals['_CREATETOKENREQUEST']._serialized_end=764
-  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_start=455
-  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_end=500
-  _globals['_CREATETOKENRESPONSE']._serialized_start=766
-  _globals['_CREATETOKENRESPONSE']._serialized_end=837
-  _globals['_LISTTOKENSREQUEST']._serialized_start=839
-  _globals['_LISTTOKENSREQUEST']._serialized_end=883
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=885
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=942
-  _globals['_REVOKETOKENREQUEST']._serialized_start=944
-  _globals['_REVOKETOKENREQUEST']._serialized_end=979
-  _globals['_LISTNODESREQUEST']._serialized_start=981
-  _globals['_LISTNODESREQUEST']._serialized_end=999
-  _globals['_NODESTATUS']._serialized_start=1002
-  _globals['_NODESTATUS']._serialized_end=1237
-  _globals['_LISTNODESRESPONSE']._serialized_start=1239
-  _globals['_LISTNODESRESPONSE']._serialized_end=1295
-  _globals['_ADMIN']._serialized_start=1396
-  _globals['_ADMIN']._serialized_end=1688
+  _globals['_ROLE']._serialized_start=2019
+  _globals['_ROLE']._serialized_end=2115
+  _globals['_SCHEDULE']._serialized_start=142
+  _globals['_SCHEDULE']._serialized_end=723
+  _globals['_SCHEDULE_OVERLAP']._serialized_start=552
+  _globals['_SCHEDULE_OVERLAP']._serialized_end=623
+  _globals['_SCHEDULE_CATCHUP']._serialized_start=625
+  _globals['_SCHEDULE_CATCHUP']._serialized_end=715
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=725
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=747
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=749
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=811
+  _globals['_SCHEDULEREF']._serialized_start=813
+  _globals['_SCHEDULEREF']._serialized_end=840
+  _globals['_TOKENINFO']._serialized_start=843
+  _globals['_TOKENINFO']._serialized_end=1222
+  _globals['_TOKENINFO_LABELSENTRY']._serialized_start=1177
+  _globals['_TOKENINFO_LABELSENTRY']._serialized_end=1222
+  _globals['_CREATETOKENREQUEST']._serialized_start=1225
+  _globals['_CREATETOKENREQUEST']._serialized_end=1486
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_start=1177
+  _globals['_CREATETOKENREQUEST_LABELSENTRY']._serialized_end=1222
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1488
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1559
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1561
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1605
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1607
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1664
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1666
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1701
+  _globals['_LISTNODESREQUEST']._serialized_start=1703
+  _globals['_LISTNODESREQUEST']._serialized_end=1721
+  _globals['_NODESTATUS']._serialized_start=1724
+  _globals['_NODESTATUS']._serialized_end=1959
+  _globals['_LISTNODESRESPONSE']._serialized_start=1961
+  _globals['_LISTNODESRESPONSE']._serialized_end=2017
+  _globals['_ADMIN']._serialized_start=2118
+  _globals['_ADMIN']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)

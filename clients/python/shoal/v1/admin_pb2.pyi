@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shoal.v1 import node_pb2 as _node_pb2
+from shoal.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -51,6 +52,179 @@ ROLE_READER: Role.ValueType  # 3
 ROLE_NODE: Role.ValueType  # 4
 """open a node session under its node id, within its claims"""
 Global___Role: _TypeAlias = Role  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Overlap:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OverlapEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Schedule._Overlap.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OVERLAP_UNSPECIFIED: Schedule._Overlap.ValueType  # 0
+        """SKIP"""
+        OVERLAP_SKIP: Schedule._Overlap.ValueType  # 1
+        """no new run while the previous one is unfinished"""
+        OVERLAP_ALLOW: Schedule._Overlap.ValueType  # 2
+
+    class Overlap(_Overlap, metaclass=_OverlapEnumTypeWrapper): ...
+    OVERLAP_UNSPECIFIED: Schedule.Overlap.ValueType  # 0
+    """SKIP"""
+    OVERLAP_SKIP: Schedule.Overlap.ValueType  # 1
+    """no new run while the previous one is unfinished"""
+    OVERLAP_ALLOW: Schedule.Overlap.ValueType  # 2
+
+    class _CatchUp:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _CatchUpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Schedule._CatchUp.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CATCH_UP_UNSPECIFIED: Schedule._CatchUp.ValueType  # 0
+        """ONE"""
+        CATCH_UP_ONE: Schedule._CatchUp.ValueType  # 1
+        """one run for all of them"""
+        CATCH_UP_ALL: Schedule._CatchUp.ValueType  # 2
+        """one run each, at most 100"""
+        CATCH_UP_NONE: Schedule._CatchUp.ValueType  # 3
+        """none: wait for the next time"""
+
+    class CatchUp(_CatchUp, metaclass=_CatchUpEnumTypeWrapper):
+        """Runs missed while the coordinator was down (or the schedule paused)."""
+
+    CATCH_UP_UNSPECIFIED: Schedule.CatchUp.ValueType  # 0
+    """ONE"""
+    CATCH_UP_ONE: Schedule.CatchUp.ValueType  # 1
+    """one run for all of them"""
+    CATCH_UP_ALL: Schedule.CatchUp.ValueType  # 2
+    """one run each, at most 100"""
+    CATCH_UP_NONE: Schedule.CatchUp.ValueType  # 3
+    """none: wait for the next time"""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    CATCH_UP_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_FIELD_NUMBER: _builtins.int
+    LAST_RUN_FIELD_NUMBER: _builtins.int
+    LAST_TASK_ID_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """unique"""
+    cron: _builtins.str
+    """five fields (or six, seconds first), croniter syntax"""
+    timezone: _builtins.str
+    """IANA name for cron; default UTC"""
+    overlap: Global___Schedule.Overlap.ValueType
+    catch_up: Global___Schedule.CatchUp.ValueType
+    paused: _builtins.bool
+    """Set by the coordinator."""
+    last_task_id: _builtins.str
+    runs: _builtins.int
+    skipped: _builtins.int
+    """times not run because of the overlap policy"""
+    created_by: _builtins.str
+    @_builtins.property
+    def spec(self) -> _task_pb2.TaskSpec:
+        """what each run submits (its idempotency_key is ignored)"""
+
+    @_builtins.property
+    def every(self) -> _duration_pb2.Duration:
+        """at least one second"""
+
+    @_builtins.property
+    def next_run(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_run(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        spec: _task_pb2.TaskSpec | None = ...,
+        cron: _builtins.str = ...,
+        every: _duration_pb2.Duration | None = ...,
+        timezone: _builtins.str = ...,
+        overlap: Global___Schedule.Overlap.ValueType = ...,
+        catch_up: Global___Schedule.CatchUp.ValueType = ...,
+        paused: _builtins.bool = ...,
+        next_run: _timestamp_pb2.Timestamp | None = ...,
+        last_run: _timestamp_pb2.Timestamp | None = ...,
+        last_task_id: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        created_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "every", b"every", "last_run", b"last_run", "next_run", b"next_run", "spec", b"spec", "when", b"when"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "created_by", b"created_by", "cron", b"cron", "every", b"every", "last_run", b"last_run", "last_task_id", b"last_task_id", "name", b"name", "next_run", b"next_run", "overlap", b"overlap", "paused", b"paused", "runs", b"runs", "skipped", b"skipped", "spec", b"spec", "timezone", b"timezone", "when", b"when"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_when: _TypeAlias = _typing.Literal["cron", "every"]  # noqa: Y015
+    _WhichOneofArgType_when: _TypeAlias = _typing.Literal["when", b"when"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_when) -> _WhichOneofReturnType_when | None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]: ...
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleRef: _TypeAlias = ScheduleRef  # noqa: Y015
 
 @_typing.final
 class TokenInfo(_message.Message):

@@ -55,6 +55,31 @@ class AdminStub:
                 request_serializer=shoal_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_admin__pb2.TokenInfo.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/shoal.v1.Admin/CreateSchedule',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/shoal.v1.Admin/ListSchedules',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/shoal.v1.Admin/DeleteSchedule',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/shoal.v1.Admin/PauseSchedule',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/shoal.v1.Admin/ResumeSchedule',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -87,6 +112,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Periodic tasks: a spec submitted on a cron expression or at an interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +165,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=shoal_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_admin__pb2.TokenInfo.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +301,141 @@ class Admin:
             '/shoal.v1.Admin/RevokeToken',
             shoal_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
             shoal_dot_v1_dot_admin__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/CreateSchedule',
+            shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/ListSchedules',
+            shoal_dot_v1_dot_admin__pb2.ListSchedulesRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/DeleteSchedule',
+            shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/PauseSchedule',
+            shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/ResumeSchedule',
+            shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
             options,
             channel_credentials,
             insecure,

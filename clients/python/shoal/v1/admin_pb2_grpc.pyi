@@ -39,6 +39,12 @@ class AdminStub:
     ListTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.TokenInfo]
     """Revokes a token by name or id; calls made with it fail from then on."""
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Schedule, _admin_pb2.Schedule]
+    """Periodic tasks: a spec submitted on a cron expression or at an interval."""
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSchedulesRequest, _admin_pb2.ListSchedulesResponse]
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -51,6 +57,12 @@ class AdminAsyncStub(AdminStub):
     ListTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]  # type: ignore[assignment]
     RevokeToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.TokenInfo]  # type: ignore[assignment]
     """Revokes a token by name or id; calls made with it fail from then on."""
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.Schedule, _admin_pb2.Schedule]  # type: ignore[assignment]
+    """Periodic tasks: a spec submitted on a cron expression or at an interval."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSchedulesRequest, _admin_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Operate the mesh."""
@@ -84,5 +96,41 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.TokenInfo, _abc.Awaitable[_admin_pb2.TokenInfo]]:
         """Revokes a token by name or id; calls made with it fail from then on."""
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _admin_pb2.Schedule,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]:
+        """Periodic tasks: a spec submitted on a cron expression or at an interval."""
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _admin_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListSchedulesResponse, _abc.Awaitable[_admin_pb2.ListSchedulesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _admin_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _admin_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _admin_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -96,10 +96,10 @@ def _check_hello(hello: gateway_pb2.Hello, by: Principal, limits: Limits) -> Non
         raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
     too_long = [
         s
-        for s in (info.node_id, *info.executors, *info.labels, *info.labels.values())
+        for s in (info.node_id, *info.executors, *info.models, *info.labels, *info.labels.values())
         if len(s) > limits.max_string
     ]
-    if too_long or max(len(info.labels), len(info.executors)) > limits.max_labels:
+    if too_long or max(len(info.labels), len(info.executors), len(info.models)) > limits.max_labels:
         raise InvalidArgument(
             f"node info over its bounds: at most {limits.max_labels} labels and executors,"
             f" {limits.max_string} characters each"

@@ -30,6 +30,11 @@ class Limits:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_VALUED_OPERATORS = (
+    task_pb2.LabelSelector.OPERATOR_UNSPECIFIED,
+    task_pb2.LabelSelector.OPERATOR_IN,
+    task_pb2.LabelSelector.OPERATOR_NOT_IN,
+)
 _SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file name
 
 
@@ -121,6 +126,8 @@ def _check_scheduling(
             bad(f"selectors[{i}].operator", f"unknown operator {sel.operator}")
         if len(sel.values) > limits.max_labels:
             bad(f"selectors[{i}].values", f"more than {limits.max_labels} values")
+        elif not sel.values and sel.operator in _VALUED_OPERATORS:
+            bad(f"selectors[{i}].values", "IN and NOT_IN need at least one value")
     if len(spec.selectors) > limits.max_labels:
         bad("selectors", f"more than {limits.max_labels} selectors")
     if len(spec.preferred_labels) > limits.max_labels:
@@ -133,6 +140,8 @@ def _check_scheduling(
         bad("resources.cpu", "must be between 0 and 1e6 cores")
     if spec.routing not in task_pb2.RoutingStrategy.values():
         bad("routing", f"unknown routing strategy {spec.routing}")
+    if spec.hard_affinity and not spec.affinity_key:
+        bad("hard_affinity", "needs an affinity_key")
     if len(spec.affinity_key) > limits.max_string or len(spec.model) > limits.max_string:
         bad("affinity_key" if spec.affinity_key else "model", "too long")
     if len(spec.depends_on) > limits.max_depends_on:

@@ -35,33 +35,42 @@ async def mesh_factory(tmp_path: Path) -> AsyncIterator[MeshFactory]:
     async with contextlib.AsyncExitStack() as stack:
         made = 0
 
-        async def make(*, slots: int = 4, **node_settings: Any) -> Mesh:
+        async def make(
+            *, slots: int = 4, coordinator: dict[str, Any] | None = None, **node_settings: Any
+        ) -> Mesh:
+            """A coordinator (with `coordinator` settings) and one node (`node_settings`)."""
             nonlocal made
             data_dir = tmp_path / f"mesh-{made}"
             made += 1
             data_dir.mkdir()
-            coordinator = CoordinatorServer(
-                CoordinatorSettings(listen="127.0.0.1:0", data_dir=data_dir)
+            server = CoordinatorServer(
+                CoordinatorSettings(listen="127.0.0.1:0", data_dir=data_dir, **(coordinator or {}))
             )
-            await coordinator.start()
-            stack.push_async_callback(_bounded, coordinator.stop)
-            token_file = coordinator.admin_token_path
-            node = NodeAgent(
-                NodeSettings(
-                    coordinator=coordinator.address,
-                    slots=slots,
-                    listen="127.0.0.1:0",
-                    token_file=token_file,
-                    **node_settings,
+            await server.start()
+            stack.push_async_callback(_bounded, server.stop)
+            token_file = server.admin_token_path
+
+            async def start_node(**settings: Any) -> NodeAgent:
+                node = NodeAgent(
+                    NodeSettings(
+                        **{
+                            "coordinator": server.address,
+                            "listen": "127.0.0.1:0",
+                            "token_file": token_file,
+                            **settings,
+                        }
+                    )
                 )
-            )
-            await node.start()
-            stack.push_async_callback(_bounded, node.stop)
+                await node.start()
+                stack.push_async_callback(_bounded, node.stop)
+                await asyncio.wait_for(node.connected.wait(), STARTUP)
+                return node
+
+            node = await start_node(slots=slots, **node_settings)
             token = token_file.read_text().strip()
-            client = AsyncClient(coordinator.address, token=token)
+            client = AsyncClient(server.address, token=token)
             stack.push_async_callback(_bounded, client.close)
-            await asyncio.wait_for(node.connected.wait(), STARTUP)
-            return Mesh(coordinator, node, client, data_dir, token)
+            return Mesh(server, node, client, data_dir, token, start_node)
 
         # Teardown runs in reverse: the client, the node (it hands back its work), the coordinator.
         yield make

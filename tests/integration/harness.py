@@ -167,6 +167,7 @@ class Mesh:
     client: AsyncClient
     data_dir: Path
     token: str  # the coordinator's admin token
+    start_node: Callable[..., Awaitable[NodeAgent]]  # another connected node (NodeSettings)
 
     @property
     def address(self) -> str:

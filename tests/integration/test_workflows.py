@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shoal import InvalidArgument, python, retry, shell
-from shoal.v1 import task_pb2
+from shoal.v1 import admin_pb2, task_pb2
 
 from .harness import Mesh, eventually, gate_script
 
@@ -153,3 +153,22 @@ async def test_cancel_cascades_to_dependents(mesh: Mesh, tmp_path: Path) -> None
     done = [await mesh.client.wait(i, timeout=WAIT) for i in ids]
     assert [t.state for t in done] == [S.TASK_STATE_CANCELLED] * 3
     assert "upstream" in done[2].result.error
+
+
+async def test_an_interval_schedule_runs_its_task_until_paused(mesh: Mesh) -> None:
+    schedule = admin_pb2.Schedule(name="heartbeat", spec=shell(["echo", "beat"]))
+    schedule.every.FromSeconds(1)
+    made = await mesh.client.create_schedule(schedule)
+    assert made.next_run.ToDatetime(tzinfo=UTC) > datetime.now(UTC)
+
+    async def ran_twice() -> list[task_pb2.Task]:
+        runs = [t for t in await mesh.client.list() if t.spec.metadata["shoal.schedule"]]
+        assert sum(t.state == S.TASK_STATE_SUCCEEDED for t in runs) >= 2
+        return runs
+
+    runs = await eventually(ran_twice, timeout=20)
+    paused = await mesh.client.schedule_action("pause", "heartbeat")
+    assert paused.paused and paused.runs >= 2
+    assert {t.result.stdout for t in runs if t.state == S.TASK_STATE_SUCCEEDED} == {"beat\n"}
+    (listed,) = await mesh.client.schedules()
+    assert listed.last_task_id in {t.id for t in await mesh.client.list()}

@@ -714,7 +714,7 @@ _CATCH_UP = {
 }
 
 
-@schedule_app.command("create", context_settings={"allow_interspersed_args": False})
+@schedule_app.command("create")
 def schedule_create(
     name: Annotated[str, typer.Argument(help="A unique name")],
     command: Annotated[list[str] | None, typer.Argument(help="Command and arguments")] = None,

@@ -194,7 +194,11 @@ class NodeAgent:
             finally:
                 self.connected.clear()
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                # The stream may have ended under it: writing then fails with AioRpcError, or
+                # with InvalidStateError once the call is finished.
+                with contextlib.suppress(
+                    asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError
+                ):
                     await writer
             _log.warning("node=%s session lost; reconnecting", self.node_id)
         finally:

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar, overload
@@ -36,6 +36,7 @@ __all__ = [
     "Completed",
     "Mesh",
     "MeshFactory",
+    "collect",
     "eventually",
     "free_port",
     "gate_script",
@@ -100,6 +101,20 @@ async def eventually(
             if time.monotonic() >= deadline:
                 raise AssertionError(f"not true within {timeout:g} s: {err!r}") from err
         await asyncio.sleep(interval)
+
+
+async def collect(events: AsyncGenerator[_T, None], until: Callable[[_T], bool]) -> list[_T]:
+    """Items of `events` up to and including the first that `until` accepts; then closes it.
+
+    Closing matters: a watch left suspended is finalized later, on another test's loop.
+    """
+    out: list[_T] = []
+    async with contextlib.aclosing(events):
+        async for item in events:
+            out.append(item)
+            if until(item):
+                break
+    return out
 
 
 def free_port() -> int:

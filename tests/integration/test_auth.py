@@ -24,7 +24,7 @@ from shoal.node.agent import NodeAgent
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2
 
-from .harness import BIN, STARTUP, Mesh, eventually, run_tool
+from .harness import BIN, STARTUP, Mesh, collect, eventually, run_tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -301,12 +301,11 @@ async def test_a_tenant_sees_and_touches_only_its_own_tasks(mesh: Mesh) -> None:
             await anext(globex.watch(since=0, tenant="acme"))
         assert [t.id for t in await globex.list()] == [theirs.id]
         # Globex's watch, even of acme's task id, carries only globex's events.
-        seen = set()
-        async for event in watch:
-            seen.add(event.task_id)
-            if event.task_id == theirs.id and event.state == task_pb2.TASK_STATE_SUCCEEDED:
-                break
-        assert seen == {theirs.id}
+        seen = await collect(
+            watch,
+            lambda e: e.task_id == theirs.id and e.state == task_pb2.TASK_STATE_SUCCEEDED,
+        )
+        assert {e.task_id for e in seen} == {theirs.id}
         assert (await acme.get(mine.id)).state != task_pb2.TASK_STATE_CANCELLED
         await acme.cancel(mine.id)
     finally:
@@ -315,12 +314,8 @@ async def test_a_tenant_sees_and_touches_only_its_own_tasks(mesh: Mesh) -> None:
 
 
 async def _until_final(client: AsyncClient, task: task_pb2.Task) -> list[task_pb2.Event]:
-    events = []
-    async for event in client.watch(since=task.created_seq - 1, task_ids=[task.id]):
-        events.append(event)
-        if is_final(event.state):
-            return events
-    raise AssertionError("the watch ended")
+    watch = client.watch(since=task.created_seq - 1, task_ids=[task.id])
+    return await collect(watch, lambda e: is_final(e.state))
 
 
 async def test_every_event_names_the_principal_that_caused_it(mesh: Mesh) -> None:

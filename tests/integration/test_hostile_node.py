@@ -17,7 +17,7 @@ from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
 from shoal.v1 import admin_pb2, gateway_pb2, gateway_pb2_grpc, node_pb2, task_pb2
 
-from .harness import STARTUP, eventually, gate_script
+from .harness import STARTUP, collect, eventually, gate_script
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,7 +161,7 @@ async def test_results_for_tasks_it_does_not_hold_change_nothing(
     done = await arena.admin.wait(held.id)
     assert done.result.stdout == "honest\n"
     assert done.node_id == "honest"
-    events = [e async for e in _events(arena.admin, done)]
+    events = await _events(arena.admin, done)
     assert all(e.principal != "evil" for e in events)
     assert all("forged" not in e.output.data for e in events)
 
@@ -216,8 +216,6 @@ async def _state(arena: Arena, task_id: str, state: int) -> None:
     assert (await arena.admin.get(task_id)).state == state
 
 
-async def _events(client: AsyncClient, task: task_pb2.Task) -> AsyncIterator[task_pb2.Event]:
-    async for event in client.watch(since=task.created_seq - 1, task_ids=[task.id], output=True):
-        yield event
-        if event.state == task.state and not event.HasField("output"):
-            return
+async def _events(client: AsyncClient, task: task_pb2.Task) -> list[task_pb2.Event]:
+    watch = client.watch(since=task.created_seq - 1, task_ids=[task.id], output=True)
+    return await collect(watch, lambda e: e.state == task.state and not e.HasField("output"))

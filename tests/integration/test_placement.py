@@ -14,7 +14,7 @@ from shoal import noop
 from shoal.specs import is_final
 from shoal.v1 import task_pb2
 
-from .harness import MeshFactory
+from .harness import MeshFactory, collect
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = timedelta(seconds=60)
@@ -98,10 +98,13 @@ async def test_a_ledger_of_mixed_tasks_on_three_nodes_never_oversubscribes(
     placed: dict[str, str] = {}
     peak: dict[str, Counter[str]] = defaultdict(Counter)
     finished = 0
-    async for event in mesh.client.watch(since=0):
+
+    def account(event: task_pb2.Event) -> bool:
+        """Book one event; True once every task has finished."""
+        nonlocal finished
         need = needs.get(event.task_id)
         if need is None:
-            continue
+            return False
         if event.state == task_pb2.TASK_STATE_ASSIGNED:
             node = event.node_id
             holder[event.task_id] = placed[event.task_id] = node
@@ -118,8 +121,9 @@ async def test_a_ledger_of_mixed_tasks_on_three_nodes_never_oversubscribes(
         if is_final(event.state):
             assert event.state == task_pb2.TASK_STATE_SUCCEEDED, event
             finished += 1
-            if finished == len(ids):
-                break
+        return finished == len(ids)
+
+    await collect(mesh.client.watch(since=0), account)
 
     assert len(placed) == len(ids)
     for task_id, node in placed.items():
@@ -143,11 +147,13 @@ async def test_tenants_flooding_one_priority_share_a_node_by_weight(
     tenant_of = dict(zip(ids, (s.tenant for s in specs), strict=True))
 
     order: list[str] = []
-    async for event in mesh.client.watch(since=first.created_seq):
+
+    def dispatched(event: task_pb2.Event) -> bool:
         if event.state == task_pb2.TASK_STATE_ASSIGNED and event.task_id in tenant_of:
             order.append(tenant_of[event.task_id])
-            if len(order) == 800:
-                break
+        return len(order) == 800
+
+    await collect(mesh.client.watch(since=first.created_seq), dispatched)
     served = Counter(order)
     # 3:1 while both have work: 600 gold and 200 bronze in the first 800, within 10%.
     assert abs(served["gold"] - 600) <= 60 and abs(served["bronze"] - 200) <= 20, served
@@ -164,10 +170,12 @@ async def test_priorities_run_in_order_and_fifo_within_one_on_a_one_slot_node(
     ids = await mesh.client.submit_batch(
         noop({"i": i}, priority=level) for i, level in enumerate(levels)
     )
-    order = []
-    async for event in mesh.client.watch(since=blocker.created_seq):
+    order: list[int] = []
+
+    def dispatched(event: task_pb2.Event) -> bool:
         if event.state == task_pb2.TASK_STATE_ASSIGNED and event.task_id in ids:
             order.append(ids.index(event.task_id))
-            if len(order) == len(ids):
-                break
+        return len(order) == len(ids)
+
+    await collect(mesh.client.watch(since=blocker.created_seq), dispatched)
     assert order == [1, 3, 5, 2, 6, 0, 4]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import os
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -68,16 +67,6 @@ class Servers:
     @property
     def node_address(self) -> str:
         return f"127.0.0.1:{self.node.port}"
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No user config file or SHOAL_* variable reaches what the tests start."""
-    for name in list(os.environ):
-        if name.startswith("SHOAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "no-such-config.toml"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
 
 
 async def _bounded(coro: Coroutine[Any, Any, None]) -> None:

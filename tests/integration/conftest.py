@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,6 @@ from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
 
 from .harness import BIN, STARTUP, CliProcesses, Mesh, MeshFactory
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No user config file or SHOAL_* variable reaches what the tests start."""
-    for name in list(os.environ):
-        if name.startswith("SHOAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "no-such-config.toml"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
 
 
 @pytest.fixture

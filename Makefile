@@ -58,6 +58,7 @@ protos-check: $(STAMP)
 	diff -r -x __init__.py -x __pycache__ $$tmp/shoal/v1 $(GEN_DIR)/shoal/v1 && rm -rf $$tmp && echo "generated code is up to date"
 
 bench: $(STAMP) reinstall-pkg
+	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/throughput.py
 
 clean:

@@ -8,7 +8,7 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,6 +35,7 @@ from shoal.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     ShoalError,
     Unauthenticated,
     Unavailable,
@@ -56,6 +57,7 @@ _SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 _SKIPPED = task_pb2.TASK_STATE_SKIPPED
 _TIMED_OUT = task_pb2.TASK_STATE_TIMED_OUT
 _NO_RESULT = task_pb2.TaskResult()
+_BACKPRESSURE_RETRY = timedelta(seconds=1)
 _REPLAY_PAGE = 1000
 
 
@@ -104,6 +106,11 @@ def _check_hello(hello: gateway_pb2.Hello, by: Principal, limits: Limits) -> Non
             f"node info over its bounds: at most {limits.max_labels} labels and executors,"
             f" {limits.max_string} characters each"
         )
+
+
+def _retry_unless(never_fits: bool) -> timedelta | None:
+    """The delay to suggest to a refused submit; none when waiting would not help."""
+    return None if never_fits else _BACKPRESSURE_RETRY
 
 
 def _scoped_key(spec: task_pb2.TaskSpec) -> str | None:
@@ -174,6 +181,7 @@ class Coordinator:
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self._schedules: dict[str, ScheduleState] = {}
+        self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -190,6 +198,7 @@ class Coordinator:
             rec = self._record(row.id, row.seq, spec, row.created_at, row.submitted_by)
             rec.upstream = [str(u) for u in row.depends_on]
             self._tasks[rec.id] = rec
+            self._unfinished[rec.tenant] += 1
             records.append(rec)
         outcomes = await self._outcomes_of(records)
         for rec in records:
@@ -256,6 +265,7 @@ class Coordinator:
             for spec in specs:
                 by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
                 spec.tenant = by.tenant
+        self._check_capacity(specs)
         await self._check_upstream_ids(specs, by)
         now = self._wall()
         records: list[TaskRecord] = []
@@ -296,6 +306,7 @@ class Coordinator:
                 out.append(Submitted(old, False, 0))
             else:
                 self._tasks[rec.id] = rec
+                self._unfinished[rec.tenant] += 1
                 out.append(Submitted(rec.id, True, rec.seq))
         accepted = []
         for rec in created:
@@ -308,6 +319,24 @@ class Coordinator:
             accepted.append(event)
         self.events.publish(accepted)
         return out
+
+    def _check_capacity(self, specs: Sequence[task_pb2.TaskSpec]) -> None:
+        """Backpressure: ResourceExhausted, with a retry delay, beyond the unfinished-task caps."""
+        limits = self.options.limits
+        total = sum(self._unfinished.values())
+        if total + len(specs) > limits.max_queued:
+            raise ResourceExhausted(
+                f"{total} tasks are unfinished; the limit is {limits.max_queued}",
+                retry_after=_retry_unless(len(specs) > limits.max_queued),
+            )
+        if limits.max_queued_per_tenant:
+            for tenant, n in Counter(spec.tenant for spec in specs).items():
+                if self._unfinished[tenant] + n > limits.max_queued_per_tenant:
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} has {self._unfinished[tenant]} unfinished tasks;"
+                        f" the limit is {limits.max_queued_per_tenant}",
+                        retry_after=_retry_unless(n > limits.max_queued_per_tenant),
+                    )
 
     async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
         """Every upstream named by id exists and is visible to the submitter."""
@@ -594,6 +623,8 @@ class Coordinator:
         """Make a task final now; its outcome is committed with the next group of outcomes."""
         if rec.state == _QUEUED:
             self._scheduler.queue.discard()
+        if not is_final(rec.state):
+            self._unfinished[rec.tenant] -= 1
         if by:
             rec.finished_by = by
         self._timers.cancel(TimerKind.RELEASE, rec.id)

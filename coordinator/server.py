@@ -86,6 +86,8 @@ class CoordinatorServer:
                     max_labels=settings.max_labels,
                     max_result_bytes=settings.max_result_bytes,
                     max_watch_tasks=settings.max_watch_tasks,
+                    max_queued=settings.max_queued,
+                    max_queued_per_tenant=settings.max_queued_per_tenant,
                 ),
                 heartbeat_interval=settings.heartbeat_interval,
                 lease=settings.lease,

@@ -26,6 +26,8 @@ class Limits:
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
     max_watch_tasks: int = 1000
     max_depends_on: int = 100  # upstream tasks of one task (fan-in)
+    max_queued: int = 1_000_000  # unfinished tasks in all (backpressure)
+    max_queued_per_tenant: int = 0  # unfinished tasks of one tenant; 0: no cap
     max_attempts: int = 100
 
 

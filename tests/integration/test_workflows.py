@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal import InvalidArgument, python, retry, shell
+from shoal import AsyncClient, InvalidArgument, ResourceExhausted, noop, python, retry, shell
 from shoal.v1 import admin_pb2, task_pb2
 
-from .harness import Mesh, eventually, gate_script
+from .harness import Mesh, MeshFactory, eventually, gate_script
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = timedelta(seconds=30)
@@ -172,3 +172,17 @@ async def test_an_interval_schedule_runs_its_task_until_paused(mesh: Mesh) -> No
     assert {t.result.stdout for t in runs if t.state == S.TASK_STATE_SUCCEEDED} == {"beat\n"}
     (listed,) = await mesh.client.schedules()
     assert listed.last_task_id in {t.id for t in await mesh.client.list()}
+
+
+async def test_the_sdk_waits_out_backpressure_when_asked(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(slots=1, executors=["noop"], coordinator={"max_queued": 2})
+    work = [noop({"sleep": 0.3, "i": i}) for i in range(6)]
+    with pytest.raises(ResourceExhausted) as refused:
+        for spec in work:
+            await mesh.client.submit(spec)
+    assert refused.value.retry_after == timedelta(seconds=1)
+
+    async with AsyncClient(mesh.address, token=mesh.token, wait_when_full=True) as patient:
+        ids = [(await patient.submit(spec)).id for spec in work]
+    done = [await mesh.client.wait(i, timeout=WAIT) for i in ids]
+    assert {t.state for t in done} == {S.TASK_STATE_SUCCEEDED}

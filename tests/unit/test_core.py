@@ -12,13 +12,16 @@ import pytest
 
 from shoal import retry, shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator
+from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import SqliteStore
+from shoal.coordinator.validation import Limits
+from shoal.errors import ResourceExhausted
 from shoal.v1 import gateway_pb2, node_pb2, task_pb2
 
 ALICE = Principal("alice", Role.SUBMITTER)
 NODE = Principal("fleet", Role.ADMIN)  # may connect under any node id
+ADMIN = Principal("root", Role.ADMIN)
 
 
 @pytest.fixture
@@ -203,5 +206,31 @@ async def test_time_moves_tasks_under_an_injected_clock(tmp_path: Path) -> None:
         done = await c.wait(failing.task_id, None, by=ALICE)
         assert done.state == task_pb2.TASK_STATE_FAILED  # two attempts in all
         assert len(done.attempts) == 1
+    finally:
+        await c.stop()
+
+
+async def test_backpressure_caps_unfinished_tasks_and_says_when_to_retry(tmp_path: Path) -> None:
+    limits = Limits(max_queued=3, max_queued_per_tenant=2)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=limits))
+    await c.start()
+    try:
+        a = await c.submit([shell("true", tenant="a")] * 2, by=ADMIN)
+        with pytest.raises(ResourceExhausted, match="tenant 'a'") as per_tenant:
+            await c.submit([shell("true", tenant="a")], by=ADMIN)
+        await c.submit([shell("true", tenant="b")], by=ADMIN)
+        with pytest.raises(ResourceExhausted, match="3 tasks are unfinished") as total:
+            await c.submit([shell("true", tenant="b")], by=ADMIN)
+        with pytest.raises(ResourceExhausted) as never:
+            await c.submit([shell("true", tenant="c")] * 4, by=ADMIN)
+        assert per_tenant.value.retry_after == total.value.retry_after == timedelta(seconds=1)
+        assert never.value.retry_after is None  # larger than the cap: waiting cannot help
+        assert (
+            len((await c.list_tasks(states=[], tenant="", limit=10, page_token="", by=ADMIN))[0])
+            == 3
+        )
+
+        await c.cancel(a[0].task_id, by=ADMIN)  # a finished task makes room
+        await c.submit([shell("true", tenant="a")], by=ADMIN)
     finally:
         await c.stop()

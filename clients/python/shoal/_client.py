@@ -16,7 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, wait_e
 from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
-from shoal.errors import Unavailable
+from shoal.errors import ResourceExhausted, Unavailable
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, admin_pb2_grpc, task_pb2, tasks_pb2, tasks_pb2_grpc
 
@@ -43,7 +43,8 @@ class AsyncClient:
     """Talks to a coordinator. Errors arrive as `shoal.errors` exceptions.
 
     What is not given comes from ClientSettings (config file, `SHOAL_*` variables); the token
-    falls back to the local admin token that `shoal up` wrote.
+    falls back to the local admin token that `shoal up` wrote. With `wait_when_full`, a submit
+    the coordinator refuses for backpressure waits the delay it names and tries again.
     """
 
     def __init__(
@@ -55,8 +56,10 @@ class AsyncClient:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         timeout: timedelta = timedelta(seconds=30),
+        wait_when_full: bool = False,
     ):
         settings = ClientSettings()
+        self._wait_when_full = wait_when_full
         self.target = target or settings.coordinator
         self._timeout = timeout.total_seconds()
         if token is None:
@@ -75,6 +78,16 @@ class AsyncClient:
     async def _unary(self, method: Any, request: Any) -> Any:
         return await _call(method(request, timeout=self._timeout, metadata=self._metadata))
 
+    async def _submit(self, method: Any, request: Any) -> Any:
+        """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
+        while True:
+            try:
+                return await self._unary(method, request)
+            except ResourceExhausted as err:
+                if not self._wait_when_full or err.retry_after is None:
+                    raise
+                await asyncio.sleep(err.retry_after.total_seconds())
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -86,14 +99,14 @@ class AsyncClient:
 
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
-        response: tasks_pb2.SubmitResponse = await self._unary(
+        response: tasks_pb2.SubmitResponse = await self._submit(
             self._tasks.Submit, tasks_pb2.SubmitRequest(spec=spec)
         )
         return response.task
 
     async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
         """Submit many tasks atomically in one call; returns their ids in order."""
-        response = await self._unary(
+        response = await self._submit(
             self._tasks.SubmitBatch, tasks_pb2.SubmitBatchRequest(specs=list(specs))
         )
         return list(response.task_ids)

@@ -113,6 +113,10 @@ class CoordinatorSettings(_Settings):
     max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
     max_watch_tasks: int = 1000  # task ids in one Watch filter
+    # Backpressure: submits beyond these many unfinished tasks get RESOURCE_EXHAUSTED with a
+    # retry delay (per tenant: 0 means no cap).
+    max_queued: int = 1_000_000
+    max_queued_per_tenant: int = 0
     # Authentication: bearer tokens checked on every call but health. Off is allowed on
     # loopback only.
     auth: bool = True

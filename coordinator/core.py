@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from shoal.auth import COORDINATOR, Principal, Role
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.ratelimit import TokenBucket
@@ -40,7 +38,7 @@ from shoal.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shoal.specs import FINAL_STATES, is_final, state_name
+from shoal.specs import FINAL_STATES, is_final, state_name, timestamp
 from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
@@ -132,16 +130,6 @@ def _bounded(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
         result.ClearField("output")
         result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
     return result
-
-
-def _ts(seconds: float | None) -> Timestamp | None:
-    return None if seconds is None else _timestamp(seconds)
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 class Coordinator:
@@ -342,19 +330,18 @@ class Coordinator:
         """Every upstream named by id exists and is visible to the submitter."""
         for i, spec in enumerate(specs):
             for j, dep in enumerate(spec.depends_on):
-                if not dep.HasField("task_id") or dep.task_id in self._tasks:
+                if not dep.HasField("task_id"):
                     continue
-                stored = await self._store.get(dep.task_id)
-                if stored is None:
+                if (live := self._tasks.get(dep.task_id)) is not None:
+                    tenant = live.tenant
+                elif (stored := await self._store.get(dep.task_id)) is not None:
+                    tenant = stored.row.tenant
+                else:
                     raise InvalidArgument(
                         f"specs[{i}].depends_on[{j}]: no task {dep.task_id!r}",
                         [FieldViolation(f"specs[{i}].depends_on[{j}]", "no such task")],
                     )
-                by.check_tenant(stored.row.tenant, f"task {dep.task_id!r}")
-        for spec in specs:
-            for dep in spec.depends_on:
-                if (up := self._tasks.get(dep.task_id)) is not None:
-                    by.check_tenant(up.tenant, f"task {dep.task_id!r}")
+                by.check_tenant(tenant, f"task {dep.task_id!r}")
 
     async def _outcomes_of(
         self, records: Sequence[TaskRecord], exclude: frozenset[str] | set[str] = frozenset()
@@ -865,8 +852,8 @@ class Coordinator:
             node_id=rec.node_id,
             state=state,  # type: ignore[arg-type]
             result=result,
-            started_at=_ts(rec.started_at),
-            finished_at=_timestamp(self._wall()),
+            started_at=timestamp(rec.started_at),
+            finished_at=timestamp(self._wall()),
         )
         rec.attempts.append(attempt)
 
@@ -1056,8 +1043,8 @@ class Coordinator:
                     connected=True,
                     running=s.slots.running,
                     free_slots=max(0, s.slots.free),
-                    connected_at=_ts(s.connected_at),
-                    last_seen=_ts(wall - (now - s.last_seen)),
+                    connected_at=timestamp(s.connected_at),
+                    last_seen=timestamp(wall - (now - s.last_seen)),
                     address=s.peer,
                     throttled=s.throttled,
                 )
@@ -1117,9 +1104,9 @@ class Coordinator:
             state=rec.state,  # type: ignore[arg-type]
             node_id=rec.node_id,
             result=rec.result,
-            created_at=_ts(rec.created_at),
-            started_at=_ts(rec.started_at),
-            finished_at=_ts(rec.finished_at),
+            created_at=timestamp(rec.created_at),
+            started_at=timestamp(rec.started_at),
+            finished_at=timestamp(rec.finished_at),
             pending_reason=self._pending_reason(rec),
             created_seq=rec.seq,
             submitted_by=rec.submitted_by,
@@ -1137,7 +1124,7 @@ class Coordinator:
             id=row.id,
             spec=task_pb2.TaskSpec.FromString(row.spec),
             state=_QUEUED if outcome is None else outcome.state,  # type: ignore[arg-type]
-            created_at=_ts(row.created_at),
+            created_at=timestamp(row.created_at),
             created_seq=row.seq,
             submitted_by=row.submitted_by,
             depends_on=[str(u) for u in row.depends_on],
@@ -1147,9 +1134,9 @@ class Coordinator:
                 task.attempts.extend(task_pb2.Task.FromString(outcome.attempts).attempts)
             task.node_id = outcome.node_id
             task.result.ParseFromString(outcome.result)
-            task.finished_at.CopyFrom(_timestamp(outcome.finished_at))
+            task.finished_at.CopyFrom(timestamp(outcome.finished_at))
             if outcome.started_at is not None:
-                task.started_at.CopyFrom(_timestamp(outcome.started_at))
+                task.started_at.CopyFrom(timestamp(outcome.started_at))
             if outcome.attempt_number:
                 task.attempt.epoch = outcome.attempt_epoch
                 task.attempt.number = outcome.attempt_number
@@ -1162,11 +1149,11 @@ class Coordinator:
         if seq == row.seq or outcome is None:
             event.principal = row.submitted_by
             event.state = _QUEUED
-            event.time.CopyFrom(_timestamp(row.created_at))
+            event.time.CopyFrom(timestamp(row.created_at))
         else:
             event.state = outcome.state  # type: ignore[assignment]
             event.principal = outcome.finished_by
             event.node_id = outcome.node_id
             event.result.ParseFromString(outcome.result)
-            event.time.CopyFrom(_timestamp(outcome.finished_at))
+            event.time.CopyFrom(timestamp(outcome.finished_at))
         return event

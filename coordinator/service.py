@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from shoal._server import current_principal
 from shoal.auth import Role
@@ -21,7 +20,7 @@ from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
 from shoal.errors import InvalidArgument
-from shoal.specs import duration
+from shoal.specs import duration, timestamp
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -104,14 +103,6 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             yield tasks_pb2.WatchResponse(events=events, cursor=cursor)
 
 
-def _timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:
     return admin_pb2.TokenInfo(
         id=row.id,
@@ -121,9 +112,9 @@ def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:
         node_id=row.node_id,
         executors=row.executors,
         labels=row.labels,
-        created_at=_timestamp(row.created_at),
-        expires_at=_timestamp(row.expires_at),
-        revoked_at=_timestamp(row.revoked_at),
+        created_at=timestamp(row.created_at),
+        expires_at=timestamp(row.expires_at),
+        revoked_at=timestamp(row.revoked_at),
         created_by=row.created_by,
     )
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import overload
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from shoal.errors import InvalidArgument
 from shoal.v1 import task_pb2
 
-__all__ = ["FINAL_STATES", "MAX_DURATION", "duration", "executor_of", "is_final", "state_name"]
+__all__ = [
+    "FINAL_STATES",
+    "MAX_DURATION",
+    "duration",
+    "executor_of",
+    "is_final",
+    "state_name",
+    "timestamp",
+]
 
 MAX_DURATION = timedelta(seconds=315_576_000_000)
 """The range google.protobuf.Duration documents (10,000 years); timedelta overflows far beyond."""
@@ -51,3 +61,18 @@ def duration(d: Duration, field: str, *, positive: bool = False) -> timedelta:
     if positive and not (seconds or nanos):
         raise InvalidArgument(f"{field} must be positive")
     return timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+@overload
+def timestamp(seconds: float) -> Timestamp: ...
+@overload
+def timestamp(seconds: float | None) -> Timestamp | None: ...
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """Wall-clock seconds as a Timestamp; None stays None (an unset field)."""
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts

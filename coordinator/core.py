@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from shoal.auth import COORDINATOR, Principal, Role
+from shoal.coordinator.breakers import CLOSED, OPEN, Breaker, Breakers, backend_key, node_keys
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
-from shoal.coordinator.scheduler import Routing, Scheduler, requirements_of
+from shoal.coordinator.scheduler import NodeSlots, Routing, Scheduler, requirements_of
 from shoal.coordinator.schedules import ScheduleState, check
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow, TokenRow
@@ -38,7 +39,7 @@ from shoal.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shoal.specs import FINAL_STATES, is_final, state_name, timestamp
+from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
 from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
@@ -72,6 +73,9 @@ class CoreOptions:
     node_message_burst: int = 4000
     routing: Routing = Routing.LEAST_LOADED  # for tasks that name no strategy
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    restart_grace: timedelta | None = None  # None: a lease
+    breaker_threshold: int = 5
+    breaker_cooldown: timedelta = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,16 @@ class Coordinator:
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self._schedules: dict[str, ScheduleState] = {}
         self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
+        self._breakers = Breakers(
+            threshold=self.options.breaker_threshold,
+            cooldown=self.options.breaker_cooldown.total_seconds(),
+            wall=wall,
+        )
+        self._held: dict[str, list[TaskRecord]] = {}  # by backend: waiting for its breaker
+        # After a restart: recovered tasks that may still run on a node that has yet to
+        # reconnect, and the nodes that held a session when the coordinator last ran.
+        self._recovering: set[str] = set()
+        self._awaited: set[str] = set()
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -189,9 +203,18 @@ class Coordinator:
             self._unfinished[rec.tenant] += 1
             records.append(rec)
         outcomes = await self._outcomes_of(records)
+        self._awaited = set(await self._store.members())
+        grace = (self.options.restart_grace or self.options.lease).total_seconds()
         for rec in records:
             self._link(rec, outcomes)
-            self._admit(rec)
+            now = self._wall()
+            if self._awaited and grace > 0 and not rec.waiting_on and (rec.release_at or 0) <= now:
+                rec.state = _PENDING  # its node may still run it: see attach
+                self._recovering.add(rec.id)
+            else:
+                self._admit(rec)
+        if self._recovering:
+            self._set_timer(TimerKind.RECOVERY, "", self._wall() + grace)
         for body in await self._store.schedules():
             state = ScheduleState(admin_pb2.Schedule.FromString(body))
             self._schedules[state.name] = state
@@ -233,6 +256,7 @@ class Coordinator:
             created_at=created_at,
             submitted_by=by,
             templated=bool(spec.depends_on) and any(True for _ in references(spec)),
+            backend=spec.backend,
             release_at=(
                 spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
             ),
@@ -686,18 +710,25 @@ class Coordinator:
             self._dispatch_pending = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
-    def _attempt(self, rec: TaskRecord) -> task_pb2.AttemptId:
-        return task_pb2.AttemptId(epoch=self.epoch, number=rec.attempt)
+    @staticmethod
+    def _attempt(rec: TaskRecord) -> task_pb2.AttemptId:
+        return task_pb2.AttemptId(epoch=rec.attempt_epoch, number=rec.attempt)
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         by_node: dict[str, list[gateway_pb2.Assignment]] = {}
         events: list[task_pb2.Event] = []
+        gated = self._breakers.tripped > 0
+        put_back = False
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
+            if gated and not self._through_breakers(rec, slots):
+                put_back = True
+                continue
             session = self._sessions[slots.node_id]
             rec.state = _ASSIGNED
             rec.attempt += 1
+            rec.attempt_epoch = self.epoch
             rec.node_id = session.node_id
             session.inflight[rec.id] = rec
             attempt = self._attempt(rec)
@@ -712,11 +743,18 @@ class Coordinator:
             self._sessions[node_id].assign(assignments)
         for event in events:
             self.events.emit(event)
+        if put_back:
+            self._kick()  # elsewhere, if another node can take them
 
     # -- node sessions ---------------------------------------------------------------------
 
     def attach(self, hello: gateway_pb2.Hello, peer: str, *, by: Principal) -> NodeSession:
-        """Start a node's session; a session already open under its id is replaced."""
+        """Start a node's session; a session already open under its id is replaced.
+
+        The attempts its Hello lists stay its own when they still are: the current attempt of a
+        task assigned to it, or (after a restart) of a recovered task nobody else has run yet.
+        It is told to stop the others.
+        """
         info = hello.info
         if not info.node_id:
             raise InvalidArgument("hello.info.node_id is required")
@@ -725,9 +763,13 @@ class Coordinator:
             raise Unavailable("the coordinator is shutting down")
         old = self._sessions.get(info.node_id)
         if old is not None:
+            # It reconnected before its old stream was seen to end: what it still runs stays.
             _log.info("node=%s replaces its previous session", info.node_id)
+            for running in hello.running:
+                rec = old.inflight.get(running.task_id)
+                if rec is not None and self._attempt(rec) == running.attempt:
+                    del old.inflight[rec.id]
             self.detach(old)
-            old.close()
         session = NodeSession(
             info,
             peer,
@@ -741,20 +783,31 @@ class Coordinator:
         self._sessions[info.node_id] = session
         for running in hello.running:
             rec = self._tasks.get(running.task_id)
-            attempt = running.attempt
-            if (
-                rec is not None
-                and not is_final(rec.state)
-                and rec.node_id == info.node_id
-                and attempt.epoch == self.epoch
-                and attempt.number == rec.attempt
-                and rec.state in (_ASSIGNED, _RUNNING)
-            ):
+            if rec is not None and self._reclaims(rec, info.node_id, running.attempt):
+                if rec.node_id and rec.node_id != info.node_id:  # an earlier attempt's claim
+                    other = self._sessions[rec.node_id]
+                    del other.inflight[rec.id]
+                    self._scheduler.release(other.slots, rec)
+                    other.cancel(rec.id, self._attempt(rec))
+                self._recovering.discard(rec.id)
+                rec.attempt_epoch, rec.attempt = running.attempt.epoch, running.attempt.number
+                rec.node_id = info.node_id
+                if rec.state != _RUNNING:
+                    rec.state = _RUNNING
+                    rec.started_at = self._wall()
+                    self.events.emit(self._event(rec, by=by.name))
                 session.inflight[rec.id] = rec
                 session.slots.take(rec.placement.cls.resources)
             else:
-                session.cancel(running.task_id, attempt)
+                session.cancel(running.task_id, running.attempt)
         self._scheduler.add_node(session.slots)
+        self._apply_node_breakers(info.node_id)
+        if info.node_id not in self._awaited:
+            self._spawn(self._store.set_member(info.node_id, True))
+        else:
+            self._awaited.discard(info.node_id)
+            if not self._awaited:
+                self._end_recovery()  # every node that was there is back
         _log.info(
             "node=%s joined peer=%s slots=%d executors=%s",
             info.node_id,
@@ -765,6 +818,35 @@ class Coordinator:
         self._kick()
         return session
 
+    def _reclaims(self, rec: TaskRecord, node_id: str, attempt: task_pb2.AttemptId) -> bool:
+        """Whether a node that reconnects still owns the attempt of `rec` it reports running."""
+        if is_final(rec.state) or rec.cancel_requested:
+            return False
+        if rec.node_id == node_id:  # assigned to it in this epoch and not lost since
+            return (attempt.epoch, attempt.number) == (rec.attempt_epoch, rec.attempt) and (
+                rec.state in (_ASSIGNED, _RUNNING)
+            )
+        if rec.id in self._recovering:
+            return attempt.epoch < self.epoch
+        # Reclaimed by another node since the restart: the later attempt wins.
+        return (
+            rec.node_id in self._sessions
+            and rec.attempt_epoch < self.epoch
+            and (attempt.epoch, attempt.number) > (rec.attempt_epoch, rec.attempt)
+        )
+
+    def _end_recovery(self) -> None:
+        """The restart grace is over: recovered tasks no node reclaimed are queued."""
+        self._timers.cancel(TimerKind.RECOVERY, "")
+        recovering, self._recovering = self._recovering, set()
+        self._awaited.clear()
+        for task_id in recovering:
+            rec = self._tasks.get(task_id)
+            if rec is not None and rec.state == _PENDING:
+                self._admit(rec)
+        if recovering:
+            _log.info("restart grace over: %d recovered tasks queued", len(recovering))
+
     def detach(self, session: NodeSession) -> None:
         """End a node's session: its unfinished tasks are queued again with a new attempt."""
         if self._sessions.get(session.node_id) is not session:
@@ -772,30 +854,43 @@ class Coordinator:
         del self._sessions[session.node_id]
         self._scheduler.remove_node(session.node_id)
         session.close()
+        if self.accepting:  # not when the coordinator stops: it expects them back
+            self._spawn(self._store.set_member(session.node_id, False))
+        lost = [rec for rec in session.inflight.values() if not is_final(rec.state)]
+        session.inflight.clear()
+        if lost:
+            # A node lost with work in flight is one infrastructure failure of the node.
+            key = node_keys(session.node_id, "")[0]
+            breaker = self._breakers.get(key)
+            probe = breaker.probe if breaker is not None else ""
+            for b in self._breakers.failed([key], probe, f"node {session.node_id} was lost"):
+                self._breaker_changed(b)
         requeued = 0
-        for rec in session.inflight.values():
-            if is_final(rec.state):
-                continue
+        for rec in lost:
+            self._settle_breakers(rec, session.node_id, None)
             if rec.cancel_requested:
                 self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled; node left"))
                 continue
-            lost = task_pb2.TaskResult(
+            lost_result = task_pb2.TaskResult(
                 error=f"node {session.node_id} was lost", infrastructure_failure=True
             )
             if rec.spec.retry.max_attempts:
-                self._after_failure(rec, _FAILED, lost, by=COORDINATOR)
+                self._after_failure(rec, _FAILED, lost_result, by=COORDINATOR)
                 continue
             # Without a retry policy a lost node never loses a task: it runs again at once.
-            self._record_attempt(rec, _FAILED, lost)
-            rec.state = _QUEUED
-            rec.node_id = ""
-            rec.started_at = None
-            self._scheduler.queue.push_front(rec)
-            self.events.emit(self._event(rec, by=COORDINATOR))
+            self._record_attempt(rec, _FAILED, lost_result)
+            self._requeue(rec)
             requeued += 1
-        session.inflight.clear()
         _log.info("node=%s left requeued=%d", session.node_id, requeued)
         self._kick()
+
+    def _requeue(self, rec: TaskRecord) -> None:
+        """Queue an attempt that ended without an outcome again, ahead of its tenant's queue."""
+        rec.state = _QUEUED
+        rec.node_id = ""
+        rec.started_at = None
+        self._scheduler.queue.push_front(rec)
+        self.events.emit(self._event(rec, by=COORDINATOR))
 
     def on_message(self, session: NodeSession, msg: gateway_pb2.NodeMessage) -> None:
         """Apply one message from a node."""
@@ -803,6 +898,11 @@ class Coordinator:
         kind = msg.WhichOneof("msg")
         if kind == "updates":
             self._on_updates(session, msg.updates.updates)
+        elif kind == "heartbeat":
+            session.renew(msg.heartbeat.seq)
+            if msg.heartbeat.draining != session.draining:
+                session.draining = msg.heartbeat.draining
+                self._apply_node_breakers(session.node_id)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
 
@@ -810,17 +910,18 @@ class Coordinator:
         freed = False
         for u in updates:
             rec = session.inflight.get(u.task_id)
+            kind = u.WhichOneof("update")
             if (
                 rec is None
-                or u.attempt.epoch != self.epoch
+                or u.attempt.epoch != rec.attempt_epoch
                 or u.attempt.number != rec.attempt
                 or is_final(rec.state)
             ):
                 # A stale attempt: fenced off; it changes nothing, and the node should stop it.
-                if u.WhichOneof("update") != "finished":
+                session.stale_updates += 1
+                if kind not in ("finished", "released"):
                     session.cancel(u.task_id, u.attempt)
                 continue
-            kind = u.WhichOneof("update")
             if kind == "started":
                 rec.state = _RUNNING
                 rec.started_at = self._wall()
@@ -830,21 +931,114 @@ class Coordinator:
                 if len(output.data) > self.options.limits.max_result_bytes:
                     output.data = output.data[: self.options.limits.max_result_bytes]
                 self.events.emit(self._event(rec, by=session.principal.name, output=output))
-            elif kind == "finished":
+            elif kind in ("finished", "released"):
+                del session.inflight[rec.id]
+                self._scheduler.release(session.slots, rec)
+                freed = True
+                if kind == "released":
+                    # Given back unfinished by a draining node: no verdict, not an attempt.
+                    self._settle_breakers(rec, session.node_id, None)
+                    if rec.cancel_requested:
+                        self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled"))
+                    else:
+                        rec.attempt -= 1  # the next dispatch reuses its number
+                        self._requeue(rec)
+                    continue
                 state = u.finished.state
                 result = _bounded(u.finished.result, self.options.limits.max_result_bytes)
                 if state not in FINAL_STATES:
                     state = _FAILED
                     result.error = result.error or f"node reported non-final state {state}"
-                del session.inflight[rec.id]
-                self._scheduler.release(session.slots, rec)
-                freed = True
+                self._settle_breakers(rec, session.node_id, result)
                 if rec.cancel_requested:
                     self._finish(rec, state, result)
                 else:
                     self._after_failure(rec, state, result, by=session.principal.name)
         if freed:
             self._kick()
+
+    # -- circuit breakers ------------------------------------------------------------------
+
+    def _breaker_keys(self, rec: TaskRecord, node_id: str) -> tuple[str, ...]:
+        keys = node_keys(node_id, rec.placement.cls.executor)
+        return (*keys, backend_key(rec.backend)) if rec.backend else keys
+
+    def _settle_breakers(
+        self, rec: TaskRecord, node_id: str, result: task_pb2.TaskResult | None
+    ) -> None:
+        """An attempt ended: its verdict on its breakers (None: no verdict, e.g. given back)."""
+        keys = self._breaker_keys(rec, node_id)
+        if result is None:
+            changed = self._breakers.abandoned(keys, rec.id)
+        elif result.infrastructure_failure:
+            changed = self._breakers.failed(keys, rec.id, result.error)
+        else:
+            changed = self._breakers.succeeded(keys, rec.id)
+        for b in changed:
+            self._breaker_changed(b)
+
+    def _through_breakers(self, rec: TaskRecord, slots: NodeSlots) -> bool:
+        """Whether `rec` may go to the node the scheduler chose; if not, it is put back.
+
+        A half-open breaker lets the first task through as its probe and closes again.
+        """
+        keys = self._breaker_keys(rec, slots.node_id)
+        if all(self._breakers.passes(k) for k in keys):
+            for b in self._breakers.probing(keys, rec.id):
+                self._breaker_changed(b)
+            return True
+        self._scheduler.release(slots, rec)
+        if rec.backend and not self._breakers.passes(backend_key(rec.backend)):
+            rec.state = _PENDING  # until the backend's breaker lets it through
+            self._held.setdefault(rec.backend, []).append(rec)
+            self.events.emit(self._event(rec, by=COORDINATOR))
+        else:
+            self._scheduler.queue.push_front(rec)
+        return False
+
+    def _breaker_changed(self, b: Breaker) -> None:
+        """Apply a breaker's new state to dispatch, set its cooldown timer, and tell watchers."""
+        if b.state == OPEN:
+            self._set_timer(TimerKind.BREAKER, b.key, b.retry_at)
+            _log.warning("circuit breaker %s open: %s", b.key, b.last_error)
+        elif b.state == CLOSED:
+            _log.info("circuit breaker %s closed", b.key)
+        kind, _, name = b.key.partition(":")
+        if kind == "node":
+            self._apply_node_breakers(name.partition("/")[0])
+        elif kind == "backend" and b.passes:
+            held = self._held.pop(name, [])
+            if b.state != CLOSED:  # half-open: one goes as the probe, the rest wait
+                self._held[name], held = held[1:], held[:1]
+            for rec in held:
+                if rec.state == _PENDING:
+                    self._admit(rec)
+                    self.events.emit(self._event(rec, by=COORDINATOR))
+            if not self._held.get(name, True):
+                del self._held[name]
+        event = task_pb2.Event(breaker=b.proto(), principal=COORDINATOR)
+        event.time.FromNanoseconds(time.time_ns())
+        self.events.emit(event)
+
+    def _apply_node_breakers(self, node_id: str) -> None:
+        """Whether a node takes work, and which of its executors, from drain and breakers."""
+        session = self._sessions.get(node_id)
+        if session is None:
+            return
+        node_key = node_keys(node_id, "")[0]
+        if session.draining:
+            self._scheduler.set_accepting(node_id, False, "draining")
+        elif not self._breakers.passes(node_key):
+            self._scheduler.set_accepting(node_id, False, "closed by its circuit breaker")
+        else:
+            self._scheduler.set_accepting(node_id, True)
+        tripped = frozenset(
+            b.key.rpartition("/")[2]
+            for b in self._breakers.with_prefix(node_key + "/")
+            if not b.passes
+        )
+        self._scheduler.set_tripped(node_id, tripped)
+        self._kick()
 
     def _record_attempt(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
         attempt = task_pb2.Attempt(
@@ -896,11 +1090,19 @@ class Coordinator:
             self.tick()
 
     def tick(self) -> None:
-        """Act on every timer that is due: release waiting tasks, time out unstarted ones."""
+        """Act on every timer that is due: release waiting tasks, time out unstarted ones,
+        fire schedules, half-open breakers, end the restart grace."""
         now = self._wall()
         for kind, task_id in self._timers.pop_due(now):
             if kind is TimerKind.SCHEDULE:
                 self._fire_schedule(task_id, now)
+                continue
+            if kind is TimerKind.BREAKER:
+                if (breaker := self._breakers.half_open(task_id)) is not None:
+                    self._breaker_changed(breaker)
+                continue
+            if kind is TimerKind.RECOVERY:
+                self._end_recovery()
                 continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
@@ -1047,13 +1249,46 @@ class Coordinator:
                     last_seen=timestamp(wall - (now - s.last_seen)),
                     address=s.peer,
                     throttled=s.throttled,
+                    draining=s.draining,
+                    stale_updates=s.stale_updates,
+                    breakers=[b.proto() for b in self._node_breakers(s.node_id)],
                 )
             )
         return out
 
+    def _node_breakers(self, node_id: str) -> list[Breaker]:
+        key = node_keys(node_id, "")[0]
+        node = self._breakers.get(key)
+        return ([node] if node else []) + self._breakers.with_prefix(key + "/")
+
+    def _session_of(self, node_id: str) -> NodeSession:
+        session = self._sessions.get(node_id)
+        if session is None:
+            raise NotFound(f"node {node_id!r} is not connected")
+        return session
+
+    def drain(self, node_id: str, grace: timedelta, *, leave: bool) -> admin_pb2.NodeStatus:
+        """A node takes no new work, finishes what it runs within `grace`, gives back the rest."""
+        session = self._session_of(node_id)
+        session.draining = True
+        session.drain(gateway_pb2.Drain(grace=to_duration(grace), leave=leave))
+        self._apply_node_breakers(node_id)
+        return self._node_status(node_id)
+
+    def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
+        session = self._session_of(node_id)
+        session.draining = False
+        session.drain(gateway_pb2.Drain(undrain=True))
+        self._apply_node_breakers(node_id)
+        return self._node_status(node_id)
+
+    def _node_status(self, node_id: str) -> admin_pb2.NodeStatus:
+        return next(n for n in self.nodes() if n.info.node_id == node_id)
+
     def welcome(self, session: NodeSession) -> gateway_pb2.CoordinatorMessage:
         welcome = gateway_pb2.Welcome(session_id=session.id, epoch=self.epoch)
         welcome.heartbeat_interval.FromTimedelta(self.options.heartbeat_interval)
+        welcome.lease.FromTimedelta(self.options.lease)
         return gateway_pb2.CoordinatorMessage(welcome=welcome)
 
     # -- encoding --------------------------------------------------------------------------
@@ -1084,6 +1319,17 @@ class Coordinator:
 
     def _pending_reason(self, rec: TaskRecord) -> str:
         if rec.state == _PENDING:
+            if rec.id in self._recovering:
+                return (
+                    "recovered after a restart: waiting for the nodes that were connected to"
+                    " report whether they still run it"
+                )
+            if rec.backend and rec in self._held.get(rec.backend, ()):
+                b = self._breakers.get(backend_key(rec.backend))
+                if b is not None:
+                    at = time.strftime("%H:%M:%S", time.localtime(b.retry_at))
+                    probe = f"probe at {at}" if b.state == OPEN else "its probe is running"
+                    return f"circuit breaker {b.key} is open ({probe}): {b.last_error}"
             if rec.waiting_on:
                 ids = ", ".join(sorted(rec.waiting_on)[:5])
                 return f"waiting on {len(rec.waiting_on)} upstream task(s): {ids}"

@@ -22,7 +22,9 @@ class TaskRecord:
     created_at: float
     submitted_by: str = ""
     state: int = task_pb2.TASK_STATE_QUEUED
-    attempt: int = 0  # dispatches in this coordinator epoch
+    attempt: int = 0  # the number of its current (or last) attempt
+    attempt_epoch: int = 0  # the coordinator epoch that made that attempt
+    backend: str = ""  # spec.backend: the outside service whose breaker it passes
     node_id: str = ""
     started_at: float | None = None
     finished_at: float | None = None

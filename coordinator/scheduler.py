@@ -150,6 +150,7 @@ class PlacementClass:
         r = self.resources
         return (
             self.executor in node.executors
+            and self.executor not in node.tripped
             and all(node.labels.get(k) == v for k, v in self.labels)
             and all(s.matches(node.labels) for s in self.selectors)
             and (not self.model or self.model in node.models)
@@ -230,6 +231,8 @@ class NodeSlots:
     running: int = 0
     accepting: bool = True
     _: KW_ONLY
+    closed_because: str = ""  # why it does not accept work, when it does not
+    tripped: frozenset[str] = frozenset()  # executors not dispatched to now (circuit breakers)
     cpu_milli: int = 0
     memory_mb: int = 0
     gpus: int = 0
@@ -714,13 +717,23 @@ class Scheduler:
         if self.nodes.pop(node_id, None) is not None:
             self._version += 1
 
-    def set_accepting(self, node_id: str, accepting: bool) -> None:
-        """Drain (False) or undrain (True) a node; draining keeps what it runs."""
+    def set_accepting(self, node_id: str, accepting: bool, because: str = "draining") -> None:
+        """Close a node to new work (saying why) or open it again; it keeps what it runs."""
         node = self.nodes.get(node_id)
         if node is not None:
             node.accepting = accepting
+            node.closed_because = "" if accepting else because
             if accepting:
                 self._wake(node)
+
+    def set_tripped(self, node_id: str, executors: frozenset[str]) -> None:
+        """The executors of a node that take no work now (their circuit breakers are open)."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.tripped != executors:
+            node.tripped = executors
+            self._version += 1  # which nodes fit a class changed
+            for cls in list(self.queue._blocked):
+                self.queue._unpark(cls)
 
     def release(self, node: NodeSlots, task: Queued) -> None:
         """Give back what `task` held on `node` (its run ended); classes it can now take wake."""
@@ -869,6 +882,10 @@ class Scheduler:
         nodes = [n for n in nodes if key.executor in n.executors]
         if not nodes:
             return f"no connected node offers executor {key.executor!r}"
+        if all(key.executor in n.tripped for n in nodes):
+            ids = ", ".join(n.node_id for n in nodes[:5])
+            return f"the circuit breaker of executor {key.executor!r} is open on {ids}"
+        nodes = [n for n in nodes if key.executor not in n.tripped]
         for k, v in sorted(key.labels):
             nodes = [n for n in nodes if n.labels.get(k) == v]
             if not nodes:
@@ -899,15 +916,16 @@ class Scheduler:
                 if node not in nodes:
                     return f"hard affinity: waiting for node {target} (it no longer fits)"
                 if not node.accepting:
-                    return f"hard affinity: waiting for node {target} (draining)"
+                    return f"hard affinity: waiting for node {target} ({node.closed_because})"
                 if not node.has_room(res):
                     return f"hard affinity: waiting for node {target} ({self._short([node], res)})"
                 return "ready: waiting for the next dispatch"
         accepting = [n for n in nodes if n.accepting]
         if not accepting:
             if len(nodes) == 1:
-                return f"the only fitting node ({nodes[0].node_id}) is draining"
-            return f"all {len(nodes)} fitting nodes are draining"
+                return f"the only fitting node ({nodes[0].node_id}) is {nodes[0].closed_because}"
+            why = sorted({f"{n.node_id}: {n.closed_because}" for n in nodes})
+            return f"no fitting node takes work ({'; '.join(why[:5])})"
         if any(n.has_room(res) for n in accepting):
             return "ready: waiting for the next dispatch"
         return self._short(accepting, res)

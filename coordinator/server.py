@@ -97,6 +97,9 @@ class CoordinatorServer:
                 node_message_burst=settings.node_message_burst,
                 routing=Routing(settings.routing),
                 tenant_weights=settings.tenant_weights,
+                restart_grace=settings.restart_grace,
+                breaker_threshold=settings.breaker_threshold,
+                breaker_cooldown=settings.breaker_cooldown,
             ),
         )
         self._server: grpc.aio.Server | None = None
@@ -118,6 +121,11 @@ class CoordinatorServer:
             raise FailedPrecondition(
                 f"refusing to listen on {s.listen} with auth off: anyone who reaches it could"
                 " run code here. Turn auth on, or bind 127.0.0.1."
+            )
+        if s.heartbeat_interval * 3 > s.lease:
+            raise FailedPrecondition(
+                f"the lease ({s.lease.total_seconds():g} s) must be at least three heartbeat"
+                f" intervals ({s.heartbeat_interval.total_seconds():g} s)"
             )
         if (s.tls_cert is None) != (s.tls_key is None):
             raise FailedPrecondition("TLS needs both tls_cert and tls_key")

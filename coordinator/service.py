@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any, TypeAlias
 
 import grpc
@@ -34,6 +35,7 @@ from shoal.v1 import (
 __all__ = ["AdminService", "NodeGatewayService", "TasksService"]
 
 _log = logging.getLogger("shoal.coordinator")
+_DEFAULT_DRAIN_GRACE = timedelta(seconds=30)
 _Ctx: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 
 _ROLES = {
@@ -184,6 +186,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ScheduleRef, context: _Ctx
     ) -> admin_pb2.Schedule:
         return await self._core.pause_schedule(request.name, paused=False)
+
+    async def Drain(self, request: admin_pb2.DrainRequest, context: _Ctx) -> admin_pb2.NodeStatus:
+        grace = (
+            duration(request.grace, "grace") if request.HasField("grace") else _DEFAULT_DRAIN_GRACE
+        )
+        _log.info("node %s drained by %s", request.node_id, current_principal().name)
+        return self._core.drain(request.node_id, grace, leave=request.leave)
+
+    async def Undrain(self, request: admin_pb2.DrainRequest, context: _Ctx) -> admin_pb2.NodeStatus:
+        _log.info("node %s undrained by %s", request.node_id, current_principal().name)
+        return self._core.undrain(request.node_id)
 
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):

@@ -36,6 +36,8 @@ class NodeSession:
         self.principal = principal  # who opened it: its updates are recorded under this name
         self.bucket = bucket  # bounds the messages read from it per second
         self.throttled = 0  # messages that had to wait for the bucket
+        self.stale_updates = 0  # updates for attempts no longer its own (fenced off)
+        self.draining = False
         self.slots = node_slots_of(info)
         self.inflight: dict[str, TaskRecord] = {}
         self.last_seen = now  # monotonic
@@ -44,6 +46,8 @@ class NodeSession:
         self._assignments: list[gateway_pb2.Assignment] = []
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, gateway_pb2.RunningAttempt] = {}
+        self._lease: int | None = None  # the heartbeat to acknowledge
+        self._drain: gateway_pb2.Drain | None = None
         self._wake = asyncio.Event()
 
     @property
@@ -60,6 +64,15 @@ class NodeSession:
             self._cancels[task_id] = gateway_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
             self._wake.set()
 
+    def renew(self, seq: int) -> None:
+        """Acknowledge a heartbeat: the node's lease runs again from when it sent it."""
+        self._lease = seq
+        self._wake.set()
+
+    def drain(self, drain: gateway_pb2.Drain) -> None:
+        self._drain = drain
+        self._wake.set()
+
     def close(self) -> None:
         """End the session: the stream's writer sees it and returns."""
         self.closed = True
@@ -68,8 +81,11 @@ class NodeSession:
     async def outgoing(self) -> list[gateway_pb2.CoordinatorMessage] | None:
         """The next messages to send, batched; None once the session is closed."""
         while not self.closed:
-            if self._assignments or self._cancels:
+            if self._assignments or self._cancels or self._lease is not None or self._drain:
                 out: list[gateway_pb2.CoordinatorMessage] = []
+                if self._drain is not None:
+                    out.append(gateway_pb2.CoordinatorMessage(drain=self._drain))
+                    self._drain = None
                 if self._cancels:
                     out.append(
                         gateway_pb2.CoordinatorMessage(
@@ -84,6 +100,13 @@ class NodeSession:
                         )
                     )
                     self._assignments = []
+                if self._lease is not None:
+                    out.append(
+                        gateway_pb2.CoordinatorMessage(
+                            lease=gateway_pb2.LeaseRenewed(seq=self._lease)
+                        )
+                    )
+                    self._lease = None
                 return out
             self._wake.clear()
             await self._wake.wait()

@@ -159,6 +159,14 @@ class Store(ABC):
     async def delete_schedule(self, name: str) -> None:
         """Remove a schedule (nothing when it does not exist)."""
 
+    @abstractmethod
+    async def members(self) -> list[str]:
+        """The nodes that held a session when the coordinator last ran."""
+
+    @abstractmethod
+    async def set_member(self, node_id: str, member: bool) -> None:
+        """Record that a node holds a session (True) or no longer does (False)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -199,6 +207,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_by TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
 """
 
 # Columns added after the first release: (table, column, definition).
@@ -599,3 +608,15 @@ class SqliteStore(Store):
 
     async def delete_schedule(self, name: str) -> None:
         await self._write(lambda c: c.execute("DELETE FROM schedules WHERE name = ?", (name,)))
+
+    async def members(self) -> list[str]:
+        rows = await self._read(lambda c: c.execute("SELECT node_id FROM members").fetchall())
+        return [r[0] for r in rows]
+
+    async def set_member(self, node_id: str, member: bool) -> None:
+        sql = (
+            "INSERT OR IGNORE INTO members (node_id) VALUES (?)"
+            if member
+            else "DELETE FROM members WHERE node_id = ?"
+        )
+        await self._write(lambda c: c.execute(sql, (node_id,)))

@@ -12,6 +12,8 @@ class TimerKind(Enum):
     RELEASE = "release"  # not_before reached, or a retry's backoff over: the task may be queued
     QUEUE_TIMEOUT = "queue_timeout"  # not started in time: TIMED_OUT
     SCHEDULE = "schedule"  # a schedule (keyed by its name) fires
+    BREAKER = "breaker"  # an open circuit breaker (keyed by its key) turns half-open
+    RECOVERY = "recovery"  # the restart grace ends: recovered tasks not reclaimed are queued
 
 
 class Timers:

@@ -7,11 +7,14 @@ import contextlib
 import logging
 import platform
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 
 import grpc
 import psutil
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal import __version__
@@ -21,6 +24,7 @@ from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import InvalidArgument, Unauthenticated
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
+from shoal.node.ledger import Ledger
 from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
 from shoal.node.service import NodeService
 from shoal.specs import executor_of
@@ -32,10 +36,20 @@ _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
 _POLICY = HEALTH_POLICY  # everything else (the Node service) needs the node's token
+_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+_FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 
 
 class _SessionFailed(Exception):
     """The session could not be established (or broke before Welcome)."""
+
+
+class _Stop:
+    """Why a run was stopped before it ended by itself."""
+
+    CANCEL = "cancelled"
+    FENCE = "stopped by its node: the node's lease ended, so the task runs elsewhere"
+    RELEASE = "given back: the node is draining"
 
 
 @dataclass(eq=False)
@@ -43,11 +57,22 @@ class _Run:
     task_id: str
     attempt: task_pb2.AttemptId
     task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
+    stop: str = ""  # a _Stop reason, once stopped
+
+
+def _seconds(d: object) -> float:
+    return d.ToNanoseconds() / 1e9  # type: ignore[attr-defined, no-any-return]
 
 
 class NodeAgent:
-    """A standalone node: `start()`, then `stop()` (idempotent)."""
+    """A standalone node: `start()`, then `stop()` (idempotent), or `shutdown()` to drain first.
+
+    Liveness: the node heartbeats every interval the coordinator names, numbering each; the
+    coordinator answers with the number, renewing the lease from the moment that heartbeat was
+    sent. So the node's view of its lease always ends before the coordinator's, and a node that
+    cannot renew it (partitioned, paused, coordinator gone) stops its own tasks first:
+    by then they are being dispatched again elsewhere.
+    """
 
     def __init__(
         self,
@@ -62,13 +87,32 @@ class NodeAgent:
         )
         self.secrets = SecretStore.from_settings(settings)
         self.connected = asyncio.Event()  # set while a session is up
+        self.left = asyncio.Event()  # set once drained to leave: the process should end
+        self.draining = False
         self.port = 0
         self._runs: dict[str, _Run] = {}
+        self._idle = asyncio.Event()  # set while nothing runs
+        self._idle.set()
         self._outbox: list[gateway_pb2.TaskUpdate] = []
         self._outbox_ready = asyncio.Event()
+        self._flushed = asyncio.Event()  # set while every update was written to a stream
+        self._flushed.set()
+        self._background: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._guard_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._leaving = False
         self._server: grpc.aio.Server | None = None
+        self._health: HealthServicer | None = None
         self._token = ""
+        self._ledger = Ledger(settings.ledger, self.node_id)
+        # The lease: its length (from Welcome), when it ends (monotonic; None before the first
+        # session) and the send times of heartbeats not yet answered, by number.
+        self._lease = 0.0
+        self._lease_until: float | None = None
+        self._heartbeats: dict[int, float] = {}
+        self._heartbeat_seq = 0
+        self._next_heartbeat = 0.0
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
@@ -109,10 +153,11 @@ class NodeAgent:
         gate = Gate(_POLICY, self._authenticate)
         server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
-        await serve_health(server, (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,))
+        self._health = await serve_health(server, (_SERVICE,))
         self.port = server.add_insecure_port(self.settings.listen)
         await server.start()
         self._server = server
+        self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
         self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
         _log.info(
             "node=%s serving on port %d, coordinator=%s slots=%d executors=%s",
@@ -124,11 +169,14 @@ class NodeAgent:
         )
 
     async def stop(self) -> None:
-        loop_task, self._loop_task = self._loop_task, None
-        if loop_task is not None:
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
+        """Stop at once: running tasks are killed (the coordinator runs them again)."""
+        for name in ("_drain_task", "_loop_task", "_guard_task"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         runs = [r.task for r in self._runs.values() if r.task is not None]
         for task in runs:
             task.cancel()
@@ -136,6 +184,114 @@ class NodeAgent:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(1.0)
+        self._ledger.close()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain (finish running tasks within `grace` s, give back the rest), then stop."""
+        if grace is None:
+            grace = self.settings.drain_grace.total_seconds()
+        self.drain(grace, leave=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace + _FLUSH_BEFORE_LEAVING + 1):
+                await self.left.wait()
+        await self.stop()
+
+    # -- draining --------------------------------------------------------------------------
+
+    def drain(self, grace: float, *, leave: bool = False) -> None:
+        """Take no new work; let running tasks end within `grace` s, then give back the rest.
+
+        With `leave`, `left` is set once that is done and the last updates went out.
+        """
+        self._leaving = self._leaving or leave
+        if not self.draining:
+            _log.info("node=%s draining (grace %g s)", self.node_id, grace)
+            self.draining = True
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._heartbeat_soon()
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.create_task(self._drain(grace), name="shoal-node-drain")
+
+    def undrain(self) -> None:
+        """Take work again; also calls off a pending leave, if the process has not ended."""
+        if not self.draining:
+            return
+        _log.info("node=%s takes work again", self.node_id)
+        self.draining = False
+        self._leaving = False
+        self.left.clear()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._heartbeat_soon()
+
+    async def _drain(self, grace: float) -> None:
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
+            _log.warning("node=%s grace over: giving back %d tasks", self.node_id, len(runs))
+            for run in runs:
+                self._stop(run, _Stop.RELEASE)
+            await self._idle.wait()
+        if not self._leaving:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FLUSH_BEFORE_LEAVING):
+                await self._flushed.wait()
+        _log.info("node=%s drained; leaving", self.node_id)
+        self.left.set()
+
+    def _set_health(self, status: int) -> None:
+        if self._health is not None:
+            for name in ("", _SERVICE):
+                task = asyncio.create_task(self._health.set(name, status))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    # -- the lease -------------------------------------------------------------------------
+
+    def _renewed(self, sent: float) -> None:
+        """The coordinator saw what this node sent at `sent` (monotonic): the lease runs again.
+
+        A margin keeps this end before the coordinator's, which runs from when it received it.
+        """
+        until = sent + self._lease - min(1.0, self._lease * 0.2)
+        if self._lease_until is None or until > self._lease_until:
+            self._lease_until = until
+
+    def _on_lease(self, seq: int) -> None:
+        sent = self._heartbeats.pop(seq, None)
+        if sent is not None:
+            self._renewed(sent)
+        for old in [s for s in self._heartbeats if s < seq]:
+            del self._heartbeats[old]
+
+    def _check_lease(self) -> None:
+        """Self-fencing: past its lease the node stops every task (they now run elsewhere)."""
+        if self._lease_until is None or time.monotonic() < self._lease_until:
+            return
+        runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
+        if runs:
+            _log.warning(
+                "node=%s could not renew its lease: stopping %d tasks", self.node_id, len(runs)
+            )
+            for run in runs:
+                self._stop(run, _Stop.FENCE)
+
+    async def _guard_lease(self) -> None:
+        while True:
+            wait = 1.0
+            if self._lease_until is not None:
+                wait = min(wait, max(0.01, self._lease_until - time.monotonic()))
+            await asyncio.sleep(wait)
+            self._check_lease()
+
+    def _heartbeat_soon(self) -> None:
+        self._next_heartbeat = 0.0
+        self._outbox_ready.set()
 
     # -- the session -----------------------------------------------------------------------
 
@@ -153,6 +309,9 @@ class NodeAgent:
 
     async def _session(self) -> None:
         s = self.settings
+        # A node paused past its lease learns it here at the latest: it stops what it runs
+        # before telling the coordinator what it runs.
+        self._check_lease()
         channel = open_channel(
             s.coordinator,
             max_message_bytes=_MAX_MESSAGE,
@@ -167,8 +326,10 @@ class NodeAgent:
                 running=[
                     gateway_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
                     for r in self._runs.values()
+                    if not r.stop
                 ],
             )
+            sent = time.monotonic()
             try:
                 await call.write(gateway_pb2.NodeMessage(hello=hello))
                 first = await call.read()
@@ -184,11 +345,13 @@ class NodeAgent:
             if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
                 raise _SessionFailed("the coordinator did not welcome this node")
             welcome = first.welcome
+            self._lease = _seconds(welcome.lease) or 10.0
+            self._heartbeats.clear()
+            self._renewed(sent)
             _log.info("node=%s session=%s up", self.node_id, welcome.session_id)
             self.connected.set()
-            writer = asyncio.create_task(
-                self._write(call, welcome.heartbeat_interval.ToTimedelta().total_seconds() or 2.0)
-            )
+            self._heartbeat_soon()
+            writer = asyncio.create_task(self._write(call, _seconds(welcome.heartbeat_interval)))
             try:
                 await self._read(call, writer)
             finally:
@@ -220,12 +383,25 @@ class NodeAgent:
             elif kind == "cancels":
                 for c in msg.cancels.attempts:
                     self._cancel(c)
+            elif kind == "lease":
+                self._on_lease(msg.lease.seq)
+            elif kind == "drain":
+                if msg.drain.undrain:
+                    self.undrain()
+                else:
+                    self.drain(_seconds(msg.drain.grace), leave=msg.drain.leave)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, heartbeat: float) -> None:
+    async def _write(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:
+        """Send updates as they come, and a heartbeat every `interval` s whatever else goes."""
+        interval = interval or 2.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_ready.wait(), heartbeat)
-            self._outbox_ready.clear()
+            wait = self._next_heartbeat - time.monotonic()
+            if wait > 0 and not self._outbox:
+                self._outbox_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._outbox_ready.wait()
+            self._check_lease()
             if self._outbox:
                 batch, self._outbox = self._outbox, []
                 try:
@@ -235,11 +411,21 @@ class NodeAgent:
                 except BaseException:
                     self._outbox[:0] = batch  # resend with the next session
                     raise
-            else:
-                free = max(0, self.settings.slots - len(self._runs))
+                if not self._outbox:
+                    self._flushed.set()
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + interval
+                self._heartbeat_seq += 1
+                self._heartbeats[self._heartbeat_seq] = now
                 await call.write(
                     gateway_pb2.NodeMessage(
-                        heartbeat=gateway_pb2.Heartbeat(running=len(self._runs), free_slots=free)
+                        heartbeat=gateway_pb2.Heartbeat(
+                            running=len(self._runs),
+                            free_slots=max(0, self.settings.slots - len(self._runs)),
+                            seq=self._heartbeat_seq,
+                            draining=self.draining,
+                        )
                     )
                 )
 
@@ -248,26 +434,42 @@ class NodeAgent:
             return  # disconnected for long: output is dropped first, results never
         self._outbox.append(update)
         self._outbox_ready.set()
+        self._flushed.clear()
 
     # -- running tasks ---------------------------------------------------------------------
 
     def _start(self, a: gateway_pb2.Assignment) -> None:
+        if self.draining:
+            # Assigned before the coordinator heard of the drain: given back, never started.
+            self._ledger.write("release", a.task_id, a.attempt)
+            self._push(
+                gateway_pb2.TaskUpdate(
+                    task_id=a.task_id,
+                    attempt=a.attempt,
+                    released=gateway_pb2.Released(reason=_Stop.RELEASE),
+                )
+            )
+            return
         run = self._runs.get(a.task_id)
         if run is not None:
             if run.attempt == a.attempt:
                 return  # a repeated assignment
-            run.cancel_requested = True
-            if run.task is not None:
-                run.task.cancel()
+            self._stop(run, _Stop.CANCEL)
         run = _Run(a.task_id, a.attempt)
         self._runs[a.task_id] = run
+        self._idle.clear()
         run.task = asyncio.create_task(self._run(run, a.spec), name=f"shoal-task-{a.task_id}")
 
     def _cancel(self, c: gateway_pb2.RunningAttempt) -> None:
         run = self._runs.get(c.task_id)
-        if run is not None and run.attempt == c.attempt and run.task is not None:
+        if run is not None and run.attempt == c.attempt and not run.stop:
             _log.info("node=%s task=%s cancelling", self.node_id, c.task_id)
-            run.cancel_requested = True
+            self._stop(run, _Stop.CANCEL)
+
+    @staticmethod
+    def _stop(run: _Run, why: str) -> None:
+        run.stop = why
+        if run.task is not None:
             run.task.cancel()
 
     async def _run(self, run: _Run, spec: task_pb2.TaskSpec) -> None:
@@ -288,6 +490,15 @@ class NodeAgent:
         finally:
             if self._runs.get(run.task_id) is run:
                 del self._runs[run.task_id]
+                if not self._runs:
+                    self._idle.set()
+        if run.stop == _Stop.RELEASE:
+            self._ledger.write("release", run.task_id, run.attempt)
+            self._push(update(released=gateway_pb2.Released(reason=run.stop)))
+            return
+        self._ledger.finished(
+            run.task_id, run.attempt, outcome.state, fenced=run.stop == _Stop.FENCE
+        )
         self._push(
             update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
         )
@@ -324,6 +535,7 @@ class NodeAgent:
             except InvalidArgument as err:
                 return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
             redactor = Redactor(secret_env.values())
+            self._ledger.write("start", run.task_id, run.attempt)
             self._push(
                 gateway_pb2.TaskUpdate(
                     task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()
@@ -335,6 +547,7 @@ class NodeAgent:
                 self.settings.output_tail_bytes,
                 secret_env=secret_env,
                 redactor=redactor,
+                workdir=self.settings.workdir,
             )
             outcome = await asyncio.wait_for(executor.run(spec, ctx), timeout)
         except TimeoutError:
@@ -343,11 +556,11 @@ class NodeAgent:
                 task_pb2.TaskResult(exit_code=-9, error=f"timed out after {timeout:g} s"),
             )
         except asyncio.CancelledError:
-            if not run.cancel_requested:
+            if not run.stop:
                 raise
             return Outcome(
                 task_pb2.TASK_STATE_CANCELLED,
-                task_pb2.TaskResult(exit_code=-9, error="cancelled"),
+                task_pb2.TaskResult(exit_code=-9, error=run.stop),
             )
         except Exception as err:
             # Formatted here rather than by logging, so that it can be redacted.

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import ClassVar
 
 from shoal.node.secrets import Redactor
@@ -31,6 +32,8 @@ class ExecutionContext:
     # The task's resolved secrets (variable -> value), set over the spec's own env.
     secret_env: Mapping[str, str] = field(default_factory=dict)
     redactor: Redactor = field(default_factory=Redactor)  # hides the values of secret_env
+    # The node's working directory for tasks (a task's own cwd is taken relative to it).
+    workdir: Path | None = None
 
 
 @dataclass

@@ -88,6 +88,17 @@ async def run_process(
     if env:
         merged.update(env)
     merged.update(ctx.secret_env)
+    if ctx.workdir is not None:
+        if not ctx.workdir.is_dir():
+            # The node's set-up is wrong, not the task: another node may run it.
+            return Outcome(
+                task_pb2.TASK_STATE_FAILED,
+                task_pb2.TaskResult(
+                    error=f"the node's workdir {ctx.workdir} is not a directory",
+                    infrastructure_failure=True,
+                ),
+            )
+        cwd = str(ctx.workdir / cwd) if cwd else str(ctx.workdir)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,

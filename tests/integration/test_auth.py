@@ -105,7 +105,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    assert len(coordinator) == 21  # 7 Tasks, 9 Admin, Connect, reflection, 3 health
+    assert len(coordinator) == 23  # 7 Tasks, 11 Admin, Connect, reflection, 3 health
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -157,6 +157,8 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Admin/ListTokens": set(),
     "/shoal.v1.Admin/RevokeToken": set(),
     **{f"/shoal.v1.Admin/{m}Schedule": set() for m in ("Create", "Delete", "Pause", "Resume")},
+    "/shoal.v1.Admin/Drain": set(),
+    "/shoal.v1.Admin/Undrain": set(),
     "/shoal.v1.Admin/ListSchedules": set(),
     "/shoal.v1.NodeGateway/Connect": {"node"},
     f"/{REFLECTION}/ServerReflectionInfo": set(),
@@ -220,6 +222,8 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/PauseSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
         "/shoal.v1.Admin/ResumeSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
         "/shoal.v1.Admin/DeleteSchedule": schedule_to_delete,
+        "/shoal.v1.Admin/Drain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),
+        "/shoal.v1.Admin/Undrain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),
         "/shoal.v1.NodeGateway/Connect": const(
             gateway_pb2.NodeMessage(
                 hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -86,35 +85,6 @@ async def test_cancel_queued_is_final_at_once(core: Coordinator) -> None:
     assert task.state == task_pb2.TASK_STATE_CANCELLED
     session = core.attach(hello("n1"), "peer", by=NODE)
     assert session.slots.running == 0
-
-
-async def test_unfinished_tasks_survive_a_restart(tmp_path: Path) -> None:
-    c = Coordinator(SqliteStore(tmp_path / "s.db"))
-    await c.start()
-    done = await c.submit([shell(f"echo {i}") for i in range(5)], by=ALICE)
-    session = c.attach(hello("n1", slots=1), "peer", by=NODE)
-    (a,) = await assignments(session)
-    c.on_message(session, finished(a))
-    await c.wait(a.task_id, None, by=ALICE)
-    await c.stop()
-
-    c = Coordinator(SqliteStore(tmp_path / "s.db"))
-    await c.start()
-    try:
-        assert c.epoch == 2
-        # The node still runs an attempt of the old epoch: it is told to stop it.
-        stale = gateway_pb2.RunningAttempt(task_id=done[1].task_id, attempt=a.attempt)
-        session = c.attach(hello("n1", slots=10, running=[stale]), "peer", by=NODE)
-        await asyncio.sleep(0)  # let the dispatch scheduled by attach run
-        messages = await session.outgoing()
-        assert messages is not None
-        cancels = [x for m in messages for x in m.cancels.attempts]
-        got = [x for m in messages for x in m.assignments.assignments]
-        assert [x.task_id for x in cancels] == [done[1].task_id]
-        assert sorted(x.task_id for x in got) == sorted(d.task_id for d in done[1:])
-        assert (await c.get(done[0].task_id, by=ALICE)).state == task_pb2.TASK_STATE_SUCCEEDED
-    finally:
-        await c.stop()
 
 
 async def test_watch_replays_from_the_store_after_restart(tmp_path: Path) -> None:

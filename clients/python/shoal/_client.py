@@ -17,7 +17,7 @@ from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, Unavailable
-from shoal.specs import is_final
+from shoal.specs import is_final, to_duration
 from shoal.v1 import admin_pb2, admin_pb2_grpc, task_pb2, tasks_pb2, tasks_pb2_grpc
 
 __all__ = ["AsyncClient", "Client"]
@@ -31,12 +31,6 @@ async def _call(awaitable: Awaitable[_T]) -> _T:
         return await awaitable
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err) from None
-
-
-def _duration(td: timedelta) -> Any:
-    d = task_pb2.google_dot_protobuf_dot_duration__pb2.Duration()  # type: ignore[attr-defined]
-    d.FromTimedelta(td)
-    return d
 
 
 class AsyncClient:
@@ -122,7 +116,7 @@ class AsyncClient:
         request = tasks_pb2.WaitRequest(task_id=task_id)
         deadline = None
         if timeout is not None:
-            request.timeout.CopyFrom(_duration(timeout))
+            request.timeout.CopyFrom(to_duration(timeout))
             deadline = timeout.total_seconds() + self._timeout
         return await _call(self._tasks.Wait(request, timeout=deadline, metadata=self._metadata))
 

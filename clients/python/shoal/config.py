@@ -102,8 +102,16 @@ class CoordinatorSettings(_Settings):
     data_dir: Path = Field(default_factory=default_data_dir)
     # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
     synchronous: str = "FULL"
+    # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.
     heartbeat_interval: timedelta = timedelta(seconds=2)
     lease: timedelta = timedelta(seconds=10)
+    # After a restart, tasks that may still run on a node wait this long (default: a lease)
+    # for their node to reconnect and report them, before they are dispatched again.
+    restart_grace: timedelta | None = None
+    # Circuit breakers: open after this many consecutive infrastructure failures of a node,
+    # an executor of a node or a backend; one probe is let through after the cooldown.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: timedelta = timedelta(seconds=30)
     event_capacity: int = 100_000
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
@@ -157,6 +165,13 @@ class NodeSettings(_Settings):
     models: list[str] = Field(default_factory=list)  # LLM models this node serves
     output_tail_bytes: int = 64 << 10
     reconnect_max: timedelta = timedelta(seconds=5)
+    # Where tasks run (a task's cwd is relative to it); unset: the node's own directory.
+    workdir: Path | None = None
+    # On SIGTERM or `shoal drain`: how long running tasks may take to finish before they are
+    # given back to the coordinator.
+    drain_grace: timedelta = timedelta(seconds=30)
+    # A JSON-lines record of every attempt this node starts, finishes or gives back.
+    ledger: Path | None = None
     # The token presented to the coordinator (else read from token_file, else the local
     # admin token); callers of the node's own service must present it too.
     token: str = ""

@@ -19,6 +19,7 @@ __all__ = [
     "is_final",
     "state_name",
     "timestamp",
+    "to_duration",
 ]
 
 MAX_DURATION = timedelta(seconds=315_576_000_000)
@@ -76,3 +77,9 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def to_duration(td: timedelta) -> Duration:
+    d = Duration()
+    d.FromTimedelta(td)
+    return d

@@ -54,6 +54,35 @@ ROLE_NODE: Role.ValueType  # 4
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    leave: _builtins.bool
+    """the node's process ends once drained"""
+    @_builtins.property
+    def grace(self) -> _duration_pb2.Duration:
+        """default 30 s"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        grace: _duration_pb2.Duration | None = ...,
+        leave: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace", "leave", b"leave", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
 class Schedule(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -483,6 +512,9 @@ class NodeStatus(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     THROTTLED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    STALE_UPDATES_FIELD_NUMBER: _builtins.int
+    BREAKERS_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     running: _builtins.int
     """tasks assigned to the node and not finished"""
@@ -491,12 +523,19 @@ class NodeStatus(_message.Message):
     """the peer address of its session"""
     throttled: _builtins.int
     """messages read late because the node sent faster than its rate limit"""
+    draining: _builtins.bool
+    stale_updates: _builtins.int
+    """updates for attempts no longer its own, rejected (fencing)"""
     @_builtins.property
     def info(self) -> _node_pb2.NodeInfo: ...
     @_builtins.property
     def connected_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def breakers(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Breaker]:
+        """the node's circuit breakers, and those of its executors"""
+
     def __init__(
         self,
         *,
@@ -508,10 +547,13 @@ class NodeStatus(_message.Message):
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         address: _builtins.str = ...,
         throttled: _builtins.int = ...,
+        draining: _builtins.bool = ...,
+        stale_updates: _builtins.int = ...,
+        breakers: _abc.Iterable[_task_pb2.Breaker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "info", b"info", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connected", b"connected", "connected_at", b"connected_at", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "running", b"running", "throttled", b"throttled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "running", b"running", "stale_updates", b"stale_updates", "throttled", b"throttled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

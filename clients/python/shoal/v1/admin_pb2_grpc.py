@@ -80,6 +80,16 @@ class AdminStub:
                 request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/shoal.v1.Admin/Drain',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+                _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/shoal.v1.Admin/Undrain',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -143,6 +153,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """A node takes no new work, finishes what it runs within the grace period and gives back
+        the rest; Undrain makes it take work again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undrain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +214,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResumeSchedule,
                     request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
                     response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +470,60 @@ class Admin:
             '/shoal.v1.Admin/ResumeSchedule',
             shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
             shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/Drain',
+            shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/Undrain',
+            shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
             options,
             channel_credentials,
             insecure,

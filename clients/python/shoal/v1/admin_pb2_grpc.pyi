@@ -45,6 +45,11 @@ class AdminStub:
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
     PauseSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
     ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
+    Drain: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]
+    """A node takes no new work, finishes what it runs within the grace period and gives back
+    the rest; Undrain makes it take work again.
+    """
+    Undrain: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -63,6 +68,11 @@ class AdminAsyncStub(AdminStub):
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
     PauseSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
     ResumeSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
+    Drain: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]  # type: ignore[assignment]
+    """A node takes no new work, finishes what it runs within the grace period and gives back
+    the rest; Undrain makes it take work again.
+    """
+    Undrain: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Operate the mesh."""
@@ -132,5 +142,22 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ScheduleRef,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _admin_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.NodeStatus, _abc.Awaitable[_admin_pb2.NodeStatus]]:
+        """A node takes no new work, finishes what it runs within the grace period and gives back
+        the rest; Undrain makes it take work again.
+        """
+
+    @_abc_1.abstractmethod
+    def Undrain(
+        self,
+        request: _admin_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.NodeStatus, _abc.Awaitable[_admin_pb2.NodeStatus]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,6 +131,7 @@ class TaskUpdate(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     @_builtins.property
     def attempt(self) -> _task_pb2.AttemptId: ...
@@ -140,6 +141,8 @@ class TaskUpdate(_message.Message):
     def output(self) -> _task_pb2.OutputChunk: ...
     @_builtins.property
     def finished(self) -> Global___Finished: ...
+    @_builtins.property
+    def released(self) -> Global___Released: ...
     def __init__(
         self,
         *,
@@ -148,12 +151,13 @@ class TaskUpdate(_message.Message):
         started: Global___Started | None = ...,
         output: _task_pb2.OutputChunk | None = ...,
         finished: Global___Finished | None = ...,
+        released: Global___Released | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "started", b"started", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished", "released"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -173,6 +177,29 @@ class Started(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Started: _TypeAlias = Started  # noqa: Y015
+
+@_typing.final
+class Released(_message.Message):
+    """The node gives the attempt back unfinished (it is draining): the task is queued again and
+    the attempt does not count against its retry policy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Released: _TypeAlias = Released  # noqa: Y015
 
 @_typing.final
 class Finished(_message.Message):
@@ -204,17 +231,27 @@ class Heartbeat(_message.Message):
 
     RUNNING_FIELD_NUMBER: _builtins.int
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     running: _builtins.int
     free_slots: _builtins.int
+    seq: _builtins.int
+    """Echoed by the coordinator in LeaseRenewed: the node measures its lease from the moment it
+    sent the heartbeat that was acknowledged, so it always ends before the coordinator's.
+    """
+    draining: _builtins.bool
+    """the node takes no new work"""
     def __init__(
         self,
         *,
         running: _builtins.int = ...,
         free_slots: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_slots", b"free_slots", "running", b"running", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,24 +264,32 @@ class CoordinatorMessage(_message.Message):
     WELCOME_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CANCELS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
     def assignments(self) -> Global___AssignmentBatch: ...
     @_builtins.property
     def cancels(self) -> Global___CancelBatch: ...
+    @_builtins.property
+    def lease(self) -> Global___LeaseRenewed: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain: ...
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
         assignments: Global___AssignmentBatch | None = ...,
         cancels: Global___CancelBatch | None = ...,
+        lease: Global___LeaseRenewed | None = ...,
+        drain: Global___Drain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "msg", b"msg", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "drain", b"drain", "lease", b"lease", "msg", b"msg", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "msg", b"msg", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "drain", b"drain", "lease", b"lease", "msg", b"msg", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["welcome", "assignments", "cancels"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["welcome", "assignments", "cancels", "lease", "drain"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -257,24 +302,82 @@ class Welcome(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """A node that has not renewed its lease for this long is lost: its tasks run elsewhere."""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         epoch: _builtins.int = ...,
+        lease: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class LeaseRenewed(_message.Message):
+    """The answer to a heartbeat: the lease runs again from when the node sent `seq`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRenewed: _TypeAlias = LeaseRenewed  # noqa: Y015
+
+@_typing.final
+class Drain(_message.Message):
+    """Take no new work; finish running tasks within `grace`, then release the rest.
+    `undrain` takes work again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRACE_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    UNDRAIN_FIELD_NUMBER: _builtins.int
+    leave: _builtins.bool
+    """end the node's process once drained"""
+    undrain: _builtins.bool
+    @_builtins.property
+    def grace(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        grace: _duration_pb2.Duration | None = ...,
+        leave: _builtins.bool = ...,
+        undrain: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace", "leave", b"leave", "undrain", b"undrain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
 class Assignment(_message.Message):

@@ -138,6 +138,25 @@ OUTPUT_STREAM_STDOUT: OutputStream.ValueType  # 1
 OUTPUT_STREAM_STDERR: OutputStream.ValueType  # 2
 Global___OutputStream: _TypeAlias = OutputStream  # noqa: Y015
 
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper): ...
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
 @_typing.final
 class LabelSelector(_message.Message):
     """A condition on one node label."""
@@ -755,6 +774,7 @@ class TaskSpec(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
@@ -767,6 +787,10 @@ class TaskSpec(_message.Message):
     """with ROUTING_STRATEGY_AFFINITY: tasks with one key stick to a node"""
     hard_affinity: _builtins.bool
     """wait for that node rather than run elsewhere"""
+    backend: _builtins.str
+    """The outside service the task depends on (an LLM provider, an API host): its
+    infrastructure failures open a mesh-wide circuit breaker, "backend:<name>".
+    """
     @_builtins.property
     def shell(self) -> Global___ShellSpec: ...
     @_builtins.property
@@ -851,10 +875,11 @@ class TaskSpec(_message.Message):
         not_before: _timestamp_pb2.Timestamp | None = ...,
         queue_timeout: _duration_pb2.Duration | None = ...,
         retry: Global___RetryPolicy | None = ...,
+        backend: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -1102,6 +1127,7 @@ class Event(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
+    BREAKER_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     task_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -1122,6 +1148,10 @@ class Event(_message.Message):
     def result(self) -> Global___TaskResult:
         """set when the task reached a final state"""
 
+    @_builtins.property
+    def breaker(self) -> Global___Breaker:
+        """Set, with no task_id, when a circuit breaker changes state."""
+
     def __init__(
         self,
         *,
@@ -1135,11 +1165,56 @@ class Event(_message.Message):
         result: Global___TaskResult | None = ...,
         tenant: _builtins.str = ...,
         principal: _builtins.str = ...,
+        breaker: Global___Breaker | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "output", b"output", "result", b"result", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "output", b"output", "result", b"result", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "node_id", b"node_id", "output", b"output", "principal", b"principal", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node_id", b"node_id", "output", b"output", "principal", b"principal", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class Breaker(_message.Message):
+    """A circuit breaker: open after consecutive infrastructure failures, no dispatch while open,
+    one probe after a cooldown (half-open); closed again when the probe succeeds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    RETRY_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """"node:<id>", "node:<id>/<executor>" or "backend:<name>" """
+    state: Global___BreakerState.ValueType
+    failures: _builtins.int
+    """consecutive infrastructure failures"""
+    last_error: _builtins.str
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def retry_at(self) -> _timestamp_pb2.Timestamp:
+        """open: when the probe may go"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        state: Global___BreakerState.ValueType = ...,
+        failures: _builtins.int = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        retry_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["opened_at", b"opened_at", "retry_at", b"retry_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "key", b"key", "last_error", b"last_error", "opened_at", b"opened_at", "retry_at", b"retry_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Breaker: _TypeAlias = Breaker  # noqa: Y015

@@ -23,6 +23,7 @@ from .harness import STARTUP
 
 pytestmark = pytest.mark.timeout(60)
 SHORT = timedelta(seconds=5)
+NO_RETRY = timedelta(0)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Secured:
             tls_cert=cert_path,
             tls_key=key_path,
             timeout=SHORT,
+            retry_for=NO_RETRY,  # a refused handshake is not worth waiting out here
         )
 
 
@@ -128,7 +130,9 @@ async def test_a_bad_client_certificate_is_refused(secured: Secured, which: str)
 
 
 async def test_plaintext_is_refused(secured: Secured) -> None:
-    async with AsyncClient(secured.address, token=secured.token, timeout=SHORT) as client:
+    async with AsyncClient(
+        secured.address, token=secured.token, timeout=SHORT, retry_for=NO_RETRY
+    ) as client:
         with pytest.raises(Unavailable):
             await client.list()
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_never,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
@@ -24,6 +32,7 @@ __all__ = ["AsyncClient", "Client"]
 
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
+_BACKOFF = wait_exponential_jitter(multiplier=0.05, jitter=0.05, max=5.0)
 
 
 async def _call(awaitable: Awaitable[_T]) -> _T:
@@ -39,6 +48,11 @@ class AsyncClient:
     What is not given comes from ClientSettings (config file, `SHOAL_*` variables); the token
     falls back to the local admin token that `shoal up` wrote. With `wait_when_full`, a submit
     the coordinator refuses for backpressure waits the delay it names and tries again.
+
+    Calls that are safe to repeat are resent with backoff while the coordinator is unavailable
+    (restarting, unreachable), for up to `retry_for`. Submits are among them: every spec
+    without an idempotency key gets a generated one, so a submit whose answer was lost is
+    resent without creating a second task.
     """
 
     def __init__(
@@ -51,9 +65,11 @@ class AsyncClient:
         tls_key: Path | None = None,
         timeout: timedelta = timedelta(seconds=30),
         wait_when_full: bool = False,
+        retry_for: timedelta = timedelta(seconds=30),
     ):
         settings = ClientSettings()
         self._wait_when_full = wait_when_full
+        self._retry_for = retry_for.total_seconds()
         self.target = target or settings.coordinator
         self._timeout = timeout.total_seconds()
         if token is None:
@@ -69,8 +85,27 @@ class AsyncClient:
         self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
 
-    async def _unary(self, method: Any, request: Any) -> Any:
-        return await _call(method(request, timeout=self._timeout, metadata=self._metadata))
+    async def _unary(
+        self,
+        method: Any,
+        request: Any,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        retry: bool = True,
+    ) -> Any:
+        """One call (`timeout`: the client's; None: none); with `retry` (it is safe to repeat),
+        resent while the coordinator is unavailable, with jittered exponential backoff, for up
+        to `retry_for`."""
+        deadline = self._timeout if timeout is ... else timeout
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable) if retry else retry_never,
+            wait=_BACKOFF,
+            stop=stop_after_delay(self._retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                return await _call(method(request, timeout=deadline, metadata=self._metadata))
+        raise AssertionError("unreachable")
 
     async def _submit(self, method: Any, request: Any) -> Any:
         """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
@@ -81,6 +116,16 @@ class AsyncClient:
                 if not self._wait_when_full or err.retry_after is None:
                     raise
                 await asyncio.sleep(err.retry_after.total_seconds())
+
+    @staticmethod
+    def _keyed(spec: task_pb2.TaskSpec) -> task_pb2.TaskSpec:
+        """The spec with an idempotency key: its own, else a generated one (on a copy)."""
+        if spec.idempotency_key:
+            return spec
+        keyed = task_pb2.TaskSpec()
+        keyed.CopyFrom(spec)
+        keyed.idempotency_key = f"sdk-{uuid.uuid4().hex}"
+        return keyed
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -94,14 +139,15 @@ class AsyncClient:
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
         response: tasks_pb2.SubmitResponse = await self._submit(
-            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=spec)
+            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=self._keyed(spec))
         )
         return response.task
 
     async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
         """Submit many tasks atomically in one call; returns their ids in order."""
         response = await self._submit(
-            self._tasks.SubmitBatch, tasks_pb2.SubmitBatchRequest(specs=list(specs))
+            self._tasks.SubmitBatch,
+            tasks_pb2.SubmitBatchRequest(specs=[self._keyed(s) for s in specs]),
         )
         return list(response.task_ids)
 
@@ -118,7 +164,8 @@ class AsyncClient:
         if timeout is not None:
             request.timeout.CopyFrom(to_duration(timeout))
             deadline = timeout.total_seconds() + self._timeout
-        return await _call(self._tasks.Wait(request, timeout=deadline, metadata=self._metadata))
+        task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
+        return task
 
     async def cancel(self, task_id: str) -> task_pb2.Task:
         task: task_pb2.Task = await self._unary(
@@ -150,11 +197,27 @@ class AsyncClient:
         response = await self._unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
         return list(response.nodes)
 
+    async def drain(
+        self, node_id: str, *, grace: timedelta = timedelta(seconds=30), leave: bool = False
+    ) -> admin_pb2.NodeStatus:
+        """Take a node out of service (admin): see `shoal drain`."""
+        request = admin_pb2.DrainRequest(node_id=node_id, grace=to_duration(grace), leave=leave)
+        status: admin_pb2.NodeStatus = await self._unary(self._admin.Drain, request)
+        return status
+
+    async def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
+        status: admin_pb2.NodeStatus = await self._unary(
+            self._admin.Undrain, admin_pb2.DrainRequest(node_id=node_id)
+        )
+        return status
+
     async def create_token(
         self, request: admin_pb2.CreateTokenRequest
     ) -> admin_pb2.CreateTokenResponse:
         """Create an API token (admin); the response holds its secret, shown only then."""
-        made: admin_pb2.CreateTokenResponse = await self._unary(self._admin.CreateToken, request)
+        made: admin_pb2.CreateTokenResponse = await self._unary(
+            self._admin.CreateToken, request, retry=False
+        )
         return made
 
     async def tokens(self, *, include_revoked: bool = False) -> builtins.list[admin_pb2.TokenInfo]:
@@ -165,13 +228,15 @@ class AsyncClient:
 
     async def revoke_token(self, name_or_id: str) -> admin_pb2.TokenInfo:
         info: admin_pb2.TokenInfo = await self._unary(
-            self._admin.RevokeToken, admin_pb2.RevokeTokenRequest(token=name_or_id)
+            self._admin.RevokeToken, admin_pb2.RevokeTokenRequest(token=name_or_id), retry=False
         )
         return info
 
     async def create_schedule(self, schedule: admin_pb2.Schedule) -> admin_pb2.Schedule:
         """Create a schedule (admin): `schedule.spec` is submitted on its cron or interval."""
-        made: admin_pb2.Schedule = await self._unary(self._admin.CreateSchedule, schedule)
+        made: admin_pb2.Schedule = await self._unary(
+            self._admin.CreateSchedule, schedule, retry=False
+        )
         return made
 
     async def schedules(self) -> builtins.list[admin_pb2.Schedule]:
@@ -188,7 +253,7 @@ class AsyncClient:
         if action not in methods:
             raise ValueError(f"unknown schedule action {action!r}")
         done: admin_pb2.Schedule = await self._unary(
-            methods[action], admin_pb2.ScheduleRef(name=name)
+            methods[action], admin_pb2.ScheduleRef(name=name), retry=action != "delete"
         )
         return done
 
@@ -314,6 +379,14 @@ class Client:
 
     def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
         return self._run(self._async.nodes())
+
+    def drain(
+        self, node_id: str, *, grace: timedelta = timedelta(seconds=30), leave: bool = False
+    ) -> admin_pb2.NodeStatus:
+        return self._run(self._async.drain(node_id, grace=grace, leave=leave))
+
+    def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
+        return self._run(self._async.undrain(node_id))
 
     def create_token(self, request: admin_pb2.CreateTokenRequest) -> admin_pb2.CreateTokenResponse:
         return self._run(self._async.create_token(request))

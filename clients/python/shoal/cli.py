@@ -50,7 +50,8 @@ def _logging(verbose: bool) -> None:
 
 
 def _client(coordinator: str | None) -> AsyncClient:
-    return AsyncClient(coordinator)
+    # Someone waits at the terminal: ride out a restart, not a coordinator that is gone.
+    return AsyncClient(coordinator, retry_for=timedelta(seconds=5))
 
 
 def _run(coro: Awaitable[_T]) -> _T:
@@ -62,14 +63,23 @@ def _run(coro: Awaitable[_T]) -> _T:
         raise typer.Exit(1) from None
 
 
-async def _until_signalled(*stops: Callable[[], Awaitable[None]]) -> None:
-    """Wait for SIGINT or SIGTERM, then run each stop in order."""
-    stop = asyncio.Event()
+async def _until_signalled(
+    *stops: Callable[[], Awaitable[None]], done: asyncio.Event | None = None
+) -> None:
+    """Wait for SIGINT or SIGTERM (or `done`), then run each stop in order.
+
+    A second signal cancels the stops: whatever they were waiting for ends at once.
+    """
+    stop = done or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    err_console.print("stopping…")
+    err_console.print("stopping… (again to stop at once)")
+    current = asyncio.current_task()
+    assert current is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, current.cancel)
     for fn in stops:
         await fn()
 
@@ -219,9 +229,19 @@ def node(
     tls_ca: Annotated[Path | None, typer.Option(help="CA of the coordinator's certificate")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="This node's certificate (mTLS)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="This node's key (mTLS)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where tasks run")] = None,
+    drain_grace: Annotated[
+        float | None,
+        typer.Option(help="On SIGTERM, seconds running tasks may take before they are given back"),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run a node that dials the coordinator and runs what it is assigned."""
+    """Run a node that dials the coordinator and runs what it is assigned.
+
+    SIGTERM or SIGINT drains it: it takes no new work, lets running tasks finish within the
+    drain grace, gives the rest back to the coordinator, then exits; a second signal exits at
+    once. `shoal drain NODE --leave` does the same from afar.
+    """
     from shoal.node.agent import NodeAgent
 
     _logging(verbose)
@@ -236,13 +256,18 @@ def node(
             tls_ca=tls_ca,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            workdir=workdir,
+            drain_grace=_duration(drain_grace),
         )
     )
 
     async def main() -> None:
         agent = NodeAgent(settings)
         await agent.start()
-        await _until_signalled(agent.stop)
+        try:
+            await _until_signalled(agent.shutdown, done=agent.left)
+        finally:
+            await agent.stop()
 
     _run(main())
 
@@ -584,7 +609,8 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             return await client.nodes()
 
     table = Table()
-    for col in ("node", "host", "executors", "labels", "running", "free", "throttled", "address"):
+    columns = ("node", "host", "executors", "labels", "running", "free", "state", "breakers")
+    for col in (*columns, "stale", "throttled", "address"):
         table.add_column(col)
     for n in _run(main()):
         table.add_row(
@@ -594,10 +620,52 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
             str(n.running),
             str(n.free_slots),
+            "[yellow]draining[/yellow]" if n.draining else "[green]ready[/green]",
+            "\n".join(_breaker(b) for b in n.breakers) or "-",
+            str(n.stale_updates),
             str(n.throttled),
             n.address,
         )
     console.print(table)
+
+
+def _breaker(b: task_pb2.Breaker) -> str:
+    """`node:n1/shell open (5 failures, probe at 12:00:30)`."""
+    state = task_pb2.BreakerState.Name(b.state).removeprefix("BREAKER_STATE_").lower()
+    detail = f"{b.failures} failures"
+    if b.state == task_pb2.BREAKER_STATE_OPEN:
+        detail += f", probe at {_when(b.retry_at)}"
+    return f"{b.key} {state} ({detail})"
+
+
+@app.command()
+def drain(
+    node_id: Annotated[str, typer.Argument(help="The node to drain")],
+    grace: Annotated[
+        float, typer.Option(help="Seconds running tasks may take before they are given back")
+    ] = 30.0,
+    leave: Annotated[bool, typer.Option(help="End the node's process once drained")] = False,
+    coordinator: CoordinatorOpt = None,
+) -> None:
+    """Take a node out of service: no new work; running tasks finish or are given back."""
+
+    async def main() -> admin_pb2.NodeStatus:
+        async with _client(coordinator) as client:
+            return await client.drain(node_id, grace=timedelta(seconds=grace), leave=leave)
+
+    status = _run(main())
+    console.print(f"node {status.info.node_id} draining: {status.running} tasks running")
+
+
+@app.command()
+def undrain(node_id: str, coordinator: CoordinatorOpt = None) -> None:
+    """Put a drained node back in service."""
+
+    async def main() -> admin_pb2.NodeStatus:
+        async with _client(coordinator) as client:
+            return await client.undrain(node_id)
+
+    console.print(f"node {_run(main()).info.node_id} takes work again")
 
 
 # -- tokens --------------------------------------------------------------------------------

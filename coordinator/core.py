@@ -936,12 +936,12 @@ class Coordinator:
                 self._scheduler.release(session.slots, rec)
                 freed = True
                 if kind == "released":
-                    # Given back unfinished by a draining node: no verdict, not an attempt.
+                    # Given back unfinished by a draining node: no verdict, and not an attempt
+                    # its retry policy counts (its number is not used again, for fencing).
                     self._settle_breakers(rec, session.node_id, None)
                     if rec.cancel_requested:
                         self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled"))
                     else:
-                        rec.attempt -= 1  # the next dispatch reuses its number
                         self._requeue(rec)
                     continue
                 state = u.finished.state

@@ -248,13 +248,17 @@ async def test_a_stopped_node_hands_its_running_task_back(
     port = free_port()
     address, gate = f"127.0.0.1:{port}", tmp_path / "gate"
     await cli.coordinator(port, tmp_path / "data")
-    leaving = await cli.node(address, node_id="node-a", slots=2)
+    leaving = await cli.start(
+        "node", "-c", address, "--node-id", "node-a", "--drain-grace", "1", name="node-a"
+    )
     async with AsyncClient(address) as client:
         await connected_nodes(client, {"node-a"})
         task = await client.submit(gated(gate, 0))
         await in_flight(client, 1)
 
-        assert await leaving.stop() == 0  # SIGTERM: a clean exit
+        # SIGTERM: it drains; the task does not end within the grace, so it is given back.
+        assert await leaving.stop() == 0
+        assert "giving back 1 tasks" in leaving.output()
         await eventually(lambda: queued(client, task.id))  # handed back, not lost with the node
         await cli.node(address, node_id="node-b", slots=2)
         await connected_nodes(client, {"node-b"})

@@ -250,7 +250,7 @@ async def test_drained_node_takes_nothing_and_what_it_gives_back_runs_elsewhere(
     again = await assignments(n2)
     assert {x.task_id for x in again} >= {task.task_id}
     rerun = next(x for x in again if x.task_id == task.task_id)
-    assert rerun.attempt.number == a.attempt.number  # given back, not failed: no attempt used
-    assert not (await core.get(task.task_id, by=ALICE)).attempts
+    assert rerun.attempt.number == a.attempt.number + 1  # a new attempt id, for fencing...
+    assert not (await core.get(task.task_id, by=ALICE)).attempts  # ...but not a failed one
     core.undrain("n1")
     assert not next(n for n in core.nodes() if n.info.node_id == "n1").draining

@@ -70,11 +70,16 @@ async def _until_signalled(
 
     A second signal cancels the stops: whatever they were waiting for ends at once.
     """
-    stop = done or asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signalled.set)
+    waits = [asyncio.create_task(e.wait()) for e in (signalled, done) if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
     err_console.print("stopping… (again to stop at once)")
     current = asyncio.current_task()
     assert current is not None
@@ -609,21 +614,22 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             return await client.nodes()
 
     table = Table()
-    columns = ("node", "host", "executors", "labels", "running", "free", "state", "breakers")
-    for col in (*columns, "stale", "throttled", "address"):
-        table.add_column(col)
+    for col in ("node", "host", "executors", "labels", "load", "state", "notes", "address"):
+        table.add_column(col, overflow="fold")
     for n in _run(main()):
+        notes = [_breaker(b) for b in n.breakers]
+        if n.stale_updates:
+            notes.append(f"{n.stale_updates} stale updates rejected")
+        if n.throttled:
+            notes.append(f"{n.throttled} messages throttled")
         table.add_row(
             n.info.node_id,
             n.info.hostname,
             ",".join(n.info.executors),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
-            str(n.running),
-            str(n.free_slots),
-            "[yellow]draining[/yellow]" if n.draining else "[green]ready[/green]",
-            "\n".join(_breaker(b) for b in n.breakers) or "-",
-            str(n.stale_updates),
-            str(n.throttled),
+            f"{n.running}/{n.info.slots}",
+            "[yellow]draining[/yellow]" if n.draining else "ready",
+            "\n".join(notes),
             n.address,
         )
     console.print(table)

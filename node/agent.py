@@ -492,13 +492,16 @@ class NodeAgent:
                 del self._runs[run.task_id]
                 if not self._runs:
                     self._idle.set()
-        if run.stop == _Stop.RELEASE:
-            self._ledger.write("release", run.task_id, run.attempt)
+        if run.stop in (_Stop.RELEASE, _Stop.FENCE):
+            # Not an outcome: stopped from outside the task. A coordinator that still counts
+            # it as running (a fenced node may be wrong about its lease) queues it again.
+            if run.stop == _Stop.FENCE:
+                self._ledger.finished(run.task_id, run.attempt, outcome.state, fenced=True)
+            else:
+                self._ledger.write("release", run.task_id, run.attempt)
             self._push(update(released=gateway_pb2.Released(reason=run.stop)))
             return
-        self._ledger.finished(
-            run.task_id, run.attempt, outcome.state, fenced=run.stop == _Stop.FENCE
-        )
+        self._ledger.finished(run.task_id, run.attempt, outcome.state, fenced=False)
         self._push(
             update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
         )

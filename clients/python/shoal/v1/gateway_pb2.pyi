@@ -180,8 +180,9 @@ Global___Started: _TypeAlias = Started  # noqa: Y015
 
 @_typing.final
 class Released(_message.Message):
-    """The node gives the attempt back unfinished (it is draining): the task is queued again and
-    the attempt does not count against its retry policy.
+    """The node gives the attempt back unfinished (it is draining, or it stopped the task when
+    its lease ran out): the task is queued again and the attempt does not count against its
+    retry policy.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

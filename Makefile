@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/shoal/v1/*.proto)
 GEN_DIR := clients/python
 
-.PHONY: dev reinstall-pkg run test unit integration lint typecheck protos protos-check bench clean
+.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench clean
 
 dev: $(STAMP)
 
@@ -31,6 +31,10 @@ unit: $(STAMP) reinstall-pkg
 
 integration: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/integration
+
+# Faults on real processes (kill -9, partitions, SIGSTOP, lost answers); needs root, ip, iptables.
+chaos: $(STAMP) reinstall-pkg
+	$(BIN)/python -m pytest -q tests/chaos
 
 # mypy checks the package through its editable-install tree, where the three folders are one `shoal`.
 lint: $(STAMP) reinstall-pkg

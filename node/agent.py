@@ -269,10 +269,13 @@ class NodeAgent:
         for old in [s for s in self._heartbeats if s < seq]:
             del self._heartbeats[old]
 
-    def _check_lease(self) -> None:
-        """Self-fencing: past its lease the node stops every task (they now run elsewhere)."""
+    def _check_lease(self) -> bool:
+        """Self-fencing: past its lease the node stops every task (they now run elsewhere).
+
+        Returns whether the lease has lapsed.
+        """
         if self._lease_until is None or time.monotonic() < self._lease_until:
-            return
+            return False
         runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
         if runs:
             _log.warning(
@@ -280,6 +283,7 @@ class NodeAgent:
             )
             for run in runs:
                 self._stop(run, _Stop.FENCE)
+        return True
 
     async def _guard_lease(self) -> None:
         while True:
@@ -351,24 +355,30 @@ class NodeAgent:
             _log.info("node=%s session=%s up", self.node_id, welcome.session_id)
             self.connected.set()
             self._heartbeat_soon()
-            writer = asyncio.create_task(self._write(call, _seconds(welcome.heartbeat_interval)))
+            halves = (
+                asyncio.create_task(self._read(call)),
+                asyncio.create_task(self._write(call, _seconds(welcome.heartbeat_interval))),
+            )
             try:
-                await self._read(call, writer)
+                await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.connected.clear()
-                writer.cancel()
-                # The stream may have ended under it: writing then fails with AioRpcError, or
-                # with InvalidStateError once the call is finished.
-                with contextlib.suppress(
-                    asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError
-                ):
-                    await writer
+                call.cancel()
+                for half in halves:
+                    half.cancel()
+                # The stream may have ended under them: writing then fails with AioRpcError,
+                # or with InvalidStateError once the call is finished.
+                for ended in await asyncio.gather(*halves, return_exceptions=True):
+                    if isinstance(ended, Exception) and not isinstance(
+                        ended, grpc.aio.AioRpcError | asyncio.InvalidStateError
+                    ):
+                        _log.error("node=%s session failed", self.node_id, exc_info=ended)
             _log.warning("node=%s session lost; reconnecting", self.node_id)
         finally:
             await channel.close()
 
-    async def _read(self, call: grpc.aio.StreamStreamCall, writer: asyncio.Task[None]) -> None:
-        while not writer.done():
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
             try:
                 msg = await call.read()
             except grpc.aio.AioRpcError as err:
@@ -401,7 +411,12 @@ class NodeAgent:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._outbox_ready.wait()
-            self._check_lease()
+            if self._check_lease():
+                # The coordinator has given this node up, or will have by the time anything
+                # written here arrives (its connection may be a black hole): a new session
+                # carries what is in the outbox.
+                _log.warning("node=%s lease lapsed: ending the session", self.node_id)
+                return
             if self._outbox:
                 batch, self._outbox = self._outbox, []
                 try:

@@ -1,0 +1,48 @@
+"""Chaos fixtures: a cluster of real processes and a network namespace, both always torn down.
+
+The figures each scenario publishes are printed again at the end of the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.cluster import Cluster
+from tests.chaos.netns import NetworkNamespace
+from tests.chaos.summary import published
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Starts processes on loopback; every one (and what it started) ends in teardown."""
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+@pytest.fixture
+async def netns() -> AsyncIterator[NetworkNamespace]:
+    """A namespace linked to this one by a veth pair; removed in teardown.
+
+    Ask for it before `cluster` (fixtures end in reverse order), so that the processes inside
+    it are gone before it is.
+    """
+    made = NetworkNamespace.for_this_process()
+    await made.create()
+    try:
+        yield made
+    finally:
+        await made.delete()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = published()
+    if lines:
+        terminalreporter.section("chaos figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -19,16 +19,28 @@ from dataclasses import dataclass
 from shoal.specs import timestamp
 from shoal.v1 import task_pb2
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Breakers", "backend_key", "node_keys"]
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "Breaker",
+    "Breakers",
+    "backend_key",
+    "executor_key",
+    "node_key",
+]
 
 CLOSED = task_pb2.BREAKER_STATE_CLOSED
 OPEN = task_pb2.BREAKER_STATE_OPEN
 HALF_OPEN = task_pb2.BREAKER_STATE_HALF_OPEN
 
 
-def node_keys(node_id: str, executor: str) -> tuple[str, str]:
-    """The keys of a node and of one of its executors."""
-    return f"node:{node_id}", f"node:{node_id}/{executor}"
+def node_key(node_id: str) -> str:
+    return f"node:{node_id}"
+
+
+def executor_key(node_id: str, executor: str) -> str:
+    return f"node:{node_id}/{executor}"
 
 
 def backend_key(backend: str) -> str:

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from shoal.auth import COORDINATOR, Principal, Role
-from shoal.coordinator.breakers import CLOSED, OPEN, Breaker, Breakers, backend_key, node_keys
+from shoal.coordinator.breakers import (
+    CLOSED,
+    OPEN,
+    Breaker,
+    Breakers,
+    backend_key,
+    executor_key,
+    node_key,
+)
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
@@ -801,7 +809,7 @@ class Coordinator:
             else:
                 session.cancel(running.task_id, running.attempt)
         self._scheduler.add_node(session.slots)
-        self._apply_node_breakers(info.node_id)
+        self._apply_node_state(info.node_id)
         if info.node_id not in self._awaited:
             self._spawn(self._store.set_member(info.node_id, True))
         else:
@@ -860,7 +868,7 @@ class Coordinator:
         session.inflight.clear()
         if lost:
             # A node lost with work in flight is one infrastructure failure of the node.
-            key = node_keys(session.node_id, "")[0]
+            key = node_key(session.node_id)
             breaker = self._breakers.get(key)
             probe = breaker.probe if breaker is not None else ""
             for b in self._breakers.failed([key], probe, f"node {session.node_id} was lost"):
@@ -902,7 +910,7 @@ class Coordinator:
             session.renew(msg.heartbeat.seq)
             if msg.heartbeat.draining != session.draining:
                 session.draining = msg.heartbeat.draining
-                self._apply_node_breakers(session.node_id)
+                self._apply_node_state(session.node_id)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
 
@@ -960,7 +968,7 @@ class Coordinator:
     # -- circuit breakers ------------------------------------------------------------------
 
     def _breaker_keys(self, rec: TaskRecord, node_id: str) -> tuple[str, ...]:
-        keys = node_keys(node_id, rec.placement.cls.executor)
+        keys = (node_key(node_id), executor_key(node_id, rec.placement.cls.executor))
         return (*keys, backend_key(rec.backend)) if rec.backend else keys
 
     def _settle_breakers(
@@ -1005,36 +1013,36 @@ class Coordinator:
             _log.info("circuit breaker %s closed", b.key)
         kind, _, name = b.key.partition(":")
         if kind == "node":
-            self._apply_node_breakers(name.partition("/")[0])
+            self._apply_node_state(name.partition("/")[0])
         elif kind == "backend" and b.passes:
             held = self._held.pop(name, [])
             if b.state != CLOSED:  # half-open: one goes as the probe, the rest wait
-                self._held[name], held = held[1:], held[:1]
+                if held[1:]:
+                    self._held[name] = held[1:]
+                held = held[:1]
             for rec in held:
                 if rec.state == _PENDING:
                     self._admit(rec)
                     self.events.emit(self._event(rec, by=COORDINATOR))
-            if not self._held.get(name, True):
-                del self._held[name]
         event = task_pb2.Event(breaker=b.proto(), principal=COORDINATOR)
         event.time.FromNanoseconds(time.time_ns())
         self.events.emit(event)
 
-    def _apply_node_breakers(self, node_id: str) -> None:
-        """Whether a node takes work, and which of its executors, from drain and breakers."""
+    def _apply_node_state(self, node_id: str) -> None:
+        """Whether a node takes work, and which of its executors: from drain and breakers."""
         session = self._sessions.get(node_id)
         if session is None:
             return
-        node_key = node_keys(node_id, "")[0]
+        key = node_key(node_id)
         if session.draining:
             self._scheduler.set_accepting(node_id, False, "draining")
-        elif not self._breakers.passes(node_key):
+        elif not self._breakers.passes(key):
             self._scheduler.set_accepting(node_id, False, "closed by its circuit breaker")
         else:
             self._scheduler.set_accepting(node_id, True)
         tripped = frozenset(
             b.key.rpartition("/")[2]
-            for b in self._breakers.with_prefix(node_key + "/")
+            for b in self._breakers.with_prefix(executor_key(node_id, ""))
             if not b.passes
         )
         self._scheduler.set_tripped(node_id, tripped)
@@ -1257,9 +1265,8 @@ class Coordinator:
         return out
 
     def _node_breakers(self, node_id: str) -> list[Breaker]:
-        key = node_keys(node_id, "")[0]
-        node = self._breakers.get(key)
-        return ([node] if node else []) + self._breakers.with_prefix(key + "/")
+        node = self._breakers.get(node_key(node_id))
+        return ([node] if node else []) + self._breakers.with_prefix(executor_key(node_id, ""))
 
     def _session_of(self, node_id: str) -> NodeSession:
         session = self._sessions.get(node_id)
@@ -1272,14 +1279,14 @@ class Coordinator:
         session = self._session_of(node_id)
         session.draining = True
         session.drain(gateway_pb2.Drain(grace=to_duration(grace), leave=leave))
-        self._apply_node_breakers(node_id)
+        self._apply_node_state(node_id)
         return self._node_status(node_id)
 
     def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
         session = self._session_of(node_id)
         session.draining = False
         session.drain(gateway_pb2.Drain(undrain=True))
-        self._apply_node_breakers(node_id)
+        self._apply_node_state(node_id)
         return self._node_status(node_id)
 
     def _node_status(self, node_id: str) -> admin_pb2.NodeStatus:

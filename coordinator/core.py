@@ -30,11 +30,11 @@ from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.scheduler import NodeSlots, Routing, Scheduler, requirements_of
 from shoal.coordinator.schedules import ScheduleState, check
 from shoal.coordinator.sessions import NodeSession
-from shoal.coordinator.store import FinishedRow, Store, StoredTask, TaskRow, TokenRow
+from shoal.coordinator.store import FinishedRow, Request, Store, StoredTask, TaskRow, TokenRow
 from shoal.coordinator.templates import references, render
 from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
-from shoal.coordinator.validation import Limits, validate_batch
+from shoal.coordinator.validation import Limits, check_request_id, validate_batch
 from shoal.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -271,16 +271,23 @@ class Coordinator:
         )
 
     async def submit(
-        self, specs: Sequence[task_pb2.TaskSpec], *, by: Principal, single: bool = False
+        self,
+        specs: Sequence[task_pb2.TaskSpec],
+        *,
+        by: Principal,
+        single: bool = False,
+        request_id: str = "",
     ) -> list[Submitted]:
         """Store the tasks atomically, then queue them; returns once they are durable.
 
         A principal with a tenant submits into it: a spec without tenant gets it, and a spec
-        naming another tenant is refused.
+        naming another tenant is refused. A `request_id` the same principal used before
+        returns the tasks of that request and creates none.
         """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
         validate_batch(specs, self.options.limits, single=single)
+        check_request_id(request_id, self.options.limits)
         if by.tenant:
             for spec in specs:
                 by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
@@ -310,7 +317,8 @@ class Coordinator:
                 )
             )
         try:
-            existing, upstream = await self._store.insert(rows)
+            request = Request(f"{by.name}\0{request_id}", now) if request_id else None
+            existing, upstream = await self._store.insert(rows, request)
             created = [r for r, old in zip(records, existing, strict=True) if old is None]
             for rec, ups in zip(records, upstream, strict=True):
                 rec.upstream = ups

@@ -55,7 +55,9 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         self, request: tasks_pb2.SubmitRequest, context: _Ctx
     ) -> tasks_pb2.SubmitResponse:
         by = current_principal()
-        (done,) = await self._core.submit([request.spec], single=True, by=by)
+        (done,) = await self._core.submit(
+            [request.spec], single=True, by=by, request_id=request.request_id
+        )
         return tasks_pb2.SubmitResponse(
             task=await self._core.get(done.task_id, by=by), created=done.created
         )
@@ -63,7 +65,9 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
     async def SubmitBatch(
         self, request: tasks_pb2.SubmitBatchRequest, context: _Ctx
     ) -> tasks_pb2.SubmitBatchResponse:
-        done = await self._core.submit(request.specs, by=current_principal())
+        done = await self._core.submit(
+            request.specs, by=current_principal(), request_id=request.request_id
+        )
         seqs = [d.seq for d in done if d.created]
         return tasks_pb2.SubmitBatchResponse(
             task_ids=[d.task_id for d in done],

@@ -19,9 +19,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import Unavailable
+from shoal.errors import FailedPrecondition, Unavailable
 
-__all__ = ["FinishedRow", "SqliteStore", "Store", "StoredTask", "TaskRow", "TokenRow"]
+__all__ = [
+    "REQUEST_RETENTION",
+    "FinishedRow",
+    "Request",
+    "SqliteStore",
+    "Store",
+    "StoredTask",
+    "TaskRow",
+    "TokenRow",
+]
+
+REQUEST_RETENTION = 3600.0
+"""Seconds a request id is remembered: resends come within seconds or minutes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A submit call that may be resent: its key, and its tasks' rows' first seq and count.
+
+    The rows of one request have consecutive seqs, so this is all it takes to find its tasks
+    again (one small row per call, however many tasks it held).
+    """
+
+    key: str  # the caller's request id, scoped to the caller
+    created_at: float
 
 
 @dataclass(slots=True)
@@ -95,11 +119,15 @@ class Store(ABC):
         """Flush pending writes and close; idempotent."""
 
     @abstractmethod
-    async def insert(self, rows: Sequence[TaskRow]) -> tuple[list[str | None], list[list[str]]]:
+    async def insert(
+        self, rows: Sequence[TaskRow], request: Request | None = None
+    ) -> tuple[list[str | None], list[list[str]]]:
         """Insert atomically; per row None, or the id of the task already holding its key.
 
         Also returns each row's upstream ids, batch indexes resolved to the final ids (an
-        existing task's id where a key matched).
+        existing task's id where a key matched). With `request`, a request already stored
+        under its key inserts nothing and answers with the ids the first one got (every row
+        then has an id); FailedPrecondition if it held another number of tasks.
         """
 
     @abstractmethod
@@ -208,6 +236,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS requests (
+    key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_at);
 """
 
 # Columns added after the first release: (table, column, definition).
@@ -313,7 +346,7 @@ class _Writer(threading.Thread):
                 try:
                     results.append((fut, op(conn), None))
                     conn.execute("RELEASE op")
-                except sqlite3.Error as err:
+                except Exception as err:  # its own failure (a refusal, a constraint): its caller's
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((fut, None, err))
@@ -339,16 +372,56 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
 _INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on"
 
 
-def _insert(rows: Sequence[TaskRow]) -> _Op:
+def _by_key(conn: sqlite3.Connection, key: str) -> str | None:
+    found = conn.execute("SELECT id FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+    return found[0] if found else None
+
+
+def _earlier_request(
+    conn: sqlite3.Connection, rows: Sequence[TaskRow], request: Request
+) -> list[str | None] | None:
+    """The task ids of a request stored before under the same key, in its order, or None."""
+    found = conn.execute(
+        "SELECT first_seq, count FROM requests WHERE key = ?", (request.key,)
+    ).fetchone()
+    if found is None:
+        return None
+    first, count = found
+    if count != len(rows):
+        raise FailedPrecondition(
+            f"this request id was used before for {count} task(s), not {len(rows)}"
+        )
+    ids = dict(
+        conn.execute(
+            "SELECT seq, id FROM tasks WHERE seq BETWEEN ? AND ?", (first, first + count - 1)
+        ).fetchall()
+    )
+    # A row the first request did not insert had matched another task's idempotency key.
+    return [
+        ids.get(first + i) or (r.idempotency_key and _by_key(conn, r.idempotency_key))
+        for i, r in enumerate(rows)
+    ]
+
+
+def _insert(rows: Sequence[TaskRow], request: Request | None) -> _Op:
     def op(conn: sqlite3.Connection) -> tuple[list[str | None], list[list[str]]]:
         # The one writer runs this: nothing can insert a key between the lookup and the insert.
+        if request is not None:
+            earlier = _earlier_request(conn, rows, request)
+            if earlier is not None:
+                return earlier, [[] for _ in rows]
+            conn.execute(
+                "INSERT INTO requests (key, first_seq, count, created_at) VALUES (?, ?, ?, ?)",
+                (request.key, rows[0].seq, len(rows), request.created_at),
+            )
+            conn.execute(
+                "DELETE FROM requests WHERE created_at < ?",
+                (request.created_at - REQUEST_RETENTION,),
+            )
         existing: list[str | None] = [None] * len(rows)
         for i, r in enumerate(rows):
             if r.idempotency_key is not None:
-                found = conn.execute(
-                    "SELECT id FROM tasks WHERE idempotency_key = ?", (r.idempotency_key,)
-                ).fetchone()
-                existing[i] = found[0] if found else None
+                existing[i] = _by_key(conn, r.idempotency_key)
         final = [old or r.id for old, r in zip(existing, rows, strict=True)]
         resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
         conn.executemany(
@@ -451,8 +524,10 @@ class SqliteStore(Store):
             raise Unavailable("the store is closed")
         return self._writer.submit(op)
 
-    async def insert(self, rows: Sequence[TaskRow]) -> tuple[list[str | None], list[list[str]]]:
-        result: tuple[list[str | None], list[list[str]]] = await self._write(_insert(rows))
+    async def insert(
+        self, rows: Sequence[TaskRow], request: Request | None = None
+    ) -> tuple[list[str | None], list[list[str]]]:
+        result: tuple[list[str | None], list[list[str]]] = await self._write(_insert(rows, request))
         return result
 
     async def finish(self, rows: Sequence[FinishedRow]) -> None:

@@ -12,7 +12,7 @@ from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.specs import duration
 from shoal.v1 import task_pb2
 
-__all__ = ["Limits", "validate_batch"]
+__all__ = ["Limits", "check_request_id", "validate_batch"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             duration(spec.timeout, "timeout", positive=True)
         except InvalidArgument as err:
             bad("timeout", err.message)
-    for name in ("name", "idempotency_key", "tenant"):
+    for name in ("name", "idempotency_key", "tenant", "backend"):
         if len(getattr(spec, name)) > limits.max_string:
             bad(name, f"longer than {limits.max_string} characters")
         elif not getattr(spec, name).isprintable():
@@ -204,6 +204,14 @@ def _cycle(specs: Sequence[task_pb2.TaskSpec]) -> list[int] | None:
                     path.append(nxt)
                     stack.append(iter(edges[nxt]))
     return None
+
+
+def check_request_id(request_id: str, limits: Limits) -> None:
+    if len(request_id) > limits.max_string or not request_id.isprintable():
+        raise InvalidArgument(
+            f"request_id must be printable text of at most {limits.max_string} characters",
+            [FieldViolation("request_id", "not printable, or too long")],
+        )
 
 
 def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single: bool) -> None:

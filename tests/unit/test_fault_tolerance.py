@@ -14,9 +14,10 @@ from shoal import shell
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
+from shoal.errors import FailedPrecondition
 from shoal.v1 import gateway_pb2, task_pb2
 
-from .test_core import ALICE, NODE, Wall, assignments, finished, hello
+from .test_core import ADMIN, ALICE, NODE, Wall, assignments, finished, hello
 
 OPEN = task_pb2.BREAKER_STATE_OPEN
 HALF_OPEN = task_pb2.BREAKER_STATE_HALF_OPEN
@@ -254,3 +255,25 @@ async def test_drained_node_takes_nothing_and_what_it_gives_back_runs_elsewhere(
     assert not (await core.get(task.task_id, by=ALICE)).attempts  # ...but not a failed one
     core.undrain("n1")
     assert not next(n for n in core.nodes() if n.info.node_id == "n1").draining
+
+
+# -- resent submits --------------------------------------------------------------------------
+
+
+async def test_a_resent_request_returns_the_first_ones_tasks(core: Coordinator) -> None:
+    keyed = shell("echo keyed", idempotency_key="k1")
+    (earlier,) = await core.submit([keyed], by=ALICE)
+    specs = [shell("echo a"), keyed, shell("echo b")]
+    first = await core.submit(specs, by=ALICE, request_id="req-1")
+    assert [s.created for s in first] == [True, False, True]
+    assert first[1].task_id == earlier.task_id
+
+    again = await core.submit(specs, by=ALICE, request_id="req-1")  # its answer was lost
+    assert [s.task_id for s in again] == [s.task_id for s in first]
+    assert not any(s.created for s in again)
+    with pytest.raises(FailedPrecondition, match="used before for 3 task"):
+        await core.submit(specs[:2], by=ALICE, request_id="req-1")
+    other = await core.submit(specs[:1], by=ADMIN, request_id="req-1")  # ids are per caller
+    assert other[0].created
+    tasks, _ = await core.list_tasks(states=[], tenant="", limit=100, page_token="", by=ADMIN)
+    assert len(tasks) == 4

@@ -50,9 +50,8 @@ class AsyncClient:
     the coordinator refuses for backpressure waits the delay it names and tries again.
 
     Calls that are safe to repeat are resent with backoff while the coordinator is unavailable
-    (restarting, unreachable), for up to `retry_for`. Submits are among them: every spec
-    without an idempotency key gets a generated one, so a submit whose answer was lost is
-    resent without creating a second task.
+    (restarting, unreachable), for up to `retry_for`. Submits are among them: each carries a
+    request id, so a submit whose answer was lost is resent without creating a second task.
     """
 
     def __init__(
@@ -117,16 +116,6 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(err.retry_after.total_seconds())
 
-    @staticmethod
-    def _keyed(spec: task_pb2.TaskSpec) -> task_pb2.TaskSpec:
-        """The spec with an idempotency key: its own, else a generated one (on a copy)."""
-        if spec.idempotency_key:
-            return spec
-        keyed = task_pb2.TaskSpec()
-        keyed.CopyFrom(spec)
-        keyed.idempotency_key = f"sdk-{uuid.uuid4().hex}"
-        return keyed
-
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -139,7 +128,7 @@ class AsyncClient:
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
         response: tasks_pb2.SubmitResponse = await self._submit(
-            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=self._keyed(spec))
+            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=spec, request_id=uuid.uuid4().hex)
         )
         return response.task
 
@@ -147,7 +136,7 @@ class AsyncClient:
         """Submit many tasks atomically in one call; returns their ids in order."""
         response = await self._submit(
             self._tasks.SubmitBatch,
-            tasks_pb2.SubmitBatchRequest(specs=[self._keyed(s) for s in specs]),
+            tasks_pb2.SubmitBatchRequest(specs=list(specs), request_id=uuid.uuid4().hex),
         )
         return list(response.task_ids)
 

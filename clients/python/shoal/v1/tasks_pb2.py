@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/tasks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x13shoal/v1/task.proto\"1\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\"?\n\x0eSubmitResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.shoal.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x05specs\x18\x01 \x03(\x0b\x32\x12.shoal.v1.TaskSpec\"K\n\x13SubmitBatchResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"J\n\x0bWaitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"e\n\x0bListRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.shoal.v1.TaskState\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"F\n\x0cListResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.shoal.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\x08\n\x06_since\"@\n\rWatchResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x32\x92\x03\n\x05Tasks\x12;\n\x06Submit\x12\x17.shoal.v1.SubmitRequest\x1a\x18.shoal.v1.SubmitResponse\x12J\n\x0bSubmitBatch\x12\x1c.shoal.v1.SubmitBatchRequest\x1a\x1d.shoal.v1.SubmitBatchResponse\x12+\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x0e.shoal.v1.Task\x12-\n\x04Wait\x12\x15.shoal.v1.WaitRequest\x1a\x0e.shoal.v1.Task\x12\x31\n\x06\x43\x61ncel\x12\x17.shoal.v1.CancelRequest\x1a\x0e.shoal.v1.Task\x12\x35\n\x04List\x12\x15.shoal.v1.ListRequest\x1a\x16.shoal.v1.ListResponse\x12:\n\x05Watch\x12\x16.shoal.v1.WatchRequest\x1a\x17.shoal.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/tasks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x13shoal/v1/task.proto\"E\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x0eSubmitResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.shoal.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"K\n\x12SubmitBatchRequest\x12!\n\x05specs\x18\x01 \x03(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"K\n\x13SubmitBatchResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"J\n\x0bWaitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"e\n\x0bListRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.shoal.v1.TaskState\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"F\n\x0cListResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.shoal.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\x08\n\x06_since\"@\n\rWatchResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x32\x92\x03\n\x05Tasks\x12;\n\x06Submit\x12\x17.shoal.v1.SubmitRequest\x1a\x18.shoal.v1.SubmitResponse\x12J\n\x0bSubmitBatch\x12\x1c.shoal.v1.SubmitBatchRequest\x1a\x1d.shoal.v1.SubmitBatchResponse\x12+\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x0e.shoal.v1.Task\x12-\n\x04Wait\x12\x15.shoal.v1.WaitRequest\x1a\x0e.shoal.v1.Task\x12\x31\n\x06\x43\x61ncel\x12\x17.shoal.v1.CancelRequest\x1a\x0e.shoal.v1.Task\x12\x35\n\x04List\x12\x15.shoal.v1.ListRequest\x1a\x16.shoal.v1.ListResponse\x12:\n\x05Watch\x12\x16.shoal.v1.WatchRequest\x1a\x17.shoal.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.tasks_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=87
-  _globals['_SUBMITREQUEST']._serialized_end=136
-  _globals['_SUBMITRESPONSE']._serialized_start=138
-  _globals['_SUBMITRESPONSE']._serialized_end=201
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=203
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=258
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=260
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=335
-  _globals['_GETREQUEST']._serialized_start=337
-  _globals['_GETREQUEST']._serialized_end=366
-  _globals['_WAITREQUEST']._serialized_start=368
-  _globals['_WAITREQUEST']._serialized_end=442
-  _globals['_CANCELREQUEST']._serialized_start=444
-  _globals['_CANCELREQUEST']._serialized_end=476
-  _globals['_LISTREQUEST']._serialized_start=478
-  _globals['_LISTREQUEST']._serialized_end=579
-  _globals['_LISTRESPONSE']._serialized_start=581
-  _globals['_LISTRESPONSE']._serialized_end=651
-  _globals['_WATCHREQUEST']._serialized_start=653
-  _globals['_WATCHREQUEST']._serialized_end=747
-  _globals['_WATCHRESPONSE']._serialized_start=749
-  _globals['_WATCHRESPONSE']._serialized_end=813
-  _globals['_TASKS']._serialized_start=816
-  _globals['_TASKS']._serialized_end=1218
+  _globals['_SUBMITREQUEST']._serialized_end=156
+  _globals['_SUBMITRESPONSE']._serialized_start=158
+  _globals['_SUBMITRESPONSE']._serialized_end=221
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=223
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=298
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=300
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=375
+  _globals['_GETREQUEST']._serialized_start=377
+  _globals['_GETREQUEST']._serialized_end=406
+  _globals['_WAITREQUEST']._serialized_start=408
+  _globals['_WAITREQUEST']._serialized_end=482
+  _globals['_CANCELREQUEST']._serialized_start=484
+  _globals['_CANCELREQUEST']._serialized_end=516
+  _globals['_LISTREQUEST']._serialized_start=518
+  _globals['_LISTREQUEST']._serialized_end=619
+  _globals['_LISTRESPONSE']._serialized_start=621
+  _globals['_LISTRESPONSE']._serialized_end=691
+  _globals['_WATCHREQUEST']._serialized_start=693
+  _globals['_WATCHREQUEST']._serialized_end=787
+  _globals['_WATCHRESPONSE']._serialized_start=789
+  _globals['_WATCHRESPONSE']._serialized_end=853
+  _globals['_TASKS']._serialized_start=856
+  _globals['_TASKS']._serialized_end=1258
 # @@protoc_insertion_point(module_scope)

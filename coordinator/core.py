@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from shoal.auth import COORDINATOR, Principal, Role
+from shoal.coordinator.admission import Admission, Refusal, Waiting
 from shoal.coordinator.breakers import (
     CLOSED,
     OPEN,
@@ -24,6 +25,7 @@ from shoal.coordinator.breakers import (
     node_key,
 )
 from shoal.coordinator.events import EventLog
+from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
@@ -82,6 +84,8 @@ class CoreOptions:
     routing: Routing = Routing.LEAST_LOADED  # for tasks that name no strategy
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
     restart_grace: timedelta | None = None  # None: a lease
+    pricing: Pricing = field(default_factory=dict)  # model -> $ per 1M prompt/completion tokens
+    quotas: Sequence[admin_pb2.Quota] = ()  # from configuration, on top of the stored ones
     breaker_threshold: int = 5
     breaker_cooldown: timedelta = timedelta(seconds=30)
 
@@ -188,6 +192,10 @@ class Coordinator:
             wall=wall,
         )
         self._held: dict[str, list[TaskRecord]] = {}  # by backend: waiting for its breaker
+        self.quotas = QuotaGate(pricing=self.options.pricing, wall=wall)
+        self._gates: list[Admission] = [self.quotas]
+        self._waiting = Waiting()  # tasks a gate holds back, by key
+        self._limited: set[str] = set()  # keys holding tasks back now
         # After a restart: recovered tasks that may still run on a node that has yet to
         # reconnect, and the nodes that held a session when the coordinator last ran.
         self._recovering: set[str] = set()
@@ -223,6 +231,12 @@ class Coordinator:
                 self._admit(rec)
         if self._recovering:
             self._set_timer(TimerKind.RECOVERY, "", self._wall() + grace)
+        for body in await self._store.quotas():
+            self.quotas.set(admin_pb2.Quota.FromString(body))
+        for quota in self.options.quotas:
+            check_quota(quota, self.options.limits.max_string)
+            self.quotas.set(quota)
+        self.quotas.restore(await self._store.usage())
         for body in await self._store.schedules():
             state = ScheduleState(admin_pb2.Schedule.FromString(body))
             self._schedules[state.name] = state
@@ -736,9 +750,14 @@ class Coordinator:
         events: list[task_pb2.Event] = []
         gated = self._breakers.tripped > 0
         put_back = False
+        gates = self.quotas.active
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
+            if gates and not self._through_gates(rec, slots):
+                continue
             if gated and not self._through_breakers(rec, slots):
+                if gates:
+                    self._give_back(rec, None)
                 put_back = True
                 continue
             session = self._sessions[slots.node_id]
@@ -883,7 +902,7 @@ class Coordinator:
                 self._breaker_changed(b)
         requeued = 0
         for rec in lost:
-            self._settle_breakers(rec, session.node_id, None)
+            self._end_attempt(rec, session.node_id, None)
             if rec.cancel_requested:
                 self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled; node left"))
                 continue
@@ -919,6 +938,8 @@ class Coordinator:
             if msg.heartbeat.draining != session.draining:
                 session.draining = msg.heartbeat.draining
                 self._apply_node_state(session.node_id)
+            if session.note_load(msg.heartbeat):
+                self._load_changed(session)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
 
@@ -954,7 +975,7 @@ class Coordinator:
                 if kind == "released":
                     # Given back unfinished by a draining node: no verdict, and not an attempt
                     # its retry policy counts (its number is not used again, for fencing).
-                    self._settle_breakers(rec, session.node_id, None)
+                    self._end_attempt(rec, session.node_id, None)
                     if rec.cancel_requested:
                         self._finish(rec, _CANCELLED, task_pb2.TaskResult(error="cancelled"))
                     else:
@@ -965,7 +986,7 @@ class Coordinator:
                 if state not in FINAL_STATES:
                     state = _FAILED
                     result.error = result.error or f"node reported non-final state {state}"
-                self._settle_breakers(rec, session.node_id, result)
+                self._end_attempt(rec, session.node_id, result)
                 if rec.cancel_requested:
                     self._finish(rec, state, result)
                 else:
@@ -979,10 +1000,11 @@ class Coordinator:
         keys = (node_key(node_id), executor_key(node_id, rec.placement.cls.executor))
         return (*keys, backend_key(rec.backend)) if rec.backend else keys
 
-    def _settle_breakers(
+    def _end_attempt(
         self, rec: TaskRecord, node_id: str, result: task_pb2.TaskResult | None
     ) -> None:
-        """An attempt ended: its verdict on its breakers (None: no verdict, e.g. given back)."""
+        """An attempt ended (`result` None: without one, e.g. given back or lost): its verdict
+        on its breakers, and what it took at dispatch given back."""
         keys = self._breaker_keys(rec, node_id)
         if result is None:
             changed = self._breakers.abandoned(keys, rec.id)
@@ -992,6 +1014,93 @@ class Coordinator:
             changed = self._breakers.succeeded(keys, rec.id)
         for b in changed:
             self._breaker_changed(b)
+        self._give_back(rec, result)
+
+    def _give_back(self, rec: TaskRecord, result: task_pb2.TaskResult | None) -> None:
+        """What `rec` took from its gates goes back; the usage it reports is stored."""
+        now = self._wall()
+        for gate in self._gates:
+            for key in gate.give_back(rec, result, now):
+                self._wake(key)
+        if usage := self.quotas.unsaved():
+            self._spawn(self._store.add_usage(usage))
+
+    # -- admission: quotas -----------------------------------------------------------------
+
+    def _through_gates(self, rec: TaskRecord, slots: NodeSlots) -> bool:
+        """Whether `rec` gets what its gates guard; if not, it is held (or failed, fail-fast)."""
+        now = self._wall()
+        taken: list[Admission] = []
+        for gate in self._gates:
+            refusal = gate.take(rec, now)
+            if refusal is None:
+                taken.append(gate)
+                continue
+            for g in taken:
+                g.give_back(rec, None, now)
+            self._scheduler.release(slots, rec)
+            rec.state = _PENDING  # out of the queue: see _finish
+            if refusal.fail:
+                error = f"RESOURCE_EXHAUSTED: {refusal.reason}"
+                self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+            else:
+                self._hold(rec, refusal)
+            return False
+        for gate in taken:
+            for key in gate.keys(rec):
+                self._notice(key, "")
+                if self._waiting.has(key):
+                    self._wake(key)  # the next one in line may pass too
+        return True
+
+    def _hold(self, rec: TaskRecord, refusal: Refusal) -> None:
+        rec.held_by, rec.wait_reason = refusal.key, refusal.reason
+        self._waiting.hold(refusal.key, rec)
+        if refusal.retry_at is not None:
+            self._set_timer(TimerKind.ADMISSION, refusal.key, refusal.retry_at)
+        self._notice(refusal.key, refusal.reason)
+        self.events.emit(self._event(rec, by=COORDINATOR))
+
+    def _wake(self, key: str) -> None:
+        """The oldest task waiting on `key` goes back to the head of the queue."""
+        rec = self._waiting.next(key)
+        if rec is None:
+            return
+        rec.held_by = rec.wait_reason = ""
+        rec.state = _QUEUED
+        self._scheduler.queue.push_front(rec)
+        self.events.emit(self._event(rec, by=COORDINATOR))
+        self._kick()
+
+    def _notice(self, key: str, reason: str) -> None:
+        """A quota event when a key starts holding tasks back (`reason`) or stops ("")."""
+        if bool(reason) == (key in self._limited):
+            return
+        if reason:
+            self._limited.add(key)
+        else:
+            self._limited.discard(key)
+        notice = task_pb2.QuotaNotice(
+            key=key.removeprefix("quota:"), limited=bool(reason), reason=reason
+        )
+        event = task_pb2.Event(quota=notice, principal=COORDINATOR)
+        event.time.FromNanoseconds(time.time_ns())
+        self.events.emit(event)
+
+    async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
+        check_quota(quota, self.options.limits.max_string)
+        await self._store.put_quota(quota.key, quota.SerializeToString())
+        self.quotas.set(quota)
+        self._wake(f"quota:{quota.key}")  # a raised limit lets waiting tasks through
+        return quota
+
+    async def delete_quota(self, key: str) -> admin_pb2.Quota:
+        quota = self.quotas.delete(key)
+        if quota is None:
+            raise NotFound(f"no quota on key {key!r}")
+        await self._store.delete_quota(key)
+        self._wake(f"quota:{key}")
+        return quota
 
     def _through_breakers(self, rec: TaskRecord, slots: NodeSlots) -> bool:
         """Whether `rec` may go to the node the scheduler chose; if not, it is put back.
@@ -1036,8 +1145,27 @@ class Coordinator:
         event.time.FromNanoseconds(time.time_ns())
         self.events.emit(event)
 
+    def _load_changed(self, session: NodeSession) -> None:
+        """A node's resource guard throttled it, paused tasks or stopped: apply, tell watchers."""
+        _log.log(
+            logging.WARNING if session.throttled_by_load else logging.INFO,
+            "node=%s throttled=%s min_priority=%d paused=%d reason=%s",
+            session.node_id,
+            session.throttled_by_load,
+            session.min_priority,
+            session.paused,
+            session.throttle_reason or "-",
+        )
+        self._apply_node_state(session.node_id)
+        event = task_pb2.Event(
+            node=session.notice(), node_id=session.node_id, principal=session.principal.name
+        )
+        event.time.FromNanoseconds(time.time_ns())
+        self.events.emit(event)
+
     def _apply_node_state(self, node_id: str) -> None:
-        """Whether a node takes work, and which of its executors: from drain and breakers."""
+        """Whether a node takes work, which of its executors, and down to which priority: from
+        drain, breakers and its resource guard."""
         session = self._sessions.get(node_id)
         if session is None:
             return
@@ -1054,6 +1182,7 @@ class Coordinator:
             if not b.passes
         )
         self._scheduler.set_tripped(node_id, tripped)
+        self._scheduler.set_min_priority(node_id, session.min_priority, session.busy_because)
         self._kick()
 
     def _record_attempt(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
@@ -1119,6 +1248,9 @@ class Coordinator:
                 continue
             if kind is TimerKind.RECOVERY:
                 self._end_recovery()
+                continue
+            if kind is TimerKind.ADMISSION:
+                self._wake(task_id)
                 continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
@@ -1268,6 +1400,10 @@ class Coordinator:
                     draining=s.draining,
                     stale_updates=s.stale_updates,
                     breakers=[b.proto() for b in self._node_breakers(s.node_id)],
+                    throttled_by_load=s.throttled_by_load,
+                    min_priority=s.min_priority,  # type: ignore[arg-type]
+                    paused=s.paused,
+                    throttle_reason=s.throttle_reason,
                 )
             )
         return out
@@ -1334,6 +1470,8 @@ class Coordinator:
 
     def _pending_reason(self, rec: TaskRecord) -> str:
         if rec.state == _PENDING:
+            if rec.held_by:
+                return rec.wait_reason
             if rec.id in self._recovering:
                 return (
                     "recovered after a restart: waiting for the nodes that were connected to"

@@ -1,4 +1,4 @@
-"""A token bucket: the rate limit behind node sessions (and, later, quotas). No I/O here."""
+"""A token bucket: the rate limit behind node sessions and quotas. No I/O here."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ class TokenBucket:
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - n
         self._last = now
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def wait(self, n: float = 1) -> float:
+        """Seconds until `n` tokens are there (0: now); takes nothing."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        return 0.0 if self._tokens >= n else (n - self._tokens) / self.rate

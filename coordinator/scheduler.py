@@ -21,6 +21,11 @@ its lanes leave the heaps until a fitting node frees room, changes or joins
 class, and parked classes cost nothing per dispatch. No resources are held back for a parked
 class: a large request can wait while smaller ones keep a node busy.
 
+Priority floors. A node may take only tasks down to some priority for a while (its machine is
+busy: `set_min_priority`). A node that takes a level takes every higher one, so a task of a
+class that cannot be placed at level L means none of that class can at L or below: the class
+is parked from level L down, and its higher lanes go on.
+
 Resources. A node's capacity is what it reports: slots, CPUs, memory, GPUs. Zero (or nothing
 reported) means none: a node that reports no GPUs takes only tasks that request no GPUs. A
 dispatch takes the task's request from its node; `release` gives it back; the scheduler never
@@ -232,6 +237,9 @@ class NodeSlots:
     accepting: bool = True
     _: KW_ONLY
     closed_because: str = ""  # why it does not accept work, when it does not
+    # The lowest priority level it takes now (0 critical .. 4 background), and why no lower.
+    max_level: int = PRIORITY_LEVELS - 1
+    limited_because: str = ""
     tripped: frozenset[str] = frozenset()  # executors not dispatched to now (circuit breakers)
     cpu_milli: int = 0
     memory_mb: int = 0
@@ -520,14 +528,23 @@ class _Lane:
 class _Class:
     """A placement class: its lanes, whether it is parked, and its cached fitting nodes."""
 
-    __slots__ = ("blocked", "key", "lanes", "node_ids", "nodes", "route", "slots_only", "version")
+    __slots__ = (
+        "key",
+        "lanes",
+        "node_ids",
+        "nodes",
+        "parked_from",
+        "route",
+        "slots_only",
+        "version",
+    )
 
     def __init__(self, key: PlacementClass) -> None:
         self.key = key
         r = key.resources
         self.slots_only = not (r.cpu_milli or r.memory_mb or r.gpus)  # the common, cheap case
         self.lanes: dict[tuple[int, str], _Lane] = {}
-        self.blocked = False
+        self.parked_from = PRIORITY_LEVELS  # its lanes of this level and lower are parked
         self.nodes: list[NodeSlots] = []
         self.node_ids: frozenset[str] = frozenset()
         self.version = -1  # of the node set `nodes` was computed for
@@ -583,7 +600,7 @@ class ReadyQueue:
         lane = self._lane(task, level)
         lane.items.append((tag, task))
         self._size += 1
-        if not lane.in_heap and not lane.cls.blocked:
+        if not lane.in_heap and level < lane.cls.parked_from:
             self._enter(lane)
 
     def push_front(self, task: Queued) -> None:
@@ -595,7 +612,7 @@ class ReadyQueue:
             tag = min(tag, lane.items[0][0])
         lane.items.appendleft((tag, task))
         self._size += 1
-        if not lane.cls.blocked:
+        if level < lane.cls.parked_from:
             self._enter(lane)  # its head changed: a new entry; the old one goes stale
 
     def discard(self) -> None:
@@ -625,12 +642,13 @@ class ReadyQueue:
         last = self._last[level] = {t: v for t, v in self._last[level].items() if v > vtime}
         self._prune_at[level] = max(1024, 2 * len(last))
 
-    def _park(self, cls: _Class) -> None:
-        cls.blocked = True
+    def _park(self, cls: _Class, level: int) -> None:
+        """No task of `cls` can be placed at `level`: nor at any lower level."""
+        cls.parked_from = min(cls.parked_from, level)
         self._blocked[cls] = None
 
     def _unpark(self, cls: _Class) -> None:
-        cls.blocked = False
+        cls.parked_from = PRIORITY_LEVELS
         self._blocked.pop(cls, None)
         for lane in cls.lanes.values():
             if not lane.in_heap and lane.items:
@@ -677,6 +695,17 @@ def _number(attr: str, value: int) -> str:
 
 def _used(node: NodeSlots, attr: str) -> int:
     return node.running if attr == "slots" else int(getattr(node, "used_" + attr))
+
+
+def _priority_name(level: int) -> str:
+    """`HIGH` for level 1."""
+    return task_pb2.Priority.Name(level + 1).removeprefix("PRIORITY_")  # type: ignore[arg-type]
+
+
+def _limited(node: NodeSlots) -> str:
+    """`takes only HIGH or higher priority now: its machine is busy`."""
+    why = f": {node.limited_because}" if node.limited_because else ""
+    return f"takes only {_priority_name(node.max_level)} or higher priority now{why}"
 
 
 class Scheduler:
@@ -726,6 +755,20 @@ class Scheduler:
             if accepting:
                 self._wake(node)
 
+    def set_min_priority(self, node_id: str, priority: int = 0, because: str = "") -> None:
+        """The lowest priority a node takes now (1 critical .. 5 background; 0: every one), and
+        why it takes no lower; it keeps what it runs."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        level = _level(priority) if priority else PRIORITY_LEVELS - 1
+        node.limited_because = because if level < PRIORITY_LEVELS - 1 else ""
+        if level != node.max_level:
+            raised = level > node.max_level
+            node.max_level = level
+            if raised:
+                self._wake(node)
+
     def set_tripped(self, node_id: str, executors: frozenset[str]) -> None:
         """The executors of a node that take no work now (their circuit breakers are open)."""
         node = self.nodes.get(node_id)
@@ -745,6 +788,7 @@ class Scheduler:
         for cls in list(self.queue._blocked):
             if cls.version != self._version or (
                 node.node_id in cls.node_ids
+                and node.max_level >= cls.parked_from
                 and node.has_room(cls.key.resources)
                 and self._target_allows(cls.key, node.node_id)
             ):
@@ -798,7 +842,7 @@ class Scheduler:
                 heappop(heap)
                 continue
             cls = lane.cls
-            if cls.blocked:
+            if level >= cls.parked_from:
                 heappop(heap)
                 lane.in_heap = False
                 continue
@@ -816,10 +860,10 @@ class Scheduler:
                     q._drop_lane(lane)
                 continue
             heappop(heap)  # before placing: that may unpark classes into this heap
-            node = self._place(cls, task.placement)
+            node = self._place(cls, task.placement, level)
             if node is None:
                 lane.in_heap = False
-                q._park(cls)
+                q._park(cls, level)
                 continue
             items.popleft()
             q._size -= 1
@@ -835,8 +879,9 @@ class Scheduler:
                 lane.in_heap = False
                 q._drop_lane(lane)
 
-    def _place(self, cls: _Class, req: Requirements) -> NodeSlots | None:
-        """The node for the next task of `cls`, or None when no fitting node has room."""
+    def _place(self, cls: _Class, req: Requirements, level: int) -> NodeSlots | None:
+        """The node for the next task of `cls` at `level`, or None when no fitting node that
+        takes that level has room."""
         nodes = self._fitting(cls)
         res = cls.key.resources
         key = cls.key.affinity_key
@@ -844,15 +889,24 @@ class Scheduler:
             target = self.affinity.get(key)
             if target is not None:
                 node = self.nodes.get(target)
-                if node is None or target not in cls.node_ids or not node.has_room(res):
+                if (
+                    node is None
+                    or target not in cls.node_ids
+                    or node.max_level < level
+                    or not node.has_room(res)
+                ):
                     return None
                 self._remember(key, node.node_id)
                 return node
         if cls.slots_only:
             need = res.slots
-            candidates = [n for n in nodes if n.accepting and n.slots - n.running >= need]
+            candidates = [
+                n
+                for n in nodes
+                if n.accepting and n.max_level >= level and n.slots - n.running >= need
+            ]
         else:
-            candidates = [n for n in nodes if n.has_room(res)]
+            candidates = [n for n in nodes if n.max_level >= level and n.has_room(res)]
         if not candidates:
             return None
         routing = req.routing or self.routing
@@ -878,6 +932,7 @@ class Scheduler:
             return ""
         key = task.placement.cls
         res = key.resources
+        level = _level(task.priority)
         nodes = sorted(self.nodes.values(), key=lambda n: n.node_id)
         nodes = [n for n in nodes if key.executor in n.executors]
         if not nodes:
@@ -917,6 +972,8 @@ class Scheduler:
                     return f"hard affinity: waiting for node {target} (it no longer fits)"
                 if not node.accepting:
                     return f"hard affinity: waiting for node {target} ({node.closed_because})"
+                if node.max_level < level:
+                    return f"hard affinity: waiting for node {target} (it {_limited(node)})"
                 if not node.has_room(res):
                     return f"hard affinity: waiting for node {target} ({self._short([node], res)})"
                 return "ready: waiting for the next dispatch"
@@ -926,6 +983,15 @@ class Scheduler:
                 return f"the only fitting node ({nodes[0].node_id}) is {nodes[0].closed_because}"
             why = sorted({f"{n.node_id}: {n.closed_because}" for n in nodes})
             return f"no fitting node takes work ({'; '.join(why[:5])})"
+        taking = [n for n in accepting if n.max_level >= level]
+        if not taking:
+            if len(accepting) == 1:
+                return f"node {accepting[0].node_id} {_limited(accepting[0])}"
+            why = [f"{n.node_id} {_limited(n)}" for n in accepting]
+            return (
+                f"no fitting node takes {_priority_name(level)} priority now ({'; '.join(why[:5])})"
+            )
+        accepting = taking
         if any(n.has_room(res) for n in accepting):
             return "ready: waiting for the next dispatch"
         return self._short(accepting, res)

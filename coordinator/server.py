@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
@@ -100,6 +101,8 @@ class CoordinatorServer:
                 restart_grace=settings.restart_grace,
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
+                pricing=settings.pricing,
+                quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
             ),
         )
         self._server: grpc.aio.Server | None = None

@@ -202,6 +202,24 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         _log.info("node %s undrained by %s", request.node_id, current_principal().name)
         return self._core.undrain(request.node_id)
 
+    async def SetQuota(self, request: admin_pb2.Quota, context: _Ctx) -> admin_pb2.Quota:
+        _log.info("quota on %r set by %s", request.key, current_principal().name)
+        return await self._core.set_quota(request)
+
+    async def ListQuotas(
+        self, request: admin_pb2.ListQuotasRequest, context: _Ctx
+    ) -> admin_pb2.ListQuotasResponse:
+        return admin_pb2.ListQuotasResponse(quotas=self._core.quotas.quotas())
+
+    async def DeleteQuota(self, request: admin_pb2.QuotaRef, context: _Ctx) -> admin_pb2.Quota:
+        _log.info("quota on %r deleted by %s", request.key, current_principal().name)
+        return await self._core.delete_quota(request.key)
+
+    async def GetUsage(
+        self, request: admin_pb2.UsageRequest, context: _Ctx
+    ) -> admin_pb2.UsageResponse:
+        return admin_pb2.UsageResponse(usage=self._core.quotas.usage(request.key))
+
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
     def __init__(self, core: Coordinator) -> None:

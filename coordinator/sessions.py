@@ -38,6 +38,12 @@ class NodeSession:
         self.throttled = 0  # messages that had to wait for the bucket
         self.stale_updates = 0  # updates for attempts no longer its own (fenced off)
         self.draining = False
+        # Its resource guard, from its heartbeats: while its machine is busy it takes only
+        # `min_priority` or higher (0: every priority), and `paused` of its tasks are stopped.
+        self.throttled_by_load = False
+        self.min_priority = 0
+        self.paused = 0
+        self.throttle_reason = ""
         self.slots = node_slots_of(info)
         self.inflight: dict[str, TaskRecord] = {}
         self.last_seen = now  # monotonic
@@ -68,6 +74,38 @@ class NodeSession:
         """Acknowledge a heartbeat: the node's lease runs again from when it sent it."""
         self._lease = seq
         self._wake.set()
+
+    def note_load(self, hb: gateway_pb2.Heartbeat) -> bool:
+        """Take the resource guard's state from a heartbeat; returns whether it changed.
+
+        A throttled node that names no floor takes NORMAL or higher (unspecified is NORMAL).
+        """
+        floor = (hb.min_priority or task_pb2.PRIORITY_NORMAL) if hb.throttled else 0
+        state = (hb.throttled, floor, hb.paused)
+        if state == (self.throttled_by_load, self.min_priority, self.paused):
+            return False
+        self.throttled_by_load, self.min_priority, self.paused = state
+        self.throttle_reason = hb.throttle_reason if hb.throttled else ""
+        return True
+
+    @property
+    def busy_because(self) -> str:
+        """Why it takes no lower priority now: `its machine is busy (cpu 93% > 70%)`."""
+        if not self.throttled_by_load:
+            return ""
+        return "its machine is busy" + (
+            f" ({self.throttle_reason})" if self.throttle_reason else ""
+        )
+
+    def notice(self) -> task_pb2.NodeNotice:
+        """Its resource guard's state, for watchers."""
+        return task_pb2.NodeNotice(
+            node_id=self.node_id,
+            throttled=self.throttled_by_load,
+            min_priority=self.min_priority,  # type: ignore[arg-type]
+            paused=self.paused,
+            reason=self.throttle_reason,
+        )
 
     def drain(self, drain: gateway_pb2.Drain) -> None:
         self._drain = drain

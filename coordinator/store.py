@@ -30,6 +30,7 @@ __all__ = [
     "StoredTask",
     "TaskRow",
     "TokenRow",
+    "UsageRow",
 ]
 
 REQUEST_RETENTION = 3600.0
@@ -46,6 +47,17 @@ class Request:
 
     key: str  # the caller's request id, scoped to the caller
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """What a quota key used in a period ("2026-11-22", "2026-11"): added up by the store."""
+
+    key: str
+    period: str
+    requests: int
+    tokens: int
+    cost: float
 
 
 @dataclass(slots=True)
@@ -188,6 +200,26 @@ class Store(ABC):
         """Remove a schedule (nothing when it does not exist)."""
 
     @abstractmethod
+    async def quotas(self) -> list[bytes]:
+        """Every quota: serialised shoal.v1.Quota messages."""
+
+    @abstractmethod
+    async def put_quota(self, key: str, body: bytes) -> None:
+        """Create or replace the quota on a key."""
+
+    @abstractmethod
+    async def delete_quota(self, key: str) -> None:
+        """Remove the quota on a key (nothing when there is none)."""
+
+    @abstractmethod
+    async def usage(self) -> list[UsageRow]:
+        """What each key used, per period."""
+
+    @abstractmethod
+    async def add_usage(self, deltas: Sequence[UsageRow]) -> None:
+        """Add to what keys used."""
+
+    @abstractmethod
     async def members(self) -> list[str]:
         """The nodes that held a session when the coordinator last ran."""
 
@@ -241,6 +273,11 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_at);
+CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    key TEXT NOT NULL, period TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    cost REAL NOT NULL, PRIMARY KEY (key, period)
+);
 """
 
 # Columns added after the first release: (table, column, definition).
@@ -695,3 +732,35 @@ class SqliteStore(Store):
             else "DELETE FROM members WHERE node_id = ?"
         )
         await self._write(lambda c: c.execute(sql, (node_id,)))
+
+    async def quotas(self) -> list[bytes]:
+        rows = await self._read(lambda c: c.execute("SELECT body FROM quotas").fetchall())
+        return [r[0] for r in rows]
+
+    async def put_quota(self, key: str, body: bytes) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO quotas (key, body) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET body = excluded.body",
+                (key, body),
+            )
+        )
+
+    async def delete_quota(self, key: str) -> None:
+        await self._write(lambda c: c.execute("DELETE FROM quotas WHERE key = ?", (key,)))
+
+    async def usage(self) -> list[UsageRow]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT key, period, requests, tokens, cost FROM usage").fetchall()
+        )
+        return [UsageRow(*r) for r in rows]
+
+    async def add_usage(self, deltas: Sequence[UsageRow]) -> None:
+        await self._write(
+            lambda c: c.executemany(
+                "INSERT INTO usage (key, period, requests, tokens, cost) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key, period) DO UPDATE SET requests = requests + excluded.requests,"
+                " tokens = tokens + excluded.tokens, cost = cost + excluded.cost",
+                [(d.key, d.period, d.requests, d.tokens, d.cost) for d in deltas],
+            )
+        )

@@ -13,6 +13,7 @@ class TimerKind(Enum):
     QUEUE_TIMEOUT = "queue_timeout"  # not started in time: TIMED_OUT
     SCHEDULE = "schedule"  # a schedule (keyed by its name) fires
     BREAKER = "breaker"  # an open circuit breaker (keyed by its key) turns half-open
+    ADMISSION = "admission"  # a quota's next slot or window (keyed by the waiting key)
     RECOVERY = "recovery"  # the restart grace ends: recovered tasks not reclaimed are queued
 
 

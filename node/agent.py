@@ -9,7 +9,7 @@ import platform
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import psutil
@@ -23,7 +23,10 @@ from shoal._server import HEALTH_POLICY, Gate, grpc_options, serve_health
 from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import InvalidArgument, Unauthenticated
+from shoal.node.deadline import PausableDeadline
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
+from shoal.node.executors.groups import ProcessGroups
+from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.ledger import Ledger
 from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
 from shoal.node.service import NodeService
@@ -38,6 +41,7 @@ _MAX_MESSAGE = 16 << 20
 _POLICY = HEALTH_POLICY  # everything else (the Node service) needs the node's token
 _SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
+_SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
 
 
 class _SessionFailed(Exception):
@@ -56,8 +60,21 @@ class _Stop:
 class _Run:
     task_id: str
     attempt: task_pb2.AttemptId
+    priority: int = task_pb2.PRIORITY_NORMAL
     task: asyncio.Task[None] | None = None
     stop: str = ""  # a _Stop reason, once stopped
+    groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
+    deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
+
+    def pause(self) -> None:
+        """Stop its processes (SIGSTOP; any it starts later, too) and its timeout's clock."""
+        self.groups.pause()
+        self.deadline.pause()
+
+    def resume(self) -> None:
+        """Let its processes run again (SIGCONT); its timeout goes on from where it stopped."""
+        self.deadline.resume()
+        self.groups.resume()
 
 
 def _seconds(d: object) -> float:
@@ -113,6 +130,25 @@ class NodeAgent:
         self._heartbeats: dict[int, float] = {}
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
+        # The resource guard: while the machine is busy with its own work, only tasks of
+        # `_floor` or higher priority are taken (and background ones paused, by policy).
+        self.guard = (
+            ResourceGuard(
+                ForegroundLoad(),
+                Thresholds(
+                    cpu_percent=settings.guard_cpu_percent,
+                    memory_percent=settings.guard_memory_percent,
+                    margin=settings.guard_margin_percent,
+                    busy_after=settings.guard_busy_after,
+                    calm_after=settings.guard_calm_after,
+                ),
+            )
+            if settings.guard
+            else None
+        )
+        self._floor = task_pb2.Priority.Value("PRIORITY_" + settings.guard_min_priority.upper())
+        self._load_task: asyncio.Task[None] | None = None
+        self._guard_reported: tuple[bool, int, int, str] = (False, 0, 0, "")
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
@@ -159,6 +195,10 @@ class NodeAgent:
         self._server = server
         self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
         self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
+        if self.guard is not None:
+            self._load_task = asyncio.create_task(
+                self._watch_load(self.guard), name="shoal-node-load"
+            )
         _log.info(
             "node=%s serving on port %d, coordinator=%s slots=%d executors=%s",
             self.node_id,
@@ -170,13 +210,15 @@ class NodeAgent:
 
     async def stop(self) -> None:
         """Stop at once: running tasks are killed (the coordinator runs them again)."""
-        for name in ("_drain_task", "_loop_task", "_guard_task"):
+        for name in ("_drain_task", "_loop_task", "_guard_task", "_load_task"):
             task = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        for run in self._runs.values():
+            run.resume()  # never leave a task's processes stopped
         runs = [r.task for r in self._runs.values() if r.task is not None]
         for task in runs:
             task.cancel()
@@ -296,6 +338,59 @@ class NodeAgent:
     def _heartbeat_soon(self) -> None:
         self._next_heartbeat = 0.0
         self._outbox_ready.set()
+
+    # -- the resource guard ----------------------------------------------------------------
+
+    async def _watch_load(self, guard: ResourceGuard) -> None:
+        """Sample the machine's foreground load; act when it turns busy or calm."""
+        while True:
+            sessions = [pgid for run in self._runs.values() for pgid in run.groups]
+            try:
+                changed = await guard.async_check(sessions)
+            except (psutil.Error, OSError) as err:
+                _log.warning("node=%s cannot sample the machine's load: %s", self.node_id, err)
+                changed = False
+            if changed:
+                self._load_changed(guard)
+            await asyncio.sleep(_SAMPLE_LOAD_EVERY)
+
+    def _load_changed(self, guard: ResourceGuard) -> None:
+        pausing = self.settings.guard_policy == "pause"
+        if guard.busy:
+            _log.warning(
+                "node=%s machine busy (%s): taking %s priority or higher only%s",
+                self.node_id,
+                guard.reason,
+                self.settings.guard_min_priority,
+                "; pausing background tasks" if pausing else "",
+            )
+        else:
+            _log.info("node=%s machine calm again (%s)", self.node_id, guard.last)
+        for run in self._runs.values():
+            if not guard.busy:
+                run.resume()
+            elif pausing and run.priority == task_pb2.PRIORITY_BACKGROUND:
+                run.pause()
+        self._report_guard()
+
+    def _pausing(self) -> bool:
+        """Whether background tasks are to be paused now."""
+        return self.guard is not None and self.guard.busy and self.settings.guard_policy == "pause"
+
+    def _guard_state(self) -> tuple[bool, int, int, str]:
+        """What heartbeats say of the guard: throttled, the lowest priority taken, tasks
+        paused, and why."""
+        paused = sum(1 for run in self._runs.values() if run.groups.stopped)
+        if self.guard is None or not self.guard.busy:
+            return False, 0, paused, ""
+        return True, self._floor, paused, self.guard.reason
+
+    def _report_guard(self) -> None:
+        """Heartbeat at once when what heartbeats say of the guard changed."""
+        state = self._guard_state()
+        if state != self._guard_reported:
+            self._guard_reported = state
+            self._heartbeat_soon()
 
     # -- the session -----------------------------------------------------------------------
 
@@ -433,6 +528,7 @@ class NodeAgent:
                 self._next_heartbeat = now + interval
                 self._heartbeat_seq += 1
                 self._heartbeats[self._heartbeat_seq] = now
+                throttled, floor, paused, reason = self._guard_state()
                 await call.write(
                     gateway_pb2.NodeMessage(
                         heartbeat=gateway_pb2.Heartbeat(
@@ -440,6 +536,10 @@ class NodeAgent:
                             free_slots=max(0, self.settings.slots - len(self._runs)),
                             seq=self._heartbeat_seq,
                             draining=self.draining,
+                            throttled=throttled,
+                            min_priority=floor,  # type: ignore[arg-type]
+                            paused=paused,
+                            throttle_reason=reason,
                         )
                     )
                 )
@@ -470,7 +570,14 @@ class NodeAgent:
             if run.attempt == a.attempt:
                 return  # a repeated assignment
             self._stop(run, _Stop.CANCEL)
-        run = _Run(a.task_id, a.attempt)
+        run = _Run(
+            a.task_id,
+            a.attempt,
+            a.spec.priority or task_pb2.PRIORITY_NORMAL,
+            groups=ProcessGroups(self._report_guard),
+        )
+        if self._pausing() and run.priority == task_pb2.PRIORITY_BACKGROUND:
+            run.pause()  # sent before the coordinator heard that the machine is busy
         self._runs[a.task_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._run(run, a.spec), name=f"shoal-task-{a.task_id}")
@@ -484,6 +591,7 @@ class NodeAgent:
     @staticmethod
     def _stop(run: _Run, why: str) -> None:
         run.stop = why
+        run.resume()  # a paused task runs again before it is killed
         if run.task is not None:
             run.task.cancel()
 
@@ -566,8 +674,10 @@ class NodeAgent:
                 secret_env=secret_env,
                 redactor=redactor,
                 workdir=self.settings.workdir,
+                groups=run.groups,
             )
-            outcome = await asyncio.wait_for(executor.run(spec, ctx), timeout)
+            async with run.deadline.running(timeout):
+                outcome = await executor.run(spec, ctx)
         except TimeoutError:
             return Outcome(
                 task_pb2.TASK_STATE_TIMED_OUT,

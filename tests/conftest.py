@@ -10,9 +10,14 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _hermetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No user config file or SHOAL_* variable reaches what the tests start."""
+    """No user config file or SHOAL_* variable reaches what the tests start.
+
+    Nor does the machine's load: nodes run with their resource guard off (another test run on
+    the machine would otherwise decide where tasks go); tests of the guard turn it on.
+    """
     for name in list(os.environ):
         if name.startswith("SHOAL_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("SHOAL_NODE_GUARD", "false")
     monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "no-such-config.toml"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))

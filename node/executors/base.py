@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
+from shoal.node.executors.groups import ProcessGroups
 from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 
@@ -23,7 +24,8 @@ class ExecutionContext:
 
     An executor that puts `secret_env` into a process's environment must pass everything that
     process says through `redactor` (a `redactor.stream()` per output stream) before it is
-    emitted or put into the result.
+    emitted or put into the result. An executor that starts processes runs each in its own
+    process group and registers it in `groups` while it lives, so that the node can pause it.
     """
 
     task_id: str
@@ -34,6 +36,8 @@ class ExecutionContext:
     redactor: Redactor = field(default_factory=Redactor)  # hides the values of secret_env
     # The node's working directory for tasks (a task's own cwd is taken relative to it).
     workdir: Path | None = None
+    # The process groups the task runs in: the node pauses (SIGSTOP) and resumes them.
+    groups: ProcessGroups = field(default_factory=ProcessGroups)
 
 
 @dataclass

@@ -79,6 +79,8 @@ async def run_process(
 ) -> Outcome:
     """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group.
 
+    The group is in `ctx.groups` while it runs, so the node can pause and resume it.
+
     Its environment is the node's (without SHOAL_* settings), then `env`, then
     `ctx.secret_env`; its output is redacted with `ctx.redactor` before it is emitted or kept
     for the result.
@@ -117,6 +119,7 @@ async def run_process(
                 exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"
             ),
         )
+    ctx.groups.add(proc.pid)
     out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
     assert proc.stdout is not None and proc.stderr is not None
     pumps = asyncio.gather(
@@ -137,6 +140,8 @@ async def run_process(
         with contextlib.suppress(asyncio.CancelledError):
             await pumps  # retrieve its CancelledError, or asyncio reports it as never retrieved
         raise
+    finally:
+        ctx.groups.discard(proc.pid)
     code = proc.returncode
     assert code is not None
     result = task_pb2.TaskResult(exit_code=code, stdout=out_tail.text(), stderr=err_tail.text())

@@ -105,7 +105,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    assert len(coordinator) == 23  # 7 Tasks, 11 Admin, Connect, reflection, 3 health
+    assert len(coordinator) == 27  # 7 Tasks, 15 Admin, Connect, reflection, 3 health
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -159,6 +159,9 @@ EXPECTED: dict[str, set[str]] = {
     **{f"/shoal.v1.Admin/{m}Schedule": set() for m in ("Create", "Delete", "Pause", "Resume")},
     "/shoal.v1.Admin/Drain": set(),
     "/shoal.v1.Admin/Undrain": set(),
+    **{
+        f"/shoal.v1.Admin/{m}": set() for m in ("SetQuota", "ListQuotas", "DeleteQuota", "GetUsage")
+    },
     "/shoal.v1.Admin/ListSchedules": set(),
     "/shoal.v1.NodeGateway/Connect": {"node"},
     f"/{REFLECTION}/ServerReflectionInfo": set(),
@@ -199,6 +202,10 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         await f.mesh.client.create_schedule(schedule)
         return admin_pb2.ScheduleRef(name=schedule.name)
 
+    async def quota_to_delete() -> Message:
+        await f.mesh.client.set_quota(admin_pb2.Quota(key="gone", rate=1))
+        return admin_pb2.QuotaRef(key="gone")
+
     def const(message: Message) -> Callable[[], Awaitable[Message]]:
         async def make() -> Message:
             return message
@@ -224,6 +231,10 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/DeleteSchedule": schedule_to_delete,
         "/shoal.v1.Admin/Drain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),
         "/shoal.v1.Admin/Undrain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),
+        "/shoal.v1.Admin/SetQuota": const(admin_pb2.Quota(key="team:ml", concurrency=4)),
+        "/shoal.v1.Admin/ListQuotas": const(admin_pb2.ListQuotasRequest()),
+        "/shoal.v1.Admin/DeleteQuota": quota_to_delete,
+        "/shoal.v1.Admin/GetUsage": const(admin_pb2.UsageRequest()),
         "/shoal.v1.NodeGateway/Connect": const(
             gateway_pb2.NodeMessage(
                 hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))

@@ -200,6 +200,26 @@ class AsyncClient:
         )
         return status
 
+    async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
+        """Set the limits on a quota key (admin), replacing any it had."""
+        made: admin_pb2.Quota = await self._unary(self._admin.SetQuota, quota)
+        return made
+
+    async def quotas(self) -> builtins.list[admin_pb2.Quota]:
+        response = await self._unary(self._admin.ListQuotas, admin_pb2.ListQuotasRequest())
+        return list(response.quotas)
+
+    async def delete_quota(self, key: str) -> admin_pb2.Quota:
+        gone: admin_pb2.Quota = await self._unary(
+            self._admin.DeleteQuota, admin_pb2.QuotaRef(key=key), retry=False
+        )
+        return gone
+
+    async def usage(self, key: str = "") -> builtins.list[admin_pb2.KeyUsage]:
+        """What each quota key (or `key`) used per day and month, and runs now."""
+        response = await self._unary(self._admin.GetUsage, admin_pb2.UsageRequest(key=key))
+        return list(response.usage)
+
     async def create_token(
         self, request: admin_pb2.CreateTokenRequest
     ) -> admin_pb2.CreateTokenResponse:
@@ -376,6 +396,18 @@ class Client:
 
     def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
         return self._run(self._async.undrain(node_id))
+
+    def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
+        return self._run(self._async.set_quota(quota))
+
+    def quotas(self) -> builtins.list[admin_pb2.Quota]:
+        return self._run(self._async.quotas())
+
+    def delete_quota(self, key: str) -> admin_pb2.Quota:
+        return self._run(self._async.delete_quota(key))
+
+    def usage(self, key: str = "") -> builtins.list[admin_pb2.KeyUsage]:
+        return self._run(self._async.usage(key))
 
     def create_token(self, request: admin_pb2.CreateTokenRequest) -> admin_pb2.CreateTokenResponse:
         return self._run(self._async.create_token(request))

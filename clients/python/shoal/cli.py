@@ -24,7 +24,7 @@ from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
-from shoal.specs import is_final, state_name
+from shoal.specs import is_final, state_name, to_duration
 from shoal.v1 import admin_pb2, task_pb2
 
 app = typer.Typer(help="Shoal: spread background work across machines.", no_args_is_help=True)
@@ -33,6 +33,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(certs_app, name="certs")
 schedule_app = typer.Typer(help="Periodic tasks: cron or interval (admin).", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
+quota_app = typer.Typer(help="Limits on quota keys, mesh-wide (admin).", no_args_is_help=True)
+app.add_typer(quota_app, name="quota")
 _T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[
@@ -897,6 +899,115 @@ def schedule_pause(name: str, coordinator: CoordinatorOpt = None) -> None:
 def schedule_resume(name: str, coordinator: CoordinatorOpt = None) -> None:
     """Resume a paused schedule from now on."""
     _schedule_action("resume", name, coordinator)
+
+
+# -- quotas --------------------------------------------------------------------------------
+
+_LIMITS = (
+    ("rate", "rate"),
+    ("concurrency", "concurrency"),
+    ("requests_per_day", "requests/day"),
+    ("tokens_per_minute", "tokens/min"),
+    ("tokens_per_day", "tokens/day"),
+    ("cost_per_day", "$/day"),
+    ("cost_per_month", "$/month"),
+)
+
+
+@quota_app.command("set")
+def quota_set(
+    key: Annotated[str, typer.Argument(help="e.g. provider:openai, tenant:acme, team:ml")],
+    rate: Annotated[float, typer.Option(help="Tasks per --per seconds (token bucket)")] = 0,
+    per: Annotated[float, typer.Option(help="Seconds the rate is counted over")] = 1.0,
+    burst: Annotated[int, typer.Option(help="Tasks at once above the rate [the rate]")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Tasks running at once")] = 0,
+    requests_per_day: Annotated[int, typer.Option(help="Dispatches per UTC day")] = 0,
+    tokens_per_minute: Annotated[int, typer.Option(help="LLM tokens per minute")] = 0,
+    tokens_per_day: Annotated[int, typer.Option(help="LLM tokens per UTC day")] = 0,
+    cost_per_day: Annotated[float, typer.Option(help="Dollars per UTC day")] = 0,
+    cost_per_month: Annotated[float, typer.Option(help="Dollars per month")] = 0,
+    fail_fast: Annotated[bool, typer.Option(help="Fail tasks over it instead of waiting")] = False,
+    coordinator: CoordinatorOpt = None,
+) -> None:
+    """Set the limits on a key (0 = no limit); tasks over one wait, saying why."""
+    quota = admin_pb2.Quota(
+        key=key,
+        rate=rate,
+        per=to_duration(timedelta(seconds=per)),
+        burst=burst,
+        concurrency=concurrency,
+        requests_per_day=requests_per_day,
+        tokens_per_minute=tokens_per_minute,
+        tokens_per_day=tokens_per_day,
+        cost_per_day=cost_per_day,
+        cost_per_month=cost_per_month,
+        fail_fast=fail_fast,
+    )
+
+    async def main() -> admin_pb2.Quota:
+        async with _client(coordinator) as client:
+            return await client.set_quota(quota)
+
+    console.print(f"quota on {_run(main()).key} set")
+
+
+@quota_app.command("ls")
+def quota_ls(coordinator: CoordinatorOpt = None) -> None:
+    """List the quotas."""
+
+    async def main() -> list[admin_pb2.Quota]:
+        async with _client(coordinator) as client:
+            return await client.quotas()
+
+    table = Table()
+    for col in ("key", *(title for _, title in _LIMITS), "fail fast"):
+        table.add_column(col, overflow="fold")
+    for q in _run(main()):
+        cells = [f"{getattr(q, name):g}" if getattr(q, name) else "-" for name, _ in _LIMITS]
+        if q.rate:
+            per = q.per.ToTimedelta().total_seconds() or 1.0
+            cells[0] = f"{q.rate:g}/{per:g}s burst {q.burst or max(1, int(q.rate))}"
+        table.add_row(q.key, *cells, "yes" if q.fail_fast else "")
+    console.print(table)
+
+
+@quota_app.command("rm")
+def quota_rm(key: str, coordinator: CoordinatorOpt = None) -> None:
+    """Remove the limits on a key."""
+
+    async def main() -> admin_pb2.Quota:
+        async with _client(coordinator) as client:
+            return await client.delete_quota(key)
+
+    console.print(f"quota on {_run(main()).key} removed")
+
+
+@app.command()
+def usage(
+    key: Annotated[str, typer.Argument(help="One key [every key]")] = "",
+    coordinator: CoordinatorOpt = None,
+) -> None:
+    """What each quota key used per UTC day and month (admin)."""
+
+    async def main() -> list[admin_pb2.KeyUsage]:
+        async with _client(coordinator) as client:
+            return await client.usage(key)
+
+    table = Table()
+    for col in ("key", "period", "requests", "tokens", "cost $", "running", "reserved"):
+        table.add_column(col, overflow="fold")
+    for u in _run(main()):
+        reserved = f"{u.reserved_tokens} tokens, ${u.reserved_cost:.4f}" if u.running else ""
+        table.add_row(
+            u.key,
+            u.period,
+            str(u.requests),
+            str(u.tokens),
+            f"{u.cost:.4f}",
+            str(u.running),
+            reserved,
+        )
+    console.print(table)
 
 
 def main() -> None:

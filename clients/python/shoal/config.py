@@ -112,6 +112,11 @@ class CoordinatorSettings(_Settings):
     # an executor of a node or a backend; one probe is let through after the cooldown.
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown: timedelta = timedelta(seconds=30)
+    # Quotas on keys, on top of those set with `shoal quota set` (fields of shoal.v1.Quota:
+    # [[coordinator.quotas]] key = "provider:openai", rate = 10, cost_per_day = 5.0), and the
+    # price of LLM tokens in dollars per million, by model: {"gpt-4o" = [2.5, 10.0]}.
+    quotas: list[dict[str, Any]] = Field(default_factory=list)
+    pricing: dict[str, tuple[float, float]] = Field(default_factory=dict)
     event_capacity: int = 100_000
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
@@ -185,6 +190,24 @@ class NodeSettings(_Settings):
     # file per secret (file name = secret name). Values never leave the node.
     secrets: dict[str, str] = Field(default_factory=dict)
     secrets_dir: Path | None = None
+    # The resource guard: background work must not fight the machine's own user. While the
+    # machine's foreground load (CPU or memory used by everything but this node and its tasks,
+    # in percent of the machine) stays over `guard_cpu_percent` or `guard_memory_percent` for
+    # `guard_busy_after`, the node is throttled: it takes no task below `guard_min_priority`.
+    # It is calm again once both stay `guard_margin_percent` points under their thresholds for
+    # `guard_calm_after`.
+    guard: bool = True
+    guard_cpu_percent: float = Field(default=70.0, gt=0, le=100)
+    guard_memory_percent: float = Field(default=85.0, gt=0, le=100)
+    guard_margin_percent: float = Field(default=10.0, ge=0, lt=100)
+    guard_busy_after: timedelta = timedelta(seconds=3)
+    guard_calm_after: timedelta = timedelta(seconds=10)
+    # The lowest priority still taken while throttled: critical, high, normal, low or background.
+    guard_min_priority: Literal["critical", "high", "normal", "low", "background"] = "high"
+    # throttle: take no work below the floor while throttled. pause: also stop (SIGSTOP) the
+    # process groups of the running background tasks meanwhile, and resume them (SIGCONT) once
+    # calm; their timeout does not run while they are stopped.
+    guard_policy: Literal["throttle", "pause"] = "throttle"
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.urandom(3).hex()}"

@@ -54,6 +54,203 @@ ROLE_NODE: Role.ValueType  # 4
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final
+class Quota(_message.Message):
+    """Limits on one quota key; a limit left 0 is no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    PER_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_DAY_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_DAY_FIELD_NUMBER: _builtins.int
+    COST_PER_DAY_FIELD_NUMBER: _builtins.int
+    COST_PER_MONTH_FIELD_NUMBER: _builtins.int
+    FAIL_FAST_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    rate: _builtins.float
+    """Rate: `rate` tasks per `per` (default one second), in bursts of up to `burst` (default:
+    the rate, at least 1): a token bucket.
+    """
+    burst: _builtins.int
+    concurrency: _builtins.int
+    """tasks running at once"""
+    requests_per_day: _builtins.int
+    """dispatches per UTC day"""
+    tokens_per_minute: _builtins.int
+    """LLM tokens (prompt + completion)"""
+    tokens_per_day: _builtins.int
+    cost_per_day: _builtins.float
+    """dollars, per UTC day"""
+    cost_per_month: _builtins.float
+    fail_fast: _builtins.bool
+    """Over a limit a task fails (RESOURCE_EXHAUSTED in its error) instead of waiting."""
+    @_builtins.property
+    def per(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        rate: _builtins.float = ...,
+        per: _duration_pb2.Duration | None = ...,
+        burst: _builtins.int = ...,
+        concurrency: _builtins.int = ...,
+        requests_per_day: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
+        tokens_per_day: _builtins.int = ...,
+        cost_per_day: _builtins.float = ...,
+        cost_per_month: _builtins.float = ...,
+        fail_fast: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["per", b"per"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "concurrency", b"concurrency", "cost_per_day", b"cost_per_day", "cost_per_month", b"cost_per_month", "fail_fast", b"fail_fast", "key", b"key", "per", b"per", "rate", b"rate", "requests_per_day", b"requests_per_day", "tokens_per_day", b"tokens_per_day", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
+
+@_typing.final
+class ListQuotasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuotasRequest: _TypeAlias = ListQuotasRequest  # noqa: Y015
+
+@_typing.final
+class ListQuotasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quotas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Quota]: ...
+    def __init__(
+        self,
+        *,
+        quotas: _abc.Iterable[Global___Quota] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuotasResponse: _TypeAlias = ListQuotasResponse  # noqa: Y015
+
+@_typing.final
+class QuotaRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaRef: _TypeAlias = QuotaRef  # noqa: Y015
+
+@_typing.final
+class UsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """empty: every key with a quota or usage"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRequest: _TypeAlias = UsageRequest  # noqa: Y015
+
+@_typing.final
+class KeyUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_COST_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    period: _builtins.str
+    """"2026-11-22" (a UTC day) or "2026-11" (a month)"""
+    requests: _builtins.int
+    tokens: _builtins.int
+    cost: _builtins.float
+    running: _builtins.int
+    """now"""
+    reserved_tokens: _builtins.int
+    """held by running tasks' estimates"""
+    reserved_cost: _builtins.float
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        period: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        running: _builtins.int = ...,
+        reserved_tokens: _builtins.int = ...,
+        reserved_cost: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key", b"key", "period", b"period", "requests", b"requests", "reserved_cost", b"reserved_cost", "reserved_tokens", b"reserved_tokens", "running", b"running", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUsage: _TypeAlias = KeyUsage  # noqa: Y015
+
+@_typing.final
+class UsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUsage]: ...
+    def __init__(
+        self,
+        *,
+        usage: _abc.Iterable[Global___KeyUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageResponse: _TypeAlias = UsageResponse  # noqa: Y015
+
+@_typing.final
 class DrainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -515,6 +712,10 @@ class NodeStatus(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     STALE_UPDATES_FIELD_NUMBER: _builtins.int
     BREAKERS_FIELD_NUMBER: _builtins.int
+    THROTTLED_BY_LOAD_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    THROTTLE_REASON_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     running: _builtins.int
     """tasks assigned to the node and not finished"""
@@ -526,6 +727,14 @@ class NodeStatus(_message.Message):
     draining: _builtins.bool
     stale_updates: _builtins.int
     """updates for attempts no longer its own, rejected (fencing)"""
+    throttled_by_load: _builtins.bool
+    """The node's resource guard: its machine is busy with its own (foreground) work, so it takes
+    only tasks of `min_priority` or higher; `paused` of its tasks are stopped meanwhile.
+    (Not `throttled` above: that counts messages read late.)
+    """
+    min_priority: _task_pb2.Priority.ValueType
+    paused: _builtins.int
+    throttle_reason: _builtins.str
     @_builtins.property
     def info(self) -> _node_pb2.NodeInfo: ...
     @_builtins.property
@@ -550,10 +759,14 @@ class NodeStatus(_message.Message):
         draining: _builtins.bool = ...,
         stale_updates: _builtins.int = ...,
         breakers: _abc.Iterable[_task_pb2.Breaker] | None = ...,
+        throttled_by_load: _builtins.bool = ...,
+        min_priority: _task_pb2.Priority.ValueType = ...,
+        paused: _builtins.int = ...,
+        throttle_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "info", b"info", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "running", b"running", "stale_updates", b"stale_updates", "throttled", b"throttled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "stale_updates", b"stale_updates", "throttle_reason", b"throttle_reason", "throttled", b"throttled", "throttled_by_load", b"throttled_by_load"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,6 +90,26 @@ class AdminStub:
                 request_serializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/shoal.v1.Admin/SetQuota',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.Quota.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Quota.FromString,
+                _registered_method=True)
+        self.ListQuotas = channel.unary_unary(
+                '/shoal.v1.Admin/ListQuotas',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ListQuotasRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.ListQuotasResponse.FromString,
+                _registered_method=True)
+        self.DeleteQuota = channel.unary_unary(
+                '/shoal.v1.Admin/DeleteQuota',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.QuotaRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Quota.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/shoal.v1.Admin/GetUsage',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.UsageRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -167,6 +187,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Limits on quota keys, enforced mesh-wide when tasks are dispatched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQuotas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """What each key used, per day and month, and what runs under it now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +270,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Undrain,
                     request_deserializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.Quota.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Quota.SerializeToString,
+            ),
+            'ListQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuotas,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ListQuotasRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.ListQuotasResponse.SerializeToString,
+            ),
+            'DeleteQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQuota,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.QuotaRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Quota.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.UsageRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +590,114 @@ class Admin:
             '/shoal.v1.Admin/Undrain',
             shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             shoal_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/SetQuota',
+            shoal_dot_v1_dot_admin__pb2.Quota.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/ListQuotas',
+            shoal_dot_v1_dot_admin__pb2.ListQuotasRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.ListQuotasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/DeleteQuota',
+            shoal_dot_v1_dot_admin__pb2.QuotaRef.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/GetUsage',
+            shoal_dot_v1_dot_admin__pb2.UsageRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class AdminStub:
     the rest; Undrain makes it take work again.
     """
     Undrain: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]
+    SetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Quota, _admin_pb2.Quota]
+    """Limits on quota keys, enforced mesh-wide when tasks are dispatched."""
+    ListQuotas: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListQuotasRequest, _admin_pb2.ListQuotasResponse]
+    DeleteQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuotaRef, _admin_pb2.Quota]
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UsageRequest, _admin_pb2.UsageResponse]
+    """What each key used, per day and month, and what runs under it now."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -73,6 +79,12 @@ class AdminAsyncStub(AdminStub):
     the rest; Undrain makes it take work again.
     """
     Undrain: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]  # type: ignore[assignment]
+    SetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.Quota, _admin_pb2.Quota]  # type: ignore[assignment]
+    """Limits on quota keys, enforced mesh-wide when tasks are dispatched."""
+    ListQuotas: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListQuotasRequest, _admin_pb2.ListQuotasResponse]  # type: ignore[assignment]
+    DeleteQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuotaRef, _admin_pb2.Quota]  # type: ignore[assignment]
+    GetUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.UsageRequest, _admin_pb2.UsageResponse]  # type: ignore[assignment]
+    """What each key used, per day and month, and what runs under it now."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Operate the mesh."""
@@ -159,5 +171,35 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DrainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.NodeStatus, _abc.Awaitable[_admin_pb2.NodeStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def SetQuota(
+        self,
+        request: _admin_pb2.Quota,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Quota, _abc.Awaitable[_admin_pb2.Quota]]:
+        """Limits on quota keys, enforced mesh-wide when tasks are dispatched."""
+
+    @_abc_1.abstractmethod
+    def ListQuotas(
+        self,
+        request: _admin_pb2.ListQuotasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListQuotasResponse, _abc.Awaitable[_admin_pb2.ListQuotasResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteQuota(
+        self,
+        request: _admin_pb2.QuotaRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Quota, _abc.Awaitable[_admin_pb2.Quota]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _admin_pb2.UsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UsageResponse, _abc.Awaitable[_admin_pb2.UsageResponse]]:
+        """What each key used, per day and month, and what runs under it now."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -234,6 +234,10 @@ class Heartbeat(_message.Message):
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    THROTTLED_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    THROTTLE_REASON_FIELD_NUMBER: _builtins.int
     running: _builtins.int
     free_slots: _builtins.int
     seq: _builtins.int
@@ -242,6 +246,16 @@ class Heartbeat(_message.Message):
     """
     draining: _builtins.bool
     """the node takes no new work"""
+    throttled: _builtins.bool
+    """The node's resource guard: its machine's own (foreground) load is over the node's
+    threshold, so it takes only tasks of `min_priority` or higher until the load falls.
+    """
+    min_priority: _task_pb2.Priority.ValueType
+    """the lowest priority it takes while throttled"""
+    paused: _builtins.int
+    """its tasks stopped (SIGSTOP) now, under the `pause` policy"""
+    throttle_reason: _builtins.str
+    """why it is throttled, e.g. "cpu 93% > 70%" """
     def __init__(
         self,
         *,
@@ -249,10 +263,14 @@ class Heartbeat(_message.Message):
         free_slots: _builtins.int = ...,
         seq: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        throttled: _builtins.bool = ...,
+        min_priority: _task_pb2.Priority.ValueType = ...,
+        paused: _builtins.int = ...,
+        throttle_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_slots", b"free_slots", "running", b"running", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_slots", b"free_slots", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "seq", b"seq", "throttle_reason", b"throttle_reason", "throttled", b"throttled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

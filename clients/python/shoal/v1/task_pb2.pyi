@@ -775,6 +775,8 @@ class TaskSpec(_message.Message):
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    QUOTA_KEYS_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
@@ -845,6 +847,18 @@ class TaskSpec(_message.Message):
 
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
+    @_builtins.property
+    def quota_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Quota keys ("provider:openai", "team:ml", anything) whose limits it counts against; the
+        coordinator adds tenant:<tenant>, executor:<kind>, model:<model> and backend:<backend>.
+        """
+
+    @_builtins.property
+    def estimate(self) -> Global___Usage:
+        """What it is expected to use, reserved against token and cost budgets at dispatch and
+        replaced by the usage its node reports when it ends.
+        """
+
     def __init__(
         self,
         *,
@@ -876,16 +890,49 @@ class TaskSpec(_message.Message):
         queue_timeout: _duration_pb2.Duration | None = ...,
         retry: Global___RetryPolicy | None = ...,
         backend: _builtins.str = ...,
+        quota_keys: _abc.Iterable[_builtins.str] | None = ...,
+        estimate: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "estimate", b"estimate", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    """LLM tokens and money a task uses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    cost: _builtins.float
+    """dollars; when 0, priced from the coordinator's table by model"""
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "cost", b"cost", "model", b"model", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class SecretRef(_message.Message):
@@ -946,6 +993,7 @@ class TaskResult(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     INFRASTRUCTURE_FAILURE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
     stdout: _builtins.str
     """Tails of the output, capped by the node."""
@@ -958,6 +1006,10 @@ class TaskResult(_message.Message):
     def output(self) -> _struct_pb2.Struct:
         """a structured (JSON) result, when the executor has one"""
 
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """what it used (LLM executors report it)"""
+
     def __init__(
         self,
         *,
@@ -967,10 +1019,11 @@ class TaskResult(_message.Message):
         output: _struct_pb2.Struct | None = ...,
         error: _builtins.str = ...,
         infrastructure_failure: _builtins.bool = ...,
+        usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stdout", b"stdout", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1128,6 +1181,8 @@ class Event(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     BREAKER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     task_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -1152,6 +1207,14 @@ class Event(_message.Message):
     def breaker(self) -> Global___Breaker:
         """Set, with no task_id, when a circuit breaker changes state."""
 
+    @_builtins.property
+    def node(self) -> Global___NodeNotice:
+        """Set, with no task_id, when a node's resource guard throttles or pauses it, or stops doing so."""
+
+    @_builtins.property
+    def quota(self) -> Global___QuotaNotice:
+        """Set, with no task_id, when a quota key starts holding tasks back (or stops)."""
+
     def __init__(
         self,
         *,
@@ -1166,14 +1229,80 @@ class Event(_message.Message):
         tenant: _builtins.str = ...,
         principal: _builtins.str = ...,
         breaker: Global___Breaker | None = ...,
+        node: Global___NodeNotice | None = ...,
+        quota: Global___QuotaNotice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "output", b"output", "result", b"result", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "output", b"output", "quota", b"quota", "result", b"result", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node_id", b"node_id", "output", b"output", "principal", b"principal", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "node_id", b"node_id", "output", b"output", "principal", b"principal", "quota", b"quota", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class QuotaNotice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LIMITED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    limited: _builtins.bool
+    """false: tasks pass again"""
+    reason: _builtins.str
+    """e.g. "rate limit provider:openai: next slot in 1.2 s" """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        limited: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "limited", b"limited", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaNotice: _TypeAlias = QuotaNotice  # noqa: Y015
+
+@_typing.final
+class NodeNotice(_message.Message):
+    """A node's own state as it bears on dispatch: its resource guard found its machine busy (or
+    calm again). While throttled it takes only tasks of `min_priority` or higher.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    THROTTLED_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    throttled: _builtins.bool
+    min_priority: Global___Priority.ValueType
+    paused: _builtins.int
+    """its tasks stopped (SIGSTOP) now, under the `pause` policy"""
+    reason: _builtins.str
+    """e.g. "cpu 93% > 70%" """
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        throttled: _builtins.bool = ...,
+        min_priority: Global___Priority.ValueType = ...,
+        paused: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_priority", b"min_priority", "node_id", b"node_id", "paused", b"paused", "reason", b"reason", "throttled", b"throttled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeNotice: _TypeAlias = NodeNotice  # noqa: Y015
 
 @_typing.final
 class Breaker(_message.Message):

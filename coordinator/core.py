@@ -25,6 +25,7 @@ from shoal.coordinator.breakers import (
     node_key,
 )
 from shoal.coordinator.events import EventLog
+from shoal.coordinator.locks import LockGate, parse_locks
 from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
@@ -50,7 +51,7 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
-from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
@@ -95,6 +96,10 @@ class Submitted:
     task_id: str
     created: bool
     seq: int
+
+
+def _holder(lease: locks_pb2.Lease) -> str:
+    return f"lease:{lease.name}#{lease.token}"
 
 
 def _check_hello(hello: gateway_pb2.Hello, by: Principal, limits: Limits) -> None:
@@ -193,7 +198,11 @@ class Coordinator:
         )
         self._held: dict[str, list[TaskRecord]] = {}  # by backend: waiting for its breaker
         self.quotas = QuotaGate(pricing=self.options.pricing, wall=wall)
-        self._gates: list[Admission] = [self.quotas]
+        self.locks = LockGate()
+        self._gates: list[Admission] = [self.quotas, self.locks]
+        self._leases: dict[str, locks_pb2.Lease] = {}  # by holder, "lease:<name>#<token>"
+        self._lock_tokens: dict[str, int] = {}  # the last fencing token of each name
+        self._lock_freed: dict[str, asyncio.Event] = {}  # leases waiting for a lock, by key
         self._waiting = Waiting()  # tasks a gate holds back, by key
         self._limited: set[str] = set()  # keys holding tasks back now
         # After a restart: recovered tasks that may still run on a node that has yet to
@@ -237,6 +246,11 @@ class Coordinator:
             check_quota(quota, self.options.limits.max_string)
             self.quotas.set(quota)
         self.quotas.restore(await self._store.usage())
+        self._lock_tokens = await self._store.lock_tokens()
+        for body in await self._store.leases():
+            lease = locks_pb2.Lease.FromString(body)
+            if lease.expires_at.ToNanoseconds() / 1e9 > self._wall():
+                self._start_lease(lease)
         for body in await self._store.schedules():
             state = ScheduleState(admin_pb2.Schedule.FromString(body))
             self._schedules[state.name] = state
@@ -279,6 +293,7 @@ class Coordinator:
             submitted_by=by,
             templated=bool(spec.depends_on) and any(True for _ in references(spec)),
             backend=spec.backend,
+            locks=parse_locks(spec.locks) if spec.locks else (),
             release_at=(
                 spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
             ),
@@ -753,10 +768,10 @@ class Coordinator:
         gates = self.quotas.active
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
-            if gates and not self._through_gates(rec, slots):
+            if (gates or rec.locks) and not self._through_gates(rec, slots):
                 continue
             if gated and not self._through_breakers(rec, slots):
-                if gates:
+                if gates or rec.locks:
                     self._give_back(rec, None)
                 put_back = True
                 continue
@@ -1063,6 +1078,8 @@ class Coordinator:
 
     def _wake(self, key: str) -> None:
         """The oldest task waiting on `key` goes back to the head of the queue."""
+        if (freed := self._lock_freed.pop(key, None)) is not None:
+            freed.set()  # a lease waits for it too: it tries again
         rec = self._waiting.next(key)
         if rec is None:
             return
@@ -1074,7 +1091,7 @@ class Coordinator:
 
     def _notice(self, key: str, reason: str) -> None:
         """A quota event when a key starts holding tasks back (`reason`) or stops ("")."""
-        if bool(reason) == (key in self._limited):
+        if bool(reason) == (key in self._limited) or not key.startswith("quota:"):
             return
         if reason:
             self._limited.add(key)
@@ -1086,6 +1103,84 @@ class Coordinator:
         event = task_pb2.Event(quota=notice, principal=COORDINATOR)
         event.time.FromNanoseconds(time.time_ns())
         self.events.emit(event)
+
+    # -- leases: locks held from outside the mesh --------------------------------------------
+
+    async def acquire_lock(
+        self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
+    ) -> locks_pb2.Lease:
+        """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held."""
+        if not name or len(name) > self.options.limits.max_string or not name.isprintable():
+            raise InvalidArgument("a lock needs a printable name of at most 256 characters")
+        if ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        wanted = ((name, shared),)
+        reason = ""
+        try:
+            async with asyncio.timeout(wait.total_seconds()):
+                while (refusal := self.locks.conflict(wanted)) is not None:
+                    reason = refusal.reason
+                    await self._lock_freed.setdefault(refusal.key, asyncio.Event()).wait()
+        except TimeoutError:
+            raise FailedPrecondition(reason) from None
+        token = self._lock_tokens.get(name, 0) + 1
+        self._lock_tokens[name] = token
+        lease = locks_pb2.Lease(
+            name=name,
+            token=token,
+            expires_at=timestamp(self._wall() + ttl.total_seconds()),
+            shared=shared,
+            holder=by.name,
+        )
+        self._start_lease(lease)  # held from here on: nothing else can take it meanwhile
+        try:
+            await self._store.put_lease(name, token, lease.SerializeToString())
+        except BaseException:
+            self._end_lease(_holder(lease))
+            raise
+        return lease
+
+    async def renew_lock(
+        self, name: str, token: int, ttl: timedelta, *, by: Principal
+    ) -> locks_pb2.Lease:
+        lease = self._lease(name, token, by)
+        if ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        lease.expires_at.CopyFrom(timestamp(self._wall() + ttl.total_seconds()))
+        self._set_timer(TimerKind.LEASE, _holder(lease), self._wall() + ttl.total_seconds())
+        await self._store.put_lease(name, token, lease.SerializeToString())
+        return lease
+
+    async def release_lock(self, name: str, token: int, *, by: Principal) -> locks_pb2.Lease:
+        lease = self._lease(name, token, by)
+        self._end_lease(_holder(lease))
+        await self._store.delete_lease(name, token)
+        return lease
+
+    def _lease(self, name: str, token: int, by: Principal) -> locks_pb2.Lease:
+        lease = self._leases.get(_holder(locks_pb2.Lease(name=name, token=token)))
+        if lease is None:
+            raise FailedPrecondition(f"lease {name} #{token} has ended (expired or released)")
+        if lease.holder != by.name and by.role is not Role.ADMIN:
+            raise PermissionDenied(f"lease {name} #{token} is held by {lease.holder!r}")
+        return lease
+
+    def _start_lease(self, lease: locks_pb2.Lease) -> None:
+        holder = _holder(lease)
+        self._leases[holder] = lease
+        self._lock_tokens[lease.name] = max(self._lock_tokens.get(lease.name, 0), lease.token)
+        self.locks.hold(holder, ((lease.name, lease.shared),))
+        self._set_timer(TimerKind.LEASE, holder, lease.expires_at.ToNanoseconds() / 1e9)
+
+    def _end_lease(self, holder: str) -> None:
+        lease = self._leases.pop(holder, None)
+        if lease is None:
+            return
+        self._timers.cancel(TimerKind.LEASE, holder)
+        if lease.expires_at.ToNanoseconds() / 1e9 <= self._wall():  # expired, not released
+            self._spawn(self._store.delete_lease(lease.name, lease.token))
+        for key in self.locks.release(holder):
+            self._wake(key)
 
     async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
         check_quota(quota, self.options.limits.max_string)
@@ -1251,6 +1346,11 @@ class Coordinator:
                 continue
             if kind is TimerKind.ADMISSION:
                 self._wake(task_id)
+                continue
+            if kind is TimerKind.LEASE:
+                if (lease := self._leases.get(task_id)) is not None:
+                    _log.info("lease %s #%d expired", lease.name, lease.token)
+                    self._end_lease(task_id)
                 continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):

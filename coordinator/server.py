@@ -24,7 +24,12 @@ from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.scheduler import Routing
-from shoal.coordinator.service import AdminService, NodeGatewayService, TasksService
+from shoal.coordinator.service import (
+    AdminService,
+    LocksService,
+    NodeGatewayService,
+    TasksService,
+)
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.errors import FailedPrecondition
@@ -33,6 +38,8 @@ from shoal.v1 import (
     admin_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    locks_pb2,
+    locks_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
 )
@@ -45,6 +52,7 @@ SERVICE_NAMES = (
     tasks_pb2.DESCRIPTOR.services_by_name["Tasks"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     gateway_pb2.DESCRIPTOR.services_by_name["NodeGateway"].full_name,
+    locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
 )
 
 _SUBMIT = frozenset({Role.SUBMITTER})
@@ -56,6 +64,10 @@ POLICY: dict[str, frozenset[Role]] = {
     method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Watch"): _READ,
     method_path(admin_pb2.DESCRIPTOR, "Admin", "ListNodes"): frozenset({Role.READER}),
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Connect"): frozenset({Role.NODE}),
+    **{
+        method_path(locks_pb2.DESCRIPTOR, "Locks", m): _SUBMIT
+        for m in ("Acquire", "Renew", "Release")
+    },
     **HEALTH_POLICY,
 }
 """Which roles may call each method besides admin; a method not listed is admin only."""
@@ -157,6 +169,7 @@ class CoordinatorServer:
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayService(self.core), server)
+        locks_pb2_grpc.add_LocksServicer_to_server(LocksService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server

@@ -27,12 +27,14 @@ from shoal.v1 import (
     admin_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    locks_pb2,
+    locks_pb2_grpc,
     task_pb2,
     tasks_pb2,
     tasks_pb2_grpc,
 )
 
-__all__ = ["AdminService", "NodeGatewayService", "TasksService"]
+__all__ = ["AdminService", "LocksService", "NodeGatewayService", "TasksService"]
 
 _log = logging.getLogger("shoal.coordinator")
 _DEFAULT_DRAIN_GRACE = timedelta(seconds=30)
@@ -219,6 +221,31 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.UsageRequest, context: _Ctx
     ) -> admin_pb2.UsageResponse:
         return admin_pb2.UsageResponse(usage=self._core.quotas.usage(request.key))
+
+
+def _ttl(request: locks_pb2.AcquireRequest | locks_pb2.RenewRequest) -> timedelta:
+    if not request.HasField("ttl"):
+        raise InvalidArgument("ttl is required: a lease ends by itself")
+    return duration(request.ttl, "ttl", positive=True)
+
+
+class LocksService(locks_pb2_grpc.LocksServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self._core = core
+
+    async def Acquire(self, request: locks_pb2.AcquireRequest, context: _Ctx) -> locks_pb2.Lease:
+        wait = duration(request.wait, "wait") if request.HasField("wait") else timedelta(0)
+        return await self._core.acquire_lock(
+            request.name, _ttl(request), wait, shared=request.shared, by=current_principal()
+        )
+
+    async def Renew(self, request: locks_pb2.RenewRequest, context: _Ctx) -> locks_pb2.Lease:
+        return await self._core.renew_lock(
+            request.name, request.token, _ttl(request), by=current_principal()
+        )
+
+    async def Release(self, request: locks_pb2.ReleaseRequest, context: _Ctx) -> locks_pb2.Lease:
+        return await self._core.release_lock(request.name, request.token, by=current_principal())
 
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):

@@ -220,6 +220,22 @@ class Store(ABC):
         """Add to what keys used."""
 
     @abstractmethod
+    async def leases(self) -> list[bytes]:
+        """Every lock lease held: serialised shoal.v1.Lease messages."""
+
+    @abstractmethod
+    async def lock_tokens(self) -> dict[str, int]:
+        """The last fencing token handed out for each lock name."""
+
+    @abstractmethod
+    async def put_lease(self, name: str, token: int, body: bytes) -> None:
+        """Record (or renew) a lease; its token becomes the name's last."""
+
+    @abstractmethod
+    async def delete_lease(self, name: str, token: int) -> None:
+        """Forget a lease (its token stays the name's last)."""
+
+    @abstractmethod
     async def members(self) -> list[str]:
         """The nodes that held a session when the coordinator last ran."""
 
@@ -274,6 +290,10 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_at);
 CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS lock_tokens (name TEXT PRIMARY KEY, token INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT NOT NULL, token INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (name, token)
+);
 CREATE TABLE IF NOT EXISTS usage (
     key TEXT NOT NULL, period TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
     cost REAL NOT NULL, PRIMARY KEY (key, period)
@@ -763,4 +783,34 @@ class SqliteStore(Store):
                 " tokens = tokens + excluded.tokens, cost = cost + excluded.cost",
                 [(d.key, d.period, d.requests, d.tokens, d.cost) for d in deltas],
             )
+        )
+
+    async def leases(self) -> list[bytes]:
+        rows = await self._read(lambda c: c.execute("SELECT body FROM leases").fetchall())
+        return [r[0] for r in rows]
+
+    async def lock_tokens(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT name, token FROM lock_tokens").fetchall()
+        )
+        return {name: token for name, token in rows}
+
+    async def put_lease(self, name: str, token: int, body: bytes) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO leases (name, token, body) VALUES (?, ?, ?)"
+                " ON CONFLICT (name, token) DO UPDATE SET body = excluded.body",
+                (name, token, body),
+            )
+            c.execute(
+                "INSERT INTO lock_tokens (name, token) VALUES (?, ?) ON CONFLICT (name)"
+                " DO UPDATE SET token = max(token, excluded.token)",
+                (name, token),
+            )
+
+        await self._write(op)
+
+    async def delete_lease(self, name: str, token: int) -> None:
+        await self._write(
+            lambda c: c.execute("DELETE FROM leases WHERE name = ? AND token = ?", (name, token))
         )

@@ -14,6 +14,7 @@ class TimerKind(Enum):
     SCHEDULE = "schedule"  # a schedule (keyed by its name) fires
     BREAKER = "breaker"  # an open circuit breaker (keyed by its key) turns half-open
     ADMISSION = "admission"  # a quota's next slot or window (keyed by the waiting key)
+    LEASE = "lease"  # a lock lease (keyed by its holder id) ends
     RECOVERY = "recovery"  # the restart grace ends: recovered tasks not reclaimed are queued
 
 

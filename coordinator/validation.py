@@ -113,6 +113,14 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         elif env in seen:
             bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
         seen.add(env)
+    for field, names in (("locks", spec.locks), ("quota_keys", spec.quota_keys)):
+        if len(names) > limits.max_labels:
+            bad(field, f"more than {limits.max_labels} entries")
+        for i, name in enumerate(names):
+            if not name.removeprefix("read:") if field == "locks" else not name:
+                bad(f"{field}[{i}]", "names nothing")
+            elif len(name) > limits.max_string or not name.isprintable():
+                bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
     _check_scheduling(spec, limits, bad)
     return out
 

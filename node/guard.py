@@ -67,10 +67,12 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 class ForegroundLoad:
     """Samples the machine with psutil and takes out the node's share.
 
-    The node's share: its own process, its descendants (tasks run as its children in their own
-    sessions), and any process in one of its tasks' sessions that has left its tree (a
-    daemonised grandchild). A process that escapes both (a new session and a new parent) counts
-    as foreground. CPU is measured between two samples, so the first sample reports none.
+    The node's share: its own process with what the children it reaped used, and while tasks
+    run, its descendants (tasks run as its children, each in its own session) and any process
+    in a task's session that has left its tree (a daemonised grandchild). A process that
+    escapes both (a new session and a new parent) counts as foreground. CPU is measured between
+    two samples, so the first sample reports none. While no task runs a sample reads a few
+    /proc files; while tasks run it scans the machine's processes (a few ms per hundred).
     """
 
     def __init__(self, node_pid: int | None = None) -> None:
@@ -109,16 +111,18 @@ class ForegroundLoad:
         return cpu, rss
 
     def _node_processes(self, task_sessions: Collection[int]) -> Iterable[psutil.Process]:
-        children: dict[int, list[psutil.Process]] = {}
+        """The node's process, and while tasks run, theirs: a scan of the machine's processes."""
         found: dict[int, psutil.Process] = {self._node.pid: self._node}
+        if not task_sessions:
+            return found.values()  # what ended is in the node's children fields
+        children: dict[int, list[psutil.Process]] = {}
         for proc in psutil.process_iter(["ppid"]):
             children.setdefault(proc.info["ppid"], []).append(proc)
-            if task_sessions:
-                try:
-                    if os.getsid(proc.pid) in task_sessions:
-                        found[proc.pid] = proc
-                except OSError:
-                    continue
+            try:
+                if os.getsid(proc.pid) in task_sessions:
+                    found[proc.pid] = proc
+            except OSError:
+                continue
         stack = [self._node.pid]
         while stack:
             for child in children.get(stack.pop(), ()):

@@ -50,7 +50,7 @@ from hypothesis.strategies import SearchStrategy
 from shoal import AsyncClient, noop
 from shoal.auth import parse_token
 from shoal.coordinator.server import SERVICE_NAMES
-from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
 
 from .conftest import Servers
 
@@ -65,7 +65,16 @@ COORDINATOR_SERVICES = (*SERVICE_NAMES, HEALTH.full_name, REFLECTION.full_name)
 NODE_SERVICES = (NODE.full_name, HEALTH.full_name)
 FILES: tuple[FileDescriptor, ...] = tuple(
     m.DESCRIPTOR
-    for m in (admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2, health_pb2, reflection_pb2)
+    for m in (
+        admin_pb2,
+        gateway_pb2,
+        locks_pb2,
+        node_pb2,
+        task_pb2,
+        tasks_pb2,
+        health_pb2,
+        reflection_pb2,
+    )
 )
 
 ROUNDS_PER_RUN = 60

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
@@ -22,7 +23,7 @@ from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
 from shoal.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from shoal.node.agent import NodeAgent
 from shoal.specs import is_final
-from shoal.v1 import admin_pb2, gateway_pb2, node_pb2, task_pb2, tasks_pb2
+from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
 
 from .harness import BIN, STARTUP, Mesh, collect, eventually, run_tool
 
@@ -105,7 +106,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    assert len(coordinator) == 27  # 7 Tasks, 15 Admin, Connect, reflection, 3 health
+    assert len(coordinator) == 30  # 7 Tasks, 15 Admin, Connect, 3 Locks, reflection, 3 health
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -148,6 +149,7 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Tasks/Submit": {"submitter"},
     "/shoal.v1.Tasks/SubmitBatch": {"submitter"},
     "/shoal.v1.Tasks/Cancel": {"submitter"},
+    **{f"/shoal.v1.Locks/{m}": {"submitter"} for m in ("Acquire", "Renew", "Release")},
     "/shoal.v1.Tasks/Get": {"submitter", "reader"},
     "/shoal.v1.Tasks/Wait": {"submitter", "reader"},
     "/shoal.v1.Tasks/List": {"submitter", "reader"},
@@ -202,6 +204,24 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         await f.mesh.client.create_schedule(schedule)
         return admin_pb2.ScheduleRef(name=schedule.name)
 
+    lease_names = iter(range(1_000_000))
+
+    async def lease_request() -> Message:
+        ttl = Duration(seconds=30)
+        return locks_pb2.AcquireRequest(name=f"auth-{next(lease_names)}", ttl=ttl)
+
+    def held_lease(*, renew: bool) -> Callable[[], Awaitable[Message]]:
+        async def make() -> Message:
+            name = f"auth-{next(lease_names)}"
+            # Held by the submitter: it may renew and release it, and so may an admin.
+            async with AsyncClient(f.mesh.address, token=f.tokens["submitter"]) as holder:
+                lease = await holder.acquire_lock(name, ttl=timedelta(seconds=30))
+            if renew:
+                return locks_pb2.RenewRequest(name=name, token=lease.token, ttl=Duration(seconds=9))
+            return locks_pb2.ReleaseRequest(name=name, token=lease.token)
+
+        return make
+
     async def quota_to_delete() -> Message:
         await f.mesh.client.set_quota(admin_pb2.Quota(key="gone", rate=1))
         return admin_pb2.QuotaRef(key="gone")
@@ -235,6 +255,9 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/ListQuotas": const(admin_pb2.ListQuotasRequest()),
         "/shoal.v1.Admin/DeleteQuota": quota_to_delete,
         "/shoal.v1.Admin/GetUsage": const(admin_pb2.UsageRequest()),
+        "/shoal.v1.Locks/Acquire": lease_request,
+        "/shoal.v1.Locks/Renew": held_lease(renew=True),
+        "/shoal.v1.Locks/Release": held_lease(renew=False),
         "/shoal.v1.NodeGateway/Connect": const(
             gateway_pb2.NodeMessage(
                 hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))

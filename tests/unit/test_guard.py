@@ -172,8 +172,11 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 
     yield start
     for proc in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()  # one that left the group, too
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its whole group: a shell's children too
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
@@ -208,34 +211,47 @@ def share(cpu: float, wall: float) -> float:
     return 100.0 * cpu / (wall * (psutil.cpu_count() or 1))
 
 
-async def test_a_tasks_processes_are_the_nodes_share_and_a_strangers_are_foreground(
+async def test_a_tasks_session_is_the_nodes_share_and_a_strangers_process_is_foreground(
     spawn: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
-    other_node = spawn("sleep", "60")  # a node this test process is no part of
-    # A task as a node runs one: a child in its own session; its shell runs the burner.
+    # A task as a node runs one: in its own session, a shell that runs the burner.
     task = spawn("sh", "-c", f"{shlex.join(BURN)}; exit 0")
     burner = await child_of(task.pid)
-    mine = ForegroundLoad()
-    stranger = ForegroundLoad(other_node.pid)
-    by_session = ForegroundLoad(other_node.pid)
+    other_node = spawn("sleep", "60")  # the node: this test process is no part of it
+    node = ForegroundLoad(other_node.pid)  # whose task the burner is, by its session
+    stranger = ForegroundLoad(other_node.pid)  # to which it is a stranger
     before, started = cpu_seconds(burner), time.monotonic()
-    mine.sample(())
-    stranger.sample(())
-    by_session.sample({task.pid})
+    node.sample({task.pid})
+    stranger.sample({other_node.pid})
     await burn_for(burner, 0.5)
-    loads = mine.sample(()), stranger.sample(()), by_session.sample({task.pid})
+    loads = node.sample({task.pid}), stranger.sample({other_node.pid})
     burned = share(cpu_seconds(burner) - before, time.monotonic() - started)
 
-    mine_load, stranger_load, session_load = loads
+    node_load, stranger_load = loads
     assert burned > 20  # it had most of a core
-    assert mine_load.node_cpu_percent >= 0.7 * burned, (burned, mine_load)
+    assert node_load.node_cpu_percent >= 0.7 * burned, (burned, node_load)
     assert stranger_load.cpu_percent >= 0.7 * burned, (burned, stranger_load)
     assert stranger_load.node_cpu_percent < 0.3 * burned, (burned, stranger_load)
-    assert session_load.node_cpu_percent >= 0.7 * burned, (burned, session_load)
     for load in loads:
         assert 0 <= load.cpu_percent + load.node_cpu_percent <= 100.5
         assert 0 < load.memory_percent + load.node_memory_percent <= 100
-    assert mine_load.node_memory_percent > 0
+
+
+async def test_a_tasks_process_in_a_session_of_its_own_is_still_the_nodes(
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    leaves = "import os; os.setsid()\nwhile True: pass"  # its shell's child, in a new session
+    task = spawn("sh", "-c", f"{shlex.join((sys.executable, '-c', leaves))}; exit 0")
+    burner = await child_of(task.pid)
+    mine = ForegroundLoad()  # the node is this test process: the burner is a grandchild
+    before, started = cpu_seconds(burner), time.monotonic()
+    mine.sample({task.pid})
+    await burn_for(burner, 0.5)
+    load = mine.sample({task.pid})
+    burned = share(cpu_seconds(burner) - before, time.monotonic() - started)
+    assert os.getsid(burner) != task.pid
+    assert load.node_cpu_percent >= 0.7 * burned, (burned, load)
+    assert load.node_memory_percent > 0
 
 
 async def test_a_task_that_ended_between_two_samples_still_counts_as_the_nodes(

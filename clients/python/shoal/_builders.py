@@ -35,8 +35,14 @@ def _common(
     retry: task_pb2.RetryPolicy | None = None,
     queue_timeout: timedelta | None = None,
     not_before: datetime | None = None,
+    locks: Sequence[str] = (),
+    quota_keys: Sequence[str] = (),
+    backend: str = "",
 ) -> task_pb2.TaskSpec:
     spec.name = name
+    spec.locks.extend(locks)  # "file:/x" exclusive, "read:file:/x" shared
+    spec.quota_keys.extend(quota_keys)
+    spec.backend = backend
     spec.priority = PRIORITIES[priority] if isinstance(priority, str) else priority  # type: ignore[assignment]
     if timeout is not None:
         spec.timeout.FromTimedelta(timeout)

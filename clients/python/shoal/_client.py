@@ -26,7 +26,15 @@ from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, Unavailable
 from shoal.specs import is_final, to_duration
-from shoal.v1 import admin_pb2, admin_pb2_grpc, task_pb2, tasks_pb2, tasks_pb2_grpc
+from shoal.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    locks_pb2,
+    locks_pb2_grpc,
+    task_pb2,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -83,6 +91,7 @@ class AsyncClient:
         )
         self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._locks = locks_pb2_grpc.LocksStub(self._channel)
 
     async def _unary(
         self,
@@ -199,6 +208,33 @@ class AsyncClient:
             self._admin.Undrain, admin_pb2.DrainRequest(node_id=node_id)
         )
         return status
+
+    async def acquire_lock(
+        self,
+        name: str,
+        *,
+        ttl: timedelta,
+        wait: timedelta = timedelta(0),
+        shared: bool = False,
+    ) -> locks_pb2.Lease:
+        """Lease a mesh-wide lock (tasks declaring it wait meanwhile); FailedPrecondition if
+        it is still held after `wait`. Pass `lease.token` to what it guards (fencing)."""
+        request = locks_pb2.AcquireRequest(
+            name=name, ttl=to_duration(ttl), wait=to_duration(wait), shared=shared
+        )
+        lease: locks_pb2.Lease = await self._unary(
+            self._locks.Acquire, request, timeout=wait.total_seconds() + self._timeout, retry=False
+        )
+        return lease
+
+    async def renew_lock(self, lease: locks_pb2.Lease, *, ttl: timedelta) -> locks_pb2.Lease:
+        request = locks_pb2.RenewRequest(name=lease.name, token=lease.token, ttl=to_duration(ttl))
+        renewed: locks_pb2.Lease = await self._unary(self._locks.Renew, request)
+        return renewed
+
+    async def release_lock(self, lease: locks_pb2.Lease) -> None:
+        request = locks_pb2.ReleaseRequest(name=lease.name, token=lease.token)
+        await self._unary(self._locks.Release, request, retry=False)
 
     async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
         """Set the limits on a quota key (admin), replacing any it had."""
@@ -396,6 +432,22 @@ class Client:
 
     def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
         return self._run(self._async.undrain(node_id))
+
+    def acquire_lock(
+        self,
+        name: str,
+        *,
+        ttl: timedelta,
+        wait: timedelta = timedelta(0),
+        shared: bool = False,
+    ) -> locks_pb2.Lease:
+        return self._run(self._async.acquire_lock(name, ttl=ttl, wait=wait, shared=shared))
+
+    def renew_lock(self, lease: locks_pb2.Lease, *, ttl: timedelta) -> locks_pb2.Lease:
+        return self._run(self._async.renew_lock(lease, ttl=ttl))
+
+    def release_lock(self, lease: locks_pb2.Lease) -> None:
+        self._run(self._async.release_lock(lease))
 
     def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
         return self._run(self._async.set_quota(quota))

@@ -624,17 +624,31 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             notes.append(f"{n.stale_updates} stale updates rejected")
         if n.throttled:
             notes.append(f"{n.throttled} messages throttled")
+        if n.throttled_by_load:
+            floor = task_pb2.Priority.Name(n.min_priority).removeprefix("PRIORITY_")
+            why = f" ({n.throttle_reason})" if n.throttle_reason else ""
+            notes.append(f"machine busy{why}: takes {floor} priority or higher only")
         table.add_row(
             n.info.node_id,
             n.info.hostname,
             ",".join(n.info.executors),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
             f"{n.running}/{n.info.slots}",
-            "[yellow]draining[/yellow]" if n.draining else "ready",
+            _node_state(n),
             "\n".join(notes),
             n.address,
         )
     console.print(table)
+
+
+def _node_state(n: admin_pb2.NodeStatus) -> str:
+    """`draining`, `throttled` (its machine is busy), `throttled, 2 paused`, or `ready`."""
+    if n.draining:
+        return "[yellow]draining[/yellow]"
+    if n.throttled_by_load or n.paused:
+        paused = f", {n.paused} paused" if n.paused else ""
+        return f"[yellow]throttled{paused}[/yellow]"
+    return "ready"
 
 
 def _breaker(b: task_pb2.Breaker) -> str:

@@ -777,6 +777,7 @@ class TaskSpec(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     QUOTA_KEYS_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
+    LOCKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
@@ -859,6 +860,12 @@ class TaskSpec(_message.Message):
         replaced by the usage its node reports when it ends.
         """
 
+    @_builtins.property
+    def locks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Locks held while it runs, all taken at once at dispatch: "file:/data/x.db" is exclusive,
+        "read:file:/data/x.db" shared. Two tasks whose locks conflict never run at the same time.
+        """
+
     def __init__(
         self,
         *,
@@ -892,10 +899,11 @@ class TaskSpec(_message.Message):
         backend: _builtins.str = ...,
         quota_keys: _abc.Iterable[_builtins.str] | None = ...,
         estimate: Global___Usage | None = ...,
+        locks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "estimate", b"estimate", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "locks", b"locks", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -205,6 +205,7 @@ class Coordinator:
         self._lock_freed: dict[str, asyncio.Event] = {}  # leases waiting for a lock, by key
         self._waiting = Waiting()  # tasks a gate holds back, by key
         self._limited: set[str] = set()  # keys holding tasks back now
+        self._submit_buckets: dict[str, TokenBucket] = {}  # per tenant
         # After a restart: recovered tasks that may still run on a node that has yet to
         # reconnect, and the nodes that held a session when the coordinator last ran.
         self._recovering: set[str] = set()
@@ -386,14 +387,42 @@ class Coordinator:
                 f"{total} tasks are unfinished; the limit is {limits.max_queued}",
                 retry_after=_retry_unless(len(specs) > limits.max_queued),
             )
-        if limits.max_queued_per_tenant:
-            for tenant, n in Counter(spec.tenant for spec in specs).items():
-                if self._unfinished[tenant] + n > limits.max_queued_per_tenant:
+        if not (limits.max_queued_per_tenant or limits.tenant_submit_rate):
+            return
+        per_tenant = Counter(spec.tenant for spec in specs)
+        for tenant, n in per_tenant.items():
+            subject = f"tenant:{tenant}"
+            if (
+                limits.max_queued_per_tenant
+                and self._unfinished[tenant] + n > limits.max_queued_per_tenant
+            ):
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} has {self._unfinished[tenant]} unfinished tasks;"
+                    f" the limit is {limits.max_queued_per_tenant}",
+                    retry_after=_retry_unless(n > limits.max_queued_per_tenant),
+                    quota=[FieldViolation(subject, "unfinished tasks")],
+                )
+            if limits.tenant_submit_rate:
+                wait = self._submit_bucket(tenant).wait(n)
+                if wait > 0:
+                    burst = self._submit_bucket(tenant).burst
                     raise ResourceExhausted(
-                        f"tenant {tenant!r} has {self._unfinished[tenant]} unfinished tasks;"
-                        f" the limit is {limits.max_queued_per_tenant}",
-                        retry_after=_retry_unless(n > limits.max_queued_per_tenant),
+                        f"tenant {tenant!r} submits faster than {limits.tenant_submit_rate:g}"
+                        " tasks a second",
+                        retry_after=None if n > burst else timedelta(seconds=wait),
+                        quota=[FieldViolation(subject, "tasks submitted per second")],
                     )
+        if limits.tenant_submit_rate:  # every tenant of the batch fits: now they pay
+            for tenant, n in per_tenant.items():
+                self._submit_bucket(tenant).take(n)
+
+    def _submit_bucket(self, tenant: str) -> TokenBucket:
+        bucket = self._submit_buckets.get(tenant)
+        if bucket is None:
+            rate = self.options.limits.tenant_submit_rate
+            burst = self.options.limits.tenant_submit_burst or max(1.0, rate)
+            bucket = self._submit_buckets[tenant] = TokenBucket(rate, burst, clock=self._clock)
+        return bucket
 
     async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
         """Every upstream named by id exists and is visible to the submitter."""

@@ -101,6 +101,8 @@ class CoordinatorServer:
                     max_watch_tasks=settings.max_watch_tasks,
                     max_queued=settings.max_queued,
                     max_queued_per_tenant=settings.max_queued_per_tenant,
+                    tenant_submit_rate=settings.tenant_submit_rate,
+                    tenant_submit_burst=settings.tenant_submit_burst,
                 ),
                 heartbeat_interval=settings.heartbeat_interval,
                 lease=settings.lease,

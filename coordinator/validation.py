@@ -28,6 +28,8 @@ class Limits:
     max_depends_on: int = 100  # upstream tasks of one task (fan-in)
     max_queued: int = 1_000_000  # unfinished tasks in all (backpressure)
     max_queued_per_tenant: int = 0  # unfinished tasks of one tenant; 0: no cap
+    tenant_submit_rate: float = 0.0  # tasks a tenant may submit per second; 0: no limit
+    tenant_submit_burst: int = 0  # above that rate, at once; 0: a second's worth
     max_attempts: int = 100
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from shoal import noop
+from shoal import AsyncClient, noop
+from shoal.config import CoordinatorSettings
+from shoal.coordinator.server import CoordinatorServer
 from shoal.v1 import admin_pb2, task_pb2
 
-from .harness import MeshFactory
+from .harness import MeshFactory, eventually
 
 pytestmark = pytest.mark.timeout(90)
 WAIT = timedelta(seconds=60)
@@ -84,3 +86,49 @@ async def test_a_concurrency_limit_holds_across_three_nodes(
     assert len({x["node"] for x in ledger_lines(ledgers)}) == 3
     usage = await client.usage("db")
     assert [u.requests for u in usage] == [30, 30]  # the day and the month
+
+
+async def test_a_daily_budget_stops_dispatch_and_its_spending_survives_a_restart(
+    mesh_factory: MeshFactory, tmp_path: Path
+) -> None:
+    # $1 a day. Each task reserves its estimate, $0.20, and reports using $0.25 (125k prompt
+    # and 62.5k completion tokens at $1 and $2 per million): five fit the budget by their
+    # estimates, they overspend it by what their estimates missed, and the sixth waits.
+    pricing = {"small": (1.0, 2.0)}
+    mesh = await mesh_factory(slots=8, coordinator={"pricing": pricing})
+    client = mesh.client
+    await client.set_quota(admin_pb2.Quota(key="llm:small", cost_per_day=1.0))
+    used = {"prompt_tokens": 125_000, "completion_tokens": 62_500, "model": "small"}
+    specs = []
+    for i in range(6):
+        spec = noop({"i": i, "sleep": 0.2, "usage": used}, quota_keys=["llm:small"])
+        spec.estimate.cost = 0.20
+        specs.append(spec)
+    ids = await client.submit_batch(specs)
+
+    async def settled() -> list[task_pb2.Task]:
+        tasks = [await client.get(i) for i in ids]
+        states = sorted(task_pb2.TaskState.Name(t.state) for t in tasks)
+        assert states == ["TASK_STATE_PENDING"] + ["TASK_STATE_SUCCEEDED"] * 5, states
+        return tasks
+
+    tasks = await eventually(settled, timeout=20.0)
+    (waiting,) = [t for t in tasks if t.state == task_pb2.TASK_STATE_PENDING]
+    assert "budget of $1 a day spent (or reserved) by llm:small" in waiting.pending_reason
+    day, month = await client.usage("llm:small")
+    assert (day.requests, round(day.cost, 6), round(month.cost, 6)) == (5, 1.25, 1.25)
+    assert day.cost - 1.0 <= 5 * 0.20  # overspend: at most the reservations in flight
+    print(f"\n$1/day budget: 5 ran, ${day.cost:.2f} spent; the 6th: {waiting.pending_reason}")
+
+    await mesh.coordinator.stop()
+    restarted = CoordinatorServer(
+        CoordinatorSettings(listen=mesh.address, data_dir=mesh.data_dir, pricing=pricing)
+    )
+    await restarted.start()
+    try:
+        async with AsyncClient(mesh.address, token=mesh.token) as again:
+            day, _ = await again.usage("llm:small")
+            assert round(day.cost, 6) == 1.25  # the spending survived the restart
+            assert (await again.get(waiting.id)).state == task_pb2.TASK_STATE_PENDING
+    finally:
+        await restarted.stop()

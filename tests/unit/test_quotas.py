@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shoal import shell
+from shoal._status import from_rpc_error, to_status
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
+from shoal.coordinator.validation import Limits
+from shoal.errors import FieldViolation, ResourceExhausted
 from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
 
 from .test_core import ADMIN, ALICE, NODE, Wall, assignments, hello
@@ -146,3 +151,57 @@ async def test_a_budget_counts_reported_usage_and_survives_a_restart(
         assert len(await dispatched(node)) == 1
     finally:
         await c.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_tenant_submitting_too_fast_is_told_which_quota_and_when(tmp_path: Path) -> None:
+    clock = Clock()
+    limits = Limits(tenant_submit_rate=2, tenant_submit_burst=2)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=limits), clock=clock)
+    await c.start()
+    try:
+        await c.submit([shell("true", tenant="acme")] * 2, by=ADMIN)
+        with pytest.raises(ResourceExhausted) as refused:
+            await c.submit([shell("true", tenant="acme")], by=ADMIN)
+        assert refused.value.retry_after == timedelta(seconds=0.5)
+        assert [(q.field, q.description) for q in refused.value.quota] == [
+            ("tenant:acme", "tasks submitted per second")
+        ]
+        await c.submit([shell("true", tenant="other")], by=ADMIN)  # per tenant
+        clock.now += 0.5
+        await c.submit([shell("true", tenant="acme")], by=ADMIN)
+    finally:
+        await c.stop()
+
+
+def test_quota_failures_travel_as_google_rpc_details() -> None:
+    err = ResourceExhausted(
+        "slow down",
+        retry_after=timedelta(seconds=2),
+        quota=[FieldViolation("tenant:acme", "tasks submitted per second")],
+    )
+    status = to_status(err)
+
+    class Call:
+        def code(self) -> grpc.StatusCode:
+            return status.code
+
+        def details(self) -> str:
+            return str(status.details)
+
+        def trailing_metadata(self) -> object:
+            return status.trailing_metadata
+
+    back = from_rpc_error(Call())
+    assert isinstance(back, ResourceExhausted)
+    assert back.retry_after == timedelta(seconds=2)
+    assert [(q.field, q.description) for q in back.quota] == [
+        ("tenant:acme", "tasks submitted per second")
+    ]

@@ -39,7 +39,8 @@ def _code_and_level(err: errors.ShoalError) -> tuple[grpc.StatusCode, int]:
 
 
 def to_status(err: errors.ShoalError) -> grpc.Status:
-    """Encode an error as a gRPC status with google.rpc details (BadRequest, RetryInfo)."""
+    """Encode an error as a gRPC status with google.rpc details (BadRequest, QuotaFailure,
+    RetryInfo)."""
     code, _ = _code_and_level(err)
     status = status_pb2.Status(code=code.value[0], message=err.message)
     violations: list[errors.FieldViolation] = getattr(err, "violations", [])
@@ -53,6 +54,15 @@ def to_status(err: errors.ShoalError) -> grpc.Status:
             ]
         )
         status.details.add().Pack(bad)
+    quota: list[errors.FieldViolation] = getattr(err, "quota", [])
+    if quota:
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=q.field, description=q.description)
+                for q in quota
+            ]
+        )
+        status.details.add().Pack(failure)
     retry_after: timedelta | None = getattr(err, "retry_after", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()
@@ -67,6 +77,7 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
     code = call.code()
     message = call.details() or code.name
     violations: list[errors.FieldViolation] = []
+    quota: list[errors.FieldViolation] = []
     retry_after: timedelta | None = None
     for key, value in call.trailing_metadata() or ():
         if key != _DETAILS_KEY:
@@ -79,6 +90,12 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
                 violations += [
                     errors.FieldViolation(v.field, v.description) for v in bad.field_violations
                 ]
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                failure = error_details_pb2.QuotaFailure()
+                detail.Unpack(failure)
+                quota += [
+                    errors.FieldViolation(v.subject, v.description) for v in failure.violations
+                ]
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
@@ -87,7 +104,9 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
     if cls is errors.InvalidArgument:
         return errors.InvalidArgument(message, violations)
     if cls is errors.ResourceExhausted:
-        return errors.ResourceExhausted(message, retry_after=retry_after, violations=violations)
+        return errors.ResourceExhausted(
+            message, retry_after=retry_after, violations=violations, quota=quota
+        )
     if cls is None:
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return errors.Unavailable(f"{code.name.lower()}: {message}")

@@ -130,6 +130,10 @@ class CoordinatorSettings(_Settings):
     # retry delay (per tenant: 0 means no cap).
     max_queued: int = 1_000_000
     max_queued_per_tenant: int = 0
+    # Tasks one tenant may submit per second (a token bucket, bursts of tenant_submit_burst);
+    # beyond it, RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo. 0: no limit.
+    tenant_submit_rate: float = 0.0
+    tenant_submit_burst: int = 0
     # Authentication: bearer tokens checked on every call but health. Off is allowed on
     # loopback only.
     auth: bool = True

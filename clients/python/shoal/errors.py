@@ -65,10 +65,13 @@ class ResourceExhausted(ShoalError):
         *,
         retry_after: timedelta | None = None,
         violations: list[FieldViolation] | None = None,
+        quota: list[FieldViolation] | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.violations: list[FieldViolation] = violations or []
+        # Which quotas: (subject, description), e.g. ("tenant:acme", "submits per second").
+        self.quota: list[FieldViolation] = quota or []
 
 
 class PermissionDenied(ShoalError):

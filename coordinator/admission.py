@@ -55,6 +55,10 @@ class Waiting:
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def counts(self) -> dict[str, int]:
+        """Tasks held per key (cancelled ones included until they reach the head)."""
+        return {key: len(q) for key, q in self._queues.items()}
+
     def hold(self, key: str, rec: TaskRecord) -> None:
         self._queues.setdefault(key, deque()).append(rec)
 

@@ -206,6 +206,7 @@ class Coordinator:
         self._waiting = Waiting()  # tasks a gate holds back, by key
         self._limited: set[str] = set()  # keys holding tasks back now
         self._submit_buckets: dict[str, TokenBucket] = {}  # per tenant
+        self.finished_count: Counter[int] = Counter()  # outcomes by state, for metrics
         # After a restart: recovered tasks that may still run on a node that has yet to
         # reconnect, and the nodes that held a session when the coordinator last ran.
         self._recovering: set[str] = set()
@@ -765,6 +766,7 @@ class Coordinator:
         )
         cap = self.options.finished_cache
         for rec in batch:
+            self.finished_count[rec.state] += 1
             rec.durable = True
             for fut in rec.waiters:
                 if not fut.done():
@@ -798,6 +800,7 @@ class Coordinator:
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
             if (gates or rec.locks) and not self._through_gates(rec, slots):
+                put_back = True  # its slot is free again: another task may take it
                 continue
             if gated and not self._through_breakers(rec, slots):
                 if gates or rec.locks:
@@ -823,7 +826,7 @@ class Coordinator:
         for event in events:
             self.events.emit(event)
         if put_back:
-            self._kick()  # elsewhere, if another node can take them
+            self._kick()  # what was put back may go elsewhere; what was held left room
 
     # -- node sessions ---------------------------------------------------------------------
 
@@ -1536,6 +1539,24 @@ class Coordinator:
                 )
             )
         return out
+
+    # -- figures for metrics ----------------------------------------------------------------
+
+    @property
+    def unfinished_count(self) -> Counter[str]:
+        return self._unfinished
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._scheduler.queue)
+
+    @property
+    def breakers_open(self) -> int:
+        return self._breakers.tripped
+
+    def waiting_count(self) -> dict[str, int]:
+        """Tasks a gate holds back, by key ("quota:<key>", "lock:<name>")."""
+        return self._waiting.counts()
 
     def _node_breakers(self, node_id: str) -> list[Breaker]:
         node = self._breakers.get(node_key(node_id))

@@ -23,6 +23,7 @@ from shoal._server import (
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
 from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.scheduler import Routing
 from shoal.coordinator.service import (
     AdminService,
@@ -121,12 +122,20 @@ class CoordinatorServer:
         )
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
+        self._metrics: MetricsServer | None = None
         self.port = 0
 
     @property
     def address(self) -> str:
         host = self.settings.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of /metrics, when served."""
+        if self._metrics is None:
+            return ""
+        return f"{self.settings.metrics_listen.rpartition(':')[0]}:{self._metrics.port}"
 
     @property
     def admin_token_path(self) -> Path:
@@ -187,6 +196,10 @@ class CoordinatorServer:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self._server = server
+        if s.metrics_listen:
+            self._metrics = MetricsServer(self.core, s.metrics_listen)
+            self._metrics.start()
+            _log.info("metrics on http://%s/metrics", self.metrics_address)
         _log.info(
             "coordinator listening on %s tls=%s auth=%s data_dir=%s",
             self.address,
@@ -199,6 +212,9 @@ class CoordinatorServer:
         server, self._server = self._server, None
         if server is None:
             return
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            await metrics.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.core.stop()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
 from shoal import FailedPrecondition, python, shell
 from shoal.v1 import task_pb2
 
-from .harness import MeshFactory
+from .harness import MeshFactory, eventually
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = timedelta(seconds=90)
@@ -95,3 +96,25 @@ async def test_a_lease_holds_tasks_back_and_its_token_fences(
     with pytest.raises(FailedPrecondition, match="has ended"):
         await client.release_lock(first)
     await client.release_lock(second)
+
+
+async def test_lock_contention_shows_in_metrics(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(slots=2, coordinator={"metrics_listen": "127.0.0.1:0"})
+    lease = await mesh.client.acquire_lock("db:main", ttl=timedelta(seconds=30))
+    ids = await mesh.client.submit_batch([python("print(1)", locks=["db:main"]) for _ in range(3)])
+    url = f"http://{mesh.coordinator.metrics_address}/metrics"
+
+    async def scrape() -> str:
+        return await asyncio.to_thread(lambda: urlopen(url, timeout=5).read().decode())
+
+    async def contended() -> None:
+        text = await scrape()
+        assert 'shoal_waiting_tasks{gate="lock",key="db:main"} 3.0' in text, text
+
+    await eventually(contended)
+    await mesh.client.release_lock(lease)
+    for task_id in ids:
+        await mesh.client.wait(task_id, timeout=WAIT)
+    text = await scrape()
+    assert 'shoal_tasks_finished_total{state="succeeded"} 3.0' in text
+    assert 'shoal_waiting_tasks{gate="lock"' not in text

@@ -100,6 +100,9 @@ class CoordinatorSettings(_Settings):
 
     listen: str = DEFAULT_COORDINATOR
     data_dir: Path = Field(default_factory=default_data_dir)
+    # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
+    # empty. Unauthenticated: bind it where only the scraper reaches.
+    metrics_listen: str = ""
     # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
     synchronous: str = "FULL"
     # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.

@@ -229,6 +229,8 @@ class QuotaGate(Admission):
     ) -> list[str]:
         held = self._held.pop(rec.id, None)
         if held is None:
+            if result is not None and result.HasField("usage"):
+                self._count(rec, result.usage, _periods(now)[:2], skip=())
             return []
         self._roll(_periods(now)[2])
         actual = _Use()
@@ -253,7 +255,24 @@ class QuotaGate(Admission):
                         self._unsaved.append(
                             UsageRow(key, period, actual.requests, actual.tokens, actual.cost)
                         )
+        if result is not None and result.HasField("usage"):
+            self._count(rec, result.usage, held.periods[:2], skip=held.keys)
         return [f"quota:{k}" for k in held.keys]
+
+    def _count(
+        self, rec: TaskRecord, usage: task_pb2.Usage, periods: list[str], skip: Iterable[str]
+    ) -> None:
+        """What a task reports using counts for its keys without a quota too (usage by
+        tenant, model and backend)."""
+        if not usage.model:
+            usage.model = rec.spec.estimate.model or rec.spec.model
+        used = _Use(
+            1, usage.prompt_tokens + usage.completion_tokens, usage.cost or self._price(usage)
+        )
+        for key in {*rec.spec.quota_keys, *auto_keys(rec.spec)}.difference(skip):
+            for period in periods:
+                self._used.setdefault((key, period), _Use()).add(used)
+                self._unsaved.append(UsageRow(key, period, used.requests, used.tokens, used.cost))
 
     def unsaved(self) -> list[UsageRow]:
         """Usage added since the last call, for the store."""

@@ -205,3 +205,18 @@ def test_quota_failures_travel_as_google_rpc_details() -> None:
     assert [(q.field, q.description) for q in back.quota] == [
         ("tenant:acme", "tasks submitted per second")
     ]
+
+
+async def test_reported_usage_counts_by_tenant_without_a_quota(
+    core: Coordinator,
+) -> None:
+    spec = shell("llm", tenant="acme")
+    (done,) = await core.submit([spec], by=ADMIN)
+    node = core.attach(hello("n1"), "peer", by=NODE)
+    (a,) = await dispatched(node)
+    core.on_message(node, with_usage(a, 1_000_000, 500_000))  # $1 + $1
+    await core.wait(done.task_id, None, by=ADMIN)
+    for key in ("tenant:acme", "executor:shell"):
+        day, month = core.quotas.usage(key)
+        assert (day.requests, day.tokens, day.cost) == (1, 1_500_000, 2.0), key
+        assert month.cost == 2.0

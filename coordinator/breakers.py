@@ -88,6 +88,10 @@ class Breakers:
         self._all: dict[str, Breaker] = {}
         self.tripped = 0  # breakers not closed: when 0, dispatch skips every check
 
+    def __bool__(self) -> bool:
+        """Whether any breaker has failures (or is not closed)."""
+        return bool(self._all)
+
     def get(self, key: str) -> Breaker | None:
         return self._all.get(key)
 

@@ -1052,16 +1052,20 @@ class Coordinator:
     ) -> None:
         """An attempt ended (`result` None: without one, e.g. given back or lost): its verdict
         on its breakers, and what it took at dispatch given back."""
-        keys = self._breaker_keys(rec, node_id)
-        if result is None:
-            changed = self._breakers.abandoned(keys, rec.id)
-        elif result.infrastructure_failure:
-            changed = self._breakers.failed(keys, rec.id, result.error)
-        else:
-            changed = self._breakers.succeeded(keys, rec.id)
-        for b in changed:
-            self._breaker_changed(b)
-        self._give_back(rec, result)
+        # The common case costs two checks: no breaker has failures, no gate took anything.
+        infra = result is not None and result.infrastructure_failure
+        if self._breakers or infra:
+            keys = self._breaker_keys(rec, node_id)
+            if result is None:
+                changed = self._breakers.abandoned(keys, rec.id)
+            elif infra:
+                changed = self._breakers.failed(keys, rec.id, result.error)
+            else:
+                changed = self._breakers.succeeded(keys, rec.id)
+            for b in changed:
+                self._breaker_changed(b)
+        if self.quotas.active or rec.locks or (result is not None and result.HasField("usage")):
+            self._give_back(rec, result)
 
     def _give_back(self, rec: TaskRecord, result: task_pb2.TaskResult | None) -> None:
         """What `rec` took from its gates goes back; the usage it reports is stored."""

@@ -1,0 +1,5 @@
+"""`python -m shoal`: the `shoal` command."""
+
+from shoal.cli import main
+
+main()

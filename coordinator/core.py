@@ -181,6 +181,9 @@ class Coordinator:
         self._tasks: dict[str, TaskRecord] = {}
         self._finished: deque[str] = deque()
         self._sessions: dict[str, NodeSession] = {}
+        # Nodes known by other means than their session (mDNS), by node id, with their health:
+        # ListNodes shows them too. The server sets it when it watches the LAN.
+        self.discovered: Callable[[], Mapping[str, admin_pb2.NodeStatus]] = dict
         self._to_finish: list[TaskRecord] = []
         self._dispatch_pending = False
         self._background: set[asyncio.Task[None]] = set()
@@ -1519,10 +1522,13 @@ class Coordinator:
         return row
 
     def nodes(self) -> list[admin_pb2.NodeStatus]:
+        """Joined nodes, then those discovered (`discovered`) but not joined."""
         now = self._clock()
         wall = self._wall()
+        discovered = self.discovered()
         out = []
         for s in self._sessions.values():
+            seen = discovered.get(s.node_id)
             out.append(
                 admin_pb2.NodeStatus(
                     info=s.info,
@@ -1540,8 +1546,10 @@ class Coordinator:
                     min_priority=s.min_priority,  # type: ignore[arg-type]
                     paused=s.paused,
                     throttle_reason=s.throttle_reason,
+                    health=seen.health if seen is not None else admin_pb2.NODE_HEALTH_UNSPECIFIED,
                 )
             )
+        out.extend(n for node_id, n in discovered.items() if node_id not in self._sessions)
         return out
 
     # -- figures for metrics ----------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from shoal._server import (
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
 from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.scheduler import Routing
 from shoal.coordinator.service import (
@@ -33,6 +33,7 @@ from shoal.coordinator.service import (
 )
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
+from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
 from shoal.v1 import (
     admin_pb2,
@@ -74,17 +75,6 @@ POLICY: dict[str, frozenset[Role]] = {
 """Which roles may call each method besides admin; a method not listed is admin only."""
 
 
-def is_loopback(address: str) -> bool:
-    """Whether a `host:port` listen address binds loopback only."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class CoordinatorServer:
     """Runs the core behind a gRPC server; `start`, then `stop` (idempotent)."""
 
@@ -123,6 +113,7 @@ class CoordinatorServer:
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
         self._metrics: MetricsServer | None = None
+        self.discovery: CoordinatorDiscovery | None = None
         self.port = 0
 
     @property
@@ -200,6 +191,16 @@ class CoordinatorServer:
             self._metrics = MetricsServer(self.core, s.metrics_listen)
             self._metrics.start()
             _log.info("metrics on http://%s/metrics", self.metrics_address)
+        if advertises(s.advertise, s.listen):
+            discovery = CoordinatorDiscovery(s, self.port)
+            try:
+                await discovery.async_start()
+            except (OSError, RuntimeError) as err:  # no multicast here: serve all the same
+                _log.error("cannot advertise on mDNS (%s); nodes need its address", err)
+                await discovery.async_stop()
+            else:
+                self.discovery = discovery
+                self.core.discovered = discovery.nodes
         _log.info(
             "coordinator listening on %s tls=%s auth=%s data_dir=%s",
             self.address,
@@ -212,6 +213,11 @@ class CoordinatorServer:
         server, self._server = self._server, None
         if server is None:
             return
+        discovery, self.discovery = self.discovery, None
+        if discovery is not None:
+            # Nodes hear the goodbye and look for their coordinator again.
+            self.core.discovered = dict
+            await discovery.async_stop()
         metrics, self._metrics = self._metrics, None
         if metrics is not None:
             await metrics.stop()

@@ -9,11 +9,12 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -22,14 +23,26 @@ from shoal._channel import bearer, open_channel
 from shoal._server import HEALTH_POLICY, Gate, grpc_options, serve_health
 from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
-from shoal.errors import InvalidArgument, Unauthenticated
+from shoal.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from shoal.node.deadline import PausableDeadline
+from shoal.node.direct import DirectTask, DirectTasks, check_direct_request
+from shoal.node.discovery import NodeDiscovery
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
 from shoal.node.executors.groups import ProcessGroups
+from shoal.node.fingerprint import MachineProbe
 from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
+from shoal.node.health import node_health
 from shoal.node.ledger import Ledger
+from shoal.node.report import RunReport
 from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
-from shoal.node.service import NodeService
+from shoal.node.service import NodeService, check_service_access
+from shoal.node.slots import Slots
 from shoal.specs import executor_of
 from shoal.v1 import gateway_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
 
@@ -39,7 +52,6 @@ _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
 _POLICY = HEALTH_POLICY  # everything else (the Node service) needs the node's token
-_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
 
@@ -54,13 +66,18 @@ class _Stop:
     CANCEL = "cancelled"
     FENCE = "stopped by its node: the node's lease ended, so the task runs elsewhere"
     RELEASE = "given back: the node is draining"
+    # Direct tasks: there is no coordinator to give them back to.
+    DRAIN = "stopped: the node is draining"
+    SHUTDOWN = "stopped: the node is shutting down"
 
 
 @dataclass(eq=False)
 class _Run:
     task_id: str
-    attempt: task_pb2.AttemptId
+    attempt: task_pb2.AttemptId  # none (zeros) for a direct task
+    report: RunReport  # where its progress goes
     priority: int = task_pb2.PRIORITY_NORMAL
+    slot: bool = False  # whether it holds one of the node's slots
     task: asyncio.Task[None] | None = None
     stop: str = ""  # a _Stop reason, once stopped
     groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
@@ -75,6 +92,39 @@ class _Run:
         """Let its processes run again (SIGCONT); its timeout goes on from where it stopped."""
         self.deadline.resume()
         self.groups.resume()
+
+
+@dataclass(frozen=True)
+class _AttemptReport:
+    """The progress of an attempt the coordinator assigned: into the ledger and the outbox."""
+
+    task_id: str
+    attempt: task_pb2.AttemptId
+    ledger: Ledger
+    push: Callable[[gateway_pb2.TaskUpdate], None]
+
+    def _update(self, **kw: Any) -> None:
+        self.push(gateway_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw))
+
+    def started(self) -> None:
+        self.ledger.write("start", self.task_id, self.attempt)
+        self._update(started=gateway_pb2.Started())
+
+    def output(self, chunk: task_pb2.OutputChunk) -> None:
+        self._update(output=chunk)
+
+    def finished(self, outcome: Outcome) -> None:
+        self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=False)
+        self._update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
+
+    def released(self, why: str, outcome: Outcome) -> None:
+        # Not an outcome: stopped from outside the task. A coordinator that still counts it as
+        # running (a fenced node may be wrong about its lease) queues it again.
+        if why == _Stop.FENCE:
+            self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=True)
+        else:
+            self.ledger.write("release", self.task_id, self.attempt)
+        self._update(released=gateway_pb2.Released(reason=why))
 
 
 def _seconds(d: object) -> float:
@@ -107,7 +157,11 @@ class NodeAgent:
         self.left = asyncio.Event()  # set once drained to leave: the process should end
         self.draining = False
         self.port = 0
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _Run] = {}  # the coordinator's attempts, by task id
+        self._direct: dict[str, _Run] = {}  # tasks run for callers of the node's service
+        self.direct = DirectTasks()  # what those callers see of them, kept a while
+        self.slots = Slots(settings.slots)  # shared by both kinds of run
+        self.machine = MachineProbe()  # GPUs, Docker, Ollama: probed at start, now and then after
         self._idle = asyncio.Event()  # set while nothing runs
         self._idle.set()
         self._outbox: list[gateway_pb2.TaskUpdate] = []
@@ -123,6 +177,7 @@ class NodeAgent:
         self._health: HealthServicer | None = None
         self._token = ""
         self._ledger = Ledger(settings.ledger, self.node_id)
+        self.discovery = NodeDiscovery(settings, self.info)
         # The lease: its length (from Welcome), when it ends (monotonic; None before the first
         # session) and the send times of heartbeats not yet answered, by number.
         self._lease = 0.0
@@ -153,6 +208,7 @@ class NodeAgent:
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
         s = self.settings
+        machine = self.machine.current()
         return node_pb2.NodeInfo(
             node_id=self.node_id,
             hostname=socket.gethostname(),
@@ -170,6 +226,9 @@ class NodeAgent:
             models=s.models,
             weight=s.weight,
             python_version=platform.python_version(),
+            detected_gpus=[node_pb2.Gpu(name=g.name, memory_mb=g.memory_mb) for g in machine.gpus],
+            docker_available=machine.docker_available,
+            ollama_models=machine.ollama_models,
         )
 
     @property
@@ -186,15 +245,19 @@ class NodeAgent:
         self._token = await asyncio.to_thread(
             read_token, self.settings.token, self.settings.token_file
         )
-        gate = Gate(_POLICY, self._authenticate)
+        check_service_access(self.settings, self._token)
+        await self.machine.async_refresh()
+        gate = Gate(_POLICY, self._authenticate if self.settings.auth else None)
         server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
-        self._health = await serve_health(server, (_SERVICE,))
+        self._health = await serve_health(server, tuple(name for name in self.health() if name))
         self.port = server.add_insecure_port(self.settings.listen)
         await server.start()
         self._server = server
-        self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
-        self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
+        await self.discovery.async_start(self.port)
+        if not self.settings.standalone:  # standalone: no coordinator, only its own service
+            self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
+            self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
         if self.guard is not None:
             self._load_task = asyncio.create_task(
                 self._watch_load(self.guard), name="shoal-node-load"
@@ -203,7 +266,9 @@ class NodeAgent:
             "node=%s serving on port %d, coordinator=%s slots=%d executors=%s",
             self.node_id,
             self.port,
-            self.settings.coordinator,
+            "none (standalone)"
+            if self.settings.standalone
+            else self.settings.coordinator or f"(mDNS, cluster {self.settings.cluster})",
             self.settings.slots,
             ",".join(sorted(self.executors)),
         )
@@ -217,12 +282,16 @@ class NodeAgent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for run in self._runs.values():
+        for run in self._direct.values():
+            self._stop(run, _Stop.SHUTDOWN)  # its caller hears how it ended
+        for run in self._every_run():
             run.resume()  # never leave a task's processes stopped
-        runs = [r.task for r in self._runs.values() if r.task is not None]
+        runs = [r.task for r in self._every_run() if r.task is not None]
         for task in runs:
             task.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
+        await self.machine.aclose()
+        await self.discovery.async_stop()
         server, self._server = self._server, None
         if server is not None:
             await server.stop(1.0)
@@ -249,7 +318,7 @@ class NodeAgent:
         if not self.draining:
             _log.info("node=%s draining (grace %g s)", self.node_id, grace)
             self.draining = True
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._publish_health()
             self._heartbeat_soon()
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(grace), name="shoal-node-drain")
@@ -265,7 +334,7 @@ class NodeAgent:
         if self._drain_task is not None:
             self._drain_task.cancel()
             self._drain_task = None
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._publish_health()
         self._heartbeat_soon()
 
     async def _drain(self, grace: float) -> None:
@@ -277,6 +346,8 @@ class NodeAgent:
             _log.warning("node=%s grace over: giving back %d tasks", self.node_id, len(runs))
             for run in runs:
                 self._stop(run, _Stop.RELEASE)
+            for run in [r for r in self._direct.values() if not r.stop]:
+                self._stop(run, _Stop.DRAIN)
             await self._idle.wait()
         if not self._leaving:
             return
@@ -286,12 +357,28 @@ class NodeAgent:
         _log.info("node=%s drained; leaving", self.node_id)
         self.left.set()
 
-    def _set_health(self, status: int) -> None:
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, int]:
+        """The health of every name the node serves ('', its Node service, each executor),
+        from its state now: NOT_SERVING while it drains or its resource guard throttles it."""
+        return node_health(
+            self.executors,
+            draining=self.draining,
+            throttled=self.guard is not None and self.guard.busy,
+        )
+
+    def _publish_health(self) -> None:
+        """Bring the health service up to date with `health()` (in the background)."""
         if self._health is not None:
-            for name in ("", _SERVICE):
-                task = asyncio.create_task(self._health.set(name, status))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            task = asyncio.create_task(self._apply_health(self._health))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _apply_health(self, servicer: HealthServicer) -> None:
+        # Computed when it runs, not when asked for: of several updates, the last one wins.
+        for name, status in self.health().items():
+            await servicer.set(name, status)
 
     # -- the lease -------------------------------------------------------------------------
 
@@ -344,7 +431,7 @@ class NodeAgent:
     async def _watch_load(self, guard: ResourceGuard) -> None:
         """Sample the machine's foreground load; act when it turns busy or calm."""
         while True:
-            sessions = [pgid for run in self._runs.values() for pgid in run.groups]
+            sessions = [pgid for run in self._every_run() for pgid in run.groups]
             try:
                 changed = await guard.async_check(sessions)
             except (psutil.Error, OSError) as err:
@@ -366,12 +453,13 @@ class NodeAgent:
             )
         else:
             _log.info("node=%s machine calm again (%s)", self.node_id, guard.last)
-        for run in self._runs.values():
+        for run in self._every_run():
             if not guard.busy:
                 run.resume()
             elif pausing and run.priority == task_pb2.PRIORITY_BACKGROUND:
                 run.pause()
         self._report_guard()
+        self._publish_health()
 
     def _pausing(self) -> bool:
         """Whether background tasks are to be paused now."""
@@ -380,7 +468,7 @@ class NodeAgent:
     def _guard_state(self) -> tuple[bool, int, int, str]:
         """What heartbeats say of the guard: throttled, the lowest priority taken, tasks
         paused, and why."""
-        paused = sum(1 for run in self._runs.values() if run.groups.stopped)
+        paused = sum(1 for run in self._every_run() if run.groups.stopped)
         if self.guard is None or not self.guard.busy:
             return False, 0, paused, ""
         return True, self._floor, paused, self.guard.reason
@@ -411,8 +499,9 @@ class NodeAgent:
         # A node paused past its lease learns it here at the latest: it stops what it runs
         # before telling the coordinator what it runs.
         self._check_lease()
+        target = await self.discovery.async_coordinator()  # found again before each reconnect
         channel = open_channel(
-            s.coordinator,
+            target,
             max_message_bytes=_MAX_MESSAGE,
             tls_ca=s.tls_ca,
             tls_cert=s.tls_cert,
@@ -436,7 +525,7 @@ class NodeAgent:
                 _log.warning(
                     "node=%s cannot join %s: %s %s",
                     self.node_id,
-                    s.coordinator,
+                    target,
                     err.code().name,
                     err.details(),
                 )
@@ -533,7 +622,7 @@ class NodeAgent:
                     gateway_pb2.NodeMessage(
                         heartbeat=gateway_pb2.Heartbeat(
                             running=len(self._runs),
-                            free_slots=max(0, self.settings.slots - len(self._runs)),
+                            free_slots=self.slots.free,  # direct tasks hold slots too
                             seq=self._heartbeat_seq,
                             draining=self.draining,
                             throttled=throttled,
@@ -550,6 +639,46 @@ class NodeAgent:
         self._outbox.append(update)
         self._outbox_ready.set()
         self._flushed.clear()
+
+    # -- direct tasks: the node's own service ----------------------------------------------
+
+    def execute(self, spec: task_pb2.TaskSpec, task_id: str = "") -> DirectTask:
+        """Run `spec` here now, in a free slot, for a caller of the node's own service.
+
+        Raises, changing nothing: InvalidArgument or FailedPrecondition (a spec this node cannot
+        run), Unavailable (draining, or too busy for its priority), ResourceExhausted (no free
+        slot), AlreadyExists (`task_id` is taken).
+        """
+        check_direct_request(spec, task_id, self.executors)
+        if self.draining:
+            raise Unavailable(f"node {self.node_id} is draining: it takes no new work")
+        priority = spec.priority or task_pb2.PRIORITY_NORMAL
+        if self.guard is not None and self.guard.busy and priority > self._floor:
+            raise Unavailable(
+                f"node {self.node_id} is busy ({self.guard.reason}): it takes"
+                f" {self.settings.guard_min_priority} priority or higher only"
+            )
+        if not self.slots.try_take():
+            raise ResourceExhausted(
+                f"node {self.node_id} has no free slot: all {self.slots.total} are taken"
+            )
+        try:
+            task = self.direct.new(task_id)
+        except AlreadyExists:
+            self.slots.give()
+            raise
+        _log.info("node=%s task=%s runs directly (%s)", self.node_id, task.id, executor_of(spec))
+        self._launch(_Run(task.id, task_pb2.AttemptId(), task, slot=True), spec, self._direct)
+        return task
+
+    def cancel_direct(self, task_id: str) -> DirectTask:
+        """Stop a direct task (NotFound: no such task); its `ended` is set once it has ended."""
+        task = self.direct.get(task_id)
+        run = self._direct.get(task_id)
+        if run is not None and not run.stop:
+            _log.info("node=%s task=%s cancelling", self.node_id, task_id)
+            self._stop(run, _Stop.CANCEL)
+        return task
 
     # -- running tasks ---------------------------------------------------------------------
 
@@ -570,17 +699,22 @@ class NodeAgent:
             if run.attempt == a.attempt:
                 return  # a repeated assignment
             self._stop(run, _Stop.CANCEL)
-        run = _Run(
-            a.task_id,
-            a.attempt,
-            a.spec.priority or task_pb2.PRIORITY_NORMAL,
-            groups=ProcessGroups(self._report_guard),
-        )
+        report = _AttemptReport(a.task_id, a.attempt, self._ledger, self._push)
+        self._launch(_Run(a.task_id, a.attempt, report), a.spec, self._runs)
+
+    def _launch(self, run: _Run, spec: task_pb2.TaskSpec, table: dict[str, _Run]) -> None:
+        """Start a run, the coordinator's or a direct one, and keep it in `table` while it runs."""
+        run.priority = spec.priority or task_pb2.PRIORITY_NORMAL
+        run.groups = ProcessGroups(self._report_guard)
         if self._pausing() and run.priority == task_pb2.PRIORITY_BACKGROUND:
             run.pause()  # sent before the coordinator heard that the machine is busy
-        self._runs[a.task_id] = run
+        table[run.task_id] = run
         self._idle.clear()
-        run.task = asyncio.create_task(self._run(run, a.spec), name=f"shoal-task-{a.task_id}")
+        run.task = asyncio.create_task(self._run(run, spec), name=f"shoal-task-{run.task_id}")
+
+    def _every_run(self) -> list[_Run]:
+        """The coordinator's attempts and the direct tasks running now."""
+        return [*self._runs.values(), *self._direct.values()]
 
     def _cancel(self, c: gateway_pb2.RunningAttempt) -> None:
         run = self._runs.get(c.task_id)
@@ -596,11 +730,8 @@ class NodeAgent:
             run.task.cancel()
 
     async def _run(self, run: _Run, spec: task_pb2.TaskSpec) -> None:
-        def update(**kw: object) -> gateway_pb2.TaskUpdate:
-            return gateway_pb2.TaskUpdate(task_id=run.task_id, attempt=run.attempt, **kw)  # type: ignore[arg-type]
-
         try:
-            outcome = await self._execute(run, spec, lambda chunk: self._push(update(output=chunk)))
+            outcome = await self._execute(run, spec)
         except Exception as err:  # a bug: still report an outcome, or the slot stays taken
             _log.exception("node=%s task=%s failed to run", self.node_id, run.task_id)
             outcome = Outcome(
@@ -611,25 +742,35 @@ class NodeAgent:
                 ),
             )
         finally:
-            if self._runs.get(run.task_id) is run:
-                del self._runs[run.task_id]
-                if not self._runs:
-                    self._idle.set()
+            self._forget(run)
         if run.stop in (_Stop.RELEASE, _Stop.FENCE):
-            # Not an outcome: stopped from outside the task. A coordinator that still counts
-            # it as running (a fenced node may be wrong about its lease) queues it again.
-            if run.stop == _Stop.FENCE:
-                self._ledger.finished(run.task_id, run.attempt, outcome.state, fenced=True)
-            else:
-                self._ledger.write("release", run.task_id, run.attempt)
-            self._push(update(released=gateway_pb2.Released(reason=run.stop)))
-            return
-        self._ledger.finished(run.task_id, run.attempt, outcome.state, fenced=False)
-        self._push(
-            update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
-        )
+            run.report.released(run.stop, outcome)
+        else:
+            run.report.finished(outcome)
 
-    async def _execute(self, run: _Run, spec: task_pb2.TaskSpec, emit: object) -> Outcome:
+    def _forget(self, run: _Run) -> None:
+        """It ended: out of its table, and its slot given back."""
+        for table in (self._runs, self._direct):
+            if table.get(run.task_id) is run:
+                del table[run.task_id]
+        if run.slot:
+            run.slot = False
+            self.slots.give()
+        if not self._runs and not self._direct:
+            self._idle.set()
+
+    async def _take_slot(self, run: _Run) -> None:
+        if not self.slots.free:
+            _log.info(
+                "node=%s task=%s waits for a slot: %d direct tasks hold some",
+                self.node_id,
+                run.task_id,
+                len(self._direct),
+            )
+        await self.slots.take()
+        run.slot = True
+
+    async def _execute(self, run: _Run, spec: task_pb2.TaskSpec) -> Outcome:
         name = executor_of(spec)
         executor = self.executors.get(name)
         if executor is None:
@@ -643,6 +784,8 @@ class NodeAgent:
         timeout = spec.timeout.ToNanoseconds() / 1e9 if spec.HasField("timeout") else None
         redactor = Redactor()
         try:
+            if not run.slot:
+                await self._take_slot(run)
             try:
                 secret_env = (
                     await asyncio.to_thread(self.secrets.resolve, spec.secrets)
@@ -661,15 +804,10 @@ class NodeAgent:
             except InvalidArgument as err:
                 return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
             redactor = Redactor(secret_env.values())
-            self._ledger.write("start", run.task_id, run.attempt)
-            self._push(
-                gateway_pb2.TaskUpdate(
-                    task_id=run.task_id, attempt=run.attempt, started=gateway_pb2.Started()
-                )
-            )
+            run.report.started()
             ctx = ExecutionContext(
                 run.task_id,
-                emit,  # type: ignore[arg-type]
+                run.report.output,
                 self.settings.output_tail_bytes,
                 secret_env=secret_env,
                 redactor=redactor,

@@ -246,10 +246,16 @@ class CliProcesses:
     started: list[CliProcess] = field(default_factory=list)
 
     async def start(
-        self, *args: str, name: str = "shoal", pipe: bool = False, log_name: str = ""
+        self,
+        *args: str,
+        name: str = "shoal",
+        pipe: bool = False,
+        log_name: str = "",
+        prefix: Sequence[str] = (),
     ) -> CliProcess:
-        """Run `shoal ARGS...`; with `pipe`, stdout and stderr are pipes to read from."""
-        argv = [str(BIN / "shoal"), *args]
+        """Run `shoal ARGS...` (after `prefix`, such as `ip netns exec NS`); with `pipe`,
+        stdout and stderr are pipes to read from."""
+        argv = [*prefix, str(BIN / "shoal"), *args]
         log: Path | None = None
         out: int | IO[bytes]
         err: int

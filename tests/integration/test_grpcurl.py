@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2
 
 from shoal.v1 import node_pb2
@@ -40,10 +41,20 @@ def ok_json(done: Completed) -> dict[str, Any]:
 
 
 def node_protoset(tmp_path: Path) -> Path:
-    """The node serves no reflection: describe its services to grpcurl from our descriptors."""
+    """The node serves no reflection: describe its services to grpcurl from our descriptors
+    (each file after the files it imports, as grpcurl wants them)."""
     files = descriptor_pb2.FileDescriptorSet()
-    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
-    node_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name not in added:
+            added.add(file.name)
+            for dependency in file.dependencies:
+                add(dependency)
+            file.CopyToProto(files.file.add())
+
+    add(health_pb2.DESCRIPTOR)
+    add(node_pb2.DESCRIPTOR)
     path = tmp_path / "node.protoset"
     path.write_bytes(files.SerializeToString())
     return path

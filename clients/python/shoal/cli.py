@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from shoal import _builders
 from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
+from shoal._discover_cli import discover
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name, to_duration
@@ -35,6 +37,7 @@ schedule_app = typer.Typer(help="Periodic tasks: cron or interval (admin).", no_
 app.add_typer(schedule_app, name="schedule")
 quota_app = typer.Typer(help="Limits on quota keys, mesh-wide (admin).", no_args_is_help=True)
 app.add_typer(quota_app, name="quota")
+app.command()(discover)
 _T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[
@@ -42,6 +45,21 @@ CoordinatorOpt = Annotated[
     typer.Option("--coordinator", "-c", help="Coordinator address [env SHOAL_COORDINATOR]"),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")]
+ClusterOpt = Annotated[
+    str | None, typer.Option(help="Cluster name, as advertised on mDNS [default]")
+]
+
+
+class Advertise(enum.StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+AdvertiseOpt = Annotated[
+    Advertise | None,
+    typer.Option(help="Advertise on mDNS: auto (unless listening on loopback only), on, off"),
+]
 
 
 def _logging(verbose: bool) -> None:
@@ -193,6 +211,8 @@ def coordinator(
     require_client_cert: Annotated[
         bool | None, typer.Option(help="mTLS: every client presents a certificate")
     ] = None,
+    cluster: ClusterOpt = None,
+    advertise: AdvertiseOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
@@ -209,6 +229,8 @@ def coordinator(
                 tls_key=tls_key,
                 tls_client_ca=tls_client_ca,
                 require_client_cert=require_client_cert,
+                cluster=cluster,
+                advertise=advertise and advertise.value,
             )
         )
     )
@@ -230,6 +252,8 @@ def node(
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
     listen: Annotated[str | None, typer.Option(help="Node service address")] = None,
+    cluster: ClusterOpt = None,
+    advertise: AdvertiseOpt = None,
     token_file: Annotated[
         Path | None, typer.Option(help="File holding this node's token [env SHOAL_NODE_TOKEN]")
     ] = None,
@@ -241,13 +265,32 @@ def node(
         float | None,
         typer.Option(help="On SIGTERM, seconds running tasks may take before they are given back"),
     ] = None,
+    standalone: Annotated[
+        bool | None,
+        typer.Option(
+            "--standalone", help="No coordinator: run tasks sent to the node's own service only"
+        ),
+    ] = None,
+    auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--auth/--no-auth",
+            help="Callers of the node's service present its token (off: on loopback only)",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a node that dials the coordinator and runs what it is assigned.
 
+    Without --coordinator it finds the coordinator of its --cluster on the LAN by mDNS, and
+    looks again before each reconnect (so it follows a coordinator that moves).
+
     SIGTERM or SIGINT drains it: it takes no new work, lets running tasks finish within the
     drain grace, gives the rest back to the coordinator, then exits; a second signal exits at
     once. `shoal drain NODE --leave` does the same from afar.
+
+    With --standalone it holds no coordinator session: run tasks on it with
+    `shoal.v1.Node/Execute` (grpcurl, or any gRPC client) and the node's token.
     """
     from shoal.node.agent import NodeAgent
 
@@ -259,12 +302,16 @@ def node(
             slots=slots,
             labels=_labels(label) if label else None,
             listen=listen,
+            cluster=cluster,
+            advertise=advertise and advertise.value,
             token_file=token_file,
             tls_ca=tls_ca,
             tls_cert=tls_cert,
             tls_key=tls_key,
             workdir=workdir,
             drain_grace=_duration(drain_grace),
+            standalone=standalone,
+            auth=auth,
         )
     )
 
@@ -609,7 +656,7 @@ def watch(
 
 @app.command()
 def nodes(coordinator: CoordinatorOpt = None) -> None:
-    """List connected nodes."""
+    """List connected nodes, and nodes advertised on the LAN that have not joined."""
 
     async def main() -> Any:
         async with _client(coordinator) as client:
@@ -633,7 +680,7 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
             n.info.hostname,
             ",".join(n.info.executors),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
-            f"{n.running}/{n.info.slots}",
+            f"{n.running}/{n.info.slots}" if n.connected else "",
             _node_state(n),
             "\n".join(notes),
             n.address,
@@ -642,7 +689,11 @@ def nodes(coordinator: CoordinatorOpt = None) -> None:
 
 
 def _node_state(n: admin_pb2.NodeStatus) -> str:
-    """`draining`, `throttled` (its machine is busy), `throttled, 2 paused`, or `ready`."""
+    """`draining`, `throttled` (its machine is busy), `throttled, 2 paused`, or `ready`; for a
+    node discovered on the LAN but not joined, `not joined` and its health."""
+    if not n.connected:
+        health = admin_pb2.NodeHealth.Name(n.health).removeprefix("NODE_HEALTH_")
+        return f"[dim]not joined[/dim] ({health})"
     if n.draining:
         return "[yellow]draining[/yellow]"
     if n.throttled_by_load or n.paused:

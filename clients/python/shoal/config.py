@@ -100,6 +100,11 @@ class CoordinatorSettings(_Settings):
 
     listen: str = DEFAULT_COORDINATOR
     data_dir: Path = Field(default_factory=default_data_dir)
+    # mDNS: the coordinator advertises `_shoal._tcp` with its cluster name (nodes started without
+    # a coordinator address join the one of their cluster), and watches the nodes advertised
+    # for its cluster. auto: only when it listens beyond loopback; on; off.
+    cluster: str = "default"
+    advertise: Literal["auto", "on", "off"] = "auto"
     # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
     # empty. Unauthenticated: bind it where only the scraper reaches.
     metrics_listen: str = ""
@@ -163,9 +168,15 @@ class NodeSettings(_Settings):
     _table = "node"
     model_config = SettingsConfigDict(env_prefix="SHOAL_NODE_", extra="ignore")
 
-    coordinator: str = DEFAULT_COORDINATOR
+    # host:port of the coordinator; empty: find the one advertising `cluster` by mDNS (and
+    # look again before each reconnect, so the node follows it when it moves).
+    coordinator: str = ""
+    cluster: str = "default"
     node_id: str = ""  # default: hostname plus a random suffix
-    listen: str = "127.0.0.1:0"  # the node's own service (health, Info)
+    listen: str = "127.0.0.1:0"  # the node's own service (health, Info, Execute)
+    # mDNS: advertise `_shoal-node._tcp` (node id, executors, labels, models). auto: only when
+    # the node's service listens beyond loopback; on; off.
+    advertise: Literal["auto", "on", "off"] = "auto"
     slots: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)
     executors: list[str] = Field(default_factory=list)  # empty: every available executor
@@ -188,6 +199,12 @@ class NodeSettings(_Settings):
     # admin token); callers of the node's own service must present it too.
     token: str = ""
     token_file: Path | None = None
+    # Whether callers of the node's own service must present that token; off is allowed on
+    # loopback only (health is open either way).
+    auth: bool = True
+    # No coordinator at all: the node serves its own service only (Info, health, and Execute,
+    # Get, Cancel of tasks run directly on it).
+    standalone: bool = False
     # TLS towards the coordinator: the CA that signed its certificate, and this node's own
     # certificate and key for mTLS.
     tls_ca: Path | None = None

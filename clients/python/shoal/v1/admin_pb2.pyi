@@ -53,6 +53,27 @@ ROLE_NODE: Role.ValueType  # 4
 """open a node session under its node id, within its claims"""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _NodeHealth:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeHealth.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_HEALTH_UNSPECIFIED: _NodeHealth.ValueType  # 0
+    NODE_HEALTH_SERVING: _NodeHealth.ValueType  # 1
+    NODE_HEALTH_NOT_SERVING: _NodeHealth.ValueType  # 2
+    NODE_HEALTH_UNKNOWN: _NodeHealth.ValueType  # 3
+    """watched, but it did not answer"""
+
+class NodeHealth(_NodeHealth, metaclass=_NodeHealthEnumTypeWrapper): ...
+
+NODE_HEALTH_UNSPECIFIED: NodeHealth.ValueType  # 0
+NODE_HEALTH_SERVING: NodeHealth.ValueType  # 1
+NODE_HEALTH_NOT_SERVING: NodeHealth.ValueType  # 2
+NODE_HEALTH_UNKNOWN: NodeHealth.ValueType  # 3
+"""watched, but it did not answer"""
+Global___NodeHealth: _TypeAlias = NodeHealth  # noqa: Y015
+
 @_typing.final
 class Quota(_message.Message):
     """Limits on one quota key; a limit left 0 is no limit."""
@@ -716,6 +737,7 @@ class NodeStatus(_message.Message):
     MIN_PRIORITY_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     THROTTLE_REASON_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     running: _builtins.int
     """tasks assigned to the node and not finished"""
@@ -735,6 +757,11 @@ class NodeStatus(_message.Message):
     min_priority: _task_pb2.Priority.ValueType
     paused: _builtins.int
     throttle_reason: _builtins.str
+    health: Global___NodeHealth.ValueType
+    """The node's own grpc.health.v1 answer, as the coordinator last checked it: known for nodes
+    it discovered by mDNS (joined or not); UNSPECIFIED for a node it does not watch. A node
+    discovered but not joined has `connected` false and `address` its service's host:port.
+    """
     @_builtins.property
     def info(self) -> _node_pb2.NodeInfo: ...
     @_builtins.property
@@ -763,10 +790,11 @@ class NodeStatus(_message.Message):
         min_priority: _task_pb2.Priority.ValueType = ...,
         paused: _builtins.int = ...,
         throttle_reason: _builtins.str = ...,
+        health: Global___NodeHealth.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "info", b"info", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "info", b"info", "last_seen", b"last_seen", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "stale_updates", b"stale_updates", "throttle_reason", b"throttle_reason", "throttled", b"throttled", "throttled_by_load", b"throttled_by_load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "health", b"health", "info", b"info", "last_seen", b"last_seen", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "stale_updates", b"stale_updates", "throttle_reason", b"throttle_reason", "throttled", b"throttled", "throttled_by_load", b"throttled_by_load"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

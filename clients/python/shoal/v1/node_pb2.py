@@ -22,9 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\"\x9f\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest29\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\xf6\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x12$\n\rdetected_gpus\x18\x0b \x03(\x0b\x32\r.shoal.v1.Gpu\x12\x18\n\x10\x64ocker_available\x18\x0c \x01(\x08\x12\x15\n\rollama_models\x18\r \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"C\n\x0e\x45xecuteRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xa4\x01\n\rExecuteUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x07started\x18\x02 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x42\x08\n\x06update\"\x1e\n\x0bNodeTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc2\x01\n\tLocalTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x03 \x01(\x0b\x32\x14.shoal.v1.TaskResult\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe2\x01\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfo\x12>\n\x07\x45xecute\x12\x18.shoal.v1.ExecuteRequest\x1a\x17.shoal.v1.ExecuteUpdate0\x01\x12\x31\n\x03Get\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x34\n\x06\x43\x61ncel\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTaskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODEINFO']._serialized_start=34
-  _globals['_NODEINFO']._serialized_end=321
-  _globals['_NODEINFO_LABELSENTRY']._serialized_start=276
-  _globals['_NODEINFO_LABELSENTRY']._serialized_end=321
-  _globals['_RESOURCES']._serialized_start=323
-  _globals['_RESOURCES']._serialized_end=381
-  _globals['_INFOREQUEST']._serialized_start=383
-  _globals['_INFOREQUEST']._serialized_end=396
-  _globals['_NODE']._serialized_start=398
-  _globals['_NODE']._serialized_end=455
+  _globals['_NODEINFO']._serialized_start=88
+  _globals['_NODEINFO']._serialized_end=462
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=417
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=462
+  _globals['_GPU']._serialized_start=464
+  _globals['_GPU']._serialized_end=502
+  _globals['_RESOURCES']._serialized_start=504
+  _globals['_RESOURCES']._serialized_end=562
+  _globals['_INFOREQUEST']._serialized_start=564
+  _globals['_INFOREQUEST']._serialized_end=577
+  _globals['_EXECUTEREQUEST']._serialized_start=579
+  _globals['_EXECUTEREQUEST']._serialized_end=646
+  _globals['_EXECUTEUPDATE']._serialized_start=649
+  _globals['_EXECUTEUPDATE']._serialized_end=813
+  _globals['_NODETASKREF']._serialized_start=815
+  _globals['_NODETASKREF']._serialized_end=845
+  _globals['_LOCALTASK']._serialized_start=848
+  _globals['_LOCALTASK']._serialized_end=1042
+  _globals['_NODE']._serialized_start=1045
+  _globals['_NODE']._serialized_end=1271
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from shoal.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -54,6 +56,9 @@ class NodeInfo(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    DETECTED_GPUS_FIELD_NUMBER: _builtins.int
+    DOCKER_AVAILABLE_FIELD_NUMBER: _builtins.int
+    OLLAMA_MODELS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     version: _builtins.str
@@ -61,6 +66,8 @@ class NodeInfo(_message.Message):
     python_version: _builtins.str
     weight: _builtins.float
     """share of work under ROUTING_STRATEGY_WEIGHTED (default 1)"""
+    docker_available: _builtins.bool
+    """a Docker engine answers"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -69,6 +76,16 @@ class NodeInfo(_message.Message):
     def resources(self) -> Global___Resources: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def detected_gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
+        """What the node found on its machine (probed when it starts, and now and then after).
+        from nvidia-smi; none without it
+        """
+
+    @_builtins.property
+    def ollama_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """served by the Ollama server at OLLAMA_HOST, if one answers"""
+
     def __init__(
         self,
         *,
@@ -82,14 +99,39 @@ class NodeInfo(_message.Message):
         models: _abc.Iterable[_builtins.str] | None = ...,
         python_version: _builtins.str = ...,
         weight: _builtins.float = ...,
+        detected_gpus: _abc.Iterable[Global___Gpu] | None = ...,
+        docker_available: _builtins.bool = ...,
+        ollama_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "hostname", b"hostname", "labels", b"labels", "models", b"models", "node_id", b"node_id", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeInfo: _TypeAlias = NodeInfo  # noqa: Y015
+
+@_typing.final
+class Gpu(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    memory_mb: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        memory_mb: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_mb", b"memory_mb", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):
@@ -130,3 +172,124 @@ class InfoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoRequest: _TypeAlias = InfoRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The caller's id for it, unique among the node's tasks; default: a new one."""
+    @_builtins.property
+    def spec(self) -> _task_pb2.TaskSpec: ...
+    def __init__(
+        self,
+        *,
+        spec: _task_pb2.TaskSpec | None = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteRequest: _TypeAlias = ExecuteRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    @_builtins.property
+    def started(self) -> Global___LocalTask:
+        """its executor started it"""
+
+    @_builtins.property
+    def output(self) -> _task_pb2.OutputChunk: ...
+    @_builtins.property
+    def finished(self) -> Global___LocalTask:
+        """the last update: its final state and result"""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        started: Global___LocalTask | None = ...,
+        output: _task_pb2.OutputChunk | None = ...,
+        finished: Global___LocalTask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "output", b"output", "started", b"started", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "output", b"output", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___ExecuteUpdate: _TypeAlias = ExecuteUpdate  # noqa: Y015
+
+@_typing.final
+class NodeTaskRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeTaskRef: _TypeAlias = NodeTaskRef  # noqa: Y015
+
+@_typing.final
+class LocalTask(_message.Message):
+    """A task run directly on a node (Node.Execute)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    state: _task_pb2.TaskState.ValueType
+    """ASSIGNED (accepted, not started yet), RUNNING, then SUCCEEDED, FAILED, CANCELLED or
+    TIMED_OUT.
+    """
+    @_builtins.property
+    def result(self) -> _task_pb2.TaskResult:
+        """once finished"""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        state: _task_pb2.TaskState.ValueType = ...,
+        result: _task_pb2.TaskResult | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "id", b"id", "result", b"result", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalTask: _TypeAlias = LocalTask  # noqa: Y015

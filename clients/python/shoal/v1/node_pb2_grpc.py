@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class NodeStub:
-    """The worker API of a standalone node.
+    """The worker API of a standalone node. Every call but health needs the node's token.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,52 @@ class NodeStub:
                 request_serializer=shoal_dot_v1_dot_node__pb2.InfoRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_node__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.Execute = channel.unary_stream(
+                '/shoal.v1.Node/Execute',
+                request_serializer=shoal_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.ExecuteUpdate.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/shoal.v1.Node/Get',
+                request_serializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/shoal.v1.Node/Cancel',
+                request_serializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
-    """The worker API of a standalone node.
+    """The worker API of a standalone node. Every call but health needs the node's token.
     """
 
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Execute(self, request, context):
+        """Runs a task here and now, without a coordinator, in one of the node's slots (none free:
+        RESOURCE_EXHAUSTED; draining: UNAVAILABLE). Streams its start, output and end; it runs on
+        if the caller goes away (see Get and Cancel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """A task started by Execute: running, or finished not long ago.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stops a task started by Execute; answers once it has ended (a finished one as it is).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +98,21 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=shoal_dot_v1_dot_node__pb2.InfoRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_node__pb2.NodeInfo.SerializeToString,
             ),
+            'Execute': grpc.unary_stream_rpc_method_handler(
+                    servicer.Execute,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.ExecuteRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.ExecuteUpdate.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.LocalTask.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.LocalTask.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'shoal.v1.Node', rpc_method_handlers)
@@ -69,7 +122,7 @@ def add_NodeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Node:
-    """The worker API of a standalone node.
+    """The worker API of a standalone node. Every call but health needs the node's token.
     """
 
     @staticmethod
@@ -89,6 +142,87 @@ class Node:
             '/shoal.v1.Node/Info',
             shoal_dot_v1_dot_node__pb2.InfoRequest.SerializeToString,
             shoal_dot_v1_dot_node__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Execute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Node/Execute',
+            shoal_dot_v1_dot_node__pb2.ExecuteRequest.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.ExecuteUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Node/Get',
+            shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Node/Cancel',
+            shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,23 +27,41 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NodeStub:
-    """The worker API of a standalone node."""
+    """The worker API of a standalone node. Every call but health needs the node's token."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeAsyncStub: ...
     Info: _grpc.UnaryUnaryMultiCallable[_node_pb2.InfoRequest, _node_pb2.NodeInfo]
+    Execute: _grpc.UnaryStreamMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExecuteUpdate]
+    """Runs a task here and now, without a coordinator, in one of the node's slots (none free:
+    RESOURCE_EXHAUSTED; draining: UNAVAILABLE). Streams its start, output and end; it runs on
+    if the caller goes away (see Get and Cancel).
+    """
+    Get: _grpc.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]
+    """A task started by Execute: running, or finished not long ago."""
+    Cancel: _grpc.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]
+    """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
-    """The worker API of a standalone node."""
+    """The worker API of a standalone node. Every call but health needs the node's token."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Info: _aio.UnaryUnaryMultiCallable[_node_pb2.InfoRequest, _node_pb2.NodeInfo]  # type: ignore[assignment]
+    Execute: _aio.UnaryStreamMultiCallable[_node_pb2.ExecuteRequest, _node_pb2.ExecuteUpdate]  # type: ignore[assignment]
+    """Runs a task here and now, without a coordinator, in one of the node's slots (none free:
+    RESOURCE_EXHAUSTED; draining: UNAVAILABLE). Streams its start, output and end; it runs on
+    if the caller goes away (see Get and Cancel).
+    """
+    Get: _aio.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]  # type: ignore[assignment]
+    """A task started by Execute: running, or finished not long ago."""
+    Cancel: _aio.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]  # type: ignore[assignment]
+    """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
-    """The worker API of a standalone node."""
+    """The worker API of a standalone node. Every call but health needs the node's token."""
 
     @_abc_1.abstractmethod
     def Info(
@@ -51,5 +69,32 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.InfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.NodeInfo, _abc.Awaitable[_node_pb2.NodeInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Execute(
+        self,
+        request: _node_pb2.ExecuteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.ExecuteUpdate], _abc.AsyncIterator[_node_pb2.ExecuteUpdate]]:
+        """Runs a task here and now, without a coordinator, in one of the node's slots (none free:
+        RESOURCE_EXHAUSTED; draining: UNAVAILABLE). Streams its start, output and end; it runs on
+        if the caller goes away (see Get and Cancel).
+        """
+
+    @_abc_1.abstractmethod
+    def Get(
+        self,
+        request: _node_pb2.NodeTaskRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.LocalTask, _abc.Awaitable[_node_pb2.LocalTask]]:
+        """A task started by Execute: running, or finished not long ago."""
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _node_pb2.NodeTaskRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.LocalTask, _abc.Awaitable[_node_pb2.LocalTask]]:
+        """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

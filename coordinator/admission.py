@@ -1,4 +1,5 @@
-"""Gates a task passes at dispatch besides placement: quotas (and locks).
+"""Gates a task passes at dispatch besides placement: quotas and locks (and the holding
+queues they share with backend circuit breakers).
 
 Each gate takes what a task needs as it is dispatched, or refuses, naming the key the task
 waits on and, when it can tell, when to look again. The coordinator holds a refused task

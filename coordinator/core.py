@@ -199,7 +199,6 @@ class Coordinator:
             cooldown=self.options.breaker_cooldown.total_seconds(),
             wall=wall,
         )
-        self._held: dict[str, list[TaskRecord]] = {}  # by backend: waiting for its breaker
         self.quotas = QuotaGate(pricing=self.options.pricing, wall=wall)
         self.locks = LockGate()
         self._gates: list[Admission] = [self.quotas, self.locks]
@@ -1247,10 +1246,10 @@ class Coordinator:
                 self._breaker_changed(b)
             return True
         self._scheduler.release(slots, rec)
-        if rec.backend and not self._breakers.passes(backend_key(rec.backend)):
-            rec.state = _PENDING  # until the backend's breaker lets it through
-            self._held.setdefault(rec.backend, []).append(rec)
-            self.events.emit(self._event(rec, by=COORDINATOR))
+        backend = backend_key(rec.backend) if rec.backend else ""
+        if backend and not self._breakers.passes(backend):
+            rec.state = _PENDING  # held until the backend's breaker lets it through
+            self._hold(rec, Refusal(backend, f"circuit breaker {backend} is open"))
         else:
             self._scheduler.queue.push_front(rec)
         return False
@@ -1266,15 +1265,9 @@ class Coordinator:
         if kind == "node":
             self._apply_node_state(name.partition("/")[0])
         elif kind == "backend" and b.passes:
-            held = self._held.pop(name, [])
-            if b.state != CLOSED:  # half-open: one goes as the probe, the rest wait
-                if held[1:]:
-                    self._held[name] = held[1:]
-                held = held[:1]
-            for rec in held:
-                if rec.state == _PENDING:
-                    self._admit(rec)
-                    self.events.emit(self._event(rec, by=COORDINATOR))
+            self._wake(b.key)  # half-open: one goes as the probe, the rest wait
+            while b.state == CLOSED and self._waiting.has(b.key):
+                self._wake(b.key)
         event = task_pb2.Event(breaker=b.proto(), principal=COORDINATOR)
         event.time.FromNanoseconds(time.time_ns())
         self.events.emit(event)
@@ -1633,18 +1626,12 @@ class Coordinator:
     def _pending_reason(self, rec: TaskRecord) -> str:
         if rec.state == _PENDING:
             if rec.held_by:
-                return rec.wait_reason
+                return self._held_reason(rec)
             if rec.id in self._recovering:
                 return (
                     "recovered after a restart: waiting for the nodes that were connected to"
                     " report whether they still run it"
                 )
-            if rec.backend and rec in self._held.get(rec.backend, ()):
-                b = self._breakers.get(backend_key(rec.backend))
-                if b is not None:
-                    at = time.strftime("%H:%M:%S", time.localtime(b.retry_at))
-                    probe = f"probe at {at}" if b.state == OPEN else "its probe is running"
-                    return f"circuit breaker {b.key} is open ({probe}): {b.last_error}"
             if rec.waiting_on:
                 ids = ", ".join(sorted(rec.waiting_on)[:5])
                 return f"waiting on {len(rec.waiting_on)} upstream task(s): {ids}"
@@ -1657,6 +1644,15 @@ class Coordinator:
         if rec.state != _QUEUED:
             return ""
         return self._scheduler.explain(rec)
+
+    def _held_reason(self, rec: TaskRecord) -> str:
+        """Why a gate or a backend's breaker holds `rec`; a breaker's as it is now."""
+        b = self._breakers.get(rec.held_by)
+        if b is None or b.state == CLOSED:
+            return rec.wait_reason
+        at = time.strftime("%H:%M:%S", time.localtime(b.retry_at))
+        probe = f"probe at {at}" if b.state == OPEN else "its probe is running"
+        return f"{rec.wait_reason} ({probe}): {b.last_error}"
 
     def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
         task = task_pb2.Task(

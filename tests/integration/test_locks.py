@@ -12,7 +12,7 @@ import pytest
 from shoal import FailedPrecondition, python, shell
 from shoal.v1 import task_pb2
 
-from .harness import MeshFactory, eventually
+from .harness import MeshFactory, eventually, gate_script
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = timedelta(seconds=90)
@@ -48,19 +48,20 @@ async def test_writers_under_one_lock_never_interleave_and_readers_overlap(
         assert block == [f"{writer} {n}" for n in range(1000)], block[:3]
     print(f"\n50 writers on 3 nodes under {lock}: {len(lines)} lines, no interleaving")
 
-    # Readers share the lock: they overlap (each waits until all have started).
-    marks = tmp_path / "readers"
+    # Readers share the lock: all four hold it at once (none ends before the gate opens).
+    marks, gate = tmp_path / "readers", tmp_path / "gate"
     marks.mkdir()
-    reader = f"""
-import os, time
-open(os.path.join({str(marks)!r}, str(os.getpid())), "w").close()
-deadline = time.time() + 20
-while len(os.listdir({str(marks)!r})) < 4 and time.time() < deadline:
-    time.sleep(0.02)
-print(len(os.listdir({str(marks)!r})))
-"""
-    readers = [python(reader, locks=[f"read:{lock}"]) for _ in range(4)]
+    reader = gate_script(gate, f"ls {marks} | wc -l", limit=30)
+    readers = [shell(f"touch {marks}/$$; {reader}", locks=[f"read:{lock}"]) for _ in range(4)]
     ids = await mesh.client.submit_batch(readers)
+
+    async def all_holding() -> None:
+        assert len(list(marks.iterdir())) == 4
+        states = {(await mesh.client.get(i)).state for i in ids}
+        assert states == {task_pb2.TASK_STATE_RUNNING}, states
+
+    await eventually(all_holding, timeout=20.0)
+    gate.touch()
     seen = [await mesh.client.wait(i, timeout=WAIT) for i in ids]
     assert [t.result.stdout.strip() for t in seen] == ["4"] * 4, seen
 

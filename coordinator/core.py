@@ -51,7 +51,7 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
-from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, task_pb2
+from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
 __all__ = ["Coordinator", "CoreOptions", "Submitted"]
 
@@ -102,7 +102,7 @@ def _holder(lease: locks_pb2.Lease) -> str:
     return f"lease:{lease.name}#{lease.token}"
 
 
-def _check_hello(hello: gateway_pb2.Hello, by: Principal, limits: Limits) -> None:
+def _check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
     """Refuse a Hello whose identity or capabilities go beyond what its credentials allow."""
     info = hello.info
     if len(hello.running) > limits.max_batch:
@@ -794,7 +794,7 @@ class Coordinator:
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        by_node: dict[str, list[gateway_pb2.Assignment]] = {}
+        by_node: dict[str, list[node_pb2.Assignment]] = {}
         events: list[task_pb2.Event] = []
         gated = self._breakers.tripped > 0
         put_back = False
@@ -820,7 +820,7 @@ class Coordinator:
             if rec.templated:
                 spec = render(spec, [rec.upstream_results.get(u, _NO_RESULT) for u in rec.upstream])
             by_node.setdefault(session.node_id, []).append(
-                gateway_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=spec)
+                node_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=spec)
             )
             events.append(self._event(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
@@ -832,7 +832,7 @@ class Coordinator:
 
     # -- node sessions ---------------------------------------------------------------------
 
-    def attach(self, hello: gateway_pb2.Hello, peer: str, *, by: Principal) -> NodeSession:
+    def attach(self, hello: node_pb2.Hello, peer: str, *, by: Principal) -> NodeSession:
         """Start a node's session; a session already open under its id is replaced.
 
         The attempts its Hello lists stay its own when they still are: the current attempt of a
@@ -976,7 +976,7 @@ class Coordinator:
         self._scheduler.queue.push_front(rec)
         self.events.emit(self._event(rec, by=COORDINATOR))
 
-    def on_message(self, session: NodeSession, msg: gateway_pb2.NodeMessage) -> None:
+    def on_message(self, session: NodeSession, msg: node_pb2.NodeMessage) -> None:
         """Apply one message from a node."""
         session.last_seen = self._clock()
         kind = msg.WhichOneof("msg")
@@ -992,7 +992,7 @@ class Coordinator:
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
 
-    def _on_updates(self, session: NodeSession, updates: Sequence[gateway_pb2.TaskUpdate]) -> None:
+    def _on_updates(self, session: NodeSession, updates: Sequence[node_pb2.TaskUpdate]) -> None:
         freed = False
         for u in updates:
             rec = session.inflight.get(u.task_id)
@@ -1577,25 +1577,25 @@ class Coordinator:
         """A node takes no new work, finishes what it runs within `grace`, gives back the rest."""
         session = self._session_of(node_id)
         session.draining = True
-        session.drain(gateway_pb2.Drain(grace=to_duration(grace), leave=leave))
+        session.drain(node_pb2.Drain(grace=to_duration(grace), leave=leave))
         self._apply_node_state(node_id)
         return self._node_status(node_id)
 
     def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
         session = self._session_of(node_id)
         session.draining = False
-        session.drain(gateway_pb2.Drain(undrain=True))
+        session.drain(node_pb2.Drain(undrain=True))
         self._apply_node_state(node_id)
         return self._node_status(node_id)
 
     def _node_status(self, node_id: str) -> admin_pb2.NodeStatus:
         return next(n for n in self.nodes() if n.info.node_id == node_id)
 
-    def welcome(self, session: NodeSession) -> gateway_pb2.CoordinatorMessage:
-        welcome = gateway_pb2.Welcome(session_id=session.id, epoch=self.epoch)
+    def welcome(self, session: NodeSession) -> node_pb2.CoordinatorMessage:
+        welcome = node_pb2.Welcome(session_id=session.id, epoch=self.epoch)
         welcome.heartbeat_interval.FromTimedelta(self.options.heartbeat_interval)
         welcome.lease.FromTimedelta(self.options.lease)
-        return gateway_pb2.CoordinatorMessage(welcome=welcome)
+        return node_pb2.CoordinatorMessage(welcome=welcome)
 
     # -- encoding --------------------------------------------------------------------------
 

@@ -25,10 +25,10 @@ from shoal.specs import duration, timestamp
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
-    gateway_pb2,
     gateway_pb2_grpc,
     locks_pb2,
     locks_pb2_grpc,
+    node_pb2,
     task_pb2,
     tasks_pb2,
     tasks_pb2_grpc,
@@ -253,8 +253,8 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
         self._core = core
 
     async def Connect(
-        self, request_iterator: AsyncIterator[gateway_pb2.NodeMessage], context: _Ctx
-    ) -> AsyncIterator[gateway_pb2.CoordinatorMessage]:
+        self, request_iterator: AsyncIterator[node_pb2.NodeMessage], context: _Ctx
+    ) -> AsyncIterator[node_pb2.CoordinatorMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "hello":
             raise InvalidArgument("a node session starts with hello")
@@ -274,7 +274,7 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
             self._core.detach(session)
 
     async def _read(
-        self, session: NodeSession, messages: AsyncIterator[gateway_pb2.NodeMessage]
+        self, session: NodeSession, messages: AsyncIterator[node_pb2.NodeMessage]
     ) -> None:
         try:
             async for message in messages:

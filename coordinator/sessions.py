@@ -9,7 +9,7 @@ from shoal.auth import Principal
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import node_slots_of
-from shoal.v1 import gateway_pb2, node_pb2, task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["MAX_PENDING_CANCELS", "NodeSession"]
 
@@ -49,25 +49,25 @@ class NodeSession:
         self.last_seen = now  # monotonic
         self.connected_at = wall
         self.closed = False
-        self._assignments: list[gateway_pb2.Assignment] = []
+        self._assignments: list[node_pb2.Assignment] = []
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
-        self._cancels: dict[str, gateway_pb2.RunningAttempt] = {}
+        self._cancels: dict[str, node_pb2.RunningAttempt] = {}
         self._lease: int | None = None  # the heartbeat to acknowledge
-        self._drain: gateway_pb2.Drain | None = None
+        self._drain: node_pb2.Drain | None = None
         self._wake = asyncio.Event()
 
     @property
     def node_id(self) -> str:
         return self.info.node_id
 
-    def assign(self, assignments: list[gateway_pb2.Assignment]) -> None:
+    def assign(self, assignments: list[node_pb2.Assignment]) -> None:
         self._assignments += assignments
         self._wake.set()
 
     def cancel(self, task_id: str, attempt: task_pb2.AttemptId) -> None:
         """Tell the node to stop an attempt; beyond MAX_PENDING_CANCELS unsent ones, dropped."""
         if len(self._cancels) < MAX_PENDING_CANCELS or task_id in self._cancels:
-            self._cancels[task_id] = gateway_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
+            self._cancels[task_id] = node_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
             self._wake.set()
 
     def renew(self, seq: int) -> None:
@@ -75,7 +75,7 @@ class NodeSession:
         self._lease = seq
         self._wake.set()
 
-    def note_load(self, hb: gateway_pb2.Heartbeat) -> bool:
+    def note_load(self, hb: node_pb2.Heartbeat) -> bool:
         """Take the resource guard's state from a heartbeat; returns whether it changed.
 
         A throttled node that names no floor takes NORMAL or higher (unspecified is NORMAL).
@@ -107,7 +107,7 @@ class NodeSession:
             reason=self.throttle_reason,
         )
 
-    def drain(self, drain: gateway_pb2.Drain) -> None:
+    def drain(self, drain: node_pb2.Drain) -> None:
         self._drain = drain
         self._wake.set()
 
@@ -116,33 +116,31 @@ class NodeSession:
         self.closed = True
         self._wake.set()
 
-    async def outgoing(self) -> list[gateway_pb2.CoordinatorMessage] | None:
+    async def outgoing(self) -> list[node_pb2.CoordinatorMessage] | None:
         """The next messages to send, batched; None once the session is closed."""
         while not self.closed:
             if self._assignments or self._cancels or self._lease is not None or self._drain:
-                out: list[gateway_pb2.CoordinatorMessage] = []
+                out: list[node_pb2.CoordinatorMessage] = []
                 if self._drain is not None:
-                    out.append(gateway_pb2.CoordinatorMessage(drain=self._drain))
+                    out.append(node_pb2.CoordinatorMessage(drain=self._drain))
                     self._drain = None
                 if self._cancels:
                     out.append(
-                        gateway_pb2.CoordinatorMessage(
-                            cancels=gateway_pb2.CancelBatch(attempts=self._cancels.values())
+                        node_pb2.CoordinatorMessage(
+                            cancels=node_pb2.CancelBatch(attempts=self._cancels.values())
                         )
                     )
                     self._cancels = {}
                 if self._assignments:
                     out.append(
-                        gateway_pb2.CoordinatorMessage(
-                            assignments=gateway_pb2.AssignmentBatch(assignments=self._assignments)
+                        node_pb2.CoordinatorMessage(
+                            assignments=node_pb2.AssignmentBatch(assignments=self._assignments)
                         )
                     )
                     self._assignments = []
                 if self._lease is not None:
                     out.append(
-                        gateway_pb2.CoordinatorMessage(
-                            lease=gateway_pb2.LeaseRenewed(seq=self._lease)
-                        )
+                        node_pb2.CoordinatorMessage(lease=node_pb2.LeaseRenewed(seq=self._lease))
                     )
                     self._lease = None
                 return out

@@ -44,7 +44,7 @@ from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
 from shoal.node.service import NodeService, check_service_access
 from shoal.node.slots import Slots
 from shoal.specs import executor_of
-from shoal.v1 import gateway_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
+from shoal.v1 import gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
 
 __all__ = ["NodeAgent"]
 
@@ -101,21 +101,21 @@ class _AttemptReport:
     task_id: str
     attempt: task_pb2.AttemptId
     ledger: Ledger
-    push: Callable[[gateway_pb2.TaskUpdate], None]
+    push: Callable[[node_pb2.TaskUpdate], None]
 
     def _update(self, **kw: Any) -> None:
-        self.push(gateway_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw))
+        self.push(node_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw))
 
     def started(self) -> None:
         self.ledger.write("start", self.task_id, self.attempt)
-        self._update(started=gateway_pb2.Started())
+        self._update(started=node_pb2.Started())
 
     def output(self, chunk: task_pb2.OutputChunk) -> None:
         self._update(output=chunk)
 
     def finished(self, outcome: Outcome) -> None:
         self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=False)
-        self._update(finished=gateway_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
+        self._update(finished=node_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
 
     def released(self, why: str, outcome: Outcome) -> None:
         # Not an outcome: stopped from outside the task. A coordinator that still counts it as
@@ -124,7 +124,7 @@ class _AttemptReport:
             self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=True)
         else:
             self.ledger.write("release", self.task_id, self.attempt)
-        self._update(released=gateway_pb2.Released(reason=why))
+        self._update(released=node_pb2.Released(reason=why))
 
 
 def _seconds(d: object) -> float:
@@ -164,7 +164,7 @@ class NodeAgent:
         self.machine = MachineProbe()  # GPUs, Docker, Ollama: probed at start, now and then after
         self._idle = asyncio.Event()  # set while nothing runs
         self._idle.set()
-        self._outbox: list[gateway_pb2.TaskUpdate] = []
+        self._outbox: list[node_pb2.TaskUpdate] = []
         self._outbox_ready = asyncio.Event()
         self._flushed = asyncio.Event()  # set while every update was written to a stream
         self._flushed.set()
@@ -509,17 +509,17 @@ class NodeAgent:
         )
         try:
             call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(metadata=bearer(self._token))
-            hello = gateway_pb2.Hello(
+            hello = node_pb2.Hello(
                 info=self.info(),
                 running=[
-                    gateway_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
+                    node_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
                     for r in self._runs.values()
                     if not r.stop
                 ],
             )
             sent = time.monotonic()
             try:
-                await call.write(gateway_pb2.NodeMessage(hello=hello))
+                await call.write(node_pb2.NodeMessage(hello=hello))
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
                 _log.warning(
@@ -605,7 +605,7 @@ class NodeAgent:
                 batch, self._outbox = self._outbox, []
                 try:
                     await call.write(
-                        gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=batch))
+                        node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
                     )
                 except BaseException:
                     self._outbox[:0] = batch  # resend with the next session
@@ -619,8 +619,8 @@ class NodeAgent:
                 self._heartbeats[self._heartbeat_seq] = now
                 throttled, floor, paused, reason = self._guard_state()
                 await call.write(
-                    gateway_pb2.NodeMessage(
-                        heartbeat=gateway_pb2.Heartbeat(
+                    node_pb2.NodeMessage(
+                        heartbeat=node_pb2.Heartbeat(
                             running=len(self._runs),
                             free_slots=self.slots.free,  # direct tasks hold slots too
                             seq=self._heartbeat_seq,
@@ -633,7 +633,7 @@ class NodeAgent:
                     )
                 )
 
-    def _push(self, update: gateway_pb2.TaskUpdate) -> None:
+    def _push(self, update: node_pb2.TaskUpdate) -> None:
         if len(self._outbox) >= _MAX_OUTBOX and update.WhichOneof("update") == "output":
             return  # disconnected for long: output is dropped first, results never
         self._outbox.append(update)
@@ -682,15 +682,15 @@ class NodeAgent:
 
     # -- running tasks ---------------------------------------------------------------------
 
-    def _start(self, a: gateway_pb2.Assignment) -> None:
+    def _start(self, a: node_pb2.Assignment) -> None:
         if self.draining:
             # Assigned before the coordinator heard of the drain: given back, never started.
             self._ledger.write("release", a.task_id, a.attempt)
             self._push(
-                gateway_pb2.TaskUpdate(
+                node_pb2.TaskUpdate(
                     task_id=a.task_id,
                     attempt=a.attempt,
-                    released=gateway_pb2.Released(reason=_Stop.RELEASE),
+                    released=node_pb2.Released(reason=_Stop.RELEASE),
                 )
             )
             return
@@ -716,7 +716,7 @@ class NodeAgent:
         """The coordinator's attempts and the direct tasks running now."""
         return [*self._runs.values(), *self._direct.values()]
 
-    def _cancel(self, c: gateway_pb2.RunningAttempt) -> None:
+    def _cancel(self, c: node_pb2.RunningAttempt) -> None:
         run = self._runs.get(c.task_id)
         if run is not None and run.attempt == c.attempt and not run.stop:
             _log.info("node=%s task=%s cancelling", self.node_id, c.task_id)

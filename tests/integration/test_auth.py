@@ -23,7 +23,7 @@ from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
 from shoal.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from shoal.node.agent import NodeAgent
 from shoal.specs import is_final
-from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
+from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
 
 from .harness import BIN, STARTUP, Mesh, collect, eventually, run_tool
 
@@ -259,9 +259,7 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Locks/Renew": held_lease(renew=True),
         "/shoal.v1.Locks/Release": held_lease(renew=False),
         "/shoal.v1.NodeGateway/Connect": const(
-            gateway_pb2.NodeMessage(
-                hello=gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1"))
-            )
+            node_pb2.NodeMessage(hello=node_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1")))
         ),
         f"/{REFLECTION}/ServerReflectionInfo": const(
             reflection_pb2.ServerReflectionRequest(list_services="")

@@ -15,7 +15,7 @@ from shoal._channel import bearer, open_channel
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
-from shoal.v1 import admin_pb2, gateway_pb2, gateway_pb2_grpc, node_pb2, task_pb2
+from shoal.v1 import admin_pb2, gateway_pb2_grpc, node_pb2, task_pb2
 
 from .harness import STARTUP, collect, eventually, gate_script
 
@@ -75,15 +75,13 @@ class EvilSession:
         )
         self.info = info
 
-    async def hello(self) -> gateway_pb2.CoordinatorMessage:
-        await self.call.write(gateway_pb2.NodeMessage(hello=gateway_pb2.Hello(info=self.info)))
-        first: gateway_pb2.CoordinatorMessage = await self.call.read()
+    async def hello(self) -> node_pb2.CoordinatorMessage:
+        await self.call.write(node_pb2.NodeMessage(hello=node_pb2.Hello(info=self.info)))
+        first: node_pb2.CoordinatorMessage = await self.call.read()
         return first
 
-    async def send(self, *updates: gateway_pb2.TaskUpdate) -> None:
-        await self.call.write(
-            gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=updates))
-        )
+    async def send(self, *updates: node_pb2.TaskUpdate) -> None:
+        await self.call.write(node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=updates)))
 
     async def close(self) -> None:
         self.call.cancel()
@@ -100,11 +98,11 @@ def info(**kw: object) -> node_pb2.NodeInfo:
     return node_pb2.NodeInfo(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def finished(task_id: str, attempt: task_pb2.AttemptId, stdout: str) -> gateway_pb2.TaskUpdate:
-    return gateway_pb2.TaskUpdate(
+def finished(task_id: str, attempt: task_pb2.AttemptId, stdout: str) -> node_pb2.TaskUpdate:
+    return node_pb2.TaskUpdate(
         task_id=task_id,
         attempt=attempt,
-        finished=gateway_pb2.Finished(
+        finished=node_pb2.Finished(
             state=task_pb2.TASK_STATE_SUCCEEDED, result=task_pb2.TaskResult(stdout=stdout)
         ),
     )
@@ -146,7 +144,7 @@ async def test_results_for_tasks_it_does_not_hold_change_nothing(
         await session.send(
             finished(held.id, running.attempt, "forged"),  # the honest node's task and attempt
             finished("no-such-task", running.attempt, "forged"),
-            gateway_pb2.TaskUpdate(
+            node_pb2.TaskUpdate(
                 task_id=held.id,
                 attempt=running.attempt,
                 output=task_pb2.OutputChunk(data="forged output"),
@@ -195,7 +193,7 @@ async def test_a_heartbeat_flood_is_rate_limited_and_changes_nothing(arena: Aren
     session = EvilSession(arena, info())
     try:
         assert (await session.hello()).HasField("welcome")
-        flood = gateway_pb2.NodeMessage(heartbeat=gateway_pb2.Heartbeat(free_slots=1_000_000))
+        flood = node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(free_slots=1_000_000))
         for _ in range(300):  # six times the burst of 50, at a limit of 200 a second
             await session.call.write(flood)
         # The coordinator keeps serving others while it reads the flood slowly.

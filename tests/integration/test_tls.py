@@ -17,7 +17,7 @@ from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.errors import Unavailable
 from shoal.node.agent import NodeAgent
-from shoal.v1 import gateway_pb2, gateway_pb2_grpc, node_pb2, task_pb2
+from shoal.v1 import gateway_pb2_grpc, node_pb2, task_pb2
 
 from .harness import STARTUP
 
@@ -138,7 +138,7 @@ async def test_plaintext_is_refused(secured: Secured) -> None:
 
 
 async def test_a_node_certificate_cannot_claim_another_node(secured: Secured) -> None:
-    async def connect_as(node_id: str) -> gateway_pb2.CoordinatorMessage:
+    async def connect_as(node_id: str) -> node_pb2.CoordinatorMessage:
         cert, key = secured.pki.good  # the certificate of node-a
         channel = open_channel(
             secured.address,
@@ -151,9 +151,9 @@ async def test_a_node_certificate_cannot_claim_another_node(secured: Secured) ->
             call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(
                 metadata=bearer(secured.token), timeout=10
             )
-            hello = gateway_pb2.Hello(info=node_pb2.NodeInfo(node_id=node_id))
-            await call.write(gateway_pb2.NodeMessage(hello=hello))
-            first: gateway_pb2.CoordinatorMessage = await call.read()
+            hello = node_pb2.Hello(info=node_pb2.NodeInfo(node_id=node_id))
+            await call.write(node_pb2.NodeMessage(hello=hello))
+            first: node_pb2.CoordinatorMessage = await call.read()
             call.cancel()
             return first
         finally:

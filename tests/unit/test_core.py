@@ -16,7 +16,7 @@ from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.errors import ResourceExhausted
-from shoal.v1 import gateway_pb2, node_pb2, task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 ALICE = Principal("alice", Role.SUBMITTER)
 NODE = Principal("fleet", Role.ADMIN)  # may connect under any node id
@@ -32,26 +32,26 @@ async def core(tmp_path: Path) -> AsyncIterator[Coordinator]:
 
 
 def hello(
-    node_id: str, slots: int = 2, running: list[gateway_pb2.RunningAttempt] | None = None
-) -> gateway_pb2.Hello:
+    node_id: str, slots: int = 2, running: list[node_pb2.RunningAttempt] | None = None
+) -> node_pb2.Hello:
     info = node_pb2.NodeInfo(node_id=node_id, executors=["shell"], slots=slots)
-    return gateway_pb2.Hello(info=info, running=running or [])
+    return node_pb2.Hello(info=info, running=running or [])
 
 
-async def assignments(session: NodeSession) -> list[gateway_pb2.Assignment]:
+async def assignments(session: NodeSession) -> list[node_pb2.Assignment]:
     messages = await session.outgoing()
     assert messages is not None
     return [a for m in messages for a in m.assignments.assignments]
 
 
-def finished(a: gateway_pb2.Assignment, code: int = 0) -> gateway_pb2.NodeMessage:
+def finished(a: node_pb2.Assignment, code: int = 0) -> node_pb2.NodeMessage:
     state = task_pb2.TASK_STATE_SUCCEEDED if code == 0 else task_pb2.TASK_STATE_FAILED
-    update = gateway_pb2.TaskUpdate(
+    update = node_pb2.TaskUpdate(
         task_id=a.task_id,
         attempt=a.attempt,
-        finished=gateway_pb2.Finished(state=state, result=task_pb2.TaskResult(exit_code=code)),
+        finished=node_pb2.Finished(state=state, result=task_pb2.TaskResult(exit_code=code)),
     )
-    return gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=[update]))
+    return node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update]))
 
 
 async def test_dispatch_respects_slots_and_records_outcome(core: Coordinator) -> None:
@@ -115,13 +115,13 @@ async def test_a_flood_of_updates_for_unknown_attempts_holds_bounded_memory(
     attempt = task_pb2.AttemptId(epoch=core.epoch, number=1)
     for batch in range(3):
         updates = [
-            gateway_pb2.TaskUpdate(
-                task_id=f"forged-{batch}-{i}", attempt=attempt, started=gateway_pb2.Started()
+            node_pb2.TaskUpdate(
+                task_id=f"forged-{batch}-{i}", attempt=attempt, started=node_pb2.Started()
             )
             for i in range(MAX_PENDING_CANCELS)
         ]
         core.on_message(
-            session, gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=updates))
+            session, node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=updates))
         )
     messages = await session.outgoing()
     assert messages is not None

@@ -15,7 +15,7 @@ from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition
-from shoal.v1 import gateway_pb2, task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 from .test_core import ADMIN, ALICE, NODE, Wall, assignments, finished, hello
 
@@ -24,28 +24,28 @@ HALF_OPEN = task_pb2.BREAKER_STATE_HALF_OPEN
 CLOSED = task_pb2.BREAKER_STATE_CLOSED
 
 
-def infra_failure(a: gateway_pb2.Assignment) -> gateway_pb2.NodeMessage:
+def infra_failure(a: node_pb2.Assignment) -> node_pb2.NodeMessage:
     result = task_pb2.TaskResult(error="workdir missing", infrastructure_failure=True)
-    update = gateway_pb2.TaskUpdate(
+    update = node_pb2.TaskUpdate(
         task_id=a.task_id,
         attempt=a.attempt,
-        finished=gateway_pb2.Finished(state=task_pb2.TASK_STATE_FAILED, result=result),
+        finished=node_pb2.Finished(state=task_pb2.TASK_STATE_FAILED, result=result),
     )
-    return gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=[update]))
+    return node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update]))
 
 
-def released(a: gateway_pb2.Assignment) -> gateway_pb2.NodeMessage:
-    update = gateway_pb2.TaskUpdate(
-        task_id=a.task_id, attempt=a.attempt, released=gateway_pb2.Released(reason="draining")
+def released(a: node_pb2.Assignment) -> node_pb2.NodeMessage:
+    update = node_pb2.TaskUpdate(
+        task_id=a.task_id, attempt=a.attempt, released=node_pb2.Released(reason="draining")
     )
-    return gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=[update]))
+    return node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update]))
 
 
-def running(a: gateway_pb2.Assignment) -> gateway_pb2.RunningAttempt:
-    return gateway_pb2.RunningAttempt(task_id=a.task_id, attempt=a.attempt)
+def running(a: node_pb2.Assignment) -> node_pb2.RunningAttempt:
+    return node_pb2.RunningAttempt(task_id=a.task_id, attempt=a.attempt)
 
 
-async def messages(session: NodeSession) -> list[gateway_pb2.CoordinatorMessage]:
+async def messages(session: NodeSession) -> list[node_pb2.CoordinatorMessage]:
     out = await session.outgoing()
     assert out is not None
     return out
@@ -138,7 +138,7 @@ async def test_heartbeats_are_answered_and_stale_updates_counted(core: Coordinat
     (task,) = await core.submit([shell("true")], by=ALICE)
     n1 = core.attach(hello("n1"), "peer", by=NODE)
     (a,) = await assignments(n1)
-    core.on_message(n1, gateway_pb2.NodeMessage(heartbeat=gateway_pb2.Heartbeat(seq=7)))
+    core.on_message(n1, node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(seq=7)))
     (renewed,) = await messages(n1)
     assert renewed.lease.seq == 7
     core.detach(n1)  # lost: the task runs elsewhere

@@ -18,23 +18,23 @@ from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.errors import FieldViolation, ResourceExhausted
-from shoal.v1 import admin_pb2, gateway_pb2, task_pb2
+from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 from .test_core import ADMIN, ALICE, NODE, Wall, assignments, hello
 
 PRICING = {"small": (1.0, 2.0)}  # $ per million prompt / completion tokens
 
 
-def with_usage(a: gateway_pb2.Assignment, prompt: int, completion: int) -> gateway_pb2.NodeMessage:
+def with_usage(a: node_pb2.Assignment, prompt: int, completion: int) -> node_pb2.NodeMessage:
     result = task_pb2.TaskResult(
         usage=task_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, model="small")
     )
-    update = gateway_pb2.TaskUpdate(
+    update = node_pb2.TaskUpdate(
         task_id=a.task_id,
         attempt=a.attempt,
-        finished=gateway_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED, result=result),
+        finished=node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED, result=result),
     )
-    return gateway_pb2.NodeMessage(updates=gateway_pb2.UpdateBatch(updates=[update]))
+    return node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update]))
 
 
 def keyed(key: str, **kw: object) -> task_pb2.TaskSpec:
@@ -43,7 +43,7 @@ def keyed(key: str, **kw: object) -> task_pb2.TaskSpec:
     return spec
 
 
-async def dispatched(session: NodeSession) -> list[gateway_pb2.Assignment]:
+async def dispatched(session: NodeSession) -> list[node_pb2.Assignment]:
     """What dispatch sent since the last call (woken tasks go one loop turn after another)."""
     for _ in range(10):
         await asyncio.sleep(0)

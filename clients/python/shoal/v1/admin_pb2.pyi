@@ -738,6 +738,7 @@ class NodeStatus(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     THROTTLE_REASON_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    ADOPTED_FIELD_NUMBER: _builtins.int
     connected: _builtins.bool
     running: _builtins.int
     """tasks assigned to the node and not finished"""
@@ -762,6 +763,8 @@ class NodeStatus(_message.Message):
     it discovered by mDNS (joined or not); UNSPECIFIED for a node it does not watch. A node
     discovered but not joined has `connected` false and `address` its service's host:port.
     """
+    adopted: _builtins.bool
+    """its session is one the coordinator dialled (Node.Attach)"""
     @_builtins.property
     def info(self) -> _node_pb2.NodeInfo: ...
     @_builtins.property
@@ -791,10 +794,11 @@ class NodeStatus(_message.Message):
         paused: _builtins.int = ...,
         throttle_reason: _builtins.str = ...,
         health: Global___NodeHealth.ValueType = ...,
+        adopted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "info", b"info", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "health", b"health", "info", b"info", "last_seen", b"last_seen", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "stale_updates", b"stale_updates", "throttle_reason", b"throttle_reason", "throttled", b"throttled", "throttled_by_load", b"throttled_by_load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "adopted", b"adopted", "breakers", b"breakers", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "health", b"health", "info", b"info", "last_seen", b"last_seen", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "stale_updates", b"stale_updates", "throttle_reason", b"throttle_reason", "throttled", b"throttled", "throttled_by_load", b"throttled_by_load"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

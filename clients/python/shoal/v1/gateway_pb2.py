@@ -22,50 +22,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from shoal.v1 import node_pb2 as shoal_dot_v1_dot_node__pb2
-from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/gateway.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x13shoal/v1/node.proto\x1a\x13shoal/v1/task.proto\"\x8a\x01\n\x0bNodeMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x07updates\x18\x02 \x01(\x0b\x32\x15.shoal.v1.UpdateBatchH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.shoal.v1.HeartbeatH\x00\x42\x05\n\x03msg\"T\n\x05Hello\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt\"G\n\x0eRunningAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\"4\n\x0bUpdateBatch\x12%\n\x07updates\x18\x01 \x03(\x0b\x32\x14.shoal.v1.TaskUpdate\"\xec\x01\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.shoal.v1.StartedH\x00\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12&\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x12.shoal.v1.FinishedH\x00\x12&\n\x08released\x18\x06 \x01(\x0b\x32\x12.shoal.v1.ReleasedH\x00\x42\x08\n\x06update\"\t\n\x07Started\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x08\x46inished\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x02 \x01(\x0b\x32\x14.shoal.v1.TaskResult\"\xb5\x01\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tthrottled\x18\x05 \x01(\x08\x12(\n\x0cmin_priority\x18\x06 \x01(\x0e\x32\x12.shoal.v1.Priority\x12\x0e\n\x06paused\x18\x07 \x01(\r\x12\x17\n\x0fthrottle_reason\x18\x08 \x01(\t\"\xe8\x01\n\x12\x43oordinatorMessage\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x11.shoal.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.shoal.v1.AssignmentBatchH\x00\x12(\n\x07\x63\x61ncels\x18\x03 \x01(\x0b\x32\x15.shoal.v1.CancelBatchH\x00\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x16.shoal.v1.LeaseRenewedH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.DrainH\x00\x42\x05\n\x03msg\"\x8d\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x05lease\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1b\n\x0cLeaseRenewed\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"Q\n\x05\x44rain\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05leave\x18\x02 \x01(\x08\x12\x0f\n\x07undrain\x18\x03 \x01(\x08\"e\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\"<\n\x0f\x41ssignmentBatch\x12)\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x14.shoal.v1.Assignment\"9\n\x0b\x43\x61ncelBatch\x12*\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt2Q\n\x0bNodeGateway\x12\x42\n\x07\x43onnect\x12\x15.shoal.v1.NodeMessage\x1a\x1c.shoal.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/gateway.proto\x12\x08shoal.v1\x1a\x13shoal/v1/node.proto2Q\n\x0bNodeGateway\x12\x42\n\x07\x43onnect\x12\x15.shoal.v1.NodeMessage\x1a\x1c.shoal.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEMESSAGE']._serialized_start=111
-  _globals['_NODEMESSAGE']._serialized_end=249
-  _globals['_HELLO']._serialized_start=251
-  _globals['_HELLO']._serialized_end=335
-  _globals['_RUNNINGATTEMPT']._serialized_start=337
-  _globals['_RUNNINGATTEMPT']._serialized_end=408
-  _globals['_UPDATEBATCH']._serialized_start=410
-  _globals['_UPDATEBATCH']._serialized_end=462
-  _globals['_TASKUPDATE']._serialized_start=465
-  _globals['_TASKUPDATE']._serialized_end=701
-  _globals['_STARTED']._serialized_start=703
-  _globals['_STARTED']._serialized_end=712
-  _globals['_RELEASED']._serialized_start=714
-  _globals['_RELEASED']._serialized_end=740
-  _globals['_FINISHED']._serialized_start=742
-  _globals['_FINISHED']._serialized_end=826
-  _globals['_HEARTBEAT']._serialized_start=829
-  _globals['_HEARTBEAT']._serialized_end=1010
-  _globals['_COORDINATORMESSAGE']._serialized_start=1013
-  _globals['_COORDINATORMESSAGE']._serialized_end=1245
-  _globals['_WELCOME']._serialized_start=1248
-  _globals['_WELCOME']._serialized_end=1389
-  _globals['_LEASERENEWED']._serialized_start=1391
-  _globals['_LEASERENEWED']._serialized_end=1418
-  _globals['_DRAIN']._serialized_start=1420
-  _globals['_DRAIN']._serialized_end=1501
-  _globals['_ASSIGNMENT']._serialized_start=1503
-  _globals['_ASSIGNMENT']._serialized_end=1604
-  _globals['_ASSIGNMENTBATCH']._serialized_start=1606
-  _globals['_ASSIGNMENTBATCH']._serialized_end=1666
-  _globals['_CANCELBATCH']._serialized_start=1668
-  _globals['_CANCELBATCH']._serialized_end=1725
-  _globals['_NODEGATEWAY']._serialized_start=1727
-  _globals['_NODEGATEWAY']._serialized_end=1808
+  _globals['_NODEGATEWAY']._serialized_start=57
+  _globals['_NODEGATEWAY']._serialized_end=138
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shoal.v1 import gateway_pb2 as shoal_dot_v1_dot_gateway__pb2
+from shoal.v1 import node_pb2 as shoal_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class NodeGatewayStub:
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways.
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
     """
 
     def __init__(self, channel):
@@ -37,17 +38,20 @@ class NodeGatewayStub:
         """
         self.Connect = channel.stream_stream(
                 '/shoal.v1.NodeGateway/Connect',
-                request_serializer=shoal_dot_v1_dot_gateway__pb2.NodeMessage.SerializeToString,
-                response_deserializer=shoal_dot_v1_dot_gateway__pb2.CoordinatorMessage.FromString,
+                request_serializer=shoal_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.FromString,
                 _registered_method=True)
 
 
 class NodeGatewayServicer:
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways.
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
     """
 
     def Connect(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """A node's session: Hello first, then updates and heartbeats; the coordinator answers
+        Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -57,8 +61,8 @@ def add_NodeGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=shoal_dot_v1_dot_gateway__pb2.NodeMessage.FromString,
-                    response_serializer=shoal_dot_v1_dot_gateway__pb2.CoordinatorMessage.SerializeToString,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.NodeMessage.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -69,7 +73,8 @@ def add_NodeGatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeGateway:
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways.
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
     """
 
     @staticmethod
@@ -87,8 +92,8 @@ class NodeGateway:
             request_iterator,
             target,
             '/shoal.v1.NodeGateway/Connect',
-            shoal_dot_v1_dot_gateway__pb2.NodeMessage.SerializeToString,
-            shoal_dot_v1_dot_gateway__pb2.CoordinatorMessage.FromString,
+            shoal_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.CoordinatorMessage.FromString,
             options,
             channel_credentials,
             insecure,

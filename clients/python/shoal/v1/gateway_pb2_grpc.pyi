@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from shoal.v1 import gateway_pb2 as _gateway_pb2
+from shoal.v1 import node_pb2 as _node_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -27,29 +27,44 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NodeGatewayStub:
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways."""
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeGatewayAsyncStub: ...
-    Connect: _grpc.StreamStreamMultiCallable[_gateway_pb2.NodeMessage, _gateway_pb2.CoordinatorMessage]
+    Connect: _grpc.StreamStreamMultiCallable[_node_pb2.NodeMessage, _node_pb2.CoordinatorMessage]
+    """A node's session: Hello first, then updates and heartbeats; the coordinator answers
+    Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+    """
 
 @_typing.type_check_only
 class NodeGatewayAsyncStub(NodeGatewayStub):
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways."""
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Connect: _aio.StreamStreamMultiCallable[_gateway_pb2.NodeMessage, _gateway_pb2.CoordinatorMessage]  # type: ignore[assignment]
+    Connect: _aio.StreamStreamMultiCallable[_node_pb2.NodeMessage, _node_pb2.CoordinatorMessage]  # type: ignore[assignment]
+    """A node's session: Hello first, then updates and heartbeats; the coordinator answers
+    Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+    """
 
 class NodeGatewayServicer(metaclass=_abc_1.ABCMeta):
-    """The session of a node with its coordinator: one bidirectional stream, batched both ways."""
+    """Where nodes dial their coordinator. The session's messages are in node.proto: a coordinator
+    that dials a node (Node.Attach) runs the same session over the same messages.
+    """
 
     @_abc_1.abstractmethod
     def Connect(
         self,
-        request_iterator: _MaybeAsyncIterator[_gateway_pb2.NodeMessage],
+        request_iterator: _MaybeAsyncIterator[_node_pb2.NodeMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.CoordinatorMessage], _abc.AsyncIterator[_gateway_pb2.CoordinatorMessage]]: ...
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.CoordinatorMessage], _abc.AsyncIterator[_node_pb2.CoordinatorMessage]]:
+        """A node's session: Hello first, then updates and heartbeats; the coordinator answers
+        Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+        """
 
 def add_NodeGatewayServicer_to_server(servicer: NodeGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

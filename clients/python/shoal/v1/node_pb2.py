@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\xf6\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x12$\n\rdetected_gpus\x18\x0b \x03(\x0b\x32\r.shoal.v1.Gpu\x12\x18\n\x10\x64ocker_available\x18\x0c \x01(\x08\x12\x15\n\rollama_models\x18\r \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"C\n\x0e\x45xecuteRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xa4\x01\n\rExecuteUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x07started\x18\x02 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x42\x08\n\x06update\"\x1e\n\x0bNodeTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc2\x01\n\tLocalTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x03 \x01(\x0b\x32\x14.shoal.v1.TaskResult\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe2\x01\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfo\x12>\n\x07\x45xecute\x12\x18.shoal.v1.ExecuteRequest\x1a\x17.shoal.v1.ExecuteUpdate0\x01\x12\x31\n\x03Get\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x34\n\x06\x43\x61ncel\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTaskb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\x9c\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x12$\n\rdetected_gpus\x18\x0b \x03(\x0b\x32\r.shoal.v1.Gpu\x12\x18\n\x10\x64ocker_available\x18\x0c \x01(\x08\x12\x15\n\rollama_models\x18\r \x03(\t\x12\r\n\x05tools\x18\x0e \x03(\t\x12\x15\n\rloaded_models\x18\x0f \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"C\n\x0e\x45xecuteRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xa4\x01\n\rExecuteUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x07started\x18\x02 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x42\x08\n\x06update\"\x1e\n\x0bNodeTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc2\x01\n\tLocalTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x03 \x01(\x0b\x32\x14.shoal.v1.TaskResult\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x0bNodeMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x07updates\x18\x02 \x01(\x0b\x32\x15.shoal.v1.UpdateBatchH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.shoal.v1.HeartbeatH\x00\x12.\n\tchallenge\x18\x04 \x01(\x0b\x32\x19.shoal.v1.AttachChallengeH\x00\x42\x05\n\x03msg\"c\n\x05Hello\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt\x12\r\n\x05token\x18\x03 \x01(\t\"2\n\x0f\x41ttachChallenge\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"\x1a\n\x0b\x41ttachProof\x12\x0b\n\x03mac\x18\x01 \x01(\x0c\"G\n\x0eRunningAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\"4\n\x0bUpdateBatch\x12%\n\x07updates\x18\x01 \x03(\x0b\x32\x14.shoal.v1.TaskUpdate\"\xec\x01\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.shoal.v1.StartedH\x00\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12&\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x12.shoal.v1.FinishedH\x00\x12&\n\x08released\x18\x06 \x01(\x0b\x32\x12.shoal.v1.ReleasedH\x00\x42\x08\n\x06update\"\t\n\x07Started\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x08\x46inished\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x02 \x01(\x0b\x32\x14.shoal.v1.TaskResult\"\xcc\x01\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tthrottled\x18\x05 \x01(\x08\x12(\n\x0cmin_priority\x18\x06 \x01(\x0e\x32\x12.shoal.v1.Priority\x12\x0e\n\x06paused\x18\x07 \x01(\r\x12\x17\n\x0fthrottle_reason\x18\x08 \x01(\t\x12\x15\n\rloaded_models\x18\t \x03(\t\"\x90\x02\n\x12\x43oordinatorMessage\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x11.shoal.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.shoal.v1.AssignmentBatchH\x00\x12(\n\x07\x63\x61ncels\x18\x03 \x01(\x0b\x32\x15.shoal.v1.CancelBatchH\x00\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x16.shoal.v1.LeaseRenewedH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.DrainH\x00\x12&\n\x05proof\x18\x06 \x01(\x0b\x32\x15.shoal.v1.AttachProofH\x00\x42\x05\n\x03msg\"\x8d\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x05lease\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1b\n\x0cLeaseRenewed\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"Q\n\x05\x44rain\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05leave\x18\x02 \x01(\x08\x12\x0f\n\x07undrain\x18\x03 \x01(\x08\"e\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\"<\n\x0f\x41ssignmentBatch\x12)\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x14.shoal.v1.Assignment\"9\n\x0b\x43\x61ncelBatch\x12*\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt2\xa5\x02\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfo\x12>\n\x07\x45xecute\x12\x18.shoal.v1.ExecuteRequest\x1a\x17.shoal.v1.ExecuteUpdate0\x01\x12\x31\n\x03Get\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x34\n\x06\x43\x61ncel\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x41\n\x06\x41ttach\x12\x1c.shoal.v1.CoordinatorMessage\x1a\x15.shoal.v1.NodeMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +36,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODEINFO']._serialized_start=88
-  _globals['_NODEINFO']._serialized_end=462
-  _globals['_NODEINFO_LABELSENTRY']._serialized_start=417
-  _globals['_NODEINFO_LABELSENTRY']._serialized_end=462
-  _globals['_GPU']._serialized_start=464
-  _globals['_GPU']._serialized_end=502
-  _globals['_RESOURCES']._serialized_start=504
-  _globals['_RESOURCES']._serialized_end=562
-  _globals['_INFOREQUEST']._serialized_start=564
-  _globals['_INFOREQUEST']._serialized_end=577
-  _globals['_EXECUTEREQUEST']._serialized_start=579
-  _globals['_EXECUTEREQUEST']._serialized_end=646
-  _globals['_EXECUTEUPDATE']._serialized_start=649
-  _globals['_EXECUTEUPDATE']._serialized_end=813
-  _globals['_NODETASKREF']._serialized_start=815
-  _globals['_NODETASKREF']._serialized_end=845
-  _globals['_LOCALTASK']._serialized_start=848
-  _globals['_LOCALTASK']._serialized_end=1042
-  _globals['_NODE']._serialized_start=1045
-  _globals['_NODE']._serialized_end=1271
+  _globals['_NODEINFO']._serialized_start=120
+  _globals['_NODEINFO']._serialized_end=532
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=487
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=532
+  _globals['_GPU']._serialized_start=534
+  _globals['_GPU']._serialized_end=572
+  _globals['_RESOURCES']._serialized_start=574
+  _globals['_RESOURCES']._serialized_end=632
+  _globals['_INFOREQUEST']._serialized_start=634
+  _globals['_INFOREQUEST']._serialized_end=647
+  _globals['_EXECUTEREQUEST']._serialized_start=649
+  _globals['_EXECUTEREQUEST']._serialized_end=716
+  _globals['_EXECUTEUPDATE']._serialized_start=719
+  _globals['_EXECUTEUPDATE']._serialized_end=883
+  _globals['_NODETASKREF']._serialized_start=885
+  _globals['_NODETASKREF']._serialized_end=915
+  _globals['_LOCALTASK']._serialized_start=918
+  _globals['_LOCALTASK']._serialized_end=1112
+  _globals['_NODEMESSAGE']._serialized_start=1115
+  _globals['_NODEMESSAGE']._serialized_end=1301
+  _globals['_HELLO']._serialized_start=1303
+  _globals['_HELLO']._serialized_end=1402
+  _globals['_ATTACHCHALLENGE']._serialized_start=1404
+  _globals['_ATTACHCHALLENGE']._serialized_end=1454
+  _globals['_ATTACHPROOF']._serialized_start=1456
+  _globals['_ATTACHPROOF']._serialized_end=1482
+  _globals['_RUNNINGATTEMPT']._serialized_start=1484
+  _globals['_RUNNINGATTEMPT']._serialized_end=1555
+  _globals['_UPDATEBATCH']._serialized_start=1557
+  _globals['_UPDATEBATCH']._serialized_end=1609
+  _globals['_TASKUPDATE']._serialized_start=1612
+  _globals['_TASKUPDATE']._serialized_end=1848
+  _globals['_STARTED']._serialized_start=1850
+  _globals['_STARTED']._serialized_end=1859
+  _globals['_RELEASED']._serialized_start=1861
+  _globals['_RELEASED']._serialized_end=1887
+  _globals['_FINISHED']._serialized_start=1889
+  _globals['_FINISHED']._serialized_end=1973
+  _globals['_HEARTBEAT']._serialized_start=1976
+  _globals['_HEARTBEAT']._serialized_end=2180
+  _globals['_COORDINATORMESSAGE']._serialized_start=2183
+  _globals['_COORDINATORMESSAGE']._serialized_end=2455
+  _globals['_WELCOME']._serialized_start=2458
+  _globals['_WELCOME']._serialized_end=2599
+  _globals['_LEASERENEWED']._serialized_start=2601
+  _globals['_LEASERENEWED']._serialized_end=2628
+  _globals['_DRAIN']._serialized_start=2630
+  _globals['_DRAIN']._serialized_end=2711
+  _globals['_ASSIGNMENT']._serialized_start=2713
+  _globals['_ASSIGNMENT']._serialized_end=2814
+  _globals['_ASSIGNMENTBATCH']._serialized_start=2816
+  _globals['_ASSIGNMENTBATCH']._serialized_end=2876
+  _globals['_CANCELBATCH']._serialized_start=2878
+  _globals['_CANCELBATCH']._serialized_end=2935
+  _globals['_NODE']._serialized_start=2938
+  _globals['_NODE']._serialized_end=3231
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -59,6 +60,8 @@ class NodeInfo(_message.Message):
     DETECTED_GPUS_FIELD_NUMBER: _builtins.int
     DOCKER_AVAILABLE_FIELD_NUMBER: _builtins.int
     OLLAMA_MODELS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    LOADED_MODELS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     version: _builtins.str
@@ -86,6 +89,14 @@ class NodeInfo(_message.Message):
     def ollama_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """served by the Ollama server at OLLAMA_HOST, if one answers"""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """named Python callables the `tool` executor runs here"""
+
+    @_builtins.property
+    def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """models loaded in memory now (Ollama); heartbeats update it"""
+
     def __init__(
         self,
         *,
@@ -102,10 +113,12 @@ class NodeInfo(_message.Message):
         detected_gpus: _abc.Iterable[Global___Gpu] | None = ...,
         docker_available: _builtins.bool = ...,
         ollama_models: _abc.Iterable[_builtins.str] | None = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        loaded_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "loaded_models", b"loaded_models", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "tools", b"tools", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,3 +306,519 @@ class LocalTask(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LocalTask: _TypeAlias = LocalTask  # noqa: Y015
+
+@_typing.final
+class NodeMessage(_message.Message):
+    """-- The session of a node with its coordinator (NodeGateway.Connect, or Node.Attach) ----------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELLO_FIELD_NUMBER: _builtins.int
+    UPDATES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hello(self) -> Global___Hello:
+        """first message of every session (after the challenge, if any)"""
+
+    @_builtins.property
+    def updates(self) -> Global___UpdateBatch: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def challenge(self) -> Global___AttachChallenge:
+        """Node.Attach with auth on: the node's first message"""
+
+    def __init__(
+        self,
+        *,
+        hello: Global___Hello | None = ...,
+        updates: Global___UpdateBatch | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        challenge: Global___AttachChallenge | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "updates", b"updates"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "updates", "heartbeat", "challenge"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___NodeMessage: _TypeAlias = NodeMessage  # noqa: Y015
+
+@_typing.final
+class Hello(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """On Node.Attach only: the node's token, which NodeGateway.Connect carries in its metadata."""
+    @_builtins.property
+    def info(self) -> Global___NodeInfo: ...
+    @_builtins.property
+    def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningAttempt]:
+        """Attempts the node is still running (after a reconnect)."""
+
+    def __init__(
+        self,
+        *,
+        info: Global___NodeInfo | None = ...,
+        running: _abc.Iterable[Global___RunningAttempt] | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "running", b"running", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class AttachChallenge(_message.Message):
+    """The node asks the coordinator that dialled it to prove it is its coordinator: it knows the
+    SHA-256 of the secret of the node's token, which only the coordinator that issued it keeps.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.str
+    nonce: _builtins.bytes
+    """32 random bytes, new for every session"""
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachChallenge: _TypeAlias = AttachChallenge  # noqa: Y015
+
+@_typing.final
+class AttachProof(_message.Message):
+    """HMAC-SHA256 keyed with that hash, of "shoal-attach:" + token_id + ":" + nonce."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAC_FIELD_NUMBER: _builtins.int
+    mac: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mac", b"mac"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachProof: _TypeAlias = AttachProof  # noqa: Y015
+
+@_typing.final
+class RunningAttempt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    @_builtins.property
+    def attempt(self) -> _task_pb2.AttemptId: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _task_pb2.AttemptId | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunningAttempt: _TypeAlias = RunningAttempt  # noqa: Y015
+
+@_typing.final
+class UpdateBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskUpdate]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___TaskUpdate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateBatch: _TypeAlias = UpdateBatch  # noqa: Y015
+
+@_typing.final
+class TaskUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    @_builtins.property
+    def attempt(self) -> _task_pb2.AttemptId: ...
+    @_builtins.property
+    def started(self) -> Global___Started: ...
+    @_builtins.property
+    def output(self) -> _task_pb2.OutputChunk: ...
+    @_builtins.property
+    def finished(self) -> Global___Finished: ...
+    @_builtins.property
+    def released(self) -> Global___Released: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _task_pb2.AttemptId | None = ...,
+        started: Global___Started | None = ...,
+        output: _task_pb2.OutputChunk | None = ...,
+        finished: Global___Finished | None = ...,
+        released: Global___Released | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished", "released"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___TaskUpdate: _TypeAlias = TaskUpdate  # noqa: Y015
+
+@_typing.final
+class Started(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Started: _TypeAlias = Started  # noqa: Y015
+
+@_typing.final
+class Released(_message.Message):
+    """The node gives the attempt back unfinished (it is draining, or it stopped the task when
+    its lease ran out): the task is queued again and the attempt does not count against its
+    retry policy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Released: _TypeAlias = Released  # noqa: Y015
+
+@_typing.final
+class Finished(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    state: _task_pb2.TaskState.ValueType
+    """SUCCEEDED, FAILED, CANCELLED or TIMED_OUT"""
+    @_builtins.property
+    def result(self) -> _task_pb2.TaskResult: ...
+    def __init__(
+        self,
+        *,
+        state: _task_pb2.TaskState.ValueType = ...,
+        result: _task_pb2.TaskResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Finished: _TypeAlias = Finished  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    THROTTLED_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    THROTTLE_REASON_FIELD_NUMBER: _builtins.int
+    LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    running: _builtins.int
+    free_slots: _builtins.int
+    seq: _builtins.int
+    """Echoed by the coordinator in LeaseRenewed: the node measures its lease from the moment it
+    sent the heartbeat that was acknowledged, so it always ends before the coordinator's.
+    """
+    draining: _builtins.bool
+    """the node takes no new work"""
+    throttled: _builtins.bool
+    """The node's resource guard: its machine's own (foreground) load is over the node's
+    threshold, so it takes only tasks of `min_priority` or higher until the load falls.
+    """
+    min_priority: _task_pb2.Priority.ValueType
+    """the lowest priority it takes while throttled"""
+    paused: _builtins.int
+    """its tasks stopped (SIGSTOP) now, under the `pause` policy"""
+    throttle_reason: _builtins.str
+    """why it is throttled, e.g. "cpu 93% > 70%" """
+    @_builtins.property
+    def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """models loaded in memory now (Ollama), as in NodeInfo"""
+
+    def __init__(
+        self,
+        *,
+        running: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        draining: _builtins.bool = ...,
+        throttled: _builtins.bool = ...,
+        min_priority: _task_pb2.Priority.ValueType = ...,
+        paused: _builtins.int = ...,
+        throttle_reason: _builtins.str = ...,
+        loaded_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_slots", b"free_slots", "loaded_models", b"loaded_models", "min_priority", b"min_priority", "paused", b"paused", "running", b"running", "seq", b"seq", "throttle_reason", b"throttle_reason", "throttled", b"throttled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class CoordinatorMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WELCOME_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    CANCELS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def welcome(self) -> Global___Welcome: ...
+    @_builtins.property
+    def assignments(self) -> Global___AssignmentBatch: ...
+    @_builtins.property
+    def cancels(self) -> Global___CancelBatch: ...
+    @_builtins.property
+    def lease(self) -> Global___LeaseRenewed: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def proof(self) -> Global___AttachProof:
+        """Node.Attach: the answer to the node's challenge, before Welcome"""
+
+    def __init__(
+        self,
+        *,
+        welcome: Global___Welcome | None = ...,
+        assignments: Global___AssignmentBatch | None = ...,
+        cancels: Global___CancelBatch | None = ...,
+        lease: Global___LeaseRenewed | None = ...,
+        drain: Global___Drain | None = ...,
+        proof: Global___AttachProof | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "drain", b"drain", "lease", b"lease", "msg", b"msg", "proof", b"proof", "welcome", b"welcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "drain", b"drain", "lease", b"lease", "msg", b"msg", "proof", b"proof", "welcome", b"welcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["welcome", "assignments", "cancels", "lease", "drain", "proof"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___CoordinatorMessage: _TypeAlias = CoordinatorMessage  # noqa: Y015
+
+@_typing.final
+class Welcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """A node that has not renewed its lease for this long is lost: its tasks run elsewhere."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        epoch: _builtins.int = ...,
+        lease: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class LeaseRenewed(_message.Message):
+    """The answer to a heartbeat: the lease runs again from when the node sent `seq`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRenewed: _TypeAlias = LeaseRenewed  # noqa: Y015
+
+@_typing.final
+class Drain(_message.Message):
+    """Take no new work; finish running tasks within `grace`, then release the rest.
+    `undrain` takes work again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRACE_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    UNDRAIN_FIELD_NUMBER: _builtins.int
+    leave: _builtins.bool
+    """end the node's process once drained"""
+    undrain: _builtins.bool
+    @_builtins.property
+    def grace(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        grace: _duration_pb2.Duration | None = ...,
+        leave: _builtins.bool = ...,
+        undrain: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace", "leave", b"leave", "undrain", b"undrain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drain: _TypeAlias = Drain  # noqa: Y015
+
+@_typing.final
+class Assignment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    @_builtins.property
+    def attempt(self) -> _task_pb2.AttemptId: ...
+    @_builtins.property
+    def spec(self) -> _task_pb2.TaskSpec: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _task_pb2.AttemptId | None = ...,
+        spec: _task_pb2.TaskSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "spec", b"spec", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class AssignmentBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]: ...
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignmentBatch: _TypeAlias = AssignmentBatch  # noqa: Y015
+
+@_typing.final
+class CancelBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningAttempt]: ...
+    def __init__(
+        self,
+        *,
+        attempts: _abc.Iterable[Global___RunningAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatch: _TypeAlias = CancelBatch  # noqa: Y015

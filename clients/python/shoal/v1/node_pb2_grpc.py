@@ -55,6 +55,11 @@ class NodeStub:
                 request_serializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
                 _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/shoal.v1.Node/Attach',
+                request_serializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.NodeMessage.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -90,6 +95,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request_iterator, context):
+        """A coordinator dials the node (adopt mode) and runs the node's session over this stream, as
+        if the node had dialled NodeGateway.Connect. Needs no token: with auth on, the node first
+        sends a challenge, and sends Hello (with its token) only once the coordinator proved it
+        holds the token's hash. A node has one session at a time, whichever side dialled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +127,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=shoal_dot_v1_dot_node__pb2.NodeTaskRef.FromString,
                     response_serializer=shoal_dot_v1_dot_node__pb2.LocalTask.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +243,33 @@ class Node:
             '/shoal.v1.Node/Cancel',
             shoal_dot_v1_dot_node__pb2.NodeTaskRef.SerializeToString,
             shoal_dot_v1_dot_node__pb2.LocalTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.v1.Node/Attach',
+            shoal_dot_v1_dot_node__pb2.CoordinatorMessage.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.NodeMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class NodeStub:
     """A task started by Execute: running, or finished not long ago."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]
     """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
+    Attach: _grpc.StreamStreamMultiCallable[_node_pb2.CoordinatorMessage, _node_pb2.NodeMessage]
+    """A coordinator dials the node (adopt mode) and runs the node's session over this stream, as
+    if the node had dialled NodeGateway.Connect. Needs no token: with auth on, the node first
+    sends a challenge, and sends Hello (with its token) only once the coordinator proved it
+    holds the token's hash. A node has one session at a time, whichever side dialled.
+    """
 
 @_typing.type_check_only
 class NodeAsyncStub(NodeStub):
@@ -59,6 +65,12 @@ class NodeAsyncStub(NodeStub):
     """A task started by Execute: running, or finished not long ago."""
     Cancel: _aio.UnaryUnaryMultiCallable[_node_pb2.NodeTaskRef, _node_pb2.LocalTask]  # type: ignore[assignment]
     """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
+    Attach: _aio.StreamStreamMultiCallable[_node_pb2.CoordinatorMessage, _node_pb2.NodeMessage]  # type: ignore[assignment]
+    """A coordinator dials the node (adopt mode) and runs the node's session over this stream, as
+    if the node had dialled NodeGateway.Connect. Needs no token: with auth on, the node first
+    sends a challenge, and sends Hello (with its token) only once the coordinator proved it
+    holds the token's hash. A node has one session at a time, whichever side dialled.
+    """
 
 class NodeServicer(metaclass=_abc_1.ABCMeta):
     """The worker API of a standalone node. Every call but health needs the node's token."""
@@ -96,5 +108,17 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.LocalTask, _abc.Awaitable[_node_pb2.LocalTask]]:
         """Stops a task started by Execute; answers once it has ended (a finished one as it is)."""
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_pb2.CoordinatorMessage],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.NodeMessage], _abc.AsyncIterator[_node_pb2.NodeMessage]]:
+        """A coordinator dials the node (adopt mode) and runs the node's session over this stream, as
+        if the node had dialled NodeGateway.Connect. Needs no token: with auth on, the node first
+        sends a challenge, and sends Hello (with its token) only once the coordinator proved it
+        holds the token's hash. A node has one session at a time, whichever side dialled.
+        """
 
 def add_NodeServicer_to_server(servicer: NodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

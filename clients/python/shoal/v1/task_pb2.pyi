@@ -121,6 +121,30 @@ TASK_STATE_SKIPPED: TaskState.ValueType  # 9
 """an upstream failed"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _PullPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PullPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PullPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PULL_POLICY_UNSPECIFIED: _PullPolicy.ValueType  # 0
+    """NEVER"""
+    PULL_POLICY_NEVER: _PullPolicy.ValueType  # 1
+    """the image must be on the node already"""
+    PULL_POLICY_IF_MISSING: _PullPolicy.ValueType  # 2
+    PULL_POLICY_ALWAYS: _PullPolicy.ValueType  # 3
+
+class PullPolicy(_PullPolicy, metaclass=_PullPolicyEnumTypeWrapper):
+    """When the node fetches a task's image from a registry."""
+
+PULL_POLICY_UNSPECIFIED: PullPolicy.ValueType  # 0
+"""NEVER"""
+PULL_POLICY_NEVER: PullPolicy.ValueType  # 1
+"""the image must be on the node already"""
+PULL_POLICY_IF_MISSING: PullPolicy.ValueType  # 2
+PULL_POLICY_ALWAYS: PullPolicy.ValueType  # 3
+Global___PullPolicy: _TypeAlias = PullPolicy  # noqa: Y015
+
 class _OutputStream:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -130,12 +154,16 @@ class _OutputStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputSt
     OUTPUT_STREAM_UNSPECIFIED: _OutputStream.ValueType  # 0
     OUTPUT_STREAM_STDOUT: _OutputStream.ValueType  # 1
     OUTPUT_STREAM_STDERR: _OutputStream.ValueType  # 2
+    OUTPUT_STREAM_PROGRESS: _OutputStream.ValueType  # 3
+    """what the executor says of its progress ("pulling image")"""
 
 class OutputStream(_OutputStream, metaclass=_OutputStreamEnumTypeWrapper): ...
 
 OUTPUT_STREAM_UNSPECIFIED: OutputStream.ValueType  # 0
 OUTPUT_STREAM_STDOUT: OutputStream.ValueType  # 1
 OUTPUT_STREAM_STDERR: OutputStream.ValueType  # 2
+OUTPUT_STREAM_PROGRESS: OutputStream.ValueType  # 3
+"""what the executor says of its progress ("pulling image")"""
 Global___OutputStream: _TypeAlias = OutputStream  # noqa: Y015
 
 class _BreakerState:
@@ -474,6 +502,11 @@ Global___PythonSpec: _TypeAlias = PythonSpec  # noqa: Y015
 
 @_typing.final
 class DockerSpec(_message.Message):
+    """Run a container. Sandboxed unless the node's operator allows more: no network, a read-only
+    root with a tmpfs /tmp, no capabilities, no-new-privileges, an unprivileged user, limits on
+    memory and processes, no host mounts.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -496,16 +529,57 @@ class DockerSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FilesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     IMAGE_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     workdir: _builtins.str
+    cpus: _builtins.float
+    """CPU limit in cores; default: the node's docker_cpus"""
+    memory_mb: _builtins.int
+    """default: the node's docker_memory_mb"""
+    pids: _builtins.int
+    """most processes at once; default: the node's docker_pids"""
+    pull: Global___PullPolicy.ValueType
+    network: _builtins.bool
+    """a network: only on a node whose operator allows it"""
     @_builtins.property
-    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """default: the image's own"""
+
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """Input files written into the container before it starts: absolute path -> content."""
+
     def __init__(
         self,
         *,
@@ -513,10 +587,16 @@ class DockerSpec(_message.Message):
         command: _abc.Iterable[_builtins.str] | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         workdir: _builtins.str = ...,
+        files: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        cpus: _builtins.float = ...,
+        memory_mb: _builtins.int = ...,
+        pids: _builtins.int = ...,
+        pull: Global___PullPolicy.ValueType = ...,
+        network: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "image", b"image", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "cpus", b"cpus", "env", b"env", "files", b"files", "image", b"image", "memory_mb", b"memory_mb", "network", b"network", "pids", b"pids", "pull", b"pull", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,18 +626,27 @@ Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class OllamaSpec(_message.Message):
+    """Generate (prompt) or chat (messages) with a model of the node's Ollama server."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    SYSTEM_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
+    system: _builtins.str
+    format: _builtins.str
+    """"json", or a JSON schema as text"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
-    def options(self) -> _struct_pb2.Struct: ...
+    def options(self) -> _struct_pb2.Struct:
+        """Ollama's model options (temperature, num_ctx, ...)"""
+
     def __init__(
         self,
         *,
@@ -565,17 +654,48 @@ class OllamaSpec(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         options: _struct_pb2.Struct | None = ...,
+        system: _builtins.str = ...,
+        format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "options", b"options", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "messages", b"messages", "model", b"model", "options", b"options", "prompt", b"prompt", "system", b"system"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OllamaSpec: _TypeAlias = OllamaSpec  # noqa: Y015
 
 @_typing.final
+class LlmRoute(_message.Message):
+    """A model of a provider, in an llm task's preference list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """"ollama", "openai", "anthropic" or "gemini" """
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LlmRoute: _TypeAlias = LlmRoute  # noqa: Y015
+
+@_typing.final
 class LlmSpec(_message.Message):
+    """A call to a language model. Either `provider` and `model`, or `routes`: the coordinator
+    takes the first route a node can serve within its budget, whose breaker is not open.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
@@ -583,12 +703,19 @@ class LlmSpec(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    SYSTEM_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     prompt: _builtins.str
     max_tokens: _builtins.int
+    system: _builtins.str
+    temperature: _builtins.float
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LlmRoute]: ...
     def __init__(
         self,
         *,
@@ -597,10 +724,13 @@ class LlmSpec(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         max_tokens: _builtins.int = ...,
+        system: _builtins.str = ...,
+        temperature: _builtins.float = ...,
+        routes: _abc.Iterable[Global___LlmRoute] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "provider", b"provider", "routes", b"routes", "system", b"system", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,6 +738,8 @@ Global___LlmSpec: _TypeAlias = LlmSpec  # noqa: Y015
 
 @_typing.final
 class HttpSpec(_message.Message):
+    """An HTTP request from the node, to a host its operator allows. The task's timeout bounds it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -1002,6 +1134,7 @@ class TaskResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     INFRASTRUCTURE_FAILURE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
     stdout: _builtins.str
     """Tails of the output, capped by the node."""
@@ -1018,6 +1151,10 @@ class TaskResult(_message.Message):
     def usage(self) -> Global___Usage:
         """what it used (LLM executors report it)"""
 
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
+        """files it produced, within the node's size cap"""
+
     def __init__(
         self,
         *,
@@ -1028,14 +1165,42 @@ class TaskResult(_message.Message):
         error: _builtins.str = ...,
         infrastructure_failure: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stdout", b"stdout", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stdout", b"stdout", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskResult: _TypeAlias = TaskResult  # noqa: Y015
+
+@_typing.final
+class Artifact(_message.Message):
+    """A file a task produced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    data: _builtins.bytes
+    media_type: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "media_type", b"media_type", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
 
 @_typing.final
 class Attempt(_message.Message):

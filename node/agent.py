@@ -149,9 +149,7 @@ class NodeAgent:
     ) -> None:
         self.settings = settings
         self.node_id = settings.resolved_node_id()
-        self.executors = (
-            executors if executors is not None else available_executors(settings.executors)
-        )
+        self.executors = executors if executors is not None else available_executors(settings)
         self.secrets = SecretStore.from_settings(settings)
         self.connected = asyncio.Event()  # set while a session is up
         self.left = asyncio.Event()  # set once drained to leave: the process should end
@@ -247,6 +245,12 @@ class NodeAgent:
         )
         check_service_access(self.settings, self._token)
         await self.machine.async_refresh()
+        for name, executor in list(self.executors.items()):
+            if not await executor.async_available():
+                _log.warning(
+                    "node=%s executor=%s not available here: not offered", self.node_id, name
+                )
+                del self.executors[name]
         gate = Gate(_POLICY, self._authenticate if self.settings.auth else None)
         server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
@@ -290,6 +294,7 @@ class NodeAgent:
         for task in runs:
             task.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
+        await asyncio.gather(*(e.aclose() for e in self.executors.values()))
         await self.machine.aclose()
         await self.discovery.async_stop()
         server, self._server = self._server, None

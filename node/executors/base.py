@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from shoal.config import NodeSettings
 from shoal.node.executors.groups import ProcessGroups
 from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
@@ -47,13 +48,29 @@ class Outcome:
 
 
 class Executor(ABC):
-    """Runs one kind of spec. Cancellation arrives as asyncio.CancelledError and must clean up."""
+    """Runs one kind of spec. Cancellation arrives as asyncio.CancelledError and must clean up.
+
+    Built once per node with the node's settings; `options` is its own table of them,
+    `[node.executor_options.<name>]` (for third-party executors).
+    """
 
     name: ClassVar[str]
 
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.options: dict[str, Any] = settings.executor_options.get(self.name, {})
+
     def available(self) -> bool:
-        """Whether this machine can run it (checked when the node starts)."""
+        """Whether this machine can run it: a quick check when the node is built."""
         return True
+
+    async def async_available(self) -> bool:
+        """Whether it can run now, when that takes I/O (an engine that must answer): awaited
+        when the node starts; an executor that says no is not offered."""
+        return True
+
+    async def aclose(self) -> None:
+        """Release what it holds (clients, connections) when the node stops."""
 
     @abstractmethod
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
@@ -69,8 +86,9 @@ def register(cls: type[Executor]) -> type[Executor]:
     return cls
 
 
-def available_executors(enabled: list[str] | None = None) -> dict[str, Executor]:
-    """Every available executor: the built-ins and those of the `shoal.executors` entry points."""
+def available_executors(settings: NodeSettings) -> dict[str, Executor]:
+    """Every available executor the settings enable (`executors`; empty: all): the built-ins and
+    those of the `shoal.executors` entry points."""
     from shoal.node.executors import noop, python, shell  # noqa: F401  (registers the built-ins)
 
     for ep in entry_points(group="shoal.executors"):
@@ -78,10 +96,11 @@ def available_executors(enabled: list[str] | None = None) -> dict[str, Executor]
         if isinstance(cls, type) and issubclass(cls, Executor):
             register(cls)
     out: dict[str, Executor] = {}
+    enabled = settings.executors
     for name, cls in sorted(_REGISTRY.items()):
         if enabled and name not in enabled:
             continue
-        executor = cls()
+        executor = cls(settings)
         if executor.available():
             out[name] = executor
     return out

@@ -180,6 +180,8 @@ class NodeSettings(_Settings):
     slots: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)
     executors: list[str] = Field(default_factory=list)  # empty: every available executor
+    # Settings of third-party executors, by executor name ([node.executor_options.<name>]).
+    executor_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     weight: float = Field(default=1.0, gt=0)  # share of work under weighted routing
     # What tasks may reserve here (ResourceRequest); unset: what the machine has.
     cpus: int | None = None

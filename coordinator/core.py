@@ -832,8 +832,11 @@ class Coordinator:
 
     # -- node sessions ---------------------------------------------------------------------
 
-    def attach(self, hello: node_pb2.Hello, peer: str, *, by: Principal) -> NodeSession:
-        """Start a node's session; a session already open under its id is replaced.
+    def attach(
+        self, hello: node_pb2.Hello, peer: str, *, by: Principal, adopted: bool = False
+    ) -> NodeSession:
+        """Start a node's session (`adopted`: one this coordinator dialled); a session already
+        open under its id is replaced, whichever side dialled either.
 
         The attempts its Hello lists stay its own when they still are: the current attempt of a
         task assigned to it, or (after a restart) of a recovered task nobody else has run yet.
@@ -863,6 +866,7 @@ class Coordinator:
             ),
             now=self._clock(),
             wall=self._wall(),
+            adopted=adopted,
         )
         self._sessions[info.node_id] = session
         for running in hello.running:
@@ -893,9 +897,10 @@ class Coordinator:
             if not self._awaited:
                 self._end_recovery()  # every node that was there is back
         _log.info(
-            "node=%s joined peer=%s slots=%d executors=%s",
+            "node=%s joined peer=%s%s slots=%d executors=%s",
             info.node_id,
             peer,
+            " (adopted)" if adopted else "",
             session.slots.slots,
             ",".join(info.executors),
         )
@@ -1540,6 +1545,7 @@ class Coordinator:
                     paused=s.paused,
                     throttle_reason=s.throttle_reason,
                     health=seen.health if seen is not None else admin_pb2.NODE_HEALTH_UNSPECIFIED,
+                    adopted=s.adopted,
                 )
             )
         out.extend(n for node_id, n in discovered.items() if node_id not in self._sessions)
@@ -1566,6 +1572,10 @@ class Coordinator:
     def _node_breakers(self, node_id: str) -> list[Breaker]:
         node = self._breakers.get(node_key(node_id))
         return ([node] if node else []) + self._breakers.with_prefix(executor_key(node_id, ""))
+
+    def session(self, node_id: str) -> NodeSession | None:
+        """The node's session, if it has one."""
+        return self._sessions.get(node_id)
 
     def _session_of(self, node_id: str) -> NodeSession:
         session = self._sessions.get(node_id)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -40,9 +41,10 @@ class _Watched:
 
 
 class CoordinatorDiscovery:
-    """Advertises the coordinator (`_shoal._tcp`, its cluster in TXT) and watches the nodes
-    advertised for its cluster (`_shoal-node._tcp`): each one's gRPC health is checked every
-    `health_interval` over a channel kept open. `async_start`, then `async_stop` (idempotent).
+    """Advertises the coordinator (`_shoal._tcp`, its cluster in TXT; unless `advertise` is
+    False) and watches the nodes advertised for its cluster (`_shoal-node._tcp`): each one's
+    gRPC health is checked every `health_interval` over a channel kept open, and `on_nodes`
+    hears of every change (node id -> address). `async_start`, then `async_stop` (idempotent).
     """
 
     def __init__(
@@ -50,11 +52,15 @@ class CoordinatorDiscovery:
         settings: CoordinatorSettings,
         port: int,
         *,
+        advertise: bool = True,
+        on_nodes: Callable[[dict[str, str]], None] | None = None,
         health_interval: timedelta = timedelta(seconds=5),
         health_timeout: timedelta = timedelta(seconds=1),
     ) -> None:
         self._settings = settings
         self._port = port
+        self._advertise = advertise
+        self._on_nodes = on_nodes
         self._interval = health_interval.total_seconds()
         self._timeout = health_timeout.total_seconds()
         self._advertisement: Advertisement | None = None
@@ -80,15 +86,16 @@ class CoordinatorDiscovery:
             tls=s.tls_cert is not None,
             auth=s.auth,
         )
-        self._advertisement = Advertisement(
-            zc,
-            COORDINATOR_SERVICE,
-            f"{s.cluster} on {socket.gethostname()}",
-            hosts=hosts,
-            port=self._port,
-            txt=ad.txt(),
-        )
-        self._advertisement.async_publish()
+        if self._advertise:
+            self._advertisement = Advertisement(
+                zc,
+                COORDINATOR_SERVICE,
+                f"{s.cluster} on {socket.gethostname()}",
+                hosts=hosts,
+                port=self._port,
+                txt=ad.txt(),
+            )
+            self._advertisement.async_publish()
         self._browser = Browser(zc, NODE_SERVICE, decode_node)
         self._browser.async_start()
         self._follow = asyncio.create_task(self._follow_nodes(self._browser), name="shoal-mdns")
@@ -154,6 +161,8 @@ class CoordinatorDiscovery:
                 watched = _Watched(ad)
                 watched.task = asyncio.create_task(self._watch_health(watched))
                 self._watched[name] = watched
+            if self._on_nodes is not None:
+                self._on_nodes({w.ad.node_id: w.ad.address for w in self._watched.values()})
             await browser.async_changed(60.0, since=version)
 
     async def _unwatch(self, name: str) -> None:

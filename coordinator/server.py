@@ -21,6 +21,7 @@ from shoal._server import (
 )
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
+from shoal.coordinator.adopt import Adopter
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.metrics import MetricsServer
@@ -114,6 +115,7 @@ class CoordinatorServer:
         self._health: HealthServicer | None = None
         self._metrics: MetricsServer | None = None
         self.discovery: CoordinatorDiscovery | None = None
+        self.adopter: Adopter | None = None
         self.port = 0
 
     @property
@@ -191,12 +193,21 @@ class CoordinatorServer:
             self._metrics = MetricsServer(self.core, s.metrics_listen)
             self._metrics.start()
             _log.info("metrics on http://%s/metrics", self.metrics_address)
-        if advertises(s.advertise, s.listen):
-            discovery = CoordinatorDiscovery(s, self.port)
+        if s.adopt or s.nodes:
+            self.adopter = Adopter(self.core, s.nodes, auth=s.auth)
+            self.adopter.start()
+        advertise = advertises(s.advertise, s.listen)
+        if advertise or s.adopt:  # an adopting coordinator browses for nodes to dial
+            discovery = CoordinatorDiscovery(
+                s,
+                self.port,
+                advertise=advertise,
+                on_nodes=self.adopter.discovered if s.adopt and self.adopter else None,
+            )
             try:
                 await discovery.async_start()
             except (OSError, RuntimeError) as err:  # no multicast here: serve all the same
-                _log.error("cannot advertise on mDNS (%s); nodes need its address", err)
+                _log.error("cannot use mDNS (%s); nodes need its address", err)
                 await discovery.async_stop()
             else:
                 self.discovery = discovery
@@ -224,6 +235,9 @@ class CoordinatorServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.core.stop()
+        adopter, self.adopter = self.adopter, None
+        if adopter is not None:  # after the core closed the sessions it dialled
+            await adopter.stop()
         await server.stop(grace)
 
     async def wait(self) -> None:

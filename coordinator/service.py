@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import timedelta
 from typing import Any, TypeAlias
 
 import grpc
 
 from shoal._server import current_principal
-from shoal.auth import Role
+from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
@@ -258,34 +258,52 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "hello":
             raise InvalidArgument("a node session starts with hello")
-        session = self._core.attach(first.hello, context.peer(), by=current_principal())
-        reader = asyncio.create_task(self._read(session, request_iterator))
-        try:
-            yield self._core.welcome(session)
-            while (messages := await session.outgoing()) is not None:
-                for message in messages:
-                    yield message
-            if reader.done() and not reader.cancelled():
-                reader.result()  # a bad message ends the session with its status
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-            self._core.detach(session)
+        async for message in run_session(
+            self._core, first.hello, request_iterator, context.peer(), current_principal()
+        ):
+            yield message
 
-    async def _read(
-        self, session: NodeSession, messages: AsyncIterator[node_pb2.NodeMessage]
-    ) -> None:
-        try:
-            async for message in messages:
-                # Rate-limited: a flooding node is read slowly, and flow control pushes back.
-                delay = session.bucket.take()
-                if delay:
-                    session.throttled += 1
-                    await asyncio.sleep(delay)
-                self._core.on_message(session, message)
-        except grpc.aio.AioRpcError:
-            pass
-        finally:
-            # The node closed its side (or broke): end the session now, not at lease expiry.
-            self._core.detach(session)
+
+async def run_session(
+    core: Coordinator,
+    hello: node_pb2.Hello,
+    incoming: AsyncIterator[node_pb2.NodeMessage],
+    peer: str,
+    principal: Principal,
+    *,
+    adopted: bool = False,
+) -> AsyncGenerator[node_pb2.CoordinatorMessage, None]:
+    """A node's session after its Hello, whichever side dialled: Welcome, then what the core
+    sends it, while what the node sends is applied; it ends when either side closes."""
+    session = core.attach(hello, peer, by=principal, adopted=adopted)
+    reader = asyncio.create_task(_read(core, session, incoming))
+    try:
+        yield core.welcome(session)
+        while (messages := await session.outgoing()) is not None:
+            for message in messages:
+                yield message
+        if reader.done() and not reader.cancelled():
+            reader.result()  # a bad message ends the session with its status
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        core.detach(session)
+
+
+async def _read(
+    core: Coordinator, session: NodeSession, messages: AsyncIterator[node_pb2.NodeMessage]
+) -> None:
+    try:
+        async for message in messages:
+            # Rate-limited: a flooding node is read slowly, and flow control pushes back.
+            delay = session.bucket.take()
+            if delay:
+                session.throttled += 1
+                await asyncio.sleep(delay)
+            core.on_message(session, message)
+    except grpc.aio.AioRpcError:
+        pass
+    finally:
+        # The node closed its side (or broke): end the session now, not at lease expiry.
+        core.detach(session)

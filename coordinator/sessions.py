@@ -29,8 +29,10 @@ class NodeSession:
         *,
         now: float,
         wall: float,
+        adopted: bool = False,
     ) -> None:
         self.id = secrets.token_hex(8)
+        self.adopted = adopted  # the coordinator dialled the node (Node.Attach)
         self.info = info
         self.peer = peer
         self.principal = principal  # who opened it: its updates are recorded under this name
@@ -49,6 +51,7 @@ class NodeSession:
         self.last_seen = now  # monotonic
         self.connected_at = wall
         self.closed = False
+        self.ended = asyncio.Event()  # set once closed
         self._assignments: list[node_pb2.Assignment] = []
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, node_pb2.RunningAttempt] = {}
@@ -114,6 +117,7 @@ class NodeSession:
     def close(self) -> None:
         """End the session: the stream's writer sees it and returns."""
         self.closed = True
+        self.ended.set()
         self._wake.set()
 
     async def outgoing(self) -> list[node_pb2.CoordinatorMessage] | None:

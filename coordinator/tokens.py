@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from shoal.auth import COORDINATOR, Principal, Role, new_token, parse_token, secret_matches
+from shoal.auth import (
+    COORDINATOR,
+    Principal,
+    Role,
+    attach_proof,
+    new_token,
+    parse_token,
+    secret_matches,
+)
 from shoal.coordinator.store import Store, TokenRow
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 
@@ -57,6 +65,15 @@ class TokenRegistry:
             labels=dict(row.labels),
             token_id=row.id,
         )
+
+    def attach_proof(self, token_id: str, nonce: bytes) -> bytes:
+        """Answer a node's AttachChallenge for one of this coordinator's tokens, if it holds."""
+        row = self._rows.get(token_id)
+        if row is None or row.revoked_at is not None:
+            raise Unauthenticated("the node's token is not one of this coordinator's")
+        if row.expires_at is not None and row.expires_at <= self._wall():
+            raise Unauthenticated(f"token {row.name!r} has expired")
+        return attach_proof(row.secret_hash, token_id, nonce)
 
     def valid(self, principal: Principal) -> bool:
         """Whether the token a principal authenticated with still holds (not revoked or expired).

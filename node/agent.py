@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import platform
 import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import psutil
@@ -20,11 +22,12 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from shoal import __version__
 from shoal._channel import bearer, open_channel
-from shoal._server import HEALTH_POLICY, Gate, grpc_options, serve_health
-from shoal.auth import Principal, Role, hash_secret, secret_matches
+from shoal._server import HEALTH_POLICY, OPEN, Gate, grpc_options, method_path, serve_health
+from shoal.auth import Principal, Role, attach_proof, hash_secret, parse_token, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
@@ -51,9 +54,22 @@ __all__ = ["NodeAgent"]
 _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
-_POLICY = HEALTH_POLICY  # everything else (the Node service) needs the node's token
+_POLICY = {
+    **HEALTH_POLICY,
+    # A coordinator attaching the node proves itself inside the stream (see NodeAgent.attach).
+    method_path(node_pb2.DESCRIPTOR, "Node", "Attach"): OPEN,
+}
+"""Everything else (the rest of the Node service) needs the node's token."""
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
+
+
+class SessionStream(Protocol):
+    """Either end of a session's stream: the call a node dialled, or the context of an Attach."""
+
+    async def read(self) -> Any: ...
+
+    async def write(self, message: Any, /) -> None: ...
 
 
 class _SessionFailed(Exception):
@@ -183,6 +199,12 @@ class NodeAgent:
         self._heartbeats: dict[int, float] = {}
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
+        # One session at a time, whichever side dialled: the newest ends the one before.
+        self._session_slot = asyncio.Lock()
+        self._end_session: asyncio.Event | None = None  # ends the current session
+        self._adopted = 0  # sessions a coordinator dialled (Node.Attach) running now
+        self._not_adopted = asyncio.Event()  # set while there are none: the node dials its own
+        self._not_adopted.set()
         # The resource guard: while the machine is busy with its own work, only tasks of
         # `_floor` or higher priority are taken (and background ones paused, by policy).
         self.guard = (
@@ -259,8 +281,9 @@ class NodeAgent:
         await server.start()
         self._server = server
         await self.discovery.async_start(self.port)
-        if not self.settings.standalone:  # standalone: no coordinator, only its own service
-            self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
+        # A coordinator may attach any node, a standalone one too: the lease is kept either way.
+        self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
+        if not self.settings.standalone:  # standalone: it dials no coordinator
             self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
         if self.guard is not None:
             self._load_task = asyncio.create_task(
@@ -488,23 +511,29 @@ class NodeAgent:
     # -- the session -----------------------------------------------------------------------
 
     async def _session_loop(self) -> None:
-        """Keep a session up: reconnect with jittered exponential backoff, reset after success."""
+        """Keep a session up: reconnect with jittered exponential backoff, reset after success.
+
+        While a coordinator that dialled this node (Node.Attach) holds its session, it dials none.
+        """
         wait = wait_exponential_jitter(
-            multiplier=0.05, jitter=0.05, max=self.settings.reconnect_max.total_seconds()
+            initial=0.05, jitter=0.05, max=self.settings.reconnect_max.total_seconds()
         )
         while True:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
             ):
                 with attempt:
-                    await self._session()
+                    await self._not_adopted.wait()
+                    await self._dial()
 
-    async def _session(self) -> None:
+    async def _dial(self) -> None:
+        """One session this node dials: NodeGateway.Connect, its token in the call's metadata."""
         s = self.settings
         # A node paused past its lease learns it here at the latest: it stops what it runs
         # before telling the coordinator what it runs.
         self._check_lease()
         target = await self.discovery.async_coordinator()  # found again before each reconnect
+        await self._not_adopted.wait()  # adopted meanwhile: that session stands
         channel = open_channel(
             target,
             max_message_bytes=_MAX_MESSAGE,
@@ -514,6 +543,64 @@ class NodeAgent:
         )
         try:
             call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(metadata=bearer(self._token))
+            try:
+                await self._run_session(call, target)
+            finally:
+                call.cancel()
+        finally:
+            await channel.close()
+
+    async def attach(self, stream: SessionStream, peer: str) -> None:
+        """The session of a coordinator that dialled this node (Node.Attach), until it ends.
+
+        With a token, the node first has the coordinator prove it issued it (it holds the hash
+        of its secret), and only then sends its Hello, token included. Without one, it takes
+        any coordinator: only allowed when the node's service needs no token (loopback).
+        """
+        token_id = ""
+        if self._token:
+            token_id, secret = parse_token(self._token)
+            nonce = os.urandom(32)
+            await stream.write(
+                node_pb2.NodeMessage(
+                    challenge=node_pb2.AttachChallenge(token_id=token_id, nonce=nonce)
+                )
+            )
+            answer = await stream.read()
+            if (
+                not isinstance(answer, node_pb2.CoordinatorMessage)
+                or answer.WhichOneof("msg") != "proof"
+                or not hmac.compare_digest(
+                    answer.proof.mac, attach_proof(hash_secret(secret), token_id, nonce)
+                )
+            ):
+                _log.warning("node=%s refused a coordinator at %s: no proof", self.node_id, peer)
+                raise Unauthenticated(
+                    "only the coordinator that issued this node's token may attach it"
+                )
+        elif self.settings.auth:
+            raise FailedPrecondition("this node has no token: no coordinator can prove itself")
+        self._adopted += 1
+        self._not_adopted.clear()
+        try:
+            await self._run_session(stream, peer, token=self._token if token_id else "")
+        finally:
+            self._adopted -= 1
+            if not self._adopted:
+                self._not_adopted.set()
+
+    async def _run_session(self, stream: SessionStream, peer: str, *, token: str = "") -> None:
+        """Hello, Welcome, then assignments in and updates out until the stream ends.
+
+        One session at a time, whichever side dialled: a new one ends the one before, and
+        starts once that is torn down, so nothing the old one sends can arrive after Hello.
+        """
+        if self._end_session is not None:
+            self._end_session.set()
+        ended = self._end_session = asyncio.Event()
+        async with self._session_slot:
+            if ended.is_set():  # a newer session came meanwhile
+                return
             hello = node_pb2.Hello(
                 info=self.info(),
                 running=[
@@ -521,59 +608,64 @@ class NodeAgent:
                     for r in self._runs.values()
                     if not r.stop
                 ],
+                token=token,
             )
             sent = time.monotonic()
             try:
-                await call.write(node_pb2.NodeMessage(hello=hello))
-                first = await call.read()
+                await stream.write(node_pb2.NodeMessage(hello=hello))
+                first = await stream.read()
             except grpc.aio.AioRpcError as err:
                 _log.warning(
                     "node=%s cannot join %s: %s %s",
                     self.node_id,
-                    target,
+                    peer,
                     err.code().name,
                     err.details(),
                 )
                 raise _SessionFailed(err.details()) from err
-            if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
+            if (
+                not isinstance(first, node_pb2.CoordinatorMessage)
+                or first.WhichOneof("msg") != "welcome"
+            ):
                 raise _SessionFailed("the coordinator did not welcome this node")
             welcome = first.welcome
             self._lease = _seconds(welcome.lease) or 10.0
             self._heartbeats.clear()
             self._renewed(sent)
-            _log.info("node=%s session=%s up", self.node_id, welcome.session_id)
+            _log.info("node=%s session=%s up with %s", self.node_id, welcome.session_id, peer)
             self.connected.set()
             self._heartbeat_soon()
             halves = (
-                asyncio.create_task(self._read(call)),
-                asyncio.create_task(self._write(call, _seconds(welcome.heartbeat_interval))),
+                asyncio.create_task(self._read(stream)),
+                asyncio.create_task(self._write(stream, _seconds(welcome.heartbeat_interval))),
+                asyncio.create_task(ended.wait()),
             )
             try:
                 await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.connected.clear()
-                call.cancel()
                 for half in halves:
                     half.cancel()
                 # The stream may have ended under them: writing then fails with AioRpcError,
                 # or with InvalidStateError once the call is finished.
-                for ended in await asyncio.gather(*halves, return_exceptions=True):
-                    if isinstance(ended, Exception) and not isinstance(
-                        ended, grpc.aio.AioRpcError | asyncio.InvalidStateError
+                for result in await asyncio.gather(*halves, return_exceptions=True):
+                    if isinstance(result, Exception) and not isinstance(
+                        result, grpc.aio.AioRpcError | asyncio.InvalidStateError
                     ):
-                        _log.error("node=%s session failed", self.node_id, exc_info=ended)
-            _log.warning("node=%s session lost; reconnecting", self.node_id)
-        finally:
-            await channel.close()
+                        _log.error("node=%s session failed", self.node_id, exc_info=result)
+            if ended.is_set():
+                _log.info("node=%s session=%s replaced", self.node_id, welcome.session_id)
+            else:
+                _log.warning("node=%s session lost; reconnecting", self.node_id)
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _read(self, stream: SessionStream) -> None:
         while True:
             try:
-                msg = await call.read()
+                msg = await stream.read()
             except grpc.aio.AioRpcError as err:
                 _log.warning("node=%s stream error: %s", self.node_id, err.details())
                 return
-            if msg is grpc.aio.EOF:
+            if not isinstance(msg, node_pb2.CoordinatorMessage):  # EOF, or malformed
                 return
             kind = msg.WhichOneof("msg")
             if kind == "assignments":
@@ -590,7 +682,7 @@ class NodeAgent:
                 else:
                     self.drain(_seconds(msg.drain.grace), leave=msg.drain.leave)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:
+    async def _write(self, stream: SessionStream, interval: float) -> None:
         """Send updates as they come, and a heartbeat every `interval` s whatever else goes."""
         interval = interval or 2.0
         while True:
@@ -609,7 +701,7 @@ class NodeAgent:
             if self._outbox:
                 batch, self._outbox = self._outbox, []
                 try:
-                    await call.write(
+                    await stream.write(
                         node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
                     )
                 except BaseException:
@@ -623,7 +715,7 @@ class NodeAgent:
                 self._heartbeat_seq += 1
                 self._heartbeats[self._heartbeat_seq] = now
                 throttled, floor, paused, reason = self._guard_state()
-                await call.write(
+                await stream.write(
                     node_pb2.NodeMessage(
                         heartbeat=node_pb2.Heartbeat(
                             running=len(self._runs),

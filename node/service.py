@@ -53,6 +53,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         async for update in task.follow():
             yield update
 
+    async def Attach(  # type: ignore[override]  # answered through the context
+        self,
+        request_iterator: AsyncIterator[node_pb2.CoordinatorMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        # Read and written through the context: the session runs the same code both ways.
+        await self._agent.attach(context, context.peer())
+
     async def Get(
         self, request: node_pb2.NodeTaskRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> node_pb2.LocalTask:

@@ -99,7 +99,23 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         coordinator = {path_of(m): await call_status(channel, m, b"") for m in methods_of(services)}
     async with grpc.aio.insecure_channel(mesh.node_address) as channel:
         node_services = {node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, HEALTH}
-        node = {path_of(m): await call_status(channel, m, b"") for m in methods_of(node_services)}
+        node = {
+            path_of(m): await call_status(channel, m, b"")
+            for m in methods_of(node_services)
+            if m.name != "Attach"
+        }
+        # Attach is open: the caller proves itself inside the stream. Asked to, it cannot.
+        attach = channel.stream_stream(
+            "/shoal.v1.Node/Attach",
+            request_serializer=node_pb2.CoordinatorMessage.SerializeToString,
+            response_deserializer=node_pb2.NodeMessage.FromString,
+        )(timeout=10)
+        challenge = await attach.read()
+        assert challenge.WhichOneof("msg") == "challenge" and len(challenge.challenge.nonce) == 32
+        await attach.write(node_pb2.CoordinatorMessage(proof=node_pb2.AttachProof(mac=b"x" * 32)))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await attach.read()  # no Hello, no token
+        assert refused.value.code() == UNAUTHENTICATED
 
     for statuses in (coordinator, node):
         health = {p: c for p, c in statuses.items() if p.startswith(f"/{HEALTH}/")}

@@ -132,7 +132,9 @@ async def avahi(lan: Lan) -> AsyncIterator[AvahiPeer]:
             await eventually(lambda: process_gone(pid), timeout=10)  # noqa: B023
 
 
-async def _coordinator(cli: CliProcesses, host: Host, data_dir: Path) -> CliProcess:
+async def _coordinator(
+    cli: CliProcesses, host: Host, data_dir: Path, *args: str
+) -> CliProcess:
     """`shoal coordinator` in `host`, on its LAN address (auth on); returned once serving."""
     address = f"{host.ip}:{PORT}"
     proc = await cli.start(
@@ -141,6 +143,7 @@ async def _coordinator(cli: CliProcesses, host: Host, data_dir: Path) -> CliProc
         address,
         "--data-dir",
         str(data_dir),
+        *args,
         prefix=host.exec_prefix(),
         name=f"coordinator-{host.name}",
     )
@@ -384,6 +387,52 @@ async def test_a_node_follows_its_coordinator_when_it_moves(
     publish(
         f"discovery: node b joined the moved coordinator {time.monotonic() - moved:.2f} s after"
     )
+
+
+async def test_an_adopting_coordinator_dials_discovered_nodes_and_again_after_a_restart(
+    lan: Lan, cli: CliProcesses, tmp_path: Path
+) -> None:
+    """Nodes that dial nobody (--standalone) are adopted: the coordinator, which does not
+    advertise itself here, finds them by mDNS and dials their Node.Attach."""
+    a, b = lan.hosts["a"], lan.hosts["b"]
+    data_dir = tmp_path / "data"
+    await _coordinator(cli, a, data_dir, "--adopt", "--advertise", "off")
+    node = await _node(cli, b, "b", "--standalone")
+    started = time.monotonic()
+    async with _client(a, data_dir) as client:
+
+        async def adopted() -> admin_pb2.NodeStatus:
+            status = next((n for n in await client.nodes() if n.info.node_id == "b"), None)
+            assert status is not None and status.connected and status.adopted, status
+            return status
+
+        try:
+            await eventually(adopted, timeout=15)
+        except AssertionError as err:
+            raise AssertionError(cli.logs()) from err
+        joined = time.monotonic() - started
+        await _runs_on(client, "b")
+
+        await node.kill()  # kill -9: the coordinator loses the session, the node's ad lingers
+        await _node(cli, b, "b", "--standalone")  # back, on a new port: a new advertisement
+        restarted = time.monotonic()
+        try:
+            await eventually(adopted, timeout=20)
+        except AssertionError as err:
+            raise AssertionError(cli.logs()) from err
+        rejoined = time.monotonic() - restarted
+        await _runs_on(client, "b")
+    publish(
+        f"adopt: node b adopted {joined:.2f} s after its start; after kill -9 and a restart,"
+        f" adopted again {rejoined:.2f} s after"
+    )
+
+
+async def _runs_on(client: AsyncClient, node_id: str) -> None:
+    task = await client.submit(shell("echo $((6 * 7))", labels={"host": node_id}))
+    done = await asyncio.wait_for(client.wait(task.id), 20)
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done
+    assert (done.node_id, done.result.stdout) == (node_id, "42\n")
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ __all__ = ["AsyncClient", "Client"]
 
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
-_BACKOFF = wait_exponential_jitter(multiplier=0.05, jitter=0.05, max=5.0)
+_BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
 
 
 async def _call(awaitable: Awaitable[_T]) -> _T:
@@ -343,7 +343,7 @@ class AsyncClient:
         """Open a Watch and read its first (cursor) response, retrying with backoff."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
-            wait=wait_exponential_jitter(multiplier=0.05, jitter=0.05, max=5.0),
+            wait=wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0),
             reraise=True,
         ):
             with attempt:

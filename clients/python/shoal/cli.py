@@ -213,6 +213,14 @@ def coordinator(
     ] = None,
     cluster: ClusterOpt = None,
     advertise: AdvertiseOpt = None,
+    adopt: Annotated[
+        bool | None,
+        typer.Option(help="Dial the nodes advertised for its cluster (mDNS) and run their sessions"),
+    ] = None,
+    node_address: Annotated[
+        list[str] | None,
+        typer.Option("--node", help="Dial the node at host:port of its service (repeatable)"),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
@@ -231,6 +239,8 @@ def coordinator(
                 require_client_cert=require_client_cert,
                 cluster=cluster,
                 advertise=advertise and advertise.value,
+                adopt=adopt,
+                nodes=node_address or None,
             )
         )
     )

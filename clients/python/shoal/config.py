@@ -105,6 +105,11 @@ class CoordinatorSettings(_Settings):
     # for its cluster. auto: only when it listens beyond loopback; on; off.
     cluster: str = "default"
     advertise: Literal["auto", "on", "off"] = "auto"
+    # Sessions this coordinator dials (Node.Attach), for nodes that cannot reach it: `adopt`
+    # every node advertised for its cluster by mDNS, and always the nodes at `nodes` (host:port
+    # of their service). A node that dials in itself is not dialled too: one session per node.
+    adopt: bool = False
+    nodes: list[str] = Field(default_factory=list)
     # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
     # empty. Unauthenticated: bind it where only the scraper reaches.
     metrics_listen: str = ""

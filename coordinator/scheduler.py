@@ -363,7 +363,7 @@ def node_slots_of(info: node_pb2.NodeInfo) -> NodeSlots:
         cpu_milli=r.cpus * 1000,
         memory_mb=r.memory_mb,
         gpus=r.gpus,
-        models=frozenset(info.models),
+        models=frozenset(info.models) | frozenset(info.ollama_models),  # given, or found
         weight=weight,
     )
 

@@ -241,7 +241,7 @@ class NodeAgent:
                 memory_mb=(
                     s.memory_mb if s.memory_mb is not None else psutil.virtual_memory().total >> 20
                 ),
-                gpus=s.gpus,
+                gpus=s.gpus if s.gpus is not None else len(machine.gpus),
             ),
             models=s.models,
             weight=s.weight,

@@ -344,6 +344,13 @@ def test_model_must_be_offered() -> None:
     assert s.explain(T(2, placement=req(model="mistral"))) == "no node offers model 'mistral'"
 
 
+def test_models_a_node_found_on_its_ollama_server_count_as_offered() -> None:
+    info = node_pb2.NodeInfo(
+        node_id="b", executors=["ollama"], slots=1, models=["given"], ollama_models=["llama3"]
+    )
+    assert node_slots_of(info).models == {"given", "llama3"}
+
+
 def test_a_joining_node_is_seen_by_cached_classes_and_a_leaving_one_forgotten() -> None:
     s = sched(node("a", 1))
     s.queue.push(T(1, placement=GPU))

@@ -191,7 +191,7 @@ class NodeSettings(_Settings):
     # What tasks may reserve here (ResourceRequest); unset: what the machine has.
     cpus: int | None = None
     memory_mb: int | None = None
-    gpus: int = 0
+    gpus: int | None = None
     models: list[str] = Field(default_factory=list)  # LLM models this node serves
     output_tail_bytes: int = 64 << 10
     reconnect_max: timedelta = timedelta(seconds=5)

@@ -5,15 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/shoal/v1/*.proto)
 GEN_DIR := clients/python
+# A third-party executor and tools, installed so that the tests exercise their entry points.
+EXAMPLE := examples/shoal-example
 
 .PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench clean
 
 dev: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(EXAMPLE)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --config-settings editable_mode=strict -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -e $(EXAMPLE)
 	touch $(STAMP)
 
 # Re-running the editable install picks up new modules (strict mode links files one by one).

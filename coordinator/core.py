@@ -30,6 +30,7 @@ from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
+from shoal.coordinator.routes import route
 from shoal.coordinator.scheduler import NodeSlots, Routing, Scheduler, requirements_of
 from shoal.coordinator.schedules import ScheduleState, check
 from shoal.coordinator.sessions import NodeSession
@@ -297,6 +298,7 @@ class Coordinator:
             submitted_by=by,
             templated=bool(spec.depends_on) and any(True for _ in references(spec)),
             backend=spec.backend,
+            routed=spec.HasField("llm") and bool(spec.llm.routes),
             locks=parse_locks(spec.locks) if spec.locks else (),
             release_at=(
                 spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
@@ -520,9 +522,31 @@ class Coordinator:
                 self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
             return
         rec.release_at = None
+        if rec.routed:
+            self._choose_route(rec)
         rec.state = _QUEUED
         self._scheduler.queue.push(rec)
         self._kick()
+
+    def _choose_route(self, rec: TaskRecord) -> None:
+        """An llm task with routes takes the first one it can run by now (see LlmSpec)."""
+        spec = route(rec.spec, self._route_viable)
+        if spec.llm.provider != rec.spec.llm.provider or spec.llm.model != rec.spec.llm.model:
+            _log.info("task=%s routed to %s:%s", rec.id, spec.llm.provider, spec.llm.model)
+        rec.spec, rec.backend = spec, spec.backend
+        rec.placement = requirements_of(spec)
+
+    def _route_viable(self, spec: task_pb2.TaskSpec) -> bool:
+        """Whether a connected node runs `spec` with no breaker open on the way, within budget."""
+        cls = requirements_of(spec).cls
+        if not any(
+            cls.fits(n) and self._breakers.passes(node_key(n.node_id))
+            for n in self._scheduler.nodes.values()
+        ):
+            return False
+        if spec.backend and not self._breakers.passes(backend_key(spec.backend)):
+            return False
+        return not self.quotas.spent(spec, self._wall())
 
     async def get(self, task_id: str, *, by: Principal) -> task_pb2.Task:
         rec = self._live(task_id, by)
@@ -994,6 +1018,9 @@ class Coordinator:
                 self._apply_node_state(session.node_id)
             if session.note_load(msg.heartbeat):
                 self._load_changed(session)
+            if msg.heartbeat.loaded_models != session.loaded_models:
+                session.loaded_models = list(msg.heartbeat.loaded_models)
+                session.slots.loaded_models = frozenset(session.loaded_models)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
 

@@ -185,8 +185,28 @@ class QuotaGate(Admission):
         self._held[rec.id] = _Held(keys, periods, need, estimate.model or rec.spec.model)
         return None
 
+    def spent(self, spec: task_pb2.TaskSpec, now: float) -> bool:
+        """Whether a budget of the spec's keys (requests, tokens or dollars in a period) would
+        refuse it now; rate and concurrency limits, which free up soon, do not count."""
+        keys = [k for k in (*spec.quota_keys, *auto_keys(spec)) if k in self._limits]
+        if not keys:
+            return False
+        periods = _periods(now)
+        self._roll(periods[2])
+        e = spec.estimate
+        need = _Use(1, e.prompt_tokens + e.completion_tokens, e.cost or self._price(e))
+        return any(
+            self._check(self._limits[k], periods, need, now, budgets_only=True) for k in keys
+        )
+
     def _check(
-        self, q: admin_pb2.Quota, periods: list[str], need: _Use, now: float
+        self,
+        q: admin_pb2.Quota,
+        periods: list[str],
+        need: _Use,
+        now: float,
+        *,
+        budgets_only: bool = False,
     ) -> Refusal | None:
         key = q.key
         day, month, minute = periods
@@ -195,7 +215,7 @@ class QuotaGate(Admission):
             at = None if kind is None else _period_end(now, kind)
             return Refusal(f"quota:{key}", f"{what} {key}", retry_at=at, fail=q.fail_fast)
 
-        if q.concurrency and self._running[key] >= q.concurrency:
+        if not budgets_only and q.concurrency and self._running[key] >= q.concurrency:
             return refuse(f"concurrency limit ({q.concurrency} running) of", None)
         if q.requests_per_day and self._total(key, day).requests + 1 > q.requests_per_day:
             return refuse(f"{q.requests_per_day} requests a day used by", 0)

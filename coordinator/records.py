@@ -25,6 +25,7 @@ class TaskRecord:
     attempt: int = 0  # the number of its current (or last) attempt
     attempt_epoch: int = 0  # the coordinator epoch that made that attempt
     backend: str = ""  # spec.backend: the outside service whose breaker it passes
+    routed: bool = False  # an llm task with routes: its provider is chosen when it is queued
     locks: tuple[tuple[str, bool], ...] = ()  # (name, shared), from spec.locks
     held_by: str = ""  # the admission key it waits on (PENDING), e.g. "quota:provider:x"
     wait_reason: str = ""  # why, while held

@@ -140,11 +140,13 @@ class PlacementClass:
     model: str = ""
     resources: Resources = _ONE_SLOT
     affinity_key: str = ""  # set only with hard affinity
+    tool: str = ""  # a tool task's tool, which the node must offer
+    provider: str = ""  # a cloud LLM provider the node must have a key for
     _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         # Hashed at every push: computed once.
-        fields = (self.executor, self.labels, self.selectors, self.model)
+        fields = (self.executor, self.labels, self.selectors, self.model, self.tool, self.provider)
         object.__setattr__(self, "_hash", hash((*fields, self.resources, self.affinity_key)))
 
     def __hash__(self) -> int:
@@ -159,6 +161,8 @@ class PlacementClass:
             and all(node.labels.get(k) == v for k, v in self.labels)
             and all(s.matches(node.labels) for s in self.selectors)
             and (not self.model or self.model in node.models)
+            and (not self.tool or self.tool in node.tools)
+            and (not self.provider or self.provider in node.providers)
             and r.slots <= node.slots
             and r.cpu_milli <= node.cpu_milli
             and r.memory_mb <= node.memory_mb
@@ -245,6 +249,9 @@ class NodeSlots:
     memory_mb: int = 0
     gpus: int = 0
     models: frozenset[str] = frozenset()
+    tools: frozenset[str] = frozenset()
+    providers: frozenset[str] = frozenset()
+    loaded_models: frozenset[str] = frozenset()  # in memory now (Ollama): no load time
     weight: float = 1.0
     used_cpu_milli: int = 0
     used_memory_mb: int = 0
@@ -336,13 +343,17 @@ def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     routing = _ROUTINGS.get(spec.routing)
     if hard or (routing is None and key):
         routing = Routing.AFFINITY
+    # A cloud provider's model is served by any node with the provider's key, not listed.
+    cloud = spec.llm.provider if spec.HasField("llm") and spec.llm.provider != "ollama" else ""
     cls = PlacementClass(
         executor=executor_of(spec),
         labels=frozenset(spec.required_labels.items()),
         selectors=selectors,
-        model=spec.model,
+        model="" if cloud else spec.model,
         resources=resources,
         affinity_key=key if hard else "",
+        tool=spec.tool.name if spec.HasField("tool") else "",
+        provider=cloud,
     )
     preferred = tuple(
         Preference(p.key, p.value, p.weight if math.isfinite(p.weight) and p.weight else 1.0)
@@ -364,6 +375,9 @@ def node_slots_of(info: node_pb2.NodeInfo) -> NodeSlots:
         memory_mb=r.memory_mb,
         gpus=r.gpus,
         models=frozenset(info.models) | frozenset(info.ollama_models),  # given, or found
+        tools=frozenset(info.tools),
+        providers=frozenset(info.llm_providers),
+        loaded_models=frozenset(info.loaded_models),
         weight=weight,
     )
 
@@ -428,7 +442,11 @@ class Router(ABC):
     def choose(
         self, candidates: Sequence[NodeSlots], req: Requirements, state: RouteState
     ) -> NodeSlots:
-        """One of `candidates` (non-empty, in node id order): most preferred, then `pick`."""
+        """One of `candidates` (non-empty, in node id order): one with the task's model loaded
+        in memory if any (no load time), most preferred, then `pick`."""
+        if model := req.cls.model:
+            loaded = [n for n in candidates if model in n.loaded_models]
+            candidates = loaded or candidates
         if req.preferred:
             candidates = most_preferred(candidates, req.preferred)
         return self.pick(candidates, req, state)
@@ -953,6 +971,14 @@ class Scheduler:
             nodes = [n for n in nodes if key.model in n.models]
             if not nodes:
                 return f"no node offers model {key.model!r}"
+        if key.tool:
+            nodes = [n for n in nodes if key.tool in n.tools]
+            if not nodes:
+                return f"no node offers tool {key.tool!r}"
+        if key.provider:
+            nodes = [n for n in nodes if key.provider in n.providers]
+            if not nodes:
+                return f"no node has a key for LLM provider {key.provider!r}"
         for attr in _RESOURCES:
             need: int = getattr(res, attr)
             most = max(int(getattr(n, attr)) for n in nodes)

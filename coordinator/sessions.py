@@ -47,6 +47,7 @@ class NodeSession:
         self.paused = 0
         self.throttle_reason = ""
         self.slots = node_slots_of(info)
+        self.loaded_models = list(info.loaded_models)  # as its last heartbeat said
         self.inflight: dict[str, TaskRecord] = {}
         self.last_seen = now  # monotonic
         self.connected_at = wall

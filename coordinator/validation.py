@@ -42,6 +42,28 @@ _VALUED_OPERATORS = (
 _SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file name
 
 
+LLM_PROVIDERS = ("ollama", "openai", "anthropic", "gemini")
+
+
+def _llm_violations(llm: task_pb2.LlmSpec, bad: Callable[[str, str], None]) -> None:
+    if llm.routes:
+        if llm.provider:
+            bad("llm.provider", "set provider and model, or routes, not both")
+        for i, r in enumerate(llm.routes):
+            if r.provider not in LLM_PROVIDERS:
+                bad(
+                    f"llm.routes[{i}].provider",
+                    f"unknown provider {r.provider!r}: one of {', '.join(LLM_PROVIDERS)}",
+                )
+            if not r.model:
+                bad(f"llm.routes[{i}].model", "missing model")
+        return
+    if llm.provider not in LLM_PROVIDERS:
+        bad("llm.provider", f"unknown provider {llm.provider!r}: one of {', '.join(LLM_PROVIDERS)}")
+    if not llm.model:
+        bad("llm.model", "missing model")
+
+
 def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[FieldViolation]:
     out: list[FieldViolation] = []
 
@@ -70,8 +92,10 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             bad("custom.executor", "missing executor name")
     elif kind == "docker" and not spec.docker.image:
         bad("docker.image", "missing image")
-    elif kind in ("ollama", "llm") and not getattr(spec, kind).model:
-        bad(f"{kind}.model", "missing model")
+    elif kind == "llm":
+        _llm_violations(spec.llm, bad)
+    elif kind == "ollama" and not spec.ollama.model:
+        bad("ollama.model", "missing model")
     elif kind == "http" and not spec.http.url:
         bad("http.url", "missing url")
     elif kind == "tool" and not spec.tool.name:

@@ -38,6 +38,9 @@ from shoal.node.direct import DirectTask, DirectTasks, check_direct_request
 from shoal.node.discovery import NodeDiscovery
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
 from shoal.node.executors.groups import ProcessGroups
+from shoal.node.executors.llm import LlmExecutor
+from shoal.node.executors.ollama import OllamaExecutor
+from shoal.node.executors.tool import ToolExecutor
 from shoal.node.fingerprint import MachineProbe
 from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
@@ -62,6 +65,7 @@ _POLICY = {
 """Everything else (the rest of the Node service) needs the node's token."""
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
+_LOOK_AT_OLLAMA_EVERY = 10.0  # seconds between two looks at what the Ollama server holds
 
 
 class SessionStream(Protocol):
@@ -223,6 +227,13 @@ class NodeAgent:
         )
         self._floor = task_pb2.Priority.Value("PRIORITY_" + settings.guard_min_priority.upper())
         self._load_task: asyncio.Task[None] | None = None
+        # The node's Ollama server: its models, and those it holds in memory now (heartbeats
+        # carry them, so the coordinator prefers a node where a task's model is loaded).
+        ollama = self.executors.get("ollama")
+        self._ollama = ollama if isinstance(ollama, OllamaExecutor) else None
+        self._ollama_models: list[str] = []
+        self._loaded_models: list[str] = []
+        self._ollama_task: asyncio.Task[None] | None = None
         self._guard_reported: tuple[bool, int, int, str] = (False, 0, 0, "")
 
     def info(self) -> node_pb2.NodeInfo:
@@ -248,7 +259,14 @@ class NodeAgent:
             python_version=platform.python_version(),
             detected_gpus=[node_pb2.Gpu(name=g.name, memory_mb=g.memory_mb) for g in machine.gpus],
             docker_available=machine.docker_available,
-            ollama_models=machine.ollama_models,
+            ollama_models=self._ollama_models if self._ollama else machine.ollama_models,
+            tools=tool.tools()
+            if isinstance(tool := self.executors.get("tool"), ToolExecutor)
+            else [],
+            loaded_models=self._loaded_models,
+            llm_providers=llm.configured()
+            if isinstance(llm := self.executors.get("llm"), LlmExecutor)
+            else [],
         )
 
     @property
@@ -273,6 +291,13 @@ class NodeAgent:
                     "node=%s executor=%s not available here: not offered", self.node_id, name
                 )
                 del self.executors[name]
+        if "ollama" not in self.executors:
+            self._ollama = None  # what the machine probe finds is all there is to say
+        if self._ollama is not None:
+            await self._look_at_ollama(self._ollama)
+            self._ollama_task = asyncio.create_task(
+                self._follow_ollama(self._ollama), name="shoal-node-ollama"
+            )
         gate = Gate(_POLICY, self._authenticate if self.settings.auth else None)
         server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
@@ -302,7 +327,7 @@ class NodeAgent:
 
     async def stop(self) -> None:
         """Stop at once: running tasks are killed (the coordinator runs them again)."""
-        for name in ("_drain_task", "_loop_task", "_guard_task", "_load_task"):
+        for name in ("_drain_task", "_loop_task", "_guard_task", "_load_task", "_ollama_task"):
             task = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
@@ -453,6 +478,19 @@ class NodeAgent:
     def _heartbeat_soon(self) -> None:
         self._next_heartbeat = 0.0
         self._outbox_ready.set()
+
+    # -- the Ollama server -------------------------------------------------------------------
+
+    async def _look_at_ollama(self, ollama: OllamaExecutor) -> None:
+        models, loaded = await asyncio.gather(ollama.models(), ollama.loaded_models())
+        if loaded != self._loaded_models:
+            self._heartbeat_soon()
+        self._ollama_models, self._loaded_models = models, loaded
+
+    async def _follow_ollama(self, ollama: OllamaExecutor) -> None:
+        while True:
+            await asyncio.sleep(_LOOK_AT_OLLAMA_EVERY)
+            await self._look_at_ollama(ollama)
 
     # -- the resource guard ----------------------------------------------------------------
 
@@ -726,6 +764,7 @@ class NodeAgent:
                             min_priority=floor,  # type: ignore[arg-type]
                             paused=paused,
                             throttle_reason=reason,
+                            loaded_models=self._loaded_models,
                         )
                     )
                 )

@@ -71,6 +71,7 @@ class Executor(ABC):
 
     async def aclose(self) -> None:
         """Release what it holds (clients, connections) when the node stops."""
+        return None
 
     @abstractmethod
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
@@ -89,7 +90,16 @@ def register(cls: type[Executor]) -> type[Executor]:
 def available_executors(settings: NodeSettings) -> dict[str, Executor]:
     """Every available executor the settings enable (`executors`; empty: all): the built-ins and
     those of the `shoal.executors` entry points."""
-    from shoal.node.executors import noop, python, shell  # noqa: F401  (registers the built-ins)
+    from shoal.node.executors import (  # noqa: F401  (registers the built-ins)
+        docker,
+        http,
+        llm,
+        noop,
+        ollama,
+        python,
+        shell,
+        tool,
+    )
 
     for ep in entry_points(group="shoal.executors"):
         cls = ep.load()

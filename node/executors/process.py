@@ -12,9 +12,13 @@ from collections.abc import Mapping, Sequence
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.v1 import task_pb2
 
-__all__ = ["run_process"]
+__all__ = ["NODE_ONLY_VARIABLES", "run_process"]
 
 _CHUNK = 64 << 10
+NODE_ONLY_VARIABLES = frozenset(
+    {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"}
+)
+"""The cloud LLM keys the `llm` executor reads from the node's environment: never a task's."""
 
 
 class _Tail:
@@ -85,8 +89,13 @@ async def run_process(
     `ctx.secret_env`; its output is redacted with `ctx.redactor` before it is emitted or kept
     for the result.
     """
-    # The node's own settings (its token among them) are not the task's business.
-    merged = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    # The node's own settings (its token among them) and its API keys are not the task's
+    # business.
+    merged = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SHOAL_") and k not in NODE_ONLY_VARIABLES
+    }
     if env:
         merged.update(env)
     merged.update(ctx.secret_env)

@@ -125,9 +125,7 @@ async def test_a_node_takes_only_the_coordinator_that_issued_its_token(
         assert await _node_status(client, "n1") is None
 
 
-async def test_one_session_per_node_whichever_side_dialled(
-    tmp_path: Path, started: Start
-) -> None:
+async def test_one_session_per_node_whichever_side_dialled(tmp_path: Path, started: Start) -> None:
     port = free_port()
     coordinator = _coordinator(tmp_path, "c", nodes=[f"127.0.0.1:{port}"])
     await started(coordinator)

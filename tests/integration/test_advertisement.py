@@ -37,9 +37,7 @@ async def test_the_advertisement_changes_with_the_node_capabilities_and_goes_at_
     browser: Browser[NodeAd], tmp_path: Path
 ) -> None:
     info = node_pb2.NodeInfo(node_id="adv-1", executors=["shell"], version="1")
-    settings = NodeSettings(
-        node_id="adv-1", listen="127.0.0.1:0", advertise="on", standalone=True
-    )
+    settings = NodeSettings(node_id="adv-1", listen="127.0.0.1:0", advertise="on", standalone=True)
     discovery = NodeDiscovery(settings, lambda: info, refresh_every=timedelta(seconds=0.1))
     await discovery.async_start(4242)
     try:

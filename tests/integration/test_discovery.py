@@ -132,9 +132,7 @@ async def avahi(lan: Lan) -> AsyncIterator[AvahiPeer]:
             await eventually(lambda: process_gone(pid), timeout=10)  # noqa: B023
 
 
-async def _coordinator(
-    cli: CliProcesses, host: Host, data_dir: Path, *args: str
-) -> CliProcess:
+async def _coordinator(cli: CliProcesses, host: Host, data_dir: Path, *args: str) -> CliProcess:
     """`shoal coordinator` in `host`, on its LAN address (auth on); returned once serving."""
     address = f"{host.ip}:{PORT}"
     proc = await cli.start(

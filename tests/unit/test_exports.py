@@ -15,15 +15,20 @@ def test_public_names() -> None:
         "ResourceExhausted",
         "ShoalError",
         "Task",
+        "TaskFailed",
         "TaskResult",
         "TaskSpec",
         "Unauthenticated",
         "Unavailable",
         "__version__",
+        "docker",
+        "llm",
         "noop",
+        "ollama",
         "python",
         "retry",
         "shell",
+        "tool",
     ]
     for name in shoal.__all__:
         assert hasattr(shoal, name)

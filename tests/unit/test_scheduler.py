@@ -344,6 +344,40 @@ def test_model_must_be_offered() -> None:
     assert s.explain(T(2, placement=req(model="mistral"))) == "no node offers model 'mistral'"
 
 
+def test_a_tool_task_goes_to_a_node_that_offers_its_tool() -> None:
+    nodes = [
+        node_pb2.NodeInfo(node_id=n, executors=["tool"], slots=2, tools=tools)
+        for n, tools in (("a", ["add"]), ("b", ["slugify"]))
+    ]
+    s = sched(*(node_slots_of(info) for info in nodes))
+    slug = task_pb2.TaskSpec(tool=task_pb2.ToolSpec(name="slugify"))
+    other = task_pb2.TaskSpec(tool=task_pb2.ToolSpec(name="resize"))
+    s.queue.push(T(1, placement=requirements_of(slug)))
+    s.queue.push(T(2, placement=requirements_of(other)))
+    assert [(t.seq, n.node_id) for t, n in s.schedule()] == [(1, "b")]
+    assert s.explain(T(2, placement=requirements_of(other))) == "no node offers tool 'resize'"
+
+
+def test_a_node_with_the_model_loaded_is_preferred() -> None:
+    a, b, c = (
+        node_slots_of(
+            node_pb2.NodeInfo(
+                node_id=n, executors=["ollama"], slots=4, ollama_models=["llama3"], loaded_models=m
+            )
+        )
+        for n, m in (("a", []), ("b", ["llama3"]), ("c", []))
+    )
+    s = sched(a, b, c)
+    chat = task_pb2.TaskSpec(ollama=task_pb2.OllamaSpec(model="llama3"), model="llama3")
+    for seq in range(1, 5):
+        s.queue.push(T(seq, placement=requirements_of(chat)))
+    # b until it is full, then the others: a loaded model saves its load time, not a queue.
+    placed = [n.node_id for _, n in s.schedule()]
+    assert placed == ["b", "b", "b", "b"]
+    s.queue.push(T(5, placement=requirements_of(chat)))
+    assert [n.node_id for _, n in s.schedule()] in (["a"], ["c"])
+
+
 def test_models_a_node_found_on_its_ollama_server_count_as_offered() -> None:
     info = node_pb2.NodeInfo(
         node_id="b", executors=["ollama"], slots=1, models=["given"], ollama_models=["llama3"]

@@ -6,8 +6,8 @@ with Client() as client:
     print(client.wait(task.id).result.stdout)
 """
 
-from shoal._builders import noop, python, retry, shell
-from shoal._client import AsyncClient, Client
+from shoal._builders import docker, llm, noop, ollama, python, retry, shell, tool
+from shoal._client import AsyncClient, Client, TaskFailed
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -33,13 +33,18 @@ __all__ = [
     "ResourceExhausted",
     "ShoalError",
     "Task",
+    "TaskFailed",
     "TaskResult",
     "TaskSpec",
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "docker",
+    "llm",
     "noop",
+    "ollama",
     "python",
     "retry",
     "shell",
+    "tool",
 ]

@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 
 from shoal.v1 import task_pb2
 
-__all__ = ["PRIORITIES", "noop", "python", "retry", "shell"]
+__all__ = ["PRIORITIES", "docker", "llm", "noop", "ollama", "python", "retry", "shell", "tool"]
 
 PRIORITIES = {
     "critical": task_pb2.PRIORITY_CRITICAL,
@@ -121,6 +121,114 @@ def python(
     return _common(task_pb2.TaskSpec(python=py), **common)
 
 
+_PULL_POLICIES = {
+    "never": task_pb2.PULL_POLICY_NEVER,
+    "if_missing": task_pb2.PULL_POLICY_IF_MISSING,
+    "always": task_pb2.PULL_POLICY_ALWAYS,
+}
+
+
+def docker(
+    image: str,
+    command: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    workdir: str = "",
+    files: Mapping[str, bytes | str] | None = None,
+    cpus: float = 0.0,
+    memory_mb: int = 0,
+    pids: int = 0,
+    pull: str | int = "never",
+    network: bool = False,
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """A container of `image` running `command` (argv; empty: the image's own), sandboxed by its
+    node; `files` (absolute paths under /work -> content) are there, read-only, when it starts."""
+    spec = task_pb2.DockerSpec(
+        image=image,
+        command=list(command),
+        env=env or {},
+        workdir=workdir,
+        files={p: c.encode() if isinstance(c, str) else c for p, c in (files or {}).items()},
+        cpus=cpus,
+        memory_mb=memory_mb,
+        pids=pids,
+        pull=_PULL_POLICIES[pull] if isinstance(pull, str) else pull,  # type: ignore[arg-type]
+        network=network,
+    )
+    return _common(task_pb2.TaskSpec(docker=spec), **common)
+
+
+Message = Mapping[str, str] | task_pb2.ChatMessage
+"""A chat message: {"role": "user", "content": "..."} (role: system, user or assistant)."""
+
+
+def _messages(messages: Sequence[Message]) -> list[task_pb2.ChatMessage]:
+    return [
+        m if isinstance(m, task_pb2.ChatMessage) else task_pb2.ChatMessage(**m) for m in messages
+    ]
+
+
+def ollama(
+    model: str,
+    *,
+    prompt: str = "",
+    messages: Sequence[Message] = (),
+    system: str = "",
+    options: Mapping[str, Any] | None = None,
+    format: str = "",
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """A model of a node's Ollama server: chat with `messages` (`prompt` then appended as the
+    last user message), else generate from `prompt`. Placed on a node that serves `model`;
+    its backend is "ollama" unless `backend` says otherwise."""
+    spec = task_pb2.OllamaSpec(
+        model=model, prompt=prompt, messages=_messages(messages), system=system, format=format
+    )
+    if options:
+        spec.options.update(options)
+    common.setdefault("backend", "ollama")
+    out = _common(task_pb2.TaskSpec(ollama=spec), **common)
+    out.model = model
+    return out
+
+
+def llm(
+    provider: str = "",
+    model: str = "",
+    *,
+    prompt: str = "",
+    messages: Sequence[Message] = (),
+    system: str = "",
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    routes: Sequence[tuple[str, str] | task_pb2.LlmRoute] = (),
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """A call to `model` of `provider` ("openai", "anthropic", "gemini" or "ollama"), or, with
+    `routes` ((provider, model) pairs, best first) instead, to the first the mesh can serve when
+    the task is queued. Its backend is the provider, for breakers and quotas. 0 for
+    `max_tokens` or `temperature`: the default."""
+    spec = task_pb2.LlmSpec(
+        provider=provider,
+        model=model,
+        prompt=prompt,
+        messages=_messages(messages),
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        routes=[
+            r if isinstance(r, task_pb2.LlmRoute) else task_pb2.LlmRoute(provider=r[0], model=r[1])
+            for r in routes
+        ],
+    )
+    if provider:
+        common.setdefault("backend", provider)
+    out = _common(task_pb2.TaskSpec(llm=spec), **common)
+    out.model = model
+    return out
+
+
 def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
     """A task that succeeds at once, echoing `params` as its output."""
     custom = task_pb2.CustomSpec(executor="noop")
@@ -129,3 +237,11 @@ def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.Tas
         st.update(params)
         custom.params.CopyFrom(st)
     return _common(task_pb2.TaskSpec(custom=custom), **common)
+
+
+def tool(name: str, input: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
+    """A call of the tool `name` that nodes offer, with `input` (JSON) as its argument."""
+    spec = task_pb2.ToolSpec(name=name)
+    if input:
+        spec.input.update(input)
+    return _common(task_pb2.TaskSpec(tool=spec), **common)

@@ -6,13 +6,22 @@ import asyncio
 import builtins
 import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from datetime import timedelta
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -21,11 +30,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from shoal._builders import tool
 from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
-from shoal.errors import ResourceExhausted, Unavailable
-from shoal.specs import is_final, to_duration
+from shoal.errors import ResourceExhausted, ShoalError, Unavailable
+from shoal.specs import is_final, state_name, to_duration
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -36,11 +46,20 @@ from shoal.v1 import (
     tasks_pb2_grpc,
 )
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "TaskFailed"]
 
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
+
+
+class TaskFailed(ShoalError):
+    """A task the SDK ran for its result ended without succeeding; `task` is how it ended."""
+
+    def __init__(self, task: task_pb2.Task) -> None:
+        why = task.result.error or task.result.stderr.strip()[-500:]
+        super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
+        self.task = task
 
 
 async def _call(awaitable: Awaitable[_T]) -> _T:
@@ -366,6 +385,17 @@ class AsyncClient:
             if is_final(event.state) and not event.HasField("output"):
                 return
 
+    async def call_tool(
+        self, name: str, input: Mapping[str, Any] | None = None, **common: Any
+    ) -> dict[str, Any]:
+        """Run the tool `name` on a node that offers it and return its output (JSON; numbers
+        as float). `common`: the builders' task options. Raises TaskFailed if it fails."""
+        task = await self.submit(tool(name, input, **common))
+        task = await self.wait(task.id)
+        if task.state != task_pb2.TASK_STATE_SUCCEEDED:
+            raise TaskFailed(task)
+        return json_format.MessageToDict(task.result.output)
+
 
 class Client:
     """The blocking SDK: every AsyncClient method, run on a private event loop thread.
@@ -486,6 +516,12 @@ class Client:
     def run(self, spec: task_pb2.TaskSpec) -> Iterator[task_pb2.Event]:
         """See AsyncClient.run."""
         return self._iterate(self._async.run(spec))
+
+    def call_tool(
+        self, name: str, input: Mapping[str, Any] | None = None, **common: Any
+    ) -> dict[str, Any]:
+        """See AsyncClient.call_tool."""
+        return self._run(self._async.call_tool(name, input, **common))
 
     def _iterate(self, agen: AsyncIterator[_T]) -> Iterator[_T]:
         try:

@@ -215,7 +215,9 @@ def coordinator(
     advertise: AdvertiseOpt = None,
     adopt: Annotated[
         bool | None,
-        typer.Option(help="Dial the nodes advertised for its cluster (mDNS) and run their sessions"),
+        typer.Option(
+            help="Dial the nodes advertised for its cluster (mDNS) and run their sessions"
+        ),
     ] = None,
     node_address: Annotated[
         list[str] | None,

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -239,6 +239,45 @@ class NodeSettings(_Settings):
     # process groups of the running background tasks meanwhile, and resume them (SIGCONT) once
     # calm; their timeout does not run while they are stopped.
     guard_policy: Literal["throttle", "pause"] = "throttle"
+    # ollama (and llm tasks for provider "ollama"): the Ollama server; empty: $OLLAMA_HOST,
+    # else http://127.0.0.1:11434.
+    ollama_host: str = ""
+    # llm: each cloud provider's API key and base URL. A key left unset is read from the
+    # provider's usual variable (OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or
+    # GOOGLE_API_KEY); an empty base URL is the provider's own. Keys come only from here,
+    # never from a task, and are kept out of reprs and logs.
+    llm_openai_api_key: SecretStr | None = None
+    llm_openai_base_url: str = ""
+    llm_anthropic_api_key: SecretStr | None = None
+    llm_anthropic_base_url: str = ""
+    llm_gemini_api_key: SecretStr | None = None
+    llm_gemini_base_url: str = ""
+    # http: the hosts tasks may call, redirects included: exact names or `*.example.com`
+    # (its subdomains), each with an optional `:port` (none: any port); `*` is every host.
+    # Empty (the default): http tasks may call nothing.
+    http_allow_hosts: list[str] = Field(default_factory=list)
+    # http: the largest response body kept whole (the "body" artifact, and "json" in the
+    # output); a longer one still streams as output.
+    http_max_body_bytes: int = Field(default=1 << 20, ge=0)
+    # http: how long connecting to a host may take (the task's own timeout bounds the rest).
+    http_connect_timeout: timedelta = timedelta(seconds=10)
+    # tool: the tools (entry-point group `shoal.tools`) this node offers; empty: every one
+    # installed.
+    tools: list[str] = Field(default_factory=list)
+    # docker: a container's limits when its task sets none (a task may ask for less, never
+    # more): memory in MB (no swap on top), CPUs, and processes at once.
+    docker_memory_mb: int = Field(default=512, ge=6)
+    docker_cpus: float = Field(default=1.0, gt=0)
+    docker_pids: int = Field(default=128, ge=1)
+    # docker: the user containers run as ("uid:gid"; empty: the image's own, often root).
+    docker_user: str = "65534:65534"
+    # docker: whether a task may ask for a network; otherwise containers have none at all.
+    docker_allow_network: bool = False
+    # docker: host paths mounted into every container ("/data:/data:ro"); tasks never choose
+    # mounts. Empty (the default): none.
+    docker_mounts: list[str] = Field(default_factory=list)
+    # docker: the size of the tmpfs at a container's /tmp, in MB (it counts as its memory).
+    docker_tmpfs_mb: int = Field(default=64, ge=1)
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.urandom(3).hex()}"

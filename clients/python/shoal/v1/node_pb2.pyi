@@ -62,6 +62,7 @@ class NodeInfo(_message.Message):
     OLLAMA_MODELS_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    LLM_PROVIDERS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     version: _builtins.str
@@ -97,6 +98,10 @@ class NodeInfo(_message.Message):
     def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """models loaded in memory now (Ollama); heartbeats update it"""
 
+    @_builtins.property
+    def llm_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """cloud LLM providers the `llm` executor can call here"""
+
     def __init__(
         self,
         *,
@@ -115,10 +120,11 @@ class NodeInfo(_message.Message):
         ollama_models: _abc.Iterable[_builtins.str] | None = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
+        llm_providers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "loaded_models", b"loaded_models", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "tools", b"tools", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "llm_providers", b"llm_providers", "loaded_models", b"loaded_models", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "tools", b"tools", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -692,8 +692,12 @@ Global___LlmRoute: _TypeAlias = LlmRoute  # noqa: Y015
 
 @_typing.final
 class LlmSpec(_message.Message):
-    """A call to a language model. Either `provider` and `model`, or `routes`: the coordinator
-    takes the first route a node can serve within its budget, whose breaker is not open.
+    """A call to a language model. Either `provider` and `model`, or `routes` (each with both): when
+    the task is queued, the coordinator takes the first route that a connected node serves,
+    whose breakers (node, executor, backend) are not open and whose budgets are not spent, and
+    sets provider, model, the task's `model` and its `backend` (the provider) from it; a retry
+    chooses again. A cloud provider's task goes to a node with its key; an "ollama" one to a
+    node whose Ollama server has the model.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

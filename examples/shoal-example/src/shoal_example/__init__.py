@@ -1,0 +1,1 @@
+"""An example third-party package for Shoal nodes: the `wordcount` executor and two tools."""

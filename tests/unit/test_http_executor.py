@@ -1,0 +1,199 @@
+"""The `http` executor against a real server on loopback: allowlist, redirects, results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from google.protobuf import json_format
+
+from shoal.config import NodeSettings
+from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.node.executors.http import HostAllowlist, HttpExecutor
+from shoal.v1 import task_pb2
+from tests.contract.loopback import LoopbackHttp
+from tests.integration.harness import free_port
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LoopbackHttp]:
+    http = LoopbackHttp()
+    await http.start()
+    try:
+        yield http
+    finally:
+        await http.aclose()
+
+
+class _Run:
+    """Runs http specs on an executor built with `settings`, keeping what they emit."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.executor = HttpExecutor(NodeSettings(**settings))
+        self.chunks: list[task_pb2.OutputChunk] = []
+
+    async def __call__(
+        self,
+        url: str,
+        *,
+        method: str = "",
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> Outcome:
+        spec = task_pb2.HttpSpec(url=url, method=method, body=body, headers=headers)
+        ctx = ExecutionContext("t", self.chunks.append, 64)
+        return await self.executor.run(task_pb2.TaskSpec(http=spec), ctx)
+
+    def said(self, stream: int = task_pb2.OUTPUT_STREAM_STDOUT) -> str:
+        return "".join(c.data for c in self.chunks if c.stream == stream)
+
+
+@pytest.fixture
+async def run(server: LoopbackHttp) -> AsyncIterator[_Run]:
+    made = _Run(http_allow_hosts=[f"127.0.0.1:{server.port}"], http_max_body_bytes=1000)
+    try:
+        yield made
+    finally:
+        await made.executor.aclose()
+
+
+def _output(outcome: Outcome) -> dict[str, Any]:
+    return json_format.MessageToDict(outcome.result.output)
+
+
+@pytest.mark.parametrize(
+    ("entry", "url", "allowed"),
+    [
+        ("example.com", "https://example.com/x", True),
+        ("example.com", "http://example.com:8080/", True),  # no port: any port
+        ("Example.COM.", "https://example.com./", True),
+        ("example.com", "https://api.example.com/", False),
+        ("example.com", "https://example.com.evil.net/", False),
+        ("*.example.com", "https://api.example.com/", True),
+        ("*.example.com", "https://a.b.example.com/", True),
+        ("*.example.com", "https://example.com/", False),
+        ("*.example.com", "https://badexample.com/", False),
+        ("example.com:443", "https://example.com/", True),  # the scheme's default port
+        ("example.com:443", "http://example.com/", False),
+        ("example.com:8443", "https://example.com:8443/", True),
+        ("[::1]:8080", "http://[::1]:8080/", True),
+        ("[::1]", "http://[::1]:9/", True),
+        ("[::1]:8080", "http://[::1]:8081/", False),
+        ("*", "https://anything.net:1234/", True),
+    ],
+)
+def test_the_allowlist_matches_hosts_and_ports(entry: str, url: str, allowed: bool) -> None:
+    assert HostAllowlist([entry]).allows(httpx.URL(url)) is allowed
+
+
+@pytest.mark.parametrize(
+    "entry", ["", "host:port", "host:0", "host:70000", "*example.com", "[::1", "[::1]x"]
+)
+def test_an_entry_that_is_no_host_pattern_is_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match="http_allow_hosts"):
+        HostAllowlist([entry])
+
+
+async def test_nothing_is_allowed_until_configured(server: LoopbackHttp) -> None:
+    run = _Run()
+    assert not run.executor.available()  # so a node does not offer it
+    outcome = await run(server.url("/json"))
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert outcome.result.error == (
+        f"host 127.0.0.1:{server.port} is not in this node's http_allow_hosts"
+    )
+    assert outcome.result.infrastructure_failure  # another node may allow it
+    assert server.served == {}
+
+
+async def test_a_json_response_is_the_output_and_the_body_an_artifact(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await run(server.url("/json"))
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert outcome.result.exit_code == 200
+    output = _output(outcome)
+    assert output["status"] == 200
+    assert output["headers"]["content-type"] == "application/json"
+    assert output["json"] == {"greeting": "hello", "n": 3}
+    [body] = outcome.result.artifacts
+    assert (body.name, body.media_type) == ("body", "application/json")
+    assert json.loads(body.data) == {"greeting": "hello", "n": 3}
+    assert outcome.result.stdout == run.said() == '{"greeting": "hello", "n": 3}'
+
+
+async def test_json_that_is_no_object_stays_out_of_the_output(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await run(server.url("/list"))
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert "json" not in _output(outcome)
+    assert outcome.result.artifacts[0].data == b"[1, 2]"
+
+
+async def test_method_headers_and_body_are_sent(run: _Run, server: LoopbackHttp) -> None:
+    outcome = await run(
+        server.url("/echo"), method="put", body=b"payload", headers={"X-Shoal": "yes"}
+    )
+    echo = _output(outcome)["json"]
+    assert echo["method"] == "PUT"
+    assert echo["body"] == "payload"
+    assert echo["headers"]["x-shoal"] == "yes"
+
+
+async def test_a_4xx_fails_the_task_and_a_5xx_is_the_backends(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    missing = await run(server.url("/status/404"))
+    assert missing.state == task_pb2.TASK_STATE_FAILED
+    assert (missing.result.exit_code, missing.result.error) == (404, "HTTP 404 Not Found")
+    assert not missing.result.infrastructure_failure
+    assert missing.result.stdout == "status 404\n"
+    down = await run(server.url("/status/503"))
+    assert down.state == task_pb2.TASK_STATE_FAILED
+    assert down.result.exit_code == 503
+    assert down.result.infrastructure_failure
+
+
+async def test_a_refused_connection_is_an_infrastructure_failure(run: _Run) -> None:
+    port = free_port()
+    run.executor.allowlist = HostAllowlist([f"127.0.0.1:{port}"])
+    outcome = await run(f"http://127.0.0.1:{port}/")
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert outcome.result.infrastructure_failure
+    assert "ConnectError" in outcome.result.error
+
+
+async def test_redirects_are_followed_to_allowed_hosts_only(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    followed = await run(server.url(f"/redirect?to={server.url('/json')}"))
+    assert followed.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert _output(followed)["json"]["greeting"] == "hello"
+    elsewhere = server.url("/json", host="localhost")  # the same server, another host name
+    refused = await run(server.url(f"/redirect?to={elsewhere}"))
+    assert refused.state == task_pb2.TASK_STATE_FAILED
+    assert refused.result.error == (
+        f"host localhost:{server.port} is not in this node's http_allow_hosts"
+    )
+    assert server.served["/json"] == 1  # the refused hop was never sent
+
+
+async def test_a_body_over_the_cap_streams_but_is_not_kept(run: _Run, server: LoopbackHttp) -> None:
+    outcome = await run(server.url("/big?n=5000"))
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert not outcome.result.artifacts
+    assert run.said() == "x" * 5000
+    assert outcome.result.stdout == "x" * 64  # the tail the context keeps
+    assert "5000 bytes" in run.said(task_pb2.OUTPUT_STREAM_PROGRESS)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "/relative", "http://"])
+async def test_a_url_that_cannot_be_called_fails_the_task(run: _Run, url: str) -> None:
+    outcome = await run(url)
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert not outcome.result.infrastructure_failure
+    assert outcome.result.error

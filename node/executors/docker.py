@@ -15,8 +15,9 @@ root, so the task's unprivileged user reads them and cannot change them: it writ
 
 The image must be on the node unless the task's pull policy says otherwise (unset means
 never). Output streams as it comes, redacted; the container is removed however the task ends.
-Containers carry the labels `shoal.managed=1`, `shoal.task` and `shoal.node` (the node's
-configured `node_id`): a node with a configured id removes its own leftovers when it starts.
+Containers carry the labels `shoal.managed=1`, `shoal.task`, `shoal.node` (the node's
+configured `node_id`), `shoal.host` and `shoal.pid`: a node that starts removes the leftovers
+of its own id and of node processes of its machine that are gone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import codecs
 import contextlib
 import io
 import logging
+import os
 import posixpath
+import socket
 import tarfile
 import threading
 import time
@@ -34,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import docker
+import psutil
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
@@ -44,7 +48,15 @@ from shoal.node.executors.base import ExecutionContext, Executor, Outcome, regis
 from shoal.node.executors.process import _Tail
 from shoal.v1 import task_pb2
 
-__all__ = ["FILES_DIR", "LABEL_MANAGED", "LABEL_NODE", "LABEL_TASK", "DockerExecutor"]
+__all__ = [
+    "FILES_DIR",
+    "LABEL_HOST",
+    "LABEL_MANAGED",
+    "LABEL_NODE",
+    "LABEL_PID",
+    "LABEL_TASK",
+    "DockerExecutor",
+]
 
 _log = logging.getLogger("shoal.node.docker")
 _T = TypeVar("_T")
@@ -52,6 +64,9 @@ _T = TypeVar("_T")
 LABEL_MANAGED = "shoal.managed"  # "1" on every container a node starts
 LABEL_TASK = "shoal.task"  # the task's id
 LABEL_NODE = "shoal.node"  # the node's configured id ("" when it has none)
+LABEL_HOST = "shoal.host"  # the machine of the node that started it
+LABEL_PID = "shoal.pid"  # ... and the node's process id there
+_HOST = socket.gethostname()
 FILES_DIR = "/work"  # where input files go: a volume of the container's own
 
 _ENGINE_TIMEOUT = 10  # seconds for one call to the engine (streams and waits have none)
@@ -231,6 +246,15 @@ def _bad_file_path(path: str) -> bool:
     return normal != path or not path.startswith(FILES_DIR + "/") or "\0" in path
 
 
+def _left_behind(labels: Mapping[str, str], node_id: str) -> bool:
+    """Whether a container of this machine belongs to no running node: to this node's id, or
+    to a node process that is gone."""
+    if node_id and labels.get(LABEL_NODE) == node_id:
+        return True
+    pid = labels.get(LABEL_PID, "")
+    return pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid))
+
+
 @register
 class DockerExecutor(Executor):
     name = "docker"
@@ -271,19 +295,17 @@ class DockerExecutor(Executor):
         return True
 
     async def _reap(self, client: docker.DockerClient) -> None:
-        """Remove the containers an earlier run of this node left (it stopped without cleaning up).
-
-        Only a configured node id tells them apart: a generated one is new at every start, and
-        another node on the same engine may be running the containers of other ids.
-        """
+        """Remove the containers earlier runs of nodes on this machine left (they stopped
+        without cleaning up): those of this node's configured id, and those whose node process
+        is gone. Containers of other nodes that run, on this engine, are left alone."""
         node_id = self.settings.node_id
-        if not node_id:
-            return
-        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_NODE}={node_id}"]
         try:
-            leftovers = await asyncio.to_thread(
-                client.containers.list, all=True, filters={"label": labels}
+            ours = await asyncio.to_thread(
+                client.containers.list,
+                all=True,
+                filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_HOST}={_HOST}"]},
             )
+            leftovers = [c for c in ours if _left_behind(c.labels, node_id)]
             for container in leftovers:
                 task_id = container.labels.get(LABEL_TASK, "")
                 _log.info("node=%s task=%s removing a leftover container", node_id, task_id)
@@ -398,7 +420,13 @@ class DockerExecutor(Executor):
             "environment": {**d.env, **ctx.secret_env},
             "working_dir": d.workdir or None,
             "user": s.docker_user or None,
-            "labels": {LABEL_MANAGED: "1", LABEL_TASK: ctx.task_id, LABEL_NODE: s.node_id},
+            "labels": {
+                LABEL_MANAGED: "1",
+                LABEL_TASK: ctx.task_id,
+                LABEL_NODE: s.node_id,
+                LABEL_HOST: _HOST,
+                LABEL_PID: str(os.getpid()),
+            },
             "network_mode": None if d.network else "none",
             "read_only": True,
             "tmpfs": {"/tmp": f"size={s.docker_tmpfs_mb}m,mode=1777"},

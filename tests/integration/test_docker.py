@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,14 @@ from docker.models.containers import Container
 from shoal import docker, shell
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Outcome
-from shoal.node.executors.docker import LABEL_MANAGED, LABEL_NODE, LABEL_TASK, DockerExecutor
+from shoal.node.executors.docker import (
+    LABEL_HOST,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_PID,
+    LABEL_TASK,
+    DockerExecutor,
+)
 from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 from tests.chaos.summary import publish
@@ -293,21 +301,29 @@ async def test_an_engine_that_does_not_answer_is_an_infrastructure_failure(
 async def test_a_starting_node_removes_its_leftover_containers_only(
     mesh_factory: MeshFactory, engine: DockerEngine
 ) -> None:
-    def leave(node_id: str) -> Container:
+    def leave(node_id: str, pid: int | None = None) -> Container:
         labels = {LABEL_MANAGED: "1", LABEL_NODE: node_id, LABEL_TASK: "left-behind"}
+        labels[LABEL_HOST] = socket.gethostname()
+        if pid is not None:
+            labels[LABEL_PID] = str(pid)
         container = engine.client.containers.create(
             IMAGE, ["sleep", "60"], labels=labels, network_mode="none"
         )
         container.start()
         return container
 
+    # A node process that is gone, with a generated id (a new one at each start).
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
     mine = await asyncio.to_thread(leave, NODE_ID)
-    other = await asyncio.to_thread(leave, f"{NODE_ID}-other")
+    orphan = await asyncio.to_thread(leave, "", gone.pid)
+    other = await asyncio.to_thread(leave, f"{NODE_ID}-other", os.getppid())  # it runs
     try:
         await mesh_factory(slots=1, node_id=NODE_ID)
 
-        with pytest.raises(NotFound):
-            await asyncio.to_thread(mine.reload)
+        for left in (mine, orphan):
+            with pytest.raises(NotFound):
+                await asyncio.to_thread(left.reload)
         await asyncio.to_thread(other.reload)
         assert other.status == "running"
     finally:

@@ -64,9 +64,22 @@ protos-check: $(STAMP)
 	  $(PROTOS) && \
 	diff -r -x __init__.py -x __pycache__ $$tmp/shoal/v1 $(GEN_DIR)/shoal/v1 && rm -rf $$tmp && echo "generated code is up to date"
 
+# Every benchmark at its default size (on 2 cores, a quarter of an hour or more), then
+# bench/results/report.md and latency.png. memory.py leaves its store of 1M queued tasks for
+# recovery.py. A failed benchmark does not stop the others, but fails the target; Ctrl-C stops all.
 bench: $(STAMP) reinstall-pkg
-	$(BIN)/python bench/scheduler.py
-	$(BIN)/python bench/throughput.py
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --config-settings editable_mode=strict -e '.[dev,bench]'
+	@store=$$(mktemp -d /tmp/shoal-bench-store.XXXXXX) && trap 'rm -rf "$$store"' EXIT && rc=0 && \
+	run() { echo "== $$*"; $(BIN)/python "$$@"; s=$$?; [ $$s -ne 130 ] || exit 130; [ $$s -eq 0 ] || rc=1; } && \
+	run bench/scheduler.py; \
+	run bench/throughput.py; \
+	run bench/unary.py; \
+	run bench/memory.py --keep-data "$$store/data"; \
+	run bench/recovery.py --data-dir "$$store/data"; \
+	run bench/nodes.py; \
+	run bench/report.py; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,22 +3,24 @@
 What is measured: SDK `SubmitBatch` -> coordinator (durable acceptance) -> node (the built-in
 `noop` executor) -> coordinator (durable outcome) -> the final event on a `Watch` stream.
 The coordinator and the nodes run as separate `shoal` CLI processes on loopback, each with a
-fresh data directory and the default `synchronous=FULL`; the client is this process.
+fresh data directory and the default `synchronous=FULL` (nodes with their resource guard off,
+see bench/_common.py); the client is this process.
 
 Two modes, for each cluster size in --nodes (default: 1 node, then 4 nodes):
 
 - throughput: --tasks no-op tasks in batches of --batch, at most --inflight batches
   unfinished at once (a closed loop); tasks/s = completed / (first submit .. last final event).
 - latency: an open loop offering a fixed rate (--rate tasks/s, or --rate-fraction of the
-  throughput just measured) in small batches every --interval seconds for --latency-seconds;
-  p50/p99 of submit-to-final-event, measured on the client's clock.
+  throughput just measured: 10%, 50% and 80% by default) in small batches every --interval
+  seconds for --latency-seconds; p50/p99 of submit-to-final-event, on the client's clock.
 
 Every loop is bounded in count and in time (--deadline for the whole run); every child process
-is stopped at exit, also on errors, Ctrl-C and SIGTERM. Figures are printed as a table and
-written to bench/results/throughput.json (with a per-second latency timeline per phase, CPU use
-of each process, and this client's own GC pauses). With --profile, py-spy samples the
-coordinator, the first node and this client during each phase and the table is followed by the
-hot spots; profiling slows the processes, so use those runs for the shape, not the figures.
+is stopped at exit, also on errors, Ctrl-C and SIGTERM. Figures are printed as a table, then
+beside their targets (PASS/MISS), and written to bench/results/throughput.json (with a
+per-second latency timeline per phase, CPU use of each process, and this client's own GC
+pauses). With --profile, py-spy samples the coordinator, the first node and this client during
+each phase and the table is followed by the hot spots; profiling slows the processes, so use
+those runs for the shape, not the figures.
 
     .venv/bin/python bench/throughput.py                      # the default run (make bench)
     .venv/bin/python bench/throughput.py --nodes 1 --tasks 20000 --rate-fraction 0.1,0.5
@@ -31,10 +33,8 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -45,180 +45,39 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any, TypeVar
 
 import grpc
-import psutil
+from _common import (
+    RESULTS,
+    BenchError,
+    Children,
+    Cluster,
+    CpuMeter,
+    Deadline,
+    Figure,
+    admin_token,
+    default_shoal,
+    figure,
+    meta,
+    ms,
+    percentile,
+    print_figures,
+    run_async,
+    start_cluster,
+    wait_nodes,
+    write_json,
+)
 
 from shoal import AsyncClient, noop
-from shoal.config import ADMIN_TOKEN_FILE
 from shoal.errors import ShoalError
-from shoal.specs import is_final, state_name
+from shoal.specs import FINAL_STATES, is_final, state_name
 from shoal.v1 import task_pb2
 
-RESULTS = Path(__file__).resolve().parent / "results"
 _SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _T = TypeVar("_T")
-_LISTENING = re.compile(r"listening on (127\.0\.0\.1:\d+)")
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a process died, a step took too long, a call failed)."""
-
-
-class Deadline:
-    """The time left for the whole run, on the monotonic clock."""
-
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
-
-    def left(self, cap: float | None = None) -> float:
-        left = self.at - time.monotonic()
-        return left if cap is None else min(left, cap)
-
-    def check(self, what: str) -> None:
-        if self.left() <= 0:
-            raise BenchError(f"the overall deadline passed during {what}")
-
-
-# -- child processes -----------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    log: IO[bytes]
-
-    def tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            text = self.log_path.read_text(errors="replace")
-            return "\n".join(text.splitlines()[-lines:])
-        return ""
-
-
-class Children:
-    """Every process this run started; `stop_all` ends each of them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self) -> None:
-        self._children: list[Child] = []
-
-    def spawn(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str]) -> Child:
-        log = log_path.open("wb")
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches only this process
-            )
-        except BaseException:
-            log.close()
-            raise
-        child = Child(name, proc, log_path, log)
-        self._children.append(child)
-        return child
-
-    def stop(self, child: Child, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
-        proc = child.proc
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(grace)
-        child.log.close()
-        if child in self._children:
-            self._children.remove(child)
-
-    def stop_all(self) -> None:
-        """Newest first: nodes before their coordinator."""
-        for child in reversed(list(self._children)):
-            self.stop(child)
-
-    def check_alive(self) -> None:
-        for child in self._children:
-            code = child.proc.poll()
-            if code is not None:
-                raise BenchError(f"{child.name} exited with {code}:\n{child.tail()}")
-
-
-def _child_env(workdir: Path) -> dict[str, str]:
-    """The environment without any SHOAL_* setting or config file of the user: defaults only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
-    env["SHOAL_CONFIG"] = str(workdir / "no-config.toml")
-    env["SHOAL_COORDINATOR_SYNCHRONOUS"] = "FULL"
-    env["NO_COLOR"] = "1"
-    # The coordinator writes its admin token into its data dir; nodes and the client use it.
-    env["SHOAL_NODE_TOKEN_FILE"] = str(workdir / "data" / ADMIN_TOKEN_FILE)
-    return env
-
-
-@dataclass
-class Cluster:
-    coordinator: Child
-    address: str
-    nodes: list[Child]
-
-
-async def _wait_listening(child: Child, children: Children, deadline: Deadline) -> str:
-    stop_at = time.monotonic() + deadline.left(20.0)
-    while time.monotonic() < stop_at:
-        children.check_alive()
-        with contextlib.suppress(OSError):
-            match = _LISTENING.search(_ANSI.sub("", child.log_path.read_text(errors="replace")))
-            if match:
-                return match.group(1)
-        await asyncio.sleep(0.05)
-    raise BenchError(f"the coordinator did not report its address:\n{child.tail()}")
-
-
-async def _wait_nodes(client: AsyncClient, n: int, children: Children, deadline: Deadline) -> None:
-    stop_at = time.monotonic() + deadline.left(30.0)
-    seen = 0
-    while time.monotonic() < stop_at:
-        children.check_alive()
-        with contextlib.suppress(ShoalError):
-            seen = len(await client.nodes())
-            if seen >= n:
-                return
-        await asyncio.sleep(0.1)
-    raise BenchError(f"only {seen} of {n} nodes connected")
-
-
-async def start_cluster(
-    shoal: str, workdir: Path, n_nodes: int, slots: int, children: Children, deadline: Deadline
-) -> Cluster:
-    env = _child_env(workdir)
-    data = workdir / "data"
-    coordinator = children.spawn(
-        "coordinator",
-        [shoal, "coordinator", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
-        workdir / "coordinator.log",
-        env,
-    )
-    address = await _wait_listening(coordinator, children, deadline)
-    nodes = [
-        children.spawn(
-            f"node{i}",
-            [shoal, "node", "-c", address, "--slots", str(slots), "--node-id", f"bench-node-{i}"],
-            workdir / f"node{i}.log",
-            env,
-        )
-        for i in range(n_nodes)
-    ]
-    return Cluster(coordinator, address, nodes)
 
 
 # -- tracking tasks from submit to final event ---------------------------------------------
@@ -273,15 +132,18 @@ class Tracker:
     `_early` until the batch registers its ids.
     """
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, *, all_events: bool = False) -> None:
         self._client = client
+        self._all_events = all_events
         self._pending: dict[str, Batch] = {}
         self._early: dict[str, tuple[float, int]] = {}
         self.events = 0
 
     async def run(self) -> None:
         pending, early = self._pending, self._early
-        async for event in self._client.watch(since=None, output=False):
+        # Outcomes only, as a client waiting for results asks (every event: --all-events).
+        states = () if self._all_events else FINAL_STATES
+        async for event in self._client.watch(since=None, output=False, states=states):
             self.events += 1
             state = event.state
             if not is_final(state):
@@ -462,18 +324,6 @@ async def run_latency(
 # -- figures -------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None when there is nothing to rank."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
-
-
 def timeline(phase: Phase, step: float = 1.0) -> list[dict[str, Any]]:
     """Latency per `step` seconds of submit time: shows when a tail happened (e.g. a pause)."""
     if phase.first_submit is None or not phase.latencies:
@@ -485,9 +335,9 @@ def timeline(phase: Phase, step: float = 1.0) -> list[dict[str, Any]]:
         {
             "t": round(k * step, 3),
             "n": len(v),
-            "p50_ms": _ms(percentile(v, 0.5)),
-            "p99_ms": _ms(percentile(v, 0.99)),
-            "max_ms": _ms(max(v)),
+            "p50_ms": ms(percentile(v, 0.5)),
+            "p99_ms": ms(percentile(v, 0.99)),
+            "max_ms": ms(max(v)),
         }
         for k, v in sorted(buckets.items())
     ]
@@ -507,12 +357,12 @@ def summarise(phase: Phase, cpu: dict[str, float], offered: float | None) -> dic
         "seconds": None if span is None else round(span, 3),
         "tasks_per_s": None if rate is None else round(rate, 1),
         "latency_samples": len(phase.latencies),
-        "p50_ms": _ms(percentile(phase.latencies, 0.50)),
-        "p90_ms": _ms(percentile(phase.latencies, 0.90)),
-        "p99_ms": _ms(percentile(phase.latencies, 0.99)),
-        "max_ms": _ms(max(phase.latencies) if phase.latencies else None),
-        "ack_p50_ms": _ms(percentile(phase.acks, 0.50)),
-        "ack_p99_ms": _ms(percentile(phase.acks, 0.99)),
+        "p50_ms": ms(percentile(phase.latencies, 0.50)),
+        "p90_ms": ms(percentile(phase.latencies, 0.90)),
+        "p99_ms": ms(percentile(phase.latencies, 0.99)),
+        "max_ms": ms(max(phase.latencies) if phase.latencies else None),
+        "ack_p50_ms": ms(percentile(phase.acks, 0.50)),
+        "ack_p99_ms": ms(percentile(phase.acks, 0.99)),
         "cpu_percent": cpu,
         "client_gc": phase.client_gc,
         "timed_out": phase.timed_out,
@@ -554,38 +404,9 @@ class GcPauses:
     def summary(self) -> dict[str, Any]:
         return {
             "collections": len(self.pauses),
-            "total_ms": _ms(sum(self.pauses)),
-            "max_ms": _ms(max(self.pauses, default=0.0)),
+            "total_ms": ms(sum(self.pauses)),
+            "max_ms": ms(max(self.pauses, default=0.0)),
         }
-
-
-class CpuMeter:
-    """CPU time of the coordinator, the nodes (summed) and this client over a phase, in %."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self._procs: dict[str, list[psutil.Process]] = {
-            "coordinator": [psutil.Process(cluster.coordinator.proc.pid)],
-            "nodes": [psutil.Process(n.proc.pid) for n in cluster.nodes],
-            "client": [psutil.Process()],
-        }
-        self._start = self._sample()
-        self._t0 = time.monotonic()
-
-    def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, procs in self._procs.items():
-            total = 0.0
-            for p in procs:
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
-            out[name] = total
-        return out
-
-    def percent(self) -> dict[str, float]:
-        wall = max(time.monotonic() - self._t0, 1e-9)
-        end = self._sample()
-        return {k: round(100 * (end[k] - self._start[k]) / wall, 1) for k in end}
 
 
 # -- profiling (optional) ------------------------------------------------------------------
@@ -714,12 +535,12 @@ async def bench_cluster(
     cluster: Cluster | None = None
     try:
         cluster = await start_cluster(args.shoal, workdir, n_nodes, args.slots, children, deadline)
-        token = (workdir / "data" / ADMIN_TOKEN_FILE).read_text().strip()
+        token = admin_token(workdir / "data")
         client = AsyncClient(cluster.address, token=token)
-        tracker = Tracker(client)
+        tracker = Tracker(client, all_events=args.all_events)
         watcher = asyncio.create_task(tracker.run(), name="bench-watch")
         try:
-            await _wait_nodes(client, n_nodes, children, deadline)
+            await wait_nodes(client, n_nodes, children, deadline)
 
             def checks() -> None:
                 children.check_alive()
@@ -746,7 +567,7 @@ async def bench_cluster(
                         args.py_spy, targets, args.out.parent, name, args.profile_native
                     )
                     await asyncio.sleep(0.5)  # let py-spy attach
-                meter = CpuMeter(cluster) if cluster is not None else None
+                meter = CpuMeter(cluster.pids()) if cluster is not None else None
                 try:
                     with GcPauses() as pauses:
                         phase = await guarded(step, checks)
@@ -870,41 +691,9 @@ def print_profiles(runs: Sequence[dict[str, Any]], top: int = 12) -> None:
                 rows("inclusive (own code)", prof["main_inclusive"])
 
 
-def _git(*argv: str) -> str:
-    try:
-        out = subprocess.run(
-            ["git", *argv],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip()
-
-
-def _meta(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "cpus": os.cpu_count(),
-        "synchronous": "FULL",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
-
-
 async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
     deadline = Deadline(args.deadline)
-    report: dict[str, Any] = {"meta": _meta(args), "runs": [], "complete": False}
-    # SIGTERM cancels the run, so every `finally` (stopping processes, removing data) runs.
-    main_task = asyncio.current_task()
-    if main_task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    report: dict[str, Any] = {"meta": meta(args), "runs": [], "complete": False}
     tag = datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         for n in args.nodes:
@@ -919,6 +708,26 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
     except BenchError as err:
         report["error"] = str(err)
     return report
+
+
+def throughput_figures(runs: Sequence[dict[str, Any]]) -> list[Figure]:
+    """The issue's figures: batched tasks/s for each cluster size, and p50/p99 at each latency
+    rate (their targets hold at half the max rate)."""
+    out: list[Figure] = []
+    for run in runs:
+        n = run["nodes"]
+        for row in run["phases"]:
+            note = ", ".join(k.replace("_", " ") for k in ("timed_out", "saturated") if row[k])
+            if row["mode"] == "throughput":
+                name = f"batched no-op tasks/s, {n} node(s)"
+                out.append(figure(name, row["tasks_per_s"], "tasks/s", "batched", note))
+                continue
+            fraction = row.get("fraction_of_max")
+            at = f"{fraction:.0%} of max" if fraction is not None else f"{row['offered_per_s']:g}/s"
+            for q in ("p50", "p99"):
+                name = f"{q} submit-to-result at {at}, {n} node(s)"
+                out.append(figure(name, row[f"{q}_ms"], "ms", q if fraction == 0.5 else "", note))
+    return out
 
 
 def _floats(text: str) -> list[float]:
@@ -944,7 +753,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rate", type=_floats, default=None, help="latency phases at these tasks/s (overrides)"
     )
     p.add_argument(
-        "--rate-fraction", type=_floats, default=[0.5], help="latency at fractions of max"
+        "--rate-fraction", type=_floats, default=[0.1, 0.5, 0.8], help="latency at fractions of max"
     )
     p.add_argument("--interval", type=float, default=0.01, help="seconds between latency batches")
     p.add_argument("--latency-seconds", type=float, default=8.0, help="offering time per rate")
@@ -956,18 +765,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=2.0,
         help="stop offering once this many seconds of tasks are unfinished",
     )
-    p.add_argument("--deadline", type=float, default=120.0, help="bound on the whole run, s")
+    p.add_argument("--deadline", type=float, default=240.0, help="bound on the whole run, s")
     p.add_argument("--out", type=Path, default=RESULTS / "throughput.json", help="JSON output")
+    p.add_argument(
+        "--all-events",
+        action="store_true",
+        help="watch every event (default: outcomes only, as a client waiting for results)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the throughput phases")
     p.add_argument(
         "--profile-native", action="store_true", help="with --profile: C frames too (slower)"
     )
     p.add_argument("--keep", action="store_true", help="keep data dirs and logs")
-    p.add_argument(
-        "--shoal",
-        default=str(Path(sys.executable).with_name("shoal")),
-        help="the shoal CLI",
-    )
+    p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
     p.add_argument(
         "--py-spy",
         default=str(Path(sys.executable).with_name("py-spy")),
@@ -989,31 +799,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM outside the event loop: unwind like Ctrl-C, so the children are stopped."""
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    children = Children()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        try:
-            report = asyncio.run(bench(args, children))
-        finally:
-            signal.signal(signal.SIGTERM, _interrupt)  # the event loop reset it on closing
-            children.stop_all()
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; every child process was stopped", file=sys.stderr)
+    report = run_async(lambda children: bench(args, children))
+    if report is None:
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report["figures"] = throughput_figures(report["runs"])
+    write_json(args.out, report)
     if report["runs"]:
         print()
         print_table(report["runs"])
+        print("\ntargets:")
+        print_figures(report["figures"])
     if args.profile:
         print_profiles(report["runs"])
     print(f"\nwritten: {args.out}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-import secrets
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -24,7 +24,7 @@ from shoal.coordinator.breakers import (
     executor_key,
     node_key,
 )
-from shoal.coordinator.events import EventLog
+from shoal.coordinator.events import Change, EventLog
 from shoal.coordinator.locks import LockGate, parse_locks
 from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
 from shoal.coordinator.ratelimit import TokenBucket
@@ -332,8 +332,10 @@ class Coordinator:
         now = self._wall()
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
-        for spec in specs:
-            rec = self._record(secrets.token_hex(8), self.events.reserve(), spec, now, by.name)
+        ids = os.urandom(8 * len(specs)).hex()  # one call for the batch: 64 random bits each
+        for i, spec in enumerate(specs):
+            task_id = ids[16 * i : 16 * i + 16]
+            rec = self._record(task_id, self.events.reserve(), spec, now, by.name)
             records.append(rec)
             rows.append(
                 TaskRow(
@@ -375,11 +377,11 @@ class Coordinator:
         for rec in created:
             self._link(rec, outcomes)
             self._admit(rec)
-            event = self._event(rec, by=rec.submitted_by, seq=rec.seq)
-            if is_final(event.state):  # skipped at once: its outcome is its own, later event
-                event.state = _PENDING
-                event.ClearField("result")
-            accepted.append(event)
+            change = self._event(rec, by=rec.submitted_by, seq=rec.seq)
+            if is_final(change.state):  # skipped at once: its outcome is its own, later event
+                change.state = _PENDING
+                change.result = None
+            accepted.append(change)
         self.events.publish(accepted)
         return out
 
@@ -681,9 +683,11 @@ class Coordinator:
         task_ids: Sequence[str] = (),
         output: bool = False,
         tenant: str = "",
+        states: Sequence[int] = (),
         by: Principal,
     ) -> AsyncIterator[tuple[int, list[task_pb2.Event]]]:
         """(cursor, events) after `since`: from the store when no longer in memory, then live.
+        With `states`, only tasks' changes into those states (no notices).
 
         The first item has no events and gives the starting cursor.
         """
@@ -695,12 +699,15 @@ class Coordinator:
         ids = frozenset(task_ids)
         cursor = self.events.last_seq if since is None else since
 
-        def keep(e: task_pb2.Event | None) -> bool:
+        wanted = frozenset(states)
+
+        def keep(c: Change | None) -> bool:
             return (
-                e is not None
-                and (not ids or e.task_id in ids)
-                and (output or not e.HasField("output"))
-                and (not tenant or e.tenant == tenant)
+                c is not None
+                and (not ids or c.task_id in ids)
+                and (output or c.output is None)
+                and (not tenant or c.tenant == tenant)
+                and (not wanted or (c.state in wanted and bool(c.task_id)))
             )
 
         yield cursor, []
@@ -715,16 +722,16 @@ class Coordinator:
                     cursor = upto - 1
                     continue
                 cursor = items[-1][0]
-                replayed = [self._stored_event(seq, st) for seq, st in items]
-                batch = [e for e in replayed if keep(e)]
+                replayed = [Change.of(self._stored_event(seq, st)) for seq, st in items]
+                batch = [c for c in replayed if keep(c)]
             else:
                 if not held:
                     await self.events.wait_after(cursor)
                     continue
                 cursor += len(held)
-                batch = [e for e in held if keep(e)]  # type: ignore[misc]
+                batch = [c for c in held if keep(c)]  # type: ignore[misc]
             for i in range(0, len(batch), _REPLAY_PAGE):
-                page = batch[i : i + _REPLAY_PAGE]
+                page = [c.event() for c in batch[i : i + _REPLAY_PAGE]]
                 yield (cursor if i + _REPLAY_PAGE >= len(batch) else page[-1].seq), page
 
     # -- outcomes --------------------------------------------------------------------------
@@ -819,7 +826,7 @@ class Coordinator:
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         by_node: dict[str, list[node_pb2.Assignment]] = {}
-        events: list[task_pb2.Event] = []
+        events: list[Change] = []
         gated = self._breakers.tripped > 0
         put_back = False
         gates = self.quotas.active
@@ -1172,7 +1179,7 @@ class Coordinator:
         )
         event = task_pb2.Event(quota=notice, principal=COORDINATOR)
         event.time.FromNanoseconds(time.time_ns())
-        self.events.emit(event)
+        self.events.emit(Change.of(event))
 
     # -- leases: locks held from outside the mesh --------------------------------------------
 
@@ -1302,7 +1309,7 @@ class Coordinator:
                 self._wake(b.key)
         event = task_pb2.Event(breaker=b.proto(), principal=COORDINATOR)
         event.time.FromNanoseconds(time.time_ns())
-        self.events.emit(event)
+        self.events.emit(Change.of(event))
 
     def _load_changed(self, session: NodeSession) -> None:
         """A node's resource guard throttled it, paused tasks or stopped: apply, tell watchers."""
@@ -1320,7 +1327,7 @@ class Coordinator:
             node=session.notice(), node_id=session.node_id, principal=session.principal.name
         )
         event.time.FromNanoseconds(time.time_ns())
-        self.events.emit(event)
+        self.events.emit(Change.of(event))
 
     def _apply_node_state(self, node_id: str) -> None:
         """Whether a node takes work, which of its executors, and down to which priority: from
@@ -1643,22 +1650,21 @@ class Coordinator:
         by: str,
         seq: int = 0,
         output: task_pb2.OutputChunk | None = None,
-    ) -> task_pb2.Event:
-        event = task_pb2.Event(
+    ) -> Change:
+        """The task's change now, as an event (numbered by `seq`, or when emitted)."""
+        return Change(
+            rec.id,
+            rec.state,
             seq=seq,
-            task_id=rec.id,
-            state=rec.state,  # type: ignore[arg-type]
             node_id=rec.node_id,
             tenant=rec.tenant,
-            output=output,
             principal=by,
+            epoch=rec.attempt_epoch,
+            number=rec.attempt,
+            result=rec.result if rec.result is not None and is_final(rec.state) else None,
+            output=output,
+            time_ns=time.time_ns(),
         )
-        event.time.FromNanoseconds(time.time_ns())
-        if rec.attempt:
-            event.attempt.CopyFrom(self._attempt(rec))
-        if rec.result is not None and is_final(rec.state):
-            event.result.CopyFrom(rec.result)
-        return event
 
     def _pending_reason(self, rec: TaskRecord) -> str:
         if rec.state == _PENDING:

@@ -3,6 +3,9 @@
 Sequence numbers are `(epoch << 40) | counter`, so they keep growing across restarts.
 An event whose change must be durable first reserves its number, and is published once
 its commit lands; events behind it wait, so subscribers always see numbers in order.
+
+Events are held as `Change`s, a few plain fields each; the Event message a watcher receives
+is built from one when first read, so changes nobody watches cost little.
 """
 
 from __future__ import annotations
@@ -12,9 +15,89 @@ from collections.abc import Iterable
 
 from shoal.v1 import task_pb2
 
-__all__ = ["EPOCH_SHIFT", "EventLog"]
+__all__ = ["EPOCH_SHIFT", "Change", "EventLog"]
 
 EPOCH_SHIFT = 40
+
+
+class Change:
+    """One event: a task's change (its fields as they were then), or a prebuilt Event
+    (`Change.of`, for notices and replays). `event()` is the Event message, built once."""
+
+    __slots__ = (
+        "_event",
+        "epoch",
+        "node_id",
+        "number",
+        "output",
+        "principal",
+        "result",
+        "seq",
+        "state",
+        "task_id",
+        "tenant",
+        "time_ns",
+    )
+
+    def __init__(
+        self,
+        task_id: str = "",
+        state: int = 0,
+        *,
+        seq: int = 0,
+        node_id: str = "",
+        tenant: str = "",
+        principal: str = "",
+        epoch: int = 0,
+        number: int = 0,
+        result: task_pb2.TaskResult | None = None,
+        output: task_pb2.OutputChunk | None = None,
+        time_ns: int = 0,
+    ) -> None:
+        self.seq = seq
+        self.task_id = task_id
+        self.state = state
+        self.node_id = node_id
+        self.tenant = tenant
+        self.principal = principal
+        self.epoch = epoch
+        self.number = number
+        self.result = result  # shared, not copied: a final result never changes
+        self.output = output
+        self.time_ns = time_ns
+        self._event: task_pb2.Event | None = None
+
+    @classmethod
+    def of(cls, event: task_pb2.Event) -> Change:
+        change = cls(
+            event.task_id,
+            event.state,
+            seq=event.seq,
+            tenant=event.tenant,
+            output=event.output if event.HasField("output") else None,
+        )
+        change._event = event
+        return change
+
+    def event(self) -> task_pb2.Event:
+        """The Event message of this change (with its sequence number as it is now)."""
+        event = self._event
+        if event is None:
+            event = self._event = task_pb2.Event(
+                task_id=self.task_id,
+                state=self.state,  # type: ignore[arg-type]
+                node_id=self.node_id,
+                tenant=self.tenant,
+                principal=self.principal,
+                output=self.output,
+                result=self.result,
+            )
+            event.time.FromNanoseconds(self.time_ns)
+            if self.number:
+                event.attempt.epoch = self.epoch
+                event.attempt.number = self.number
+        event.seq = self.seq
+        return event
 
 
 class EventLog:
@@ -23,10 +106,10 @@ class EventLog:
     def __init__(self, epoch: int, *, capacity: int = 100_000) -> None:
         self.first_seq = (epoch << EPOCH_SHIFT) + 1
         self._capacity = capacity
-        self._ring: list[task_pb2.Event | None] = []
+        self._ring: list[Change | None] = []
         self._base = self.first_seq  # seq of _ring[0]
         self._reserved = self.first_seq - 1  # last number handed out
-        self._staged: dict[int, task_pb2.Event | None] = {}
+        self._staged: dict[int, Change | None] = {}
         self._wakeup: asyncio.Future[None] | None = None
 
     @property
@@ -44,12 +127,12 @@ class EventLog:
         self._reserved += 1
         return self._reserved
 
-    def emit(self, event: task_pb2.Event) -> None:
+    def emit(self, event: Change) -> None:
         """Number and publish an event at once (behind any reserved one still pending)."""
         event.seq = self.reserve()
         self.publish((event,))
 
-    def publish(self, events: Iterable[task_pb2.Event]) -> None:
+    def publish(self, events: Iterable[Change]) -> None:
         """Publish events whose numbers came from `reserve`."""
         for event in events:
             self._staged[event.seq] = event
@@ -78,7 +161,7 @@ class EventLog:
             self._wakeup.set_result(None)
             self._wakeup = None
 
-    def after(self, seq: int) -> list[task_pb2.Event | None] | None:
+    def after(self, seq: int) -> list[Change | None] | None:
         """Published events after `seq` (None marks an abandoned number); None if no longer held."""
         if seq + 1 < self._base:
             return None

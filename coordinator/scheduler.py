@@ -315,6 +315,12 @@ def _milli(cpu: float) -> int:
     return math.ceil(cpu * 1000) if math.isfinite(cpu) else _UNPLACEABLE
 
 
+_PLAIN: dict[tuple[str, str, str, str], Requirements] = {}
+"""The requirements of specs that ask for no more than an executor, model, tool or provider:
+most specs; shared, since Requirements are immutable. Bounded by _PLAIN_MAX."""
+_PLAIN_MAX = 4096
+
+
 def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     """A spec's placement, as plain values; never raises (validation rejects bad values first).
 
@@ -322,6 +328,26 @@ def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     key under another strategy is ignored. Operators default to IN, slots to 1, preference
     weights to 1 (0 or non-finite).
     """
+    # A cloud provider's model is served by any node with the provider's key, not listed.
+    cloud = spec.llm.provider if spec.HasField("llm") and spec.llm.provider != "ollama" else ""
+    tool = spec.tool.name if spec.HasField("tool") else ""
+    if not (
+        spec.required_labels
+        or spec.selectors
+        or spec.preferred_labels
+        or spec.HasField("resources")
+        or spec.affinity_key
+        or spec.routing
+    ):
+        wants = (executor_of(spec), "" if cloud else spec.model, tool, cloud)
+        plain = _PLAIN.get(wants)
+        if plain is None:
+            if len(_PLAIN) >= _PLAIN_MAX:
+                _PLAIN.clear()
+            plain = _PLAIN[wants] = Requirements(
+                PlacementClass(executor=wants[0], model=wants[1], tool=tool, provider=cloud)
+            )
+        return plain
     res = spec.resources
     resources = Resources(
         slots=max(1, res.slots),
@@ -343,8 +369,6 @@ def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     routing = _ROUTINGS.get(spec.routing)
     if hard or (routing is None and key):
         routing = Routing.AFFINITY
-    # A cloud provider's model is served by any node with the provider's key, not listed.
-    cloud = spec.llm.provider if spec.HasField("llm") and spec.llm.provider != "ollama" else ""
     cls = PlacementClass(
         executor=executor_of(spec),
         labels=frozenset(spec.required_labels.items()),
@@ -352,7 +376,7 @@ def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
         model="" if cloud else spec.model,
         resources=resources,
         affinity_key=key if hard else "",
-        tool=spec.tool.name if spec.HasField("tool") else "",
+        tool=tool,
         provider=cloud,
     )
     preferred = tuple(

@@ -106,6 +106,7 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             task_ids=list(request.task_ids),
             output=request.output,
             tenant=request.tenant,
+            states=list(request.states),
             by=current_principal(),
         ):
             yield tasks_pb2.WatchResponse(events=events, cursor=cursor)

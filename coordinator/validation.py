@@ -43,6 +43,9 @@ _SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file 
 
 
 LLM_PROVIDERS = ("ollama", "openai", "anthropic", "gemini")
+_PRIORITIES = frozenset(task_pb2.Priority.values())
+_OPERATORS = frozenset(task_pb2.LabelSelector.Operator.values())
+_ROUTINGS = frozenset(task_pb2.RoutingStrategy.values())
 
 
 def _llm_violations(llm: task_pb2.LlmSpec, bad: Callable[[str, str], None]) -> None:
@@ -100,7 +103,7 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         bad("http.url", "missing url")
     elif kind == "tool" and not spec.tool.name:
         bad("tool.name", "missing tool name")
-    if spec.priority not in task_pb2.Priority.values():
+    if spec.priority not in _PRIORITIES:
         bad("priority", f"unknown priority {spec.priority}")
     if spec.HasField("timeout"):
         try:
@@ -108,14 +111,17 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         except InvalidArgument as err:
             bad("timeout", err.message)
     for name in ("name", "idempotency_key", "tenant", "backend"):
-        if len(getattr(spec, name)) > limits.max_string:
+        text = getattr(spec, name)
+        if len(text) > limits.max_string:
             bad(name, f"longer than {limits.max_string} characters")
-        elif not getattr(spec, name).isprintable():
+        elif not text.isprintable():
             bad(name, "must be printable text")
     maps = {"required_labels": spec.required_labels, "metadata": spec.metadata}
     if kind in ("shell", "python", "docker"):
         maps[f"{kind}.env"] = getattr(spec, kind).env
     for name, entries in maps.items():
+        if not entries:
+            continue
         if len(entries) > limits.max_labels:
             bad(name, f"more than {limits.max_labels} entries")
         elif any(len(k) > limits.max_string for k in entries):
@@ -140,6 +146,8 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
         seen.add(env)
     for field, names in (("locks", spec.locks), ("quota_keys", spec.quota_keys)):
+        if not names:
+            continue
         if len(names) > limits.max_labels:
             bad(field, f"more than {limits.max_labels} entries")
         for i, name in enumerate(names):
@@ -158,7 +166,7 @@ def _check_scheduling(
     for i, sel in enumerate(spec.selectors):
         if not sel.key or len(sel.key) > limits.max_string:
             bad(f"selectors[{i}].key", f"must be 1-{limits.max_string} characters")
-        if sel.operator not in task_pb2.LabelSelector.Operator.values():
+        if sel.operator not in _OPERATORS:
             bad(f"selectors[{i}].operator", f"unknown operator {sel.operator}")
         if len(sel.values) > limits.max_labels:
             bad(f"selectors[{i}].values", f"more than {limits.max_labels} values")
@@ -174,7 +182,7 @@ def _check_scheduling(
     res = spec.resources
     if not math.isfinite(res.cpu) or res.cpu < 0 or res.cpu > 1e6:
         bad("resources.cpu", "must be between 0 and 1e6 cores")
-    if spec.routing not in task_pb2.RoutingStrategy.values():
+    if spec.routing not in _ROUTINGS:
         bad("routing", f"unknown routing strategy {spec.routing}")
     if spec.hard_affinity and not spec.affinity_key:
         bad("hard_affinity", "needs an affinity_key")

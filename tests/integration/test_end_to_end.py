@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from shoal import InvalidArgument, ResourceExhausted, noop, python, shell
-from shoal.specs import is_final
+from shoal.specs import FINAL_STATES, is_final
 from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
 
 from .harness import Mesh, MeshFactory, eventually, gate_script, process_gone
@@ -166,6 +166,22 @@ async def test_cancel_and_timeout_leave_no_unretrieved_errors(
     assert states == {task_pb2.TASK_STATE_CANCELLED, task_pb2.TASK_STATE_TIMED_OUT}
     unretrieved = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
     assert unretrieved == []
+
+
+async def test_a_watch_of_final_states_sees_one_outcome_per_task(mesh: Mesh) -> None:
+    first = await mesh.client.submit(shell("echo ok"))
+    failing = await mesh.client.submit(shell("echo no >&2; exit 3"))
+    outcomes: list[task_pb2.Event] = []
+    watch = mesh.client.watch(since=first.created_seq - 1, states=FINAL_STATES, output=True)
+    async with contextlib.aclosing(watch):
+        async for event in watch:
+            outcomes.append(event)
+            if len(outcomes) == 2:
+                break
+    assert sorted((e.task_id, e.state) for e in outcomes) == sorted(
+        [(first.id, task_pb2.TASK_STATE_SUCCEEDED), (failing.id, task_pb2.TASK_STATE_FAILED)]
+    )
+    assert all(not e.HasField("output") and e.HasField("result") for e in outcomes)
 
 
 async def test_watch_sees_output_then_the_final_event_in_order(mesh: Mesh) -> None:

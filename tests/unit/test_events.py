@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from shoal.coordinator.events import EPOCH_SHIFT, EventLog
+from shoal.coordinator.events import EPOCH_SHIFT, Change, EventLog
 from shoal.v1 import task_pb2
 
 
-def ev(task: str) -> task_pb2.Event:
-    return task_pb2.Event(task_id=task)
+def ev(task: str) -> Change:
+    return Change(task)
 
 
 def seen(log: EventLog, after: int) -> list[str]:
@@ -63,3 +63,37 @@ async def test_wait_after_wakes_on_publish() -> None:
     assert not waiter.done()
     log.emit(ev("x"))
     await asyncio.wait_for(waiter, 1)
+
+
+def test_a_change_becomes_the_event_watchers_see() -> None:
+    result = task_pb2.TaskResult(exit_code=3, stdout="out")
+    change = Change(
+        "t1",
+        task_pb2.TASK_STATE_FAILED,
+        node_id="n1",
+        tenant="acme",
+        principal="n1",
+        epoch=2,
+        number=1,
+        result=result,
+        time_ns=1_500_000_000,
+    )
+    log = EventLog(1)
+    log.emit(change)
+    event = change.event()
+    assert event.seq == log.last_seq
+    assert (event.task_id, event.state, event.node_id, event.tenant, event.principal) == (
+        "t1",
+        task_pb2.TASK_STATE_FAILED,
+        "n1",
+        "acme",
+        "n1",
+    )
+    assert (event.attempt.epoch, event.attempt.number) == (2, 1)
+    assert event.result == result and not event.HasField("output")
+    assert event.time.ToNanoseconds() == 1_500_000_000
+    assert change.event() is event  # built once
+    notice = task_pb2.Event(quota=task_pb2.QuotaNotice(key="k", limited=True))
+    wrapped = Change.of(notice)
+    log.emit(wrapped)
+    assert wrapped.event() is notice and notice.seq == log.last_seq

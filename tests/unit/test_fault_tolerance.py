@@ -202,7 +202,8 @@ async def test_node_breaker_opens_probes_once_and_closes(core: Coordinator, wall
 
 def breaker_events(core: Coordinator) -> list[task_pb2.Event]:
     held = core.events.after(core.events.oldest_seq - 1) or []
-    return [e for e in held if e is not None and e.HasField("breaker")]
+    events = [c.event() for c in held if c is not None]
+    return [e for e in events if e.HasField("breaker")]
 
 
 async def test_backend_breaker_holds_its_tasks_everywhere(core: Coordinator, wall: Wall) -> None:

@@ -85,11 +85,8 @@ async def test_a_rate_limit_spaces_dispatches_and_says_when(core: Coordinator, w
     wall.now += 0.5
     core.tick()
     assert len(await dispatched(node)) == 1
-    limited = [
-        e.quota
-        for e in core.events.after(core.events.oldest_seq - 1) or []
-        if e and e.HasField("quota")
-    ]
+    events = [c.event() for c in core.events.after(core.events.oldest_seq - 1) or [] if c]
+    limited = [e.quota for e in events if e.HasField("quota")]
     assert limited[0].key == "api" and limited[0].limited
 
 

@@ -328,17 +328,25 @@ class AsyncClient:
         task_ids: Iterable[str] = (),
         output: bool = False,
         tenant: str = "",
+        states: Iterable[int] = (),
         reconnect: bool = True,
     ) -> AsyncGenerator[task_pb2.Event, None]:
-        """Events after `since` (None: from now), following live ones.
+        """Events after `since` (None: from now), following live ones; with `states`, only
+        tasks' changes into those states (e.g. `FINAL_STATES`: each task's outcome).
 
         When the connection drops it reconnects with backoff and resumes after the last
         position it reached, so nothing is lost or repeated.
         """
         ids = list(task_ids)
+        wanted = list(states)
         cursor = since
         while True:
-            request = tasks_pb2.WatchRequest(task_ids=ids, output=output, tenant=tenant)
+            request = tasks_pb2.WatchRequest(
+                task_ids=ids,
+                output=output,
+                tenant=tenant,
+                states=wanted,  # type: ignore[arg-type]
+            )
             if cursor is not None:
                 request.since = cursor
             stream = await self._open_watch(request, reconnect)

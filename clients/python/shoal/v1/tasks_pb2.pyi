@@ -248,6 +248,7 @@ class WatchRequest(_message.Message):
     TASK_IDS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     since: _builtins.int
     """Replay events with seq > since; unset: only events from now on."""
     output: _builtins.bool
@@ -257,6 +258,10 @@ class WatchRequest(_message.Message):
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all tasks"""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState.ValueType]:
+        """Only tasks' changes into these states, e.g. the final ones (empty: every event)."""
+
     def __init__(
         self,
         *,
@@ -264,10 +269,11 @@ class WatchRequest(_message.Message):
         task_ids: _abc.Iterable[_builtins.str] | None = ...,
         output: _builtins.bool = ...,
         tenant: _builtins.str = ...,
+        states: _abc.Iterable[_task_pb2.TaskState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_since", b"_since", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since", b"_since", "output", b"output", "since", b"since", "task_ids", b"task_ids", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since", b"_since", "output", b"output", "since", b"since", "states", b"states", "task_ids", b"task_ids", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__since: _TypeAlias = _typing.Literal["since"]  # noqa: Y015
     _WhichOneofArgType__since: _TypeAlias = _typing.Literal["_since", b"_since"]  # noqa: Y015

@@ -58,6 +58,7 @@ class Task:
     tenant: str
     placement: Requirements
     queued: bool = True
+    tag: float = 0.0
 
 
 def make_nodes() -> list[NodeSlots]:

@@ -227,7 +227,7 @@ class Coordinator:
         records = []
         for row in recovered:
             spec = task_pb2.TaskSpec.FromString(row.spec)
-            rec = self._record(row.id, row.seq, spec, row.created_at, row.submitted_by)
+            rec = self._record(row.id, row.seq, spec, row.spec, row.created_at, row.submitted_by)
             rec.upstream = [str(u) for u in row.depends_on]
             self._tasks[rec.id] = rec
             self._unfinished[rec.tenant] += 1
@@ -285,12 +285,19 @@ class Coordinator:
     # -- tasks -----------------------------------------------------------------------------
 
     def _record(
-        self, task_id: str, seq: int, spec: task_pb2.TaskSpec, created_at: float, by: str
+        self,
+        task_id: str,
+        seq: int,
+        spec: task_pb2.TaskSpec,
+        spec_bytes: bytes,
+        created_at: float,
+        by: str,
     ) -> TaskRecord:
+        """The record of a task with this spec, which it keeps as `spec_bytes` only."""
         return TaskRecord(
             id=task_id,
             seq=seq,
-            spec=spec,
+            spec_bytes=spec_bytes,
             priority=spec.priority or task_pb2.PRIORITY_NORMAL,
             placement=requirements_of(spec),
             tenant=spec.tenant,
@@ -302,6 +309,9 @@ class Coordinator:
             locks=parse_locks(spec.locks) if spec.locks else (),
             release_at=(
                 spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
+            ),
+            queue_timeout=(
+                spec.queue_timeout.ToNanoseconds() / 1e9 if spec.HasField("queue_timeout") else None
             ),
         )
 
@@ -335,7 +345,8 @@ class Coordinator:
         ids = os.urandom(8 * len(specs)).hex()  # one call for the batch: 64 random bits each
         for i, spec in enumerate(specs):
             task_id = ids[16 * i : 16 * i + 16]
-            rec = self._record(task_id, self.events.reserve(), spec, now, by.name)
+            spec_bytes = spec.SerializeToString()
+            rec = self._record(task_id, self.events.reserve(), spec, spec_bytes, now, by.name)
             records.append(rec)
             rows.append(
                 TaskRow(
@@ -344,7 +355,7 @@ class Coordinator:
                     _scoped_key(spec),
                     rec.tenant,
                     rec.priority,
-                    spec.SerializeToString(),
+                    spec_bytes,
                     now,
                     by.name,
                     [
@@ -465,17 +476,21 @@ class Coordinator:
 
     def _link(self, rec: TaskRecord, outcomes: dict[str, tuple[int, task_pb2.TaskResult]]) -> None:
         """Note which upstream tasks `rec` waits for, and the results of those already final."""
+        if not rec.upstream:
+            return
+        waiting: set[str] = set()
+        rec.waiting_on, rec.upstream_results = waiting, {}
         for index, up_id in enumerate(rec.upstream):
             up = self._tasks.get(up_id)
             if up is not None and not (up.durable and up.result is not None):
-                rec.waiting_on.add(up_id)
+                waiting.add(up_id)
                 self._dependents.setdefault(up_id, []).append(rec.id)
             elif up is not None and up.result is not None:
                 self._upstream_done(rec, index, up_id, up.state, up.result)
             elif up_id in outcomes:
                 self._upstream_done(rec, index, up_id, *outcomes[up_id])
             else:  # gone from memory while this task was being stored: look it up
-                rec.waiting_on.add(up_id)
+                waiting.add(up_id)
                 self._spawn(self._fetch_upstream(rec, up_id))
 
     async def _fetch_upstream(self, rec: TaskRecord, up_id: str) -> None:
@@ -491,13 +506,14 @@ class Coordinator:
         edge = rec.spec.depends_on[index]
         if state != _SUCCEEDED and not edge.run_on_failure and not rec.skip_reason:
             rec.skip_reason = f"upstream task {up_id} ended {state_name(state)}"
+        assert rec.upstream_results is not None  # made by _link
         rec.upstream_results[up_id] = result
 
     def _upstream_final(
         self, rec: TaskRecord, up_id: str, state: int, result: task_pb2.TaskResult
     ) -> None:
         """An upstream task of `rec` reached a durable outcome: release or skip `rec`."""
-        if is_final(rec.state) or up_id not in rec.waiting_on:
+        if is_final(rec.state) or not rec.waiting_on or up_id not in rec.waiting_on:
             return
         for index, candidate in enumerate(rec.upstream):
             if candidate == up_id:
@@ -515,9 +531,8 @@ class Coordinator:
             self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
             return
         now = self._wall()
-        if rec.spec.HasField("queue_timeout") and rec.attempt == 0 and not rec.attempts:
-            timeout = rec.spec.queue_timeout.ToNanoseconds() / 1e9
-            self._set_timer(TimerKind.QUEUE_TIMEOUT, rec.id, rec.created_at + timeout)
+        if rec.queue_timeout is not None and rec.attempt == 0 and not rec.attempts:
+            self._set_timer(TimerKind.QUEUE_TIMEOUT, rec.id, rec.created_at + rec.queue_timeout)
         if rec.waiting_on or (rec.release_at is not None and rec.release_at > now):
             rec.state = _PENDING
             if rec.release_at is not None and not rec.waiting_on:
@@ -580,6 +595,8 @@ class Coordinator:
             return self._stored_proto(await self._stored(task_id, by))
         if not rec.durable:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if rec.waiters is None:
+                rec.waiters = []
             rec.waiters.append(fut)
             try:
                 seconds = None if timeout is None else timeout.total_seconds()
@@ -587,7 +604,7 @@ class Coordinator:
             except TimeoutError:
                 pass
             finally:
-                if fut in rec.waiters:
+                if rec.waiters and fut in rec.waiters:
                     rec.waiters.remove(fut)
         return self._task_proto(rec)
 
@@ -801,10 +818,10 @@ class Coordinator:
         for rec in batch:
             self.finished_count[rec.state] += 1
             rec.durable = True
-            for fut in rec.waiters:
+            for fut in rec.waiters or ():
                 if not fut.done():
                     fut.set_result(None)
-            rec.waiters.clear()
+            rec.waiters = None
             self._finished.append(rec.id)
             for dependent in self._dependents.pop(rec.id, ()):
                 if (down := self._tasks.get(dependent)) is not None:
@@ -847,12 +864,14 @@ class Coordinator:
             rec.node_id = session.node_id
             session.inflight[rec.id] = rec
             attempt = self._attempt(rec)
-            spec = rec.spec
+            assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
             if rec.templated:
-                spec = render(spec, [rec.upstream_results.get(u, _NO_RESULT) for u in rec.upstream])
-            by_node.setdefault(session.node_id, []).append(
-                node_pb2.Assignment(task_id=rec.id, attempt=attempt, spec=spec)
-            )
+                results = rec.upstream_results or {}
+                rendered = render(rec.spec, [results.get(u, _NO_RESULT) for u in rec.upstream])
+                assignment.spec.CopyFrom(rendered)
+            else:  # straight from the stored bytes: no spec message kept for it
+                assignment.spec.MergeFromString(rec.spec_bytes)
+            by_node.setdefault(session.node_id, []).append(assignment)
             events.append(self._event(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
@@ -1360,7 +1379,7 @@ class Coordinator:
             started_at=timestamp(rec.started_at),
             finished_at=timestamp(self._wall()),
         )
-        rec.attempts.append(attempt)
+        rec.attempts = (*rec.attempts, attempt)
 
     def _after_failure(
         self, rec: TaskRecord, state: int, result: task_pb2.TaskResult, *, by: str
@@ -1431,8 +1450,7 @@ class Coordinator:
                 self._admit(rec)
                 self.events.emit(self._event(rec, by=COORDINATOR))
             elif kind is TimerKind.QUEUE_TIMEOUT and rec.state in (_PENDING, _QUEUED):
-                waited = rec.spec.queue_timeout.ToNanoseconds() / 1e9
-                error = f"not started within its queue timeout of {waited:g} s"
+                error = f"not started within its queue timeout of {rec.queue_timeout:g} s"
                 self._finish(rec, _TIMED_OUT, task_pb2.TaskResult(error=error), by=COORDINATOR)
 
     # -- schedules -------------------------------------------------------------------------

@@ -225,6 +225,10 @@ class Queued(Protocol):
     @property
     def queued(self) -> bool: ...  # False once cancelled while in the queue
 
+    # Its fair-share tag while it waits in a lane, set by the queue (a lane holds the tasks
+    # themselves: a million queued tasks need no million tuples).
+    tag: float
+
 
 @dataclass(eq=False, slots=True)
 class NodeSlots:
@@ -562,7 +566,7 @@ class _Lane:
         self.cls = cls
         self.level = level
         self.tenant = tenant
-        self.items: deque[tuple[float, Queued]] = deque()  # (fair tag, task)
+        self.items: deque[Queued] = deque()  # in tag order
         self.gen = 0
         self.in_heap = False
 
@@ -640,7 +644,8 @@ class ReadyQueue:
         if len(last) > self._prune_at[level]:
             self._prune(level)
         lane = self._lane(task, level)
-        lane.items.append((tag, task))
+        task.tag = tag
+        lane.items.append(task)
         self._size += 1
         if not lane.in_heap and level < lane.cls.parked_from:
             self._enter(lane)
@@ -651,8 +656,9 @@ class ReadyQueue:
         lane = self._lane(task, level)
         tag = self._vtime[level]
         if lane.items:
-            tag = min(tag, lane.items[0][0])
-        lane.items.appendleft((tag, task))
+            tag = min(tag, lane.items[0].tag)
+        task.tag = tag
+        lane.items.appendleft(task)
         self._size += 1
         if level < lane.cls.parked_from:
             self._enter(lane)  # its head changed: a new entry; the old one goes stale
@@ -673,10 +679,10 @@ class ReadyQueue:
         return lane
 
     def _enter(self, lane: _Lane) -> None:
-        tag, task = lane.items[0]
+        task = lane.items[0]
         lane.gen = next(self._gen)
         lane.in_heap = True
-        heapq.heappush(self._heaps[lane.level], (tag, task.seq, lane.gen, lane))
+        heapq.heappush(self._heaps[lane.level], (task.tag, task.seq, lane.gen, lane))
 
     def _prune(self, level: int) -> None:
         """Forget tenants' tags the virtual time has passed: they start from it anyway."""
@@ -889,13 +895,14 @@ class Scheduler:
                 lane.in_heap = False
                 continue
             items = lane.items
-            tag, task = items[0]
+            task = items[0]
+            tag = task.tag
             if not task.queued:  # cancelled while queued: already discarded
                 items.popleft()
                 if items:
                     lane.gen = next(q._gen)
-                    tag, task = items[0]
-                    heapreplace(heap, (tag, task.seq, lane.gen, lane))
+                    task = items[0]
+                    heapreplace(heap, (task.tag, task.seq, lane.gen, lane))
                 else:
                     heappop(heap)
                     lane.in_heap = False
@@ -915,8 +922,8 @@ class Scheduler:
                 vtime = q._vtime[level] = tag
             if items:
                 lane.gen = next(q._gen)
-                tag, task = items[0]
-                heappush(heap, (tag, task.seq, lane.gen, lane))
+                task = items[0]
+                heappush(heap, (task.tag, task.seq, lane.gen, lane))
             else:
                 lane.in_heap = False
                 q._drop_lane(lane)

@@ -30,6 +30,7 @@ class T:
     placement: Requirements = SHELL
     queued: bool = True
     tenant: str = ""
+    tag: float = 0.0
 
 
 def node(name: str, slots: int = 4, *, cpu_milli: int = 0) -> NodeSlots:

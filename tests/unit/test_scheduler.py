@@ -70,6 +70,7 @@ class T:
     placement: Requirements = SHELL
     queued: bool = True
     tenant: str = ""
+    tag: float = 0.0
 
 
 def node(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -97,6 +98,18 @@ class Submitted:
     task_id: str
     created: bool
     seq: int
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (the collector runs again after, as it was)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _holder(lease: locks_pb2.Lease) -> str:
@@ -223,28 +236,8 @@ class Coordinator:
         self.epoch = await self._store.open()
         await self.tokens.load()
         self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
-        recovered = await self._store.unfinished()
-        records = []
-        for row in recovered:
-            spec = task_pb2.TaskSpec.FromString(row.spec)
-            rec = self._record(row.id, row.seq, spec, row.spec, row.created_at, row.submitted_by)
-            rec.upstream = [str(u) for u in row.depends_on]
-            self._tasks[rec.id] = rec
-            self._unfinished[rec.tenant] += 1
-            records.append(rec)
-        outcomes = await self._outcomes_of(records)
-        self._awaited = set(await self._store.members())
-        grace = (self.options.restart_grace or self.options.lease).total_seconds()
-        for rec in records:
-            self._link(rec, outcomes)
-            now = self._wall()
-            if self._awaited and grace > 0 and not rec.waiting_on and (rec.release_at or 0) <= now:
-                rec.state = _PENDING  # its node may still run it: see attach
-                self._recovering.add(rec.id)
-            else:
-                self._admit(rec)
-        if self._recovering:
-            self._set_timer(TimerKind.RECOVERY, "", self._wall() + grace)
+        with _collector_paused():  # a million new objects would set off full collections
+            await self._recover()
         for body in await self._store.quotas():
             self.quotas.set(admin_pb2.Quota.FromString(body))
         for quota in self.options.quotas:
@@ -264,7 +257,33 @@ class Coordinator:
         self._timer_loop = asyncio.create_task(self._run_timers(), name="shoal-timers")
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
         self.accepting = True
-        _log.info("coordinator started epoch=%d recovered=%d", self.epoch, len(recovered))
+        _log.info("coordinator started epoch=%d recovered=%d", self.epoch, len(self._tasks))
+
+    async def _recover(self) -> None:
+        """Queue every unfinished task of the store again (or hold it for its node: attach)."""
+        records = []
+        tasks, unfinished = self._tasks, self._unfinished
+        for row in await self._store.unfinished():
+            spec = task_pb2.TaskSpec.FromString(row.spec)
+            rec = self._record(row.id, row.seq, spec, row.spec, row.created_at, row.submitted_by)
+            if row.depends_on:
+                rec.upstream = [str(u) for u in row.depends_on]
+            tasks[rec.id] = rec
+            unfinished[rec.tenant] += 1
+            records.append(rec)
+        outcomes = await self._outcomes_of(records)
+        self._awaited = set(await self._store.members())
+        grace = (self.options.restart_grace or self.options.lease).total_seconds()
+        now = self._wall()
+        for rec in records:
+            self._link(rec, outcomes)
+            if self._awaited and grace > 0 and not rec.waiting_on and (rec.release_at or 0) <= now:
+                rec.state = _PENDING  # its node may still run it: see attach
+                self._recovering.add(rec.id)
+            else:
+                self._admit(rec)
+        if self._recovering:
+            self._set_timer(TimerKind.RECOVERY, "", self._wall() + grace)
 
     async def stop(self) -> None:
         """Refuse new work, close node sessions, flush outcomes, close the store; idempotent."""

@@ -325,6 +325,24 @@ most specs; shared, since Requirements are immutable. Bounded by _PLAIN_MAX."""
 _PLAIN_MAX = 4096
 
 
+_SPEC = task_pb2.TaskSpec.DESCRIPTOR
+_PLACING = frozenset(
+    _SPEC.fields_by_name[name].number
+    for name in (
+        "required_labels",
+        "selectors",
+        "preferred_labels",
+        "resources",
+        "routing",
+        "affinity_key",
+        "hard_affinity",
+    )
+)
+"""TaskSpec fields that place a task beyond its kind, model, tool and provider."""
+_KINDS = frozenset(f.number for f in _SPEC.oneofs_by_name["kind"].fields)
+_MODEL = _SPEC.fields_by_name["model"].number
+
+
 def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     """A spec's placement, as plain values; never raises (validation rejects bad values first).
 
@@ -332,26 +350,39 @@ def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
     key under another strategy is ignored. Operators default to IN, slots to 1, preference
     weights to 1 (0 or non-finite).
     """
-    # A cloud provider's model is served by any node with the provider's key, not listed.
+    # Most specs ask for a kind and perhaps a model: one look at the fields set tells, and
+    # their requirements are shared.
+    executor = model = tool = cloud = ""
+    for fd, value in spec.ListFields():
+        number = fd.number
+        if number in _PLACING:
+            return _placed(spec)
+        if number in _KINDS:
+            executor = fd.name
+            if executor == "custom":
+                executor = value.executor
+            elif executor == "tool":
+                tool = value.name
+            elif executor == "llm" and value.provider != "ollama":
+                # A cloud provider's model is served by any node with its key, not listed.
+                cloud = value.provider
+        elif number == _MODEL:
+            model = value
+    wants = (executor, "" if cloud else model, tool, cloud)
+    plain = _PLAIN.get(wants)
+    if plain is None:
+        if len(_PLAIN) >= _PLAIN_MAX:
+            _PLAIN.clear()
+        plain = _PLAIN[wants] = Requirements(
+            PlacementClass(executor=executor, model=wants[1], tool=tool, provider=cloud)
+        )
+    return plain
+
+
+def _placed(spec: task_pb2.TaskSpec) -> Requirements:
+    """requirements_of a spec with labels, selectors, preferences, resources or routing."""
     cloud = spec.llm.provider if spec.HasField("llm") and spec.llm.provider != "ollama" else ""
     tool = spec.tool.name if spec.HasField("tool") else ""
-    if not (
-        spec.required_labels
-        or spec.selectors
-        or spec.preferred_labels
-        or spec.HasField("resources")
-        or spec.affinity_key
-        or spec.routing
-    ):
-        wants = (executor_of(spec), "" if cloud else spec.model, tool, cloud)
-        plain = _PLAIN.get(wants)
-        if plain is None:
-            if len(_PLAIN) >= _PLAIN_MAX:
-                _PLAIN.clear()
-            plain = _PLAIN[wants] = Requirements(
-                PlacementClass(executor=wants[0], model=wants[1], tool=tool, provider=cloud)
-            )
-        return plain
     res = spec.resources
     resources = Resources(
         slots=max(1, res.slots),

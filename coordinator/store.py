@@ -604,8 +604,20 @@ class SqliteStore(Store):
                 f"SELECT {_INSERTED} FROM tasks WHERE final_seq IS NULL ORDER BY seq"
             ).fetchall()
         )
+        # Most tasks depend on nothing: their "[]" needs no JSON decoder.
         return [
-            TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows
+            TaskRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                [] if r[8] == "[]" else json.loads(r[8]),
+            )
+            for r in rows
         ]
 
     async def get(self, task_id: str) -> StoredTask | None:

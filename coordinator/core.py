@@ -78,7 +78,7 @@ class CoreOptions:
     """Tunables of the core; durations are timedelta."""
 
     limits: Limits = field(default_factory=Limits)
-    heartbeat_interval: timedelta = timedelta(seconds=2)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
     lease: timedelta = timedelta(seconds=10)
     event_capacity: int = 100_000
     finished_cache: int = 10_000
@@ -180,6 +180,7 @@ class Coordinator:
         rng: random.Random | None = None,
     ) -> None:
         self.options = options or CoreOptions()
+        self._ack_every = self.options.lease.total_seconds() / 4  # see NodeSession.renew
         self._store = store
         self.tokens = TokenRegistry(store, wall=wall)
         self._clock = clock
@@ -1057,7 +1058,8 @@ class Coordinator:
         if kind == "updates":
             self._on_updates(session, msg.updates.updates)
         elif kind == "heartbeat":
-            session.renew(msg.heartbeat.seq)
+            # A node's view of its lease must stay well ahead: answered at least 4 times a lease.
+            session.renew(msg.heartbeat.seq, session.last_seen, self._ack_every)
             if msg.heartbeat.draining != session.draining:
                 session.draining = msg.heartbeat.draining
                 self._apply_node_state(session.node_id)

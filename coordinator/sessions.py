@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 
 from shoal.auth import Principal
@@ -57,6 +58,7 @@ class NodeSession:
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, node_pb2.RunningAttempt] = {}
         self._lease: int | None = None  # the heartbeat to acknowledge
+        self._acked_at = -math.inf  # when the last one was (monotonic)
         self._drain: node_pb2.Drain | None = None
         self._wake = asyncio.Event()
 
@@ -74,8 +76,13 @@ class NodeSession:
             self._cancels[task_id] = node_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
             self._wake.set()
 
-    def renew(self, seq: int) -> None:
-        """Acknowledge a heartbeat: the node's lease runs again from when it sent it."""
+    def renew(self, seq: int, now: float, every: float) -> None:
+        """Acknowledge a heartbeat, unless the last answer went out less than `every` s ago:
+        the node's lease runs again from when it sent the one acknowledged. Answering every
+        other heartbeat or so halves what idle sessions cost and leaves its lease ample room."""
+        if now - self._acked_at < every:
+            return
+        self._acked_at = now
         self._lease = seq
         self._wake.set()
 

@@ -131,7 +131,7 @@ CASES: dict[str, ExecutorCase] = {
     "python": ExecutorCase(
         streams=lambda env: Said(python("print('from python', flush=True)"), "from python"),
         runs_long=lambda env: Said(
-            python("import time\nprint('started', flush=True)\ntime.sleep(600)"), "started"
+            python("import signal\nprint('started', flush=True)\nsignal.pause()"), "started"
         ),
         fails=lambda env: python("raise SystemExit(4)"),
     ),

@@ -106,7 +106,9 @@ def _own_dockerd() -> Iterator[tuple[str, docker.DockerClient]]:
                     f"the tests' own dockerd {why} after {_STARTUP:g} s:\n"
                     + log_path.read_text(errors="replace")[-3000:]
                 )
-            time.sleep(0.1)  # polling a process we cannot wait on otherwise
+            # Its socket has no event to wait on: wait on the process (it may die) meanwhile.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
             client = _answering(host)
         try:
             yield host, client

@@ -158,6 +158,33 @@ async def test_heartbeats_are_answered_and_stale_updates_counted(core: Coordinat
 # -- circuit breakers ------------------------------------------------------------------------
 
 
+async def test_heartbeats_are_answered_at_least_four_times_a_lease_not_each_one(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"),
+        CoreOptions(lease=timedelta(seconds=10), heartbeat_interval=timedelta(seconds=1)),
+        clock=lambda: now[0],
+    )
+    await c.start()
+    try:
+        n1 = c.attach(hello("n1"), "peer", by=NODE)
+        answered = []
+        for seq in range(1, 11):  # one a second: the lease is answered every 2.5 s at least
+            now[0] = float(seq)
+            c.on_message(n1, node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(seq=seq)))
+            pending = asyncio.ensure_future(n1.outgoing())
+            await asyncio.sleep(0)  # what there is to send is returned at once
+            if pending.done():
+                answered += [m.lease.seq for m in pending.result() or ()]
+            else:
+                pending.cancel()
+        assert answered == [1, 4, 7, 10]
+    finally:
+        await c.stop()
+
+
 def breakers(core: Coordinator, node_id: str) -> dict[str, tuple[int, int]]:
     (status,) = [n for n in core.nodes() if n.info.node_id == node_id]
     return {b.key: (b.state, b.failures) for b in status.breakers}

@@ -116,7 +116,8 @@ class CoordinatorSettings(_Settings):
     # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
     synchronous: str = "FULL"
     # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.
-    heartbeat_interval: timedelta = timedelta(seconds=2)
+    # (A node's own lease is renewed by the coordinator's answers, at least 4 times a lease.)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
     lease: timedelta = timedelta(seconds=10)
     # After a restart, tasks that may still run on a node wait this long (default: a lease)
     # for their node to reconnect and report them, before they are dispatched again.

@@ -44,6 +44,22 @@ _SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file 
 
 LLM_PROVIDERS = ("ollama", "openai", "anthropic", "gemini")
 _PRIORITIES = frozenset(task_pb2.Priority.values())
+_SCHEDULING = frozenset(
+    {
+        "selectors",
+        "preferred_labels",
+        "resources",
+        "routing",
+        "hard_affinity",
+        "affinity_key",
+        "model",
+        "depends_on",
+        "not_before",
+        "queue_timeout",
+        "retry",
+    }
+)
+"""The fields _check_scheduling looks at (beyond the references to upstream results)."""
 _OPERATORS = frozenset(task_pb2.LabelSelector.Operator.values())
 _ROUTINGS = frozenset(task_pb2.RoutingStrategy.values())
 
@@ -73,6 +89,8 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
     def bad(path: str, why: str) -> None:
         out.append(FieldViolation(f"{at}.{path}" if at else path, why))
 
+    # Most fields are unset in most specs: only those set are looked at.
+    present = frozenset(fd.name for fd, _ in spec.ListFields())
     kind = spec.WhichOneof("kind")
     if kind is None:
         bad(
@@ -103,14 +121,16 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         bad("http.url", "missing url")
     elif kind == "tool" and not spec.tool.name:
         bad("tool.name", "missing tool name")
-    if spec.priority not in _PRIORITIES:
+    if "priority" in present and spec.priority not in _PRIORITIES:
         bad("priority", f"unknown priority {spec.priority}")
-    if spec.HasField("timeout"):
+    if "timeout" in present:
         try:
             duration(spec.timeout, "timeout", positive=True)
         except InvalidArgument as err:
             bad("timeout", err.message)
     for name in ("name", "idempotency_key", "tenant", "backend"):
+        if name not in present:
+            continue
         text = getattr(spec, name)
         if len(text) > limits.max_string:
             bad(name, f"longer than {limits.max_string} characters")
@@ -130,6 +150,25 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             len(v) > limits.max_string for v in entries.values()
         ):
             bad(name, f"a value longer than {limits.max_string} characters")
+    if "secrets" in present:
+        _check_secrets(spec, kind, limits, bad)
+    for field, names in (("locks", spec.locks), ("quota_keys", spec.quota_keys)):
+        if field not in present:
+            continue
+        if len(names) > limits.max_labels:
+            bad(field, f"more than {limits.max_labels} entries")
+        for i, name in enumerate(names):
+            if not name.removeprefix("read:") if field == "locks" else not name:
+                bad(f"{field}[{i}]", "names nothing")
+            elif len(name) > limits.max_string or not name.isprintable():
+                bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
+    _check_scheduling(spec, present, limits, bad)
+    return out
+
+
+def _check_secrets(
+    spec: task_pb2.TaskSpec, kind: str | None, limits: Limits, bad: Callable[[str, str], None]
+) -> None:
     if len(spec.secrets) > limits.max_labels:
         bad("secrets", f"more than {limits.max_labels} entries")
     seen = set(getattr(spec, kind).env) if kind in ("shell", "python", "docker") else set()
@@ -145,24 +184,22 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
         elif env in seen:
             bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
         seen.add(env)
-    for field, names in (("locks", spec.locks), ("quota_keys", spec.quota_keys)):
-        if not names:
-            continue
-        if len(names) > limits.max_labels:
-            bad(field, f"more than {limits.max_labels} entries")
-        for i, name in enumerate(names):
-            if not name.removeprefix("read:") if field == "locks" else not name:
-                bad(f"{field}[{i}]", "names nothing")
-            elif len(name) > limits.max_string or not name.isprintable():
-                bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
-    _check_scheduling(spec, limits, bad)
-    return out
 
 
 def _check_scheduling(
-    spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
+    spec: task_pb2.TaskSpec,
+    present: frozenset[str],
+    limits: Limits,
+    bad: Callable[[str, str], None],
 ) -> None:
-    """Placement, dependency, time and retry fields; reports through `bad`."""
+    """Placement, dependency, time and retry fields (those `present`); reports through `bad`."""
+    # Walking every string is dear; the serialized spec (C code) tells first if any could refer.
+    if b"${{" in spec.SerializeToString():
+        for text, index in references(spec):
+            if index is None or index >= len(spec.depends_on):
+                bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
+    if present.isdisjoint(_SCHEDULING):
+        return
     for i, sel in enumerate(spec.selectors):
         if not sel.key or len(sel.key) > limits.max_string:
             bad(f"selectors[{i}].key", f"must be 1-{limits.max_string} characters")
@@ -193,11 +230,6 @@ def _check_scheduling(
     for i, dep in enumerate(spec.depends_on):
         if dep.WhichOneof("ref") is None or (dep.HasField("task_id") and not dep.task_id):
             bad(f"depends_on[{i}]", "set task_id or batch_index")
-    # Walking every string is dear; the serialized spec (C code) tells first if any could refer.
-    if b"${{" in spec.SerializeToString():
-        for text, index in references(spec):
-            if index is None or index >= len(spec.depends_on):
-                bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
     if spec.HasField("not_before"):
         ts = spec.not_before
         if not 0 <= ts.seconds <= 253402300799 or not 0 <= ts.nanos < 1_000_000_000:

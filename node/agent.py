@@ -65,6 +65,7 @@ _POLICY = {
 """Everything else (the rest of the Node service) needs the node's token."""
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
+_NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 _LOOK_AT_OLLAMA_EVERY = 10.0  # seconds between two looks at what the Ollama server holds
 
 
@@ -918,7 +919,7 @@ class NodeAgent:
                 ),
             )
         timeout = spec.timeout.ToNanoseconds() / 1e9 if spec.HasField("timeout") else None
-        redactor = Redactor()
+        redactor = _NO_SECRETS
         try:
             if not run.slot:
                 await self._take_slot(run)
@@ -939,7 +940,8 @@ class NodeAgent:
                 )
             except InvalidArgument as err:
                 return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
-            redactor = Redactor(secret_env.values())
+            if secret_env:
+                redactor = Redactor(secret_env.values())
             run.report.started()
             ctx = ExecutionContext(
                 run.task_id,
@@ -950,8 +952,11 @@ class NodeAgent:
                 workdir=self.settings.workdir,
                 groups=run.groups,
             )
-            async with run.deadline.running(timeout):
+            if timeout is None:  # nothing to time: no timeout to pause either
                 outcome = await executor.run(spec, ctx)
+            else:
+                async with run.deadline.running(timeout):
+                    outcome = await executor.run(spec, ctx)
         except TimeoutError:
             return Outcome(
                 task_pb2.TASK_STATE_TIMED_OUT,

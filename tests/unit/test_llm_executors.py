@@ -19,8 +19,9 @@ from pydantic import SecretStr
 from shoal import llm, ollama
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome
-from shoal.node.executors.llm import LlmExecutor
+from shoal.node.executors.llm import _CLOUD, LlmExecutor
 from shoal.node.executors.ollama import OllamaExecutor
+from shoal.node.executors.process import NODE_ONLY_VARIABLES, run_process
 from shoal.v1 import task_pb2
 from tests.integration.harness import eventually
 from tests.standins import (
@@ -423,3 +424,18 @@ def test_builders_place_by_model_and_break_by_backend() -> None:
     assert (spec.model, spec.backend, spec.ollama.messages[0].content) == ("llama3", "ollama", "hi")
     assert spec.ollama.options["seed"] == 1
     assert ollama("llama3", backend="gpu-box").backend == "gpu-box"
+
+
+def test_no_provider_key_reaches_a_process_task() -> None:
+    assert {v for provider in _CLOUD.values() for v in provider.env} <= NODE_ONLY_VARIABLES
+
+
+async def test_a_shell_task_does_not_see_the_nodes_provider_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-of-the-node")
+    chunks: list[task_pb2.OutputChunk] = []
+    outcome = await run_process(
+        ["sh", "-c", "echo ${OPENAI_API_KEY:-none}"], ExecutionContext("t", chunks.append, 1024)
+    )
+    assert outcome.result.stdout == "none\n"

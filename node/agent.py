@@ -1,33 +1,27 @@
-"""The node: holds one session with its coordinator and runs what it is assigned."""
+"""The node: runs what its coordinator assigns and what callers of its service send it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
 import platform
 import socket
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import psutil
 from grpc_health.v1._async import HealthServicer
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal import __version__
-from shoal._channel import bearer, open_channel
 from shoal._server import HEALTH_POLICY, OPEN, Gate, grpc_options, method_path, serve_health
-from shoal.auth import Principal, Role, attach_proof, hash_secret, parse_token, secret_matches
+from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
@@ -48,14 +42,14 @@ from shoal.node.ledger import Ledger
 from shoal.node.report import RunReport
 from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
 from shoal.node.service import NodeService, check_service_access
+from shoal.node.session import CoordinatorLink
 from shoal.node.slots import Slots
 from shoal.specs import executor_of
-from shoal.v1 import gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
+from shoal.v1 import node_pb2, node_pb2_grpc, task_pb2
 
 __all__ = ["NodeAgent"]
 
 _log = logging.getLogger("shoal.node")
-_MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
 _POLICY = {
     **HEALTH_POLICY,
@@ -67,18 +61,6 @@ _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
 _NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 _LOOK_AT_OLLAMA_EVERY = 10.0  # seconds between two looks at what the Ollama server holds
-
-
-class SessionStream(Protocol):
-    """Either end of a session's stream: the call a node dialled, or the context of an Attach."""
-
-    async def read(self) -> Any: ...
-
-    async def write(self, message: Any, /) -> None: ...
-
-
-class _SessionFailed(Exception):
-    """The session could not be established (or broke before Welcome)."""
 
 
 class _Stop:
@@ -148,18 +130,11 @@ class _AttemptReport:
         self._update(released=node_pb2.Released(reason=why))
 
 
-def _seconds(d: object) -> float:
-    return d.ToNanoseconds() / 1e9  # type: ignore[attr-defined, no-any-return]
-
-
 class NodeAgent:
     """A standalone node: `start()`, then `stop()` (idempotent), or `shutdown()` to drain first.
 
-    Liveness: the node heartbeats every interval the coordinator names, numbering each; the
-    coordinator answers with the number, renewing the lease from the moment that heartbeat was
-    sent. So the node's view of its lease always ends before the coordinator's, and a node that
-    cannot renew it (partitioned, paused, coordinator gone) stops its own tasks first:
-    by then they are being dispatched again elsewhere.
+    It runs what its coordinator assigns (its session and lease: `link`, see session.py) and
+    what callers of its own service send it directly.
     """
 
     def __init__(
@@ -172,7 +147,6 @@ class NodeAgent:
         self.node_id = settings.resolved_node_id()
         self.executors = executors if executors is not None else available_executors(settings)
         self.secrets = SecretStore.from_settings(settings)
-        self.connected = asyncio.Event()  # set while a session is up
         self.left = asyncio.Event()  # set once drained to leave: the process should end
         self.draining = False
         self.port = 0
@@ -183,13 +157,7 @@ class NodeAgent:
         self.machine = MachineProbe()  # GPUs, Docker, Ollama: probed at start, now and then after
         self._idle = asyncio.Event()  # set while nothing runs
         self._idle.set()
-        self._outbox: list[node_pb2.TaskUpdate] = []
-        self._outbox_ready = asyncio.Event()
-        self._flushed = asyncio.Event()  # set while every update was written to a stream
-        self._flushed.set()
         self._background: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._guard_task: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._leaving = False
         self._server: grpc.aio.Server | None = None
@@ -197,19 +165,8 @@ class NodeAgent:
         self._token = ""
         self._ledger = Ledger(settings.ledger, self.node_id)
         self.discovery = NodeDiscovery(settings, self.info)
-        # The lease: its length (from Welcome), when it ends (monotonic; None before the first
-        # session) and the send times of heartbeats not yet answered, by number.
-        self._lease = 0.0
-        self._lease_until: float | None = None
-        self._heartbeats: dict[int, float] = {}
-        self._heartbeat_seq = 0
-        self._next_heartbeat = 0.0
-        # One session at a time, whichever side dialled: the newest ends the one before.
-        self._session_slot = asyncio.Lock()
-        self._end_session: asyncio.Event | None = None  # ends the current session
-        self._adopted = 0  # sessions a coordinator dialled (Node.Attach) running now
-        self._not_adopted = asyncio.Event()  # set while there are none: the node dials its own
-        self._not_adopted.set()
+        self.link = CoordinatorLink(self)  # the session with its coordinator, and the lease
+        self.connected = self.link.connected  # set while a session is up
         # The resource guard: while the machine is busy with its own work, only tasks of
         # `_floor` or higher priority are taken (and background ones paused, by policy).
         self.guard = (
@@ -307,10 +264,8 @@ class NodeAgent:
         await server.start()
         self._server = server
         await self.discovery.async_start(self.port)
-        # A coordinator may attach any node, a standalone one too: the lease is kept either way.
-        self._guard_task = asyncio.create_task(self._guard_lease(), name="shoal-node-lease")
-        if not self.settings.standalone:  # standalone: it dials no coordinator
-            self._loop_task = asyncio.create_task(self._session_loop(), name="shoal-node-session")
+        # Standalone: it dials no coordinator (one may still attach it).
+        self.link.start(dial=not self.settings.standalone)
         if self.guard is not None:
             self._load_task = asyncio.create_task(
                 self._watch_load(self.guard), name="shoal-node-load"
@@ -328,7 +283,8 @@ class NodeAgent:
 
     async def stop(self) -> None:
         """Stop at once: running tasks are killed (the coordinator runs them again)."""
-        for name in ("_drain_task", "_loop_task", "_guard_task", "_load_task", "_ollama_task"):
+        await self.link.stop()
+        for name in ("_drain_task", "_load_task", "_ollama_task"):
             task = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
@@ -373,7 +329,7 @@ class NodeAgent:
             _log.info("node=%s draining (grace %g s)", self.node_id, grace)
             self.draining = True
             self._publish_health()
-            self._heartbeat_soon()
+            self.link.heartbeat_soon()
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(grace), name="shoal-node-drain")
 
@@ -389,7 +345,7 @@ class NodeAgent:
             self._drain_task.cancel()
             self._drain_task = None
         self._publish_health()
-        self._heartbeat_soon()
+        self.link.heartbeat_soon()
 
     async def _drain(self, grace: float) -> None:
         try:
@@ -407,7 +363,7 @@ class NodeAgent:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_FLUSH_BEFORE_LEAVING):
-                await self._flushed.wait()
+                await self.link.flushed.wait()
         _log.info("node=%s drained; leaving", self.node_id)
         self.left.set()
 
@@ -434,58 +390,12 @@ class NodeAgent:
         for name, status in self.health().items():
             await servicer.set(name, status)
 
-    # -- the lease -------------------------------------------------------------------------
-
-    def _renewed(self, sent: float) -> None:
-        """The coordinator saw what this node sent at `sent` (monotonic): the lease runs again.
-
-        A margin keeps this end before the coordinator's, which runs from when it received it.
-        """
-        until = sent + self._lease - min(1.0, self._lease * 0.2)
-        if self._lease_until is None or until > self._lease_until:
-            self._lease_until = until
-
-    def _on_lease(self, seq: int) -> None:
-        sent = self._heartbeats.pop(seq, None)
-        if sent is not None:
-            self._renewed(sent)
-        for old in [s for s in self._heartbeats if s < seq]:
-            del self._heartbeats[old]
-
-    def _check_lease(self) -> bool:
-        """Self-fencing: past its lease the node stops every task (they now run elsewhere).
-
-        Returns whether the lease has lapsed.
-        """
-        if self._lease_until is None or time.monotonic() < self._lease_until:
-            return False
-        runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
-        if runs:
-            _log.warning(
-                "node=%s could not renew its lease: stopping %d tasks", self.node_id, len(runs)
-            )
-            for run in runs:
-                self._stop(run, _Stop.FENCE)
-        return True
-
-    async def _guard_lease(self) -> None:
-        while True:
-            wait = 1.0
-            if self._lease_until is not None:
-                wait = min(wait, max(0.01, self._lease_until - time.monotonic()))
-            await asyncio.sleep(wait)
-            self._check_lease()
-
-    def _heartbeat_soon(self) -> None:
-        self._next_heartbeat = 0.0
-        self._outbox_ready.set()
-
     # -- the Ollama server -------------------------------------------------------------------
 
     async def _look_at_ollama(self, ollama: OllamaExecutor) -> None:
         models, loaded = await asyncio.gather(ollama.models(), ollama.loaded_models())
         if loaded != self._loaded_models:
-            self._heartbeat_soon()
+            self.link.heartbeat_soon()
         self._ollama_models, self._loaded_models = models, loaded
 
     async def _follow_ollama(self, ollama: OllamaExecutor) -> None:
@@ -545,237 +455,42 @@ class NodeAgent:
         state = self._guard_state()
         if state != self._guard_reported:
             self._guard_reported = state
-            self._heartbeat_soon()
+            self.link.heartbeat_soon()
 
-    # -- the session -----------------------------------------------------------------------
+    # -- the session ----------------------------------------------------------------------
 
-    async def _session_loop(self) -> None:
-        """Keep a session up: reconnect with jittered exponential backoff, reset after success.
+    @property
+    def token(self) -> str:
+        return self._token
 
-        While a coordinator that dialled this node (Node.Attach) holds its session, it dials none.
-        """
-        wait = wait_exponential_jitter(
-            initial=0.05, jitter=0.05, max=self.settings.reconnect_max.total_seconds()
+    def running_attempts(self) -> list[node_pb2.RunningAttempt]:
+        return [
+            node_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
+            for r in self._runs.values()
+            if not r.stop
+        ]
+
+    def heartbeat(self) -> node_pb2.Heartbeat:
+        throttled, floor, paused, reason = self._guard_state()
+        return node_pb2.Heartbeat(
+            running=len(self._runs),
+            free_slots=self.slots.free,  # direct tasks hold slots too
+            draining=self.draining,
+            throttled=throttled,
+            min_priority=floor,  # type: ignore[arg-type]
+            paused=paused,
+            throttle_reason=reason,
+            loaded_models=self._loaded_models,
         )
-        while True:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
-            ):
-                with attempt:
-                    await self._not_adopted.wait()
-                    await self._dial()
 
-    async def _dial(self) -> None:
-        """One session this node dials: NodeGateway.Connect, its token in the call's metadata."""
-        s = self.settings
-        # A node paused past its lease learns it here at the latest: it stops what it runs
-        # before telling the coordinator what it runs.
-        self._check_lease()
-        target = await self.discovery.async_coordinator()  # found again before each reconnect
-        await self._not_adopted.wait()  # adopted meanwhile: that session stands
-        channel = open_channel(
-            target,
-            max_message_bytes=_MAX_MESSAGE,
-            tls_ca=s.tls_ca,
-            tls_cert=s.tls_cert,
-            tls_key=s.tls_key,
-        )
-        try:
-            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(metadata=bearer(self._token))
-            try:
-                await self._run_session(call, target)
-            finally:
-                call.cancel()
-        finally:
-            await channel.close()
-
-    async def attach(self, stream: SessionStream, peer: str) -> None:
-        """The session of a coordinator that dialled this node (Node.Attach), until it ends.
-
-        With a token, the node first has the coordinator prove it issued it (it holds the hash
-        of its secret), and only then sends its Hello, token included. Without one, it takes
-        any coordinator: only allowed when the node's service needs no token (loopback).
-        """
-        token_id = ""
-        if self._token:
-            token_id, secret = parse_token(self._token)
-            nonce = os.urandom(32)
-            await stream.write(
-                node_pb2.NodeMessage(
-                    challenge=node_pb2.AttachChallenge(token_id=token_id, nonce=nonce)
-                )
+    def fence(self) -> None:
+        runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
+        if runs:
+            _log.warning(
+                "node=%s could not renew its lease: stopping %d tasks", self.node_id, len(runs)
             )
-            answer = await stream.read()
-            if (
-                not isinstance(answer, node_pb2.CoordinatorMessage)
-                or answer.WhichOneof("msg") != "proof"
-                or not hmac.compare_digest(
-                    answer.proof.mac, attach_proof(hash_secret(secret), token_id, nonce)
-                )
-            ):
-                _log.warning("node=%s refused a coordinator at %s: no proof", self.node_id, peer)
-                raise Unauthenticated(
-                    "only the coordinator that issued this node's token may attach it"
-                )
-        elif self.settings.auth:
-            raise FailedPrecondition("this node has no token: no coordinator can prove itself")
-        self._adopted += 1
-        self._not_adopted.clear()
-        try:
-            await self._run_session(stream, peer, token=self._token if token_id else "")
-        finally:
-            self._adopted -= 1
-            if not self._adopted:
-                self._not_adopted.set()
-
-    async def _run_session(self, stream: SessionStream, peer: str, *, token: str = "") -> None:
-        """Hello, Welcome, then assignments in and updates out until the stream ends.
-
-        One session at a time, whichever side dialled: a new one ends the one before, and
-        starts once that is torn down, so nothing the old one sends can arrive after Hello.
-        """
-        if self._end_session is not None:
-            self._end_session.set()
-        ended = self._end_session = asyncio.Event()
-        async with self._session_slot:
-            if ended.is_set():  # a newer session came meanwhile
-                return
-            hello = node_pb2.Hello(
-                info=self.info(),
-                running=[
-                    node_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
-                    for r in self._runs.values()
-                    if not r.stop
-                ],
-                token=token,
-            )
-            sent = time.monotonic()
-            try:
-                await stream.write(node_pb2.NodeMessage(hello=hello))
-                first = await stream.read()
-            except grpc.aio.AioRpcError as err:
-                _log.warning(
-                    "node=%s cannot join %s: %s %s",
-                    self.node_id,
-                    peer,
-                    err.code().name,
-                    err.details(),
-                )
-                raise _SessionFailed(err.details()) from err
-            if (
-                not isinstance(first, node_pb2.CoordinatorMessage)
-                or first.WhichOneof("msg") != "welcome"
-            ):
-                raise _SessionFailed("the coordinator did not welcome this node")
-            welcome = first.welcome
-            self._lease = _seconds(welcome.lease) or 10.0
-            self._heartbeats.clear()
-            self._renewed(sent)
-            _log.info("node=%s session=%s up with %s", self.node_id, welcome.session_id, peer)
-            self.connected.set()
-            self._heartbeat_soon()
-            halves = (
-                asyncio.create_task(self._read(stream)),
-                asyncio.create_task(self._write(stream, _seconds(welcome.heartbeat_interval))),
-                asyncio.create_task(ended.wait()),
-            )
-            try:
-                await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self.connected.clear()
-                for half in halves:
-                    half.cancel()
-                # The stream may have ended under them: writing then fails with AioRpcError,
-                # or with InvalidStateError once the call is finished.
-                for result in await asyncio.gather(*halves, return_exceptions=True):
-                    if isinstance(result, Exception) and not isinstance(
-                        result, grpc.aio.AioRpcError | asyncio.InvalidStateError
-                    ):
-                        _log.error("node=%s session failed", self.node_id, exc_info=result)
-            if ended.is_set():
-                _log.info("node=%s session=%s replaced", self.node_id, welcome.session_id)
-            else:
-                _log.warning("node=%s session lost; reconnecting", self.node_id)
-
-    async def _read(self, stream: SessionStream) -> None:
-        while True:
-            try:
-                msg = await stream.read()
-            except grpc.aio.AioRpcError as err:
-                _log.warning("node=%s stream error: %s", self.node_id, err.details())
-                return
-            if not isinstance(msg, node_pb2.CoordinatorMessage):  # EOF, or malformed
-                return
-            kind = msg.WhichOneof("msg")
-            if kind == "assignments":
-                for a in msg.assignments.assignments:
-                    self._start(a)
-            elif kind == "cancels":
-                for c in msg.cancels.attempts:
-                    self._cancel(c)
-            elif kind == "lease":
-                self._on_lease(msg.lease.seq)
-            elif kind == "drain":
-                if msg.drain.undrain:
-                    self.undrain()
-                else:
-                    self.drain(_seconds(msg.drain.grace), leave=msg.drain.leave)
-
-    async def _write(self, stream: SessionStream, interval: float) -> None:
-        """Send updates as they come, and a heartbeat every `interval` s whatever else goes."""
-        interval = interval or 2.0
-        while True:
-            wait = self._next_heartbeat - time.monotonic()
-            if wait > 0 and not self._outbox:
-                self._outbox_ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._outbox_ready.wait()
-            if self._check_lease():
-                # The coordinator has given this node up, or will have by the time anything
-                # written here arrives (its connection may be a black hole): a new session
-                # carries what is in the outbox.
-                _log.warning("node=%s lease lapsed: ending the session", self.node_id)
-                return
-            if self._outbox:
-                batch, self._outbox = self._outbox, []
-                try:
-                    await stream.write(
-                        node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
-                    )
-                except BaseException:
-                    self._outbox[:0] = batch  # resend with the next session
-                    raise
-                if not self._outbox:
-                    self._flushed.set()
-            now = time.monotonic()
-            if now >= self._next_heartbeat:
-                self._next_heartbeat = now + interval
-                self._heartbeat_seq += 1
-                self._heartbeats[self._heartbeat_seq] = now
-                throttled, floor, paused, reason = self._guard_state()
-                await stream.write(
-                    node_pb2.NodeMessage(
-                        heartbeat=node_pb2.Heartbeat(
-                            running=len(self._runs),
-                            free_slots=self.slots.free,  # direct tasks hold slots too
-                            seq=self._heartbeat_seq,
-                            draining=self.draining,
-                            throttled=throttled,
-                            min_priority=floor,  # type: ignore[arg-type]
-                            paused=paused,
-                            throttle_reason=reason,
-                            loaded_models=self._loaded_models,
-                        )
-                    )
-                )
-
-    def _push(self, update: node_pb2.TaskUpdate) -> None:
-        if len(self._outbox) >= _MAX_OUTBOX and update.WhichOneof("update") == "output":
-            return  # disconnected for long: output is dropped first, results never
-        self._outbox.append(update)
-        self._outbox_ready.set()
-        self._flushed.clear()
+            for run in runs:
+                self._stop(run, _Stop.FENCE)
 
     # -- direct tasks: the node's own service ----------------------------------------------
 
@@ -819,11 +534,11 @@ class NodeAgent:
 
     # -- running tasks ---------------------------------------------------------------------
 
-    def _start(self, a: node_pb2.Assignment) -> None:
+    def assigned(self, a: node_pb2.Assignment) -> None:
         if self.draining:
             # Assigned before the coordinator heard of the drain: given back, never started.
             self._ledger.write("release", a.task_id, a.attempt)
-            self._push(
+            self.link.push(
                 node_pb2.TaskUpdate(
                     task_id=a.task_id,
                     attempt=a.attempt,
@@ -836,7 +551,7 @@ class NodeAgent:
             if run.attempt == a.attempt:
                 return  # a repeated assignment
             self._stop(run, _Stop.CANCEL)
-        report = _AttemptReport(a.task_id, a.attempt, self._ledger, self._push)
+        report = _AttemptReport(a.task_id, a.attempt, self._ledger, self.link.push)
         self._launch(_Run(a.task_id, a.attempt, report), a.spec, self._runs)
 
     def _launch(self, run: _Run, spec: task_pb2.TaskSpec, table: dict[str, _Run]) -> None:
@@ -853,7 +568,7 @@ class NodeAgent:
         """The coordinator's attempts and the direct tasks running now."""
         return [*self._runs.values(), *self._direct.values()]
 
-    def _cancel(self, c: node_pb2.RunningAttempt) -> None:
+    def cancelled(self, c: node_pb2.RunningAttempt) -> None:
         run = self._runs.get(c.task_id)
         if run is not None and run.attempt == c.attempt and not run.stop:
             _log.info("node=%s task=%s cancelling", self.node_id, c.task_id)

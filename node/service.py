@@ -59,7 +59,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         # Read and written through the context: the session runs the same code both ways.
-        await self._agent.attach(context, context.peer())
+        await self._agent.link.attach(context, context.peer())
 
     async def Get(
         self, request: node_pb2.NodeTaskRef, context: grpc.aio.ServicerContext[Any, Any]

@@ -148,5 +148,5 @@ async def test_one_session_per_node_whichever_side_dialled(tmp_path: Path, start
             await _runs_a_task(client)
         now = await _node_status(client, "n1")
         assert now is not None and now.adopted and now.connected_at == first.connected_at
-        assert not node._not_adopted.is_set()
+        assert not node.link.not_adopted.is_set()
         assert [n.info.node_id for n in await client.nodes()] == ["n1"]

@@ -1,0 +1,383 @@
+"""A node's session with its coordinator: one at a time, whichever side dialled
+(NodeGateway.Connect, or Node.Attach by an adopting coordinator); the lease it holds through
+it; the outbox of the node's updates, which outlives any one session.
+
+Liveness: the node heartbeats every interval the coordinator names, numbering each; the
+coordinator answers with the number, renewing the lease from the moment that heartbeat was
+sent. So the node's view of its lease always ends before the coordinator's, and a node that
+cannot renew it (partitioned, paused, coordinator gone) stops its own tasks first: by then
+they are being dispatched again elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from typing import Any, Protocol
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from shoal._channel import bearer, open_channel
+from shoal.auth import attach_proof, hash_secret, parse_token
+from shoal.config import NodeSettings
+from shoal.errors import FailedPrecondition, Unauthenticated
+from shoal.node.discovery import NodeDiscovery
+from shoal.v1 import gateway_pb2_grpc, node_pb2
+
+__all__ = ["CoordinatorLink", "SessionHost", "SessionStream"]
+
+_log = logging.getLogger("shoal.node")
+_MAX_OUTBOX = 10_000
+_MAX_MESSAGE = 16 << 20
+
+
+class SessionStream(Protocol):
+    """Either end of a session's stream: the call a node dialled, or the context of an Attach."""
+
+    async def read(self) -> Any: ...
+
+    async def write(self, message: Any, /) -> None: ...
+
+
+class SessionHost(Protocol):
+    """What the session needs of its node."""
+
+    node_id: str
+    settings: NodeSettings
+    discovery: NodeDiscovery
+
+    @property
+    def token(self) -> str:
+        """The node's token ('' without one)."""
+        ...
+
+    def info(self) -> node_pb2.NodeInfo: ...
+
+    def running_attempts(self) -> list[node_pb2.RunningAttempt]:
+        """The coordinator's attempts it still runs (for Hello)."""
+        ...
+
+    def heartbeat(self) -> node_pb2.Heartbeat:
+        """What the next heartbeat says (its number is the session's)."""
+        ...
+
+    def assigned(self, assignment: node_pb2.Assignment) -> None: ...
+
+    def cancelled(self, attempt: node_pb2.RunningAttempt) -> None: ...
+
+    def drain(self, grace: float, *, leave: bool = False) -> None: ...
+
+    def undrain(self) -> None: ...
+
+    def fence(self) -> None:
+        """Its lease lapsed: stop every attempt of the coordinator (they run elsewhere now)."""
+        ...
+
+
+class _SessionFailed(Exception):
+    """The session could not be established (or broke before Welcome)."""
+
+
+def _seconds(d: object) -> float:
+    return d.ToNanoseconds() / 1e9  # type: ignore[attr-defined, no-any-return]
+
+
+class CoordinatorLink:
+    """Keeps the node's session: `start(dial=...)`, `attach(...)` for an adopting coordinator,
+    `push` updates; `stop()`."""
+
+    def __init__(self, host: SessionHost) -> None:
+        self._host = host
+        self.connected = asyncio.Event()  # set while a session is up
+        self._outbox: list[node_pb2.TaskUpdate] = []
+        self._outbox_ready = asyncio.Event()
+        self.flushed = asyncio.Event()  # set while every update was written to a stream
+        self.flushed.set()
+        # The lease: its length (from Welcome), when it ends (monotonic; None before the first
+        # session) and the send times of heartbeats not yet answered, by number.
+        self._lease = 0.0
+        self._lease_until: float | None = None
+        self._heartbeats: dict[int, float] = {}
+        self._heartbeat_seq = 0
+        self._next_heartbeat = 0.0
+        # One session at a time, whichever side dialled: the newest ends the one before.
+        self._session_slot = asyncio.Lock()
+        self._end_session: asyncio.Event | None = None  # ends the current session
+        self._adopted = 0  # sessions a coordinator dialled (Node.Attach) running now
+        self.not_adopted = asyncio.Event()  # set while there are none: the node dials its own
+        self.not_adopted.set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, *, dial: bool) -> None:
+        """Keep the lease (a coordinator may attach any node) and, with `dial`, a session the
+        node dials itself."""
+        self._tasks.append(asyncio.create_task(self._guard_lease(), name="shoal-node-lease"))
+        if dial:
+            self._tasks.append(asyncio.create_task(self._dial_loop(), name="shoal-node-session"))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _renewed(self, sent: float) -> None:
+        """The coordinator saw what this node sent at `sent` (monotonic): the lease runs again.
+
+        A margin keeps this end before the coordinator's, which runs from when it received it.
+        """
+        until = sent + self._lease - min(1.0, self._lease * 0.2)
+        if self._lease_until is None or until > self._lease_until:
+            self._lease_until = until
+
+    def _on_lease(self, seq: int) -> None:
+        sent = self._heartbeats.pop(seq, None)
+        if sent is not None:
+            self._renewed(sent)
+        for old in [s for s in self._heartbeats if s < seq]:
+            del self._heartbeats[old]
+
+    def check_lease(self) -> bool:
+        """Self-fencing: past its lease the node stops every task (they now run elsewhere).
+
+        Returns whether the lease has lapsed.
+        """
+        if self._lease_until is None or time.monotonic() < self._lease_until:
+            return False
+        self._host.fence()
+        return True
+
+    async def _guard_lease(self) -> None:
+        while True:
+            wait = 1.0
+            if self._lease_until is not None:
+                wait = min(wait, max(0.01, self._lease_until - time.monotonic()))
+            await asyncio.sleep(wait)
+            self.check_lease()
+
+    def heartbeat_soon(self) -> None:
+        """Heartbeat at once: what heartbeats say changed."""
+        self._next_heartbeat = 0.0
+        self._outbox_ready.set()
+
+    async def _dial_loop(self) -> None:
+        """Keep a session up: reconnect with jittered exponential backoff, reset after success.
+
+        While a coordinator that dialled this node (Node.Attach) holds its session, it dials none.
+        """
+        wait = wait_exponential_jitter(
+            initial=0.05, jitter=0.05, max=self._host.settings.reconnect_max.total_seconds()
+        )
+        while True:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
+            ):
+                with attempt:
+                    await self.not_adopted.wait()
+                    await self._dial()
+
+    async def _dial(self) -> None:
+        """One session this node dials: NodeGateway.Connect, its token in the call's metadata."""
+        s = self._host.settings
+        # A node paused past its lease learns it here at the latest: it stops what it runs
+        # before telling the coordinator what it runs.
+        self.check_lease()
+        target = await self._host.discovery.async_coordinator()  # found again before each reconnect
+        await self.not_adopted.wait()  # adopted meanwhile: that session stands
+        channel = open_channel(
+            target,
+            max_message_bytes=_MAX_MESSAGE,
+            tls_ca=s.tls_ca,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+        )
+        try:
+            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(
+                metadata=bearer(self._host.token)
+            )
+            try:
+                await self._run_session(call, target)
+            finally:
+                call.cancel()
+        finally:
+            await channel.close()
+
+    async def attach(self, stream: SessionStream, peer: str) -> None:
+        """The session of a coordinator that dialled this node (Node.Attach), until it ends.
+
+        With a token, the node first has the coordinator prove it issued it (it holds the hash
+        of its secret), and only then sends its Hello, token included. Without one, it takes
+        any coordinator: only allowed when the node's service needs no token (loopback).
+        """
+        token_id = ""
+        token = self._host.token
+        if token:
+            token_id, secret = parse_token(token)
+            nonce = os.urandom(32)
+            await stream.write(
+                node_pb2.NodeMessage(
+                    challenge=node_pb2.AttachChallenge(token_id=token_id, nonce=nonce)
+                )
+            )
+            answer = await stream.read()
+            if (
+                not isinstance(answer, node_pb2.CoordinatorMessage)
+                or answer.WhichOneof("msg") != "proof"
+                or not hmac.compare_digest(
+                    answer.proof.mac, attach_proof(hash_secret(secret), token_id, nonce)
+                )
+            ):
+                _log.warning(
+                    "node=%s refused a coordinator at %s: no proof", self._host.node_id, peer
+                )
+                raise Unauthenticated(
+                    "only the coordinator that issued this node's token may attach it"
+                )
+        elif self._host.settings.auth:
+            raise FailedPrecondition("this node has no token: no coordinator can prove itself")
+        self._adopted += 1
+        self.not_adopted.clear()
+        try:
+            await self._run_session(stream, peer, token=token if token_id else "")
+        finally:
+            self._adopted -= 1
+            if not self._adopted:
+                self.not_adopted.set()
+
+    async def _run_session(self, stream: SessionStream, peer: str, *, token: str = "") -> None:
+        """Hello, Welcome, then assignments in and updates out until the stream ends.
+
+        One session at a time, whichever side dialled: a new one ends the one before, and
+        starts once that is torn down, so nothing the old one sends can arrive after Hello.
+        """
+        if self._end_session is not None:
+            self._end_session.set()
+        ended = self._end_session = asyncio.Event()
+        async with self._session_slot:
+            if ended.is_set():  # a newer session came meanwhile
+                return
+            hello = node_pb2.Hello(
+                info=self._host.info(), running=self._host.running_attempts(), token=token
+            )
+            sent = time.monotonic()
+            try:
+                await stream.write(node_pb2.NodeMessage(hello=hello))
+                first = await stream.read()
+            except grpc.aio.AioRpcError as err:
+                _log.warning(
+                    "node=%s cannot join %s: %s %s",
+                    self._host.node_id,
+                    peer,
+                    err.code().name,
+                    err.details(),
+                )
+                raise _SessionFailed(err.details()) from err
+            if (
+                not isinstance(first, node_pb2.CoordinatorMessage)
+                or first.WhichOneof("msg") != "welcome"
+            ):
+                raise _SessionFailed("the coordinator did not welcome this node")
+            welcome = first.welcome
+            self._lease = _seconds(welcome.lease) or 10.0
+            self._heartbeats.clear()
+            self._renewed(sent)
+            _log.info("node=%s session=%s up with %s", self._host.node_id, welcome.session_id, peer)
+            self.connected.set()
+            self.heartbeat_soon()
+            halves = (
+                asyncio.create_task(self._read(stream)),
+                asyncio.create_task(self._write(stream, _seconds(welcome.heartbeat_interval))),
+                asyncio.create_task(ended.wait()),
+            )
+            try:
+                await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self.connected.clear()
+                for half in halves:
+                    half.cancel()
+                # The stream may have ended under them: writing then fails with AioRpcError,
+                # or with InvalidStateError once the call is finished.
+                for result in await asyncio.gather(*halves, return_exceptions=True):
+                    if isinstance(result, Exception) and not isinstance(
+                        result, grpc.aio.AioRpcError | asyncio.InvalidStateError
+                    ):
+                        _log.error("node=%s session failed", self._host.node_id, exc_info=result)
+            if ended.is_set():
+                _log.info("node=%s session=%s replaced", self._host.node_id, welcome.session_id)
+            else:
+                _log.warning("node=%s session lost; reconnecting", self._host.node_id)
+
+    async def _read(self, stream: SessionStream) -> None:
+        while True:
+            try:
+                msg = await stream.read()
+            except grpc.aio.AioRpcError as err:
+                _log.warning("node=%s stream error: %s", self._host.node_id, err.details())
+                return
+            if not isinstance(msg, node_pb2.CoordinatorMessage):  # EOF, or malformed
+                return
+            kind = msg.WhichOneof("msg")
+            if kind == "assignments":
+                for a in msg.assignments.assignments:
+                    self._host.assigned(a)
+            elif kind == "cancels":
+                for c in msg.cancels.attempts:
+                    self._host.cancelled(c)
+            elif kind == "lease":
+                self._on_lease(msg.lease.seq)
+            elif kind == "drain":
+                if msg.drain.undrain:
+                    self._host.undrain()
+                else:
+                    self._host.drain(_seconds(msg.drain.grace), leave=msg.drain.leave)
+
+    async def _write(self, stream: SessionStream, interval: float) -> None:
+        """Send updates as they come, and a heartbeat every `interval` s whatever else goes."""
+        interval = interval or 2.0
+        while True:
+            wait = self._next_heartbeat - time.monotonic()
+            if wait > 0 and not self._outbox:
+                self._outbox_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._outbox_ready.wait()
+            if self.check_lease():
+                # The coordinator has given this node up, or will have by the time anything
+                # written here arrives (its connection may be a black hole): a new session
+                # carries what is in the outbox.
+                _log.warning("node=%s lease lapsed: ending the session", self._host.node_id)
+                return
+            if self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    await stream.write(
+                        node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
+                    )
+                except BaseException:
+                    self._outbox[:0] = batch  # resend with the next session
+                    raise
+                if not self._outbox:
+                    self.flushed.set()
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + interval
+                self._heartbeat_seq += 1
+                self._heartbeats[self._heartbeat_seq] = now
+                heartbeat = self._host.heartbeat()
+                heartbeat.seq = self._heartbeat_seq
+                await stream.write(node_pb2.NodeMessage(heartbeat=heartbeat))
+
+    def push(self, update: node_pb2.TaskUpdate) -> None:
+        """Send an update with the next batch, in this session or the next."""
+        if len(self._outbox) >= _MAX_OUTBOX and update.WhichOneof("update") == "output":
+            return  # disconnected for long: output is dropped first, results never
+        self._outbox.append(update)
+        self._outbox_ready.set()
+        self.flushed.clear()
+
+    # -- direct tasks: the node's own service ----------------------------------------------

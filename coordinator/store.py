@@ -91,6 +91,7 @@ class FinishedRow:
     result: bytes  # a serialised shoal.v1.TaskResult
     finished_by: str = ""
     attempts: bytes = b""  # earlier attempts: a serialised shoal.v1.Task with only `attempts`
+    seq: int = 0  # its acceptance number: the row to update (0 in rows read back)
 
 
 @dataclass(slots=True)
@@ -509,7 +510,7 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
         conn.executemany(
             "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
             " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?,"
-            " attempts = ? WHERE id = ? AND final_seq IS NULL",
+            " attempts = ? WHERE seq = ? AND final_seq IS NULL",
             [
                 (
                     r.state,
@@ -522,7 +523,7 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
                     r.result,
                     r.finished_by,
                     r.attempts or None,
-                    r.id,
+                    r.seq,
                 )
                 for r in rows
             ],

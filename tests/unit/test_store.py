@@ -16,7 +16,7 @@ def row(seq: int, key: str | None = None, tenant: str = "") -> TaskRow:
 
 def done(seq: int, final_seq: int, state: int = task_pb2.TASK_STATE_SUCCEEDED) -> FinishedRow:
     result = task_pb2.TaskResult(exit_code=0, stdout=f"{seq}\n").SerializeToString()
-    return FinishedRow(f"t{seq}", state, final_seq, 2000.0, 1500.0, "n1", 1, 1, result)
+    return FinishedRow(f"t{seq}", state, final_seq, 2000.0, 1500.0, "n1", 1, 1, result, seq=seq)
 
 
 async def test_epoch_grows_and_rows_survive_reopen(tmp_path: Path) -> None:

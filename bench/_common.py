@@ -398,6 +398,21 @@ def write_json(path: Path, report: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, default=encode) + "\n")
 
 
+def finish(report: Mapping[str, Any] | None, out: Path) -> int:
+    """A benchmark's end: its report written to `out` and its figures printed; the exit code
+    (130 when interrupted, 1 when it failed)."""
+    if report is None:
+        return 130
+    write_json(out, report)
+    if "figures" in report:
+        print_figures(report["figures"])
+    print(f"written: {out}")
+    if "error" in report:
+        print(f"error: {report['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def default_shoal() -> str:
     return str(Path(sys.executable).with_name("shoal"))
 

@@ -51,14 +51,13 @@ from _common import (
     child_env,
     default_shoal,
     figure,
+    finish,
     meta,
-    print_figures,
     rss_mb,
     run_async,
     start_coordinator,
     wait_listening,
     wait_nodes,
-    write_json,
 )
 
 from shoal import AsyncClient, __version__
@@ -317,16 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["simulate"]:
         return simulator_main(argv[1:])
     args = parse_args(argv)
-    report = run_async(lambda children: bench(args, children))
-    if report is None:
-        return 130
-    write_json(args.out, report)
-    print_figures(report["figures"])
-    print(f"written: {args.out}")
-    if "error" in report:
-        print(f"error: {report['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(run_async(lambda children: bench(args, children)), args.out)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,12 @@ from _common import (
     admin_token,
     default_shoal,
     figure,
+    finish,
     meta,
-    print_figures,
     rss_mb,
     run_async,
     start_coordinator,
     wait_listening,
-    write_json,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memory import fill, queue_cap
@@ -184,17 +183,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run_async(lambda children: bench(args, children))
-    if report is None:
-        return 130
-    write_json(args.out, report)
-    if "figures" in report:
-        print_figures(report["figures"])
-    print(f"written: {args.out}")
-    if "error" in report:
-        print(f"error: {report['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(run_async(lambda children: bench(args, children)), args.out)
 
 
 if __name__ == "__main__":

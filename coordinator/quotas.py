@@ -141,27 +141,31 @@ class QuotaGate(Admission):
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    def _limited(self, rec: TaskRecord) -> list[str]:
-        """The task's keys that have a limit."""
+    def _limited(self, spec: task_pb2.TaskSpec) -> list[str]:
+        """The spec's keys that have a limit."""
         if not self._limits:
             return []
-        return [k for k in (*rec.spec.quota_keys, *auto_keys(rec.spec)) if k in self._limits]
+        return [k for k in (*spec.quota_keys, *auto_keys(spec)) if k in self._limits]
 
-    def keys(self, rec: TaskRecord) -> list[str]:
-        return [f"quota:{k}" for k in self._limited(rec)]
+    def _need(self, spec: task_pb2.TaskSpec) -> _Use:
+        """What one run of the spec is expected to use: one request and its estimate."""
+        e = spec.estimate
+        return _Use(1, e.prompt_tokens + e.completion_tokens, e.cost or self._price(e))
 
-    def take(self, rec: TaskRecord, now: float) -> Refusal | None:
-        keys = self._limited(rec)
-        if not keys:
-            return None
+    def _periods_now(self, now: float) -> list[str]:
         periods = _periods(now)
         self._roll(periods[2])
-        estimate = rec.spec.estimate
-        need = _Use(
-            1,
-            estimate.prompt_tokens + estimate.completion_tokens,
-            estimate.cost or self._price(estimate),
-        )
+        return periods
+
+    def keys(self, rec: TaskRecord) -> list[str]:
+        return [f"quota:{k}" for k in self._limited(rec.spec)]
+
+    def take(self, rec: TaskRecord, now: float) -> Refusal | None:
+        keys = self._limited(rec.spec)
+        if not keys:
+            return None
+        periods = self._periods_now(now)
+        need = self._need(rec.spec)
         for key in keys:
             refusal = self._check(self._limits[key], periods, need, now)
             if refusal is not None:
@@ -182,19 +186,16 @@ class QuotaGate(Admission):
             self._running[key] += 1
             for period in periods:
                 self._reserved.setdefault((key, period), _Use()).add(need)
-        self._held[rec.id] = _Held(keys, periods, need, estimate.model or rec.spec.model)
+        self._held[rec.id] = _Held(keys, periods, need, rec.spec.estimate.model or rec.spec.model)
         return None
 
     def spent(self, spec: task_pb2.TaskSpec, now: float) -> bool:
         """Whether a budget of the spec's keys (requests, tokens or dollars in a period) would
         refuse it now; rate and concurrency limits, which free up soon, do not count."""
-        keys = [k for k in (*spec.quota_keys, *auto_keys(spec)) if k in self._limits]
+        keys = self._limited(spec)
         if not keys:
             return False
-        periods = _periods(now)
-        self._roll(periods[2])
-        e = spec.estimate
-        need = _Use(1, e.prompt_tokens + e.completion_tokens, e.cost or self._price(e))
+        periods, need = self._periods_now(now), self._need(spec)
         return any(
             self._check(self._limits[k], periods, need, now, budgets_only=True) for k in keys
         )

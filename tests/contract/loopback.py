@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["LoopbackHttp"]
@@ -24,8 +25,9 @@ _REASONS = {200: "OK", 302: "Found", 404: "Not Found", 503: "Service Unavailable
 
 
 class LoopbackHttp:
-    """`await start()`, then `url(path)`; `aclose()` stops it. `holding` counts the /hold
-    responses whose client is still connected; `served` counts requests by path."""
+    """`async with LoopbackHttp() as http` (or `start()` and `aclose()`), then `url(path)`.
+    `holding` counts the /hold responses whose client is still connected; `served` counts
+    requests by path."""
 
     def __init__(self) -> None:
         self.port = 0
@@ -36,6 +38,13 @@ class LoopbackHttp:
 
     def url(self, path: str, *, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

@@ -55,9 +55,7 @@ async def env(
         monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     models = [MODEL, MODEL_ENDLESS, MODEL_FAILING]
     async with contextlib.AsyncExitStack() as stack:
-        server = LoopbackHttp()
-        await server.start()
-        stack.push_async_callback(server.aclose)
+        server = await stack.enter_async_context(LoopbackHttp())
         standins = (
             OllamaStandIn(models=models),
             OpenAIStandIn(models=models, api_key="sk-contract"),

@@ -20,12 +20,8 @@ from .harness import MeshFactory, collect
 
 @pytest.fixture
 async def server() -> AsyncIterator[LoopbackHttp]:
-    http = LoopbackHttp()
-    await http.start()
-    try:
+    async with LoopbackHttp() as http:
         yield http
-    finally:
-        await http.aclose()
 
 
 async def test_an_http_task_returns_the_response(

@@ -20,12 +20,8 @@ from tests.integration.harness import free_port
 
 @pytest.fixture
 async def server() -> AsyncIterator[LoopbackHttp]:
-    http = LoopbackHttp()
-    await http.start()
-    try:
+    async with LoopbackHttp() as http:
         yield http
-    finally:
-        await http.aclose()
 
 
 class _Run:

@@ -7,7 +7,7 @@ with Client() as client:
 """
 
 from shoal._builders import docker, llm, noop, ollama, python, retry, shell, tool
-from shoal._client import AsyncClient, Client, TaskFailed
+from shoal._client import AsyncClient, Client
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -15,6 +15,7 @@ from shoal.errors import (
     PermissionDenied,
     ResourceExhausted,
     ShoalError,
+    TaskFailed,
     Unauthenticated,
     Unavailable,
 )

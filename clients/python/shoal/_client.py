@@ -34,8 +34,8 @@ from shoal._builders import tool
 from shoal._channel import bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
-from shoal.errors import ResourceExhausted, ShoalError, Unavailable
-from shoal.specs import is_final, state_name, to_duration
+from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
+from shoal.specs import is_final, to_duration
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -46,20 +46,11 @@ from shoal.v1 import (
     tasks_pb2_grpc,
 )
 
-__all__ = ["AsyncClient", "Client", "TaskFailed"]
+__all__ = ["AsyncClient", "Client"]
 
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
-
-
-class TaskFailed(ShoalError):
-    """A task the SDK ran for its result ended without succeeding; `task` is how it ended."""
-
-    def __init__(self, task: task_pb2.Task) -> None:
-        why = task.result.error or task.result.stderr.strip()[-500:]
-        super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
-        self.task = task
 
 
 async def _call(awaitable: Awaitable[_T]) -> _T:

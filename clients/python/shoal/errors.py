@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.v1 import task_pb2
 
 __all__ = [
     "AlreadyExists",
@@ -15,6 +19,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ShoalError",
+    "TaskFailed",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -88,3 +93,15 @@ class Unavailable(ShoalError):
 
 class InternalError(ShoalError):
     """A bug: something Shoal did not expect."""
+
+
+class TaskFailed(ShoalError):
+    """A task the SDK ran for its result ended without succeeding; `task` is how it ended.
+    Raised by the SDK, never by a server: it maps to no status code."""
+
+    def __init__(self, task: task_pb2.Task) -> None:
+        from shoal.specs import state_name  # specs needs this module first
+
+        why = task.result.error or task.result.stderr.strip()[-500:]
+        super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
+        self.task = task

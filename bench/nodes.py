@@ -2,8 +2,10 @@
 
 What is measured: for each size in --sizes (default 1000,3000), a fresh coordinator and that
 many simulated nodes: `NodeGateway.Connect` streams that send Hello (NodeInfo: the `noop`
-executor, one slot), then a Heartbeat every heartbeat_interval (the Welcome names it: 2 s by
-default), and read and drop whatever the coordinator sends. They authenticate with the
+executor, one slot), then a Heartbeat every heartbeat_interval (the Welcome names it: 3 s by
+default; a LeaseRenewed may slow it, when the sessions' heartbeats together would pass the
+coordinator's max_heartbeat_rate), and read and drop whatever else the coordinator sends.
+--max-heartbeat-rate 1e9 keeps every session at the configured interval. They authenticate with the
 coordinator's admin token. The sessions are spread over simulator processes (--per-process,
 default 500: this file run as `nodes.py simulate`), --per-channel streams to a channel (its
 own TCP connection), and open at --connect-rate per process. Once ListNodes counts every
@@ -12,7 +14,7 @@ session and --settle seconds passed, the coordinator's CPU is averaged over --wi
 (they share the machine's cores with it), and heartbeats sent and acknowledged (LeaseRenewed).
 
 The coordinator reads at most node_message_rate messages/s of a session (default 2,000, burst
-4,000): one heartbeat every 2 s is far under it, so no heartbeat is throttled.
+4,000): one heartbeat every few s is far under it, so no heartbeat is throttled.
 
     .venv/bin/python bench/nodes.py                      # writes bench/results/nodes.json
     .venv/bin/python bench/nodes.py --sizes 100,300 --window 10
@@ -74,15 +76,20 @@ class SimStats:
     welcomed: int = 0
     heartbeats: int = 0
     acks: int = 0  # LeaseRenewed received
+    interval_s: float = 0.0  # the longest heartbeat interval the coordinator named
     ended: int = 0  # sessions that ended before the simulator was stopped
     errors: Counter[str] = field(default_factory=Counter)
 
 
-async def _drop(call: Any, stats: SimStats) -> None:
-    """Read what the coordinator sends until the stream ends; count the lease renewals."""
+async def _drop(call: Any, stats: SimStats, interval: list[float]) -> None:
+    """Read what the coordinator sends until the stream ends; count the lease renewals, and
+    follow the pace they name (`interval`: the one heartbeat interval, s, updated in place)."""
     while (message := await call.read()) is not grpc.aio.EOF:
         if message.WhichOneof("msg") == "lease":
             stats.acks += 1
+            if message.lease.HasField("heartbeat_interval"):
+                interval[0] = message.lease.heartbeat_interval.ToTimedelta().total_seconds()
+                stats.interval_s = max(stats.interval_s, interval[0])
 
 
 async def _session(stub: Any, node_id: str, metadata: Any, stats: SimStats) -> None:
@@ -98,10 +105,11 @@ async def _session(stub: Any, node_id: str, metadata: Any, stats: SimStats) -> N
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
             raise asyncio.InvalidStateError("no Welcome")
         stats.welcomed += 1
-        interval = first.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 2.0
-        reader = asyncio.create_task(_drop(call, stats))
+        interval = [first.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 2.0]
+        stats.interval_s = max(stats.interval_s, interval[0])
+        reader = asyncio.create_task(_drop(call, stats, interval))
         loop = asyncio.get_running_loop()
-        next_at = loop.time() + random.uniform(0, interval)  # spread the heartbeats evenly
+        next_at = loop.time() + random.uniform(0, interval[0])  # spread the heartbeats evenly
         seq = 0
         while not reader.done():
             await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -109,7 +117,7 @@ async def _session(stub: Any, node_id: str, metadata: Any, stats: SimStats) -> N
             beat = node_pb2.Heartbeat(seq=seq, free_slots=1)
             await call.write(node_pb2.NodeMessage(heartbeat=beat))
             stats.heartbeats += 1
-            next_at += interval
+            next_at += interval[0]
         stats.ended += 1
     except grpc.aio.AioRpcError as err:
         stats.ended += 1
@@ -188,6 +196,7 @@ def _sum_stats(paths: Sequence[Path]) -> dict[str, Any]:
             for key in ("welcomed", "heartbeats", "acks", "ended"):
                 total[key] = total.get(key, 0) + stats[key]
             total["errors"].update(stats["errors"])
+            total["interval_s"] = max(total.get("interval_s", 0.0), stats["interval_s"])
     total["errors"] = dict(total["errors"])
     return total
 
@@ -197,7 +206,10 @@ async def run_size(
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"shoal-bench-nodes-{n}-"))
     result: dict[str, Any] = {"sessions": n}
-    coordinator = start_coordinator(args.shoal, workdir, children)
+    settings = {}
+    if args.max_heartbeat_rate:
+        settings["SHOAL_COORDINATOR_MAX_HEARTBEAT_RATE"] = str(args.max_heartbeat_rate)
+    coordinator = start_coordinator(args.shoal, workdir, children, settings=settings)
     simulators: list[Child] = []
     try:
         address = await wait_listening(coordinator, children, deadline)
@@ -253,6 +265,7 @@ def size_figures(run: dict[str, Any]) -> list[Figure]:
         figure(f"coordinator RSS, {n:,} node sessions", run["rss_mb"], "MB"),
         figure(f"all {n:,} sessions joined after", run["join_s"], "s"),
         figure(f"simulators' CPU, {n:,} sessions", run["cpu_percent"]["simulators"], "% of a core"),
+        figure(f"heartbeat interval, {n:,} sessions", sims.get("interval_s"), "s"),
         figure(
             f"heartbeats acknowledged, {n:,} sessions",
             None if acked is None else round(acked, 1),
@@ -269,6 +282,7 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
         "node_message_rate": defaults["node_message_rate"].default,
         "node_message_burst": defaults["node_message_burst"].default,
         "heartbeat_interval_s": defaults["heartbeat_interval"].default.total_seconds(),
+        "max_heartbeat_rate": args.max_heartbeat_rate or defaults["max_heartbeat_rate"].default,
         "runs": [],
         "figures": [],
     }
@@ -301,6 +315,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=5.0, help="after all joined, s")
     p.add_argument("--window", type=float, default=20.0, help="CPU averaged over, s")
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the whole run, s")
+    p.add_argument(
+        "--max-heartbeat-rate",
+        type=float,
+        default=None,
+        help="the coordinator's max_heartbeat_rate (default: its own); 1e9 keeps every"
+        " session at the configured interval",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "nodes.json", help="JSON output")
     p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import random
 import time
@@ -34,7 +35,7 @@ from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route
 from shoal.coordinator.scheduler import NodeSlots, Routing, Scheduler, requirements_of
 from shoal.coordinator.schedules import ScheduleState, check
-from shoal.coordinator.sessions import NodeSession
+from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import FinishedRow, Request, Store, StoredTask, TaskRow, TokenRow
 from shoal.coordinator.templates import references, render
 from shoal.coordinator.timers import TimerKind, Timers
@@ -80,6 +81,9 @@ class CoreOptions:
     limits: Limits = field(default_factory=Limits)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     lease: timedelta = timedelta(seconds=10)
+    # Beyond this many heartbeats a second from all nodes together, new sessions heartbeat
+    # less often, under leases longer in proportion (see Coordinator.pace).
+    max_heartbeat_rate: float = 500.0
     event_capacity: int = 100_000
     finished_cache: int = 10_000
     node_message_rate: float = 2000.0
@@ -180,7 +184,7 @@ class Coordinator:
         rng: random.Random | None = None,
     ) -> None:
         self.options = options or CoreOptions()
-        self._ack_every = self.options.lease.total_seconds() / 4  # see NodeSession.renew
+        self._pace = (-1, Pace(0.0, 0.0))  # for how many sessions, what pace
         self._store = store
         self.tokens = TokenRegistry(store, wall=wall)
         self._clock = clock
@@ -940,6 +944,7 @@ class Coordinator:
             ),
             now=self._clock(),
             wall=self._wall(),
+            pace=self.pace(len(self._sessions) + 1),
             adopted=adopted,
         )
         self._sessions[info.node_id] = session
@@ -1063,7 +1068,7 @@ class Coordinator:
             self._on_updates(session, msg.updates.updates)
         elif kind == "heartbeat":
             # A node's view of its lease must stay well ahead: answered at least 4 times a lease.
-            session.renew(msg.heartbeat.seq, session.last_seen, self._ack_every)
+            session.renew(msg.heartbeat.seq, session.last_seen, self.pace())
             if msg.heartbeat.draining != session.draining:
                 session.draining = msg.heartbeat.draining
                 self._apply_node_state(session.node_id)
@@ -1574,13 +1579,27 @@ class Coordinator:
         await self._store.put_schedule(name, state.schedule.SerializeToString())
         return state.schedule
 
+    def pace(self, sessions: int | None = None) -> Pace:
+        """How often nodes heartbeat, and their lease: as configured, until the heartbeats of
+        `sessions` nodes (those connected now) would pass max_heartbeat_rate a second. Then
+        heartbeats are spaced out to keep to it, and leases lengthened in proportion: a node
+        that crashes or disconnects is still seen at once (its stream ends); only one cut off
+        silently is given up later. Heartbeats are most of what an idle node costs.
+        """
+        n = len(self._sessions) if sessions is None else sessions
+        if n != self._pace[0]:
+            base = self.options.heartbeat_interval.total_seconds()
+            needed = n / self.options.max_heartbeat_rate  # s between a node's heartbeats
+            interval = base if needed <= base else float(math.ceil(needed))
+            self._pace = (n, Pace(interval, self.options.lease.total_seconds() * interval / base))
+        return self._pace[1]
+
     async def _sweep_leases(self) -> None:
-        lease = self.options.lease.total_seconds()
         while True:
-            await asyncio.sleep(min(1.0, lease / 4))
-            deadline = self._clock() - lease
+            await asyncio.sleep(min(1.0, self.options.lease.total_seconds() / 4))
+            now = self._clock()
             for session in list(self._sessions.values()):
-                if session.last_seen < deadline:
+                if session.last_seen < now - session.pace.lease:
                     _log.warning("node=%s lease expired", session.node_id)
                     self.detach(session)
                 elif not self.tokens.valid(session.principal):
@@ -1680,8 +1699,7 @@ class Coordinator:
 
     def welcome(self, session: NodeSession) -> node_pb2.CoordinatorMessage:
         welcome = node_pb2.Welcome(session_id=session.id, epoch=self.epoch)
-        welcome.heartbeat_interval.FromTimedelta(self.options.heartbeat_interval)
-        welcome.lease.FromTimedelta(self.options.lease)
+        session.pace.fill(welcome.heartbeat_interval, welcome.lease)
         return node_pb2.CoordinatorMessage(welcome=welcome)
 
     # -- encoding --------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class CoordinatorServer:
                 ),
                 heartbeat_interval=settings.heartbeat_interval,
                 lease=settings.lease,
+                max_heartbeat_rate=settings.max_heartbeat_rate,
                 event_capacity=settings.event_capacity,
                 finished_cache=settings.finished_cache,
                 node_message_rate=settings.node_message_rate,

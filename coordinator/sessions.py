@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from google.protobuf.duration_pb2 import Duration
 
 from shoal.auth import Principal
 from shoal.coordinator.ratelimit import TokenBucket
@@ -12,10 +16,22 @@ from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import node_slots_of
 from shoal.v1 import node_pb2, task_pb2
 
-__all__ = ["MAX_PENDING_CANCELS", "NodeSession"]
+__all__ = ["MAX_PENDING_CANCELS", "NodeSession", "Pace"]
 
 MAX_PENDING_CANCELS = 10_000
 """Bounds what a node that floods updates for unknown attempts can make the coordinator hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How often a node heartbeats, and how long its lease runs from a renewal (seconds)."""
+
+    interval: float
+    lease: float
+
+    def fill(self, interval: Duration, lease: Duration) -> None:
+        interval.FromTimedelta(timedelta(seconds=self.interval))
+        lease.FromTimedelta(timedelta(seconds=self.lease))
 
 
 class NodeSession:
@@ -30,6 +46,7 @@ class NodeSession:
         *,
         now: float,
         wall: float,
+        pace: Pace,
         adopted: bool = False,
     ) -> None:
         self.id = secrets.token_hex(8)
@@ -57,8 +74,10 @@ class NodeSession:
         self._assignments: list[node_pb2.Assignment] = []
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, node_pb2.RunningAttempt] = {}
+        self.pace = pace  # as the node was last told
         self._lease: int | None = None  # the heartbeat to acknowledge
         self._acked_at = -math.inf  # when the last one was (monotonic)
+        self._tell_pace = False  # the next acknowledgement carries the pace
         self._drain: node_pb2.Drain | None = None
         self._wake = asyncio.Event()
 
@@ -76,11 +95,19 @@ class NodeSession:
             self._cancels[task_id] = node_pb2.RunningAttempt(task_id=task_id, attempt=attempt)
             self._wake.set()
 
-    def renew(self, seq: int, now: float, every: float) -> None:
-        """Acknowledge a heartbeat, unless the last answer went out less than `every` s ago:
-        the node's lease runs again from when it sent the one acknowledged. Answering every
-        other heartbeat or so halves what idle sessions cost and leaves its lease ample room."""
-        if now - self._acked_at < every:
+    def renew(self, seq: int, now: float, pace: Pace) -> None:
+        """Acknowledge a heartbeat, unless the last answer went out less than a quarter lease
+        ago: the node's lease runs again from when it sent the one acknowledged. Answering
+        every other heartbeat or so halves what idle sessions cost and leaves its lease ample
+        room.
+
+        A slower `pace` is told the node with the answer. It never speeds up within a session:
+        a node not yet told a shorter lease would outlive the one the coordinator counts.
+        """
+        if pace.interval > self.pace.interval:
+            self.pace = pace
+            self._tell_pace = True
+        elif now - self._acked_at < self.pace.lease / 4:
             return
         self._acked_at = now
         self._lease = seq
@@ -151,9 +178,11 @@ class NodeSession:
                     )
                     self._assignments = []
                 if self._lease is not None:
-                    out.append(
-                        node_pb2.CoordinatorMessage(lease=node_pb2.LeaseRenewed(seq=self._lease))
-                    )
+                    renewed = node_pb2.LeaseRenewed(seq=self._lease)
+                    if self._tell_pace:
+                        self.pace.fill(renewed.heartbeat_interval, renewed.lease)
+                        self._tell_pace = False
+                    out.append(node_pb2.CoordinatorMessage(lease=renewed))
                     self._lease = None
                 return out
             self._wake.clear()

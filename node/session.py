@@ -101,6 +101,7 @@ class CoordinatorLink:
         # The lease: its length (from Welcome), when it ends (monotonic; None before the first
         # session) and the send times of heartbeats not yet answered, by number.
         self._lease = 0.0
+        self._interval = 2.0  # between heartbeats (s); the coordinator names it
         self._lease_until: float | None = None
         self._heartbeats: dict[int, float] = {}
         self._heartbeat_seq = 0
@@ -126,6 +127,11 @@ class CoordinatorLink:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    @property
+    def interval(self) -> float:
+        """Seconds between heartbeats now, as the coordinator named them."""
+        return self._interval
+
     def _renewed(self, sent: float) -> None:
         """The coordinator saw what this node sent at `sent` (monotonic): the lease runs again.
 
@@ -135,11 +141,15 @@ class CoordinatorLink:
         if self._lease_until is None or until > self._lease_until:
             self._lease_until = until
 
-    def _on_lease(self, seq: int) -> None:
-        sent = self._heartbeats.pop(seq, None)
+    def _on_lease(self, renewed: node_pb2.LeaseRenewed) -> None:
+        if renewed.HasField("lease"):  # the coordinator slowed this session's pace
+            self._lease = _seconds(renewed.lease)
+            self._interval = _seconds(renewed.heartbeat_interval)
+            self._next_heartbeat = time.monotonic() + self._interval
+        sent = self._heartbeats.pop(renewed.seq, None)
         if sent is not None:
             self._renewed(sent)
-        for old in [s for s in self._heartbeats if s < seq]:
+        for old in [s for s in self._heartbeats if s < renewed.seq]:
             del self._heartbeats[old]
 
     def check_lease(self) -> bool:
@@ -284,6 +294,7 @@ class CoordinatorLink:
                 raise _SessionFailed("the coordinator did not welcome this node")
             welcome = first.welcome
             self._lease = _seconds(welcome.lease) or 10.0
+            self._interval = _seconds(welcome.heartbeat_interval) or 2.0
             self._heartbeats.clear()
             self._renewed(sent)
             _log.info("node=%s session=%s up with %s", self._host.node_id, welcome.session_id, peer)
@@ -291,7 +302,7 @@ class CoordinatorLink:
             self.heartbeat_soon()
             halves = (
                 asyncio.create_task(self._read(stream)),
-                asyncio.create_task(self._write(stream, _seconds(welcome.heartbeat_interval))),
+                asyncio.create_task(self._write(stream)),
                 asyncio.create_task(ended.wait()),
             )
             try:
@@ -329,16 +340,15 @@ class CoordinatorLink:
                 for c in msg.cancels.attempts:
                     self._host.cancelled(c)
             elif kind == "lease":
-                self._on_lease(msg.lease.seq)
+                self._on_lease(msg.lease)
             elif kind == "drain":
                 if msg.drain.undrain:
                     self._host.undrain()
                 else:
                     self._host.drain(_seconds(msg.drain.grace), leave=msg.drain.leave)
 
-    async def _write(self, stream: SessionStream, interval: float) -> None:
-        """Send updates as they come, and a heartbeat every `interval` s whatever else goes."""
-        interval = interval or 2.0
+    async def _write(self, stream: SessionStream) -> None:
+        """Send updates as they come, and a heartbeat every interval whatever else goes."""
         while True:
             wait = self._next_heartbeat - time.monotonic()
             if wait > 0 and not self._outbox:
@@ -365,7 +375,7 @@ class CoordinatorLink:
                     self.flushed.set()
             now = time.monotonic()
             if now >= self._next_heartbeat:
-                self._next_heartbeat = now + interval
+                self._next_heartbeat = now + self._interval
                 self._heartbeat_seq += 1
                 self._heartbeats[self._heartbeat_seq] = now
                 heartbeat = self._host.heartbeat()

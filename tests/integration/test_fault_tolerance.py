@@ -84,3 +84,32 @@ async def test_a_node_cut_off_from_its_coordinator_stops_its_tasks_before_its_le
     assert stopped["fenced"] and stopped["state"] == "CANCELLED"
     # Within the lease (1.5 s, less its margin) of the start, give or take a heartbeat.
     assert stopped["t"] - lines[0]["t"] < 3.0
+
+
+async def test_nodes_follow_the_pace_the_coordinator_slows_as_the_cluster_grows(
+    mesh_factory: MeshFactory,
+) -> None:
+    pace = {
+        "heartbeat_interval": timedelta(seconds=0.25),
+        "lease": timedelta(seconds=1.5),
+        "max_heartbeat_rate": 6.0,  # one node heartbeats 4 times a second, two would be 8
+    }
+    mesh = await mesh_factory(coordinator=pace)
+    assert mesh.node.link.interval == 0.25
+    second = await mesh.start_node(node_id="second", labels={"name": "second"})
+
+    # The first node is told with its next lease renewal: every second, a 6 s lease.
+    await eventually(lambda: mesh.node.link.interval == 1.0)
+    assert second.link.interval == 1.0
+
+    async def joined_at() -> float:
+        (status,) = [n for n in await mesh.client.nodes() if n.info.node_id == "second"]
+        return status.connected_at.ToMicroseconds()
+
+    before = await joined_at()
+    spec = shell(["sleep", "3"])
+    spec.required_labels["name"] = "second"
+    task = await mesh.client.submit(spec)
+    done = await mesh.client.wait(task.id, timeout=timedelta(seconds=20))
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED  # two of the first leases: not fenced
+    assert await joined_at() == before  # the same session throughout

@@ -185,6 +185,52 @@ async def test_heartbeats_are_answered_at_least_four_times_a_lease_not_each_one(
         await c.stop()
 
 
+async def test_many_nodes_heartbeat_less_often_under_longer_leases(tmp_path: Path) -> None:
+    now = [0.0]
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"),
+        CoreOptions(
+            heartbeat_interval=timedelta(seconds=0.1),
+            lease=timedelta(seconds=0.4),
+            max_heartbeat_rate=10.0,  # one node heartbeating every 0.1 s is all it takes
+        ),
+        clock=lambda: now[0],
+    )
+    await c.start()
+    try:
+        n1 = c.attach(hello("n1"), "peer", by=NODE)
+        assert c.welcome(n1).welcome.heartbeat_interval.ToTimedelta() == timedelta(seconds=0.1)
+        n2 = c.attach(hello("n2"), "peer", by=NODE)  # two: 0.2 s, spaced to whole seconds
+        welcome = c.welcome(n2).welcome
+        assert welcome.heartbeat_interval.ToTimedelta() == timedelta(seconds=1)
+        assert welcome.lease.ToTimedelta() == timedelta(seconds=4)
+
+        # The first node is told with the answer to its next heartbeat.
+        c.on_message(n1, node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(seq=1)))
+        (renewed,) = [m.lease for m in await messages(n1)]
+        assert renewed.seq == 1
+        assert renewed.heartbeat_interval.ToTimedelta() == timedelta(seconds=1)
+        assert renewed.lease.ToTimedelta() == timedelta(seconds=4)
+
+        # A pace never speeds up within a session: n1 keeps its 4 s lease with n2 gone.
+        c.detach(n2)
+        now[0] = 2.0  # silent for 5 of the configured leases, half of its own
+        c.on_message(n1, node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat(seq=2)))
+        (renewed,) = [m.lease for m in await messages(n1)]
+        assert not renewed.HasField("lease")
+        now[0] = 5.0
+        await asyncio.sleep(0.3)  # the sweep runs every quarter of the configured lease
+        assert [n.info.node_id for n in c.nodes()] == ["n1"]
+        now[0] = 6.5
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not c.nodes():
+                break
+        assert c.nodes() == []
+    finally:
+        await c.stop()
+
+
 def breakers(core: Coordinator, node_id: str) -> dict[str, tuple[int, int]]:
     (status,) = [n for n in core.nodes() if n.info.node_id == node_id]
     return {b.key: (b.state, b.failures) for b in status.breakers}

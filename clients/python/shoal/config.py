@@ -119,6 +119,9 @@ class CoordinatorSettings(_Settings):
     # (A node's own lease is renewed by the coordinator's answers, at least 4 times a lease.)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     lease: timedelta = timedelta(seconds=10)
+    # With more nodes than heartbeat_interval x this, heartbeats are spaced out to keep to this
+    # many a second, and leases lengthened in proportion (3,000 nodes: every 6 s, lease 20 s).
+    max_heartbeat_rate: float = Field(default=500.0, gt=0)
     # After a restart, tasks that may still run on a node wait this long (default: a lease)
     # for their node to reconnect and report them, before they are dispatched again.
     restart_grace: timedelta | None = None

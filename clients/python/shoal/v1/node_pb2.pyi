@@ -717,15 +717,28 @@ class LeaseRenewed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """Set when the coordinator slows the session's pace (with many nodes it bounds the
+        heartbeats it takes a second): heartbeat this often from now on, under a lease this long,
+        starting with this renewal. A session's pace only ever slows.
+        """
+
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        lease: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -396,7 +396,8 @@ class Coordinator:
             existing, upstream = await self._store.insert(rows, request)
             created = [r for r, old in zip(records, existing, strict=True) if old is None]
             for rec, ups in zip(records, upstream, strict=True):
-                rec.upstream = ups
+                if ups:  # else the shared empty one: most tasks have no upstream
+                    rec.upstream = ups
             outcomes = await self._outcomes_of(created, exclude={r.id for r in created})
         except BaseException:
             self.events.abandon(r.seq for r in records)
@@ -412,10 +413,11 @@ class Coordinator:
                 self._unfinished[rec.tenant] += 1
                 out.append(Submitted(rec.id, True, rec.seq))
         accepted = []
+        now_ns = time.time_ns()  # one for the batch, held by each of its events
         for rec in created:
             self._link(rec, outcomes)
             self._admit(rec)
-            change = self._event(rec, by=rec.submitted_by, seq=rec.seq)
+            change = self._event(rec, by=rec.submitted_by, seq=rec.seq, time_ns=now_ns)
             if is_final(change.state):  # skipped at once: its outcome is its own, later event
                 change.state = _PENDING
                 change.result = None
@@ -1711,8 +1713,10 @@ class Coordinator:
         by: str,
         seq: int = 0,
         output: task_pb2.OutputChunk | None = None,
+        time_ns: int = 0,
     ) -> Change:
-        """The task's change now, as an event (numbered by `seq`, or when emitted)."""
+        """The task's change now (or at `time_ns`), as an event (numbered by `seq`, or when
+        emitted)."""
         return Change(
             rec.id,
             rec.state,
@@ -1724,7 +1728,7 @@ class Coordinator:
             number=rec.attempt,
             result=rec.result if rec.result is not None and is_final(rec.state) else None,
             output=output,
-            time_ns=time.time_ns(),
+            time_ns=time_ns or time.time_ns(),
         )
 
     def _pending_reason(self, rec: TaskRecord) -> str:

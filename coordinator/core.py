@@ -33,7 +33,13 @@ from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route
-from shoal.coordinator.scheduler import NodeSlots, Routing, Scheduler, requirements_of
+from shoal.coordinator.scheduler import (
+    NodeSlots,
+    Routing,
+    Scheduler,
+    fields_of,
+    requirements_of,
+)
 from shoal.coordinator.schedules import ScheduleState, check
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import FinishedRow, Request, Store, StoredTask, TaskRow, TokenRow
@@ -72,6 +78,7 @@ _TIMED_OUT = task_pb2.TASK_STATE_TIMED_OUT
 _NO_RESULT = task_pb2.TaskResult()
 _BACKPRESSURE_RETRY = timedelta(seconds=1)
 _REPLAY_PAGE = 1000
+_FREEZE_AFTER = 100_000  # tasks recovered
 
 
 @dataclass(frozen=True)
@@ -243,6 +250,10 @@ class Coordinator:
         self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
         with _collector_paused():  # a million new objects would set off full collections
             await self._recover()
+            if len(self._tasks) >= _FREEZE_AFTER:
+                # The collector would walk every record once it runs again, and at each full
+                # collection after: what lives now is kept out of its collections for good.
+                gc.freeze()
         for body in await self._store.quotas():
             self.quotas.set(admin_pb2.Quota.FromString(body))
         for quota in self.options.quotas:
@@ -268,14 +279,17 @@ class Coordinator:
         """Queue every unfinished task of the store again (or hold it for its node: attach)."""
         records = []
         tasks, unfinished = self._tasks, self._unfinished
-        for row in await self._store.unfinished():
-            spec = task_pb2.TaskSpec.FromString(row.spec)
-            rec = self._record(row.id, row.seq, spec, row.spec, row.created_at, row.submitted_by)
-            if row.depends_on:
-                rec.upstream = [str(u) for u in row.depends_on]
-            tasks[rec.id] = rec
-            unfinished[rec.tenant] += 1
-            records.append(rec)
+        names: dict[str, str] = {}  # one string per submitter, not one per task
+        async for rows in self._store.unfinished():
+            for seq, task_id, spec_bytes, created_at, by, depends_on in rows:
+                spec = task_pb2.TaskSpec.FromString(spec_bytes)
+                by = names.setdefault(by, by)
+                rec = self._record(task_id, seq, spec, spec_bytes, created_at, by)
+                if depends_on:
+                    rec.upstream = depends_on
+                tasks[rec.id] = rec
+                unfinished[rec.tenant] += 1
+                records.append(rec)
         outcomes = await self._outcomes_of(records)
         self._awaited = set(await self._store.members())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
@@ -318,26 +332,30 @@ class Coordinator:
         by: str,
     ) -> TaskRecord:
         """The record of a task with this spec, which it keeps as `spec_bytes` only."""
-        return TaskRecord(
-            id=task_id,
-            seq=seq,
-            spec_bytes=spec_bytes,
-            priority=spec.priority or task_pb2.PRIORITY_NORMAL,
-            placement=requirements_of(spec),
-            tenant=spec.tenant,
-            created_at=created_at,
-            submitted_by=by,
-            templated=bool(spec.depends_on) and any(True for _ in references(spec)),
-            backend=spec.backend,
-            routed=spec.HasField("llm") and bool(spec.llm.routes),
-            locks=parse_locks(spec.locks) if spec.locks else (),
-            release_at=(
-                spec.not_before.ToNanoseconds() / 1e9 if spec.HasField("not_before") else None
-            ),
-            queue_timeout=(
-                spec.queue_timeout.ToNanoseconds() / 1e9 if spec.HasField("queue_timeout") else None
-            ),
+        # One look at the fields set (most specs set few) instead of asking for each.
+        fields = fields_of(spec)
+        get = fields.get
+        rec = TaskRecord(
+            task_id,
+            seq,
+            spec_bytes,
+            get("priority") or task_pb2.PRIORITY_NORMAL,
+            requirements_of(spec, fields),
+            get("tenant", ""),
+            created_at,
+            by,
+            backend=get("backend", ""),
+            locks=parse_locks(fields["locks"]) if "locks" in fields else (),
         )
+        if "depends_on" in fields:
+            rec.templated = any(True for _ in references(spec))
+        if "llm" in fields:
+            rec.routed = bool(spec.llm.routes)
+        if "not_before" in fields:
+            rec.release_at = spec.not_before.ToNanoseconds() / 1e9
+        if "queue_timeout" in fields:
+            rec.queue_timeout = spec.queue_timeout.ToNanoseconds() / 1e9
+        return rec
 
     async def submit(
         self,

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from itertools import count
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from shoal.specs import executor_of
 from shoal.v1 import node_pb2, task_pb2
@@ -75,6 +75,7 @@ __all__ = [
     "Routing",
     "Scheduler",
     "Selector",
+    "fields_of",
     "most_preferred",
     "node_slots_of",
     "requirements_of",
@@ -325,10 +326,13 @@ most specs; shared, since Requirements are immutable. Bounded by _PLAIN_MAX."""
 _PLAIN_MAX = 4096
 
 
-_SPEC = task_pb2.TaskSpec.DESCRIPTOR
+def fields_of(spec: task_pb2.TaskSpec) -> dict[str, Any]:
+    """The fields a spec sets, by name: one pass, cheaper than asking for each in turn."""
+    return {fd.name: value for fd, value in spec.ListFields()}
+
+
 _PLACING = frozenset(
-    _SPEC.fields_by_name[name].number
-    for name in (
+    (
         "required_labels",
         "selectors",
         "preferred_labels",
@@ -339,36 +343,31 @@ _PLACING = frozenset(
     )
 )
 """TaskSpec fields that place a task beyond its kind, model, tool and provider."""
-_KINDS = frozenset(f.number for f in _SPEC.oneofs_by_name["kind"].fields)
-_MODEL = _SPEC.fields_by_name["model"].number
 
 
-def requirements_of(spec: task_pb2.TaskSpec) -> Requirements:
+def requirements_of(spec: task_pb2.TaskSpec, fields: dict[str, Any] | None = None) -> Requirements:
     """A spec's placement, as plain values; never raises (validation rejects bad values first).
+    `fields`: its fields_of, when the caller has them.
 
     An affinity key with no routing (or with hard affinity) means `affinity` routing; a soft
     key under another strategy is ignored. Operators default to IN, slots to 1, preference
     weights to 1 (0 or non-finite).
     """
-    # Most specs ask for a kind and perhaps a model: one look at the fields set tells, and
-    # their requirements are shared.
-    executor = model = tool = cloud = ""
-    for fd, value in spec.ListFields():
-        number = fd.number
-        if number in _PLACING:
-            return _placed(spec)
-        if number in _KINDS:
-            executor = fd.name
-            if executor == "custom":
-                executor = value.executor
-            elif executor == "tool":
-                tool = value.name
-            elif executor == "llm" and value.provider != "ollama":
-                # A cloud provider's model is served by any node with its key, not listed.
-                cloud = value.provider
-        elif number == _MODEL:
-            model = value
-    wants = (executor, "" if cloud else model, tool, cloud)
+    if fields is None:
+        fields = fields_of(spec)
+    if not _PLACING.isdisjoint(fields):
+        return _placed(spec)
+    # Most specs ask for a kind and perhaps a model: their requirements are shared.
+    executor: str = spec.WhichOneof("kind") or ""
+    tool = cloud = ""
+    if executor == "custom":
+        executor = spec.custom.executor
+    elif executor == "tool":
+        tool = spec.tool.name
+    elif executor == "llm" and spec.llm.provider != "ollama":
+        # A cloud provider's model is served by any node with its key, not listed.
+        cloud = spec.llm.provider
+    wants = (executor, "" if cloud else fields.get("model", ""), tool, cloud)
     plain = _PLAIN.get(wants)
     if plain is None:
         if len(_PLAIN) >= _PLAIN_MAX:

@@ -8,12 +8,13 @@ and a restart simply queues every unfinished task again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "StoredTask",
     "TaskRow",
     "TokenRow",
+    "Unfinished",
     "UsageRow",
 ]
 
@@ -74,6 +76,11 @@ class TaskRow:
     submitted_by: str = ""
     # Upstream tasks: ids, or (when inserting) indexes into the same insert's rows.
     depends_on: list[str | int] = field(default_factory=list)
+
+
+Unfinished = tuple[int, str, bytes, float, str, "list[str] | None"]
+"""A task to recover: (seq, id, spec, created_at, submitted_by, depends_on: None for none).
+Plain tuples, as SQLite returns them: a restart reads a million."""
 
 
 @dataclass(slots=True)
@@ -148,8 +155,8 @@ class Store(ABC):
         """Record outcomes."""
 
     @abstractmethod
-    async def unfinished(self) -> list[TaskRow]:
-        """Every accepted task without an outcome, in arrival order."""
+    def unfinished(self) -> AsyncIterator[list[Unfinished]]:
+        """Every accepted task without an outcome, in arrival order: page by page."""
 
     @abstractmethod
     async def get(self, task_id: str) -> StoredTask | None:
@@ -427,6 +434,7 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             fut.set_result(value)
 
 
+_UNFINISHED_PAGE = 20_000  # rows read at a time on a restart
 _INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on"
 
 
@@ -599,27 +607,32 @@ class SqliteStore(Store):
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, call)
 
-    async def unfinished(self) -> list[TaskRow]:
-        rows = await self._read(
+    async def unfinished(self) -> AsyncIterator[list[Unfinished]]:
+        # The next page is read (in the reader's thread) while the caller takes in this one.
+        cursor = await self._read(
             lambda c: c.execute(
-                f"SELECT {_INSERTED} FROM tasks WHERE final_seq IS NULL ORDER BY seq"
-            ).fetchall()
-        )
-        # Most tasks depend on nothing: their "[]" needs no JSON decoder.
-        return [
-            TaskRow(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                [] if r[8] == "[]" else json.loads(r[8]),
+                "SELECT seq, id, spec, created_at, submitted_by, NULLIF(depends_on, '[]')"
+                " FROM tasks WHERE final_seq IS NULL ORDER BY seq"
             )
-            for r in rows
-        ]
+        )
+
+        def page() -> list[Unfinished]:
+            # Most tasks depend on nothing: their rows are used as SQLite returns them.
+            return [
+                r if r[5] is None else (*r[:5], json.loads(r[5]))
+                for r in cursor.fetchmany(_UNFINISHED_PAGE)
+            ]
+
+        ahead = asyncio.ensure_future(self._read(lambda _: page()))
+        try:
+            while rows := await ahead:
+                ahead = asyncio.ensure_future(self._read(lambda _: page()))
+                yield rows
+        finally:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ahead
+            await self._read(lambda _: cursor.close())
 
     async def get(self, task_id: str) -> StoredTask | None:
         r = await self._read(

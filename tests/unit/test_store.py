@@ -5,8 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from shoal.coordinator.store import FinishedRow, SqliteStore, TaskRow
+import pytest
+
+from shoal.coordinator import store as store_module
+from shoal.coordinator.store import FinishedRow, SqliteStore, TaskRow, Unfinished
 from shoal.v1 import task_pb2
+
+
+async def unfinished(store: SqliteStore) -> list[Unfinished]:
+    return [row for page in [p async for p in store.unfinished()] for row in page]
 
 
 def row(seq: int, key: str | None = None, tenant: str = "") -> TaskRow:
@@ -28,7 +35,7 @@ async def test_epoch_grows_and_rows_survive_reopen(tmp_path: Path) -> None:
 
     store = SqliteStore(tmp_path / "s.db")
     assert await store.open() == 2
-    assert [r.id for r in await store.unfinished()] == ["t1", "t3"]
+    assert [r[1] for r in await unfinished(store)] == ["t1", "t3"]
     got = await store.get("t2")
     assert got is not None and got.outcome is not None
     assert task_pb2.TaskResult.FromString(got.outcome.result).stdout == "2\n"
@@ -59,8 +66,27 @@ async def test_batch_indexes_resolve_to_final_ids_and_survive_reopen(tmp_path: P
 
     store = SqliteStore(tmp_path / "s.db")
     await store.open()
-    unfinished = {r.id: r.depends_on for r in await store.unfinished()}
-    assert unfinished == {"t1": [], "t3": [], "t4": ["t1", "t3", "t1"]}
+    pending = {r[1]: r[5] for r in await unfinished(store)}
+    assert pending == {"t1": None, "t3": None, "t4": ["t1", "t3", "t1"]}
+    await store.close()
+
+
+async def test_unfinished_tasks_are_read_page_by_page_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_UNFINISHED_PAGE", 7)
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(i) for i in range(1, 31)])
+    await store.finish([done(5, 100)])
+    pages = [[r[0] for r in page] async for page in store.unfinished()]
+    assert [len(p) for p in pages] == [7, 7, 7, 7, 1]
+    assert [seq for page in pages for seq in page] == [i for i in range(1, 31) if i != 5]
+
+    # A reader that stops early leaves the store usable.
+    async for _ in store.unfinished():
+        break
+    assert (await store.get("t1")) is not None
     await store.close()
 
 
@@ -69,7 +95,7 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     await store.open()
     results = await asyncio.gather(*(store.insert([row(i)]) for i in range(1, 201)))
     assert all(r[0] == [None] for r in results)
-    assert len(await store.unfinished()) == 200
+    assert len(await unfinished(store)) == 200
     await store.close()
 
 

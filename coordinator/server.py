@@ -169,7 +169,11 @@ class CoordinatorServer:
         s = self.settings
         if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
             _log.info("wrote a new admin token to %s", self.admin_token_path)
-        gate = Gate(POLICY, self.core.tokens.authenticate if s.auth else None)
+        gate = Gate(
+            POLICY,
+            self.core.tokens.authenticate if s.auth else None,
+            client_certs=s.tls_client_ca is not None,
+        )
         server = grpc.aio.server(options=grpc_options(s.max_message_bytes), interceptors=[gate])
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)

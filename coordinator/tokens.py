@@ -25,6 +25,7 @@ from shoal.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticat
 __all__ = ["NewToken", "TokenRegistry"]
 
 _NAME_MAX = 128
+_VERIFIED_MAX = 10_000  # valid tokens remembered; only valid ones, so callers cannot grow it
 
 
 @dataclass(frozen=True)
@@ -40,23 +41,33 @@ class TokenRegistry:
         self._store = store
         self._wall = wall
         self._rows: dict[str, TokenRow] = {}
+        # Tokens seen to be valid, with their principal: a client sends the same one on every
+        # call. Whether each is revoked or expired is still checked every time.
+        self._verified: dict[str, tuple[TokenRow, Principal]] = {}
 
     async def load(self) -> None:
         self._rows = {row.id: row for row in await self._store.tokens()}
 
     def authenticate(self, token: str) -> Principal:
         """The principal of a presented token; Unauthenticated when unknown, expired or revoked."""
+        verified = self._verified.get(token)
+        if verified is None:
+            verified = self._verify(token)
+        row, principal = verified
+        if row.revoked_at is not None:
+            raise Unauthenticated(f"token {row.name!r} was revoked")
+        if row.expires_at is not None and row.expires_at <= self._wall():
+            raise Unauthenticated(f"token {row.name!r} has expired")
+        return principal
+
+    def _verify(self, token: str) -> tuple[TokenRow, Principal]:
         token_id, secret = parse_token(token)
         row = self._rows.get(token_id)
         # Unknown ids cost a hash comparison too, so timing tells nothing about which ids exist.
         digest = row.secret_hash if row is not None else b"\0" * 32
         if not secret_matches(secret, digest) or row is None:
             raise Unauthenticated("invalid token")
-        if row.revoked_at is not None:
-            raise Unauthenticated(f"token {row.name!r} was revoked")
-        if row.expires_at is not None and row.expires_at <= self._wall():
-            raise Unauthenticated(f"token {row.name!r} has expired")
-        return Principal(
+        principal = Principal(
             name=row.name,
             role=Role(row.role),
             tenant=row.tenant,
@@ -65,6 +76,10 @@ class TokenRegistry:
             labels=dict(row.labels),
             token_id=row.id,
         )
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[token] = (row, principal)
+        return row, principal
 
     def attach_proof(self, token_id: str, nonce: bytes) -> bytes:
         """Answer a node's AttachChallenge for one of this coordinator's tokens, if it holds."""

@@ -73,6 +73,7 @@ async def test_expiry_revocation_and_forgery(store: SqliteStore) -> None:
         registry.authenticate(f"shoal_{token_id}_{secret[:-1]}{'B' if secret[-1] == 'A' else 'A'}")
     with pytest.raises(Unauthenticated, match="malformed"):
         registry.authenticate("Bearer nonsense")
+    assert registry.authenticate(kept.token).name == "kept"  # remembered as valid, until:
     await registry.revoke("kept")
     with pytest.raises(Unauthenticated, match="revoked"):
         registry.authenticate(kept.token)

@@ -136,15 +136,20 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every call passes here, whatever its shape: it authenticates the caller, checks the
     caller's role against `policy` (a method missing from it is admin only), refuses malformed
     requests, and turns every error into its status. `authenticate` None: auth is off.
+    `client_certs`: callers may present certificates (TLS with a client CA), whose common
+    name is then the principal's cert_name.
     """
 
     def __init__(
         self,
         policy: Mapping[str, frozenset[Role]],
         authenticate: Callable[[str], Principal] | None,
+        *,
+        client_certs: bool = True,
     ) -> None:
         self._policy = policy
         self._authenticate = authenticate
+        self._client_certs = client_certs
 
     def _admit(self, method: str, context: Any) -> None:
         roles = self._policy.get(method, frozenset({Role.ADMIN}))
@@ -157,7 +162,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if not token:
                 raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
             principal = self._authenticate(token)
-        cert = _cert_name(context)
+        cert = _cert_name(context) if self._client_certs else ""
         if cert:
             principal = dataclasses.replace(principal, cert_name=cert)
         if principal.role is not Role.ADMIN and principal.role not in roles:

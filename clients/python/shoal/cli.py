@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import json
 import logging
 import signal
@@ -81,6 +82,15 @@ def _run(coro: Awaitable[_T]) -> _T:
     except ShoalError as err:
         print_error(err)
         raise typer.Exit(1) from None
+
+
+def _collect_seldom() -> None:
+    """Tune the cyclic collector for a server that holds many objects for long (queued tasks,
+    events): by default it walks all of them every few hundred thousand allocations, each
+    time stopping the process for 50-150 ms under load. What start-up made is kept out of its
+    collections (gc.freeze), and it runs every 10,000 allocations instead of every 700."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def _until_signalled(
@@ -166,6 +176,7 @@ def up(
         if demo:
             await asyncio.wait_for(node.connected.wait(), 10)
             await _demo(coord.address, token_file)
+        _collect_seldom()
         await _until_signalled(node.stop, coord.stop)
 
     _run(main())
@@ -252,6 +263,7 @@ def coordinator(
         console.print(f"coordinator listening on [cyan]{server.address}[/cyan]")
         if server.settings.auth:
             console.print(f"admin token in {server.admin_token_path}")
+        _collect_seldom()
         await _until_signalled(server.stop)
 
     _run(main())
@@ -330,6 +342,7 @@ def node(
     async def main() -> None:
         agent = NodeAgent(settings)
         await agent.start()
+        _collect_seldom()
         try:
             await _until_signalled(agent.shutdown, done=agent.left)
         finally:

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from shoal.auth import COORDINATOR, Principal, Role
+from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.admission import Admission, Refusal, Waiting
+from shoal.coordinator.backpressure import Backpressure
 from shoal.coordinator.breakers import (
     CLOSED,
     OPEN,
@@ -26,8 +27,18 @@ from shoal.coordinator.breakers import (
     executor_key,
     node_key,
 )
+from shoal.coordinator.encoding import (
+    attempt_id,
+    finished_row,
+    live_task,
+    stored_event,
+    stored_task,
+    task_change,
+    task_record,
+    task_row,
+)
 from shoal.coordinator.events import Change, EventLog
-from shoal.coordinator.locks import LockGate, parse_locks
+from shoal.coordinator.locks import LeaseTable, LockGate
 from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
@@ -37,25 +48,26 @@ from shoal.coordinator.scheduler import (
     NodeSlots,
     Routing,
     Scheduler,
-    fields_of,
     requirements_of,
 )
-from shoal.coordinator.schedules import ScheduleState, check
+from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
-from shoal.coordinator.store import FinishedRow, Request, Store, StoredTask, TaskRow, TokenRow
-from shoal.coordinator.templates import references, render
+from shoal.coordinator.store import Request, Store, StoredTask, TaskRow, TokenRow
+from shoal.coordinator.templates import render
 from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
-from shoal.coordinator.validation import Limits, check_request_id, validate_batch
+from shoal.coordinator.validation import (
+    Limits,
+    bounded_result,
+    check_hello,
+    check_request_id,
+    validate_batch,
+)
 from shoal.errors import (
-    AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    ShoalError,
     Unauthenticated,
     Unavailable,
 )
@@ -76,7 +88,6 @@ _SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 _SKIPPED = task_pb2.TASK_STATE_SKIPPED
 _TIMED_OUT = task_pb2.TASK_STATE_TIMED_OUT
 _NO_RESULT = task_pb2.TaskResult()
-_BACKPRESSURE_RETRY = timedelta(seconds=1)
 _REPLAY_PAGE = 1000
 _FREEZE_AFTER = 100_000  # tasks recovered
 
@@ -123,61 +134,6 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _holder(lease: locks_pb2.Lease) -> str:
-    return f"lease:{lease.name}#{lease.token}"
-
-
-def _check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
-    """Refuse a Hello whose identity or capabilities go beyond what its credentials allow."""
-    info = hello.info
-    if len(hello.running) > limits.max_batch:
-        raise InvalidArgument(f"a node runs at most {limits.max_batch} tasks")
-    if by.role is Role.NODE and info.node_id != by.node_id:
-        raise PermissionDenied(f"token {by.name!r} may connect as node {by.node_id!r} only")
-    if by.cert_name and info.node_id != by.cert_name:
-        raise PermissionDenied(f"the client certificate is for {by.cert_name!r}, not this node")
-    if by.executors and (extra := set(info.executors) - by.executors):
-        raise PermissionDenied(f"token {by.name!r} may not offer executors {sorted(extra)}")
-    if by.labels and (extra := {k for k, v in info.labels.items() if by.labels.get(k) != v}):
-        raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
-    too_long = [
-        s
-        for s in (info.node_id, *info.executors, *info.models, *info.labels, *info.labels.values())
-        if len(s) > limits.max_string
-    ]
-    if too_long or max(len(info.labels), len(info.executors), len(info.models)) > limits.max_labels:
-        raise InvalidArgument(
-            f"node info over its bounds: at most {limits.max_labels} labels and executors,"
-            f" {limits.max_string} characters each"
-        )
-
-
-def _retry_unless(never_fits: bool) -> timedelta | None:
-    """The delay to suggest to a refused submit; none when waiting would not help."""
-    return None if never_fits else _BACKPRESSURE_RETRY
-
-
-def _scoped_key(spec: task_pb2.TaskSpec) -> str | None:
-    """The stored idempotency key: unique within the task's tenant, so tenants never collide."""
-    if not spec.idempotency_key:
-        return None
-    return f"{spec.tenant}\0{spec.idempotency_key}" if spec.tenant else spec.idempotency_key
-
-
-def _bounded(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
-    """A node's result cut to `limit` bytes: the output tails keep their ends."""
-    if result.ByteSize() <= limit:
-        return result
-    share = limit // 4
-    result.stdout = result.stdout[-share:]
-    result.stderr = result.stderr[-share:]
-    result.error = result.error[:share]
-    if result.ByteSize() > limit:
-        result.ClearField("output")
-        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
-    return result
-
-
 class Coordinator:
     """Owns every live task, the event log and the node sessions."""
 
@@ -218,8 +174,8 @@ class Coordinator:
         self._timer_loop: asyncio.Task[None] | None = None
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
-        self._schedules: dict[str, ScheduleState] = {}
         self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
+        self._backpressure = Backpressure(self.options.limits, self._unfinished, clock=clock)
         self._breakers = Breakers(
             threshold=self.options.breaker_threshold,
             cooldown=self.options.breaker_cooldown.total_seconds(),
@@ -228,12 +184,28 @@ class Coordinator:
         self.quotas = QuotaGate(pricing=self.options.pricing, wall=wall)
         self.locks = LockGate()
         self._gates: list[Admission] = [self.quotas, self.locks]
-        self._leases: dict[str, locks_pb2.Lease] = {}  # by holder, "lease:<name>#<token>"
-        self._lock_tokens: dict[str, int] = {}  # the last fencing token of each name
-        self._lock_freed: dict[str, asyncio.Event] = {}  # leases waiting for a lock, by key
+        self._leases = LeaseTable(
+            store,
+            self.locks,
+            set_timer=self._set_timer,
+            cancel_timer=self._timers.cancel,
+            spawn=self._spawn,
+            wake=self._wake,
+            wall=wall,
+            max_name=self.options.limits.max_string,
+        )
+        self._schedules = ScheduleBook(
+            store,
+            tasks=self._tasks,
+            submit=lambda specs, by: self.submit(specs, by=by),
+            set_timer=self._set_timer,
+            cancel_timer=self._timers.cancel,
+            spawn=self._spawn,
+            wall=wall,
+            limits=self.options.limits,
+        )
         self._waiting = Waiting()  # tasks a gate holds back, by key
         self._limited: set[str] = set()  # keys holding tasks back now
-        self._submit_buckets: dict[str, TokenBucket] = {}  # per tenant
         self.finished_count: Counter[int] = Counter()  # outcomes by state, for metrics
         # After a restart: recovered tasks that may still run on a node that has yet to
         # reconnect, and the nodes that held a session when the coordinator last ran.
@@ -260,15 +232,8 @@ class Coordinator:
             check_quota(quota, self.options.limits.max_string)
             self.quotas.set(quota)
         self.quotas.restore(await self._store.usage())
-        self._lock_tokens = await self._store.lock_tokens()
-        for body in await self._store.leases():
-            lease = locks_pb2.Lease.FromString(body)
-            if lease.expires_at.ToNanoseconds() / 1e9 > self._wall():
-                self._start_lease(lease)
-        for body in await self._store.schedules():
-            state = ScheduleState(admin_pb2.Schedule.FromString(body))
-            self._schedules[state.name] = state
-            self._set_timer(TimerKind.SCHEDULE, state.name, state.next_run)
+        await self._leases.load()
+        await self._schedules.load()
         self._timer_wake = asyncio.Event()
         self._timer_loop = asyncio.create_task(self._run_timers(), name="shoal-timers")
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="shoal-lease-sweeper")
@@ -284,7 +249,7 @@ class Coordinator:
             for seq, task_id, spec_bytes, created_at, by, depends_on in rows:
                 spec = task_pb2.TaskSpec.FromString(spec_bytes)
                 by = names.setdefault(by, by)
-                rec = self._record(task_id, seq, spec, spec_bytes, created_at, by)
+                rec = task_record(task_id, seq, spec, spec_bytes, created_at, by)
                 if depends_on:
                     rec.upstream = depends_on
                 tasks[rec.id] = rec
@@ -322,41 +287,6 @@ class Coordinator:
 
     # -- tasks -----------------------------------------------------------------------------
 
-    def _record(
-        self,
-        task_id: str,
-        seq: int,
-        spec: task_pb2.TaskSpec,
-        spec_bytes: bytes,
-        created_at: float,
-        by: str,
-    ) -> TaskRecord:
-        """The record of a task with this spec, which it keeps as `spec_bytes` only."""
-        # One look at the fields set (most specs set few) instead of asking for each.
-        fields = fields_of(spec)
-        get = fields.get
-        rec = TaskRecord(
-            task_id,
-            seq,
-            spec_bytes,
-            get("priority") or task_pb2.PRIORITY_NORMAL,
-            requirements_of(spec, fields),
-            get("tenant", ""),
-            created_at,
-            by,
-            backend=get("backend", ""),
-            locks=parse_locks(fields["locks"]) if "locks" in fields else (),
-        )
-        if "depends_on" in fields:
-            rec.templated = any(True for _ in references(spec))
-        if "llm" in fields:
-            rec.routed = bool(spec.llm.routes)
-        if "not_before" in fields:
-            rec.release_at = spec.not_before.ToNanoseconds() / 1e9
-        if "queue_timeout" in fields:
-            rec.queue_timeout = spec.queue_timeout.ToNanoseconds() / 1e9
-        return rec
-
     async def submit(
         self,
         specs: Sequence[task_pb2.TaskSpec],
@@ -379,7 +309,7 @@ class Coordinator:
             for spec in specs:
                 by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
                 spec.tenant = by.tenant
-        self._check_capacity(specs)
+        self._backpressure.check(specs)
         await self._check_upstream_ids(specs, by)
         now = self._wall()
         records: list[TaskRecord] = []
@@ -391,24 +321,9 @@ class Coordinator:
             seq = self.events.reserve()
             task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
             spec_bytes = spec.SerializeToString()
-            rec = self._record(task_id, seq, spec, spec_bytes, now, by.name)
+            rec = task_record(task_id, seq, spec, spec_bytes, now, by.name)
             records.append(rec)
-            rows.append(
-                TaskRow(
-                    rec.seq,
-                    rec.id,
-                    _scoped_key(spec),
-                    rec.tenant,
-                    rec.priority,
-                    spec_bytes,
-                    now,
-                    by.name,
-                    [
-                        d.task_id if d.HasField("task_id") else d.batch_index
-                        for d in spec.depends_on
-                    ],
-                )
-            )
+            rows.append(task_row(rec, spec))
         try:
             request = Request(f"{by.name}\0{request_id}", now) if request_id else None
             existing, upstream = await self._store.insert(rows, request)
@@ -435,59 +350,13 @@ class Coordinator:
         for rec in created:
             self._link(rec, outcomes)
             self._admit(rec)
-            change = self._event(rec, by=rec.submitted_by, seq=rec.seq, time_ns=now_ns)
+            change = task_change(rec, by=rec.submitted_by, seq=rec.seq, time_ns=now_ns)
             if is_final(change.state):  # skipped at once: its outcome is its own, later event
                 change.state = _PENDING
                 change.result = None
             accepted.append(change)
         self.events.publish(accepted)
         return out
-
-    def _check_capacity(self, specs: Sequence[task_pb2.TaskSpec]) -> None:
-        """Backpressure: ResourceExhausted, with a retry delay, beyond the unfinished-task caps."""
-        limits = self.options.limits
-        total = sum(self._unfinished.values())
-        if total + len(specs) > limits.max_queued:
-            raise ResourceExhausted(
-                f"{total} tasks are unfinished; the limit is {limits.max_queued}",
-                retry_after=_retry_unless(len(specs) > limits.max_queued),
-            )
-        if not (limits.max_queued_per_tenant or limits.tenant_submit_rate):
-            return
-        per_tenant = Counter(spec.tenant for spec in specs)
-        for tenant, n in per_tenant.items():
-            subject = f"tenant:{tenant}"
-            if (
-                limits.max_queued_per_tenant
-                and self._unfinished[tenant] + n > limits.max_queued_per_tenant
-            ):
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} has {self._unfinished[tenant]} unfinished tasks;"
-                    f" the limit is {limits.max_queued_per_tenant}",
-                    retry_after=_retry_unless(n > limits.max_queued_per_tenant),
-                    quota=[FieldViolation(subject, "unfinished tasks")],
-                )
-            if limits.tenant_submit_rate:
-                wait = self._submit_bucket(tenant).wait(n)
-                if wait > 0:
-                    burst = self._submit_bucket(tenant).burst
-                    raise ResourceExhausted(
-                        f"tenant {tenant!r} submits faster than {limits.tenant_submit_rate:g}"
-                        " tasks a second",
-                        retry_after=None if n > burst else timedelta(seconds=wait),
-                        quota=[FieldViolation(subject, "tasks submitted per second")],
-                    )
-        if limits.tenant_submit_rate:  # every tenant of the batch fits: now they pay
-            for tenant, n in per_tenant.items():
-                self._submit_bucket(tenant).take(n)
-
-    def _submit_bucket(self, tenant: str) -> TokenBucket:
-        bucket = self._submit_buckets.get(tenant)
-        if bucket is None:
-            rate = self.options.limits.tenant_submit_rate
-            burst = self.options.limits.tenant_submit_burst or max(1.0, rate)
-            bucket = self._submit_buckets[tenant] = TokenBucket(rate, burst, clock=self._clock)
-        return bucket
 
     async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
         """Every upstream named by id exists and is visible to the submitter."""
@@ -570,7 +439,7 @@ class Coordinator:
             self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
         elif not rec.waiting_on:
             self._admit(rec)
-            self.events.emit(self._event(rec, by=COORDINATOR))
+            self.events.emit(task_change(rec, by=COORDINATOR))
 
     def _admit(self, rec: TaskRecord) -> None:
         """Queue a task whose upstream tasks are done and whose time has come; else PENDING."""
@@ -616,7 +485,7 @@ class Coordinator:
         rec = self._live(task_id, by)
         if rec is not None:
             return self._task_proto(rec)
-        return self._stored_proto(await self._stored(task_id, by))
+        return stored_task(await self._stored(task_id, by))
 
     def _live(self, task_id: str, by: Principal) -> TaskRecord | None:
         rec = self._tasks.get(task_id)
@@ -639,7 +508,7 @@ class Coordinator:
         """The task once its outcome is durable, or as it is when `timeout` passes."""
         rec = self._live(task_id, by)
         if rec is None:
-            return self._stored_proto(await self._stored(task_id, by))
+            return stored_task(await self._stored(task_id, by))
         if not rec.durable:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             if rec.waiters is None:
@@ -662,7 +531,7 @@ class Coordinator:
             stored = await self._stored(task_id, by)
             if stored.outcome is None:
                 raise FailedPrecondition(f"task {task_id!r} is not held by this coordinator")
-            return self._stored_proto(stored)
+            return stored_task(stored)
         if is_final(rec.state):
             return self._task_proto(rec)
         self._cancel_one(rec, by.name, "cancelled")
@@ -683,7 +552,7 @@ class Coordinator:
         rec.cancel_requested = True
         session = self._sessions.get(rec.node_id)
         if session is not None:
-            session.cancel(rec.id, self._attempt(rec))
+            session.cancel(rec.id, attempt_id(rec))
 
     def _descendants(self, task_id: str) -> list[TaskRecord]:
         """Every task waiting, directly or not, on `task_id`."""
@@ -734,7 +603,7 @@ class Coordinator:
         tasks: list[task_pb2.Task] = []
         for st in stored:
             rec = self._tasks.get(st.row.id)
-            task = self._task_proto(rec) if rec is not None else self._stored_proto(st)
+            task = self._task_proto(rec) if rec is not None else stored_task(st)
             if not wanted or task.state in wanted:
                 tasks.append(task)
         token = str(stored[-1].row.seq) if len(stored) == limit else ""
@@ -786,7 +655,7 @@ class Coordinator:
                     cursor = upto - 1
                     continue
                 cursor = items[-1][0]
-                replayed = [Change.of(self._stored_event(seq, st)) for seq, st in items]
+                replayed = [Change.of(stored_event(seq, st)) for seq, st in items]
                 batch = [c for c in replayed if keep(c)]
             else:
                 if not held:
@@ -831,27 +700,7 @@ class Coordinator:
         task.add_done_callback(self._background.discard)
 
     async def _commit_finished(self, batch: list[TaskRecord]) -> None:
-        rows = [
-            FinishedRow(
-                id=rec.id,
-                seq=rec.seq,
-                state=rec.state,
-                final_seq=rec.final_seq,
-                finished_at=rec.finished_at or 0.0,
-                started_at=rec.started_at,
-                node_id=rec.node_id,
-                attempt_epoch=self.epoch,
-                attempt_number=rec.attempt,
-                result=rec.result.SerializeToString() if rec.result else b"",
-                finished_by=rec.finished_by,
-                attempts=(
-                    task_pb2.Task(attempts=rec.attempts).SerializeToString()
-                    if rec.attempts
-                    else b""
-                ),
-            )
-            for rec in batch
-        ]
+        rows = [finished_row(rec, self.epoch) for rec in batch]
         try:
             await self._store.finish(rows)
         except Exception:
@@ -860,7 +709,7 @@ class Coordinator:
             self.events.abandon(rec.final_seq for rec in batch)
             return
         self.events.publish(
-            self._event(rec, by=rec.finished_by, seq=rec.final_seq) for rec in batch
+            task_change(rec, by=rec.finished_by, seq=rec.final_seq) for rec in batch
         )
         cap = self.options.finished_cache
         for rec in batch:
@@ -883,10 +732,6 @@ class Coordinator:
         if not self._dispatch_pending:
             self._dispatch_pending = True
             asyncio.get_running_loop().call_soon(self._dispatch)
-
-    @staticmethod
-    def _attempt(rec: TaskRecord) -> task_pb2.AttemptId:
-        return task_pb2.AttemptId(epoch=rec.attempt_epoch, number=rec.attempt)
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
@@ -911,7 +756,7 @@ class Coordinator:
             rec.attempt_epoch = self.epoch
             rec.node_id = session.node_id
             session.inflight[rec.id] = rec
-            attempt = self._attempt(rec)
+            attempt = attempt_id(rec)
             assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
             if rec.templated:
                 results = rec.upstream_results or {}
@@ -920,7 +765,7 @@ class Coordinator:
             else:  # straight from the stored bytes: no spec message kept for it
                 assignment.spec.MergeFromString(rec.spec_bytes)
             by_node.setdefault(session.node_id, []).append(assignment)
-            events.append(self._event(rec, by=COORDINATOR))
+            events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
         for event in events:
@@ -943,7 +788,7 @@ class Coordinator:
         info = hello.info
         if not info.node_id:
             raise InvalidArgument("hello.info.node_id is required")
-        _check_hello(hello, by, self.options.limits)
+        check_hello(hello, by, self.options.limits)
         if not self.accepting:
             raise Unavailable("the coordinator is shutting down")
         old = self._sessions.get(info.node_id)
@@ -952,7 +797,7 @@ class Coordinator:
             _log.info("node=%s replaces its previous session", info.node_id)
             for running in hello.running:
                 rec = old.inflight.get(running.task_id)
-                if rec is not None and self._attempt(rec) == running.attempt:
+                if rec is not None and attempt_id(rec) == running.attempt:
                     del old.inflight[rec.id]
             self.detach(old)
         session = NodeSession(
@@ -975,14 +820,14 @@ class Coordinator:
                     other = self._sessions[rec.node_id]
                     del other.inflight[rec.id]
                     self._scheduler.release(other.slots, rec)
-                    other.cancel(rec.id, self._attempt(rec))
+                    other.cancel(rec.id, attempt_id(rec))
                 self._recovering.discard(rec.id)
                 rec.attempt_epoch, rec.attempt = running.attempt.epoch, running.attempt.number
                 rec.node_id = info.node_id
                 if rec.state != _RUNNING:
                     rec.state = _RUNNING
                     rec.started_at = self._wall()
-                    self.events.emit(self._event(rec, by=by.name))
+                    self.events.emit(task_change(rec, by=by.name))
                 session.inflight[rec.id] = rec
                 session.slots.take(rec.placement.cls.resources)
             else:
@@ -1078,7 +923,7 @@ class Coordinator:
         rec.node_id = ""
         rec.started_at = None
         self._scheduler.queue.push_front(rec)
-        self.events.emit(self._event(rec, by=COORDINATOR))
+        self.events.emit(task_change(rec, by=COORDINATOR))
 
     def on_message(self, session: NodeSession, msg: node_pb2.NodeMessage) -> None:
         """Apply one message from a node."""
@@ -1119,12 +964,12 @@ class Coordinator:
             if kind == "started":
                 rec.state = _RUNNING
                 rec.started_at = self._wall()
-                self.events.emit(self._event(rec, by=session.principal.name))
+                self.events.emit(task_change(rec, by=session.principal.name))
             elif kind == "output":
                 output = u.output
                 if len(output.data) > self.options.limits.max_result_bytes:
                     output.data = output.data[: self.options.limits.max_result_bytes]
-                self.events.emit(self._event(rec, by=session.principal.name, output=output))
+                self.events.emit(task_change(rec, by=session.principal.name, output=output))
             elif kind in ("finished", "released"):
                 del session.inflight[rec.id]
                 self._scheduler.release(session.slots, rec)
@@ -1139,7 +984,7 @@ class Coordinator:
                         self._requeue(rec)
                     continue
                 state = u.finished.state
-                result = _bounded(u.finished.result, self.options.limits.max_result_bytes)
+                result = bounded_result(u.finished.result, self.options.limits.max_result_bytes)
                 if state not in FINAL_STATES:
                     state = _FAILED
                     result.error = result.error or f"node reported non-final state {state}"
@@ -1220,19 +1065,18 @@ class Coordinator:
         if refusal.retry_at is not None:
             self._set_timer(TimerKind.ADMISSION, refusal.key, refusal.retry_at)
         self._notice(refusal.key, refusal.reason)
-        self.events.emit(self._event(rec, by=COORDINATOR))
+        self.events.emit(task_change(rec, by=COORDINATOR))
 
     def _wake(self, key: str) -> None:
         """The oldest task waiting on `key` goes back to the head of the queue."""
-        if (freed := self._lock_freed.pop(key, None)) is not None:
-            freed.set()  # a lease waits for it too: it tries again
+        self._leases.freed(key)  # a lease may wait for it too
         rec = self._waiting.next(key)
         if rec is None:
             return
         rec.held_by = rec.wait_reason = ""
         rec.state = _QUEUED
         self._scheduler.queue.push_front(rec)
-        self.events.emit(self._event(rec, by=COORDINATOR))
+        self.events.emit(task_change(rec, by=COORDINATOR))
         self._kick()
 
     def _notice(self, key: str, reason: str) -> None:
@@ -1256,77 +1100,15 @@ class Coordinator:
         self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
     ) -> locks_pb2.Lease:
         """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held."""
-        if not name or len(name) > self.options.limits.max_string or not name.isprintable():
-            raise InvalidArgument("a lock needs a printable name of at most 256 characters")
-        if ttl <= timedelta(0):
-            raise InvalidArgument("ttl must be positive")
-        wanted = ((name, shared),)
-        reason = ""
-        try:
-            async with asyncio.timeout(wait.total_seconds()):
-                while (refusal := self.locks.conflict(wanted)) is not None:
-                    reason = refusal.reason
-                    await self._lock_freed.setdefault(refusal.key, asyncio.Event()).wait()
-        except TimeoutError:
-            raise FailedPrecondition(reason) from None
-        token = self._lock_tokens.get(name, 0) + 1
-        self._lock_tokens[name] = token
-        lease = locks_pb2.Lease(
-            name=name,
-            token=token,
-            expires_at=timestamp(self._wall() + ttl.total_seconds()),
-            shared=shared,
-            holder=by.name,
-        )
-        self._start_lease(lease)  # held from here on: nothing else can take it meanwhile
-        try:
-            await self._store.put_lease(name, token, lease.SerializeToString())
-        except BaseException:
-            self._end_lease(_holder(lease))
-            raise
-        return lease
+        return await self._leases.acquire(name, ttl, wait, shared=shared, by=by)
 
     async def renew_lock(
         self, name: str, token: int, ttl: timedelta, *, by: Principal
     ) -> locks_pb2.Lease:
-        lease = self._lease(name, token, by)
-        if ttl <= timedelta(0):
-            raise InvalidArgument("ttl must be positive")
-        lease.expires_at.CopyFrom(timestamp(self._wall() + ttl.total_seconds()))
-        self._set_timer(TimerKind.LEASE, _holder(lease), self._wall() + ttl.total_seconds())
-        await self._store.put_lease(name, token, lease.SerializeToString())
-        return lease
+        return await self._leases.renew(name, token, ttl, by=by)
 
     async def release_lock(self, name: str, token: int, *, by: Principal) -> locks_pb2.Lease:
-        lease = self._lease(name, token, by)
-        self._end_lease(_holder(lease))
-        await self._store.delete_lease(name, token)
-        return lease
-
-    def _lease(self, name: str, token: int, by: Principal) -> locks_pb2.Lease:
-        lease = self._leases.get(_holder(locks_pb2.Lease(name=name, token=token)))
-        if lease is None:
-            raise FailedPrecondition(f"lease {name} #{token} has ended (expired or released)")
-        if lease.holder != by.name and by.role is not Role.ADMIN:
-            raise PermissionDenied(f"lease {name} #{token} is held by {lease.holder!r}")
-        return lease
-
-    def _start_lease(self, lease: locks_pb2.Lease) -> None:
-        holder = _holder(lease)
-        self._leases[holder] = lease
-        self._lock_tokens[lease.name] = max(self._lock_tokens.get(lease.name, 0), lease.token)
-        self.locks.hold(holder, ((lease.name, lease.shared),))
-        self._set_timer(TimerKind.LEASE, holder, lease.expires_at.ToNanoseconds() / 1e9)
-
-    def _end_lease(self, holder: str) -> None:
-        lease = self._leases.pop(holder, None)
-        if lease is None:
-            return
-        self._timers.cancel(TimerKind.LEASE, holder)
-        if lease.expires_at.ToNanoseconds() / 1e9 <= self._wall():  # expired, not released
-            self._spawn(self._store.delete_lease(lease.name, lease.token))
-        for key in self.locks.release(holder):
-            self._wake(key)
+        return await self._leases.release(name, token, by=by)
 
     async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
         check_quota(quota, self.options.limits.max_string)
@@ -1422,7 +1204,7 @@ class Coordinator:
 
     def _record_attempt(self, rec: TaskRecord, state: int, result: task_pb2.TaskResult) -> None:
         attempt = task_pb2.Attempt(
-            id=self._attempt(rec),
+            id=attempt_id(rec),
             node_id=rec.node_id,
             state=state,  # type: ignore[arg-type]
             result=result,
@@ -1448,7 +1230,7 @@ class Coordinator:
         rec.release_at = self._wall() + delay
         rec.state = _PENDING
         self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
-        self.events.emit(self._event(rec, by=by))
+        self.events.emit(task_change(rec, by=by))
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -1475,7 +1257,7 @@ class Coordinator:
         now = self._wall()
         for kind, task_id in self._timers.pop_due(now):
             if kind is TimerKind.SCHEDULE:
-                self._fire_schedule(task_id, now)
+                self._schedules.fire(task_id, now)
                 continue
             if kind is TimerKind.BREAKER:
                 if (breaker := self._breakers.half_open(task_id)) is not None:
@@ -1488,9 +1270,7 @@ class Coordinator:
                 self._wake(task_id)
                 continue
             if kind is TimerKind.LEASE:
-                if (lease := self._leases.get(task_id)) is not None:
-                    _log.info("lease %s #%d expired", lease.name, lease.token)
-                    self._end_lease(task_id)
+                self._leases.expire(task_id)
                 continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
@@ -1498,106 +1278,28 @@ class Coordinator:
             if kind is TimerKind.RELEASE and rec.state == _PENDING and not rec.waiting_on:
                 rec.release_at = None
                 self._admit(rec)
-                self.events.emit(self._event(rec, by=COORDINATOR))
+                self.events.emit(task_change(rec, by=COORDINATOR))
             elif kind is TimerKind.QUEUE_TIMEOUT and rec.state in (_PENDING, _QUEUED):
                 error = f"not started within its queue timeout of {rec.queue_timeout:g} s"
                 self._finish(rec, _TIMED_OUT, task_pb2.TaskResult(error=error), by=COORDINATOR)
 
     # -- schedules -------------------------------------------------------------------------
 
-    def _fire_schedule(self, name: str, now: float) -> None:
-        state = self._schedules.get(name)
-        if state is None:
-            return
-        last = self._tasks.get(state.schedule.last_task_id)
-        owed = state.fire(now, previous_running=last is not None and not is_final(last.state))
-        if not state.schedule.paused:
-            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
-        self._spawn(self._run_schedule(state, owed, now))
-
-    async def _run_schedule(self, state: ScheduleState, owed: int, now: float) -> None:
-        """Submit what a firing owes, then store the schedule's new state."""
-        s = state.schedule
-        if owed:
-            spec = task_pb2.TaskSpec()
-            spec.CopyFrom(s.spec)
-            spec.idempotency_key = ""
-            spec.metadata["shoal.schedule"] = s.name
-            by = Principal(f"schedule:{s.name}", Role.SUBMITTER, tenant=spec.tenant)
-            try:
-                done = await self.submit([spec] * owed, by=by)
-            except ShoalError as err:
-                _log.warning("schedule=%s could not submit: %s", s.name, err.message)
-            else:
-                s.last_task_id = done[-1].task_id
-                s.runs += owed
-                s.last_run.FromNanoseconds(int(now * 1e9))
-        if s.name in self._schedules:
-            await self._store.put_schedule(s.name, s.SerializeToString())
-
     async def create_schedule(
         self, schedule: admin_pb2.Schedule, *, by: Principal
     ) -> admin_pb2.Schedule:
         """Store a new schedule; its first run is its first firing time from now."""
-        limits = self.options.limits
-        if not schedule.name or len(schedule.name) > limits.max_string:
-            raise InvalidArgument(f"schedule name must be 1-{limits.max_string} characters")
-        if not schedule.name.isprintable():
-            raise InvalidArgument("schedule name must be printable text")
-        if schedule.name in self._schedules:
-            raise AlreadyExists(f"a schedule named {schedule.name!r} exists")
-        check(schedule)
-        validate_batch([schedule.spec], limits, single=True)
-        if schedule.spec.depends_on:
-            raise InvalidArgument("a scheduled task cannot depend on other tasks")
-        fresh = admin_pb2.Schedule(
-            name=schedule.name,
-            spec=schedule.spec,
-            timezone=schedule.timezone,
-            overlap=schedule.overlap,
-            catch_up=schedule.catch_up,
-            created_by=by.name,
-        )
-        if schedule.HasField("cron"):
-            fresh.cron = schedule.cron
-        else:
-            fresh.every.CopyFrom(schedule.every)
-        state = ScheduleState(fresh)
-        state.start(self._wall())
-        await self._store.put_schedule(fresh.name, fresh.SerializeToString())
-        self._schedules[fresh.name] = state
-        self._set_timer(TimerKind.SCHEDULE, fresh.name, state.next_run)
-        return fresh
+        return await self._schedules.create(schedule, by=by)
 
     def schedules(self) -> list[admin_pb2.Schedule]:
-        return [state.schedule for _, state in sorted(self._schedules.items())]
-
-    def _schedule(self, name: str) -> ScheduleState:
-        state = self._schedules.get(name)
-        if state is None:
-            raise NotFound(f"no schedule {name!r}")
-        return state
+        return self._schedules.all()
 
     async def delete_schedule(self, name: str) -> admin_pb2.Schedule:
-        state = self._schedule(name)
-        await self._store.delete_schedule(name)
-        del self._schedules[name]
-        self._timers.cancel(TimerKind.SCHEDULE, name)
-        return state.schedule
+        return await self._schedules.delete(name)
 
     async def pause_schedule(self, name: str, *, paused: bool) -> admin_pb2.Schedule:
         """Pause, or resume from now on (runs missed while paused are not made up)."""
-        state = self._schedule(name)
-        if paused == state.schedule.paused:
-            return state.schedule
-        state.schedule.paused = paused
-        if paused:
-            self._timers.cancel(TimerKind.SCHEDULE, name)
-        else:
-            state.start(self._wall())
-            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
-        await self._store.put_schedule(name, state.schedule.SerializeToString())
-        return state.schedule
+        return await self._schedules.pause(name, paused=paused)
 
     def pace(self, sessions: int | None = None) -> Pace:
         """How often nodes heartbeat, and their lease: as configured, until the heartbeats of
@@ -1644,24 +1346,11 @@ class Coordinator:
         for s in self._sessions.values():
             seen = discovered.get(s.node_id)
             out.append(
-                admin_pb2.NodeStatus(
-                    info=s.info,
-                    connected=True,
-                    running=s.slots.running,
-                    free_slots=max(0, s.slots.free),
-                    connected_at=timestamp(s.connected_at),
-                    last_seen=timestamp(wall - (now - s.last_seen)),
-                    address=s.peer,
-                    throttled=s.throttled,
-                    draining=s.draining,
-                    stale_updates=s.stale_updates,
+                s.status(
+                    now=now,
+                    wall=wall,
                     breakers=[b.proto() for b in self._node_breakers(s.node_id)],
-                    throttled_by_load=s.throttled_by_load,
-                    min_priority=s.min_priority,  # type: ignore[arg-type]
-                    paused=s.paused,
-                    throttle_reason=s.throttle_reason,
                     health=seen.health if seen is not None else admin_pb2.NODE_HEALTH_UNSPECIFIED,
-                    adopted=s.adopted,
                 )
             )
         out.extend(n for node_id, n in discovered.items() if node_id not in self._sessions)
@@ -1724,31 +1413,6 @@ class Coordinator:
 
     # -- encoding --------------------------------------------------------------------------
 
-    def _event(
-        self,
-        rec: TaskRecord,
-        *,
-        by: str,
-        seq: int = 0,
-        output: task_pb2.OutputChunk | None = None,
-        time_ns: int = 0,
-    ) -> Change:
-        """The task's change now (or at `time_ns`), as an event (numbered by `seq`, or when
-        emitted)."""
-        return Change(
-            rec.id,
-            rec.state,
-            seq=seq,
-            node_id=rec.node_id,
-            tenant=rec.tenant,
-            principal=by,
-            epoch=rec.attempt_epoch,
-            number=rec.attempt,
-            result=rec.result if rec.result is not None and is_final(rec.state) else None,
-            output=output,
-            time_ns=time_ns or time.time_ns(),
-        )
-
     def _pending_reason(self, rec: TaskRecord) -> str:
         if rec.state == _PENDING:
             if rec.held_by:
@@ -1781,62 +1445,4 @@ class Coordinator:
         return f"{rec.wait_reason} ({probe}): {b.last_error}"
 
     def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
-        task = task_pb2.Task(
-            id=rec.id,
-            spec=rec.spec,
-            state=rec.state,  # type: ignore[arg-type]
-            node_id=rec.node_id,
-            result=rec.result,
-            created_at=timestamp(rec.created_at),
-            started_at=timestamp(rec.started_at),
-            finished_at=timestamp(rec.finished_at),
-            pending_reason=self._pending_reason(rec),
-            created_seq=rec.seq,
-            submitted_by=rec.submitted_by,
-            attempts=rec.attempts,
-            depends_on=rec.upstream,
-        )
-        if rec.attempt:
-            task.attempt.CopyFrom(self._attempt(rec))
-        return task
-
-    @staticmethod
-    def _stored_proto(st: StoredTask) -> task_pb2.Task:
-        row, outcome = st.row, st.outcome
-        task = task_pb2.Task(
-            id=row.id,
-            spec=task_pb2.TaskSpec.FromString(row.spec),
-            state=_QUEUED if outcome is None else outcome.state,  # type: ignore[arg-type]
-            created_at=timestamp(row.created_at),
-            created_seq=row.seq,
-            submitted_by=row.submitted_by,
-            depends_on=[str(u) for u in row.depends_on],
-        )
-        if outcome is not None:
-            if outcome.attempts:
-                task.attempts.extend(task_pb2.Task.FromString(outcome.attempts).attempts)
-            task.node_id = outcome.node_id
-            task.result.ParseFromString(outcome.result)
-            task.finished_at.CopyFrom(timestamp(outcome.finished_at))
-            if outcome.started_at is not None:
-                task.started_at.CopyFrom(timestamp(outcome.started_at))
-            if outcome.attempt_number:
-                task.attempt.epoch = outcome.attempt_epoch
-                task.attempt.number = outcome.attempt_number
-        return task
-
-    @staticmethod
-    def _stored_event(seq: int, st: StoredTask) -> task_pb2.Event:
-        row, outcome = st.row, st.outcome
-        event = task_pb2.Event(seq=seq, task_id=row.id, tenant=row.tenant)
-        if seq == row.seq or outcome is None:
-            event.principal = row.submitted_by
-            event.state = _QUEUED
-            event.time.CopyFrom(timestamp(row.created_at))
-        else:
-            event.state = outcome.state  # type: ignore[assignment]
-            event.principal = outcome.finished_by
-            event.node_id = outcome.node_id
-            event.result.ParseFromString(outcome.result)
-            event.time.CopyFrom(timestamp(outcome.finished_at))
-        return event
+        return live_task(rec, self._pending_reason(rec))

@@ -10,15 +10,25 @@ behind a waiting writer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
+from shoal.auth import Principal, Role
 from shoal.coordinator.admission import Admission, Refusal
 from shoal.coordinator.records import TaskRecord
-from shoal.errors import InvalidArgument
-from shoal.v1 import task_pb2
+from shoal.coordinator.store import Store
+from shoal.coordinator.timers import TimerKind
+from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from shoal.specs import timestamp
+from shoal.v1 import locks_pb2, task_pb2
 
-__all__ = ["LockGate", "parse_locks"]
+__all__ = ["LeaseTable", "LockGate", "parse_locks"]
+
+_log = logging.getLogger("shoal.coordinator")
 
 _SHARED = "read:"
 
@@ -108,3 +118,130 @@ class LockGate(Admission):
 
     def holding(self, name: str) -> bool:
         return name in self._locks
+
+
+def _holder(lease: locks_pb2.Lease) -> str:
+    return f"lease:{lease.name}#{lease.token}"
+
+
+class LeaseTable:
+    """Locks held from outside the mesh: leases in the gate, in the store and on a timer."""
+
+    def __init__(
+        self,
+        store: Store,
+        gate: LockGate,
+        *,
+        set_timer: Callable[[TimerKind, str, float], None],
+        cancel_timer: Callable[[TimerKind, str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        wake: Callable[[str], None],
+        wall: Callable[[], float],
+        max_name: int,
+    ) -> None:
+        self._store = store
+        self._gate = gate
+        self._set_timer = set_timer
+        self._cancel_timer = cancel_timer
+        self._spawn = spawn
+        self._wake = wake  # a freed key's waiting tasks go on
+        self._wall = wall
+        self._max_name = max_name
+        self._leases: dict[str, locks_pb2.Lease] = {}  # by holder, "lease:<name>#<token>"
+        self._tokens: dict[str, int] = {}  # the last fencing token of each name
+        self._freed: dict[str, asyncio.Event] = {}  # leases waiting for a lock, by key
+
+    async def load(self) -> None:
+        """Take the stored fencing tokens and the leases not yet expired (at start-up)."""
+        self._tokens = await self._store.lock_tokens()
+        for body in await self._store.leases():
+            lease = locks_pb2.Lease.FromString(body)
+            if lease.expires_at.ToNanoseconds() / 1e9 > self._wall():
+                self._start(lease)
+
+    async def acquire(
+        self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
+    ) -> locks_pb2.Lease:
+        """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held."""
+        if not name or len(name) > self._max_name or not name.isprintable():
+            raise InvalidArgument("a lock needs a printable name of at most 256 characters")
+        if ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        wanted = ((name, shared),)
+        reason = ""
+        try:
+            async with asyncio.timeout(wait.total_seconds()):
+                while (refusal := self._gate.conflict(wanted)) is not None:
+                    reason = refusal.reason
+                    await self._freed.setdefault(refusal.key, asyncio.Event()).wait()
+        except TimeoutError:
+            raise FailedPrecondition(reason) from None
+        token = self._tokens.get(name, 0) + 1
+        self._tokens[name] = token
+        lease = locks_pb2.Lease(
+            name=name,
+            token=token,
+            expires_at=timestamp(self._wall() + ttl.total_seconds()),
+            shared=shared,
+            holder=by.name,
+        )
+        self._start(lease)  # held from here on: nothing else can take it meanwhile
+        try:
+            await self._store.put_lease(name, token, lease.SerializeToString())
+        except BaseException:
+            self._end(_holder(lease))
+            raise
+        return lease
+
+    async def renew(
+        self, name: str, token: int, ttl: timedelta, *, by: Principal
+    ) -> locks_pb2.Lease:
+        lease = self._lease(name, token, by)
+        if ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        lease.expires_at.CopyFrom(timestamp(self._wall() + ttl.total_seconds()))
+        self._set_timer(TimerKind.LEASE, _holder(lease), self._wall() + ttl.total_seconds())
+        await self._store.put_lease(name, token, lease.SerializeToString())
+        return lease
+
+    async def release(self, name: str, token: int, *, by: Principal) -> locks_pb2.Lease:
+        lease = self._lease(name, token, by)
+        self._end(_holder(lease))
+        await self._store.delete_lease(name, token)
+        return lease
+
+    def expire(self, holder: str) -> None:
+        """The lease's timer is due: it ends."""
+        if (lease := self._leases.get(holder)) is not None:
+            _log.info("lease %s #%d expired", lease.name, lease.token)
+            self._end(holder)
+
+    def freed(self, key: str) -> None:
+        """`key` was let go of: a lease waiting for it tries again."""
+        if (event := self._freed.pop(key, None)) is not None:
+            event.set()
+
+    def _lease(self, name: str, token: int, by: Principal) -> locks_pb2.Lease:
+        lease = self._leases.get(_holder(locks_pb2.Lease(name=name, token=token)))
+        if lease is None:
+            raise FailedPrecondition(f"lease {name} #{token} has ended (expired or released)")
+        if lease.holder != by.name and by.role is not Role.ADMIN:
+            raise PermissionDenied(f"lease {name} #{token} is held by {lease.holder!r}")
+        return lease
+
+    def _start(self, lease: locks_pb2.Lease) -> None:
+        holder = _holder(lease)
+        self._leases[holder] = lease
+        self._tokens[lease.name] = max(self._tokens.get(lease.name, 0), lease.token)
+        self._gate.hold(holder, ((lease.name, lease.shared),))
+        self._set_timer(TimerKind.LEASE, holder, lease.expires_at.ToNanoseconds() / 1e9)
+
+    def _end(self, holder: str) -> None:
+        lease = self._leases.pop(holder, None)
+        if lease is None:
+            return
+        self._cancel_timer(TimerKind.LEASE, holder)
+        if lease.expires_at.ToNanoseconds() / 1e9 <= self._wall():  # expired, not released
+            self._spawn(self._store.delete_lease(lease.name, lease.token))
+        for key in self._gate.release(holder):
+            self._wake(key)

@@ -1,21 +1,36 @@
-"""Periodic tasks: when each schedule fires next, and what a firing owes. No I/O, no clock.
+"""Periodic tasks: when each schedule fires next, what a firing owes, and the book of them.
 
 A schedule is a TaskSpec plus a cron expression (croniter) or an interval. Firing times are
 wall-clock seconds; the core keeps one timer per schedule and asks `fire` what to do.
+`ScheduleState` and the functions are pure; `ScheduleBook` stores schedules and submits runs.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, croniter
 
-from shoal.errors import InvalidArgument
-from shoal.v1 import admin_pb2
+from shoal.auth import Principal, Role
+from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.store import Store
+from shoal.coordinator.timers import TimerKind
+from shoal.coordinator.validation import Limits, validate_batch
+from shoal.errors import AlreadyExists, InvalidArgument, NotFound, ShoalError
+from shoal.specs import is_final
+from shoal.v1 import admin_pb2, task_pb2
 
-__all__ = ["MAX_CATCH_UP", "ScheduleState", "check", "next_after"]
+if TYPE_CHECKING:
+    from shoal.coordinator.core import Submitted
+
+__all__ = ["MAX_CATCH_UP", "ScheduleBook", "ScheduleState", "check", "next_after"]
+
+_log = logging.getLogger("shoal.coordinator")
 
 MAX_CATCH_UP = 100
 """CATCH_UP_ALL runs at most this many missed firings."""
@@ -102,3 +117,130 @@ class ScheduleState:
             owed = 1
         s.skipped += missed - owed
         return owed
+
+
+class ScheduleBook:
+    """Every schedule: stored, timed by the core's timers, its runs submitted as its own."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        tasks: Mapping[str, TaskRecord],
+        submit: Callable[[list[task_pb2.TaskSpec], Principal], Awaitable[list[Submitted]]],
+        set_timer: Callable[[TimerKind, str, float], None],
+        cancel_timer: Callable[[TimerKind, str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        wall: Callable[[], float],
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._tasks = tasks  # the core's live tasks: whether a schedule's last run still runs
+        self._submit = submit
+        self._set_timer = set_timer
+        self._cancel_timer = cancel_timer
+        self._spawn = spawn
+        self._wall = wall
+        self._limits = limits
+        self._schedules: dict[str, ScheduleState] = {}
+
+    async def load(self) -> None:
+        """Take the stored schedules and set their timers (at start-up)."""
+        for body in await self._store.schedules():
+            state = ScheduleState(admin_pb2.Schedule.FromString(body))
+            self._schedules[state.name] = state
+            self._set_timer(TimerKind.SCHEDULE, state.name, state.next_run)
+
+    def fire(self, name: str, now: float) -> None:
+        """The schedule's timer is due: submit what it owes (in the background), time the next."""
+        state = self._schedules.get(name)
+        if state is None:
+            return
+        last = self._tasks.get(state.schedule.last_task_id)
+        owed = state.fire(now, previous_running=last is not None and not is_final(last.state))
+        if not state.schedule.paused:
+            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
+        self._spawn(self._run(state, owed, now))
+
+    async def _run(self, state: ScheduleState, owed: int, now: float) -> None:
+        """Submit what a firing owes, then store the schedule's new state."""
+        s = state.schedule
+        if owed:
+            spec = task_pb2.TaskSpec()
+            spec.CopyFrom(s.spec)
+            spec.idempotency_key = ""
+            spec.metadata["shoal.schedule"] = s.name
+            by = Principal(f"schedule:{s.name}", Role.SUBMITTER, tenant=spec.tenant)
+            try:
+                done = await self._submit([spec] * owed, by)
+            except ShoalError as err:
+                _log.warning("schedule=%s could not submit: %s", s.name, err.message)
+            else:
+                s.last_task_id = done[-1].task_id
+                s.runs += owed
+                s.last_run.FromNanoseconds(int(now * 1e9))
+        if s.name in self._schedules:
+            await self._store.put_schedule(s.name, s.SerializeToString())
+
+    async def create(self, schedule: admin_pb2.Schedule, *, by: Principal) -> admin_pb2.Schedule:
+        """Store a new schedule; its first run is its first firing time from now."""
+        limits = self._limits
+        if not schedule.name or len(schedule.name) > limits.max_string:
+            raise InvalidArgument(f"schedule name must be 1-{limits.max_string} characters")
+        if not schedule.name.isprintable():
+            raise InvalidArgument("schedule name must be printable text")
+        if schedule.name in self._schedules:
+            raise AlreadyExists(f"a schedule named {schedule.name!r} exists")
+        check(schedule)
+        validate_batch([schedule.spec], limits, single=True)
+        if schedule.spec.depends_on:
+            raise InvalidArgument("a scheduled task cannot depend on other tasks")
+        fresh = admin_pb2.Schedule(
+            name=schedule.name,
+            spec=schedule.spec,
+            timezone=schedule.timezone,
+            overlap=schedule.overlap,
+            catch_up=schedule.catch_up,
+            created_by=by.name,
+        )
+        if schedule.HasField("cron"):
+            fresh.cron = schedule.cron
+        else:
+            fresh.every.CopyFrom(schedule.every)
+        state = ScheduleState(fresh)
+        state.start(self._wall())
+        await self._store.put_schedule(fresh.name, fresh.SerializeToString())
+        self._schedules[fresh.name] = state
+        self._set_timer(TimerKind.SCHEDULE, fresh.name, state.next_run)
+        return fresh
+
+    def all(self) -> list[admin_pb2.Schedule]:
+        """Every schedule, by name."""
+        return [state.schedule for _, state in sorted(self._schedules.items())]
+
+    def _get(self, name: str) -> ScheduleState:
+        state = self._schedules.get(name)
+        if state is None:
+            raise NotFound(f"no schedule {name!r}")
+        return state
+
+    async def delete(self, name: str) -> admin_pb2.Schedule:
+        state = self._get(name)
+        await self._store.delete_schedule(name)
+        del self._schedules[name]
+        self._cancel_timer(TimerKind.SCHEDULE, name)
+        return state.schedule
+
+    async def pause(self, name: str, *, paused: bool) -> admin_pb2.Schedule:
+        """Pause, or resume from now on (runs missed while paused are not made up)."""
+        state = self._get(name)
+        if paused == state.schedule.paused:
+            return state.schedule
+        state.schedule.paused = paused
+        if paused:
+            self._cancel_timer(TimerKind.SCHEDULE, name)
+        else:
+            state.start(self._wall())
+            self._set_timer(TimerKind.SCHEDULE, name, state.next_run)
+        await self._store.put_schedule(name, state.schedule.SerializeToString())
+        return state.schedule

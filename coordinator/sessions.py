@@ -14,7 +14,8 @@ from shoal.auth import Principal
 from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import node_slots_of
-from shoal.v1 import node_pb2, task_pb2
+from shoal.specs import timestamp
+from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 __all__ = ["MAX_PENDING_CANCELS", "NodeSession", "Pace"]
 
@@ -143,6 +144,35 @@ class NodeSession:
             min_priority=self.min_priority,  # type: ignore[arg-type]
             paused=self.paused,
             reason=self.throttle_reason,
+        )
+
+    def status(
+        self,
+        *,
+        now: float,
+        wall: float,
+        breakers: list[task_pb2.Breaker],
+        health: admin_pb2.NodeHealth.ValueType,
+    ) -> admin_pb2.NodeStatus:
+        """What ListNodes shows of it; `now` is monotonic, `wall` the same moment's wall time."""
+        return admin_pb2.NodeStatus(
+            info=self.info,
+            connected=True,
+            running=self.slots.running,
+            free_slots=max(0, self.slots.free),
+            connected_at=timestamp(self.connected_at),
+            last_seen=timestamp(wall - (now - self.last_seen)),
+            address=self.peer,
+            throttled=self.throttled,
+            draining=self.draining,
+            stale_updates=self.stale_updates,
+            breakers=breakers,
+            throttled_by_load=self.throttled_by_load,
+            min_priority=self.min_priority,  # type: ignore[arg-type]
+            paused=self.paused,
+            throttle_reason=self.throttle_reason,
+            health=health,
+            adopted=self.adopted,
         )
 
     def drain(self, drain: node_pb2.Drain) -> None:

@@ -1,4 +1,7 @@
-"""Checks on submitted specs: a bad spec is refused with every violation named, nothing stored."""
+"""Checks on submitted specs: a bad spec is refused with every violation named, nothing stored.
+
+Also the bounds on what a node says: its Hello, and the size of the results it reports.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shoal.auth import Principal, Role
 from shoal.coordinator.templates import references
-from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
 from shoal.specs import duration
-from shoal.v1 import task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
-__all__ = ["Limits", "check_request_id", "validate_batch"]
+__all__ = [
+    "Limits",
+    "bounded_result",
+    "check_hello",
+    "check_request_id",
+    "validate_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -336,3 +346,42 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         raise InvalidArgument(f"{first.field}: {first.description}{more}", violations)
+
+
+def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
+    """Refuse a Hello whose identity or capabilities go beyond what its credentials allow."""
+    info = hello.info
+    if len(hello.running) > limits.max_batch:
+        raise InvalidArgument(f"a node runs at most {limits.max_batch} tasks")
+    if by.role is Role.NODE and info.node_id != by.node_id:
+        raise PermissionDenied(f"token {by.name!r} may connect as node {by.node_id!r} only")
+    if by.cert_name and info.node_id != by.cert_name:
+        raise PermissionDenied(f"the client certificate is for {by.cert_name!r}, not this node")
+    if by.executors and (extra := set(info.executors) - by.executors):
+        raise PermissionDenied(f"token {by.name!r} may not offer executors {sorted(extra)}")
+    if by.labels and (extra := {k for k, v in info.labels.items() if by.labels.get(k) != v}):
+        raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
+    too_long = [
+        s
+        for s in (info.node_id, *info.executors, *info.models, *info.labels, *info.labels.values())
+        if len(s) > limits.max_string
+    ]
+    if too_long or max(len(info.labels), len(info.executors), len(info.models)) > limits.max_labels:
+        raise InvalidArgument(
+            f"node info over its bounds: at most {limits.max_labels} labels and executors,"
+            f" {limits.max_string} characters each"
+        )
+
+
+def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
+    """A node's result cut to `limit` bytes: the output tails keep their ends."""
+    if result.ByteSize() <= limit:
+        return result
+    share = limit // 4
+    result.stdout = result.stdout[-share:]
+    result.stderr = result.stderr[-share:]
+    result.error = result.error[:share]
+    if result.ByteSize() > limit:
+        result.ClearField("output")
+        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
@@ -23,6 +24,7 @@ __all__ = [
     "HEALTH_SERVICE",
     "OPEN",
     "Gate",
+    "collect_seldom",
     "current_principal",
     "grpc_options",
     "method_path",
@@ -109,6 +111,15 @@ class _Malformed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def collect_seldom() -> None:
+    """Tune the cyclic collector for a process that holds many objects for long (queued tasks,
+    events): by default it walks all of them every few hundred thousand allocations, each
+    time stopping the process for 50-150 ms under load. What exists now is kept out of its
+    collections (gc.freeze), and it runs every 10,000 allocations instead of every 700."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _bearer(context: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import gc
 import json
 import logging
 import signal
@@ -25,6 +24,7 @@ from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
 from shoal._discover_cli import discover
+from shoal._server import collect_seldom
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name, to_duration
@@ -82,15 +82,6 @@ def _run(coro: Awaitable[_T]) -> _T:
     except ShoalError as err:
         print_error(err)
         raise typer.Exit(1) from None
-
-
-def _collect_seldom() -> None:
-    """Tune the cyclic collector for a server that holds many objects for long (queued tasks,
-    events): by default it walks all of them every few hundred thousand allocations, each
-    time stopping the process for 50-150 ms under load. What start-up made is kept out of its
-    collections (gc.freeze), and it runs every 10,000 allocations instead of every 700."""
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 async def _until_signalled(
@@ -176,7 +167,7 @@ def up(
         if demo:
             await asyncio.wait_for(node.connected.wait(), 10)
             await _demo(coord.address, token_file)
-        _collect_seldom()
+        collect_seldom()
         await _until_signalled(node.stop, coord.stop)
 
     _run(main())
@@ -263,7 +254,7 @@ def coordinator(
         console.print(f"coordinator listening on [cyan]{server.address}[/cyan]")
         if server.settings.auth:
             console.print(f"admin token in {server.admin_token_path}")
-        _collect_seldom()
+        collect_seldom()
         await _until_signalled(server.stop)
 
     _run(main())
@@ -342,7 +333,7 @@ def node(
     async def main() -> None:
         agent = NodeAgent(settings)
         await agent.start()
-        _collect_seldom()
+        collect_seldom()
         try:
             await _until_signalled(agent.shutdown, done=agent.left)
         finally:

@@ -78,6 +78,7 @@ bench: $(STAMP) reinstall-pkg
 	run bench/memory.py --keep-data "$$store/data"; \
 	run bench/recovery.py --data-dir "$$store/data"; \
 	run bench/nodes.py; \
+	run bench/floor.py; \
 	run bench/report.py; \
 	exit $$rc
 

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as Plot
 from throughput import throughput_figures
 
-BENCHMARKS = ("throughput", "unary", "memory", "recovery", "nodes", "scheduler")
+BENCHMARKS = ("throughput", "unary", "memory", "recovery", "nodes", "scheduler", "floor")
 
 
 def figures_of(name: str, data: dict[str, Any]) -> list[Figure]:

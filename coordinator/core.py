@@ -443,6 +443,11 @@ class Coordinator:
 
     def _admit(self, rec: TaskRecord) -> None:
         """Queue a task whose upstream tasks are done and whose time has come; else PENDING."""
+        if rec.more is None:  # no upstream, no time to wait for, no route to choose: queued
+            rec.state = _QUEUED
+            self._scheduler.queue.push(rec)
+            self._kick()
+            return
         if rec.skip_reason and not rec.waiting_on:
             self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
             return

@@ -49,9 +49,11 @@ def task_record(
         get("tenant", ""),
         created_at,
         by,
-        backend=get("backend", ""),
-        locks=parse_locks(fields["locks"]) if "locks" in fields else (),
     )
+    if "backend" in fields:
+        rec.backend = fields["backend"]
+    if "locks" in fields:
+        rec.locks = parse_locks(fields["locks"])
     if "depends_on" in fields:
         rec.templated = any(True for _ in references(spec))
     if "llm" in fields:

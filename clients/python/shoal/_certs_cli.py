@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from shoal import certs
 from shoal._console import console, print_error
 from shoal.config import default_data_dir
 from shoal.errors import ShoalError
@@ -45,6 +44,8 @@ def init(
     ] = False,
 ) -> None:
     """Create the CA that signs Shoal's certificates."""
+    from shoal import certs  # cryptography loads in a tenth of a second: only when needed
+
     directory = _dir(directory)
     try:
         cert = certs.init_ca(directory, force=force)
@@ -70,6 +71,8 @@ def issue(
     directory: DirOpt = None,
 ) -> None:
     """Sign a certificate: with --host for a server, without for a client or node."""
+    from shoal import certs
+
     directory = _dir(directory)
     hosts = host or []
     try:

@@ -16,7 +16,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from google.protobuf import json_format
-from rich.progress import Progress
 from rich.table import Table
 
 from shoal import _builders
@@ -539,6 +538,8 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
             console.print(task.id)
             return
         ids: list[str] = []
+        from rich.progress import Progress  # loads in a few hundredths of a second
+
         with Progress(console=err_console, transient=True) as progress:
             bar = progress.add_task("submitting", total=len(specs))
             for i in range(0, len(specs), 1000):

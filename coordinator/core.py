@@ -48,6 +48,7 @@ from shoal.coordinator.scheduler import (
     NodeSlots,
     Routing,
     Scheduler,
+    fields_of,
     requirements_of,
 )
 from shoal.coordinator.schedules import ScheduleBook
@@ -303,12 +304,15 @@ class Coordinator:
         """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
-        validate_batch(specs, self.options.limits, single=single)
-        check_request_id(request_id, self.options.limits)
         if by.tenant:
             for spec in specs:
                 by.check_tenant(spec.tenant or by.tenant, f"tenant {spec.tenant!r}")
                 spec.tenant = by.tenant
+        # Each spec is serialized (for its row) and its fields listed once, for all that follows.
+        encoded = [spec.SerializeToString() for spec in specs]
+        fields = [fields_of(spec) for spec in specs]
+        validate_batch(specs, self.options.limits, single=single, encoded=encoded, fields=fields)
+        check_request_id(request_id, self.options.limits)
         self._backpressure.check(specs)
         await self._check_upstream_ids(specs, by)
         now = self._wall()
@@ -320,8 +324,7 @@ class Coordinator:
         for i, spec in enumerate(specs):
             seq = self.events.reserve()
             task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
-            spec_bytes = spec.SerializeToString()
-            rec = task_record(task_id, seq, spec, spec_bytes, now, by.name)
+            rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
             records.append(rec)
             rows.append(task_row(rec, spec))
         try:

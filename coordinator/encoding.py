@@ -4,6 +4,7 @@ stored rows into messages (tasks, attempts, events)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from shoal.coordinator.events import Change
 from shoal.coordinator.locks import parse_locks
@@ -35,10 +36,13 @@ def task_record(
     spec_bytes: bytes,
     created_at: float,
     by: str,
+    fields: dict[str, Any] | None = None,
 ) -> TaskRecord:
-    """The record of a task with this spec, which it keeps as `spec_bytes` only."""
+    """The record of a task with this spec, which it keeps as `spec_bytes` only (`fields`: its
+    fields_of, when the caller has them)."""
     # One look at the fields set (most specs set few) instead of asking for each.
-    fields = fields_of(spec)
+    if fields is None:
+        fields = fields_of(spec)
     get = fields.get
     rec = TaskRecord(
         task_id,

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.auth import Principal, Role
+from shoal.coordinator.scheduler import fields_of
 from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
 from shoal.specs import duration
@@ -93,14 +95,20 @@ def _llm_violations(llm: task_pb2.LlmSpec, bad: Callable[[str, str], None]) -> N
         bad("llm.model", "missing model")
 
 
-def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[FieldViolation]:
+def _spec_violations(
+    spec: task_pb2.TaskSpec,
+    at: str,
+    limits: Limits,
+    present: Collection[str],
+    encoded: bytes,
+) -> list[FieldViolation]:
+    """What is wrong with one spec; `present`: the fields it sets, `encoded`: it serialized."""
     out: list[FieldViolation] = []
 
     def bad(path: str, why: str) -> None:
         out.append(FieldViolation(f"{at}.{path}" if at else path, why))
 
     # Most fields are unset in most specs: only those set are looked at.
-    present = frozenset(fd.name for fd, _ in spec.ListFields())
     kind = spec.WhichOneof("kind")
     if kind is None:
         bad(
@@ -146,7 +154,9 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             bad(name, f"longer than {limits.max_string} characters")
         elif not text.isprintable():
             bad(name, "must be printable text")
-    maps = {"required_labels": spec.required_labels, "metadata": spec.metadata}
+    maps = {
+        name: getattr(spec, name) for name in ("required_labels", "metadata") if name in present
+    }
     if kind in ("shell", "python", "docker"):
         maps[f"{kind}.env"] = getattr(spec, kind).env
     for name, entries in maps.items():
@@ -162,9 +172,10 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
             bad(name, f"a value longer than {limits.max_string} characters")
     if "secrets" in present:
         _check_secrets(spec, kind, limits, bad)
-    for field, names in (("locks", spec.locks), ("quota_keys", spec.quota_keys)):
+    for field in ("locks", "quota_keys"):
         if field not in present:
             continue
+        names = getattr(spec, field)
         if len(names) > limits.max_labels:
             bad(field, f"more than {limits.max_labels} entries")
         for i, name in enumerate(names):
@@ -172,7 +183,7 @@ def _spec_violations(spec: task_pb2.TaskSpec, at: str, limits: Limits) -> list[F
                 bad(f"{field}[{i}]", "names nothing")
             elif len(name) > limits.max_string or not name.isprintable():
                 bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
-    _check_scheduling(spec, present, limits, bad)
+    _check_scheduling(spec, present, encoded, limits, bad)
     return out
 
 
@@ -198,17 +209,18 @@ def _check_secrets(
 
 def _check_scheduling(
     spec: task_pb2.TaskSpec,
-    present: frozenset[str],
+    present: Collection[str],
+    encoded: bytes,
     limits: Limits,
     bad: Callable[[str, str], None],
 ) -> None:
     """Placement, dependency, time and retry fields (those `present`); reports through `bad`."""
-    # Walking every string is dear; the serialized spec (C code) tells first if any could refer.
-    if b"${{" in spec.SerializeToString():
+    # Walking every string is dear; the serialized spec tells first if any could refer.
+    if b"${{" in encoded:
         for text, index in references(spec):
             if index is None or index >= len(spec.depends_on):
                 bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
-    if present.isdisjoint(_SCHEDULING):
+    if _SCHEDULING.isdisjoint(present):
         return
     for i, sel in enumerate(spec.selectors):
         if not sel.key or len(sel.key) > limits.max_string:
@@ -298,8 +310,16 @@ def check_request_id(request_id: str, limits: Limits) -> None:
         )
 
 
-def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single: bool) -> None:
-    """Raise InvalidArgument or ResourceExhausted naming every bad field of the batch."""
+def validate_batch(
+    specs: Sequence[task_pb2.TaskSpec],
+    limits: Limits,
+    *,
+    single: bool,
+    encoded: Sequence[bytes] | None = None,
+    fields: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Raise InvalidArgument or ResourceExhausted naming every bad field of the batch.
+    `encoded` and `fields`: each spec serialized and its fields_of, when the caller has them."""
     if not specs:
         raise InvalidArgument("empty batch: submit at least one spec")
     if len(specs) > limits.max_batch:
@@ -312,7 +332,7 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
             "spec" if single else f"specs[{i}]", f"{size} bytes > {limits.max_spec_bytes}"
         )
         for i, spec in enumerate(specs)
-        if (size := spec.ByteSize()) > limits.max_spec_bytes
+        if (size := spec.ByteSize() if encoded is None else len(encoded[i])) > limits.max_spec_bytes
     ]
     if oversize:
         raise ResourceExhausted(
@@ -322,8 +342,10 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
     keys: set[str] = set()
     for i, spec in enumerate(specs):
         at = "spec" if single else f"specs[{i}]"
-        violations += _spec_violations(spec, at, limits)
-        for j, dep in enumerate(spec.depends_on):
+        present = fields_of(spec) if fields is None else fields[i]
+        data = spec.SerializeToString() if encoded is None else encoded[i]
+        violations += _spec_violations(spec, at, limits, present, data)
+        for j, dep in enumerate(spec.depends_on if "depends_on" in present else ()):
             if dep.HasField("batch_index") and (
                 dep.batch_index >= len(specs) or dep.batch_index == i
             ):
@@ -333,7 +355,7 @@ def validate_batch(specs: Sequence[task_pb2.TaskSpec], limits: Limits, *, single
                         f"{dep.batch_index} is not another task of this batch",
                     )
                 )
-        if spec.idempotency_key:
+        if "idempotency_key" in present:
             if spec.idempotency_key in keys:
                 violations.append(
                     FieldViolation(f"{at}.idempotency_key", "repeated within the batch")

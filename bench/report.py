@@ -64,7 +64,11 @@ def write_markdown(loaded: dict[str, dict[str, Any]], plotted: bool, path: Path)
         commit = (info.get("git_commit") or "?")[:10] + (
             " (dirty)" if info.get("git_dirty") else ""
         )
-        runs.append(f"- {name}: {info.get('time', '?')}, commit {commit}")
+        speed = info.get("ns_per_loop_step")
+        runs.append(
+            f"- {name}: {info.get('time', '?')}, commit {commit}"
+            + (f", machine speed {speed} ns per Python loop step" if speed else "")
+        )
         if "error" in data:
             errors.append(f"- {name}: {data['error'].splitlines()[0]} (more in {name}.json)")
         for f in figures_of(name, data):

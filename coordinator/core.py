@@ -256,12 +256,15 @@ class Coordinator:
                 tasks[rec.id] = rec
                 unfinished[rec.tenant] += 1
                 records.append(rec)
-        outcomes = await self._outcomes_of(records)
+        # Only records with a rare field set (`more`) can have upstream tasks to link.
+        linked = [rec for rec in records if rec.more is not None]
+        outcomes = await self._outcomes_of(linked)
+        for rec in linked:
+            self._link(rec, outcomes)
         self._awaited = set(await self._store.members())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._wall()
         for rec in records:
-            self._link(rec, outcomes)
             if self._awaited and grace > 0 and not rec.waiting_on and (rec.release_at or 0) <= now:
                 rec.state = _PENDING  # its node may still run it: see attach
                 self._recovering.add(rec.id)

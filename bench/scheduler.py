@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from _common import meta
+
 from shoal.coordinator.scheduler import (
     NodeSlots,
     Op,
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(
         json.dumps(
             {
+                "meta": meta(args),
                 "python": sys.version.split()[0],
                 "platform": platform.platform(),
                 "nodes": NODES,

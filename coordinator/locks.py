@@ -164,7 +164,9 @@ class LeaseTable:
     ) -> locks_pb2.Lease:
         """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held."""
         if not name or len(name) > self._max_name or not name.isprintable():
-            raise InvalidArgument("a lock needs a printable name of at most 256 characters")
+            raise InvalidArgument(
+                f"a lock needs a printable name of at most {self._max_name} characters"
+            )
         if ttl <= timedelta(0):
             raise InvalidArgument("ttl must be positive")
         wanted = ((name, shared),)

@@ -46,9 +46,11 @@ from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route
 from shoal.coordinator.scheduler import (
     NodeSlots,
+    Requirements,
     Routing,
     Scheduler,
     fields_of,
+    plain_requirements,
     requirements_of,
 )
 from shoal.coordinator.schedules import ScheduleBook
@@ -245,14 +247,20 @@ class Coordinator:
         """Queue every unfinished task of the store again (or hold it for its node: attach)."""
         records = []
         tasks, unfinished = self._tasks, self._unfinished
-        names: dict[str, str] = {}  # one string per submitter, not one per task
+        names: dict[str, str] = {}  # one string per submitter or tenant, not one per task
+        plain: dict[str, Requirements] = {}  # by placement key
         async for rows in self._store.unfinished():
-            for seq, task_id, spec_bytes, created_at, by, depends_on in rows:
-                spec = task_pb2.TaskSpec.FromString(spec_bytes)
+            for seq, task_id, spec_bytes, created_at, by, depends_on, key, prio, tenant in rows:
                 by = names.setdefault(by, by)
-                rec = task_record(task_id, seq, spec, spec_bytes, created_at, by)
-                if depends_on:
-                    rec.upstream = depends_on
+                if key is not None:  # nothing unusual: no need to parse its spec
+                    req = plain.get(key) or plain.setdefault(key, plain_requirements(key))
+                    tenant = names.setdefault(tenant, tenant)
+                    rec = TaskRecord(task_id, seq, spec_bytes, prio, req, tenant, created_at, by)
+                else:
+                    spec = task_pb2.TaskSpec.FromString(spec_bytes)
+                    rec = task_record(task_id, seq, spec, spec_bytes, created_at, by)
+                    if depends_on:
+                        rec.upstream = depends_on
                 tasks[rec.id] = rec
                 unfinished[rec.tenant] += 1
                 records.append(rec)

@@ -9,7 +9,7 @@ from typing import Any
 from shoal.coordinator.events import Change
 from shoal.coordinator.locks import parse_locks
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.scheduler import fields_of, requirements_of
+from shoal.coordinator.scheduler import fields_of, plain_key, requirements_of
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
 from shoal.coordinator.templates import references
 from shoal.specs import is_final, timestamp
@@ -88,6 +88,9 @@ def task_row(rec: TaskRecord, spec: task_pb2.TaskSpec) -> TaskRow:
         rec.created_at,
         rec.submitted_by,
         [d.task_id if d.HasField("task_id") else d.batch_index for d in spec.depends_on],
+        # A task with nothing unusual (no upstream, times, locks, routes: `more` is None) can
+        # be queued again after a restart from its placement alone.
+        plain_key(rec.placement) if rec.more is None else None,
     )
 
 

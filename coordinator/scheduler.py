@@ -78,6 +78,8 @@ __all__ = [
     "fields_of",
     "most_preferred",
     "node_slots_of",
+    "plain_key",
+    "plain_requirements",
     "requirements_of",
 ]
 
@@ -367,15 +369,39 @@ def requirements_of(spec: task_pb2.TaskSpec, fields: dict[str, Any] | None = Non
     elif executor == "llm" and spec.llm.provider != "ollama":
         # A cloud provider's model is served by any node with its key, not listed.
         cloud = spec.llm.provider
-    wants = (executor, "" if cloud else fields.get("model", ""), tool, cloud)
+    return _plain((executor, "" if cloud else fields.get("model", ""), tool, cloud))
+
+
+def _plain(wants: tuple[str, str, str, str]) -> Requirements:
+    """The shared requirements of (executor, model, tool, provider)."""
     plain = _PLAIN.get(wants)
     if plain is None:
         if len(_PLAIN) >= _PLAIN_MAX:
             _PLAIN.clear()
+        executor, model, tool, provider = wants
         plain = _PLAIN[wants] = Requirements(
-            PlacementClass(executor=executor, model=wants[1], tool=tool, provider=cloud)
+            PlacementClass(executor=executor, model=model, tool=tool, provider=provider)
         )
     return plain
+
+
+_SEP = "\x1f"  # between the parts of a plain key (unit separator: in no name)
+
+
+def plain_key(req: Requirements) -> str | None:
+    """`req` as text, when it asks for no more than an executor, model, tool and provider (one
+    of the shared ones requirements_of gives); else None. `plain_requirements` reads it."""
+    cls = req.cls
+    wants = (cls.executor, cls.model, cls.tool, cls.provider)
+    if _PLAIN.get(wants) is not req or any(_SEP in part for part in wants):
+        return None
+    return _SEP.join(wants)
+
+
+def plain_requirements(key: str) -> Requirements:
+    """The requirements of a plain_key."""
+    executor, model, tool, provider = key.split(_SEP)
+    return _plain((executor, model, tool, provider))
 
 
 def _placed(spec: task_pb2.TaskSpec) -> Requirements:

@@ -76,11 +76,15 @@ class TaskRow:
     submitted_by: str = ""
     # Upstream tasks: ids, or (when inserting) indexes into the same insert's rows.
     depends_on: list[str | int] = field(default_factory=list)
+    # For a task that asks nothing unusual: what it needs of a node, so a restart can queue it
+    # without parsing its spec (the core's to read and write; None for any other task).
+    placement: str | None = None
 
 
-Unfinished = tuple[int, str, bytes, float, str, "list[str] | None"]
-"""A task to recover: (seq, id, spec, created_at, submitted_by, depends_on: None for none).
-Plain tuples, as SQLite returns them: a restart reads a million."""
+Unfinished = tuple[int, str, bytes, float, str, "list[str] | None", "str | None", int, str]
+"""A task to recover: (seq, id, spec, created_at, submitted_by, depends_on: None for none,
+placement, priority, tenant). Plain tuples, as SQLite returns them: a restart reads a
+million."""
 
 
 @dataclass(slots=True)
@@ -273,7 +277,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     submitted_by TEXT NOT NULL DEFAULT '',
     finished_by TEXT,
     depends_on TEXT NOT NULL DEFAULT '[]',
-    attempts BLOB
+    attempts BLOB,
+    placement TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_final_seq ON tasks(final_seq) WHERE final_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tokens (
@@ -314,6 +319,7 @@ _ADDED_COLUMNS = (
     ("tasks", "finished_by", "TEXT"),
     ("tasks", "depends_on", "TEXT NOT NULL DEFAULT '[]'"),
     ("tasks", "attempts", "BLOB"),
+    ("tasks", "placement", "TEXT"),
 )
 
 _COLUMNS = (
@@ -435,7 +441,10 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 _UNFINISHED_PAGE = 20_000  # rows read at a time on a restart
-_INSERTED = "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on"
+_INSERTED = (
+    "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on,"
+    " placement"
+)
 
 
 def _by_key(conn: sqlite3.Connection, key: str) -> str | None:
@@ -491,7 +500,7 @@ def _insert(rows: Sequence[TaskRow], request: Request | None) -> _Op:
         final = [old or r.id for old, r in zip(existing, rows, strict=True)]
         resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
         conn.executemany(
-            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.seq,
@@ -503,6 +512,7 @@ def _insert(rows: Sequence[TaskRow], request: Request | None) -> _Op:
                     r.created_at,
                     r.submitted_by,
                     json.dumps(ups) if ups else "[]",
+                    r.placement,
                 )
                 for r, old, ups in zip(rows, existing, resolved, strict=True)
                 if old is None
@@ -611,15 +621,15 @@ class SqliteStore(Store):
         # The next page is read (in the reader's thread) while the caller takes in this one.
         cursor = await self._read(
             lambda c: c.execute(
-                "SELECT seq, id, spec, created_at, submitted_by, NULLIF(depends_on, '[]')"
-                " FROM tasks WHERE final_seq IS NULL ORDER BY seq"
+                "SELECT seq, id, spec, created_at, submitted_by, NULLIF(depends_on, '[]'),"
+                " placement, priority, tenant FROM tasks WHERE final_seq IS NULL ORDER BY seq"
             )
         )
 
         def page() -> list[Unfinished]:
             # Most tasks depend on nothing: their rows are used as SQLite returns them.
             return [
-                r if r[5] is None else (*r[:5], json.loads(r[5]))
+                r if r[5] is None else (*r[:5], json.loads(r[5]), *r[6:])
                 for r in cursor.fetchmany(_UNFINISHED_PAGE)
             ]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -104,6 +106,39 @@ async def test_watch_replays_from_the_store_after_restart(tmp_path: Path) -> Non
             (done[0].task_id, task_pb2.TASK_STATE_QUEUED)
         ]
         await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await c.stop()
+
+
+async def test_a_restart_queues_plain_tasks_from_their_row_and_parses_the_others(
+    tmp_path: Path,
+) -> None:
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    plain = shell("echo plain")
+    plain.priority = task_pb2.PRIORITY_HIGH
+    plain.tenant = "t1"
+    labelled = shell("echo labelled")
+    labelled.required_labels["gpu"] = "a100"
+    later = shell("echo later")
+    later.not_before.FromSeconds(int(time.time()) + 3600)
+    ids = [d.task_id for d in await c.submit([plain, labelled, later], by=ADMIN)]
+    await c.stop()
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        rows = dict(db.execute("SELECT id, placement FROM tasks").fetchall())
+    assert rows[ids[0]] is not None and rows[ids[1]] is None and rows[ids[2]] is None
+
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    try:
+        session = c.attach(hello("n1", slots=3), "peer", by=NODE)
+        (a,) = await assignments(session)
+        assert a.task_id == ids[0] and a.spec == plain
+        assert (await c.get(ids[0], by=ADMIN)).spec.priority == task_pb2.PRIORITY_HIGH
+        held = await c.get(ids[1], by=ADMIN)
+        assert held.state == task_pb2.TASK_STATE_QUEUED and "gpu=a100" in held.pending_reason
+        assert (await c.get(ids[2], by=ADMIN)).state == task_pb2.TASK_STATE_PENDING
+        assert c.unfinished_count == {"t1": 1, "": 2}
     finally:
         await c.stop()
 

@@ -393,9 +393,10 @@ def plain_key(req: Requirements) -> str | None:
     of the shared ones requirements_of gives); else None. `plain_requirements` reads it."""
     cls = req.cls
     wants = (cls.executor, cls.model, cls.tool, cls.provider)
-    if _PLAIN.get(wants) is not req or any(_SEP in part for part in wants):
+    if _PLAIN.get(wants) is not req:
         return None
-    return _SEP.join(wants)
+    key = _SEP.join(wants)
+    return key if key.count(_SEP) == 3 else None  # else a part holds the separator
 
 
 def plain_requirements(key: str) -> Requirements:

@@ -46,7 +46,6 @@ from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route
 from shoal.coordinator.scheduler import (
     NodeSlots,
-    Requirements,
     Routing,
     Scheduler,
     fields_of,
@@ -248,12 +247,11 @@ class Coordinator:
         records = []
         tasks, unfinished = self._tasks, self._unfinished
         names: dict[str, str] = {}  # one string per submitter or tenant, not one per task
-        plain: dict[str, Requirements] = {}  # by placement key
         async for rows in self._store.unfinished():
             for seq, task_id, spec_bytes, created_at, by, depends_on, key, prio, tenant in rows:
                 by = names.setdefault(by, by)
                 if key is not None:  # nothing unusual: no need to parse its spec
-                    req = plain.get(key) or plain.setdefault(key, plain_requirements(key))
+                    req = plain_requirements(key)
                     tenant = names.setdefault(tenant, tenant)
                     rec = TaskRecord(task_id, seq, spec_bytes, prio, req, tenant, created_at, by)
                 else:

@@ -326,6 +326,8 @@ _PLAIN: dict[tuple[str, str, str, str], Requirements] = {}
 """The requirements of specs that ask for no more than an executor, model, tool or provider:
 most specs; shared, since Requirements are immutable. Bounded by _PLAIN_MAX."""
 _PLAIN_MAX = 4096
+_PLAIN_KEYS: dict[str, Requirements] = {}
+"""The same, by plain_key."""
 
 
 def fields_of(spec: task_pb2.TaskSpec) -> dict[str, Any]:
@@ -400,9 +402,14 @@ def plain_key(req: Requirements) -> str | None:
 
 
 def plain_requirements(key: str) -> Requirements:
-    """The requirements of a plain_key."""
-    executor, model, tool, provider = key.split(_SEP)
-    return _plain((executor, model, tool, provider))
+    """The requirements of a plain_key (a restart asks for each stored task's)."""
+    plain = _PLAIN_KEYS.get(key)
+    if plain is None:
+        if len(_PLAIN_KEYS) >= _PLAIN_MAX:
+            _PLAIN_KEYS.clear()
+        executor, model, tool, provider = key.split(_SEP)
+        plain = _PLAIN_KEYS[key] = _plain((executor, model, tool, provider))
+    return plain
 
 
 def _placed(spec: task_pb2.TaskSpec) -> Requirements:

@@ -21,6 +21,7 @@ from shoal.auth import ANONYMOUS, Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.service import run_session
 from shoal.errors import PermissionDenied, ShoalError
+from shoal.handshake import Direction
 from shoal.v1 import node_pb2, node_pb2_grpc
 
 __all__ = ["Adopter"]
@@ -37,6 +38,7 @@ class _AttachFailed(Exception):
 class _Target:
     address: str  # host:port of the node's service
     node_id: str = ""  # known once it said Hello (or from its advertisement)
+    advertised_id: str = ""  # the node id its mDNS advertisement names ("" for `nodes`)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -77,9 +79,11 @@ class Adopter:
                 target.task.cancel()
         for address, node_id in wanted.items():
             if address in self._targets:
-                self._targets[address].node_id = self._targets[address].node_id or node_id
+                target = self._targets[address]
+                target.node_id = target.node_id or node_id
+                target.advertised_id = target.advertised_id or node_id
             else:
-                self._follow(_Target(address, node_id))
+                self._follow(_Target(address, node_id, node_id))
 
     async def stop(self) -> None:
         self._running = False
@@ -139,26 +143,44 @@ class Adopter:
 
         messages = incoming()
         first = await anext(messages, None)
+        challenge: node_pb2.Challenge | None = None
         if first is not None and first.WhichOneof("msg") == "challenge":
             challenge = first.challenge
-            mac = self._core.tokens.attach_proof(challenge.token_id, challenge.nonce)
-            await call.write(node_pb2.CoordinatorMessage(proof=node_pb2.AttachProof(mac=mac)))
+            await call.write(node_pb2.CoordinatorMessage(proof=self._prove(target, challenge)))
             first = await anext(messages, None)
         if first is None or first.WhichOneof("msg") != "hello":
             raise _AttachFailed("the node sent no hello")
         hello = first.hello
+        principal = self._principal(hello)
+        if challenge is not None and (
+            principal.token_id != challenge.token_id or hello.info.node_id != challenge.node_id
+        ):
+            raise PermissionDenied(
+                "the node's hello names another token or node than its challenge"
+            )
         target.node_id = hello.info.node_id
-        session = run_session(
-            self._core,
-            hello,
-            messages,
-            target.address,
-            self._principal(hello),
-            adopted=True,
-        )
+        session = run_session(self._core, hello, messages, target.address, principal, adopted=True)
         async with contextlib.aclosing(session):
             async for message in session:
                 await call.write(message)
+
+    def _prove(self, target: _Target, challenge: node_pb2.Challenge) -> node_pb2.Proof:
+        """Prove to the node that this coordinator issued its token, bound to the address
+        dialled: the node refuses a proof for an address not its own (a relay's). Only for the
+        node that was meant: the one its advertisement names, when it came by mDNS."""
+        if target.advertised_id and challenge.node_id != target.advertised_id:
+            raise PermissionDenied(
+                f"the node at {target.address} says it is {challenge.node_id!r}, but"
+                f" {target.advertised_id!r} was advertised there"
+            )
+        mac = self._core.tokens.prove(
+            Direction.ATTACH,
+            token_id=challenge.token_id,
+            node_id=challenge.node_id,
+            address=target.address,
+            nonce=challenge.nonce,
+        )
+        return node_pb2.Proof(mac=mac, address=target.address)
 
     def _principal(self, hello: node_pb2.Hello) -> Principal:
         """Who the node is: the token in its Hello, checked as NodeGateway.Connect checks it."""

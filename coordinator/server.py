@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from shoal._server import (
     HEALTH_POLICY,
     HEALTH_SERVICE,
+    OPEN,
     Gate,
     grpc_options,
     method_path,
@@ -36,6 +37,7 @@ from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
+from shoal.handshake import OwnAddresses
 from shoal.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -67,6 +69,8 @@ POLICY: dict[str, frozenset[Role]] = {
     method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Watch"): _READ,
     method_path(admin_pb2.DESCRIPTOR, "Admin", "ListNodes"): frozenset({Role.READER}),
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Connect"): frozenset({Role.NODE}),
+    # A node asks the coordinator it found to prove itself before it sends its token.
+    method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Identify"): OPEN,
     **{
         method_path(locks_pb2.DESCRIPTOR, "Locks", m): _SUBMIT
         for m in ("Acquire", "Renew", "Release")
@@ -118,6 +122,7 @@ class CoordinatorServer:
         self.discovery: CoordinatorDiscovery | None = None
         self.adopter: Adopter | None = None
         self.port = 0
+        self._own = OwnAddresses(0, settings.reachable_at)  # port: once it listens
 
     @property
     def address(self) -> str:
@@ -177,7 +182,9 @@ class CoordinatorServer:
         server = grpc.aio.server(options=grpc_options(s.max_message_bytes), interceptors=[gate])
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
-        gateway_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayService(self.core), server)
+        gateway_pb2_grpc.add_NodeGatewayServicer_to_server(
+            NodeGatewayService(self.core, self._own), server
+        )
         locks_pb2_grpc.add_LocksServicer_to_server(LocksService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
         reflection.enable_server_reflection(
@@ -192,6 +199,7 @@ class CoordinatorServer:
             self.port = server.add_insecure_port(s.listen)
         if not self.port:
             raise OSError(f"cannot listen on {s.listen}")
+        self._own.port = self.port
         await server.start()
         self._server = server
         if s.metrics_listen:

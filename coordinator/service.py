@@ -20,7 +20,8 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
-from shoal.errors import InvalidArgument
+from shoal.errors import InvalidArgument, PermissionDenied
+from shoal.handshake import Direction, OwnAddresses
 from shoal.specs import duration, timestamp
 from shoal.v1 import (
     admin_pb2,
@@ -250,8 +251,26 @@ class LocksService(locks_pb2_grpc.LocksServicer):
 
 
 class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
-    def __init__(self, core: Coordinator) -> None:
+    def __init__(self, core: Coordinator, own: OwnAddresses) -> None:
         self._core = core
+        self._own = own  # where nodes reach this coordinator
+
+    async def Identify(self, request: node_pb2.Challenge, context: _Ctx) -> node_pb2.Proof:
+        # Proven only for an address of this coordinator: a relay that passes on a challenge
+        # from a node that dialled it gets no proof for its own address.
+        if not await self._own.async_contains(request.address):
+            raise PermissionDenied(
+                f"{request.address[:300]!r} is not this coordinator's address (nodes that reach"
+                " it through NAT or a proxy: list the address in its reachable_at)"
+            )
+        mac = self._core.tokens.prove(
+            Direction.JOIN,
+            token_id=request.token_id,
+            node_id=request.node_id,
+            address=request.address,
+            nonce=request.nonce,
+        )
+        return node_pb2.Proof(mac=mac)
 
     async def Connect(
         self, request_iterator: AsyncIterator[node_pb2.NodeMessage], context: _Ctx

@@ -14,13 +14,19 @@ from shoal.auth import (
     COORDINATOR,
     Principal,
     Role,
-    attach_proof,
     new_token,
     parse_token,
     secret_matches,
 )
 from shoal.coordinator.store import Store, TokenRow
-from shoal.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from shoal.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from shoal.handshake import Direction, coordinator_proof
 
 __all__ = ["NewToken", "TokenRegistry"]
 
@@ -81,14 +87,38 @@ class TokenRegistry:
         self._verified[token] = (row, principal)
         return row, principal
 
-    def attach_proof(self, token_id: str, nonce: bytes) -> bytes:
-        """Answer a node's AttachChallenge for one of this coordinator's tokens, if it holds."""
+    def prove(
+        self, direction: Direction, *, token_id: str, node_id: str, address: str, nonce: bytes
+    ) -> bytes:
+        """Answer a node's challenge: proof that this coordinator issued its token.
+
+        Only for a token that holds and is that node's own: a node token of that node id, or,
+        when the node dialled (JOIN), an admin token, which a node on this machine may use.
+        """
+        if not 16 <= len(nonce) <= 64:
+            raise InvalidArgument("a challenge's nonce is 16 to 64 bytes")
+        if len(address) > 300 or len(node_id) > 300:
+            raise InvalidArgument("a challenge's node id and address are at most 300 characters")
         row = self._rows.get(token_id)
         if row is None or row.revoked_at is not None:
             raise Unauthenticated("the node's token is not one of this coordinator's")
+        # Callers are not authenticated yet: the answers name no token.
         if row.expires_at is not None and row.expires_at <= self._wall():
-            raise Unauthenticated(f"token {row.name!r} has expired")
-        return attach_proof(row.secret_hash, token_id, nonce)
+            raise Unauthenticated("the node's token has expired")
+        role = Role(row.role)
+        if role is Role.NODE:
+            if row.node_id != node_id:
+                raise PermissionDenied(f"the token is not node {node_id!r}'s own")
+        elif not (role is Role.ADMIN and direction is Direction.JOIN):
+            raise PermissionDenied("only a node's own token is proven to it")
+        return coordinator_proof(
+            row.secret_hash,
+            direction,
+            token_id=token_id,
+            node_id=node_id,
+            address=address,
+            nonce=nonce,
+        )
 
     def valid(self, principal: Principal) -> bool:
         """Whether the token a principal authenticated with still holds (not revoked or expired).

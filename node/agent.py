@@ -27,6 +27,7 @@ from shoal.errors import (
     Unauthenticated,
     Unavailable,
 )
+from shoal.handshake import OwnAddresses
 from shoal.node.deadline import PausableDeadline
 from shoal.node.direct import DirectTask, DirectTasks, check_direct_request
 from shoal.node.discovery import NodeDiscovery
@@ -150,6 +151,7 @@ class NodeAgent:
         self.left = asyncio.Event()  # set once drained to leave: the process should end
         self.draining = False
         self.port = 0
+        self.own_addresses = OwnAddresses(0, settings.reachable_at)  # port: once it listens
         self._runs: dict[str, _Run] = {}  # the coordinator's attempts, by task id
         self._direct: dict[str, _Run] = {}  # tasks run for callers of the node's service
         self.direct = DirectTasks()  # what those callers see of them, kept a while
@@ -261,6 +263,7 @@ class NodeAgent:
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
         self.port = server.add_insecure_port(self.settings.listen)
+        self.own_addresses.port = self.port
         await server.start()
         self._server = server
         await self.discovery.async_start(self.port)

@@ -23,9 +23,10 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal._channel import bearer, open_channel
-from shoal.auth import attach_proof, hash_secret, parse_token
+from shoal.auth import hash_secret, parse_token
 from shoal.config import NodeSettings
 from shoal.errors import FailedPrecondition, Unauthenticated
+from shoal.handshake import Direction, OwnAddresses, coordinator_proof
 from shoal.node.discovery import NodeDiscovery
 from shoal.v1 import gateway_pb2_grpc, node_pb2
 
@@ -34,6 +35,7 @@ __all__ = ["CoordinatorLink", "SessionHost", "SessionStream"]
 _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
+_IDENTIFY_TIMEOUT = 5.0  # seconds a coordinator the node found has to prove itself
 
 
 class SessionStream(Protocol):
@@ -50,6 +52,7 @@ class SessionHost(Protocol):
     node_id: str
     settings: NodeSettings
     discovery: NodeDiscovery
+    own_addresses: OwnAddresses  # where its service is reached: a coordinator must dial one
 
     @property
     def token(self) -> str:
@@ -207,9 +210,11 @@ class CoordinatorLink:
             tls_key=s.tls_key,
         )
         try:
-            call = gateway_pb2_grpc.NodeGatewayStub(channel).Connect(
-                metadata=bearer(self._host.token)
-            )
+            stub = gateway_pb2_grpc.NodeGatewayStub(channel)
+            if self._host.token and not s.coordinator and s.tls_ca is None:
+                # Found by itself, not verified by TLS: the token goes only to a proven one.
+                await self._identify(stub, target)
+            call = stub.Connect(metadata=bearer(self._host.token))
             try:
                 await self._run_session(call, target)
             finally:
@@ -217,47 +222,101 @@ class CoordinatorLink:
         finally:
             await channel.close()
 
+    async def _identify(self, stub: gateway_pb2_grpc.NodeGatewayStub, address: str) -> None:
+        """Have a coordinator this node found (mDNS, loopback) prove it issued the node's token,
+        for the address dialled, before the token is sent to it."""
+        token_id, secret = parse_token(self._host.token)
+        nonce = os.urandom(32)
+        node_id = self._host.node_id
+        challenge = node_pb2.Challenge(
+            token_id=token_id, nonce=nonce, node_id=node_id, address=address
+        )
+        try:
+            proof = await stub.Identify(challenge, timeout=_IDENTIFY_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            _log.warning(
+                "node=%s will not send its token to %s: it did not prove it issued it (%s %s)",
+                node_id,
+                address,
+                err.code().name,
+                err.details(),
+            )
+            raise _SessionFailed(err.details()) from err
+        expected = coordinator_proof(
+            hash_secret(secret),
+            Direction.JOIN,
+            token_id=token_id,
+            node_id=node_id,
+            address=address,
+            nonce=nonce,
+        )
+        if not hmac.compare_digest(proof.mac, expected):
+            _log.warning(
+                "node=%s will not send its token to %s: its proof does not hold", node_id, address
+            )
+            raise _SessionFailed("the coordinator's proof does not hold")
+
     async def attach(self, stream: SessionStream, peer: str) -> None:
         """The session of a coordinator that dialled this node (Node.Attach), until it ends.
 
-        With a token, the node first has the coordinator prove it issued it (it holds the hash
-        of its secret), and only then sends its Hello, token included. Without one, it takes
-        any coordinator: only allowed when the node's service needs no token (loopback).
+        With a token, the node first has the coordinator prove it issued it, for this node and
+        for an address of this node (a relay dialled at its own address cannot pass on a
+        proof), and only then sends its Hello, token included. Without one, it takes any
+        coordinator: only allowed when the node's service needs no token (loopback).
         """
-        token_id = ""
         token = self._host.token
         if token:
-            token_id, secret = parse_token(token)
-            nonce = os.urandom(32)
-            await stream.write(
-                node_pb2.NodeMessage(
-                    challenge=node_pb2.AttachChallenge(token_id=token_id, nonce=nonce)
-                )
-            )
-            answer = await stream.read()
-            if (
-                not isinstance(answer, node_pb2.CoordinatorMessage)
-                or answer.WhichOneof("msg") != "proof"
-                or not hmac.compare_digest(
-                    answer.proof.mac, attach_proof(hash_secret(secret), token_id, nonce)
-                )
-            ):
-                _log.warning(
-                    "node=%s refused a coordinator at %s: no proof", self._host.node_id, peer
-                )
-                raise Unauthenticated(
-                    "only the coordinator that issued this node's token may attach it"
-                )
+            await self._challenge(stream, token, peer)
         elif self._host.settings.auth:
             raise FailedPrecondition("this node has no token: no coordinator can prove itself")
         self._adopted += 1
         self.not_adopted.clear()
         try:
-            await self._run_session(stream, peer, token=token if token_id else "")
+            await self._run_session(stream, peer, token=token)
         finally:
             self._adopted -= 1
             if not self._adopted:
                 self.not_adopted.set()
+
+    async def _challenge(self, stream: SessionStream, token: str, peer: str) -> None:
+        """Have the coordinator that dialled this node prove it issued the node's token."""
+        token_id, secret = parse_token(token)
+        nonce = os.urandom(32)
+        node_id = self._host.node_id
+        await stream.write(
+            node_pb2.NodeMessage(
+                challenge=node_pb2.Challenge(token_id=token_id, nonce=nonce, node_id=node_id)
+            )
+        )
+        answer = await stream.read()
+        proof = (
+            answer.proof
+            if isinstance(answer, node_pb2.CoordinatorMessage)
+            and answer.WhichOneof("msg") == "proof"
+            else node_pb2.Proof()
+        )
+        expected = coordinator_proof(
+            hash_secret(secret),
+            Direction.ATTACH,
+            token_id=token_id,
+            node_id=node_id,
+            address=proof.address,
+            nonce=nonce,
+        )
+        if not hmac.compare_digest(proof.mac, expected):
+            _log.warning("node=%s refused a coordinator at %s: no proof", node_id, peer)
+            raise Unauthenticated(
+                "only the coordinator that issued this node's token may attach it"
+            )
+        if not await self._host.own_addresses.async_contains(proof.address):
+            _log.warning(
+                "node=%s refused a coordinator at %s: it dialled %r, not an address of this node"
+                " (list the addresses coordinators reach it at in reachable_at)",
+                node_id,
+                peer,
+                proof.address,
+            )
+            raise Unauthenticated(f"{proof.address!r} is not this node's address")
 
     async def _run_session(self, stream: SessionStream, peer: str, *, token: str = "") -> None:
         """Hello, Welcome, then assignments in and updates out until the stream ends.

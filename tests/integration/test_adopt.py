@@ -64,6 +64,17 @@ def _node(port: int, token: str, **settings: Any) -> NodeAgent:
     )
 
 
+async def _node_token(coordinator: CoordinatorServer, node_id: str = "n1") -> str:
+    """A node token of `coordinator` for `node_id`: an adopting coordinator proves itself only
+    for a node's own token."""
+    admin = coordinator.admin_token_path.read_text().strip()
+    async with AsyncClient(coordinator.address, token=admin) as client:
+        made = await client.create_token(
+            admin_pb2.CreateTokenRequest(name=node_id, role=admin_pb2.ROLE_NODE)
+        )
+    return made.token
+
+
 async def _node_status(client: AsyncClient, node_id: str) -> admin_pb2.NodeStatus | None:
     return next((n for n in await client.nodes() if n.info.node_id == node_id), None)
 
@@ -82,9 +93,10 @@ async def test_a_coordinator_dials_a_node_runs_tasks_and_redials_after_a_restart
     port = free_port()
     coordinator = _coordinator(tmp_path, "c", nodes=[f"127.0.0.1:{port}"])
     await started(coordinator)
-    token = coordinator.admin_token_path.read_text().strip()
+    token = await _node_token(coordinator)
     node = await started(_node(port, token))
-    async with AsyncClient(coordinator.address, token=token) as client:
+    admin = coordinator.admin_token_path.read_text().strip()
+    async with AsyncClient(coordinator.address, token=admin) as client:
 
         async def adopted() -> None:
             status = await _node_status(client, "n1")
@@ -110,7 +122,7 @@ async def test_a_node_takes_only_the_coordinator_that_issued_its_token(
 ) -> None:
     port = free_port()
     issuer = await started(_coordinator(tmp_path, "issuer"))
-    token = issuer.admin_token_path.read_text().strip()
+    token = await _node_token(issuer)
     # Another coordinator, with a store of its own, dials the node: it cannot prove itself.
     imposter = await started(_coordinator(tmp_path, "imposter", nodes=[f"127.0.0.1:{port}"]))
     await started(_node(port, token))
@@ -129,11 +141,12 @@ async def test_one_session_per_node_whichever_side_dialled(tmp_path: Path, start
     port = free_port()
     coordinator = _coordinator(tmp_path, "c", nodes=[f"127.0.0.1:{port}"])
     await started(coordinator)
-    token = coordinator.admin_token_path.read_text().strip()
+    token = await _node_token(coordinator)
     # This node dials the coordinator itself too; the coordinator, which cannot tell who is at
     # the address until it says Hello, dials it as well.
     node = await started(_node(port, token, standalone=False, coordinator=coordinator.address))
-    async with AsyncClient(coordinator.address, token=token) as client:
+    admin = coordinator.admin_token_path.read_text().strip()
+    async with AsyncClient(coordinator.address, token=admin) as client:
 
         async def adopted() -> None:
             status = await _node_status(client, "n1")

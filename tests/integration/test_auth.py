@@ -96,7 +96,28 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         services = await reflected_services(channel, mesh.token)
         assert services == {*SERVICE_NAMES, HEALTH, REFLECTION}
-        coordinator = {path_of(m): await call_status(channel, m, b"") for m in methods_of(services)}
+        coordinator = {
+            path_of(m): await call_status(channel, m, b"")
+            for m in methods_of(services)
+            if m.name != "Identify"
+        }
+        # Identify is open (a node has the coordinator it found prove itself before it sends
+        # its token); it proves nothing for a token id it did not issue, or for another address.
+        identify = channel.unary_unary(
+            "/shoal.v1.NodeGateway/Identify",
+            request_serializer=node_pb2.Challenge.SerializeToString,
+            response_deserializer=node_pb2.Proof.FromString,
+        )
+        for challenge, code in (
+            (node_pb2.Challenge(), grpc.StatusCode.PERMISSION_DENIED),
+            (
+                node_pb2.Challenge(token_id="0", nonce=b"n" * 32, address=mesh.address),
+                UNAUTHENTICATED,
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await identify(challenge, timeout=10)
+            assert denied.value.code() == code, denied.value
     async with grpc.aio.insecure_channel(mesh.node_address) as channel:
         node_services = {node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, HEALTH}
         node = {
@@ -112,7 +133,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         )(timeout=10)
         challenge = await attach.read()
         assert challenge.WhichOneof("msg") == "challenge" and len(challenge.challenge.nonce) == 32
-        await attach.write(node_pb2.CoordinatorMessage(proof=node_pb2.AttachProof(mac=b"x" * 32)))
+        await attach.write(node_pb2.CoordinatorMessage(proof=node_pb2.Proof(mac=b"x" * 32)))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await attach.read()  # no Hello, no token
         assert refused.value.code() == UNAUTHENTICATED
@@ -182,6 +203,7 @@ EXPECTED: dict[str, set[str]] = {
     },
     "/shoal.v1.Admin/ListSchedules": set(),
     "/shoal.v1.NodeGateway/Connect": {"node"},
+    "/shoal.v1.NodeGateway/Identify": {"submitter", "reader", "node"},  # open
     f"/{REFLECTION}/ServerReflectionInfo": set(),
     f"/{HEALTH}/Check": {"submitter", "reader", "node"},
     f"/{HEALTH}/Watch": {"submitter", "reader", "node"},
@@ -276,6 +298,14 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Locks/Release": held_lease(renew=False),
         "/shoal.v1.NodeGateway/Connect": const(
             node_pb2.NodeMessage(hello=node_pb2.Hello(info=node_pb2.NodeInfo(node_id="edge-1")))
+        ),
+        "/shoal.v1.NodeGateway/Identify": const(
+            node_pb2.Challenge(
+                token_id=f.tokens["node"].split("_")[1],
+                node_id="edge-1",
+                address=f.mesh.address,
+                nonce=b"n" * 32,
+            )
         ),
         f"/{REFLECTION}/ServerReflectionInfo": const(
             reflection_pb2.ServerReflectionRequest(list_services="")

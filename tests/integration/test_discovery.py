@@ -395,7 +395,14 @@ async def test_an_adopting_coordinator_dials_discovered_nodes_and_again_after_a_
     a, b = lan.hosts["a"], lan.hosts["b"]
     data_dir = tmp_path / "data"
     await _coordinator(cli, a, data_dir, "--adopt", "--advertise", "off")
-    node = await _node(cli, b, "b", "--standalone")
+    async with _client(a, data_dir) as client:
+        # An adopting coordinator proves itself only for a node's own token.
+        made = await client.create_token(
+            admin_pb2.CreateTokenRequest(name="b", role=admin_pb2.ROLE_NODE)
+        )
+    token_file = tmp_path / "b.token"
+    token_file.write_text(made.token)
+    node = await _node(cli, b, "b", "--standalone", "--token-file", str(token_file))
     started = time.monotonic()
     async with _client(a, data_dir) as client:
 
@@ -412,7 +419,8 @@ async def test_an_adopting_coordinator_dials_discovered_nodes_and_again_after_a_
         await _runs_on(client, "b")
 
         await node.kill()  # kill -9: the coordinator loses the session, the node's ad lingers
-        await _node(cli, b, "b", "--standalone")  # back, on a new port: a new advertisement
+        # Back, on a new port: a new advertisement.
+        await _node(cli, b, "b", "--standalone", "--token-file", str(token_file))
         restarted = time.monotonic()
         try:
             await eventually(adopted, timeout=20)

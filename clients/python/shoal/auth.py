@@ -20,7 +20,6 @@ __all__ = [
     "COORDINATOR",
     "Principal",
     "Role",
-    "attach_proof",
     "hash_secret",
     "new_token",
     "parse_token",
@@ -89,13 +88,6 @@ def parse_token(token: str) -> tuple[str, str]:
     if prefix != _PREFIX or not token_id or not secret:
         raise Unauthenticated("malformed token: expected shoal_<id>_<secret>")
     return token_id, secret
-
-
-def attach_proof(secret_hash: bytes, token_id: str, nonce: bytes) -> bytes:
-    """A coordinator's answer to a node's AttachChallenge: proof that it holds the hash of the
-    node's token secret (which only the coordinator that issued the token keeps)."""
-    message = b"shoal-attach:" + token_id.encode() + b":" + nonce
-    return hmac.new(secret_hash, message, hashlib.sha256).digest()
 
 
 def secret_matches(secret: str, digest: bytes) -> bool:

@@ -110,6 +110,9 @@ class CoordinatorSettings(_Settings):
     # of their service). A node that dials in itself is not dialled too: one session per node.
     adopt: bool = False
     nodes: list[str] = Field(default_factory=list)
+    # host:port addresses nodes reach this coordinator at besides its own (NAT, a proxy): a
+    # node that found it by itself has it prove its identity for the address it dialled.
+    reachable_at: list[str] = Field(default_factory=list)
     # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
     # empty. Unauthenticated: bind it where only the scraper reaches.
     metrics_listen: str = ""
@@ -183,6 +186,9 @@ class NodeSettings(_Settings):
     cluster: str = "default"
     node_id: str = ""  # default: hostname plus a random suffix
     listen: str = "127.0.0.1:0"  # the node's own service (health, Info, Execute)
+    # host:port addresses coordinators reach the node's service at besides its own (NAT, a
+    # proxy): an adopting coordinator proves itself for the address it dialled.
+    reachable_at: list[str] = Field(default_factory=list)
     # mDNS: advertise `_shoal-node._tcp` (node id, executors, labels, models). auto: only when
     # the node's service listens beyond loopback; on; off.
     advertise: Literal["auto", "on", "off"] = "auto"

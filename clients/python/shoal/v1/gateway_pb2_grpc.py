@@ -41,6 +41,11 @@ class NodeGatewayStub:
                 request_serializer=shoal_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.FromString,
                 _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/shoal.v1.NodeGateway/Identify',
+                request_serializer=shoal_dot_v1_dot_node__pb2.Challenge.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_node__pb2.Proof.FromString,
+                _registered_method=True)
 
 
 class NodeGatewayServicer:
@@ -56,6 +61,14 @@ class NodeGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Identify(self, request, context):
+        """Open to all: a node that found this coordinator by itself (mDNS, loopback) has it prove
+        that it issued the node's token (see Challenge) before it sends the token with Connect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +76,11 @@ def add_NodeGatewayServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=shoal_dot_v1_dot_node__pb2.NodeMessage.FromString,
                     response_serializer=shoal_dot_v1_dot_node__pb2.CoordinatorMessage.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=shoal_dot_v1_dot_node__pb2.Challenge.FromString,
+                    response_serializer=shoal_dot_v1_dot_node__pb2.Proof.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +112,33 @@ class NodeGateway:
             '/shoal.v1.NodeGateway/Connect',
             shoal_dot_v1_dot_node__pb2.NodeMessage.SerializeToString,
             shoal_dot_v1_dot_node__pb2.CoordinatorMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.NodeGateway/Identify',
+            shoal_dot_v1_dot_node__pb2.Challenge.SerializeToString,
+            shoal_dot_v1_dot_node__pb2.Proof.FromString,
             options,
             channel_credentials,
             insecure,

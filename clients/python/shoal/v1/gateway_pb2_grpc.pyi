@@ -39,6 +39,10 @@ class NodeGatewayStub:
     """A node's session: Hello first, then updates and heartbeats; the coordinator answers
     Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
     """
+    Identify: _grpc.UnaryUnaryMultiCallable[_node_pb2.Challenge, _node_pb2.Proof]
+    """Open to all: a node that found this coordinator by itself (mDNS, loopback) has it prove
+    that it issued the node's token (see Challenge) before it sends the token with Connect.
+    """
 
 @_typing.type_check_only
 class NodeGatewayAsyncStub(NodeGatewayStub):
@@ -50,6 +54,10 @@ class NodeGatewayAsyncStub(NodeGatewayStub):
     Connect: _aio.StreamStreamMultiCallable[_node_pb2.NodeMessage, _node_pb2.CoordinatorMessage]  # type: ignore[assignment]
     """A node's session: Hello first, then updates and heartbeats; the coordinator answers
     Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+    """
+    Identify: _aio.UnaryUnaryMultiCallable[_node_pb2.Challenge, _node_pb2.Proof]  # type: ignore[assignment]
+    """Open to all: a node that found this coordinator by itself (mDNS, loopback) has it prove
+    that it issued the node's token (see Challenge) before it sends the token with Connect.
     """
 
 class NodeGatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +73,16 @@ class NodeGatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_pb2.CoordinatorMessage], _abc.AsyncIterator[_node_pb2.CoordinatorMessage]]:
         """A node's session: Hello first, then updates and heartbeats; the coordinator answers
         Welcome, then assignments, cancels and lease renewals. One stream, batched both ways.
+        """
+
+    @_abc_1.abstractmethod
+    def Identify(
+        self,
+        request: _node_pb2.Challenge,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.Proof, _abc.Awaitable[_node_pb2.Proof]]:
+        """Open to all: a node that found this coordinator by itself (mDNS, loopback) has it prove
+        that it issued the node's token (see Challenge) before it sends the token with Connect.
         """
 
 def add_NodeGatewayServicer_to_server(servicer: NodeGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\xb3\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x12$\n\rdetected_gpus\x18\x0b \x03(\x0b\x32\r.shoal.v1.Gpu\x12\x18\n\x10\x64ocker_available\x18\x0c \x01(\x08\x12\x15\n\rollama_models\x18\r \x03(\t\x12\r\n\x05tools\x18\x0e \x03(\t\x12\x15\n\rloaded_models\x18\x0f \x03(\t\x12\x15\n\rllm_providers\x18\x10 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"C\n\x0e\x45xecuteRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xa4\x01\n\rExecuteUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x07started\x18\x02 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x42\x08\n\x06update\"\x1e\n\x0bNodeTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc2\x01\n\tLocalTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x03 \x01(\x0b\x32\x14.shoal.v1.TaskResult\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x0bNodeMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x07updates\x18\x02 \x01(\x0b\x32\x15.shoal.v1.UpdateBatchH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.shoal.v1.HeartbeatH\x00\x12.\n\tchallenge\x18\x04 \x01(\x0b\x32\x19.shoal.v1.AttachChallengeH\x00\x42\x05\n\x03msg\"c\n\x05Hello\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt\x12\r\n\x05token\x18\x03 \x01(\t\"2\n\x0f\x41ttachChallenge\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"\x1a\n\x0b\x41ttachProof\x12\x0b\n\x03mac\x18\x01 \x01(\x0c\"G\n\x0eRunningAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\"4\n\x0bUpdateBatch\x12%\n\x07updates\x18\x01 \x03(\x0b\x32\x14.shoal.v1.TaskUpdate\"\xec\x01\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.shoal.v1.StartedH\x00\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12&\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x12.shoal.v1.FinishedH\x00\x12&\n\x08released\x18\x06 \x01(\x0b\x32\x12.shoal.v1.ReleasedH\x00\x42\x08\n\x06update\"\t\n\x07Started\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x08\x46inished\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x02 \x01(\x0b\x32\x14.shoal.v1.TaskResult\"\xcc\x01\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tthrottled\x18\x05 \x01(\x08\x12(\n\x0cmin_priority\x18\x06 \x01(\x0e\x32\x12.shoal.v1.Priority\x12\x0e\n\x06paused\x18\x07 \x01(\r\x12\x17\n\x0fthrottle_reason\x18\x08 \x01(\t\x12\x15\n\rloaded_models\x18\t \x03(\t\"\x90\x02\n\x12\x43oordinatorMessage\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x11.shoal.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.shoal.v1.AssignmentBatchH\x00\x12(\n\x07\x63\x61ncels\x18\x03 \x01(\x0b\x32\x15.shoal.v1.CancelBatchH\x00\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x16.shoal.v1.LeaseRenewedH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.DrainH\x00\x12&\n\x05proof\x18\x06 \x01(\x0b\x32\x15.shoal.v1.AttachProofH\x00\x42\x05\n\x03msg\"\x8d\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x05lease\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"|\n\x0cLeaseRenewed\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x05\x44rain\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05leave\x18\x02 \x01(\x08\x12\x0f\n\x07undrain\x18\x03 \x01(\x08\"e\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\"<\n\x0f\x41ssignmentBatch\x12)\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x14.shoal.v1.Assignment\"9\n\x0b\x43\x61ncelBatch\x12*\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt2\xa5\x02\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfo\x12>\n\x07\x45xecute\x12\x18.shoal.v1.ExecuteRequest\x1a\x17.shoal.v1.ExecuteUpdate0\x01\x12\x31\n\x03Get\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x34\n\x06\x43\x61ncel\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x41\n\x06\x41ttach\x12\x1c.shoal.v1.CoordinatorMessage\x1a\x15.shoal.v1.NodeMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shoal/v1/node.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\xb3\x03\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.shoal.v1.NodeInfo.LabelsEntry\x12\x11\n\texecutors\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\r\x12&\n\tresources\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x16\n\x0epython_version\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x01\x12$\n\rdetected_gpus\x18\x0b \x03(\x0b\x32\r.shoal.v1.Gpu\x12\x18\n\x10\x64ocker_available\x18\x0c \x01(\x08\x12\x15\n\rollama_models\x18\r \x03(\t\x12\r\n\x05tools\x18\x0e \x03(\t\x12\x15\n\rloaded_models\x18\x0f \x03(\t\x12\x15\n\rllm_providers\x18\x10 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\":\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"C\n\x0e\x45xecuteRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xa4\x01\n\rExecuteUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x07started\x18\x02 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.shoal.v1.LocalTaskH\x00\x42\x08\n\x06update\"\x1e\n\x0bNodeTaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc2\x01\n\tLocalTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x03 \x01(\x0b\x32\x14.shoal.v1.TaskResult\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb4\x01\n\x0bNodeMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x07updates\x18\x02 \x01(\x0b\x32\x15.shoal.v1.UpdateBatchH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.shoal.v1.HeartbeatH\x00\x12(\n\tchallenge\x18\x04 \x01(\x0b\x32\x13.shoal.v1.ChallengeH\x00\x42\x05\n\x03msg\"c\n\x05Hello\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.shoal.v1.NodeInfo\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt\x12\r\n\x05token\x18\x03 \x01(\t\"N\n\tChallenge\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"%\n\x05Proof\x12\x0b\n\x03mac\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"G\n\x0eRunningAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\"4\n\x0bUpdateBatch\x12%\n\x07updates\x18\x01 \x03(\x0b\x32\x14.shoal.v1.TaskUpdate\"\xec\x01\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12$\n\x07started\x18\x03 \x01(\x0b\x32\x11.shoal.v1.StartedH\x00\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x15.shoal.v1.OutputChunkH\x00\x12&\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x12.shoal.v1.FinishedH\x00\x12&\n\x08released\x18\x06 \x01(\x0b\x32\x12.shoal.v1.ReleasedH\x00\x42\x08\n\x06update\"\t\n\x07Started\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x08\x46inished\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.shoal.v1.TaskState\x12$\n\x06result\x18\x02 \x01(\x0b\x32\x14.shoal.v1.TaskResult\"\xcc\x01\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tthrottled\x18\x05 \x01(\x08\x12(\n\x0cmin_priority\x18\x06 \x01(\x0e\x32\x12.shoal.v1.Priority\x12\x0e\n\x06paused\x18\x07 \x01(\r\x12\x17\n\x0fthrottle_reason\x18\x08 \x01(\t\x12\x15\n\rloaded_models\x18\t \x03(\t\"\x8a\x02\n\x12\x43oordinatorMessage\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x11.shoal.v1.WelcomeH\x00\x12\x30\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x19.shoal.v1.AssignmentBatchH\x00\x12(\n\x07\x63\x61ncels\x18\x03 \x01(\x0b\x32\x15.shoal.v1.CancelBatchH\x00\x12\'\n\x05lease\x18\x04 \x01(\x0b\x32\x16.shoal.v1.LeaseRenewedH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.DrainH\x00\x12 \n\x05proof\x18\x06 \x01(\x0b\x32\x0f.shoal.v1.ProofH\x00\x42\x05\n\x03msg\"\x8d\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x05lease\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"|\n\x0cLeaseRenewed\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x05\x44rain\x12(\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05leave\x18\x02 \x01(\x08\x12\x0f\n\x07undrain\x18\x03 \x01(\x08\"e\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.shoal.v1.AttemptId\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\"<\n\x0f\x41ssignmentBatch\x12)\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x14.shoal.v1.Assignment\"9\n\x0b\x43\x61ncelBatch\x12*\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32\x18.shoal.v1.RunningAttempt2\xa5\x02\n\x04Node\x12\x31\n\x04Info\x12\x15.shoal.v1.InfoRequest\x1a\x12.shoal.v1.NodeInfo\x12>\n\x07\x45xecute\x12\x18.shoal.v1.ExecuteRequest\x1a\x17.shoal.v1.ExecuteUpdate0\x01\x12\x31\n\x03Get\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x34\n\x06\x43\x61ncel\x12\x15.shoal.v1.NodeTaskRef\x1a\x13.shoal.v1.LocalTask\x12\x41\n\x06\x41ttach\x12\x1c.shoal.v1.CoordinatorMessage\x1a\x15.shoal.v1.NodeMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,41 +55,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALTASK']._serialized_start=941
   _globals['_LOCALTASK']._serialized_end=1135
   _globals['_NODEMESSAGE']._serialized_start=1138
-  _globals['_NODEMESSAGE']._serialized_end=1324
-  _globals['_HELLO']._serialized_start=1326
-  _globals['_HELLO']._serialized_end=1425
-  _globals['_ATTACHCHALLENGE']._serialized_start=1427
-  _globals['_ATTACHCHALLENGE']._serialized_end=1477
-  _globals['_ATTACHPROOF']._serialized_start=1479
-  _globals['_ATTACHPROOF']._serialized_end=1505
-  _globals['_RUNNINGATTEMPT']._serialized_start=1507
-  _globals['_RUNNINGATTEMPT']._serialized_end=1578
-  _globals['_UPDATEBATCH']._serialized_start=1580
-  _globals['_UPDATEBATCH']._serialized_end=1632
-  _globals['_TASKUPDATE']._serialized_start=1635
-  _globals['_TASKUPDATE']._serialized_end=1871
-  _globals['_STARTED']._serialized_start=1873
-  _globals['_STARTED']._serialized_end=1882
-  _globals['_RELEASED']._serialized_start=1884
-  _globals['_RELEASED']._serialized_end=1910
-  _globals['_FINISHED']._serialized_start=1912
-  _globals['_FINISHED']._serialized_end=1996
-  _globals['_HEARTBEAT']._serialized_start=1999
-  _globals['_HEARTBEAT']._serialized_end=2203
-  _globals['_COORDINATORMESSAGE']._serialized_start=2206
-  _globals['_COORDINATORMESSAGE']._serialized_end=2478
-  _globals['_WELCOME']._serialized_start=2481
-  _globals['_WELCOME']._serialized_end=2622
-  _globals['_LEASERENEWED']._serialized_start=2624
-  _globals['_LEASERENEWED']._serialized_end=2748
-  _globals['_DRAIN']._serialized_start=2750
-  _globals['_DRAIN']._serialized_end=2831
-  _globals['_ASSIGNMENT']._serialized_start=2833
-  _globals['_ASSIGNMENT']._serialized_end=2934
-  _globals['_ASSIGNMENTBATCH']._serialized_start=2936
-  _globals['_ASSIGNMENTBATCH']._serialized_end=2996
-  _globals['_CANCELBATCH']._serialized_start=2998
-  _globals['_CANCELBATCH']._serialized_end=3055
-  _globals['_NODE']._serialized_start=3058
-  _globals['_NODE']._serialized_end=3351
+  _globals['_NODEMESSAGE']._serialized_end=1318
+  _globals['_HELLO']._serialized_start=1320
+  _globals['_HELLO']._serialized_end=1419
+  _globals['_CHALLENGE']._serialized_start=1421
+  _globals['_CHALLENGE']._serialized_end=1499
+  _globals['_PROOF']._serialized_start=1501
+  _globals['_PROOF']._serialized_end=1538
+  _globals['_RUNNINGATTEMPT']._serialized_start=1540
+  _globals['_RUNNINGATTEMPT']._serialized_end=1611
+  _globals['_UPDATEBATCH']._serialized_start=1613
+  _globals['_UPDATEBATCH']._serialized_end=1665
+  _globals['_TASKUPDATE']._serialized_start=1668
+  _globals['_TASKUPDATE']._serialized_end=1904
+  _globals['_STARTED']._serialized_start=1906
+  _globals['_STARTED']._serialized_end=1915
+  _globals['_RELEASED']._serialized_start=1917
+  _globals['_RELEASED']._serialized_end=1943
+  _globals['_FINISHED']._serialized_start=1945
+  _globals['_FINISHED']._serialized_end=2029
+  _globals['_HEARTBEAT']._serialized_start=2032
+  _globals['_HEARTBEAT']._serialized_end=2236
+  _globals['_COORDINATORMESSAGE']._serialized_start=2239
+  _globals['_COORDINATORMESSAGE']._serialized_end=2505
+  _globals['_WELCOME']._serialized_start=2508
+  _globals['_WELCOME']._serialized_end=2649
+  _globals['_LEASERENEWED']._serialized_start=2651
+  _globals['_LEASERENEWED']._serialized_end=2775
+  _globals['_DRAIN']._serialized_start=2777
+  _globals['_DRAIN']._serialized_end=2858
+  _globals['_ASSIGNMENT']._serialized_start=2860
+  _globals['_ASSIGNMENT']._serialized_end=2961
+  _globals['_ASSIGNMENTBATCH']._serialized_start=2963
+  _globals['_ASSIGNMENTBATCH']._serialized_end=3023
+  _globals['_CANCELBATCH']._serialized_start=3025
+  _globals['_CANCELBATCH']._serialized_end=3082
+  _globals['_NODE']._serialized_start=3085
+  _globals['_NODE']._serialized_end=3378
 # @@protoc_insertion_point(module_scope)

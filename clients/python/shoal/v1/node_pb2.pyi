@@ -332,7 +332,7 @@ class NodeMessage(_message.Message):
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
-    def challenge(self) -> Global___AttachChallenge:
+    def challenge(self) -> Global___Challenge:
         """Node.Attach with auth on: the node's first message"""
 
     def __init__(
@@ -341,7 +341,7 @@ class NodeMessage(_message.Message):
         hello: Global___Hello | None = ...,
         updates: Global___UpdateBatch | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
-        challenge: Global___AttachChallenge | None = ...,
+        challenge: Global___Challenge | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "updates", b"updates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -384,52 +384,70 @@ class Hello(_message.Message):
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
 @_typing.final
-class AttachChallenge(_message.Message):
-    """The node asks the coordinator that dialled it to prove it is its coordinator: it knows the
-    SHA-256 of the secret of the node's token, which only the coordinator that issued it keeps.
+class Challenge(_message.Message):
+    """Before a node sends its token, the coordinator proves it is the one that issued it: it
+    keeps the SHA-256 of the token's secret, which nobody else has. The proof names the address
+    the connection was dialled at, so a peer that relays the challenge to the real coordinator
+    gets a proof that names the wrong address and is refused.
+    Node.Attach: the node's first message (address empty). NodeGateway.Identify: the node asks
+    the coordinator it found (mDNS, loopback) before NodeGateway.Connect.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     token_id: _builtins.str
     nonce: _builtins.bytes
     """32 random bytes, new for every session"""
+    node_id: _builtins.str
+    """the node whose token it is"""
+    address: _builtins.str
+    """Identify: the host:port the node dialled"""
     def __init__(
         self,
         *,
         token_id: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id", "nonce", b"nonce", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AttachChallenge: _TypeAlias = AttachChallenge  # noqa: Y015
+Global___Challenge: _TypeAlias = Challenge  # noqa: Y015
 
 @_typing.final
-class AttachProof(_message.Message):
-    """HMAC-SHA256 keyed with that hash, of "shoal-attach:" + token_id + ":" + nonce."""
+class Proof(_message.Message):
+    """HMAC-SHA256 keyed with that hash, of the direction ("attach" or "join"), token id, node id,
+    address and nonce, each prefixed by its length (4 bytes, big-endian), after "shoal-proof-v2".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MAC_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     mac: _builtins.bytes
+    address: _builtins.str
+    """Node.Attach: the host:port the coordinator dialled"""
     def __init__(
         self,
         *,
         mac: _builtins.bytes = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mac", b"mac"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "mac", b"mac"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AttachProof: _TypeAlias = AttachProof  # noqa: Y015
+Global___Proof: _TypeAlias = Proof  # noqa: Y015
 
 @_typing.final
 class RunningAttempt(_message.Message):
@@ -655,7 +673,7 @@ class CoordinatorMessage(_message.Message):
     @_builtins.property
     def drain(self) -> Global___Drain: ...
     @_builtins.property
-    def proof(self) -> Global___AttachProof:
+    def proof(self) -> Global___Proof:
         """Node.Attach: the answer to the node's challenge, before Welcome"""
 
     def __init__(
@@ -666,7 +684,7 @@ class CoordinatorMessage(_message.Message):
         cancels: Global___CancelBatch | None = ...,
         lease: Global___LeaseRenewed | None = ...,
         drain: Global___Drain | None = ...,
-        proof: Global___AttachProof | None = ...,
+        proof: Global___Proof | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancels", b"cancels", "drain", b"drain", "lease", b"lease", "msg", b"msg", "proof", b"proof", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -73,7 +73,7 @@ class _Relay:
         relay = self
 
         class FakeNode(node_pb2_grpc.NodeServicer):
-            async def Attach(self, request_iterator: Any, context: Any) -> Any:  # type: ignore[override]
+            async def Attach(self, request_iterator: Any, context: Any) -> Any:
                 async with grpc.aio.insecure_channel(relay.node_address) as channel:
                     node = node_pb2_grpc.NodeStub(channel).Attach()
                     challenge = await node.read()  # the real node's challenge...
@@ -86,7 +86,7 @@ class _Relay:
                         relay.tokens.append(answer.hello.token)
 
         self._server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(FakeNode(), self._server)
+        node_pb2_grpc.add_NodeServicer_to_server(FakeNode(), self._server)  # type: ignore[abstract]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
 
@@ -168,10 +168,11 @@ class _Impostor:
                         challenge.CopyFrom(request)
                         challenge.address = address
                         with contextlib.suppress(grpc.aio.AioRpcError):
-                            return await stub.Identify(challenge)
+                            proof: node_pb2.Proof = await stub.Identify(challenge)
+                            return proof
                 return node_pb2.Proof()
 
-            async def Connect(self, request_iterator: Any, context: Any) -> Any:  # type: ignore[override]
+            async def Connect(self, request_iterator: Any, context: Any) -> Any:
                 for key, value in context.invocation_metadata():
                     if key == "authorization":
                         impostor.tokens.append(str(value))

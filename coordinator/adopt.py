@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -24,10 +25,20 @@ from shoal.errors import PermissionDenied, ShoalError
 from shoal.handshake import Direction
 from shoal.v1 import node_pb2, node_pb2_grpc
 
-__all__ = ["Adopter"]
+__all__ = ["Adopter", "NodeTls"]
 
 _log = logging.getLogger("shoal.coordinator")
 _MAX_MESSAGE = 16 << 20
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """How an adopting coordinator dials nodes with TLS: the CA of their certificates, and its
+    own certificate, which nodes that require one verify (mTLS)."""
+
+    ca: Path
+    cert: Path
+    key: Path
 
 
 class _AttachFailed(Exception):
@@ -54,9 +65,11 @@ class Adopter:
         nodes: list[str],
         *,
         auth: bool,
+        tls: NodeTls | None = None,
         reconnect_max: float = 5.0,
     ) -> None:
         self._core = core
+        self._tls = tls
         self._static = list(dict.fromkeys(nodes))
         self._auth = auth
         self._wait = wait_exponential_jitter(initial=0.05, jitter=0.05, max=reconnect_max)
@@ -110,7 +123,14 @@ class Adopter:
                     await self._session(target)
 
     async def _session(self, target: _Target) -> None:
-        channel = open_channel(target.address, max_message_bytes=_MAX_MESSAGE)
+        tls = self._tls
+        channel = open_channel(
+            target.address,
+            max_message_bytes=_MAX_MESSAGE,
+            tls_ca=tls.ca if tls else None,
+            tls_cert=tls.cert if tls else None,
+            tls_key=tls.key if tls else None,
+        )
         try:
             call = node_pb2_grpc.NodeStub(channel).Attach()
             try:

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import grpc
 from zeroconf.asyncio import AsyncZeroconf
 
 from shoal import __version__
+from shoal._channel import open_channel
 from shoal._health import Health, check_health
 from shoal._mdns import Advertisement, Browser, decode_node, open_zeroconf
 from shoal.config import CoordinatorSettings
@@ -173,7 +173,16 @@ class CoordinatorDiscovery:
                 await watched.task
 
     async def _watch_health(self, watched: _Watched) -> None:
-        async with grpc.aio.insecure_channel(watched.ad.address) as channel:
+        s = self._settings
+        tls = watched.ad.tls  # what its service speaks, as it says: health is no secret
+        channel = open_channel(
+            watched.ad.address,
+            max_message_bytes=1 << 16,
+            tls_ca=s.tls_client_ca if tls else None,
+            tls_cert=s.tls_cert if tls else None,
+            tls_key=s.tls_key if tls else None,
+        )
+        async with channel:
             while True:
                 health = await check_health(channel, timeout=self._timeout)
                 if health != watched.health:

@@ -22,7 +22,7 @@ from shoal._server import (
 )
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
-from shoal.coordinator.adopt import Adopter
+from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.metrics import MetricsServer
@@ -158,6 +158,10 @@ class CoordinatorServer:
             raise FailedPrecondition(
                 "require_client_cert needs tls_cert, tls_key and tls_client_ca"
             )
+        if (s.adopt or s.nodes) and s.tls_cert is not None and s.tls_client_ca is None:
+            raise FailedPrecondition(
+                "adopting nodes with TLS needs tls_client_ca, the CA of the nodes' certificates"
+            )
         if s.tls_cert is None and not is_loopback(s.listen):
             _log.warning("listening on %s without TLS: tokens cross the network in clear", s.listen)
 
@@ -207,7 +211,10 @@ class CoordinatorServer:
             self._metrics.start()
             _log.info("metrics on http://%s/metrics", self.metrics_address)
         if s.adopt or s.nodes:
-            self.adopter = Adopter(self.core, s.nodes, auth=s.auth)
+            tls = None
+            if s.tls_cert is not None and s.tls_key is not None and s.tls_client_ca is not None:
+                tls = NodeTls(s.tls_client_ca, s.tls_cert, s.tls_key)
+            self.adopter = Adopter(self.core, s.nodes, auth=s.auth, tls=tls)
             self.adopter.start()
         advertise = advertises(s.advertise, s.listen)
         if advertise or s.adopt:  # an adopting coordinator browses for nodes to dial

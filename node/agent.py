@@ -17,7 +17,15 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
-from shoal._server import HEALTH_POLICY, OPEN, Gate, grpc_options, method_path, serve_health
+from shoal._server import (
+    HEALTH_POLICY,
+    OPEN,
+    Gate,
+    grpc_options,
+    method_path,
+    serve_health,
+    server_credentials,
+)
 from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
@@ -258,11 +266,25 @@ class NodeAgent:
             self._ollama_task = asyncio.create_task(
                 self._follow_ollama(self._ollama), name="shoal-node-ollama"
             )
-        gate = Gate(_POLICY, self._authenticate if self.settings.auth else None)
+        s = self.settings
+        gate = Gate(
+            _POLICY,
+            self._authenticate if s.auth else None,
+            client_certs=s.service_require_client_cert,
+        )
         server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
-        self.port = server.add_insecure_port(self.settings.listen)
+        if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
+            credentials = server_credentials(
+                s.tls_cert,
+                s.tls_key,
+                s.tls_ca if s.service_require_client_cert else None,
+                s.service_require_client_cert,
+            )
+            self.port = server.add_secure_port(s.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(s.listen)
         self.own_addresses.port = self.port
         await server.start()
         self._server = server

@@ -37,7 +37,9 @@ _HEALTH_TIMEOUT = 1.0  # seconds a candidate coordinator has to answer its healt
 _REFRESH_EVERY = 5.0  # seconds between two looks at whether the node's capabilities changed
 
 
-def node_ad(info: node_pb2.NodeInfo, *, cluster: str, hosts: list[str], port: int) -> NodeAd:
+def node_ad(
+    info: node_pb2.NodeInfo, *, cluster: str, hosts: list[str], port: int, tls: bool = False
+) -> NodeAd:
     """What a node advertises, from its Info."""
     return NodeAd(
         name=info.node_id,
@@ -49,6 +51,7 @@ def node_ad(info: node_pb2.NodeInfo, *, cluster: str, hosts: list[str], port: in
         executors=tuple(info.executors),
         labels=dict(info.labels),
         models=tuple(dict.fromkeys([*info.models, *info.ollama_models])),
+        tls=tls,
     )
 
 
@@ -233,8 +236,9 @@ class NodeDiscovery:
             await zc.async_close()
 
     def _ad(self) -> NodeAd:
+        s = self._settings
         return node_ad(
-            self._info(), cluster=self._settings.cluster, hosts=self._hosts, port=self._port
+            self._info(), cluster=s.cluster, hosts=self._hosts, port=self._port, tls=s.service_tls
         )
 
     async def _follow_capabilities(self) -> None:

@@ -30,6 +30,15 @@ def check_service_access(settings: NodeSettings, token: str) -> None:
             f"refusing to serve the node's service on {settings.listen} with auth off: anyone"
             " who reaches it could run code here. Turn auth on, or bind 127.0.0.1."
         )
+    if settings.service_tls and (settings.tls_cert is None or settings.tls_key is None):
+        raise FailedPrecondition("service_tls needs tls_cert and tls_key")
+    if settings.service_require_client_cert and (
+        not settings.service_tls or settings.tls_ca is None
+    ):
+        raise FailedPrecondition(
+            "service_require_client_cert needs service_tls and tls_ca (the CA of the callers'"
+            " certificates)"
+        )
     if settings.auth and settings.standalone and not token:
         raise FailedPrecondition(
             "a standalone node needs a token for callers of its service: set token or"

@@ -14,13 +14,15 @@ from typing import Any
 import grpc
 import pytest
 
-from shoal import AsyncClient
+from shoal import AsyncClient, certs, shell
+from shoal._channel import open_channel
+from shoal._health import Health, check_health
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.errors import PermissionDenied, Unauthenticated
 from shoal.handshake import Direction
 from shoal.node.agent import NodeAgent
-from shoal.v1 import admin_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc
+from shoal.v1 import admin_pb2, gateway_pb2_grpc, node_pb2, node_pb2_grpc, task_pb2
 
 from .harness import eventually, free_port
 
@@ -220,3 +222,67 @@ async def test_a_node_sends_its_token_only_to_a_coordinator_it_found_that_proves
         await asyncio.wait_for(node.connected.wait(), 20)
     finally:
         await impostor.stop()
+
+
+async def test_an_adopting_coordinator_dials_a_node_with_mtls(
+    tmp_path: Path, started: Start
+) -> None:
+    pki = tmp_path / "pki"
+    ca = certs.init_ca(pki)
+    coordinator_cert, coordinator_key = certs.issue(pki, "coordinator", hosts=["127.0.0.1"])
+    node_cert, node_key = certs.issue(pki, "n1", hosts=["127.0.0.1"])
+    port = free_port()
+    coordinator = await started(
+        _coordinator(
+            tmp_path,
+            nodes=[f"127.0.0.1:{port}"],
+            tls_cert=coordinator_cert,
+            tls_key=coordinator_key,
+            tls_client_ca=ca,
+        )
+    )
+    admin = coordinator.admin_token_path.read_text().strip()
+    async with AsyncClient(coordinator.address, token=admin, tls_ca=ca) as client:
+        made = await client.create_token(
+            admin_pb2.CreateTokenRequest(name="n1", role=admin_pb2.ROLE_NODE)
+        )
+        node = NodeAgent(
+            NodeSettings(
+                node_id="n1",
+                listen=f"127.0.0.1:{port}",
+                standalone=True,
+                token=made.token,
+                advertise="off",
+                service_tls=True,
+                service_require_client_cert=True,
+                tls_ca=ca,
+                tls_cert=node_cert,
+                tls_key=node_key,
+            )
+        )
+        await started(node)
+
+        async def adopted() -> None:
+            nodes = await client.nodes()
+            assert [(n.info.node_id, n.adopted) for n in nodes if n.connected] == [("n1", True)]
+
+        await eventually(adopted, timeout=20)
+        task = await client.submit(shell("echo over tls"))
+        done = await asyncio.wait_for(client.wait(task.id), 20)
+        assert (done.state, done.result.stdout) == (task_pb2.TASK_STATE_SUCCEEDED, "over tls\n")
+
+    # The node's service speaks only TLS, and only to callers with a certificate of its CA.
+    for channel in (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}"),
+        open_channel(f"127.0.0.1:{port}", max_message_bytes=1 << 16, tls_ca=ca),
+    ):
+        async with channel:
+            assert await check_health(channel, timeout=2) is Health.UNKNOWN
+    async with open_channel(
+        f"127.0.0.1:{port}",
+        max_message_bytes=1 << 16,
+        tls_ca=ca,
+        tls_cert=coordinator_cert,
+        tls_key=coordinator_key,
+    ) as channel:
+        assert await check_health(channel, timeout=5) is Health.SERVING

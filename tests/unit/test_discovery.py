@@ -69,6 +69,7 @@ def test_a_node_record_holds_no_secret_and_fits_dns_sd_limits() -> None:
         "executors",
         "labels",
         "models",
+        "tls",
         "truncated",
     }
     back = NodeAd.from_txt("n._shoal-node._tcp.local.", ("10.0.0.7",), 1, txt)

@@ -82,7 +82,7 @@ async def async_discover(browse_for: float, settings: ClientSettings) -> Found:
         await zc.async_close()
     healths = await asyncio.gather(
         *(_coordinator_health(c, settings) for c in found_coordinators),
-        *(_node_health(n) for n in found_nodes),
+        *(_node_health(n, settings) for n in found_nodes),
     )
     return Found(
         list(zip(found_coordinators, healths[: len(found_coordinators)], strict=True)),
@@ -91,23 +91,26 @@ async def async_discover(browse_for: float, settings: ClientSettings) -> Found:
 
 
 async def _coordinator_health(ad: CoordinatorAd, settings: ClientSettings) -> Health:
-    if ad.tls and settings.tls_ca is None and settings.tls_cert is None:
+    return await _check(ad.address, ad.tls, settings)
+
+
+async def _node_health(ad: NodeAd, settings: ClientSettings) -> Health:
+    return await _check(ad.address, ad.tls, settings)
+
+
+async def _check(address: str, tls: bool, settings: ClientSettings) -> Health:
+    if tls and settings.tls_ca is None and settings.tls_cert is None:
         # Trusted by the system's roots, if at all.
-        channel = grpc.aio.secure_channel(ad.address, grpc.ssl_channel_credentials())
+        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials())
     else:
         channel = open_channel(
-            ad.address,
+            address,
             max_message_bytes=1 << 16,
-            tls_ca=settings.tls_ca if ad.tls else None,
-            tls_cert=settings.tls_cert if ad.tls else None,
-            tls_key=settings.tls_key if ad.tls else None,
+            tls_ca=settings.tls_ca if tls else None,
+            tls_cert=settings.tls_cert if tls else None,
+            tls_key=settings.tls_key if tls else None,
         )
     async with channel:
-        return await check_health(channel, timeout=_HEALTH_TIMEOUT)
-
-
-async def _node_health(ad: NodeAd) -> Health:
-    async with grpc.aio.insecure_channel(ad.address) as channel:
         return await check_health(channel, timeout=_HEALTH_TIMEOUT)
 
 

@@ -224,6 +224,13 @@ def coordinator(
         list[str] | None,
         typer.Option("--node", help="Dial the node at host:port of its service (repeatable)"),
     ] = None,
+    reachable_at: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reachable-at",
+            help="host:port nodes dial this coordinator at, beyond its own (NAT, a proxy)",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
@@ -244,6 +251,7 @@ def coordinator(
                 advertise=advertise and advertise.value,
                 adopt=adopt,
                 nodes=node_address or None,
+                reachable_at=reachable_at or None,
             )
         )
     )
@@ -274,6 +282,27 @@ def node(
     tls_ca: Annotated[Path | None, typer.Option(help="CA of the coordinator's certificate")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="This node's certificate (mTLS)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="This node's key (mTLS)")] = None,
+    service_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--service-tls",
+            help="Serve the node's own service with TLS, with --tls-cert and --tls-key",
+        ),
+    ] = None,
+    require_client_cert: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-client-cert",
+            help="Callers of the node's service present a certificate of --tls-ca (mTLS)",
+        ),
+    ] = None,
+    reachable_at: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reachable-at",
+            help="host:port coordinators dial this node at, beyond its own (NAT, a proxy)",
+        ),
+    ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Where tasks run")] = None,
     drain_grace: Annotated[
         float | None,
@@ -322,6 +351,9 @@ def node(
             tls_ca=tls_ca,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            service_tls=service_tls,
+            service_require_client_cert=require_client_cert,
+            reachable_at=reachable_at or None,
             workdir=workdir,
             drain_grace=_duration(drain_grace),
             standalone=standalone,

@@ -227,6 +227,12 @@ class NodeSettings(_Settings):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # TLS on the node's own service too (for an adopting coordinator, and direct callers),
+    # with tls_cert and tls_key (a certificate for the addresses it is dialled at: `shoal
+    # certs issue NODE --host ...`); with service_require_client_cert, callers must present a
+    # certificate signed by tls_ca (mTLS).
+    service_tls: bool = False
+    service_require_client_cert: bool = False
     # Secrets tasks may ask for by name (SecretRef): inline values, and a directory with one
     # file per secret (file name = secret name). Values never leave the node.
     secrets: dict[str, str] = Field(default_factory=dict)

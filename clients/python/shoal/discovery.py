@@ -219,6 +219,7 @@ class NodeAd:
     labels: Mapping[str, str] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     truncated: tuple[str, ...] = ()  # TXT keys whose lists did not fit in full
+    tls: bool = False  # its service speaks TLS
 
     @property
     def address(self) -> str:
@@ -241,6 +242,7 @@ class NodeAd:
                 truncated,
             ),
             "models": _encode_list("models", map(_escape, self.models), truncated),
+            "tls": "true" if self.tls else "false",
         }
         if truncated:
             txt["truncated"] = ",".join(truncated)
@@ -261,6 +263,7 @@ class NodeAd:
             labels=_decode_labels(txt.get("labels")),
             models=_decode_list(txt.get("models")),
             truncated=_decode_list(txt.get("truncated")),
+            tls=_flag(txt.get("tls")),
         )
 
 

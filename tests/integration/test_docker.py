@@ -45,8 +45,11 @@ PROGRESS = task_pb2.OUTPUT_STREAM_PROGRESS
 
 
 def containers(engine: DockerEngine, *labels: str) -> list[Container]:
-    """Every container (running or not) that carries all `labels` ("key=value")."""
-    return engine.client.containers.list(all=True, filters={"label": list(labels)})
+    """Every container (running or not) that carries all `labels` ("key=value").
+
+    Sparse: as the engine lists them, without inspecting each one after, when a container
+    being removed may already be gone."""
+    return engine.client.containers.list(all=True, sparse=True, filters={"label": list(labels)})
 
 
 @pytest.fixture(autouse=True)

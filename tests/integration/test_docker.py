@@ -140,6 +140,7 @@ async def test_secrets_are_files_of_the_container_user_and_the_engine_shows_none
             return found[0]
 
         container = await eventually(lambda: asyncio.to_thread(listed), timeout=20)
+        assert container.id is not None
         attrs = await asyncio.to_thread(engine.client.api.inspect_container, container.id)
         assert not [e for e in attrs["Config"]["Env"] or [] if e.startswith("API_TOKEN")]
         assert value not in json.dumps(attrs)

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ WAIT = timedelta(seconds=20)
 
 
 @contextlib.asynccontextmanager
-async def open_mesh(root: Path, **node_settings: object) -> AsyncIterator[tuple[AsyncClient, Path]]:
+async def open_mesh(root: Path, **node_settings: Any) -> AsyncIterator[tuple[AsyncClient, Path]]:
     """A coordinator whose data dir is in `root` and a node whose token file is `root`/node.token
     (0600, as an operator writes it); yields a client and the node's token file."""
     server = CoordinatorServer(CoordinatorSettings(listen="127.0.0.1:0", data_dir=root / "data"))

@@ -49,7 +49,7 @@ from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
 from shoal.node.ledger import Ledger
 from shoal.node.report import RunReport
-from shoal.node.secrets import MissingSecrets, Redactor, SecretStore
+from shoal.node.secrets import MissingSecrets, Redactor, SecretsNotGranted, SecretStore
 from shoal.node.service import NodeService, check_service_access
 from shoal.node.session import CoordinatorLink
 from shoal.node.slots import Slots
@@ -665,10 +665,14 @@ class NodeAgent:
                 await self._take_slot(run)
             try:
                 secret_env = (
-                    await asyncio.to_thread(self.secrets.resolve, spec.secrets)
+                    await asyncio.to_thread(self.secrets.resolve, spec.secrets, spec.tenant)
                     if spec.secrets
                     else {}
                 )
+            except SecretsNotGranted as err:
+                # The task asked for what its tenant may not have: its own mistake.
+                _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
+                return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
             except MissingSecrets as err:
                 # Another node may hold them: this node's shortcoming, not the task's.
                 _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)

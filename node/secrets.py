@@ -6,14 +6,16 @@ sends or logs on the task's behalf goes through a `Redactor` first.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 from shoal.config import NodeSettings
-from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shoal.v1 import task_pb2
 
 __all__ = [
@@ -22,7 +24,9 @@ __all__ = [
     "MissingSecrets",
     "Redactor",
     "SecretStore",
+    "SecretsNotGranted",
     "StreamRedactor",
+    "encoded_forms",
 ]
 
 _log = logging.getLogger("shoal.node.secrets")
@@ -46,29 +50,66 @@ class MissingSecrets(FailedPrecondition):
         self.names = names
 
 
-class SecretStore:
-    """The secrets a node holds: inline values, then one file per secret in `directory`."""
+class SecretsNotGranted(PermissionDenied):
+    """Secrets this node holds that the task's tenant may not use: the task's own mistake.
 
-    def __init__(self, inline: Mapping[str, str] | None = None, directory: Path | None = None):
+    Names the secrets asked for, never their values nor the tenants they are granted to.
+    """
+
+    def __init__(self, tenant: str, names: list[str]) -> None:
+        who = f"tenant {tenant!r}" if tenant else "a task without a tenant"
+        super().__init__(
+            f"secrets not granted to {who} on this node: " + ", ".join(repr(n) for n in names)
+        )
+        self.names = names
+
+
+ANY_TENANT = "*"
+"""In a secret's list of tenants: every task may use it."""
+
+
+class SecretStore:
+    """The secrets a node holds: inline values, then one file per secret in `directory`.
+
+    `grants` names the tenants that may use each secret ("" for tasks without a tenant,
+    ANY_TENANT for all); a secret it does not list is for tasks without a tenant only.
+    """
+
+    def __init__(
+        self,
+        inline: Mapping[str, str] | None = None,
+        directory: Path | None = None,
+        grants: Mapping[str, Iterable[str]] | None = None,
+    ):
         self._inline = dict(inline or {})
         self._directory = directory
+        self._grants = {name: frozenset(tenants) for name, tenants in (grants or {}).items()}
 
     @classmethod
     def from_settings(cls, settings: NodeSettings) -> SecretStore:
-        """The store of a node's `secrets` and `secrets_dir` settings."""
-        return cls(settings.secrets, settings.secrets_dir)
+        """The store of a node's `secrets`, `secrets_dir` and `secret_tenants` settings."""
+        return cls(settings.secrets, settings.secrets_dir, settings.secret_tenants)
 
-    def resolve(self, refs: Iterable[task_pb2.SecretRef]) -> dict[str, str]:
-        """Environment variable -> value for `refs`.
+    def granted(self, name: str, tenant: str) -> bool:
+        """Whether a task of `tenant` ("": none) may use the secret `name`."""
+        tenants = self._grants.get(name)
+        if tenants is None:
+            return not tenant
+        return ANY_TENANT in tenants or tenant in tenants
+
+    def resolve(self, refs: Iterable[task_pb2.SecretRef], tenant: str = "") -> dict[str, str]:
+        """Environment variable -> value for `refs`, asked for by a task of `tenant`.
 
         Files are read on every call, so a rotated secret is picked up (this blocks: run it in
-        a thread from the event loop). Raises MissingSecrets naming every secret this node
+        a thread from the event loop). Raises SecretsNotGranted naming the secrets this node
+        holds that `tenant` may not use, else MissingSecrets naming every secret this node
         lacks, and InvalidArgument for a variable name no environment can hold or that two
         refs set.
         """
         env: dict[str, str] = {}
         seen: set[str] = set()
         missing: list[str] = []
+        denied: list[str] = []
         for ref in refs:
             var = ref.env or ref.name
             if not var or "=" in var or "\0" in var:
@@ -76,15 +117,34 @@ class SecretStore:
             if var in seen:
                 raise InvalidArgument(f"environment variable {var!r} is set by two secrets")
             seen.add(var)
+            if not self.granted(ref.name, tenant):
+                # A secret held here is refused without being read; one this node lacks may be
+                # on another node, granted there.
+                held = ref.name in self._grants or self._holds(ref.name)
+                names = denied if held else missing
+                if ref.name not in names:
+                    names.append(ref.name)
+                continue
             value = self._lookup(ref.name)
             if value is None:
                 if ref.name not in missing:
                     missing.append(ref.name)
                 continue
             env[var] = value
+        if denied:
+            raise SecretsNotGranted(tenant, denied)
         if missing:
             raise MissingSecrets(missing)
         return env
+
+    def _holds(self, name: str) -> bool:
+        if name in self._inline:
+            return True
+        return (
+            self._directory is not None
+            and _is_plain_file_name(name)
+            and (self._directory / name).is_file()
+        )
 
     def _lookup(self, name: str) -> str | None:
         if name in self._inline:
@@ -114,14 +174,52 @@ def _is_plain_file_name(name: str) -> bool:
     )
 
 
-class Redactor:
-    """Replaces every occurrence of the given values with `MASK`, longest values first.
+_URLSAFE = str.maketrans("+/", "-_")
 
-    Empty values and values shorter than MIN_REDACTED_LENGTH are ignored (see there).
+
+def encoded_forms(value: str) -> set[str]:
+    """`value` and the usual encodings of its UTF-8 bytes: base64 (standard and URL-safe),
+    hex (lower and upper case) and URL encoding.
+
+    Base64 inside a longer encoded text depends on where the value starts modulo 3 bytes: for
+    each of the three alignments, the characters that only the value's bytes determine are a
+    form of their own (a character shared with the bytes around the value reveals at most 4 of
+    its bits, and stays).
+    """
+    raw = value.encode()
+    forms = {value, raw.hex(), raw.hex().upper(), quote(value), quote(value, safe="")}
+    forms.add(quote_plus(value, safe=""))
+    whole = base64.b64encode(raw).decode()
+    forms |= {
+        whole,
+        whole.translate(_URLSAFE),
+        whole.rstrip("="),
+        whole.translate(_URLSAFE).rstrip("="),
+    }
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + raw).decode()
+        # Character i holds bits 6i..6i+6 of the bytes; the value's are bits 8*offset onwards.
+        core = encoded[-(-8 * offset // 6) : 8 * (offset + len(raw)) // 6]
+        forms |= {core, core.translate(_URLSAFE)}
+    return forms
+
+
+class Redactor:
+    """Replaces every occurrence of the given values, and of their `encoded_forms`, with
+    `MASK`, longest first, in one pass over the text.
+
+    Empty values and values shorter than MIN_REDACTED_LENGTH are ignored (see there), and so
+    are encoded forms that short.
     """
 
     def __init__(self, values: Iterable[str] = ()) -> None:
-        kept = {v for v in values if len(v) >= MIN_REDACTED_LENGTH}
+        kept = {
+            form
+            for v in values
+            if len(v) >= MIN_REDACTED_LENGTH
+            for form in encoded_forms(v)
+            if len(form) >= MIN_REDACTED_LENGTH
+        }
         # Longest first: where two values match at one position, the longer one is hidden.
         self.values: tuple[str, ...] = tuple(sorted(kept, key=lambda v: (-len(v), v)))
         self.longest = len(self.values[0]) if self.values else 0

@@ -14,10 +14,15 @@ def _hermetic_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     Nor does the machine's load: nodes run with their resource guard off (another test run on
     the machine would otherwise decide where tasks go); tests of the guard turn it on.
+
+    Tasks run as the node's user: the tests hand them files in tmp_path, which pytest makes
+    private to the user running the tests, and the interpreter may live where only that user
+    may look (a pyenv under /root); tests of `run_as` set it themselves.
     """
     for name in list(os.environ):
         if name.startswith("SHOAL_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("SHOAL_NODE_GUARD", "false")
+    monkeypatch.setenv("SHOAL_NODE_RUN_AS", "node")
     monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "no-such-config.toml"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))

@@ -8,6 +8,10 @@ processes: the task's own where it sets them, within the node's (`docker_memory_
 `docker_cpus`, `docker_pids`), else the node's. Host paths are mounted only where the operator
 lists them (`docker_mounts`): never at a task's request.
 
+The task's secrets are files, not environment: one per secret at /run/secrets/<variable>,
+readable only by `docker_user` (when it is a uid), on the node's tmpfs (/dev/shm, so the engine
+must be on the node's machine), bind-mounted read-only and removed with the container.
+
 Input files (`files`) must be absolute paths under /work: they are written into a scratch
 volume mounted at /work before the container starts, and removed with it (a read-only root
 leaves no other place to put them before the start). They and their directories belong to
@@ -34,6 +38,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -46,6 +51,15 @@ from docker.types import Mount
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
 from shoal.node.executors.process import _Tail
+from shoal.node.executors.secretfiles import (
+    SECRETS_DIR,
+    file_owner,
+    mount_source,
+    reap_secret_files,
+    remove_secret_files,
+    unusable_file_names,
+    write_secret_files,
+)
 from shoal.v1 import task_pb2
 
 __all__ = [
@@ -292,6 +306,7 @@ class DockerExecutor(Executor):
             _log.warning("no Docker engine answers: %s", err)
             return False
         await self._reap(client)
+        await asyncio.to_thread(reap_secret_files)
         return True
 
     async def _reap(self, client: docker.DockerClient) -> None:
@@ -356,8 +371,19 @@ class DockerExecutor(Executor):
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
         d = spec.docker
         refusal = self._refusal(d)
+        bad = unusable_file_names(list(ctx.secret_env))
+        if bad:
+            refusal = f"docker: secrets become files in {SECRETS_DIR}, and {bad[0]!r} cannot"
         if refusal:
             return _failed(refusal)
+        secrets: Path | None = None
+        if ctx.secret_env:
+            owner = file_owner(self.settings.docker_user)
+            try:
+                secrets = await asyncio.to_thread(write_secret_files, ctx.secret_env, owner)
+            except OSError as err:
+                why = err.strerror or err
+                return _failed(f"cannot write the task's secret files: {why}", infrastructure=True)
         doing = "connecting"
         try:
             client = await self._engine()
@@ -366,7 +392,7 @@ class DockerExecutor(Executor):
             if missing is not None:
                 return missing
             doing = "creating the container"
-            container = await self._create(client, d, ctx)
+            container = await self._create(client, d, ctx, secrets)
             try:
                 doing = "running the container"
                 return await self._run(container, d, ctx)
@@ -378,6 +404,9 @@ class DockerExecutor(Executor):
                 explanation = err.explanation if isinstance(err, APIError) else err
                 return _failed(f"docker: the engine refused {doing}: {explanation}")
             return _engine_failure(err, doing)
+        finally:
+            if secrets is not None:
+                await asyncio.shield(asyncio.to_thread(remove_secret_files, secrets))
 
     async def _image(
         self, client: docker.DockerClient, d: task_pb2.DockerSpec, ctx: ExecutionContext
@@ -410,14 +439,23 @@ class DockerExecutor(Executor):
         return None
 
     async def _create(
-        self, client: docker.DockerClient, d: task_pb2.DockerSpec, ctx: ExecutionContext
+        self,
+        client: docker.DockerClient,
+        d: task_pb2.DockerSpec,
+        ctx: ExecutionContext,
+        secrets: Path | None = None,
     ) -> Container:
-        """The task's container, created (not started) with the sandbox and limits applied."""
+        """The task's container, created (not started) with the sandbox and limits applied,
+        and the `secrets` files (of `write_secret_files`) mounted."""
         s = self.settings
         memory = f"{d.memory_mb or s.docker_memory_mb}m"
+        # Files cannot go onto a read-only root: into a volume of its own, removed with it.
+        mounts = [Mount(FILES_DIR, None, type="volume")] if d.files else []
+        if secrets is not None:
+            mounts.append(Mount(SECRETS_DIR, mount_source(secrets), type="bind", read_only=True))
         options: dict[str, Any] = {
             "command": list(d.command) or None,
-            "environment": {**d.env, **ctx.secret_env},
+            "environment": dict(d.env),  # secrets are files: the engine shows its environment
             "working_dir": d.workdir or None,
             "user": s.docker_user or None,
             "labels": {
@@ -437,8 +475,7 @@ class DockerExecutor(Executor):
             "nano_cpus": round((d.cpus or s.docker_cpus) * 1e9),
             "pids_limit": d.pids or s.docker_pids,
             "volumes": list(s.docker_mounts) or None,
-            # Files cannot go onto a read-only root: into a volume of its own, removed with it.
-            "mounts": [Mount(FILES_DIR, None, type="volume")] if d.files else None,
+            "mounts": mounts or None,
         }
         creating = asyncio.ensure_future(
             asyncio.to_thread(client.containers.create, d.image, **options)

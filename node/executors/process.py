@@ -6,10 +6,14 @@ import asyncio
 import codecs
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.node.executors.taskuser import TaskUser
 from shoal.v1 import task_pb2
 
 __all__ = ["NODE_ONLY_VARIABLES", "run_process"]
@@ -80,6 +84,7 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdin: bytes = b"",
+    user: TaskUser | None = None,
 ) -> Outcome:
     """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group.
 
@@ -87,8 +92,47 @@ async def run_process(
 
     Its environment is the node's (without SHOAL_* settings), then `env`, then
     `ctx.secret_env`; its output is redacted with `ctx.redactor` before it is emitted or kept
-    for the result.
+    for the result. With a `user`, it runs as that user (no other group, umask 077), in a
+    directory of its own (its HOME, and its cwd unless `cwd` says otherwise) removed after.
     """
+    if ctx.workdir is not None and not ctx.workdir.is_dir():
+        # The node's set-up is wrong, not the task: another node may run it.
+        return Outcome(
+            task_pb2.TASK_STATE_FAILED,
+            task_pb2.TaskResult(
+                error=f"the node's workdir {ctx.workdir} is not a directory",
+                infrastructure_failure=True,
+            ),
+        )
+    if cwd:
+        cwd = str(ctx.workdir / cwd) if ctx.workdir is not None else cwd
+    if user is None:
+        return await _run(argv, ctx, _environment(env, ctx), cwd or ctx.workdir, stdin, {})
+    try:
+        home = await asyncio.to_thread(user.make_dir, ctx.workdir)
+    except OSError as err:
+        return Outcome(
+            task_pb2.TASK_STATE_FAILED,
+            task_pb2.TaskResult(
+                error=f"cannot make a directory for user {user.name}: {err.strerror or err}",
+                infrastructure_failure=True,
+            ),
+        )
+    try:
+        merged = _environment(
+            env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
+        )
+        # No supplementary group of the node's (root's) stays; what the task writes is its own.
+        as_user = {"user": user.uid, "group": user.gid, "extra_groups": [], "umask": 0o077}
+        return await _run(argv, ctx, merged, cwd or home, stdin, as_user)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, home, True)
+
+
+def _environment(
+    env: Mapping[str, str] | None, ctx: ExecutionContext, user: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The node's environment without its own settings, then `user`'s, `env`, the secrets."""
     # The node's own settings (its token among them) and its API keys are not the task's
     # business.
     merged = {
@@ -96,29 +140,32 @@ async def run_process(
         for k, v in os.environ.items()
         if not k.startswith("SHOAL_") and k not in NODE_ONLY_VARIABLES
     }
+    if user:
+        merged.update(user)
     if env:
         merged.update(env)
     merged.update(ctx.secret_env)
-    if ctx.workdir is not None:
-        if not ctx.workdir.is_dir():
-            # The node's set-up is wrong, not the task: another node may run it.
-            return Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=f"the node's workdir {ctx.workdir} is not a directory",
-                    infrastructure_failure=True,
-                ),
-            )
-        cwd = str(ctx.workdir / cwd) if cwd else str(ctx.workdir)
+    return merged
+
+
+async def _run(
+    argv: Sequence[str],
+    ctx: ExecutionContext,
+    env: dict[str, str],
+    cwd: str | Path | None,
+    stdin: bytes,
+    as_user: dict[str, Any],
+) -> Outcome:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=merged,
+            env=env,
             cwd=cwd or None,
             start_new_session=True,
+            **as_user,
         )
     except OSError as err:
         # The command could not start (not found, not executable, bad cwd): the task's fault.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import socket
 import time
@@ -95,7 +97,8 @@ async def test_output_streams_as_it_comes_and_ends_in_the_result(
     mesh_factory: MeshFactory,
 ) -> None:
     mesh = await mesh_factory(slots=2, node_id=NODE_ID, secrets={"API_TOKEN": "hunter2-secret"})
-    spec = docker(IMAGE, ["sh", "-c", 'echo hello; echo "token=$API_TOKEN"; echo oops >&2'])
+    script = 'echo hello; echo "token=$(cat /run/secrets/API_TOKEN)"; echo oops >&2'
+    spec = docker(IMAGE, ["sh", "-c", script])
     spec.secrets.add(name="API_TOKEN")
 
     async with asyncio.timeout(WAIT.total_seconds()):
@@ -109,6 +112,57 @@ async def test_output_streams_as_it_comes_and_ends_in_the_result(
     assert (final.result.stdout, final.result.stderr) == ("hello\ntoken=***\n", "oops\n")
     assert final.result.exit_code == 0
     assert "hunter2" not in str(events)
+
+
+async def test_secrets_are_files_of_the_container_user_and_the_engine_shows_none(
+    engine: DockerEngine,
+) -> None:
+    value = "hunter2-docker-secret"
+    executor = DockerExecutor(NodeSettings(node_id=NODE_ID))
+    chunks: list[task_pb2.OutputChunk] = []
+    ctx = ExecutionContext(
+        f"secrets-{uuid.uuid4().hex[:8]}",
+        chunks.append,
+        64 << 10,
+        secret_env={"API_TOKEN": value},
+        redactor=Redactor([value]),
+    )
+    script = (
+        "stat -c '%a %u %n' /run/secrets /run/secrets/API_TOKEN;"
+        ' sha256sum < /run/secrets/API_TOKEN; echo "env=[$API_TOKEN]";'
+        " echo x > /run/secrets/other || echo read-only; exec sleep 60"
+    )
+    spec = docker(IMAGE, ["sh", "-c", script])
+    assert await executor.async_available()
+    running = asyncio.create_task(executor.run(spec, ctx))
+    try:
+
+        def listed() -> Container:
+            found = containers(engine, f"{LABEL_TASK}={ctx.task_id}")
+            assert "env=" in said(chunks, STDOUT) and len(found) == 1
+            return found[0]
+
+        container = await eventually(lambda: asyncio.to_thread(listed), timeout=20)
+        assert container.id is not None
+        attrs = await asyncio.to_thread(engine.client.api.inspect_container, container.id)
+        assert not [e for e in attrs["Config"]["Env"] or [] if e.startswith("API_TOKEN")]
+        assert value not in json.dumps(attrs)
+        [mount] = [m for m in attrs["Mounts"] if m["Destination"] == "/run/secrets"]
+        assert mount["RW"] is False
+        await asyncio.to_thread(container.kill)
+        async with asyncio.timeout(20):
+            await running
+    finally:
+        running.cancel()
+        await executor.aclose()
+
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    assert said(chunks, STDOUT) == (
+        "500 65534 /run/secrets\n400 65534 /run/secrets/API_TOKEN\n"
+        f"{digest}  -\nenv=[]\nread-only\n"
+    )
+    # Removed with the container: nothing of it stays on the node's tmpfs.
+    assert not await asyncio.to_thread(Path(mount["Source"]).parent.exists)
 
 
 async def test_the_sandbox_has_no_network_no_privileges_and_a_read_only_root() -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from shoal import shell
+from shoal import AsyncClient, shell
 from shoal.specs import is_final
-from shoal.v1 import task_pb2
+from shoal.v1 import admin_pb2, task_pb2
 
 from .harness import Mesh, MeshFactory, eventually, gate_script
 
@@ -153,3 +154,49 @@ async def test_tasks_do_not_inherit_the_nodes_shoal_settings(
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED
     assert "PATH=" in done.result.stdout
     assert "SHOAL_" not in done.result.stdout
+
+
+async def test_a_tenant_gets_only_the_secrets_granted_to_it(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(
+        slots=2,
+        secrets={"key-a": TOKEN, "key-b": DB_PASSWORD},
+        secret_tenants={"key-a": ["acme"], "key-b": ["globex"]},
+    )
+    made = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="acme", role=admin_pb2.ROLE_SUBMITTER, tenant="acme")
+    )
+    acme = AsyncClient(mesh.address, token=made.token)
+    try:
+        theirs = shell('echo "$B"')
+        theirs.secrets.add(name="key-b", env="B")
+        # Neither acme nor a task without a tenant gets globex's secret: as many refusals as
+        # would open a breaker, were they the node's failures.
+        refused = [await acme.submit(theirs) for _ in range(4)]
+        refused.append(await mesh.client.submit(theirs))
+        # Its own secret is acme's, and its encodings are masked like its value.
+        mine = shell(
+            'printf "%s\\n" "$A"; printf "%s" "$A" | base64;'
+            ' printf "%s" "$A" | od -An -tx1 | tr -d " \\n"'
+        )
+        mine.secrets.add(name="key-a", env="A")
+        ok = await acme.wait((await acme.submit(mine)).id, timeout=WAIT)
+
+        for task in refused:
+            done = await mesh.client.wait(task.id, timeout=WAIT)
+            assert done.state == task_pb2.TASK_STATE_FAILED
+            assert (
+                not done.result.infrastructure_failure
+            )  # the task's mistake: no retry, no breaker
+            assert len(done.attempts) <= 1
+            assert "'key-b'" in done.result.error and "not granted" in done.result.error
+            assert "globex" not in done.result.error
+            assert not done.result.stdout
+            shows_no_value(done.result.error)
+        assert [t.spec.tenant for t in refused] == ["acme"] * 4 + [""]
+        assert ok.state == task_pb2.TASK_STATE_SUCCEEDED, ok.result.error
+        assert ok.result.stdout == "***\n***\n***", ok.result.stdout
+        assert base64.b64encode(TOKEN.encode()).decode() not in ok.result.stdout
+        node = next(n for n in await mesh.client.nodes() if n.info.node_id == mesh.node.node_id)
+        assert list(node.breakers) == []
+    finally:
+        await acme.close()

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from itertools import pairwise
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.config import NodeSettings
-from shoal.errors import FailedPrecondition, InvalidArgument
-from shoal.node.secrets import MASK, MissingSecrets, Redactor, SecretStore, StreamRedactor
+from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from shoal.node.secrets import (
+    MASK,
+    MissingSecrets,
+    Redactor,
+    SecretsNotGranted,
+    SecretStore,
+    StreamRedactor,
+)
 from shoal.v1 import task_pb2
 
 SECRET = "hunter2-s3cr3t"
@@ -121,7 +131,95 @@ def test_unusable_env_names_are_the_tasks_fault(bad: list[task_pb2.SecretRef]) -
         store.resolve(bad)
 
 
+def test_a_secret_is_for_the_tenants_it_is_granted_to(tmp_path: Path) -> None:
+    (tmp_path / "FILED").write_text("filed-value")
+    settings = NodeSettings(
+        secrets={"ACME": "acme-value", "SHARED": "shared-value", "PLAIN": "plain-value"},
+        secrets_dir=tmp_path,
+        secret_tenants={"ACME": ["acme"], "SHARED": ["*"], "FILED": ["acme", ""]},
+    )
+    store = SecretStore.from_settings(settings)
+
+    assert store.resolve(refs(("ACME", ""), ("SHARED", ""), ("FILED", "")), "acme") == {
+        "ACME": "acme-value",
+        "SHARED": "shared-value",
+        "FILED": "filed-value",
+    }
+    # Not listed: for tasks without a tenant only.
+    assert store.resolve(refs(("PLAIN", ""), ("SHARED", ""), ("FILED", ""))) == {
+        "PLAIN": "plain-value",
+        "SHARED": "shared-value",
+        "FILED": "filed-value",
+    }
+
+
+def test_a_secret_of_another_tenant_is_refused_naming_no_value_nor_tenant(tmp_path: Path) -> None:
+    (tmp_path / "GLOBEX_FILE").write_text("globex-file-value")
+    store = SecretStore(
+        {"GLOBEX": "globex-value", "PLAIN": "plain-value"},
+        tmp_path,
+        {"GLOBEX": ["globex"], "GLOBEX_FILE": ["globex", "initech"]},
+    )
+
+    for tenant in ("acme", ""):
+        with pytest.raises(PermissionDenied) as info:
+            store.resolve(
+                refs(("GLOBEX", "A"), ("GLOBEX_FILE", "B"), ("ABSENT", "C"), ("GLOBEX", "D")),
+                tenant,
+            )
+        assert isinstance(info.value, SecretsNotGranted)
+        assert info.value.names == ["GLOBEX", "GLOBEX_FILE"]
+        for hidden in ("globex-value", "globex-file-value", "'globex'", "initech"):
+            assert hidden not in info.value.message
+    with pytest.raises(SecretsNotGranted) as refused:
+        store.resolve(refs(("PLAIN", "P")), "acme")
+    assert refused.value.names == ["PLAIN"]
+    assert "'acme'" in refused.value.message  # the task's own tenant
+    # A secret this node lacks may be granted on another node: still missing here.
+    with pytest.raises(MissingSecrets) as lacking:
+        store.resolve(refs(("ABSENT", "A")), "acme")
+    assert lacking.value.names == ["ABSENT"]
+
+
 # -- Redactor ------------------------------------------------------------------------------
+
+
+def test_common_encodings_of_a_value_are_redacted() -> None:
+    redactor = Redactor([SECRET, "päss wörd/ünïcode"])
+
+    for value in (SECRET, "päss wörd/ünïcode"):
+        raw = value.encode()
+        for form in (
+            base64.b64encode(raw).decode(),
+            base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            raw.hex(),
+            raw.hex().upper(),
+            quote(value, safe=""),
+            quote(value),
+            quote_plus(value),
+        ):
+            assert redactor.redact(f"<{form}>") == f"<{MASK}>", form
+
+
+_STANDARD = str.maketrans("-_", "+/")
+
+
+@pytest.mark.parametrize("before", range(4))
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode])
+def test_a_value_inside_a_longer_base64_text_is_redacted(before: int, encode: object) -> None:
+    assert callable(encode)
+    text = encode(b"x" * before + f'{{"token": "{SECRET}"}}'.encode() + b"tail").decode()
+
+    redacted = Redactor([SECRET]).redact(text)
+
+    assert MASK in redacted
+    # No 4 characters left anywhere decode to 3 of the value's bytes in a row.
+    for i in range(len(redacted) - 3):
+        try:
+            decoded = base64.b64decode(redacted[i : i + 4].translate(_STANDARD), validate=True)
+        except binascii.Error:
+            continue
+        assert decoded not in SECRET.encode(), (i, redacted)
 
 
 def test_redact_replaces_every_occurrence() -> None:

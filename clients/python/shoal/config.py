@@ -237,6 +237,15 @@ class NodeSettings(_Settings):
     # file per secret (file name = secret name). Values never leave the node.
     secrets: dict[str, str] = Field(default_factory=dict)
     secrets_dir: Path | None = None
+    # The tenants that may use each secret (`[node.secret_tenants]`, `NAME = ["acme", ...]`):
+    # "" stands for tasks without a tenant, "*" for every task. A secret not listed here is for
+    # tasks without a tenant only; a task of another tenant that asks for it fails.
+    secret_tenants: dict[str, list[str]] = Field(default_factory=dict)
+    # shell and python tasks run as this user: a name, or "uid[:gid]", each task in a
+    # directory of its own. "node" (or "") runs them as the node's own user, in `workdir`.
+    # "auto": user "shoal-task" if there is one, else "nobody", when the node runs as root;
+    # the node's own user otherwise.
+    run_as: str = "auto"
     # The resource guard: background work must not fight the machine's own user. While the
     # machine's foreground load (CPU or memory used by everything but this node and its tasks,
     # in percent of the machine) stays over `guard_cpu_percent` or `guard_memory_percent` for

@@ -1,0 +1,134 @@
+"""`run_as`: a node run as root runs shell tasks as an unprivileged user, who cannot read
+Shoal's own files, in a working directory of the task's own. (These tests run as root, as the
+node of a machine does.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import AsyncClient, shell
+from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings, NodeSettings
+from shoal.coordinator.server import CoordinatorServer
+from shoal.node.agent import NodeAgent
+from shoal.node.executors.taskuser import DEDICATED_USER
+from shoal.v1 import task_pb2
+
+from .harness import STARTUP
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = timedelta(seconds=20)
+
+
+@contextlib.asynccontextmanager
+async def open_mesh(root: Path, **node_settings: Any) -> AsyncIterator[tuple[AsyncClient, Path]]:
+    """A coordinator whose data dir is in `root` and a node whose token file is `root`/node.token
+    (0600, as an operator writes it); yields a client and the node's token file."""
+    server = CoordinatorServer(CoordinatorSettings(listen="127.0.0.1:0", data_dir=root / "data"))
+    await server.start()
+    try:
+        token = server.admin_token_path.read_text().strip()
+        token_file = root / "node.token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        node = NodeAgent(
+            NodeSettings(
+                coordinator=server.address,
+                listen="127.0.0.1:0",
+                token_file=token_file,
+                slots=2,
+                **node_settings,
+            )
+        )
+        await node.start()
+        try:
+            await asyncio.wait_for(node.connected.wait(), STARTUP)
+            client = AsyncClient(server.address, token=token)
+            try:
+                yield client, token_file
+            finally:
+                await client.close()
+        finally:
+            await asyncio.wait_for(node.stop(), 20)
+    finally:
+        await asyncio.wait_for(server.stop(), 20)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A directory any user may enter (pytest's tmp_path is private to root): there, only the
+    modes Shoal gives its own files keep a task out."""
+    path = Path(tempfile.mkdtemp(prefix="shoal-run-as-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def default_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(DEDICATED_USER)
+    except KeyError:
+        return pwd.getpwnam("nobody")
+
+
+async def test_a_task_runs_as_the_default_user_and_cannot_read_shoals_files(root: Path) -> None:
+    user = default_user()
+    async with open_mesh(root, run_as="auto") as (client, token_file):
+        data = root / "data"
+        script = (
+            "id -u; id -g; id -G; "
+            f"cat {token_file} || echo no-node-token; "
+            f"cat {data / ADMIN_TOKEN_FILE} || echo no-admin-token; "
+            f"cat {data / 'shoal.db'} > /dev/null || echo no-store; "
+            f"ls {data} || echo no-data-dir"
+        )
+        done = await client.wait((await client.submit(shell(script))).id, timeout=WAIT)
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result
+    token = token_file.read_text().strip()
+    lines = done.result.stdout.splitlines()
+    assert lines[:3] == [str(user.pw_uid), str(user.pw_gid), str(user.pw_gid)]  # no root group
+    assert lines[3:] == ["no-node-token", "no-admin-token", "no-store", "no-data-dir"]
+    assert token not in done.result.stdout
+    assert done.result.stderr.count("Permission denied") == 4, done.result.stderr
+
+
+async def test_a_task_of_another_user_works_in_a_directory_of_its_own(root: Path) -> None:
+    user = default_user()
+    async with open_mesh(root, run_as=f"{user.pw_uid}:{user.pw_gid}", workdir=root) as (client, _):
+        script = 'pwd; echo "$HOME"; echo written > out.txt; cat out.txt; ls -ld . | cut -c1-10'
+        done = await client.wait((await client.submit(shell(script))).id, timeout=WAIT)
+        # Another task gets another directory: nothing of the first is left.
+        second = await client.wait((await client.submit(shell(["ls", "-A"]))).id, timeout=WAIT)
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result
+    cwd, home, written, mode = done.result.stdout.splitlines()
+    assert Path(cwd).parent == root and Path(cwd).name.startswith("shoal-task-")
+    assert (home, written, mode) == (cwd, "written", "drwx------")
+    assert second.state == task_pb2.TASK_STATE_SUCCEEDED, second.result
+    assert second.result.stdout == ""
+    # Each was removed once its task ended.
+    left = await asyncio.to_thread(lambda: [p for p in root.iterdir() if p.name != "data"])
+    assert left == [root / "node.token"]
+
+
+async def test_run_as_node_keeps_the_nodes_own_user(root: Path) -> None:
+    async with open_mesh(root, run_as="node") as (client, token_file):
+        done = await client.wait(
+            (await client.submit(shell(f"id -u; cat {token_file}"))).id, timeout=WAIT
+        )
+
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result
+    assert done.result.stdout.splitlines() == [str(os.geteuid()), token_file.read_text().strip()]

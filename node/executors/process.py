@@ -122,9 +122,8 @@ async def run_process(
         merged = _environment(
             env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
         )
-        # No supplementary group of the node's (root's) stays; what the task writes is its own.
-        as_user = {"user": user.uid, "group": user.gid, "extra_groups": [], "umask": 0o077}
-        return await _run(argv, ctx, merged, cwd or home, stdin, as_user)
+        # What the task writes is its own (umask 077).
+        return await _run(user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077})
     finally:
         await asyncio.to_thread(shutil.rmtree, home, True)
 

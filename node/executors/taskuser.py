@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
+import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ __all__ = ["DEDICATED_USER", "TaskUser", "task_user"]
 DEDICATED_USER = "shoal-task"
 """The user `run_as = "auto"` picks when it exists (else `nobody`), for a node run as root."""
 
+_log = logging.getLogger("shoal.node")
 _NODE = frozenset({"", "node"})
 _AUTO = "auto"
 
@@ -27,6 +31,25 @@ class TaskUser:
     uid: int
     gid: int
     name: str  # its name, or its uid when it has none
+    setpriv: str = "setpriv"  # util-linux's, which drops to this user before it execs
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv`, run as this user with no other group and no way to gain privileges (setuid
+        programs stay unprivileged).
+
+        The switch happens in setpriv, after the node's exec: a node process holds gRPC's
+        threads, and a child that switched users itself would have to fork (not vfork), which
+        runs gRPC's fork handlers in the child, where they crash.
+        """
+        return [
+            self.setpriv,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
 
     def make_dir(self, parent: Path | None) -> Path:
         """A new directory in `parent` (None: the system's temporary one) that only this user
@@ -50,6 +73,11 @@ def task_user(run_as: str) -> TaskUser | None:
         return None
     if run_as == _AUTO:
         if os.geteuid() != 0:
+            return None
+        if shutil.which("setpriv") is None:
+            _log.warning(
+                "tasks run as root: setpriv (util-linux) is missing, so run_as cannot switch"
+            )
             return None
         run_as = DEDICATED_USER if _known(DEDICATED_USER) else "nobody"
     user, _, group = run_as.partition(":")
@@ -75,7 +103,10 @@ def task_user(run_as: str) -> TaskUser | None:
             f"run_as {run_as!r}: only a node running as root can run tasks as another user"
             ' (run_as = "node" runs them as the node\'s own)'
         )
-    return TaskUser(uid, gid, name)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise InvalidArgument(f"run_as {run_as!r} needs setpriv (util-linux) on the PATH")
+    return TaskUser(uid, gid, name, setpriv)
 
 
 def _known(name: str) -> bool:

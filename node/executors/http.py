@@ -2,7 +2,8 @@
 
 The status is the exit code: 2xx and 3xx succeed, 4xx fail the task, and 5xx or a host that
 cannot be reached are infrastructure failures (the backend failed, not the task). Redirects are
-followed, and every hop's host is checked against `http_allow_hosts`.
+followed, and every hop's host is checked against `http_allow_hosts`; a host outside it is the
+task's failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 
 from shoal.config import NodeSettings
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.v1 import task_pb2
 
 __all__ = ["HostAllowlist", "HttpExecutor"]
@@ -78,12 +79,16 @@ class HostAllowlist:
         return any(p.matches(host, port) for p in self._patterns)
 
 
-class _BadUrl(Exception):
+class _BadUrl(TaskError):
     """The task's URL cannot be called at all (no host, another scheme)."""
 
 
-class _Refused(Exception):
-    """A request (or one of its redirects) goes where this node does not let tasks go."""
+class _Refused(TaskError):
+    """A request (or one of its redirects) goes where this node does not let tasks go.
+
+    The task's failure, not the node's: the allowlist is not advertised, so a task that calls a
+    host only some nodes allow is placed (by labels) on those.
+    """
 
 
 def _failed(error: str, *, infrastructure: bool = False, **fields: Any) -> Outcome:
@@ -147,11 +152,8 @@ class HttpExecutor(Executor):
                 (h.method or "GET").upper(), url, headers=dict(h.headers), content=h.body or None
             )
             response = await client.send(request, stream=True)
-        except _Refused as err:
-            # Another node may allow the host: this node's set-up, not the task, is in the way.
-            return _failed(str(err), infrastructure=True)
-        except _BadUrl as err:
-            return _failed(str(err))
+        except TaskError as err:
+            return err.outcome()
         except httpx.TooManyRedirects:
             return _failed(f"{h.url} redirects more than {client.max_redirects} times")
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as err:

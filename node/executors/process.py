@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
-from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
 from shoal.v1 import task_pb2
 
 __all__ = ["NODE_ONLY_VARIABLES", "run_process"]
@@ -102,13 +102,9 @@ async def run_process(
     if ctx.workdir is not None:
         if not ctx.workdir.is_dir():
             # The node's set-up is wrong, not the task: another node may run it.
-            return Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=f"the node's workdir {ctx.workdir} is not a directory",
-                    infrastructure_failure=True,
-                ),
-            )
+            return InfrastructureError(
+                f"the node's workdir {ctx.workdir} is not a directory"
+            ).outcome()
         cwd = str(ctx.workdir / cwd) if cwd else str(ctx.workdir)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -121,13 +117,11 @@ async def run_process(
             start_new_session=True,
         )
     except OSError as err:
-        # The command could not start (not found, not executable, bad cwd): the task's fault.
-        return Outcome(
-            task_pb2.TASK_STATE_FAILED,
-            task_pb2.TaskResult(
-                exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"
-            ),
-        )
+        # The command could not start (not found, not executable, bad cwd): the task named
+        # it. A task that needs a program only some nodes have is placed there by labels.
+        return TaskError(
+            f"cannot start {argv[0]!r}: {err.strerror or err}", exit_code=127
+        ).outcome()
     ctx.groups.add(proc.pid)
     out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
     assert proc.stdout is not None and proc.stderr is not None

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from shoal.config import NodeSettings
+from shoal.node.executors.addresses import IPAddress, checked_transport, is_public
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.v1 import task_pb2
 
@@ -63,6 +64,11 @@ class _HostPattern:
             return host.endswith(self.host[1:])
         return host == self.host
 
+    @property
+    def exact(self) -> bool:
+        """Whether it names one host (no wildcard)."""
+        return not self.host.startswith("*")
+
 
 class HostAllowlist:
     """The hosts a node's http tasks may call (see NodeSettings.http_allow_hosts).
@@ -77,6 +83,12 @@ class HostAllowlist:
         host = url.host.lower().rstrip(".")
         port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)
         return any(p.matches(host, port) for p in self._patterns)
+
+    def names(self, host: str, port: int) -> bool:
+        """Whether an entry without a wildcard allows `host` (a name or an address) at `port`:
+        only such an entry lets tasks reach a loopback or private address."""
+        host = host.lower().rstrip(".")
+        return any(p.exact and p.matches(host, port) for p in self._patterns)
 
 
 class _BadUrl(TaskError):
@@ -120,8 +132,20 @@ class HttpExecutor(Executor):
                 # No proxy variables or .netrc of the node: tasks must not borrow its credentials.
                 trust_env=False,
                 event_hooks={"request": [self._check_hop]},
+                transport=checked_transport(self._may_connect),
             )
         return self._client
+
+    def _may_connect(self, host: str, port: int, address: IPAddress) -> bool:
+        """Whether a connection to `host` may go to `address`: a public one, or one the
+        allowlist names (the address, or the host without a wildcard): `*.example.com` must
+        not lead to the node's own services or its network."""
+        return (
+            is_public(address)
+            or self.settings.http_allow_private
+            or self.allowlist.names(host, port)
+            or self.allowlist.names(str(address), port)
+        )
 
     def _check(self, url: httpx.URL) -> None:
         """Raise _BadUrl or _Refused unless a task may call `url`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from google.protobuf import json_format
 
 from shoal.config import NodeSettings
+from shoal.node.executors.addresses import is_public
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.http import HostAllowlist, HttpExecutor
 from shoal.v1 import task_pb2
@@ -193,3 +195,71 @@ async def test_a_url_that_cannot_be_called_fails_the_task(run: _Run, url: str) -
     assert outcome.state == task_pb2.TASK_STATE_FAILED
     assert not outcome.result.infrastructure_failure
     assert outcome.result.error
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("ff02::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("93.184.215.14", True),
+        ("2606:4700::6810:84e5", True),
+    ],
+)
+def test_only_public_unicast_addresses_are_public(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_wildcard_does_not_reach_loopback(server: LoopbackHttp, host: str) -> None:
+    run = _Run(http_allow_hosts=["*"])
+    try:
+        outcome = await run(server.url("/json", host=host))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    what = "127.0.0.1" if host == "127.0.0.1" else f"host {host} resolves to 127.0.0.1, which"
+    assert f"{what} is not a public address" in outcome.result.error
+    assert not outcome.result.infrastructure_failure  # the task's: no breaker counts it
+    assert server.served == {}
+
+
+@pytest.mark.parametrize(
+    ("settings", "host"),
+    [
+        ({"http_allow_hosts": ["localhost"]}, "localhost"),  # named exactly
+        ({"http_allow_hosts": ["*", "127.0.0.1"]}, "localhost"),  # its address named exactly
+        ({"http_allow_hosts": ["*"], "http_allow_private": True}, "localhost"),
+    ],
+)
+async def test_loopback_is_reached_where_the_node_says_so(
+    server: LoopbackHttp, settings: dict[str, Any], host: str
+) -> None:
+    run = _Run(**settings)
+    try:
+        outcome = await run(server.url("/json", host=host))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert server.served["/json"] == 1
+
+
+async def test_a_redirect_through_a_wildcard_does_not_reach_loopback(server: LoopbackHttp) -> None:
+    # The first hop's host is named exactly; the second is allowed by the wildcard only.
+    run = _Run(http_allow_hosts=[f"localhost:{server.port}", "*"])
+    try:
+        outcome = await run(server.url(f"/redirect?to={server.url('/json')}", host="localhost"))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "127.0.0.1 is not a public address" in outcome.result.error
+    assert server.served == {"/redirect": 1}

@@ -3,7 +3,9 @@
 The status is the exit code: 2xx and 3xx succeed, 4xx fail the task, and 5xx or a host that
 cannot be reached are infrastructure failures (the backend failed, not the task). Redirects are
 followed, and every hop's host is checked against `http_allow_hosts`; a host outside it is the
-task's failure.
+task's failure. A header value may name a secret the task lists, `${{ secrets.NAME }}`: it is
+filled in here, sent to the task's own origin only (not to where it redirects), and masked in
+whatever the response shows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import httpx
 from shoal.config import NodeSettings
 from shoal.node.executors.addresses import IPAddress, checked_transport, is_public
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
+from shoal.node.secrets import MASK, Redactor
+from shoal.specs import SECRET_REFERENCE
 from shoal.v1 import task_pb2
 
 __all__ = ["HostAllowlist", "HttpExecutor"]
@@ -160,6 +164,11 @@ class HttpExecutor(Executor):
     async def _check_hop(self, request: httpx.Request) -> None:
         # httpx calls request hooks before every hop of a redirect chain, the first included.
         self._check(request.url)
+        held = request.extensions.get(_SECRET_HEADERS)
+        if held is not None and _origin(request.url) != held[0]:
+            # A secret goes only where the task sent it, not wherever that host redirects.
+            for name in held[1]:
+                request.headers.pop(name, None)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -172,9 +181,12 @@ class HttpExecutor(Executor):
         try:
             url = httpx.URL(h.url)
             self._check(url)
+            headers, secret_headers = _with_secrets(spec, ctx)
             request = client.build_request(
-                (h.method or "GET").upper(), url, headers=dict(h.headers), content=h.body or None
+                (h.method or "GET").upper(), url, headers=headers, content=h.body or None
             )
+            if secret_headers:
+                request.extensions[_SECRET_HEADERS] = (_origin(url), secret_headers)
             response = await client.send(request, stream=True)
         except TaskError as err:
             return err.outcome()
@@ -203,6 +215,7 @@ class HttpExecutor(Executor):
         kept: bytearray | None = bytearray()
         tail = ""
         size = 0
+        redactor = ctx.redactor.stream()  # a server may echo the task's secret headers
         try:
             async for data in response.aiter_bytes():
                 size += len(data)
@@ -210,7 +223,7 @@ class HttpExecutor(Executor):
                     kept += data
                     if len(kept) > cap:
                         kept = None
-                text = decoder.decode(data)
+                text = redactor.feed(decoder.decode(data))
                 if text:
                     ctx.emit(task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_STDOUT, data=text))
                     tail = tail + text if len(tail) < 2 * limit else tail[-limit:] + text
@@ -222,7 +235,7 @@ class HttpExecutor(Executor):
                 exit_code=response.status_code,
                 stdout=tail[-limit:],
             )
-        if text := decoder.decode(b"", final=True):
+        if text := redactor.feed(decoder.decode(b"", final=True)) + redactor.flush():
             ctx.emit(task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_STDOUT, data=text))
             tail += text
         status = response.status_code
@@ -230,6 +243,8 @@ class HttpExecutor(Executor):
         output: dict[str, Any] = {"status": status, "headers": dict(response.headers)}
         media_type = response.headers.get("content-type", "application/octet-stream")
         if kept is not None:
+            if ctx.redactor:
+                kept = _redact_bytes(kept, ctx.redactor)
             result.artifacts.add(name="body", data=bytes(kept), media_type=media_type)
             if (body := _json_object(media_type, kept)) is not None:
                 output["json"] = body
@@ -241,6 +256,8 @@ class HttpExecutor(Executor):
                     " it is not kept\n",
                 )
             )
+        if ctx.redactor:
+            output = _redact_json(output, ctx.redactor)
         try:
             result.output.update(output)
         except (ValueError, OverflowError):  # JSON a Struct cannot hold: NaN, huge numbers
@@ -252,6 +269,53 @@ class HttpExecutor(Executor):
         result.error = f"HTTP {status} {response.reason_phrase}".rstrip()
         result.infrastructure_failure = status >= 500  # the backend failed: it feeds breakers
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
+
+
+_SECRET_HEADERS = "shoal.secret_headers"
+"""A request extension: (the origin the task called, the headers that carry its secrets)."""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+
+
+def _with_secrets(
+    spec: task_pb2.TaskSpec, ctx: ExecutionContext
+) -> tuple[dict[str, str], list[str]]:
+    """The task's headers with each `${{ secrets.NAME }}` filled in from its resolved secrets,
+    and the names of the headers that got one. Raises TaskError for a secret it does not list."""
+    headers = dict(spec.http.headers)
+    filled: list[str] = []
+    for name, value in headers.items():
+        if "${{" not in value:
+            continue
+        headers[name] = SECRET_REFERENCE.sub(lambda m: _secret(spec, ctx, m.group(1)), value)
+        filled.append(name)
+    return headers, filled
+
+
+def _secret(spec: task_pb2.TaskSpec, ctx: ExecutionContext, name: str) -> str:
+    for ref in spec.secrets:
+        if ref.name == name and (value := ctx.secret_env.get(ref.env or ref.name)) is not None:
+            return value
+    raise TaskError(f"a header refers to secret {name!r}, which is not one of the task's secrets")
+
+
+def _redact_bytes(data: bytearray, redactor: Redactor) -> bytearray:
+    for value in redactor.values:  # longest first, as Redactor does
+        data = data.replace(value.encode(), MASK.encode())
+    return data
+
+
+def _redact_json(value: Any, redactor: Redactor) -> Any:
+    """`value` (JSON) with every secret in its strings, keys included, masked."""
+    if isinstance(value, str):
+        return redactor.redact(value)
+    if isinstance(value, dict):
+        return {redactor.redact(k): _redact_json(v, redactor) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_json(v, redactor) for v in value]
+    return value
 
 
 def _json_object(media_type: str, body: bytes | bytearray) -> dict[str, Any] | None:

@@ -8,10 +8,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from shoal import shell
 from shoal.specs import is_final
 from shoal.v1 import task_pb2
+from tests.contract.loopback import LoopbackHttp
 
 from .harness import Mesh, MeshFactory, eventually, gate_script
 
@@ -153,3 +155,36 @@ async def test_tasks_do_not_inherit_the_nodes_shoal_settings(
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED
     assert "PATH=" in done.result.stdout
     assert "SHOAL_" not in done.result.stdout
+
+
+async def test_an_http_header_takes_a_secret_that_only_the_server_sees(
+    mesh_factory: MeshFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with LoopbackHttp() as server:
+        mesh = await mesh_factory(
+            slots=1, secrets={"api-token": TOKEN}, http_allow_hosts=[f"127.0.0.1:{server.port}"]
+        )
+        header = "Bearer ${{ secrets.api-token }}"
+        spec = task_pb2.TaskSpec(
+            http=task_pb2.HttpSpec(url=server.url("/echo"), headers={"Authorization": header})
+        )
+        spec.secrets.add(name="api-token", env="TOKEN")
+
+        done = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+
+        assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result.error
+        [(_, sent)] = server.received
+        assert sent["authorization"] == f"Bearer {TOKEN}"
+        echoed = json_format.MessageToDict(done.result.output)["json"]["headers"]
+        assert echoed["authorization"] == "Bearer ***"
+        assert done.spec.http.headers["Authorization"] == header  # the reference, as submitted
+        shows_no_value(done.SerializeToString())
+
+        def stored() -> bytes:
+            data = stored_bytes(mesh.data_dir)
+            assert b"Bearer ***" in data  # the result is stored: the check below sees it
+            return data
+
+        shows_no_value(await eventually(stored))
+        shows_no_value(caplog.text)

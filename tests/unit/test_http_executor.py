@@ -15,6 +15,7 @@ from shoal.config import NodeSettings
 from shoal.node.executors.addresses import is_public
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.http import HostAllowlist, HttpExecutor
+from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 from tests.contract.loopback import LoopbackHttp
 from tests.integration.harness import free_port
@@ -263,3 +264,61 @@ async def test_a_redirect_through_a_wildcard_does_not_reach_loopback(server: Loo
     assert outcome.state == task_pb2.TASK_STATE_FAILED
     assert "127.0.0.1 is not a public address" in outcome.result.error
     assert server.served == {"/redirect": 1}
+
+
+SECRET = "tok-5c2e9a7f1b3d"
+
+
+async def _with_secret(run: _Run, url: str, headers: dict[str, str]) -> Outcome:
+    """Run an http spec that lists the secret `api-token`, resolved (as the node does) to
+    SECRET."""
+    spec = task_pb2.TaskSpec(http=task_pb2.HttpSpec(url=url, headers=headers))
+    spec.secrets.add(name="api-token", env="TOKEN")
+    ctx = ExecutionContext(
+        "t", run.chunks.append, 4096, secret_env={"TOKEN": SECRET}, redactor=Redactor([SECRET])
+    )
+    return await run.executor.run(spec, ctx)
+
+
+async def test_a_header_takes_a_secret_that_only_the_server_sees(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await _with_secret(
+        run,
+        server.url("/echo"),
+        {"Authorization": "Bearer ${{ secrets.api-token }}", "X-Key": "${{secrets.api-token}}"},
+    )
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    [(_, sent)] = server.received
+    assert (sent["authorization"], sent["x-key"]) == (f"Bearer {SECRET}", SECRET)
+    echoed = _output(outcome)["json"]["headers"]
+    assert (echoed["authorization"], echoed["x-key"]) == ("Bearer ***", "***")
+    assert SECRET not in outcome.result.SerializeToString().decode("latin-1")
+    assert SECRET not in run.said() and "Bearer ***" in run.said()
+
+
+async def test_a_secret_header_is_not_sent_where_a_redirect_leads(server: LoopbackHttp) -> None:
+    run = _Run(http_allow_hosts=[f"127.0.0.1:{server.port}", f"localhost:{server.port}"])
+    try:
+        elsewhere = server.url("/echo", host="localhost")  # another origin
+        outcome = await _with_secret(
+            run,
+            server.url(f"/redirect?to={elsewhere}"),
+            {"X-Key": "${{ secrets.api-token }}", "X-Plain": "kept"},
+        )
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    [(_, first), (_, second)] = server.received
+    assert first["x-key"] == SECRET
+    assert "x-key" not in second and second["x-plain"] == "kept"
+
+
+async def test_a_header_naming_a_secret_the_task_does_not_list_fails_it(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await _with_secret(run, server.url("/echo"), {"X-Key": "${{ secrets.other }}"})
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "secret 'other', which is not one of the task's secrets" in outcome.result.error
+    assert not outcome.result.infrastructure_failure
+    assert server.served == {}

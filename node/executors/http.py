@@ -257,7 +257,11 @@ class HttpExecutor(Executor):
                 )
             )
         if ctx.redactor:
-            output = _redact_json(output, ctx.redactor)
+            try:
+                output = _redact_json(output, ctx.redactor)
+            except RecursionError:  # JSON nested too deep to walk: the body stays an artifact
+                del output["json"]
+                output = _redact_json(output, ctx.redactor)
         try:
             result.output.update(output)
         except (ValueError, OverflowError):  # JSON a Struct cannot hold: NaN, huge numbers

@@ -17,6 +17,7 @@ from shoal.node.executors.base import (
     Outcome,
     TaskError,
 )
+from shoal.node.executors.docker import _EngineError, _is_task_error
 from shoal.v1 import task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -74,3 +75,16 @@ async def test_a_secret_the_node_lacks_is_the_tasks_failure() -> None:
     assert state == task_pb2.TASK_STATE_FAILED
     assert "secrets not configured on this node: 'absent'" in result.error
     assert not result.infrastructure_failure
+
+
+@pytest.mark.parametrize(
+    ("error", "tasks"),
+    [
+        ("manifest for x:1 not found: manifest unknown", True),
+        ("pull access denied for x, repository does not exist or may require 'docker login'", True),
+        ('Get "https://registry-1.docker.io/v2/": dial tcp: lookup registry: no such host', False),
+        ("unexpected EOF", False),
+    ],
+)
+def test_a_pull_that_finds_no_such_image_is_the_tasks_failure(error: str, tasks: bool) -> None:
+    assert _is_task_error(_EngineError(f"pulling x:1: {error}")) is tasks

@@ -10,7 +10,9 @@ position in `depends_on`:
     ${{ deps[0].output }}        its structured (JSON) result, as JSON
     ${{ deps[0].output.a.b }}    one value inside it: a string as is, anything else as JSON
 
-References are checked at submit time and filled in when the task is dispatched.
+References are checked at submit time and filled in when the task is dispatched. An http
+task's header values may also name the task's node secrets, `${{ secrets.NAME }}`: those stay
+as they are, for the node to fill in.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from shoal.specs import SECRET_REFERENCE
 from shoal.v1 import task_pb2
 
 __all__ = ["references", "render"]
@@ -73,7 +76,16 @@ def references(spec: task_pb2.TaskSpec) -> Iterator[tuple[str, int | None]]:
             ok = _REF.fullmatch(m.group(0))
             found.append((m.group(0), int(ok.group(1)) if ok else None))
 
-    if (kind := _kind(spec)) is not None:
+    kind = _kind(spec)
+    if isinstance(kind, task_pb2.HttpSpec) and kind.headers:
+        # `${{ secrets.NAME }}` in a header value is no upstream's: the node fills it in.
+        for value in kind.headers.values():
+            scan(SECRET_REFERENCE.sub("", value))
+        bare = task_pb2.HttpSpec()
+        bare.CopyFrom(kind)
+        bare.ClearField("headers")
+        kind = bare
+    if kind is not None:
         _each_string(kind, lambda s: scan(s) if "${{" in s else None)
     return iter(found)
 

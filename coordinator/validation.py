@@ -15,7 +15,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.scheduler import fields_of
 from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
-from shoal.specs import duration
+from shoal.specs import duration, secret_references
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = [
@@ -220,6 +220,10 @@ def _check_scheduling(
         for text, index in references(spec):
             if index is None or index >= len(spec.depends_on):
                 bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
+        listed = {ref.name for ref in spec.secrets}
+        for secret in secret_references(spec):
+            if secret not in listed:
+                bad("http.headers", f"secret {secret[:80]!r} is not one of the task's secrets")
     if _SCHEDULING.isdisjoint(present):
         return
     for i, sel in enumerate(spec.selectors):

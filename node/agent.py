@@ -39,7 +39,14 @@ from shoal.handshake import OwnAddresses
 from shoal.node.deadline import PausableDeadline
 from shoal.node.direct import DirectTask, DirectTasks, check_direct_request
 from shoal.node.discovery import NodeDiscovery
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, available_executors
+from shoal.node.executors.base import (
+    ExecutionContext,
+    Executor,
+    Outcome,
+    RunFailed,
+    TaskError,
+    available_executors,
+)
 from shoal.node.executors.groups import ProcessGroups
 from shoal.node.executors.llm import LlmExecutor
 from shoal.node.executors.ollama import OllamaExecutor
@@ -672,18 +679,15 @@ class NodeAgent:
             except SecretsNotGranted as err:
                 # The task asked for what its tenant may not have: its own mistake.
                 _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
-                return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
+                return TaskError(err.message).outcome()
             except MissingSecrets as err:
-                # Another node may hold them: this node's shortcoming, not the task's.
+                # The task's, not the node's: secrets are not advertised, so a task that needs
+                # some must be placed (by labels) on nodes that hold them. Counting it against
+                # the node would let any submitter open every node's breakers.
                 _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
-                return Outcome(
-                    task_pb2.TASK_STATE_FAILED,
-                    task_pb2.TaskResult(
-                        error=f"{err.message} (node {self.node_id})", infrastructure_failure=True
-                    ),
-                )
+                return TaskError(f"{err.message} (node {self.node_id})").outcome()
             except InvalidArgument as err:
-                return Outcome(task_pb2.TASK_STATE_FAILED, task_pb2.TaskResult(error=err.message))
+                return TaskError(err.message).outcome()
             if secret_env:
                 redactor = Redactor(secret_env.values())
             run.report.started()
@@ -713,6 +717,8 @@ class NodeAgent:
                 task_pb2.TASK_STATE_CANCELLED,
                 task_pb2.TaskResult(exit_code=-9, error=run.stop),
             )
+        except RunFailed as err:
+            outcome = err.outcome()  # redacted below, like any other
         except Exception as err:
             # Formatted here rather than by logging, so that it can be redacted.
             _log.error(

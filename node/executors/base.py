@@ -14,7 +14,16 @@ from shoal.node.executors.groups import ProcessGroups
 from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 
-__all__ = ["ExecutionContext", "Executor", "Outcome", "available_executors", "register"]
+__all__ = [
+    "ExecutionContext",
+    "Executor",
+    "InfrastructureError",
+    "Outcome",
+    "RunFailed",
+    "TaskError",
+    "available_executors",
+    "register",
+]
 
 Emit = Callable[[task_pb2.OutputChunk], None]
 
@@ -47,8 +56,55 @@ class Outcome:
     result: task_pb2.TaskResult
 
 
+class RunFailed(Exception):
+    """A run failed outside the task's own code; `infrastructure` says whose fault it was.
+
+    Raise `TaskError` or `InfrastructureError` from `run` (the node reports it as the task's
+    FAILED outcome), or return its `outcome()`.
+    """
+
+    def __init__(self, message: str, *, infrastructure: bool, exit_code: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.infrastructure = infrastructure
+        self.exit_code = exit_code
+
+    def outcome(self) -> Outcome:
+        """The FAILED outcome that reports it."""
+        return Outcome(
+            task_pb2.TASK_STATE_FAILED,
+            task_pb2.TaskResult(
+                exit_code=self.exit_code,
+                error=self.message,
+                infrastructure_failure=self.infrastructure,
+            ),
+        )
+
+
+class TaskError(RunFailed):
+    """The task's own mistake: bad arguments, or a secret, host, image, tool or model it asks
+    for and may not have. It fails the task and never counts against the node, its executor or
+    a backend (no circuit breaker), nor is it retried as an infrastructure failure: otherwise
+    any submitter could shut nodes out for everyone with tasks that cannot run anywhere."""
+
+    def __init__(self, message: str, *, exit_code: int = 0) -> None:
+        super().__init__(message, infrastructure=False, exit_code=exit_code)
+
+
+class InfrastructureError(RunFailed):
+    """The node, its executor or an outside service failed, not the task: it counts toward
+    their circuit breakers, and the task's retry policy retries it (elsewhere, perhaps)."""
+
+    def __init__(self, message: str, *, exit_code: int = 0) -> None:
+        super().__init__(message, infrastructure=True, exit_code=exit_code)
+
+
 class Executor(ABC):
     """Runs one kind of spec. Cancellation arrives as asyncio.CancelledError and must clean up.
+
+    A failure outside the task's own code is a `TaskError` or an `InfrastructureError`; any
+    other exception escaping `run` is the executor's bug and counts as an infrastructure
+    failure.
 
     Built once per node with the node's settings; `options` is its own table of them,
     `[node.executor_options.<name>]` (for third-party executors).

@@ -49,7 +49,14 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from shoal.config import NodeSettings
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.base import (
+    ExecutionContext,
+    Executor,
+    InfrastructureError,
+    Outcome,
+    TaskError,
+    register,
+)
 from shoal.node.executors.process import _Tail
 from shoal.node.executors.secretfiles import (
     SECRETS_DIR,
@@ -98,23 +105,26 @@ class _EngineError(Exception):
     """The engine failed in a way its API did not map to a status (e.g. a failed pull)."""
 
 
-def _failed(error: str, *, exit_code: int = 0, infrastructure: bool = False) -> Outcome:
-    return Outcome(
-        task_pb2.TASK_STATE_FAILED,
-        task_pb2.TaskResult(
-            exit_code=exit_code, error=error, infrastructure_failure=infrastructure
-        ),
-    )
+def _failed(error: str, *, exit_code: int = 0) -> Outcome:
+    """The task asked for what it cannot have here."""
+    return TaskError(error, exit_code=exit_code).outcome()
 
 
 def _engine_failure(err: Exception, doing: str) -> Outcome:
     """A failure of the engine itself (unreachable, 5xx): another node may run the task."""
     detail = err.explanation if isinstance(err, APIError) and err.explanation else err
-    return _failed(f"docker engine failed while {doing}: {detail}", infrastructure=True)
+    return InfrastructureError(f"docker engine failed while {doing}: {detail}").outcome()
+
+
+# What a registry says, in a pull's stream, of an image that does not exist (or that the
+# node may not pull): the task named it, so it is the task's failure, not the engine's.
+_NO_SUCH_IMAGE = ("not found", "manifest unknown", "repository does not exist", "access denied")
 
 
 def _is_task_error(err: Exception) -> bool:
     """Whether the engine refused what the task asked (4xx), rather than failing (5xx)."""
+    if isinstance(err, _EngineError):
+        return any(words in str(err).lower() for words in _NO_SUCH_IMAGE)
     return isinstance(err, APIError) and err.is_client_error()
 
 
@@ -383,7 +393,7 @@ class DockerExecutor(Executor):
                 secrets = await asyncio.to_thread(write_secret_files, ctx.secret_env, owner)
             except OSError as err:
                 why = err.strerror or err
-                return _failed(f"cannot write the task's secret files: {why}", infrastructure=True)
+                return InfrastructureError(f"cannot write the task's secret files: {why}").outcome()
         doing = "connecting"
         try:
             client = await self._engine()

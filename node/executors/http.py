@@ -2,7 +2,10 @@
 
 The status is the exit code: 2xx and 3xx succeed, 4xx fail the task, and 5xx or a host that
 cannot be reached are infrastructure failures (the backend failed, not the task). Redirects are
-followed, and every hop's host is checked against `http_allow_hosts`.
+followed, and every hop's host is checked against `http_allow_hosts`; a host outside it is the
+task's failure. A header value may name a secret the task lists, `${{ secrets.NAME }}`: it is
+filled in here, sent to the task's own origin only (not to where it redirects), and masked in
+whatever the response shows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import Any
 import httpx
 
 from shoal.config import NodeSettings
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.addresses import IPAddress, checked_transport, is_public
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
+from shoal.node.secrets import MASK, Redactor
+from shoal.specs import SECRET_REFERENCE
 from shoal.v1 import task_pb2
 
 __all__ = ["HostAllowlist", "HttpExecutor"]
@@ -62,6 +68,11 @@ class _HostPattern:
             return host.endswith(self.host[1:])
         return host == self.host
 
+    @property
+    def exact(self) -> bool:
+        """Whether it names one host (no wildcard)."""
+        return not self.host.startswith("*")
+
 
 class HostAllowlist:
     """The hosts a node's http tasks may call (see NodeSettings.http_allow_hosts).
@@ -77,13 +88,23 @@ class HostAllowlist:
         port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)
         return any(p.matches(host, port) for p in self._patterns)
 
+    def names(self, host: str, port: int) -> bool:
+        """Whether an entry without a wildcard allows `host` (a name or an address) at `port`:
+        only such an entry lets tasks reach a loopback or private address."""
+        host = host.lower().rstrip(".")
+        return any(p.exact and p.matches(host, port) for p in self._patterns)
 
-class _BadUrl(Exception):
+
+class _BadUrl(TaskError):
     """The task's URL cannot be called at all (no host, another scheme)."""
 
 
-class _Refused(Exception):
-    """A request (or one of its redirects) goes where this node does not let tasks go."""
+class _Refused(TaskError):
+    """A request (or one of its redirects) goes where this node does not let tasks go.
+
+    The task's failure, not the node's: the allowlist is not advertised, so a task that calls a
+    host only some nodes allow is placed (by labels) on those.
+    """
 
 
 def _failed(error: str, *, infrastructure: bool = False, **fields: Any) -> Outcome:
@@ -115,8 +136,20 @@ class HttpExecutor(Executor):
                 # No proxy variables or .netrc of the node: tasks must not borrow its credentials.
                 trust_env=False,
                 event_hooks={"request": [self._check_hop]},
+                transport=checked_transport(self._may_connect),
             )
         return self._client
+
+    def _may_connect(self, host: str, port: int, address: IPAddress) -> bool:
+        """Whether a connection to `host` may go to `address`: a public one, or one the
+        allowlist names (the address, or the host without a wildcard): `*.example.com` must
+        not lead to the node's own services or its network."""
+        return (
+            is_public(address)
+            or self.settings.http_allow_private
+            or self.allowlist.names(host, port)
+            or self.allowlist.names(str(address), port)
+        )
 
     def _check(self, url: httpx.URL) -> None:
         """Raise _BadUrl or _Refused unless a task may call `url`."""
@@ -131,6 +164,11 @@ class HttpExecutor(Executor):
     async def _check_hop(self, request: httpx.Request) -> None:
         # httpx calls request hooks before every hop of a redirect chain, the first included.
         self._check(request.url)
+        held = request.extensions.get(_SECRET_HEADERS)
+        if held is not None and _origin(request.url) != held[0]:
+            # A secret goes only where the task sent it, not wherever that host redirects.
+            for name in held[1]:
+                request.headers.pop(name, None)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -143,15 +181,15 @@ class HttpExecutor(Executor):
         try:
             url = httpx.URL(h.url)
             self._check(url)
+            headers, secret_headers = _with_secrets(spec, ctx)
             request = client.build_request(
-                (h.method or "GET").upper(), url, headers=dict(h.headers), content=h.body or None
+                (h.method or "GET").upper(), url, headers=headers, content=h.body or None
             )
+            if secret_headers:
+                request.extensions[_SECRET_HEADERS] = (_origin(url), secret_headers)
             response = await client.send(request, stream=True)
-        except _Refused as err:
-            # Another node may allow the host: this node's set-up, not the task, is in the way.
-            return _failed(str(err), infrastructure=True)
-        except _BadUrl as err:
-            return _failed(str(err))
+        except TaskError as err:
+            return err.outcome()
         except httpx.TooManyRedirects:
             return _failed(f"{h.url} redirects more than {client.max_redirects} times")
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError) as err:
@@ -177,6 +215,7 @@ class HttpExecutor(Executor):
         kept: bytearray | None = bytearray()
         tail = ""
         size = 0
+        redactor = ctx.redactor.stream()  # a server may echo the task's secret headers
         try:
             async for data in response.aiter_bytes():
                 size += len(data)
@@ -184,7 +223,7 @@ class HttpExecutor(Executor):
                     kept += data
                     if len(kept) > cap:
                         kept = None
-                text = decoder.decode(data)
+                text = redactor.feed(decoder.decode(data))
                 if text:
                     ctx.emit(task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_STDOUT, data=text))
                     tail = tail + text if len(tail) < 2 * limit else tail[-limit:] + text
@@ -196,7 +235,7 @@ class HttpExecutor(Executor):
                 exit_code=response.status_code,
                 stdout=tail[-limit:],
             )
-        if text := decoder.decode(b"", final=True):
+        if text := redactor.feed(decoder.decode(b"", final=True)) + redactor.flush():
             ctx.emit(task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_STDOUT, data=text))
             tail += text
         status = response.status_code
@@ -204,6 +243,8 @@ class HttpExecutor(Executor):
         output: dict[str, Any] = {"status": status, "headers": dict(response.headers)}
         media_type = response.headers.get("content-type", "application/octet-stream")
         if kept is not None:
+            if ctx.redactor:
+                kept = _redact_bytes(kept, ctx.redactor)
             result.artifacts.add(name="body", data=bytes(kept), media_type=media_type)
             if (body := _json_object(media_type, kept)) is not None:
                 output["json"] = body
@@ -215,6 +256,12 @@ class HttpExecutor(Executor):
                     " it is not kept\n",
                 )
             )
+        if ctx.redactor:
+            try:
+                output = _redact_json(output, ctx.redactor)
+            except RecursionError:  # JSON nested too deep to walk: the body stays an artifact
+                del output["json"]
+                output = _redact_json(output, ctx.redactor)
         try:
             result.output.update(output)
         except (ValueError, OverflowError):  # JSON a Struct cannot hold: NaN, huge numbers
@@ -226,6 +273,53 @@ class HttpExecutor(Executor):
         result.error = f"HTTP {status} {response.reason_phrase}".rstrip()
         result.infrastructure_failure = status >= 500  # the backend failed: it feeds breakers
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
+
+
+_SECRET_HEADERS = "shoal.secret_headers"
+"""A request extension: (the origin the task called, the headers that carry its secrets)."""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+
+
+def _with_secrets(
+    spec: task_pb2.TaskSpec, ctx: ExecutionContext
+) -> tuple[dict[str, str], list[str]]:
+    """The task's headers with each `${{ secrets.NAME }}` filled in from its resolved secrets,
+    and the names of the headers that got one. Raises TaskError for a secret it does not list."""
+    headers = dict(spec.http.headers)
+    filled: list[str] = []
+    for name, value in headers.items():
+        if "${{" not in value:
+            continue
+        headers[name] = SECRET_REFERENCE.sub(lambda m: _secret(spec, ctx, m.group(1)), value)
+        filled.append(name)
+    return headers, filled
+
+
+def _secret(spec: task_pb2.TaskSpec, ctx: ExecutionContext, name: str) -> str:
+    for ref in spec.secrets:
+        if ref.name == name and (value := ctx.secret_env.get(ref.env or ref.name)) is not None:
+            return value
+    raise TaskError(f"a header refers to secret {name!r}, which is not one of the task's secrets")
+
+
+def _redact_bytes(data: bytearray, redactor: Redactor) -> bytearray:
+    for value in redactor.values:  # longest first, as Redactor does
+        data = data.replace(value.encode(), MASK.encode())
+    return data
+
+
+def _redact_json(value: Any, redactor: Redactor) -> Any:
+    """`value` (JSON) with every secret in its strings, keys included, masked."""
+    if isinstance(value, str):
+        return redactor.redact(value)
+    if isinstance(value, dict):
+        return {redactor.redact(k): _redact_json(v, redactor) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_json(v, redactor) for v in value]
+    return value
 
 
 def _json_object(media_type: str, body: bytes | bytearray) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import ollama
 from google.protobuf import json_format
 
 from shoal.config import NodeSettings
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, RunFailed, register
 from shoal.v1 import task_pb2
 
 __all__ = [
@@ -43,13 +43,11 @@ _CONNECT_TIMEOUT = 10.0  # the task's own timeout bounds the rest (a model loads
 MAX_ERROR = 500  # characters of a backend's error message kept in a result
 
 
-class ModelCallFailed(Exception):
+class ModelCallFailed(RunFailed):
     """A model call failed: the task's fault, or (`infrastructure`) the backend's or the node's."""
 
     def __init__(self, message: str, *, infrastructure: bool) -> None:
-        super().__init__(message)
-        self.message = message[:MAX_ERROR]
-        self.infrastructure = infrastructure
+        super().__init__(message[:MAX_ERROR], infrastructure=infrastructure)
 
 
 @dataclass
@@ -111,10 +109,7 @@ async def closing(stream: AsyncIterator[_T]) -> AsyncGenerator[AsyncIterator[_T]
 
 
 def failed(err: ModelCallFailed) -> Outcome:
-    return Outcome(
-        task_pb2.TASK_STATE_FAILED,
-        task_pb2.TaskResult(error=err.message, infrastructure_failure=err.infrastructure),
-    )
+    return err.outcome()
 
 
 def _options(spec: task_pb2.OllamaSpec) -> dict[str, Any] | None:

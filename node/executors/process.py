@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
 from shoal.node.executors.taskuser import TaskUser
 from shoal.v1 import task_pb2
 
@@ -97,13 +97,7 @@ async def run_process(
     """
     if ctx.workdir is not None and not ctx.workdir.is_dir():
         # The node's set-up is wrong, not the task: another node may run it.
-        return Outcome(
-            task_pb2.TASK_STATE_FAILED,
-            task_pb2.TaskResult(
-                error=f"the node's workdir {ctx.workdir} is not a directory",
-                infrastructure_failure=True,
-            ),
-        )
+        return InfrastructureError(f"the node's workdir {ctx.workdir} is not a directory").outcome()
     if cwd:
         cwd = str(ctx.workdir / cwd) if ctx.workdir is not None else cwd
     if user is None:
@@ -111,13 +105,9 @@ async def run_process(
     try:
         home = await asyncio.to_thread(user.make_dir, ctx.workdir)
     except OSError as err:
-        return Outcome(
-            task_pb2.TASK_STATE_FAILED,
-            task_pb2.TaskResult(
-                error=f"cannot make a directory for user {user.name}: {err.strerror or err}",
-                infrastructure_failure=True,
-            ),
-        )
+        return InfrastructureError(
+            f"cannot make a directory for user {user.name}: {err.strerror or err}"
+        ).outcome()
     try:
         merged = _environment(
             env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
@@ -167,13 +157,11 @@ async def _run(
             **as_user,
         )
     except OSError as err:
-        # The command could not start (not found, not executable, bad cwd): the task's fault.
-        return Outcome(
-            task_pb2.TASK_STATE_FAILED,
-            task_pb2.TaskResult(
-                exit_code=127, error=f"cannot start {argv[0]!r}: {err.strerror or err}"
-            ),
-        )
+        # The command could not start (not found, not executable, bad cwd): the task named
+        # it. A task that needs a program only some nodes have is placed there by labels.
+        return TaskError(
+            f"cannot start {argv[0]!r}: {err.strerror or err}", exit_code=127
+        ).outcome()
     ctx.groups.add(proc.pid)
     out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
     assert proc.stdout is not None and proc.stderr is not None

@@ -20,7 +20,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from shoal.config import NodeSettings
-from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
+from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.v1 import task_pb2
 
 __all__ = ["Tool", "ToolExecutor", "installed_tools"]
@@ -98,15 +98,12 @@ class ToolExecutor(Executor):
         name = spec.tool.name
         tool = self._tools.get(name)
         if tool is None:
-            # Another node may offer it: this node's shortcoming, not the task's.
-            return Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=f"tool {name!r} is not offered here"
-                    f" (this node offers {', '.join(self.tools()) or 'none'})",
-                    infrastructure_failure=True,
-                ),
-            )
+            # The task's: the coordinator sends a tool task only to nodes that offer its tool,
+            # so only a caller that picked the node itself gets here.
+            return TaskError(
+                f"tool {name!r} is not offered here"
+                f" (this node offers {', '.join(self.tools()) or 'none'})"
+            ).outcome()
         data = _plain(json_format.MessageToDict(spec.tool.input))
         try:
             value = await tool(data) if _is_async(tool) else await asyncio.to_thread(tool, data)

@@ -147,8 +147,6 @@ CASES: dict[str, ExecutorCase] = {
         streams=lambda env: Said(tool("slugify", {"text": "Hello, World!"})),
         runs_long=lambda env: Said(tool("sleep", {"seconds": 600})),
         fails=lambda env: tool("slugify", {"text": 3}),
-        # Not offered here: another node may have it.
-        infrastructure_failure=lambda env: tool("no-such-tool", {}),
         silent=True,
     ),
     "docker": ExecutorCase(

@@ -27,12 +27,13 @@ _REASONS = {200: "OK", 302: "Found", 404: "Not Found", 503: "Service Unavailable
 class LoopbackHttp:
     """`async with LoopbackHttp() as http` (or `start()` and `aclose()`), then `url(path)`.
     `holding` counts the /hold responses whose client is still connected; `served` counts
-    requests by path."""
+    requests by path, and `received` holds each request's path and headers (lower-case names)."""
 
     def __init__(self) -> None:
         self.port = 0
         self.holding = 0
         self.served: dict[str, int] = {}
+        self.received: list[tuple[str, dict[str, str]]] = []
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -75,6 +76,7 @@ class LoopbackHttp:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             url = urlsplit(target)
             self.served[url.path] = self.served.get(url.path, 0) + 1
+            self.received.append((url.path, headers))
             await self._route(method, url.path, parse_qs(url.query), headers, body, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

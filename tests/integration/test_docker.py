@@ -18,7 +18,7 @@ import pytest
 from docker.errors import NotFound
 from docker.models.containers import Container
 
-from shoal import docker, shell
+from shoal import docker, retry, shell
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.docker import (
@@ -35,6 +35,7 @@ from tests.chaos.summary import publish
 
 from .docker_engine import IMAGE, DockerEngine, docker_engine  # noqa: F401  (the fixture)
 from .harness import MeshFactory, collect, eventually
+from .test_task_mistakes import no_breakers, two_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -385,3 +386,20 @@ async def test_a_starting_node_removes_its_leftover_containers_only(
         assert other.status == "running"
     finally:
         await asyncio.to_thread(other.remove, force=True)
+
+
+async def test_images_no_node_has_open_no_breaker(mesh_factory: MeshFactory) -> None:
+    mesh = await two_nodes(mesh_factory)
+    once = retry(3, on_exit=False, backoff=timedelta(milliseconds=10))  # infrastructure only
+
+    specs = (docker(f"shoal-test/absent-{i}:1", ["true"], retry=once) for i in range(12))
+    ids = await mesh.client.submit_batch(specs)
+    done = await asyncio.gather(*(mesh.client.wait(i, timeout=WAIT) for i in ids))
+
+    for task in done:
+        assert task.state == task_pb2.TASK_STATE_FAILED, task
+        assert "is not on this node (pull policy never)" in task.result.error
+        assert not task.result.infrastructure_failure and not task.attempts
+    await no_breakers(mesh.client)
+    other = await mesh.client.wait((await mesh.client.submit(docker(IMAGE, ["true"]))).id)
+    assert other.state == task_pb2.TASK_STATE_SUCCEEDED, other

@@ -9,10 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from shoal import AsyncClient, shell
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, task_pb2
+from tests.contract.loopback import LoopbackHttp
 
 from .harness import Mesh, MeshFactory, eventually, gate_script
 
@@ -122,7 +124,7 @@ async def test_missing_secret_fails_the_task_naming_it(
     done = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
 
     assert done.state == task_pb2.TASK_STATE_FAILED
-    assert done.result.infrastructure_failure
+    assert not done.result.infrastructure_failure  # the task's: no breaker counts it
     assert "'NOPE'" in done.result.error and "'ALSO_ABSENT'" in done.result.error
     assert mesh.node.node_id in done.result.error
     assert "'api-token'" not in done.result.error
@@ -200,3 +202,36 @@ async def test_a_tenant_gets_only_the_secrets_granted_to_it(mesh_factory: MeshFa
         assert list(node.breakers) == []
     finally:
         await acme.close()
+
+
+async def test_an_http_header_takes_a_secret_that_only_the_server_sees(
+    mesh_factory: MeshFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with LoopbackHttp() as server:
+        mesh = await mesh_factory(
+            slots=1, secrets={"api-token": TOKEN}, http_allow_hosts=[f"127.0.0.1:{server.port}"]
+        )
+        header = "Bearer ${{ secrets.api-token }}"
+        spec = task_pb2.TaskSpec(
+            http=task_pb2.HttpSpec(url=server.url("/echo"), headers={"Authorization": header})
+        )
+        spec.secrets.add(name="api-token", env="TOKEN")
+
+        done = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+
+        assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result.error
+        [(_, sent)] = server.received
+        assert sent["authorization"] == f"Bearer {TOKEN}"
+        echoed = json_format.MessageToDict(done.result.output)["json"]["headers"]
+        assert echoed["authorization"] == "Bearer ***"
+        assert done.spec.http.headers["Authorization"] == header  # the reference, as submitted
+        shows_no_value(done.SerializeToString())
+
+        def stored() -> bytes:
+            data = stored_bytes(mesh.data_dir)
+            assert b"Bearer ***" in data  # the result is stored: the check below sees it
+            return data
+
+        shows_no_value(await eventually(stored))
+        shows_no_value(caplog.text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,8 +12,10 @@ import pytest
 from google.protobuf import json_format
 
 from shoal.config import NodeSettings
+from shoal.node.executors.addresses import is_public
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.http import HostAllowlist, HttpExecutor
+from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 from tests.contract.loopback import LoopbackHttp
 from tests.integration.harness import free_port
@@ -101,7 +104,7 @@ async def test_nothing_is_allowed_until_configured(server: LoopbackHttp) -> None
     assert outcome.result.error == (
         f"host 127.0.0.1:{server.port} is not in this node's http_allow_hosts"
     )
-    assert outcome.result.infrastructure_failure  # another node may allow it
+    assert not outcome.result.infrastructure_failure  # the task's: no breaker counts it
     assert server.served == {}
 
 
@@ -193,3 +196,129 @@ async def test_a_url_that_cannot_be_called_fails_the_task(run: _Run, url: str) -
     assert outcome.state == task_pb2.TASK_STATE_FAILED
     assert not outcome.result.infrastructure_failure
     assert outcome.result.error
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("ff02::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("93.184.215.14", True),
+        ("2606:4700::6810:84e5", True),
+    ],
+)
+def test_only_public_unicast_addresses_are_public(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_wildcard_does_not_reach_loopback(server: LoopbackHttp, host: str) -> None:
+    run = _Run(http_allow_hosts=["*"])
+    try:
+        outcome = await run(server.url("/json", host=host))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    what = "127.0.0.1" if host == "127.0.0.1" else f"host {host} resolves to 127.0.0.1, which"
+    assert f"{what} is not a public address" in outcome.result.error
+    assert not outcome.result.infrastructure_failure  # the task's: no breaker counts it
+    assert server.served == {}
+
+
+@pytest.mark.parametrize(
+    ("settings", "host"),
+    [
+        ({"http_allow_hosts": ["localhost"]}, "localhost"),  # named exactly
+        ({"http_allow_hosts": ["*", "127.0.0.1"]}, "localhost"),  # its address named exactly
+        ({"http_allow_hosts": ["*"], "http_allow_private": True}, "localhost"),
+    ],
+)
+async def test_loopback_is_reached_where_the_node_says_so(
+    server: LoopbackHttp, settings: dict[str, Any], host: str
+) -> None:
+    run = _Run(**settings)
+    try:
+        outcome = await run(server.url("/json", host=host))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert server.served["/json"] == 1
+
+
+async def test_a_redirect_through_a_wildcard_does_not_reach_loopback(server: LoopbackHttp) -> None:
+    # The first hop's host is named exactly; the second is allowed by the wildcard only.
+    run = _Run(http_allow_hosts=[f"localhost:{server.port}", "*"])
+    try:
+        outcome = await run(server.url(f"/redirect?to={server.url('/json')}", host="localhost"))
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "127.0.0.1 is not a public address" in outcome.result.error
+    assert server.served == {"/redirect": 1}
+
+
+SECRET = "tok-5c2e9a7f1b3d"
+
+
+async def _with_secret(run: _Run, url: str, headers: dict[str, str]) -> Outcome:
+    """Run an http spec that lists the secret `api-token`, resolved (as the node does) to
+    SECRET."""
+    spec = task_pb2.TaskSpec(http=task_pb2.HttpSpec(url=url, headers=headers))
+    spec.secrets.add(name="api-token", env="TOKEN")
+    ctx = ExecutionContext(
+        "t", run.chunks.append, 4096, secret_env={"TOKEN": SECRET}, redactor=Redactor([SECRET])
+    )
+    return await run.executor.run(spec, ctx)
+
+
+async def test_a_header_takes_a_secret_that_only_the_server_sees(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await _with_secret(
+        run,
+        server.url("/echo"),
+        {"Authorization": "Bearer ${{ secrets.api-token }}", "X-Key": "${{secrets.api-token}}"},
+    )
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    [(_, sent)] = server.received
+    assert (sent["authorization"], sent["x-key"]) == (f"Bearer {SECRET}", SECRET)
+    echoed = _output(outcome)["json"]["headers"]
+    assert (echoed["authorization"], echoed["x-key"]) == ("Bearer ***", "***")
+    assert SECRET not in outcome.result.SerializeToString().decode("latin-1")
+    assert SECRET not in run.said() and "Bearer ***" in run.said()
+
+
+async def test_a_secret_header_is_not_sent_where_a_redirect_leads(server: LoopbackHttp) -> None:
+    run = _Run(http_allow_hosts=[f"127.0.0.1:{server.port}", f"localhost:{server.port}"])
+    try:
+        elsewhere = server.url("/echo", host="localhost")  # another origin
+        outcome = await _with_secret(
+            run,
+            server.url(f"/redirect?to={elsewhere}"),
+            {"X-Key": "${{ secrets.api-token }}", "X-Plain": "kept"},
+        )
+    finally:
+        await run.executor.aclose()
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    [(_, first), (_, second)] = server.received
+    assert first["x-key"] == SECRET
+    assert "x-key" not in second and second["x-plain"] == "kept"
+
+
+async def test_a_header_naming_a_secret_the_task_does_not_list_fails_it(
+    run: _Run, server: LoopbackHttp
+) -> None:
+    outcome = await _with_secret(run, server.url("/echo"), {"X-Key": "${{ secrets.other }}"})
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "secret 'other', which is not one of the task's secrets" in outcome.result.error
+    assert not outcome.result.infrastructure_failure
+    assert server.served == {}

@@ -100,3 +100,25 @@ def test_strings_maps_and_secret_refs_are_bounded() -> None:
         "specs[6].secrets[1].env",
         "specs[7].timeout",
     ]
+
+
+def _http_with_header(value: str, *secrets: str) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(
+        http=task_pb2.HttpSpec(url="https://api.example.com/", headers={"Authorization": value})
+    )
+    for name in secrets:
+        spec.secrets.add(name=name, env="TOKEN")
+    return spec
+
+
+def test_an_http_header_may_name_a_secret_the_task_lists() -> None:
+    validate_batch(
+        [_http_with_header("Bearer ${{ secrets.api-token }}", "api-token")], LIMITS, single=False
+    )
+    assert violations([_http_with_header("Bearer ${{ secrets.other }}", "api-token")]) == [
+        "specs[0].http.headers"
+    ]
+    # Elsewhere it is no reference: a task gets its secrets in its environment.
+    elsewhere = shell("echo ${{ secrets.api-token }}")
+    elsewhere.secrets.add(name="api-token", env="TOKEN")
+    assert violations([elsewhere]) == ["specs[0].depends_on"]

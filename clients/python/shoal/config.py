@@ -281,6 +281,10 @@ class NodeSettings(_Settings):
     # (its subdomains), each with an optional `:port` (none: any port); `*` is every host.
     # Empty (the default): http tasks may call nothing.
     http_allow_hosts: list[str] = Field(default_factory=list)
+    # http: whether a wildcard entry (`*`, `*.example.com`) may reach loopback, link-local,
+    # private and other non-public addresses; without it only an entry naming the host or
+    # address exactly does.
+    http_allow_private: bool = False
     # http: the largest response body kept whole (the "body" artifact, and "json" in the
     # output); a longer one still streams as output.
     http_max_body_bytes: int = Field(default=1 << 20, ge=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import overload
 
@@ -14,9 +15,11 @@ from shoal.v1 import task_pb2
 __all__ = [
     "FINAL_STATES",
     "MAX_DURATION",
+    "SECRET_REFERENCE",
     "duration",
     "executor_of",
     "is_final",
+    "secret_references",
     "state_name",
     "timestamp",
     "to_duration",
@@ -34,6 +37,23 @@ FINAL_STATES = frozenset(
         task_pb2.TASK_STATE_SKIPPED,
     }
 )
+
+
+SECRET_REFERENCE = re.compile(r"\$\{\{\s*secrets\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*\}\}")
+"""`${{ secrets.NAME }}` in an http task's header value: the node puts in the value of NAME, a
+secret the task lists in `secrets`. The coordinator keeps the reference, never the value."""
+
+
+def secret_references(spec: task_pb2.TaskSpec) -> list[str]:
+    """The names of the secrets that an http task's header values refer to, in order."""
+    if spec.WhichOneof("kind") != "http":
+        return []
+    return [
+        m.group(1)
+        for value in spec.http.headers.values()
+        if "${{" in value
+        for m in SECRET_REFERENCE.finditer(value)
+    ]
 
 
 def executor_of(spec: task_pb2.TaskSpec) -> str:

@@ -124,6 +124,22 @@ class Submitted:
     seq: int
 
 
+def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
+    """(node id, epoch, number) by task from the store's node attempts; where two nodes were
+    recorded with one task, the later attempt."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for node_id, text in recorded.items():
+        for line in text.splitlines():
+            task_id, _, attempt = line.partition(" ")
+            epoch, _, number = attempt.partition(" ")
+            if not (epoch.isdigit() and number.isdigit()):
+                continue
+            claim = (node_id, int(epoch), int(number))
+            if (old := out.get(task_id)) is None or old[1:] < claim[1:]:
+                out[task_id] = claim
+    return out
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection inside (the collector runs again after, as it was)."""
@@ -213,6 +229,10 @@ class Coordinator:
         # reconnect, and the nodes that held a session when the coordinator last ran.
         self._recovering: set[str] = set()
         self._awaited: set[str] = set()
+        # Who ran what when the coordinator last ran, as recorded: (node id, epoch, number)
+        # by task. Only that node may reclaim that attempt after a restart.
+        self._dispatched: dict[str, tuple[str, int, int]] = {}
+        self._moved: set[str] = set()  # nodes whose attempts changed since last recorded
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -268,6 +288,7 @@ class Coordinator:
         for rec in linked:
             self._link(rec, outcomes)
         self._awaited = set(await self._store.members())
+        self._dispatched = _dispatched(await self._store.node_attempts())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._wall()
         for rec in records:
@@ -288,6 +309,11 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
         self._sweeper = self._timer_loop = None
+        self._moved.update(self._sessions)  # a node that is back soon reclaims these
+        try:
+            await self._record_attempts()
+        except Exception:  # its tasks run again after the restart instead
+            _log.exception("failed to record the attempts nodes run")
         for session in list(self._sessions.values()):
             session.close()
         self._flush_finished()
@@ -785,6 +811,7 @@ class Coordinator:
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
+        self._moved.update(by_node)
         for event in events:
             self.events.emit(event)
         if put_back:
@@ -832,12 +859,8 @@ class Coordinator:
         self._sessions[info.node_id] = session
         for running in hello.running:
             rec = self._tasks.get(running.task_id)
-            if rec is not None and self._reclaims(rec, info.node_id, running.attempt):
-                if rec.node_id and rec.node_id != info.node_id:  # an earlier attempt's claim
-                    other = self._sessions[rec.node_id]
-                    del other.inflight[rec.id]
-                    self._scheduler.release(other.slots, rec)
-                    other.cancel(rec.id, attempt_id(rec))
+            if rec is not None and self._reclaims(rec, session, running.attempt):
+                self._moved.add(info.node_id)
                 self._recovering.discard(rec.id)
                 rec.attempt_epoch, rec.attempt = running.attempt.epoch, running.attempt.number
                 rec.node_id = info.node_id
@@ -868,28 +891,34 @@ class Coordinator:
         self._kick()
         return session
 
-    def _reclaims(self, rec: TaskRecord, node_id: str, attempt: task_pb2.AttemptId) -> bool:
-        """Whether a node that reconnects still owns the attempt of `rec` it reports running."""
+    def _reclaims(self, rec: TaskRecord, session: NodeSession, attempt: task_pb2.AttemptId) -> bool:
+        """Whether a node that reconnects still owns the attempt of `rec` it reports running:
+        the attempt it was dispatched (in this epoch, or as recorded before a restart), of a
+        task its Hello, and so its token, lets it run. Any other claim is refused."""
         if is_final(rec.state) or rec.cancel_requested:
             return False
+        node_id = session.node_id
         if rec.node_id == node_id:  # assigned to it in this epoch and not lost since
-            return (attempt.epoch, attempt.number) == (rec.attempt_epoch, rec.attempt) and (
+            owned = (attempt.epoch, attempt.number) == (rec.attempt_epoch, rec.attempt) and (
                 rec.state in (_ASSIGNED, _RUNNING)
             )
-        if rec.id in self._recovering:
-            return attempt.epoch < self.epoch
-        # Reclaimed by another node since the restart: the later attempt wins.
-        return (
-            rec.node_id in self._sessions
-            and rec.attempt_epoch < self.epoch
-            and (attempt.epoch, attempt.number) > (rec.attempt_epoch, rec.attempt)
-        )
+        elif rec.id in self._recovering:
+            owned = self._dispatched.get(rec.id) == (node_id, attempt.epoch, attempt.number)
+        else:
+            owned = False
+        if owned and not rec.placement.cls.fits(session.slots):
+            _log.warning(
+                "node=%s task=%s reclaim refused: the node may not run it", node_id, rec.id
+            )
+            return False
+        return owned
 
     def _end_recovery(self) -> None:
         """The restart grace is over: recovered tasks no node reclaimed are queued."""
         self._timers.cancel(TimerKind.RECOVERY, "")
         recovering, self._recovering = self._recovering, set()
         self._awaited.clear()
+        self._dispatched = {}
         for task_id in recovering:
             rec = self._tasks.get(task_id)
             if rec is not None and rec.state == _PENDING:
@@ -1011,6 +1040,7 @@ class Coordinator:
                 else:
                     self._after_failure(rec, state, result, by=session.principal.name)
         if freed:
+            self._moved.add(session.node_id)
             self._kick()
 
     # -- circuit breakers ------------------------------------------------------------------
@@ -1333,9 +1363,30 @@ class Coordinator:
             self._pace = (n, Pace(interval, self.options.lease.total_seconds() * interval / base))
         return self._pace[1]
 
+    async def _record_attempts(self) -> None:
+        """Record what each node whose attempts changed now runs, for a restart to check its
+        claims against. Off the hot path, once a sweep: an attempt dispatched since the last
+        record is not reclaimed after a crash, but run again."""
+        moved, self._moved = self._moved, set()
+        attempts = {
+            node_id: "\n".join(
+                f"{rec.id} {rec.attempt_epoch} {rec.attempt}"
+                for rec in session.inflight.values()
+                if not is_final(rec.state)
+            )
+            for node_id in moved
+            if (session := self._sessions.get(node_id)) is not None
+        }
+        if attempts:
+            await self._store.put_node_attempts(attempts)
+
     async def _sweep_leases(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.options.lease.total_seconds() / 4))
+            try:
+                await self._record_attempts()
+            except Exception:  # recorded at the next sweep; reclaims are only an optimisation
+                _log.exception("failed to record the attempts nodes run")
             now = self._clock()
             for session in list(self._sessions.values()):
                 if session.last_seen < now - session.pace.lease:

@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +253,16 @@ class Store(ABC):
 
     @abstractmethod
     async def set_member(self, node_id: str, member: bool) -> None:
-        """Record that a node holds a session (True) or no longer does (False)."""
+        """Record that a node holds a session (True) or no longer does (False, which also
+        forgets its attempts)."""
+
+    @abstractmethod
+    async def node_attempts(self) -> dict[str, str]:
+        """What put_node_attempts last recorded of each node, by node id."""
+
+    @abstractmethod
+    async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
+        """Record the attempts each node was dispatched and still runs (the core's text)."""
 
 
 _SCHEMA = """
@@ -297,6 +306,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS node_attempts (node_id TEXT PRIMARY KEY, attempts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
     created_at REAL NOT NULL
@@ -782,12 +792,29 @@ class SqliteStore(Store):
         return [r[0] for r in rows]
 
     async def set_member(self, node_id: str, member: bool) -> None:
-        sql = (
-            "INSERT OR IGNORE INTO members (node_id) VALUES (?)"
-            if member
-            else "DELETE FROM members WHERE node_id = ?"
+        def op(c: sqlite3.Connection) -> None:
+            if member:
+                c.execute("INSERT OR IGNORE INTO members (node_id) VALUES (?)", (node_id,))
+            else:
+                c.execute("DELETE FROM members WHERE node_id = ?", (node_id,))
+                c.execute("DELETE FROM node_attempts WHERE node_id = ?", (node_id,))
+
+        await self._write(op)
+
+    async def node_attempts(self) -> dict[str, str]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT node_id, attempts FROM node_attempts").fetchall()
         )
-        await self._write(lambda c: c.execute(sql, (node_id,)))
+        return dict(rows)
+
+    async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
+        await self._write(
+            lambda c: c.executemany(
+                "INSERT INTO node_attempts (node_id, attempts) VALUES (?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET attempts = excluded.attempts",
+                list(attempts.items()),
+            )
+        )
 
     async def quotas(self) -> list[bytes]:
         rows = await self._read(lambda c: c.execute("SELECT body FROM quotas").fetchall())

@@ -14,10 +14,10 @@ from shoal._server import (
     HEALTH_POLICY,
     HEALTH_SERVICE,
     Gate,
-    grpc_options,
     method_path,
     serve_health,
     server_credentials,
+    server_options,
 )
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
@@ -174,7 +174,14 @@ class CoordinatorServer:
             self.core.tokens.authenticate if s.auth else None,
             client_certs=s.tls_client_ca is not None,
         )
-        server = grpc.aio.server(options=grpc_options(s.max_message_bytes), interceptors=[gate])
+        options = server_options(
+            s.max_message_bytes,
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            max_connections=s.max_connections,
+            max_streams=s.max_streams,
+        )
+        server = grpc.aio.server(options=options, interceptors=[gate])
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayService(self.core), server)

@@ -17,7 +17,7 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
-from shoal._server import HEALTH_POLICY, OPEN, Gate, grpc_options, method_path, serve_health
+from shoal._server import HEALTH_POLICY, OPEN, Gate, method_path, serve_health, server_options
 from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
@@ -257,7 +257,7 @@ class NodeAgent:
                 self._follow_ollama(self._ollama), name="shoal-node-ollama"
             )
         gate = Gate(_POLICY, self._authenticate if self.settings.auth else None)
-        server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
+        server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
         self.port = server.add_insecure_port(self.settings.listen)

@@ -137,6 +137,14 @@ class CoordinatorSettings(_Settings):
     event_capacity: int = 100_000
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
+    # Connections: one that has not finished its TLS and HTTP/2 handshake within
+    # handshake_timeout is closed, and one without calls for idle_timeout; beyond
+    # max_connections (kept under the process's open-file limit, which serving commands raise
+    # to its hard limit) new ones are refused; one carries at most max_streams calls at once.
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    idle_timeout: timedelta = timedelta(minutes=5)
+    max_connections: int = Field(default=10_000, ge=1)
+    max_streams: int = Field(default=1_000, ge=1)
     max_spec_bytes: int = 1 << 20
     max_batch: int = 10_000
     max_string: int = 256  # names, keys, tenants, label keys and values

@@ -153,6 +153,13 @@ class CoordinatorServer:
             raise FailedPrecondition(
                 "require_client_cert needs tls_cert, tls_key and tls_client_ca"
             )
+        if s.tls_client_ca is not None and not s.require_client_cert:
+            # gRPC's Python API either requires and verifies client certificates or never asks
+            # for them: with a client CA alone, certificate names would go unchecked.
+            raise FailedPrecondition(
+                "tls_client_ca needs require_client_cert: without it clients are never asked"
+                " for a certificate, so certificate names would go unchecked"
+            )
         if s.tls_cert is None and not is_loopback(s.listen):
             _log.warning("listening on %s without TLS: tokens cross the network in clear", s.listen)
 
@@ -172,7 +179,7 @@ class CoordinatorServer:
         gate = Gate(
             POLICY,
             self.core.tokens.authenticate if s.auth else None,
-            client_certs=s.tls_client_ca is not None,
+            client_certs=s.require_client_cert,
         )
         options = server_options(
             s.max_message_bytes,

@@ -162,8 +162,9 @@ class CoordinatorSettings(_Settings):
     # Authentication: bearer tokens checked on every call but health. Off is allowed on
     # loopback only.
     auth: bool = True
-    # TLS: the server's certificate and key (PEM); with `tls_client_ca`, clients must present
-    # a certificate signed by that CA (mTLS) when `require_client_cert` is on.
+    # TLS: the server's certificate and key (PEM); with `tls_client_ca` and
+    # `require_client_cert` (one needs the other), clients must present a certificate signed by
+    # that CA (mTLS), whose name a node's must match.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

@@ -63,6 +63,7 @@ from shoal.coordinator.validation import (
     bounded_result,
     check_hello,
     check_request_id,
+    drop_unserved,
     validate_batch,
 )
 from shoal.errors import (
@@ -835,6 +836,12 @@ class Coordinator:
         check_hello(hello, by, self.options.limits)
         if not self.accepting:
             raise Unavailable("the coordinator is shutting down")
+        if dropped := drop_unserved(info):
+            _log.warning(
+                "node=%s offers no executor serving its %s: ignored",
+                info.node_id,
+                ",".join(dropped),
+            )
         old = self._sessions.get(info.node_id)
         if old is not None:
             # It reconnected before its old stream was seen to end: what it still runs stays.
@@ -985,8 +992,9 @@ class Coordinator:
                 self._apply_node_state(session.node_id)
             if session.note_load(msg.heartbeat):
                 self._load_changed(session)
-            if msg.heartbeat.loaded_models != session.loaded_models:
-                session.loaded_models = list(msg.heartbeat.loaded_models)
+            loaded = msg.heartbeat.loaded_models
+            if loaded != session.loaded_models and "ollama" in session.slots.executors:
+                session.loaded_models = list(loaded[: self.options.limits.max_labels])
                 session.slots.loaded_models = frozenset(session.loaded_models)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")

@@ -91,6 +91,7 @@ class CoordinatorServer:
                     max_labels=settings.max_labels,
                     max_result_bytes=settings.max_result_bytes,
                     max_watch_tasks=settings.max_watch_tasks,
+                    max_node_slots=settings.max_node_slots,
                     max_queued=settings.max_queued,
                     max_queued_per_tenant=settings.max_queued_per_tenant,
                     tenant_submit_rate=settings.tenant_submit_rate,

@@ -151,6 +151,8 @@ class CoordinatorSettings(_Settings):
     max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
     max_watch_tasks: int = 1000  # task ids in one Watch filter
+    # Slots one node may claim (a Hello beyond it, or beyond sane resources, is refused).
+    max_node_slots: int = Field(default=1024, ge=1)
     # Backpressure: submits beyond these many unfinished tasks get RESOURCE_EXHAUSTED with a
     # retry delay (per tenant: 0 means no cap).
     max_queued: int = 1_000_000

@@ -141,6 +141,12 @@ def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _hidden(by: Principal, tenant: str) -> bool:
+    """Whether `tenant`'s tasks are out of `by`'s sight: to it they do not exist (NOT_FOUND, as
+    for an unknown id, so ids of other tenants cannot be probed)."""
+    return bool(by.tenant) and tenant != by.tenant
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection inside (the collector runs again after, as it was)."""
@@ -398,21 +404,22 @@ class Coordinator:
         return out
 
     async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
-        """Every upstream named by id exists and is visible to the submitter."""
+        """Every upstream named by id exists and is visible to the submitter (another
+        tenant's task is answered as one that does not exist)."""
         for i, spec in enumerate(specs):
             for j, dep in enumerate(spec.depends_on):
                 if not dep.HasField("task_id"):
                     continue
+                tenant = None
                 if (live := self._tasks.get(dep.task_id)) is not None:
                     tenant = live.tenant
                 elif (stored := await self._store.get(dep.task_id)) is not None:
                     tenant = stored.row.tenant
-                else:
+                if tenant is None or _hidden(by, tenant):
                     raise InvalidArgument(
                         f"specs[{i}].depends_on[{j}]: no task {dep.task_id!r}",
                         [FieldViolation(f"specs[{i}].depends_on[{j}]", "no such task")],
                     )
-                by.check_tenant(tenant, f"task {dep.task_id!r}")
 
     async def _outcomes_of(
         self, records: Sequence[TaskRecord], exclude: frozenset[str] | set[str] = frozenset()
@@ -533,17 +540,16 @@ class Coordinator:
 
     def _live(self, task_id: str, by: Principal) -> TaskRecord | None:
         rec = self._tasks.get(task_id)
-        if rec is not None:
-            by.check_tenant(rec.tenant, f"task {task_id!r}")
+        if rec is not None and _hidden(by, rec.tenant):
+            raise NotFound(f"no task {task_id!r}")
         return rec
 
     async def _stored(self, task_id: str, by: Principal) -> StoredTask:
         if not task_id:
             raise InvalidArgument("task_id is required")
         stored = await self._store.get(task_id)
-        if stored is None:
+        if stored is None or _hidden(by, stored.row.tenant):
             raise NotFound(f"no task {task_id!r}")
-        by.check_tenant(stored.row.tenant, f"task {task_id!r}")
         return stored
 
     async def wait(

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import queue
 import sqlite3
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -34,6 +37,8 @@ __all__ = [
     "Unfinished",
     "UsageRow",
 ]
+
+_log = logging.getLogger("shoal.coordinator")
 
 REQUEST_RETENTION = 3600.0
 """Seconds a request id is remembered: resends come within seconds or minutes."""
@@ -374,6 +379,29 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _Op = Callable[[sqlite3.Connection], Any]
 
 
+def _private(path: Path, *, before: bool) -> None:
+    """Only the owner may read the store: its directory 0700, the database and its -wal and
+    -shm files 0600 (SQLite gives those the database's mode), fixing ones made before; each
+    change is logged. `before` opening: the directory and the database; after: all."""
+    if before:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a new store is born private
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        targets = [(path.parent, 0o700), (path, 0o600)]
+    else:
+        targets = [(Path(f"{path}{suffix}"), 0o600) for suffix in ("", "-wal", "-shm")]
+    for target, mode in targets:
+        try:
+            was = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if was != mode:
+            target.chmod(mode)
+            _log.warning(
+                "%s was mode %04o, now %04o: only its owner may read it", target, was, mode
+            )
+
+
 class _Writer(threading.Thread):
     """The one writer: takes every queued operation, runs them in one transaction, commits once."""
 
@@ -588,9 +616,10 @@ class SqliteStore(Store):
         return conn
 
     async def open(self) -> int:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(_private, self._path, before=True)
         conn = await asyncio.to_thread(self._connect, check_same_thread=False)
         await asyncio.to_thread(_migrate, conn)
+        await asyncio.to_thread(_private, self._path, before=False)
         self._writer = _Writer(conn, asyncio.get_running_loop())
         self._writer.start()
         return int(await self._writer.submit(_bump_epoch))

@@ -116,6 +116,7 @@ class CoreOptions:
     quotas: Sequence[admin_pb2.Quota] = ()  # from configuration, on top of the stored ones
     breaker_threshold: int = 5
     breaker_cooldown: timedelta = timedelta(seconds=30)
+    max_lock_ttl: timedelta = timedelta(hours=1)  # a lease's longest ttl at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +219,7 @@ class Coordinator:
             wake=self._wake,
             wall=wall,
             max_name=self.options.limits.max_string,
+            max_ttl=self.options.max_lock_ttl,
         )
         self._schedules = ScheduleBook(
             store,

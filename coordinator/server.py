@@ -109,6 +109,7 @@ class CoordinatorServer:
                 restart_grace=settings.restart_grace,
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
+                max_lock_ttl=settings.max_lock_ttl,
                 pricing=settings.pricing,
                 quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
             ),

@@ -235,9 +235,11 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
     def held_lease(*, renew: bool) -> Callable[[], Awaitable[Message]]:
         async def make() -> Message:
             name = f"auth-{next(lease_names)}"
-            # Held by the submitter: it may renew and release it, and so may an admin.
+            # Held by the submitter: it may renew and release it, and so may an admin, which
+            # names a tenant's lock in full (as the lease does).
             async with AsyncClient(f.mesh.address, token=f.tokens["submitter"]) as holder:
                 lease = await holder.acquire_lock(name, ttl=timedelta(seconds=30))
+            name = lease.name
             if renew:
                 return locks_pb2.RenewRequest(name=name, token=lease.token, ttl=Duration(seconds=9))
             return locks_pb2.ReleaseRequest(name=name, token=lease.token)

@@ -129,6 +129,8 @@ class CoordinatorSettings(_Settings):
     # an executor of a node or a backend; one probe is let through after the cooldown.
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown: timedelta = timedelta(seconds=30)
+    # The longest ttl a lock lease takes at once (renew it to hold it longer).
+    max_lock_ttl: timedelta = timedelta(hours=1)
     # Quotas on keys, on top of those set with `shoal quota set` (fields of shoal.v1.Quota:
     # [[coordinator.quotas]] key = "provider:openai", rate = 10, cost_per_day = 5.0), and the
     # price of LLM tokens in dollars per million, by model: {"gpt-4o" = [2.5, 10.0]}.

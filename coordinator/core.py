@@ -63,6 +63,7 @@ from shoal.coordinator.validation import (
     bounded_result,
     check_hello,
     check_request_id,
+    drop_unserved,
     validate_batch,
 )
 from shoal.errors import (
@@ -115,6 +116,7 @@ class CoreOptions:
     quotas: Sequence[admin_pb2.Quota] = ()  # from configuration, on top of the stored ones
     breaker_threshold: int = 5
     breaker_cooldown: timedelta = timedelta(seconds=30)
+    max_lock_ttl: timedelta = timedelta(hours=1)  # a lease's longest ttl at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,28 @@ class Submitted:
     task_id: str
     created: bool
     seq: int
+
+
+def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
+    """(node id, epoch, number) by task from the store's node attempts; where two nodes were
+    recorded with one task, the later attempt."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for node_id, text in recorded.items():
+        for line in text.splitlines():
+            task_id, _, attempt = line.partition(" ")
+            epoch, _, number = attempt.partition(" ")
+            if not (epoch.isdigit() and number.isdigit()):
+                continue
+            claim = (node_id, int(epoch), int(number))
+            if (old := out.get(task_id)) is None or old[1:] < claim[1:]:
+                out[task_id] = claim
+    return out
+
+
+def _hidden(by: Principal, tenant: str) -> bool:
+    """Whether `tenant`'s tasks are out of `by`'s sight: to it they do not exist (NOT_FOUND, as
+    for an unknown id, so ids of other tenants cannot be probed)."""
+    return bool(by.tenant) and tenant != by.tenant
 
 
 @contextlib.contextmanager
@@ -195,6 +219,7 @@ class Coordinator:
             wake=self._wake,
             wall=wall,
             max_name=self.options.limits.max_string,
+            max_ttl=self.options.max_lock_ttl,
         )
         self._schedules = ScheduleBook(
             store,
@@ -213,6 +238,10 @@ class Coordinator:
         # reconnect, and the nodes that held a session when the coordinator last ran.
         self._recovering: set[str] = set()
         self._awaited: set[str] = set()
+        # Who ran what when the coordinator last ran, as recorded: (node id, epoch, number)
+        # by task. Only that node may reclaim that attempt after a restart.
+        self._dispatched: dict[str, tuple[str, int, int]] = {}
+        self._moved: set[str] = set()  # nodes whose attempts changed since last recorded
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -268,6 +297,7 @@ class Coordinator:
         for rec in linked:
             self._link(rec, outcomes)
         self._awaited = set(await self._store.members())
+        self._dispatched = _dispatched(await self._store.node_attempts())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._wall()
         for rec in records:
@@ -288,6 +318,11 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
         self._sweeper = self._timer_loop = None
+        self._moved.update(self._sessions)  # a node that is back soon reclaims these
+        try:
+            await self._record_attempts()
+        except Exception:  # its tasks run again after the restart instead
+            _log.exception("failed to record the attempts nodes run")
         for session in list(self._sessions.values()):
             session.close()
         self._flush_finished()
@@ -371,21 +406,22 @@ class Coordinator:
         return out
 
     async def _check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:
-        """Every upstream named by id exists and is visible to the submitter."""
+        """Every upstream named by id exists and is visible to the submitter (another
+        tenant's task is answered as one that does not exist)."""
         for i, spec in enumerate(specs):
             for j, dep in enumerate(spec.depends_on):
                 if not dep.HasField("task_id"):
                     continue
+                tenant = None
                 if (live := self._tasks.get(dep.task_id)) is not None:
                     tenant = live.tenant
                 elif (stored := await self._store.get(dep.task_id)) is not None:
                     tenant = stored.row.tenant
-                else:
+                if tenant is None or _hidden(by, tenant):
                     raise InvalidArgument(
                         f"specs[{i}].depends_on[{j}]: no task {dep.task_id!r}",
                         [FieldViolation(f"specs[{i}].depends_on[{j}]", "no such task")],
                     )
-                by.check_tenant(tenant, f"task {dep.task_id!r}")
 
     async def _outcomes_of(
         self, records: Sequence[TaskRecord], exclude: frozenset[str] | set[str] = frozenset()
@@ -506,17 +542,16 @@ class Coordinator:
 
     def _live(self, task_id: str, by: Principal) -> TaskRecord | None:
         rec = self._tasks.get(task_id)
-        if rec is not None:
-            by.check_tenant(rec.tenant, f"task {task_id!r}")
+        if rec is not None and _hidden(by, rec.tenant):
+            raise NotFound(f"no task {task_id!r}")
         return rec
 
     async def _stored(self, task_id: str, by: Principal) -> StoredTask:
         if not task_id:
             raise InvalidArgument("task_id is required")
         stored = await self._store.get(task_id)
-        if stored is None:
+        if stored is None or _hidden(by, stored.row.tenant):
             raise NotFound(f"no task {task_id!r}")
-        by.check_tenant(stored.row.tenant, f"task {task_id!r}")
         return stored
 
     async def wait(
@@ -785,6 +820,7 @@ class Coordinator:
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
+        self._moved.update(by_node)
         for event in events:
             self.events.emit(event)
         if put_back:
@@ -808,6 +844,12 @@ class Coordinator:
         check_hello(hello, by, self.options.limits)
         if not self.accepting:
             raise Unavailable("the coordinator is shutting down")
+        if dropped := drop_unserved(info):
+            _log.warning(
+                "node=%s offers no executor serving its %s: ignored",
+                info.node_id,
+                ",".join(dropped),
+            )
         old = self._sessions.get(info.node_id)
         if old is not None:
             # It reconnected before its old stream was seen to end: what it still runs stays.
@@ -832,12 +874,8 @@ class Coordinator:
         self._sessions[info.node_id] = session
         for running in hello.running:
             rec = self._tasks.get(running.task_id)
-            if rec is not None and self._reclaims(rec, info.node_id, running.attempt):
-                if rec.node_id and rec.node_id != info.node_id:  # an earlier attempt's claim
-                    other = self._sessions[rec.node_id]
-                    del other.inflight[rec.id]
-                    self._scheduler.release(other.slots, rec)
-                    other.cancel(rec.id, attempt_id(rec))
+            if rec is not None and self._reclaims(rec, session, running.attempt):
+                self._moved.add(info.node_id)
                 self._recovering.discard(rec.id)
                 rec.attempt_epoch, rec.attempt = running.attempt.epoch, running.attempt.number
                 rec.node_id = info.node_id
@@ -868,28 +906,34 @@ class Coordinator:
         self._kick()
         return session
 
-    def _reclaims(self, rec: TaskRecord, node_id: str, attempt: task_pb2.AttemptId) -> bool:
-        """Whether a node that reconnects still owns the attempt of `rec` it reports running."""
+    def _reclaims(self, rec: TaskRecord, session: NodeSession, attempt: task_pb2.AttemptId) -> bool:
+        """Whether a node that reconnects still owns the attempt of `rec` it reports running:
+        the attempt it was dispatched (in this epoch, or as recorded before a restart), of a
+        task its Hello, and so its token, lets it run. Any other claim is refused."""
         if is_final(rec.state) or rec.cancel_requested:
             return False
+        node_id = session.node_id
         if rec.node_id == node_id:  # assigned to it in this epoch and not lost since
-            return (attempt.epoch, attempt.number) == (rec.attempt_epoch, rec.attempt) and (
+            owned = (attempt.epoch, attempt.number) == (rec.attempt_epoch, rec.attempt) and (
                 rec.state in (_ASSIGNED, _RUNNING)
             )
-        if rec.id in self._recovering:
-            return attempt.epoch < self.epoch
-        # Reclaimed by another node since the restart: the later attempt wins.
-        return (
-            rec.node_id in self._sessions
-            and rec.attempt_epoch < self.epoch
-            and (attempt.epoch, attempt.number) > (rec.attempt_epoch, rec.attempt)
-        )
+        elif rec.id in self._recovering:
+            owned = self._dispatched.get(rec.id) == (node_id, attempt.epoch, attempt.number)
+        else:
+            owned = False
+        if owned and not rec.placement.cls.fits(session.slots):
+            _log.warning(
+                "node=%s task=%s reclaim refused: the node may not run it", node_id, rec.id
+            )
+            return False
+        return owned
 
     def _end_recovery(self) -> None:
         """The restart grace is over: recovered tasks no node reclaimed are queued."""
         self._timers.cancel(TimerKind.RECOVERY, "")
         recovering, self._recovering = self._recovering, set()
         self._awaited.clear()
+        self._dispatched = {}
         for task_id in recovering:
             rec = self._tasks.get(task_id)
             if rec is not None and rec.state == _PENDING:
@@ -956,8 +1000,9 @@ class Coordinator:
                 self._apply_node_state(session.node_id)
             if session.note_load(msg.heartbeat):
                 self._load_changed(session)
-            if msg.heartbeat.loaded_models != session.loaded_models:
-                session.loaded_models = list(msg.heartbeat.loaded_models)
+            loaded = msg.heartbeat.loaded_models
+            if loaded != session.loaded_models and "ollama" in session.slots.executors:
+                session.loaded_models = list(loaded[: self.options.limits.max_labels])
                 session.slots.loaded_models = frozenset(session.loaded_models)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
@@ -1011,6 +1056,7 @@ class Coordinator:
                 else:
                     self._after_failure(rec, state, result, by=session.principal.name)
         if freed:
+            self._moved.add(session.node_id)
             self._kick()
 
     # -- circuit breakers ------------------------------------------------------------------
@@ -1333,9 +1379,30 @@ class Coordinator:
             self._pace = (n, Pace(interval, self.options.lease.total_seconds() * interval / base))
         return self._pace[1]
 
+    async def _record_attempts(self) -> None:
+        """Record what each node whose attempts changed now runs, for a restart to check its
+        claims against. Off the hot path, once a sweep: an attempt dispatched since the last
+        record is not reclaimed after a crash, but run again."""
+        moved, self._moved = self._moved, set()
+        attempts = {
+            node_id: "\n".join(
+                f"{rec.id} {rec.attempt_epoch} {rec.attempt}"
+                for rec in session.inflight.values()
+                if not is_final(rec.state)
+            )
+            for node_id in moved
+            if (session := self._sessions.get(node_id)) is not None
+        }
+        if attempts:
+            await self._store.put_node_attempts(attempts)
+
     async def _sweep_leases(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.options.lease.total_seconds() / 4))
+            try:
+                await self._record_attempts()
+            except Exception:  # recorded at the next sweep; reclaims are only an optimisation
+                _log.exception("failed to record the attempts nodes run")
             now = self._clock()
             for session in list(self._sessions.values()):
                 if session.last_seen < now - session.pace.lease:

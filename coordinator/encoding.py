@@ -57,7 +57,7 @@ def task_record(
     if "backend" in fields:
         rec.backend = fields["backend"]
     if "locks" in fields:
-        rec.locks = parse_locks(fields["locks"])
+        rec.locks = parse_locks(fields["locks"], rec.tenant)
     if "depends_on" in fields:
         rec.templated = any(True for _ in references(spec))
     if "llm" in fields:

@@ -26,21 +26,33 @@ from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shoal.specs import timestamp
 from shoal.v1 import locks_pb2, task_pb2
 
-__all__ = ["LeaseTable", "LockGate", "parse_locks"]
+__all__ = ["LeaseTable", "LockGate", "parse_locks", "tenant_lock"]
 
 _log = logging.getLogger("shoal.coordinator")
 
 _SHARED = "read:"
 
 
-def parse_locks(names: Iterable[str]) -> tuple[tuple[str, bool], ...]:
-    """(name, shared) per declared lock; a name declared twice counts once, exclusive first."""
+def tenant_lock(name: str, tenant: str) -> str:
+    """The lock `name` as a tenant's task or principal means it: within its tenant (named in
+    full, `tenant/<tenant>/<name>`, as its leases are), so tenants never hold or block each
+    other's locks. A principal of every tenant names any lock in full."""
+    if not tenant:
+        return name
+    prefix = f"tenant/{tenant}/"
+    return name if name.startswith(prefix) else prefix + name
+
+
+def parse_locks(names: Iterable[str], tenant: str = "") -> tuple[tuple[str, bool], ...]:
+    """(name, shared) per declared lock, within `tenant`; a name declared twice counts once,
+    exclusive first."""
     wanted: dict[str, bool] = {}
     for declared in names:
         shared = declared.startswith(_SHARED)
         name = declared.removeprefix(_SHARED) if shared else declared
         if not name:
             raise InvalidArgument(f"lock {declared!r} names nothing")
+        name = tenant_lock(name, tenant)
         wanted[name] = wanted.get(name, True) and shared
     return tuple(sorted(wanted.items()))
 
@@ -138,6 +150,7 @@ class LeaseTable:
         wake: Callable[[str], None],
         wall: Callable[[], float],
         max_name: int,
+        max_ttl: timedelta = timedelta(hours=1),
     ) -> None:
         self._store = store
         self._gate = gate
@@ -147,6 +160,7 @@ class LeaseTable:
         self._wake = wake  # a freed key's waiting tasks go on
         self._wall = wall
         self._max_name = max_name
+        self._max_ttl = max_ttl
         self._leases: dict[str, locks_pb2.Lease] = {}  # by holder, "lease:<name>#<token>"
         self._tokens: dict[str, int] = {}  # the last fencing token of each name
         self._freed: dict[str, asyncio.Event] = {}  # leases waiting for a lock, by key
@@ -162,13 +176,14 @@ class LeaseTable:
     async def acquire(
         self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
     ) -> locks_pb2.Lease:
-        """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held."""
+        """Take a lock for `ttl`, waiting up to `wait` for it; FailedPrecondition if held.
+        A principal of one tenant takes the lock of that name within its tenant."""
         if not name or len(name) > self._max_name or not name.isprintable():
             raise InvalidArgument(
                 f"a lock needs a printable name of at most {self._max_name} characters"
             )
-        if ttl <= timedelta(0):
-            raise InvalidArgument("ttl must be positive")
+        self._check_ttl(ttl)
+        name = tenant_lock(name, by.tenant)
         wanted = ((name, shared),)
         reason = ""
         try:
@@ -198,18 +213,17 @@ class LeaseTable:
     async def renew(
         self, name: str, token: int, ttl: timedelta, *, by: Principal
     ) -> locks_pb2.Lease:
+        self._check_ttl(ttl)
         lease = self._lease(name, token, by)
-        if ttl <= timedelta(0):
-            raise InvalidArgument("ttl must be positive")
         lease.expires_at.CopyFrom(timestamp(self._wall() + ttl.total_seconds()))
         self._set_timer(TimerKind.LEASE, _holder(lease), self._wall() + ttl.total_seconds())
-        await self._store.put_lease(name, token, lease.SerializeToString())
+        await self._store.put_lease(lease.name, token, lease.SerializeToString())
         return lease
 
     async def release(self, name: str, token: int, *, by: Principal) -> locks_pb2.Lease:
         lease = self._lease(name, token, by)
         self._end(_holder(lease))
-        await self._store.delete_lease(name, token)
+        await self._store.delete_lease(lease.name, token)
         return lease
 
     def expire(self, holder: str) -> None:
@@ -223,7 +237,17 @@ class LeaseTable:
         if (event := self._freed.pop(key, None)) is not None:
             event.set()
 
+    def _check_ttl(self, ttl: timedelta) -> None:
+        if ttl <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        if ttl > self._max_ttl:
+            raise InvalidArgument(
+                f"ttl is at most {self._max_ttl.total_seconds():g} s (max_lock_ttl): renew the"
+                " lease to hold it longer"
+            )
+
     def _lease(self, name: str, token: int, by: Principal) -> locks_pb2.Lease:
+        name = tenant_lock(name, by.tenant)
         lease = self._leases.get(_holder(locks_pb2.Lease(name=name, token=token)))
         if lease is None:
             raise FailedPrecondition(f"lease {name} #{token} has ended (expired or released)")

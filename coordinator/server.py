@@ -15,10 +15,10 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
-    grpc_options,
     method_path,
     serve_health,
     server_credentials,
+    server_options,
 )
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
@@ -95,6 +95,7 @@ class CoordinatorServer:
                     max_labels=settings.max_labels,
                     max_result_bytes=settings.max_result_bytes,
                     max_watch_tasks=settings.max_watch_tasks,
+                    max_node_slots=settings.max_node_slots,
                     max_queued=settings.max_queued,
                     max_queued_per_tenant=settings.max_queued_per_tenant,
                     tenant_submit_rate=settings.tenant_submit_rate,
@@ -112,6 +113,7 @@ class CoordinatorServer:
                 restart_grace=settings.restart_grace,
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
+                max_lock_ttl=settings.max_lock_ttl,
                 pricing=settings.pricing,
                 quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
             ),
@@ -162,6 +164,13 @@ class CoordinatorServer:
             raise FailedPrecondition(
                 "adopting nodes with TLS needs tls_client_ca, the CA of the nodes' certificates"
             )
+        if s.tls_client_ca is not None and not s.require_client_cert:
+            # gRPC's Python API either requires and verifies client certificates or never asks
+            # for them: with a client CA alone, certificate names would go unchecked.
+            raise FailedPrecondition(
+                "tls_client_ca needs require_client_cert: without it clients are never asked"
+                " for a certificate, so certificate names would go unchecked"
+            )
         if s.tls_cert is None and not is_loopback(s.listen):
             _log.warning("listening on %s without TLS: tokens cross the network in clear", s.listen)
 
@@ -181,9 +190,16 @@ class CoordinatorServer:
         gate = Gate(
             POLICY,
             self.core.tokens.authenticate if s.auth else None,
-            client_certs=s.tls_client_ca is not None,
+            client_certs=s.require_client_cert,
         )
-        server = grpc.aio.server(options=grpc_options(s.max_message_bytes), interceptors=[gate])
+        options = server_options(
+            s.max_message_bytes,
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            max_connections=s.max_connections,
+            max_streams=s.max_streams,
+        )
+        server = grpc.aio.server(options=options, interceptors=[gate])
         tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(

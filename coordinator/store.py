@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import queue
 import sqlite3
+import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,8 @@ __all__ = [
     "Unfinished",
     "UsageRow",
 ]
+
+_log = logging.getLogger("shoal.coordinator")
 
 REQUEST_RETENTION = 3600.0
 """Seconds a request id is remembered: resends come within seconds or minutes."""
@@ -253,7 +258,16 @@ class Store(ABC):
 
     @abstractmethod
     async def set_member(self, node_id: str, member: bool) -> None:
-        """Record that a node holds a session (True) or no longer does (False)."""
+        """Record that a node holds a session (True) or no longer does (False, which also
+        forgets its attempts)."""
+
+    @abstractmethod
+    async def node_attempts(self) -> dict[str, str]:
+        """What put_node_attempts last recorded of each node, by node id."""
+
+    @abstractmethod
+    async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
+        """Record the attempts each node was dispatched and still runs (the core's text)."""
 
 
 _SCHEMA = """
@@ -297,6 +311,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS node_attempts (node_id TEXT PRIMARY KEY, attempts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
     created_at REAL NOT NULL
@@ -362,6 +377,29 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 _Op = Callable[[sqlite3.Connection], Any]
+
+
+def _private(path: Path, *, before: bool) -> None:
+    """Only the owner may read the store: its directory 0700, the database and its -wal and
+    -shm files 0600 (SQLite gives those the database's mode), fixing ones made before; each
+    change is logged. `before` opening: the directory and the database; after: all."""
+    if before:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a new store is born private
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        targets = [(path.parent, 0o700), (path, 0o600)]
+    else:
+        targets = [(Path(f"{path}{suffix}"), 0o600) for suffix in ("", "-wal", "-shm")]
+    for target, mode in targets:
+        try:
+            was = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if was != mode:
+            target.chmod(mode)
+            _log.warning(
+                "%s was mode %04o, now %04o: only its owner may read it", target, was, mode
+            )
 
 
 class _Writer(threading.Thread):
@@ -578,9 +616,10 @@ class SqliteStore(Store):
         return conn
 
     async def open(self) -> int:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(_private, self._path, before=True)
         conn = await asyncio.to_thread(self._connect, check_same_thread=False)
         await asyncio.to_thread(_migrate, conn)
+        await asyncio.to_thread(_private, self._path, before=False)
         self._writer = _Writer(conn, asyncio.get_running_loop())
         self._writer.start()
         return int(await self._writer.submit(_bump_epoch))
@@ -782,12 +821,29 @@ class SqliteStore(Store):
         return [r[0] for r in rows]
 
     async def set_member(self, node_id: str, member: bool) -> None:
-        sql = (
-            "INSERT OR IGNORE INTO members (node_id) VALUES (?)"
-            if member
-            else "DELETE FROM members WHERE node_id = ?"
+        def op(c: sqlite3.Connection) -> None:
+            if member:
+                c.execute("INSERT OR IGNORE INTO members (node_id) VALUES (?)", (node_id,))
+            else:
+                c.execute("DELETE FROM members WHERE node_id = ?", (node_id,))
+                c.execute("DELETE FROM node_attempts WHERE node_id = ?", (node_id,))
+
+        await self._write(op)
+
+    async def node_attempts(self) -> dict[str, str]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT node_id, attempts FROM node_attempts").fetchall()
         )
-        await self._write(lambda c: c.execute(sql, (node_id,)))
+        return dict(rows)
+
+    async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
+        await self._write(
+            lambda c: c.executemany(
+                "INSERT INTO node_attempts (node_id, attempts) VALUES (?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET attempts = excluded.attempts",
+                list(attempts.items()),
+            )
+        )
 
     async def quotas(self) -> list[bytes]:
         rows = await self._read(lambda c: c.execute("SELECT body FROM quotas").fetchall())

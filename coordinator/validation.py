@@ -23,6 +23,7 @@ __all__ = [
     "bounded_result",
     "check_hello",
     "check_request_id",
+    "drop_unserved",
     "validate_batch",
 ]
 
@@ -43,6 +44,23 @@ class Limits:
     tenant_submit_rate: float = 0.0  # tasks a tenant may submit per second; 0: no limit
     tenant_submit_burst: int = 0  # above that rate, at once; 0: a second's worth
     max_attempts: int = 100
+    max_node_slots: int = 1024  # slots one node may claim in its Hello
+
+
+# What a node may claim beyond its slots: larger resources are refused as not real.
+MAX_NODE_CPUS = 1 << 16
+MAX_NODE_MEMORY_MB = 1 << 32  # 4 PiB
+MAX_NODE_GPUS = 1024
+MAX_NODE_WEIGHT = 1e6
+# The executors that serve what a Hello may list (models only with an executor that serves
+# them, which the node's token must allow).
+_SERVED_BY = {
+    "models": ("ollama", "llm"),
+    "ollama_models": ("ollama",),
+    "loaded_models": ("ollama",),
+    "tools": ("tool",),
+    "llm_providers": ("llm",),
+}
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -387,16 +405,40 @@ def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
         raise PermissionDenied(f"token {by.name!r} may not offer executors {sorted(extra)}")
     if by.labels and (extra := {k for k, v in info.labels.items() if by.labels.get(k) != v}):
         raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
-    too_long = [
-        s
-        for s in (info.node_id, *info.executors, *info.models, *info.labels, *info.labels.values())
-        if len(s) > limits.max_string
-    ]
-    if too_long or max(len(info.labels), len(info.executors), len(info.models)) > limits.max_labels:
+    lists = [info.executors, info.labels, *(getattr(info, name) for name in _SERVED_BY)]
+    strings = (info.node_id, *info.labels.values(), *(x for xs in lists for x in xs))
+    if any(len(s) > limits.max_string for s in strings) or any(
+        len(xs) > limits.max_labels for xs in lists
+    ):
         raise InvalidArgument(
-            f"node info over its bounds: at most {limits.max_labels} labels and executors,"
-            f" {limits.max_string} characters each"
+            f"node info over its bounds: at most {limits.max_labels} labels, executors, models"
+            f" and tools, {limits.max_string} characters each"
         )
+    r = info.resources
+    if (
+        info.slots > limits.max_node_slots
+        or r.cpus > MAX_NODE_CPUS
+        or r.memory_mb > MAX_NODE_MEMORY_MB
+        or r.gpus > MAX_NODE_GPUS
+        or not info.weight <= MAX_NODE_WEIGHT  # also NaN
+    ):
+        raise InvalidArgument(
+            f"node info over its bounds: at most {limits.max_node_slots} slots,"
+            f" {MAX_NODE_CPUS} cpus, {MAX_NODE_MEMORY_MB} MB, {MAX_NODE_GPUS} gpus,"
+            f" weight {MAX_NODE_WEIGHT:g}"
+        )
+
+
+def drop_unserved(info: node_pb2.NodeInfo) -> list[str]:
+    """Clear what a node lists without offering an executor that serves it (models without
+    ollama or llm, tools without tool, ...: its token may not allow them, or its machine only
+    happens to have them); returns the names of the fields cleared."""
+    dropped = []
+    for name, executors in _SERVED_BY.items():
+        if getattr(info, name) and not any(e in info.executors for e in executors):
+            info.ClearField(name)  # type: ignore[arg-type]
+            dropped.append(name)
+    return dropped
 
 
 def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:

@@ -21,10 +21,10 @@ from shoal._server import (
     HEALTH_POLICY,
     OPEN,
     Gate,
-    grpc_options,
     method_path,
     serve_health,
     server_credentials,
+    server_options,
 )
 from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
@@ -279,7 +279,7 @@ class NodeAgent:
             self._authenticate if s.auth else None,
             client_certs=s.service_require_client_cert,
         )
-        server = grpc.aio.server(options=grpc_options(_MAX_MESSAGE), interceptors=[gate])
+        server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
         if s.service_tls and s.tls_cert is not None and s.tls_key is not None:

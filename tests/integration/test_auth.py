@@ -20,7 +20,13 @@ from grpc_reflection.v1alpha import reflection_pb2
 from shoal import AsyncClient, shell
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
-from shoal.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from shoal.node.agent import NodeAgent
 from shoal.specs import is_final
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
@@ -251,9 +257,11 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
     def held_lease(*, renew: bool) -> Callable[[], Awaitable[Message]]:
         async def make() -> Message:
             name = f"auth-{next(lease_names)}"
-            # Held by the submitter: it may renew and release it, and so may an admin.
+            # Held by the submitter: it may renew and release it, and so may an admin, which
+            # names a tenant's lock in full (as the lease does).
             async with AsyncClient(f.mesh.address, token=f.tokens["submitter"]) as holder:
                 lease = await holder.acquire_lock(name, ttl=timedelta(seconds=30))
+            name = lease.name
             if renew:
                 return locks_pb2.RenewRequest(name=name, token=lease.token, ttl=Duration(seconds=9))
             return locks_pb2.ReleaseRequest(name=name, token=lease.token)
@@ -370,13 +378,14 @@ async def test_a_tenant_sees_and_touches_only_its_own_tasks(mesh: Mesh) -> None:
         theirs = await globex.submit(shell(["true"]))
         assert mine.spec.tenant == "acme" and theirs.spec.tenant == "globex"
 
-        for attempt in (
-            globex.get(mine.id),
-            globex.wait(mine.id),
-            globex.cancel(mine.id),
-            globex.submit(shell(["true"], tenant="acme")),
-            globex.list(tenant="acme"),
-        ):
+        # Another tenant's task id is answered as an unknown one: ids cannot be probed.
+        for task_id in (mine.id, "0123456789abcdef"):
+            for probe in (globex.get(task_id), globex.wait(task_id), globex.cancel(task_id)):
+                with pytest.raises(NotFound, match=f"no task '{task_id}'"):
+                    await probe
+            with pytest.raises(InvalidArgument, match=f"no task '{task_id}'"):
+                await globex.submit(shell(["true"], depends_on=[task_id]))
+        for attempt in (globex.submit(shell(["true"], tenant="acme")), globex.list(tenant="acme")):
             with pytest.raises(PermissionDenied):
                 await attempt
         with pytest.raises(PermissionDenied):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -120,6 +122,8 @@ async def test_connected_node_reconnects_and_keeps_its_tasks_after_a_coordinator
         await connected_nodes(client, {"node-a"})
         ids = await client.submit_batch([gated(gate, i) for i in range(20)])
         first_epoch = await in_flight(client, 4)
+    # Only attempts the coordinator recorded (about once a second) are kept across a crash.
+    await eventually(lambda: recorded_attempts(data_dir, "node-a", 4), timeout=STARTUP)
 
     assert await coordinator.kill() == -9
     await cli.coordinator(port, data_dir)
@@ -136,6 +140,14 @@ async def test_connected_node_reconnects_and_keeps_its_tasks_after_a_coordinator
     epochs = Counter(t.attempt.epoch for t in tasks)
     assert epochs == {first_epoch: 4, first_epoch + 1: 16}, epochs
     assert node.running, f"the node process exited:\n{node.output()}"
+
+
+def recorded_attempts(data_dir: Path, node_id: str, count: int) -> None:
+    """The store holds `count` attempts of `node_id` (read beside the running coordinator)."""
+    with contextlib.closing(sqlite3.connect(data_dir / "shoal.db")) as db:
+        row = db.execute("SELECT attempts FROM node_attempts WHERE node_id = ?", (node_id,))
+        (attempts,) = row.fetchone() or ("",)
+    assert len(attempts.splitlines()) == count
 
 
 async def in_flight(client: AsyncClient, count: int) -> int:

@@ -15,7 +15,7 @@ from shoal import AsyncClient, certs, shell
 from shoal._channel import bearer, open_channel
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
-from shoal.errors import Unavailable
+from shoal.errors import FailedPrecondition, Unavailable
 from shoal.node.agent import NodeAgent
 from shoal.v1 import gateway_pb2_grpc, node_pb2, task_pb2
 
@@ -164,3 +164,21 @@ async def test_a_node_certificate_cannot_claim_another_node(secured: Secured) ->
         await connect_as("node-b")
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "certificate is for 'node-a'" in (refused.value.details() or "")
+
+
+async def test_a_client_ca_without_required_client_certificates_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    ca = certs.init_ca(tmp_path / "pki")
+    cert, key = certs.issue(tmp_path / "pki", "coordinator", hosts=["127.0.0.1"])
+    coordinator = CoordinatorServer(
+        CoordinatorSettings(
+            listen="127.0.0.1:0",
+            data_dir=tmp_path / "data",
+            tls_cert=cert,
+            tls_key=key,
+            tls_client_ca=ca,  # gRPC would never ask for client certificates
+        )
+    )
+    with pytest.raises(FailedPrecondition, match="tls_client_ca needs require_client_cert"):
+        await coordinator.start()

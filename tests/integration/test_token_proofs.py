@@ -239,10 +239,14 @@ async def test_an_adopting_coordinator_dials_a_node_with_mtls(
             tls_cert=coordinator_cert,
             tls_key=coordinator_key,
             tls_client_ca=ca,
+            require_client_cert=True,
         )
     )
     admin = coordinator.admin_token_path.read_text().strip()
-    async with AsyncClient(coordinator.address, token=admin, tls_ca=ca) as client:
+    alice_cert, alice_key = certs.issue(pki, "alice")
+    async with AsyncClient(
+        coordinator.address, token=admin, tls_ca=ca, tls_cert=alice_cert, tls_key=alice_key
+    ) as client:
         made = await client.create_token(
             admin_pb2.CreateTokenRequest(name="n1", role=admin_pb2.ROLE_NODE)
         )

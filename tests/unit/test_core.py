@@ -17,7 +17,7 @@ from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
-from shoal.errors import ResourceExhausted
+from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import node_pb2, task_pb2
 
 ALICE = Principal("alice", Role.SUBMITTER)
@@ -239,3 +239,48 @@ async def test_backpressure_caps_unfinished_tasks_and_says_when_to_retry(tmp_pat
         await c.submit([shell("true", tenant="a")], by=ADMIN)
     finally:
         await c.stop()
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        node_pb2.NodeInfo(slots=100_000),
+        node_pb2.NodeInfo(resources=node_pb2.Resources(cpus=1 << 20)),
+        node_pb2.NodeInfo(resources=node_pb2.Resources(memory_mb=1 << 40)),
+        node_pb2.NodeInfo(resources=node_pb2.Resources(gpus=100_000)),
+        node_pb2.NodeInfo(weight=float("nan")),
+        node_pb2.NodeInfo(weight=1e300),
+        node_pb2.NodeInfo(tools=[f"t{i}" for i in range(1000)]),
+    ],
+)
+async def test_a_hello_claiming_more_than_a_node_can_have_is_refused(
+    core: Coordinator, claim: node_pb2.NodeInfo
+) -> None:
+    token = Principal("shell-only", Role.NODE, node_id="n1", executors=frozenset({"shell"}))
+    info = node_pb2.NodeInfo(node_id="n1", executors=["shell"], slots=2)
+    info.MergeFrom(claim)
+    with pytest.raises(InvalidArgument, match="over its bounds"):
+        core.attach(node_pb2.Hello(info=info), "peer", by=token)
+    assert core.nodes() == []
+
+
+async def test_models_and_tools_count_only_with_an_executor_that_serves_them(
+    core: Coordinator,
+) -> None:
+    token = Principal("shell-only", Role.NODE, node_id="n1", executors=frozenset({"shell"}))
+    info = node_pb2.NodeInfo(
+        node_id="n1",
+        executors=["shell"],
+        models=["llama3"],
+        ollama_models=["llama3"],
+        tools=["mail"],
+        llm_providers=["openai"],
+    )
+    session = core.attach(node_pb2.Hello(info=info), "peer", by=token)
+    assert (session.slots.models, session.slots.tools, session.slots.providers) == (
+        frozenset(),
+        frozenset(),
+        frozenset(),
+    )
+    (status,) = core.nodes()
+    assert not status.info.models and not status.info.ollama_models

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from shoal import shell
+from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition
 from shoal.v1 import node_pb2, task_pb2
+from tests.integration.harness import eventually
 
 from .test_core import ADMIN, ALICE, NODE, Wall, assignments, finished, hello
 
@@ -103,6 +105,86 @@ async def test_after_a_restart_a_node_keeps_the_attempts_it_still_runs(tmp_path:
         assert (await c.wait(second.task_id, None, by=ALICE)).state == (
             task_pb2.TASK_STATE_SUCCEEDED
         )
+    finally:
+        await c.stop()
+
+
+async def test_after_a_restart_only_the_node_an_attempt_went_to_reclaims_it(
+    tmp_path: Path,
+) -> None:
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    ran, never = await c.submit([shell("sleep 60"), shell("true")], by=ALICE)
+    n1 = c.attach(hello("n1", slots=1), "peer", by=NODE)
+    (a,) = await assignments(n1)
+    await c.stop()  # `a` still runs on n1; `never` was never dispatched
+
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    try:
+        # Another node's token claims n1's attempt, and one of a task nobody ran.
+        forged = node_pb2.RunningAttempt(task_id=never.task_id, attempt=a.attempt)
+        intruder = Principal("n2-token", Role.NODE, node_id="n2")
+        n2 = c.attach(hello("n2", slots=2, running=[running(a), forged]), "p", by=intruder)
+        (told,) = await messages(n2)
+        assert sorted(x.task_id for x in told.cancels.attempts) == sorted(
+            [ran.task_id, never.task_id]
+        )
+        c.on_message(n2, finished(a))  # its forged result changes nothing
+        assert (await c.get(ran.task_id, by=ALICE)).state == task_pb2.TASK_STATE_PENDING
+        n1 = c.attach(hello("n1", slots=1, running=[running(a)]), "p", by=NODE)
+        kept = await c.get(ran.task_id, by=ALICE)
+        assert (kept.state, kept.node_id) == (task_pb2.TASK_STATE_RUNNING, "n1")
+        assert (kept.attempt.epoch, kept.attempt.number) == (a.attempt.epoch, a.attempt.number)
+    finally:
+        await c.stop()
+
+
+async def test_the_attempts_each_node_runs_are_recorded_while_the_coordinator_runs(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    c = Coordinator(store)
+    await c.start()
+    try:
+        await c.submit([shell("sleep 60")], by=ALICE)
+        n1 = c.attach(hello("n1"), "peer", by=NODE)
+        (a,) = await assignments(n1)
+        line = f"{a.task_id} {a.attempt.epoch} {a.attempt.number}"
+
+        async def recorded() -> None:  # without a stop: what a kill -9 would leave
+            assert await store.node_attempts() == {"n1": line}
+
+        await eventually(recorded)
+        c.detach(n1)
+
+        async def forgotten() -> None:
+            assert await store.node_attempts() == {}
+
+        await eventually(forgotten)
+    finally:
+        await c.stop()
+
+
+async def test_after_a_restart_a_node_reclaims_only_what_its_token_lets_it_run(
+    tmp_path: Path,
+) -> None:
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    (task,) = await c.submit([shell("sleep 60")], by=ALICE)
+    n1 = c.attach(hello("n1"), "peer", by=NODE)
+    (a,) = await assignments(n1)
+    await c.stop()
+
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    try:
+        limited = Principal("n1-token", Role.NODE, node_id="n1", executors=frozenset({"python"}))
+        info = node_pb2.NodeInfo(node_id="n1", executors=["python"], slots=2)
+        n1 = c.attach(node_pb2.Hello(info=info, running=[running(a)]), "p", by=limited)
+        (told,) = await messages(n1)
+        assert [x.task_id for x in told.cancels.attempts] == [task.task_id]
+        assert (await c.get(task.task_id, by=ALICE)).state == task_pb2.TASK_STATE_QUEUED
     finally:
         await c.stop()
 

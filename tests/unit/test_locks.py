@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from shoal import shell
-from shoal.coordinator.core import Coordinator
+from shoal.auth import Principal, Role
+from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.locks import parse_locks
 from shoal.coordinator.store import SqliteStore
-from shoal.errors import InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument
 
 from .test_core import ADMIN, ALICE, NODE, Wall, finished, hello
 from .test_quotas import dispatched
@@ -76,5 +77,45 @@ async def test_leases_expire_and_their_tokens_keep_growing_across_restarts(
         nxt = await c.acquire_lock("y", SECOND, timedelta(0), shared=False, by=ADMIN)
         again = await c.acquire_lock("x", SECOND, SECOND, shared=True, by=ALICE)
         assert (nxt.token, again.token) == (1, 3)  # per name, never reused
+    finally:
+        await c.stop()
+
+
+async def test_a_lease_takes_at_most_max_lock_ttl_at_once(tmp_path: Path) -> None:
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(max_lock_ttl=timedelta(hours=1)))
+    await c.start()
+    try:
+        with pytest.raises(InvalidArgument, match="max_lock_ttl"):
+            await c.acquire_lock("x", timedelta(hours=2), timedelta(0), shared=False, by=ALICE)
+        lease = await c.acquire_lock("x", timedelta(hours=1), timedelta(0), shared=False, by=ALICE)
+        with pytest.raises(InvalidArgument, match="max_lock_ttl"):
+            await c.renew_lock("x", lease.token, timedelta(days=365), by=ALICE)
+    finally:
+        await c.stop()
+
+
+async def test_a_tenant_neither_holds_nor_blocks_another_tenants_locks(tmp_path: Path) -> None:
+    acme = Principal("acme-app", Role.SUBMITTER, tenant="acme")
+    globex = Principal("globex-app", Role.SUBMITTER, tenant="globex")
+    c = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await c.start()
+    try:
+        mine = await c.acquire_lock("db", 10 * SECOND, timedelta(0), shared=False, by=acme)
+        theirs = await c.acquire_lock("db", 10 * SECOND, timedelta(0), shared=False, by=globex)
+        assert (mine.name, theirs.name) == ("tenant/acme/db", "tenant/globex/db")
+        await c.release_lock("db", theirs.token, by=globex)  # its own: acme's stays held
+        with pytest.raises(FailedPrecondition):  # and globex's "db" is gone
+            await c.renew_lock("db", theirs.token, SECOND, by=globex)
+        with pytest.raises(FailedPrecondition):  # an admin names a tenant's lock in full
+            await c.acquire_lock("tenant/acme/db", SECOND, timedelta(0), shared=False, by=ADMIN)
+        # Task locks too: acme's task waits for acme's lease, globex's runs.
+        waits, runs = await c.submit([shell("a", locks=["db"])], by=acme) + await c.submit(
+            [shell("g", locks=["read:other", "tenant/acme/db"])], by=globex
+        )
+        node = c.attach(hello("n1", slots=2), "peer", by=NODE)
+        assert [a.task_id for a in await dispatched(node)] == [runs.task_id]
+        assert "lock tenant/acme/db is held" in (await c.get(waits.task_id, by=acme)).pending_reason
+        await c.release_lock(mine.name, mine.token, by=acme)  # in full or not: the same
+        assert [a.task_id for a in await dispatched(node)] == [waits.task_id]
     finally:
         await c.stop()

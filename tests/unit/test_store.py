@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,34 @@ async def test_events_between_orders_acceptances_and_outcomes(tmp_path: Path) ->
     rest = await store.events_between(first[-1][0], 100, 2)
     assert [seq for seq, _ in rest] == [3, 4, 5]
     await store.close()
+
+
+async def test_the_store_is_its_owners_only_even_when_made_open_before(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    old = SqliteStore(data / "s.db")
+    await old.open()
+    await old.close()
+    for made_open in (data / "s.db", data / "s.db-wal", data / "s.db-shm"):
+        made_open.touch()
+        made_open.chmod(0o644)
+    store = SqliteStore(data / "s.db")
+    await store.open()
+    try:
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for path in (data / "s.db", data / "s.db-wal", data / "s.db-shm"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        await store.close()
+
+
+async def test_a_new_store_is_made_private(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "new" / "s.db")
+    await store.open()
+    try:
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new").iterdir()}
+        assert modes == {"s.db": 0o600, "s.db-wal": 0o600, "s.db-shm": 0o600}
+        assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    finally:
+        await store.close()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import logging
+import resource
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,13 @@ __all__ = [
     "current_principal",
     "grpc_options",
     "method_path",
+    "raise_open_files_limit",
     "serve_health",
     "server_credentials",
+    "server_options",
 ]
+
+_log = logging.getLogger("shoal")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 OPEN: frozenset[Role] = frozenset()
@@ -55,6 +62,52 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+_SPARE_FILES = 256
+"""Open files a serving process keeps for what is not a connection (its store, logs, tasks)."""
+
+
+def server_options(
+    max_message_bytes: int,
+    *,
+    handshake_timeout: timedelta = timedelta(seconds=10),
+    idle_timeout: timedelta = timedelta(minutes=5),
+    max_connections: int = 10_000,
+    max_streams: int = 1_000,
+) -> list[tuple[str, Any]]:
+    """grpc_options, and a server's bounds on connections: one that has not finished its TLS
+    and HTTP/2 handshake within `handshake_timeout` (a socket that sends nothing) is closed,
+    one without calls for `idle_timeout` is told to go (its client reconnects when it needs),
+    beyond `max_connections` (kept under the open-file limit) new ones are refused, and one
+    connection carries at most `max_streams` calls at once (more wait in the client)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft - _SPARE_FILES < max_connections:
+        max_connections = max(16, soft - _SPARE_FILES)
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.server_handshake_timeout_ms", _millis(handshake_timeout)),
+        ("grpc.max_connection_idle_ms", _millis(idle_timeout)),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", max_streams),
+    ]
+
+
+def _millis(d: timedelta) -> int:
+    return max(1, round(d.total_seconds() * 1000))
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (connections are files);
+    returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:  # e.g. macOS: an unlimited hard limit
+            _log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, err)
+            return soft
+    return hard
 
 
 class _Health(HealthServicer):  # type: ignore[misc]

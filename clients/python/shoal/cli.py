@@ -23,7 +23,7 @@ from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
 from shoal._discover_cli import discover
-from shoal._server import collect_seldom
+from shoal._server import collect_seldom, raise_open_files_limit
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name, to_duration
@@ -146,6 +146,7 @@ def up(
     from shoal.node.agent import NodeAgent
 
     _logging(verbose)
+    raise_open_files_limit()
     coord = CoordinatorServer(
         CoordinatorSettings(**_given(listen=listen, data_dir=data_dir, auth=auth))
     )
@@ -237,6 +238,7 @@ def coordinator(
     from shoal.coordinator.server import CoordinatorServer
 
     _logging(verbose)
+    raise_open_files_limit()
     server = CoordinatorServer(
         CoordinatorSettings(
             **_given(
@@ -338,6 +340,7 @@ def node(
     from shoal.node.agent import NodeAgent
 
     _logging(verbose)
+    raise_open_files_limit()
     settings = NodeSettings(
         **_given(
             coordinator=coordinator,

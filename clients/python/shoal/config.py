@@ -132,6 +132,8 @@ class CoordinatorSettings(_Settings):
     # an executor of a node or a backend; one probe is let through after the cooldown.
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown: timedelta = timedelta(seconds=30)
+    # The longest ttl a lock lease takes at once (renew it to hold it longer).
+    max_lock_ttl: timedelta = timedelta(hours=1)
     # Quotas on keys, on top of those set with `shoal quota set` (fields of shoal.v1.Quota:
     # [[coordinator.quotas]] key = "provider:openai", rate = 10, cost_per_day = 5.0), and the
     # price of LLM tokens in dollars per million, by model: {"gpt-4o" = [2.5, 10.0]}.
@@ -140,12 +142,22 @@ class CoordinatorSettings(_Settings):
     event_capacity: int = 100_000
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
+    # Connections: one that has not finished its TLS and HTTP/2 handshake within
+    # handshake_timeout is closed, and one without calls for idle_timeout; beyond
+    # max_connections (kept under the process's open-file limit, which serving commands raise
+    # to its hard limit) new ones are refused; one carries at most max_streams calls at once.
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    idle_timeout: timedelta = timedelta(minutes=5)
+    max_connections: int = Field(default=10_000, ge=1)
+    max_streams: int = Field(default=1_000, ge=1)
     max_spec_bytes: int = 1 << 20
     max_batch: int = 10_000
     max_string: int = 256  # names, keys, tenants, label keys and values
     max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
     max_watch_tasks: int = 1000  # task ids in one Watch filter
+    # Slots one node may claim (a Hello beyond it, or beyond sane resources, is refused).
+    max_node_slots: int = Field(default=1024, ge=1)
     # Backpressure: submits beyond these many unfinished tasks get RESOURCE_EXHAUSTED with a
     # retry delay (per tenant: 0 means no cap).
     max_queued: int = 1_000_000
@@ -157,8 +169,9 @@ class CoordinatorSettings(_Settings):
     # Authentication: bearer tokens checked on every call but health. Off is allowed on
     # loopback only.
     auth: bool = True
-    # TLS: the server's certificate and key (PEM); with `tls_client_ca`, clients must present
-    # a certificate signed by that CA (mTLS) when `require_client_cert` is on.
+    # TLS: the server's certificate and key (PEM); with `tls_client_ca` and
+    # `require_client_cert` (one needs the other), clients must present a certificate signed by
+    # that CA (mTLS), whose name a node's must match.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

@@ -15,7 +15,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.scheduler import fields_of
 from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
-from shoal.specs import duration
+from shoal.specs import bounded_result, duration
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = [
@@ -393,17 +393,3 @@ def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
             f"node info over its bounds: at most {limits.max_labels} labels and executors,"
             f" {limits.max_string} characters each"
         )
-
-
-def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
-    """A node's result cut to `limit` bytes: the output tails keep their ends."""
-    if result.ByteSize() <= limit:
-        return result
-    share = limit // 4
-    result.stdout = result.stdout[-share:]
-    result.stderr = result.stderr[-share:]
-    result.error = result.error[:share]
-    if result.ByteSize() > limit:
-        result.ClearField("output")
-        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
-    return result

@@ -198,6 +198,9 @@ class NodeSettings(_Settings):
     gpus: int | None = None
     models: list[str] = Field(default_factory=list)  # LLM models this node serves
     output_tail_bytes: int = 64 << 10
+    # A task's output streamed to its followers: past this many bytes only the end of each
+    # stream is sent, after a marker saying how much was cut (its result keeps its tails).
+    max_output_bytes: int = Field(default=8 << 20, ge=0)
     reconnect_max: timedelta = timedelta(seconds=5)
     # Where tasks run (a task's cwd is relative to it); unset: the node's own directory.
     workdir: Path | None = None

@@ -36,6 +36,7 @@ class Limits:
     max_string: int = 256  # names, keys, tenants, label keys and values
     max_labels: int = 64  # entries of each map or list in a spec
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
+    max_rendered_spec_bytes: int = 4 << 20  # a spec with its upstream outputs filled in
     max_watch_tasks: int = 1000
     max_depends_on: int = 100  # upstream tasks of one task (fan-in)
     max_queued: int = 1_000_000  # unfinished tasks in all (backpressure)

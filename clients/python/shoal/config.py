@@ -135,9 +135,15 @@ class CoordinatorSettings(_Settings):
     quotas: list[dict[str, Any]] = Field(default_factory=list)
     pricing: dict[str, tuple[float, float]] = Field(default_factory=dict)
     event_capacity: int = 100_000
+    # Output events held in memory for watchers to replay (the oldest go first); a watcher
+    # slower than that is cut, and resumes from its cursor.
+    event_bytes: int = Field(default=64 << 20, gt=0)
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
     max_spec_bytes: int = 1 << 20
+    # A spec with its upstream outputs (`${{ deps[0].stdout }}`) filled in: over it, the task
+    # fails when it would be dispatched.
+    max_rendered_spec_bytes: int = Field(default=4 << 20, gt=0)
     max_batch: int = 10_000
     max_string: int = 256  # names, keys, tenants, label keys and values
     max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets

@@ -1020,7 +1020,8 @@ class Coordinator:
                 if size > self.options.limits.max_result_bytes:
                     output.data = output.data[: self.options.limits.max_result_bytes]
                     size = self.options.limits.max_result_bytes
-                self.events.emit(task_change(rec, by=session.principal.name, output=output), size=size)
+                change = task_change(rec, by=session.principal.name, output=output)
+                self.events.emit(change, size=size)
             elif kind in ("finished", "released"):
                 del session.inflight[rec.id]
                 self._scheduler.release(session.slots, rec)

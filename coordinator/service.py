@@ -97,7 +97,8 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         )
         return tasks_pb2.ListResponse(tasks=tasks, next_page_token=token)
 
-    async def Watch(self, request: tasks_pb2.WatchRequest, context: _Ctx) -> None:
+    # It writes through the context rather than yielding: a write can then be given up.
+    async def Watch(self, request: tasks_pb2.WatchRequest, context: _Ctx) -> None:  # type: ignore[override]
         since = request.since if request.HasField("since") else None
         async for cursor, events in self._core.watch(
             since=since,

@@ -92,6 +92,7 @@ _SKIPPED = task_pb2.TASK_STATE_SKIPPED
 _TIMED_OUT = task_pb2.TASK_STATE_TIMED_OUT
 _NO_RESULT = task_pb2.TaskResult()
 _REPLAY_PAGE = 1000
+_PAGE_BYTES = 1 << 20  # of output in one page of a watch (one event at least)
 _FREEZE_AFTER = 100_000  # tasks recovered
 
 
@@ -106,6 +107,7 @@ class CoreOptions:
     # less often, under leases longer in proportion (see Coordinator.pace).
     max_heartbeat_rate: float = 500.0
     event_capacity: int = 100_000
+    event_bytes: int = 64 << 20  # of output events held in memory (the oldest go first)
     finished_cache: int = 10_000
     node_message_rate: float = 2000.0
     node_message_burst: int = 4000
@@ -180,6 +182,7 @@ class Coordinator:
         self._wall = wall
         self.epoch = 0
         self.events = EventLog(0)
+        self.watchers_cut = 0  # watches ended because they fell behind the event log
         self._rng = rng or random.Random()
         self._scheduler = Scheduler(
             tenant_weights=self.options.tenant_weights,
@@ -250,7 +253,9 @@ class Coordinator:
         """Open the store, start a new epoch and queue every unfinished task again."""
         self.epoch = await self._store.open()
         await self.tokens.load()
-        self.events = EventLog(self.epoch, capacity=self.options.event_capacity)
+        self.events = EventLog(
+            self.epoch, capacity=self.options.event_capacity, max_bytes=self.options.event_bytes
+        )
         with _collector_paused():  # a million new objects would set off full collections
             await self._recover()
             if len(self._tasks) >= _FREEZE_AFTER:
@@ -699,7 +704,7 @@ class Coordinator:
         while True:
             if not self.tokens.valid(by):
                 raise Unauthenticated(f"the token of {by.name!r} was revoked or has expired")
-            held = self.events.after(cursor)
+            held = self.events.after(cursor, _REPLAY_PAGE)
             if held is None:
                 upto = self.events.oldest_seq
                 items = await self._store.events_between(cursor, upto, _REPLAY_PAGE)
@@ -715,9 +720,18 @@ class Coordinator:
                     continue
                 cursor += len(held)
                 batch = [c for c in held if keep(c)]  # type: ignore[misc]
-            for i in range(0, len(batch), _REPLAY_PAGE):
-                page = [c.event() for c in batch[i : i + _REPLAY_PAGE]]
-                yield (cursor if i + _REPLAY_PAGE >= len(batch) else page[-1].seq), page
+            # At most _REPLAY_PAGE events a page, and about _PAGE_BYTES of output.
+            page: list[task_pb2.Event] = []
+            size = 0
+            for c in batch:
+                page.append(c.event())
+                if c.output is not None:
+                    size += len(c.output.data)
+                    if size >= _PAGE_BYTES:
+                        yield page[-1].seq, page
+                        page, size = [], 0
+            if page:
+                yield cursor, page
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -792,8 +806,26 @@ class Coordinator:
         gated = self._breakers.tripped > 0
         put_back = False
         gates = self.quotas.active
+        limit = self.options.limits.max_rendered_spec_bytes
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
+            rendered, rendered_size = None, 0
+            if rec.templated:
+                results = rec.upstream_results or {}
+                rendered = render(rec.spec, [results.get(u, _NO_RESULT) for u in rec.upstream])
+                rendered_size = rendered.ByteSize()
+                if rendered_size > limit:
+                    # The task's own mistake (its references expand too far): it fails, and
+                    # its node never sees it.
+                    self._scheduler.release(slots, rec)
+                    rec.state = _PENDING  # out of the queue: see _finish
+                    error = (
+                        f"its spec with upstream outputs filled in is {rendered_size} bytes,"
+                        f" over the limit of {limit} (max_rendered_spec_bytes)"
+                    )
+                    self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+                    put_back = True
+                    continue
             if (gates or rec.locks) and not self._through_gates(rec, slots):
                 put_back = True  # its slot is free again: another task may take it
                 continue
@@ -810,12 +842,12 @@ class Coordinator:
             session.inflight[rec.id] = rec
             attempt = attempt_id(rec)
             assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
-            if rec.templated:
-                results = rec.upstream_results or {}
-                rendered = render(rec.spec, [results.get(u, _NO_RESULT) for u in rec.upstream])
+            if rendered is not None:
                 assignment.spec.CopyFrom(rendered)
+                session.assigned_bytes += rendered_size
             else:  # straight from the stored bytes: no spec message kept for it
                 assignment.spec.MergeFromString(rec.spec_bytes)
+                session.assigned_bytes += len(rec.spec_bytes)
             by_node.setdefault(session.node_id, []).append(assignment)
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
@@ -1029,9 +1061,12 @@ class Coordinator:
                 self.events.emit(task_change(rec, by=session.principal.name))
             elif kind == "output":
                 output = u.output
-                if len(output.data) > self.options.limits.max_result_bytes:
+                size = len(output.data)
+                if size > self.options.limits.max_result_bytes:
                     output.data = output.data[: self.options.limits.max_result_bytes]
-                self.events.emit(task_change(rec, by=session.principal.name, output=output))
+                    size = self.options.limits.max_result_bytes
+                change = task_change(rec, by=session.principal.name, output=output)
+                self.events.emit(change, size=size)
             elif kind in ("finished", "released"):
                 del session.inflight[rec.id]
                 self._scheduler.release(session.slots, rec)

@@ -101,16 +101,22 @@ class Change:
 
 
 class EventLog:
-    """Orders, holds and fans out events; watchers read by sequence number."""
+    """Orders, holds and fans out events; watchers read by sequence number.
 
-    def __init__(self, epoch: int, *, capacity: int = 100_000) -> None:
+    It holds at most about `capacity` events and `max_bytes` of output (the oldest go first).
+    """
+
+    def __init__(self, epoch: int, *, capacity: int = 100_000, max_bytes: int = 64 << 20) -> None:
         self.first_seq = (epoch << EPOCH_SHIFT) + 1
         self._capacity = capacity
+        self._max_bytes = max_bytes
+        self.bytes = 0  # of the output held
         self._ring: list[Change | None] = []
         self._base = self.first_seq  # seq of _ring[0]
         self._reserved = self.first_seq - 1  # last number handed out
         self._staged: dict[int, Change | None] = {}
         self._wakeup: asyncio.Future[None] | None = None
+        self._dropped: asyncio.Future[None] | None = None  # set when old events are dropped
 
     @property
     def last_seq(self) -> int:
@@ -127,9 +133,11 @@ class EventLog:
         self._reserved += 1
         return self._reserved
 
-    def emit(self, event: Change) -> None:
-        """Number and publish an event at once (behind any reserved one still pending)."""
+    def emit(self, event: Change, *, size: int = 0) -> None:
+        """Number and publish an event at once (behind any reserved one still pending);
+        `size`: the bytes of its output."""
         event.seq = self.reserve()
+        self.bytes += size
         self.publish((event,))
 
     def publish(self, events: Iterable[Change]) -> None:
@@ -153,19 +161,48 @@ class EventLog:
         while nxt in staged:
             ring.append(staged.pop(nxt))
             nxt += 1
-        if len(ring) > 2 * self._capacity:
-            drop = len(ring) - self._capacity
-            del ring[:drop]
-            self._base += drop
+        if len(ring) > 2 * self._capacity or self.bytes > self._max_bytes:
+            self._drop()
         if self._wakeup is not None:
             self._wakeup.set_result(None)
             self._wakeup = None
 
-    def after(self, seq: int) -> list[Change | None] | None:
-        """Published events after `seq` (None marks an abandoned number); None if no longer held."""
+    def _drop(self) -> None:
+        """Drop the oldest events: down to `capacity`, and to 3/4 of `max_bytes` of output."""
+        ring = self._ring
+        drop = max(0, len(ring) - self._capacity)
+        dropped = 0
+        for c in ring[:drop]:
+            if c is not None and c.output is not None:
+                dropped += len(c.output.data)
+        if self.bytes - dropped > self._max_bytes:
+            goal = self._max_bytes * 3 // 4
+            while drop < len(ring) and self.bytes - dropped > goal:
+                c = ring[drop]
+                if c is not None and c.output is not None:
+                    dropped += len(c.output.data)
+                drop += 1
+        del ring[:drop]
+        self._base += drop
+        self.bytes -= dropped
+        if self._dropped is not None:
+            self._dropped.set_result(None)
+            self._dropped = None
+
+    def after(self, seq: int, limit: int | None = None) -> list[Change | None] | None:
+        """Published events after `seq` (None marks an abandoned number), at most `limit`;
+        None if no longer held."""
         if seq + 1 < self._base:
             return None
-        return self._ring[seq + 1 - self._base :]
+        start = seq + 1 - self._base
+        return self._ring[start : None if limit is None else start + limit]
+
+    async def wait_dropped(self, seq: int) -> None:
+        """Return once the event after `seq` is no longer held."""
+        while seq + 1 >= self._base:
+            if self._dropped is None:
+                self._dropped = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._dropped)
 
     async def wait_after(self, seq: int) -> None:
         """Return once an event after `seq` is published."""

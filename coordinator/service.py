@@ -20,7 +20,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
-from shoal.errors import InvalidArgument, PermissionDenied
+from shoal.errors import InvalidArgument, PermissionDenied, Unavailable
 from shoal.handshake import Direction, OwnAddresses
 from shoal.specs import duration, timestamp
 from shoal.v1 import (
@@ -98,9 +98,8 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         )
         return tasks_pb2.ListResponse(tasks=tasks, next_page_token=token)
 
-    async def Watch(
-        self, request: tasks_pb2.WatchRequest, context: _Ctx
-    ) -> AsyncIterator[tasks_pb2.WatchResponse]:
+    # It writes through the context rather than yielding: a write can then be given up.
+    async def Watch(self, request: tasks_pb2.WatchRequest, context: _Ctx) -> None:  # type: ignore[override]
         since = request.since if request.HasField("since") else None
         async for cursor, events in self._core.watch(
             since=since,
@@ -110,7 +109,30 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             states=list(request.states),
             by=current_principal(),
         ):
-            yield tasks_pb2.WatchResponse(events=events, cursor=cursor)
+            await self._send(context, tasks_pb2.WatchResponse(events=events, cursor=cursor))
+
+    async def _send(self, context: _Ctx, response: tasks_pb2.WatchResponse) -> None:
+        """Write a watch's response; a watcher that reads slower than events come is cut once
+        what it has yet to read leaves the in-memory log, so that what it holds stays bounded.
+        It resumes from its cursor (the SDK's watch does so by itself)."""
+        events = self._core.events
+        if response.cursor < events.oldest_seq - 1:  # replaying from the store: nothing to lose
+            await context.write(response)
+            return
+        write = asyncio.ensure_future(context.write(response))
+        dropped = asyncio.ensure_future(events.wait_dropped(response.cursor))
+        try:
+            await asyncio.wait((write, dropped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+        if not write.done():
+            write.cancel()
+            self._core.watchers_cut += 1
+            raise Unavailable(
+                "this watcher fell behind: events it had yet to read left the coordinator's"
+                " memory; watch again from the last cursor it received"
+            )
+        write.result()
 
 
 def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:

@@ -17,10 +17,12 @@ from shoal.coordinator.scheduler import node_slots_of
 from shoal.specs import timestamp
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
-__all__ = ["MAX_PENDING_CANCELS", "NodeSession", "Pace"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_PENDING_CANCELS", "NodeSession", "Pace"]
 
 MAX_PENDING_CANCELS = 10_000
 """Bounds what a node that floods updates for unknown attempts can make the coordinator hold."""
+MAX_BATCH_BYTES = 4 << 20
+"""An assignment batch is cut here, well under the message limit, whatever its specs weigh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class NodeSession:
         self.closed = False
         self.ended = asyncio.Event()  # set once closed
         self._assignments: list[node_pb2.Assignment] = []
+        self.assigned_bytes = 0  # of the specs in `_assignments` (the dispatcher adds them)
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, node_pb2.RunningAttempt] = {}
         self.pace = pace  # as the node was last told
@@ -185,6 +188,21 @@ class NodeSession:
         self.ended.set()
         self._wake.set()
 
+    def _assignment_batches(self) -> list[list[node_pb2.Assignment]]:
+        """The assignments to send, in batches of at most MAX_BATCH_BYTES (one at least)."""
+        if self.assigned_bytes + 300 * len(self._assignments) <= MAX_BATCH_BYTES:
+            return [self._assignments]  # the common case: no size taken one by one
+        batches: list[list[node_pb2.Assignment]] = [[]]
+        size = 0
+        for a in self._assignments:
+            n = a.ByteSize()
+            if size + n > MAX_BATCH_BYTES and batches[-1]:
+                batches.append([])
+                size = 0
+            batches[-1].append(a)
+            size += n
+        return batches
+
     async def outgoing(self) -> list[node_pb2.CoordinatorMessage] | None:
         """The next messages to send, batched; None once the session is closed."""
         while not self.closed:
@@ -201,12 +219,14 @@ class NodeSession:
                     )
                     self._cancels = {}
                 if self._assignments:
-                    out.append(
-                        node_pb2.CoordinatorMessage(
-                            assignments=node_pb2.AssignmentBatch(assignments=self._assignments)
+                    for batch in self._assignment_batches():
+                        out.append(
+                            node_pb2.CoordinatorMessage(
+                                assignments=node_pb2.AssignmentBatch(assignments=batch)
+                            )
                         )
-                    )
                     self._assignments = []
+                    self.assigned_bytes = 0
                 if self._lease is not None:
                     renewed = node_pb2.LeaseRenewed(seq=self._lease)
                     if self._tell_pace:

@@ -15,7 +15,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.scheduler import fields_of
 from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
-from shoal.specs import duration, secret_references
+from shoal.specs import bounded_result, duration, secret_references
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = [
@@ -37,6 +37,7 @@ class Limits:
     max_string: int = 256  # names, keys, tenants, label keys and values
     max_labels: int = 64  # entries of each map or list in a spec
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
+    max_rendered_spec_bytes: int = 4 << 20  # a spec with its upstream outputs filled in
     max_watch_tasks: int = 1000
     max_depends_on: int = 100  # upstream tasks of one task (fan-in)
     max_queued: int = 1_000_000  # unfinished tasks in all (backpressure)
@@ -439,17 +440,3 @@ def drop_unserved(info: node_pb2.NodeInfo) -> list[str]:
             info.ClearField(name)  # type: ignore[arg-type]
             dropped.append(name)
     return dropped
-
-
-def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
-    """A node's result cut to `limit` bytes: the output tails keep their ends."""
-    if result.ByteSize() <= limit:
-        return result
-    share = limit // 4
-    result.stdout = result.stdout[-share:]
-    result.stderr = result.stderr[-share:]
-    result.error = result.error[:share]
-    if result.ByteSize() > limit:
-        result.ClearField("output")
-        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
-    return result

@@ -46,6 +46,7 @@ from shoal.node.executors.base import (
     RunFailed,
     TaskError,
     available_executors,
+    unpaced,
 )
 from shoal.node.executors.groups import ProcessGroups
 from shoal.node.executors.llm import LlmExecutor
@@ -55,6 +56,7 @@ from shoal.node.fingerprint import MachineProbe
 from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
 from shoal.node.ledger import Ledger
+from shoal.node.output import OutputCap
 from shoal.node.report import RunReport
 from shoal.node.secrets import MissingSecrets, Redactor, SecretsNotGranted, SecretStore
 from shoal.node.service import NodeService, check_service_access
@@ -691,20 +693,29 @@ class NodeAgent:
             if secret_env:
                 redactor = Redactor(secret_env.values())
             run.report.started()
+            output = OutputCap(
+                run.report.output,
+                limit=self.settings.max_output_bytes,
+                tail=self.settings.output_tail_bytes,
+            )
             ctx = ExecutionContext(
                 run.task_id,
-                run.report.output,
+                output,
                 self.settings.output_tail_bytes,
                 secret_env=secret_env,
                 redactor=redactor,
                 workdir=self.settings.workdir,
                 groups=run.groups,
+                paced=self.link.output_room if isinstance(run.report, _AttemptReport) else unpaced,
             )
-            if timeout is None:  # nothing to time: no timeout to pause either
-                outcome = await executor.run(spec, ctx)
-            else:
-                async with run.deadline.running(timeout):
+            try:
+                if timeout is None:  # nothing to time: no timeout to pause either
                     outcome = await executor.run(spec, ctx)
+                else:
+                    async with run.deadline.running(timeout):
+                        outcome = await executor.run(spec, ctx)
+            finally:
+                output.close()
         except TimeoutError:
             return Outcome(
                 task_pb2.TASK_STATE_TIMED_OUT,

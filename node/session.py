@@ -28,6 +28,7 @@ from shoal.config import NodeSettings
 from shoal.errors import FailedPrecondition, Unauthenticated
 from shoal.handshake import Direction, OwnAddresses, coordinator_proof
 from shoal.node.discovery import NodeDiscovery
+from shoal.specs import bounded_result
 from shoal.v1 import gateway_pb2_grpc, node_pb2
 
 __all__ = ["CoordinatorLink", "SessionHost", "SessionStream"]
@@ -36,6 +37,11 @@ _log = logging.getLogger("shoal.node")
 _MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
 _IDENTIFY_TIMEOUT = 5.0  # seconds a coordinator the node found has to prove itself
+# An update batch, whatever its updates: well under the message limit, so that no update,
+# however large, can make the stream fail (and fail again after every reconnect).
+_MAX_BATCH_BYTES = 4 << 20
+# Output waiting to be sent beyond which tasks that print are slowed (see `output_room`).
+_OUTPUT_ROOM = 4 << 20
 
 
 class SessionStream(Protocol):
@@ -99,6 +105,9 @@ class CoordinatorLink:
         self.connected = asyncio.Event()  # set while a session is up
         self._outbox: list[node_pb2.TaskUpdate] = []
         self._outbox_ready = asyncio.Event()
+        self._output_bytes = 0  # of the output updates in the outbox
+        self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
+        self._output_room.set()
         self.flushed = asyncio.Event()  # set while every update was written to a stream
         self.flushed.set()
         # The lease: its length (from Welcome), when it ends (monotonic; None before the first
@@ -422,13 +431,16 @@ class CoordinatorLink:
                 _log.warning("node=%s lease lapsed: ending the session", self._host.node_id)
                 return
             if self._outbox:
-                batch, self._outbox = self._outbox, []
+                batch, output = self._take_batch()
                 try:
                     await stream.write(
                         node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
                     )
                 except BaseException:
                     self._outbox[:0] = batch  # resend with the next session
+                    self._output_bytes += output
+                    if self._output_bytes >= _OUTPUT_ROOM:
+                        self._output_room.clear()
                     raise
                 if not self._outbox:
                     self.flushed.set()
@@ -441,10 +453,44 @@ class CoordinatorLink:
                 heartbeat.seq = self._heartbeat_seq
                 await stream.write(node_pb2.NodeMessage(heartbeat=heartbeat))
 
+    def _take_batch(self) -> tuple[list[node_pb2.TaskUpdate], int]:
+        """The next batch off the outbox, at most _MAX_BATCH_BYTES (at least one update), and
+        the bytes of output in it."""
+        outbox = self._outbox
+        size = output = 0
+        end = len(outbox)
+        for i, update in enumerate(outbox):
+            size += update.ByteSize()
+            if size > _MAX_BATCH_BYTES and i:
+                end = i
+                break
+            if update.HasField("output"):
+                output += len(update.output.data)
+        batch, self._outbox = outbox[:end], outbox[end:]
+        self._output_bytes -= output
+        if self._output_bytes < _OUTPUT_ROOM:
+            self._output_room.set()
+        return batch, output
+
+    async def output_room(self) -> None:
+        """Return once the outbox holds less than _OUTPUT_ROOM of output: a task printing faster
+        than its session carries it waits here (and its pipe fills), rather than growing it."""
+        while self._output_bytes >= _OUTPUT_ROOM:
+            await self._output_room.wait()
+
     def push(self, update: node_pb2.TaskUpdate) -> None:
         """Send an update with the next batch, in this session or the next."""
-        if len(self._outbox) >= _MAX_OUTBOX and update.WhichOneof("update") == "output":
-            return  # disconnected for long: output is dropped first, results never
+        kind = update.WhichOneof("update")
+        if kind == "output":
+            if len(self._outbox) >= _MAX_OUTBOX:
+                return  # disconnected for long: output is dropped first, results never
+            self._output_bytes += len(update.output.data)
+            if self._output_bytes >= _OUTPUT_ROOM:
+                self._output_room.clear()
+        elif kind == "finished":
+            # Whatever an executor put in it, a result fits in a batch (the coordinator cuts
+            # results further to its own limit).
+            bounded_result(update.finished.result, _MAX_BATCH_BYTES // 2)
         self._outbox.append(update)
         self._outbox_ready.set()
         self.flushed.clear()

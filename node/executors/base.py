@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,9 +23,15 @@ __all__ = [
     "TaskError",
     "available_executors",
     "register",
+    "unpaced",
 ]
 
 Emit = Callable[[task_pb2.OutputChunk], None]
+
+
+async def unpaced() -> None:
+    """An ExecutionContext's `paced` when nothing paces its output."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class ExecutionContext:
     workdir: Path | None = None
     # The process groups the task runs in: the node pauses (SIGSTOP) and resumes them.
     groups: ProcessGroups = field(default_factory=ProcessGroups)
+    # Awaited after each chunk emitted: returns once the link has room for more output, so a
+    # task that prints faster than its output can be carried is slowed, not buffered.
+    paced: Callable[[], Awaitable[None]] = unpaced
 
 
 @dataclass

@@ -58,6 +58,7 @@ async def _pump(
         if text:
             tail.add(text)  # redacted already, so the result's tail is too
             ctx.emit(task_pb2.OutputChunk(stream=stream, data=text))  # type: ignore[arg-type]
+            await ctx.paced()
         if not data:
             return
 

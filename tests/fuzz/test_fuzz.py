@@ -47,9 +47,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from shoal import AsyncClient, noop
+from shoal import AsyncClient, noop, shell
 from shoal.auth import parse_token
+from shoal.config import NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES
+from shoal.node.agent import NodeAgent
 from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
 
 from .conftest import Servers
@@ -1052,3 +1054,117 @@ def test_every_rpc_survives_generated_and_mutated_messages(
         problems.append(f"RSS grew by {growth >> 20} MiB")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# -- large shapes: output and batches by the megabyte ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Flood:
+    """A task printing `size` bytes to `stream` in lines of `width` (0: one line)."""
+
+    size: int
+    width: int
+    stream: str
+
+    def spec(self) -> task_pb2.TaskSpec:
+        fold = f" | fold -w {self.width}" if self.width else ""
+        to = " >&2" if self.stream == "stderr" else ""
+        return shell(
+            f"head -c {self.size} /dev/zero | tr '\\0' x{fold}{to}; echo end", labels=_SHAPES
+        )
+
+
+_SHAPES = {"shapes": "large"}
+FLOODS = st.builds(
+    Flood,
+    size=st.integers(0, 20 << 20),
+    width=st.sampled_from((0, 1, 80, 4096, 100_000)),
+    stream=st.sampled_from(("stdout", "stderr")),
+)
+# Batches of specs up to 900 kB each, as many as fit one request: dispatched to a node together.
+BATCHES = st.lists(st.integers(1, 900_000), min_size=1, max_size=16).filter(
+    lambda sizes: sum(sizes) < 14 << 20
+)
+
+
+def _weighing(size: int) -> task_pb2.TaskSpec:
+    """A task whose spec weighs about `size` bytes (in arguments under the kernel's limit)."""
+    pieces = [*["w" * 100_000] * (size // 100_000), "w" * (size % 100_000)]
+    return shell(["sh", "-c", "exit 0", *pieces], labels=_SHAPES)
+
+
+async def _large_shapes(
+    client: AsyncClient, floods: Sequence[Flood], batches: Sequence[Sequence[int]]
+) -> list[str]:
+    """Submit every shape at once; what did not end well."""
+    ids = [(await client.submit(f.spec())).id for f in floods]
+    for sizes in batches:
+        ids += await client.submit_batch([_weighing(n) for n in sizes])
+    done = await asyncio.gather(*(client.wait(i) for i in ids))
+    return [
+        f"{t.id}: {task_pb2.TaskState.Name(t.state)} {t.result.error!r}"
+        for t in done
+        if t.state != task_pb2.TASK_STATE_SUCCEEDED
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_large_outputs_and_batches_never_end_a_node_session(servers: Servers) -> None:
+    """Generated floods of output (any size to 20 MB, any line width, either stream) and
+    batches of heavy specs, all at once on a 32-slot node: every task succeeds, and the node
+    keeps the session it had."""
+    loop = servers.loop
+
+    async def start_node() -> NodeAgent:
+        node = NodeAgent(
+            NodeSettings(
+                coordinator=servers.coordinator.address,
+                node_id="shapes-node",
+                listen="127.0.0.1:0",
+                token_file=servers.coordinator.admin_token_path,
+                executors=["shell"],  # runs only the commands written above
+                labels=_SHAPES,
+                slots=32,
+            )
+        )
+        await node.start()
+        await asyncio.wait_for(node.connected.wait(), DEADLINE)
+        return node
+
+    async def open_client() -> AsyncClient:
+        return AsyncClient(servers.coordinator.address, token=servers.token)
+
+    node = loop.run(start_node())
+    client = loop.run(open_client())  # its channel belongs to the servers' loop
+    try:
+
+        def session() -> str:
+            (status,) = [
+                s for s in servers.coordinator.core.nodes() if s.info.node_id == node.node_id
+            ]
+            return text_format.MessageToString(status.connected_at)
+
+        before = session()
+
+        @hypothesis.seed(16)
+        @settings(
+            max_examples=4, database=None, deadline=None, phases=[Phase.explicit, Phase.generate]
+        )
+        @given(st.lists(FLOODS, min_size=1, max_size=3), st.lists(BATCHES, max_size=2))
+        @hypothesis.example(  # the largest of each, together
+            [Flood(20 << 20, 0, "stdout"), Flood(12 << 20, 80, "stderr")], [[900_000] * 15] * 2
+        )
+        def shapes(floods: list[Flood], batches: list[list[int]]) -> None:
+            failed = loop.run(_large_shapes(client, floods, batches), 240)
+            assert not failed, (floods, [len(b) for b in batches], failed)
+            assert session() == before  # the node never reconnected
+
+        shapes()
+    finally:
+        loop.run(client.close())
+        loop.run(_bounded_stop(node), DEADLINE + 20)
+
+
+async def _bounded_stop(node: NodeAgent) -> None:
+    await asyncio.wait_for(node.stop(), DEADLINE + 10)

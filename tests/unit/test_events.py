@@ -97,3 +97,32 @@ def test_a_change_becomes_the_event_watchers_see() -> None:
     wrapped = Change.of(notice)
     log.emit(wrapped)
     assert wrapped.event() is notice and notice.seq == log.last_seq
+
+
+def out(task: str, size: int) -> Change:
+    return Change(task, output=task_pb2.OutputChunk(data="o" * size))
+
+
+def test_output_held_is_bounded_in_bytes_oldest_first() -> None:
+    log = EventLog(1, max_bytes=1000)
+    for i in range(50):
+        log.emit(out(str(i), 100), size=100)
+    assert log.bytes <= 1000
+    held = log.after(log.oldest_seq - 1)
+    assert held is not None
+    assert sum(len(c.output.data) for c in held if c and c.output) == log.bytes
+    assert [c.task_id for c in held if c][-1] == "49"  # the newest are kept
+    assert log.after(log.first_seq) is None
+
+
+async def test_wait_dropped_wakes_once_a_position_leaves_the_log() -> None:
+    log = EventLog(1, max_bytes=1000)
+    log.emit(out("a", 10), size=10)
+    cursor = log.last_seq
+    waiter = asyncio.create_task(log.wait_dropped(cursor))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    for i in range(20):
+        log.emit(out(str(i), 100), size=100)
+    await asyncio.wait_for(waiter, 1)
+    assert log.after(cursor) is None

@@ -175,8 +175,8 @@ def collect_seldom() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _bearer(context: Any) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _bearer(metadata: Any) -> str:
+    for key, value in metadata or ():
         if key == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -215,22 +215,29 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._authenticate = authenticate
         self._client_certs = client_certs
 
-    def _admit(self, method: str, context: Any) -> None:
+    def _caller(self, method: str, metadata: Any) -> Principal | None:
+        """Who calls `method`, if they may (None: anyone may); from the call's metadata alone,
+        before its request is read."""
         roles = self._policy.get(method, frozenset({Role.ADMIN}))
         if not roles:  # OPEN
-            return
+            return None
         if self._authenticate is None:
             principal = ANONYMOUS
         else:
-            token = _bearer(context)
+            token = _bearer(metadata)
             if not token:
                 raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
             principal = self._authenticate(token)
+        if principal.role is not Role.ADMIN and principal.role not in roles:
+            raise PermissionDenied(f"{principal.name} ({principal.role}) may not call {method}")
+        return principal
+
+    def _admit(self, principal: Principal | None, context: Any) -> None:
+        if principal is None:
+            return
         cert = _cert_name(context) if self._client_certs else ""
         if cert:
             principal = dataclasses.replace(principal, cert_name=cert)
-        if principal.role is not Role.ADMIN and principal.role not in roles:
-            raise PermissionDenied(f"{principal.name} ({principal.role}) may not call {method}")
         _PRINCIPAL.set(principal)
 
     async def intercept_service(
@@ -241,9 +248,15 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        return self._guard(handler, details.method)
+        # gRPC reads a unary request whole before its handler runs: a caller refused here
+        # never has its request read, so a stranger's large body costs the server nothing.
+        try:
+            principal = self._caller(details.method, details.invocation_metadata)
+        except Exception as err:
+            return _refusal(handler, details.method, err)
+        return self._guard(handler, details.method, principal)
 
-    def _guard(self, handler: Any, method: str) -> Any:
+    def _guard(self, handler: Any, method: str, principal: Principal | None) -> Any:
         parse = handler.request_deserializer
 
         def lenient(raw: bytes) -> Any:
@@ -271,7 +284,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
-                    admit(method, context)
+                    admit(principal, context)
                     async for response in inner(arg(request), context):
                         yield response
                 except grpc.aio.AbortError:
@@ -284,7 +297,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def call(request: Any, context: Any) -> Any:
                 try:
-                    admit(method, context)
+                    admit(principal, context)
                     return await inner(arg(request), context)
                 except grpc.aio.AbortError:
                     raise
@@ -304,3 +317,19 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=lenient,
             response_serializer=handler.response_serializer,
         )
+
+
+def _refusal(handler: Any, method: str, error: Exception) -> Any:
+    """A handler that answers `error` without reading the request: it takes the request as a
+    stream, which gRPC reads only when asked."""
+
+    async def refuse(requests: Any, context: Any) -> None:
+        await abort(context, error, method)
+
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            refuse, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        refuse, response_serializer=handler.response_serializer
+    )

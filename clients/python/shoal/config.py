@@ -140,6 +140,9 @@ class CoordinatorSettings(_Settings):
     quotas: list[dict[str, Any]] = Field(default_factory=list)
     pricing: dict[str, tuple[float, float]] = Field(default_factory=dict)
     event_capacity: int = 100_000
+    # Output events held in memory for watchers to replay (the oldest go first); a watcher
+    # slower than that is cut, and resumes from its cursor.
+    event_bytes: int = Field(default=64 << 20, gt=0)
     finished_cache: int = 10_000
     max_message_bytes: int = 16 << 20
     # Connections: one that has not finished its TLS and HTTP/2 handshake within
@@ -151,6 +154,9 @@ class CoordinatorSettings(_Settings):
     max_connections: int = Field(default=10_000, ge=1)
     max_streams: int = Field(default=1_000, ge=1)
     max_spec_bytes: int = 1 << 20
+    # A spec with its upstream outputs (`${{ deps[0].stdout }}`) filled in: over it, the task
+    # fails when it would be dispatched.
+    max_rendered_spec_bytes: int = Field(default=4 << 20, gt=0)
     max_batch: int = 10_000
     max_string: int = 256  # names, keys, tenants, label keys and values
     max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
@@ -217,6 +223,9 @@ class NodeSettings(_Settings):
     gpus: int | None = None
     models: list[str] = Field(default_factory=list)  # LLM models this node serves
     output_tail_bytes: int = 64 << 10
+    # A task's output streamed to its followers: past this many bytes only the end of each
+    # stream is sent, after a marker saying how much was cut (its result keeps its tails).
+    max_output_bytes: int = Field(default=8 << 20, ge=0)
     reconnect_max: timedelta = timedelta(seconds=5)
     # Where tasks run (a task's cwd is relative to it); unset: the node's own directory.
     workdir: Path | None = None

@@ -16,6 +16,7 @@ __all__ = [
     "FINAL_STATES",
     "MAX_DURATION",
     "SECRET_REFERENCE",
+    "bounded_result",
     "duration",
     "executor_of",
     "is_final",
@@ -103,3 +104,17 @@ def to_duration(td: timedelta) -> Duration:
     d = Duration()
     d.FromTimedelta(td)
     return d
+
+
+def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
+    """A node's result cut to `limit` bytes: the output tails keep their ends."""
+    if result.ByteSize() <= limit:
+        return result
+    share = limit // 4
+    result.stdout = result.stdout[-share:]
+    result.stderr = result.stderr[-share:]
+    result.error = result.error[:share]
+    if result.ByteSize() > limit:
+        result.ClearField("output")
+        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
+    return result

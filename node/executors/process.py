@@ -6,14 +6,13 @@ import asyncio
 import codecs
 import contextlib
 import os
-import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
-from shoal.node.executors.taskuser import TaskUser
+from shoal.node.executors.taskuser import TaskUsers
 from shoal.v1 import task_pb2
 
 __all__ = ["NODE_ONLY_VARIABLES", "run_process"]
@@ -85,7 +84,7 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdin: bytes = b"",
-    user: TaskUser | None = None,
+    users: TaskUsers | None = None,
 ) -> Outcome:
     """Run argv in its own process group; exit 0 succeeds. Cancel kills the whole group.
 
@@ -93,30 +92,30 @@ async def run_process(
 
     Its environment is the node's (without SHOAL_* settings), then `env`, then
     `ctx.secret_env`; its output is redacted with `ctx.redactor` before it is emitted or kept
-    for the result. With a `user`, it runs as that user (no other group, umask 077), in a
-    directory of its own (its HOME, and its cwd unless `cwd` says otherwise) removed after.
+    for the result. With `users` that switch, it runs as the user leased for it (no other
+    group, umask 077), in a directory of its own (its HOME, and its cwd unless `cwd` says
+    otherwise) removed after.
     """
     if ctx.workdir is not None and not ctx.workdir.is_dir():
         # The node's set-up is wrong, not the task: another node may run it.
         return InfrastructureError(f"the node's workdir {ctx.workdir} is not a directory").outcome()
     if cwd:
         cwd = str(ctx.workdir / cwd) if ctx.workdir is not None else cwd
-    if user is None:
+    if users is None or not users.switching:
         return await _run(argv, ctx, _environment(env, ctx), cwd or ctx.workdir, stdin, {})
     try:
-        home = await asyncio.to_thread(user.make_dir, ctx.workdir)
+        async with users.lease(ctx.workdir) as leased:
+            assert leased is not None
+            user, home = leased
+            merged = _environment(
+                env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
+            )
+            # What the task writes is its own (umask 077).
+            return await _run(user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077})
     except OSError as err:
         return InfrastructureError(
-            f"cannot make a directory for user {user.name}: {err.strerror or err}"
+            f"cannot prepare the task's user and directory: {err.strerror or err}"
         ).outcome()
-    try:
-        merged = _environment(
-            env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
-        )
-        # What the task writes is its own (umask 077).
-        return await _run(user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077})
-    finally:
-        await asyncio.to_thread(shutil.rmtree, home, True)
 
 
 def _environment(

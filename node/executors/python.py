@@ -9,7 +9,7 @@ import sys
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
 from shoal.node.executors.process import run_process
-from shoal.node.executors.taskuser import TaskUser, task_user
+from shoal.node.executors.taskuser import TaskUsers
 from shoal.v1 import task_pb2
 
 __all__ = ["PythonExecutor"]
@@ -17,18 +17,21 @@ __all__ = ["PythonExecutor"]
 _log = logging.getLogger("shoal.node")
 
 
-async def _runs_python(user: TaskUser) -> bool:
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *user.argv([sys.executable, "-I", "-c", ""]),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            cwd="/",
-        )
-    except OSError:
-        return False
-    return await proc.wait() == 0
+async def _runs_python(users: TaskUsers) -> bool:
+    async with users.lease(None) as leased:
+        assert leased is not None
+        user, home = leased
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *user.argv([sys.executable, "-I", "-c", ""]),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=home,
+            )
+        except OSError:
+            return False
+        return await proc.wait() == 0
 
 
 @register
@@ -37,31 +40,29 @@ class PythonExecutor(Executor):
 
     def __init__(self, settings: NodeSettings) -> None:
         super().__init__(settings)
-        self.user = task_user(settings.run_as)
-        self._auto = settings.run_as == "auto"
+        self.users = TaskUsers(settings.run_as)
 
     async def async_available(self) -> bool:
         """Whether the task user can run this interpreter (not when it lives in a directory only
         root may enter, such as /root/.pyenv). Under run_as = "auto" python tasks then run as
         the node's user, said at start; a user named in run_as is not given up: python is not
         offered."""
-        if self.user is None or await _runs_python(self.user):
+        if not self.users.switching or await _runs_python(self.users):
             return True
-        if self._auto:
+        if self.users.auto:
             _log.warning(
-                "python tasks run as the node's own user: %s cannot run %s (install Python where"
-                ' other users can run it, or set run_as = "node" to choose this)',
-                self.user.name,
+                "python tasks run as the node's own user: other users cannot run %s (install"
+                ' Python where they can, or set run_as = "node" to choose this)',
                 sys.executable,
             )
-            self.user = None
+            self.users.give_up()
             return True
-        _log.error(
-            "python not offered: run_as user %s cannot run %s", self.user.name, sys.executable
-        )
+        _log.error("python not offered: the run_as user cannot run %s", sys.executable)
         return False
 
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
         py = spec.python
         argv = [sys.executable, "-I", "-c", py.code, *py.args]
-        return await run_process(argv, ctx, env=py.env, cwd=py.cwd, stdin=py.stdin, user=self.user)
+        return await run_process(
+            argv, ctx, env=py.env, cwd=py.cwd, stdin=py.stdin, users=self.users
+        )

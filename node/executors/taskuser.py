@@ -1,27 +1,36 @@
-"""The user shell and python tasks run as (`run_as`), and the directory each task gets."""
+"""Who shell and python tasks run as (`run_as`), and the directory each task gets.
+
+Under "auto" on a node run as root, each running task has a uid of its own, unique on the
+machine while it runs (a lock file per uid), so tasks can read neither each other's files nor
+each other's environment (`/proc/PID/environ`: secrets). The uids need no account.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import grp
 import logging
 import os
 import pwd
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import InvalidArgument
 
-__all__ = ["DEDICATED_USER", "TaskUser", "task_user"]
+__all__ = ["TASK_UID_BASE", "TaskUser", "TaskUsers"]
 
-DEDICATED_USER = "shoal-task"
-"""The user `run_as = "auto"` picks when it exists (else `nobody`), for a node run as root."""
+TASK_UID_BASE = 1_900_000_000
+"""run_as = "auto": task uids count up from here (well above any account's or subuid range's)."""
 
 _log = logging.getLogger("shoal.node")
 _NODE = frozenset({"", "node"})
 _AUTO = "auto"
+_HELD: set[int] = set()  # uids this process leases now (the lock files hold them machine-wide)
 
 
 @dataclass(frozen=True)
@@ -51,35 +60,123 @@ class TaskUser:
             *argv,
         ]
 
-    def make_dir(self, parent: Path | None) -> Path:
-        """A new directory in `parent` (None: the system's temporary one) that only this user
-        may enter. Blocks: call it in a thread."""
-        path = Path(tempfile.mkdtemp(prefix="shoal-task-", dir=parent))
-        try:
-            os.chown(path, self.uid, self.gid)
-        except OSError:
-            path.rmdir()
-            raise
-        return path
 
-
-def task_user(run_as: str) -> TaskUser | None:
-    """The user the `run_as` setting names; None: the node's own.
+class TaskUsers:
+    """The user of each task, by the `run_as` setting: the node's own (`lease` gives None), one
+    named user, or under "auto" on a node run as root, a uid of its own per running task.
 
     Raises InvalidArgument for a user or group this machine does not know, and for another
     user than the node's when the node cannot switch users (it does not run as root).
     """
-    if run_as in _NODE:
-        return None
-    if run_as == _AUTO:
-        if os.geteuid() != 0:
-            return None
-        if shutil.which("setpriv") is None:
-            _log.warning(
-                "tasks run as root: setpriv (util-linux) is missing, so run_as cannot switch"
-            )
-            return None
-        run_as = DEDICATED_USER if _known(DEDICATED_USER) else "nobody"
+
+    def __init__(self, run_as: str) -> None:
+        self.auto = run_as == _AUTO
+        self.fixed: TaskUser | None = None
+        self._setpriv = ""
+        if run_as in _NODE or (self.auto and os.geteuid() != 0):
+            return
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            if self.auto:
+                _log.warning("tasks run as root: setpriv (util-linux) is missing to switch users")
+                self.auto = False
+                return
+            raise InvalidArgument(f"run_as {run_as!r} needs setpriv (util-linux) on the PATH")
+        self._setpriv = setpriv
+        if not self.auto:
+            self.fixed = _named(run_as, setpriv)
+
+    @property
+    def switching(self) -> bool:
+        """Whether tasks run as another user than the node's."""
+        return bool(self._setpriv) and (self.auto or self.fixed is not None)
+
+    def give_up(self) -> None:
+        """Run tasks as the node's own user from now on."""
+        self.auto, self.fixed, self._setpriv = False, None, ""
+
+    @contextlib.asynccontextmanager
+    async def lease(self, parent: Path | None) -> AsyncIterator[tuple[TaskUser, Path] | None]:
+        """The user of one task and a new directory in `parent` (None: the system's temporary
+        one) that only it may enter; None when tasks run as the node's user. On the way out
+        every process left of a uid of its own is killed, and the directory removed."""
+        if not self.switching:
+            yield None
+            return
+        user, lock = (self.fixed, None) if self.fixed else await asyncio.to_thread(self._take)
+        assert user is not None
+        try:
+            home = await asyncio.to_thread(_make_dir, user, parent)
+        except BaseException:
+            _release(user, lock)
+            raise
+        try:
+            yield user, home
+        finally:
+            try:
+                if lock is not None:
+                    await _kill_all(user)  # what the task left running (a daemon, `sleep &`)
+                await asyncio.to_thread(shutil.rmtree, home, True)
+            finally:
+                _release(user, lock)
+
+    def _take(self) -> tuple[TaskUser, int]:
+        """The lowest uid free on this machine, with the descriptor of its held lock file."""
+        locks = _lock_dir()
+        n = 0
+        while True:
+            uid = TASK_UID_BASE + n
+            n += 1
+            if uid in _HELD:
+                continue
+            fd = os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # another node process of this machine holds it
+                continue
+            _HELD.add(uid)
+            return TaskUser(uid, uid, str(uid), self._setpriv), fd
+
+
+def _lock_dir() -> Path:
+    base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    path = base / "shoal-task-uids"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _release(user: TaskUser, lock: int | None) -> None:
+    if lock is not None:
+        _HELD.discard(user.uid)
+        os.close(lock)  # and with it the lock
+
+
+async def _kill_all(user: TaskUser) -> None:
+    """SIGKILL every process of `user` (kill -1 as that user reaches exactly those)."""
+    with contextlib.suppress(OSError):
+        proc = await asyncio.create_subprocess_exec(
+            *user.argv(["kill", "-KILL", "-1"]),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            cwd="/",
+        )
+        await proc.wait()
+
+
+def _make_dir(user: TaskUser, parent: Path | None) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="shoal-task-", dir=parent))
+    try:
+        os.chown(path, user.uid, user.gid)
+    except OSError:
+        path.rmdir()
+        raise
+    return path
+
+
+def _named(run_as: str, setpriv: str) -> TaskUser | None:
+    """The one user `run_as` names (a name, or uid[:gid]); None when it is the node's own."""
     user, _, group = run_as.partition(":")
     try:
         if user.isdigit():
@@ -103,15 +200,4 @@ def task_user(run_as: str) -> TaskUser | None:
             f"run_as {run_as!r}: only a node running as root can run tasks as another user"
             ' (run_as = "node" runs them as the node\'s own)'
         )
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        raise InvalidArgument(f"run_as {run_as!r} needs setpriv (util-linux) on the PATH")
     return TaskUser(uid, gid, name, setpriv)
-
-
-def _known(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True

@@ -21,10 +21,10 @@ from shoal import AsyncClient, shell
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
-from shoal.node.executors.taskuser import DEDICATED_USER
+from shoal.node.executors.taskuser import TASK_UID_BASE
 from shoal.v1 import task_pb2
 
-from .harness import STARTUP
+from .harness import STARTUP, eventually, process_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,15 +76,7 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def default_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(DEDICATED_USER)
-    except KeyError:
-        return pwd.getpwnam("nobody")
-
-
-async def test_a_task_runs_as_the_default_user_and_cannot_read_shoals_files(root: Path) -> None:
-    user = default_user()
+async def test_a_task_runs_as_a_uid_of_its_own_and_cannot_read_shoals_files(root: Path) -> None:
     async with open_mesh(root, run_as="auto") as (client, token_file):
         data = root / "data"
         script = (
@@ -99,14 +91,15 @@ async def test_a_task_runs_as_the_default_user_and_cannot_read_shoals_files(root
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result
     token = token_file.read_text().strip()
     lines = done.result.stdout.splitlines()
-    assert lines[:3] == [str(user.pw_uid), str(user.pw_gid), str(user.pw_gid)]  # no root group
+    uid = int(lines[0])
+    assert uid >= TASK_UID_BASE and lines[1:3] == [str(uid), str(uid)]  # no root group
     assert lines[3:] == ["no-node-token", "no-admin-token", "no-store", "no-data-dir"]
     assert token not in done.result.stdout
     assert done.result.stderr.count("Permission denied") == 4, done.result.stderr
 
 
 async def test_a_task_of_another_user_works_in_a_directory_of_its_own(root: Path) -> None:
-    user = default_user()
+    user = pwd.getpwnam("nobody")
     async with open_mesh(root, run_as=f"{user.pw_uid}:{user.pw_gid}", workdir=root) as (client, _):
         script = 'pwd; echo "$HOME"; echo written > out.txt; cat out.txt; ls -ld . | cut -c1-10'
         done = await client.wait((await client.submit(shell(script))).id, timeout=WAIT)
@@ -132,3 +125,33 @@ async def test_run_as_node_keeps_the_nodes_own_user(root: Path) -> None:
 
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.result
     assert done.result.stdout.splitlines() == [str(os.geteuid()), token_file.read_text().strip()]
+
+
+async def test_running_tasks_cannot_read_each_others_environment_and_leave_nothing_running(
+    root: Path,
+) -> None:
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    shared = root / "shared"  # where tasks of any user may write (as /tmp)
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    async with open_mesh(root, run_as="auto", secrets={"db": secret}) as (client, _):
+        # One task holds a secret in its environment while another looks for it everywhere it
+        # can; the first also leaves a process of its own behind, out of its process group.
+        holder = shell(f"setsid sleep 300 & echo $! > {shared}/leftover; sleep 30")
+        holder.secrets.add(name="db", env="DB_PASSWORD")
+        held = await client.submit(holder)
+        leftover = await eventually(
+            lambda: int((shared / "leftover").read_text()), retry_on=(OSError, ValueError)
+        )
+        snoop = shell(
+            "for f in /proc/[0-9]*/environ; do cat $f 2>/dev/null | tr '\\0' '\\n'; done"
+            " | grep -c DB_PASSWORD || true"
+        )
+        looked = await client.wait((await client.submit(snoop)).id, timeout=WAIT)
+        await client.cancel(held.id)
+        await client.wait(held.id, timeout=WAIT)
+
+    assert looked.state == task_pb2.TASK_STATE_SUCCEEDED, looked.result
+    assert looked.result.stdout.strip() == "0"
+    assert secret not in looked.result.stdout
+    await eventually(lambda: process_gone(leftover))

@@ -265,7 +265,8 @@ class NodeSettings(_Settings):
     secret_tenants: dict[str, list[str]] = Field(default_factory=dict)
     # shell and python tasks run as this user: a name, or "uid[:gid]", each task in a
     # directory of its own. "node" (or "") runs them as the node's own user, in `workdir`.
-    # "auto": user "shoal-task" if there is one, else "nobody", when the node runs as root;
+    # "auto": when the node runs as root, a uid of its own for each running task (from
+    # 1,900,000,000 up, no account needed; every process of it is killed when the task ends);
     # the node's own user otherwise.
     run_as: str = "auto"
     # The resource guard: background work must not fight the machine's own user. While the

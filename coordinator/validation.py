@@ -207,6 +207,34 @@ def _check_secrets(
         seen.add(env)
 
 
+def _check_references(
+    spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
+) -> None:
+    """Each field with a reference that is malformed, names no upstream, or sits in code is
+    named once; at most `limits.max_labels` references in all (each is filled at dispatch)."""
+    named: set[str] = set()
+    count = 0
+    for ref in references(spec):
+        count += 1
+        if ref.field in named:
+            continue
+        if ref.code:
+            named.add(ref.field)
+            bad(
+                ref.field,
+                f"an upstream reference may not be in {ref.code}: put it in an env value,"
+                " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
+            )
+        elif ref.upstream is None or ref.upstream >= len(spec.depends_on):
+            named.add(ref.field)
+            bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
+    if count > limits.max_labels:
+        bad(
+            spec.WhichOneof("kind") or "kind",
+            f"{count} upstream references: at most {limits.max_labels}",
+        )
+
+
 def _check_scheduling(
     spec: task_pb2.TaskSpec,
     present: Collection[str],
@@ -217,9 +245,7 @@ def _check_scheduling(
     """Placement, dependency, time and retry fields (those `present`); reports through `bad`."""
     # Walking every string is dear; the serialized spec tells first if any could refer.
     if b"${{" in encoded:
-        for text, index in references(spec):
-            if index is None or index >= len(spec.depends_on):
-                bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
+        _check_references(spec, limits, bad)
     if _SCHEDULING.isdisjoint(present):
         return
     for i, sel in enumerate(spec.selectors):

@@ -300,6 +300,10 @@ def _check_scheduling(
         bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
 
 
+_CYCLE_SHOWN = 5
+"""The tasks of a dependency cycle named in its error; the others are counted."""
+
+
 def _cycle(specs: Sequence[task_pb2.TaskSpec]) -> list[int] | None:
     """Indexes of a dependency cycle within the batch, or None."""
     if not any(spec.depends_on for spec in specs):
@@ -388,7 +392,11 @@ def validate_batch(
                 )
             keys.add(spec.idempotency_key)
     if not violations and (cycle := _cycle(specs)) is not None:
-        loop = " -> ".join(f"specs[{i}]" for i in [*cycle, cycle[0]])
+        # A cycle may run through the whole batch: its path is shown in part.
+        loop = " -> ".join(f"specs[{i}]" for i in cycle[:_CYCLE_SHOWN])
+        if len(cycle) > _CYCLE_SHOWN:
+            loop += f" -> … and {len(cycle) - _CYCLE_SHOWN} more"
+        loop += f" -> specs[{cycle[0]}]"
         violations.append(FieldViolation("depends_on", f"dependency cycle: {loop}"))
     if violations:
         first = violations[0]

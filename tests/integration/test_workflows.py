@@ -111,6 +111,22 @@ async def test_cycles_and_unknown_upstreams_are_refused_and_nothing_is_stored(
     assert await mesh.client.list() == []
 
 
+async def test_a_long_cycle_or_many_bad_specs_are_refused_within_the_metadata_limit(
+    mesh: Mesh,
+) -> None:
+    n = 3000
+    with pytest.raises(InvalidArgument) as cycle:
+        await mesh.client.submit_batch([shell("true", depends_on=[(i + 1) % n]) for i in range(n)])
+    assert "cycle: specs[0] -> specs[1]" in cycle.value.message
+    assert f"and {n - 5} more -> specs[0]" in cycle.value.message
+
+    with pytest.raises(InvalidArgument) as many:
+        await mesh.client.submit_batch([S.TaskSpec(name=f"{i}" * 100) for i in range(n)])
+    assert many.value.violations[0].field == "specs[0].kind"
+    assert many.value.violations[-1].description.endswith(" more")
+    assert await mesh.client.list() == []
+
+
 async def test_a_flaky_task_succeeds_on_its_third_attempt_after_backing_off(
     mesh: Mesh, tmp_path: Path
 ) -> None:

@@ -30,9 +30,10 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from shoal.errors import FieldViolation, InvalidArgument
 from shoal.v1 import task_pb2
 
-__all__ = ["Reference", "has_references", "references", "render"]
+__all__ = ["MAX_MESSAGES", "Reference", "has_references", "references", "render"]
 
 _OPEN, _CLOSE = "${{", "}}"
 # Applied only to one span from `${{` to the first `}}` after it (no `}}` inside), which
@@ -62,6 +63,10 @@ _RUNS_ARGUMENTS = frozenset(
 )
 _VERSION = re.compile(r"[\d.]+\Z")
 
+MAX_MESSAGES = 2_000
+"""Messages searched for references in one spec: each (a Struct value, a chat message) costs
+1-2 µs, so a spec made of them holds the event loop a few ms at most, whatever its size."""
+
 
 class Reference(NamedTuple):
     """One `${{ … }}` of a spec: the field that holds it (`shell.argv[1]`), its text, the
@@ -85,9 +90,18 @@ def _spans(text: str) -> Iterator[tuple[int, int]]:
         start = text.find(_OPEN, end)
 
 
-def _strings(message: Message, path: str) -> Iterator[tuple[str, str, Callable[[str], None]]]:
+def _strings(
+    message: Message, path: str, budget: list[int]
+) -> Iterator[tuple[str, str, Callable[[str], None]]]:
     """(field path, text, a setter of it) of every string in `message` that holds `${{`,
-    recursively. Map keys and bytes (docker files, stdin, an HTTP body) are never templated."""
+    recursively. Map keys and bytes (docker files, stdin, an HTTP body) are never templated.
+    Each message visited takes one from `budget`: InvalidArgument when it runs out."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise InvalidArgument(
+            f"{path}: more than {MAX_MESSAGES} messages to search for references",
+            [FieldViolation(path.split(".", 1)[0], f"more than {MAX_MESSAGES} messages")],
+        )
     for fd, value in message.ListFields():
         at = f"{path}.{fd.name}"
         if fd.type == FieldDescriptor.TYPE_STRING:
@@ -100,16 +114,18 @@ def _strings(message: Message, path: str) -> Iterator[tuple[str, str, Callable[[
         elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
             if fd.message_type.GetOptions().map_entry:
                 kind = fd.message_type.fields_by_name["value"].type
-                for key in list(value):
-                    if kind == FieldDescriptor.TYPE_STRING and _OPEN in value[key]:
-                        yield f"{at}[{_key(key)}]", value[key], partial(value.__setitem__, key)
-                    elif kind == FieldDescriptor.TYPE_MESSAGE:
-                        yield from _strings(value[key], f"{at}[{_key(key)}]")
+                if kind == FieldDescriptor.TYPE_MESSAGE:
+                    for key, item in value.items():
+                        yield from _strings(item, f"{at}[{_key(key)}]", budget)
+                elif kind == FieldDescriptor.TYPE_STRING:
+                    for key, item in list(value.items()):
+                        if _OPEN in item:
+                            yield f"{at}[{_key(key)}]", item, partial(value.__setitem__, key)
             elif fd.is_repeated:
                 for i, item in enumerate(value):
-                    yield from _strings(item, f"{at}[{i}]")
+                    yield from _strings(item, f"{at}[{i}]", budget)
             else:
-                yield from _strings(value, at)
+                yield from _strings(value, at, budget)
 
 
 def _key(key: object) -> str:
@@ -152,13 +168,14 @@ def _code(kind: str, message: Message) -> Callable[[str], str]:
 
 
 def references(spec: task_pb2.TaskSpec) -> Iterator[Reference]:
-    """Every `${{ … }}` in the spec's kind, in field order; linear in the spec's size."""
+    """Every `${{ … }}` in the spec's kind, in field order; linear in the spec's size.
+    InvalidArgument when the kind holds more than MAX_MESSAGES messages (Struct values…)."""
     kind = spec.WhichOneof("kind")
     if kind is None:
         return
     message = getattr(spec, kind)
     code = _code(kind, message)
-    for field, text, _ in _strings(message, kind):
+    for field, text, _ in _strings(message, kind, [MAX_MESSAGES]):
         why = code(field)
         for start, end in _spans(text):
             ok = _REF.fullmatch(text, start, end)
@@ -219,6 +236,6 @@ def render(spec: task_pb2.TaskSpec, results: Sequence[task_pb2.TaskResult]) -> t
         return "".join(parts) + text[done:] if parts else text
 
     if (kind := out.WhichOneof("kind")) is not None:
-        for _, text, put in _strings(getattr(out, kind), kind):
+        for _, text, put in _strings(getattr(out, kind), kind, [MAX_MESSAGES]):
             put(fill(text))
     return out

@@ -211,28 +211,29 @@ def _check_references(
     spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
 ) -> None:
     """Each field with a reference that is malformed, names no upstream, or sits in code is
-    named once; at most `limits.max_labels` references in all (each is filled at dispatch)."""
+    named once; a spec holds at most `limits.max_labels` references (each is filled at
+    dispatch), so the scan stops at the first beyond."""
     named: set[str] = set()
-    count = 0
-    for ref in references(spec):
-        count += 1
-        if ref.field in named:
-            continue
-        if ref.code:
-            named.add(ref.field)
-            bad(
-                ref.field,
-                f"an upstream reference may not be in {ref.code}: put it in an env value,"
-                " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
-            )
-        elif ref.upstream is None or ref.upstream >= len(spec.depends_on):
-            named.add(ref.field)
-            bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
-    if count > limits.max_labels:
-        bad(
-            spec.WhichOneof("kind") or "kind",
-            f"{count} upstream references: at most {limits.max_labels}",
-        )
+    try:
+        for count, ref in enumerate(references(spec), 1):
+            if count > limits.max_labels:
+                bad(spec.WhichOneof("kind") or "kind", f"more than {limits.max_labels} references")
+                return
+            if ref.field in named:
+                continue
+            if ref.code:
+                named.add(ref.field)
+                bad(
+                    ref.field,
+                    f"an upstream reference may not be in {ref.code}: put it in an env value,"
+                    " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
+                )
+            elif ref.upstream is None or ref.upstream >= len(spec.depends_on):
+                named.add(ref.field)
+                bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
+    except InvalidArgument as err:  # too many messages to search
+        for v in err.violations:
+            bad(v.field, v.description)
 
 
 def _check_scheduling(

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from shoal import docker, llm, ollama, python, shell, tool
-from shoal.coordinator.templates import references, render
+from shoal.coordinator.templates import MAX_MESSAGES, references, render
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import FieldViolation, InvalidArgument
 from shoal.v1 import task_pb2
@@ -160,7 +160,7 @@ def test_more_references_than_the_limit_are_refused() -> None:
     limit = Limits().max_labels
     accepted(shell(["echo", REF * limit]))
     [violation] = refused(shell(["echo", REF * (limit + 1)]))
-    assert violation.field == "spec.shell" and f"at most {limit}" in violation.description
+    assert violation.field == "spec.shell" and f"more than {limit}" in violation.description
 
 
 MB = 1 << 20
@@ -189,6 +189,19 @@ def test_hostile_template_strings_are_scanned_correctly() -> None:
         "names no upstream"
         in refused(shell(["echo", "${{ deps[" + "9" * size + "].stdout }}"]))[0].description
     )
-    # Many references in one field and in code: each field is named once, the count once.
+    # Many references: a field is named once, and the scan stops beyond the most a spec holds.
     many = refused(python("#" + "${{}}" * (size // 10), env={"X": "${{}}" * (size // 10)}))
-    assert [v.field for v in many] == ["spec.python.code", "spec.python.env['X']", "spec.python"]
+    assert [v.field for v in many] == ["spec.python.code", "spec.python"]
+
+
+def test_a_spec_with_references_holds_a_bounded_number_of_messages_to_search() -> None:
+    def custom(entries: int, value: str) -> task_pb2.TaskSpec:
+        params = struct_pb2.Struct()
+        params.update({f"k{i}": value for i in range(entries)})
+        return task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="mine", params=params))
+
+    accepted(custom(MAX_MESSAGES - 10, REF[:-2]))  # a `${{` somewhere, searched in full
+    accepted(custom(10 * MAX_MESSAGES, "v"))  # no `${{` at all: nothing to search
+    [violation] = refused(custom(MAX_MESSAGES, REF[:-2]))
+    assert violation.field == "spec.custom"
+    assert f"more than {MAX_MESSAGES} messages" in violation.description

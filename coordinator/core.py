@@ -70,6 +70,7 @@ from shoal.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -759,6 +760,10 @@ class Coordinator:
         gates = self.quotas.active
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
+            rendered = self._rendered(rec, slots) if rec.templated else None
+            if rec.templated and rendered is None:
+                put_back = True
+                continue
             if (gates or rec.locks) and not self._through_gates(rec, slots):
                 put_back = True  # its slot is free again: another task may take it
                 continue
@@ -775,9 +780,7 @@ class Coordinator:
             session.inflight[rec.id] = rec
             attempt = attempt_id(rec)
             assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
-            if rec.templated:
-                results = rec.upstream_results or {}
-                rendered = render(rec.spec, [results.get(u, _NO_RESULT) for u in rec.upstream])
+            if rendered is not None:
                 assignment.spec.CopyFrom(rendered)
             else:  # straight from the stored bytes: no spec message kept for it
                 assignment.spec.MergeFromString(rec.spec_bytes)
@@ -789,6 +792,23 @@ class Coordinator:
             self.events.emit(event)
         if put_back:
             self._kick()  # what was put back may go elsewhere; what was held left room
+
+    def _rendered(self, rec: TaskRecord, slots: NodeSlots) -> task_pb2.TaskSpec | None:
+        """The spec of `rec` with its upstream values filled in; None when they are too large
+        to send, and then `rec` has failed and its slot is free again."""
+        results = rec.upstream_results or {}
+        try:
+            return render(
+                rec.spec,
+                [results.get(u, _NO_RESULT) for u in rec.upstream],
+                limit=self.options.limits.max_rendered_bytes,
+            )
+        except ResourceExhausted as err:
+            self._scheduler.release(slots, rec)
+            rec.state = _PENDING  # out of the queue: see _finish
+            error = f"RESOURCE_EXHAUSTED: {err.message}"
+            self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+            return None
 
     # -- node sessions ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from shoal.errors import FieldViolation, InvalidArgument
+from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.v1 import task_pb2
 
 __all__ = ["MAX_MESSAGES", "Reference", "has_references", "references", "render"]
@@ -211,27 +211,42 @@ def _whole_numbers(data: object) -> object:
     return data
 
 
-def render(spec: task_pb2.TaskSpec, results: Sequence[task_pb2.TaskResult]) -> task_pb2.TaskSpec:
+def render(
+    spec: task_pb2.TaskSpec, results: Sequence[task_pb2.TaskResult], *, limit: int
+) -> task_pb2.TaskSpec:
     """A copy of `spec` with every reference replaced by the upstream result it names (the
-    spec passed the checks at submit: each reference is well formed and names an upstream)."""
+    spec passed the checks at submit: each reference is well formed and names an upstream).
+    ResourceExhausted when the values filled in come to more than `limit` bytes."""
     out = task_pb2.TaskSpec()
     out.CopyFrom(spec)
-    outputs: dict[int, object] = {}
+    # Each value, and each output as JSON data, made once however many references name it.
+    values: dict[tuple[str, ...], str] = {}
+    outputs: dict[str, object] = {}
+    added = 0
 
     def fill(text: str) -> str:
+        nonlocal added
         parts: list[str] = []
         done = 0
         for start, end in _spans(text):
             ok = _REF.fullmatch(text, start, end)
             if ok is None:
                 continue
-            i, what, path = int(ok.group(1)), ok.group(2), ok.group(3)
-            if what == "output" and i not in outputs:  # once, however many references name it
-                result = results[i]
-                outputs[i] = (
-                    json_format.MessageToDict(result.output) if result.HasField("output") else None
-                )
-            parts += text[done:start], _value(results[i], what, path, outputs.get(i))
+            key = ok.group(1, 2, 3)
+            if (value := values.get(key)) is None:
+                result = results[int(key[0])]
+                if key[1] == "output" and key[0] not in outputs:
+                    outputs[key[0]] = (
+                        json_format.MessageToDict(result.output)
+                        if result.HasField("output")
+                        else None
+                    )
+                value = values[key] = _value(result, key[1], key[2], outputs.get(key[0]))
+            # Stopped before it is built: 64 references to 1 MB outputs would make 64 MB.
+            added += len(value) if value.isascii() else len(value.encode())
+            if added > limit:
+                raise ResourceExhausted(f"upstream values over {limit} bytes in all")
+            parts += text[done:start], value
             done = end
         return "".join(parts) + text[done:] if parts else text
 

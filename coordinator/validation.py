@@ -43,6 +43,7 @@ class Limits:
     tenant_submit_rate: float = 0.0  # tasks a tenant may submit per second; 0: no limit
     tenant_submit_burst: int = 0  # above that rate, at once; 0: a second's worth
     max_attempts: int = 100
+    max_rendered_bytes: int = 4 << 20  # upstream values filled into one task at dispatch
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -13,6 +13,8 @@ from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import FieldViolation, InvalidArgument
 from shoal.v1 import task_pb2
 
+LIMIT = Limits().max_rendered_bytes
+
 
 def result(stdout: str = "", code: int = 0, **output: Any) -> task_pb2.TaskResult:
     r = task_pb2.TaskResult(stdout=stdout, exit_code=code)
@@ -30,7 +32,7 @@ def test_every_string_of_the_kind_is_rendered() -> None:
     )
     upstream = [result("hello\n\n"), result(code=3, model={"name": "llama"}, n=3)]
 
-    out = render(spec, upstream)
+    out = render(spec, upstream, limit=LIMIT)
 
     assert list(out.shell.argv) == ["echo", "hello", "3"]
     assert dict(out.shell.env) == {"MODEL": "llama", "N": "3"}
@@ -39,7 +41,7 @@ def test_every_string_of_the_kind_is_rendered() -> None:
 
 def test_whole_output_is_json_and_a_missing_path_is_null() -> None:
     spec = python("", env={"ALL": "${{ deps[0].output }}", "NOPE": "${{ deps[0].output.nope }}"})
-    assert dict(render(spec, [result(a=[1, 2])]).python.env) == {
+    assert dict(render(spec, [result(a=[1, 2])], limit=LIMIT).python.env) == {
         "ALL": '{"a": [1, 2]}',
         "NOPE": "null",
     }
@@ -134,14 +136,14 @@ def test_references_where_no_interpreter_parses_them_are_filled() -> None:
         task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="mine", params=params)),
     ]
     for spec in specs:
-        out = str(render(accepted(spec), [result("$(touch /tmp/pwned); x\n")]))
+        out = str(render(accepted(spec), [result("$(touch /tmp/pwned); x\n")], limit=LIMIT))
         assert "${{" not in out and "$(touch /tmp/pwned); x" in out, out
 
 
 def test_a_docker_task_with_files_takes_references_and_keeps_its_files() -> None:
     spec = accepted(docker("alpine", ["cat", "/work/in"], env={"X": REF}, files={"/work/in": REF}))
 
-    out = render(spec, [result("up")])
+    out = render(spec, [result("up")], limit=LIMIT)
 
     assert dict(out.docker.env) == {"X": "up"}
     assert dict(out.docker.files) == {"/work/in": REF.encode()}  # bytes are never templated
@@ -150,7 +152,9 @@ def test_a_docker_task_with_files_takes_references_and_keeps_its_files() -> None
 def test_a_reference_across_lines_is_checked_and_filled() -> None:
     multiline = "${{\n  deps[0].stdout\n}}"
     assert refused(shell(["echo", multiline.replace("0", "3")]))[0].field == "spec.shell.argv[1]"
-    assert list(render(accepted(shell(["echo", multiline])), [result("up")]).shell.argv) == [
+    assert list(
+        render(accepted(shell(["echo", multiline])), [result("up")], limit=LIMIT).shell.argv
+    ) == [
         "echo",
         "up",
     ]
@@ -174,7 +178,7 @@ def test_hostile_template_strings_are_scanned_correctly() -> None:
     for text in ("${{" * (size // 3), "${{ deps[" * (size // 9), "${{ deps[0].output." * 50_000):
         spec = accepted(shell(["echo", text]))
         assert list(references(spec)) == []
-        assert render(spec, [result("up")]).shell.argv[1] == text
+        assert render(spec, [result("up")], limit=LIMIT).shell.argv[1] == text
     # One long span, from the first `${{` to the `}}` at the end: one malformed reference.
     for text in ("${{" * (size // 3 - 1) + "}}", "${{ deps[0].output." + "a" * (size - 30) + "!}}"):
         [violation] = refused(shell(["echo", text]))

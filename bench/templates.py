@@ -40,6 +40,7 @@ def _hostile() -> dict[str, task_pb2.TaskSpec]:
         "nested ${{ ... }}": shell(["echo", "${{ " * n + REF + " }}" * n]),
         "one span of 1 MB": shell(["echo", "${{" * (SIZE // 3 - 1) + "}}"]),
         "long output path": shell(["echo", "${{ deps[0].output." + "a" * SIZE + " }}"]),
+        "program named by 1M digits": shell(["1" * SIZE + "x", REF]),
         "index of 1M digits": shell(["echo", "${{ deps[" + "9" * SIZE + "].stdout }}"]),
         "references in code": python("#" + REF * (SIZE // len(REF))),
         "argv of many references": shell(["echo", *[REF] * (SIZE // (len(REF) + 2))]),

@@ -760,10 +760,12 @@ class Coordinator:
         gates = self.quotas.active
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
-            rendered = self._rendered(rec, slots) if rec.templated else None
-            if rec.templated and rendered is None:
-                put_back = True
-                continue
+            rendered = None
+            if rec.templated:
+                rendered = self._rendered(rec, slots)
+                if rendered is None:  # failed: its slot is free again
+                    put_back = True
+                    continue
             if (gates or rec.locks) and not self._through_gates(rec, slots):
                 put_back = True  # its slot is free again: another task may take it
                 continue

@@ -44,7 +44,7 @@ _REF = re.compile(
 
 # Programs that run their arguments as code, or as another command: with one of these as
 # argv[0], no argument may come from an upstream. Compared by base name, lower case, without
-# a version suffix ("/usr/bin/python3.12" is "python").
+# a version suffix ("/usr/bin/python3.12" is "python", "bash-5.2" is "bash").
 _RUNS_ARGUMENTS = frozenset(
     {
         # shells
@@ -61,7 +61,6 @@ _RUNS_ARGUMENTS = frozenset(
         *("xargs", "find", "watch", "script", "ssh", "docker", "podman", "kubectl", "parallel"),
     }
 )
-_VERSION = re.compile(r"[\d.]+\Z")
 
 MAX_MESSAGES = 2_000
 """Messages searched for references in one spec: each (a Struct value, a chat message) costs
@@ -136,7 +135,8 @@ def _key(key: object) -> str:
 
 def _runs_arguments(program: str) -> bool:
     name = program.rsplit("/", 1)[-1].lower().removesuffix(".exe")
-    return name in _RUNS_ARGUMENTS or _VERSION.sub("", name) in _RUNS_ARGUMENTS
+    # rstrip, not a regex anchored at the end: that one retries at each digit (quadratic).
+    return name in _RUNS_ARGUMENTS or name.rstrip("-.0123456789") in _RUNS_ARGUMENTS
 
 
 def _argv_code(argv: Sequence[str], field: str) -> Callable[[str], str]:

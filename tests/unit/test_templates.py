@@ -102,6 +102,7 @@ def accepted(spec: task_pb2.TaskSpec, upstreams: int = 1) -> task_pb2.TaskSpec:
         (shell(["sh", "-c", f"echo {REF}"]), "shell.argv[2]"),
         (shell(["/bin/bash", "-c", "echo $1", "_", REF]), "shell.argv[4]"),
         (shell(["/usr/bin/python3.12", "-c", REF]), "shell.argv[2]"),
+        (shell(["bash-5.2", "-c", REF]), "shell.argv[2]"),
         (shell(["env", "A=1", "sh", "-c", REF]), "shell.argv[4]"),
         (shell(["xargs", "-I{}", REF]), "shell.argv[2]"),
         (python(f"print('{REF}')"), "python.code"),
@@ -188,6 +189,8 @@ def test_hostile_template_strings_are_scanned_correctly() -> None:
     # Nested: the span ends at the first `}}`, and holds a `${{` it should not.
     nested = "${{ " * (size // 40) + REF + " }}" * (size // 40)
     assert "names no upstream" in refused(shell(["echo", nested]))[0].description
+    # A program named by a million digits is a plain program (no version to strip off).
+    accepted(shell(["1" * size + "x", REF]))
     # An index of a million digits is malformed, not a number to convert.
     assert (
         "names no upstream"

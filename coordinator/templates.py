@@ -230,7 +230,8 @@ def render(
         done = 0
         for start, end in _spans(text):
             ok = _REF.fullmatch(text, start, end)
-            if ok is None:
+            # Checked at submit, but a spec stored under older rules may still hold these.
+            if ok is None or int(ok.group(1)) >= len(results):
                 continue
             key = ok.group(1, 2, 3)
             if (value := values.get(key)) is None:

@@ -37,6 +37,8 @@ def test_every_string_of_the_kind_is_rendered() -> None:
     assert list(out.shell.argv) == ["echo", "hello", "3"]
     assert dict(out.shell.env) == {"MODEL": "llama", "N": "3"}
     assert list(spec.shell.argv)[1] == "${{ deps[0].stdout }}"  # the original is untouched
+    # One that names no upstream (refused at submit, but stored before) is left as it is.
+    assert list(render(spec, upstream[:1], limit=LIMIT).shell.argv)[2] == "${{deps[1].exit_code}}"
 
 
 def test_whole_output_is_json_and_a_missing_path_is_null() -> None:

@@ -79,6 +79,7 @@ bench: $(STAMP) reinstall-pkg
 	run bench/recovery.py --data-dir "$$store/data"; \
 	run bench/nodes.py; \
 	run bench/floor.py; \
+	run bench/templates.py; \
 	run bench/report.py; \
 	exit $$rc
 

@@ -71,6 +71,7 @@ from shoal.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -806,24 +807,12 @@ class Coordinator:
         gated = self._breakers.tripped > 0
         put_back = False
         gates = self.quotas.active
-        limit = self.options.limits.max_rendered_spec_bytes
         for queued, slots in self._scheduler.schedule():
             rec: TaskRecord = queued  # type: ignore[assignment]
-            rendered, rendered_size = None, 0
+            rendered = None
             if rec.templated:
-                results = rec.upstream_results or {}
-                rendered = render(rec.spec, [results.get(u, _NO_RESULT) for u in rec.upstream])
-                rendered_size = rendered.ByteSize()
-                if rendered_size > limit:
-                    # The task's own mistake (its references expand too far): it fails, and
-                    # its node never sees it.
-                    self._scheduler.release(slots, rec)
-                    rec.state = _PENDING  # out of the queue: see _finish
-                    error = (
-                        f"its spec with upstream outputs filled in is {rendered_size} bytes,"
-                        f" over the limit of {limit} (max_rendered_spec_bytes)"
-                    )
-                    self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+                rendered = self._rendered(rec, slots)
+                if rendered is None:  # failed: its slot is free again
                     put_back = True
                     continue
             if (gates or rec.locks) and not self._through_gates(rec, slots):
@@ -844,7 +833,7 @@ class Coordinator:
             assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
             if rendered is not None:
                 assignment.spec.CopyFrom(rendered)
-                session.assigned_bytes += rendered_size
+                session.assigned_bytes += rendered.ByteSize()
             else:  # straight from the stored bytes: no spec message kept for it
                 assignment.spec.MergeFromString(rec.spec_bytes)
                 session.assigned_bytes += len(rec.spec_bytes)
@@ -857,6 +846,25 @@ class Coordinator:
             self.events.emit(event)
         if put_back:
             self._kick()  # what was put back may go elsewhere; what was held left room
+
+    def _rendered(self, rec: TaskRecord, slots: NodeSlots) -> task_pb2.TaskSpec | None:
+        """The spec of `rec` with its upstream values filled in; None when they are too large
+        to send, and then `rec` has failed and its slot is free again."""
+        results = rec.upstream_results or {}
+        try:
+            return render(
+                rec.spec,
+                [results.get(u, _NO_RESULT) for u in rec.upstream],
+                limit=self.options.limits.max_rendered_spec_bytes,
+            )
+        except ResourceExhausted as err:
+            # The task's own mistake (its references expand too far): it fails, and its node
+            # never sees it.
+            self._scheduler.release(slots, rec)
+            rec.state = _PENDING  # out of the queue: see _finish
+            error = f"RESOURCE_EXHAUSTED: {err.message} (max_rendered_spec_bytes)"
+            self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+            return None
 
     # -- node sessions ---------------------------------------------------------------------
 

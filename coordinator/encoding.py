@@ -11,7 +11,7 @@ from shoal.coordinator.locks import parse_locks
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.scheduler import fields_of, plain_key, requirements_of
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
-from shoal.coordinator.templates import references
+from shoal.coordinator.templates import has_references
 from shoal.specs import is_final, timestamp
 from shoal.v1 import task_pb2
 
@@ -59,7 +59,7 @@ def task_record(
     if "locks" in fields:
         rec.locks = parse_locks(fields["locks"], rec.tenant)
     if "depends_on" in fields:
-        rec.templated = any(True for _ in references(spec))
+        rec.templated = b"${{" in spec_bytes and has_references(spec)
     if "llm" in fields:
         rec.routed = bool(spec.llm.routes)
     if "not_before" in fields:

@@ -1,7 +1,6 @@
 """Upstream outputs in a dependent task's spec: `${{ deps[0].stdout }}` and friends.
 
-A dependent task's strings (argv, script, code, env values, URLs, prompts, Struct strings —
-every string of its kind) may refer to the results of the tasks it depends on, by their
+A dependent task's strings may refer to the results of the tasks it depends on, by their
 position in `depends_on`:
 
     ${{ deps[0].stdout }}        the upstream's stdout tail, without trailing newlines
@@ -10,9 +9,16 @@ position in `depends_on`:
     ${{ deps[0].output }}        its structured (JSON) result, as JSON
     ${{ deps[0].output.a.b }}    one value inside it: a string as is, anything else as JSON
 
-References are checked at submit time and filled in when the task is dispatched. An http
-task's header values may also name the task's node secrets, `${{ secrets.NAME }}`: those stay
-as they are, for the node to fill in.
+Upstream values are data, never code: a reference may sit where no interpreter parses it
+(env values, argv of a plain program, cwd, HTTP fields, prompts, Struct strings), and is
+refused in code or in what picks the code (a script, Python code, the program of an argv,
+every argument of a shell or interpreter, an image, a tool). Code reads them from its env.
+
+References are checked at submit time and filled in when the task is dispatched. Every scan
+is linear in the size of the spec.
+
+An http task's header values may also name the task's node secrets, `${{ secrets.NAME }}`:
+those are no upstream's, and stay as they are for the node to fill in.
 """
 
 from __future__ import annotations
@@ -20,84 +26,182 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import NamedTuple
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.specs import SECRET_REFERENCE
 from shoal.v1 import task_pb2
 
-__all__ = ["references", "render"]
+__all__ = ["MAX_MESSAGES", "Reference", "has_references", "references", "render"]
 
+_OPEN, _CLOSE = "${{", "}}"
+# Applied only to one span from `${{` to the first `}}` after it (no `}}` inside), which
+# keeps it linear; an index has at most 6 digits (depends_on holds far fewer), so int() is cheap.
 _REF = re.compile(
-    r"\$\{\{\s*deps\[(\d+)\]\.(stdout|stderr|exit_code|output)((?:\.[A-Za-z0-9_-]+)*)\s*\}\}"
+    r"\$\{\{\s*deps\[(\d{1,6})\]\.(stdout|stderr|exit_code|output)((?:\.[A-Za-z0-9_-]+)*)\s*\}\}"
 )
-_ANY_REF = re.compile(r"\$\{\{.*?\}\}")
+
+# Programs that run their arguments as code, or as another command: with one of these as
+# argv[0], no argument may come from an upstream. Compared by base name, lower case, without
+# a version suffix ("/usr/bin/python3.12" is "python", "bash-5.2" is "bash").
+_RUNS_ARGUMENTS = frozenset(
+    {
+        # shells
+        *("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "fish", "csh", "tcsh"),
+        *("busybox", "toybox", "pwsh", "powershell", "cmd"),
+        # interpreters
+        *("python", "pypy", "node", "nodejs", "deno", "bun", "perl", "ruby", "php", "lua"),
+        *("luajit", "tclsh", "wish", "expect", "rscript", "r", "julia", "osascript", "awk"),
+        *("gawk", "mawk", "nawk", "sed", "gsed", "groovy", "java", "jshell", "guile", "racket"),
+        *("sbcl", "ocaml", "runghc", "elixir", "escript", "swift", "dotnet", "gdb", "make"),
+        # runners of another command
+        *("env", "exec", "nice", "nohup", "timeout", "time", "stdbuf", "setsid", "sudo", "doas"),
+        *("su", "runuser", "chroot", "unshare", "nsenter", "flock", "ionice", "taskset", "chrt"),
+        *("xargs", "find", "watch", "script", "ssh", "docker", "podman", "kubectl", "parallel"),
+    }
+)
+
+MAX_MESSAGES = 2_000
+"""Messages searched for references in one spec: each (a Struct value, a chat message) costs
+1-2 µs, so a spec made of them holds the event loop a few ms at most, whatever its size."""
 
 
-def _each_string(message: Message, fn: Callable[[str], str | None]) -> None:
-    """Call `fn` on every string in `message`, recursively; a non-None result replaces it."""
+class Reference(NamedTuple):
+    """One `${{ … }}` of a spec: the field that holds it (`shell.argv[1]`), its text, the
+    upstream's index (None when malformed), and why it may not be there ('' when it may)."""
+
+    field: str
+    text: str
+    upstream: int | None
+    code: str
+
+
+def _spans(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each `${{ … }}` in `text`: from `${{` to the first `}}` after it."""
+    start = text.find(_OPEN)
+    while start >= 0:
+        end = text.find(_CLOSE, start + len(_OPEN))
+        if end < 0:
+            return  # no `}}` after this `${{`, so none after any later one either
+        end += len(_CLOSE)
+        yield start, end
+        start = text.find(_OPEN, end)
+
+
+def _strings(
+    message: Message, path: str, budget: list[int]
+) -> Iterator[tuple[str, str, Callable[[str], None]]]:
+    """(field path, text, a setter of it) of every string in `message` that holds `${{`,
+    recursively. Map keys and bytes (docker files, stdin, an HTTP body) are never templated.
+    Each message visited takes one from `budget`: InvalidArgument when it runs out."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise InvalidArgument(
+            f"{path}: more than {MAX_MESSAGES} messages to search for references",
+            [FieldViolation(path.split(".", 1)[0], f"more than {MAX_MESSAGES} messages")],
+        )
     for fd, value in message.ListFields():
+        at = f"{path}.{fd.name}"
         if fd.type == FieldDescriptor.TYPE_STRING:
             if fd.is_repeated:
                 for i, item in enumerate(value):
-                    if (new := fn(item)) is not None:
-                        value[i] = new
-            elif (new := fn(value)) is not None:
-                setattr(message, fd.name, new)
+                    if _OPEN in item:
+                        yield f"{at}[{i}]", item, partial(value.__setitem__, i)
+            elif _OPEN in value:
+                yield at, value, partial(setattr, message, fd.name)
         elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
             if fd.message_type.GetOptions().map_entry:
-                if fd.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_STRING:
-                    for key in list(value):
-                        if (new := fn(value[key])) is not None:
-                            value[key] = new
-                else:
-                    for key in list(value):
-                        _each_string(value[key], fn)
+                kind = fd.message_type.fields_by_name["value"].type
+                if kind == FieldDescriptor.TYPE_MESSAGE:
+                    for key, item in value.items():
+                        yield from _strings(item, f"{at}[{_key(key)}]", budget)
+                elif kind == FieldDescriptor.TYPE_STRING:
+                    for key, item in list(value.items()):
+                        if _OPEN in item:
+                            yield f"{at}[{_key(key)}]", item, partial(value.__setitem__, key)
             elif fd.is_repeated:
-                for item in value:
-                    _each_string(item, fn)
+                for i, item in enumerate(value):
+                    yield from _strings(item, f"{at}[{i}]", budget)
             else:
-                _each_string(value, fn)
+                yield from _strings(value, at, budget)
 
 
-def _kind(spec: task_pb2.TaskSpec) -> Message | None:
+def _key(key: object) -> str:
+    """A map key in a field path, cut: the path goes into an error message."""
+    text = repr(key)
+    return text if len(text) <= 40 else f"{text[:37]}...'"
+
+
+def _runs_arguments(program: str) -> bool:
+    name = program.rsplit("/", 1)[-1].lower().removesuffix(".exe")
+    # rstrip, not a regex anchored at the end: that one retries at each digit (quadratic).
+    return name in _RUNS_ARGUMENTS or name.rstrip("-.0123456789") in _RUNS_ARGUMENTS
+
+
+def _argv_code(argv: Sequence[str], field: str) -> Callable[[str], str]:
+    """Why a reference in element `path` of an argv `field` would be code ('' if it is not)."""
+    if argv and _runs_arguments(argv[0]):
+        why = f"an argument of {argv[0].rsplit('/', 1)[-1][:40]!r}, which runs it as code"
+        return lambda path: why if path.startswith(f"{field}[") else ""
+    first = f"{field}[0]"
+    return lambda path: "the program to run" if path == first else ""
+
+
+def _code(kind: str, message: Message) -> Callable[[str], str]:
+    """For a spec of `kind`: why a reference in the field at a path would be code ('' if not)."""
+    fixed: dict[str, str] = {}
+    argv: Callable[[str], str] = lambda path: ""  # noqa: E731
+    if isinstance(message, task_pb2.ShellSpec):
+        fixed = {"shell.script": "a shell script", "shell.shell": "the shell to run"}
+        argv = _argv_code(message.argv, "shell.argv")
+    elif isinstance(message, task_pb2.PythonSpec):
+        fixed = {"python.code": "Python code"}
+    elif isinstance(message, task_pb2.DockerSpec):
+        fixed = {"docker.image": "the image to run"}
+        argv = _argv_code(message.command, "docker.command")
+    elif isinstance(message, task_pb2.ToolSpec):
+        fixed = {"tool.name": "the tool to run"}
+    elif isinstance(message, task_pb2.CustomSpec):
+        fixed = {"custom.executor": "the executor to run"}
+    return lambda path: fixed.get(path) or argv(path)
+
+
+def references(spec: task_pb2.TaskSpec) -> Iterator[Reference]:
+    """Every `${{ … }}` in the spec's kind, in field order; linear in the spec's size.
+    InvalidArgument when the kind holds more than MAX_MESSAGES messages (Struct values…)."""
     kind = spec.WhichOneof("kind")
-    return getattr(spec, kind) if kind else None
+    if kind is None:
+        return
+    message = getattr(spec, kind)
+    code = _code(kind, message)
+    for field, text, _ in _strings(message, kind, [MAX_MESSAGES]):
+        why = code(field)
+        header = field.startswith("http.headers[")
+        for start, end in _spans(text):
+            if header and SECRET_REFERENCE.fullmatch(text, start, end):
+                continue  # the node's secret, which the node fills in
+            ok = _REF.fullmatch(text, start, end)
+            yield Reference(field, text[start:end], int(ok.group(1)) if ok else None, why)
 
 
-def references(spec: task_pb2.TaskSpec) -> Iterator[tuple[str, int | None]]:
-    """(text, upstream index) of every `${{ … }}` in the spec; index None when malformed."""
-    found: list[tuple[str, int | None]] = []
-
-    def scan(text: str) -> None:
-        for m in _ANY_REF.finditer(text):
-            ok = _REF.fullmatch(m.group(0))
-            found.append((m.group(0), int(ok.group(1)) if ok else None))
-
-    kind = _kind(spec)
-    if isinstance(kind, task_pb2.HttpSpec) and kind.headers:
-        # `${{ secrets.NAME }}` in a header value is no upstream's: the node fills it in.
-        for value in kind.headers.values():
-            scan(SECRET_REFERENCE.sub("", value))
-        bare = task_pb2.HttpSpec()
-        bare.CopyFrom(kind)
-        bare.ClearField("headers")
-        kind = bare
-    if kind is not None:
-        _each_string(kind, lambda s: scan(s) if "${{" in s else None)
-    return iter(found)
+def has_references(spec: task_pb2.TaskSpec) -> bool:
+    return next(references(spec), None) is not None
 
 
-def _value(result: task_pb2.TaskResult, what: str, path: str) -> str:
+def _value(result: task_pb2.TaskResult, what: str, path: str, output: object) -> str:
+    """What a reference names; `output`: the result's output as JSON data, for "output"."""
     if what == "stdout":
         return result.stdout.rstrip("\n")
     if what == "stderr":
         return result.stderr.rstrip("\n")
     if what == "exit_code":
         return str(result.exit_code)
-    data: object = json_format.MessageToDict(result.output) if result.HasField("output") else None
+    data = output
     for key in filter(None, path.split(".")):
         data = data.get(key) if isinstance(data, dict) else None
     return data if isinstance(data, str) else json.dumps(_whole_numbers(data))
@@ -114,16 +218,47 @@ def _whole_numbers(data: object) -> object:
     return data
 
 
-def render(spec: task_pb2.TaskSpec, results: Sequence[task_pb2.TaskResult]) -> task_pb2.TaskSpec:
-    """A copy of `spec` with every reference replaced by the upstream result it names."""
+def render(
+    spec: task_pb2.TaskSpec, results: Sequence[task_pb2.TaskResult], *, limit: int
+) -> task_pb2.TaskSpec:
+    """A copy of `spec` with every reference replaced by the upstream result it names (the
+    spec passed the checks at submit: each reference is well formed and names an upstream).
+    ResourceExhausted when the values filled in come to more than `limit` bytes."""
     out = task_pb2.TaskSpec()
     out.CopyFrom(spec)
+    # Each value, and each output as JSON data, made once however many references name it.
+    values: dict[tuple[str, ...], str] = {}
+    outputs: dict[str, object] = {}
+    added = 0
 
-    def fill(text: str) -> str | None:
-        if "${{" not in text:
-            return None
-        return _REF.sub(lambda m: _value(results[int(m.group(1))], m.group(2), m.group(3)), text)
+    def fill(text: str) -> str:
+        nonlocal added
+        parts: list[str] = []
+        done = 0
+        for start, end in _spans(text):
+            ok = _REF.fullmatch(text, start, end)
+            # Checked at submit, but a spec stored under older rules may still hold these.
+            if ok is None or int(ok.group(1)) >= len(results):
+                continue
+            key = ok.group(1, 2, 3)
+            if (value := values.get(key)) is None:
+                result = results[int(key[0])]
+                if key[1] == "output" and key[0] not in outputs:
+                    outputs[key[0]] = (
+                        json_format.MessageToDict(result.output)
+                        if result.HasField("output")
+                        else None
+                    )
+                value = values[key] = _value(result, key[1], key[2], outputs.get(key[0]))
+            # Stopped before it is built: 64 references to 1 MB outputs would make 64 MB.
+            added += len(value) if value.isascii() else len(value.encode())
+            if added > limit:
+                raise ResourceExhausted(f"upstream values over {limit} bytes in all")
+            parts += text[done:start], value
+            done = end
+        return "".join(parts) + text[done:] if parts else text
 
-    if (kind := _kind(out)) is not None:
-        _each_string(kind, fill)
+    if (kind := out.WhichOneof("kind")) is not None:
+        for _, text, put in _strings(getattr(out, kind), kind, [MAX_MESSAGES]):
+            put(fill(text))
     return out

@@ -226,6 +226,35 @@ def _check_secrets(
         seen.add(env)
 
 
+def _check_references(
+    spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
+) -> None:
+    """Each field with a reference that is malformed, names no upstream, or sits in code is
+    named once; a spec holds at most `limits.max_labels` references (each is filled at
+    dispatch), so the scan stops at the first beyond."""
+    named: set[str] = set()
+    try:
+        for count, ref in enumerate(references(spec), 1):
+            if count > limits.max_labels:
+                bad(spec.WhichOneof("kind") or "kind", f"more than {limits.max_labels} references")
+                return
+            if ref.field in named:
+                continue
+            if ref.code:
+                named.add(ref.field)
+                bad(
+                    ref.field,
+                    f"an upstream reference may not be in {ref.code}: put it in an env value,"
+                    " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
+                )
+            elif ref.upstream is None or ref.upstream >= len(spec.depends_on):
+                named.add(ref.field)
+                bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
+    except InvalidArgument as err:  # too many messages to search
+        for v in err.violations:
+            bad(v.field, v.description)
+
+
 def _check_scheduling(
     spec: task_pb2.TaskSpec,
     present: Collection[str],
@@ -236,9 +265,7 @@ def _check_scheduling(
     """Placement, dependency, time and retry fields (those `present`); reports through `bad`."""
     # Walking every string is dear; the serialized spec tells first if any could refer.
     if b"${{" in encoded:
-        for text, index in references(spec):
-            if index is None or index >= len(spec.depends_on):
-                bad("depends_on", f"{text[:80]!r} names no upstream task of depends_on")
+        _check_references(spec, limits, bad)
         listed = {ref.name for ref in spec.secrets}
         for secret in secret_references(spec):
             if secret not in listed:
@@ -295,6 +322,10 @@ def _check_scheduling(
                 bad(f"retry.{name}", err.message)
     if not math.isfinite(retry.multiplier) or not (retry.multiplier == 0 or retry.multiplier >= 1):
         bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
+
+
+_CYCLE_SHOWN = 5
+"""The tasks of a dependency cycle named in its error; the others are counted."""
 
 
 def _cycle(specs: Sequence[task_pb2.TaskSpec]) -> list[int] | None:
@@ -385,7 +416,11 @@ def validate_batch(
                 )
             keys.add(spec.idempotency_key)
     if not violations and (cycle := _cycle(specs)) is not None:
-        loop = " -> ".join(f"specs[{i}]" for i in [*cycle, cycle[0]])
+        # A cycle may run through the whole batch: its path is shown in part.
+        loop = " -> ".join(f"specs[{i}]" for i in cycle[:_CYCLE_SHOWN])
+        if len(cycle) > _CYCLE_SHOWN:
+            loop += f" -> … and {len(cycle) - _CYCLE_SHOWN} more"
+        loop += f" -> specs[{cycle[0]}]"
         violations.append(FieldViolation("depends_on", f"dependency cycle: {loop}"))
     if violations:
         first = violations[0]

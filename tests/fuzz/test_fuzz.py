@@ -52,7 +52,15 @@ from shoal.auth import parse_token
 from shoal.config import NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES
 from shoal.node.agent import NodeAgent
-from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
+from shoal.v1 import (
+    admin_pb2,
+    gateway_pb2,
+    locks_pb2,
+    node_pb2,
+    task_pb2,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 
 from .conftest import Servers
 
@@ -1168,3 +1176,151 @@ def test_large_outputs_and_batches_never_end_a_node_session(servers: Servers) ->
 
 async def _bounded_stop(node: NodeAgent) -> None:
     await asyncio.wait_for(node.stop(), DEADLINE + 10)
+
+
+# -- template-heavy specs ------------------------------------------------------------------
+
+_REF = "${{ deps[0].stdout }}"
+_PIECES = (
+    "${{",
+    "}}",
+    "${{ ",
+    " }}",
+    "${{ deps[",
+    "].stdout }}",
+    "deps[0].output.",
+    "a.b-c_d",
+    _REF,
+    "${{deps[1].exit_code}}",
+    "${{ deps[0].output.x }}",
+    "${{ deps[99].stderr }}",
+    "${{ secrets }}",
+    "9" * 12,
+    "\n",
+    "$(touch /tmp/x)",
+    "é🙂",
+    "\x00",
+)
+_MAX_TEMPLATE_SPEC = 900_000
+"""Bytes of one generated spec, under the spec size limit: every answer is about templates."""
+
+
+def _template_texts() -> SearchStrategy[str]:
+    """Strings of `${{` pieces, from a few characters to near the spec size limit."""
+    motif = st.lists(st.sampled_from(_PIECES), min_size=1, max_size=6).map("".join)
+    repeats = weighted((6, st.integers(1, 4)), (2, st.integers(5, 2000)), (1, st.just(10**6)))
+    return st.tuples(motif, repeats).map(lambda p: (p[0] * p[1])[: _MAX_TEMPLATE_SPEC // 4])
+
+
+_INTERPRETERS = ("sh", "/bin/bash", "python3.12", "env", "node", "xargs")
+_PLAIN = ("echo", "/usr/bin/printf", "true")
+
+
+def _template_spec(data: st.DataObject, upstreams: int) -> tuple[task_pb2.TaskSpec, bool]:
+    """A spec whose strings are template-heavy, depending on `upstreams` earlier tasks, and
+    whether a reference (a whole `${{ … }}`) sits in a field that is code."""
+    draw, text = data.draw, _template_texts()
+    kind = draw(st.sampled_from(("script", "argv", "python", "docker", "http", "llm", "noop")))
+    code: list[str] = []
+    env = draw(st.dictionaries(st.sampled_from(("A", "B", "C")), text, max_size=3))
+    if kind == "script":
+        code.append(draw(text))
+        spec = task_pb2.TaskSpec(shell=task_pb2.ShellSpec(script=code[0], env=env))
+    elif kind == "argv":
+        program = draw(st.sampled_from(_INTERPRETERS + _PLAIN + (_REF,)))
+        args = draw(st.lists(text, min_size=1, max_size=4))
+        spec = task_pb2.TaskSpec(shell=task_pb2.ShellSpec(argv=[program, *args], env=env))
+        code += [program] if program in _PLAIN else [program, *args]
+    elif kind == "python":
+        code.append(draw(text))
+        args = draw(st.lists(text, max_size=3))
+        spec = task_pb2.TaskSpec(python=task_pb2.PythonSpec(code=code[0], args=args, env=env))
+    elif kind == "docker":
+        command = draw(st.lists(text, max_size=3))
+        shelled = draw(st.booleans())
+        files = draw(st.dictionaries(st.just("/work/in"), text.map(str.encode), max_size=1))
+        docker = task_pb2.DockerSpec(
+            image="alpine",
+            command=(["sh", "-c"] if shelled else []) + command,
+            env=env,
+            files=files,
+        )
+        spec = task_pb2.TaskSpec(docker=docker)
+        code += command if shelled else command[:1]
+    elif kind == "http":
+        url, header = draw(text), draw(text)
+        spec = task_pb2.TaskSpec(http=task_pb2.HttpSpec(url=url, headers={"h": header}))
+    elif kind == "llm":
+        messages = [task_pb2.ChatMessage(role="user", content=draw(text))]
+        spec = task_pb2.TaskSpec(
+            llm=task_pb2.LlmSpec(provider="openai", model="m", prompt=draw(text), messages=messages)
+        )
+    else:  # runs on the fuzz node: its references are filled at dispatch
+        params = {"a": draw(text), "b": {"c": [draw(text), 1]}}
+        spec = noop(params)
+    spec.depends_on.extend(task_pb2.Dependency(batch_index=i) for i in range(upstreams))
+    refers = any((start := t.find("${{")) >= 0 and "}}" in t[start + 3 :] for t in code)
+    return spec, refers
+
+
+@pytest.mark.timeout(300)
+def test_template_heavy_specs_are_refused_or_accepted_and_the_coordinator_stays_responsive(
+    servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    outcomes: Counter[str] = Counter()
+    problems: list[str] = []
+
+    async def submit(specs: list[task_pb2.TaskSpec]) -> tuple[str, str, int]:
+        """SubmitBatch of `specs` with a health check beside it: the answer's code and
+        details, and the health status (-1: no answer)."""
+        async with grpc.aio.insecure_channel(servers.coordinator.address) as channel:
+            call = tasks_pb2_grpc.TasksStub(channel).SubmitBatch(
+                tasks_pb2.SubmitBatchRequest(specs=specs),
+                metadata=(("authorization", f"Bearer {servers.token}"),),
+                timeout=DEADLINE,
+            )
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=DEADLINE
+            )
+            answers: list[object] = await asyncio.gather(call, health, return_exceptions=True)
+        answer, checked = answers
+        healthy = checked.status if isinstance(checked, health_pb2.HealthCheckResponse) else -1
+        if isinstance(answer, grpc.aio.AioRpcError):
+            return answer.code().name, answer.details() or "", healthy
+        if isinstance(answer, BaseException):
+            raise answer
+        return grpc.StatusCode.OK.name, "", healthy
+
+    @hypothesis.seed(16)
+    @settings(
+        max_examples=80,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(st.data())
+    def one_batch(data: st.DataObject) -> None:
+        upstream = noop({"n": 1})
+        spec, refers = _template_spec(data, 1)
+        specs = [upstream, spec]
+        code, details, healthy = servers.loop.run(submit(specs), 2 * DEADLINE)
+        outcomes[code] += 1
+        allowed = {"INVALID_ARGUMENT"} if refers else {"OK", "INVALID_ARGUMENT"}
+        if spec.ByteSize() > 1 << 20:
+            allowed.add("RESOURCE_EXHAUSTED")
+        if code not in allowed or healthy != health_pb2.HealthCheckResponse.SERVING:
+            problems.append(
+                f"{code} ({details[:200]!r}), health {healthy}, reference in code: {refers};"
+                f" spec: {text_format.MessageToString(spec, as_one_line=True)[:300]}"
+            )
+
+    one_batch()
+    print(f"\ntemplate-heavy batches: {dict(outcomes)}")
+    assert outcomes["OK"] and outcomes["INVALID_ARGUMENT"], outcomes
+    if failed := servers.loop.run(_real_task(servers.coordinator.address, servers.token), 30):
+        problems.append(failed)
+    problems += _errors_logged(caplog.records)
+    if problems:
+        pytest.fail("\n".join(problems[:20]), pytrace=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shoal import shell
+from shoal import noop, shell
 from shoal._server import method_path
 from shoal.v1 import task_pb2, tasks_pb2
 
@@ -89,12 +89,10 @@ async def test_twenty_900kb_specs_to_a_32_slot_node_all_finish(mesh_factory: Mes
 
 async def test_upstream_output_expanded_over_the_limit_fails_that_task(mesh: Mesh) -> None:
     session = await session_started(mesh)
-    upstream = await mesh.client.submit(shell("head -c 60000 /dev/zero | tr '\\0' z"))
-    # 300 copies of 60 kB: 18 MB once expanded, from a spec of a few kB.
-    refs = ["${{ deps[0].stdout }}"] * 300
-    dependent = await mesh.client.submit(
-        shell(["sh", "-c", "exit 0", *refs], depends_on=[upstream.id])
-    )
+    upstream = await mesh.client.submit(noop({"blob": "z" * 300_000}))
+    # 60 copies of 300 kB: 18 MB once expanded, from a spec of a few kB.
+    refs = ["${{ deps[0].output.blob }}"] * 60
+    dependent = await mesh.client.submit(shell(["true", *refs], depends_on=[upstream.id]))
 
     done = await mesh.client.wait(dependent.id, timeout=WAIT)
 

@@ -21,8 +21,13 @@ async def test_a_diamond_passes_outputs_downstream(mesh: Mesh) -> None:
     ids = await mesh.client.submit_batch(
         [
             shell("echo 5", name="source"),
-            python('print(int("${{ deps[0].stdout }}") * 2)', depends_on=[0], name="double"),
-            shell("echo $(( ${{ deps[0].stdout }} + 1 ))", depends_on=[0], name="inc"),
+            python(
+                'import os; print(int(os.environ["N"]) * 2)',
+                env={"N": "${{ deps[0].stdout }}"},
+                depends_on=[0],
+                name="double",
+            ),
+            shell('expr "$N" + 1', env={"N": "${{ deps[0].stdout }}"}, depends_on=[0], name="inc"),
             shell(["echo", "${{ deps[0].stdout }} and ${{ deps[1].stdout }}"], depends_on=[1, 2]),
         ]
     )
@@ -60,8 +65,38 @@ async def test_a_failed_upstream_skips_its_dependents_unless_told_otherwise(mesh
 async def test_a_task_can_depend_on_an_existing_finished_task(mesh: Mesh) -> None:
     first = await mesh.client.submit(shell("echo earlier"))
     await mesh.client.wait(first.id, timeout=WAIT)
-    later = await mesh.client.submit(shell("echo '${{ deps[0].stdout }}'", depends_on=[first.id]))
+    later = await mesh.client.submit(
+        shell(["echo", "${{ deps[0].stdout }}"], depends_on=[first.id])
+    )
     assert (await mesh.client.wait(later.id, timeout=WAIT)).result.stdout == "earlier\n"
+
+
+async def test_an_upstream_output_reaches_code_as_data_never_as_code(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    hostile = f"$(touch {marker})`touch {marker}`'\"; __import__('os').system('touch {marker}')"
+    up = {"UP": "${{ deps[0].stdout }}"}
+    ids = await mesh.client.submit_batch(
+        [
+            python(f"print({hostile!r})"),
+            shell('printf "%s" "$UP"', env=up, depends_on=[0]),
+            python('import os; print(os.environ["UP"], end="")', env=up, depends_on=[0]),
+            shell(["printf", "%s", "${{ deps[0].stdout }}"], depends_on=[0]),
+        ]
+    )
+    for i in ids[1:]:
+        done = await mesh.client.wait(i, timeout=WAIT)
+        assert (done.state, done.result.stdout) == (S.TASK_STATE_SUCCEEDED, hostile)
+    assert not marker.exists()
+
+    with pytest.raises(InvalidArgument) as refused:
+        await mesh.client.submit_batch(
+            [shell("true"), shell("echo ${{ deps[0].stdout }}", depends_on=[0])]
+        )
+    [violation] = refused.value.violations
+    assert violation.field == "specs[1].shell.script" and "env value" in violation.description
+    assert len(await mesh.client.list()) == len(ids)
 
 
 async def test_cycles_and_unknown_upstreams_are_refused_and_nothing_is_stored(
@@ -73,6 +108,22 @@ async def test_cycles_and_unknown_upstreams_are_refused_and_nothing_is_stored(
         )
     with pytest.raises(InvalidArgument, match="no task 'nope'"):
         await mesh.client.submit_batch([shell("true"), shell("true", depends_on=["nope"])])
+    assert await mesh.client.list() == []
+
+
+async def test_a_long_cycle_or_many_bad_specs_are_refused_within_the_metadata_limit(
+    mesh: Mesh,
+) -> None:
+    n = 3000
+    with pytest.raises(InvalidArgument) as cycle:
+        await mesh.client.submit_batch([shell("true", depends_on=[(i + 1) % n]) for i in range(n)])
+    assert "cycle: specs[0] -> specs[1]" in cycle.value.message
+    assert f"and {n - 5} more -> specs[0]" in cycle.value.message
+
+    with pytest.raises(InvalidArgument) as many:
+        await mesh.client.submit_batch([S.TaskSpec(name=f"{i}" * 100) for i in range(n)])
+    assert many.value.violations[0].field == "specs[0].kind"
+    assert many.value.violations[-1].description.endswith(" more")
     assert await mesh.client.list() == []
 
 

@@ -284,3 +284,41 @@ async def test_models_and_tools_count_only_with_an_executor_that_serves_them(
     )
     (status,) = core.nodes()
     assert not status.info.models and not status.info.ollama_models
+
+
+async def test_upstream_values_too_large_to_send_fail_the_task_and_free_its_slot(
+    tmp_path: Path,
+) -> None:
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"), CoreOptions(limits=Limits(max_rendered_spec_bytes=1000))
+    )
+    await c.start()
+    try:
+        ref = "${{ deps[0].stdout }}"
+        _, too_large, fits = await c.submit(
+            [
+                shell("true"),
+                shell(["echo", ref, ref], depends_on=[0]),  # 2 x 600 bytes filled in
+                shell(["echo", ref], depends_on=[0]),
+            ],
+            by=ALICE,
+        )
+        session = c.attach(hello("n1", slots=1), "peer", by=NODE)
+        (first,) = await assignments(session)
+        result = task_pb2.TaskResult(stdout="x" * 600)
+        update = node_pb2.TaskUpdate(
+            task_id=first.task_id,
+            attempt=first.attempt,
+            finished=node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED, result=result),
+        )
+        c.on_message(session, node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update])))
+
+        failed = await c.wait(too_large.task_id, None, by=ALICE)
+        assert failed.state == task_pb2.TASK_STATE_FAILED
+        assert failed.result.error == (
+            "RESOURCE_EXHAUSTED: upstream values over 1000 bytes in all (max_rendered_spec_bytes)"
+        )
+        (sent,) = await assignments(session)
+        assert (sent.task_id, list(sent.spec.shell.argv)) == (fits.task_id, ["echo", "x" * 600])
+    finally:
+        await c.stop()

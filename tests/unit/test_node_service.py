@@ -225,7 +225,7 @@ async def test_beyond_its_slots_execute_is_resource_exhausted_and_changes_nothin
         (task_pb2.TaskSpec(shell=task_pb2.ShellSpec()), "spec.shell"),
         (task_pb2.TaskSpec(), "spec.kind"),
         (shell(["true"], depends_on=["abc"]), "spec.depends_on"),
-        (shell("echo ${{ deps[0].stdout }}"), "spec.depends_on"),
+        (shell(["echo", "${{ deps[0].stdout }}"]), "spec.shell.argv[1]"),
     ],
 )
 async def test_a_bad_spec_is_invalid_argument_and_changes_nothing(

@@ -121,4 +121,4 @@ def test_an_http_header_may_name_a_secret_the_task_lists() -> None:
     # Elsewhere it is no reference: a task gets its secrets in its environment.
     elsewhere = shell("echo ${{ secrets.api-token }}")
     elsewhere.secrets.add(name="api-token", env="TOKEN")
-    assert violations([elsewhere]) == ["specs[0].depends_on"]
+    assert violations([elsewhere]) == ["specs[0].shell.script"]

@@ -98,7 +98,8 @@ def shell(
     stdin: bytes = b"",
     **common: Any,
 ) -> task_pb2.TaskSpec:
-    """A shell task: a string runs as a /bin/sh script, a sequence as argv (no shell)."""
+    """A shell task: a string runs as a /bin/sh script, a sequence as argv (no shell).
+    Upstream outputs (`${{ deps[0].stdout }}`) go in `env` values, read as "$NAME"."""
     sh = task_pb2.ShellSpec(env=env or {}, cwd=cwd, stdin=stdin)
     if isinstance(command, str):
         sh.script = command
@@ -116,7 +117,8 @@ def python(
     stdin: bytes = b"",
     **common: Any,
 ) -> task_pb2.TaskSpec:
-    """Python code run by an isolated interpreter on the node."""
+    """Python code run by an isolated interpreter on the node. Upstream outputs
+    (`${{ deps[0].stdout }}`) go in `env` values or `args`, never in the code."""
     py = task_pb2.PythonSpec(code=code, args=list(args), env=env or {}, cwd=cwd, stdin=stdin)
     return _common(task_pb2.TaskSpec(python=py), **common)
 
@@ -143,7 +145,9 @@ def docker(
     **common: Any,
 ) -> task_pb2.TaskSpec:
     """A container of `image` running `command` (argv; empty: the image's own), sandboxed by its
-    node; `files` (absolute paths under /work -> content) are there, read-only, when it starts."""
+    node; `files` (absolute paths under /work -> content) are there, read-only, when it starts.
+    Upstream outputs (`${{ deps[0].stdout }}`) go in `env` values, or in `command` when it is
+    no shell or interpreter."""
     spec = task_pb2.DockerSpec(
         image=image,
         command=list(command),

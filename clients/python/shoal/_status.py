@@ -29,6 +29,14 @@ _TABLE: dict[type[errors.ShoalError], tuple[grpc.StatusCode, int]] = {
 }
 _BY_CODE = {code: cls for cls, (code, _) in _TABLE.items()}
 _DETAILS_KEY = "grpc-status-details-bin"
+# A status rides in trailing metadata, which clients cap at 8 KB: what a request can make
+# long (ids, names, cycle paths, one violation per field) is cut to stay well under, UTF-8
+# bytes counted (the message goes percent-encoded, at most 3 characters a byte; the details
+# base64-encoded).
+_MAX_MESSAGE = 512
+_MAX_ITEMS = 6
+_MAX_FIELD = 64
+_MAX_DESCRIPTION = 128
 
 
 def _code_and_level(err: errors.ShoalError) -> tuple[grpc.StatusCode, int]:
@@ -38,12 +46,31 @@ def _code_and_level(err: errors.ShoalError) -> tuple[grpc.StatusCode, int]:
     return grpc.StatusCode.INTERNAL, logging.ERROR
 
 
+def _cut(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes, ending in "…" when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _bounded(items: list[errors.FieldViolation]) -> list[errors.FieldViolation]:
+    """The first few of `items`, each cut, and "… and N more" for the rest."""
+    out = [
+        errors.FieldViolation(_cut(v.field, _MAX_FIELD), _cut(v.description, _MAX_DESCRIPTION))
+        for v in items[:_MAX_ITEMS]
+    ]
+    if len(items) > _MAX_ITEMS:
+        out.append(errors.FieldViolation("…", f"… and {len(items) - _MAX_ITEMS} more"))
+    return out
+
+
 def to_status(err: errors.ShoalError) -> grpc.Status:
     """Encode an error as a gRPC status with google.rpc details (BadRequest, QuotaFailure,
-    RetryInfo)."""
+    RetryInfo), cut to fit in a client's metadata limit."""
     code, _ = _code_and_level(err)
-    status = status_pb2.Status(code=code.value[0], message=err.message)
-    violations: list[errors.FieldViolation] = getattr(err, "violations", [])
+    status = status_pb2.Status(code=code.value[0], message=_cut(err.message, _MAX_MESSAGE))
+    violations = _bounded(getattr(err, "violations", []))
     if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
@@ -54,7 +81,7 @@ def to_status(err: errors.ShoalError) -> grpc.Status:
             ]
         )
         status.details.add().Pack(bad)
-    quota: list[errors.FieldViolation] = getattr(err, "quota", [])
+    quota = _bounded(getattr(err, "quota", []))
     if quota:
         failure = error_details_pb2.QuotaFailure(
             violations=[

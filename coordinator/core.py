@@ -145,6 +145,11 @@ def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (err := done.exception()) is not None:
+        _log.error("failed to record the attempts dispatched: %s", err)
+
+
 def _hidden(by: Principal, tenant: str) -> bool:
     """Whether `tenant`'s tasks are out of `by`'s sight: to it they do not exist (NOT_FOUND, as
     for an unknown id, so ids of other tenants cannot be probed)."""
@@ -803,6 +808,7 @@ class Coordinator:
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         by_node: dict[str, list[node_pb2.Assignment]] = {}
+        lines: dict[str, list[str]] = {}  # "task epoch number" by node, for the store
         events: list[Change] = []
         gated = self._breakers.tripped > 0
         put_back = False
@@ -838,10 +844,13 @@ class Coordinator:
                 assignment.spec.MergeFromString(rec.spec_bytes)
                 session.assigned_bytes += len(rec.spec_bytes)
             by_node.setdefault(session.node_id, []).append(assignment)
+            lines.setdefault(session.node_id, []).append(f"{rec.id} {self.epoch} {rec.attempt}")
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
-        self._moved.update(by_node)
+        if by_node:
+            self._moved.update(by_node)
+            self._record_dispatched({node_id: "\n".join(x) for node_id, x in lines.items()})
         for event in events:
             self.events.emit(event)
         if put_back:
@@ -1424,8 +1433,8 @@ class Coordinator:
 
     async def _record_attempts(self) -> None:
         """Record what each node whose attempts changed now runs, for a restart to check its
-        claims against. Off the hot path, once a sweep: an attempt dispatched since the last
-        record is not reclaimed after a crash, but run again."""
+        claims against. Off the hot path, once a sweep; what was dispatched since the last
+        record is in the store meanwhile too (see _record_dispatched)."""
         moved, self._moved = self._moved, set()
         attempts = {
             node_id: "\n".join(
@@ -1438,6 +1447,16 @@ class Coordinator:
         }
         if attempts:
             await self._store.put_node_attempts(attempts)
+
+    def _record_dispatched(self, attempts: Mapping[str, str]) -> None:
+        """Record who was dispatched what just now, in the store's next group commit (no
+        waiting for it): after a crash, a node reclaims an attempt only as recorded."""
+        try:
+            written = self._store.add_dispatched(attempts)
+        except Exception:  # the store is closed: its tasks run again after the restart instead
+            _log.exception("failed to record the attempts dispatched")
+            return
+        asyncio.ensure_future(written).add_done_callback(_log_failure)
 
     async def _sweep_leases(self) -> None:
         while True:

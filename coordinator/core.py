@@ -934,7 +934,8 @@ class Coordinator:
                     self.events.emit(task_change(rec, by=by.name))
                 session.inflight[rec.id] = rec
                 session.slots.take(rec.placement.cls.resources)
-            else:
+            elif rec is None or not (is_final(rec.state) and attempt_id(rec) == running.attempt):
+                # (A result the node sends again, as it was recorded, needs no answer.)
                 session.cancel(running.task_id, running.attempt)
         self._scheduler.add_node(session.slots)
         self._apply_node_state(info.node_id)

@@ -844,9 +844,10 @@ class SqliteStore(Store):
             rows: list[tuple[str, str]] = c.execute(
                 "SELECT node_id, attempts FROM node_attempts"
             ).fetchall()
-            return rows + c.execute(
-                "SELECT node_id, attempts FROM dispatched ORDER BY rowid"
-            ).fetchall()
+            return (
+                rows
+                + c.execute("SELECT node_id, attempts FROM dispatched ORDER BY rowid").fetchall()
+            )
 
         out: dict[str, str] = {}
         for node_id, text in await self._read(op):

@@ -210,7 +210,13 @@ class Coordinator:
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
-        self._backpressure = Backpressure(self.options.limits, self._unfinished, clock=clock)
+        self._backpressure = Backpressure(
+            self.options.limits,
+            self._unfinished,
+            clock=clock,
+            finished=lambda: self.finished_count.total(),
+            rng=self._rng,
+        )
         self._breakers = Breakers(
             threshold=self.options.breaker_threshold,
             cooldown=self.options.breaker_cooldown.total_seconds(),
@@ -350,12 +356,14 @@ class Coordinator:
         by: Principal,
         single: bool = False,
         request_id: str = "",
+        client: str = "",
     ) -> list[Submitted]:
         """Store the tasks atomically, then queue them; returns once they are durable.
 
         A principal with a tenant submits into it: a spec without tenant gets it, and a spec
         naming another tenant is refused. A `request_id` the same principal used before
-        returns the tasks of that request and creates none.
+        returns the tasks of that request and creates none. `client` names the caller's
+        connection, for its place in line while the coordinator is full.
         """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
@@ -368,7 +376,7 @@ class Coordinator:
         fields = [fields_of(spec) for spec in specs]
         validate_batch(specs, self.options.limits, single=single, encoded=encoded, fields=fields)
         check_request_id(request_id, self.options.limits)
-        self._backpressure.check(specs)
+        self._backpressure.check(specs, waiter=f"{by.name}\0{client}" if client else "")
         await self._check_upstream_ids(specs, by)
         now = self._wall()
         records: list[TaskRecord] = []

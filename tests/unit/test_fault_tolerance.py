@@ -188,6 +188,18 @@ async def test_after_a_crash_just_after_dispatch_its_node_reclaims_the_attempt(
         restarted.on_message(n1, finished(a))
         done = await restarted.wait(task.task_id, None, by=ALICE)
         assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+        # Recorded as the attempt the node ran, which the epoch before dispatched.
+        await restarted.stop()
+        reopened = Coordinator(SqliteStore(tmp_path / "s.db"))
+        await reopened.start()
+        try:
+            stored = await reopened.get(task.task_id, by=ALICE)
+        finally:
+            await reopened.stop()
+        assert (stored.attempt.epoch, stored.attempt.number) == (1, 1) == (
+            a.attempt.epoch,
+            a.attempt.number,
+        )
     finally:
         await restarted.stop()
         await c.stop()

@@ -117,6 +117,7 @@ class EventLog:
         self._staged: dict[int, Change | None] = {}
         self._wakeup: asyncio.Future[None] | None = None
         self._dropped: asyncio.Future[None] | None = None  # set when old events are dropped
+        self.closed = False  # no more events come: watchers stop waiting
 
     @property
     def last_seq(self) -> int:
@@ -204,9 +205,16 @@ class EventLog:
                 self._dropped = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._dropped)
 
+    def close(self) -> None:
+        """No more events come (shutdown): every `wait_after` returns now and from now on."""
+        self.closed = True
+        if self._wakeup is not None:
+            self._wakeup.set_result(None)
+            self._wakeup = None
+
     async def wait_after(self, seq: int) -> None:
-        """Return once an event after `seq` is published."""
-        while self.last_seq <= seq:
+        """Return once an event after `seq` is published, or the log is closed."""
+        while self.last_seq <= seq and not self.closed:
             if self._wakeup is None:
                 self._wakeup = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._wakeup)

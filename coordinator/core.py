@@ -1188,7 +1188,9 @@ class Coordinator:
         rec.held_by, rec.wait_reason = refusal.key, refusal.reason
         self._waiting.hold(refusal.key, rec)
         if refusal.retry_after is not None:
-            self._set_timer(TimerKind.ADMISSION, refusal.key, self._time.now() + refusal.retry_after)
+            self._set_timer(
+                TimerKind.ADMISSION, refusal.key, self._time.now() + refusal.retry_after
+            )
         elif refusal.retry_at is not None:
             self._set_timer(TimerKind.ADMISSION, refusal.key, refusal.retry_at, calendar=True)
         self._notice(refusal.key, refusal.reason)

@@ -173,7 +173,9 @@ class LeaseTable:
             lease = locks_pb2.Lease.FromString(body)
             expires = lease.expires_at.ToNanoseconds() / 1e9  # wall time when it was stored
             if expires > self._clock.wall():
-                self._start(lease, self._clock.remaining(expires, most=self._max_ttl.total_seconds()))
+                self._start(
+                    lease, self._clock.remaining(expires, most=self._max_ttl.total_seconds())
+                )
 
     async def acquire(
         self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
@@ -204,7 +206,8 @@ class LeaseTable:
             shared=shared,
             holder=by.name,
         )
-        self._start(lease, self._clock.now() + ttl.total_seconds())  # held from here on: nothing else can take it meanwhile
+        # Held from here on: nothing else can take it meanwhile.
+        self._start(lease, self._clock.now() + ttl.total_seconds())
         try:
             await self._store.put_lease(name, token, lease.SerializeToString())
         except BaseException:

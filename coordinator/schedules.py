@@ -183,9 +183,7 @@ class ScheduleBook:
             self._time(state)
 
     def _time(self, state: ScheduleState) -> None:
-        self._set_timer(
-            TimerKind.SCHEDULE, state.name, state.next_run, calendar=state.on_calendar
-        )
+        self._set_timer(TimerKind.SCHEDULE, state.name, state.next_run, calendar=state.on_calendar)
 
     def _now(self, state: ScheduleState) -> float:
         return self._clock.wall() if state.on_calendar else self._clock.now()

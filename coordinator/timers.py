@@ -27,7 +27,7 @@ class SetTimer(Protocol):
     """Time `kind` for `key` at steady time `due` (`calendar`: at wall time `due`)."""
 
     def __call__(
-        self, kind: TimerKind, key: str, due: float, *, calendar: bool = False
+        self, kind: TimerKind, key: str, due: float, /, *, calendar: bool = False
     ) -> None: ...
 
 

@@ -152,9 +152,7 @@ async def test_a_queue_timeout_counts_monotonic_seconds(
 
 
 @pytest.mark.parametrize("step", STEPS)
-async def test_a_lock_ttl_holds_through_a_step(
-    core: Coordinator, t: FakeTime, step: float
-) -> None:
+async def test_a_lock_ttl_holds_through_a_step(core: Coordinator, t: FakeTime, step: float) -> None:
     minute, now = timedelta(seconds=60), timedelta(0)
     lease = await core.acquire_lock("db", minute, now, shared=False, by=ALICE)
     t.step(step)

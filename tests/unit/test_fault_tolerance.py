@@ -61,7 +61,9 @@ def wall() -> Wall:
 @pytest.fixture
 async def core(tmp_path: Path, wall: Wall) -> AsyncIterator[Coordinator]:
     options = CoreOptions(breaker_threshold=3, breaker_cooldown=timedelta(seconds=30))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall, rng=random.Random(1))
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall, rng=random.Random(1)
+    )
     await c.start()
     yield c
     await c.stop()

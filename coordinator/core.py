@@ -79,7 +79,7 @@ from shoal.errors import (
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
-__all__ = ["Coordinator", "CoreOptions", "Submitted"]
+__all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -96,6 +96,7 @@ _NO_RESULT = task_pb2.TaskResult()
 _REPLAY_PAGE = 1000
 _PAGE_BYTES = 1 << 20  # of output in one page of a watch (one event at least)
 _FREEZE_AFTER = 100_000  # tasks recovered
+SHUTTING_DOWN = "the coordinator is shutting down: watch again from the last cursor received"
 
 
 @dataclass(frozen=True)
@@ -721,9 +722,7 @@ class Coordinator:
             if not self.tokens.valid(by):
                 raise Unauthenticated(f"the token of {by.name!r} was revoked or has expired")
             if self.events.closed:
-                raise Unavailable(
-                    "the coordinator is shutting down: watch again from the last cursor received"
-                )
+                raise Unavailable(SHUTTING_DOWN)
             held = self.events.after(cursor, _REPLAY_PAGE)
             if held is None:
                 upto = self.events.oldest_seq

@@ -17,7 +17,7 @@ import grpc
 
 from shoal._server import current_principal
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator
+from shoal.coordinator.core import SHUTTING_DOWN, Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
 from shoal.errors import InvalidArgument, PermissionDenied, Unavailable
@@ -127,6 +127,8 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             dropped.cancel()
         if not write.done():
             write.cancel()
+            if events.closed:  # a watcher that does not read holds no shutdown up
+                raise Unavailable(SHUTTING_DOWN)
             self._core.watchers_cut += 1
             raise Unavailable(
                 "this watcher fell behind: events it had yet to read left the coordinator's"

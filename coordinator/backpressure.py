@@ -37,18 +37,32 @@ class Backpressure:
         self._clock = clock
         self._buckets: dict[str, TokenBucket] = {}  # per tenant
 
-    def check(self, specs: Sequence[task_pb2.TaskSpec]) -> None:
-        """ResourceExhausted, with a retry delay, beyond the unfinished-task caps or rates."""
+    def reserve(self, specs: Sequence[task_pb2.TaskSpec]) -> Counter[str]:
+        """Count `specs` as unfinished at once (per tenant, returned for `release`), or raise
+        ResourceExhausted, with a retry delay, beyond the unfinished-task caps or rates.
+
+        Reserving before the caller awaits makes the caps hard: batches submitted at once
+        each see the others.
+        """
+        per_tenant = Counter(spec.tenant for spec in specs)
+        self._check(len(specs), per_tenant)
+        self._unfinished.update(per_tenant)
+        return per_tenant
+
+    def release(self, reserved: Counter[str]) -> None:
+        """Give back what `reserve` counted, for tasks that were not created."""
+        self._unfinished.subtract(reserved)
+
+    def _check(self, count: int, per_tenant: Counter[str]) -> None:
         limits = self._limits
         total = sum(self._unfinished.values())
-        if total + len(specs) > limits.max_queued:
+        if total + count > limits.max_queued:
             raise ResourceExhausted(
                 f"{total} tasks are unfinished; the limit is {limits.max_queued}",
-                retry_after=_retry_unless(len(specs) > limits.max_queued),
+                retry_after=_retry_unless(count > limits.max_queued),
             )
         if not (limits.max_queued_per_tenant or limits.tenant_submit_rate):
             return
-        per_tenant = Counter(spec.tenant for spec in specs)
         for tenant, n in per_tenant.items():
             subject = f"tenant:{tenant}"
             if (

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from tenacity import AsyncRetrying, wait_exponential_jitter
+
 from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.admission import Admission, Refusal, Waiting
 from shoal.coordinator.backpressure import Backpressure
@@ -202,6 +204,11 @@ class Coordinator:
         # ListNodes shows them too. The server sets it when it watches the LAN.
         self.discovered: Callable[[], Mapping[str, admin_pb2.NodeStatus]] = dict
         self._to_finish: list[TaskRecord] = []
+        # Outcomes whose commit failed (a full disk), retried by `_recorder` until one lands:
+        # shown unfinished meanwhile, as after a restart they would be.
+        self._unrecorded: list[TaskRecord] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._store_error = ""  # why the last outcome commit failed, while it is retried
         self._dispatch_pending = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -343,6 +350,12 @@ class Coordinator:
             _log.exception("failed to record the attempts nodes run")
         for session in list(self._sessions.values()):
             session.close()
+        if self._recorder is not None:  # one last try below; then they run again after a restart
+            self._recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recorder
+        self._renumber(self._unrecorded)
+        self._to_finish[:0], self._unrecorded = self._unrecorded, []
         self._flush_finished()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -375,24 +388,25 @@ class Coordinator:
         fields = [fields_of(spec) for spec in specs]
         validate_batch(specs, self.options.limits, single=single, encoded=encoded, fields=fields)
         check_request_id(request_id, self.options.limits)
-        self._backpressure.check(specs)
-        await self._check_upstream_ids(specs, by)
-        now = self._wall()
-        steady = self._time.now()
+        # Counted as unfinished from here, before any await: concurrent submits see each other.
+        reserved = self._backpressure.reserve(specs)
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
-        # A task id is its acceptance number's low 32 bits, then 32 random ones: unique, and
-        # in order, so the store's index of ids grows at its end (random ids cost it 3x).
-        noise = os.urandom(4 * len(specs)).hex()  # one call for the batch
-        for i, spec in enumerate(specs):
-            seq = self.events.reserve()
-            task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
-            rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
-            if rec.more is not None and rec.queue_timeout is not None:
-                rec.queue_deadline = steady + rec.queue_timeout
-            records.append(rec)
-            rows.append(task_row(rec, spec))
         try:
+            await self._check_upstream_ids(specs, by)
+            now = self._wall()
+            steady = self._time.now()
+            # A task id is its acceptance number's low 32 bits, then 32 random ones: unique,
+            # and in order, so the store's index of ids grows at its end (random ids cost 3x).
+            noise = os.urandom(4 * len(specs)).hex()  # one call for the batch
+            for i, spec in enumerate(specs):
+                seq = self.events.reserve()
+                task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
+                rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
+                if rec.more is not None and rec.queue_timeout is not None:
+                    rec.queue_deadline = steady + rec.queue_timeout
+                records.append(rec)
+                rows.append(task_row(rec, spec))
             # Steady time: a wall-clock step neither ends nor stretches the dedupe window.
             request = Request(f"{by.name}\0{request_id}", steady) if request_id else None
             existing, upstream = await self._store.insert(rows, request)
@@ -402,6 +416,7 @@ class Coordinator:
                     rec.upstream = ups
             outcomes = await self._outcomes_of(created, exclude={r.id for r in created})
         except BaseException:
+            self._backpressure.release(reserved)
             self.events.abandon(r.seq for r in records)
             raise
         # From here on nothing awaits: upstream tasks cannot finish between linking and queueing.
@@ -409,10 +424,10 @@ class Coordinator:
         for rec, old in zip(records, existing, strict=True):
             if old is not None:
                 self.events.abandon((rec.seq,))
+                self._unfinished[rec.tenant] -= 1  # reserved, but an existing task's key
                 out.append(Submitted(old, False, 0))
             else:
                 self._tasks[rec.id] = rec
-                self._unfinished[rec.tenant] += 1
                 out.append(Submitted(rec.id, True, rec.seq))
         accepted = []
         now_ns = time.time_ns()  # one for the batch, held by each of its events
@@ -776,7 +791,12 @@ class Coordinator:
 
     def _flush_finished(self) -> None:
         batch, self._to_finish = self._to_finish, []
-        if batch:
+        if not batch:
+            return
+        if self._recorder is not None:  # the store fails to commit: these wait their turn
+            self.events.abandon(rec.final_seq for rec in batch)
+            self._unrecorded += batch
+        else:
             self._spawn(self._commit_finished(batch))
 
     def _spawn(self, coro: object) -> None:
@@ -788,11 +808,55 @@ class Coordinator:
         rows = [finished_row(rec, self.epoch) for rec in batch]
         try:
             await self._store.finish(rows)
-        except Exception:
-            # The outcome is lost with the store: the tasks run again after a restart.
-            _log.exception("failed to record %d outcomes", len(batch))
+        except Exception as err:
+            # Their numbers go, so later events flow: each try numbers them anew.
             self.events.abandon(rec.final_seq for rec in batch)
+            self._store_error = getattr(err, "message", "") or repr(err)
+            if not self.accepting:  # stopping: they run again after the restart
+                _log.error("failed to record %d outcomes: %s", len(batch), self._store_error)
+                return
+            self._unrecorded += batch
+            if self._recorder is None:
+                _log.error(
+                    "failed to record %d outcomes: %s; retrying until the store can write",
+                    len(batch),
+                    self._store_error,
+                )
+                self._recorder = asyncio.create_task(self._record_again(), name="shoal-recorder")
             return
+        self._recorded(batch)
+
+    async def _record_again(self) -> None:
+        """Commit the outcomes whose commit failed, with backoff, until the store takes them
+        all: a node's report is never dropped. Reads and dispatch go on meanwhile."""
+        tries = 0
+        try:
+            while self._unrecorded:  # more may come while a try runs
+                async for attempt in AsyncRetrying(wait=wait_exponential_jitter(0.05, 2.0)):
+                    with attempt:
+                        tries += 1
+                        batch, self._unrecorded = self._unrecorded, []
+                        self._renumber(batch)
+                        try:
+                            await self._store.finish([finished_row(r, self.epoch) for r in batch])
+                        except BaseException as err:
+                            self.events.abandon(rec.final_seq for rec in batch)
+                            self._unrecorded[:0] = batch
+                            self._store_error = getattr(err, "message", "") or repr(err)
+                            raise
+                        self._recorded(batch)
+        finally:
+            self._recorder = None
+        self._store_error = ""
+        _log.info("outcomes recorded again after %d tries: the store can write", tries)
+
+    def _renumber(self, batch: list[TaskRecord]) -> None:
+        """New event numbers for outcomes tried again (their old ones were abandoned)."""
+        for rec in batch:
+            rec.final_seq = self.events.reserve()
+
+    def _recorded(self, batch: list[TaskRecord]) -> None:
+        """Outcomes are committed: publish them, wake waiters, release dependents."""
         self.events.publish(
             task_change(rec, by=rec.finished_by, seq=rec.final_seq) for rec in batch
         )
@@ -1600,4 +1664,15 @@ class Coordinator:
         return f"{rec.wait_reason} ({probe}): {b.last_error}"
 
     def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
-        return live_task(rec, self._pending_reason(rec))
+        if rec.durable or not is_final(rec.state):
+            return live_task(rec, self._pending_reason(rec))
+        # Final in memory, not yet in the store: shown as it was, since a crash now would run
+        # it again (and a client told its outcome would have been told wrong).
+        why = f": {self._store_error}" if self._store_error else ""
+        task = live_task(rec, f"finished; its outcome is not recorded yet{why}")
+        task.state = (
+            _RUNNING if rec.started_at is not None else _ASSIGNED if rec.node_id else _PENDING
+        )
+        task.ClearField("result")
+        task.ClearField("finished_at")
+        return task

@@ -125,16 +125,26 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             await asyncio.wait((write, dropped), return_when=asyncio.FIRST_COMPLETED)
         finally:
             dropped.cancel()
-        if not write.done():
-            write.cancel()
-            if events.closed:  # a watcher that does not read holds no shutdown up
-                raise Unavailable(SHUTTING_DOWN)
+            cut = not write.done()
+            if cut:
+                write.cancel()
+            # A write given up (or the call gone meanwhile) may still end in the call's error.
+            write.add_done_callback(_retrieved)
+        if cut and events.closed:  # a watcher that does not read holds no shutdown up
+            raise Unavailable(SHUTTING_DOWN)
+        if cut:
             self._core.watchers_cut += 1
             raise Unavailable(
                 "this watcher fell behind: events it had yet to read left the coordinator's"
                 " memory; watch again from the last cursor it received"
             )
         write.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's outcome, so that an error nobody awaits is not logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:

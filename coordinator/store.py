@@ -20,13 +20,15 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import FailedPrecondition, Unavailable
+from shoal.errors import FailedPrecondition, ResourceExhausted, ShoalError, Unavailable
 
 __all__ = [
     "REQUEST_RETENTION",
+    "STORE_FULL",
     "FinishedRow",
     "Request",
     "SqliteStore",
@@ -42,6 +44,9 @@ _log = logging.getLogger("shoal.coordinator")
 
 REQUEST_RETENTION = 3600.0
 """Seconds a request id is remembered: resends come within seconds or minutes."""
+
+STORE_FULL = "the store cannot write: disk full"
+_FULL_RETRY = timedelta(seconds=5)  # freeing space takes an operator: not a quick resend
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,16 +461,26 @@ class _Writer(threading.Thread):
                     results.append((fut, op(conn), None))
                     conn.execute("RELEASE op")
                 except Exception as err:  # its own failure (a refusal, a constraint): its caller's
+                    if not conn.in_transaction:  # SQLite undid them all (SQLITE_FULL may)
+                        raise
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((fut, None, err))
+                    results.append((fut, None, _full(err) or err))
             conn.execute("COMMIT")
         except sqlite3.Error as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = Unavailable(f"store write failed: {err}")
+            failure = _full(err) or Unavailable(f"store write failed: {err}")
             return [(fut, None, failure) for _, fut in batch]
         return results
+
+
+def _full(err: Exception) -> ShoalError | None:
+    """RESOURCE_EXHAUSTED for a write that failed for want of disk space (SQLite reports
+    ENOSPC as SQLITE_FULL): it works again once space is freed, so callers may retry."""
+    if isinstance(err, sqlite3.Error) and err.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+        return ResourceExhausted(f"{STORE_FULL} ({err})", retry_after=_FULL_RETRY)
+    return None
 
 
 def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

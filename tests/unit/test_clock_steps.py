@@ -147,7 +147,7 @@ async def test_a_queue_timeout_counts_monotonic_seconds(
     assert (await core.get(done.task_id, by=ALICE)).state == task_pb2.TASK_STATE_QUEUED
     t.advance(590)
     core.tick()
-    task = await core.get(done.task_id, by=ALICE)
+    task = await core.wait(done.task_id, timedelta(seconds=10), by=ALICE)  # once recorded
     assert task.state == task_pb2.TASK_STATE_TIMED_OUT, task.pending_reason
 
 
@@ -238,7 +238,7 @@ async def test_stored_deadlines_are_reanchored_at_start(tmp_path: Path, t: FakeT
         await c.acquire_lock("db", timedelta(seconds=1), timedelta(0), shared=False, by=ROOT)
         t.advance(480)
         c.tick()
-        task = await c.get(done.task_id, by=ALICE)
+        task = await c.wait(done.task_id, timedelta(seconds=10), by=ALICE)  # once recorded
         assert task.state == task_pb2.TASK_STATE_TIMED_OUT  # at most its 600 s after all
     finally:
         await c.stop()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shoal.coordinator import store as store_module
-from shoal.coordinator.store import FinishedRow, SqliteStore, TaskRow, Unfinished
+from shoal.coordinator.store import STORE_FULL, FinishedRow, SqliteStore, TaskRow, Unfinished
+from shoal.errors import ResourceExhausted
 from shoal.v1 import task_pb2
 
 
@@ -186,3 +187,29 @@ async def test_a_new_store_is_made_private(tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
     finally:
         await store.close()
+
+
+async def test_a_full_disk_is_resource_exhausted_with_a_retry_delay_and_heals(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(1)])
+    # SQLite answers a write past max_page_count as it answers ENOSPC: SQLITE_FULL.
+    await store._write(lambda c: c.execute("PRAGMA max_page_count = 1"))
+    big = task_pb2.TaskResult(stdout="x" * 20_000).SerializeToString()
+    outcome = FinishedRow("t1", task_pb2.TASK_STATE_SUCCEEDED, 5, 2.0, 1.0, "n1", 1, 1, big, seq=1)
+    with pytest.raises(ResourceExhausted, match=STORE_FULL) as full:
+        await store.finish([outcome])
+    assert full.value.retry_after is not None and full.value.retry_after.total_seconds() > 0
+    with pytest.raises(ResourceExhausted, match=STORE_FULL):
+        await store.insert([row(2, tenant="x" * 20_000)])
+    got = await store.get("t1")  # reads go on
+    assert got is not None and got.outcome is None
+    assert [r[1] for r in await unfinished(store)] == ["t1"]
+
+    await store._write(lambda c: c.execute("PRAGMA max_page_count = 1000000"))  # space again
+    await store.finish([outcome])
+    got = await store.get("t1")
+    assert got is not None and got.outcome is not None and got.outcome.result == big
+    await store.close()

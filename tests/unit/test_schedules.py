@@ -17,6 +17,9 @@ from shoal.coordinator.store import SqliteStore
 from shoal.errors import AlreadyExists, InvalidArgument
 from shoal.v1 import admin_pb2, task_pb2
 
+from .test_core import NODE, hello
+from .test_quotas import dispatched
+
 ROOT = Principal("root", Role.ADMIN)
 # 2026-11-22 10:00:30 UTC
 T0 = datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC).timestamp()
@@ -139,6 +142,14 @@ async def test_overlap_skip_in_the_core_and_pause(core: tuple[Coordinator, Wall]
     assert len(await _tasks(c)) == 1  # no second run queues behind it ...
     (state,) = c.schedules()
     assert state.skipped == 0  # ... and none is skipped: the waiting run has yet to run
+    node = c.attach(hello("n1", slots=1), "peer", by=NODE)
+    assert len(await dispatched(node)) == 1  # now it runs: firings meanwhile are skipped
+    for step in (8, 10):
+        wall.now = T0 + step
+        c.tick()
+        await _settle(c)
+    (state,) = c.schedules()
+    assert (state.runs, state.skipped) == (1, 2)
     await c.pause_schedule("tick", paused=True)
     wall.now = T0 + 100
     c.tick()

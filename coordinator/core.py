@@ -150,6 +150,11 @@ def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (err := done.exception()) is not None:
+        _log.error("failed to record the attempts dispatched: %s", err)
+
+
 def _hidden(by: Principal, tenant: str) -> bool:
     """Whether `tenant`'s tasks are out of `by`'s sight: to it they do not exist (NOT_FOUND, as
     for an unknown id, so ids of other tenants cannot be probed)."""
@@ -217,7 +222,13 @@ class Coordinator:
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
-        self._backpressure = Backpressure(self.options.limits, self._unfinished, clock=clock)
+        self._backpressure = Backpressure(
+            self.options.limits,
+            self._unfinished,
+            clock=clock,
+            finished=lambda: self.finished_count.total(),
+            rng=self._rng,
+        )
         self._breakers = Breakers(
             threshold=self.options.breaker_threshold,
             cooldown=self.options.breaker_cooldown.total_seconds(),
@@ -370,12 +381,14 @@ class Coordinator:
         by: Principal,
         single: bool = False,
         request_id: str = "",
+        client: str = "",
     ) -> list[Submitted]:
         """Store the tasks atomically, then queue them; returns once they are durable.
 
         A principal with a tenant submits into it: a spec without tenant gets it, and a spec
         naming another tenant is refused. A `request_id` the same principal used before
-        returns the tasks of that request and creates none.
+        returns the tasks of that request and creates none. `client` names the caller's
+        connection, for its place in line while the coordinator is full.
         """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
@@ -389,7 +402,9 @@ class Coordinator:
         validate_batch(specs, self.options.limits, single=single, encoded=encoded, fields=fields)
         check_request_id(request_id, self.options.limits)
         # Counted as unfinished from here, before any await: concurrent submits see each other.
-        reserved = self._backpressure.reserve(specs)
+        reserved = self._backpressure.reserve(
+            specs, waiter=f"{by.name}\0{client}" if client else ""
+        )
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
         try:
@@ -885,6 +900,7 @@ class Coordinator:
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         by_node: dict[str, list[node_pb2.Assignment]] = {}
+        lines: dict[str, list[str]] = {}  # "task epoch number" by node, for the store
         events: list[Change] = []
         gated = self._breakers.tripped > 0
         put_back = False
@@ -920,10 +936,13 @@ class Coordinator:
                 assignment.spec.MergeFromString(rec.spec_bytes)
                 session.assigned_bytes += len(rec.spec_bytes)
             by_node.setdefault(session.node_id, []).append(assignment)
+            lines.setdefault(session.node_id, []).append(f"{rec.id} {self.epoch} {rec.attempt}")
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
-        self._moved.update(by_node)
+        if by_node:
+            self._moved.update(by_node)
+            self._record_dispatched({node_id: "\n".join(x) for node_id, x in lines.items()})
         for event in events:
             self.events.emit(event)
         if put_back:
@@ -1007,7 +1026,8 @@ class Coordinator:
                     self.events.emit(task_change(rec, by=by.name))
                 session.inflight[rec.id] = rec
                 session.slots.take(rec.placement.cls.resources)
-            else:
+            elif rec is None or not (is_final(rec.state) and attempt_id(rec) == running.attempt):
+                # (A result the node sends again, as it was recorded, needs no answer.)
                 session.cancel(running.task_id, running.attempt)
         self._scheduler.add_node(session.slots)
         self._apply_node_state(info.node_id)
@@ -1516,8 +1536,8 @@ class Coordinator:
 
     async def _record_attempts(self) -> None:
         """Record what each node whose attempts changed now runs, for a restart to check its
-        claims against. Off the hot path, once a sweep: an attempt dispatched since the last
-        record is not reclaimed after a crash, but run again."""
+        claims against. Off the hot path, once a sweep; what was dispatched since the last
+        record is in the store meanwhile too (see _record_dispatched)."""
         moved, self._moved = self._moved, set()
         attempts = {
             node_id: "\n".join(
@@ -1530,6 +1550,16 @@ class Coordinator:
         }
         if attempts:
             await self._store.put_node_attempts(attempts)
+
+    def _record_dispatched(self, attempts: Mapping[str, str]) -> None:
+        """Record who was dispatched what just now, in the store's next group commit (no
+        waiting for it): after a crash, a node reclaims an attempt only as recorded."""
+        try:
+            written = self._store.add_dispatched(attempts)
+        except Exception:  # the store is closed: its tasks run again after the restart instead
+            _log.exception("failed to record the attempts dispatched")
+            return
+        asyncio.ensure_future(written).add_done_callback(_log_failure)
 
     async def _sweep_leases(self) -> None:
         while True:

@@ -17,7 +17,7 @@ import sqlite3
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -268,11 +268,18 @@ class Store(ABC):
 
     @abstractmethod
     async def node_attempts(self) -> dict[str, str]:
-        """What put_node_attempts last recorded of each node, by node id."""
+        """What put_node_attempts last recorded of each node, by node id, followed by the
+        lines add_dispatched recorded of it since (so a task's later attempt comes later)."""
 
     @abstractmethod
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
-        """Record the attempts each node was dispatched and still runs (the core's text)."""
+        """Record the attempts each node was dispatched and still runs (the core's text); what
+        add_dispatched recorded before is covered by it, and forgotten."""
+
+    @abstractmethod
+    def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
+        """Record attempts just dispatched to each node (the core's text), queued with the
+        next group commit at once: a node can then reclaim them after a crash soon after."""
 
 
 _SCHEMA = """
@@ -317,6 +324,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS node_attempts (node_id TEXT PRIMARY KEY, attempts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dispatched (node_id TEXT NOT NULL, attempts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
     created_at REAL NOT NULL
@@ -842,21 +850,42 @@ class SqliteStore(Store):
             else:
                 c.execute("DELETE FROM members WHERE node_id = ?", (node_id,))
                 c.execute("DELETE FROM node_attempts WHERE node_id = ?", (node_id,))
+                c.execute("DELETE FROM dispatched WHERE node_id = ?", (node_id,))
 
         await self._write(op)
 
     async def node_attempts(self) -> dict[str, str]:
-        rows = await self._read(
-            lambda c: c.execute("SELECT node_id, attempts FROM node_attempts").fetchall()
-        )
-        return dict(rows)
+        def op(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows: list[tuple[str, str]] = c.execute(
+                "SELECT node_id, attempts FROM node_attempts"
+            ).fetchall()
+            return (
+                rows
+                + c.execute("SELECT node_id, attempts FROM dispatched ORDER BY rowid").fetchall()
+            )
+
+        out: dict[str, str] = {}
+        for node_id, text in await self._read(op):
+            out[node_id] = f"{out[node_id]}\n{text}" if node_id in out else text
+        return out
 
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
-        await self._write(
-            lambda c: c.executemany(
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
                 "INSERT INTO node_attempts (node_id, attempts) VALUES (?, ?)"
                 " ON CONFLICT (node_id) DO UPDATE SET attempts = excluded.attempts",
                 list(attempts.items()),
+            )
+            # The core built `attempts` after queueing every dispatch recorded so far (one
+            # writer, in order), and every node dispatched to since its last record is in it.
+            c.execute("DELETE FROM dispatched")
+
+        await self._write(op)
+
+    def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
+        return self._write(
+            lambda c: c.executemany(
+                "INSERT INTO dispatched (node_id, attempts) VALUES (?, ?)", list(attempts.items())
             )
         )
 

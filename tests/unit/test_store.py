@@ -213,3 +213,22 @@ async def test_a_full_disk_is_resource_exhausted_with_a_retry_delay_and_heals(
     got = await store.get("t1")
     assert got is not None and got.outcome is not None and got.outcome.result == big
     await store.close()
+
+
+async def test_attempts_dispatched_since_the_last_record_are_kept_until_the_next(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        await store.put_node_attempts({"n1": "t1 1 1"})
+        await store.add_dispatched({"n1": "t2 1 1", "n2": "t3 1 1"})
+        await store.add_dispatched({"n2": "t1 1 2"})
+        assert await store.node_attempts() == {"n1": "t1 1 1\nt2 1 1", "n2": "t3 1 1\nt1 1 2"}
+        await store.put_node_attempts({"n2": "t1 1 2"})  # covers what came before
+        assert await store.node_attempts() == {"n1": "t1 1 1", "n2": "t1 1 2"}
+        await store.add_dispatched({"n1": "t4 1 1"})
+        await store.set_member("n1", False)  # forgets its attempts, recorded either way
+        assert await store.node_attempts() == {"n2": "t1 1 2"}
+    finally:
+        await store.close()

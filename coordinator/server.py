@@ -116,6 +116,7 @@ class CoordinatorServer:
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
                 max_lock_ttl=settings.max_lock_ttl,
+                max_catch_up=settings.max_catch_up,
                 pricing=settings.pricing,
                 quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
             ),

@@ -61,7 +61,9 @@ def wall() -> Wall:
 @pytest.fixture
 async def core(tmp_path: Path, wall: Wall) -> AsyncIterator[Coordinator]:
     options = CoreOptions(breaker_threshold=3, breaker_cooldown=timedelta(seconds=30))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall, rng=random.Random(1))
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall, rng=random.Random(1)
+    )
     await c.start()
     yield c
     await c.stop()
@@ -232,13 +234,13 @@ async def test_recovered_tasks_are_queued_when_their_node_does_not_come_back(
     tmp_path: Path, wall: Wall
 ) -> None:
     options = CoreOptions(restart_grace=timedelta(seconds=10))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     (task,) = await c.submit([shell("sleep 60")], by=ALICE)
     c.attach(hello("gone"), "peer", by=NODE)
     await c.stop()
 
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     try:
         other = c.attach(hello("other"), "peer", by=NODE)

@@ -182,7 +182,7 @@ async def test_a_new_store_is_made_private(tmp_path: Path) -> None:
     await store.open()
     try:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new").iterdir()}
-        assert modes == {"s.db": 0o600, "s.db-wal": 0o600, "s.db-shm": 0o600}
+        assert modes == dict.fromkeys(("s.db", "s.db-wal", "s.db-shm", "s.lock", "s.state"), 0o600)
         assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
     finally:
         await store.close()

@@ -117,10 +117,7 @@ def read_marks(path: Path) -> Marks | None:
         if not all(type(v) is int and 0 <= v < 1 << 63 for v in values):
             raise ValueError("not the marks")
     except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise FailedPrecondition(
-            f"the state file {path} is damaged (it was not written by Shoal): see"
-            " `shoal store check`, and restore the data dir or run `shoal store accept-loss`"
-        ) from None
+        raise FailedPrecondition(f"its state file {path.name} is damaged") from None
     return Marks(*values)
 
 

@@ -27,14 +27,8 @@ from typing import Any
 
 from shoal.coordinator.dirlock import DirLock
 from shoal.coordinator.events import EPOCH_SHIFT
-from shoal.coordinator.marks import (
-    Marks,
-    found_marks,
-    losses,
-    open_read_only,
-    read_marks,
-    write_marks,
-)
+from shoal.coordinator.marks import Marks, found_marks, write_marks
+from shoal.coordinator.storecheck import check_store, state_path
 from shoal.errors import FailedPrecondition, Unavailable
 
 __all__ = [
@@ -617,29 +611,12 @@ def _bump_epoch(conn: sqlite3.Connection, floor: int) -> int:
 def _refusal(path: Path, lost: list[str]) -> str:
     data_dir = shlex.quote(str(path.parent))
     return (
-        f"refusing to start on the store {path}: {'; '.join(lost)}. Acknowledged tasks"
-        " would be missing (its -wal file deleted or damaged, or the database replaced or"
+        f"refusing to start on the store {path}: {'; '.join(lost)}. Tasks it acknowledged"
+        " may be missing (its -wal file deleted or damaged, or the database replaced or"
         " zeroed?). Restore the data dir from a backup; or see what it holds with"
         f" `shoal store check --data-dir {data_dir}` and go on with that with"
         f" `shoal store accept-loss --data-dir {data_dir}`"
     )
-
-
-def _verify(path: Path, state: Path, expected: Marks) -> list[str]:
-    """What the store at `path` lost of `expected` (empty: nothing), read without writing a
-    byte of it: a refused store is left as it was found, for its owner to look at."""
-    try:
-        empty = path.stat().st_size == 0
-    except FileNotFoundError:
-        return [f"it is missing, and {state.name} says it held data"]
-    if empty:  # SQLite would open it as a new store, and drop what its -wal file holds
-        return [f"it is empty, and {state.name} says it held data"]
-    try:
-        with contextlib.closing(open_read_only(path)) as conn:
-            found = found_marks(conn)
-    except sqlite3.DatabaseError as err:
-        return [f"it cannot be read ({err})"]
-    return losses(expected, found)
 
 
 class SqliteStore(Store):
@@ -665,7 +642,7 @@ class SqliteStore(Store):
         self._writer: _Writer | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-store-reader")
         self._reader_conn: sqlite3.Connection | None = None
-        self.state_path = path.with_suffix(".state")
+        self.state_path = state_path(path)
         self._lock = DirLock(path.with_suffix(".lock"))
         self._accept_loss = accept_loss
         self._mark_interval = mark_interval.total_seconds()
@@ -717,23 +694,17 @@ class SqliteStore(Store):
             raise
 
     def _check(self) -> int:
-        try:
-            expected = read_marks(self.state_path)
-        except FailedPrecondition:
-            if not self._accept_loss:
-                raise
-            _log.warning("%s is damaged: written anew, as asked", self.state_path)
-            return 0
-        if expected is None:  # a new store, or one made before state files
-            return 0
-        lost = _verify(self._path, self.state_path, expected)
-        if lost and not self._accept_loss:
-            raise FailedPrecondition(_refusal(self._path, lost))
-        if lost:
+        report = check_store(self._path)
+        if report.problems and not self._accept_loss:
+            raise FailedPrecondition(_refusal(self._path, report.problems))
+        if report.problems:
             _log.warning(
-                "store %s: %s; going on with what it holds, as asked", self._path, "; ".join(lost)
+                "store %s: %s; going on with what it holds, as asked",
+                self._path,
+                "; ".join(report.problems),
             )
-        return expected.epoch
+        # No state file: a new store, or one made before them (its marks are written next).
+        return report.expected.epoch if report.expected is not None else 0
 
     def _save_marks(self, conn: sqlite3.Connection) -> None:
         """Record in the state file how far the store got, when that moved (in the reader's

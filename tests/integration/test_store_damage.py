@@ -52,6 +52,10 @@ def _truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
+def _zero(path: Path) -> None:
+    path.write_bytes(b"")
+
+
 def _garble(path: Path) -> None:
     path.write_bytes(os.urandom(path.stat().st_size))
 
@@ -59,7 +63,7 @@ def _garble(path: Path) -> None:
 DAMAGE: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "deleted wal": ("shoal.db-wal", Path.unlink, "its epoch is 0, not at least 1"),
     "deleted database": ("shoal.db", Path.unlink, "it is missing"),
-    "zeroed database": ("shoal.db", lambda p: p.write_bytes(b""), "it is empty"),
+    "zeroed database": ("shoal.db", _zero, "it is empty"),
     "truncated wal": ("shoal.db-wal", _truncate, "its last outcome is "),
     "garbage wal": ("shoal.db-wal", _garble, "its epoch is 0, not at least 1"),
 }

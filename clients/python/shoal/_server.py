@@ -148,7 +148,7 @@ def listen_on(
     _check_free(address)
     try:
         if credentials is not None:
-            port = server.add_secure_port(address, credentials)
+            port: int = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
     except RuntimeError:  # all gRPC says: "Failed to bind"

@@ -29,8 +29,8 @@ DataDirOpt = Annotated[
 
 
 def _store(data_dir: Path | None) -> Path:
-    given = {"data_dir": data_dir} if data_dir is not None else {}
-    return CoordinatorSettings(**given).data_dir / STORE_FILE
+    settings = CoordinatorSettings() if data_dir is None else CoordinatorSettings(data_dir=data_dir)
+    return settings.data_dir / STORE_FILE
 
 
 def _marks(marks: Marks | None) -> str:

@@ -675,7 +675,12 @@ class SqliteStore(Store):
             self._writer.start()
             epoch = int(await self._writer.submit(lambda c: _bump_epoch(c, floor)))
             # Recorded before the epoch is used: a store that loses it cannot hand it out again.
-            await self._read(self._save_marks)
+            try:
+                await self._read(self._save_marks)
+            except OSError as err:
+                raise FailedPrecondition(
+                    f"cannot record epoch {epoch} in {self.state_path}: {err.strerror}"
+                ) from None
         except BaseException:
             await self.close()
             raise

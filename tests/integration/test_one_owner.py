@@ -15,12 +15,13 @@ from .test_processes import communicate
 pytestmark = pytest.mark.timeout(60)
 
 
-async def refused(cli: CliProcesses, *args: str) -> str:
-    """Run `shoal ARGS...`, which must exit 1 with one line on stderr; returns that line."""
+async def refused(cli: CliProcesses, *args: str, logs: bool = False) -> str:
+    """Run `shoal ARGS...`, which must exit 1 with one line on stderr (besides its log lines,
+    with `logs`); returns that line."""
     second = await cli.start(*args, pipe=True)
     out, err = await communicate(second)
     assert second.proc.returncode == 1, (out, err)
-    lines = [line for line in err.splitlines() if not line.startswith("20")]  # log lines
+    lines = [line for line in err.splitlines() if not (logs and line.startswith("20"))]
     assert len(lines) == 1, err  # one line, no traceback
     assert lines[0].startswith("error: "), err
     return lines[0]
@@ -91,7 +92,8 @@ async def test_a_second_node_on_a_service_port_in_use_exits(
     first = await cli.start(*node, "--node-id", "first")
     await wait_serving(address)
 
-    line = await refused(cli, *node, "--node-id", "second")
+    # A node logs what it found on its machine before it listens.
+    line = await refused(cli, *node, "--node-id", "second", logs=True)
 
     assert line == f"error: cannot listen on {address}: pid {first.pid} (shoal) listens there"
     assert first.running

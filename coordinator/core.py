@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from tenacity import AsyncRetrying, wait_exponential_jitter
+
 from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.admission import Admission, Refusal, Waiting
 from shoal.coordinator.backpressure import Backpressure
@@ -145,6 +147,11 @@ def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (err := done.exception()) is not None:
+        _log.error("failed to record the attempts dispatched: %s", err)
+
+
 def _hidden(by: Principal, tenant: str) -> bool:
     """Whether `tenant`'s tasks are out of `by`'s sight: to it they do not exist (NOT_FOUND, as
     for an unknown id, so ids of other tenants cannot be probed)."""
@@ -197,6 +204,11 @@ class Coordinator:
         # ListNodes shows them too. The server sets it when it watches the LAN.
         self.discovered: Callable[[], Mapping[str, admin_pb2.NodeStatus]] = dict
         self._to_finish: list[TaskRecord] = []
+        # Outcomes whose commit failed (a full disk), retried by `_recorder` until one lands:
+        # shown unfinished meanwhile, as after a restart they would be.
+        self._unrecorded: list[TaskRecord] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._store_error = ""  # why the last outcome commit failed, while it is retried
         self._dispatch_pending = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -205,7 +217,13 @@ class Coordinator:
         self._timer_wake: asyncio.Event | None = None
         self._dependents: dict[str, list[str]] = {}  # upstream id -> ids waiting on it
         self._unfinished: Counter[str] = Counter()  # per tenant, for backpressure
-        self._backpressure = Backpressure(self.options.limits, self._unfinished, clock=clock)
+        self._backpressure = Backpressure(
+            self.options.limits,
+            self._unfinished,
+            clock=clock,
+            finished=lambda: self.finished_count.total(),
+            rng=self._rng,
+        )
         self._breakers = Breakers(
             threshold=self.options.breaker_threshold,
             cooldown=self.options.breaker_cooldown.total_seconds(),
@@ -331,6 +349,12 @@ class Coordinator:
             _log.exception("failed to record the attempts nodes run")
         for session in list(self._sessions.values()):
             session.close()
+        if self._recorder is not None:  # one last try below; then they run again after a restart
+            self._recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recorder
+        self._renumber(self._unrecorded)
+        self._to_finish[:0], self._unrecorded = self._unrecorded, []
         self._flush_finished()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -345,12 +369,14 @@ class Coordinator:
         by: Principal,
         single: bool = False,
         request_id: str = "",
+        client: str = "",
     ) -> list[Submitted]:
         """Store the tasks atomically, then queue them; returns once they are durable.
 
         A principal with a tenant submits into it: a spec without tenant gets it, and a spec
         naming another tenant is refused. A `request_id` the same principal used before
-        returns the tasks of that request and creates none.
+        returns the tasks of that request and creates none. `client` names the caller's
+        connection, for its place in line while the coordinator is full.
         """
         if not self.accepting:
             raise Unavailable("the coordinator is not accepting tasks")
@@ -363,21 +389,24 @@ class Coordinator:
         fields = [fields_of(spec) for spec in specs]
         validate_batch(specs, self.options.limits, single=single, encoded=encoded, fields=fields)
         check_request_id(request_id, self.options.limits)
-        self._backpressure.check(specs)
-        await self._check_upstream_ids(specs, by)
-        now = self._wall()
+        # Counted as unfinished from here, before any await: concurrent submits see each other.
+        reserved = self._backpressure.reserve(
+            specs, waiter=f"{by.name}\0{client}" if client else ""
+        )
         records: list[TaskRecord] = []
         rows: list[TaskRow] = []
-        # A task id is its acceptance number's low 32 bits, then 32 random ones: unique, and
-        # in order, so the store's index of ids grows at its end (random ids cost it 3x).
-        noise = os.urandom(4 * len(specs)).hex()  # one call for the batch
-        for i, spec in enumerate(specs):
-            seq = self.events.reserve()
-            task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
-            rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
-            records.append(rec)
-            rows.append(task_row(rec, spec))
         try:
+            await self._check_upstream_ids(specs, by)
+            now = self._wall()
+            # A task id is its acceptance number's low 32 bits, then 32 random ones: unique,
+            # and in order, so the store's index of ids grows at its end (random ids cost 3x).
+            noise = os.urandom(4 * len(specs)).hex()  # one call for the batch
+            for i, spec in enumerate(specs):
+                seq = self.events.reserve()
+                task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
+                rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
+                records.append(rec)
+                rows.append(task_row(rec, spec))
             request = Request(f"{by.name}\0{request_id}", now) if request_id else None
             existing, upstream = await self._store.insert(rows, request)
             created = [r for r, old in zip(records, existing, strict=True) if old is None]
@@ -386,6 +415,7 @@ class Coordinator:
                     rec.upstream = ups
             outcomes = await self._outcomes_of(created, exclude={r.id for r in created})
         except BaseException:
+            self._backpressure.release(reserved)
             self.events.abandon(r.seq for r in records)
             raise
         # From here on nothing awaits: upstream tasks cannot finish between linking and queueing.
@@ -393,10 +423,10 @@ class Coordinator:
         for rec, old in zip(records, existing, strict=True):
             if old is not None:
                 self.events.abandon((rec.seq,))
+                self._unfinished[rec.tenant] -= 1  # reserved, but an existing task's key
                 out.append(Submitted(old, False, 0))
             else:
                 self._tasks[rec.id] = rec
-                self._unfinished[rec.tenant] += 1
                 out.append(Submitted(rec.id, True, rec.seq))
         accepted = []
         now_ns = time.time_ns()  # one for the batch, held by each of its events
@@ -758,7 +788,12 @@ class Coordinator:
 
     def _flush_finished(self) -> None:
         batch, self._to_finish = self._to_finish, []
-        if batch:
+        if not batch:
+            return
+        if self._recorder is not None:  # the store fails to commit: these wait their turn
+            self.events.abandon(rec.final_seq for rec in batch)
+            self._unrecorded += batch
+        else:
             self._spawn(self._commit_finished(batch))
 
     def _spawn(self, coro: object) -> None:
@@ -770,11 +805,55 @@ class Coordinator:
         rows = [finished_row(rec, self.epoch) for rec in batch]
         try:
             await self._store.finish(rows)
-        except Exception:
-            # The outcome is lost with the store: the tasks run again after a restart.
-            _log.exception("failed to record %d outcomes", len(batch))
+        except Exception as err:
+            # Their numbers go, so later events flow: each try numbers them anew.
             self.events.abandon(rec.final_seq for rec in batch)
+            self._store_error = getattr(err, "message", "") or repr(err)
+            if not self.accepting:  # stopping: they run again after the restart
+                _log.error("failed to record %d outcomes: %s", len(batch), self._store_error)
+                return
+            self._unrecorded += batch
+            if self._recorder is None:
+                _log.error(
+                    "failed to record %d outcomes: %s; retrying until the store can write",
+                    len(batch),
+                    self._store_error,
+                )
+                self._recorder = asyncio.create_task(self._record_again(), name="shoal-recorder")
             return
+        self._recorded(batch)
+
+    async def _record_again(self) -> None:
+        """Commit the outcomes whose commit failed, with backoff, until the store takes them
+        all: a node's report is never dropped. Reads and dispatch go on meanwhile."""
+        tries = 0
+        try:
+            while self._unrecorded:  # more may come while a try runs
+                async for attempt in AsyncRetrying(wait=wait_exponential_jitter(0.05, 2.0)):
+                    with attempt:
+                        tries += 1
+                        batch, self._unrecorded = self._unrecorded, []
+                        self._renumber(batch)
+                        try:
+                            await self._store.finish([finished_row(r, self.epoch) for r in batch])
+                        except BaseException as err:
+                            self.events.abandon(rec.final_seq for rec in batch)
+                            self._unrecorded[:0] = batch
+                            self._store_error = getattr(err, "message", "") or repr(err)
+                            raise
+                        self._recorded(batch)
+        finally:
+            self._recorder = None
+        self._store_error = ""
+        _log.info("outcomes recorded again after %d tries: the store can write", tries)
+
+    def _renumber(self, batch: list[TaskRecord]) -> None:
+        """New event numbers for outcomes tried again (their old ones were abandoned)."""
+        for rec in batch:
+            rec.final_seq = self.events.reserve()
+
+    def _recorded(self, batch: list[TaskRecord]) -> None:
+        """Outcomes are committed: publish them, wake waiters, release dependents."""
         self.events.publish(
             task_change(rec, by=rec.finished_by, seq=rec.final_seq) for rec in batch
         )
@@ -803,6 +882,7 @@ class Coordinator:
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         by_node: dict[str, list[node_pb2.Assignment]] = {}
+        lines: dict[str, list[str]] = {}  # "task epoch number" by node, for the store
         events: list[Change] = []
         gated = self._breakers.tripped > 0
         put_back = False
@@ -838,10 +918,13 @@ class Coordinator:
                 assignment.spec.MergeFromString(rec.spec_bytes)
                 session.assigned_bytes += len(rec.spec_bytes)
             by_node.setdefault(session.node_id, []).append(assignment)
+            lines.setdefault(session.node_id, []).append(f"{rec.id} {self.epoch} {rec.attempt}")
             events.append(task_change(rec, by=COORDINATOR))
         for node_id, assignments in by_node.items():
             self._sessions[node_id].assign(assignments)
-        self._moved.update(by_node)
+        if by_node:
+            self._moved.update(by_node)
+            self._record_dispatched({node_id: "\n".join(x) for node_id, x in lines.items()})
         for event in events:
             self.events.emit(event)
         if put_back:
@@ -925,7 +1008,8 @@ class Coordinator:
                     self.events.emit(task_change(rec, by=by.name))
                 session.inflight[rec.id] = rec
                 session.slots.take(rec.placement.cls.resources)
-            else:
+            elif rec is None or not (is_final(rec.state) and attempt_id(rec) == running.attempt):
+                # (A result the node sends again, as it was recorded, needs no answer.)
                 session.cancel(running.task_id, running.attempt)
         self._scheduler.add_node(session.slots)
         self._apply_node_state(info.node_id)
@@ -1424,8 +1508,8 @@ class Coordinator:
 
     async def _record_attempts(self) -> None:
         """Record what each node whose attempts changed now runs, for a restart to check its
-        claims against. Off the hot path, once a sweep: an attempt dispatched since the last
-        record is not reclaimed after a crash, but run again."""
+        claims against. Off the hot path, once a sweep; what was dispatched since the last
+        record is in the store meanwhile too (see _record_dispatched)."""
         moved, self._moved = self._moved, set()
         attempts = {
             node_id: "\n".join(
@@ -1438,6 +1522,16 @@ class Coordinator:
         }
         if attempts:
             await self._store.put_node_attempts(attempts)
+
+    def _record_dispatched(self, attempts: Mapping[str, str]) -> None:
+        """Record who was dispatched what just now, in the store's next group commit (no
+        waiting for it): after a crash, a node reclaims an attempt only as recorded."""
+        try:
+            written = self._store.add_dispatched(attempts)
+        except Exception:  # the store is closed: its tasks run again after the restart instead
+            _log.exception("failed to record the attempts dispatched")
+            return
+        asyncio.ensure_future(written).add_done_callback(_log_failure)
 
     async def _sweep_leases(self) -> None:
         while True:
@@ -1572,4 +1666,15 @@ class Coordinator:
         return f"{rec.wait_reason} ({probe}): {b.last_error}"
 
     def _task_proto(self, rec: TaskRecord) -> task_pb2.Task:
-        return live_task(rec, self._pending_reason(rec))
+        if rec.durable or not is_final(rec.state):
+            return live_task(rec, self._pending_reason(rec))
+        # Final in memory, not yet in the store: shown as it was, since a crash now would run
+        # it again (and a client told its outcome would have been told wrong).
+        why = f": {self._store_error}" if self._store_error else ""
+        task = live_task(rec, f"finished; its outcome is not recorded yet{why}")
+        task.state = (
+            _RUNNING if rec.started_at is not None else _ASSIGNED if rec.node_id else _PENDING
+        )
+        task.ClearField("result")
+        task.ClearField("finished_at")
+        return task

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from shoal._channel import CLIENT_KEY
 from shoal._server import current_principal
 from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator
@@ -50,6 +51,14 @@ _ROLES = {
 _ROLE_ENUMS = {role: value for value, role in _ROLES.items()}
 
 
+def _client_of(context: _Ctx) -> str:
+    """Who calls, for a place in line: the client's own name if it gives one, else its peer."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_KEY and isinstance(value, str):
+            return value[:64]
+    return str(context.peer())
+
+
 class TasksService(tasks_pb2_grpc.TasksServicer):
     def __init__(self, core: Coordinator) -> None:
         self._core = core
@@ -59,7 +68,11 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
     ) -> tasks_pb2.SubmitResponse:
         by = current_principal()
         (done,) = await self._core.submit(
-            [request.spec], single=True, by=by, request_id=request.request_id
+            [request.spec],
+            single=True,
+            by=by,
+            request_id=request.request_id,
+            client=_client_of(context),
         )
         return tasks_pb2.SubmitResponse(
             task=await self._core.get(done.task_id, by=by), created=done.created
@@ -69,7 +82,10 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         self, request: tasks_pb2.SubmitBatchRequest, context: _Ctx
     ) -> tasks_pb2.SubmitBatchResponse:
         done = await self._core.submit(
-            request.specs, by=current_principal(), request_id=request.request_id
+            request.specs,
+            by=current_principal(),
+            request_id=request.request_id,
+            client=_client_of(context),
         )
         seqs = [d.seq for d in done if d.created]
         return tasks_pb2.SubmitBatchResponse(
@@ -125,14 +141,24 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             await asyncio.wait((write, dropped), return_when=asyncio.FIRST_COMPLETED)
         finally:
             dropped.cancel()
-        if not write.done():
-            write.cancel()
+            cut = not write.done()
+            if cut:
+                write.cancel()
+            # A write given up (or the call gone meanwhile) may still end in the call's error.
+            write.add_done_callback(_retrieved)
+        if cut:
             self._core.watchers_cut += 1
             raise Unavailable(
                 "this watcher fell behind: events it had yet to read left the coordinator's"
                 " memory; watch again from the last cursor it received"
             )
         write.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's outcome, so that an error nobody awaits is not logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _token_info(row: TokenRow) -> admin_pb2.TokenInfo:

@@ -18,7 +18,7 @@ import sqlite3
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,10 +29,11 @@ from shoal.coordinator.dirlock import DirLock
 from shoal.coordinator.events import EPOCH_SHIFT
 from shoal.coordinator.marks import Marks, found_marks, write_marks
 from shoal.coordinator.storecheck import check_store, state_path
-from shoal.errors import FailedPrecondition, Unavailable
+from shoal.errors import FailedPrecondition, ResourceExhausted, ShoalError, Unavailable
 
 __all__ = [
     "REQUEST_RETENTION",
+    "STORE_FULL",
     "FinishedRow",
     "Request",
     "SqliteStore",
@@ -48,6 +49,9 @@ _log = logging.getLogger("shoal.coordinator")
 
 REQUEST_RETENTION = 3600.0
 """Seconds a request id is remembered: resends come within seconds or minutes."""
+
+STORE_FULL = "the store cannot write: disk full"
+_FULL_RETRY = timedelta(seconds=5)  # freeing space takes an operator: not a quick resend
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +273,18 @@ class Store(ABC):
 
     @abstractmethod
     async def node_attempts(self) -> dict[str, str]:
-        """What put_node_attempts last recorded of each node, by node id."""
+        """What put_node_attempts last recorded of each node, by node id, followed by the
+        lines add_dispatched recorded of it since (so a task's later attempt comes later)."""
 
     @abstractmethod
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
-        """Record the attempts each node was dispatched and still runs (the core's text)."""
+        """Record the attempts each node was dispatched and still runs (the core's text); what
+        add_dispatched recorded before is covered by it, and forgotten."""
+
+    @abstractmethod
+    def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
+        """Record attempts just dispatched to each node (the core's text), queued with the
+        next group commit at once: a node can then reclaim them after a crash soon after."""
 
 
 _SCHEMA = """
@@ -318,6 +329,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS node_attempts (node_id TEXT PRIMARY KEY, attempts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dispatched (node_id TEXT NOT NULL, attempts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
     created_at REAL NOT NULL
@@ -462,16 +474,26 @@ class _Writer(threading.Thread):
                     results.append((fut, op(conn), None))
                     conn.execute("RELEASE op")
                 except Exception as err:  # its own failure (a refusal, a constraint): its caller's
+                    if not conn.in_transaction:  # SQLite undid them all (SQLITE_FULL may)
+                        raise
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((fut, None, err))
+                    results.append((fut, None, _full(err) or err))
             conn.execute("COMMIT")
         except sqlite3.Error as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = Unavailable(f"store write failed: {err}")
+            failure = _full(err) or Unavailable(f"store write failed: {err}")
             return [(fut, None, failure) for _, fut in batch]
         return results
+
+
+def _full(err: Exception) -> ShoalError | None:
+    """RESOURCE_EXHAUSTED for a write that failed for want of disk space (SQLite reports
+    ENOSPC as SQLITE_FULL): it works again once space is freed, so callers may retry."""
+    if isinstance(err, sqlite3.Error) and err.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+        return ResourceExhausted(f"{STORE_FULL} ({err})", retry_after=_FULL_RETRY)
+    return None
 
 
 def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -941,21 +963,42 @@ class SqliteStore(Store):
             else:
                 c.execute("DELETE FROM members WHERE node_id = ?", (node_id,))
                 c.execute("DELETE FROM node_attempts WHERE node_id = ?", (node_id,))
+                c.execute("DELETE FROM dispatched WHERE node_id = ?", (node_id,))
 
         await self._write(op)
 
     async def node_attempts(self) -> dict[str, str]:
-        rows = await self._read(
-            lambda c: c.execute("SELECT node_id, attempts FROM node_attempts").fetchall()
-        )
-        return dict(rows)
+        def op(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows: list[tuple[str, str]] = c.execute(
+                "SELECT node_id, attempts FROM node_attempts"
+            ).fetchall()
+            return (
+                rows
+                + c.execute("SELECT node_id, attempts FROM dispatched ORDER BY rowid").fetchall()
+            )
+
+        out: dict[str, str] = {}
+        for node_id, text in await self._read(op):
+            out[node_id] = f"{out[node_id]}\n{text}" if node_id in out else text
+        return out
 
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
-        await self._write(
-            lambda c: c.executemany(
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
                 "INSERT INTO node_attempts (node_id, attempts) VALUES (?, ?)"
                 " ON CONFLICT (node_id) DO UPDATE SET attempts = excluded.attempts",
                 list(attempts.items()),
+            )
+            # The core built `attempts` after queueing every dispatch recorded so far (one
+            # writer, in order), and every node dispatched to since its last record is in it.
+            c.execute("DELETE FROM dispatched")
+
+        await self._write(op)
+
+    def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
+        return self._write(
+            lambda c: c.executemany(
+                "INSERT INTO dispatched (node_id, attempts) VALUES (?, ?)", list(attempts.items())
             )
         )
 

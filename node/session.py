@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 import time
+from collections import deque
 from typing import Any, Protocol
 
 import grpc
@@ -42,6 +43,8 @@ _IDENTIFY_TIMEOUT = 5.0  # seconds a coordinator the node found has to prove its
 _MAX_BATCH_BYTES = 4 << 20
 # Output waiting to be sent beyond which tasks that print are slowed (see `output_room`).
 _OUTPUT_ROOM = 4 << 20
+# Attempts a Hello claims at most: a coordinator refuses more (its max_batch by default).
+_MAX_CLAIMS = 10_000
 
 
 class SessionStream(Protocol):
@@ -110,6 +113,11 @@ class CoordinatorLink:
         self._output_room.set()
         self.flushed = asyncio.Event()  # set while every update was written to a stream
         self.flushed.set()
+        # Results written to the current stream, each with the first heartbeat written after
+        # it: the coordinator applies a stream in order, so the answer to that heartbeat shows
+        # it arrived. Until then a lost session (the coordinator killed or stopping) may have
+        # lost it, and the next session sends it again.
+        self._unacked: deque[tuple[int, node_pb2.TaskUpdate]] = deque()
         # The lease: its length (from Welcome), when it ends (monotonic; None before the first
         # session) and the send times of heartbeats not yet answered, by number.
         self._lease = 0.0
@@ -158,6 +166,9 @@ class CoordinatorLink:
             self._lease = _seconds(renewed.lease)
             self._interval = _seconds(renewed.heartbeat_interval)
             self._next_heartbeat = time.monotonic() + self._interval
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= renewed.seq:
+            unacked.popleft()
         sent = self._heartbeats.pop(renewed.seq, None)
         if sent is not None:
             self._renewed(sent)
@@ -339,9 +350,7 @@ class CoordinatorLink:
         async with self._session_slot:
             if ended.is_set():  # a newer session came meanwhile
                 return
-            hello = node_pb2.Hello(
-                info=self._host.info(), running=self._host.running_attempts(), token=token
-            )
+            hello = node_pb2.Hello(info=self._host.info(), running=self._claims(), token=token)
             sent = time.monotonic()
             try:
                 await stream.write(node_pb2.NodeMessage(hello=hello))
@@ -377,6 +386,7 @@ class CoordinatorLink:
                 await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.connected.clear()
+                self._resend_unacked()
                 for half in halves:
                     half.cancel()
                 # The stream may have ended under them: writing then fails with AioRpcError,
@@ -442,6 +452,9 @@ class CoordinatorLink:
                     if self._output_bytes >= _OUTPUT_ROOM:
                         self._output_room.clear()
                     raise
+                self._unacked.extend(
+                    (self._heartbeat_seq + 1, u) for u in batch if u.HasField("finished")
+                )
                 if not self._outbox:
                     self.flushed.set()
             now = time.monotonic()
@@ -452,6 +465,26 @@ class CoordinatorLink:
                 heartbeat = self._host.heartbeat()
                 heartbeat.seq = self._heartbeat_seq
                 await stream.write(node_pb2.NodeMessage(heartbeat=heartbeat))
+
+    def _claims(self) -> list[node_pb2.RunningAttempt]:
+        """What Hello claims: the attempts it still runs, then those whose result has yet to
+        reach a coordinator (which records it only for an attempt it lets the node keep)."""
+        claims = self._host.running_attempts()
+        for update in self._outbox:
+            if len(claims) >= _MAX_CLAIMS:
+                break
+            if update.HasField("finished"):
+                claims.append(
+                    node_pb2.RunningAttempt(task_id=update.task_id, attempt=update.attempt)
+                )
+        return claims
+
+    def _resend_unacked(self) -> None:
+        """The session ended: results it may have lost go out again with the next one."""
+        if self._unacked:
+            self._outbox[:0] = [u for _, u in self._unacked]
+            self._unacked.clear()
+            self.flushed.clear()
 
     def _take_batch(self) -> tuple[list[node_pb2.TaskUpdate], int]:
         """The next batch off the outbox, at most _MAX_BATCH_BYTES (at least one update), and

@@ -164,5 +164,5 @@ async def test_large_unauthenticated_bodies_are_refused_before_they_are_read(
     codes = await asyncio.gather(*(stranger() for _ in range(32)))
 
     assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
-    # 32 bodies of 15 MB read whole would be 480 MB.
-    assert _peak_rss(coordinator.pid) - before < 100 * MB, cli.logs()
+    # 32 bodies of 15 MB read whole would be 480 MB; each stream buffers at most 64 kB.
+    assert _peak_rss(coordinator.pid) - before < 40 * MB, cli.logs()

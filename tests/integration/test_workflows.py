@@ -231,7 +231,8 @@ async def test_the_sdk_waits_out_backpressure_when_asked(mesh_factory: MeshFacto
     with pytest.raises(ResourceExhausted) as refused:
         for spec in work:
             await mesh.client.submit(spec)
-    assert refused.value.retry_after == timedelta(seconds=1)
+    assert refused.value.retry_after is not None  # as the queue drains, jittered
+    assert timedelta(0) < refused.value.retry_after <= timedelta(seconds=12)
 
     async with AsyncClient(mesh.address, token=mesh.token, wait_when_full=True) as patient:
         ids = [(await patient.submit(spec)).id for spec in work]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import time
@@ -15,14 +16,16 @@ from shoal import retry, shell
 from shoal.auth import Principal, Role
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
-from shoal.coordinator.store import SqliteStore
+from shoal.coordinator.store import STORE_FULL, SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import node_pb2, task_pb2
+from tests.integration.harness import eventually
 
 ALICE = Principal("alice", Role.SUBMITTER)
 NODE = Principal("fleet", Role.ADMIN)  # may connect under any node id
 ADMIN = Principal("root", Role.ADMIN)
+_PENDING = task_pb2.TASK_STATE_PENDING
 
 
 @pytest.fixture
@@ -228,7 +231,10 @@ async def test_backpressure_caps_unfinished_tasks_and_says_when_to_retry(tmp_pat
             await c.submit([shell("true", tenant="b")], by=ADMIN)
         with pytest.raises(ResourceExhausted) as never:
             await c.submit([shell("true", tenant="c")] * 4, by=ADMIN)
-        assert per_tenant.value.retry_after == total.value.retry_after == timedelta(seconds=1)
+        assert per_tenant.value.retry_after == timedelta(seconds=1)
+        # The first refusal: no drain rate measured yet, so back in about a quarter second.
+        assert total.value.retry_after is not None
+        assert 0.2 <= total.value.retry_after.total_seconds() <= 0.3
         assert never.value.retry_after is None  # larger than the cap: waiting cannot help
         assert (
             len((await c.list_tasks(states=[], tenant="", limit=10, page_token="", by=ADMIN))[0])
@@ -320,5 +326,88 @@ async def test_upstream_values_too_large_to_send_fail_the_task_and_free_its_slot
         )
         (sent,) = await assignments(session)
         assert (sent.task_id, list(sent.spec.shell.argv)) == (fits.task_id, ["echo", "x" * 600])
+    finally:
+        await c.stop()
+
+
+async def test_an_outcome_the_store_cannot_write_is_not_final_until_it_is_recorded(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    c = Coordinator(store)
+    await c.start()
+    try:
+        first, then = await c.submit([shell("true"), shell("true", depends_on=[0])], by=ALICE)
+        session = c.attach(hello("n1"), "peer", by=NODE)
+        (a,) = await assignments(session)
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1"))  # disk full
+        big = task_pb2.TaskResult(exit_code=0, stdout="x" * 20_000)
+        update = node_pb2.TaskUpdate(
+            task_id=a.task_id,
+            attempt=a.attempt,
+            finished=node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED, result=big),
+        )
+        c.on_message(session, node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=[update])))
+
+        async def unrecorded() -> task_pb2.Task:
+            task = await c.get(first.task_id, by=ALICE)
+            assert "not recorded yet: " + STORE_FULL in task.pending_reason
+            return task
+
+        task = await eventually(unrecorded)
+        assert task.state == task_pb2.TASK_STATE_ASSIGNED and not task.HasField("result")
+        waited = await c.wait(first.task_id, timedelta(milliseconds=50), by=ALICE)
+        assert waited.state == task_pb2.TASK_STATE_ASSIGNED
+        listed, _ = await c.list_tasks(states=[], tenant="", limit=10, page_token="", by=ALICE)
+        assert {t.state for t in listed} == {task_pb2.TASK_STATE_ASSIGNED, _PENDING}
+        with pytest.raises(ResourceExhausted, match=STORE_FULL) as refused:
+            await c.submit([shell("echo " + "y" * 20_000)], by=ALICE)
+        assert refused.value.retry_after is not None
+        assert sum(c.unfinished_count.values()) == 1  # the refused one gave its place back
+
+        await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"))
+        done = await c.wait(first.task_id, None, by=ALICE)  # recorded by itself, then final
+        assert done.state == task_pb2.TASK_STATE_SUCCEEDED and done.result == big
+        (b,) = await assignments(session)  # the dependent runs
+        assert b.task_id == then.task_id
+        c.on_message(session, finished(b))
+        await c.wait(then.task_id, None, by=ALICE)
+    finally:
+        await c.stop()
+    stored = await _reopened(tmp_path / "s.db", first.task_id)
+    assert stored.state == task_pb2.TASK_STATE_SUCCEEDED and stored.attempt == a.attempt
+
+
+async def _reopened(path: Path, task_id: str) -> task_pb2.Task:
+    """The task as a restarted coordinator has it (nothing of it left to run)."""
+    c = Coordinator(SqliteStore(path))
+    await c.start()
+    try:
+        assert c.unfinished_count.total() == 0
+        return await c.get(task_id, by=ALICE)
+    finally:
+        await c.stop()
+
+
+async def test_concurrent_batches_cannot_pass_max_queued_together(tmp_path: Path) -> None:
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=Limits(max_queued=50)))
+    await c.start()
+    try:
+        await c.submit([shell("true")] * 39 + [shell("true", idempotency_key="k")], by=ALICE)
+        batches = [[shell("true")] * 10 for _ in range(8)]
+        results = await asyncio.gather(
+            *(c.submit(b, by=ALICE) for b in batches), return_exceptions=True
+        )
+        assert sum(isinstance(r, list) for r in results) == 1
+        assert all(isinstance(r, (list, ResourceExhausted)) for r in results)
+        assert c.unfinished_count.total() == 50
+        listed, _ = await c.list_tasks(states=[], tenant="", limit=100, page_token="", by=ALICE)
+        assert len(listed) == 50
+        # A resent key creates nothing, so it takes no place either (the cap is full).
+        with pytest.raises(ResourceExhausted):
+            await c.submit([shell("true", idempotency_key="k")], by=ALICE)
+        await c.cancel(listed[0].id, by=ALICE)
+        (again,) = await c.submit([shell("true", idempotency_key="k")], by=ALICE)
+        assert not again.created and c.unfinished_count.total() == 49
     finally:
         await c.stop()

@@ -166,6 +166,33 @@ async def test_the_attempts_each_node_runs_are_recorded_while_the_coordinator_ru
         await c.stop()
 
 
+async def test_after_a_crash_just_after_dispatch_its_node_reclaims_the_attempt(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    c = Coordinator(store)
+    await c.start()
+    (task,) = await c.submit([shell("sleep 60")], by=ALICE)
+    n1 = c.attach(hello("n1"), "peer", by=NODE)
+    (a,) = await assignments(n1)
+    # A crash before any sweep recorded what n1 runs: only what the store had queued lands.
+    await store.close()
+
+    restarted = Coordinator(SqliteStore(tmp_path / "s.db"))
+    await restarted.start()
+    try:
+        n1 = restarted.attach(hello("n1", running=[running(a)]), "p", by=NODE)
+        kept = await restarted.get(task.task_id, by=ALICE)
+        assert (kept.state, kept.node_id) == (task_pb2.TASK_STATE_RUNNING, "n1")
+        assert (kept.attempt.epoch, kept.attempt.number) == (a.attempt.epoch, a.attempt.number)
+        restarted.on_message(n1, finished(a))
+        done = await restarted.wait(task.task_id, None, by=ALICE)
+        assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+    finally:
+        await restarted.stop()
+        await c.stop()
+
+
 async def test_after_a_restart_a_node_reclaims_only_what_its_token_lets_it_run(
     tmp_path: Path,
 ) -> None:

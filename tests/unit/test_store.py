@@ -13,8 +13,8 @@ import pytest
 from shoal.coordinator import store as store_module
 from shoal.coordinator.events import EPOCH_SHIFT
 from shoal.coordinator.marks import Marks, read_marks
-from shoal.coordinator.store import FinishedRow, SqliteStore, TaskRow, Unfinished
-from shoal.errors import FailedPrecondition
+from shoal.coordinator.store import STORE_FULL, FinishedRow, SqliteStore, TaskRow, Unfinished
+from shoal.errors import FailedPrecondition, ResourceExhausted
 from shoal.v1 import task_pb2
 from tests.integration.harness import eventually
 
@@ -190,6 +190,51 @@ async def test_a_new_store_is_made_private(tmp_path: Path) -> None:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new").iterdir()}
         assert modes == dict.fromkeys(("s.db", "s.db-wal", "s.db-shm", "s.lock", "s.state"), 0o600)
         assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    finally:
+        await store.close()
+
+
+async def test_a_full_disk_is_resource_exhausted_with_a_retry_delay_and_heals(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(1)])
+    # SQLite answers a write past max_page_count as it answers ENOSPC: SQLITE_FULL.
+    await store._write(lambda c: c.execute("PRAGMA max_page_count = 1"))
+    big = task_pb2.TaskResult(stdout="x" * 20_000).SerializeToString()
+    outcome = FinishedRow("t1", task_pb2.TASK_STATE_SUCCEEDED, 5, 2.0, 1.0, "n1", 1, 1, big, seq=1)
+    with pytest.raises(ResourceExhausted, match=STORE_FULL) as full:
+        await store.finish([outcome])
+    assert full.value.retry_after is not None and full.value.retry_after.total_seconds() > 0
+    with pytest.raises(ResourceExhausted, match=STORE_FULL):
+        await store.insert([row(2, tenant="x" * 20_000)])
+    got = await store.get("t1")  # reads go on
+    assert got is not None and got.outcome is None
+    assert [r[1] for r in await unfinished(store)] == ["t1"]
+
+    await store._write(lambda c: c.execute("PRAGMA max_page_count = 1000000"))  # space again
+    await store.finish([outcome])
+    got = await store.get("t1")
+    assert got is not None and got.outcome is not None and got.outcome.result == big
+    await store.close()
+
+
+async def test_attempts_dispatched_since_the_last_record_are_kept_until_the_next(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        await store.put_node_attempts({"n1": "t1 1 1"})
+        await store.add_dispatched({"n1": "t2 1 1", "n2": "t3 1 1"})
+        await store.add_dispatched({"n2": "t1 1 2"})
+        assert await store.node_attempts() == {"n1": "t1 1 1\nt2 1 1", "n2": "t3 1 1\nt1 1 2"}
+        await store.put_node_attempts({"n2": "t1 1 2"})  # covers what came before
+        assert await store.node_attempts() == {"n1": "t1 1 1", "n2": "t1 1 2"}
+        await store.add_dispatched({"n1": "t4 1 1"})
+        await store.set_member("n1", False)  # forgets its attempts, recorded either way
+        assert await store.node_attempts() == {"n2": "t1 1 2"}
     finally:
         await store.close()
 

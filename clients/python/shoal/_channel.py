@@ -8,7 +8,7 @@ import grpc
 
 from shoal._server import grpc_options
 
-__all__ = ["Metadata", "bearer", "open_channel"]
+__all__ = ["CLIENT_KEY", "Metadata", "bearer", "open_channel"]
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -33,6 +33,10 @@ def open_channel(
         certificate_chain=tls_cert.read_bytes() if tls_cert else None,
     )
     return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+CLIENT_KEY = "shoal-client"
+"""Call metadata naming one client (an SDK instance): its place in line while admission waits."""
 
 
 def bearer(token: str) -> Metadata:

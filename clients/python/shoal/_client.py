@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from shoal._builders import tool
-from shoal._channel import bearer, open_channel
+from shoal._channel import CLIENT_KEY, bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
@@ -91,7 +91,9 @@ class AsyncClient:
         self._timeout = timeout.total_seconds()
         if token is None:
             token = read_token(settings.token, settings.token_file)
-        self._metadata = bearer(token)
+        # A name for this client, so that a coordinator that is full keeps its place in line
+        # between its tries.
+        self._metadata = (*bearer(token), (CLIENT_KEY, uuid.uuid4().hex))
         self._channel = open_channel(
             self.target,
             max_message_bytes=_MAX_MESSAGE,

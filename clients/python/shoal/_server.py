@@ -94,6 +94,10 @@ def server_options(
         ("grpc.max_connection_idle_ms", _millis(idle_timeout)),
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.max_concurrent_streams", max_streams),
+        # Flow-control windows stay at gRPC's 64 kB a stream: with bandwidth probing they grow
+        # to megabytes, which a stranger fills before the Gate has refused its call (32 such
+        # calls of 15 MB: +32 MB, or several times that on a busy machine; without: +2 MB).
+        ("grpc.http2.bdp_probe", 0),
         # gRPC sets SO_REUSEPORT by default: a second server on the port would share it.
         ("grpc.so_reuseport", 0),
     ]

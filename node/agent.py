@@ -21,6 +21,7 @@ from shoal._server import (
     HEALTH_POLICY,
     OPEN,
     Gate,
+    listen_on,
     method_path,
     serve_health,
     server_credentials,
@@ -284,6 +285,7 @@ class NodeAgent:
         server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
+        credentials = None
         if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(
                 s.tls_cert,
@@ -291,9 +293,7 @@ class NodeAgent:
                 s.tls_ca if s.service_require_client_cert else None,
                 s.service_require_client_cert,
             )
-            self.port = server.add_secure_port(s.listen, credentials)
-        else:
-            self.port = server.add_insecure_port(s.listen)
+        self.port = listen_on(server, s.listen, credentials)
         self.own_addresses.port = self.port
         await server.start()
         self._server = server

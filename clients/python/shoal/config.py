@@ -27,6 +27,7 @@ from shoal.errors import Unauthenticated
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "DEFAULT_COORDINATOR",
+    "STORE_FILE",
     "ClientSettings",
     "CoordinatorSettings",
     "NodeSettings",
@@ -53,6 +54,8 @@ def default_data_dir() -> Path:
 
 ADMIN_TOKEN_FILE = "admin.token"
 """Where `shoal up` and `shoal coordinator` keep the local admin token, in their data dir."""
+STORE_FILE = "shoal.db"
+"""The coordinator's embedded store, in its data dir (its lock and state files beside it)."""
 
 
 def read_token(token: str = "", token_file: Path | None = None) -> str:

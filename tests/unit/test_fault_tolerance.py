@@ -198,9 +198,13 @@ async def test_after_a_crash_just_after_dispatch_its_node_reclaims_the_attempt(
             stored = await reopened.get(task.task_id, by=ALICE)
         finally:
             await reopened.stop()
-        assert (stored.attempt.epoch, stored.attempt.number) == (1, 1) == (
-            a.attempt.epoch,
-            a.attempt.number,
+        assert (
+            (stored.attempt.epoch, stored.attempt.number)
+            == (1, 1)
+            == (
+                a.attempt.epoch,
+                a.attempt.number,
+            )
         )
     finally:
         await restarted.stop()

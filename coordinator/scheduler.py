@@ -234,9 +234,6 @@ class Queued(Protocol):
     @property
     def queued(self) -> bool: ...  # False once cancelled while in the queue
 
-    @property
-    def created_at(self) -> float: ...  # wall time of its submission
-
     # Its fair-share tag while it waits in a lane, set by the queue (a lane holds the tasks
     # themselves: a million queued tasks need no million tuples).
     tag: float

@@ -10,6 +10,7 @@ nothing here costs per queued task, and nothing at all while every class has a n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import count
 
@@ -34,6 +35,11 @@ def _none(reason: str) -> str:
         if reason.startswith(prefix):
             return "none " + reason.removeprefix(prefix)
     return reason
+
+
+def _created_at(task: Queued) -> float:
+    """When `task` was submitted: the core's tasks (TaskRecord) say; others count as new."""
+    return float(getattr(task, "created_at", math.inf))
 
 
 class UnplaceableBook:
@@ -87,13 +93,13 @@ class UnplaceableBook:
             return Sweep([], "", self.hold_until)
         grace = self.grace
         expired, heads = self._scheduler.take_expired(
-            key, lambda t: max(t.created_at, since) + grace <= now
+            key, lambda t: max(_created_at(t), since) + grace <= now
         )
         reason = _none(self._scheduler.explain(expired[0])) if expired else ""
         if not heads:
             self._forget(timer)
             return Sweep(expired, reason, None)
-        again = min(max(t.created_at, since) for t in heads) + grace
+        again = min(max(_created_at(t), since) for t in heads) + grace
         return Sweep(expired, reason, max(again, now))
 
     def _forget(self, timer: str) -> None:

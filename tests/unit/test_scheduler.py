@@ -71,7 +71,6 @@ class T:
     queued: bool = True
     tenant: str = ""
     tag: float = 0.0
-    created_at: float = 0.0
 
 
 def node(

@@ -1088,6 +1088,9 @@ class Coordinator:
             self._spawn(self._store.set_member(session.node_id, False))
         lost = [rec for rec in session.inflight.values() if not is_final(rec.state)]
         session.inflight.clear()
+        if self.accepting:  # it may be back soon: no task fails for want of it meanwhile
+            grace = (self.options.restart_grace or self.options.lease).total_seconds()
+            self._unplaceable.hold(self._wall() + grace)
         if lost:
             # A node lost with work in flight is one infrastructure failure of the node.
             key = node_key(session.node_id)

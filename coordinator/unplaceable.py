@@ -72,6 +72,10 @@ class UnplaceableBook:
             out.append((timer, max(now + self.grace, self.hold_until)))
         return out
 
+    def hold(self, until: float) -> None:
+        """No task fails before `until` (a node left: it may be back soon)."""
+        self.hold_until = max(self.hold_until, until)
+
     def fails_at(self, key: PlacementClass, created_at: float) -> float | None:
         """When a task of class `key` submitted at `created_at` fails, if its class is followed."""
         timer = self._keys.get(key)

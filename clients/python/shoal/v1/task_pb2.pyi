@@ -936,7 +936,8 @@ class TaskSpec(_message.Message):
     that no connected node could ever run (none has its executor, required labels, model,
     tool, LLM provider or the resources it asks for) FAILS with "no connected node can run
     it: ..." once it has waited the coordinator's unplaceable_grace (a few seconds) for one;
-    a coordinator that has just restarted waits its restart_grace first. A task that only
+    a coordinator that has just restarted, or whose node just left, waits its restart_grace
+    (default: a lease) first, for the nodes to come back. A task that only
     waits for room (nodes busy, throttled, draining) is never failed for it. queue_timeout
     still applies when set.
     """

@@ -61,6 +61,7 @@ from shoal.coordinator.store import Request, Store, StoredTask, TaskRow, TokenRo
 from shoal.coordinator.templates import render
 from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
+from shoal.coordinator.unplaceable import UnplaceableBook
 from shoal.coordinator.validation import (
     Limits,
     bounded_result,
@@ -119,6 +120,9 @@ class CoreOptions:
     routing: Routing = Routing.LEAST_LOADED  # for tasks that name no strategy
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
     restart_grace: timedelta | None = None  # None: a lease
+    # How long a task no connected node could ever run waits for one before it fails (unless
+    # its spec says wait_for_node).
+    unplaceable_grace: timedelta = timedelta(seconds=5)
     pricing: Pricing = field(default_factory=dict)  # model -> $ per 1M prompt/completion tokens
     quotas: Sequence[admin_pb2.Quota] = ()  # from configuration, on top of the stored ones
     breaker_threshold: int = 5
@@ -261,6 +265,9 @@ class Coordinator:
             max_catch_up=self.options.max_catch_up,
         )
         self._waiting = Waiting()  # tasks a gate holds back, by key
+        self._unplaceable = UnplaceableBook(
+            self._scheduler, grace=self.options.unplaceable_grace.total_seconds()
+        )
         self._limited: set[str] = set()  # keys holding tasks back now
         self.finished_count: Counter[int] = Counter()  # outcomes by state, for metrics
         # After a restart: recovered tasks that may still run on a node that has yet to
@@ -331,6 +338,8 @@ class Coordinator:
         self._dispatched = _dispatched(await self._store.node_attempts())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._wall()
+        if self._awaited:  # no task fails for want of a node before those nodes had their time
+            self._unplaceable.hold_until = now + grace
         for rec in records:
             if rec.more is not None and rec.queue_timeout is not None:
                 deadline = rec.created_at + rec.queue_timeout  # stored as wall time
@@ -945,6 +954,9 @@ class Coordinator:
             self._record_dispatched({node_id: "\n".join(x) for node_id, x in lines.items()})
         for event in events:
             self.events.emit(event)
+        if self._scheduler.queue.unoffered:
+            for timer, due in self._unplaceable.found(self._wall()):
+                self._set_timer(TimerKind.UNPLACEABLE, timer, due)
         if put_back:
             self._kick()  # what was put back may go elsewhere; what was held left room
 
@@ -1094,6 +1106,9 @@ class Coordinator:
             self._spawn(self._store.set_member(session.node_id, False))
         lost = [rec for rec in session.inflight.values() if not is_final(rec.state)]
         session.inflight.clear()
+        if self.accepting:  # it may be back soon: no task fails for want of it meanwhile
+            grace = (self.options.restart_grace or self.options.lease).total_seconds()
+            self._unplaceable.hold(self._wall() + grace)
         if lost:
             # A node lost with work in flight is one infrastructure failure of the node.
             key = node_key(session.node_id)
@@ -1490,6 +1505,9 @@ class Coordinator:
             if kind is TimerKind.LEASE:
                 self._leases.expire(task_id)
                 continue
+            if kind is TimerKind.UNPLACEABLE:
+                self._fail_unplaceable(task_id, now)
+                continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
                 continue
@@ -1500,6 +1518,22 @@ class Coordinator:
             elif kind is TimerKind.QUEUE_TIMEOUT and rec.state in (_PENDING, _QUEUED):
                 error = f"not started within its queue timeout of {rec.queue_timeout:g} s"
                 self._finish(rec, _TIMED_OUT, task_pb2.TaskResult(error=error), by=COORDINATOR)
+
+    def _fail_unplaceable(self, timer: str, now: float) -> None:
+        """Fail the tasks of a class no connected node can run whose grace is over."""
+        sweep = self._unplaceable.sweep(timer, now)
+        if sweep.expired:
+            error = f"FAILED_PRECONDITION: no connected node can run it: {sweep.reason}"
+            for queued in sweep.expired:
+                rec: TaskRecord = queued  # type: ignore[assignment]
+                self._finish(rec, _FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
+            _log.info(
+                "%d tasks failed: no connected node can run them: %s",
+                len(sweep.expired),
+                sweep.reason,
+            )
+        if sweep.again_at is not None:
+            self._set_timer(TimerKind.UNPLACEABLE, timer, sweep.again_at)
 
     # -- schedules -------------------------------------------------------------------------
 
@@ -1682,7 +1716,12 @@ class Coordinator:
                 return f"not before {at}"
         if rec.state != _QUEUED:
             return ""
-        return self._scheduler.explain(rec)
+        reason = self._scheduler.explain(rec)
+        fails_at = self._unplaceable.fails_at(rec.placement.cls, rec.created_at)
+        if fails_at is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(fails_at))
+            reason += f"; fails at {at} unless a node that can run it connects"
+        return reason
 
     def _held_reason(self, rec: TaskRecord) -> str:
         """Why a gate or a backend's breaker holds `rec`; a breaker's as it is now."""

@@ -49,7 +49,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from itertools import count
@@ -145,22 +145,28 @@ class PlacementClass:
     affinity_key: str = ""  # set only with hard affinity
     tool: str = ""  # a tool task's tool, which the node must offer
     provider: str = ""  # a cloud LLM provider the node must have a key for
+    wait: bool = False  # wait for a node that can run it, however long (wait_for_node)
     _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         # Hashed at every push: computed once.
         fields = (self.executor, self.labels, self.selectors, self.model, self.tool, self.provider)
-        object.__setattr__(self, "_hash", hash((*fields, self.resources, self.affinity_key)))
+        object.__setattr__(
+            self, "_hash", hash((*fields, self.resources, self.affinity_key, self.wait))
+        )
 
     def __hash__(self) -> int:
         return self._hash
 
     def fits(self, node: NodeSlots) -> bool:
         """Whether the node could ever run this class: capabilities and total capacity."""
+        return self.executor not in node.tripped and self.capable(node)
+
+    def capable(self, node: NodeSlots) -> bool:
+        """`fits`, whether or not the executor's circuit breaker is open on the node."""
         r = self.resources
         return (
             self.executor in node.executors
-            and self.executor not in node.tripped
             and all(node.labels.get(k) == v for k, v in self.labels)
             and all(s.matches(node.labels) for s in self.selectors)
             and (not self.model or self.model in node.models)
@@ -344,6 +350,7 @@ _PLACING = frozenset(
         "routing",
         "affinity_key",
         "hard_affinity",
+        "wait_for_node",
     )
 )
 """TaskSpec fields that place a task beyond its kind, model, tool and provider."""
@@ -446,6 +453,7 @@ def _placed(spec: task_pb2.TaskSpec) -> Requirements:
         affinity_key=key if hard else "",
         tool=tool,
         provider=cloud,
+        wait=spec.wait_for_node,
     )
     preferred = tuple(
         Preference(p.key, p.value, p.weight if math.isfinite(p.weight) and p.weight else 1.0)
@@ -643,6 +651,7 @@ class _Class:
         "lanes",
         "node_ids",
         "nodes",
+        "offered",
         "parked_from",
         "route",
         "slots_only",
@@ -659,6 +668,9 @@ class _Class:
         self.node_ids: frozenset[str] = frozenset()
         self.version = -1  # of the node set `nodes` was computed for
         self.route = RouteState()
+        # Some node could run it, were its breaker closed (as of `version`): else, while
+        # parked, it is reported in ReadyQueue.unoffered.
+        self.offered = True
 
 
 _Entry = tuple[float, int, int, _Lane]  # (head tag, head seq, lane gen, lane)
@@ -688,6 +700,9 @@ class ReadyQueue:
         self._gen = count(1)
         self._size = 0
         self._woken = PRIORITY_LEVELS  # the lowest level a class was unparked into
+        # Classes found with queued tasks and no node that could ever run them (not waiting
+        # for one), since the caller last took them: see Scheduler.take_unoffered.
+        self.unoffered: dict[PlacementClass, None] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -711,8 +726,11 @@ class ReadyQueue:
         task.tag = tag
         lane.items.append(task)
         self._size += 1
-        if not lane.in_heap and level < lane.cls.parked_from:
-            self._enter(lane)
+        if not lane.in_heap:
+            if level < lane.cls.parked_from:
+                self._enter(lane)
+            elif not lane.cls.offered:
+                self._unoffered(lane.cls)
 
     def push_front(self, task: Queued) -> None:
         """Put back a task that was dispatched before: ahead of its tenant's queued tasks."""
@@ -726,6 +744,8 @@ class ReadyQueue:
         self._size += 1
         if level < lane.cls.parked_from:
             self._enter(lane)  # its head changed: a new entry; the old one goes stale
+        elif not lane.cls.offered:
+            self._unoffered(lane.cls)
 
     def discard(self) -> None:
         """Account for a queued task that left the queue without being popped (cancelled)."""
@@ -758,6 +778,12 @@ class ReadyQueue:
         """No task of `cls` can be placed at `level`: nor at any lower level."""
         cls.parked_from = min(cls.parked_from, level)
         self._blocked[cls] = None
+        if not cls.offered:
+            self._unoffered(cls)
+
+    def _unoffered(self, cls: _Class) -> None:
+        if not cls.key.wait:
+            self.unoffered[cls.key] = None
 
     def _unpark(self, cls: _Class) -> None:
         cls.parked_from = PRIORITY_LEVELS
@@ -857,6 +883,8 @@ class Scheduler:
     def remove_node(self, node_id: str) -> None:
         if self.nodes.pop(node_id, None) is not None:
             self._version += 1
+            for cls in list(self.queue._blocked):
+                self.queue._unpark(cls)  # each checks again whether any node can run it
 
     def set_accepting(self, node_id: str, accepting: bool, because: str = "draining") -> None:
         """Close a node to new work (saying why) or open it again; it keeps what it runs."""
@@ -919,6 +947,7 @@ class Scheduler:
                 (n for n in self.nodes.values() if key.fits(n)), key=lambda n: n.node_id
             )
             cls.node_ids = frozenset(n.node_id for n in cls.nodes)
+            cls.offered = bool(cls.nodes) or any(key.capable(n) for n in self.nodes.values())
             cls.version = self._version
         return cls.nodes
 
@@ -926,13 +955,60 @@ class Scheduler:
         """Whether any connected node could ever run this class (room aside)."""
         return any(placement.fits(n) for n in self.nodes.values())
 
+    # -- tasks no node can run ---------------------------------------------------------------
+
+    def take_unoffered(self) -> list[PlacementClass]:
+        """The classes found since the last call with queued tasks no connected node could
+        ever run (breakers aside), except those that wait for such a node."""
+        found = list(self.queue.unoffered)
+        self.queue.unoffered.clear()
+        return found
+
+    def unoffered(self, key: PlacementClass) -> bool:
+        """Whether `key` has queued tasks and still no connected node could ever run them."""
+        cls = self.queue._classes.get(key)
+        if cls is None or not cls.lanes:
+            return False
+        self._fitting(cls)
+        return not cls.offered
+
+    def take_expired(
+        self, key: PlacementClass, expired: Callable[[Queued], bool]
+    ) -> tuple[list[Queued], list[Queued]]:
+        """Take the tasks of class `key` that are `expired` from the front of each of its lanes
+        (up to the first that is not): (those taken, the heads of the lanes left). The caller
+        makes each taken task final; one cancelled before is dropped on the way."""
+        q = self.queue
+        cls = q._classes.get(key)
+        if cls is None:
+            return [], []
+        taken: list[Queued] = []
+        heads: list[Queued] = []
+        for lane in list(cls.lanes.values()):
+            items = lane.items
+            before = len(items)
+            while items and (not items[0].queued or expired(items[0])):
+                task = items.popleft()
+                if task.queued:
+                    taken.append(task)
+            if items:
+                heads.append(items[0])
+                if lane.in_heap and len(items) != before:
+                    q._enter(lane)  # its head changed: a new entry; the old one goes stale
+            else:
+                if lane.in_heap:
+                    lane.gen = next(q._gen)  # its entry goes stale
+                    lane.in_heap = False
+                q._drop_lane(lane)
+        return taken, heads
+
     # -- dispatch ----------------------------------------------------------------------------
 
     def schedule(self) -> list[tuple[Queued, NodeSlots]]:
         """Assign ready tasks while they fit, best first; each takes its request from its node."""
         q = self.queue
         out: list[tuple[Queued, NodeSlots]] = []
-        if not q._size or not self.nodes:
+        if not q._size:  # (with no node each class is parked at once: none can run it)
             return out
         level = 0
         while level < PRIORITY_LEVELS:

@@ -114,6 +114,7 @@ class CoordinatorServer:
                 routing=Routing(settings.routing),
                 tenant_weights=settings.tenant_weights,
                 restart_grace=settings.restart_grace,
+                unplaceable_grace=settings.unplaceable_grace,
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
                 max_lock_ttl=settings.max_lock_ttl,

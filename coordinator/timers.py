@@ -21,6 +21,7 @@ class TimerKind(Enum):
     ADMISSION = "admission"  # a quota's next slot or window (keyed by the waiting key)
     LEASE = "lease"  # a lock lease (keyed by its holder id) ends
     RECOVERY = "recovery"  # the restart grace ends: recovered tasks not reclaimed are queued
+    UNPLACEABLE = "unplaceable"  # tasks of a class no node can run (keyed by the class's timer)
 
 
 class SetTimer(Protocol):

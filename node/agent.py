@@ -213,6 +213,8 @@ class NodeAgent:
         self._loaded_models: list[str] = []
         self._ollama_task: asyncio.Task[None] | None = None
         self._guard_reported: tuple[bool, int, int, str] = (False, 0, 0, "")
+        # Told each time the guard turns busy or calm (`shoal up` prints it).
+        self.on_guard_change: Callable[[ResourceGuard], object] | None = None
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
@@ -471,6 +473,8 @@ class NodeAgent:
                 run.pause()
         self._report_guard()
         self._publish_health()
+        if self.on_guard_change is not None:
+            self.on_guard_change(guard)
 
     def _pausing(self) -> bool:
         """Whether background tasks are to be paused now."""

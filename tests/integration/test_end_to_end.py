@@ -255,8 +255,8 @@ async def test_idempotency_key_returns_the_existing_task(mesh: Mesh) -> None:
     assert len(await mesh.client.list()) == 2  # the keyed task once, plus "new"
 
 
-async def test_task_for_an_executor_no_node_has_stays_queued(mesh: Mesh) -> None:
-    spec = task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="quantum"))
+async def test_task_for_an_executor_no_node_has_waits_when_it_asks_to(mesh: Mesh) -> None:
+    spec = task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="quantum"), wait_for_node=True)
 
     task = await mesh.client.submit(spec)
     later = await mesh.client.wait(task.id, timeout=timedelta(milliseconds=300))

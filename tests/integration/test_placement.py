@@ -85,6 +85,7 @@ async def test_a_ledger_of_mixed_tasks_on_three_nodes_never_oversubscribes(
     made = [mixed_task(rng, i) for i in range(2000)]
     unplaceable = noop({"i": "never"})
     unplaceable.resources.gpus = 8
+    unplaceable.wait_for_node = True  # else it fails once its grace is over
     (stuck,) = await mesh.client.submit_batch([unplaceable])
     ids: list[str] = []
     for start in range(0, len(made), 500):

@@ -90,8 +90,14 @@ async def test_tasks_accepted_without_nodes_survive_a_coordinator_kill(
     address, data_dir = f"127.0.0.1:{port}", tmp_path / "data"
     coordinator = await cli.coordinator(port, data_dir)
     async with AsyncClient(address) as client:
-        ids = [(await client.submit(shell(["echo", f"single-{i}"]))).id for i in range(10)]
-        ids += await client.submit_batch([shell(["echo", f"batch-{i}"]) for i in range(10)])
+        # (They wait for a node, however long: else they fail once their grace is over.)
+        ids = [
+            (await client.submit(shell(["echo", f"single-{i}"], wait_for_node=True))).id
+            for i in range(10)
+        ]
+        ids += await client.submit_batch(
+            [shell(["echo", f"batch-{i}"], wait_for_node=True) for i in range(10)]
+        )
         for task_id in ids:
             task = await client.get(task_id)
             assert task.state == task_pb2.TASK_STATE_QUEUED

@@ -186,7 +186,9 @@ async def test_time_moves_tasks_under_an_injected_clock(tmp_path: Path) -> None:
     try:
         later = shell("true")
         later.not_before.FromNanoseconds(int((wall.now + 60) * 1e9))
-        expiring = shell("true", labels={"gpu": "yes"}, queue_timeout=timedelta(seconds=30))
+        expiring = shell(
+            "true", labels={"gpu": "yes"}, queue_timeout=timedelta(seconds=30), wait_for_node=True
+        )
         flaky = shell("false", retry=retry(2, backoff=timedelta(seconds=10)))
         (held, stale, failing) = await c.submit([later, expiring, flaky], by=ALICE)
         session = c.attach(hello("n1", slots=4), "peer", by=NODE)

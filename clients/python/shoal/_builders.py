@@ -38,8 +38,10 @@ def _common(
     locks: Sequence[str] = (),
     quota_keys: Sequence[str] = (),
     backend: str = "",
+    wait_for_node: bool = False,
 ) -> task_pb2.TaskSpec:
     spec.name = name
+    spec.wait_for_node = wait_for_node  # else it fails when no connected node can run it
     spec.locks.extend(locks)  # "file:/x" exclusive, "read:file:/x" shared
     spec.quota_keys.extend(quota_keys)
     spec.backend = backend

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import threading
 import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Awaitable,
+    Callable,
     Coroutine,
     Iterable,
     Iterator,
@@ -49,6 +51,7 @@ from shoal.v1 import (
 __all__ = ["AsyncClient", "Client"]
 
 _T = TypeVar("_T")
+_log = logging.getLogger("shoal")
 _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
 
@@ -176,6 +179,31 @@ class AsyncClient:
             deadline = timeout.total_seconds() + self._timeout
         task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
         return task
+
+    async def wait_with_reasons(
+        self,
+        task_id: str,
+        on_pending: Callable[[task_pb2.Task], object],
+        *,
+        after: timedelta = timedelta(seconds=2),
+        every: timedelta = timedelta(seconds=1),
+    ) -> task_pb2.Task:
+        """The task once final. Once it has waited `after`, `on_pending(task)` is called each
+        time why it waits (its `pending_reason`, looked at every `every`) changes."""
+        told = ""
+        slice_ = after
+        while True:
+            request = tasks_pb2.WaitRequest(task_id=task_id)
+            request.timeout.CopyFrom(to_duration(slice_))
+            deadline = slice_.total_seconds() + self._timeout
+            task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
+            if is_final(task.state):
+                return task
+            if task.pending_reason != told:
+                told = task.pending_reason
+                if told:
+                    on_pending(task)
+            slice_ = every
 
     async def cancel(self, task_id: str) -> task_pb2.Task:
         task: task_pb2.Task = await self._unary(
@@ -390,9 +418,10 @@ class AsyncClient:
         self, name: str, input: Mapping[str, Any] | None = None, **common: Any
     ) -> dict[str, Any]:
         """Run the tool `name` on a node that offers it and return its output (JSON; numbers
-        as float). `common`: the builders' task options. Raises TaskFailed if it fails."""
+        as float). `common`: the builders' task options. Raises TaskFailed if it fails (as it
+        does soon when no connected node offers the tool); while it waits, logs why (warning)."""
         task = await self.submit(tool(name, input, **common))
-        task = await self.wait(task.id)
+        task = await self.wait_with_reasons(task.id, _log_pending)
         if task.state != task_pb2.TASK_STATE_SUCCEEDED:
             raise TaskFailed(task)
         return json_format.MessageToDict(task.result.output)
@@ -444,6 +473,12 @@ class Client:
 
     def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
         return self._run(self._async.wait(task_id, timeout=timeout))
+
+    def wait_with_reasons(
+        self, task_id: str, on_pending: Callable[[task_pb2.Task], object], **kwargs: Any
+    ) -> task_pb2.Task:
+        """See AsyncClient.wait_with_reasons (`on_pending` runs on the client's loop thread)."""
+        return self._run(self._async.wait_with_reasons(task_id, on_pending, **kwargs))
 
     def cancel(self, task_id: str) -> task_pb2.Task:
         return self._run(self._async.cancel(task_id))
@@ -533,6 +568,10 @@ class Client:
                     return
         finally:
             self._run(_aclose(agen))
+
+
+def _log_pending(task: task_pb2.Task) -> None:
+    _log.warning("tool %r (task %s) waits: %s", task.spec.tool.name, task.id, task.pending_reason)
 
 
 async def _make_async(target: str | None, options: dict[str, Any]) -> AsyncClient:

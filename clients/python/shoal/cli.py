@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
 import signal
@@ -12,10 +13,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from google.protobuf import json_format
+from rich.markup import escape
 from rich.table import Table
 
 from shoal import _builders
@@ -29,6 +31,9 @@ from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name, to_duration
 from shoal.v1 import admin_pb2, task_pb2
+
+if TYPE_CHECKING:
+    from shoal.node.guard import ResourceGuard
 
 app = typer.Typer(help="Shoal: spread background work across machines.", no_args_is_help=True)
 token_app = typer.Typer(help="Create, list and revoke API tokens (admin).", no_args_is_help=True)
@@ -156,15 +161,22 @@ def up(
     async def main() -> None:
         await coord.start()
         token_file = coord.admin_token_path if coord.settings.auth else None
-        node = NodeAgent(
-            NodeSettings(**_given(coordinator=coord.address, slots=slots, token_file=token_file))
+        settings = NodeSettings(
+            **_given(coordinator=coord.address, slots=slots, token_file=token_file)
         )
+        if "guard_min_priority" not in settings.model_fields_set:
+            # The local node runs what its own user asks for: a busy laptop holds back only
+            # work below the default priority.
+            settings = settings.model_copy(update={"guard_min_priority": "normal"})
+        node = NodeAgent(settings)
+        node.on_guard_change = functools.partial(_guard_changed, settings)
         await node.start()
         console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
         console.print(f"  data dir    {coord.settings.data_dir}")
         if token_file is not None:
             console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
         console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
+        console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
         console.print(f"  try: shoal run -c {coord.address} -- echo hello;  Ctrl-C to stop")
         if demo:
             await asyncio.wait_for(node.connected.wait(), 10)
@@ -173,6 +185,32 @@ def up(
         await _until_signalled(node.stop, coord.stop)
 
     _run(main())
+
+
+def _guard_summary(settings: NodeSettings) -> str:
+    """What the local node's resource guard does, in one line."""
+    if not settings.guard:
+        return "off: the local node takes every priority, however busy the machine"
+    floor = settings.guard_min_priority.upper()
+    pause = "; pauses BACKGROUND tasks" if settings.guard_policy == "pause" else ""
+    return (
+        f"on: while other programs use over {settings.guard_cpu_percent:g}% CPU or"
+        f" {settings.guard_memory_percent:g}% memory, the local node takes only {floor}"
+        f" priority or higher{pause} (SHOAL_NODE_GUARD=false turns it off)"
+    )
+
+
+def _guard_changed(settings: NodeSettings, guard: ResourceGuard) -> None:
+    """Say loudly that the local node is throttled, and when it is not any more."""
+    if guard.busy:
+        floor = settings.guard_min_priority.upper()
+        err_console.print(
+            f"[bold yellow]local node throttled[/bold yellow]: the machine is busy"
+            f" ({guard.reason}); only {floor} priority or higher runs until it is calm",
+            highlight=False,
+        )
+    else:
+        err_console.print("[green]local node calm again[/green]: every priority runs")
 
 
 async def _demo(address: str, token_file: Path | None) -> None:
@@ -488,10 +526,31 @@ def run(
     raise typer.Exit(code)
 
 
+def _teller() -> Callable[[task_pb2.Task], None]:
+    """Prints why a task waits, on stderr; a reason said just before is not said again."""
+    said = ""
+
+    def tell(task: task_pb2.Task) -> None:
+        nonlocal said
+        if task.pending_reason != said:
+            said = task.pending_reason
+            err_console.print(f"[yellow]waiting[/yellow]: {escape(said)}", highlight=False)
+
+    return tell
+
+
+async def _telling(client: AsyncClient, task_ids: list[str]) -> None:
+    """Say why the first of `task_ids` not final yet waits, while it does (until cancelled)."""
+    tell = _teller()
+    for task_id in task_ids:
+        await client.wait_with_reasons(task_id, tell)
+
+
 async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
     async with _client(coordinator) as client:
         task = await client.submit(spec)
         err_console.print(f"[dim]task {task.id}[/dim]")
+        teller = asyncio.create_task(_telling(client, [task.id]))
         try:
             async for event in client.watch(
                 since=task.created_seq - 1, task_ids=[task.id], output=True
@@ -517,7 +576,16 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
             with contextlib.suppress(ShoalError):
                 await client.cancel(task.id)
             raise
+        finally:
+            await _stopped(teller)
     return 1
+
+
+async def _stopped(teller: asyncio.Task[None]) -> None:
+    """Stop a `_telling` task; what it met is not the command's outcome."""
+    teller.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ShoalError):
+        await teller
 
 
 @app.command()
@@ -585,9 +653,13 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
             if wait:
                 done = progress.add_task("running", total=len(ids))
                 tasks = []
-                for coro in asyncio.as_completed([client.wait(i) for i in ids]):
-                    tasks.append(await coro)
-                    progress.advance(done)
+                teller = asyncio.create_task(_telling(client, ids))
+                try:
+                    for coro in asyncio.as_completed([client.wait(i) for i in ids]):
+                        tasks.append(await coro)
+                        progress.advance(done)
+                finally:
+                    await _stopped(teller)
         if wait:
             counts: dict[str, int] = {}
             for t in tasks:
@@ -638,6 +710,30 @@ def get(
     if task.result.stderr:
         console.print("[bold]stderr[/bold]", markup=True)
         console.out(task.result.stderr, end="")
+
+
+@app.command("wait")
+def wait_for(task_id: str, coordinator: CoordinatorOpt = None) -> None:
+    """Wait for a task to end, saying why it waits; exit with its exit code (as run does)."""
+
+    async def main() -> task_pb2.Task:
+        async with _client(coordinator) as client:
+            return await client.wait_with_reasons(task_id, _teller())
+
+    task = _run(main())
+    console.print(f"{task.id} {_state(task.state)}", highlight=False)
+    if task.result.error:
+        err_console.print(f"[red]{state_name(task.state)}[/red]: {escape(task.result.error)}")
+    raise typer.Exit(_exit_code(task.state, task.result))
+
+
+def _exit_code(state: int, result: task_pb2.TaskResult) -> int:
+    """0 for success, the task's own exit code when it failed with one, 124 for a timeout."""
+    if state == task_pb2.TASK_STATE_SUCCEEDED:
+        return 0
+    if state == task_pb2.TASK_STATE_FAILED and result.exit_code > 0:
+        return result.exit_code
+    return 124 if state == task_pb2.TASK_STATE_TIMED_OUT else 1
 
 
 @app.command()

@@ -131,6 +131,10 @@ class CoordinatorSettings(_Settings):
     # After a restart, tasks that may still run on a node wait this long (default: a lease)
     # for their node to reconnect and report them, before they are dispatched again.
     restart_grace: timedelta | None = None
+    # A task no connected node could ever run (no node has its executor, labels, tool, model
+    # or resources) fails after waiting this long for one, unless its spec says wait_for_node
+    # (never within restart_grace of a restart or of a node leaving: it may be back).
+    unplaceable_grace: timedelta = timedelta(seconds=5)
     # Circuit breakers: open after this many consecutive infrastructure failures of a node,
     # an executor of a node or a backend; one probe is let through after the cooldown.
     breaker_threshold: int = Field(default=5, ge=1)

@@ -914,6 +914,7 @@ class TaskSpec(_message.Message):
     QUOTA_KEYS_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
     LOCKS_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_NODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     priority: Global___Priority.ValueType
     idempotency_key: _builtins.str
@@ -929,6 +930,16 @@ class TaskSpec(_message.Message):
     backend: _builtins.str
     """The outside service the task depends on (an LLM provider, an API host): its
     infrastructure failures open a mesh-wide circuit breaker, "backend:<name>".
+    """
+    wait_for_node: _builtins.bool
+    """Whether to wait, however long, for a node that can run it to connect. By default a task
+    that no connected node could ever run (none has its executor, required labels, model,
+    tool, LLM provider or the resources it asks for) FAILS with "no connected node can run
+    it: ..." once it has waited the coordinator's unplaceable_grace (a few seconds) for one;
+    a coordinator that has just restarted, or whose node just left, waits its restart_grace
+    (default: a lease) first, for the nodes to come back. A task that only
+    waits for room (nodes busy, throttled, draining) is never failed for it. queue_timeout
+    still applies when set.
     """
     @_builtins.property
     def shell(self) -> Global___ShellSpec: ...
@@ -1036,10 +1047,11 @@ class TaskSpec(_message.Message):
         quota_keys: _abc.Iterable[_builtins.str] | None = ...,
         estimate: Global___Usage | None = ...,
         locks: _abc.Iterable[_builtins.str] | None = ...,
+        wait_for_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "estimate", b"estimate", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "locks", b"locks", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "locks", b"locks", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool", "wait_for_node", b"wait_for_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shoal._server import reason
 from shoal.specs import state_name
 
 if TYPE_CHECKING:
@@ -111,7 +112,14 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot(self._core, asyncio.get_running_loop()))
         host, _, port = self._listen.rpartition(":")
-        self._server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        if not port.isdigit():
+            raise OSError(f"cannot serve metrics on {self._listen!r}: expected host:port")
+        try:
+            self._server, _ = start_http_server(
+                int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry
+            )
+        except OSError as err:
+            raise OSError(f"cannot serve metrics on {self._listen}: {reason(err)}") from err
         self.port = self._server.server_port
 
     async def stop(self) -> None:

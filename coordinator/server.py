@@ -15,6 +15,7 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
+    listen,
     method_path,
     serve_health,
     server_credentials,
@@ -182,6 +183,13 @@ class CoordinatorServer:
         try:
             await self._serve()
         except BaseException:
+            # What started stops: a gRPC server still running once its loop is gone would fail.
+            metrics, self._metrics = self._metrics, None
+            if metrics is not None:
+                await metrics.stop()
+            server, self._server = self._server, None
+            if server is not None:
+                await server.stop(None)
             await self.core.stop()
             raise
 
@@ -216,18 +224,16 @@ class CoordinatorServer:
             credentials = server_credentials(
                 s.tls_cert, s.tls_key, s.tls_client_ca, s.require_client_cert
             )
-            self.port = server.add_secure_port(s.listen, credentials)
         else:
-            self.port = server.add_insecure_port(s.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {s.listen}")
+            credentials = None
+        self.port = listen(server, s.listen, credentials)
         self._own.port = self.port
-        await server.start()
-        self._server = server
-        if s.metrics_listen:
+        if s.metrics_listen:  # before the server runs: a port in use stops nothing running
             self._metrics = MetricsServer(self.core, s.metrics_listen)
             self._metrics.start()
             _log.info("metrics on http://%s/metrics", self.metrics_address)
+        await server.start()
+        self._server = server
         if s.adopt or s.nodes:
             tls = None
             if s.tls_cert is not None and s.tls_key is not None and s.tls_client_ca is not None:

@@ -7,6 +7,7 @@ import gc
 import inspect
 import logging
 import resource
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
@@ -30,8 +31,10 @@ __all__ = [
     "collect_seldom",
     "current_principal",
     "grpc_options",
+    "listen",
     "method_path",
     "raise_open_files_limit",
+    "reason",
     "serve_health",
     "server_credentials",
     "server_options",
@@ -94,6 +97,8 @@ def server_options(
         # to megabytes, which a stranger fills before the Gate has refused its call (32 such
         # calls of 15 MB: +32 MB, or several times that on a busy machine; without: +2 MB).
         ("grpc.http2.bdp_probe", 0),
+        # A port in use is an error: with SO_REUSEPORT a second server would quietly share it.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -154,6 +159,53 @@ def server_credentials(
         root_certificates=client_ca.read_bytes() if client_ca else None,
         require_client_auth=require_client_cert,
     )
+
+
+def listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Have `server` listen on `address` (host:port); returns the port. OSError saying why
+    when it cannot (gRPC itself says only that it failed)."""
+    why = _cannot_bind(address)
+    port = 0
+    if not why:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            pass
+    if not port:
+        why = why or _cannot_bind(address)
+        if not why:  # the address is free: gRPC refused what came with it
+            why = "refused by gRPC"
+            if credentials is not None:
+                why = "the TLS certificate or key is unusable (each a PEM file, of one key pair)"
+        raise OSError(f"cannot listen on {address}: {why}")
+    return port
+
+
+def _cannot_bind(address: str) -> str:
+    """Why `address` cannot be bound ('' if it can now), tried with a socket of our own."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return "expected host:port, such as 127.0.0.1:7070"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            sock.bind(sockaddr)
+    except OSError as err:  # gaierror included: a host that does not resolve
+        return reason(err)
+    return ""
+
+
+def reason(err: OSError) -> str:
+    """What went wrong, in lower case to follow a colon: `address already in use`."""
+    why = err.strerror or str(err)
+    return why[:1].lower() + why[1:]
 
 
 def current_principal() -> Principal:

@@ -955,8 +955,9 @@ class Coordinator:
         for event in events:
             self.events.emit(event)
         if self._scheduler.queue.unoffered:
+            # Its grace runs from when tasks were submitted (wall times, as created_at).
             for timer, due in self._unplaceable.found(self._wall()):
-                self._set_timer(TimerKind.UNPLACEABLE, timer, due)
+                self._set_timer(TimerKind.UNPLACEABLE, timer, due, calendar=True)
         if put_back:
             self._kick()  # what was put back may go elsewhere; what was held left room
 
@@ -1506,7 +1507,7 @@ class Coordinator:
                 self._leases.expire(task_id)
                 continue
             if kind is TimerKind.UNPLACEABLE:
-                self._fail_unplaceable(task_id, now)
+                self._fail_unplaceable(task_id, self._wall())
                 continue
             rec = self._tasks.get(task_id)
             if rec is None or is_final(rec.state):
@@ -1533,7 +1534,7 @@ class Coordinator:
                 sweep.reason,
             )
         if sweep.again_at is not None:
-            self._set_timer(TimerKind.UNPLACEABLE, timer, sweep.again_at)
+            self._set_timer(TimerKind.UNPLACEABLE, timer, sweep.again_at, calendar=True)
 
     # -- schedules -------------------------------------------------------------------------
 

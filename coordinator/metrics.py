@@ -8,7 +8,6 @@ it reads the core's state as the loop sees it and never while it changes.
 from __future__ import annotations
 
 import asyncio
-import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shoal._server import in_use
+from shoal._server import reason
 from shoal.specs import state_name
 
 if TYPE_CHECKING:
@@ -114,14 +113,16 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot(self._core, asyncio.get_running_loop()))
         host, _, port = self._listen.rpartition(":")
+        if not port.isdigit():
+            raise OSError(f"cannot serve metrics on {self._listen!r}: expected host:port")
         try:
             self._server, _ = start_http_server(
-                int(port), addr=host or "127.0.0.1", registry=registry
+                int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry
             )
         except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise in_use(self._listen, int(port)) from None
-            raise
+            raise OSError(
+                f"cannot serve metrics on {self._listen}: {reason(err, int(port))}"
+            ) from err
         self.port = self._server.server_port
 
     async def stop(self) -> None:

@@ -15,7 +15,7 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
-    listen_on,
+    listen,
     method_path,
     serve_health,
     server_credentials,
@@ -230,7 +230,7 @@ class CoordinatorServer:
             credentials = server_credentials(
                 s.tls_cert, s.tls_key, s.tls_client_ca, s.require_client_cert
             )
-        self.port = listen_on(server, s.listen, credentials)
+        self.port = listen(server, s.listen, credentials)
         self._own.port = self.port
         if s.metrics_listen:
             metrics = MetricsServer(self.core, s.metrics_listen)

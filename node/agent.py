@@ -21,18 +21,20 @@ from shoal._server import (
     HEALTH_POLICY,
     OPEN,
     Gate,
-    listen_on,
+    listen,
     method_path,
     serve_health,
     server_credentials,
     server_options,
 )
-from shoal.auth import Principal, Role, hash_secret, secret_matches
+from shoal.auth import Principal, Role, check_token, hash_secret, secret_matches
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    ShoalError,
     Unauthenticated,
     Unavailable,
 )
@@ -80,6 +82,15 @@ _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
 _NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 _LOOK_AT_OLLAMA_EVERY = 10.0  # seconds between two looks at what the Ollama server holds
+
+
+def _check_tls_files(s: NodeSettings) -> None:
+    """TLS settings a node can use, or the mistake at start (not at each reconnect)."""
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise FailedPrecondition("TLS needs both tls_cert and tls_key")
+    for path in (s.tls_ca, s.tls_cert, s.tls_key):
+        if path is not None:
+            path.read_bytes()  # OSError naming it
 
 
 class _Stop:
@@ -166,7 +177,10 @@ class NodeAgent:
         self.node_id = settings.resolved_node_id()
         self.executors = executors if executors is not None else available_executors(settings)
         self.secrets = SecretStore.from_settings(settings)
-        self.left = asyncio.Event()  # set once drained to leave: the process should end
+        # Set once drained to leave, or refused for good by its coordinator (`refusal`): the
+        # process should end.
+        self.left = asyncio.Event()
+        self.refusal: ShoalError | None = None
         self.draining = False
         self.port = 0
         self.own_addresses = OwnAddresses(0, settings.reachable_at)  # port: once it listens
@@ -263,7 +277,9 @@ class NodeAgent:
         self._token = await asyncio.to_thread(
             read_token, self.settings.token, self.settings.token_file
         )
+        check_token(self._token)
         check_service_access(self.settings, self._token)
+        await asyncio.to_thread(_check_tls_files, self.settings)
         await self.machine.async_refresh()
         for name, executor in list(self.executors.items()):
             if not await executor.async_available():
@@ -295,7 +311,9 @@ class NodeAgent:
                 s.tls_ca if s.service_require_client_cert else None,
                 s.service_require_client_cert,
             )
-        self.port = listen_on(server, s.listen, credentials)
+        else:
+            credentials = None
+        self.port = listen(server, s.listen, credentials)
         self.own_addresses.port = self.port
         await server.start()
         self._server = server
@@ -352,6 +370,11 @@ class NodeAgent:
             async with asyncio.timeout(grace + _FLUSH_BEFORE_LEAVING + 1):
                 await self.left.wait()
         await self.stop()
+
+    def refused(self, err: ShoalError) -> None:
+        """Its coordinator refused it for good (see session.py): the process should end."""
+        self.refusal = err
+        self.left.set()
 
     # -- draining --------------------------------------------------------------------------
 

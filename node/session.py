@@ -26,7 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from shoal._channel import bearer, open_channel
 from shoal.auth import hash_secret, parse_token
 from shoal.config import NodeSettings
-from shoal.errors import FailedPrecondition, Unauthenticated
+from shoal.errors import FailedPrecondition, PermissionDenied, ShoalError, Unauthenticated
 from shoal.handshake import Direction, OwnAddresses, coordinator_proof
 from shoal.node.discovery import NodeDiscovery
 from shoal.specs import bounded_result
@@ -90,9 +90,35 @@ class SessionHost(Protocol):
         """Its lease lapsed: stop every attempt of the coordinator (they run elsewhere now)."""
         ...
 
+    def refused(self, err: ShoalError) -> None:
+        """Its coordinator refused it for good: dialling again cannot help."""
+        ...
+
 
 class _SessionFailed(Exception):
-    """The session could not be established (or broke before Welcome)."""
+    """The session could not be established (or broke before Welcome); `code`: the status
+    the coordinator answered with, if it did."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# What a node refused for these reasons must change: they hold until someone changes it.
+_REFUSALS: dict[grpc.StatusCode, tuple[type[ShoalError], str]] = {
+    grpc.StatusCode.PERMISSION_DENIED: (
+        PermissionDenied,
+        "make the node match its token and certificate: its --node-id, and --executor and"
+        " --label for each executor and label the token allows (shoal token create NODE_ID"
+        " --role node --executor ... --label ...); a certificate for its node id (shoal certs"
+        " issue NODE_ID)",
+    ),
+    grpc.StatusCode.UNAUTHENTICATED: (
+        Unauthenticated,
+        "give the node a valid node token of this coordinator (shoal token create NODE_ID"
+        " --role node; then --token-file FILE or SHOAL_NODE_TOKEN)",
+    ),
+}
 
 
 def _seconds(d: object) -> float:
@@ -206,13 +232,17 @@ class CoordinatorLink:
         wait = wait_exponential_jitter(
             initial=0.05, jitter=0.05, max=self._host.settings.reconnect_max.total_seconds()
         )
-        while True:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
-            ):
-                with attempt:
-                    await self.not_adopted.wait()
-                    await self._dial()
+        try:
+            while True:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(_SessionFailed), wait=wait, reraise=True
+                ):
+                    with attempt:
+                        await self.not_adopted.wait()
+                        await self._dial()
+        except (PermissionDenied, Unauthenticated) as err:
+            _log.error("node=%s stops dialling: %s", self._host.node_id, err.message)
+            self._host.refused(err)
 
     async def _dial(self) -> None:
         """One session this node dials: NodeGateway.Connect, its token in the call's metadata."""
@@ -231,12 +261,23 @@ class CoordinatorLink:
         )
         try:
             stub = gateway_pb2_grpc.NodeGatewayStub(channel)
-            if self._host.token and not s.coordinator and s.tls_ca is None:
+            # A coordinator given to the node, or verified by TLS, speaks for its cluster: its
+            # refusal is final. One it found by itself is heard only once it proved itself.
+            proven = bool(s.coordinator) or s.tls_ca is not None
+            if self._host.token and not proven:
                 # Found by itself, not verified by TLS: the token goes only to a proven one.
                 await self._identify(stub, target)
+                proven = True
             call = stub.Connect(metadata=bearer(self._host.token))
             try:
                 await self._run_session(call, target)
+            except _SessionFailed as err:
+                if proven and err.code in _REFUSALS:
+                    error, change = _REFUSALS[err.code]
+                    raise error(
+                        f"the coordinator at {target} refused this node: {err}. To join, {change}"
+                    ) from None
+                raise
             finally:
                 call.cancel()
         finally:
@@ -363,7 +404,7 @@ class CoordinatorLink:
                     err.code().name,
                     err.details(),
                 )
-                raise _SessionFailed(err.details()) from err
+                raise _SessionFailed(err.details(), err.code()) from err
             if (
                 not isinstance(first, node_pb2.CoordinatorMessage)
                 or first.WhichOneof("msg") != "welcome"

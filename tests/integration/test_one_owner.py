@@ -57,9 +57,8 @@ async def test_a_second_coordinator_on_a_port_in_use_exits(
         cli, "coordinator", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "b")
     )
 
-    assert (
-        line == f"error: cannot listen on 127.0.0.1:{port}: pid {first.pid} (shoal) listens there"
-    )
+    held = f"address already in use by pid {first.pid} (shoal)"
+    assert line == f"error: cannot listen on 127.0.0.1:{port}: {held}"
     await still_serves(first, f"127.0.0.1:{port}")
 
 
@@ -79,7 +78,8 @@ async def test_a_second_coordinator_on_a_metrics_port_in_use_exits(
         str(tmp_path / "b"),
     )
 
-    assert line == f"error: cannot listen on {metrics}: pid {first.pid} (shoal) listens there"
+    held = f"address already in use by pid {first.pid} (shoal)"
+    assert line == f"error: cannot serve metrics on {metrics}: {held}"
     await still_serves(first, f"127.0.0.1:{port}")
 
 
@@ -95,5 +95,7 @@ async def test_a_second_node_on_a_service_port_in_use_exits(
     # A node logs what it found on its machine before it listens.
     line = await refused(cli, *node, "--node-id", "second", logs=True)
 
-    assert line == f"error: cannot listen on {address}: pid {first.pid} (shoal) listens there"
+    assert line == (
+        f"error: cannot listen on {address}: address already in use by pid {first.pid} (shoal)"
+    )
     assert first.running

@@ -33,7 +33,9 @@ def wall() -> Wall:
 @pytest.fixture
 async def core(tmp_path: Path, wall: Wall) -> AsyncIterator[Coordinator]:
     options = CoreOptions(unplaceable_grace=GRACE, restart_grace=RETURN)
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall, rng=random.Random(7))
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall, rng=random.Random(7)
+    )
     await c.start()
     yield c
     await c.stop()
@@ -144,11 +146,11 @@ async def test_after_a_restart_nothing_fails_before_the_restart_grace(
     tmp_path: Path, wall: Wall
 ) -> None:
     options = CoreOptions(unplaceable_grace=GRACE, restart_grace=timedelta(seconds=30))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     c.attach(tool_node("n1", ["echo"]), "peer", by=NODE)
     await c.stop()  # n1 was connected: the next start waits for it
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     try:
         (sub,) = await c.submit([tool("echo")], by=ALICE)

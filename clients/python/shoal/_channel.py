@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from shoal._server import grpc_options
+from shoal.auth import check_token
 
 __all__ = ["CLIENT_KEY", "Metadata", "bearer", "open_channel"]
 
@@ -40,5 +41,6 @@ CLIENT_KEY = "shoal-client"
 
 
 def bearer(token: str) -> Metadata:
-    """Call metadata carrying `token` (none when empty)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    """Call metadata carrying `token` (none when empty); Unauthenticated when it holds what no
+    token does."""
+    return (("authorization", f"Bearer {check_token(token)}"),) if token else ()

@@ -22,7 +22,7 @@ from grpc_health.v1._async import HealthServicer
 
 from shoal._status import abort
 from shoal.auth import ANONYMOUS, Principal, Role
-from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = [
     "HEALTH_POLICY",
@@ -32,10 +32,10 @@ __all__ = [
     "collect_seldom",
     "current_principal",
     "grpc_options",
-    "in_use",
-    "listen_on",
+    "listen",
     "method_path",
     "raise_open_files_limit",
+    "reason",
     "serve_health",
     "server_credentials",
     "server_options",
@@ -103,65 +103,6 @@ def server_options(
     ]
 
 
-def in_use(address: str, port: int) -> FailedPrecondition:
-    """The error for a TCP `port` another process listens on, naming that process when this
-    one may see it."""
-    import psutil  # only on this way out
-
-    holder = "another process"
-    try:
-        for conn in psutil.net_connections("tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                if conn.pid:
-                    holder = f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                break
-    except (psutil.Error, OSError):
-        pass
-    return FailedPrecondition(f"cannot listen on {address}: {holder} listens there")
-
-
-def _check_free(address: str) -> None:
-    """Raise `in_use` when a process listens on host:port `address` (gRPC would only log
-    that binding failed); any other address is left to gRPC."""
-    host, _, port_text = address.rpartition(":")
-    if not port_text.isdigit() or int(port_text) == 0:  # unix:PATH, or any free port
-        return
-    port = int(port_text)
-    try:
-        found = socket.getaddrinfo(
-            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except OSError:
-        return
-    for family, kind, proto, _, sockaddr in found:
-        with socket.socket(family, kind, proto) as sock:
-            # As gRPC does: connections of an earlier process waiting out TIME_WAIT hold nothing.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    raise in_use(address, port) from None
-
-
-def listen_on(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
-) -> int:
-    """Bind `server` to `address` (TLS with `credentials`) and return its port; a port held by
-    another process is FailedPrecondition naming it."""
-    _check_free(address)
-    try:
-        if credentials is not None:
-            port: int = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError:  # all gRPC says: "Failed to bind"
-        port = 0
-    if not port:
-        raise FailedPrecondition(f"cannot listen on {address}")
-    return port
-
-
 def _millis(d: timedelta) -> int:
     return max(1, round(d.total_seconds() * 1000))
 
@@ -219,6 +160,70 @@ def server_credentials(
         root_certificates=client_ca.read_bytes() if client_ca else None,
         require_client_auth=require_client_cert,
     )
+
+
+def listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Have `server` listen on `address` (host:port); returns the port. OSError saying why
+    when it cannot (gRPC itself says only that it failed)."""
+    why = _cannot_bind(address)
+    port = 0
+    if not why:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            pass
+    if not port:
+        why = why or _cannot_bind(address)
+        if not why:  # the address is free: gRPC refused what came with it
+            why = "refused by gRPC"
+            if credentials is not None:
+                why = "the TLS certificate or key is unusable (each a PEM file, of one key pair)"
+        raise OSError(f"cannot listen on {address}: {why}")
+    return port
+
+
+def _cannot_bind(address: str) -> str:
+    """Why `address` cannot be bound ('' if it can now), tried with a socket of our own."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return "expected host:port, such as 127.0.0.1:7070"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            sock.bind(sockaddr)
+    except OSError as err:  # gaierror included: a host that does not resolve
+        return reason(err, int(port))
+    return ""
+
+
+def reason(err: OSError, port: int = 0) -> str:
+    """What went wrong, in lower case to follow a colon: `address already in use`, and by
+    whom when a process this one may see listens on `port`."""
+    why = err.strerror or str(err)
+    why = why[:1].lower() + why[1:]
+    if err.errno == errno.EADDRINUSE and port:
+        why += _holder(port)
+    return why
+
+
+def _holder(port: int) -> str:
+    """` by pid N (name)` of the process listening on TCP `port`, if this one may see it."""
+    import psutil  # only on this way out
+
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return f" by pid {conn.pid} ({psutil.Process(conn.pid).name()})" if conn.pid else ""
+    except (psutil.Error, OSError):
+        pass
+    return ""
 
 
 def current_principal() -> Principal:

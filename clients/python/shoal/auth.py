@@ -20,6 +20,7 @@ __all__ = [
     "COORDINATOR",
     "Principal",
     "Role",
+    "check_token",
     "hash_secret",
     "new_token",
     "parse_token",
@@ -79,6 +80,17 @@ def new_token() -> tuple[str, str, bytes]:
     token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     return token_id, f"{_PREFIX}_{token_id}_{secret}", hash_secret(secret)
+
+
+def check_token(token: str) -> str:
+    """`token` if it can be sent in call metadata; Unauthenticated naming the problem if not
+    (a line break, say, from a token file holding more than the token)."""
+    if not all("!" <= c <= "~" for c in token):
+        raise Unauthenticated(
+            "the token holds a line break, space or other character no token has"
+            " (a token is one line: shoal_<id>_<secret>)"
+        )
+    return token
 
 
 def parse_token(token: str) -> tuple[str, str]:

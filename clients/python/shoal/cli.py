@@ -23,7 +23,7 @@ from rich.table import Table
 from shoal import _builders
 from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
-from shoal._console import console, err_console, print_error
+from shoal._console import console, err_console, print_error, serving
 from shoal._discover_cli import discover
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._store_cli import app as store_app
@@ -140,6 +140,7 @@ AuthOpt = Annotated[
 
 
 @app.command()
+@serving
 def up(
     listen: Annotated[str | None, typer.Option(help="Coordinator address to bind")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives")] = None,
@@ -170,7 +171,12 @@ def up(
             settings = settings.model_copy(update={"guard_min_priority": "normal"})
         node = NodeAgent(settings)
         node.on_guard_change = functools.partial(_guard_changed, settings)
-        await node.start()
+        try:
+            await node.start()
+        except BaseException:
+            await node.stop()
+            await coord.stop()
+            raise
         console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
         console.print(f"  data dir    {coord.settings.data_dir}")
         if token_file is not None:
@@ -243,6 +249,7 @@ def _given(**kwargs: Any) -> dict[str, Any]:
 
 
 @app.command()
+@serving
 def coordinator(
     listen: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1:7070]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the store lives")] = None,
@@ -310,11 +317,16 @@ def coordinator(
 
 
 @app.command()
+@serving
 def node(
     coordinator: CoordinatorOpt = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="Stable node id")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
+    executor: Annotated[
+        list[str] | None,
+        typer.Option("--executor", "-e", help="An executor to offer (repeatable) [every one]"),
+    ] = None,
     listen: Annotated[str | None, typer.Option(help="Node service address")] = None,
     cluster: ClusterOpt = None,
     advertise: AdvertiseOpt = None,
@@ -387,6 +399,7 @@ def node(
             node_id=node_id,
             slots=slots,
             labels=_labels(label) if label else None,
+            executors=executor or None,
             listen=listen,
             cluster=cluster,
             advertise=advertise and advertise.value,
@@ -406,12 +419,14 @@ def node(
 
     async def main() -> None:
         agent = NodeAgent(settings)
-        await agent.start()
-        collect_seldom()
         try:
+            await agent.start()
+            collect_seldom()
             await _until_signalled(agent.shutdown, done=agent.left)
         finally:
             await agent.stop()
+        if agent.refusal is not None:  # its coordinator refused it for good: say why, and end
+            raise agent.refusal
 
     _run(main())
 

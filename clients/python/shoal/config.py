@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from shoal.errors import Unauthenticated
+from shoal.errors import FailedPrecondition, Unauthenticated
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
@@ -90,8 +90,12 @@ class _Settings(BaseSettings):
         table: dict[str, Any] = {}
         path = config_path()
         if path.is_file():
-            with path.open("rb") as f:
-                table = tomllib.load(f).get(cls._table, {})
+            try:
+                with path.open("rb") as f:
+                    table = tomllib.load(f).get(cls._table, {})
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                why = err.strerror if isinstance(err, OSError) else str(err)
+                raise FailedPrecondition(f"cannot read config file {path}: {why}") from None
         return init_settings, env_settings, InitSettingsSource(settings_cls, table)
 
 

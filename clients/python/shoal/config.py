@@ -79,9 +79,9 @@ class _Settings(BaseSettings):
     @classmethod
     def _empty_path_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
         """An optional path given empty (`SHOAL_TOKEN_FILE=`) is unset, as in a shell, not "."."""
-        if value == "" and info.field_name is not None:
-            if cls.model_fields[info.field_name].annotation == (Path | None):
-                return None
+        name = info.field_name
+        if value == "" and name is not None and cls.model_fields[name].annotation == Path | None:
+            return None
         return value
 
     @classmethod

@@ -159,7 +159,7 @@ async def test_get_shows_an_exit_code_only_for_a_task_that_ran(
 
 async def test_watch_names_quota_notices(mesh: Mesh, mesh_cli: CliProcesses) -> None:
     await mesh.client.set_quota(admin_pb2.Quota(key="once", requests_per_day=1))
-    first, second = await mesh.client.submit_batch([noop(quota_keys=["once"])] * 2)
+    first, _ = await mesh.client.submit_batch([noop(quota_keys=["once"])] * 2)
     await mesh.client.wait(first, timeout=WAIT)
 
     watch = await mesh_cli.start("watch", "-c", mesh.address, "--since", "0", pipe=True)

@@ -72,7 +72,7 @@ async def test_a_tool_is_offered_and_called_from_the_sdk(mesh_factory: MeshFacto
     assert failed.value.task.state == task_pb2.TASK_STATE_FAILED
     assert "tool slugify raised TypeError: input.text must be a string" in failed.value.message
 
-    def blocking() -> dict[str, object]:
+    def blocking() -> object:
         with Client(mesh.address, token=mesh.token) as client:
             return client.call_tool("slugify", {"text": "Blocking Call"})
 

@@ -42,7 +42,7 @@ def test_public_names() -> None:
 def test_task_states_read_by_name_and_equal_the_wire() -> None:
     for value in task_pb2.TaskState.values():
         state = shoal.TaskState(value)
-        assert state == value
+        assert state == int(value)
         assert (
             str(state) == f"{state}" == task_pb2.TaskState.Name(value).removeprefix("TASK_STATE_")
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from shoal.specs import FINAL_STATES
+from shoal.specs import is_final
 from shoal.v1 import task_pb2
 
 __all__ = ["TaskState"]
@@ -32,4 +32,4 @@ class TaskState(enum.IntEnum):
     @property
     def final(self) -> bool:
         """Whether the task has ended (succeeded, failed, cancelled, timed out or skipped)."""
-        return self in FINAL_STATES
+        return is_final(self)

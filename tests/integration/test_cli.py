@@ -235,3 +235,29 @@ async def test_make_run_takes_a_port() -> None:
     planned = await run_tool(["make", "-n", "run", "PORT=7171"])
     assert planned.returncode == 0, planned
     assert "shoal up --demo --listen 127.0.0.1:7171" in planned.stdout
+
+
+async def test_submit_and_run_docker_http_and_tool_tasks(
+    mesh: Mesh, mesh_cli: CliProcesses
+) -> None:
+    async def submitted(*args: str) -> task_pb2.TaskSpec:
+        result = await shoal_(mesh_cli, "submit", "-c", mesh.address, *args)
+        assert result.returncode == 0, result
+        return (await mesh.client.get(result.stdout.strip())).spec
+
+    spec = await submitted("--docker", "alpine:3", "--", "echo", "hi")
+    assert (spec.docker.image, list(spec.docker.command)) == ("alpine:3", ["echo", "hi"])
+    spec = await submitted("--http", "https://api.example.com/x", "--method", "POST")
+    assert (spec.http.url, spec.http.method) == ("https://api.example.com/x", "POST")
+    spec = await submitted("--tool", "slugify", "--input", '{"text": "Hello, World!"}')
+    assert spec.tool.name == "slugify" and dict(spec.tool.input) == {"text": "Hello, World!"}
+
+    ran = await shoal_(
+        mesh_cli, "run", "-c", mesh.address, "--tool", "slugify", "--input", '{"text": "Hi there"}'
+    )
+    assert ran.returncode == 0, ran
+    assert json.loads(ran.stdout) == {"slug": "hi-there"}
+
+    refused = await shoal_(mesh_cli, "submit", "-c", mesh.address, "--tool", "x", "--input", "[]")
+    assert refused.returncode == 2
+    assert "--input: expected a JSON object, got list" in words(refused.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from shoal import InvalidArgument, custom, docker, http, noop, shell
+from shoal import InvalidArgument, custom, docker, http, noop, shell, tool
 from shoal.v1 import task_pb2
 
 
@@ -49,3 +49,8 @@ def test_custom_builds_a_task_for_a_third_party_executor() -> None:
     assert spec.custom.executor == "quantum" and spec.tenant == "acme"
     assert json_format.MessageToDict(spec.custom.params) == {"qubits": 4, "circuit": ["h", "cx"]}
     assert noop({"a": "b"}) == custom("noop", {"a": "b"})
+
+
+def test_a_tool_task_may_have_a_name() -> None:
+    spec = tool("slugify", {"text": "x"}, name="slug it")
+    assert (spec.tool.name, spec.name) == ("slugify", "slug it")

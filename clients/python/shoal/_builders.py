@@ -296,8 +296,9 @@ def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.Tas
     return custom("noop", params, **common)
 
 
-def tool(name: str, input: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
-    """A call of the tool `name` that nodes offer, with `input` (JSON) as its argument."""
+def tool(name: str, input: Mapping[str, Any] | None = None, /, **common: Any) -> task_pb2.TaskSpec:
+    """A call of the tool `name` that nodes offer, with `input` (JSON) as its argument.
+    Positional, so that `name=` names the task, as in every builder."""
     spec = task_pb2.ToolSpec(name=name)
     if input:
         spec.input.update(input)

@@ -422,7 +422,7 @@ class AsyncClient:
                 return
 
     async def call_tool(
-        self, name: str, input: Mapping[str, Any] | None = None, **common: Any
+        self, name: str, input: Mapping[str, Any] | None = None, /, **common: Any
     ) -> Any:
         """Run the tool `name` on a node that offers it and return what it returned, as plain
         JSON values (whole numbers as int). `common`: the builders' task options. Raises
@@ -556,7 +556,7 @@ class Client:
         """See AsyncClient.run."""
         return self._iterate(self._async.run(spec))
 
-    def call_tool(self, name: str, input: Mapping[str, Any] | None = None, **common: Any) -> Any:
+    def call_tool(self, name: str, input: Mapping[str, Any] | None = None, /, **common: Any) -> Any:
         """See AsyncClient.call_tool."""
         return self._run(self._async.call_tool(name, input, **common))
 

@@ -624,6 +624,9 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                     out.flush()
                 elif is_final(event.state):
                     result = event.result
+                    if spec.HasField("tool") and result.HasField("output"):
+                        # A tool streams nothing: what it returned is its output.
+                        console.print_json(data=json_format.MessageToDict(result.output))
                     if event.state == task_pb2.TASK_STATE_SUCCEEDED:
                         return 0
                     if result.error:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from shoal import (
@@ -17,7 +19,8 @@ from shoal import (
     custom,
     shell,
 )
-from shoal.v1 import task_pb2
+from shoal._status import to_status
+from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
 
 from .harness import CliProcesses, Mesh, free_port
 
@@ -99,3 +102,40 @@ async def test_a_client_that_reached_its_coordinator_rides_out_a_restart(
         call = asyncio.create_task(client.get(task.id))  # fails until the coordinator is back
         await cli.coordinator(port, data_dir)
         assert (await asyncio.wait_for(call, DEADLINE)).id == task.id
+
+
+class StoppingThenBack(tasks_pb2_grpc.TasksServicer):
+    """A coordinator that answers UNAVAILABLE, as one that is stopping does, twice."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def List(
+        self, request: tasks_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tasks_pb2.ListResponse:
+        self.calls += 1
+        if self.calls <= 2:
+            await context.abort_with_status(
+                to_status(Unavailable("the coordinator is not accepting tasks"))
+            )
+        return tasks_pb2.ListResponse()
+
+
+async def test_a_coordinator_that_answers_unavailable_is_waited_for() -> None:
+    """It was reached: it answered, if only that it cannot serve now (it is restarting)."""
+    servicer = StoppingThenBack()
+    server = grpc.aio.server()
+    tasks_pb2_grpc.add_TasksServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(
+            f"127.0.0.1:{port}",
+            token="t",
+            retry_for=timedelta(seconds=60),
+            connect_for=timedelta(0),
+        ) as client:
+            assert await asyncio.wait_for(client.list(), DEADLINE) == []
+        assert servicer.calls == 3
+    finally:
+        await server.stop(None)

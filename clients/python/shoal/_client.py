@@ -24,10 +24,9 @@ import grpc
 from google.protobuf import json_format
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     retry_never,
-    stop_after_delay,
-    stop_never,
     wait_exponential_jitter,
 )
 
@@ -35,7 +34,7 @@ from shoal._builders import tool
 from shoal._channel import CLIENT_KEY, bearer, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
-from shoal.errors import ResourceExhausted, ShoalError, TaskFailed, Unavailable, WaitTimeout
+from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
 from shoal.specs import is_final, to_duration
 from shoal.v1 import (
     admin_pb2,
@@ -52,13 +51,9 @@ __all__ = ["AsyncClient", "Client"]
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
-
-
-async def _call(awaitable: Awaitable[_T]) -> _T:
-    try:
-        return await awaitable
-    except grpc.aio.AioRpcError as err:
-        raise from_rpc_error(err) from None
+# Shoal's servers send every error with google.rpc details: a status without them was made by
+# the client's own channel (refused, unresolvable, a failed handshake) or by a proxy.
+_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class AsyncClient:
@@ -128,21 +123,36 @@ class AsyncClient:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(Unavailable) if retry else retry_never,
                 wait=_BACKOFF,
-                stop=stop_after_delay(self._retry_for if self._reached else self._connect_for),
+                stop=self._given_up,
                 reraise=True,
             ):
                 with attempt:
-                    response = await _call(
+                    return await self._call(
                         method(request, timeout=deadline, metadata=self._metadata)
                     )
-                    self._reached = True
-                    return response
         except Unavailable as err:
             raise self._unreached(err) from None
-        except ShoalError:
-            self._reached = True  # a coordinator answered, if only to refuse
-            raise
         raise AssertionError("unreachable")
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one call; notes whether a coordinator answered it, even with an error."""
+        try:
+            response = await awaitable
+        except grpc.aio.AioRpcError as err:
+            trailers = err.trailing_metadata() or ()
+            if err.code() != grpc.StatusCode.UNAVAILABLE or any(
+                key == _DETAILS_KEY for key, _ in trailers
+            ):
+                self._reached = True
+            raise from_rpc_error(err) from None
+        self._reached = True
+        return response
+
+    def _given_up(self, state: RetryCallState) -> bool:
+        """Whether to stop resending: after `retry_for`, or `connect_for` while no coordinator
+        ever answered (decided anew at each try: one may answer meanwhile)."""
+        limit = self._retry_for if self._reached else self._connect_for
+        return (state.seconds_since_start or 0.0) >= limit
 
     def _unreached(self, err: Unavailable) -> Unavailable:
         """`err`, naming the address tried when no coordinator ever answered there."""
@@ -392,25 +402,18 @@ class AsyncClient:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
                 wait=_BACKOFF,
-                stop=stop_never if self._reached else stop_after_delay(self._connect_for),
+                stop=lambda state: not self._reached and self._given_up(state),
                 reraise=True,
             ):
                 with attempt:
                     stream = self._tasks.Watch(request, metadata=self._metadata)
-                    try:
-                        first = await stream.read()
-                    except grpc.aio.AioRpcError as err:
-                        raise from_rpc_error(err) from None
+                    first = await self._call(stream.read())
                     if first is grpc.aio.EOF:
                         raise Unavailable("the watch ended before it started")
-                    self._reached = True
                     request.since = first.cursor
                     return stream
         except Unavailable as err:
             raise self._unreached(err) from None
-        except ShoalError:
-            self._reached = True
-            raise
         raise AssertionError("unreachable")
 
     async def run(self, spec: task_pb2.TaskSpec) -> AsyncGenerator[task_pb2.Event, None]:

@@ -32,7 +32,7 @@ from tenacity import (
 
 from shoal._builders import tool
 from shoal._channel import CLIENT_KEY, bearer, open_channel
-from shoal._status import from_rpc_error
+from shoal._status import from_rpc_error, from_server
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
 from shoal.specs import is_final, to_duration
@@ -51,9 +51,6 @@ __all__ = ["AsyncClient", "Client"]
 _T = TypeVar("_T")
 _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
-# Shoal's servers send every error with google.rpc details: a status without them was made by
-# the client's own channel (refused, unresolvable, a failed handshake) or by a proxy.
-_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class AsyncClient:
@@ -139,10 +136,7 @@ class AsyncClient:
         try:
             response = await awaitable
         except grpc.aio.AioRpcError as err:
-            trailers = err.trailing_metadata() or ()
-            if err.code() != grpc.StatusCode.UNAVAILABLE or any(
-                key == _DETAILS_KEY for key, _ in trailers
-            ):
+            if err.code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
                 self._reached = True
             raise from_rpc_error(err) from None
         self._reached = True

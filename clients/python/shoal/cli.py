@@ -704,8 +704,8 @@ def _read_specs(file: Path) -> list[task_pb2.TaskSpec]:
         loaded = json.loads(file.read_text())
     except OSError as err:
         raise typer.BadParameter(f"{file}: {err.strerror}") from None
-    except ValueError as err:
-        raise typer.BadParameter(f"{file}: not JSON: {err}") from None
+    except (ValueError, RecursionError) as err:
+        raise typer.BadParameter(f"{file}: not JSON (or nested too deep): {err}") from None
     items = loaded if isinstance(loaded, list) else [loaded]
     specs = []
     for i, item in enumerate(items):
@@ -717,7 +717,7 @@ def _read_specs(file: Path) -> list[task_pb2.TaskSpec]:
             )
         try:
             specs.append(json_format.ParseDict(item, task_pb2.TaskSpec()))
-        except json_format.ParseError as err:
+        except (json_format.ParseError, RecursionError) as err:
             raise typer.BadParameter(f"{where}: {err}") from None
     if not specs:
         raise typer.BadParameter(f"{file}: no tasks in it")

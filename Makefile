@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml $(EXAMPLE)/pyproject.toml
 reinstall-pkg: $(STAMP)
 	@$(BIN)/python -m pip install -q --no-deps --config-settings editable_mode=strict -e . >/dev/null
 
+# gRPC on 127.0.0.1:7070; `make run PORT=7171` (or SHOAL_COORDINATOR_LISTEN=host:port) for another.
 run: $(STAMP) reinstall-pkg
-	$(BIN)/shoal up --demo
+	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
 test: $(STAMP) reinstall-pkg lint protos-check
 	$(BIN)/python -m pytest -q tests

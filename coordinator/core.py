@@ -817,6 +817,7 @@ class Coordinator:
         batch, self._to_finish = self._to_finish, []
         if not batch:
             return
+        self._save_usage()
         if self._recorder is not None:  # the store fails to commit: these wait their turn
             self.events.abandon(rec.final_seq for rec in batch)
             self._unrecorded += batch
@@ -1245,6 +1246,8 @@ class Coordinator:
                 self._breaker_changed(b)
         if self.quotas.active or rec.locks or (result is not None and result.HasField("usage")):
             self._give_back(rec, result)
+        elif result is not None:  # usage by key counts every run: a tally, saved in batches
+            self.quotas.ran(rec, result, self._wall())
 
     def _give_back(self, rec: TaskRecord, result: task_pb2.TaskResult | None) -> None:
         """What `rec` took from its gates goes back; the usage it reports is stored."""
@@ -1252,6 +1255,10 @@ class Coordinator:
         for gate in self._gates:
             for key in gate.give_back(rec, result, now):
                 self._wake(key)
+        self._save_usage()
+
+    def _save_usage(self) -> None:
+        """Usage counted since the last save goes to the store: a row per key and period."""
         if usage := self.quotas.unsaved():
             self._spawn(self._store.add_usage(usage))
 

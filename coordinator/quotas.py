@@ -33,14 +33,22 @@ Pricing = Mapping[str, tuple[float, float]]
 
 def auto_keys(spec: task_pb2.TaskSpec) -> list[str]:
     """The keys the coordinator adds to every task."""
-    keys = [f"executor:{executor_of(spec)}"]
-    if spec.tenant:
-        keys.append(f"tenant:{spec.tenant}")
-    if spec.model:
-        keys.append(f"model:{spec.model}")
-    if spec.backend:
-        keys.append(f"backend:{spec.backend}")
+    return _auto_keys(executor_of(spec), spec.tenant, spec.model, spec.backend)
+
+
+def _auto_keys(executor: str, tenant: str, model: str, backend: str) -> list[str]:
+    keys = [f"executor:{executor}"]
+    if tenant:
+        keys.append(f"tenant:{tenant}")
+    if model:
+        keys.append(f"model:{model}")
+    if backend:
+        keys.append(f"backend:{backend}")
     return keys
+
+
+_Kind = tuple[str, str, str, str]
+"""What decides a task's automatic keys: its executor, tenant, model and backend."""
 
 
 def check_quota(q: admin_pb2.Quota, max_string: int) -> None:
@@ -106,7 +114,12 @@ class QuotaGate(Admission):
     _used: dict[tuple[str, str], _Use] = field(default_factory=dict)  # ended attempts
     _reserved: dict[tuple[str, str], _Use] = field(default_factory=dict)  # in flight
     _held: dict[str, _Held] = field(default_factory=dict)
-    _unsaved: list[UsageRow] = field(default_factory=list)
+    _unsaved: dict[tuple[str, str], _Use] = field(default_factory=dict)  # added up per key
+    # Runs that held no quota, by kind of task, since `_tally_day` (days since the epoch): per
+    # task one Counter increment; they are added to each of their keys when usage is read or
+    # saved.
+    _tally: Counter[_Kind] = field(default_factory=Counter)
+    _tally_day: int = -1
     _minute: str = ""
     clock: Callable[[], float] = time.monotonic  # for rate limits; periods are dates
 
@@ -245,13 +258,43 @@ class QuotaGate(Admission):
         prompt, completion = self.pricing.get(usage.model, (0.0, 0.0))
         return (usage.prompt_tokens * prompt + usage.completion_tokens * completion) / 1e6
 
+    def ran(self, rec: TaskRecord, result: task_pb2.TaskResult, now: float) -> None:
+        """An attempt that ran and held no quota: one request for each of its automatic keys
+        (usage by executor, tenant, model and backend), and what it reports using for all."""
+        if result.HasField("usage"):
+            self._count(rec, result.usage, _periods(now)[:2], skip=())
+            return
+        day = int(now // 86400)
+        if day != self._tally_day:
+            self._fold()
+            self._tally_day = day
+        # From the record, not its spec: parsing a spec costs several times this whole call.
+        cls = rec.placement.cls
+        model = rec.spec.model if cls.provider else cls.model  # a cloud model is no placement's
+        self._tally[cls.executor, rec.tenant, model, rec.backend] += 1
+
+    def _fold(self) -> None:
+        """The tallied runs, added to each of their keys for their day and month."""
+        if not self._tally:
+            return
+        periods = _periods(self._tally_day * 86400)[:2]
+        for kind, runs in self._tally.items():
+            for key in _auto_keys(*kind):
+                self._add_used(key, periods, _Use(runs))
+        self._tally.clear()
+
+    def _add_used(self, key: str, periods: Iterable[str], use: _Use) -> None:
+        for period in periods:
+            self._used.setdefault((key, period), _Use()).add(use)
+            self._unsaved.setdefault((key, period), _Use()).add(use)
+
     def give_back(
         self, rec: TaskRecord, result: task_pb2.TaskResult | None, now: float
     ) -> list[str]:
         held = self._held.pop(rec.id, None)
         if held is None:
-            if result is not None and result.HasField("usage"):
-                self._count(rec, result.usage, _periods(now)[:2], skip=())
+            if result is not None:
+                self.ran(rec, result, now)
             return []
         self._roll(_periods(now)[2])
         actual = _Use()
@@ -270,14 +313,17 @@ class QuotaGate(Admission):
                 self._reserved[key, period].add(held.use, -1)
                 if not self._reserved[key, period].requests:
                     del self._reserved[key, period]
-                if actual.requests and (period != held.periods[2] or period == self._minute):
+                if actual.requests and period == held.periods[2] == self._minute:
+                    # Minutes pass too fast to be worth storing.
                     self._used.setdefault((key, period), _Use()).add(actual)
-                    if period != held.periods[2]:  # minutes pass too fast to be worth storing
-                        self._unsaved.append(
-                            UsageRow(key, period, actual.requests, actual.tokens, actual.cost)
-                        )
-        if result is not None and result.HasField("usage"):
-            self._count(rec, result.usage, held.periods[:2], skip=held.keys)
+            if actual.requests:
+                self._add_used(key, held.periods[:2], actual)
+        if result is not None:
+            if result.HasField("usage"):
+                self._count(rec, result.usage, held.periods[:2], skip=held.keys)
+            else:  # one request for its automatic keys without a quota
+                for key in set(auto_keys(rec.spec)).difference(held.keys):
+                    self._add_used(key, held.periods[:2], _Use(1))
         return [f"quota:{k}" for k in held.keys]
 
     def _count(
@@ -291,13 +337,13 @@ class QuotaGate(Admission):
             1, usage.prompt_tokens + usage.completion_tokens, usage.cost or self._price(usage)
         )
         for key in {*rec.spec.quota_keys, *auto_keys(rec.spec)}.difference(skip):
-            for period in periods:
-                self._used.setdefault((key, period), _Use()).add(used)
-                self._unsaved.append(UsageRow(key, period, used.requests, used.tokens, used.cost))
+            self._add_used(key, periods, used)
 
     def unsaved(self) -> list[UsageRow]:
-        """Usage added since the last call, for the store."""
-        out, self._unsaved = self._unsaved, []
+        """Usage added since the last call, for the store: one row per key and period."""
+        self._fold()
+        out = [UsageRow(k, p, u.requests, u.tokens, u.cost) for (k, p), u in self._unsaved.items()]
+        self._unsaved.clear()
         return out
 
     def _roll(self, minute: str) -> None:
@@ -310,6 +356,7 @@ class QuotaGate(Admission):
     # -- reporting ---------------------------------------------------------------------------
 
     def usage(self, key: str = "") -> list[admin_pb2.KeyUsage]:
+        self._fold()
         periods = {p for (_, p) in self._used} | {p for (_, p) in self._reserved}
         keys = {key} if key else {k for (k, _) in self._used} | set(self._limits)
         out = []

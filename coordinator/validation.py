@@ -247,7 +247,14 @@ def _check_references(
                     f"an upstream reference may not be in {ref.code}: put it in an env value,"
                     " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
                 )
-            elif ref.upstream is None or ref.upstream >= len(spec.depends_on):
+            elif ref.upstream is None:
+                named.add(ref.field)
+                bad(
+                    ref.field,
+                    f"{ref.text[:80]!r} is malformed: a reference is ${{{{ deps[N].stdout }}}},"
+                    " .stderr, .exit_code, .output or .output.key.path",
+                )
+            elif ref.upstream >= len(spec.depends_on):
                 named.add(ref.field)
                 bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
     except InvalidArgument as err:  # too many messages to search

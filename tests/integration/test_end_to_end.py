@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shoal import InvalidArgument, ResourceExhausted, noop, python, shell
+from shoal import InvalidArgument, ResourceExhausted, WaitTimeout, noop, python, shell
 from shoal.specs import FINAL_STATES, is_final
 from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
 
@@ -259,7 +259,9 @@ async def test_task_for_an_executor_no_node_has_waits_when_it_asks_to(mesh: Mesh
     spec = task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="quantum"), wait_for_node=True)
 
     task = await mesh.client.submit(spec)
-    later = await mesh.client.wait(task.id, timeout=timedelta(milliseconds=300))
+    with pytest.raises(WaitTimeout) as waited:
+        await mesh.client.wait(task.id, timeout=timedelta(milliseconds=300))
+    later = waited.value.task
 
     for seen in (task, later, await mesh.client.get(task.id)):
         assert seen.state == task_pb2.TASK_STATE_QUEUED

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal import AsyncClient, ResourceExhausted, Unavailable, shell
+from shoal import AsyncClient, ResourceExhausted, Unavailable, WaitTimeout, shell
 from shoal.specs import FINAL_STATES
 from shoal.v1 import task_pb2
 
@@ -95,8 +95,9 @@ async def test_a_full_data_dir_shows_nothing_final_unrecorded_and_heals_when_spa
         for task in await eventually(reported, timeout=WAIT.total_seconds()):
             assert task.state == task_pb2.TASK_STATE_RUNNING and not task.HasField("result")
         assert runs(ran) == Counter(f"a{i}" for i in range(TASKS))
-        waited = await client.wait(firsts[0], timeout=timedelta(milliseconds=200))
-        assert waited.state == task_pb2.TASK_STATE_RUNNING
+        with pytest.raises(WaitTimeout) as waited:
+            await client.wait(firsts[0], timeout=timedelta(milliseconds=200))
+        assert waited.value.task.state == task_pb2.TASK_STATE_RUNNING
         assert await client.list(states=list(FINAL_STATES)) == []
         for dependent in ids[TASKS:]:
             assert (await client.get(dependent)).state == task_pb2.TASK_STATE_PENDING

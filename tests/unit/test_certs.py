@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from shoal import certs
 from shoal._certs_cli import app
+from shoal.config import ClientSettings
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound
 
 TIMEOUT = 5.0  # seconds; every RPC has one so a broken handshake cannot hang the test
@@ -312,7 +313,25 @@ def test_cli_init_and_issue(tmp_path: Path) -> None:
 
     result = runner.invoke(app, ["issue", "node-1", "--days", "30", "--dir", str(directory)])
     assert result.exit_code == 0, result.output
-    assert f"--tls-ca {directory / 'ca.pem'}" in result.output
+    assert f"shoal node --tls-ca {directory / 'ca.pem'}" in result.output
+    # Client commands have no TLS flags: the hint names what they read, and they read it.
+    hint = {
+        name: value
+        for name, _, value in (w.partition("=") for w in result.output.split())
+        if name.startswith("SHOAL_TLS_")
+    }
+    assert hint == {
+        "SHOAL_TLS_CA": str(directory / "ca.pem"),
+        "SHOAL_TLS_CERT": str(directory / "node-1.pem"),
+        "SHOAL_TLS_KEY": str(directory / "node-1.key"),
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in hint.items():
+            env.setenv(name, value)
+        settings = ClientSettings()
+    assert (settings.tls_ca, settings.tls_cert, settings.tls_key) == tuple(
+        Path(v) for v in hint.values()
+    )
     assert mode(directory / "node-1.key") == 0o600
     cert = load(directory / "node-1.pem")
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=30)

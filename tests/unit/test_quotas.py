@@ -217,3 +217,50 @@ async def test_reported_usage_counts_by_tenant_without_a_quota(
         day, month = core.quotas.usage(key)
         assert (day.requests, day.tokens, day.cost) == (1, 1_500_000, 2.0), key
         assert month.cost == 2.0
+
+
+def finished(assigned: list[node_pb2.Assignment]) -> node_pb2.NodeMessage:
+    """Each assignment, finished successfully, reporting no usage (a plain shell task)."""
+    updates = [
+        node_pb2.TaskUpdate(
+            task_id=a.task_id,
+            attempt=a.attempt,
+            finished=node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED),
+        )
+        for a in assigned
+    ]
+    return node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=updates))
+
+
+async def test_every_run_counts_for_each_of_its_keys_and_survives_a_restart(
+    tmp_path: Path, wall: Wall
+) -> None:
+    path = tmp_path / "s.db"
+    c = await open_core(path, wall)
+    await c.set_quota(admin_pb2.Quota(key="team:ml"))  # an empty quota: it just counts
+    specs = [shell("true", tenant="acme") for _ in range(5)]
+    specs += [keyed("team:ml", tenant="acme"), keyed("own-key")]
+    done = await c.submit(specs, by=ADMIN)
+    node = c.attach(hello("n1", slots=10), "peer", by=NODE)
+    assigned = await dispatched(node)
+    assert len(assigned) == 7
+    c.on_message(node, finished(assigned))
+    for d in done:
+        await c.wait(d.task_id, None, by=ADMIN)
+    # Its own keys count with a quota (an empty one just counts), the automatic ones always.
+    expected = {"executor:shell": 7, "tenant:acme": 6, "team:ml": 1}
+
+    def requests(core: Coordinator) -> dict[str, tuple[int, int]]:
+        counted: dict[str, list[int]] = {}
+        for u in core.quotas.usage():
+            counted.setdefault(u.key, []).append(u.requests)  # the day's, then the month's
+        return {k: (day, month) for k, (day, month) in counted.items()}
+
+    assert requests(c) == {k: (n, n) for k, n in expected.items()}
+    await c.stop()
+
+    c = await open_core(path, wall)
+    try:
+        assert requests(c) == {k: (n, n) for k, n in expected.items()}
+    finally:
+        await c.stop()

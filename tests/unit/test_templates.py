@@ -55,12 +55,21 @@ def test_references_are_checked_at_submit() -> None:
     upstream = shell("echo hi")
     validate_batch([good, upstream], Limits(), single=False)
 
-    for text in ("${{ deps[1].stdout }}", "${{ deps[0].nonsense }}", "${{ secrets }}"):
+    allowed = (
+        "a reference is ${{ deps[N].stdout }}, .stderr, .exit_code, .output or .output.key.path"
+    )
+    for text, why in (
+        ("${{ deps[1].stdout }}", "names no upstream task of depends_on"),
+        ("${{ deps[0].nonsense }}", f"is malformed: {allowed}"),  # a typo: say what is allowed
+        ("${{ secrets }}", f"is malformed: {allowed}"),
+    ):
         bad = shell(["echo", text])
         bad.depends_on.add(batch_index=1)
         assert [r.upstream for r in references(bad)] in ([1], [None])
-        with pytest.raises(InvalidArgument, match="names no upstream"):
+        with pytest.raises(InvalidArgument) as refused_:
             validate_batch([bad, upstream], Limits(), single=False)
+        [violation] = refused_.value.violations
+        assert violation.description == f"{text!r} {why}"
 
 
 def test_a_cycle_or_a_bad_index_in_a_batch_is_refused() -> None:
@@ -186,16 +195,16 @@ def test_hostile_template_strings_are_scanned_correctly() -> None:
     for text in ("${{" * (size // 3 - 1) + "}}", "${{ deps[0].output." + "a" * (size - 30) + "!}}"):
         [violation] = refused(shell(["echo", text]))
         assert violation.field == "spec.shell.argv[1]"
-        assert "names no upstream" in violation.description
+        assert "is malformed" in violation.description
         assert [r.upstream for r in references(shell(["echo", text]))] == [None]
     # Nested: the span ends at the first `}}`, and holds a `${{` it should not.
     nested = "${{ " * (size // 40) + REF + " }}" * (size // 40)
-    assert "names no upstream" in refused(shell(["echo", nested]))[0].description
+    assert "is malformed" in refused(shell(["echo", nested]))[0].description
     # A program named by a million digits is a plain program (no version to strip off).
     accepted(shell(["1" * size + "x", REF]))
     # An index of a million digits is malformed, not a number to convert.
     assert (
-        "names no upstream"
+        "is malformed"
         in refused(shell(["echo", "${{ deps[" + "9" * size + "].stdout }}"]))[0].description
     )
     # Many references: a field is named once, and the scan stops beyond the most a spec holds.

@@ -6,8 +6,9 @@ with Client() as client:
     print(client.wait(task.id).result.stdout)
 """
 
-from shoal._builders import docker, llm, noop, ollama, python, retry, shell, tool
+from shoal._builders import custom, docker, http, llm, noop, ollama, python, retry, shell, tool
 from shoal._client import AsyncClient, Client
+from shoal._state import TaskState
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -18,6 +19,7 @@ from shoal.errors import (
     TaskFailed,
     Unauthenticated,
     Unavailable,
+    WaitTimeout,
 )
 from shoal.v1.task_pb2 import Event, Task, TaskResult, TaskSpec
 
@@ -37,10 +39,14 @@ __all__ = [
     "TaskFailed",
     "TaskResult",
     "TaskSpec",
+    "TaskState",
     "Unauthenticated",
     "Unavailable",
+    "WaitTimeout",
     "__version__",
+    "custom",
     "docker",
+    "http",
     "llm",
     "noop",
     "ollama",

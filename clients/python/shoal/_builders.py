@@ -1,4 +1,5 @@
-"""Spec builders: `shell(...)`, `python(...)` and `noop(...)` make a TaskSpec in one call."""
+"""Spec builders: `shell(...)`, `python(...)`, `http(...)` and the rest make a TaskSpec in one
+call."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from shoal.errors import FieldViolation, InvalidArgument
 from shoal.v1 import task_pb2
 
-__all__ = ["PRIORITIES", "docker", "llm", "noop", "ollama", "python", "retry", "shell", "tool"]
+__all__ = [
+    "PRIORITIES",
+    "custom",
+    "docker",
+    "http",
+    "llm",
+    "noop",
+    "ollama",
+    "python",
+    "retry",
+    "shell",
+    "tool",
+]
 
 PRIORITIES = {
     "critical": task_pb2.PRIORITY_CRITICAL,
@@ -19,6 +33,19 @@ PRIORITIES = {
     "low": task_pb2.PRIORITY_LOW,
     "background": task_pb2.PRIORITY_BACKGROUND,
 }
+
+
+def _choice(table: Mapping[str, int], value: str | int, field: str) -> int:
+    """`value` looked up by name in `table` (a number passes as it is); InvalidArgument naming
+    the names allowed otherwise."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return table[value]
+    except KeyError:
+        allowed = ", ".join(table)
+        message = f"{field} must be one of {allowed}, not {value!r}"
+        raise InvalidArgument(message, [FieldViolation(field, message)]) from None
 
 
 def _common(
@@ -45,7 +72,7 @@ def _common(
     spec.locks.extend(locks)  # "file:/x" exclusive, "read:file:/x" shared
     spec.quota_keys.extend(quota_keys)
     spec.backend = backend
-    spec.priority = PRIORITIES[priority] if isinstance(priority, str) else priority  # type: ignore[assignment]
+    spec.priority = _choice(PRIORITIES, priority, "priority")  # type: ignore[assignment]
     if timeout is not None:
         spec.timeout.FromTimedelta(timeout)
     spec.idempotency_key = idempotency_key
@@ -159,7 +186,7 @@ def docker(
         cpus=cpus,
         memory_mb=memory_mb,
         pids=pids,
-        pull=_PULL_POLICIES[pull] if isinstance(pull, str) else pull,  # type: ignore[arg-type]
+        pull=_choice(_PULL_POLICIES, pull, "pull"),  # type: ignore[arg-type]
         network=network,
     )
     return _common(task_pb2.TaskSpec(docker=spec), **common)
@@ -235,18 +262,45 @@ def llm(
     return out
 
 
-def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
-    """A task that succeeds at once, echoing `params` as its output."""
-    custom = task_pb2.CustomSpec(executor="noop")
+def http(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes | str = b"",
+    **common: Any,
+) -> task_pb2.TaskSpec:
+    """One HTTP request made by a node whose `http_allow_hosts` admits the host; the status is
+    the exit code. A header value may name a secret the task lists: `${{ secrets.NAME }}`."""
+    spec = task_pb2.HttpSpec(
+        method=method,
+        url=url,
+        headers=headers or {},
+        body=body.encode() if isinstance(body, str) else body,
+    )
+    return _common(task_pb2.TaskSpec(http=spec), **common)
+
+
+def custom(
+    executor: str, params: Mapping[str, Any] | None = None, **common: Any
+) -> task_pb2.TaskSpec:
+    """A task for the executor registered as `executor` by a third party, with `params` (JSON)."""
+    spec = task_pb2.CustomSpec(executor=executor)
     if params:
         st = struct_pb2.Struct()
         st.update(params)
-        custom.params.CopyFrom(st)
-    return _common(task_pb2.TaskSpec(custom=custom), **common)
+        spec.params.CopyFrom(st)
+    return _common(task_pb2.TaskSpec(custom=spec), **common)
 
 
-def tool(name: str, input: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
-    """A call of the tool `name` that nodes offer, with `input` (JSON) as its argument."""
+def noop(params: Mapping[str, Any] | None = None, **common: Any) -> task_pb2.TaskSpec:
+    """A task that succeeds at once, echoing `params` as its output."""
+    return custom("noop", params, **common)
+
+
+def tool(name: str, input: Mapping[str, Any] | None = None, /, **common: Any) -> task_pb2.TaskSpec:
+    """A call of the tool `name` that nodes offer, with `input` (JSON) as its argument.
+    Positional, so that `name=` names the task, as in every builder."""
     spec = task_pb2.ToolSpec(name=name)
     if input:
         spec.input.update(input)

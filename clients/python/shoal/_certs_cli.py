@@ -15,7 +15,11 @@ from shoal.errors import ShoalError
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Create a CA and certificates for TLS and mTLS", no_args_is_help=True)
+app = typer.Typer(
+    help="Create a CA and certificates for TLS and mTLS",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 DirOpt = Annotated[
     Path | None,
@@ -88,6 +92,10 @@ def issue(
             f" --tls-client-ca {_q(ca)} --require-client-cert"
         )
     else:
-        usage = f"--tls-ca {_q(ca)} --tls-cert {_q(cert)} --tls-key {_q(key)}"
-        usage = f"(shoal node or any client command) {usage}"
+        # Client commands take TLS files from the environment or config, not flags.
+        usage = (
+            f"shoal node --tls-ca {_q(ca)} --tls-cert {_q(cert)} --tls-key {_q(key)}\n"
+            f"     client commands and the SDK: SHOAL_TLS_CA={_q(ca)} SHOAL_TLS_CERT={_q(cert)}"
+            f" SHOAL_TLS_KEY={_q(key)} (or tls_ca, tls_cert, tls_key in [client] of the config)"
+        )
     console.print(f"use: {usage}", soft_wrap=True, highlight=False)

@@ -26,17 +26,17 @@ import grpc
 from google.protobuf import json_format
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     retry_never,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from shoal._builders import tool
 from shoal._channel import CLIENT_KEY, bearer, open_channel
-from shoal._status import from_rpc_error
+from shoal._status import from_rpc_error, from_server
 from shoal.config import ClientSettings, read_token
-from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
+from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
 from shoal.specs import is_final, to_duration
 from shoal.v1 import (
     admin_pb2,
@@ -56,13 +56,6 @@ _MAX_MESSAGE = 64 << 20
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
 
 
-async def _call(awaitable: Awaitable[_T]) -> _T:
-    try:
-        return await awaitable
-    except grpc.aio.AioRpcError as err:
-        raise from_rpc_error(err) from None
-
-
 class AsyncClient:
     """Talks to a coordinator. Errors arrive as `shoal.errors` exceptions.
 
@@ -73,6 +66,8 @@ class AsyncClient:
     Calls that are safe to repeat are resent with backoff while the coordinator is unavailable
     (restarting, unreachable), for up to `retry_for`. Submits are among them: each carries a
     request id, so a submit whose answer was lost is resent without creating a second task.
+    Until the client has reached the coordinator once, it tries for `connect_for` only, then
+    raises Unavailable naming the address: a wrong address is not worth waiting on.
     """
 
     def __init__(
@@ -86,10 +81,14 @@ class AsyncClient:
         timeout: timedelta = timedelta(seconds=30),
         wait_when_full: bool = False,
         retry_for: timedelta = timedelta(seconds=30),
+        connect_for: timedelta = timedelta(seconds=3),
     ):
         settings = ClientSettings()
         self._wait_when_full = wait_when_full
         self._retry_for = retry_for.total_seconds()
+        self._connect_for = min(connect_for.total_seconds(), self._retry_for)
+        # Whether a coordinator ever answered: only then is "unavailable" worth riding out.
+        self._reached = False
         self.target = target or settings.coordinator
         self._timeout = timeout.total_seconds()
         if token is None:
@@ -120,15 +119,43 @@ class AsyncClient:
         resent while the coordinator is unavailable, with jittered exponential backoff, for up
         to `retry_for`."""
         deadline = self._timeout if timeout is ... else timeout
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(Unavailable) if retry else retry_never,
-            wait=_BACKOFF,
-            stop=stop_after_delay(self._retry_for),
-            reraise=True,
-        ):
-            with attempt:
-                return await _call(method(request, timeout=deadline, metadata=self._metadata))
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(Unavailable) if retry else retry_never,
+                wait=_BACKOFF,
+                stop=self._given_up,
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._call(
+                        method(request, timeout=deadline, metadata=self._metadata)
+                    )
+        except Unavailable as err:
+            raise self._unreached(err) from None
         raise AssertionError("unreachable")
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one call; notes whether a coordinator answered it, even with an error."""
+        try:
+            response = await awaitable
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
+                self._reached = True
+            raise from_rpc_error(err) from None
+        self._reached = True
+        return response
+
+    def _given_up(self, state: RetryCallState) -> bool:
+        """Whether to stop resending: after `retry_for`, or `connect_for` while no coordinator
+        ever answered (decided anew at each try: one may answer meanwhile)."""
+        limit = self._retry_for if self._reached else self._connect_for
+        return (state.seconds_since_start or 0.0) >= limit
+
+    def _unreached(self, err: Unavailable) -> Unavailable:
+        """`err`, naming the address tried when no coordinator ever answered there."""
+        if self._reached:
+            return err
+        return Unavailable(f"cannot reach a coordinator at {self.target}: {err.message}")
 
     async def _submit(self, method: Any, request: Any) -> Any:
         """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
@@ -171,13 +198,16 @@ class AsyncClient:
         return task
 
     async def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
-        """The task once final; with `timeout`, as it is then if not final yet."""
+        """The task once final. With `timeout`, raises WaitTimeout (holding the task as it is
+        then) if it has not ended by then."""
         request = tasks_pb2.WaitRequest(task_id=task_id)
         deadline = None
         if timeout is not None:
             request.timeout.CopyFrom(to_duration(timeout))
             deadline = timeout.total_seconds() + self._timeout
         task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
+        if timeout is not None and not is_final(task.state):
+            raise WaitTimeout(task, timeout)
         return task
 
     async def wait_with_reasons(
@@ -388,22 +418,24 @@ class AsyncClient:
     async def _open_watch(
         self, request: tasks_pb2.WatchRequest, reconnect: bool
     ) -> grpc.aio.UnaryStreamCall[tasks_pb2.WatchRequest, tasks_pb2.WatchResponse]:
-        """Open a Watch and read its first (cursor) response, retrying with backoff."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
-            wait=wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0),
-            reraise=True,
-        ):
-            with attempt:
-                stream = self._tasks.Watch(request, metadata=self._metadata)
-                try:
-                    first = await stream.read()
-                except grpc.aio.AioRpcError as err:
-                    raise from_rpc_error(err) from None
-                if first is grpc.aio.EOF:
-                    raise Unavailable("the watch ended before it started")
-                request.since = first.cursor
-                return stream
+        """Open a Watch and read its first (cursor) response, retrying with backoff (for
+        `connect_for` only while no coordinator ever answered)."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
+                wait=_BACKOFF,
+                stop=lambda state: not self._reached and self._given_up(state),
+                reraise=True,
+            ):
+                with attempt:
+                    stream = self._tasks.Watch(request, metadata=self._metadata)
+                    first = await self._call(stream.read())
+                    if first is grpc.aio.EOF:
+                        raise Unavailable("the watch ended before it started")
+                    request.since = first.cursor
+                    return stream
+        except Unavailable as err:
+            raise self._unreached(err) from None
         raise AssertionError("unreachable")
 
     async def run(self, spec: task_pb2.TaskSpec) -> AsyncGenerator[task_pb2.Event, None]:
@@ -415,16 +447,19 @@ class AsyncClient:
                 return
 
     async def call_tool(
-        self, name: str, input: Mapping[str, Any] | None = None, **common: Any
-    ) -> dict[str, Any]:
-        """Run the tool `name` on a node that offers it and return its output (JSON; numbers
-        as float). `common`: the builders' task options. Raises TaskFailed if it fails (as it
-        does soon when no connected node offers the tool); while it waits, logs why (warning)."""
+        self, name: str, input: Mapping[str, Any] | None = None, /, **common: Any
+    ) -> Any:
+        """Run the tool `name` on a node that offers it and return what it returned, as plain
+        JSON values (whole numbers as int). `common`: the builders' task options. Raises
+        TaskFailed if it fails (as it does soon when no connected node offers the tool); while
+        it waits, logs why (warning)."""
         task = await self.submit(tool(name, input, **common))
         task = await self.wait_with_reasons(task.id, _log_pending)
         if task.state != task_pb2.TASK_STATE_SUCCEEDED:
             raise TaskFailed(task)
-        return json_format.MessageToDict(task.result.output)
+        output = _plain(json_format.MessageToDict(task.result.output))
+        # A node carries a value that is not an object as {"result": value}.
+        return output["result"] if output.keys() == {"result"} else output
 
 
 class Client:
@@ -553,9 +588,7 @@ class Client:
         """See AsyncClient.run."""
         return self._iterate(self._async.run(spec))
 
-    def call_tool(
-        self, name: str, input: Mapping[str, Any] | None = None, **common: Any
-    ) -> dict[str, Any]:
+    def call_tool(self, name: str, input: Mapping[str, Any] | None = None, /, **common: Any) -> Any:
         """See AsyncClient.call_tool."""
         return self._run(self._async.call_tool(name, input, **common))
 
@@ -572,6 +605,21 @@ class Client:
 
 def _log_pending(task: task_pb2.Task) -> None:
     _log.warning("tool %r (task %s) waits: %s", task.spec.tool.name, task.id, task.pending_reason)
+
+
+_EXACT = 2**53  # beyond, a double no longer holds every whole number
+
+
+def _plain(value: Any) -> Any:
+    """JSON from a Struct with whole numbers as int, as a JSON parser gives them (a Struct
+    holds every number as a double)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 async def _make_async(target: str | None, options: dict[str, Any]) -> AsyncClient:

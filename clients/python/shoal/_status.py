@@ -98,6 +98,13 @@ def to_status(err: errors.ShoalError) -> grpc.Status:
     return cast(grpc.Status, rpc_status.to_status(status))
 
 
+def from_server(exc: grpc.RpcError) -> bool:
+    """Whether a Shoal server sent this status: it sends every one with google.rpc details, so
+    one without them was made by the caller's own channel (refused, unresolvable, a failed
+    handshake) or by a proxy."""
+    return any(key == _DETAILS_KEY for key, _ in cast(grpc.Call, exc).trailing_metadata() or ())
+
+
 def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
     """Turn a failed call back into the typed error the server raised."""
     call = cast(grpc.Call, exc)

@@ -8,19 +8,22 @@ import enum
 import functools
 import json
 import logging
+import shlex
+import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.markup import escape
 from rich.table import Table
 
-from shoal import _builders
+from shoal import __version__, _builders
 from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error, serving
@@ -35,13 +38,24 @@ from shoal.v1 import admin_pb2, task_pb2
 if TYPE_CHECKING:
     from shoal.node.guard import ResourceGuard
 
-app = typer.Typer(help="Shoal: spread background work across machines.", no_args_is_help=True)
-token_app = typer.Typer(help="Create, list and revoke API tokens (admin).", no_args_is_help=True)
+# Help texts are plain text: rich markup would eat their "[default]" and "[env ...]" notes.
+app = typer.Typer(
+    help="Shoal: spread background work across machines.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+token_app = typer.Typer(
+    help="Create, list and revoke API tokens (admin).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(token_app, name="token")
 app.add_typer(certs_app, name="certs")
-schedule_app = typer.Typer(help="Periodic tasks: cron or interval (admin).", no_args_is_help=True)
+schedule_app = typer.Typer(
+    help="Periodic tasks: cron or interval (admin).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(schedule_app, name="schedule")
-quota_app = typer.Typer(help="Limits on quota keys, mesh-wide (admin).", no_args_is_help=True)
+quota_app = typer.Typer(
+    help="Limits on quota keys, mesh-wide (admin).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(quota_app, name="quota")
 app.add_typer(store_app, name="store")
 app.command()(discover)
@@ -53,7 +67,7 @@ CoordinatorOpt = Annotated[
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")]
 ClusterOpt = Annotated[
-    str | None, typer.Option(help="Cluster name, as advertised on mDNS [default]")
+    str | None, typer.Option(help="Cluster name, as advertised on mDNS [default: default]")
 ]
 
 
@@ -67,6 +81,24 @@ AdvertiseOpt = Annotated[
     Advertise | None,
     typer.Option(help="Advertise on mDNS: auto (unless listening on loopback only), on, off"),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"shoal {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Shoal: spread background work across machines."""
 
 
 def _logging(verbose: bool) -> None:
@@ -130,6 +162,14 @@ def _duration(seconds: float | None) -> timedelta | None:
     return None if seconds is None else timedelta(seconds=seconds)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table")]
+
+
+def _print_json(messages: Iterable[Message]) -> None:
+    """The messages as a JSON list (proto JSON, as `get --json` and grpcurl print them)."""
+    console.print_json(data=[json_format.MessageToDict(m) for m in messages])
+
+
 # -- processes -----------------------------------------------------------------------------
 
 
@@ -183,7 +223,10 @@ def up(
             console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
         console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
         console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
-        console.print(f"  try: shoal run -c {coord.address} -- echo hello;  Ctrl-C to stop")
+        console.print(
+            f"  try: {_shoal_command()} run -c {coord.address} -- echo hello;  Ctrl-C to stop",
+            highlight=False,
+        )
         if demo:
             await asyncio.wait_for(node.connected.wait(), 10)
             await _demo(coord.address, token_file)
@@ -217,6 +260,18 @@ def _guard_changed(settings: NodeSettings, guard: ResourceGuard) -> None:
         )
     else:
         err_console.print("[green]local node calm again[/green]: every priority runs")
+
+
+def _shoal_command() -> str:
+    """How the user can type this very `shoal`: its name when the shell finds it on PATH,
+    else its path (relative when under the current directory, e.g. `.venv/bin/shoal`)."""
+    me = Path(sys.argv[0]).absolute()
+    found = shutil.which("shoal")
+    if found is not None and Path(found).absolute() == me:
+        return "shoal"
+    with contextlib.suppress(ValueError):
+        return shlex.quote(str(me.relative_to(Path.cwd())))
+    return shlex.quote(str(me))
 
 
 async def _demo(address: str, token_file: Path | None) -> None:
@@ -440,6 +495,13 @@ def _state(state: int) -> str:
     return f"[{colour[name]}]{name}[/]" if name in colour else name
 
 
+def _exit_code(task: task_pb2.Task) -> str:
+    """The exit code of a task that ended after it started; "" for one that never ran."""
+    if is_final(task.state) and task.HasField("started_at"):
+        return str(task.result.exit_code)
+    return ""
+
+
 def _at(text: str | None) -> datetime | None:
     """`--at`: an ISO time (local unless it says otherwise), or +SECONDS from now."""
     if text is None:
@@ -467,9 +529,28 @@ def _spec(
     retries: int,
     queue_timeout: float | None,
     at: str | None,
+    docker: str | None = None,
+    http: str | None = None,
+    method: str = "GET",
+    tool: str | None = None,
+    tool_input: str | None = None,
 ) -> task_pb2.TaskSpec:
     if priority not in _builders.PRIORITIES:
         raise typer.BadParameter(f"priority must be one of {', '.join(_builders.PRIORITIES)}")
+    kinds = [
+        k
+        for k, v in (
+            ("--python", python_code),
+            ("--docker", docker),
+            ("--http", http),
+            ("--tool", tool),
+        )
+        if v is not None
+    ]
+    if len(kinds) > 1:
+        raise typer.BadParameter(f"give one of {', '.join(kinds)}")
+    if tool_input is not None and tool is None:
+        raise typer.BadParameter("--input goes with --tool")
     common: dict[str, Any] = dict(
         name=name,
         priority=priority,
@@ -484,9 +565,29 @@ def _spec(
     )
     if python_code is not None:
         return _builders.python(python_code, args=command, **common)
+    if docker is not None:
+        return _builders.docker(docker, command, **common)
+    if command and (http is not None or tool is not None):
+        raise typer.BadParameter("--http and --tool take no command")
+    if http is not None:
+        return _builders.http(http, method=method, **common)
+    if tool is not None:
+        return _builders.tool(tool, _json_object(tool_input or "{}", "--input"), **common)
     if not command:
-        raise typer.BadParameter("give a command after --, or --python CODE")
+        raise typer.BadParameter(
+            "give a command after --, or --python CODE, --docker IMAGE, --http URL or --tool NAME"
+        )
     return _builders.shell(command, **common)
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise typer.BadParameter(f"{option}: not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{option}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 NameOpt = Annotated[str, typer.Option(help="Task name")]
@@ -494,6 +595,14 @@ PriorityOpt = Annotated[str, typer.Option(help="critical|high|normal|low|backgro
 TimeoutOpt = Annotated[float | None, typer.Option(help="Execution timeout in seconds")]
 LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="Required node label")]
 PythonOpt = Annotated[str | None, typer.Option("--python", help="Run Python code instead")]
+DockerOpt = Annotated[
+    str | None,
+    typer.Option("--docker", help="Run the command (after --) in a container of this image"),
+]
+HttpOpt = Annotated[str | None, typer.Option("--http", help="Make one HTTP request to this URL")]
+MethodOpt = Annotated[str, typer.Option(help="The --http request's method")]
+ToolOpt = Annotated[str | None, typer.Option("--tool", help="Call the tool of this name")]
+InputOpt = Annotated[str | None, typer.Option("--input", help="The --tool call's input (JSON)")]
 KeyOpt = Annotated[str, typer.Option("--key", help="Idempotency key")]
 TenantOpt = Annotated[str, typer.Option(help="Tenant")]
 AfterOpt = Annotated[
@@ -521,6 +630,11 @@ def run(
     retries: RetriesOpt = 0,
     queue_timeout: QueueTimeoutOpt = None,
     at: AtOpt = None,
+    docker: DockerOpt = None,
+    http: HttpOpt = None,
+    method: MethodOpt = "GET",
+    tool: ToolOpt = None,
+    tool_input: InputOpt = None,
 ) -> None:
     """Run a task, stream its output live, and exit with its exit code."""
     spec = _spec(
@@ -536,6 +650,11 @@ def run(
         retries=retries,
         queue_timeout=queue_timeout,
         at=at,
+        docker=docker,
+        http=http,
+        method=method,
+        tool=tool,
+        tool_input=tool_input,
     )
     code = _run(_follow(coordinator, spec))
     raise typer.Exit(code)
@@ -580,13 +699,12 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                     out.flush()
                 elif is_final(event.state):
                     result = event.result
-                    if event.state == task_pb2.TASK_STATE_SUCCEEDED:
-                        return 0
-                    if result.error:
+                    if spec.HasField("tool") and result.HasField("output"):
+                        # A tool streams nothing: what it returned is its output.
+                        console.print_json(data=json_format.MessageToDict(result.output))
+                    if result.error and event.state != task_pb2.TASK_STATE_SUCCEEDED:
                         err_console.print(f"[red]{state_name(event.state)}[/red]: {result.error}")
-                    if event.state == task_pb2.TASK_STATE_FAILED and result.exit_code > 0:
-                        return result.exit_code
-                    return 124 if event.state == task_pb2.TASK_STATE_TIMED_OUT else 1
+                    return _process_exit(event.state, result)
         except asyncio.CancelledError:
             with contextlib.suppress(ShoalError):
                 await client.cancel(task.id)
@@ -618,20 +736,23 @@ def submit(
     retries: RetriesOpt = 0,
     queue_timeout: QueueTimeoutOpt = None,
     at: AtOpt = None,
+    docker: DockerOpt = None,
+    http: HttpOpt = None,
+    method: MethodOpt = "GET",
+    tool: ToolOpt = None,
+    tool_input: InputOpt = None,
     count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
     file: Annotated[
-        Path | None, typer.Option(help="JSON file: a list of TaskSpec objects (proto JSON)")
+        Path | None,
+        typer.Option(help="JSON file: a TaskSpec object, or a list of them (proto JSON)"),
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for every task to finish")] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for every task to finish; exit 1 unless all succeeded")
+    ] = False,
 ) -> None:
     """Submit tasks and print their ids (a progress bar for batches)."""
     if file is not None:
-        try:
-            specs = [
-                json_format.ParseDict(d, task_pb2.TaskSpec()) for d in json.loads(file.read_text())
-            ]
-        except (OSError, ValueError, json_format.ParseError) as err:
-            raise typer.BadParameter(f"{file}: {err}") from None
+        specs = _read_specs(file)
     else:
         one = _spec(
             command or [],
@@ -646,17 +767,51 @@ def submit(
             retries=retries,
             queue_timeout=queue_timeout,
             at=at,
+            docker=docker,
+            http=http,
+            method=method,
+            tool=tool,
+            tool_input=tool_input,
         )
         specs = [one] * count
-    _run(_submit(coordinator, specs, wait))
+    if not _run(_submit(coordinator, specs, wait)):
+        raise typer.Exit(1)
 
 
-async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait: bool) -> None:
+def _read_specs(file: Path) -> list[task_pb2.TaskSpec]:
+    """`--file`: one TaskSpec (proto JSON) or a list of them."""
+    try:
+        loaded = json.loads(file.read_text())
+    except OSError as err:
+        raise typer.BadParameter(f"{file}: {err.strerror}") from None
+    except (ValueError, RecursionError) as err:
+        raise typer.BadParameter(f"{file}: not JSON (or nested too deep): {err}") from None
+    items = loaded if isinstance(loaded, list) else [loaded]
+    specs = []
+    for i, item in enumerate(items):
+        where = f"{file}" + (f" [{i}]" if isinstance(loaded, list) else "")
+        if not isinstance(item, dict):
+            raise typer.BadParameter(
+                f"{where}: expected a TaskSpec object (or a list of them), got"
+                f" {type(item).__name__}"
+            )
+        try:
+            specs.append(json_format.ParseDict(item, task_pb2.TaskSpec()))
+        except (json_format.ParseError, RecursionError) as err:
+            raise typer.BadParameter(f"{where}: {err}") from None
+    if not specs:
+        raise typer.BadParameter(f"{file}: no tasks in it")
+    return specs
+
+
+async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait: bool) -> bool:
+    """Submit `specs`, print their ids (or, with `wait`, their outcomes); whether all is well:
+    with `wait`, every task succeeded."""
     async with _client(coordinator) as client:
         if len(specs) == 1 and not wait:
             task = await client.submit(specs[0])
             console.print(task.id)
-            return
+            return True
         ids: list[str] = []
         from rich.progress import Progress  # loads in a few hundredths of a second
 
@@ -680,9 +835,10 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
             for t in tasks:
                 counts[state_name(t.state)] = counts.get(state_name(t.state), 0) + 1
             console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-        else:
-            for task_id in ids:
-                console.print(task_id)
+            return set(counts) == {"SUCCEEDED"}
+        for task_id in ids:
+            console.print(task_id)
+        return True
 
 
 @app.command()
@@ -712,7 +868,7 @@ def get(
         ("after", ", ".join(task.depends_on)),
         ("retried", f"{len(task.attempts)} earlier attempt(s)" if task.attempts else ""),
         ("waiting", task.pending_reason),
-        ("exit code", str(task.result.exit_code) if is_final(task.state) else ""),
+        ("exit code", _exit_code(task)),
         ("error", task.result.error),
     ]
     for k, v in rows:
@@ -739,10 +895,10 @@ def wait_for(task_id: str, coordinator: CoordinatorOpt = None) -> None:
     console.print(f"{task.id} {_state(task.state)}", highlight=False)
     if task.result.error:
         err_console.print(f"[red]{state_name(task.state)}[/red]: {escape(task.result.error)}")
-    raise typer.Exit(_exit_code(task.state, task.result))
+    raise typer.Exit(_process_exit(task.state, task.result))
 
 
-def _exit_code(state: int, result: task_pb2.TaskResult) -> int:
+def _process_exit(state: int, result: task_pb2.TaskResult) -> int:
     """0 for success, the task's own exit code when it failed with one, 124 for a timeout."""
     if state == task_pb2.TASK_STATE_SUCCEEDED:
         return 0
@@ -769,6 +925,7 @@ def ls(
     state: Annotated[list[str] | None, typer.Option(help="Only these states")] = None,
     tenant: TenantOpt = "",
     limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+    as_json: JsonOpt = False,
 ) -> None:
     """List tasks, newest first."""
     try:
@@ -781,6 +938,9 @@ def ls(
             return await client.list(states=states, tenant=tenant, limit=limit)
 
     tasks = _run(main())
+    if as_json:
+        _print_json(tasks)
+        return
     table = Table()
     for col in ("id", "name", "kind", "state", "exit", "node", "created"):
         table.add_column(col)
@@ -790,7 +950,7 @@ def ls(
             t.spec.name,
             t.spec.WhichOneof("kind") or "",
             _state(t.state),
-            str(t.result.exit_code) if is_final(t.state) else "",
+            _exit_code(t),
             t.node_id,
             t.created_at.ToDatetime().strftime("%H:%M:%S"),
         )
@@ -811,26 +971,52 @@ def watch(
     async def main() -> None:
         async with _client(coordinator) as client:
             async for e in client.watch(since=since, task_ids=task or [], output=output):
-                what = repr(e.output.data) if e.HasField("output") else _state(e.state)
-                node_part = f" node={e.node_id}" if e.node_id else ""
-                console.print(f"{e.seq} {e.task_id} {what}{node_part}", highlight=False)
+                console.print(f"{e.seq} {_event(e)}", highlight=False)
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(main())
 
 
+def _event(e: task_pb2.Event) -> str:
+    """One line for an event: a task's change or output, or a node, breaker or quota notice."""
+    if e.HasField("node"):
+        n = e.node
+        if not n.throttled:
+            return f"node {escape(n.node_id)} calm: takes every priority"
+        floor = task_pb2.Priority.Name(n.min_priority).removeprefix("PRIORITY_")
+        paused = f", {n.paused} paused" if n.paused else ""
+        why = f" ({escape(n.reason)})" if n.reason else ""
+        return (
+            f"node {escape(n.node_id)} [yellow]throttled[/]{why}: takes {floor} or higher{paused}"
+        )
+    if e.HasField("breaker"):
+        return f"breaker {escape(_breaker(e.breaker))}"
+    if e.HasField("quota"):
+        q = e.quota
+        if q.limited:
+            return f"quota {escape(q.key)} holds tasks back: {escape(q.reason)}"
+        return f"quota {escape(q.key)} lets tasks pass again"
+    what = escape(repr(e.output.data)) if e.HasField("output") else _state(e.state)
+    node_part = f" node={e.node_id}" if e.node_id else ""
+    return f"{e.task_id} {what}{node_part}"
+
+
 @app.command()
-def nodes(coordinator: CoordinatorOpt = None) -> None:
+def nodes(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> None:
     """List connected nodes, and nodes advertised on the LAN that have not joined."""
 
     async def main() -> Any:
         async with _client(coordinator) as client:
             return await client.nodes()
 
+    listed = _run(main())
+    if as_json:
+        _print_json(listed)
+        return
     table = Table()
     for col in ("node", "host", "executors", "labels", "load", "state", "notes", "address"):
         table.add_column(col, overflow="fold")
-    for n in _run(main()):
+    for n in listed:
         notes = [_breaker(b) for b in n.breakers]
         if n.stale_updates:
             notes.append(f"{n.stale_updates} stale updates rejected")
@@ -960,8 +1146,9 @@ def token_create(
     made = _run(main())
     console.print(made.token, highlight=False, soft_wrap=True)
     err_console.print(
-        f"[dim]token {made.info.name!r} ({role}); it is not shown again. Use it as"
-        " SHOAL_TOKEN=... or `authorization: Bearer ...`[/dim]"
+        f"[dim]token {escape(repr(made.info.name))} ({role}); it is not shown again. Use it as"
+        f" {'SHOAL_NODE_TOKEN' if role == 'node' else 'SHOAL_TOKEN'}=... or"
+        " `authorization: Bearer ...`[/dim]"
     )
 
 
@@ -969,6 +1156,7 @@ def token_create(
 def token_ls(
     coordinator: CoordinatorOpt = None,
     revoked: Annotated[bool, typer.Option(help="Include revoked tokens")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List tokens (never their secrets)."""
 
@@ -976,11 +1164,15 @@ def token_ls(
         async with _client(coordinator) as client:
             return await client.tokens(include_revoked=revoked)
 
+    listed = _run(main())
+    if as_json:
+        _print_json(listed)
+        return
     table = Table()
     for col in ("name", "id", "role", "tenant", "node", "created", "expires", "revoked"):
         table.add_column(col)
     role_names = {v: k for k, v in _ROLE_NAMES.items()}
-    for t in _run(main()):
+    for t in listed:
         table.add_row(
             t.name,
             t.id,
@@ -1080,17 +1272,21 @@ def _when(ts: Any) -> str:
 
 
 @schedule_app.command("ls")
-def schedule_ls(coordinator: CoordinatorOpt = None) -> None:
+def schedule_ls(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> None:
     """List schedules."""
 
     async def main() -> list[admin_pb2.Schedule]:
         async with _client(coordinator) as client:
             return await client.schedules()
 
+    listed = _run(main())
+    if as_json:
+        _print_json(listed)
+        return
     table = Table()
     for col in ("name", "when", "next run", "last run", "runs", "skipped", "state"):
         table.add_column(col)
-    for s in _run(main()):
+    for s in listed:
         when = s.cron if s.HasField("cron") else f"every {s.every.ToTimedelta()}"
         table.add_row(
             s.name,
@@ -1182,17 +1378,21 @@ def quota_set(
 
 
 @quota_app.command("ls")
-def quota_ls(coordinator: CoordinatorOpt = None) -> None:
+def quota_ls(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> None:
     """List the quotas."""
 
     async def main() -> list[admin_pb2.Quota]:
         async with _client(coordinator) as client:
             return await client.quotas()
 
+    listed = _run(main())
+    if as_json:
+        _print_json(listed)
+        return
     table = Table()
     for col in ("key", *(title for _, title in _LIMITS), "fail fast"):
         table.add_column(col, overflow="fold")
-    for q in _run(main()):
+    for q in listed:
         cells = [f"{getattr(q, name):g}" if getattr(q, name) else "-" for name, _ in _LIMITS]
         if q.rate:
             per = q.per.ToTimedelta().total_seconds() or 1.0
@@ -1216,6 +1416,7 @@ def quota_rm(key: str, coordinator: CoordinatorOpt = None) -> None:
 def usage(
     key: Annotated[str, typer.Argument(help="One key [every key]")] = "",
     coordinator: CoordinatorOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """What each quota key used per UTC day and month (admin)."""
 
@@ -1223,10 +1424,14 @@ def usage(
         async with _client(coordinator) as client:
             return await client.usage(key)
 
+    listed = _run(main())
+    if as_json:
+        _print_json(listed)
+        return
     table = Table()
     for col in ("key", "period", "requests", "tokens", "cost $", "running", "reserved"):
         table.add_column(col, overflow="fold")
-    for u in _run(main()):
+    for u in listed:
         reserved = f"{u.reserved_tokens} tokens, ${u.reserved_cost:.4f}" if u.running else ""
         table.add_row(
             u.key,

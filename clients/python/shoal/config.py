@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -77,6 +77,15 @@ def read_token(token: str = "", token_file: Path | None = None) -> str:
 
 class _Settings(BaseSettings):
     _table: ClassVar[str] = ""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An optional path given empty (`SHOAL_TOKEN_FILE=`) is unset, as in a shell, not "."."""
+        name = info.field_name
+        if value == "" and name is not None and cls.model_fields[name].annotation == Path | None:
+            return None
+        return value
 
     @classmethod
     def settings_customise_sources(

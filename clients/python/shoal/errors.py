@@ -22,6 +22,7 @@ __all__ = [
     "TaskFailed",
     "Unauthenticated",
     "Unavailable",
+    "WaitTimeout",
 ]
 
 
@@ -104,4 +105,19 @@ class TaskFailed(ShoalError):
 
         why = task.result.error or task.result.stderr.strip()[-500:]
         super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
+        self.task = task
+
+
+class WaitTimeout(ShoalError):
+    """A wait with a timeout ended before the task did; `task` is how it was then.
+    Raised by the SDK, never by a server: it maps to no status code."""
+
+    def __init__(self, task: task_pb2.Task, timeout: timedelta) -> None:
+        from shoal.specs import state_name  # specs needs this module first
+
+        why = f" ({task.pending_reason})" if task.pending_reason else ""
+        super().__init__(
+            f"task {task.id} still {state_name(task.state)} after {timeout.total_seconds():g} s"
+            + why
+        )
         self.task = task

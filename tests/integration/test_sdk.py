@@ -1,0 +1,141 @@
+"""The SDK as a program meets it: timeouts, unreachable addresses, states, builders."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from shoal import (
+    AsyncClient,
+    Client,
+    TaskState,
+    Unavailable,
+    WaitTimeout,
+    custom,
+    shell,
+)
+from shoal._status import to_status
+from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
+
+from .harness import CliProcesses, Mesh, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+WAIT = timedelta(seconds=20)
+DEADLINE = 30.0  # seconds: far beyond the few an unreached coordinator may take to be named
+
+
+def later() -> datetime:
+    return datetime.now(UTC) + timedelta(hours=1)
+
+
+async def test_wait_with_a_timeout_raises_for_a_task_that_has_not_ended(mesh: Mesh) -> None:
+    task = await mesh.client.submit(shell(["true"], not_before=later()))
+    short = timedelta(milliseconds=200)
+
+    with pytest.raises(WaitTimeout) as waited:
+        await mesh.client.wait(task.id, timeout=short)
+    assert waited.value.task.id == task.id
+    assert waited.value.task.state == task_pb2.TASK_STATE_PENDING
+    assert waited.value.message.startswith(f"task {task.id} still PENDING after 0.2 s")
+
+    def blocking() -> WaitTimeout:
+        with Client(mesh.address, token=mesh.token) as client, pytest.raises(WaitTimeout) as err:
+            client.wait(task.id, timeout=short)
+        return err.value
+
+    assert (await asyncio.to_thread(blocking)).task.state == task_pb2.TASK_STATE_PENDING
+    # Without a timeout, or once it has ended, the task itself.
+    await mesh.client.cancel(task.id)
+    ended = await mesh.client.wait(task.id, timeout=short)
+    assert ended.state == task_pb2.TASK_STATE_CANCELLED
+
+
+async def test_states_read_by_name(mesh: Mesh) -> None:
+    """The README's `client.run` loop prints states by name, not number."""
+    printed = [
+        str(TaskState(e.state))
+        async for e in mesh.client.run(shell(["echo", "hi"]))
+        if not e.HasField("output")
+    ]
+    assert printed[-1] == "SUCCEEDED"
+    assert set(printed) <= {"QUEUED", "ASSIGNED", "RUNNING", "SUCCEEDED"}, printed
+
+
+async def test_a_custom_task_runs_on_its_executor(mesh: Mesh) -> None:
+    task = await mesh.client.submit(custom("noop", {"hello": "shoal"}))
+    done = await mesh.client.wait(task.id, timeout=WAIT)
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert dict(done.result.output) == {"hello": "shoal"}
+
+
+@pytest.mark.parametrize("address", [f"127.0.0.1:{free_port()}", "no-such-host.invalid:7070"])
+async def test_a_coordinator_never_reached_is_named_at_once(address: str) -> None:
+    """Refused or unresolvable: not worth the minutes `retry_for` rides out a restart for."""
+    async with AsyncClient(address, token="t", retry_for=timedelta(minutes=10)) as client:
+        with pytest.raises(Unavailable) as unary:
+            await asyncio.wait_for(client.list(), DEADLINE)
+        with pytest.raises(Unavailable) as watch:
+            await asyncio.wait_for(anext(client.watch()), DEADLINE)
+    for err in (unary.value, watch.value):
+        assert err.message.startswith(f"cannot reach a coordinator at {address}: "), err.message
+
+
+async def test_a_client_that_reached_its_coordinator_rides_out_a_restart(
+    cli: CliProcesses, tmp_path: Path
+) -> None:
+    port = free_port()
+    address, data_dir = f"127.0.0.1:{port}", tmp_path / "data"
+    coordinator = await cli.coordinator(port, data_dir)
+    # No grace at all for a coordinator never reached: only having reached it keeps it trying.
+    async with AsyncClient(
+        address, retry_for=timedelta(seconds=60), connect_for=timedelta(0)
+    ) as client:
+        task = await client.submit(shell(["true"], not_before=later()))
+        assert await coordinator.kill() == -9
+
+        call = asyncio.create_task(client.get(task.id))  # fails until the coordinator is back
+        await cli.coordinator(port, data_dir)
+        assert (await asyncio.wait_for(call, DEADLINE)).id == task.id
+
+
+class StoppingThenBack(tasks_pb2_grpc.TasksServicer):
+    """A coordinator that answers UNAVAILABLE, as one that is stopping does, twice."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def List(
+        self, request: tasks_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tasks_pb2.ListResponse:
+        self.calls += 1
+        if self.calls <= 2:
+            await context.abort_with_status(
+                to_status(Unavailable("the coordinator is not accepting tasks"))
+            )
+        return tasks_pb2.ListResponse()
+
+
+async def test_a_coordinator_that_answers_unavailable_is_waited_for() -> None:
+    """It was reached: it answered, if only that it cannot serve now (it is restarting)."""
+    servicer = StoppingThenBack()  # type: ignore[abstract]
+    server = grpc.aio.server()
+    tasks_pb2_grpc.add_TasksServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(
+            f"127.0.0.1:{port}",
+            token="t",
+            retry_for=timedelta(seconds=60),
+            connect_for=timedelta(0),
+        ) as client:
+            assert await asyncio.wait_for(client.list(), DEADLINE) == []
+        assert servicer.calls == 3
+    finally:
+        await server.stop(None)

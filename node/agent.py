@@ -17,8 +17,10 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
+from shoal._reflection import serve_reflection
 from shoal._server import (
     HEALTH_POLICY,
+    HEALTH_SERVICE,
     OPEN,
     Gate,
     method_path,
@@ -284,6 +286,9 @@ class NodeAgent:
         server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
+        # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
+        node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+        serve_reflection(server, (node_service, HEALTH_SERVICE))
         if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(
                 s.tls_cert,

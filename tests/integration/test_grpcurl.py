@@ -83,8 +83,9 @@ async def test_node_lists_its_services_by_reflection_to_token_holders(
     mesh: Mesh, grpcurl: Path
 ) -> None:
     done = await grpcurl_call(grpcurl, mesh.node_address, "list", token=mesh.token)
-    described = await grpcurl_call(
-        grpcurl, mesh.node_address, "describe", "shoal.v1.Node.Info", token=mesh.token
+    bearer = f"authorization: Bearer {mesh.token}"
+    described = await run_tool(
+        [str(grpcurl), "-plaintext", "-H", bearer, mesh.node_address, "describe", "shoal.v1.Node"]
     )
     anonymous = await grpcurl_call(grpcurl, mesh.node_address, "list")
 
@@ -95,7 +96,8 @@ async def test_node_lists_its_services_by_reflection_to_token_holders(
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     }
-    assert described.returncode == 0 and "rpc Info" in described.stdout, described.stderr
+    assert described.returncode == 0, described.stderr
+    assert "rpc Info ( .shoal.v1.InfoRequest ) returns ( .shoal.v1.NodeInfo )" in described.stdout
     assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr
 
 

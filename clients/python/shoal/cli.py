@@ -23,6 +23,7 @@ from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
 from shoal._discover_cli import discover
+from shoal._extras import needs_extra
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
@@ -142,8 +143,9 @@ def up(
     verbose: VerboseOpt = False,
 ) -> None:
     """Start a coordinator and one local node in this process (loopback, embedded SQLite)."""
-    from shoal.coordinator.server import CoordinatorServer
-    from shoal.node.agent import NodeAgent
+    with needs_extra("coordinator", "node"):
+        from shoal.coordinator.server import CoordinatorServer
+        from shoal.node.agent import NodeAgent
 
     _logging(verbose)
     raise_open_files_limit()
@@ -235,7 +237,8 @@ def coordinator(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
-    from shoal.coordinator.server import CoordinatorServer
+    with needs_extra("coordinator"):
+        from shoal.coordinator.server import CoordinatorServer
 
     _logging(verbose)
     raise_open_files_limit()
@@ -337,7 +340,8 @@ def node(
     With --standalone it holds no coordinator session: run tasks on it with
     `shoal.v1.Node/Execute` (grpcurl, or any gRPC client) and the node's token.
     """
-    from shoal.node.agent import NodeAgent
+    with needs_extra("node"):
+        from shoal.node.agent import NodeAgent
 
     _logging(verbose)
     raise_open_files_limit()

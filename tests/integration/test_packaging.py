@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,24 @@ def test_the_wheel_carries_the_protos_license_and_metadata(client_venv: Path) ->
     license_name, urls, classifiers, author = meta.split(" ", 3)
     assert license_name == "Apache-2.0" and int(urls) >= 2 and int(classifiers) >= 5 and author
     assert license_file == "True"
+
+
+def test_the_sdist_carries_the_protos_and_license(tmp_path: Path) -> None:
+    build = (
+        "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    sdist = tmp_path / done.stdout.split()[-1]
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+
+    assert "LICENSE" in names
+    assert {
+        f"protos/shoal/v1/{p.name}" for p in (ROOT / "protos/shoal/v1").glob("*.proto")
+    } <= names

@@ -17,6 +17,7 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
+from shoal._output import result_text, set_result_text
 from shoal._reflection import serve_reflection
 from shoal._server import (
     HEALTH_POLICY,
@@ -755,6 +756,6 @@ class NodeAgent:
             # Whatever the executor did, no value leaves the node in the result.
             result = outcome.result
             result.error = redactor.redact(result.error)
-            result.stdout = redactor.redact(result.stdout)
-            result.stderr = redactor.redact(result.stderr)
+            for stream in ("stdout", "stderr"):
+                set_result_text(result, stream, redactor.redact(result_text(result, stream)))
         return outcome

@@ -21,6 +21,7 @@ def test_public_names() -> None:
         "Unauthenticated",
         "Unavailable",
         "__version__",
+        "chunk_bytes",
         "docker",
         "llm",
         "noop",
@@ -28,6 +29,8 @@ def test_public_names() -> None:
         "python",
         "retry",
         "shell",
+        "stderr_bytes",
+        "stdout_bytes",
         "tool",
     ]
     for name in shoal.__all__:

@@ -8,6 +8,7 @@ with Client() as client:
 
 from shoal._builders import docker, llm, noop, ollama, python, retry, shell, tool
 from shoal._client import AsyncClient, Client
+from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -40,6 +41,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "chunk_bytes",
     "docker",
     "llm",
     "noop",
@@ -47,5 +49,7 @@ __all__ = [
     "python",
     "retry",
     "shell",
+    "stderr_bytes",
+    "stdout_bytes",
     "tool",
 ]

@@ -24,6 +24,7 @@ from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error
 from shoal._discover_cli import discover
 from shoal._extras import needs_extra
+from shoal._output import chunk_bytes
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
@@ -504,7 +505,8 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                         if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR
                         else sys.stdout
                     )
-                    out.write(event.output.data)
+                    # The task's bytes as it wrote them, whatever their encoding.
+                    out.buffer.write(chunk_bytes(event.output))
                     out.flush()
                 elif is_final(event.state):
                     result = event.result

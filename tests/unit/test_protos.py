@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,26 @@ def test_every_file_names_its_package_for_other_languages(module: object) -> Non
     assert options.objc_class_prefix == "SHL"
     assert options.php_namespace == "Shoal\\V1"
     assert options.ruby_package == "Shoal::V1"
+
+
+def test_go_code_generates_without_import_flags(tmp_path: Path) -> None:
+    """Real protoc-gen-go and protoc-gen-go-grpc (Debian packages, installed by .ci/run)."""
+    for plugin in ("protoc-gen-go", "protoc-gen-go-grpc"):
+        assert shutil.which(plugin), f"{plugin} is not installed (apt-get install {plugin})"
+    protos = sorted(str(p) for p in PROTOS.glob("*.proto"))
+    outputs = [f"--go_out={tmp_path}", f"--go-grpc_out={tmp_path}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS.parents[1]}", *outputs, *protos],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    package = tmp_path / "github.com/shoal-mesh/shoal/gen/go/shoal/v1"
+    made = sorted(p.name for p in package.iterdir())
+    assert "tasks.pb.go" in made and "tasks_grpc.pb.go" in made and "node_grpc.pb.go" in made
+    assert "package shoalv1\n" in (package / "task.pb.go").read_text()
 
 
 def test_outer_class_names_differ() -> None:

@@ -26,6 +26,7 @@ class Refusal:
     key: str  # what the task waits on, e.g. "quota:provider:openai"
     reason: str  # for pending_reason: "rate limit provider:openai: next slot in 1.2 s"
     retry_at: float | None = None  # wall time to look again; None: when the key frees up
+    retry_after: float | None = None  # or seconds from now to look again (e.g. a rate's slot)
     fail: bool = False  # fail the task now (fail-fast) instead of holding it
 
 

@@ -13,6 +13,7 @@ This module is the state machine only; the coordinator applies what each state m
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ class Breaker:
     state: int = CLOSED
     failures: int = 0  # consecutive infrastructure failures
     opened_at: float = 0.0  # wall clock
-    retry_at: float = 0.0  # open: when it turns half-open
+    retry_at: float = 0.0  # open: when it turns half-open (wall clock, shown)
+    due: float = 0.0  # the same moment on the steady clock, which times it
     last_error: str = ""
     probe: str = ""  # half-open: the task sent as the probe, while it runs
 
@@ -79,11 +81,20 @@ class Breaker:
 class Breakers:
     """Every breaker by key; each method returns the breakers whose state it changed."""
 
-    def __init__(self, *, threshold: int, cooldown: float, wall: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        threshold: int,
+        cooldown: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` times cooldowns (a wall-clock step moves none); `wall` dates what is shown."""
         if threshold < 1:
             raise ValueError("breaker threshold must be at least 1")
         self.threshold = threshold
         self.cooldown = cooldown
+        self._clock = clock
         self._wall = wall
         self._all: dict[str, Breaker] = {}
         self.tripped = 0  # breakers not closed: when 0, dispatch skips every check
@@ -147,7 +158,7 @@ class Breakers:
     def half_open(self, key: str) -> Breaker | None:
         """The cooldown of an open breaker ended: it lets one probe through."""
         b = self._all.get(key)
-        if b is None or b.state != OPEN or b.retry_at > self._wall():
+        if b is None or b.state != OPEN or b.due > self._clock():
             return None
         b.state = HALF_OPEN
         return b
@@ -169,3 +180,4 @@ class Breakers:
         b.state, b.probe = OPEN, ""
         b.opened_at = now
         b.retry_at = now + self.cooldown
+        b.due = self._clock() + self.cooldown

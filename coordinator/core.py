@@ -30,6 +30,7 @@ from shoal.coordinator.breakers import (
     executor_key,
     node_key,
 )
+from shoal.coordinator.clock import Clock
 from shoal.coordinator.encoding import (
     attempt_id,
     finished_row,
@@ -81,7 +82,7 @@ from shoal.errors import (
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
-__all__ = ["Coordinator", "CoreOptions", "Submitted"]
+__all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -98,6 +99,7 @@ _NO_RESULT = task_pb2.TaskResult()
 _REPLAY_PAGE = 1000
 _PAGE_BYTES = 1 << 20  # of output in one page of a watch (one event at least)
 _FREEZE_AFTER = 100_000  # tasks recovered
+SHUTTING_DOWN = "the coordinator is shutting down: watch again from the last cursor received"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class CoreOptions:
     breaker_threshold: int = 5
     breaker_cooldown: timedelta = timedelta(seconds=30)
     max_lock_ttl: timedelta = timedelta(hours=1)  # a lease's longest ttl at once
+    max_catch_up: int = 10  # missed firings a CATCH_UP_ALL schedule runs at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,8 @@ class Coordinator:
         self.tokens = TokenRegistry(store, wall=wall)
         self._clock = clock
         self._wall = wall
+        # Durations (timers, TTLs, cooldowns, buckets) on steady time; dates on the wall clock.
+        self._time = Clock(monotonic=clock, wall=wall)
         self.epoch = 0
         self.events = EventLog(0)
         self.watchers_cut = 0  # watches ended because they fell behind the event log
@@ -228,9 +233,10 @@ class Coordinator:
         self._breakers = Breakers(
             threshold=self.options.breaker_threshold,
             cooldown=self.options.breaker_cooldown.total_seconds(),
+            clock=self._time.now,
             wall=wall,
         )
-        self.quotas = QuotaGate(pricing=self.options.pricing, wall=wall)
+        self.quotas = QuotaGate(pricing=self.options.pricing, clock=self._time.now)
         self.locks = LockGate()
         self._gates: list[Admission] = [self.quotas, self.locks]
         self._leases = LeaseTable(
@@ -240,7 +246,7 @@ class Coordinator:
             cancel_timer=self._timers.cancel,
             spawn=self._spawn,
             wake=self._wake,
-            wall=wall,
+            clock=self._time,
             max_name=self.options.limits.max_string,
             max_ttl=self.options.max_lock_ttl,
         )
@@ -251,8 +257,9 @@ class Coordinator:
             set_timer=self._set_timer,
             cancel_timer=self._timers.cancel,
             spawn=self._spawn,
-            wall=wall,
+            clock=self._time,
             limits=self.options.limits,
+            max_catch_up=self.options.max_catch_up,
         )
         self._waiting = Waiting()  # tasks a gate holds back, by key
         self._limited: set[str] = set()  # keys holding tasks back now
@@ -326,17 +333,22 @@ class Coordinator:
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._wall()
         for rec in records:
+            if rec.more is not None and rec.queue_timeout is not None:
+                deadline = rec.created_at + rec.queue_timeout  # stored as wall time
+                rec.queue_deadline = self._time.remaining(deadline, most=rec.queue_timeout)
             if self._awaited and grace > 0 and not rec.waiting_on and (rec.release_at or 0) <= now:
                 rec.state = _PENDING  # its node may still run it: see attach
                 self._recovering.add(rec.id)
             else:
                 self._admit(rec)
         if self._recovering:
-            self._set_timer(TimerKind.RECOVERY, "", self._wall() + grace)
+            self._set_timer(TimerKind.RECOVERY, "", self._time.now() + grace)
 
     async def stop(self) -> None:
-        """Refuse new work, close node sessions, flush outcomes, close the store; idempotent."""
+        """Refuse new work, end watches, close node sessions, flush outcomes, close the store;
+        idempotent."""
         self.accepting = False
+        self.events.close()  # open watches end now, not when the server's grace runs out
         for loop_task in (self._sweeper, self._timer_loop):
             if loop_task is not None:
                 loop_task.cancel()
@@ -399,6 +411,7 @@ class Coordinator:
         try:
             await self._check_upstream_ids(specs, by)
             now = self._wall()
+            steady = self._time.now()
             # A task id is its acceptance number's low 32 bits, then 32 random ones: unique,
             # and in order, so the store's index of ids grows at its end (random ids cost 3x).
             noise = os.urandom(4 * len(specs)).hex()  # one call for the batch
@@ -406,9 +419,12 @@ class Coordinator:
                 seq = self.events.reserve()
                 task_id = f"{seq & 0xFFFFFFFF:08x}{noise[8 * i : 8 * i + 8]}"
                 rec = task_record(task_id, seq, spec, encoded[i], now, by.name, fields[i])
+                if rec.more is not None and rec.queue_timeout is not None:
+                    rec.queue_deadline = steady + rec.queue_timeout
                 records.append(rec)
                 rows.append(task_row(rec, spec))
-            request = Request(f"{by.name}\0{request_id}", now) if request_id else None
+            # Steady time: a wall-clock step neither ends nor stretches the dedupe window.
+            request = Request(f"{by.name}\0{request_id}", steady) if request_id else None
             existing, upstream = await self._store.insert(rows, request)
             created = [r for r, old in zip(records, existing, strict=True) if old is None]
             for rec, ups in zip(records, upstream, strict=True):
@@ -537,12 +553,12 @@ class Coordinator:
             self._finish(rec, _SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
             return
         now = self._wall()
-        if rec.queue_timeout is not None and rec.attempt == 0 and not rec.attempts:
-            self._set_timer(TimerKind.QUEUE_TIMEOUT, rec.id, rec.created_at + rec.queue_timeout)
+        if rec.queue_deadline is not None and rec.attempt == 0 and not rec.attempts:
+            self._set_timer(TimerKind.QUEUE_TIMEOUT, rec.id, rec.queue_deadline)
         if rec.waiting_on or (rec.release_at is not None and rec.release_at > now):
             rec.state = _PENDING
-            if rec.release_at is not None and not rec.waiting_on:
-                self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
+            if rec.release_at is not None and not rec.waiting_on:  # not_before: a date
+                self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at, calendar=True)
             return
         rec.release_at = None
         if rec.routed:
@@ -736,6 +752,8 @@ class Coordinator:
         while True:
             if not self.tokens.valid(by):
                 raise Unauthenticated(f"the token of {by.name!r} was revoked or has expired")
+            if self.events.closed:
+                raise Unavailable(SHUTTING_DOWN)
             held = self.events.after(cursor, _REPLAY_PAGE)
             if held is None:
                 upto = self.events.oldest_seq
@@ -1254,8 +1272,12 @@ class Coordinator:
     def _hold(self, rec: TaskRecord, refusal: Refusal) -> None:
         rec.held_by, rec.wait_reason = refusal.key, refusal.reason
         self._waiting.hold(refusal.key, rec)
-        if refusal.retry_at is not None:
-            self._set_timer(TimerKind.ADMISSION, refusal.key, refusal.retry_at)
+        if refusal.retry_after is not None:
+            self._set_timer(
+                TimerKind.ADMISSION, refusal.key, self._time.now() + refusal.retry_after
+            )
+        elif refusal.retry_at is not None:
+            self._set_timer(TimerKind.ADMISSION, refusal.key, refusal.retry_at, calendar=True)
         self._notice(refusal.key, refusal.reason)
         self.events.emit(task_change(rec, by=COORDINATOR))
 
@@ -1339,7 +1361,7 @@ class Coordinator:
     def _breaker_changed(self, b: Breaker) -> None:
         """Apply a breaker's new state to dispatch, set its cooldown timer, and tell watchers."""
         if b.state == OPEN:
-            self._set_timer(TimerKind.BREAKER, b.key, b.retry_at)
+            self._set_timer(TimerKind.BREAKER, b.key, b.due)
             _log.warning("circuit breaker %s open: %s", b.key, b.last_error)
         elif b.state == CLOSED:
             _log.info("circuit breaker %s closed", b.key)
@@ -1419,16 +1441,21 @@ class Coordinator:
         self._record_attempt(rec, state, result)
         rec.node_id = ""
         rec.started_at = None
-        rec.release_at = self._wall() + delay
+        rec.release_at = self._wall() + delay  # shown in pending_reason
         rec.state = _PENDING
-        self._set_timer(TimerKind.RELEASE, rec.id, rec.release_at)
+        self._set_timer(TimerKind.RELEASE, rec.id, self._time.now() + delay)
         self.events.emit(task_change(rec, by=by))
 
     # -- timers ----------------------------------------------------------------------------
 
-    def _set_timer(self, kind: TimerKind, task_id: str, due: float) -> None:
+    def _set_timer(
+        self, kind: TimerKind, task_id: str, due: float, *, calendar: bool = False
+    ) -> None:
+        """Time `kind` for `task_id` at steady time `due`; `calendar`: at wall time `due`."""
+        if calendar:
+            due = self._time.from_wall(due)
         earliest = self._timers.next_due()
-        self._timers.set(kind, task_id, due)
+        self._timers.set(kind, task_id, due, calendar=calendar)
         if self._timer_wake is not None and (earliest is None or due < earliest):
             self._timer_wake.set()
 
@@ -1436,7 +1463,7 @@ class Coordinator:
         assert self._timer_wake is not None
         while True:
             due = self._timers.next_due()
-            wait = 1.0 if due is None else min(1.0, max(0.0, due - self._wall()))
+            wait = 1.0 if due is None else min(1.0, max(0.0, due - self._time.now()))
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -1446,10 +1473,11 @@ class Coordinator:
     def tick(self) -> None:
         """Act on every timer that is due: release waiting tasks, time out unstarted ones,
         fire schedules, half-open breakers, end the restart grace."""
-        now = self._wall()
-        for kind, task_id in self._timers.pop_due(now):
+        if step := self._time.stepped():
+            self._timers.shift(step)
+        for kind, task_id in self._timers.pop_due(self._time.now()):
             if kind is TimerKind.SCHEDULE:
-                self._schedules.fire(task_id, now)
+                self._schedules.fire(task_id)
                 continue
             if kind is TimerKind.BREAKER:
                 if (breaker := self._breakers.half_open(task_id)) is not None:

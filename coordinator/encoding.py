@@ -95,7 +95,9 @@ def task_row(rec: TaskRecord, spec: task_pb2.TaskSpec) -> TaskRow:
 
 
 def finished_row(rec: TaskRecord, epoch: int) -> FinishedRow:
-    """The outcome row of a final task, whose last attempt was made in `epoch`."""
+    """The outcome row of a final task; `epoch` (the coordinator's now) stands for the epoch of
+    a task that never had an attempt. An attempt keeps the epoch that dispatched it, which an
+    attempt kept across a restart is not."""
     return FinishedRow(
         id=rec.id,
         seq=rec.seq,
@@ -104,7 +106,7 @@ def finished_row(rec: TaskRecord, epoch: int) -> FinishedRow:
         finished_at=rec.finished_at or 0.0,
         started_at=rec.started_at,
         node_id=rec.node_id,
-        attempt_epoch=epoch,
+        attempt_epoch=rec.attempt_epoch if rec.attempt else epoch,
         attempt_number=rec.attempt,
         result=rec.result.SerializeToString() if rec.result else b"",
         finished_by=rec.finished_by,

@@ -118,6 +118,7 @@ class EventLog:
         self._staged: dict[int, Change | None] = {}
         self._wakeup: asyncio.Future[None] | None = None
         self._dropped: asyncio.Future[None] | None = None  # set when old events are dropped
+        self.closed = False  # no more events come: watchers stop waiting
 
     @property
     def last_seq(self) -> int:
@@ -199,15 +200,26 @@ class EventLog:
         return self._ring[start : None if limit is None else start + limit]
 
     async def wait_dropped(self, seq: int) -> None:
-        """Return once the event after `seq` is no longer held."""
-        while seq + 1 >= self._base:
+        """Return once the event after `seq` is no longer held, or the log is closed."""
+        while seq + 1 >= self._base and not self.closed:
             if self._dropped is None:
                 self._dropped = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._dropped)
 
+    def close(self) -> None:
+        """No more events come (shutdown): every `wait_after` and `wait_dropped` returns now
+        and from now on."""
+        self.closed = True
+        if self._wakeup is not None:
+            self._wakeup.set_result(None)
+            self._wakeup = None
+        if self._dropped is not None:
+            self._dropped.set_result(None)
+            self._dropped = None
+
     async def wait_after(self, seq: int) -> None:
-        """Return once an event after `seq` is published."""
-        while self.last_seq <= seq:
+        """Return once an event after `seq` is published, or the log is closed."""
+        while self.last_seq <= seq and not self.closed:
             if self._wakeup is None:
                 self._wakeup = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._wakeup)

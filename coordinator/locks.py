@@ -19,9 +19,10 @@ from typing import Any
 
 from shoal.auth import Principal, Role
 from shoal.coordinator.admission import Admission, Refusal
+from shoal.coordinator.clock import Clock
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import Store
-from shoal.coordinator.timers import TimerKind
+from shoal.coordinator.timers import SetTimer, TimerKind
 from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shoal.specs import timestamp
 from shoal.v1 import locks_pb2, task_pb2
@@ -144,11 +145,11 @@ class LeaseTable:
         store: Store,
         gate: LockGate,
         *,
-        set_timer: Callable[[TimerKind, str, float], None],
+        set_timer: SetTimer,
         cancel_timer: Callable[[TimerKind, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         wake: Callable[[str], None],
-        wall: Callable[[], float],
+        clock: Clock,
         max_name: int,
         max_ttl: timedelta = timedelta(hours=1),
     ) -> None:
@@ -158,7 +159,7 @@ class LeaseTable:
         self._cancel_timer = cancel_timer
         self._spawn = spawn
         self._wake = wake  # a freed key's waiting tasks go on
-        self._wall = wall
+        self._clock = clock
         self._max_name = max_name
         self._max_ttl = max_ttl
         self._leases: dict[str, locks_pb2.Lease] = {}  # by holder, "lease:<name>#<token>"
@@ -170,8 +171,11 @@ class LeaseTable:
         self._tokens = await self._store.lock_tokens()
         for body in await self._store.leases():
             lease = locks_pb2.Lease.FromString(body)
-            if lease.expires_at.ToNanoseconds() / 1e9 > self._wall():
-                self._start(lease)
+            expires = lease.expires_at.ToNanoseconds() / 1e9  # wall time when it was stored
+            if expires > self._clock.wall():
+                self._start(
+                    lease, self._clock.remaining(expires, most=self._max_ttl.total_seconds())
+                )
 
     async def acquire(
         self, name: str, ttl: timedelta, wait: timedelta, *, shared: bool, by: Principal
@@ -198,11 +202,12 @@ class LeaseTable:
         lease = locks_pb2.Lease(
             name=name,
             token=token,
-            expires_at=timestamp(self._wall() + ttl.total_seconds()),
+            expires_at=timestamp(self._clock.wall() + ttl.total_seconds()),
             shared=shared,
             holder=by.name,
         )
-        self._start(lease)  # held from here on: nothing else can take it meanwhile
+        # Held from here on: nothing else can take it meanwhile.
+        self._start(lease, self._clock.now() + ttl.total_seconds())
         try:
             await self._store.put_lease(name, token, lease.SerializeToString())
         except BaseException:
@@ -215,8 +220,8 @@ class LeaseTable:
     ) -> locks_pb2.Lease:
         self._check_ttl(ttl)
         lease = self._lease(name, token, by)
-        lease.expires_at.CopyFrom(timestamp(self._wall() + ttl.total_seconds()))
-        self._set_timer(TimerKind.LEASE, _holder(lease), self._wall() + ttl.total_seconds())
+        lease.expires_at.CopyFrom(timestamp(self._clock.wall() + ttl.total_seconds()))
+        self._set_timer(TimerKind.LEASE, _holder(lease), self._clock.now() + ttl.total_seconds())
         await self._store.put_lease(lease.name, token, lease.SerializeToString())
         return lease
 
@@ -230,7 +235,7 @@ class LeaseTable:
         """The lease's timer is due: it ends."""
         if (lease := self._leases.get(holder)) is not None:
             _log.info("lease %s #%d expired", lease.name, lease.token)
-            self._end(holder)
+            self._end(holder, expired=True)
 
     def freed(self, key: str) -> None:
         """`key` was let go of: a lease waiting for it tries again."""
@@ -255,19 +260,20 @@ class LeaseTable:
             raise PermissionDenied(f"lease {name} #{token} is held by {lease.holder!r}")
         return lease
 
-    def _start(self, lease: locks_pb2.Lease) -> None:
+    def _start(self, lease: locks_pb2.Lease, due: float) -> None:
+        """Hold the lease until steady time `due` (its TTL's end)."""
         holder = _holder(lease)
         self._leases[holder] = lease
         self._tokens[lease.name] = max(self._tokens.get(lease.name, 0), lease.token)
         self._gate.hold(holder, ((lease.name, lease.shared),))
-        self._set_timer(TimerKind.LEASE, holder, lease.expires_at.ToNanoseconds() / 1e9)
+        self._set_timer(TimerKind.LEASE, holder, due)
 
-    def _end(self, holder: str) -> None:
+    def _end(self, holder: str, *, expired: bool = False) -> None:
         lease = self._leases.pop(holder, None)
         if lease is None:
             return
         self._cancel_timer(TimerKind.LEASE, holder)
-        if lease.expires_at.ToNanoseconds() / 1e9 <= self._wall():  # expired, not released
+        if expired:  # not released: its row goes too
             self._spawn(self._store.delete_lease(lease.name, lease.token))
         for key in self._gate.release(holder):
             self._wake(key)

@@ -8,6 +8,7 @@ it reads the core's state as the loop sees it and never while it changes.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shoal._server import in_use
 from shoal.specs import state_name
 
 if TYPE_CHECKING:
@@ -108,10 +110,18 @@ class MetricsServer:
         self.port = 0
 
     def start(self) -> None:
+        """Serve; FailedPrecondition naming the process that holds the port, if one does."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot(self._core, asyncio.get_running_loop()))
         host, _, port = self._listen.rpartition(":")
-        self._server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        try:
+            self._server, _ = start_http_server(
+                int(port), addr=host or "127.0.0.1", registry=registry
+            )
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise in_use(self._listen, int(port)) from None
+            raise
         self.port = self._server.server_port
 
     async def stop(self) -> None:

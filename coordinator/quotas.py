@@ -108,7 +108,7 @@ class QuotaGate(Admission):
     _held: dict[str, _Held] = field(default_factory=dict)
     _unsaved: list[UsageRow] = field(default_factory=list)
     _minute: str = ""
-    wall: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic  # for rate limits; periods are dates
 
     @property
     def active(self) -> bool:
@@ -123,7 +123,7 @@ class QuotaGate(Admission):
         if quota.rate:
             per = quota.per.ToNanoseconds() / 1e9 or 1.0
             burst = quota.burst or max(1, int(quota.rate))
-            bucket = TokenBucket(quota.rate / per, burst, clock=self.wall)
+            bucket = TokenBucket(quota.rate / per, burst, clock=self.clock)
             bucket.take(burst)  # it starts empty: a new or restored limit grants no burst
             self._buckets[quota.key] = bucket
 
@@ -177,7 +177,7 @@ class QuotaGate(Admission):
             return Refusal(
                 f"quota:{key}",
                 f"rate limit {key}: next slot in {wait:.1f} s",
-                retry_at=now + wait,
+                retry_after=wait,
                 fail=q.fail_fast,
             )
         for key in keys:

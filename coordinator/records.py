@@ -93,6 +93,7 @@ class TaskRecord:
     release_at = _Rare[float | None](None)  # wall time it may be queued (not_before, backoff)
     waiters = _Rare[list[asyncio.Future[None]] | None](None)
     queue_timeout = _Rare[float | None](None)  # spec.queue_timeout, in seconds
+    queue_deadline = _Rare[float | None](None)  # when that ends, in steady time (clock.Clock)
 
     @property
     def spec(self) -> task_pb2.TaskSpec:

@@ -15,13 +15,14 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
+    listen_on,
     method_path,
     serve_health,
     server_credentials,
     server_options,
 )
 from shoal.auth import Role
-from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings
+from shoal.config import ADMIN_TOKEN_FILE, STORE_FILE, CoordinatorSettings
 from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.discovery import CoordinatorDiscovery
@@ -86,7 +87,7 @@ class CoordinatorServer:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.core = Coordinator(
-            SqliteStore(settings.data_dir / "shoal.db", synchronous=settings.synchronous),
+            SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous),
             CoreOptions(
                 limits=Limits(
                     max_spec_bytes=settings.max_spec_bytes,
@@ -116,6 +117,7 @@ class CoordinatorServer:
                 breaker_threshold=settings.breaker_threshold,
                 breaker_cooldown=settings.breaker_cooldown,
                 max_lock_ttl=settings.max_lock_ttl,
+                max_catch_up=settings.max_catch_up,
                 pricing=settings.pricing,
                 quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
             ),
@@ -178,17 +180,27 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         self._check_settings()
-        await self.core.start()
+        # Ports first: one another process holds ends the start at once, not after recovery.
+        server = await self._listen()
         try:
-            await self._serve()
+            await self.core.start()
         except BaseException:
+            await self._stop_metrics()
+            await server.stop(None)
+            raise
+        try:
+            await self._serve(server)
+        except BaseException:
+            await self._stop_metrics()
             await self.core.stop()
+            self._server = None
+            await server.stop(None)
             raise
 
-    async def _serve(self) -> None:
+    async def _listen(self) -> grpc.aio.Server:
+        """The gRPC server with its services, bound to its port (serving nothing yet), and
+        the metrics server."""
         s = self.settings
-        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
-            _log.info("wrote a new admin token to %s", self.admin_token_path)
         gate = Gate(
             POLICY,
             self.core.tokens.authenticate if s.auth else None,
@@ -210,22 +222,35 @@ class CoordinatorServer:
         locks_pb2_grpc.add_LocksServicer_to_server(LocksService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
         serve_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE))
+        credentials = None
         if s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(
                 s.tls_cert, s.tls_key, s.tls_client_ca, s.require_client_cert
             )
-            self.port = server.add_secure_port(s.listen, credentials)
-        else:
-            self.port = server.add_insecure_port(s.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {s.listen}")
+        self.port = listen_on(server, s.listen, credentials)
         self._own.port = self.port
+        if s.metrics_listen:
+            metrics = MetricsServer(self.core, s.metrics_listen)
+            try:
+                metrics.start()
+            except BaseException:
+                await server.stop(None)
+                raise
+            self._metrics = metrics
+            _log.info("metrics on http://%s/metrics", self.metrics_address)
+        return server
+
+    async def _stop_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            await metrics.stop()
+
+    async def _serve(self, server: grpc.aio.Server) -> None:
+        s = self.settings
+        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
+            _log.info("wrote a new admin token to %s", self.admin_token_path)
         await server.start()
         self._server = server
-        if s.metrics_listen:
-            self._metrics = MetricsServer(self.core, s.metrics_listen)
-            self._metrics.start()
-            _log.info("metrics on http://%s/metrics", self.metrics_address)
         if s.adopt or s.nodes:
             tls = None
             if s.tls_cert is not None and s.tls_key is not None and s.tls_client_ca is not None:
@@ -265,9 +290,7 @@ class CoordinatorServer:
             # Nodes hear the goodbye and look for their coordinator again.
             self.core.discovered = dict
             await discovery.async_stop()
-        metrics, self._metrics = self._metrics, None
-        if metrics is not None:
-            await metrics.stop()
+        await self._stop_metrics()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.core.stop()

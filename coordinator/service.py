@@ -18,7 +18,7 @@ import grpc
 from shoal._channel import CLIENT_KEY
 from shoal._server import current_principal
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator
+from shoal.coordinator.core import SHUTTING_DOWN, Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import TokenRow
 from shoal.errors import InvalidArgument, PermissionDenied, Unavailable
@@ -146,6 +146,8 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
                 write.cancel()
             # A write given up (or the call gone meanwhile) may still end in the call's error.
             write.add_done_callback(_retrieved)
+        if cut and events.closed:  # a watcher that does not read holds no shutdown up
+            raise Unavailable(SHUTTING_DOWN)
         if cut:
             self._core.watchers_cut += 1
             raise Unavailable(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import sqlite3
 import stat
 import threading
@@ -24,6 +25,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from shoal.coordinator.dirlock import DirLock
+from shoal.coordinator.events import EPOCH_SHIFT
+from shoal.coordinator.marks import Marks, found_marks, write_marks
+from shoal.coordinator.storecheck import check_store, state_path
 from shoal.errors import FailedPrecondition, ResourceExhausted, ShoalError, Unavailable
 
 __all__ = [
@@ -611,16 +616,47 @@ def _finish(rows: Sequence[FinishedRow]) -> _Op:
     return op
 
 
-def _bump_epoch(conn: sqlite3.Connection) -> int:
+def _bump_epoch(conn: sqlite3.Connection, floor: int) -> int:
     conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0)")
-    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
+    # Past the state file's epoch (`floor`) and every epoch the tasks' numbers carry: whatever
+    # the store lost, an epoch is never used twice (attempts are fenced by it).
+    conn.execute(
+        "UPDATE meta SET value = max(value, ?,"
+        " (SELECT coalesce(max(seq), 0) >> ? FROM tasks),"
+        " (SELECT coalesce(max(final_seq), 0) >> ? FROM tasks WHERE final_seq IS NOT NULL)"
+        ") + 1 WHERE key = 'epoch'",
+        (floor, EPOCH_SHIFT, EPOCH_SHIFT),
+    )
     return int(conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0])
 
 
-class SqliteStore(Store):
-    """SQLite in WAL mode: one writer thread with group commit, one reader thread."""
+def _refusal(path: Path, lost: list[str]) -> str:
+    data_dir = shlex.quote(str(path.parent))
+    return (
+        f"refusing to start on the store {path}: {'; '.join(lost)}. Tasks it acknowledged"
+        " may be missing (its -wal file deleted or damaged, or the database replaced or"
+        " zeroed?). Restore the data dir from a backup; or see what it holds with"
+        f" `shoal store check --data-dir {data_dir}` and go on with that with"
+        f" `shoal store accept-loss --data-dir {data_dir}`"
+    )
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+
+class SqliteStore(Store):
+    """SQLite in WAL mode: one writer thread with group commit, one reader thread.
+
+    One process at a time holds it (a lock file beside it). A state file beside it records,
+    every `mark_interval`, how far it got; `open` refuses a store that holds less, unless
+    `accept_loss` (an operator's decision), which goes on with what it holds.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        accept_loss: bool = False,
+        mark_interval: timedelta = timedelta(seconds=1),
+    ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self._path = path
@@ -628,6 +664,12 @@ class SqliteStore(Store):
         self._writer: _Writer | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-store-reader")
         self._reader_conn: sqlite3.Connection | None = None
+        self.state_path = state_path(path)
+        self._lock = DirLock(path.with_suffix(".lock"))
+        self._accept_loss = accept_loss
+        self._mark_interval = mark_interval.total_seconds()
+        self._marks = Marks()  # as last written to the state file (by the reader's thread)
+        self._marker: asyncio.Task[None] | None = None
 
     def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -639,23 +681,94 @@ class SqliteStore(Store):
         return conn
 
     async def open(self) -> int:
-        await asyncio.to_thread(_private, self._path, before=True)
-        conn = await asyncio.to_thread(self._connect, check_same_thread=False)
-        await asyncio.to_thread(_migrate, conn)
-        await asyncio.to_thread(_private, self._path, before=False)
-        self._writer = _Writer(conn, asyncio.get_running_loop())
-        self._writer.start()
-        return int(await self._writer.submit(_bump_epoch))
+        floor = await asyncio.to_thread(self._claim)
+        try:
+            await asyncio.to_thread(_private, self._path, before=True)
+            try:
+                conn = await asyncio.to_thread(self._connect, check_same_thread=False)
+                await asyncio.to_thread(_migrate, conn)
+            except sqlite3.DatabaseError as err:
+                raise FailedPrecondition(
+                    f"cannot open the store {self._path} ({err}): restore the data dir from a"
+                    " backup, or move the file aside to start an empty store"
+                ) from None
+            await asyncio.to_thread(_private, self._path, before=False)
+            self._writer = _Writer(conn, asyncio.get_running_loop())
+            self._writer.start()
+            epoch = int(await self._writer.submit(lambda c: _bump_epoch(c, floor)))
+            # Recorded before the epoch is used: a store that loses it cannot hand it out again.
+            try:
+                await self._read(self._save_marks)
+            except OSError as err:
+                raise FailedPrecondition(
+                    f"cannot record epoch {epoch} in {self.state_path}: {err.strerror}"
+                ) from None
+        except BaseException:
+            await self.close()
+            raise
+        self._marker = asyncio.create_task(self._keep_marks(), name="shoal-store-marks")
+        return epoch
+
+    def _claim(self) -> int:
+        """Lock the store and check it against its state file, writing nothing before both;
+        returns the epoch it must go past."""
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            return self._check()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _check(self) -> int:
+        report = check_store(self._path)
+        if report.problems and not self._accept_loss:
+            raise FailedPrecondition(_refusal(self._path, report.problems))
+        if report.problems:
+            _log.warning(
+                "store %s: %s; going on with what it holds, as asked",
+                self._path,
+                "; ".join(report.problems),
+            )
+        # No state file: a new store, or one made before them (its marks are written next).
+        return report.expected.epoch if report.expected is not None else 0
+
+    def _save_marks(self, conn: sqlite3.Connection) -> None:
+        """Record in the state file how far the store got, when that moved (in the reader's
+        thread, which sees only committed data, and which runs one of these at a time)."""
+        marks = found_marks(conn).at_least(self._marks)
+        if marks != self._marks:
+            write_marks(self.state_path, marks)
+            self._marks = marks
+
+    async def _keep_marks(self) -> None:
+        while True:
+            await asyncio.sleep(self._mark_interval)
+            try:
+                await self._read(self._save_marks)
+            except (OSError, sqlite3.Error) as err:  # e.g. a full disk: the old marks hold
+                _log.warning("cannot record the store's marks in %s: %s", self.state_path, err)
 
     async def close(self) -> None:
+        marker, self._marker = self._marker, None
+        if marker is not None:
+            marker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await marker
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.stop()
             await asyncio.to_thread(writer.join)
+        if marker is not None:  # every write is committed: the marks a restart must find
+            try:
+                await self._read(self._save_marks)
+            except (OSError, sqlite3.Error) as err:
+                _log.warning("cannot record the store's marks in %s: %s", self.state_path, err)
         if self._reader_conn is not None:
             await self._read(lambda conn: conn.close())
             self._reader_conn = None
         self._reader.shutdown(wait=True)
+        self._lock.release()
 
     def _write(self, op: _Op) -> asyncio.Future[Any]:
         if self._writer is None:

@@ -24,6 +24,7 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
+    listen_on,
     method_path,
     serve_health,
     server_credentials,
@@ -290,6 +291,7 @@ class NodeAgent:
         # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
         node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
         serve_reflection(server, (node_service, HEALTH_SERVICE))
+        credentials = None
         if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(
                 s.tls_cert,
@@ -297,9 +299,7 @@ class NodeAgent:
                 s.tls_ca if s.service_require_client_cert else None,
                 s.service_require_client_cert,
             )
-            self.port = server.add_secure_port(s.listen, credentials)
-        else:
-            self.port = server.add_insecure_port(s.listen)
+        self.port = listen_on(server, s.listen, credentials)
         self.own_addresses.port = self.port
         await server.start()
         self._server = server

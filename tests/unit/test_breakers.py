@@ -10,7 +10,7 @@ KEY = ["node:a/shell"]
 
 
 def breakers(wall: Wall) -> Breakers:
-    return Breakers(threshold=3, cooldown=30.0, wall=wall)
+    return Breakers(threshold=3, cooldown=30.0, clock=wall, wall=wall)
 
 
 def test_opens_after_consecutive_failures_only() -> None:

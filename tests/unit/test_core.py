@@ -181,7 +181,7 @@ class Wall:
 
 async def test_time_moves_tasks_under_an_injected_clock(tmp_path: Path) -> None:
     wall = Wall()
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall, rng=random.Random(7))
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall, rng=random.Random(7))
     await c.start()
     try:
         later = shell("true")

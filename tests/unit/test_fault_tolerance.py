@@ -61,7 +61,9 @@ def wall() -> Wall:
 @pytest.fixture
 async def core(tmp_path: Path, wall: Wall) -> AsyncIterator[Coordinator]:
     options = CoreOptions(breaker_threshold=3, breaker_cooldown=timedelta(seconds=30))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall, rng=random.Random(1))
+    c = Coordinator(
+        SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall, rng=random.Random(1)
+    )
     await c.start()
     yield c
     await c.stop()
@@ -188,6 +190,22 @@ async def test_after_a_crash_just_after_dispatch_its_node_reclaims_the_attempt(
         restarted.on_message(n1, finished(a))
         done = await restarted.wait(task.task_id, None, by=ALICE)
         assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+        # Recorded as the attempt the node ran, which the epoch before dispatched.
+        await restarted.stop()
+        reopened = Coordinator(SqliteStore(tmp_path / "s.db"))
+        await reopened.start()
+        try:
+            stored = await reopened.get(task.task_id, by=ALICE)
+        finally:
+            await reopened.stop()
+        assert (
+            (stored.attempt.epoch, stored.attempt.number)
+            == (1, 1)
+            == (
+                a.attempt.epoch,
+                a.attempt.number,
+            )
+        )
     finally:
         await restarted.stop()
         await c.stop()
@@ -220,13 +238,13 @@ async def test_recovered_tasks_are_queued_when_their_node_does_not_come_back(
     tmp_path: Path, wall: Wall
 ) -> None:
     options = CoreOptions(restart_grace=timedelta(seconds=10))
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     (task,) = await c.submit([shell("sleep 60")], by=ALICE)
     c.attach(hello("gone"), "peer", by=NODE)
     await c.stop()
 
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=wall, wall=wall)
     await c.start()
     try:
         other = c.attach(hello("other"), "peer", by=NODE)

@@ -54,7 +54,7 @@ async def test_leases_expire_and_their_tokens_keep_growing_across_restarts(
     tmp_path: Path,
 ) -> None:
     wall = Wall()
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall)
     await c.start()
     readers = [
         await c.acquire_lock("x", 10 * SECOND, timedelta(0), shared=True, by=ALICE)
@@ -64,7 +64,7 @@ async def test_leases_expire_and_their_tokens_keep_growing_across_restarts(
     (task,) = await c.submit([shell("write", locks=["x"])], by=ALICE)
     await c.stop()
 
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall)
     await c.start()  # the leases are still held after a restart
     try:
         node = c.attach(hello("n1"), "peer", by=NODE)

@@ -59,7 +59,7 @@ def wall() -> Wall:
 
 async def open_core(path: Path, wall: Wall) -> Coordinator:
     c = Coordinator(
-        SqliteStore(path), CoreOptions(pricing=PRICING), wall=wall, rng=random.Random(3)
+        SqliteStore(path), CoreOptions(pricing=PRICING), clock=wall, wall=wall, rng=random.Random(3)
     )
     await c.start()
     return c

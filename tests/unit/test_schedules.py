@@ -17,6 +17,9 @@ from shoal.coordinator.store import SqliteStore
 from shoal.errors import AlreadyExists, InvalidArgument
 from shoal.v1 import admin_pb2, task_pb2
 
+from .test_core import NODE, hello
+from .test_quotas import dispatched
+
 ROOT = Principal("root", Role.ADMIN)
 # 2026-11-22 10:00:30 UTC
 T0 = datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC).timestamp()
@@ -86,7 +89,7 @@ class Wall:
 @pytest.fixture
 async def core(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Wall]]:
     wall = Wall()
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall)
     await c.start()
     yield c, wall
     await c.stop()
@@ -131,14 +134,22 @@ async def test_cron_and_interval_schedules_fire_on_time(
 
 async def test_overlap_skip_in_the_core_and_pause(core: tuple[Coordinator, Wall]) -> None:
     c, wall = core
-    await c.create_schedule(every(2), by=ROOT)  # no node: its first run never finishes
+    await c.create_schedule(every(2), by=ROOT)  # no node: its first run only waits
     for step in (2, 4, 6):
         wall.now = T0 + step
         c.tick()
         await _settle(c)
-    assert len(await _tasks(c)) == 1
+    assert len(await _tasks(c)) == 1  # no second run queues behind it ...
     (state,) = c.schedules()
-    assert state.skipped == 2
+    assert state.skipped == 0  # ... and none is skipped: the waiting run has yet to run
+    node = c.attach(hello("n1", slots=1), "peer", by=NODE)
+    assert len(await dispatched(node)) == 1  # now it runs: firings meanwhile are skipped
+    for step in (8, 10):
+        wall.now = T0 + step
+        c.tick()
+        await _settle(c)
+    (state,) = c.schedules()
+    assert (state.runs, state.skipped) == (1, 2)
     await c.pause_schedule("tick", paused=True)
     wall.now = T0 + 100
     c.tick()
@@ -150,11 +161,11 @@ async def test_overlap_skip_in_the_core_and_pause(core: tuple[Coordinator, Wall]
 
 async def test_schedules_survive_a_restart(tmp_path: Path) -> None:
     wall = Wall()
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall)
     await c.start()
     await c.create_schedule(every(60), by=ROOT)
     await c.stop()
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), wall=wall)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), clock=wall, wall=wall)
     await c.start()
     try:
         (s,) = c.schedules()

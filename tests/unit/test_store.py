@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from shoal.coordinator import store as store_module
+from shoal.coordinator.events import EPOCH_SHIFT
+from shoal.coordinator.marks import Marks, read_marks
 from shoal.coordinator.store import STORE_FULL, FinishedRow, SqliteStore, TaskRow, Unfinished
-from shoal.errors import ResourceExhausted
+from shoal.errors import FailedPrecondition, ResourceExhausted
 from shoal.v1 import task_pb2
+from tests.integration.harness import eventually
 
 
 async def unfinished(store: SqliteStore) -> list[Unfinished]:
@@ -183,7 +188,7 @@ async def test_a_new_store_is_made_private(tmp_path: Path) -> None:
     await store.open()
     try:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new").iterdir()}
-        assert modes == {"s.db": 0o600, "s.db-wal": 0o600, "s.db-shm": 0o600}
+        assert modes == dict.fromkeys(("s.db", "s.db-wal", "s.db-shm", "s.lock", "s.state"), 0o600)
         assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
     finally:
         await store.close()
@@ -232,3 +237,103 @@ async def test_attempts_dispatched_since_the_last_record_are_kept_until_the_next
         assert await store.node_attempts() == {"n2": "t1 1 2"}
     finally:
         await store.close()
+
+
+async def test_a_store_is_held_by_one_opener_at_a_time(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "s.db")
+    await first.open()
+    second = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(FailedPrecondition, match=rf"in use by pid {os.getpid()}"):
+        await second.open()
+    await first.close()
+
+    third = SqliteStore(tmp_path / "s.db")
+    assert await third.open() == 2
+    await third.close()
+
+
+async def test_the_state_file_follows_the_store_while_it_is_open(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db", mark_interval=timedelta(milliseconds=10))
+    await store.open()
+    try:
+        assert read_marks(tmp_path / "s.state") == Marks(1, 0, 0)
+        await store.insert([row(1), row(2), row(3)])
+        await store.finish([done(2, 10)])
+
+        def recorded() -> None:
+            assert read_marks(tmp_path / "s.state") == Marks(1, 3, 10)
+
+        await eventually(recorded)
+    finally:
+        await store.close()
+
+
+async def _older_copy(tmp_path: Path) -> bytes:
+    """A store whose database file went back to before its last outcome; returns its bytes."""
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(1), row(2)])
+    await store.close()  # the last connection to close folds the WAL into the database
+    old = (tmp_path / "s.db").read_bytes()
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.finish([done(2, (2 << EPOCH_SHIFT) + 3)])  # recorded in epoch 2
+    await store.close()
+    (tmp_path / "s.db").write_bytes(old)
+    return old
+
+
+async def test_a_store_that_went_back_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    old = await _older_copy(tmp_path)
+
+    store = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(FailedPrecondition) as refused:
+        await store.open()
+    message = refused.value.message
+    assert "its epoch is 1, not at least 2" in message
+    assert "its last outcome is none, not at least 3 of epoch 2" in message
+    assert "shoal store accept-loss --data-dir" in message
+    assert (tmp_path / "s.db").read_bytes() == old
+    assert not (tmp_path / "s.db-wal").exists() or not (tmp_path / "s.db-wal").stat().st_size
+
+
+async def test_accepting_the_loss_goes_on_past_every_epoch_used(tmp_path: Path) -> None:
+    await _older_copy(tmp_path)
+
+    store = SqliteStore(tmp_path / "s.db", accept_loss=True)
+    # The database says epoch 1, but epoch 2 was used (the state file says so): never again.
+    assert await store.open() == 3
+    assert [r[1] for r in await unfinished(store)] == ["t1", "t2"]
+    await store.close()
+    assert read_marks(tmp_path / "s.state") == Marks(3, 2, 0)
+    store = SqliteStore(tmp_path / "s.db")
+    assert await store.open() == 4
+    await store.close()
+
+
+@pytest.mark.parametrize(("damage", "found"), [("deleted", "missing"), ("zeroed", "empty")])
+async def test_a_missing_or_empty_database_is_refused(
+    tmp_path: Path, damage: str, found: str
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.insert([row(1)])
+    await store.close()
+    if damage == "deleted":
+        (tmp_path / "s.db").unlink()
+    else:
+        (tmp_path / "s.db").write_bytes(b"")
+
+    with pytest.raises(FailedPrecondition, match=f"it is {found}, and s.state says it held"):
+        await SqliteStore(tmp_path / "s.db").open()
+    assert not (tmp_path / "s.db").exists() or not (tmp_path / "s.db").stat().st_size
+
+
+async def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.close()
+    (tmp_path / "s.state").write_text('{"epoch": "many"}')
+
+    with pytest.raises(FailedPrecondition, match=r"its state file s\.state is damaged"):
+        await SqliteStore(tmp_path / "s.db").open()

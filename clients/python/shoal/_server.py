@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import inspect
 import logging
 import resource
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
@@ -20,7 +22,7 @@ from grpc_health.v1._async import HealthServicer
 
 from shoal._status import abort
 from shoal.auth import ANONYMOUS, Principal, Role
-from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = [
     "HEALTH_POLICY",
@@ -30,6 +32,8 @@ __all__ = [
     "collect_seldom",
     "current_principal",
     "grpc_options",
+    "in_use",
+    "listen_on",
     "method_path",
     "raise_open_files_limit",
     "serve_health",
@@ -94,7 +98,68 @@ def server_options(
         # to megabytes, which a stranger fills before the Gate has refused its call (32 such
         # calls of 15 MB: +32 MB, or several times that on a busy machine; without: +2 MB).
         ("grpc.http2.bdp_probe", 0),
+        # gRPC sets SO_REUSEPORT by default: a second server on the port would share it.
+        ("grpc.so_reuseport", 0),
     ]
+
+
+def in_use(address: str, port: int) -> FailedPrecondition:
+    """The error for a TCP `port` another process listens on, naming that process when this
+    one may see it."""
+    import psutil  # only on this way out
+
+    holder = "another process"
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                if conn.pid:
+                    holder = f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                break
+    except (psutil.Error, OSError):
+        pass
+    return FailedPrecondition(f"cannot listen on {address}: {holder} listens there")
+
+
+def _check_free(address: str) -> None:
+    """Raise `in_use` when a process listens on host:port `address` (gRPC would only log
+    that binding failed); any other address is left to gRPC."""
+    host, _, port_text = address.rpartition(":")
+    if not port_text.isdigit() or int(port_text) == 0:  # unix:PATH, or any free port
+        return
+    port = int(port_text)
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as sock:
+            # As gRPC does: connections of an earlier process waiting out TIME_WAIT hold nothing.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise in_use(address, port) from None
+
+
+def listen_on(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind `server` to `address` (TLS with `credentials`) and return its port; a port held by
+    another process is FailedPrecondition naming it."""
+    _check_free(address)
+    try:
+        if credentials is not None:
+            port: int = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # all gRPC says: "Failed to bind"
+        port = 0
+    if not port:
+        raise FailedPrecondition(f"cannot listen on {address}")
+    return port
 
 
 def _millis(d: timedelta) -> int:

@@ -26,6 +26,7 @@ from shoal._discover_cli import discover
 from shoal._extras import needs_extra
 from shoal._output import chunk_bytes
 from shoal._server import collect_seldom, raise_open_files_limit
+from shoal._store_cli import app as store_app
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.errors import ShoalError
 from shoal.specs import is_final, state_name, to_duration
@@ -39,6 +40,7 @@ schedule_app = typer.Typer(help="Periodic tasks: cron or interval (admin).", no_
 app.add_typer(schedule_app, name="schedule")
 quota_app = typer.Typer(help="Limits on quota keys, mesh-wide (admin).", no_args_is_help=True)
 app.add_typer(quota_app, name="quota")
+app.add_typer(store_app, name="store")
 app.command()(discover)
 _T = TypeVar("_T")
 

@@ -27,6 +27,7 @@ from shoal.errors import Unauthenticated
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "DEFAULT_COORDINATOR",
+    "STORE_FILE",
     "ClientSettings",
     "CoordinatorSettings",
     "NodeSettings",
@@ -53,6 +54,8 @@ def default_data_dir() -> Path:
 
 ADMIN_TOKEN_FILE = "admin.token"
 """Where `shoal up` and `shoal coordinator` keep the local admin token, in their data dir."""
+STORE_FILE = "shoal.db"
+"""The coordinator's embedded store, in its data dir (its lock and state files beside it)."""
 
 
 def read_token(token: str = "", token_file: Path | None = None) -> str:
@@ -134,6 +137,9 @@ class CoordinatorSettings(_Settings):
     breaker_cooldown: timedelta = timedelta(seconds=30)
     # The longest ttl a lock lease takes at once (renew it to hold it longer).
     max_lock_ttl: timedelta = timedelta(hours=1)
+    # A catch_up=all schedule runs at most this many missed firings at once (after downtime,
+    # or when the wall clock steps ahead); the rest are skipped.
+    max_catch_up: int = Field(default=10, ge=1, le=100)
     # Quotas on keys, on top of those set with `shoal quota set` (fields of shoal.v1.Quota:
     # [[coordinator.quotas]] key = "provider:openai", rate = 10, cost_per_day = 5.0), and the
     # price of LLM tokens in dollars per million, by model: {"gpt-4o" = [2.5, 10.0]}.

@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from tenacity import AsyncRetrying, wait_exponential_jitter
 
+from shoal._output import output_size
 from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.admission import Admission, Refusal, Waiting
 from shoal.coordinator.backpressure import Backpressure
@@ -784,7 +785,7 @@ class Coordinator:
             for c in batch:
                 page.append(c.event())
                 if c.output is not None:
-                    size += len(c.output.data)
+                    size += output_size(c.output)
                     if size >= _PAGE_BYTES:
                         yield page[-1].seq, page
                         page, size = [], 0
@@ -1188,10 +1189,11 @@ class Coordinator:
                 self.events.emit(task_change(rec, by=session.principal.name))
             elif kind == "output":
                 output = u.output
-                size = len(output.data)
+                size = output_size(output)
                 if size > self.options.limits.max_result_bytes:
                     output.data = output.data[: self.options.limits.max_result_bytes]
-                    size = self.options.limits.max_result_bytes
+                    output.raw = output.raw[: self.options.limits.max_result_bytes]
+                    size = output_size(output)
                 change = task_change(rec, by=session.principal.name, output=output)
                 self.events.emit(change, size=size)
             elif kind in ("finished", "released"):

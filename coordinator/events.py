@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from shoal._output import output_size
 from shoal.v1 import task_pb2
 
 __all__ = ["EPOCH_SHIFT", "Change", "EventLog"]
@@ -175,13 +176,13 @@ class EventLog:
         dropped = 0
         for c in ring[:drop]:
             if c is not None and c.output is not None:
-                dropped += len(c.output.data)
+                dropped += output_size(c.output)
         if self.bytes - dropped > self._max_bytes:
             goal = self._max_bytes * 3 // 4
             while drop < len(ring) and self.bytes - dropped > goal:
                 c = ring[drop]
                 if c is not None and c.output is not None:
-                    dropped += len(c.output.data)
+                    dropped += output_size(c.output)
                 drop += 1
         del ring[:drop]
         self._base += drop

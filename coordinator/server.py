@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
+from shoal._reflection import serve_reflection
 from shoal._server import (
     HEALTH_POLICY,
     HEALTH_SERVICE,
@@ -222,9 +222,7 @@ class CoordinatorServer:
         )
         locks_pb2_grpc.add_LocksServicer_to_server(LocksService(self.core), server)
         self._health = await serve_health(server, SERVICE_NAMES)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        serve_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE))
         credentials = None
         if s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(

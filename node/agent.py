@@ -17,8 +17,11 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
+from shoal._output import result_text, set_result_text
+from shoal._reflection import serve_reflection
 from shoal._server import (
     HEALTH_POLICY,
+    HEALTH_SERVICE,
     OPEN,
     Gate,
     listen,
@@ -303,6 +306,9 @@ class NodeAgent:
         server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         self._health = await serve_health(server, tuple(name for name in self.health() if name))
+        # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
+        node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+        serve_reflection(server, (node_service, HEALTH_SERVICE))
         credentials = None
         if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
             credentials = server_credentials(
@@ -777,6 +783,6 @@ class NodeAgent:
             # Whatever the executor did, no value leaves the node in the result.
             result = outcome.result
             result.error = redactor.redact(result.error)
-            result.stdout = redactor.redact(result.stdout)
-            result.stderr = redactor.redact(result.stderr)
+            for stream in ("stdout", "stderr"):
+                set_result_text(result, stream, redactor.redact(result_text(result, stream)))
         return outcome

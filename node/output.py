@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+
+from shoal._output import escaped_text, output_chunk
 from shoal.node.executors.base import Emit
 from shoal.node.executors.process import _Tail
 from shoal.v1 import task_pb2
@@ -13,15 +16,17 @@ PIECE = 64 << 10
 
 
 def _size(text: str) -> int:
-    """UTF-8 bytes of `text` (str.isascii is O(1): most output costs no encoding)."""
-    return len(text) if text.isascii() else len(text.encode())
+    """Bytes of `text`, decoded with surrogateescape (str.isascii is O(1): most output costs
+    no encoding)."""
+    return len(text) if text.isascii() else len(text.encode(errors="surrogateescape"))
 
 
 def _head(text: str, limit: int) -> str:
-    """The longest start of `text` within `limit` UTF-8 bytes."""
+    """The longest start of `text` within `limit` bytes (not ending inside a character)."""
     if text.isascii():
         return text[:limit]
-    return text.encode()[:limit].decode(errors="ignore")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    return decoder.decode(text.encode(errors="surrogateescape")[:limit])  # holds a cut character
 
 
 class OutputCap:
@@ -37,8 +42,8 @@ class OutputCap:
         self._cut: dict[int, tuple[int, _Tail]] = {}  # stream -> (bytes cut, its tail)
 
     def __call__(self, chunk: task_pb2.OutputChunk) -> None:
-        data = chunk.data
-        size = _size(data)
+        data = escaped_text(chunk.data, chunk.raw)
+        size = len(chunk.raw) if chunk.raw else _size(data)
         if size <= self._room and size <= PIECE:  # the common case: passed on as it is
             self._room -= size
             self._emit(chunk)
@@ -48,7 +53,7 @@ class OutputCap:
             head = _head(data, min(self._room, size))
             self._room -= _size(head)
             for i in range(0, len(head), PIECE):
-                self._emit(task_pb2.OutputChunk(stream=stream, data=head[i : i + PIECE]))
+                self._emit(output_chunk(stream, head[i : i + PIECE]))
             data = data[len(head) :]
             size = _size(data)
         if not data:
@@ -67,5 +72,5 @@ class OutputCap:
             )
             self._emit(task_pb2.OutputChunk(stream=stream, data=marker))  # type: ignore[arg-type]
             for i in range(0, len(kept), PIECE):
-                self._emit(task_pb2.OutputChunk(stream=stream, data=kept[i : i + PIECE]))  # type: ignore[arg-type]
+                self._emit(output_chunk(stream, kept[i : i + PIECE]))
         self._cut.clear()

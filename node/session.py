@@ -24,6 +24,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal._channel import bearer, open_channel
+from shoal._output import output_size
 from shoal.auth import hash_secret, parse_token
 from shoal.config import NodeSettings
 from shoal.errors import FailedPrecondition, PermissionDenied, ShoalError, Unauthenticated
@@ -539,7 +540,7 @@ class CoordinatorLink:
                 end = i
                 break
             if update.HasField("output"):
-                output += len(update.output.data)
+                output += output_size(update.output)
         batch, self._outbox = outbox[:end], outbox[end:]
         self._output_bytes -= output
         if self._output_bytes < _OUTPUT_ROOM:
@@ -558,7 +559,7 @@ class CoordinatorLink:
         if kind == "output":
             if len(self._outbox) >= _MAX_OUTBOX:
                 return  # disconnected for long: output is dropped first, results never
-            self._output_bytes += len(update.output.data)
+            self._output_bytes += output_size(update.output)
             if self._output_bytes >= _OUTPUT_ROOM:
                 self._output_room.clear()
         elif kind == "finished":

@@ -48,6 +48,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import Mount
 
+from shoal._output import output_chunk, set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import (
     ExecutionContext,
@@ -178,7 +179,8 @@ class _Output:
         self.tail = _Tail(ctx.output_tail_bytes)
         self.closed = False
         self._loop = asyncio.get_running_loop()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Bytes that are not UTF-8 stay bytes (as lone surrogates) through to the wire.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self._redactor = ctx.redactor.stream()
         self._lock = threading.Lock()
         self._held: list[bytes] = []  # arrived, not yet taken by the loop
@@ -220,7 +222,7 @@ class _Output:
     def _emit(self, text: str) -> None:
         if text:
             self.tail.add(text)  # redacted already, so the result's tail is too
-            self.ctx.emit(task_pb2.OutputChunk(stream=self.stream, data=text))  # type: ignore[arg-type]
+            self.ctx.emit(output_chunk(self.stream, text))
 
 
 def _follow(container: Container, output: _Output, *, stdout: bool) -> asyncio.Future[None]:
@@ -530,9 +532,9 @@ class DockerExecutor(Executor):
         err_out.close()
         await asyncio.to_thread(container.reload)
         code = int(status.get("StatusCode", -1))
-        result = task_pb2.TaskResult(
-            exit_code=code, stdout=out.tail.text(), stderr=err_out.tail.text()
-        )
+        result = task_pb2.TaskResult(exit_code=code)
+        set_result_text(result, "stdout", out.tail.text())
+        set_result_text(result, "stderr", err_out.tail.text())
         if container.attrs.get("State", {}).get("OOMKilled"):
             limit = d.memory_mb or self.settings.docker_memory_mb
             result.error = f"out of memory: the container went over its {limit} MB limit"

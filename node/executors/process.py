@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from shoal._output import output_chunk, set_result_text
 from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.v1 import task_pb2
@@ -47,7 +48,8 @@ async def _pump(
     reader: asyncio.StreamReader, stream: int, ctx: ExecutionContext, tail: _Tail
 ) -> None:
     """Decode, redact, emit and keep the tail of one output stream until EOF."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # Bytes that are not UTF-8 stay bytes (as lone surrogates) through to the wire.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     redactor = ctx.redactor.stream()
     while True:
         data = await reader.read(_CHUNK)
@@ -56,7 +58,7 @@ async def _pump(
             text += redactor.flush()
         if text:
             tail.add(text)  # redacted already, so the result's tail is too
-            ctx.emit(task_pb2.OutputChunk(stream=stream, data=text))  # type: ignore[arg-type]
+            ctx.emit(output_chunk(stream, text))
             await ctx.paced()
         if not data:
             return
@@ -187,7 +189,9 @@ async def _run(
         ctx.groups.discard(proc.pid)
     code = proc.returncode
     assert code is not None
-    result = task_pb2.TaskResult(exit_code=code, stdout=out_tail.text(), stderr=err_tail.text())
+    result = task_pb2.TaskResult(exit_code=code)
+    set_result_text(result, "stdout", out_tail.text())
+    set_result_text(result, "stderr", err_tail.text())
     if code < 0:
         result.error = f"killed by signal {signal.Signals(-code).name}"
     state = task_pb2.TASK_STATE_SUCCEEDED if code == 0 else task_pb2.TASK_STATE_FAILED

@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from shoal import AsyncClient, noop, shell
+from shoal._reflection import REFLECTION_SERVICES
 from shoal.auth import parse_token
 from shoal.config import NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES
@@ -71,8 +72,8 @@ _Metadata = tuple[tuple[str, str], ...]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 NODE = node_pb2.DESCRIPTOR.services_by_name["Node"]
-COORDINATOR_SERVICES = (*SERVICE_NAMES, HEALTH.full_name, REFLECTION.full_name)
-NODE_SERVICES = (NODE.full_name, HEALTH.full_name)
+COORDINATOR_SERVICES = (*SERVICE_NAMES, HEALTH.full_name, *REFLECTION_SERVICES)
+NODE_SERVICES = (NODE.full_name, HEALTH.full_name, *REFLECTION_SERVICES)
 FILES: tuple[FileDescriptor, ...] = tuple(
     m.DESCRIPTOR
     for m in (

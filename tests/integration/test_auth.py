@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from shoal import AsyncClient, shell
+from shoal._reflection import REFLECTION_SERVICES
 from shoal.config import CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import SERVICE_NAMES, CoordinatorServer
 from shoal.errors import (
@@ -101,7 +102,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
 ) -> None:
     async with grpc.aio.insecure_channel(mesh.address) as channel:
         services = await reflected_services(channel, mesh.token)
-        assert services == {*SERVICE_NAMES, HEALTH, REFLECTION}
+        assert services == {*SERVICE_NAMES, HEALTH, *REFLECTION_SERVICES}
         coordinator = {
             path_of(m): await call_status(channel, m, b"")
             for m in methods_of(services)
@@ -125,7 +126,12 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
                 await identify(challenge, timeout=10)
             assert denied.value.code() == code, denied.value
     async with grpc.aio.insecure_channel(mesh.node_address) as channel:
-        node_services = {node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, HEALTH}
+        node_services = await reflected_services(channel, mesh.token)
+        assert node_services == {
+            node_pb2.DESCRIPTOR.services_by_name["Node"].full_name,
+            HEALTH,
+            *REFLECTION_SERVICES,
+        }
         node = {
             path_of(m): await call_status(channel, m, b"")
             for m in methods_of(node_services)
@@ -149,7 +155,8 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    assert len(coordinator) == 30  # 7 Tasks, 15 Admin, Connect, 3 Locks, reflection, 3 health
+    # 7 Tasks, 15 Admin, Connect, 3 Locks, reflection (v1, v1alpha), 3 health
+    assert len(coordinator) == 31
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -210,7 +217,7 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Admin/ListSchedules": set(),
     "/shoal.v1.NodeGateway/Connect": {"node"},
     "/shoal.v1.NodeGateway/Identify": {"submitter", "reader", "node"},  # open
-    f"/{REFLECTION}/ServerReflectionInfo": set(),
+    **{f"/{name}/ServerReflectionInfo": set() for name in REFLECTION_SERVICES},
     f"/{HEALTH}/Check": {"submitter", "reader", "node"},
     f"/{HEALTH}/Watch": {"submitter", "reader", "node"},
     f"/{HEALTH}/List": {"submitter", "reader", "node"},
@@ -315,9 +322,12 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
                 nonce=b"n" * 32,
             )
         ),
-        f"/{REFLECTION}/ServerReflectionInfo": const(
-            reflection_pb2.ServerReflectionRequest(list_services="")
-        ),
+        **{
+            f"/{name}/ServerReflectionInfo": const(
+                reflection_pb2.ServerReflectionRequest(list_services="")
+            )
+            for name in REFLECTION_SERVICES
+        },
         f"/{HEALTH}/Check": const(health_pb2.HealthCheckRequest()),
         f"/{HEALTH}/Watch": const(health_pb2.HealthCheckRequest()),
         f"/{HEALTH}/List": const(health_pb2.HealthListRequest()),
@@ -361,7 +371,9 @@ async def test_each_role_gets_exactly_the_methods_it_should(roles: Fixture) -> N
         for role in ROLES
     }
     assert got == expected
-    assert set(EXPECTED) == {path_of(m) for m in methods_of({*SERVICE_NAMES, HEALTH, REFLECTION})}
+    assert set(EXPECTED) == {
+        path_of(m) for m in methods_of({*SERVICE_NAMES, HEALTH, *REFLECTION_SERVICES})
+    }
 
 
 async def test_a_tenant_sees_and_touches_only_its_own_tasks(mesh: Mesh) -> None:

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
+from shoal._reflection import REFLECTION_SERVICES
 from shoal.v1 import node_pb2
 
 from .harness import Completed, Mesh, run_tool
@@ -74,6 +77,78 @@ async def test_list_by_reflection_shows_every_service(mesh: Mesh, grpcurl: Path)
         "shoal.v1.NodeGateway",
         "grpc.health.v1.Health",
     } <= services
+
+
+async def test_node_lists_its_services_by_reflection_to_token_holders(
+    mesh: Mesh, grpcurl: Path
+) -> None:
+    done = await grpcurl_call(grpcurl, mesh.node_address, "list", token=mesh.token)
+    bearer = f"authorization: Bearer {mesh.token}"
+    described = await run_tool(
+        [str(grpcurl), "-plaintext", "-H", bearer, mesh.node_address, "describe", "shoal.v1.Node"]
+    )
+    anonymous = await grpcurl_call(grpcurl, mesh.node_address, "list")
+
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == {
+        "shoal.v1.Node",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert described.returncode == 0, described.stderr
+    assert "rpc Info ( .shoal.v1.InfoRequest ) returns ( .shoal.v1.NodeInfo )" in described.stdout
+    assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr
+
+
+async def reflect_v1(
+    address: str, token: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    """One request to grpc.reflection.v1 (its messages are v1alpha's on the wire)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        await call.write(request)
+        response: reflection_pb2.ServerReflectionResponse = await call.read()
+        call.cancel()
+        return response
+
+
+async def test_coordinator_and_node_serve_reflection_v1(mesh: Mesh) -> None:
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="shoal.v1.Tasks")
+    coordinator = await reflect_v1(mesh.address, mesh.token, listing)
+    node = await reflect_v1(mesh.node_address, mesh.token, listing)
+    tasks_file = await reflect_v1(mesh.address, mesh.token, symbol)
+    v1_file = await reflect_v1(
+        mesh.address,
+        mesh.token,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=REFLECTION_SERVICES[0]),
+    )
+
+    assert {s.name for s in coordinator.list_services_response.service} >= {
+        "shoal.v1.Tasks",
+        "shoal.v1.Admin",
+        *REFLECTION_SERVICES,
+    }
+    assert {s.name for s in node.list_services_response.service} >= {
+        "shoal.v1.Node",
+        *REFLECTION_SERVICES,
+    }
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in tasks_file.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "shoal/v1/tasks.proto" in {f.name for f in files}
+    (v1,) = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in v1_file.file_descriptor_response.file_descriptor_proto
+    ]
+    assert v1.package == "grpc.reflection.v1"
+    assert v1.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 async def test_submit_as_json_then_wait_reads_stdout(mesh: Mesh, grpcurl: Path) -> None:

@@ -24,6 +24,7 @@ def test_public_names() -> None:
         "Unavailable",
         "WaitTimeout",
         "__version__",
+        "chunk_bytes",
         "custom",
         "docker",
         "http",
@@ -33,6 +34,8 @@ def test_public_names() -> None:
         "python",
         "retry",
         "shell",
+        "stderr_bytes",
+        "stdout_bytes",
         "tool",
     ]
     for name in shoal.__all__:

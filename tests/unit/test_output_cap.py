@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shoal._output import chunk_bytes, output_chunk
 from shoal.node.output import PIECE, OutputCap
 from shoal.v1 import task_pb2
 
@@ -45,3 +46,21 @@ def test_large_chunks_are_split_and_multibyte_text_is_cut_whole() -> None:
     text = "".join(c.data for c in sent)
     assert text.count("x") == 2 * PIECE + 5
     assert "\ufffd" not in text
+
+
+def test_bytes_that_are_not_utf8_are_capped_and_kept_exactly() -> None:
+    sent: list[task_pb2.OutputChunk] = []
+    cap = OutputCap(sent.append, limit=300, tail=100)
+    data = bytes(range(256)) * 4 + "é".encode()  # 1024 bytes, then one 2-byte character
+    cap(output_chunk(OUT, data[:200].decode(errors="surrogateescape")))  # under the cap
+    cap(output_chunk(OUT, data[200:].decode(errors="surrogateescape")))
+    cap.close()
+
+    assert chunk_bytes(sent[0]) == data[:200] and sent[0].raw == data[:200]
+    streamed = b"".join(chunk_bytes(c) for c in sent)
+    head, marker, tail = streamed.partition(b"\n[shoal: ")
+    assert head == data[:300]
+    # The last 100 characters: a stray byte is one, and so is "é".
+    assert marker and tail.endswith(b"]\n" + data[-101:])
+    assert f"{len(data) - 300 - 101} bytes of output cut".encode() in tail
+    assert all("\ufffd" not in c.data or c.raw for c in sent)  # the text view marks stray bytes

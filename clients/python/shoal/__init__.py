@@ -8,6 +8,7 @@ with Client() as client:
 
 from shoal._builders import custom, docker, http, llm, noop, ollama, python, retry, shell, tool
 from shoal._client import AsyncClient, Client
+from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal._state import TaskState
 from shoal.errors import (
     FailedPrecondition,
@@ -44,6 +45,7 @@ __all__ = [
     "Unavailable",
     "WaitTimeout",
     "__version__",
+    "chunk_bytes",
     "custom",
     "docker",
     "http",
@@ -53,5 +55,7 @@ __all__ = [
     "python",
     "retry",
     "shell",
+    "stderr_bytes",
+    "stdout_bytes",
     "tool",
 ]

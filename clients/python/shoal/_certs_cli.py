@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from shoal._console import console, print_error
+from shoal._extras import needs_extra
 from shoal.config import default_data_dir
 from shoal.errors import ShoalError
 
@@ -48,7 +49,8 @@ def init(
     ] = False,
 ) -> None:
     """Create the CA that signs Shoal's certificates."""
-    from shoal import certs  # cryptography loads in a tenth of a second: only when needed
+    with needs_extra("coordinator"):
+        from shoal import certs  # cryptography loads in a tenth of a second: only when needed
 
     directory = _dir(directory)
     try:
@@ -75,7 +77,8 @@ def issue(
     directory: DirOpt = None,
 ) -> None:
     """Sign a certificate: with --host for a server, without for a client or node."""
-    from shoal import certs
+    with needs_extra("coordinator"):
+        from shoal import certs
 
     directory = _dir(directory)
     hosts = host or []

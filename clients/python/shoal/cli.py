@@ -28,6 +28,8 @@ from shoal._certs_cli import app as certs_app
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error, serving
 from shoal._discover_cli import discover
+from shoal._extras import needs_extra
+from shoal._output import chunk_bytes
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._store_cli import app as store_app
 from shoal.config import CoordinatorSettings, NodeSettings
@@ -190,8 +192,9 @@ def up(
     verbose: VerboseOpt = False,
 ) -> None:
     """Start a coordinator and one local node in this process (loopback, embedded SQLite)."""
-    from shoal.coordinator.server import CoordinatorServer
-    from shoal.node.agent import NodeAgent
+    with needs_extra("coordinator", "node"):
+        from shoal.coordinator.server import CoordinatorServer
+        from shoal.node.agent import NodeAgent
 
     _logging(verbose)
     raise_open_files_limit()
@@ -337,7 +340,8 @@ def coordinator(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
-    from shoal.coordinator.server import CoordinatorServer
+    with needs_extra("coordinator"):
+        from shoal.coordinator.server import CoordinatorServer
 
     _logging(verbose)
     raise_open_files_limit()
@@ -444,7 +448,8 @@ def node(
     With --standalone it holds no coordinator session: run tasks on it with
     `shoal.v1.Node/Execute` (grpcurl, or any gRPC client) and the node's token.
     """
-    from shoal.node.agent import NodeAgent
+    with needs_extra("node"):
+        from shoal.node.agent import NodeAgent
 
     _logging(verbose)
     raise_open_files_limit()
@@ -695,7 +700,8 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                         if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR
                         else sys.stdout
                     )
-                    out.write(event.output.data)
+                    # The task's bytes as it wrote them, whatever their encoding.
+                    out.buffer.write(chunk_bytes(event.output))
                     out.flush()
                 elif is_final(event.state):
                     result = event.result

@@ -113,6 +113,8 @@ def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResu
     share = limit // 4
     result.stdout = result.stdout[-share:]
     result.stderr = result.stderr[-share:]
+    result.stdout_raw = result.stdout_raw[-share:]
+    result.stderr_raw = result.stderr_raw[-share:]
     result.error = result.error[:share]
     if result.ByteSize() > limit:
         result.ClearField("output")

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from shoal.v1 import node_pb2 as shoal_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/gateway.proto\x12\x08shoal.v1\x1a\x13shoal/v1/node.proto2\x83\x01\n\x0bNodeGateway\x12\x42\n\x07\x43onnect\x12\x15.shoal.v1.NodeMessage\x1a\x1c.shoal.v1.CoordinatorMessage(\x01\x30\x01\x12\x30\n\x08Identify\x12\x13.shoal.v1.Challenge\x1a\x0f.shoal.v1.Proofb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/gateway.proto\x12\x08shoal.v1\x1a\x13shoal/v1/node.proto2\x83\x01\n\x0bNodeGateway\x12\x42\n\x07\x43onnect\x12\x15.shoal.v1.NodeMessage\x1a\x1c.shoal.v1.CoordinatorMessage(\x01\x30\x01\x12\x30\n\x08Identify\x12\x13.shoal.v1.Challenge\x1a\x0f.shoal.v1.ProofB{\n\x0c\x64\x65v.shoal.v1B\x0cGatewayProtoP\x01Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\xa2\x02\x03SHL\xaa\x02\x08Shoal.V1\xca\x02\x08Shoal\\V1\xea\x02\tShoal::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.shoal.v1B\014GatewayProtoP\001Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\242\002\003SHL\252\002\010Shoal.V1\312\002\010Shoal\\V1\352\002\tShoal::V1'
   _globals['_NODEGATEWAY']._serialized_start=58
   _globals['_NODEGATEWAY']._serialized_end=189
 # @@protoc_insertion_point(module_scope)

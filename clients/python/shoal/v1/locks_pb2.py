@@ -26,13 +26,14 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/locks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06shared\x18\x04 \x01(\x08\"t\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shared\x18\x04 \x01(\x08\x12\x0e\n\x06holder\x18\x05 \x01(\t\"S\n\x0cRenewRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x0eReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x32\xa5\x01\n\x05Locks\x12\x34\n\x07\x41\x63quire\x12\x18.shoal.v1.AcquireRequest\x1a\x0f.shoal.v1.Lease\x12\x30\n\x05Renew\x12\x16.shoal.v1.RenewRequest\x1a\x0f.shoal.v1.Lease\x12\x34\n\x07Release\x12\x18.shoal.v1.ReleaseRequest\x1a\x0f.shoal.v1.Leaseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/locks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06shared\x18\x04 \x01(\x08\"t\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shared\x18\x04 \x01(\x08\x12\x0e\n\x06holder\x18\x05 \x01(\t\"S\n\x0cRenewRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x0eReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x32\xa5\x01\n\x05Locks\x12\x34\n\x07\x41\x63quire\x12\x18.shoal.v1.AcquireRequest\x1a\x0f.shoal.v1.Lease\x12\x30\n\x05Renew\x12\x16.shoal.v1.RenewRequest\x1a\x0f.shoal.v1.Lease\x12\x34\n\x07Release\x12\x18.shoal.v1.ReleaseRequest\x1a\x0f.shoal.v1.LeaseBy\n\x0c\x64\x65v.shoal.v1B\nLocksProtoP\x01Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\xa2\x02\x03SHL\xaa\x02\x08Shoal.V1\xca\x02\x08Shoal\\V1\xea\x02\tShoal::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.locks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.shoal.v1B\nLocksProtoP\001Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\242\002\003SHL\252\002\010Shoal.V1\312\002\010Shoal\\V1\352\002\tShoal::V1'
   _globals['_ACQUIREREQUEST']._serialized_start=99
   _globals['_ACQUIREREQUEST']._serialized_end=226
   _globals['_LEASE']._serialized_start=228

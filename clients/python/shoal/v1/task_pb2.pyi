@@ -841,6 +841,20 @@ Global___CustomSpec: _TypeAlias = CustomSpec  # noqa: Y015
 
 @_typing.final
 class TaskSpec(_message.Message):
+    """What the coordinator accepts (INVALID_ARGUMENT with a BadRequest naming each field
+    otherwise). The bounds are the coordinator's defaults, which its operator may change:
+    - the whole spec: at most 1 MiB serialized (max_spec_bytes), and 4 MiB once upstream
+      outputs (`${{ deps[0].stdout }}`) are filled in (max_rendered_spec_bytes);
+    - name, idempotency_key, tenant, backend, model, affinity_key, each lock and quota key, and
+      every map key: printable, at most 256 characters (max_string); so are the values of
+      required_labels and the keys of selectors;
+    - required_labels, metadata, the env map, secrets, locks, quota_keys, selectors (and each
+      selector's values), preferred_labels, and upstream references in one spec: at most 64
+      entries each (max_labels);
+    - depends_on: at most 100 upstream tasks; retry.max_attempts: at most 100;
+      resources.cpu: 0 to 1e6; a secret's name: letters, digits, '_', '.' or '-'.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -1141,6 +1155,10 @@ Global___AttemptId: _TypeAlias = AttemptId  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):
+    """A node passes on at most 8 MiB of a task's output (its max_output_bytes), then each
+    stream's tail; the coordinator keeps at most 1 MiB of a result (max_result_bytes).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EXIT_CODE_FIELD_NUMBER: _builtins.int
@@ -1151,14 +1169,23 @@ class TaskResult(_message.Message):
     INFRASTRUCTURE_FAILURE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
+    STDOUT_RAW_FIELD_NUMBER: _builtins.int
+    STDERR_RAW_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
     stdout: _builtins.str
-    """Tails of the output, capped by the node."""
+    """Tails of the output, capped by the node, as text: UTF-8, each byte that is not part of
+    valid UTF-8 shown as U+FFFD.
+    """
     stderr: _builtins.str
     error: _builtins.str
     """why it failed, when it failed outside the task's own code"""
     infrastructure_failure: _builtins.bool
     """the node or executor failed, not the task itself"""
+    stdout_raw: _builtins.bytes
+    """Set only when the output is not valid UTF-8: the tail exactly as the task wrote it
+    (stdout/stderr then hold its text). The bytes are `stdout_raw` if set, else `stdout`.
+    """
+    stderr_raw: _builtins.bytes
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:
         """a structured (JSON) result, when the executor has one"""
@@ -1182,10 +1209,12 @@ class TaskResult(_message.Message):
         infrastructure_failure: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
         artifacts: _abc.Iterable[Global___Artifact] | None = ...,
+        stdout_raw: _builtins.bytes = ...,
+        stderr_raw: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stdout", b"stdout", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "error", b"error", "exit_code", b"exit_code", "infrastructure_failure", b"infrastructure_failure", "output", b"output", "stderr", b"stderr", "stderr_raw", b"stderr_raw", "stdout", b"stdout", "stdout_raw", b"stdout_raw", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1337,17 +1366,24 @@ class OutputChunk(_message.Message):
 
     STREAM_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     stream: Global___OutputStream.ValueType
     data: _builtins.str
+    """as text: UTF-8, each byte that is not part of valid UTF-8 shown as U+FFFD"""
+    raw: _builtins.bytes
+    """Set only when the chunk is not valid UTF-8: its exact bytes. The bytes are `raw` if set,
+    else `data`.
+    """
     def __init__(
         self,
         *,
         stream: Global___OutputStream.ValueType = ...,
         data: _builtins.str = ...,
+        raw: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "raw", b"raw", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

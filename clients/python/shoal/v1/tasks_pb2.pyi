@@ -79,7 +79,9 @@ class SubmitBatchRequest(_message.Message):
     request_id: _builtins.str
     """as in SubmitRequest"""
     @_builtins.property
-    def specs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskSpec]: ...
+    def specs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskSpec]:
+        """at most 10,000 (the coordinator's max_batch)"""
+
     def __init__(
         self,
         *,
@@ -256,7 +258,7 @@ class WatchRequest(_message.Message):
     tenant: _builtins.str
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """empty: all tasks"""
+        """empty: all tasks; at most 1,000 (max_watch_tasks)"""
 
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState.ValueType]:

@@ -48,7 +48,7 @@ QUEUED = task_pb2.TASK_STATE_QUEUED
 @dataclass
 class Phase:
     step: int  # seconds the wall clock moved
-    noticed: float  # the step the coordinator logged
+    noticed: float | None  # the step the coordinator logged (None: it logged none)
     runs: int  # the schedule's runs from then until RUNS more were seen (or PHASE s went by)
     seconds: float  # how long that took (the test's monotonic clock)
 
@@ -69,7 +69,8 @@ async def step_and_follow(
     cluster: Cluster, client: AsyncClient, wall: SteppedWallClock, step: int
 ) -> Phase:
     """Step the coordinator's wall clock, wait until it logs the step, then until RUNS more
-    runs of the schedule (at most PHASE s: the verdict is asserted once the figures are out)."""
+    runs of the schedule (at most STARTUP and PHASE s: the verdict is asserted once the
+    figures are out)."""
     assert cluster.coordinator is not None
     coordinator = cluster.coordinator
     logged = len(_steps_logged(coordinator.output()))
@@ -80,7 +81,9 @@ async def step_and_follow(
         assert len(steps) > logged, "the coordinator has not logged the step"
         return steps[-1]
 
-    seen = await eventually(noticed, timeout=STARTUP, interval=0.05)
+    seen: float | None = None
+    with contextlib.suppress(AssertionError):
+        seen = await eventually(noticed, timeout=STARTUP, interval=0.05)
     before, started = await schedule_runs(client), time.monotonic()
 
     async def ran() -> None:
@@ -131,11 +134,15 @@ async def test_durations_keep_their_length_when_the_wall_clock_steps(cluster: Cl
         except FailedPrecondition as err:
             lock = "held" if "held" in str(err) else str(err)
         still = await client.get(queued.id)
+        # Another client's submit stores its own request id, the store's chance to forget
+        # those an hour old; then the first request is resent.
+        await client.submit(noop())
         again = await stub.Submit(resent, metadata=bearer(token))
         await client.schedule_action("pause", schedule.name)
         runs = await schedule_runs(client)
         elapsed = time.monotonic() - created
-        await client.release_lock(lease)
+        with contextlib.suppress(FailedPrecondition):  # ended already, when the lock was taken
+            await client.release_lock(lease)
         await client.cancel(queued.id)  # not to wait its 600 s
 
         ids = [t.id for t in await client.list(limit=1000)]
@@ -145,7 +152,7 @@ async def test_durations_keep_their_length_when_the_wall_clock_steps(cluster: Cl
     report = seen.report
     report.figures.update(
         {f"runs_after_{p.step:+d}s": f"{p.runs}in{p.seconds:.1f}s" for p in phases},
-        steps_logged=",".join(f"{p.noticed:+g}" for p in phases),
+        steps_logged=",".join(f"{p.noticed:+g}" if p.noticed else "none" for p in phases),
         runs=f"{runs}in{elapsed:.1f}s",
         queued_after_1h=task_pb2.TaskState.Name(still.state),
         lock_after_1h=lock,
@@ -154,7 +161,7 @@ async def test_durations_keep_their_length_when_the_wall_clock_steps(cluster: Cl
     publish(report.line())
     assert report.safe, f"{report.problems()}\n{cluster.logs()}"
     for phase in phases:
-        assert abs(phase.noticed - phase.step) < 1.0, phase
+        assert phase.noticed is not None and abs(phase.noticed - phase.step) < 1.0, phase
         assert phase.runs >= RUNS, f"the schedule stalled after a {phase.step:+d} s step"
     assert runs <= elapsed / EVERY + 2, f"the schedule flooded: {runs} runs in {elapsed:.1f} s"
     assert still.state == QUEUED, (still.pending_reason, cluster.logs())

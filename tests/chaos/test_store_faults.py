@@ -154,7 +154,8 @@ async def test_a_full_disk_mid_run_loses_nothing_and_heals(
             """Reads keep working, outcomes wait, and submits are refused again after the
             delay the first refusal named."""
             waiting = await outcomes_waiting(client)
-            assert len(submitter.refused) >= 2 and waiting, (len(submitter.refused), waiting)
+            refused = len(submitter.refused)
+            assert refused >= 2 and waiting, f"refused={refused} outcomes_waiting={waiting}"
             return waiting
 
         waiting = await eventually(full_shows, timeout=30, interval=0.05)

@@ -77,6 +77,7 @@ class Cluster:
     coordinator: CliProcess | None = None
     nodes: dict[str, CliProcess] = field(default_factory=dict)
     coordinator_settings: dict[str, Setting] = field(default_factory=dict)
+    coordinator_env: dict[str, str] = field(default_factory=dict)  # on top of os.environ
     started: list[CliProcess] = field(default_factory=list)
     _frozen: set[int] = field(default_factory=set)
 
@@ -124,6 +125,7 @@ class Cluster:
                 str(self.data_dir),
             ],
             config,
+            self.coordinator_env,
         )
         self.coordinator = cli
         try:
@@ -226,7 +228,9 @@ class Cluster:
         path.write_text(toml_table(table, settings))
         return path
 
-    async def _spawn(self, name: str, argv: list[str], config: Path) -> CliProcess:
+    async def _spawn(
+        self, name: str, argv: list[str], config: Path, env: Mapping[str, str] | None = None
+    ) -> CliProcess:
         log = self.tmp_path / f"{name}.log"  # a restart appends to the same log
         out: IO[bytes] = log.open("ab")
         try:
@@ -235,7 +239,7 @@ class Cluster:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "SHOAL_CONFIG": str(config)},
+                env={**os.environ, **(env or {}), "SHOAL_CONFIG": str(config)},
             )
         finally:
             out.close()  # the child holds its own descriptor

@@ -7,7 +7,7 @@ import codecs
 import contextlib
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,27 @@ async def _pump(
             return
 
 
+async def _exited(pid: int) -> None:
+    """Return once process `pid` has exited (a pidfd turns readable then; Linux 5.3+)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone, and reaped already
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -108,12 +129,14 @@ async def run_process(
     try:
         async with users.lease(ctx.workdir) as leased:
             assert leased is not None
-            user, home = leased
+            user, home = leased.user, leased.home
             merged = _environment(
                 env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
             )
             # What the task writes is its own (umask 077).
-            return await _run(user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077})
+            return await _run(
+                user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077}, leased.reap
+            )
     except OSError as err:
         return InfrastructureError(
             f"cannot prepare the task's user and directory: {err.strerror or err}"
@@ -146,6 +169,7 @@ async def _run(
     cwd: str | Path | None,
     stdin: bytes,
     as_user: dict[str, Any],
+    reap: Callable[[], Awaitable[None]] | None = None,
 ) -> Outcome:
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -173,12 +197,19 @@ async def _run(
         _pump(proc.stderr, task_pb2.OUTPUT_STREAM_STDERR, ctx, err_tail),
     )
     try:
-        await proc.wait()
+        # Not proc.wait(): it returns only once the pipes close too, which a process that
+        # left the group (setsid) may hold open.
+        await _exited(proc.pid)
         # Nothing the task started outlives it (and holds its pipes open).
         _kill_group(proc.pid)
+        if reap is not None:
+            await reap()
         await pumps
+        await proc.wait()
     except BaseException:
         _kill_group(proc.pid)
+        if reap is not None:
+            await asyncio.shield(reap())
         pumps.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(proc.wait())

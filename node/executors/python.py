@@ -20,7 +20,7 @@ _log = logging.getLogger("shoal.node")
 async def _runs_python(users: TaskUsers) -> bool:
     async with users.lease(None) as leased:
         assert leased is not None
-        user, home = leased
+        user, home = leased.user, leased.home
         try:
             proc = await asyncio.create_subprocess_exec(
                 *user.argv([sys.executable, "-I", "-c", ""]),

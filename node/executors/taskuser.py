@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import logging
 import os
 import pwd
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import InvalidArgument
 
-__all__ = ["TASK_UID_BASE", "TaskUser", "TaskUsers"]
+__all__ = ["TASK_UID_BASE", "Leased", "TaskUser", "TaskUsers"]
 
 TASK_UID_BASE = 1_900_000_000
 """run_as = "auto": task uids count up from here (well above any account's or subuid range's)."""
@@ -61,6 +62,16 @@ class TaskUser:
         ]
 
 
+@dataclass(frozen=True)
+class Leased:
+    """A task's user and directory; `reap` (a uid of the task's own only) kills every process
+    of it, which may hold the task's pipes open after its own process ended."""
+
+    user: TaskUser
+    home: Path
+    reap: Callable[[], Awaitable[None]] | None
+
+
 class TaskUsers:
     """The user of each task, by the `run_as` setting: the node's own (`lease` gives None), one
     named user, or under "auto" on a node run as root, a uid of its own per running task.
@@ -96,7 +107,7 @@ class TaskUsers:
         self.auto, self.fixed, self._setpriv = False, None, ""
 
     @contextlib.asynccontextmanager
-    async def lease(self, parent: Path | None) -> AsyncIterator[tuple[TaskUser, Path] | None]:
+    async def lease(self, parent: Path | None) -> AsyncIterator[Leased | None]:
         """The user of one task and a new directory in `parent` (None: the system's temporary
         one) that only it may enter; None when tasks run as the node's user. On the way out
         every process left of a uid of its own is killed, and the directory removed."""
@@ -110,11 +121,12 @@ class TaskUsers:
         except BaseException:
             _release(user, lock)
             raise
+        own = lock is not None  # a uid of its own: every process of it is the task's
         try:
-            yield user, home
+            yield Leased(user, home, functools.partial(_kill_all, user) if own else None)
         finally:
             try:
-                if lock is not None:
+                if own:
                     await _kill_all(user)  # what the task left running (a daemon, `sleep &`)
                 await asyncio.to_thread(shutil.rmtree, home, True)
             finally:

@@ -110,7 +110,7 @@ async def test_durations_keep_their_length_when_the_wall_clock_steps(cluster: Cl
         name="chaos-clock", spec=noop(), overlap=admin_pb2.Schedule.OVERLAP_ALLOW
     )
     schedule.every.FromTimedelta(timedelta(seconds=EVERY))
-    waiting = noop(labels={"pool": "nowhere"})  # no node has it: it stays queued
+    waiting = noop(labels={"pool": "nowhere"}, wait_for_node=True)  # no node has it: queued
     waiting.queue_timeout.FromTimedelta(QUEUE_TIMEOUT)
     resent = tasks_pb2.SubmitRequest(spec=noop(), request_id=REQUEST_ID)
 

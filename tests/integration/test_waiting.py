@@ -43,7 +43,7 @@ async def test_call_tool_of_a_tool_no_node_offers_fails_soon_saying_why(
 async def test_run_submit_and_wait_say_why_a_task_waits(mesh: Mesh, as_user: list[str]) -> None:
     patient = await mesh.client.submit(
         shell(
-            "true", labels={"gpu": "h100"}, wait_for_node=True, queue_timeout=timedelta(seconds=4)
+            "true", labels={"gpu": "h100"}, wait_for_node=True, queue_timeout=timedelta(seconds=9)
         )
     )
     run, submitted, waited = await asyncio.gather(

@@ -43,12 +43,7 @@ from shoal.coordinator.encoding import (
 )
 from shoal.coordinator.events import Change, EventLog
 from shoal.coordinator.locks import LeaseTable, LockGate
-from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
-from shoal.coordinator.ratelimit import TokenBucket
-from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.retries import retry_delay
-from shoal.coordinator.routes import route
-from shoal.coordinator.scheduler import (
+from shoal.coordinator.placement import (
     NodeSlots,
     Routing,
     Scheduler,
@@ -56,6 +51,11 @@ from shoal.coordinator.scheduler import (
     plain_requirements,
     requirements_of,
 )
+from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
+from shoal.coordinator.ratelimit import TokenBucket
+from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.retries import retry_delay
+from shoal.coordinator.routes import route
 from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import Request, Store, StoredTask, TaskRow, TokenRow

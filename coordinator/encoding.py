@@ -8,8 +8,8 @@ from typing import Any
 
 from shoal.coordinator.events import Change
 from shoal.coordinator.locks import parse_locks
+from shoal.coordinator.placement import fields_of, plain_key, requirements_of
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.scheduler import fields_of, plain_key, requirements_of
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
 from shoal.coordinator.templates import has_references
 from shoal.specs import is_final, timestamp

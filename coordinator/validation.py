@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.auth import Principal, Role
-from shoal.coordinator.scheduler import fields_of
+from shoal.coordinator.placement import fields_of
 from shoal.coordinator.templates import references
 from shoal.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
 from shoal.specs import bounded_result, duration, secret_references

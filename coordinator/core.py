@@ -59,7 +59,6 @@ from shoal.coordinator.routes import route
 from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import Request, Store, StoredTask, TaskRow, TokenRow
-from shoal.coordinator.templates import render
 from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.unplaceable import UnplaceableBook
@@ -81,6 +80,7 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
+from shoal.templates import render
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
 __all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]

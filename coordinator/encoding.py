@@ -11,8 +11,8 @@ from shoal.coordinator.locks import parse_locks
 from shoal.coordinator.placement import fields_of, plain_key, requirements_of
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
-from shoal.coordinator.templates import has_references
 from shoal.specs import is_final, timestamp
+from shoal.templates import has_references
 from shoal.v1 import task_pb2
 
 __all__ = [

@@ -19,7 +19,7 @@ from shoal.coordinator.placement.model import (
     Routing,
     Selector,
 )
-from shoal.specs import executor_of
+from shoal.specs import executor_of, fields_of
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["fields_of", "node_slots_of", "plain_key", "plain_requirements", "requirements_of"]
@@ -58,11 +58,6 @@ most specs; shared, since Requirements are immutable. Bounded by _PLAIN_MAX."""
 _PLAIN_MAX = 4096
 _PLAIN_KEYS: dict[str, Requirements] = {}
 """The same, by plain_key."""
-
-
-def fields_of(spec: task_pb2.TaskSpec) -> dict[str, Any]:
-    """The fields a spec sets, by name: one pass, cheaper than asking for each in turn."""
-    return {fd.name: value for fd, value in spec.ListFields()}
 
 
 _PLACING = frozenset(

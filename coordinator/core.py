@@ -19,17 +19,6 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 
 from shoal._output import output_size
 from shoal.auth import COORDINATOR, Principal
-from shoal.coordinator.admission import Admission, Refusal, Waiting
-from shoal.coordinator.backpressure import Backpressure
-from shoal.coordinator.breakers import (
-    CLOSED,
-    OPEN,
-    Breaker,
-    Breakers,
-    backend_key,
-    executor_key,
-    node_key,
-)
 from shoal.coordinator.clock import Clock
 from shoal.coordinator.encoding import (
     attempt_id,
@@ -42,7 +31,20 @@ from shoal.coordinator.encoding import (
     task_row,
 )
 from shoal.coordinator.events import Change, EventLog
-from shoal.coordinator.locks import LeaseTable, LockGate
+from shoal.coordinator.gates.backpressure import Backpressure
+from shoal.coordinator.gates.base import Admission, Refusal, Waiting
+from shoal.coordinator.gates.breakers import (
+    CLOSED,
+    OPEN,
+    Breaker,
+    Breakers,
+    backend_key,
+    executor_key,
+    node_key,
+)
+from shoal.coordinator.gates.locks import LeaseTable, LockGate
+from shoal.coordinator.gates.quotas import Pricing, QuotaGate, check_quota
+from shoal.coordinator.gates.ratelimit import TokenBucket
 from shoal.coordinator.placement import (
     NodeSlots,
     Routing,
@@ -51,8 +53,6 @@ from shoal.coordinator.placement import (
     plain_requirements,
     requirements_of,
 )
-from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
-from shoal.coordinator.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route

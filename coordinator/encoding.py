@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from shoal.coordinator.events import Change
-from shoal.coordinator.locks import parse_locks
+from shoal.coordinator.gates.locks import parse_locks
 from shoal.coordinator.placement import fields_of, plain_key, requirements_of
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow

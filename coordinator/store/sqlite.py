@@ -7,18 +7,16 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import shlex
 import sqlite3
 import stat
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from shoal.coordinator.store.base import EPOCH_SHIFT, REQUEST_RETENTION, STORE_FULL, Store
+from shoal.coordinator.store.base import EPOCH_SHIFT, Store
 from shoal.coordinator.store.dirlock import DirLock
 from shoal.coordinator.store.marks import Marks, found_marks, write_marks
 from shoal.coordinator.store.rows import (
@@ -30,124 +28,15 @@ from shoal.coordinator.store.rows import (
     Unfinished,
     UsageRow,
 )
+from shoal.coordinator.store.schema import COLUMNS, TOKEN_COLUMNS, migrate, stored_task
 from shoal.coordinator.store.storecheck import check_store, state_path
-from shoal.errors import FailedPrecondition, ResourceExhausted, ShoalError, Unavailable
+from shoal.coordinator.store.task_writes import finish_op, insert_op
+from shoal.coordinator.store.writer import Op, Writer
+from shoal.errors import FailedPrecondition, Unavailable
 
 __all__ = ["SqliteStore"]
 
 _log = logging.getLogger("shoal.coordinator")
-
-_FULL_RETRY = timedelta(seconds=5)  # freeing space takes an operator: not a quick resend
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    idempotency_key TEXT UNIQUE,
-    tenant TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    spec BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    state INTEGER,
-    final_seq INTEGER,
-    finished_at REAL,
-    started_at REAL,
-    node_id TEXT,
-    attempt_epoch INTEGER,
-    attempt_number INTEGER,
-    result BLOB,
-    submitted_by TEXT NOT NULL DEFAULT '',
-    finished_by TEXT,
-    depends_on TEXT NOT NULL DEFAULT '[]',
-    attempts BLOB,
-    placement TEXT
-);
-CREATE INDEX IF NOT EXISTS tasks_final_seq ON tasks(final_seq) WHERE final_seq IS NOT NULL;
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    executors TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    secret_hash BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL,
-    revoked_at REAL,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS node_attempts (node_id TEXT PRIMARY KEY, attempts TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dispatched (node_id TEXT NOT NULL, attempts TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    key TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_by_time ON requests (created_at);
-CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS lock_tokens (name TEXT PRIMARY KEY, token INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT NOT NULL, token INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (name, token)
-);
-CREATE TABLE IF NOT EXISTS usage (
-    key TEXT NOT NULL, period TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
-    cost REAL NOT NULL, PRIMARY KEY (key, period)
-);
-"""
-
-# Columns added after the first release: (table, column, definition).
-_ADDED_COLUMNS = (
-    ("tasks", "submitted_by", "TEXT NOT NULL DEFAULT ''"),
-    ("tasks", "finished_by", "TEXT"),
-    ("tasks", "depends_on", "TEXT NOT NULL DEFAULT '[]'"),
-    ("tasks", "attempts", "BLOB"),
-    ("tasks", "placement", "TEXT"),
-)
-
-_COLUMNS = (
-    "seq, id, idempotency_key, tenant, priority, spec, created_at, state, final_seq,"
-    " finished_at, started_at, node_id, attempt_epoch, attempt_number, result,"
-    " submitted_by, finished_by, depends_on, attempts"
-)
-_TOKEN_COLUMNS = (
-    "id, name, role, tenant, node_id, executors, labels, secret_hash, created_at, expires_at,"
-    " revoked_at, created_by"
-)
-
-
-def _stored(r: tuple[Any, ...]) -> StoredTask:
-    row = TaskRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[15], json.loads(r[17]))
-    outcome = None
-    if r[8] is not None:
-        outcome = FinishedRow(
-            r[1],
-            r[7],
-            r[8],
-            r[9],
-            r[10],
-            r[11] or "",
-            r[12],
-            r[13],
-            r[14],
-            r[16] or "",
-            r[18] or b"",
-        )
-    return StoredTask(row, outcome)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    conn.executescript(_SCHEMA)
-    for table, column, definition in _ADDED_COLUMNS:
-        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-
-
-_Op = Callable[[sqlite3.Connection], Any]
 
 
 def _private(path: Path, *, before: bool) -> None:
@@ -173,200 +62,7 @@ def _private(path: Path, *, before: bool) -> None:
             )
 
 
-class _Writer(threading.Thread):
-    """The one writer: takes every queued operation, runs them in one transaction, commits once."""
-
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(name="shoal-store-writer", daemon=True)
-        self._conn = conn
-        self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
-
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((op, fut))
-        return fut
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def run(self) -> None:
-        conn = self._conn
-        while True:
-            item = self._queue.get()
-            batch: list[tuple[_Op, asyncio.Future[Any]]] = []
-            stopping = item is None
-            if item is not None:
-                batch.append(item)
-            while not stopping:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                else:
-                    batch.append(nxt)
-            if batch:
-                self._loop.call_soon_threadsafe(_deliver, self._commit(conn, batch))
-            if stopping:
-                conn.close()
-                return
-
-    @staticmethod
-    def _commit(
-        conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, fut in batch:
-                # A savepoint per operation: one failing operation leaves the others intact.
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((fut, op(conn), None))
-                    conn.execute("RELEASE op")
-                except Exception as err:  # its own failure (a refusal, a constraint): its caller's
-                    if not conn.in_transaction:  # SQLite undid them all (SQLITE_FULL may)
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((fut, None, _full(err) or err))
-            conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            failure = _full(err) or Unavailable(f"store write failed: {err}")
-            return [(fut, None, failure) for _, fut in batch]
-        return results
-
-
-def _full(err: Exception) -> ShoalError | None:
-    """RESOURCE_EXHAUSTED for a write that failed for want of disk space (SQLite reports
-    ENOSPC as SQLITE_FULL): it works again once space is freed, so callers may retry."""
-    if isinstance(err, sqlite3.Error) and err.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
-        return ResourceExhausted(f"{STORE_FULL} ({err})", retry_after=_FULL_RETRY)
-    return None
-
-
-def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for fut, value, err in results:
-        if fut.cancelled():
-            continue
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(value)
-
-
 _UNFINISHED_PAGE = 20_000  # rows read at a time on a restart
-_INSERTED = (
-    "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on,"
-    " placement"
-)
-
-
-def _by_key(conn: sqlite3.Connection, key: str) -> str | None:
-    found = conn.execute("SELECT id FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
-    return found[0] if found else None
-
-
-def _earlier_request(
-    conn: sqlite3.Connection, rows: Sequence[TaskRow], request: Request
-) -> list[str | None] | None:
-    """The task ids of a request stored before under the same key, in its order, or None."""
-    found = conn.execute(
-        "SELECT first_seq, count FROM requests WHERE key = ?", (request.key,)
-    ).fetchone()
-    if found is None:
-        return None
-    first, count = found
-    if count != len(rows):
-        raise FailedPrecondition(
-            f"this request id was used before for {count} task(s), not {len(rows)}"
-        )
-    ids = dict(
-        conn.execute(
-            "SELECT seq, id FROM tasks WHERE seq BETWEEN ? AND ?", (first, first + count - 1)
-        ).fetchall()
-    )
-    # A row the first request did not insert had matched another task's idempotency key.
-    return [
-        ids.get(first + i) or (r.idempotency_key and _by_key(conn, r.idempotency_key))
-        for i, r in enumerate(rows)
-    ]
-
-
-def _insert(rows: Sequence[TaskRow], request: Request | None) -> _Op:
-    def op(conn: sqlite3.Connection) -> tuple[list[str | None], list[list[str]]]:
-        # The one writer runs this: nothing can insert a key between the lookup and the insert.
-        if request is not None:
-            earlier = _earlier_request(conn, rows, request)
-            if earlier is not None:
-                return earlier, [[] for _ in rows]
-            conn.execute(
-                "INSERT INTO requests (key, first_seq, count, created_at) VALUES (?, ?, ?, ?)",
-                (request.key, rows[0].seq, len(rows), request.created_at),
-            )
-            conn.execute(
-                "DELETE FROM requests WHERE created_at < ?",
-                (request.created_at - REQUEST_RETENTION,),
-            )
-        existing: list[str | None] = [None] * len(rows)
-        for i, r in enumerate(rows):
-            if r.idempotency_key is not None:
-                existing[i] = _by_key(conn, r.idempotency_key)
-        final = [old or r.id for old, r in zip(existing, rows, strict=True)]
-        resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
-        conn.executemany(
-            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.seq,
-                    r.id,
-                    r.idempotency_key,
-                    r.tenant,
-                    r.priority,
-                    r.spec,
-                    r.created_at,
-                    r.submitted_by,
-                    json.dumps(ups) if ups else "[]",
-                    r.placement,
-                )
-                for r, old, ups in zip(rows, existing, resolved, strict=True)
-                if old is None
-            ],
-        )
-        return existing, resolved
-
-    return op
-
-
-def _finish(rows: Sequence[FinishedRow]) -> _Op:
-    def op(conn: sqlite3.Connection) -> None:
-        conn.executemany(
-            "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
-            " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?,"
-            " attempts = ? WHERE seq = ? AND final_seq IS NULL",
-            [
-                (
-                    r.state,
-                    r.final_seq,
-                    r.finished_at,
-                    r.started_at,
-                    r.node_id,
-                    r.attempt_epoch,
-                    r.attempt_number,
-                    r.result,
-                    r.finished_by,
-                    r.attempts or None,
-                    r.seq,
-                )
-                for r in rows
-            ],
-        )
-
-    return op
 
 
 def _bump_epoch(conn: sqlite3.Connection, floor: int) -> int:
@@ -414,7 +110,7 @@ class SqliteStore(Store):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self._path = path
         self._synchronous = synchronous.upper()
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-store-reader")
         self._reader_conn: sqlite3.Connection | None = None
         self.state_path = state_path(path)
@@ -439,14 +135,14 @@ class SqliteStore(Store):
             await asyncio.to_thread(_private, self._path, before=True)
             try:
                 conn = await asyncio.to_thread(self._connect, check_same_thread=False)
-                await asyncio.to_thread(_migrate, conn)
+                await asyncio.to_thread(migrate, conn)
             except sqlite3.DatabaseError as err:
                 raise FailedPrecondition(
                     f"cannot open the store {self._path} ({err}): restore the data dir from a"
                     " backup, or move the file aside to start an empty store"
                 ) from None
             await asyncio.to_thread(_private, self._path, before=False)
-            self._writer = _Writer(conn, asyncio.get_running_loop())
+            self._writer = Writer(conn, asyncio.get_running_loop())
             self._writer.start()
             epoch = int(await self._writer.submit(lambda c: _bump_epoch(c, floor)))
             # Recorded before the epoch is used: a store that loses it cannot hand it out again.
@@ -523,7 +219,7 @@ class SqliteStore(Store):
         self._reader.shutdown(wait=True)
         self._lock.release()
 
-    def _write(self, op: _Op) -> asyncio.Future[Any]:
+    def _write(self, op: Op) -> asyncio.Future[Any]:
         if self._writer is None:
             raise Unavailable("the store is closed")
         return self._writer.submit(op)
@@ -531,11 +227,13 @@ class SqliteStore(Store):
     async def insert(
         self, rows: Sequence[TaskRow], request: Request | None = None
     ) -> tuple[list[str | None], list[list[str]]]:
-        result: tuple[list[str | None], list[list[str]]] = await self._write(_insert(rows, request))
+        result: tuple[list[str | None], list[list[str]]] = await self._write(
+            insert_op(rows, request)
+        )
         return result
 
     async def finish(self, rows: Sequence[FinishedRow]) -> None:
-        await self._write(_finish(rows))
+        await self._write(finish_op(rows))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         def call() -> Any:
@@ -574,9 +272,9 @@ class SqliteStore(Store):
 
     async def get(self, task_id: str) -> StoredTask | None:
         r = await self._read(
-            lambda c: c.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            lambda c: c.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         )
-        return None if r is None else _stored(r)
+        return None if r is None else stored_task(r)
 
     async def list_tasks(
         self,
@@ -601,21 +299,21 @@ class SqliteStore(Store):
             finals = f"state IN ({','.join('?' * len(final_states))})" if final_states else "0"
             args += list(final_states)
         where.append(f"({finals} OR final_seq IS NULL)" if include_unfinished else finals)
-        sql = f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        sql = f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
         args.append(limit)
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
-        return [_stored(r) for r in rows]
+        return [stored_task(r) for r in rows]
 
     async def events_between(
         self, after: int, before: int, limit: int
     ) -> list[tuple[int, StoredTask]]:
         def query(c: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
             acc = c.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+                f"SELECT {COLUMNS} FROM tasks WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
                 (after, before, limit),
             ).fetchall()
             fin = c.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE final_seq > ? AND final_seq < ?"
+                f"SELECT {COLUMNS} FROM tasks WHERE final_seq > ? AND final_seq < ?"
                 " ORDER BY final_seq LIMIT ?",
                 (after, before, limit),
             ).fetchall()
@@ -628,15 +326,15 @@ class SqliteStore(Store):
             bound = min(bound, acc[-1][0] + 1)
         if len(fin) == limit:
             bound = min(bound, fin[-1][8] + 1)
-        items = [(r[0], _stored(r)) for r in acc if r[0] < bound]
-        items += [(r[8], _stored(r)) for r in fin if r[8] < bound]
+        items = [(r[0], stored_task(r)) for r in acc if r[0] < bound]
+        items += [(r[8], stored_task(r)) for r in fin if r[8] < bound]
         items.sort(key=lambda item: item[0])
         return items
 
     async def tokens(self) -> list[TokenRow]:
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at"
+                f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at"
             ).fetchall()
         )
         return [
@@ -674,7 +372,7 @@ class SqliteStore(Store):
         )
         await self._write(
             lambda c: c.execute(
-                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({','.join('?' * len(values))})",
+                f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES ({','.join('?' * len(values))})",
                 values,
             )
         )

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from _common import meta
 
-from shoal.coordinator.scheduler import (
+from shoal.coordinator.placement import (
     NodeSlots,
     Op,
     PlacementClass,

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from _common import MB
 
 from shoal import python, shell
-from shoal.coordinator.templates import render
 from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import InvalidArgument
+from shoal.templates import render
 from shoal.v1 import task_pb2
 
 SIZE = 1_000_000

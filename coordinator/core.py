@@ -19,17 +19,6 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 
 from shoal._output import output_size
 from shoal.auth import COORDINATOR, Principal
-from shoal.coordinator.admission import Admission, Refusal, Waiting
-from shoal.coordinator.backpressure import Backpressure
-from shoal.coordinator.breakers import (
-    CLOSED,
-    OPEN,
-    Breaker,
-    Breakers,
-    backend_key,
-    executor_key,
-    node_key,
-)
 from shoal.coordinator.clock import Clock
 from shoal.coordinator.encoding import (
     attempt_id,
@@ -42,13 +31,21 @@ from shoal.coordinator.encoding import (
     task_row,
 )
 from shoal.coordinator.events import Change, EventLog
-from shoal.coordinator.locks import LeaseTable, LockGate
-from shoal.coordinator.quotas import Pricing, QuotaGate, check_quota
-from shoal.coordinator.ratelimit import TokenBucket
-from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.retries import retry_delay
-from shoal.coordinator.routes import route
-from shoal.coordinator.scheduler import (
+from shoal.coordinator.gates.backpressure import Backpressure
+from shoal.coordinator.gates.base import Admission, Refusal, Waiting
+from shoal.coordinator.gates.breakers import (
+    CLOSED,
+    OPEN,
+    Breaker,
+    Breakers,
+    backend_key,
+    executor_key,
+    node_key,
+)
+from shoal.coordinator.gates.locks import LeaseTable, LockGate
+from shoal.coordinator.gates.quotas import Pricing, QuotaGate, check_quota
+from shoal.coordinator.gates.ratelimit import TokenBucket
+from shoal.coordinator.placement import (
     NodeSlots,
     Routing,
     Scheduler,
@@ -56,10 +53,12 @@ from shoal.coordinator.scheduler import (
     plain_requirements,
     requirements_of,
 )
+from shoal.coordinator.records import TaskRecord
+from shoal.coordinator.retries import retry_delay
+from shoal.coordinator.routes import route
 from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import Request, Store, StoredTask, TaskRow, TokenRow
-from shoal.coordinator.templates import render
 from shoal.coordinator.timers import TimerKind, Timers
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.unplaceable import UnplaceableBook
@@ -81,6 +80,7 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.specs import FINAL_STATES, is_final, state_name, timestamp, to_duration
+from shoal.templates import render
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
 __all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]

@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 from shoal.coordinator.events import Change
-from shoal.coordinator.locks import parse_locks
+from shoal.coordinator.gates.locks import parse_locks
+from shoal.coordinator.placement import fields_of, plain_key, requirements_of
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.scheduler import fields_of, plain_key, requirements_of
 from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
-from shoal.coordinator.templates import has_references
 from shoal.specs import is_final, timestamp
+from shoal.templates import has_references
 from shoal.v1 import task_pb2
 
 __all__ = [

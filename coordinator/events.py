@@ -14,11 +14,10 @@ import asyncio
 from collections.abc import Iterable
 
 from shoal._output import output_size
+from shoal.coordinator.store.base import EPOCH_SHIFT
 from shoal.v1 import task_pb2
 
 __all__ = ["EPOCH_SHIFT", "Change", "EventLog"]
-
-EPOCH_SHIFT = 40
 
 
 class Change:

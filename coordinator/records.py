@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
-from shoal.coordinator.scheduler import Requirements
+from shoal.coordinator.placement import Requirements
 from shoal.v1 import task_pb2
 
 __all__ = ["TaskRecord"]

@@ -27,7 +27,7 @@ from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.core import Coordinator, CoreOptions
 from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.metrics import MetricsServer
-from shoal.coordinator.scheduler import Routing
+from shoal.coordinator.placement import Routing
 from shoal.coordinator.service import (
     AdminService,
     LocksService,

@@ -11,9 +11,9 @@ from datetime import timedelta
 from google.protobuf.duration_pb2 import Duration
 
 from shoal.auth import Principal
-from shoal.coordinator.ratelimit import TokenBucket
+from shoal.coordinator.gates.ratelimit import TokenBucket
+from shoal.coordinator.placement import node_slots_of
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.scheduler import node_slots_of
 from shoal.specs import timestamp
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from itertools import count
 
-from shoal.coordinator.scheduler import PlacementClass, Queued, Scheduler
+from shoal.coordinator.placement import PlacementClass, Queued, Scheduler
 
 __all__ = ["Sweep", "UnplaceableBook"]
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import timedelta
 
-from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -25,6 +24,7 @@ from shoal.errors import (
 from shoal.node.executors.base import Outcome
 from shoal.specs import executor_of
 from shoal.v1 import node_pb2, task_pb2
+from shoal.validation import Limits, validate_batch
 
 __all__ = ["DirectTask", "DirectTasks", "check_direct_request"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal import AsyncClient, shell
-from shoal.coordinator.marks import Marks, found_marks, open_read_only, read_marks
+from shoal.coordinator.store.marks import Marks, found_marks, open_read_only, read_marks
 from shoal.v1 import task_pb2
 
 from .harness import STARTUP, CliProcesses, eventually, free_port

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal.coordinator.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
+from shoal.coordinator.gates.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
 
 from .test_core import Wall
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.coordinator.scheduler import (
+from shoal.coordinator.placement import (
     PRIORITY_LEVELS,
     NodeSlots,
     PlacementClass,

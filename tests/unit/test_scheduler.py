@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from shoal.coordinator import scheduler as scheduler_module
-from shoal.coordinator.scheduler import (
+from shoal.coordinator.placement import (
     ROUTERS,
     AffinityMap,
     NodeSlots,
@@ -28,6 +27,7 @@ from shoal.coordinator.scheduler import (
     node_slots_of,
     requirements_of,
 )
+from shoal.coordinator.placement import scheduler as scheduler_module
 from shoal.v1 import node_pb2, task_pb2
 
 ONE_SLOT = Resources()

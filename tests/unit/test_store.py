@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal.coordinator import store as store_module
 from shoal.coordinator.events import EPOCH_SHIFT
-from shoal.coordinator.marks import Marks, read_marks
 from shoal.coordinator.store import STORE_FULL, FinishedRow, SqliteStore, TaskRow, Unfinished
+from shoal.coordinator.store import sqlite as store_module
+from shoal.coordinator.store.marks import Marks, read_marks
 from shoal.errors import FailedPrecondition, ResourceExhausted
 from shoal.v1 import task_pb2
 from tests.integration.harness import eventually

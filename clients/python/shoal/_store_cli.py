@@ -14,8 +14,8 @@ from shoal.config import STORE_FILE, CoordinatorSettings
 from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
-    from shoal.coordinator.marks import Marks
-    from shoal.coordinator.storecheck import StoreReport
+    from shoal.coordinator.store.marks import Marks
+    from shoal.coordinator.store.storecheck import StoreReport
 
 __all__ = ["app"]
 
@@ -34,7 +34,7 @@ def _store(data_dir: Path | None) -> Path:
 
 
 def _marks(marks: Marks | None) -> str:
-    from shoal.coordinator.marks import seq_text
+    from shoal.coordinator.store.marks import seq_text
 
     if marks is None:
         return "none recorded"
@@ -63,7 +63,7 @@ def check(data_dir: DataDirOpt = None) -> None:
     Runs SQLite's integrity_check, counts the tasks, and compares what the store holds with
     what its state file says it must hold.
     """
-    from shoal.coordinator.storecheck import check_store
+    from shoal.coordinator.store.storecheck import check_store
 
     report = check_store(_store(data_dir), thorough=True)
     _show(report)
@@ -83,7 +83,7 @@ def accept_loss(
     store holds as what it must hold from now on, in an epoch past every one it used.
     """
     from shoal.coordinator.store import SqliteStore
-    from shoal.coordinator.storecheck import check_store
+    from shoal.coordinator.store.storecheck import check_store
 
     path = _store(data_dir)
     report = check_store(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import overload
+from typing import Any, overload
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +19,7 @@ __all__ = [
     "bounded_result",
     "duration",
     "executor_of",
+    "fields_of",
     "is_final",
     "secret_references",
     "state_name",
@@ -55,6 +56,11 @@ def secret_references(spec: task_pb2.TaskSpec) -> list[str]:
         if "${{" in value
         for m in SECRET_REFERENCE.finditer(value)
     ]
+
+
+def fields_of(spec: task_pb2.TaskSpec) -> dict[str, Any]:
+    """The fields a spec sets, by name: one pass, cheaper than asking for each in turn."""
+    return {fd.name: value for fd, value in spec.ListFields()}
 
 
 def executor_of(spec: task_pb2.TaskSpec) -> str:

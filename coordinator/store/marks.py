@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shoal.coordinator.events import EPOCH_SHIFT
+from shoal.coordinator.store.base import EPOCH_SHIFT
 from shoal.errors import FailedPrecondition
 
 __all__ = [

@@ -8,7 +8,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from shoal.coordinator.ratelimit import TokenBucket
+from shoal.coordinator.gates.ratelimit import TokenBucket
 from shoal.coordinator.validation import Limits
 from shoal.errors import FieldViolation, ResourceExhausted
 from shoal.v1 import task_pb2

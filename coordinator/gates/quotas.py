@@ -17,8 +17,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from shoal.coordinator.admission import Admission, Refusal
-from shoal.coordinator.ratelimit import TokenBucket
+from shoal.coordinator.gates.base import Admission, Refusal
+from shoal.coordinator.gates.keys import quota_key
+from shoal.coordinator.gates.ratelimit import TokenBucket
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import UsageRow
 from shoal.errors import InvalidArgument
@@ -171,7 +172,7 @@ class QuotaGate(Admission):
         return periods
 
     def keys(self, rec: TaskRecord) -> list[str]:
-        return [f"quota:{k}" for k in self._limited(rec.spec)]
+        return [quota_key(k) for k in self._limited(rec.spec)]
 
     def take(self, rec: TaskRecord, now: float) -> Refusal | None:
         keys = self._limited(rec.spec)
@@ -188,7 +189,7 @@ class QuotaGate(Admission):
             wait, key = worst
             q = self._limits[key]
             return Refusal(
-                f"quota:{key}",
+                quota_key(key),
                 f"rate limit {key}: next slot in {wait:.1f} s",
                 retry_after=wait,
                 fail=q.fail_fast,
@@ -227,7 +228,7 @@ class QuotaGate(Admission):
 
         def refuse(what: str, kind: int | None) -> Refusal:
             at = None if kind is None else _period_end(now, kind)
-            return Refusal(f"quota:{key}", f"{what} {key}", retry_at=at, fail=q.fail_fast)
+            return Refusal(quota_key(key), f"{what} {key}", retry_at=at, fail=q.fail_fast)
 
         if not budgets_only and q.concurrency and self._running[key] >= q.concurrency:
             return refuse(f"concurrency limit ({q.concurrency} running) of", None)
@@ -324,7 +325,7 @@ class QuotaGate(Admission):
             else:  # one request for its automatic keys without a quota
                 for key in set(auto_keys(rec.spec)).difference(held.keys):
                     self._add_used(key, held.periods[:2], _Use(1))
-        return [f"quota:{k}" for k in held.keys]
+        return [quota_key(k) for k in held.keys]
 
     def _count(
         self, rec: TaskRecord, usage: task_pb2.Usage, periods: list[str], skip: Iterable[str]

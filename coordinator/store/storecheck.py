@@ -7,7 +7,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.coordinator.marks import Marks, found_marks, losses, open_read_only, read_marks
+from shoal.coordinator.store.marks import Marks, found_marks, losses, open_read_only, read_marks
 from shoal.errors import FailedPrecondition
 
 __all__ = ["StoreReport", "check_store", "state_path"]

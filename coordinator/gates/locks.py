@@ -18,8 +18,9 @@ from datetime import timedelta
 from typing import Any
 
 from shoal.auth import Principal, Role
-from shoal.coordinator.admission import Admission, Refusal
 from shoal.coordinator.clock import Clock
+from shoal.coordinator.gates.base import Admission, Refusal
+from shoal.coordinator.gates.keys import lock_key
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import Store
 from shoal.coordinator.timers import SetTimer, TimerKind
@@ -85,13 +86,13 @@ class LockGate(Admission):
     _held: dict[str, tuple[tuple[str, bool], ...]] = field(default_factory=dict)
 
     def keys(self, rec: TaskRecord) -> list[str]:
-        return [f"lock:{name}" for name, _ in rec.locks]
+        return [lock_key(name) for name, _ in rec.locks]
 
     def conflict(self, wanted: tuple[tuple[str, bool], ...]) -> Refusal | None:
         for name, shared in wanted:
             lock = self._locks.get(name)
             if lock is not None and lock.blocks(shared):
-                return Refusal(f"lock:{name}", f"lock {name} is held by {lock.holders()}")
+                return Refusal(lock_key(name), f"lock {name} is held by {lock.holders()}")
         return None
 
     def hold(self, holder: str, wanted: tuple[tuple[str, bool], ...]) -> None:
@@ -114,7 +115,7 @@ class LockGate(Admission):
                 lock.exclusive = ""
             if not lock.exclusive and not lock.shared:
                 del self._locks[name]
-        return [f"lock:{name}" for name, _ in wanted]
+        return [lock_key(name) for name, _ in wanted]
 
     def take(self, rec: TaskRecord, now: float) -> Refusal | None:
         if not rec.locks:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from shoal.coordinator.gates.keys import backend_key, executor_key, node_key
 from shoal.specs import timestamp
 from shoal.v1 import task_pb2
 
@@ -34,18 +35,6 @@ __all__ = [
 CLOSED = task_pb2.BREAKER_STATE_CLOSED
 OPEN = task_pb2.BREAKER_STATE_OPEN
 HALF_OPEN = task_pb2.BREAKER_STATE_HALF_OPEN
-
-
-def node_key(node_id: str) -> str:
-    return f"node:{node_id}"
-
-
-def executor_key(node_id: str, executor: str) -> str:
-    return f"node:{node_id}/{executor}"
-
-
-def backend_key(backend: str) -> str:
-    return f"backend:{backend}"
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ import pytest
 
 from shoal import shell
 from shoal.coordinator.clock import Clock
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition
 from shoal.specs import timestamp

@@ -11,7 +11,7 @@ import pytest
 
 from shoal import shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.schedules import MAX_CATCH_UP, ScheduleState, check, next_after
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import AlreadyExists, InvalidArgument

@@ -73,8 +73,8 @@ async def core(tmp_path: Path, t: FakeTime) -> AsyncIterator[Coordinator]:
 
 async def _settle(c: Coordinator) -> None:
     """Let the submits a tick spawned finish (they await the store)."""
-    while c._background:
-        await asyncio.gather(*c._background, return_exceptions=True)
+    while c._k.background:
+        await asyncio.gather(*c._k.background, return_exceptions=True)
 
 
 async def _count(c: Coordinator) -> int:

@@ -59,7 +59,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         role = _ROLES.get(request.role)
         if role is None:
             raise InvalidArgument("role must be one of admin, submitter, reader, node")
-        made = await self._core.tokens.create(
+        made = await self._core.create_token(
             name=request.name,
             role=role,
             tenant=request.tenant,
@@ -75,7 +75,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListTokens(
         self, request: admin_pb2.ListTokensRequest, context: Ctx
     ) -> admin_pb2.ListTokensResponse:
-        rows = self._core.tokens.all() if request.include_revoked else self._core.tokens.active()
+        rows = self._core.token_rows(include_revoked=request.include_revoked)
         return admin_pb2.ListTokensResponse(tokens=[_token_info(r) for r in rows])
 
     async def RevokeToken(
@@ -126,7 +126,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListQuotas(
         self, request: admin_pb2.ListQuotasRequest, context: Ctx
     ) -> admin_pb2.ListQuotasResponse:
-        return admin_pb2.ListQuotasResponse(quotas=self._core.quotas.quotas())
+        return admin_pb2.ListQuotasResponse(quotas=self._core.quota_list())
 
     async def DeleteQuota(self, request: admin_pb2.QuotaRef, context: Ctx) -> admin_pb2.Quota:
         _log.info("quota on %r deleted by %s", request.key, current_principal().name)
@@ -135,4 +135,4 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetUsage(
         self, request: admin_pb2.UsageRequest, context: Ctx
     ) -> admin_pb2.UsageResponse:
-        return admin_pb2.UsageResponse(usage=self._core.quotas.usage(request.key))
+        return admin_pb2.UsageResponse(usage=self._core.usage(request.key))

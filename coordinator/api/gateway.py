@@ -33,7 +33,7 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
                 f"{request.address[:300]!r} is not this coordinator's address (nodes that reach"
                 " it through NAT or a proxy: list the address in its reachable_at)"
             )
-        mac = self._core.tokens.prove(
+        mac = self._core.prove(
             Direction.JOIN,
             token_id=request.token_id,
             node_id=request.node_id,

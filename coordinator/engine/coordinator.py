@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 
-from shoal.auth import Principal
+from shoal.auth import Principal, Role
 from shoal.coordinator.encoding import task_record
 from shoal.coordinator.engine.clock import TimerLoop
 from shoal.coordinator.engine.dispatch import Dispatcher
@@ -31,8 +31,9 @@ from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import Store, TokenRow
 from shoal.coordinator.timers import TimerKind
-from shoal.coordinator.tokens import TokenRegistry
+from shoal.coordinator.tokens import NewToken, TokenRegistry
 from shoal.errors import NotFound
+from shoal.handshake import Direction
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
 __all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
@@ -40,22 +41,6 @@ __all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
 _log = logging.getLogger("shoal.coordinator")
 
 _FREEZE_AFTER = 100_000  # tasks recovered
-
-
-def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
-    """(node id, epoch, number) by task from the store's node attempts; where two nodes were
-    recorded with one task, the later attempt."""
-    out: dict[str, tuple[str, int, int]] = {}
-    for node_id, text in recorded.items():
-        for line in text.splitlines():
-            task_id, _, attempt = line.partition(" ")
-            epoch, _, number = attempt.partition(" ")
-            if not (epoch.isdigit() and number.isdigit()):
-                continue
-            claim = (node_id, int(epoch), int(number))
-            if (old := out.get(task_id)) is None or old[1:] < claim[1:]:
-                out[task_id] = claim
-    return out
 
 
 @contextlib.contextmanager
@@ -246,9 +231,53 @@ class Coordinator:
     def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
         return self._n.undrain(node_id)
 
+    # -- tokens and quotas, as the Admin and NodeGateway services see them -----------------
+
+    async def create_token(
+        self,
+        *,
+        name: str,
+        role: Role,
+        created_by: str,
+        tenant: str = "",
+        node_id: str = "",
+        executors: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        ttl: timedelta | None = None,
+    ) -> NewToken:
+        """Make and store a token; its name must be free among tokens not revoked."""
+        return await self.tokens.create(
+            name=name,
+            role=role,
+            created_by=created_by,
+            tenant=tenant,
+            node_id=node_id,
+            executors=executors,
+            labels=labels,
+            ttl=ttl,
+        )
+
+    def token_rows(self, *, include_revoked: bool) -> list[TokenRow]:
+        return self.tokens.all() if include_revoked else self.tokens.active()
+
     async def revoke_token(self, name_or_id: str) -> TokenRow:
         """Revoke a token and end the node sessions opened with it."""
         return await self._n.revoke_token(name_or_id)
+
+    def prove(
+        self, direction: Direction, *, token_id: str, node_id: str, address: str, nonce: bytes
+    ) -> bytes:
+        """Answer a node's challenge: proof that this coordinator issued its token."""
+        return self.tokens.prove(
+            direction, token_id=token_id, node_id=node_id, address=address, nonce=nonce
+        )
+
+    def quota_list(self) -> list[admin_pb2.Quota]:
+        return self._k.quotas.quotas()
+
+    def usage(self, key: str = "") -> list[admin_pb2.KeyUsage]:
+        """Usage counted per quota key and period (every key when `key` is empty)."""
+        return self._k.quotas.usage(key)
 
     def tick(self) -> None:
         """Act on every timer that is due (see TimerLoop.tick)."""
@@ -308,8 +337,7 @@ class Coordinator:
         outcomes = await self._k.outcomes_of(linked)
         for rec in linked:
             self._k.link(rec, outcomes)
-        self._n.awaited = set(await self._k.store.members())
-        self._n.dispatched = _dispatched(await self._k.store.node_attempts())
+        self._n.expect_back(await self._k.store.members(), await self._k.store.node_attempts())
         grace = (self.options.restart_grace or self.options.lease).total_seconds()
         now = self._k.wall()
         if self._n.awaited:  # no task fails for want of a node before those nodes had their time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 
 from shoal._output import output_size
@@ -31,6 +31,22 @@ __all__ = ["NodeSessions"]
 _log = logging.getLogger("shoal.coordinator")
 
 
+def _dispatched(recorded: Mapping[str, str]) -> dict[str, tuple[str, int, int]]:
+    """(node id, epoch, number) by task from the store's node attempts; where two nodes were
+    recorded with one task, the later attempt."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for node_id, text in recorded.items():
+        for line in text.splitlines():
+            task_id, _, attempt = line.partition(" ")
+            epoch, _, number = attempt.partition(" ")
+            if not (epoch.isdigit() and number.isdigit()):
+                continue
+            claim = (node_id, int(epoch), int(number))
+            if (old := out.get(task_id)) is None or old[1:] < claim[1:]:
+                out[task_id] = claim
+    return out
+
+
 class NodeSessions:
     """Node sessions: attach and detach, what nodes report, reclaims after a restart, pace,
     lease sweeps, drain."""
@@ -50,6 +66,12 @@ class NodeSessions:
         # reclaim that attempt.
         self.awaited: set[str] = set()
         self.dispatched: dict[str, tuple[str, int, int]] = {}
+
+    def expect_back(self, members: Iterable[str], recorded: Mapping[str, str]) -> None:
+        """After a restart: await the nodes that held a session (`members`); each may reclaim
+        only the attempts recorded as its own (`recorded`: "task epoch number" lines by node)."""
+        self.awaited = set(members)
+        self.dispatched = _dispatched(recorded)
 
     def attach(
         self, hello: node_pb2.Hello, peer: str, *, by: Principal, adopted: bool = False

@@ -58,3 +58,20 @@ def test_each_servicer_has_its_own_module_and_calls_only_the_facade() -> None:
     for name in ("tasks", "admin", "locks", "gateway"):
         engine_imports = {m for m in _imports(api / f"{name}.py") if m.startswith(PACKAGE)}
         assert engine_imports == {PACKAGE}, f"api/{name}.py imports {engine_imports}"
+
+
+def test_servicers_reach_the_engine_only_through_the_facade_methods() -> None:
+    """`self._core.x(...)`, never `self._core.tokens.create(...)`: the façade is the contract.
+    The event log is the exception: a watch's flow control reads it directly."""
+    reached = []
+    for path in (COORDINATOR / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            inner = node.value if isinstance(node, ast.Attribute) else None
+            if (
+                isinstance(inner, ast.Attribute)
+                and isinstance(inner.value, ast.Attribute)
+                and inner.value.attr == "_core"
+                and inner.attr != "events"
+            ):
+                reached.append(f"api/{path.name}:{node.lineno} _core.{inner.attr}.{node.attr}")
+    assert reached == []

@@ -66,7 +66,9 @@ def test_servicers_reach_the_engine_only_through_the_facade_methods() -> None:
     reached = []
     for path in (COORDINATOR / "api").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            inner = node.value if isinstance(node, ast.Attribute) else None
+            if not isinstance(node, ast.Attribute):
+                continue
+            inner = node.value
             if (
                 isinstance(inner, ast.Attribute)
                 and isinstance(inner.value, ast.Attribute)

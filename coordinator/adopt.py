@@ -19,8 +19,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from shoal._channel import open_channel
 from shoal.auth import ANONYMOUS, Principal, Role
-from shoal.coordinator.core import Coordinator
-from shoal.coordinator.service import run_session
+from shoal.coordinator.api import run_session
+from shoal.coordinator.engine import Coordinator
 from shoal.errors import PermissionDenied, ShoalError
 from shoal.handshake import Direction
 from shoal.v1 import node_pb2, node_pb2_grpc

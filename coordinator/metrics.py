@@ -21,7 +21,7 @@ from shoal.specs import state_name
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from shoal.coordinator.core import Coordinator
+    from shoal.coordinator.engine import Coordinator
 
 __all__ = ["MetricsServer"]
 

@@ -29,7 +29,7 @@ from shoal.specs import timestamp
 from shoal.v1 import admin_pb2, task_pb2
 
 if TYPE_CHECKING:
-    from shoal.coordinator.core import Submitted
+    from shoal.coordinator.engine import Submitted
 
 __all__ = ["MAX_CATCH_UP", "ScheduleBook", "ScheduleState", "check", "next_after"]
 

@@ -24,16 +24,11 @@ from shoal._server import (
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, STORE_FILE, CoordinatorSettings
 from shoal.coordinator.adopt import Adopter, NodeTls
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.api import AdminService, LocksService, NodeGatewayService, TasksService
 from shoal.coordinator.discovery import CoordinatorDiscovery
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.placement import Routing
-from shoal.coordinator.service import (
-    AdminService,
-    LocksService,
-    NodeGatewayService,
-    TasksService,
-)
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits
 from shoal.discovery import advertises, is_loopback

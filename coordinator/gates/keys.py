@@ -6,11 +6,16 @@
 
 from __future__ import annotations
 
-__all__ = ["backend_key", "executor_key", "lock_key", "node_key", "quota_key"]
+__all__ = ["backend_key", "executor_key", "lock_key", "node_key", "quota_key", "quota_of"]
 
 
 def quota_key(key: str) -> str:
     return f"quota:{key}"
+
+
+def quota_of(key: str) -> str | None:
+    """The quota key a held task's key names; None when it names no quota."""
+    return key.removeprefix("quota:") if key.startswith("quota:") else None
 
 
 def lock_key(name: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from shoal import shell
 from shoal.coordinator.clock import Clock
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition
 from shoal.specs import timestamp
@@ -73,8 +73,8 @@ async def core(tmp_path: Path, t: FakeTime) -> AsyncIterator[Coordinator]:
 
 async def _settle(c: Coordinator) -> None:
     """Let the submits a tick spawned finish (they await the store)."""
-    while c._background:
-        await asyncio.gather(*c._background, return_exceptions=True)
+    while c._k.background:
+        await asyncio.gather(*c._k.background, return_exceptions=True)
 
 
 async def _count(c: Coordinator) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from shoal import retry, shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import STORE_FULL, SqliteStore
 from shoal.coordinator.validation import Limits

@@ -12,7 +12,7 @@ import pytest
 
 from shoal import shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition

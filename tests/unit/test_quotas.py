@@ -13,7 +13,7 @@ import pytest
 
 from shoal import shell
 from shoal._status import from_rpc_error, to_status
-from shoal.coordinator.core import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.validation import Limits

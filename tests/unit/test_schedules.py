@@ -11,7 +11,7 @@ import pytest
 
 from shoal import shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.core import Coordinator
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.schedules import MAX_CATCH_UP, ScheduleState, check, next_after
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import AlreadyExists, InvalidArgument
@@ -97,8 +97,8 @@ async def core(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Wall]]:
 
 async def _settle(c: Coordinator) -> None:
     """Let the submits a tick spawned finish (they await the store)."""
-    while c._background:
-        await asyncio.gather(*c._background, return_exceptions=True)
+    while c._k.background:
+        await asyncio.gather(*c._k.background, return_exceptions=True)
 
 
 async def _tasks(c: Coordinator) -> list[task_pb2.Task]:

@@ -149,7 +149,7 @@ class Executor(ABC):
         return None
 
     async def async_refresh(self) -> bool:
-        """Look again at what it offers (with `refreshes`: at start, then now and then);
+        """Look again at what it offers (at start; then now and then, with `refreshes`);
         whether what `offers_now` says changed."""
         return False
 

@@ -14,24 +14,14 @@ import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
-from shoal._reflection import serve_reflection
 from shoal._server import (
-    HEALTH_POLICY,
-    HEALTH_SERVICE,
-    OPEN,
-    Gate,
     listen,
-    method_path,
-    serve_health,
-    server_credentials,
-    server_options,
 )
-from shoal.auth import Principal, Role, check_token, hash_secret, secret_matches
+from shoal.auth import check_token
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
     FailedPrecondition,
     ShoalError,
-    Unauthenticated,
     Unavailable,
 )
 from shoal.handshake import OwnAddresses
@@ -46,20 +36,13 @@ from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
 from shoal.node.runner import Runner
 from shoal.node.secrets import SecretStore
-from shoal.node.service import NodeService, check_service_access
+from shoal.node.service import check_service_access, node_server, service_credentials
 from shoal.node.session import CoordinatorLink
-from shoal.v1 import node_pb2, node_pb2_grpc, task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["NodeAgent"]
 
 _log = logging.getLogger("shoal.node")
-_MAX_MESSAGE = 16 << 20
-_POLICY = {
-    **HEALTH_POLICY,
-    # A coordinator attaching the node proves itself inside the stream (see NodeAgent.attach).
-    method_path(node_pb2.DESCRIPTOR, "Node", "Attach"): OPEN,
-}
-"""Everything else (the rest of the Node service) needs the node's token."""
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
 # Seconds between two looks at what executors offer (models an Ollama server holds).
@@ -177,12 +160,6 @@ class NodeAgent:
     def running(self) -> int:
         return self.runner.running
 
-    def _authenticate(self, token: str) -> Principal:
-        """Callers of the node's own service present the node's token."""
-        if not self._token or not secret_matches(token, hash_secret(self._token)):
-            raise Unauthenticated("invalid token")
-        return Principal("node-operator", Role.ADMIN)
-
     async def start(self) -> None:
         self._token = await asyncio.to_thread(
             read_token, self.settings.token, self.settings.token_file
@@ -200,29 +177,8 @@ class NodeAgent:
         await self._refresh_offers()
         if any(e.refreshes for e in self.executors.values()):
             self._offers_task = asyncio.create_task(self._follow_offers(), name="shoal-node-offers")
-        s = self.settings
-        gate = Gate(
-            _POLICY,
-            self._authenticate if s.auth else None,
-            client_certs=s.service_require_client_cert,
-        )
-        server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
-        node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
-        self._health = await serve_health(server, tuple(name for name in self.health() if name))
-        # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
-        node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
-        serve_reflection(server, (node_service, HEALTH_SERVICE))
-        credentials = None
-        if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
-            credentials = server_credentials(
-                s.tls_cert,
-                s.tls_key,
-                s.tls_ca if s.service_require_client_cert else None,
-                s.service_require_client_cert,
-            )
-        else:
-            credentials = None
-        self.port = listen(server, s.listen, credentials)
+        server, self._health = await node_server(self, self._token)
+        self.port = listen(server, self.settings.listen, service_credentials(self.settings))
         self.own_addresses.port = self.port
         await server.start()
         self._server = server

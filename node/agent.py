@@ -1,4 +1,5 @@
-"""The node: runs what its coordinator assigns and what callers of its service send it."""
+"""The node's process: its service, health, discovery, the coordinator link, drain and the
+resource guard. It decides what the node takes; its runner (runner.py) runs it."""
 
 from __future__ import annotations
 

@@ -450,9 +450,10 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 _OWN_FILES = ("shoal/", "throughput.py")
 _ENTRY_POINTS = frozenset(
     {
-        "main (shoal/cli.py)",
-        "coordinator (shoal/cli.py)",
-        "node (shoal/cli.py)",
+        "main (shoal/cli/__init__.py)",
+        "main (shoal/cli/serving.py)",
+        "coordinator (shoal/cli/serving.py)",
+        "node (shoal/cli/serving.py)",
         "main (throughput.py)",
         "<module> (throughput.py)",
     }

@@ -1,4 +1,5 @@
-"""The node: runs what its coordinator assigns and what callers of its service send it."""
+"""The node's process: its service, health, discovery, the coordinator link, drain and the
+resource guard. It decides what the node takes; its runner (runner.py) runs it."""
 
 from __future__ import annotations
 
@@ -7,84 +8,46 @@ import contextlib
 import logging
 import platform
 import socket
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
-from shoal._output import result_text, set_result_text
-from shoal._reflection import serve_reflection
 from shoal._server import (
-    HEALTH_POLICY,
-    HEALTH_SERVICE,
-    OPEN,
-    Gate,
     listen,
-    method_path,
-    serve_health,
-    server_credentials,
-    server_options,
 )
-from shoal.auth import Principal, Role, check_token, hash_secret, secret_matches
+from shoal.auth import check_token
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
-    AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
     ShoalError,
-    Unauthenticated,
     Unavailable,
 )
 from shoal.handshake import OwnAddresses
-from shoal.node.deadline import PausableDeadline
-from shoal.node.direct import DirectTask, DirectTasks, check_direct_request
+from shoal.node.direct import DirectTask, check_direct_request
 from shoal.node.discovery import NodeDiscovery
 from shoal.node.executors.base import (
-    ExecutionContext,
     Executor,
-    Outcome,
-    RunFailed,
-    TaskError,
     available_executors,
-    unpaced,
 )
-from shoal.node.executors.groups import ProcessGroups
-from shoal.node.executors.llm import LlmExecutor
-from shoal.node.executors.ollama import OllamaExecutor
-from shoal.node.executors.tool import ToolExecutor
 from shoal.node.fingerprint import MachineProbe
 from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
-from shoal.node.ledger import Ledger
-from shoal.node.output import OutputCap
-from shoal.node.report import RunReport
-from shoal.node.secrets import MissingSecrets, Redactor, SecretsNotGranted, SecretStore
-from shoal.node.service import NodeService, check_service_access
+from shoal.node.runner import Runner
+from shoal.node.secrets import SecretStore
+from shoal.node.service import check_service_access, node_server, service_credentials
 from shoal.node.session import CoordinatorLink
-from shoal.node.slots import Slots
-from shoal.specs import executor_of
-from shoal.v1 import node_pb2, node_pb2_grpc, task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["NodeAgent"]
 
 _log = logging.getLogger("shoal.node")
-_MAX_MESSAGE = 16 << 20
-_POLICY = {
-    **HEALTH_POLICY,
-    # A coordinator attaching the node proves itself inside the stream (see NodeAgent.attach).
-    method_path(node_pb2.DESCRIPTOR, "Node", "Attach"): OPEN,
-}
-"""Everything else (the rest of the Node service) needs the node's token."""
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
 _SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
-_NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
-_LOOK_AT_OLLAMA_EVERY = 10.0  # seconds between two looks at what the Ollama server holds
+# Seconds between two looks at what executors offer (models an Ollama server holds).
+_REFRESH_OFFERS_EVERY = 10.0
 
 
 def _check_tls_files(s: NodeSettings) -> None:
@@ -94,73 +57,6 @@ def _check_tls_files(s: NodeSettings) -> None:
     for path in (s.tls_ca, s.tls_cert, s.tls_key):
         if path is not None:
             path.read_bytes()  # OSError naming it
-
-
-class _Stop:
-    """Why a run was stopped before it ended by itself."""
-
-    CANCEL = "cancelled"
-    FENCE = "stopped by its node: the node's lease ended, so the task runs elsewhere"
-    RELEASE = "given back: the node is draining"
-    # Direct tasks: there is no coordinator to give them back to.
-    DRAIN = "stopped: the node is draining"
-    SHUTDOWN = "stopped: the node is shutting down"
-
-
-@dataclass(eq=False)
-class _Run:
-    task_id: str
-    attempt: task_pb2.AttemptId  # none (zeros) for a direct task
-    report: RunReport  # where its progress goes
-    priority: int = task_pb2.PRIORITY_NORMAL
-    slot: bool = False  # whether it holds one of the node's slots
-    task: asyncio.Task[None] | None = None
-    stop: str = ""  # a _Stop reason, once stopped
-    groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
-    deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
-
-    def pause(self) -> None:
-        """Stop its processes (SIGSTOP; any it starts later, too) and its timeout's clock."""
-        self.groups.pause()
-        self.deadline.pause()
-
-    def resume(self) -> None:
-        """Let its processes run again (SIGCONT); its timeout goes on from where it stopped."""
-        self.deadline.resume()
-        self.groups.resume()
-
-
-@dataclass(frozen=True)
-class _AttemptReport:
-    """The progress of an attempt the coordinator assigned: into the ledger and the outbox."""
-
-    task_id: str
-    attempt: task_pb2.AttemptId
-    ledger: Ledger
-    push: Callable[[node_pb2.TaskUpdate], None]
-
-    def _update(self, **kw: Any) -> None:
-        self.push(node_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw))
-
-    def started(self) -> None:
-        self.ledger.write("start", self.task_id, self.attempt)
-        self._update(started=node_pb2.Started())
-
-    def output(self, chunk: task_pb2.OutputChunk) -> None:
-        self._update(output=chunk)
-
-    def finished(self, outcome: Outcome) -> None:
-        self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=False)
-        self._update(finished=node_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
-
-    def released(self, why: str, outcome: Outcome) -> None:
-        # Not an outcome: stopped from outside the task. A coordinator that still counts it as
-        # running (a fenced node may be wrong about its lease) queues it again.
-        if why == _Stop.FENCE:
-            self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=True)
-        else:
-            self.ledger.write("release", self.task_id, self.attempt)
-        self._update(released=node_pb2.Released(reason=why))
 
 
 class NodeAgent:
@@ -187,23 +83,28 @@ class NodeAgent:
         self.draining = False
         self.port = 0
         self.own_addresses = OwnAddresses(0, settings.reachable_at)  # port: once it listens
-        self._runs: dict[str, _Run] = {}  # the coordinator's attempts, by task id
-        self._direct: dict[str, _Run] = {}  # tasks run for callers of the node's service
-        self.direct = DirectTasks()  # what those callers see of them, kept a while
-        self.slots = Slots(settings.slots)  # shared by both kinds of run
         self.machine = MachineProbe()  # GPUs, Docker, Ollama: probed at start, now and then after
-        self._idle = asyncio.Event()  # set while nothing runs
-        self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
         self._drain_task: asyncio.Task[None] | None = None
         self._leaving = False
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
         self._token = ""
-        self._ledger = Ledger(settings.ledger, self.node_id)
         self.discovery = NodeDiscovery(settings, self.info)
         self.link = CoordinatorLink(self)  # the session with its coordinator, and the lease
         self.connected = self.link.connected  # set while a session is up
+        self.runner = Runner(
+            settings,
+            self.node_id,
+            self.executors,
+            secrets=self.secrets,
+            push=self.link.push,
+            output_room=self.link.output_room,
+            pausing=self._pausing,
+            on_groups_changed=self._report_guard,
+        )
+        self.slots = self.runner.slots  # shared by both kinds of run
+        self.direct = self.runner.direct  # what callers of the node's service see, kept a while
         # The resource guard: while the machine is busy with its own work, only tasks of
         # `_floor` or higher priority are taken (and background ones paused, by policy).
         self.guard = (
@@ -222,13 +123,7 @@ class NodeAgent:
         )
         self._floor = task_pb2.Priority.Value("PRIORITY_" + settings.guard_min_priority.upper())
         self._load_task: asyncio.Task[None] | None = None
-        # The node's Ollama server: its models, and those it holds in memory now (heartbeats
-        # carry them, so the coordinator prefers a node where a task's model is loaded).
-        ollama = self.executors.get("ollama")
-        self._ollama = ollama if isinstance(ollama, OllamaExecutor) else None
-        self._ollama_models: list[str] = []
-        self._loaded_models: list[str] = []
-        self._ollama_task: asyncio.Task[None] | None = None
+        self._offers_task: asyncio.Task[None] | None = None  # keeps executors' offers current
         self._guard_reported: tuple[bool, int, int, str] = (False, 0, 0, "")
         # Told each time the guard turns busy or calm (`shoal up` prints it).
         self.on_guard_change: Callable[[ResourceGuard], object] | None = None
@@ -237,7 +132,7 @@ class NodeAgent:
         """This node's fingerprint and capabilities."""
         s = self.settings
         machine = self.machine.current()
-        return node_pb2.NodeInfo(
+        info = node_pb2.NodeInfo(
             node_id=self.node_id,
             hostname=socket.gethostname(),
             version=__version__,
@@ -256,25 +151,15 @@ class NodeAgent:
             python_version=platform.python_version(),
             detected_gpus=[node_pb2.Gpu(name=g.name, memory_mb=g.memory_mb) for g in machine.gpus],
             docker_available=machine.docker_available,
-            ollama_models=self._ollama_models if self._ollama else machine.ollama_models,
-            tools=tool.tools()
-            if isinstance(tool := self.executors.get("tool"), ToolExecutor)
-            else [],
-            loaded_models=self._loaded_models,
-            llm_providers=llm.configured()
-            if isinstance(llm := self.executors.get("llm"), LlmExecutor)
-            else [],
+            ollama_models=machine.ollama_models,  # an Ollama executor says what it holds
         )
+        for executor in self.executors.values():
+            executor.offers(info)
+        return info
 
     @property
     def running(self) -> int:
-        return len(self._runs)
-
-    def _authenticate(self, token: str) -> Principal:
-        """Callers of the node's own service present the node's token."""
-        if not self._token or not secret_matches(token, hash_secret(self._token)):
-            raise Unauthenticated("invalid token")
-        return Principal("node-operator", Role.ADMIN)
+        return self.runner.running
 
     async def start(self) -> None:
         self._token = await asyncio.to_thread(
@@ -290,36 +175,11 @@ class NodeAgent:
                     "node=%s executor=%s not available here: not offered", self.node_id, name
                 )
                 del self.executors[name]
-        if "ollama" not in self.executors:
-            self._ollama = None  # what the machine probe finds is all there is to say
-        if self._ollama is not None:
-            await self._look_at_ollama(self._ollama)
-            self._ollama_task = asyncio.create_task(
-                self._follow_ollama(self._ollama), name="shoal-node-ollama"
-            )
-        s = self.settings
-        gate = Gate(
-            _POLICY,
-            self._authenticate if s.auth else None,
-            client_certs=s.service_require_client_cert,
-        )
-        server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
-        node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
-        self._health = await serve_health(server, tuple(name for name in self.health() if name))
-        # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
-        node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
-        serve_reflection(server, (node_service, HEALTH_SERVICE))
-        credentials = None
-        if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
-            credentials = server_credentials(
-                s.tls_cert,
-                s.tls_key,
-                s.tls_ca if s.service_require_client_cert else None,
-                s.service_require_client_cert,
-            )
-        else:
-            credentials = None
-        self.port = listen(server, s.listen, credentials)
+        await self._refresh_offers()
+        if any(e.refreshes for e in self.executors.values()):
+            self._offers_task = asyncio.create_task(self._follow_offers(), name="shoal-node-offers")
+        server, self._health = await node_server(self, self._token)
+        self.port = listen(server, self.settings.listen, service_credentials(self.settings))
         self.own_addresses.port = self.port
         await server.start()
         self._server = server
@@ -344,28 +204,21 @@ class NodeAgent:
     async def stop(self) -> None:
         """Stop at once: running tasks are killed (the coordinator runs them again)."""
         await self.link.stop()
-        for name in ("_drain_task", "_load_task", "_ollama_task"):
+        for name in ("_drain_task", "_load_task", "_offers_task"):
             task = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for run in self._direct.values():
-            self._stop(run, _Stop.SHUTDOWN)  # its caller hears how it ended
-        for run in self._every_run():
-            run.resume()  # never leave a task's processes stopped
-        runs = [r.task for r in self._every_run() if r.task is not None]
-        for task in runs:
-            task.cancel()
-        await asyncio.gather(*runs, return_exceptions=True)
+        await self.runner.async_stop()
         await asyncio.gather(*(e.aclose() for e in self.executors.values()))
         await self.machine.aclose()
         await self.discovery.async_stop()
         server, self._server = self._server, None
         if server is not None:
             await server.stop(1.0)
-        self._ledger.close()
+        self.runner.close()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain (finish running tasks within `grace` s, give back the rest), then stop."""
@@ -415,15 +268,10 @@ class NodeAgent:
     async def _drain(self, grace: float) -> None:
         try:
             async with asyncio.timeout(grace):
-                await self._idle.wait()
+                await self.runner.idle.wait()
         except TimeoutError:
-            runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
-            _log.warning("node=%s grace over: giving back %d tasks", self.node_id, len(runs))
-            for run in runs:
-                self._stop(run, _Stop.RELEASE)
-            for run in [r for r in self._direct.values() if not r.stop]:
-                self._stop(run, _Stop.DRAIN)
-            await self._idle.wait()
+            self.runner.give_back_all()
+            await self.runner.idle.wait()
         if not self._leaving:
             return
         with contextlib.suppress(TimeoutError):
@@ -455,25 +303,24 @@ class NodeAgent:
         for name, status in self.health().items():
             await servicer.set(name, status)
 
-    # -- the Ollama server -------------------------------------------------------------------
+    # -- what executors offer (models, tools, providers) ------------------------------------
 
-    async def _look_at_ollama(self, ollama: OllamaExecutor) -> None:
-        models, loaded = await asyncio.gather(ollama.models(), ollama.loaded_models())
-        if loaded != self._loaded_models:
+    async def _refresh_offers(self) -> None:
+        changed = await asyncio.gather(*(e.async_refresh() for e in self.executors.values()))
+        if any(changed):
             self.link.heartbeat_soon()
-        self._ollama_models, self._loaded_models = models, loaded
 
-    async def _follow_ollama(self, ollama: OllamaExecutor) -> None:
+    async def _follow_offers(self) -> None:
         while True:
-            await asyncio.sleep(_LOOK_AT_OLLAMA_EVERY)
-            await self._look_at_ollama(ollama)
+            await asyncio.sleep(_REFRESH_OFFERS_EVERY)
+            await self._refresh_offers()
 
     # -- the resource guard ----------------------------------------------------------------
 
     async def _watch_load(self, guard: ResourceGuard) -> None:
         """Sample the machine's foreground load; act when it turns busy or calm."""
         while True:
-            sessions = [pgid for run in self._every_run() for pgid in run.groups]
+            sessions = self.runner.process_groups()
             try:
                 changed = await guard.async_check(sessions)
             except (psutil.Error, OSError) as err:
@@ -495,11 +342,10 @@ class NodeAgent:
             )
         else:
             _log.info("node=%s machine calm again (%s)", self.node_id, guard.last)
-        for run in self._every_run():
-            if not guard.busy:
-                run.resume()
-            elif pausing and run.priority == task_pb2.PRIORITY_BACKGROUND:
-                run.pause()
+        if not guard.busy:
+            self.runner.resume_all()
+        elif pausing:
+            self.runner.pause_background()
         self._report_guard()
         self._publish_health()
         if self.on_guard_change is not None:
@@ -512,7 +358,7 @@ class NodeAgent:
     def _guard_state(self) -> tuple[bool, int, int, str]:
         """What heartbeats say of the guard: throttled, the lowest priority taken, tasks
         paused, and why."""
-        paused = sum(1 for run in self._every_run() if run.groups.stopped)
+        paused = self.runner.paused()
         if self.guard is None or not self.guard.busy:
             return False, 0, paused, ""
         return True, self._floor, paused, self.guard.reason
@@ -531,33 +377,35 @@ class NodeAgent:
         return self._token
 
     def running_attempts(self) -> list[node_pb2.RunningAttempt]:
-        return [
-            node_pb2.RunningAttempt(task_id=r.task_id, attempt=r.attempt)
-            for r in self._runs.values()
-            if not r.stop
-        ]
+        return self.runner.running_attempts()
 
     def heartbeat(self) -> node_pb2.Heartbeat:
         throttled, floor, paused, reason = self._guard_state()
-        return node_pb2.Heartbeat(
-            running=len(self._runs),
+        beat = node_pb2.Heartbeat(
+            running=self.runner.running,
             free_slots=self.slots.free,  # direct tasks hold slots too
             draining=self.draining,
             throttled=throttled,
             min_priority=floor,  # type: ignore[arg-type]
             paused=paused,
             throttle_reason=reason,
-            loaded_models=self._loaded_models,
         )
+        for executor in self.executors.values():
+            executor.offers_now(beat)
+        return beat
 
     def fence(self) -> None:
-        runs = [r for r in self._runs.values() if r.task is not None and not r.stop]
-        if runs:
-            _log.warning(
-                "node=%s could not renew its lease: stopping %d tasks", self.node_id, len(runs)
-            )
-            for run in runs:
-                self._stop(run, _Stop.FENCE)
+        self.runner.fence()
+
+    def assigned(self, a: node_pb2.Assignment) -> None:
+        if self.draining:
+            # Assigned before the coordinator heard of the drain: given back, never started.
+            self.runner.give_back_unstarted(a)
+        else:
+            self.runner.assigned(a)
+
+    def cancelled(self, c: node_pb2.RunningAttempt) -> None:
+        self.runner.cancelled(c)
 
     # -- direct tasks: the node's own service ----------------------------------------------
 
@@ -577,212 +425,8 @@ class NodeAgent:
                 f"node {self.node_id} is busy ({self.guard.reason}): it takes"
                 f" {self.settings.guard_min_priority} priority or higher only"
             )
-        if not self.slots.try_take():
-            raise ResourceExhausted(
-                f"node {self.node_id} has no free slot: all {self.slots.total} are taken"
-            )
-        try:
-            task = self.direct.new(task_id)
-        except AlreadyExists:
-            self.slots.give()
-            raise
-        _log.info("node=%s task=%s runs directly (%s)", self.node_id, task.id, executor_of(spec))
-        self._launch(_Run(task.id, task_pb2.AttemptId(), task, slot=True), spec, self._direct)
-        return task
+        return self.runner.execute(spec, task_id)
 
     def cancel_direct(self, task_id: str) -> DirectTask:
         """Stop a direct task (NotFound: no such task); its `ended` is set once it has ended."""
-        task = self.direct.get(task_id)
-        run = self._direct.get(task_id)
-        if run is not None and not run.stop:
-            _log.info("node=%s task=%s cancelling", self.node_id, task_id)
-            self._stop(run, _Stop.CANCEL)
-        return task
-
-    # -- running tasks ---------------------------------------------------------------------
-
-    def assigned(self, a: node_pb2.Assignment) -> None:
-        if self.draining:
-            # Assigned before the coordinator heard of the drain: given back, never started.
-            self._ledger.write("release", a.task_id, a.attempt)
-            self.link.push(
-                node_pb2.TaskUpdate(
-                    task_id=a.task_id,
-                    attempt=a.attempt,
-                    released=node_pb2.Released(reason=_Stop.RELEASE),
-                )
-            )
-            return
-        run = self._runs.get(a.task_id)
-        if run is not None:
-            if run.attempt == a.attempt:
-                return  # a repeated assignment
-            self._stop(run, _Stop.CANCEL)
-        report = _AttemptReport(a.task_id, a.attempt, self._ledger, self.link.push)
-        self._launch(_Run(a.task_id, a.attempt, report), a.spec, self._runs)
-
-    def _launch(self, run: _Run, spec: task_pb2.TaskSpec, table: dict[str, _Run]) -> None:
-        """Start a run, the coordinator's or a direct one, and keep it in `table` while it runs."""
-        run.priority = spec.priority or task_pb2.PRIORITY_NORMAL
-        run.groups = ProcessGroups(self._report_guard)
-        if self._pausing() and run.priority == task_pb2.PRIORITY_BACKGROUND:
-            run.pause()  # sent before the coordinator heard that the machine is busy
-        table[run.task_id] = run
-        self._idle.clear()
-        run.task = asyncio.create_task(self._run(run, spec), name=f"shoal-task-{run.task_id}")
-
-    def _every_run(self) -> list[_Run]:
-        """The coordinator's attempts and the direct tasks running now."""
-        return [*self._runs.values(), *self._direct.values()]
-
-    def cancelled(self, c: node_pb2.RunningAttempt) -> None:
-        run = self._runs.get(c.task_id)
-        if run is not None and run.attempt == c.attempt and not run.stop:
-            _log.info("node=%s task=%s cancelling", self.node_id, c.task_id)
-            self._stop(run, _Stop.CANCEL)
-
-    @staticmethod
-    def _stop(run: _Run, why: str) -> None:
-        run.stop = why
-        run.resume()  # a paused task runs again before it is killed
-        if run.task is not None:
-            run.task.cancel()
-
-    async def _run(self, run: _Run, spec: task_pb2.TaskSpec) -> None:
-        try:
-            outcome = await self._execute(run, spec)
-        except Exception as err:  # a bug: still report an outcome, or the slot stays taken
-            _log.exception("node=%s task=%s failed to run", self.node_id, run.task_id)
-            outcome = Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=f"node {self.node_id} failed to run it: {type(err).__name__}",
-                    infrastructure_failure=True,
-                ),
-            )
-        finally:
-            self._forget(run)
-        if run.stop in (_Stop.RELEASE, _Stop.FENCE):
-            run.report.released(run.stop, outcome)
-        else:
-            run.report.finished(outcome)
-
-    def _forget(self, run: _Run) -> None:
-        """It ended: out of its table, and its slot given back."""
-        for table in (self._runs, self._direct):
-            if table.get(run.task_id) is run:
-                del table[run.task_id]
-        if run.slot:
-            run.slot = False
-            self.slots.give()
-        if not self._runs and not self._direct:
-            self._idle.set()
-
-    async def _take_slot(self, run: _Run) -> None:
-        if not self.slots.free:
-            _log.info(
-                "node=%s task=%s waits for a slot: %d direct tasks hold some",
-                self.node_id,
-                run.task_id,
-                len(self._direct),
-            )
-        await self.slots.take()
-        run.slot = True
-
-    async def _execute(self, run: _Run, spec: task_pb2.TaskSpec) -> Outcome:
-        name = executor_of(spec)
-        executor = self.executors.get(name)
-        if executor is None:
-            return Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=f"executor {name!r} is not available on node {self.node_id}",
-                    infrastructure_failure=True,
-                ),
-            )
-        timeout = spec.timeout.ToNanoseconds() / 1e9 if spec.HasField("timeout") else None
-        redactor = _NO_SECRETS
-        try:
-            if not run.slot:
-                await self._take_slot(run)
-            try:
-                secret_env = (
-                    await asyncio.to_thread(self.secrets.resolve, spec.secrets, spec.tenant)
-                    if spec.secrets
-                    else {}
-                )
-            except SecretsNotGranted as err:
-                # The task asked for what its tenant may not have: its own mistake.
-                _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
-                return TaskError(err.message).outcome()
-            except MissingSecrets as err:
-                # The task's, not the node's: secrets are not advertised, so a task that needs
-                # some must be placed (by labels) on nodes that hold them. Counting it against
-                # the node would let any submitter open every node's breakers.
-                _log.warning("node=%s task=%s %s", self.node_id, run.task_id, err.message)
-                return TaskError(f"{err.message} (node {self.node_id})").outcome()
-            except InvalidArgument as err:
-                return TaskError(err.message).outcome()
-            if secret_env:
-                redactor = Redactor(secret_env.values())
-            run.report.started()
-            output = OutputCap(
-                run.report.output,
-                limit=self.settings.max_output_bytes,
-                tail=self.settings.output_tail_bytes,
-            )
-            ctx = ExecutionContext(
-                run.task_id,
-                output,
-                self.settings.output_tail_bytes,
-                secret_env=secret_env,
-                redactor=redactor,
-                workdir=self.settings.workdir,
-                groups=run.groups,
-                paced=self.link.output_room if isinstance(run.report, _AttemptReport) else unpaced,
-            )
-            try:
-                if timeout is None:  # nothing to time: no timeout to pause either
-                    outcome = await executor.run(spec, ctx)
-                else:
-                    async with run.deadline.running(timeout):
-                        outcome = await executor.run(spec, ctx)
-            finally:
-                output.close()
-        except TimeoutError:
-            return Outcome(
-                task_pb2.TASK_STATE_TIMED_OUT,
-                task_pb2.TaskResult(exit_code=-9, error=f"timed out after {timeout:g} s"),
-            )
-        except asyncio.CancelledError:
-            if not run.stop:
-                raise
-            return Outcome(
-                task_pb2.TASK_STATE_CANCELLED,
-                task_pb2.TaskResult(exit_code=-9, error=run.stop),
-            )
-        except RunFailed as err:
-            outcome = err.outcome()  # redacted below, like any other
-        except Exception as err:
-            # Formatted here rather than by logging, so that it can be redacted.
-            _log.error(
-                "node=%s task=%s executor %s failed\n%s",
-                self.node_id,
-                run.task_id,
-                name,
-                redactor.redact("".join(traceback.format_exception(err))).rstrip(),
-            )
-            return Outcome(
-                task_pb2.TASK_STATE_FAILED,
-                task_pb2.TaskResult(
-                    error=redactor.redact(f"executor {name} failed: {err}"),
-                    infrastructure_failure=True,
-                ),
-            )
-        if redactor:
-            # Whatever the executor did, no value leaves the node in the result.
-            result = outcome.result
-            result.error = redactor.redact(result.error)
-            for stream in ("stdout", "stderr"):
-                set_result_text(result, stream, redactor.redact(result_text(result, stream)))
-        return outcome
+        return self.runner.cancel_direct(task_id)

@@ -3,20 +3,81 @@ Cancel) by a caller with the node's token. Health is served beside it, open to p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc_health.v1._async import HealthServicer
 
+from shoal._reflection import serve_reflection
+from shoal._server import (
+    HEALTH_POLICY,
+    HEALTH_SERVICE,
+    OPEN,
+    Gate,
+    method_path,
+    serve_health,
+    server_credentials,
+    server_options,
+)
+from shoal.auth import Principal, Role, hash_secret, secret_matches
 from shoal.config import NodeSettings
 from shoal.discovery import is_loopback
-from shoal.errors import FailedPrecondition
+from shoal.errors import FailedPrecondition, Unauthenticated
 from shoal.v1 import node_pb2, node_pb2_grpc
 
 if TYPE_CHECKING:
     from shoal.node.agent import NodeAgent
 
-__all__ = ["NodeService", "check_service_access"]
+__all__ = ["NodeService", "check_service_access", "node_server", "service_credentials"]
+
+_MAX_MESSAGE = 16 << 20
+_POLICY = {
+    **HEALTH_POLICY,
+    # A coordinator attaching the node proves itself inside the stream (see NodeAgent.attach).
+    method_path(node_pb2.DESCRIPTOR, "Node", "Attach"): OPEN,
+}
+"""Everything else (the rest of the Node service) needs the node's token."""
+
+
+async def node_server(agent: NodeAgent, token: str) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The node's gRPC server, not yet listening: its Node service (callers present `token`
+    unless auth is off), health (open to probes) and reflection; and its health servicer."""
+    s = agent.settings
+    gate = Gate(
+        _POLICY,
+        _authenticator(token) if s.auth else None,
+        client_certs=s.service_require_client_cert,
+    )
+    server = grpc.aio.server(options=server_options(_MAX_MESSAGE), interceptors=[gate])
+    node_pb2_grpc.add_NodeServicer_to_server(NodeService(agent), server)
+    health = await serve_health(server, tuple(name for name in agent.health() if name))
+    # Like the coordinator's, for those who hold the node's token (grpcurl, other languages).
+    node_service = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+    serve_reflection(server, (node_service, HEALTH_SERVICE))
+    return server, health
+
+
+def service_credentials(s: NodeSettings) -> grpc.ServerCredentials | None:
+    """The TLS credentials of the node's service; None to serve it in the clear."""
+    if s.service_tls and s.tls_cert is not None and s.tls_key is not None:
+        return server_credentials(
+            s.tls_cert,
+            s.tls_key,
+            s.tls_ca if s.service_require_client_cert else None,
+            s.service_require_client_cert,
+        )
+    return None
+
+
+def _authenticator(token: str) -> Callable[[str], Principal]:
+    def authenticate(presented: str) -> Principal:
+        """Callers of the node's own service present the node's token."""
+        if not token or not secret_matches(presented, hash_secret(token)):
+            raise Unauthenticated("invalid token")
+        return Principal("node-operator", Role.ADMIN)
+
+    return authenticate
 
 
 def check_service_access(settings: NodeSettings, token: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from shoal.config import NodeSettings
 from shoal.node.executors.groups import ProcessGroups
 from shoal.node.secrets import Redactor
-from shoal.v1 import task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = [
     "ExecutionContext",
@@ -120,6 +120,8 @@ class Executor(ABC):
     """
 
     name: ClassVar[str]
+    # Whether `async_refresh` has something to look at: the node then calls it now and then.
+    refreshes: ClassVar[bool] = False
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -137,6 +139,19 @@ class Executor(ABC):
     async def aclose(self) -> None:
         """Release what it holds (clients, connections) when the node stops."""
         return None
+
+    def offers(self, info: node_pb2.NodeInfo) -> None:
+        """Add to the node's info what it offers beyond its name (models, tools, providers)."""
+        return None
+
+    def offers_now(self, heartbeat: node_pb2.Heartbeat) -> None:
+        """Add to a heartbeat what it offers that changes while the node runs (loaded models)."""
+        return None
+
+    async def async_refresh(self) -> bool:
+        """Look again at what it offers (at start; then now and then, with `refreshes`);
+        whether what `offers_now` says changed."""
+        return False
 
     @abstractmethod
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:

@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, register
 from shoal.node.executors.ollama import ModelCallFailed, OllamaServer, Reply, closing, failed
-from shoal.v1 import task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 if TYPE_CHECKING:
     import anthropic
@@ -114,6 +114,9 @@ class LlmExecutor(Executor):
     def configured(self) -> list[str]:
         """The cloud providers this node can call: SDK installed and an API key set."""
         return [p for p, info in _CLOUD.items() if _installed(info.sdk) and self._key(p)]
+
+    def offers(self, info: node_pb2.NodeInfo) -> None:
+        info.llm_providers.extend(self.configured())
 
     def available(self) -> bool:
         # Ollama needs no key: its server is probed by async_available.

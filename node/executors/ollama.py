@@ -22,7 +22,7 @@ from google.protobuf import json_format
 
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, RunFailed, register
-from shoal.v1 import task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = [
     "DEFAULT_OLLAMA_HOST",
@@ -246,12 +246,33 @@ class OllamaServer:
 class OllamaExecutor(Executor):
     name = "ollama"
 
+    refreshes = True
+
     def __init__(self, settings: NodeSettings) -> None:
         super().__init__(settings)
         self.server = OllamaServer(settings)
+        # Its server's models, and those it holds in memory now (heartbeats carry them, so the
+        # coordinator prefers a node where a task's model is loaded).
+        self._models: list[str] = []
+        self._loaded: list[str] = []
 
     async def async_available(self) -> bool:
         return await self.server.answers()
+
+    def offers(self, info: node_pb2.NodeInfo) -> None:
+        # What its server says, rather than what the machine probe found.
+        del info.ollama_models[:]
+        info.ollama_models.extend(self._models)
+        info.loaded_models.extend(self._loaded)
+
+    def offers_now(self, heartbeat: node_pb2.Heartbeat) -> None:
+        heartbeat.loaded_models.extend(self._loaded)
+
+    async def async_refresh(self) -> bool:
+        models, loaded = await asyncio.gather(self.models(), self.loaded_models())
+        changed = loaded != self._loaded
+        self._models, self._loaded = models, loaded
+        return changed
 
     async def models(self) -> list[str]:
         """The models the node's Ollama server has (`ollama list`), for the node's info; []

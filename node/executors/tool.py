@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
-from shoal.v1 import task_pb2
+from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["Tool", "ToolExecutor", "installed_tools"]
 
@@ -93,6 +93,9 @@ class ToolExecutor(Executor):
     def tools(self) -> list[str]:
         """The names of the tools this node offers, sorted."""
         return sorted(self._tools)
+
+    def offers(self, info: node_pb2.NodeInfo) -> None:
+        info.tools.extend(self.tools())
 
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
         name = spec.tool.name

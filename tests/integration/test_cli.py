@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import shoal
-from shoal import cli as shoal_cli
 from shoal import noop, shell
+from shoal.cli.render import event_line
 from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -190,15 +190,15 @@ def test_watch_lines_for_node_and_breaker_notices() -> None:
             reason="cpu 93% > 70%",
         ),
     )
-    assert shoal_cli._event(node) == (
+    assert event_line(node) == (
         "node n1 [yellow]throttled[/] (cpu 93% > 70%): takes HIGH or higher, 2 paused"
     )
     calm = task_pb2.Event(node=task_pb2.NodeNotice(node_id="n1"))
-    assert shoal_cli._event(calm) == "node n1 calm: takes every priority"
+    assert event_line(calm) == "node n1 calm: takes every priority"
     breaker = task_pb2.Event(
         breaker=task_pb2.Breaker(key="node:n1", state=task_pb2.BREAKER_STATE_CLOSED)
     )
-    assert shoal_cli._event(breaker) == "breaker node:n1 closed (0 failures)"
+    assert event_line(breaker) == "breaker node:n1 closed (0 failures)"
 
 
 async def test_a_wrong_address_is_named_at_once(

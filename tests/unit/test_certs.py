@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
 from shoal import certs
-from shoal._certs_cli import app
+from shoal.cli.certs import app
 from shoal.config import ClientSettings
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound
 

@@ -1,0 +1,381 @@
+"""Task commands: `run`, `submit`, `get`, `wait`, `cancel`, `ls` and `watch`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf import json_format
+from rich.markup import escape
+from rich.table import Table
+
+from shoal._client import AsyncClient
+from shoal._console import console, err_console
+from shoal._output import chunk_bytes
+from shoal.cli.app import CoordinatorOpt, JsonOpt, app, connect, run_async
+from shoal.cli.render import event_line, exit_text, print_json, state_text
+from shoal.cli.specs import (
+    AfterOpt,
+    AtOpt,
+    DockerOpt,
+    HttpOpt,
+    InputOpt,
+    KeyOpt,
+    LabelOpt,
+    MethodOpt,
+    NameOpt,
+    PriorityOpt,
+    PythonOpt,
+    QueueTimeoutOpt,
+    RetriesOpt,
+    TenantOpt,
+    TimeoutOpt,
+    ToolOpt,
+    build_spec,
+    read_specs,
+)
+from shoal.errors import ShoalError
+from shoal.specs import is_final, state_name
+from shoal.v1 import task_pb2
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments")] = None,
+    coordinator: CoordinatorOpt = None,
+    python_code: PythonOpt = None,
+    name: NameOpt = "",
+    priority: PriorityOpt = "normal",
+    timeout: TimeoutOpt = None,
+    label: LabelOpt = None,
+    key: KeyOpt = "",
+    tenant: TenantOpt = "",
+    after: AfterOpt = None,
+    retries: RetriesOpt = 0,
+    queue_timeout: QueueTimeoutOpt = None,
+    at: AtOpt = None,
+    docker: DockerOpt = None,
+    http: HttpOpt = None,
+    method: MethodOpt = "GET",
+    tool: ToolOpt = None,
+    tool_input: InputOpt = None,
+) -> None:
+    """Run a task, stream its output live, and exit with its exit code."""
+    spec = build_spec(
+        command or [],
+        python_code,
+        name=name,
+        priority=priority,
+        timeout=timeout,
+        label=label,
+        key=key,
+        tenant=tenant,
+        after=after,
+        retries=retries,
+        queue_timeout=queue_timeout,
+        at=at,
+        docker=docker,
+        http=http,
+        method=method,
+        tool=tool,
+        tool_input=tool_input,
+    )
+    code = run_async(_follow(coordinator, spec))
+    raise typer.Exit(code)
+
+
+def _teller() -> Callable[[task_pb2.Task], None]:
+    """Prints why a task waits, on stderr; a reason said just before is not said again."""
+    said = ""
+
+    def tell(task: task_pb2.Task) -> None:
+        nonlocal said
+        if task.pending_reason != said:
+            said = task.pending_reason
+            err_console.print(f"[yellow]waiting[/yellow]: {escape(said)}", highlight=False)
+
+    return tell
+
+
+async def _telling(client: AsyncClient, task_ids: list[str]) -> None:
+    """Say why the first of `task_ids` not final yet waits, while it does (until cancelled)."""
+    tell = _teller()
+    for task_id in task_ids:
+        await client.wait_with_reasons(task_id, tell)
+
+
+async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
+    async with connect(coordinator) as client:
+        task = await client.submit(spec)
+        err_console.print(f"[dim]task {task.id}[/dim]")
+        teller = asyncio.create_task(_telling(client, [task.id]))
+        try:
+            async for event in client.watch(
+                since=task.created_seq - 1, task_ids=[task.id], output=True
+            ):
+                if event.HasField("output"):
+                    out = (
+                        sys.stderr
+                        if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR
+                        else sys.stdout
+                    )
+                    # The task's bytes as it wrote them, whatever their encoding.
+                    out.buffer.write(chunk_bytes(event.output))
+                    out.flush()
+                elif is_final(event.state):
+                    result = event.result
+                    if spec.HasField("tool") and result.HasField("output"):
+                        # A tool streams nothing: what it returned is its output.
+                        console.print_json(data=json_format.MessageToDict(result.output))
+                    if result.error and event.state != task_pb2.TASK_STATE_SUCCEEDED:
+                        err_console.print(f"[red]{state_name(event.state)}[/red]: {result.error}")
+                    return _process_exit(event.state, result)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ShoalError):
+                await client.cancel(task.id)
+            raise
+        finally:
+            await _stopped(teller)
+    return 1
+
+
+async def _stopped(teller: asyncio.Task[None]) -> None:
+    """Stop a `_telling` task; what it met is not the command's outcome."""
+    teller.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ShoalError):
+        await teller
+
+
+@app.command()
+def submit(
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments")] = None,
+    coordinator: CoordinatorOpt = None,
+    python_code: PythonOpt = None,
+    name: NameOpt = "",
+    priority: PriorityOpt = "normal",
+    timeout: TimeoutOpt = None,
+    label: LabelOpt = None,
+    key: KeyOpt = "",
+    tenant: TenantOpt = "",
+    after: AfterOpt = None,
+    retries: RetriesOpt = 0,
+    queue_timeout: QueueTimeoutOpt = None,
+    at: AtOpt = None,
+    docker: DockerOpt = None,
+    http: HttpOpt = None,
+    method: MethodOpt = "GET",
+    tool: ToolOpt = None,
+    tool_input: InputOpt = None,
+    count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="JSON file: a TaskSpec object, or a list of them (proto JSON)"),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for every task to finish; exit 1 unless all succeeded")
+    ] = False,
+) -> None:
+    """Submit tasks and print their ids (a progress bar for batches)."""
+    if file is not None:
+        specs = read_specs(file)
+    else:
+        one = build_spec(
+            command or [],
+            python_code,
+            name=name,
+            priority=priority,
+            timeout=timeout,
+            label=label,
+            key=key,
+            tenant=tenant,
+            after=after,
+            retries=retries,
+            queue_timeout=queue_timeout,
+            at=at,
+            docker=docker,
+            http=http,
+            method=method,
+            tool=tool,
+            tool_input=tool_input,
+        )
+        specs = [one] * count
+    if not run_async(_submit(coordinator, specs, wait)):
+        raise typer.Exit(1)
+
+
+async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait: bool) -> bool:
+    """Submit `specs`, print their ids (or, with `wait`, their outcomes); whether all is well:
+    with `wait`, every task succeeded."""
+    async with connect(coordinator) as client:
+        if len(specs) == 1 and not wait:
+            task = await client.submit(specs[0])
+            console.print(task.id)
+            return True
+        ids: list[str] = []
+        from rich.progress import Progress  # loads in a few hundredths of a second
+
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task("submitting", total=len(specs))
+            for i in range(0, len(specs), 1000):
+                ids += await client.submit_batch(specs[i : i + 1000])
+                progress.update(bar, completed=len(ids))
+            if wait:
+                done = progress.add_task("running", total=len(ids))
+                tasks = []
+                teller = asyncio.create_task(_telling(client, ids))
+                try:
+                    for coro in asyncio.as_completed([client.wait(i) for i in ids]):
+                        tasks.append(await coro)
+                        progress.advance(done)
+                finally:
+                    await _stopped(teller)
+        if wait:
+            counts: dict[str, int] = {}
+            for t in tasks:
+                counts[state_name(t.state)] = counts.get(state_name(t.state), 0) + 1
+            console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+            return set(counts) == {"SUCCEEDED"}
+        for task_id in ids:
+            console.print(task_id)
+        return True
+
+
+@app.command()
+def get(
+    task_id: str,
+    coordinator: CoordinatorOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON")] = False,
+) -> None:
+    """Show one task."""
+
+    async def main() -> task_pb2.Task:
+        async with connect(coordinator) as client:
+            return await client.get(task_id)
+
+    task = run_async(main())
+    if as_json:
+        console.print_json(json_format.MessageToJson(task))
+        return
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("id", task.id),
+        ("name", task.spec.name),
+        ("kind", task.spec.WhichOneof("kind") or ""),
+        ("state", state_text(task.state)),
+        ("node", task.node_id),
+        ("attempt", f"{task.attempt.number}" if task.attempt.number else ""),
+        ("after", ", ".join(task.depends_on)),
+        ("retried", f"{len(task.attempts)} earlier attempt(s)" if task.attempts else ""),
+        ("waiting", task.pending_reason),
+        ("exit code", exit_text(task)),
+        ("error", task.result.error),
+    ]
+    for k, v in rows:
+        if v:
+            table.add_row(f"[bold]{k}[/bold]", v)
+    console.print(table)
+    if task.result.stdout:
+        console.print("[bold]stdout[/bold]", markup=True)
+        console.out(task.result.stdout, end="")
+    if task.result.stderr:
+        console.print("[bold]stderr[/bold]", markup=True)
+        console.out(task.result.stderr, end="")
+
+
+@app.command("wait")
+def wait_for(task_id: str, coordinator: CoordinatorOpt = None) -> None:
+    """Wait for a task to end, saying why it waits; exit with its exit code (as run does)."""
+
+    async def main() -> task_pb2.Task:
+        async with connect(coordinator) as client:
+            return await client.wait_with_reasons(task_id, _teller())
+
+    task = run_async(main())
+    console.print(f"{task.id} {state_text(task.state)}", highlight=False)
+    if task.result.error:
+        err_console.print(f"[red]{state_name(task.state)}[/red]: {escape(task.result.error)}")
+    raise typer.Exit(_process_exit(task.state, task.result))
+
+
+def _process_exit(state: int, result: task_pb2.TaskResult) -> int:
+    """0 for success, the task's own exit code when it failed with one, 124 for a timeout."""
+    if state == task_pb2.TASK_STATE_SUCCEEDED:
+        return 0
+    if state == task_pb2.TASK_STATE_FAILED and result.exit_code > 0:
+        return result.exit_code
+    return 124 if state == task_pb2.TASK_STATE_TIMED_OUT else 1
+
+
+@app.command()
+def cancel(task_id: str, coordinator: CoordinatorOpt = None) -> None:
+    """Cancel a task (a running one is killed on its node)."""
+
+    async def main() -> task_pb2.Task:
+        async with connect(coordinator) as client:
+            return await client.cancel(task_id)
+
+    task = run_async(main())
+    console.print(f"{task.id} {state_text(task.state)}")
+
+
+@app.command("ls")
+def ls(
+    coordinator: CoordinatorOpt = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only these states")] = None,
+    tenant: TenantOpt = "",
+    limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tasks, newest first."""
+    try:
+        states = [task_pb2.TaskState.Value(f"TASK_STATE_{s.upper()}") for s in state or []]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+    async def main() -> list[task_pb2.Task]:
+        async with connect(coordinator) as client:
+            return await client.list(states=states, tenant=tenant, limit=limit)
+
+    tasks = run_async(main())
+    if as_json:
+        print_json(tasks)
+        return
+    table = Table()
+    for col in ("id", "name", "kind", "state", "exit", "node", "created"):
+        table.add_column(col)
+    for t in tasks:
+        table.add_row(
+            t.id,
+            t.spec.name,
+            t.spec.WhichOneof("kind") or "",
+            state_text(t.state),
+            exit_text(t),
+            t.node_id,
+            t.created_at.ToDatetime().strftime("%H:%M:%S"),
+        )
+    console.print(table)
+
+
+@app.command()
+def watch(
+    coordinator: CoordinatorOpt = None,
+    since: Annotated[
+        int | None, typer.Option(help="Replay events after this sequence number")
+    ] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Only these task ids")] = None,
+    output: Annotated[bool, typer.Option(help="Include output chunks")] = False,
+) -> None:
+    """Follow the event stream (Ctrl-C to stop)."""
+
+    async def main() -> None:
+        async with connect(coordinator) as client:
+            async for e in client.watch(since=since, task_ids=task or [], output=output):
+                console.print(f"{e.seq} {event_line(e)}", highlight=False)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_async(main())

@@ -206,7 +206,12 @@ class NodeSession:
     async def outgoing(self) -> list[node_pb2.CoordinatorMessage] | None:
         """The next messages to send, batched; None once the session is closed."""
         while not self.closed:
-            if self._assignments or self._cancels or self._lease is not None or self._drain:
+            if (
+                self._assignments
+                or self._cancels
+                or self._lease is not None
+                or self._drain is not None
+            ):
                 out: list[node_pb2.CoordinatorMessage] = []
                 if self._drain is not None:
                     out.append(node_pb2.CoordinatorMessage(drain=self._drain))

@@ -354,6 +354,8 @@ class Runner:
             finally:
                 output.close()
         except TimeoutError:
+            if timeout is None:  # not its deadline: an executor let one of its own escape
+                raise
             return Outcome(
                 task_pb2.TASK_STATE_TIMED_OUT,
                 task_pb2.TaskResult(exit_code=-9, error=f"timed out after {timeout:g} s"),

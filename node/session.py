@@ -240,7 +240,13 @@ class CoordinatorLink:
                 ):
                     with attempt:
                         await self.not_adopted.wait()
-                        await self._dial()
+                        try:
+                            await self._dial()
+                        except (_SessionFailed, PermissionDenied, Unauthenticated):
+                            raise
+                        except Exception as err:  # e.g. TLS files mid-rotation: later again
+                            _log.warning("node=%s cannot dial: %s", self._host.node_id, err)
+                            raise _SessionFailed(str(err)) from err
         except (PermissionDenied, Unauthenticated) as err:
             _log.error("node=%s stops dialling: %s", self._host.node_id, err.message)
             self._host.refused(err)

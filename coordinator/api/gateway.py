@@ -26,13 +26,8 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
         self._own = own  # where nodes reach this coordinator
 
     async def Identify(self, request: node_pb2.Challenge, context: Ctx) -> node_pb2.Proof:
-        # Proven only for an address of this coordinator: a relay that passes on a challenge
-        # from a node that dialled it gets no proof for its own address.
-        if not await self._own.async_contains(request.address):
-            raise PermissionDenied(
-                f"{request.address[:300]!r} is not this coordinator's address (nodes that reach"
-                " it through NAT or a proxy: list the address in its reachable_at)"
-            )
+        # The cheap checks (nonce, token, node) first: a stranger's address is looked up only
+        # for a challenge this coordinator could answer at all.
         mac = self._core.prove(
             Direction.JOIN,
             token_id=request.token_id,
@@ -40,6 +35,13 @@ class NodeGatewayService(gateway_pb2_grpc.NodeGatewayServicer):
             address=request.address,
             nonce=request.nonce,
         )
+        # Proven only for an address of this coordinator: a relay that passes on a challenge
+        # from a node that dialled it gets no proof for its own address.
+        if not await self._own.async_contains(request.address):
+            raise PermissionDenied(
+                f"{request.address[:300]!r} is not this coordinator's address (nodes that reach"
+                " it through NAT or a proxy: list the address in its reachable_at)"
+            )
         return node_pb2.Proof(mac=mac)
 
     async def Connect(

@@ -411,10 +411,11 @@ class Coordinator:
         return quota
 
     async def delete_quota(self, key: str) -> admin_pb2.Quota:
-        quota = self._k.quotas.delete(key)
+        quota = self._k.quotas.get(key)
         if quota is None:
             raise NotFound(f"no quota on key {key!r}")
-        await self._k.store.delete_quota(key)
+        await self._k.store.delete_quota(key)  # stored first: a failed delete changes nothing
+        self._k.quotas.delete(key)
         self._d.wake(quota_key(key))
         return quota
 

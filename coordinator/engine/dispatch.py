@@ -27,7 +27,7 @@ from shoal.coordinator.placement import NodeSlots
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.timers import TimerKind
-from shoal.errors import ResourceExhausted
+from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.templates import render
 from shoal.v1 import node_pb2, task_pb2
 
@@ -137,12 +137,15 @@ class Dispatcher:
                 [results.get(u, NO_RESULT) for u in rec.upstream],
                 limit=self._k.options.limits.max_rendered_spec_bytes,
             )
-        except ResourceExhausted as err:
-            # The task's own mistake (its references expand too far): it fails, and its node
-            # never sees it.
+        except (ResourceExhausted, InvalidArgument) as err:
+            # The task's own mistake (its references expand too far, or into a reference): it
+            # fails, and its node never sees it.
             self._k.scheduler.release(slots, rec)
             rec.state = PENDING  # out of the queue: see TaskLifecycle.finish
-            error = f"RESOURCE_EXHAUSTED: {err.message} (max_rendered_spec_bytes)"
+            if isinstance(err, ResourceExhausted):
+                error = f"RESOURCE_EXHAUSTED: {err.message} (max_rendered_spec_bytes)"
+            else:
+                error = f"INVALID_ARGUMENT: {err.message}"
             self._k.finish(rec, FAILED, task_pb2.TaskResult(error=error), by=COORDINATOR)
             return None
 

@@ -295,8 +295,8 @@ class NodeSessions:
                 state = u.finished.state
                 result = bounded_result(u.finished.result, self._k.options.limits.max_result_bytes)
                 if state not in FINAL_STATES:
-                    state = FAILED
                     result.error = result.error or f"node reported non-final state {state}"
+                    state = FAILED
                 self._d.end_attempt(rec, session.node_id, result)
                 if rec.cancel_requested:
                     self._k.finish(rec, state, result)

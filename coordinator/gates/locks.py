@@ -228,8 +228,8 @@ class LeaseTable:
 
     async def release(self, name: str, token: int, *, by: Principal) -> locks_pb2.Lease:
         lease = self._lease(name, token, by)
+        await self._store.delete_lease(lease.name, token)  # first: a failed delete changes nothing
         self._end(_holder(lease))
-        await self._store.delete_lease(lease.name, token)
         return lease
 
     def expire(self, holder: str) -> None:

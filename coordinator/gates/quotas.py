@@ -141,6 +141,9 @@ class QuotaGate(Admission):
             bucket.take(burst)  # it starts empty: a new or restored limit grants no burst
             self._buckets[quota.key] = bucket
 
+    def get(self, key: str) -> admin_pb2.Quota | None:
+        return self._limits.get(key)
+
     def delete(self, key: str) -> admin_pb2.Quota | None:
         self._buckets.pop(key, None)
         return self._limits.pop(key, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -82,7 +83,8 @@ class Writer(threading.Thread):
             conn.execute("COMMIT")
         except sqlite3.Error as err:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # the batch fails either way
+                    conn.execute("ROLLBACK")
             failure = _full(err) or Unavailable(f"store write failed: {err}")
             return [(fut, None, failure) for _, fut in batch]
         return results

@@ -223,3 +223,19 @@ def test_a_spec_with_references_holds_a_bounded_number_of_messages_to_search() -
     [violation] = refused(custom(MAX_MESSAGES, REF[:-2]))
     assert violation.field == "spec.custom"
     assert f"more than {MAX_MESSAGES} messages" in violation.description
+
+
+def test_an_upstream_value_cannot_name_a_secret_in_an_http_header() -> None:
+    spec = task_pb2.TaskSpec(
+        http=task_pb2.HttpSpec(
+            url="https://api.example.com/",
+            headers={"X-Data": "${{ deps[0].stdout }}", "Authorization": "${{ secrets.api }}"},
+        ),
+    )
+    spec.depends_on.add(task_id="up")
+    plain = render(spec, [task_pb2.TaskResult(stdout="42\n")], limit=LIMIT)
+    assert plain.http.headers["X-Data"] == "42"  # a plain value is filled in
+    assert plain.http.headers["Authorization"] == "${{ secrets.api }}"  # for the node
+    hostile = task_pb2.TaskResult(stdout="${{ secrets.api }}")
+    with pytest.raises(InvalidArgument, match=r"http.headers\['X-Data'\]"):
+        render(spec, [hostile], limit=LIMIT)

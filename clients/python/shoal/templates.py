@@ -223,7 +223,8 @@ def render(
 ) -> task_pb2.TaskSpec:
     """A copy of `spec` with every reference replaced by the upstream result it names (the
     spec passed the checks at submit: each reference is well formed and names an upstream).
-    ResourceExhausted when the values filled in come to more than `limit` bytes."""
+    ResourceExhausted when the values filled in come to more than `limit` bytes;
+    InvalidArgument when a value for an http header holds a reference of its own."""
     out = task_pb2.TaskSpec()
     out.CopyFrom(spec)
     # Each value, and each output as JSON data, made once however many references name it.
@@ -231,7 +232,7 @@ def render(
     outputs: dict[str, object] = {}
     added = 0
 
-    def fill(text: str) -> str:
+    def fill(text: str, field: str) -> str:
         nonlocal added
         parts: list[str] = []
         done = 0
@@ -250,6 +251,10 @@ def render(
                         else None
                     )
                 value = values[key] = _value(result, key[1], key[2], outputs.get(key[0]))
+            if _OPEN in value and field.startswith("http.headers["):
+                # The node fills `${{ secrets.NAME }}` in header values: an upstream's output
+                # must not choose which of the task's secrets goes where.
+                raise InvalidArgument(f"an upstream value for {field} holds '${{{{'")
             # Stopped before it is built: 64 references to 1 MB outputs would make 64 MB.
             added += len(value) if value.isascii() else len(value.encode())
             if added > limit:
@@ -259,6 +264,6 @@ def render(
         return "".join(parts) + text[done:] if parts else text
 
     if (kind := out.WhichOneof("kind")) is not None:
-        for _, text, put in _strings(getattr(out, kind), kind, [MAX_MESSAGES]):
-            put(fill(text))
+        for field, text, put in _strings(getattr(out, kind), kind, [MAX_MESSAGES]):
+            put(fill(text, field))
     return out

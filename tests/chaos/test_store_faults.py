@@ -248,7 +248,8 @@ async def test_a_second_coordinator_on_the_data_dir_or_port_exits_mid_run(
     assert running_after, "the intruders came after the run: start them sooner"
     assert said["data-dir"].startswith("error: "), said
     assert f"{cluster.data_dir} is in use by pid {first.pid}" in said["data-dir"], said
-    port_held = f"error: cannot listen on {cluster.address}: pid {first.pid} (shoal) listens there"
+    held = f"address already in use by pid {first.pid} (shoal)"
+    port_held = f"error: cannot listen on {cluster.address}: {held}"
     assert said["port"] == port_held, said
     assert said["both"].startswith("error: ") and f"pid {first.pid}" in said["both"], said
     assert first.running

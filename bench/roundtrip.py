@@ -4,8 +4,8 @@ What is measured: --trips times (default 500, after --warmup), this client sends
 with one no-op task through the SDK, then `Wait` for it, then the next. One coordinator
 (durable store, synchronous=FULL) and one node run as `shoal` CLI processes on loopback.
 Figures: p50/p99 of the round trip (submit sent to Wait answered) against issue 24's targets,
-and a breakdown hop by hop, from times the path already records (all processes share the
-machine's wall clock):
+the CPU time per trip of each process, and a breakdown hop by hop, from times the path
+already records (all processes share the machine's wall clock):
 
     submit sent         this client, before the call
     Submit committed    the QUEUED event's time (published after the commit)
@@ -15,8 +15,8 @@ machine's wall clock):
     outcome committed   the final event's time (published after the commit)
     Wait answered       this client, when the call returned
 
-The events come from a `Watch` stream this client holds, so no per-task work is added to
-the coordinator beyond what any watcher costs.
+The events are read back after the trips (`Watch` from the first one's sequence number),
+so no watcher adds its work to the trips measured.
 
     .venv/bin/python bench/roundtrip.py                # writes bench/results/roundtrip.json
     .venv/bin/python bench/roundtrip.py --trips 200
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import shutil
 import sys
@@ -36,12 +35,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from _common import (
     RESULTS,
     BenchError,
     Children,
     Cluster,
+    CpuMeter,
     Deadline,
     admin_token,
     default_shoal,
@@ -82,29 +81,29 @@ class Trace:
 
     def __init__(self) -> None:
         self.points: dict[str, dict[str, int]] = {}
-        self.finals = 0
-        self.final_seen = asyncio.Event()
 
     def note(self, task_id: str, point: str, t_ns: int) -> None:
         self.points.setdefault(task_id, {}).setdefault(point, t_ns)
 
 
-async def follow(client: AsyncClient, trace: Trace) -> None:
-    """Note every event's time: every task of this coordinator is one of the benchmark's."""
-    async for event in client.watch(since=None, output=False):
+async def replay(client: AsyncClient, trace: Trace, since: int, last: str) -> None:
+    """Note the times of the events after `since` up to `last`'s final one. Read after the
+    round trips, from the coordinator's in-memory log: a live watcher would add its own work
+    (a send per event) to every trip it measures."""
+    async for event in client.watch(since=since, output=False):
         if not event.task_id:
             continue
         t = event.time.ToNanoseconds()
         if is_final(event.state):
             trace.note(event.task_id, "outcome committed", t)
-            trace.finals += 1
-            trace.final_seen.set()
+            if event.task_id == last:
+                return
         elif (point := _EVENT_POINTS.get(event.state)) is not None:
             trace.note(event.task_id, point, t)
 
 
-async def trip(client: AsyncClient, trace: Trace) -> str:
-    """One round trip; returns the task's id."""
+async def trip(client: AsyncClient, trace: Trace) -> task_pb2.Task:
+    """One round trip; returns the task as Wait answered."""
     sent = time.time_ns()
     task = await client.submit(noop())
     done = await client.wait(task.id)
@@ -115,7 +114,7 @@ async def trip(client: AsyncClient, trace: Trace) -> str:
     trace.note(task.id, "Wait answered", answered)
     if done.HasField("finished_at"):
         trace.note(task.id, "finish received", done.finished_at.ToNanoseconds())
-    return task.id
+    return done
 
 
 def breakdown(trace: Trace, ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -153,38 +152,25 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
         trace = Trace()
         async with AsyncClient(cluster.address, token=token) as client:
             await wait_nodes(client, 1, children, deadline)
-            watch = asyncio.create_task(follow(client, trace))
-            try:
-                # The watch is live once it saw a final event of a warm-up task.
-                while trace.finals == 0:
-                    deadline.check("the warm-up")
+            for _ in range(args.warmup):
+                await trip(client, trace)
+            tasks: list[task_pb2.Task] = []
+            totals: list[float] = []
+            meter, started = CpuMeter(cluster.pids()), time.monotonic()
+            for i in range(args.trips):
+                if i % 50 == 0:
+                    deadline.check("the round trips")
                     children.check_alive()
-                    await trip(client, trace)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await trace.final_seen.wait()
-                for _ in range(args.warmup):
-                    await trip(client, trace)
-                ids: list[str] = []
-                totals: list[float] = []
-                for i in range(args.trips):
-                    if i % 50 == 0:
-                        deadline.check("the round trips")
-                        children.check_alive()
-                    task_id = await trip(client, trace)
-                    ids.append(task_id)
-                    points = trace.points[task_id]
-                    totals.append((points["Wait answered"] - points["submit sent"]) / 1e9)
-                # Every final event of the measured tasks reaches the watch before it is read.
-                last = ids[-1] if ids else ""
-                async with asyncio.timeout(deadline.left(10.0)):
-                    while last and "outcome committed" not in trace.points.get(last, {}):
-                        trace.final_seen.clear()
-                        await trace.final_seen.wait()
-            finally:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, ShoalError):
-                    await watch
+                task = await trip(client, trace)
+                tasks.append(task)
+                points = trace.points[task.id]
+                totals.append((points["Wait answered"] - points["submit sent"]) / 1e9)
+            # CPU per trip moves less than time when the machine is shared: it tells whether
+            # a change did less work, where latency alone is drowned in noise.
+            cpu, wall = meter.percent(), time.monotonic() - started
+            async with asyncio.timeout(deadline.left(30.0)):
+                await replay(client, trace, tasks[0].created_seq - 1, tasks[-1].id)
+        ids = [t.id for t in tasks]
         hops = breakdown(trace, ids)
         report.update(trips=len(totals), hops=hops)
         report["figures"] = [
@@ -195,6 +181,9 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                 "round trip p99, one task at a time", ms(percentile(totals, 0.99)), "ms", "rt_p99"
             ),
         ]
+        for who, pct in cpu.items():
+            per_trip = pct / 100 * wall / max(len(totals), 1) * 1000
+            report["figures"].append(figure(f"CPU of the {who} per trip", round(per_trip, 3), "ms"))
         for hop in hops:
             name = f"  {hop['from']} → {hop['to']}"
             note = "" if hop["tasks"] == len(totals) else f"{hop['tasks']} tasks"
@@ -204,6 +193,8 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
         report["error"] = str(err)
     except ShoalError as err:
         report["error"] = f"a call failed: {err}"
+    except TimeoutError:
+        report["error"] = "the events of the trips were not all read back within 30 s"
     finally:
         if cluster is not None:
             for child in [*cluster.nodes, cluster.coordinator]:

@@ -185,7 +185,7 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             per_trip = pct / 100 * wall / max(len(totals), 1) * 1000
             report["figures"].append(figure(f"CPU of the {who} per trip", round(per_trip, 3), "ms"))
         for hop in hops:
-            name = f"  {hop['from']} → {hop['to']}"
+            name = f"hop {hop['from']} → {hop['to']}"
             note = "" if hop["tasks"] == len(totals) else f"{hop['tasks']} tasks"
             report["figures"].append(figure(f"{name} p50", hop["p50_ms"], "ms", note=note))
             report["figures"].append(figure(f"{name} p99", hop["p99_ms"], "ms", note=note))

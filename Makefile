@@ -76,6 +76,7 @@ bench: $(STAMP) reinstall-pkg
 	run bench/scheduler.py; \
 	run bench/throughput.py; \
 	run bench/unary.py; \
+	run bench/roundtrip.py; \
 	run bench/memory.py --keep-data "$$store/data"; \
 	run bench/recovery.py --data-dir "$$store/data"; \
 	run bench/nodes.py; \

@@ -1,6 +1,6 @@
 """The benchmarks' report: every figure beside its target, and a plot of latency.
 
-Reads the JSON files the benchmarks wrote (throughput, unary, memory, recovery, nodes,
+Reads the JSON files the benchmarks wrote (throughput, unary, roundtrip, memory, recovery, nodes,
 scheduler; a missing one is listed as not run) and writes, next to them:
 
 - report.md: one markdown table of every figure with its target and PASS/MISS, the runs'
@@ -28,7 +28,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as Plot
 from throughput import throughput_figures
 
-BENCHMARKS = ("throughput", "unary", "memory", "recovery", "nodes", "scheduler", "floor")
+BENCHMARKS = (
+    "throughput",
+    "unary",
+    "roundtrip",
+    "memory",
+    "recovery",
+    "nodes",
+    "scheduler",
+    "floor",
+)
 
 
 def figures_of(name: str, data: dict[str, Any]) -> list[Figure]:

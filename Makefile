@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 # A third-party executor and tools, installed so that the tests exercise their entry points.
 EXAMPLE := examples/shoal-example
 
-.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench clean
+.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench dist dist-test clean
 
 dev: $(STAMP)
 
@@ -84,5 +84,23 @@ bench: $(STAMP) reinstall-pkg
 	run bench/report.py; \
 	exit $$rc
 
+# One self-contained executable of every `shoal` command: PyInstaller (one file), then staticx,
+# so that it needs no libc or loader on the machine either.
+DIST := dist/shoal-linux-x86_64
+dist: $(DIST)
+
+$(DIST): $(STAMP) pyproject.toml deploy/dist/shoal.spec deploy/dist/shoal_frozen.py $(shell find clients/python/shoal coordinator node -name '*.py' -o -name '*.pyi' -o -name '*.html')
+	@$(BIN)/python -c 'import PyInstaller, staticx' 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --config-settings editable_mode=strict -e '.[dev,dist]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pyinstaller --noconfirm --log-level WARN \
+	  --distpath build/dist --workpath build/pyinstaller deploy/dist/shoal.spec
+	mkdir -p dist
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/staticx --strip build/dist/shoal-dynamic $@.tmp
+	chmod 755 $@.tmp && mv $@.tmp $@
+
+# The executable's own tests (it is built once, then run where no Python is reachable).
+dist-test: $(DIST)
+	SHOAL_DIST=$(CURDIR)/$(DIST) $(BIN)/python -m pytest -q tests/dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -95,7 +95,7 @@ $(DIST): $(STAMP) pyproject.toml deploy/dist/shoal.spec deploy/dist/shoal_frozen
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pyinstaller --noconfirm --log-level WARN \
 	  --distpath build/dist --workpath build/pyinstaller deploy/dist/shoal.spec
 	mkdir -p dist
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/staticx --strip build/dist/shoal-dynamic $@.tmp
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/staticx --strip build/dist/shoal $@.tmp
 	chmod 755 $@.tmp && mv $@.tmp $@
 
 # The executable's own tests (it is built once, then run where no Python is reachable).

@@ -32,8 +32,9 @@ from shoal._extras import needs_extra
 from shoal._output import chunk_bytes
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._store_cli import app as store_app
-from shoal.config import CoordinatorSettings, NodeSettings
-from shoal.errors import ShoalError
+from shoal.config import ClientSettings, CoordinatorSettings, NodeSettings
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.join import JoinLine, ca_fingerprint
 from shoal.specs import is_final, state_name, to_duration
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -379,6 +380,13 @@ def coordinator(
 @serving
 def node(
     coordinator: CoordinatorOpt = None,
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join",
+            help="The line `shoal token create --role node` printed: shoal://HOST:PORT?token=...",
+        ),
+    ] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="Stable node id")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
@@ -453,9 +461,11 @@ def node(
 
     _logging(verbose)
     raise_open_files_limit()
+    joined = _joined(join, tls_ca) if join is not None else None
     settings = NodeSettings(
         **_given(
-            coordinator=coordinator,
+            coordinator=joined.address if joined else coordinator,
+            token=joined.token if joined else None,
             node_id=node_id,
             slots=slots,
             labels=_labels(label) if label else None,
@@ -489,6 +499,18 @@ def node(
             raise agent.refusal
 
     _run(main())
+
+
+def _joined(join: str, tls_ca: Path | None) -> JoinLine:
+    line = JoinLine.parse(join)
+    if line.ca:
+        # The node does not fetch the CA itself: the one it is given must be the one pinned.
+        ca = tls_ca or NodeSettings().tls_ca
+        if ca is None:
+            raise InvalidArgument("the join line pins a CA (TLS): give its file with --tls-ca")
+        if ca_fingerprint(ca.read_bytes()) != line.ca:
+            raise InvalidArgument(f"{ca} is not the CA the join line pins ({line.ca})")
+    return line
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -1129,9 +1151,16 @@ def token_create(
         list[str] | None, typer.Option("--label", "-l", help="Node tokens: an allowed KEY=VALUE")
     ] = None,
     ttl: Annotated[str | None, typer.Option(help="Expire after e.g. 90m, 12h, 30d")] = None,
+    join_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Node tokens: HOST:PORT new nodes dial, in the join line [--coordinator]"
+        ),
+    ] = None,
     coordinator: CoordinatorOpt = None,
 ) -> None:
-    """Create a token and print it (it is shown only once)."""
+    """Create a token and print it (it is shown only once); for a node, also the line to run
+    on the new machine."""
     if role not in _ROLE_NAMES:
         raise typer.BadParameter(f"role must be one of {', '.join(_ROLE_NAMES)}")
     request = admin_pb2.CreateTokenRequest(
@@ -1151,6 +1180,17 @@ def token_create(
 
     made = _run(main())
     console.print(made.token, highlight=False, soft_wrap=True)
+    if role == "node":
+        settings = ClientSettings(**_given(coordinator=coordinator))
+        ca = ca_fingerprint(settings.tls_ca.read_bytes()) if settings.tls_ca else ""
+        line = JoinLine(join_address or settings.coordinator, made.token, ca)
+        err_console.print("On the new machine, run:", highlight=False)
+        err_console.print(
+            f"  shoal node --join {shlex.quote(line.url())}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     err_console.print(
         f"[dim]token {escape(repr(made.info.name))} ({role}); it is not shown again. Use it as"
         f" {'SHOAL_NODE_TOKEN' if role == 'node' else 'SHOAL_TOKEN'}=... or"

@@ -27,8 +27,9 @@ reinstall-pkg: $(STAMP)
 run: $(STAMP) reinstall-pkg
 	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
+# tests/dist builds the executable (minutes): `make dist-test` runs them.
 test: $(STAMP) reinstall-pkg lint protos-check
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/dist
 
 unit: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/unit

@@ -29,6 +29,7 @@ from shoal._client import AsyncClient
 from shoal._console import console, err_console, print_error, serving
 from shoal._discover_cli import discover
 from shoal._extras import needs_extra
+from shoal._health_cli import health
 from shoal._output import chunk_bytes
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._store_cli import app as store_app
@@ -62,6 +63,7 @@ quota_app = typer.Typer(
 app.add_typer(quota_app, name="quota")
 app.add_typer(store_app, name="store")
 app.command()(discover)
+app.command()(health)
 _T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[

@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 # A third-party executor and tools, installed so that the tests exercise their entry points.
 EXAMPLE := examples/shoal-example
 
-.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench dist dist-test clean
+.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench dist dist-test image image-context clean
 
 dev: $(STAMP)
 
@@ -98,6 +98,22 @@ $(DIST): $(STAMP) pyproject.toml deploy/dist/shoal.spec deploy/dist/shoal_frozen
 	mkdir -p dist
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/staticx --strip build/dist/shoal $@.tmp
 	chmod 755 $@.tmp && mv $@.tmp $@
+
+# The image of deploy/docker (FROM scratch: no registry): `make image` → shoal:VERSION.
+BUSYBOX ?= $(firstword $(wildcard /bin/busybox /usr/bin/busybox))
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image: image-context
+	docker build -t shoal:$(VERSION) build/image
+
+image-context: $(DIST)
+	rm -rf build/image && mkdir -p build/image/rootfs/bin build/image/rootfs/etc build/image/home
+	install -d -m 1777 build/image/rootfs/tmp
+	cp $(DIST) build/image/rootfs/bin/shoal
+	cp $(BUSYBOX) build/image/rootfs/bin/busybox && ln -s busybox build/image/rootfs/bin/sh
+	echo 'shoal:x:10001:10001:shoal:/var/lib/shoal:/bin/sh' > build/image/rootfs/etc/passwd
+	echo 'shoal:x:10001:' > build/image/rootfs/etc/group
+	touch build/image/home/.keep
+	cp deploy/docker/Dockerfile build/image/
 
 # The executable's own tests (it is built once, then run where no Python is reachable).
 dist-test: $(DIST)

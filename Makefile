@@ -109,7 +109,9 @@ image-context: $(DIST)
 	rm -rf build/image && mkdir -p build/image/rootfs/bin build/image/rootfs/etc build/image/home
 	install -d -m 1777 build/image/rootfs/tmp
 	cp $(DIST) build/image/rootfs/bin/shoal
-	cp $(BUSYBOX) build/image/rootfs/bin/busybox && ln -s busybox build/image/rootfs/bin/sh
+	cp $(BUSYBOX) build/image/rootfs/bin/busybox
+	for applet in $$($(BUSYBOX) --list); do \
+	  [ "$$applet" = busybox ] || ln -s busybox build/image/rootfs/bin/$$applet; done
 	echo 'shoal:x:10001:10001:shoal:/var/lib/shoal:/bin/sh' > build/image/rootfs/etc/passwd
 	echo 'shoal:x:10001:' > build/image/rootfs/etc/group
 	touch build/image/home/.keep

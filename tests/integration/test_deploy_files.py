@@ -46,5 +46,5 @@ def test_the_compose_file_scales_nodes_on_one_image() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert {"coordinator", "node-tokens", "node"} <= set(services)
-    assert {s["image"] for s in services.values()} == {"shoal:0.1.0"}
+    assert {s["image"] for s in services.values()} == {"${SHOAL_IMAGE:-shoal:0.1.0}"}
     assert "ports" not in services["node"] and "container_name" not in services["node"]

@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 # A third-party executor and tools, installed so that the tests exercise their entry points.
 EXAMPLE := examples/shoal-example
 
-.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench clean
+.PHONY: dev reinstall-pkg run test unit integration chaos lint typecheck protos protos-check bench dist dist-test image image-context clean
 
 dev: $(STAMP)
 
@@ -27,8 +27,9 @@ reinstall-pkg: $(STAMP)
 run: $(STAMP) reinstall-pkg
 	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
+# tests/dist builds the executable (minutes): `make dist-test` runs them.
 test: $(STAMP) reinstall-pkg lint protos-check
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/dist
 
 unit: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/unit
@@ -85,5 +86,41 @@ bench: $(STAMP) reinstall-pkg
 	run bench/report.py; \
 	exit $$rc
 
+# One self-contained executable of every `shoal` command: PyInstaller (one file), then staticx,
+# so that it needs no libc or loader on the machine either.
+DIST := dist/shoal-linux-x86_64
+dist: $(DIST)
+
+$(DIST): $(STAMP) pyproject.toml deploy/dist/shoal.spec deploy/dist/shoal_frozen.py $(shell find clients/python/shoal coordinator node -name '*.py' -o -name '*.pyi' -o -name '*.html')
+	@$(BIN)/python -c 'import PyInstaller, staticx' 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --config-settings editable_mode=strict -e '.[dev,dist]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pyinstaller --noconfirm --log-level WARN \
+	  --distpath build/dist --workpath build/pyinstaller deploy/dist/shoal.spec
+	mkdir -p dist
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/staticx --strip build/dist/shoal $@.tmp
+	chmod 755 $@.tmp && mv $@.tmp $@
+
+# The image of deploy/docker (FROM scratch: no registry): `make image` → shoal:VERSION.
+BUSYBOX ?= $(firstword $(wildcard /bin/busybox /usr/bin/busybox))
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image: image-context
+	docker build -t shoal:$(VERSION) build/image
+
+image-context: $(DIST)
+	rm -rf build/image && mkdir -p build/image/rootfs/bin build/image/rootfs/etc build/image/home
+	install -d -m 1777 build/image/rootfs/tmp
+	cp $(DIST) build/image/rootfs/bin/shoal
+	cp $(BUSYBOX) build/image/rootfs/bin/busybox
+	for applet in $$($(BUSYBOX) --list); do \
+	  [ "$$applet" = busybox ] || ln -s busybox build/image/rootfs/bin/$$applet; done
+	echo 'shoal:x:10001:10001:shoal:/var/lib/shoal:/bin/sh' > build/image/rootfs/etc/passwd
+	echo 'shoal:x:10001:' > build/image/rootfs/etc/group
+	touch build/image/home/.keep
+	cp deploy/docker/Dockerfile build/image/
+
+# The executable's own tests (it is built once, then run where no Python is reachable).
+dist-test: $(DIST)
+	SHOAL_DIST=$(CURDIR)/$(DIST) $(BIN)/python -m pytest -q tests/dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

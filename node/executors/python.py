@@ -46,7 +46,10 @@ class PythonExecutor(Executor):
         """Whether the task user can run this interpreter (not when it lives in a directory only
         root may enter, such as /root/.pyenv). Under run_as = "auto" python tasks then run as
         the node's user, said at start; a user named in run_as is not given up: python is not
-        offered."""
+        offered. Not offered by the one-file executable, which holds no interpreter to run."""
+        if getattr(sys, "frozen", False):
+            _log.warning("python not offered: this shoal is one executable, with no Python")
+            return False
         if not self.users.switching or await _runs_python(self.users):
             return True
         if self.users.auto:

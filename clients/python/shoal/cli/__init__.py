@@ -6,10 +6,12 @@ Serving commands are in `serving`, task commands in `tasks`, admin commands in `
 
 from __future__ import annotations
 
+from shoal._health_cli import health
 from shoal.cli.app import app
 from shoal.cli.discover import discover
 
 app.command()(discover)
+app.command()(health)
 
 # Importing a module of commands registers them on `app`, and `shoal --help` lists them in
 # that order: keep these imports in this order.

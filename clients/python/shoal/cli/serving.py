@@ -29,6 +29,8 @@ from shoal._server import collect_seldom, raise_open_files_limit
 from shoal.cli.app import CoordinatorOpt, app, duration, parse_labels, run_async
 from shoal.cli.render import state_text
 from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.errors import InvalidArgument
+from shoal.join import JoinLine, ca_fingerprint
 
 if TYPE_CHECKING:
     from shoal.node.guard import ResourceGuard
@@ -290,6 +292,13 @@ def coordinator(
 @serving
 def node(
     coordinator: CoordinatorOpt = None,
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join",
+            help="The line `shoal token create --role node` printed: shoal://HOST:PORT?token=...",
+        ),
+    ] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="Stable node id")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks [cpu count]")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
@@ -364,9 +373,11 @@ def node(
 
     _logging(verbose)
     raise_open_files_limit()
+    joined = _joined(join, tls_ca) if join is not None else None
     settings = NodeSettings(
         **_given(
-            coordinator=coordinator,
+            coordinator=joined.address if joined else coordinator,
+            token=joined.token if joined else None,
             node_id=node_id,
             slots=slots,
             labels=parse_labels(label) if label else None,
@@ -403,3 +414,15 @@ def node(
 
 
 # -- tasks ---------------------------------------------------------------------------------
+
+
+def _joined(join: str, tls_ca: Path | None) -> JoinLine:
+    line = JoinLine.parse(join)
+    if line.ca:
+        # The node does not fetch the CA itself: the one it is given must be the one pinned.
+        ca = tls_ca or NodeSettings().tls_ca
+        if ca is None:
+            raise InvalidArgument("the join line pins a CA (TLS): give its file with --tls-ca")
+        if ca_fingerprint(ca.read_bytes()) != line.ca:
+            raise InvalidArgument(f"{ca} is not the CA the join line pins ({line.ca})")
+    return line

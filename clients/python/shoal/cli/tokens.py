@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import timedelta
 from typing import Annotated
 
@@ -12,6 +13,8 @@ from rich.table import Table
 from shoal._console import console, err_console
 from shoal.cli.app import CoordinatorOpt, JsonOpt, connect, parse_labels, run_async
 from shoal.cli.render import print_json
+from shoal.config import ClientSettings
+from shoal.join import JoinLine, ca_fingerprint
 from shoal.v1 import admin_pb2
 
 token_app = typer.Typer(
@@ -47,9 +50,16 @@ def token_create(
         list[str] | None, typer.Option("--label", "-l", help="Node tokens: an allowed KEY=VALUE")
     ] = None,
     ttl: Annotated[str | None, typer.Option(help="Expire after e.g. 90m, 12h, 30d")] = None,
+    join_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Node tokens: HOST:PORT new nodes dial, in the join line [--coordinator]"
+        ),
+    ] = None,
     coordinator: CoordinatorOpt = None,
 ) -> None:
-    """Create a token and print it (it is shown only once)."""
+    """Create a token and print it (it is shown only once); for a node, also the line to run
+    on the new machine."""
     if role not in _ROLE_NAMES:
         raise typer.BadParameter(f"role must be one of {', '.join(_ROLE_NAMES)}")
     request = admin_pb2.CreateTokenRequest(
@@ -69,6 +79,17 @@ def token_create(
 
     made = run_async(main())
     console.print(made.token, highlight=False, soft_wrap=True)
+    if role == "node":
+        settings = ClientSettings(coordinator=coordinator) if coordinator else ClientSettings()
+        ca = ca_fingerprint(settings.tls_ca.read_bytes()) if settings.tls_ca else ""
+        line = JoinLine(join_address or settings.coordinator, made.token, ca)
+        err_console.print("On the new machine, run:", highlight=False)
+        err_console.print(
+            f"  shoal node --join {shlex.quote(line.url())}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     err_console.print(
         f"[dim]token {escape(repr(made.info.name))} ({role}); it is not shown again. Use it as"
         f" {'SHOAL_NODE_TOKEN' if role == 'node' else 'SHOAL_TOKEN'}=... or"

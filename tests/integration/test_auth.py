@@ -116,7 +116,11 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
             response_deserializer=node_pb2.Proof.FromString,
         )
         for challenge, code in (
-            (node_pb2.Challenge(), grpc.StatusCode.PERMISSION_DENIED),
+            (node_pb2.Challenge(), grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                node_pb2.Challenge(token_id="0", nonce=b"n" * 32, address="192.0.2.1:7070"),
+                UNAUTHENTICATED,
+            ),
             (
                 node_pb2.Challenge(token_id="0", nonce=b"n" * 32, address=mesh.address),
                 UNAUTHENTICATED,

@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
-from shoal.auth import Principal, Role
+from shoal.auth import Principal
 from shoal.coordinator.encoding import task_record
 from shoal.coordinator.engine.clock import TimerLoop
 from shoal.coordinator.engine.dispatch import Dispatcher
@@ -234,29 +235,9 @@ class Coordinator:
 
     # -- tokens and quotas, as the Admin and NodeGateway services see them -----------------
 
-    async def create_token(
-        self,
-        *,
-        name: str,
-        role: Role,
-        created_by: str,
-        tenant: str = "",
-        node_id: str = "",
-        executors: Sequence[str] = (),
-        labels: Mapping[str, str] | None = None,
-        ttl: timedelta | None = None,
-    ) -> NewToken:
-        """Make and store a token; its name must be free among tokens not revoked."""
-        return await self.tokens.create(
-            name=name,
-            role=role,
-            created_by=created_by,
-            tenant=tenant,
-            node_id=node_id,
-            executors=executors,
-            labels=labels,
-            ttl=ttl,
-        )
+    async def create_token(self, **fields: Any) -> NewToken:
+        """Make and store a token (the fields of TokenRegistry.create)."""
+        return await self.tokens.create(**fields)
 
     def token_rows(self, *, include_revoked: bool) -> list[TokenRow]:
         return self.tokens.all() if include_revoked else self.tokens.active()

@@ -6,8 +6,9 @@ with Client() as client:
     print(client.wait(task.id).result.stdout)
 """
 
+from shoal._blocking import Client
 from shoal._builders import custom, docker, http, llm, noop, ollama, python, retry, shell, tool
-from shoal._client import AsyncClient, Client
+from shoal._client import AsyncClient
 from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal._state import TaskState
 from shoal.errors import (

@@ -129,7 +129,7 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return _write_pair(directory, name, cert, key)
+    return _write_pair(directory, name, cert, key, chain=(ca_cert,))
 
 
 def self_signed(directory: Path, name: str, *, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
@@ -268,11 +268,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write_pair(
-    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    directory: Path,
+    name: str,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    chain: Sequence[x509.Certificate] = (),
 ) -> tuple[Path, Path]:
+    """Write `name`.key and `name`.pem: the certificate, then the `chain` that signed it (a
+    server sends it all, so a node holding only the CA's fingerprint can find the CA)."""
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
+    _write(cert_path, pem, 0o644)
     return cert_path, key_path
 
 

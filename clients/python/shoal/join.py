@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
 
-from shoal.errors import InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument, Unavailable
 
-__all__ = ["JoinLine", "ca_fingerprint"]
+__all__ = ["JoinLine", "ca_fingerprint", "fetch_pinned_ca"]
 
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_LINE = 4096  # a token and an address: anything longer is not a join line
@@ -70,3 +71,47 @@ class JoinLine:
         if ca and not _FINGERPRINT.fullmatch(ca):
             raise InvalidArgument("ca is sha256: and 64 lowercase hex digits")
         return cls(address=parts.netloc, token=token, ca=ca)
+
+
+def fetch_pinned_ca(address: str, pin: str, *, timeout: float = 10.0) -> bytes:
+    """The PEM of the certificate with fingerprint `pin` in the TLS chain `address` sends.
+
+    Nothing can verify this connection yet, and nothing needs to: the pin is what makes the
+    certificate trusted, and nothing but a TLS handshake is sent on it. The coordinator sends
+    its CA when its certificate file holds the chain (`shoal certs issue` writes it so).
+    """
+    try:
+        parts = urlsplit(f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise InvalidArgument(f"not HOST:PORT: {address!r}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            chain = _unverified_chain(tls)
+    except ssl.SSLError as err:
+        raise Unavailable(f"{address} does not answer TLS to show its CA: {err.reason}") from None
+    except OSError as err:
+        raise Unavailable(f"cannot reach {address} to fetch its CA: {err}") from None
+    for pem in chain:
+        if ca_fingerprint(pem) == pin:
+            return pem
+    raise FailedPrecondition(
+        f"{address} sends no certificate {pin} in its TLS chain: give the CA's file with "
+        "--tls-ca, or have the coordinator's certificate file hold its chain"
+    )
+
+
+def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
+    """The certificates the peer sent, leaf first, as PEM."""
+    # Public from Python 3.13; the same method of the underlying SSL object before.
+    chain = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain  # type: ignore[attr-defined]
+    return [cert.public_bytes().encode("ascii") for cert in chain() or ()]

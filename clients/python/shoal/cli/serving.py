@@ -28,9 +28,9 @@ from shoal._extras import needs_extra
 from shoal._server import collect_seldom, raise_open_files_limit
 from shoal.cli.app import CoordinatorOpt, app, duration, parse_labels, run_async
 from shoal.cli.render import state_text
-from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.config import CoordinatorSettings, NodeSettings, default_data_dir
 from shoal.errors import InvalidArgument
-from shoal.join import JoinLine, ca_fingerprint
+from shoal.join import JoinLine, ca_fingerprint, fetch_pinned_ca
 
 if TYPE_CHECKING:
     from shoal.node.guard import ResourceGuard
@@ -373,7 +373,9 @@ def node(
 
     _logging(verbose)
     raise_open_files_limit()
-    joined = _joined(join, tls_ca) if join is not None else None
+    joined = None
+    if join is not None:
+        joined, tls_ca = _joined(join, tls_ca)
     settings = NodeSettings(
         **_given(
             coordinator=joined.address if joined else coordinator,
@@ -416,13 +418,19 @@ def node(
 # -- tasks ---------------------------------------------------------------------------------
 
 
-def _joined(join: str, tls_ca: Path | None) -> JoinLine:
+def _joined(join: str, tls_ca: Path | None) -> tuple[JoinLine, Path | None]:
+    """The join line, and the CA file to dial it with: the one given, which must be the one
+    the line pins, or else the pinned one fetched from the coordinator."""
     line = JoinLine.parse(join)
-    if line.ca:
-        # The node does not fetch the CA itself: the one it is given must be the one pinned.
-        ca = tls_ca or NodeSettings().tls_ca
-        if ca is None:
-            raise InvalidArgument("the join line pins a CA (TLS): give its file with --tls-ca")
+    if not line.ca:
+        return line, tls_ca
+    ca = tls_ca or NodeSettings().tls_ca
+    if ca is not None:
         if ca_fingerprint(ca.read_bytes()) != line.ca:
             raise InvalidArgument(f"{ca} is not the CA the join line pins ({line.ca})")
-    return line
+        return line, ca
+    pem = fetch_pinned_ca(line.address, line.ca)
+    fetched = default_data_dir() / f"ca-{line.ca.removeprefix('sha256:')[:16]}.pem"
+    fetched.parent.mkdir(parents=True, exist_ok=True)
+    fetched.write_bytes(pem)
+    return line, fetched

@@ -15,6 +15,7 @@ from shoal.auth import (
     Principal,
     Role,
     new_token,
+    node_id_matches,
     parse_token,
     secret_matches,
 )
@@ -107,7 +108,7 @@ class TokenRegistry:
             raise Unauthenticated("the node's token has expired")
         role = Role(row.role)
         if role is Role.NODE:
-            if row.node_id != node_id:
+            if not node_id_matches(row.node_id, node_id):
                 raise PermissionDenied(f"the token is not node {node_id!r}'s own")
         elif not (role is Role.ADMIN and direction is Direction.JOIN):
             raise PermissionDenied("only a node's own token is proven to it")
@@ -161,6 +162,10 @@ class TokenRegistry:
             raise InvalidArgument("ttl must be positive")
         if role is Role.NODE:
             node_id = node_id or name
+            if "*" in node_id[:-1] or node_id == "*":
+                raise InvalidArgument(
+                    "a node id has no '*', but a pool token's may end in one: PREFIX*"
+                )
         elif node_id or executors or labels:
             raise InvalidArgument("node_id, executors and labels apply to node tokens only")
         if role in (Role.ADMIN, Role.NODE) and tenant:

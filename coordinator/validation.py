@@ -43,7 +43,7 @@ def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
     info = hello.info
     if len(hello.running) > limits.max_batch:
         raise InvalidArgument(f"a node runs at most {limits.max_batch} tasks")
-    if by.role is Role.NODE and info.node_id != by.node_id:
+    if by.role is Role.NODE and not by.may_be_node(info.node_id):
         raise PermissionDenied(f"token {by.name!r} may connect as node {by.node_id!r} only")
     if by.cert_name and info.node_id != by.cert_name:
         raise PermissionDenied(f"the client certificate is for {by.cert_name!r}, not this node")

@@ -11,7 +11,10 @@ import pytest
 from shoal.auth import Principal, Role, parse_token
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.tokens import TokenRegistry
+from shoal.coordinator.validation import Limits, check_hello
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from shoal.handshake import Direction
+from shoal.v1 import node_pb2
 
 
 class Clock:
@@ -127,3 +130,33 @@ def test_a_tenant_principal_is_confined_to_its_tenant() -> None:
     with pytest.raises(PermissionDenied):
         acme.scoped_tenant("globex")
     assert Principal("r", Role.READER).scoped_tenant("globex") == "globex"
+
+
+async def test_a_pool_token_admits_node_ids_after_its_prefix_only(store: SqliteStore) -> None:
+    registry = TokenRegistry(store)
+    made = await registry.create(
+        name="pool", role=Role.NODE, created_by="root", node_id="shoal-node-*"
+    )
+    principal = registry.authenticate(made.token)
+    for node_id, admitted in [
+        ("shoal-node-7f9c4-x2x9z", True),
+        ("shoal-node-a", True),
+        ("shoal-node-", False),
+        ("shoal-nod", False),
+        ("gpu-1", False),
+        ("Shoal-node-a", False),
+    ]:
+        hello = node_pb2.Hello(info=node_pb2.NodeInfo(node_id=node_id))
+        proof = {"direction": Direction.JOIN, "token_id": made.row.id, "address": "a:1"}
+        if admitted:
+            check_hello(hello, principal, Limits())
+            assert registry.prove(**proof, node_id=node_id, nonce=b"n" * 16)
+        else:
+            with pytest.raises(PermissionDenied):
+                check_hello(hello, principal, Limits())
+            with pytest.raises(PermissionDenied):
+                registry.prove(**proof, node_id=node_id, nonce=b"n" * 16)
+
+    for bad in ("*", "a*b", "**", "a**"):
+        with pytest.raises(InvalidArgument, match="PREFIX"):
+            await registry.create(name=f"bad{bad}", role=Role.NODE, created_by="r", node_id=bad)

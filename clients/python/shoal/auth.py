@@ -23,6 +23,7 @@ __all__ = [
     "check_token",
     "hash_secret",
     "new_token",
+    "node_id_matches",
     "parse_token",
     "secret_matches",
 ]
@@ -50,6 +51,10 @@ class Principal:
     token_id: str = ""
     cert_name: str = ""
 
+    def may_be_node(self, node_id: str) -> bool:
+        """Whether a node token lets its holder connect as `node_id` (see `node_id_matches`)."""
+        return node_id_matches(self.node_id, node_id)
+
     def check_tenant(self, tenant: str, what: str) -> None:
         """Raise PermissionDenied unless this principal may act on `tenant`'s `what`."""
         if self.tenant and tenant != self.tenant:
@@ -62,6 +67,16 @@ class Principal:
         if asked and asked != self.tenant:
             raise PermissionDenied(f"{self.name} has no access to tenant {asked!r}")
         return self.tenant
+
+
+def node_id_matches(pattern: str, node_id: str) -> bool:
+    """Whether a node token's node id `pattern` admits `node_id`: the same id, or, for a pool
+    token (`PREFIX*`, shared by nodes such as a Deployment's pods), any longer id that begins
+    with PREFIX."""
+    if pattern.endswith("*"):
+        prefix = pattern[:-1]
+        return node_id.startswith(prefix) and len(node_id) > len(prefix)
+    return node_id == pattern
 
 
 ANONYMOUS = Principal("anonymous", Role.ADMIN)

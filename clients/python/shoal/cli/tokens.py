@@ -42,7 +42,13 @@ def token_create(
     name: Annotated[str, typer.Argument(help="A name for the token (shown in the audit trail)")],
     role: Annotated[str, typer.Option(help="admin|submitter|reader|node")] = "submitter",
     tenant: Annotated[str, typer.Option(help="Limit a submitter or reader to a tenant")] = "",
-    node_id: Annotated[str, typer.Option(help="Node tokens: the node id [the name]")] = "",
+    node_id: Annotated[
+        str,
+        typer.Option(
+            help="Node tokens: the node id [the name]; PREFIX* makes a pool token that nodes "
+            "of any id beginning with PREFIX share (e.g. a Deployment's pods)"
+        ),
+    ] = "",
     executor: Annotated[
         list[str] | None, typer.Option("--executor", help="Node tokens: an allowed executor")
     ] = None,

@@ -592,7 +592,7 @@ class CreateTokenRequest(_message.Message):
     role: Global___Role.ValueType
     tenant: _builtins.str
     node_id: _builtins.str
-    """ROLE_NODE; default: the name"""
+    """ROLE_NODE; default: the name; PREFIX* a pool: any id after PREFIX"""
     @_builtins.property
     def executors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property

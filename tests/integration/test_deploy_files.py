@@ -24,7 +24,7 @@ async def test_the_kubernetes_manifests_pass_strict_schema_validation() -> None:
     )
     assert checked.returncode == 0, checked
     kinds = {doc["kind"] for m in manifests for doc in yaml.safe_load_all(m.read_text()) if doc}
-    assert {"StatefulSet", "Service", "Secret", "PodDisruptionBudget"} <= kinds
+    assert {"StatefulSet", "Deployment", "Service", "Secret", "PodDisruptionBudget"} <= kinds
 
 
 async def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -45,6 +45,6 @@ async def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> 
 def test_the_compose_file_scales_nodes_on_one_image() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"coordinator", "node-tokens", "node"} <= set(services)
+    assert {"coordinator", "node-token", "node"} <= set(services)
     assert {s["image"] for s in services.values()} == {"${SHOAL_IMAGE:-shoal:0.1.0}"}
     assert "ports" not in services["node"] and "container_name" not in services["node"]

@@ -16,6 +16,7 @@ import logging
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class TaskUsers:
         self._setpriv = ""
         if run_as in _NODE or (self.auto and os.geteuid() != 0):
             return
-        setpriv = shutil.which("setpriv")
+        setpriv = _util_linux_setpriv()
         if setpriv is None:
             if self.auto:
                 _log.warning("tasks run as root: setpriv (util-linux) is missing to switch users")
@@ -185,6 +186,20 @@ def _make_dir(user: TaskUser, parent: Path | None) -> Path:
         path.rmdir()
         raise
     return path
+
+
+def _util_linux_setpriv() -> str | None:
+    """util-linux's setpriv on the PATH; busybox's has no --reuid, so it does not count."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    try:
+        version = subprocess.run(
+            [setpriv, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return setpriv if "util-linux" in version.stdout else None
 
 
 def _named(run_as: str, setpriv: str) -> TaskUser | None:

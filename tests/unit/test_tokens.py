@@ -147,15 +147,24 @@ async def test_a_pool_token_admits_node_ids_after_its_prefix_only(store: SqliteS
         ("Shoal-node-a", False),
     ]:
         hello = node_pb2.Hello(info=node_pb2.NodeInfo(node_id=node_id))
-        proof = {"direction": Direction.JOIN, "token_id": made.row.id, "address": "a:1"}
+
+        def prove(node_id: str = node_id) -> bytes:
+            return registry.prove(
+                Direction.JOIN,
+                token_id=made.row.id,
+                node_id=node_id,
+                address="a:1",
+                nonce=b"n" * 16,
+            )
+
         if admitted:
             check_hello(hello, principal, Limits())
-            assert registry.prove(**proof, node_id=node_id, nonce=b"n" * 16)
+            assert prove()
         else:
             with pytest.raises(PermissionDenied):
                 check_hello(hello, principal, Limits())
             with pytest.raises(PermissionDenied):
-                registry.prove(**proof, node_id=node_id, nonce=b"n" * 16)
+                prove()
 
     for bad in ("*", "a*b", "**", "a**"):
         with pytest.raises(InvalidArgument, match="PREFIX"):

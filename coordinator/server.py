@@ -64,6 +64,7 @@ POLICY: dict[str, frozenset[Role]] = {
     **{method_path(tasks_pb2.DESCRIPTOR, "Tasks", m): _READ for m in ("Get", "Wait", "List")},
     method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Watch"): _READ,
     method_path(admin_pb2.DESCRIPTOR, "Admin", "ListNodes"): frozenset({Role.READER}),
+    method_path(admin_pb2.DESCRIPTOR, "Admin", "GetOverview"): _READ,
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Connect"): frozenset({Role.NODE}),
     # A node asks the coordinator it found to prove itself before it sends its token.
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Identify"): OPEN,

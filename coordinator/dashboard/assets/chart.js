@@ -33,7 +33,7 @@ export class LiveChart {
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
-      axes: [axis, { ...axis, size: 50, values: (u, vals) => vals.map((v) => `${fmt(v)}${unit}`) }],
+      axes: [{ ...axis, space: 70, values: (u, vals) => vals.map(clock) }, { ...axis, size: 50, values: (u, vals) => vals.map((v) => `${fmt(v)}${unit}`) }],
       series: [{}, ...this.names.map((name) => ({
         label: name.toLowerCase().replace("_", " "),
         stroke: COLORS[name] || "#3b82f6",
@@ -45,7 +45,7 @@ export class LiveChart {
   }
 
   fit() {
-    const width = Math.max(200, this.box.clientWidth);
+    const width = Math.max(200, Math.floor(this.box.getBoundingClientRect().width));
     if (!this.plot) this.make(width);
     else if (Math.abs(this.plot.width - width) > 2) this.plot.setSize({ width, height: 190 });
   }
@@ -61,6 +61,10 @@ export class LiveChart {
     this.resize.disconnect();
     if (this.plot) this.plot.destroy();
   }
+}
+
+function clock(t) {
+  return new Date(t * 1000).toLocaleTimeString(undefined, { hour12: false });
 }
 
 function fmt(v) {

@@ -19,7 +19,7 @@ export function renderOverview(main) {
     h("div", { class: "head" }, h("h1", {}, "Overview"), h("span", { class: "live-dot", id: "ov-status" }, "live")),
     tiles,
     h("div", { class: "charts" }, rate.el, depth.el, load.el,
-      h("section", { class: "card" }, h("h3", {}, "Queued and unfinished by tenant"), tenants),
+      h("section", { class: "card wide" }, h("h3", {}, "Queued and unfinished by tenant"), tenants),
       h("section", { class: "card" }, h("h3", {}, "Held back by quotas and locks"), held)));
   [rate, depth, load].forEach((c) => c.fit());
 
@@ -55,7 +55,7 @@ export function renderOverview(main) {
     const byTenant = {};
     for (const q of ov.queued || []) {
       byPriority[priorityName(q.priority)] += Number(q.tasks || 0);
-      byTenant[q.tenant || "(none)"] = (byTenant[q.tenant || "(none)"] || 0) + Number(q.tasks || 0);
+      byTenant[q.tenant || ""] = (byTenant[q.tenant || ""] || 0) + Number(q.tasks || 0);
     }
     depth.push(t, byPriority);
     load.push(t, { running: Number(ov.running || 0), free: Number(ov.freeSlots || 0) });
@@ -99,7 +99,7 @@ function drawTenants(box, queued, unfinished) {
     const bar = h("div", { class: "bar" }, h("span", { class: "fill-u" }), h("span", { class: "fill-q" }));
     bar.children[0].style.width = `${(100 * u) / top}%`;
     bar.children[1].style.width = `${(100 * q) / top}%`;
-    return h("div", { class: "bar-row" }, h("span", { class: "bar-name" }, name), bar,
+    return h("div", { class: "bar-row" }, h("span", { class: `bar-name${name ? "" : " muted"}` }, name || "(no tenant)"), bar,
       h("span", { class: "bar-value" }, `${num(q)} queued · ${num(u)} unfinished`));
   }) : h("p", { class: "empty" }, "No tasks waiting."));
 }

@@ -85,7 +85,11 @@ export function renderTask(main, { parts, caller }) {
       ["Cost", `$${Number(u.cost || 0).toFixed(4)}`],
     ]) : h("p", { class: "empty" }, "No usage reported."));
     spec.textContent = JSON.stringify(s, null, 2);
-    if (!events && FINAL.has(state)) setOutput(finalOutput(task.result));
+    if (!events && FINAL.has(state)) {
+      setOutput(finalOutput(task.result));
+      outStatus.textContent = "final";
+      outStatus.classList.add("off");
+    }
   }
 
   function drawAttempts() {

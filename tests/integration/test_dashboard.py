@@ -29,7 +29,8 @@ pytestmark = [
 
 @pytest.fixture
 async def dash(mesh_factory: MeshFactory) -> Mesh:
-    return await mesh_factory(slots=4, coordinator={"http_listen": "127.0.0.1:0"})
+    # No resource guard: a busy test machine must not hold the tasks back.
+    return await mesh_factory(slots=4, guard=False, coordinator={"http_listen": "127.0.0.1:0"})
 
 
 @pytest.fixture
@@ -167,6 +168,14 @@ async def test_the_dashboard_shows_the_mesh_live_and_controls_it(
     await _shot(pg, "nodes-draining")
     await card.locator("button", has_text="Undrain").click()
     await expect(card.locator(".badge")).to_have_text("healthy")
+
+    # Set a quota from its form; it lists beside the usage of its key.
+    await pg.goto(f"{url}#/quotas")
+    await pg.fill("input[name=key]", "team:ml")
+    await pg.fill("input[name=concurrency]", "3")
+    await pg.click("text=Set quota")
+    await expect(pg.locator("td code", has_text="team:ml")).to_be_visible()
+    assert [q.concurrency for q in await dash.client.quotas()] == [3]
 
     for view in ("schedules", "quotas", "tokens"):
         await pg.goto(f"{url}#/{view}")

@@ -42,7 +42,32 @@ function gauge(used, limit) {
 export function renderQuotas(main) {
   const quotas = h("div", { class: "card flush" });
   const locks = h("section", { class: "card" });
-  fill(main, h("div", { class: "head" }, h("h1", {}, "Quotas, usage and locks")), quotas, locks);
+  const field = (name, label, attrs = {}) => h("label", { class: "field" }, h("span", {}, label), h("input", { name, ...attrs }));
+  const form = h("form", { class: "filters card row" },
+    field("key", "Key", { required: true, placeholder: "team:ml" }),
+    field("rate", "Tasks per second", { type: "number", min: "0", step: "any" }),
+    field("concurrency", "Concurrency", { type: "number", min: "0", step: "1" }),
+    field("requestsPerDay", "Requests per day", { type: "number", min: "0", step: "1" }),
+    field("costPerDay", "Dollars per day", { type: "number", min: "0", step: "any" }),
+    h("button", { class: "btn primary", type: "submit" }, "Set quota"));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const d = new FormData(form);
+    const body = { key: String(d.get("key")).trim() };
+    for (const k of ["rate", "concurrency", "requestsPerDay", "costPerDay"]) {
+      const v = String(d.get(k) || "").trim();
+      if (v) body[k] = Number(v);
+    }
+    try {
+      await call("Admin", "SetQuota", body);
+      toast(`Quota on ${body.key} set`);
+      form.reset();
+      load();
+    } catch (err) {
+      toast(err.message, "error");
+    }
+  });
+  fill(main, h("div", { class: "head" }, h("h1", {}, "Quotas, usage and locks")), form, quotas, locks);
   let stopped = false;
   async function load() {
     try {

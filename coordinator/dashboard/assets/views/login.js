@@ -12,7 +12,7 @@ export function renderLogin(main, done) {
   const submit = h("button", { class: "btn primary", type: "submit" }, "Log in");
   const form = h("form", { class: "login card" },
     h("h1", {}, "Shoal"),
-    h("p", { class: "muted" }, "Enter an API token. It is kept in an HttpOnly cookie for this browser session; the page never stores it."),
+    h("p", { class: "muted" }, "Enter an API token: the coordinator wrote an admin one to admin.token in its data dir, and `shoal token create` makes more. The browser keeps it in an HttpOnly cookie; this page never stores it."),
     h("label", { for: "token" }, "Token"), input, error, submit);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();

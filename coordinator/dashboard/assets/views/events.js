@@ -25,7 +25,7 @@ export function renderEvents(main, { query }) {
     if (d.get("output")) q.set("output", "1");
     location.hash = `#/events?${q}`;
   });
-  const status = h("span", { class: "live-dot" }, "live");
+  const status = h("span", { class: "live-dot off" }, "live");
   const counter = h("span", { class: "muted" });
   const pause = h("label", { class: "check" }, h("input", { type: "checkbox" }), "pause");
   const body = h("tbody", {});

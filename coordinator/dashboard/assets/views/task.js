@@ -16,7 +16,7 @@ export function renderTask(main, { parts, caller }) {
   const attempts = h("section", { class: "card" }, h("h3", {}, "Attempts"));
   const usage = h("section", { class: "card" }, h("h3", {}, "Usage and cost"));
   const out = h("pre", { class: "output", id: "output", "aria-live": "off" });
-  const outStatus = h("span", { class: "live-dot" }, "live");
+  const outStatus = h("span", { class: "live-dot off" }, "live");
   const spec = h("pre", { class: "spec" });
   fill(main, head,
     h("div", { class: "split" },

@@ -88,7 +88,7 @@ export function renderTasks(main, { query }) {
     });
   });
 
-  const live = h("span", { class: "live-dot" }, "live");
+  const live = h("span", { class: "live-dot off" }, "live");
   fill(main, h("div", { class: "head" }, h("h1", {}, "Tasks"), live, searchForm), form, body, pager);
 
   async function load() {

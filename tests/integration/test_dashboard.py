@@ -72,7 +72,7 @@ async def test_the_dashboard_shows_the_mesh_live_and_controls_it(
     def on_console(msg: ConsoleMessage) -> None:
         # The wrong token's 401 is expected; anything else logged as an error is a fault.
         if msg.type == "error" and "401" not in msg.text:
-            problems.append(f"console: {msg.text}")
+            problems.append(f"console: {msg.text} ({msg.location.get('url', '')})")
 
     pg.on("console", on_console)
 

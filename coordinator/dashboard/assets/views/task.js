@@ -52,8 +52,13 @@ export function renderTask(main, { parts, caller }) {
       h("div", { class: "spacer" }),
       caller.canSubmit && !FINAL.has(state) ? action("Cancel task", async () => {
         task = await call("Tasks", "Cancel", { taskId: task.id });
-        toast(`Cancelled ${task.id}`);
+        toast(`Cancelling ${task.id}`);
         draw();
+        // A running task ends once its node has killed it: wait for that (briefly).
+        if (!FINAL.has(stateName(task.state))) {
+          task = await call("Tasks", "Wait", { taskId: task.id, timeout: "10s" });
+          if (!stopped) draw();
+        }
       }, { kind: "danger", confirmText: "Cancel this task?" }) : null);
     fill(facts, h("h3", {}, "Task"), kv([
       ["State", badge(task.state)],

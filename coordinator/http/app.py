@@ -19,8 +19,10 @@ from shoal.coordinator.http.auth import Caller, Sessions
 from shoal.coordinator.http.errors import error_response
 from shoal.coordinator.http.login import login_routes
 from shoal.coordinator.http.rpc import API_PREFIX, rpc_routes
+from shoal.coordinator.http.sse import events_route
 from shoal.coordinator.http.static import static_routes
 from shoal.errors import InvalidArgument, NotFound, PermissionDenied
+from shoal.v1 import tasks_pb2
 
 __all__ = ["HttpServer"]
 
@@ -33,6 +35,7 @@ _SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 _LOOPBACK_NAMES = frozenset({"localhost"})
+TASKS = tasks_pb2.DESCRIPTOR.services_by_name["Tasks"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,7 +69,6 @@ class HttpServer:
         authenticate: Callable[[str], Principal] | None,
         tls: ssl.SSLContext | None = None,
         max_body_bytes: int = 4 << 20,
-        extra_routes: Callable[[Caller], list[web.RouteDef]] | None = None,
     ) -> None:
         self._core = core
         self._listen = listen
@@ -78,8 +80,9 @@ class HttpServer:
         )
         app.add_routes(rpc_routes(services, self.caller))
         app.add_routes(login_routes(self.caller, secure=tls is not None))
-        if extra_routes is not None:
-            app.add_routes(extra_routes(self.caller))
+        tasks = services.get(TASKS)
+        if tasks is not None:
+            app.add_routes([events_route(tasks, self.caller)])
         app.add_routes(static_routes())
         self._app = app
         self._runner: web.AppRunner | None = None
@@ -110,6 +113,8 @@ class HttpServer:
             max_headers=64,
             # A compressed body would be inflated past the cap before it is counted.
             auto_decompress=False,
+            # A caller that goes away ends its call, as over gRPC (and its event stream).
+            handler_cancellation=True,
         )
         await runner.setup()
         site = web.TCPSite(

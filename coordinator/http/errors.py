@@ -96,9 +96,10 @@ def error_response(err: errors.ShoalError, what: str) -> web.Response:
     )
 
 
-def unexpected_response(what: str) -> web.Response:
-    """The response to a call that failed by a bug (logged with its traceback)."""
-    _log.exception("http=%s unexpected error", what)
+def unexpected_response(what: str, error: BaseException | None = None) -> web.Response:
+    """The response to a call that failed by a bug (logged with its traceback: `error`, or
+    the one being handled)."""
+    _log.error("http=%s unexpected error", what, exc_info=error or True)
     return error_response(errors.InternalError("internal error"), what)
 
 

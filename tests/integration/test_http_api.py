@@ -42,9 +42,7 @@ async def test_each_role_gets_exactly_the_methods_it_has_over_grpc(roles: Fixtur
     routes come from the descriptors, the decision from the same policy."""
     requests = _requests(roles)
     pool = descriptor_pool.Default()
-    served = [
-        m for s in SERVED for m in pool.FindServiceByName(s).methods if not m.server_streaming
-    ]
+    served = [m for s in SERVED for m in pool.FindServiceByName(s).methods]
     got: dict[tuple[str, str], int] = {}
     async with httpx.AsyncClient(base_url=roles.mesh.coordinator.http_url, timeout=20) as http:
         for method in served:
@@ -66,7 +64,7 @@ async def test_each_role_gets_exactly_the_methods_it_has_over_grpc(roles: Fixtur
     expected = {
         (path, role): 200 if role == "admin" or role in allowed else 403
         for path, allowed in EXPECTED.items()
-        if path.split("/")[1] in SERVED and not path.endswith("/Watch")
+        if path.split("/")[1] in SERVED
         for role in ROLES
     }
     assert got == expected

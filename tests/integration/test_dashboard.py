@@ -21,6 +21,9 @@ SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 HOSTILE = "<img src=x onerror=alert(1)>"
 HOSTILE_OUT = "<script>alert(2)</script><b>not bold</b>"
 
+_ALL_CHARTS_HAVE = """(n) => [...document.querySelectorAll(".chart")]
+    .every((c) => Number(c.dataset.points || 0) >= n)"""
+
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
@@ -139,11 +142,12 @@ async def test_the_dashboard_shows_the_mesh_live_and_controls_it(
     await expect(pg.locator("main .head .badge")).to_have_text("cancelled")
     assert (await dash.client.get(stuck.id)).state == task_pb2.TASK_STATE_CANCELLED
 
-    # The overview's charts have points by now; the event feed follows live.
+    # The overview's charts move while a batch runs; the event feed follows live.
     await pg.goto(f"{url}#/overview")
     await expect(pg.locator(".uplot")).to_have_count(3)
-    await dash.client.submit_batch([shell("true", name=f"more-{i}") for i in range(20)])
-    await pg.wait_for_function("document.querySelector('.tile .value') !== null")
+    await pg.wait_for_function(_ALL_CHARTS_HAVE, arg=2)
+    await dash.client.submit_batch([shell("sleep 0.3", name=f"more-{i}") for i in range(24)])
+    await pg.wait_for_function(_ALL_CHARTS_HAVE, arg=6)
     await _shot(pg, "overview")
     await pg.goto(f"{url}#/events")
     await expect(pg.locator(".live-dot:not(.off)")).to_be_visible()

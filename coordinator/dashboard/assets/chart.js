@@ -54,6 +54,7 @@ export class LiveChart {
     this.data[0].push(t);
     this.names.forEach((name, i) => this.data[i + 1].push(values[name] ?? 0));
     if (this.data[0].length > KEEP) for (const col of this.data) col.shift();
+    this.el.dataset.points = String(this.data[0].length);
     if (this.plot) this.plot.setData(this.data);
   }
 

@@ -90,8 +90,11 @@ export function renderTask(main, { parts, caller }) {
       ["Cost", `$${Number(u.cost || 0).toFixed(4)}`],
     ]) : h("p", { class: "empty" }, "No usage reported."));
     spec.textContent = JSON.stringify(s, null, 2);
-    if (!events && FINAL.has(state)) {
-      setOutput(finalOutput(task.result));
+    if (FINAL.has(state)) {
+      if (!events) setOutput(finalOutput(task.result));
+      else {
+        events.close(); // its output is complete: nothing more will come
+      }
       outStatus.textContent = "final";
       outStatus.classList.add("off");
     }
@@ -116,7 +119,7 @@ export function renderTask(main, { parts, caller }) {
     const self = h("div", { class: "gnode self" }, badge(task.state), h("span", { class: "mono" }, task.id));
     const upBox = h("div", { class: "gcol" });
     fill(graph, h("h3", {}, "Dependencies"), ups.length
-      ? h("div", { class: "graph" }, upBox, h("div", { class: "garrow" }, "→"), h("div", { class: "gcol" }, self))
+      ? h("div", { class: "graph" }, upBox, h("div", { class: "garrow", title: "upstream before this task" }, "↓"), h("div", { class: "gcol" }, self))
       : h("p", { class: "empty" }, "No upstream tasks."),
       (task.dependsOn || []).length > MAX_UPSTREAM ? h("p", { class: "muted" }, `and ${task.dependsOn.length - MAX_UPSTREAM} more upstream`) : null);
     const found = await Promise.all(ups.map((u) => call("Tasks", "Get", { taskId: u }).catch(() => null)));
@@ -146,7 +149,9 @@ export function renderTask(main, { parts, caller }) {
         out.scrollTop = out.scrollHeight;
       }
       if (changed) load();
-    }, (status) => outStatus.classList.toggle("off", status !== "live"));
+    }, (status) => {
+      if (outStatus.textContent === "live") outStatus.classList.toggle("off", status !== "live");
+    });
   }
 
   load();

@@ -3,6 +3,7 @@ aiohttp in the coordinator's own event loop beside the gRPC server."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import logging
 import ssl
@@ -18,7 +19,8 @@ from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.http.auth import Caller, Sessions
 from shoal.coordinator.http.errors import error_response
 from shoal.coordinator.http.login import login_routes
-from shoal.coordinator.http.rpc import API_PREFIX, rpc_routes
+from shoal.coordinator.http.openapi import openapi_document
+from shoal.coordinator.http.rpc import API_PREFIX, json_response, rpc_routes
 from shoal.coordinator.http.sse import events_route
 from shoal.coordinator.http.static import static_routes
 from shoal.errors import InvalidArgument, NotFound, PermissionDenied
@@ -55,6 +57,13 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("shoal")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
 class HttpServer:
     """Serves `services` (descriptor -> the servicer the gRPC server uses) over HTTP on
     `listen`; `start`, then `stop` (idempotent)."""
@@ -80,6 +89,12 @@ class HttpServer:
         )
         app.add_routes(rpc_routes(services, self.caller))
         app.add_routes(login_routes(self.caller, secure=tls is not None))
+        document = openapi_document(services, _version())
+
+        async def openapi(request: web.Request) -> web.StreamResponse:
+            return json_response(document)
+
+        app.add_routes([web.get(f"{API_PREFIX}/openapi.json", openapi)])
         tasks = services.get(TASKS)
         if tasks is not None:
             app.add_routes([events_route(tasks, self.caller)])

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from google.protobuf import descriptor_pool, json_format
+from openapi_spec_validator import validate
 
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -216,3 +217,29 @@ async def test_the_dashboard_is_served_with_a_strict_policy(http: httpx.AsyncCli
         "/../../etc/passwd",
     ):
         assert (await http.get(path)).status_code == 404, path
+
+
+async def test_the_openapi_document_is_valid_and_lists_every_route(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.get("/api/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    pool = descriptor_pool.Default()
+    unary = {
+        f"/api/{service}/{m.name}"
+        for service in SERVED
+        for m in pool.FindServiceByName(service).methods
+        if not m.server_streaming
+    }
+    assert set(document["paths"]) == unary | {
+        "/api/events",
+        "/api/login",
+        "/api/logout",
+        "/api/whoami",
+    }
+    submit = document["paths"]["/api/shoal.v1.Tasks/Submit"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/shoal.v1.SubmitRequest"
+    }

@@ -92,7 +92,10 @@ def error_response(err: errors.ShoalError, what: str) -> web.Response:
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="shoal"'
     return web.Response(
-        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+        status=status,
+        text=json.dumps(body) + "\n",
+        content_type="application/json",
+        headers=headers,
     )
 
 

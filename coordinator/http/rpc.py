@@ -46,7 +46,7 @@ def json_response(message: Any, status: int = 200) -> web.Response:
         message = json_format.MessageToDict(message)
     return web.Response(
         status=status,
-        text=json.dumps(message, separators=(",", ":")),
+        text=json.dumps(message, separators=(",", ":")) + "\n",  # a line of its own in a shell
         content_type="application/json",
     )
 

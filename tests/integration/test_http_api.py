@@ -3,22 +3,27 @@ CSRF, and bad input."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 from google.protobuf import descriptor_pool, json_format
 from openapi_spec_validator import validate
 
+from shoal import shell
 from shoal.v1 import admin_pb2, task_pb2
 
-from .harness import Mesh, MeshFactory
+from .harness import Mesh, MeshFactory, run_tool
 from .test_auth import EXPECTED, ROLES, Fixture, _requests, roles
 
 pytestmark = pytest.mark.timeout(60)
 
 __all__ = ["roles"]  # the fixture, shared with the gRPC matrix test
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 SERVED = ("shoal.v1.Tasks", "shoal.v1.Admin", "shoal.v1.Locks")
 
 
@@ -243,3 +248,21 @@ async def test_the_openapi_document_is_valid_and_lists_every_route(
     assert submit["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/shoal.v1.SubmitRequest"
     }
+
+
+async def test_the_readme_curl_examples_run_as_written(mesh: Mesh) -> None:
+    section = README.read_text().split("\n## HTTP API\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "no sh block in the README's HTTP API section"
+    port = mesh.coordinator.http_url.rsplit(":", 1)[1].rstrip("/")
+    script = match.group(1).replace(":7080", f":{port}")
+    script = script.replace("~/.local/share/shoal", str(mesh.data_dir))
+    await mesh.client.wait((await mesh.client.submit(shell(["true"]))).id)  # an event to see
+    done = await run_tool(["sh", "-e", "-c", script], timeout=30)
+    assert done.returncode == 0, done.stderr
+    submitted, listed, nodes, *events = done.stdout.splitlines()
+    assert json.loads(submitted)["created"] is True
+    assert isinstance(json.loads(listed), dict)
+    assert [n["info"]["nodeId"] for n in json.loads(nodes)["nodes"]] == [mesh.node.node_id]
+    assert events[0].startswith("id: ") and events[1] == "data: {}"
+    assert events[3].startswith("id: ") and "TASK_STATE_SUCCEEDED" in events[4]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.api import AdminService, LocksService, NodeGatewayService, TasksService
 from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.coordinator.http import HttpServer
 from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.placement import Routing
 from shoal.coordinator.store import SqliteStore
@@ -56,6 +58,8 @@ SERVICE_NAMES = (
     locks_pb2.DESCRIPTOR.services_by_name["Locks"].full_name,
 )
 
+_MAX_HTTP_BODY = 4 << 20  # JSON takes more memory to parse than protobuf: a tighter cap
+
 _SUBMIT = frozenset({Role.SUBMITTER})
 _READ = frozenset({Role.SUBMITTER, Role.READER})
 POLICY: dict[str, frozenset[Role]] = {
@@ -64,6 +68,7 @@ POLICY: dict[str, frozenset[Role]] = {
     **{method_path(tasks_pb2.DESCRIPTOR, "Tasks", m): _READ for m in ("Get", "Wait", "List")},
     method_path(tasks_pb2.DESCRIPTOR, "Tasks", "Watch"): _READ,
     method_path(admin_pb2.DESCRIPTOR, "Admin", "ListNodes"): frozenset({Role.READER}),
+    method_path(admin_pb2.DESCRIPTOR, "Admin", "GetOverview"): _READ,
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Connect"): frozenset({Role.NODE}),
     # A node asks the coordinator it found to prove itself before it sends its token.
     method_path(gateway_pb2.DESCRIPTOR, "NodeGateway", "Identify"): OPEN,
@@ -121,6 +126,7 @@ class CoordinatorServer:
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
         self._metrics: MetricsServer | None = None
+        self.http: HttpServer | None = None
         self.discovery: CoordinatorDiscovery | None = None
         self.adopter: Adopter | None = None
         self.port = 0
@@ -142,13 +148,19 @@ class CoordinatorServer:
     def admin_token_path(self) -> Path:
         return self.settings.data_dir / ADMIN_TOKEN_FILE
 
+    @property
+    def http_url(self) -> str:
+        """Where the HTTP API and dashboard are served ('' when they are not)."""
+        return self.http.url if self.http is not None else ""
+
     def _check_settings(self) -> None:
         s = self.settings
-        if not s.auth and not is_loopback(s.listen):
-            raise FailedPrecondition(
-                f"refusing to listen on {s.listen} with auth off: anyone who reaches it could"
-                " run code here. Turn auth on, or bind 127.0.0.1."
-            )
+        for address in (s.listen, s.http_listen):
+            if address and not s.auth and not is_loopback(address):
+                raise FailedPrecondition(
+                    f"refusing to listen on {address} with auth off: anyone who reaches it"
+                    " could run code here. Turn auth on, or bind 127.0.0.1."
+                )
         if s.heartbeat_interval * 3 > s.lease:
             raise FailedPrecondition(
                 f"the lease ({s.lease.total_seconds():g} s) must be at least three heartbeat"
@@ -171,8 +183,11 @@ class CoordinatorServer:
                 "tls_client_ca needs require_client_cert: without it clients are never asked"
                 " for a certificate, so certificate names would go unchecked"
             )
-        if s.tls_cert is None and not is_loopback(s.listen):
-            _log.warning("listening on %s without TLS: tokens cross the network in clear", s.listen)
+        for address in (s.listen, s.http_listen):
+            if address and s.tls_cert is None and not is_loopback(address):
+                _log.warning(
+                    "listening on %s without TLS: tokens cross the network in clear", address
+                )
 
     async def start(self) -> None:
         self._check_settings()
@@ -189,6 +204,7 @@ class CoordinatorServer:
         except BaseException:
             await self._stop_metrics()
             await self.core.stop()
+            await self._stop_http()
             self._server = None
             await server.stop(None)
             raise
@@ -210,12 +226,29 @@ class CoordinatorServer:
             max_streams=s.max_streams,
         )
         server = grpc.aio.server(options=options, interceptors=[gate])
-        tasks_pb2_grpc.add_TasksServicer_to_server(TasksService(self.core), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.core), server)
+        tasks = TasksService(self.core)
+        admin = AdminService(self.core)
+        locks = LocksService(self.core)
+        tasks_pb2_grpc.add_TasksServicer_to_server(tasks, server)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(
             NodeGatewayService(self.core, self._own), server
         )
-        locks_pb2_grpc.add_LocksServicer_to_server(LocksService(self.core), server)
+        locks_pb2_grpc.add_LocksServicer_to_server(locks, server)
+        if s.http_listen:
+            self.http = HttpServer(
+                self.core,
+                {
+                    tasks_pb2.DESCRIPTOR.services_by_name["Tasks"]: tasks,
+                    admin_pb2.DESCRIPTOR.services_by_name["Admin"]: admin,
+                    locks_pb2.DESCRIPTOR.services_by_name["Locks"]: locks,
+                },
+                listen=s.http_listen,
+                policy=POLICY,
+                authenticate=self.core.tokens.authenticate if s.auth else None,
+                tls=self._http_tls(),
+                max_body_bytes=min(s.max_message_bytes, _MAX_HTTP_BODY),
+            )
         self._health = await serve_health(server, SERVICE_NAMES)
         serve_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE))
         credentials = None
@@ -236,6 +269,28 @@ class CoordinatorServer:
             _log.info("metrics on http://%s/metrics", self.metrics_address)
         return server
 
+    def _http_tls(self) -> ssl.SSLContext | None:
+        """TLS for HTTP from the same files as gRPC's (client certificates required alike)."""
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+            if s.require_client_cert and s.tls_client_ca is not None:
+                context.load_verify_locations(s.tls_client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as err:
+            raise FailedPrecondition(
+                f"the TLS certificate or key is unusable for HTTP: {err}"
+            ) from None
+        return context
+
+    async def _stop_http(self) -> None:
+        http, self.http = self.http, None
+        if http is not None:
+            await http.stop()
+
     async def _stop_metrics(self) -> None:
         metrics, self._metrics = self._metrics, None
         if metrics is not None:
@@ -247,6 +302,9 @@ class CoordinatorServer:
             _log.info("wrote a new admin token to %s", self.admin_token_path)
         await server.start()
         self._server = server
+        if self.http is not None:
+            await self.http.start()
+            _log.info("HTTP API and dashboard on %s", self.http.url)
         if s.adopt or s.nodes:
             tls = None
             if s.tls_cert is not None and s.tls_key is not None and s.tls_client_ca is not None:
@@ -290,6 +348,7 @@ class CoordinatorServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.core.stop()
+        await self._stop_http()
         adopter, self.adopter = self.adopter, None
         if adopter is not None:  # after the core closed the sessions it dialled
             await adopter.stop()

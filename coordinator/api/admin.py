@@ -136,3 +136,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.UsageRequest, context: Ctx
     ) -> admin_pb2.UsageResponse:
         return admin_pb2.UsageResponse(usage=self._core.usage(request.key))
+
+    async def GetOverview(
+        self, request: admin_pb2.OverviewRequest, context: Ctx
+    ) -> admin_pb2.Overview:
+        return self._core.overview(by=current_principal())

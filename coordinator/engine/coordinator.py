@@ -21,6 +21,7 @@ from shoal.coordinator.engine.intake import Intake, Submitted
 from shoal.coordinator.engine.lifecycle import TaskLifecycle
 from shoal.coordinator.engine.nodes import NodeSessions
 from shoal.coordinator.engine.options import CoreOptions
+from shoal.coordinator.engine.overview import overview
 from shoal.coordinator.engine.queries import SHUTTING_DOWN, Queries
 from shoal.coordinator.engine.states import PENDING
 from shoal.coordinator.events import EventLog
@@ -427,6 +428,9 @@ class Coordinator:
     @property
     def breakers_open(self) -> int:
         return self._k.breakers.tripped
+
+    def overview(self, *, by: Principal) -> admin_pb2.Overview:
+        return overview(self._k, self.nodes(), self.waiting_count(), by=by)
 
     def waiting_count(self) -> dict[str, int]:
         """Tasks a gate holds back, by key ("quota:<key>", "lock:<name>")."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from itertools import count
 
@@ -221,6 +221,16 @@ class ReadyQueue:
             self._idle[cls.key] = cls
             if len(self._idle) > self._idle_cap:
                 self._idle.popitem(last=False)
+
+    def depths(self) -> Counter[tuple[int, str]]:
+        """Queued tasks by (priority 1..5, tenant), in one pass over the lanes (not the tasks);
+        a task cancelled in the queue counts until its lane's head passes it."""
+        found: Counter[tuple[int, str]] = Counter()
+        for cls in self._classes.values():
+            for lane in cls.lanes.values():
+                if lane.items:
+                    found[lane.level + 1, lane.tenant] += len(lane.items)
+        return found
 
     def classes(self) -> Iterable[PlacementClass]:
         """The classes with queued tasks (or cancelled ones not yet dropped)."""

@@ -159,8 +159,8 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         assert set(health.values()) == {OK}, health
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
-    # 7 Tasks, 15 Admin, Connect, 3 Locks, reflection (v1, v1alpha), 3 health
-    assert len(coordinator) == 31
+    # 7 Tasks, 16 Admin, Connect, 3 Locks, reflection (v1, v1alpha), 3 health
+    assert len(coordinator) == 32
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -209,6 +209,7 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Tasks/List": {"submitter", "reader"},
     "/shoal.v1.Tasks/Watch": {"submitter", "reader"},
     "/shoal.v1.Admin/ListNodes": {"reader"},
+    "/shoal.v1.Admin/GetOverview": {"submitter", "reader"},
     "/shoal.v1.Admin/CreateToken": set(),
     "/shoal.v1.Admin/ListTokens": set(),
     "/shoal.v1.Admin/RevokeToken": set(),
@@ -312,6 +313,7 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/ListQuotas": const(admin_pb2.ListQuotasRequest()),
         "/shoal.v1.Admin/DeleteQuota": quota_to_delete,
         "/shoal.v1.Admin/GetUsage": const(admin_pb2.UsageRequest()),
+        "/shoal.v1.Admin/GetOverview": const(admin_pb2.OverviewRequest()),
         "/shoal.v1.Locks/Acquire": lease_request,
         "/shoal.v1.Locks/Renew": held_lease(renew=True),
         "/shoal.v1.Locks/Release": held_lease(renew=False),

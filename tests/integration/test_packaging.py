@@ -100,16 +100,18 @@ def test_the_wheel_carries_the_protos_license_and_metadata(client_venv: Path) ->
         "print(meta['License-Expression'], len(meta.get_all('Project-URL')),"
         " len(meta.get_all('Classifier')), meta['Author'])\n"
         "print(any(f.name == 'LICENSE' for f in m.files('shoal')))\n"
+        "print((r.files('shoal.coordinator') / 'dashboard' / 'index.html').is_file())\n"
     )
     done = subprocess.run(
         [str(client_venv / "python"), "-c", script], check=True, capture_output=True, text=True
     )
-    protos, meta, license_file = done.stdout.splitlines()
+    protos, meta, license_file, dashboard = done.stdout.splitlines()
 
     assert protos == str(sorted(p.name for p in (ROOT / "protos" / "shoal" / "v1").glob("*.proto")))
     license_name, urls, classifiers, author = meta.split(" ", 3)
     assert license_name == "Apache-2.0" and int(urls) >= 2 and int(classifiers) >= 5 and author
     assert license_file == "True"
+    assert dashboard == "True"  # the dashboard's files ship in the package
 
 
 def test_the_sdist_carries_the_protos_and_license(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ LAYERS = [
     "lifecycle",
     "dispatch",
     "queries",
+    "overview",
     "intake",
     "nodes",
     "clock",

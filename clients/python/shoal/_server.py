@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gc
@@ -9,7 +10,7 @@ import inspect
 import logging
 import resource
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "HEALTH_SERVICE",
     "OPEN",
     "Gate",
+    "acting_as",
+    "authorize",
     "collect_seldom",
     "current_principal",
     "grpc_options",
@@ -231,6 +234,41 @@ def current_principal() -> Principal:
     return _PRINCIPAL.get()
 
 
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[None]:
+    """Serve a call as `principal` (what `current_principal` says) within this block."""
+    reset = _PRINCIPAL.set(principal)
+    try:
+        yield
+    finally:
+        _PRINCIPAL.reset(reset)
+
+
+def authorize(
+    policy: Mapping[str, frozenset[Role]],
+    authenticate: Callable[[str], Principal] | None,
+    method: str,
+    token: Callable[[], str],
+) -> Principal | None:
+    """Who calls `method` with the token `token()` gives ('' when none was sent; asked only
+    when needed), if they may (None: anyone may, unauthenticated); Unauthenticated or
+    PermissionDenied if not. A method missing from `policy` is admin only; `authenticate`
+    None: auth is off. Every transport (gRPC, HTTP) decides here."""
+    roles = policy.get(method, frozenset({Role.ADMIN}))
+    if not roles:  # OPEN
+        return None
+    if authenticate is None:
+        principal = ANONYMOUS
+    else:
+        sent = token()
+        if not sent:
+            raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
+        principal = authenticate(sent)
+    if principal.role is not Role.ADMIN and principal.role not in roles:
+        raise PermissionDenied(f"{principal.name} ({principal.role}) may not call {method}")
+    return principal
+
+
 class _Malformed:
     """A request that did not parse; the Gate answers it with INVALID_ARGUMENT."""
 
@@ -292,19 +330,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _caller(self, method: str, metadata: Any) -> Principal | None:
         """Who calls `method`, if they may (None: anyone may); from the call's metadata alone,
         before its request is read."""
-        roles = self._policy.get(method, frozenset({Role.ADMIN}))
-        if not roles:  # OPEN
-            return None
-        if self._authenticate is None:
-            principal = ANONYMOUS
-        else:
-            token = _bearer(metadata)
-            if not token:
-                raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
-            principal = self._authenticate(token)
-        if principal.role is not Role.ADMIN and principal.role not in roles:
-            raise PermissionDenied(f"{principal.name} ({principal.role}) may not call {method}")
-        return principal
+        return authorize(self._policy, self._authenticate, method, lambda: _bearer(metadata))
 
     def _admit(self, principal: Principal | None, context: Any) -> None:
         if principal is None:

@@ -68,6 +68,17 @@ def _bounded(items: list[errors.FieldViolation]) -> list[errors.FieldViolation]:
 def to_status(err: errors.ShoalError) -> grpc.Status:
     """Encode an error as a gRPC status with google.rpc details (BadRequest, QuotaFailure,
     RetryInfo), cut to fit in a client's metadata limit."""
+    return cast(grpc.Status, rpc_status.to_status(status_of(err)))
+
+
+def log_level(err: errors.ShoalError) -> int:
+    """The level at which a server logs a call that ended in `err`."""
+    return _code_and_level(err)[1]
+
+
+def status_of(err: errors.ShoalError) -> status_pb2.Status:
+    """`err` as a google.rpc.Status with its details (BadRequest, QuotaFailure, RetryInfo),
+    each part cut to a bounded size: what every transport sends."""
     code, _ = _code_and_level(err)
     status = status_pb2.Status(code=code.value[0], message=_cut(err.message, _MAX_MESSAGE))
     violations = _bounded(getattr(err, "violations", []))
@@ -95,7 +106,7 @@ def to_status(err: errors.ShoalError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(retry_after)
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return cast(grpc.Status, rpc_status.to_status(status))
+    return status
 
 
 def from_server(exc: grpc.RpcError) -> bool:

@@ -132,6 +132,9 @@ class CoordinatorSettings(_Settings):
     # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
     # empty. Unauthenticated: bind it where only the scraper reaches.
     metrics_listen: str = ""
+    # The HTTP/JSON API, its live events (SSE) and the dashboard at http://<http_listen>/ (e.g.
+    # "127.0.0.1:7080"); off when empty. Same tokens, roles, TLS and loopback rule as gRPC.
+    http_listen: str = ""
     # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
     synchronous: str = "FULL"
     # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.

@@ -12,6 +12,7 @@ import logging
 import shlex
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -86,6 +87,26 @@ async def _until_signalled(
         await fn()
 
 
+HttpListenOpt = Annotated[
+    str | None,
+    typer.Option(help="Serve the HTTP/JSON API and dashboard on host:port ('' for none)"),
+]
+_DASHBOARD_PORT = 7080
+
+
+def _free_port(host: str, first: int, tries: int = 20) -> int:
+    """The first of `tries` ports from `first` that `host` can bind now (`first` if none)."""
+    for port in range(first, first + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return first
+
+
 AuthOpt = Annotated[
     bool | None,
     typer.Option("--auth/--no-auth", help="Require tokens (off is allowed on loopback only)"),
@@ -99,6 +120,7 @@ def up(
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks on the local node")] = None,
     auth: AuthOpt = None,
+    http_listen: HttpListenOpt = None,
     demo: Annotated[bool, typer.Option(help="Run a short demo batch once started")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -109,9 +131,14 @@ def up(
 
     _logging(verbose)
     raise_open_files_limit()
-    coord = CoordinatorServer(
-        CoordinatorSettings(**_given(listen=listen, data_dir=data_dir, auth=auth))
+    coord_settings = CoordinatorSettings(
+        **_given(listen=listen, data_dir=data_dir, auth=auth, http_listen=http_listen)
     )
+    if "http_listen" not in coord_settings.model_fields_set:
+        # The dashboard is on by default here, on loopback: 7080, or the next free port.
+        port = _free_port("127.0.0.1", _DASHBOARD_PORT)
+        coord_settings = coord_settings.model_copy(update={"http_listen": f"127.0.0.1:{port}"})
+    coord = CoordinatorServer(coord_settings)
 
     async def main() -> None:
         await coord.start()
@@ -132,6 +159,8 @@ def up(
             await coord.stop()
             raise
         console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
+        if coord.http_url:
+            console.print(f"  dashboard: [cyan]{coord.http_url}[/cyan]")
         console.print(f"  data dir    {coord.settings.data_dir}")
         if token_file is not None:
             console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
@@ -250,6 +279,7 @@ def coordinator(
             help="host:port nodes dial this coordinator at, beyond its own (NAT, a proxy)",
         ),
     ] = None,
+    http_listen: HttpListenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a coordinator."""
@@ -273,6 +303,7 @@ def coordinator(
                 adopt=adopt,
                 nodes=node_address or None,
                 reachable_at=reachable_at or None,
+                http_listen=http_listen,
             )
         )
     )
@@ -280,6 +311,8 @@ def coordinator(
     async def main() -> None:
         await server.start()
         console.print(f"coordinator listening on [cyan]{server.address}[/cyan]")
+        if server.http_url:
+            console.print(f"dashboard: [cyan]{server.http_url}[/cyan]")
         if server.settings.auth:
             console.print(f"admin token in {server.admin_token_path}")
         collect_seldom()

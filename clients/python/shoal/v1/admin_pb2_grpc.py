@@ -110,6 +110,11 @@ class AdminStub:
                 request_serializer=shoal_dot_v1_dot_admin__pb2.UsageRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_admin__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.GetOverview = channel.unary_unary(
+                '/shoal.v1.Admin/GetOverview',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.OverviewRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Overview.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -213,6 +218,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOverview(self, request, context):
+        """The mesh at a glance, from the coordinator's counters (cheap: no store query).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +302,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=shoal_dot_v1_dot_admin__pb2.UsageRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_admin__pb2.UsageResponse.SerializeToString,
+            ),
+            'GetOverview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOverview,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.OverviewRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Overview.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,6 +715,33 @@ class Admin:
             '/shoal.v1.Admin/GetUsage',
             shoal_dot_v1_dot_admin__pb2.UsageRequest.SerializeToString,
             shoal_dot_v1_dot_admin__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOverview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/GetOverview',
+            shoal_dot_v1_dot_admin__pb2.OverviewRequest.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Overview.FromString,
             options,
             channel_credentials,
             insecure,

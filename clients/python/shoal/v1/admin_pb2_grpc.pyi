@@ -56,6 +56,8 @@ class AdminStub:
     DeleteQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuotaRef, _admin_pb2.Quota]
     GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UsageRequest, _admin_pb2.UsageResponse]
     """What each key used, per day and month, and what runs under it now."""
+    GetOverview: _grpc.UnaryUnaryMultiCallable[_admin_pb2.OverviewRequest, _admin_pb2.Overview]
+    """The mesh at a glance, from the coordinator's counters (cheap: no store query)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -85,6 +87,8 @@ class AdminAsyncStub(AdminStub):
     DeleteQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuotaRef, _admin_pb2.Quota]  # type: ignore[assignment]
     GetUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.UsageRequest, _admin_pb2.UsageResponse]  # type: ignore[assignment]
     """What each key used, per day and month, and what runs under it now."""
+    GetOverview: _aio.UnaryUnaryMultiCallable[_admin_pb2.OverviewRequest, _admin_pb2.Overview]  # type: ignore[assignment]
+    """The mesh at a glance, from the coordinator's counters (cheap: no store query)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Operate the mesh."""
@@ -201,5 +205,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.UsageResponse, _abc.Awaitable[_admin_pb2.UsageResponse]]:
         """What each key used, per day and month, and what runs under it now."""
+
+    @_abc_1.abstractmethod
+    def GetOverview(
+        self,
+        request: _admin_pb2.OverviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Overview, _abc.Awaitable[_admin_pb2.Overview]]:
+        """The mesh at a glance, from the coordinator's counters (cheap: no store query)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

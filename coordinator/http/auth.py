@@ -1,0 +1,162 @@
+"""Who calls over HTTP: a bearer token, or a cookie session opened with one; CSRF checks.
+
+A session maps a random id (the `shoal_session` cookie) to the token it was opened with, held
+in this process only: the cookie carries no token, and every call authenticates the token
+again, so a revoked or expired token ends its sessions at once. Sessions are bounded in
+number (the oldest goes first) and expire.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from aiohttp import web
+
+from shoal._server import authorize
+from shoal.auth import ANONYMOUS, Principal, Role, check_token
+from shoal.errors import PermissionDenied, Unauthenticated
+
+__all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Caller", "Session", "Sessions"]
+
+SESSION_COOKIE = "shoal_session"
+CSRF_COOKIE = "shoal_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_ID = 128  # longer cookie values are no session of ours
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    token: str
+    csrf: str
+    expires_at: float  # monotonic
+
+
+class Sessions:
+    """At most `capacity` sessions, each for `ttl` after it was opened."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 10_000,
+        ttl: timedelta = timedelta(hours=12),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._by_id: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def open(self, token: str) -> Session:
+        self._expire()
+        while len(self._by_id) >= self._capacity:
+            self._by_id.popitem(last=False)
+        session = Session(
+            id=secrets.token_urlsafe(32),
+            token=token,
+            csrf=secrets.token_urlsafe(32),
+            expires_at=self._clock() + self.ttl.total_seconds(),
+        )
+        self._by_id[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        if len(session_id) > _MAX_ID:
+            return None
+        session = self._by_id.get(session_id)
+        if session is not None and session.expires_at <= self._clock():
+            del self._by_id[session_id]
+            return None
+        return session
+
+    def close(self, session_id: str) -> None:
+        self._by_id.pop(session_id, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._by_id:
+            oldest = next(iter(self._by_id.values()))
+            if oldest.expires_at > now:  # opened in order, with one ttl: the rest are younger
+                break
+            self._by_id.popitem(last=False)
+
+
+class Caller:
+    """Decides who makes an HTTP request and whether it may call a method, through the same
+    `authorize` (policy, tokens, roles) the gRPC Gate uses."""
+
+    def __init__(
+        self,
+        policy: Mapping[str, frozenset[Role]],
+        authenticate: Callable[[str], Principal] | None,
+        sessions: Sessions,
+    ) -> None:
+        self._policy = policy
+        self._authenticate = authenticate
+        self.sessions = sessions
+
+    @property
+    def auth(self) -> bool:
+        return self._authenticate is not None
+
+    def for_method(self, request: web.Request, method: str) -> Principal | None:
+        """The principal calling `method` (None: an open method); raises Unauthenticated or
+        PermissionDenied as gRPC would, and PermissionDenied for a cookie call without its
+        CSRF token."""
+        return authorize(self._policy, self._authenticate, method, lambda: self.token(request))
+
+    def whoami(self, request: web.Request) -> Principal:
+        """Who sends `request` (any valid token or session)."""
+        if self._authenticate is None:
+            return ANONYMOUS
+        token = self.token(request)
+        if not token:
+            raise Unauthenticated("no credentials: send `Authorization: Bearer <token>` or log in")
+        return self._authenticate(token)
+
+    def login(self, token: str) -> tuple[Principal, Session | None]:
+        """Check `token` and open a session for it (None when auth is off)."""
+        if self._authenticate is None:
+            return ANONYMOUS, None
+        principal = self._authenticate(check_token(token))
+        return principal, self.sessions.open(token)
+
+    def token(self, request: web.Request) -> str:
+        """The token of `request`: its bearer token, else its session's; '' when it has none."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("the Authorization header must be `Bearer <token>`")
+            return check_token(token.strip())
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id is None:
+            return ""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise Unauthenticated("the session has expired or was closed: log in again")
+        check_csrf(request, session)
+        return session.token
+
+
+def check_csrf(request: web.Request, session: Session) -> None:
+    """A request that changes something and is authenticated by cookie must carry the
+    session's CSRF token in a header, which another site's page cannot set."""
+    if request.method in _SAFE_METHODS:
+        return
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not sent or not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+        raise PermissionDenied(
+            f"a call authenticated by cookie needs the header {CSRF_HEADER} holding the"
+            f" {CSRF_COOKIE} cookie's value"
+        )

@@ -1,0 +1,40 @@
+"""The context a servicer method gets when it is called over HTTP instead of gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from shoal._channel import CLIENT_KEY
+
+__all__ = ["CLIENT_HEADER", "HttpCallContext"]
+
+CLIENT_HEADER = "X-Shoal-Client"
+"""The caller's own name, as gRPC callers give it in metadata (a place in line)."""
+
+
+class HttpCallContext:
+    """What the servicers read of a grpc.aio.ServicerContext, from an HTTP request: its
+    metadata, its peer, and (for Watch) a `write` that sends a response."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        write: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
+        self._request = request
+        self._write = write
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        client = self._request.headers.get(CLIENT_HEADER)
+        return ((CLIENT_KEY, client),) if client else ()
+
+    def peer(self) -> str:
+        return f"http:{self._request.remote or 'unknown'}"
+
+    async def write(self, response: Any) -> None:
+        if self._write is None:
+            raise RuntimeError("this call answers once; it has no stream to write to")
+        await self._write(response)

@@ -1,0 +1,299 @@
+"""GET /api/events over real HTTP: Server-Sent Events with Watch's cursor, resumed across a
+cut mid-message without losing or repeating an event; filters; heartbeats; refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from google.protobuf import json_format
+
+from shoal import noop, shell
+from shoal.coordinator.http import sse
+
+from .harness import Mesh, MeshFactory, eventually
+from .test_sizes import MB, flood
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory) -> Mesh:
+    return await mesh_factory(slots=8, coordinator={"http_listen": "127.0.0.1:0"})
+
+
+@pytest.fixture
+async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=mesh.coordinator.http_url, timeout=30) as client:
+        yield client
+
+
+@dataclass
+class Message:
+    id: str | None
+    event: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Reader:
+    """A byte-exact SSE parser: complete messages only, as a browser dispatches them."""
+
+    buffer: bytes = b""
+    comments: list[str] = field(default_factory=list)
+
+    def feed(self, chunk: bytes) -> list[Message]:
+        self.buffer += chunk
+        out = []
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            fields: dict[str, str] = {}
+            for line in block.decode().split("\n"):
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                    continue
+                key, _, value = line.partition(": ")
+                fields[key] = value
+            if "data" in fields:
+                out.append(
+                    Message(
+                        fields.get("id"), fields.get("event", "message"), json.loads(fields["data"])
+                    )
+                )
+        return out
+
+
+def events_of(messages: list[Message]) -> list[dict[str, Any]]:
+    return [e for m in messages for e in m.data.get("events", [])]
+
+
+def seqs(messages: list[Message]) -> list[int]:
+    return [int(e["seq"]) for e in events_of(messages)]
+
+
+async def read_until(
+    response: httpx.Response,
+    reader: Reader,
+    done: Callable[[list[Message]], bool],
+    into: list[Message],
+) -> None:
+    async for chunk in response.aiter_raw():
+        into.extend(reader.feed(chunk))
+        if done(into):
+            return
+
+
+async def test_a_subscriber_cut_mid_message_resumes_losing_and_repeating_nothing(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    # Where the stream starts: the first message has no events and gives the cursor.
+    async with http.stream("GET", "/api/events", headers=auth) as first:
+        assert first.headers["Content-Type"].startswith("text/event-stream")
+        (start,) = [m for m in Reader().feed(await anext(first.aiter_raw())) if m.id]
+    assert start.data.get("events") is None
+    since = start.id
+    assert since is not None
+
+    batches, per_batch = 8, 40
+    total = batches * per_batch
+
+    def finals(messages: list[Message]) -> int:
+        return sum(e.get("state") == "TASK_STATE_SUCCEEDED" for e in events_of(messages))
+
+    def all_final(messages: list[Message]) -> bool:
+        return finals(messages) >= total
+
+    # The reference: one subscriber reading from `since` without a break.
+    reference: list[Message] = []
+    cut: list[Message] = []
+    broken_reader = Reader()
+
+    async def read_then_break(response: httpx.Response) -> None:
+        """Read whole chunks until half the tasks are seen final, then half of the next one:
+        the connection breaks inside a message."""
+        half = False
+        async for chunk in response.aiter_raw():
+            if half and len(chunk) > 1:
+                cut.extend(broken_reader.feed(chunk[: len(chunk) // 2]))
+                return
+            cut.extend(broken_reader.feed(chunk))
+            half = finals(cut) >= total // 2
+
+    async with (
+        http.stream("GET", f"/api/events?since={since}", headers=auth) as whole,
+        http.stream("GET", f"/api/events?cursor={since}", headers=auth) as broken,
+    ):
+        follower = asyncio.create_task(read_until(whole, Reader(), all_final, reference))
+        breaker = asyncio.create_task(read_then_break(broken))
+        for b in range(batches):
+            specs = [json_format.MessageToDict(noop({"b": b, "i": i})) for i in range(per_batch)]
+            made = await http.post(
+                "/api/shoal.v1.Tasks/SubmitBatch", json={"specs": specs}, headers=auth
+            )
+            assert made.status_code == 200, made.text
+        await asyncio.wait_for(asyncio.gather(follower, breaker), 60)
+    assert broken_reader.buffer, "the connection broke inside a message"
+    assert cut and cut[-1].id is not None
+    # Reconnect as a browser does: the original URL (its old ?cursor=) and Last-Event-ID.
+    rest: list[Message] = []
+    async with http.stream(
+        "GET", f"/api/events?cursor={since}", headers={**auth, "Last-Event-ID": cut[-1].id}
+    ) as resumed:
+        last = seqs(reference)[-1]
+        await read_until(resumed, Reader(), lambda got: last in seqs(got), rest)
+
+    got = seqs(cut) + seqs(rest)
+    assert got == seqs(reference)
+    assert len(got) == len(set(got)) and got == sorted(got)
+    assert events_of(cut + rest) == events_of(reference)
+    # Each message's id is its cursor, and cursors only grow.
+    ids = [int(m.id) for m in reference if m.id]
+    assert ids == sorted(ids)
+    assert all(int(m.data.get("cursor", 0)) == int(m.id) for m in reference if m.id)
+
+
+async def test_filters_come_from_the_query(mesh: Mesh, http: httpx.AsyncClient) -> None:
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    other = await mesh.client.submit(shell(["true"]))
+    mine = await mesh.client.submit(shell(["echo", "hello"]))
+    await mesh.client.wait(mine.id)
+    await mesh.client.wait(other.id)
+    got: list[Message] = []
+    query = f"since=0&task_id={mine.id}&output=true&states=succeeded,RUNNING"
+    async with http.stream("GET", f"/api/events?{query}", headers=auth) as response:
+        await read_until(
+            response,
+            Reader(),
+            lambda ms: any(
+                e.get("state") == "TASK_STATE_SUCCEEDED"
+                for m in ms
+                for e in m.data.get("events", [])
+            ),
+            got,
+        )
+    events = [e for m in got for e in m.data.get("events", [])]
+    assert {e["taskId"] for e in events} == {mine.id}
+    assert {e["state"] for e in events} <= {"TASK_STATE_RUNNING", "TASK_STATE_SUCCEEDED"}
+
+
+async def test_bad_queries_and_callers_are_refused_before_the_stream(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    for query, status, words in [
+        ("since=abc", 400, "since"),
+        ("nope=1", 400, "unknown parameter"),
+        ("output=maybe", 400, "true or false"),
+        ("states=EXPLODED", 400, "states"),
+        ("task_ids=" + ",".join(str(i) for i in range(1001)), 400, "at most"),
+    ]:
+        response = await http.get(f"/api/events?{query}", headers=auth)
+        assert response.status_code == status, (query, response.text)
+        assert words in response.json()["message"], response.json()
+    assert (await http.get("/api/events")).status_code == 401
+
+
+async def test_an_idle_stream_carries_heartbeats(
+    mesh: Mesh, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sse, "HEARTBEAT_SECONDS", 0.1)
+    reader = Reader()
+    async with http.stream(
+        "GET", "/api/events", headers={"Authorization": f"Bearer {mesh.token}"}
+    ) as response:
+        async for chunk in response.aiter_raw():
+            reader.feed(chunk)
+            if reader.comments:
+                break
+    assert reader.comments[0] == "keepalive"
+
+
+CODE = sse._serve.__code__
+
+
+def watchers() -> list[asyncio.Task[object]]:
+    """The event streams this loop serves (the server runs in the test's loop)."""
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "cr_code", None) is CODE]
+
+
+async def test_a_subscriber_that_leaves_leaves_no_watcher(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    async with http.stream(
+        "GET", "/api/events", headers={"Authorization": f"Bearer {mesh.token}"}
+    ) as response:
+        await anext(response.aiter_raw())
+        assert len(watchers()) == 1
+
+    def none_left() -> None:
+        assert watchers() == []
+
+    await eventually(none_left)
+
+
+async def test_a_subscriber_that_does_not_read_is_cut_with_an_error_and_resumes(
+    mesh_factory: MeshFactory,
+) -> None:
+    """What the server holds for a subscriber is bounded: one that stops reading while output
+    floods past the in-memory log gets an `error` event and the stream ends; from its last
+    id it resumes, losing and repeating nothing."""
+    mesh = await mesh_factory(
+        slots=2,
+        coordinator={"http_listen": "127.0.0.1:0", "event_bytes": MB},
+        max_output_bytes=32 * MB,
+    )
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    first = await mesh.client.submit(shell(["echo", "first"]))
+    got: list[Message] = []
+    reader = Reader()
+    async with (
+        httpx.AsyncClient(base_url=mesh.coordinator.http_url, timeout=60) as http,
+        http.stream(
+            "GET", f"/api/events?since={first.created_seq - 1}&output=true", headers=auth
+        ) as stalled,
+    ):
+        chunks = stalled.aiter_raw()
+        got += reader.feed(await anext(chunks))  # open; now it reads nothing for a while
+        task = await mesh.client.submit(flood(24))
+        await mesh.client.wait(task.id, timeout=timedelta(seconds=60))
+        await eventually(lambda: mesh.coordinator.core.watchers_cut >= 1, timeout=30)
+        async for chunk in chunks:
+            got += reader.feed(chunk)
+    (error,) = [m for m in got if m.event == "error"]
+    assert error.data["code"] == "unavailable" and "fell behind" in str(error.data["message"])
+    assert got[-1] is error
+    resume_from = [m for m in got if m.id][-1].id
+    assert resume_from is not None
+
+    last = await mesh.client.submit(shell(["echo", "last"]))
+    async with (
+        httpx.AsyncClient(base_url=mesh.coordinator.http_url, timeout=60) as http,
+        http.stream(
+            "GET", "/api/events?output=true", headers={**auth, "Last-Event-ID": resume_from}
+        ) as resumed,
+    ):
+        await read_until(
+            resumed,
+            Reader(),
+            lambda ms: any(
+                e.get("taskId") == last.id and e.get("state") == "TASK_STATE_SUCCEEDED"
+                for e in events_of(ms)
+            ),
+            got,
+        )
+    numbers = seqs(got)
+    assert numbers == sorted(set(numbers))  # in order, none twice
+    finals = {
+        e["taskId"]
+        for m in got
+        for e in m.data.get("events", [])
+        if e.get("state") == "TASK_STATE_SUCCEEDED"
+    }
+    assert {first.id, task.id, last.id} <= finals

@@ -228,7 +228,7 @@ async def test_a_tasks_session_is_the_nodes_share_and_a_strangers_process_is_for
     burned = share(cpu_seconds(burner) - before, time.monotonic() - started)
 
     node_load, stranger_load = loads
-    assert burned > 20  # it had most of a core
+    assert burned > 5  # it had some of the machine (little when the machine is busy)
     assert node_load.node_cpu_percent >= 0.7 * burned, (burned, node_load)
     assert stranger_load.cpu_percent >= 0.7 * burned, (burned, stranger_load)
     assert stranger_load.node_cpu_percent < 0.3 * burned, (burned, stranger_load)

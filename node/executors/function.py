@@ -49,6 +49,7 @@ class _Call:
     ctx: ExecutionContext
     out: _Tail
     err: _Tail
+    name: str
     healthy: bool = False
 
 
@@ -96,13 +97,8 @@ class FunctionExecutor(Executor):
             # picked the node itself gets here.
             raise TaskError(f"function {f.name!r} is not offered here")
         worker = await self._pool.acquire()
-        call = _Call(
-            worker,
-            worker.next_id(),
-            ctx,
-            _Tail(ctx.output_tail_bytes),
-            _Tail(ctx.output_tail_bytes),
-        )
+        tail = ctx.output_tail_bytes
+        call = _Call(worker, worker.next_id(), ctx, _Tail(tail), _Tail(tail), f.name)
         ctx.groups.add(worker.pid)
         try:
             return await self._call(call, f)
@@ -198,8 +194,12 @@ class FunctionExecutor(Executor):
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
     async def _stop(self, call: _Call) -> None:
-        """Ask the worker to stop the call; kill it unless it does within the grace."""
+        """Ask the worker to stop an async call; kill it unless it does within the grace (a
+        sync call cannot be interrupted: its worker is killed at once)."""
         call.healthy = False
+        if call.name not in self._pool.asynchronous:
+            call.worker.kill()
+            return
         try:
             await call.worker.send({"op": "cancel", "id": call.id})
             async with asyncio.timeout(_STOP_GRACE):

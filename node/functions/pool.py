@@ -33,6 +33,7 @@ class WorkerProcess:
         self.pid = proc.pid
         self.functions = sorted(str(f) for f in hello.get("functions") or [])
         self.errors = [str(e) for e in hello.get("errors") or []]
+        self.asynchronous = frozenset(str(f) for f in hello.get("async") or [])
         self._next = 0
 
     @classmethod
@@ -129,6 +130,7 @@ class WorkerPool:
         self._spawning: set[asyncio.Task[Any]] = set()
         self._closed = False
         self.functions: list[str] = []
+        self.asynchronous: frozenset[str] = frozenset()  # async functions: cancelled in place
         self.errors: list[str] = []
 
     async def start(self) -> None:
@@ -147,6 +149,7 @@ class WorkerPool:
             raise error
         first = next(iter(self._all))
         self.functions, self.errors = first.functions, first.errors
+        self.asynchronous = first.asynchronous
         for _ in range(self.size - len(self._all)):
             self._spawn()
 

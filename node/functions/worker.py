@@ -69,33 +69,25 @@ def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]
     return found, errors
 
 
-async def _call(fn: Function[Any, Any], message: dict[str, Any], limit: int) -> dict[str, Any]:
-    call_id = message["id"]
-    try:
-        args, kwargs = fn.codec.decode_arguments(
-            str(message.get("args", "")).encode(),
-            str(message.get("kwargs", "")).encode(),
-            {str(k): str(v) for k, v in dict(message.get("upstream") or {}).items()},
-        )
-    except CodecError as err:
-        return {"op": "bad", "id": call_id, "error": str(err)}
-    try:
-        if inspect.iscoroutinefunction(fn.fn):
-            value = await fn.fn(*args, **kwargs)
-        else:
-            value = await asyncio.to_thread(fn.fn, *args, **kwargs)
-    except asyncio.CancelledError:
-        # A sync function runs on in its thread: this worker must be replaced.
-        sync = not inspect.iscoroutinefunction(fn.fn)
-        return {"op": "cancelled", "id": call_id, "replace": sync}
-    except (Exception, SystemExit, KeyboardInterrupt) as err:
-        return {
-            "op": "raised",
-            "id": call_id,
-            "type": f"{type(err).__module__}.{type(err).__qualname__}",
-            "message": str(err)[:10_000],
-            "traceback": "".join(traceback.format_exception(err))[-100_000:],
-        }
+def _arguments(fn: Function[Any, Any], message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    return fn.codec.decode_arguments(
+        str(message.get("args", "")).encode(),
+        str(message.get("kwargs", "")).encode(),
+        {str(k): str(v) for k, v in dict(message.get("upstream") or {}).items()},
+    )
+
+
+def _raised(call_id: Any, err: BaseException) -> dict[str, Any]:
+    return {
+        "op": "raised",
+        "id": call_id,
+        "type": f"{type(err).__module__}.{type(err).__qualname__}",
+        "message": str(err)[:10_000],
+        "traceback": "".join(traceback.format_exception(err))[-100_000:],
+    }
+
+
+def _returned(fn: Function[Any, Any], call_id: Any, value: Any, limit: int) -> dict[str, Any]:
     try:
         text = fn.codec.encode_result(value)
     except CodecError as err:
@@ -109,59 +101,99 @@ async def _call(fn: Function[Any, Any], message: dict[str, Any], limit: int) -> 
     return {"op": "done", "id": call_id, "value": text}
 
 
-async def _serve(functions: dict[str, Function[Any, Any]], in_fd: int, limit: int) -> None:
+def _call_sync(fn: Function[Any, Any], message: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A sync function runs in the main thread: the node kills the worker to cancel it."""
+    call_id = message["id"]
+    try:
+        args, kwargs = _arguments(fn, message)
+    except CodecError as err:
+        return {"op": "bad", "id": call_id, "error": str(err)}
+    try:
+        value = fn.fn(*args, **kwargs)
+    except (Exception, SystemExit, KeyboardInterrupt) as err:
+        return _raised(call_id, err)
+    return _returned(fn, call_id, value, limit)
+
+
+async def _call_async(
+    fn: Function[Any, Any], message: dict[str, Any], limit: int
+) -> dict[str, Any]:
+    call_id = message["id"]
+    try:
+        args, kwargs = _arguments(fn, message)
+    except CodecError as err:
+        return {"op": "bad", "id": call_id, "error": str(err)}
+    try:
+        value = await fn.fn(*args, **kwargs)
+    except asyncio.CancelledError:
+        return {"op": "cancelled", "id": call_id}
+    except (Exception, SystemExit, KeyboardInterrupt) as err:
+        return _raised(call_id, err)
+    return _returned(fn, call_id, value, limit)
+
+
+def _run_async(
+    loop: asyncio.AbstractEventLoop,
+    fn: Function[Any, Any],
+    message: dict[str, Any],
+    in_fd: int,
+    limit: int,
+) -> tuple[dict[str, Any], bool]:
+    """Run an async call on the worker's loop; a cancel frame (or the node going away)
+    cancels it. Returns the reply and whether the node is still there."""
+    task = loop.create_task(_call_async(fn, message, limit))
+    node_there = True
+
+    def readable() -> None:
+        nonlocal node_there
+        try:
+            frame = read_frame(in_fd)  # the node writes each (small) frame at once
+        except Exception:
+            frame = None
+        if frame is None:
+            node_there = False
+            loop.remove_reader(in_fd)
+            task.cancel()
+        elif frame.get("op") == "cancel" and frame.get("id") == message["id"]:
+            task.cancel()
+
+    loop.add_reader(in_fd, readable)
+    try:
+        reply = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        reply = {"op": "cancelled", "id": message["id"]}
+    finally:
+        loop.remove_reader(in_fd)
+    return reply, node_there
+
+
+def _serve(functions: dict[str, Function[Any, Any]], in_fd: int, limit: int) -> None:
     global _current
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    def reader() -> None:
-        while True:
-            try:
-                message = read_frame(in_fd)
-            except Exception:
-                message = None
-            loop.call_soon_threadsafe(inbox.put_nowait, message)
-            if message is None:
-                return
-
-    threading.Thread(target=reader, name="shoal-worker-reader", daemon=True).start()
-    running: asyncio.Task[dict[str, Any]] | None = None
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     while True:
-        message = await inbox.get()
+        message = read_frame(in_fd)
         if message is None:
             return  # the node closed the pipe: it is done with this worker
-        op = message.get("op")
-        if op == "cancel":
-            if running is not None and message.get("id") == _current:
-                running.cancel()
-            continue
-        if op != "call" or running is not None:
-            continue
+        if message.get("op") != "call":
+            continue  # a cancel for a call that has ended
         fn = functions.get(str(message.get("name")))
         if fn is None:
             send({"op": "bad", "id": message.get("id"), "error": "no such function here"})
             continue
         _current = message.get("id")
-        running = asyncio.create_task(_call(fn, message, limit))
-        running.add_done_callback(lambda _: inbox.put_nowait({"op": "_finished"}))
-        while running is not None:
-            # Until it ends, only cancels matter (the node sends one call at a time).
-            message = await inbox.get()
-            if message is None:
-                return
-            if message.get("op") == "cancel" and message.get("id") == _current:
-                running.cancel()
-            elif message.get("op") == "_finished":
-                try:
-                    reply = running.result()
-                except asyncio.CancelledError:
-                    reply = {"op": "cancelled", "id": _current}
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                send(reply)
-                _current = None
-                running = None
+        node_there = True
+        if inspect.iscoroutinefunction(fn.fn):
+            reply, node_there = _run_async(loop, fn, message, in_fd, limit)
+        else:
+            reply = _call_sync(fn, message, limit)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        send(reply)
+        _current = None
+        if not node_there:
+            return
 
 
 def main() -> None:
@@ -176,8 +208,15 @@ def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     _progress.set_sink(_progress_frame)
     functions, errors = _load(sys.argv[1:])
-    send({"op": "hello", "functions": sorted(functions), "errors": errors, "pid": os.getpid()})
-    asyncio.run(_serve(functions, in_fd, limit))
+    send(
+        {
+            "op": "hello",
+            "functions": sorted(functions),
+            "async": sorted(n for n, f in functions.items() if inspect.iscoroutinefunction(f.fn)),
+            "errors": errors,
+        }
+    )
+    _serve(functions, in_fd, limit)
 
 
 if __name__ == "__main__":

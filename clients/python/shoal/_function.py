@@ -11,7 +11,8 @@ sizes = shoal.gather(resize.map(client, paths, widths))   # one SubmitBatch
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from shoal._blocking import Client
     from shoal._client import AsyncClient
 
-__all__ = ["AsyncHandle", "Function", "Handle", "async_gather", "gather", "task"]
+__all__ = ["AsyncFunction", "AsyncHandle", "Function", "Handle", "async_gather", "gather", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -61,7 +62,8 @@ class Function(Generic[P, R]):
 
     def options(self, **defaults: Any) -> Function[P, R]:
         """This function with other task options (merged over its own)."""
-        return Function(self.fn, name=self.name, **{**self.defaults, **defaults})
+        made: Function[P, R] = _made(self.fn, self.name, {**self.defaults, **defaults})
+        return made
 
     def spec(self, *args: Any, **kwargs: Any) -> task_pb2.TaskSpec:
         """The TaskSpec of one call; a handle among the arguments becomes a dependency whose
@@ -232,22 +234,49 @@ def gather(handles: Sequence[Handle[R]]) -> list[R]:
     return [h.function.outcome(done[h.task_id]) for h in handles]
 
 
+class AsyncFunction(Function[P, R]):
+    """A Function made of an `async def`: its result type is what the coroutine returns."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        result: Coroutine[Any, Any, R] = self.fn(*args, **kwargs)  # type: ignore[assignment]
+        return result
+
+
+def _made(fn: Callable[..., Any], name: str | None, defaults: dict[str, Any]) -> Any:
+    cls = AsyncFunction if inspect.iscoroutinefunction(fn) else Function
+    return cls(fn, name=name, **defaults)
+
+
+class _Decorator:
+    """`@task(...)` with options."""
+
+    def __init__(self, name: str | None, defaults: dict[str, Any]) -> None:
+        self._name, self._defaults = name, defaults
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Function[P, R]: ...
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        return _made(fn, self._name, self._defaults)
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncFunction[P, R]: ...
 @overload
 def task(fn: Callable[P, R], /) -> Function[P, R]: ...
 @overload
-def task(
-    *, name: str | None = None, **defaults: Any
-) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+def task(*, name: str | None = None, **defaults: Any) -> _Decorator: ...
 
 
 def task(
-    fn: Callable[P, R] | None = None, /, *, name: str | None = None, **defaults: Any
-) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **defaults: Any
+) -> Any:
     """Make a function of an importable module runnable on nodes (`@shoal.task` or
     `@shoal.task(priority="high", timeout=timedelta(minutes=5), retries=2)`)."""
     if fn is not None:
-        return Function(fn, name=name, **defaults)
-    return lambda f: Function(f, name=name, **defaults)
+        return _made(fn, name, defaults)
+    return _Decorator(name, defaults)
 
 
 def functions_of(module: object) -> Mapping[str, Function[Any, Any]]:

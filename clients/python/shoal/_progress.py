@@ -1,8 +1,9 @@
 """`shoal.progress(0.45, "45 of 100 files")`: how far the running task is, from inside it.
 
 In a function task it goes straight to the node's worker pipe; in a shell or python task to
-the file descriptor the node passes in `SHOAL_PROGRESS_FD`, one line per report:
-`<fraction> <message>`. Elsewhere (a function called locally) it does nothing.
+the file descriptor the node passes in `SHOAL_PROGRESS_FD` (also open as the path in
+`SHOAL_PROGRESS`), one line per report: `<fraction> <message>`. Elsewhere (a function
+called locally) it does nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import math
 import os
 from collections.abc import Callable
 
-__all__ = ["PROGRESS_FD", "format_line", "progress", "set_sink"]
+__all__ = ["PROGRESS_FD", "PROGRESS_PATH", "format_line", "progress", "set_sink"]
 
 PROGRESS_FD = "SHOAL_PROGRESS_FD"
+PROGRESS_PATH = "SHOAL_PROGRESS"  # /dev/fd/N, for shells: echo "0.5 half" >"$SHOAL_PROGRESS"
 
 _sink: Callable[[float, str], None] | None = None
 

@@ -110,13 +110,11 @@ class CallCodec:
         """The JSON array of positional and object of keyword arguments."""
         try:
             plain_args = [
-                None if a is UPSTREAM else self._for_position(i).dump_python(a, mode="json")
+                None if a is UPSTREAM else _plain(self._for_position(i), a)
                 for i, a in enumerate(args)
             ]
             plain_kwargs = {
-                k: self._for_keyword(k).dump_python(v, mode="json")
-                for k, v in kwargs.items()
-                if v is not UPSTREAM
+                k: _plain(self._for_keyword(k), v) for k, v in kwargs.items() if v is not UPSTREAM
             }
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
@@ -156,7 +154,8 @@ class CallCodec:
     def encode_result(self, value: Any) -> str:
         """The return value as JSON text; CodecError when it does not serialize."""
         try:
-            return self.result_adapter.dump_json(value).decode()
+            adapter = self.result_adapter
+            return adapter.dump_json(adapter.validate_python(value)).decode()
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
@@ -168,6 +167,12 @@ class CallCodec:
             return self.result_adapter.validate_json(text)
         except ValidationError as err:
             raise CodecError(f"{self._fn.__qualname__}: its result does not fit: {err}") from None
+
+
+def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
+    """`value` as JSON data, once it fits the hint (a tuple for a list, a dict for a
+    dataclass: as the function will get it)."""
+    return adapter.dump_python(adapter.validate_python(value), mode="json")
 
 
 def _dumps(value: Any) -> bytes:

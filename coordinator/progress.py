@@ -13,6 +13,7 @@ __all__ = ["MAX_MESSAGE", "MIN_INTERVAL", "accepted_progress"]
 MIN_INTERVAL = 0.1
 """Seconds between two progress events of one task: a task that reports faster is sampled."""
 MAX_MESSAGE = 200
+MIN_ELAPSED = 1.0  # seconds run before an end is estimated
 
 
 def accepted_progress(
@@ -35,7 +36,8 @@ def accepted_progress(
         if 0 <= since < MIN_INTERVAL and fraction < 1.0:
             return None
     progress = task_pb2.Progress(fraction=fraction, message=message, updated_at=timestamp(now))
-    if started_at is not None and fraction > 0 and now > started_at:
+    # From a second of work on: an estimate from the first instants says nothing.
+    if started_at is not None and fraction > 0 and now - started_at >= MIN_ELAPSED:
         elapsed = now - started_at
         progress.estimated_end.CopyFrom(timestamp(now + elapsed * (1 - fraction) / fraction))
     return progress

@@ -203,6 +203,9 @@ async def _run(
     # The task reports progress as lines on this pipe (`shoal progress 0.5 "half"`).
     progress_read, progress_write = os.pipe()
     os.set_inheritable(progress_write, True)
+    # A task run as another user reopens it by its path (/dev/fd/N): only processes that
+    # hold it can name it there.
+    os.fchmod(progress_write, 0o622)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,

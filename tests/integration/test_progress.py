@@ -66,6 +66,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
     monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
     gate = tmp_path / "gate"
     script = (
+        "sleep 1.2\n"
         'echo "0.25 a quarter" >"$SHOAL_PROGRESS"\n'
         'echo "not a number" >"$SHOAL_PROGRESS"\n'
         'echo "NaN bad" >"$SHOAL_PROGRESS"\n'

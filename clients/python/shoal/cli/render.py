@@ -91,7 +91,8 @@ def progress_text(p: task_pb2.Progress, *, now: float | None = None) -> str:
     text = f"{p.fraction:.0%}" + (f" {p.message}" if p.message else "")
     if p.HasField("estimated_end") and p.fraction < 1:
         left = p.estimated_end.ToNanoseconds() / 1e9 - (time.time() if now is None else now)
-        text += f" (ends in about {_span(max(0.0, left))})"
+        if left >= 1:  # an end already past says nothing
+            text += f" (ends in about {_span(left)})"
     return text
 
 

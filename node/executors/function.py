@@ -160,7 +160,11 @@ class FunctionExecutor(Executor):
         set_result_text(result, "stdout", call.out.text())
         set_result_text(result, "stderr", call.err.text())
         if op == "done":
-            result.output.update({"value": str(message.get("value", "null"))})
+            value = str(message.get("value", "null"))
+            if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
+                result.error = f"its result is over {MAX_RESULT_BYTES} bytes of JSON"
+                return Outcome(task_pb2.TASK_STATE_FAILED, result)
+            result.output.update({"value": value})
             return Outcome(task_pb2.TASK_STATE_SUCCEEDED, result)
         if op == "raised":
             kind, text = str(message.get("type", "")), str(message.get("message", ""))

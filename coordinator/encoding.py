@@ -164,6 +164,8 @@ def live_task(rec: TaskRecord, pending_reason: str) -> task_pb2.Task:
     )
     if rec.attempt:
         task.attempt.CopyFrom(attempt_id(rec))
+    if rec.progress is not None:
+        task.progress.CopyFrom(rec.progress)
     return task
 
 

@@ -94,6 +94,7 @@ class TaskRecord:
     waiters = _Rare[list[asyncio.Future[None]] | None](None)
     queue_timeout = _Rare[float | None](None)  # spec.queue_timeout, in seconds
     queue_deadline = _Rare[float | None](None)  # when that ends, in steady time (clock.Clock)
+    progress = _Rare[task_pb2.Progress | None](None)  # what its running attempt last said
 
     @property
     def spec(self) -> task_pb2.TaskSpec:

@@ -35,7 +35,9 @@ _SERVED_BY = {
     "loaded_models": ("ollama",),
     "tools": ("tool",),
     "llm_providers": ("llm",),
+    "functions": ("function",),
 }
+MAX_NODE_FUNCTIONS = 4096  # a node's functions: many modules may each hold dozens
 
 
 def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
@@ -53,8 +55,10 @@ def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
         raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
     lists = [info.executors, info.labels, *(getattr(info, name) for name in _SERVED_BY)]
     strings = (info.node_id, *info.labels.values(), *(x for xs in lists for x in xs))
-    if any(len(s) > limits.max_string for s in strings) or any(
-        len(xs) > limits.max_labels for xs in lists
+    if (
+        any(len(s) > limits.max_string for s in strings)
+        or any(len(xs) > limits.max_labels for xs in lists if xs is not info.functions)
+        or len(info.functions) > MAX_NODE_FUNCTIONS
     ):
         raise InvalidArgument(
             f"node info over its bounds: at most {limits.max_labels} labels, executors, models"

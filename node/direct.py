@@ -126,6 +126,11 @@ class DirectTask:
     def output(self, chunk: task_pb2.OutputChunk) -> None:
         self._tell(node_pb2.ExecuteUpdate(task_id=self.id, output=chunk), droppable=True)
 
+    def progress(self, progress: task_pb2.Progress) -> None:
+        text = f"{progress.fraction:.0%} {progress.message}".rstrip() + "\n"
+        chunk = task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_PROGRESS, data=text)
+        self._tell(node_pb2.ExecuteUpdate(task_id=self.id, output=chunk), droppable=True)
+
     def finished(self, outcome: Outcome) -> None:
         self.state = outcome.state  # type: ignore[assignment]
         self.result = outcome.result

@@ -23,6 +23,9 @@ class RunReport(Protocol):
     def output(self, chunk: task_pb2.OutputChunk) -> None:
         """A chunk of its output, redacted."""
 
+    def progress(self, progress: task_pb2.Progress) -> None:
+        """What it says of its progress (clamped, sampled)."""
+
     def finished(self, outcome: Outcome) -> None:
         """It ended: its outcome."""
 
@@ -60,6 +63,9 @@ class AttemptReport:
 
     def output(self, chunk: task_pb2.OutputChunk) -> None:
         self._update(output=chunk)
+
+    def progress(self, progress: task_pb2.Progress) -> None:
+        self._update(progress=progress)
 
     def finished(self, outcome: Outcome) -> None:
         self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=False)

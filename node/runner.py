@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from shoal.v1 import node_pb2, task_pb2
 __all__ = ["Runner"]
 
 _log = logging.getLogger("shoal.node")
+PROGRESS_INTERVAL = 0.1  # seconds between two progress reports of one task
 _NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 
 
@@ -49,6 +52,19 @@ class _Run:
     stop: str = ""  # a Stop reason, once stopped
     groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
     deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
+    progress_at: float = -math.inf  # when it last reported progress (monotonic)
+
+    def progress(self, fraction: float, message: str) -> None:
+        """Pass on what the task says of its progress: clamped, and sampled to at most one
+        report every PROGRESS_INTERVAL (but the last, at 1)."""
+        if not math.isfinite(fraction):
+            return
+        fraction = min(1.0, max(0.0, fraction))
+        now = time.monotonic()
+        if now - self.progress_at < PROGRESS_INTERVAL and fraction < 1.0:
+            return
+        self.progress_at = now
+        self.report.progress(task_pb2.Progress(fraction=fraction, message=message[:200]))
 
     def pause(self) -> None:
         """Stop its processes (SIGSTOP; any it starts later, too) and its timeout's clock."""
@@ -344,6 +360,7 @@ class Runner:
                 workdir=self.settings.workdir,
                 groups=run.groups,
                 paced=self._output_room if isinstance(run.report, AttemptReport) else unpaced,
+                progress=run.progress,
             )
             try:
                 if timeout is None:  # nothing to time: no timeout to pause either

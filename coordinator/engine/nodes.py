@@ -16,6 +16,7 @@ from shoal.coordinator.engine.lifecycle import TaskLifecycle
 from shoal.coordinator.engine.states import ASSIGNED, CANCELLED, FAILED, PENDING, RUNNING
 from shoal.coordinator.gates.breakers import node_key
 from shoal.coordinator.gates.ratelimit import TokenBucket
+from shoal.coordinator.progress import accepted_progress
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import TokenRow
@@ -269,7 +270,17 @@ class NodeSessions:
             if kind == "started":
                 rec.state = RUNNING
                 rec.started_at = self._k.wall()
+                rec.progress = None
                 self._k.events.emit(task_change(rec, by=session.principal.name))
+            elif kind == "progress":
+                progress = accepted_progress(
+                    u.progress, rec.progress, now=self._k.wall(), started_at=rec.started_at
+                )
+                if progress is not None:
+                    rec.progress = progress
+                    change = task_change(rec, by=session.principal.name)
+                    change.event().progress.CopyFrom(progress)
+                    self._k.events.emit(change)
             elif kind == "output":
                 output = u.output
                 size = output_size(output)

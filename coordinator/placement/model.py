@@ -94,7 +94,7 @@ class PlacementClass:
     model: str = ""
     resources: Resources = _ONE_SLOT
     affinity_key: str = ""  # set only with hard affinity
-    tool: str = ""  # a tool task's tool, which the node must offer
+    tool: str = ""  # a tool task's tool (a function task's function), which the node must offer
     provider: str = ""  # a cloud LLM provider the node must have a key for
     wait: bool = False  # wait for a node that can run it, however long (wait_for_node)
     _hash: int = field(init=False, repr=False, compare=False, default=0)
@@ -121,7 +121,7 @@ class PlacementClass:
             and all(node.labels.get(k) == v for k, v in self.labels)
             and all(s.matches(node.labels) for s in self.selectors)
             and (not self.model or self.model in node.models)
-            and (not self.tool or self.tool in node.tools)
+            and (not self.tool or self.tool in node.offered(self.executor))
             and (not self.provider or self.provider in node.providers)
             and r.slots <= node.slots
             and r.cpu_milli <= node.cpu_milli
@@ -214,12 +214,17 @@ class NodeSlots:
     gpus: int = 0
     models: frozenset[str] = frozenset()
     tools: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()  # Python functions (import paths) it runs
     providers: frozenset[str] = frozenset()
     loaded_models: frozenset[str] = frozenset()  # in memory now (Ollama): no load time
     weight: float = 1.0
     used_cpu_milli: int = 0
     used_memory_mb: int = 0
     used_gpus: int = 0
+
+    def offered(self, executor: str) -> frozenset[str]:
+        """The names it offers to `executor`'s tasks: its functions, or its tools."""
+        return self.functions if executor == "function" else self.tools
 
     @property
     def free(self) -> int:

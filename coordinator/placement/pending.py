@@ -74,9 +74,10 @@ def explain(task: Queued, connected: Mapping[str, NodeSlots], affinity: Affinity
         if not nodes:
             return f"no node offers model {key.model!r}"
     if key.tool:
-        nodes = [n for n in nodes if key.tool in n.tools]
+        nodes = [n for n in nodes if key.tool in n.offered(key.executor)]
         if not nodes:
-            return f"no node offers tool {key.tool!r}"
+            what = "function" if key.executor == "function" else "tool"
+            return f"no node offers {what} {key.tool!r}"
     if key.provider:
         nodes = [n for n in nodes if key.provider in n.providers]
         if not nodes:

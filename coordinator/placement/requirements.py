@@ -94,6 +94,8 @@ def requirements_of(spec: task_pb2.TaskSpec, fields: dict[str, Any] | None = Non
         executor = spec.custom.executor
     elif executor == "tool":
         tool = spec.tool.name
+    elif executor == "function":
+        tool = spec.function.name
     elif executor == "llm" and spec.llm.provider != "ollama":
         # A cloud provider's model is served by any node with its key, not listed.
         cloud = spec.llm.provider
@@ -142,6 +144,8 @@ def _placed(spec: task_pb2.TaskSpec) -> Requirements:
     """requirements_of a spec with labels, selectors, preferences, resources or routing."""
     cloud = spec.llm.provider if spec.HasField("llm") and spec.llm.provider != "ollama" else ""
     tool = spec.tool.name if spec.HasField("tool") else ""
+    if spec.HasField("function"):
+        tool = spec.function.name
     res = spec.resources
     resources = Resources(
         slots=max(1, res.slots),
@@ -195,6 +199,7 @@ def node_slots_of(info: node_pb2.NodeInfo) -> NodeSlots:
         gpus=r.gpus,
         models=frozenset(info.models) | frozenset(info.ollama_models),  # given, or found
         tools=frozenset(info.tools),
+        functions=frozenset(info.functions),
         providers=frozenset(info.llm_providers),
         loaded_models=frozenset(info.loaded_models),
         weight=weight,

@@ -57,6 +57,8 @@ class ExecutionContext:
     # Awaited after each chunk emitted: returns once the link has room for more output, so a
     # task that prints faster than its output can be carried is slowed, not buffered.
     paced: Callable[[], Awaitable[None]] = unpaced
+    # Called with what the task says of its progress (a fraction 0..1, a message).
+    progress: Callable[[float, str], None] = lambda fraction, message: None
 
 
 @dataclass
@@ -172,6 +174,7 @@ def available_executors(settings: NodeSettings) -> dict[str, Executor]:
     those of the `shoal.executors` entry points."""
     from shoal.node.executors import (  # noqa: F401  (registers the built-ins)
         docker,
+        function,
         http,
         llm,
         noop,

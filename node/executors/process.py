@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal._output import output_chunk, set_result_text
+from shoal._progress import PROGRESS_FD, PROGRESS_PATH
 from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.v1 import task_pb2
@@ -19,6 +20,7 @@ from shoal.v1 import task_pb2
 __all__ = ["NODE_ONLY_VARIABLES", "run_process"]
 
 _CHUNK = 64 << 10
+_PROGRESS_LINE = 4096  # the longest progress line read; longer ones are skipped
 NODE_ONLY_VARIABLES = frozenset(
     {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"}
 )
@@ -162,6 +164,33 @@ def _environment(
     return merged
 
 
+async def _progress_lines(fd: int, ctx: ExecutionContext) -> None:
+    """Read `<fraction> <message>` lines from the task's progress pipe until it closes; lines
+    that are not that are skipped."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_PROGRESS_LINE)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as err:
+                await reader.readexactly(err.consumed)  # an overlong line: skipped
+                continue
+            head, _, message = line.decode(errors="replace").strip().partition(" ")
+            try:
+                fraction = float(head)
+            except ValueError:
+                continue
+            ctx.progress(fraction, message)
+    finally:
+        transport.close()
+
+
 async def _run(
     argv: Sequence[str],
     ctx: ExecutionContext,
@@ -171,23 +200,38 @@ async def _run(
     as_user: dict[str, Any],
     reap: Callable[[], Awaitable[None]] | None = None,
 ) -> Outcome:
+    # The task reports progress as lines on this pipe (`shoal progress 0.5 "half"`).
+    progress_read, progress_write = os.pipe()
+    os.set_inheritable(progress_write, True)
+    # A task run as another user reopens it by its path (/dev/fd/N): only processes that
+    # hold it can name it there.
+    os.fchmod(progress_write, 0o622)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            # The descriptor for programs; the path for shells, whose `>&N` takes one digit.
+            env={
+                **env,
+                PROGRESS_FD: str(progress_write),
+                PROGRESS_PATH: f"/dev/fd/{progress_write}",
+            },
             cwd=cwd or None,
             start_new_session=True,
+            pass_fds=(progress_write,),
             **as_user,
         )
     except OSError as err:
+        os.close(progress_read)
+        os.close(progress_write)
         # The command could not start (not found, not executable, bad cwd): the task named
         # it. A task that needs a program only some nodes have is placed there by labels.
         return TaskError(
             f"cannot start {argv[0]!r}: {err.strerror or err}", exit_code=127
         ).outcome()
+    os.close(progress_write)
     ctx.groups.add(proc.pid)
     out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)
     assert proc.stdout is not None and proc.stderr is not None
@@ -195,6 +239,7 @@ async def _run(
         _feed(proc.stdin, stdin),
         _pump(proc.stdout, task_pb2.OUTPUT_STREAM_STDOUT, ctx, out_tail),
         _pump(proc.stderr, task_pb2.OUTPUT_STREAM_STDERR, ctx, err_tail),
+        _progress_lines(progress_read, ctx),
     )
     try:
         # Not proc.wait(): it returns only once the pipes close too, which a process that

@@ -9,13 +9,16 @@ with Client() as client:
 from shoal._blocking import Client
 from shoal._builders import custom, docker, http, llm, noop, ollama, python, retry, shell, tool
 from shoal._client import AsyncClient
+from shoal._function import AsyncHandle, Function, Handle, async_gather, gather, task
 from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
+from shoal._progress import progress
 from shoal._state import TaskState
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RemoteError,
     ResourceExhausted,
     ShoalError,
     TaskFailed,
@@ -29,12 +32,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncHandle",
     "Client",
     "Event",
     "FailedPrecondition",
+    "Function",
+    "Handle",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "RemoteError",
     "ResourceExhausted",
     "ShoalError",
     "Task",
@@ -46,17 +53,21 @@ __all__ = [
     "Unavailable",
     "WaitTimeout",
     "__version__",
+    "async_gather",
     "chunk_bytes",
     "custom",
     "docker",
+    "gather",
     "http",
     "llm",
     "noop",
     "ollama",
+    "progress",
     "python",
     "retry",
     "shell",
     "stderr_bytes",
     "stdout_bytes",
+    "task",
     "tool",
 ]

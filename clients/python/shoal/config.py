@@ -342,6 +342,9 @@ class NodeSettings(_Settings):
     # tool: the tools (entry-point group `shoal.tools`) this node offers; empty: every one
     # installed.
     tools: list[str] = Field(default_factory=list)
+    # function: modules whose `@shoal.task` functions this node runs, imported once into
+    # warm worker processes (one per slot).
+    imports: list[str] = Field(default_factory=list)
     # docker: a container's limits when its task sets none (a task may ask for less, never
     # more): memory in MB (no swap on top), CPUs, and processes at once.
     docker_memory_mb: int = Field(default=512, ge=6)

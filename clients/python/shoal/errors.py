@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "RemoteError",
     "ResourceExhausted",
     "ShoalError",
     "TaskFailed",
@@ -106,6 +107,24 @@ class TaskFailed(ShoalError):
         why = task.result.error or task.result.stderr.strip()[-500:]
         super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
         self.task = task
+
+
+class RemoteError(TaskFailed):
+    """A function task raised: `remote_type` is the exception's type ("builtins.ValueError"),
+    `remote_message` its text and `remote_traceback` the traceback as the node printed it."""
+
+    def __init__(
+        self, task: task_pb2.Task, remote_type: str, remote_message: str, remote_traceback: str
+    ) -> None:
+        super().__init__(task)
+        self.message = f"task {task.id} raised {remote_type}: {remote_message}"
+        self.args = (self.message,)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.message}\n\nRemote traceback:\n{self.remote_traceback}"
 
 
 class WaitTimeout(ShoalError):

@@ -166,6 +166,8 @@ def _code(kind: str, message: Message) -> Callable[[str], str]:
         argv = _argv_code(message.command, "docker.command")
     elif isinstance(message, task_pb2.ToolSpec):
         fixed = {"tool.name": "the tool to run"}
+    elif isinstance(message, task_pb2.FunctionSpec):
+        fixed = {"function.name": "the function to run"}
     elif isinstance(message, task_pb2.CustomSpec):
         fixed = {"custom.executor": "the executor to run"}
     return lambda path: fixed.get(path) or argv(path)

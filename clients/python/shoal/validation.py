@@ -133,6 +133,8 @@ def _spec_violations(
         bad("http.url", "missing url")
     elif kind == "tool" and not spec.tool.name:
         bad("tool.name", "missing tool name")
+    elif kind == "function":
+        _function_violations(spec.function, limits, bad)
     if "priority" in present and spec.priority not in _PRIORITIES:
         bad("priority", f"unknown priority {spec.priority}")
     if "timeout" in present:
@@ -408,3 +410,22 @@ def validate_batch(
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         raise InvalidArgument(f"{first.field}: {first.description}{more}", violations)
+
+
+def _function_violations(
+    f: task_pb2.FunctionSpec, limits: Limits, bad: Callable[[str, str], None]
+) -> None:
+    """A function's name is an import path (`package.module:qualname`), its upstream
+    arguments positions or identifiers."""
+    module, _, qualname = f.name.partition(":")
+    if not f.name:
+        bad("function.name", "missing function name")
+    elif len(f.name) > limits.max_string or not all(
+        part.isidentifier() for part in (*module.split("."), *qualname.split("."))
+    ):
+        bad("function.name", "must be an import path: package.module:qualname")
+    if len(f.upstream) > limits.max_labels:
+        bad("function.upstream", f"more than {limits.max_labels} entries")
+    for key in f.upstream:
+        if not (key.isdigit() and len(key) <= 6) and not key.isidentifier():
+            bad("function.upstream", f"{key[:40]!r} is neither a position nor an argument name")

@@ -1,6 +1,6 @@
 """The `shoal` command. Signals, logging and config loading live here only.
 
-Serving commands are in `serving`, task commands in `tasks`, admin commands in `admin`,
+Serving commands are in `serving`, task commands in `tasks` and `logs`, admin commands in `admin`,
 `tokens`, `schedules`, `store` and `certs`, and how results are shown in `render`.
 """
 
@@ -18,6 +18,7 @@ app.command()(health)
 # isort: off
 from shoal.cli import serving  # noqa: E402
 from shoal.cli import tasks  # noqa: E402
+from shoal.cli import logs  # noqa: E402
 from shoal.cli import admin  # noqa: E402
 
 # isort: on
@@ -32,7 +33,7 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(admin.quota_app, name="quota")
 app.add_typer(store_app, name="store")
 
-__all__ = ["admin", "app", "main", "serving", "tasks"]
+__all__ = ["admin", "app", "logs", "main", "serving", "tasks"]
 
 
 def main() -> None:

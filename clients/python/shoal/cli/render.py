@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,7 +10,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.markup import escape
 
-from shoal._console import console
+from shoal._console import console, err_console
 from shoal.specs import is_final, state_name
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -51,6 +52,8 @@ def event_line(e: task_pb2.Event) -> str:
         if q.limited:
             return f"quota {escape(q.key)} holds tasks back: {escape(q.reason)}"
         return f"quota {escape(q.key)} lets tasks pass again"
+    if e.HasField("progress"):
+        return f"{e.task_id} progress {escape(progress_text(e.progress))}"
     what = escape(repr(e.output.data)) if e.HasField("output") else state_text(e.state)
     node_part = f" node={e.node_id}" if e.node_id else ""
     return f"{e.task_id} {what}{node_part}"
@@ -81,3 +84,54 @@ def breaker_text(b: task_pb2.Breaker) -> str:
 
 def utc_time(ts: Any) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC") if ts.ByteSize() else ""
+
+
+def progress_text(p: task_pb2.Progress, *, now: float | None = None) -> str:
+    """`45% 45 of 100 files (ends in about 12 s)`."""
+    text = f"{p.fraction:.0%}" + (f" {p.message}" if p.message else "")
+    if p.HasField("estimated_end") and p.fraction < 1:
+        left = p.estimated_end.ToNanoseconds() / 1e9 - (time.time() if now is None else now)
+        if left >= 1:  # an end already past says nothing
+            text += f" (ends in about {_span(left)})"
+    return text
+
+
+def _span(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class ProgressBar:
+    """A task's progress as a bar on stderr (a line per report when stderr is no terminal),
+    shown from its first report; `close` removes it."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._row: Any = None
+
+    def show(self, p: task_pb2.Progress) -> None:
+        if not err_console.is_terminal:
+            err_console.print(f"progress: {escape(progress_text(p))}", highlight=False)
+            return
+        if self._bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self._bar.start()
+            self._row = self._bar.add_task("", total=1.0)
+        self._bar.update(self._row, completed=p.fraction, description=escape(p.message[:60]))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -339,6 +339,10 @@ def node(
         list[str] | None,
         typer.Option("--executor", "-e", help="An executor to offer (repeatable) [every one]"),
     ] = None,
+    import_: Annotated[
+        list[str] | None,
+        typer.Option("--import", help="A module whose @shoal.task functions to run (repeatable)"),
+    ] = None,
     listen: Annotated[str | None, typer.Option(help="Node service address")] = None,
     cluster: ClusterOpt = None,
     advertise: AdvertiseOpt = None,
@@ -417,6 +421,7 @@ def node(
             slots=slots,
             labels=parse_labels(label) if label else None,
             executors=executor or None,
+            imports=import_ or None,
             listen=listen,
             cluster=cluster,
             advertise=advertise and advertise.value,

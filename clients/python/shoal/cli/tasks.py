@@ -7,7 +7,7 @@ import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from google.protobuf import json_format
@@ -18,7 +18,14 @@ from shoal._client import AsyncClient
 from shoal._console import console, err_console
 from shoal._output import chunk_bytes
 from shoal.cli.app import CoordinatorOpt, JsonOpt, app, connect, run_async
-from shoal.cli.render import event_line, exit_text, print_json, state_text
+from shoal.cli.render import (
+    ProgressBar,
+    event_line,
+    exit_text,
+    print_json,
+    progress_text,
+    state_text,
+)
 from shoal.cli.specs import (
     AfterOpt,
     AtOpt,
@@ -114,11 +121,14 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
         task = await client.submit(spec)
         err_console.print(f"[dim]task {task.id}[/dim]")
         teller = asyncio.create_task(_telling(client, [task.id]))
+        bar = ProgressBar()
         try:
             async for event in client.watch(
                 since=task.created_seq - 1, task_ids=[task.id], output=True
             ):
-                if event.HasField("output"):
+                if event.HasField("progress"):
+                    bar.show(event.progress)
+                elif event.HasField("output"):
                     out = (
                         sys.stderr
                         if event.output.stream == task_pb2.OUTPUT_STREAM_STDERR
@@ -128,6 +138,7 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                     out.buffer.write(chunk_bytes(event.output))
                     out.flush()
                 elif is_final(event.state):
+                    bar.close()
                     result = event.result
                     if spec.HasField("tool") and result.HasField("output"):
                         # A tool streams nothing: what it returned is its output.
@@ -140,6 +151,7 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                 await client.cancel(task.id)
             raise
         finally:
+            bar.close()
             await _stopped(teller)
     return 1
 
@@ -228,11 +240,13 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
                 done = progress.add_task("running", total=len(ids))
                 tasks = []
                 teller = asyncio.create_task(_telling(client, ids))
+                moving = asyncio.create_task(_progress_of(client, ids, progress, done))
                 try:
                     for coro in asyncio.as_completed([client.wait(i) for i in ids]):
                         tasks.append(await coro)
-                        progress.advance(done)
+                        progress.update(done, completed=len(tasks))
                 finally:
+                    await _stopped(moving)
                     await _stopped(teller)
         if wait:
             counts: dict[str, int] = {}
@@ -243,6 +257,16 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
         for task_id in ids:
             console.print(task_id)
         return True
+
+
+async def _progress_of(client: AsyncClient, ids: list[str], bar: Any, row: Any) -> None:
+    """Move `row` of `bar` as a single task reports its progress (until cancelled)."""
+    if len(ids) != 1:
+        return
+    task = await client.get(ids[0])
+    async for event in client.watch(since=task.created_seq - 1, task_ids=ids):
+        if event.HasField("progress"):
+            bar.update(row, completed=event.progress.fraction, description=event.progress.message)
 
 
 @app.command()
@@ -272,6 +296,12 @@ def get(
         ("after", ", ".join(task.depends_on)),
         ("retried", f"{len(task.attempts)} earlier attempt(s)" if task.attempts else ""),
         ("waiting", task.pending_reason),
+        (
+            "progress",
+            progress_text(task.progress)
+            if task.HasField("progress") and not is_final(task.state)
+            else "",
+        ),
         ("exit code", exit_text(task)),
         ("error", task.result.error),
     ]

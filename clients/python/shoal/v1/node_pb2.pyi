@@ -63,6 +63,7 @@ class NodeInfo(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
     LLM_PROVIDERS_FIELD_NUMBER: _builtins.int
+    FUNCTIONS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     version: _builtins.str
@@ -102,6 +103,10 @@ class NodeInfo(_message.Message):
     def llm_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """cloud LLM providers the `llm` executor can call here"""
 
+    @_builtins.property
+    def functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Python functions (import paths) the `function` executor runs here"""
+
     def __init__(
         self,
         *,
@@ -121,10 +126,11 @@ class NodeInfo(_message.Message):
         tools: _abc.Iterable[_builtins.str] | None = ...,
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
         llm_providers: _abc.Iterable[_builtins.str] | None = ...,
+        functions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "hostname", b"hostname", "labels", b"labels", "llm_providers", b"llm_providers", "loaded_models", b"loaded_models", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "tools", b"tools", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detected_gpus", b"detected_gpus", "docker_available", b"docker_available", "executors", b"executors", "functions", b"functions", "hostname", b"hostname", "labels", b"labels", "llm_providers", b"llm_providers", "loaded_models", b"loaded_models", "models", b"models", "node_id", b"node_id", "ollama_models", b"ollama_models", "python_version", b"python_version", "resources", b"resources", "slots", b"slots", "tools", b"tools", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,6 +508,7 @@ class TaskUpdate(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     @_builtins.property
     def attempt(self) -> _task_pb2.AttemptId: ...
@@ -513,6 +520,10 @@ class TaskUpdate(_message.Message):
     def finished(self) -> Global___Finished: ...
     @_builtins.property
     def released(self) -> Global___Released: ...
+    @_builtins.property
+    def progress(self) -> _task_pb2.Progress:
+        """what the task says of its progress (fraction clamped to 0..1)"""
+
     def __init__(
         self,
         *,
@@ -522,12 +533,13 @@ class TaskUpdate(_message.Message):
         output: _task_pb2.OutputChunk | None = ...,
         finished: Global___Finished | None = ...,
         released: Global___Released | None = ...,
+        progress: _task_pb2.Progress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "progress", b"progress", "released", b"released", "started", b"started", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "released", b"released", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "finished", b"finished", "output", b"output", "progress", b"progress", "released", b"released", "started", b"started", "task_id", b"task_id", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished", "released"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["started", "output", "finished", "released", "progress"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 

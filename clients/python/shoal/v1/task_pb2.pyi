@@ -815,6 +815,68 @@ class ToolSpec(_message.Message):
 Global___ToolSpec: _TypeAlias = ToolSpec  # noqa: Y015
 
 @_typing.final
+class FunctionSpec(_message.Message):
+    """A call of a Python function that nodes import (`shoal node --import MODULE`), named by its
+    import path. Arguments travel as JSON (never pickle), made and read by the function's type
+    hints; its return value comes back as JSON text in the result's output, under "value".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class UpstreamEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"package.module:qualname" """
+    args: _builtins.bytes
+    """a JSON array: the positional arguments (default: none)"""
+    kwargs: _builtins.bytes
+    """a JSON object: the keyword arguments (default: none)"""
+    @_builtins.property
+    def upstream(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Arguments that are the results of upstream functions: a position ("0") or a keyword ->
+        `${{ deps[i].output.value }}`, which the coordinator fills in at dispatch with that
+        upstream's return value as JSON text. A position here replaces that element of `args`.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        args: _builtins.bytes = ...,
+        kwargs: _builtins.bytes = ...,
+        upstream: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "name", b"name", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunctionSpec: _TypeAlias = FunctionSpec  # noqa: Y015
+
+@_typing.final
 class CustomSpec(_message.Message):
     """A task for a third-party executor registered under `executor`."""
 
@@ -905,6 +967,7 @@ class TaskSpec(_message.Message):
     HTTP_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     CUSTOM_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
@@ -972,6 +1035,8 @@ class TaskSpec(_message.Message):
     @_builtins.property
     def custom(self) -> Global___CustomSpec: ...
     @_builtins.property
+    def function(self) -> Global___FunctionSpec: ...
+    @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Execution time limit on the node; unset means none."""
 
@@ -1038,6 +1103,7 @@ class TaskSpec(_message.Message):
         http: Global___HttpSpec | None = ...,
         tool: Global___ToolSpec | None = ...,
         custom: Global___CustomSpec | None = ...,
+        function: Global___FunctionSpec | None = ...,
         name: _builtins.str = ...,
         priority: Global___Priority.ValueType = ...,
         timeout: _duration_pb2.Duration | None = ...,
@@ -1063,11 +1129,11 @@ class TaskSpec(_message.Message):
         locks: _abc.Iterable[_builtins.str] | None = ...,
         wait_for_node: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "estimate", b"estimate", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom", b"custom", "docker", b"docker", "estimate", b"estimate", "function", b"function", "http", b"http", "kind", b"kind", "llm", b"llm", "not_before", b"not_before", "ollama", b"ollama", "python", b"python", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "shell", b"shell", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "locks", b"locks", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool", "wait_for_node", b"wait_for_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "backend", b"backend", "custom", b"custom", "depends_on", b"depends_on", "docker", b"docker", "estimate", b"estimate", "function", b"function", "hard_affinity", b"hard_affinity", "http", b"http", "idempotency_key", b"idempotency_key", "kind", b"kind", "llm", b"llm", "locks", b"locks", "metadata", b"metadata", "model", b"model", "name", b"name", "not_before", b"not_before", "ollama", b"ollama", "preferred_labels", b"preferred_labels", "priority", b"priority", "python", b"python", "queue_timeout", b"queue_timeout", "quota_keys", b"quota_keys", "required_labels", b"required_labels", "resources", b"resources", "retry", b"retry", "routing", b"routing", "secrets", b"secrets", "selectors", b"selectors", "shell", b"shell", "tenant", b"tenant", "timeout", b"timeout", "tool", b"tool", "wait_for_node", b"wait_for_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["shell", "python", "docker", "ollama", "llm", "http", "tool", "custom", "function"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1305,6 +1371,7 @@ class Task(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     node_id: _builtins.str
@@ -1334,6 +1401,10 @@ class Task(_message.Message):
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """upstream task ids (batch indexes resolved)"""
 
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """what the running attempt last said of its progress"""
+
     def __init__(
         self,
         *,
@@ -1351,14 +1422,52 @@ class Task(_message.Message):
         submitted_by: _builtins.str = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        progress: Global___Progress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "created_seq", b"created_seq", "depends_on", b"depends_on", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "created_seq", b"created_seq", "depends_on", b"depends_on", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class Progress(_message.Message):
+    """How far a running task says it is (`shoal.progress(0.45, "45 of 100 files")`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRACTION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ESTIMATED_END_FIELD_NUMBER: _builtins.int
+    fraction: _builtins.float
+    """0 to 1"""
+    message: _builtins.str
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """when the coordinator heard it"""
+
+    @_builtins.property
+    def estimated_end(self) -> _timestamp_pb2.Timestamp:
+        """When it should end at the rate it has gone so far (unset until it can tell)."""
+
+    def __init__(
+        self,
+        *,
+        fraction: _builtins.float = ...,
+        message: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        estimated_end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_end", b"estimated_end", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_end", b"estimated_end", "fraction", b"fraction", "message", b"message", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class OutputChunk(_message.Message):
@@ -1408,6 +1517,7 @@ class Event(_message.Message):
     BREAKER_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     task_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -1440,6 +1550,10 @@ class Event(_message.Message):
     def quota(self) -> Global___QuotaNotice:
         """Set, with no task_id, when a quota key starts holding tasks back (or stops)."""
 
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """set on progress events (the task's state unchanged)"""
+
     def __init__(
         self,
         *,
@@ -1456,10 +1570,11 @@ class Event(_message.Message):
         breaker: Global___Breaker | None = ...,
         node: Global___NodeNotice | None = ...,
         quota: Global___QuotaNotice | None = ...,
+        progress: Global___Progress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "output", b"output", "quota", b"quota", "result", b"result", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "output", b"output", "progress", b"progress", "quota", b"quota", "result", b"result", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "node_id", b"node_id", "output", b"output", "principal", b"principal", "quota", b"quota", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "breaker", b"breaker", "node", b"node", "node_id", b"node_id", "output", b"output", "principal", b"principal", "progress", b"progress", "quota", b"quota", "result", b"result", "seq", b"seq", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

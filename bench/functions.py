@@ -1,0 +1,176 @@
+"""Python functions through the mesh: calls per second beside the no-op executor's tasks per
+second, and sequential round trips of a trivial function beside those of a no-op task.
+
+One coordinator (durable store, synchronous=FULL) and one node (`--import fn_tasks`, so its
+warm workers hold bench/fn_tasks.py) run as `shoal` CLI processes on loopback. Throughput:
+--tasks no-op tasks (SubmitBatch, 1,000 a call) then --tasks calls of `square` (`map`, one
+SubmitBatch), each waited for through one Watch of outcomes. Round trips: `submit` then
+`result()` of `trivial()`, one at a time, and the same with a no-op task.
+
+    .venv/bin/python bench/functions.py              # writes bench/results/functions.json
+    .venv/bin/python bench/functions.py --tasks 5000 --trips 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fn_tasks
+from _common import (
+    RESULTS,
+    BenchError,
+    Children,
+    Cluster,
+    Deadline,
+    admin_token,
+    child_env,
+    default_shoal,
+    figure,
+    finish,
+    meta,
+    ms,
+    percentile,
+    run_async,
+    start_coordinator,
+    wait_listening,
+    wait_nodes,
+)
+
+import shoal
+from shoal import AsyncClient, noop
+from shoal.errors import ShoalError
+from shoal.specs import FINAL_STATES
+from shoal.v1 import task_pb2
+
+BENCH = Path(__file__).resolve().parent
+
+
+async def _outcomes(client: AsyncClient, ids: Sequence[str], since: int) -> None:
+    """Return once every task of `ids` has ended (BenchError unless each succeeded)."""
+    left = set(ids)
+    async for event in client.watch(since=since, states=FINAL_STATES):
+        if event.task_id in left:
+            if event.state != task_pb2.TASK_STATE_SUCCEEDED:
+                raise BenchError(f"task {event.task_id} failed: {event.result.error}")
+            left.discard(event.task_id)
+            if not left:
+                return
+
+
+async def noop_rate(client: AsyncClient, n: int) -> float:
+    started = time.perf_counter()
+    ids: list[str] = []
+    for i in range(0, n, 1000):
+        ids += await client.submit_batch([noop()] * min(1000, n - i))
+    first = await client.get(ids[0])
+    await _outcomes(client, ids, first.created_seq - 1)
+    return n / (time.perf_counter() - started)
+
+
+async def function_rate(client: AsyncClient, n: int) -> float:
+    started = time.perf_counter()
+    handles = await fn_tasks.square.async_map(client, range(n))
+    results = await shoal.async_gather(handles)
+    if results[-1] != (n - 1) ** 2:
+        raise BenchError("a wrong result")
+    return n / (time.perf_counter() - started)
+
+
+async def trips(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
+    deadline = Deadline(args.deadline)
+    report: dict[str, Any] = {"meta": meta(args)}
+    workdir = Path(tempfile.mkdtemp(prefix="shoal-bench-functions-"))
+    cluster: Cluster | None = None
+    try:
+        coordinator = start_coordinator(args.shoal, workdir, children)
+        address = await wait_listening(coordinator, children, deadline)
+        env = child_env(workdir, {"PYTHONPATH": str(BENCH)})
+        argv = [args.shoal, "node", "-c", address, "--slots", str(args.slots)]
+        node = children.spawn("node", [*argv, "--import", "fn_tasks"], workdir / "node.log", env)
+        cluster = Cluster(coordinator, address, [node])
+        async with AsyncClient(address, token=admin_token(workdir / "data")) as client:
+            await wait_nodes(client, 1, children, deadline, within=60)
+
+            async def call_function() -> None:
+                await (await fn_tasks.trivial.async_submit(client)).result()
+
+            async def call_noop() -> None:
+                task = await client.wait((await client.submit(noop())).id)
+                if task.state != task_pb2.TASK_STATE_SUCCEEDED:
+                    raise BenchError(f"a no-op task failed: {task.result.error}")
+
+            await trips(call_function, args.warmup)
+            await trips(call_noop, args.warmup)
+            await noop_rate(client, min(args.tasks, 1000))  # warm up both paths
+            await function_rate(client, min(args.tasks, 1000))
+            deadline.check("warm-up")
+            noop_per_s = await noop_rate(client, args.tasks)
+            function_per_s = await function_rate(client, args.tasks)
+            deadline.check("throughput")
+            fn_trips = await trips(call_function, args.trips)
+            noop_trips = await trips(call_noop, args.trips)
+        share = function_per_s / noop_per_s
+        report["figures"] = [
+            figure("no-op tasks per second", noop_per_s, "tasks/s"),
+            figure(
+                "function calls per second",
+                function_per_s,
+                "calls/s",
+                note=f"{share:.0%} of the no-op rate (goal: at least 80%)",
+            ),
+            figure("function round trip p50", ms(percentile(fn_trips, 0.5)), "ms"),
+            figure("function round trip p99", ms(percentile(fn_trips, 0.99)), "ms"),
+            figure("no-op round trip p50", ms(percentile(noop_trips, 0.5)), "ms"),
+            figure("no-op round trip p99", ms(percentile(noop_trips, 0.99)), "ms"),
+        ]
+    except ShoalError as err:
+        report["error"] = f"a call failed: {err}"
+    finally:
+        if cluster is not None:
+            for child in [*cluster.nodes, cluster.coordinator]:
+                children.stop(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Function calls per second and round trips, beside no-op tasks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tasks", type=int, default=10_000, help="tasks (and calls) per rate")
+    p.add_argument("--trips", type=int, default=300, help="measured round trips of each")
+    p.add_argument("--warmup", type=int, default=30, help="round trips before measuring")
+    p.add_argument("--slots", type=int, default=4, help="slots (and function workers) of the node")
+    p.add_argument("--deadline", type=float, default=300.0, help="bound on the whole run, s")
+    p.add_argument("--out", type=Path, default=RESULTS / "functions.json", help="JSON output")
+    p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
+    args = p.parse_args(argv)
+    if args.tasks < 1 or args.trips < 1 or args.slots < 1 or args.tasks > 10_000:
+        p.error("--tasks (at most 10,000: one batch), --trips and --slots must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return finish(run_async(lambda children: bench(args, children)), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""A function's arguments and result as JSON, by its type hints (pydantic's TypeAdapter).
+
+Shared by the SDK, which encodes a call and decodes its result, and the node's worker, which
+decodes the call and encodes the result. Never pickle: only what JSON holds crosses the wire.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+__all__ = ["UPSTREAM", "CallCodec", "CodecError", "import_path"]
+
+_P = inspect.Parameter
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+UPSTREAM: Any = object()
+"""In encode_arguments: an argument that an upstream task's result fills in (sent as null)."""
+
+
+class CodecError(ValueError):
+    """Arguments or a result that do not fit the function's signature or type hints."""
+
+
+def import_path(fn: Callable[..., Any]) -> str:
+    """`package.module:qualname` of a function defined at a module's top level."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _adapter(hint: Any) -> TypeAdapter[Any]:
+    if hint is inspect.Parameter.empty:
+        return _ANY
+    try:
+        return TypeAdapter(hint)
+    except Exception:  # a hint pydantic cannot build a schema for: taken as it comes
+        return _ANY
+
+
+class CallCodec:
+    """Encodes and decodes calls of one function by its signature and type hints."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self.signature = inspect.signature(fn)
+        try:
+            self._hints = typing.get_type_hints(fn)
+        except Exception:  # unresolvable forward references: no hints, plain JSON
+            self._hints = {}
+
+    @cached_property
+    def _positional(self) -> list[inspect.Parameter]:
+        kinds = (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
+        return [p for p in self.signature.parameters.values() if p.kind in kinds]
+
+    @cached_property
+    def _var_positional(self) -> inspect.Parameter | None:
+        return next(
+            (p for p in self.signature.parameters.values() if p.kind is _P.VAR_POSITIONAL), None
+        )
+
+    @cached_property
+    def _var_keyword(self) -> inspect.Parameter | None:
+        return next(
+            (p for p in self.signature.parameters.values() if p.kind is _P.VAR_KEYWORD), None
+        )
+
+    @cached_property
+    def _adapters(self) -> dict[str, TypeAdapter[Any]]:
+        return {
+            name: _adapter(self._hints.get(name, _P.empty)) for name in self.signature.parameters
+        }
+
+    @cached_property
+    def result_adapter(self) -> TypeAdapter[Any]:
+        return _adapter(self._hints.get("return", _P.empty))
+
+    def _for_position(self, i: int) -> TypeAdapter[Any]:
+        if i < len(self._positional):
+            return self._adapters[self._positional[i].name]
+        if self._var_positional is not None:
+            return self._adapters[self._var_positional.name]
+        raise CodecError(
+            f"{self._fn.__qualname__} takes {len(self._positional)} positional arguments"
+        )
+
+    def _for_keyword(self, name: str) -> TypeAdapter[Any]:
+        p = self.signature.parameters.get(name)
+        if p is not None and p.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
+            return self._adapters[name]
+        if self._var_keyword is not None:
+            return self._adapters[self._var_keyword.name]
+        raise CodecError(f"{self._fn.__qualname__} has no argument {name!r}")
+
+    def check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """CodecError unless the signature takes these arguments."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise CodecError(f"{self._fn.__qualname__}: {err}") from None
+
+    def encode_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[bytes, bytes]:
+        """The JSON array of positional and object of keyword arguments."""
+        try:
+            plain_args = [
+                None if a is UPSTREAM else _plain(self._for_position(i), a)
+                for i, a in enumerate(args)
+            ]
+            plain_kwargs = {
+                k: _plain(self._for_keyword(k), v) for k, v in kwargs.items() if v is not UPSTREAM
+            }
+        except (ValidationError, ValueError, TypeError) as err:
+            raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
+        return _dumps(plain_args), _dumps(plain_kwargs)
+
+    def decode_arguments(
+        self, args: bytes, kwargs: bytes, upstream: Mapping[str, str]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Arguments from their JSON (and upstream results as JSON text), validated by the
+        type hints; CodecError when they do not fit."""
+        try:
+            raw_args = json.loads(args) if args else []
+            raw_kwargs = json.loads(kwargs) if kwargs else {}
+        except (ValueError, RecursionError) as err:
+            raise CodecError(f"arguments are not JSON: {err}") from None
+        if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
+            raise CodecError("args must be a JSON array and kwargs a JSON object")
+        try:
+            out_args = [
+                self._for_position(i).validate_json(upstream[str(i)])
+                if str(i) in upstream
+                else self._for_position(i).validate_python(a)
+                for i, a in enumerate(raw_args)
+            ]
+            out_kwargs = {k: self._for_keyword(k).validate_python(v) for k, v in raw_kwargs.items()}
+            for key, text in upstream.items():
+                if key.isdigit():
+                    if int(key) >= len(out_args):
+                        raise CodecError(f"upstream argument {key} is past the positional ones")
+                else:
+                    out_kwargs[key] = self._for_keyword(key).validate_json(text)
+        except ValidationError as err:
+            raise CodecError(f"{self._fn.__qualname__}: {err}") from None
+        self.check(out_args, out_kwargs)
+        return out_args, out_kwargs
+
+    def encode_result(self, value: Any) -> str:
+        """The return value as JSON text; CodecError when it does not serialize."""
+        try:
+            adapter = self.result_adapter
+            return adapter.dump_json(adapter.validate_python(value)).decode()
+        except (ValidationError, ValueError, TypeError) as err:
+            raise CodecError(
+                f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
+            ) from None
+
+    def decode_result(self, text: str) -> Any:
+        """The return value from its JSON text, typed by the return hint."""
+        try:
+            return self.result_adapter.validate_json(text)
+        except ValidationError as err:
+            raise CodecError(f"{self._fn.__qualname__}: its result does not fit: {err}") from None
+
+
+def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
+    """`value` as JSON data, once it fits the hint (a tuple for a list, a dict for a
+    dataclass: as the function will get it)."""
+    return adapter.dump_python(adapter.validate_python(value), mode="json")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()

@@ -1,0 +1,285 @@
+"""`@shoal.task`: a Python function that nodes run, called remotely through handles.
+
+@shoal.task(retries=3)
+def resize(path: str, width: int) -> Size: ...
+
+handle = resize.submit(client, "a.png", 640)   # a task on a node that imports the module
+size = handle.result()                         # a Size, or the remote error raised
+sizes = shoal.gather(resize.map(client, paths, widths))   # one SubmitBatch
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from shoal._builders import _common, retry
+from shoal._codec import UPSTREAM, CallCodec, import_path
+from shoal.errors import RemoteError, TaskFailed
+from shoal.specs import FINAL_STATES
+from shoal.v1 import task_pb2
+
+if TYPE_CHECKING:
+    from shoal._blocking import Client
+    from shoal._client import AsyncClient
+
+__all__ = ["AsyncFunction", "AsyncHandle", "Function", "Handle", "async_gather", "gather", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reference(index: int) -> str:
+    return f"${{{{ deps[{index}].output.value }}}}"
+
+
+class Function(Generic[P, R]):
+    """A function nodes can run: call it to run it here, `submit` or `map` to run it remotely.
+
+    `defaults` are the task options of the spec builders (priority, timeout, labels, retry,
+    locks, quota_keys, backend, ...), plus `retries` (attempts after the first, on any
+    failure of the function) for short.
+    """
+
+    def __init__(self, fn: Callable[P, R], *, name: str | None = None, **defaults: Any) -> None:
+        self.fn = fn
+        self.name = name or import_path(fn)
+        self.codec = CallCodec(fn)
+        retries = defaults.pop("retries", None)
+        if retries is not None and "retry" not in defaults:
+            defaults["retry"] = retry(int(retries) + 1, backoff=timedelta(milliseconds=100))
+        self.defaults = defaults
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<shoal function {self.name}>"
+
+    def options(self, **defaults: Any) -> Function[P, R]:
+        """This function with other task options (merged over its own)."""
+        made: Function[P, R] = _made(self.fn, self.name, {**self.defaults, **defaults})
+        return made
+
+    def spec(self, *args: Any, **kwargs: Any) -> task_pb2.TaskSpec:
+        """The TaskSpec of one call; a handle among the arguments becomes a dependency whose
+        result arrives as that argument."""
+        self.codec.check(args, kwargs)
+        upstream: dict[str, str] = {}
+        deps: list[str] = []
+        plain_args = list(args)
+        plain_kwargs = dict(kwargs)
+        for i, value in enumerate(args):
+            if isinstance(value, (Handle, AsyncHandle)):
+                upstream[str(i)] = _reference(len(deps))
+                deps.append(value.task_id)
+                plain_args[i] = UPSTREAM
+        for name, value in kwargs.items():
+            if isinstance(value, (Handle, AsyncHandle)):
+                upstream[name] = _reference(len(deps))
+                deps.append(value.task_id)
+                plain_kwargs[name] = UPSTREAM
+        encoded_args, encoded_kwargs = self.codec.encode_arguments(plain_args, plain_kwargs)
+        spec = task_pb2.FunctionSpec(name=self.name, upstream=upstream)
+        if plain_args:
+            spec.args = encoded_args
+        if plain_kwargs:
+            spec.kwargs = encoded_kwargs
+        common = dict(self.defaults)
+        common["depends_on"] = [*deps, *common.get("depends_on", ())]
+        common.setdefault("name", self.fn.__name__)
+        return _common(task_pb2.TaskSpec(function=spec), **common)
+
+    def submit(self, client: Client, /, *args: Any, **kwargs: Any) -> Handle[R]:
+        """Run it on a node; returns at once with a handle to its result."""
+        task = client.submit(self.spec(*args, **kwargs))
+        return Handle(self, client, task.id, task.created_seq)
+
+    async def async_submit(
+        self, client: AsyncClient, /, *args: Any, **kwargs: Any
+    ) -> AsyncHandle[R]:
+        task = await client.submit(self.spec(*args, **kwargs))
+        return AsyncHandle(self, client, task.id, task.created_seq)
+
+    def map(self, client: Client, /, *iterables: Iterable[Any]) -> list[Handle[R]]:
+        """One call per item (zipped, as the builtin map), submitted as one batch."""
+        specs = [self.spec(*items) for items in zip(*iterables, strict=False)]
+        ids = client.submit_batch(specs) if specs else []
+        seq = client.get(ids[0]).created_seq if ids else 0
+        return [Handle(self, client, i, seq) for i in ids]
+
+    async def async_map(
+        self, client: AsyncClient, /, *iterables: Iterable[Any]
+    ) -> list[AsyncHandle[R]]:
+        specs = [self.spec(*items) for items in zip(*iterables, strict=False)]
+        ids = await client.submit_batch(specs) if specs else []
+        seq = (await client.get(ids[0])).created_seq if ids else 0
+        return [AsyncHandle(self, client, i, seq) for i in ids]
+
+    def outcome(self, task: task_pb2.Task) -> R:
+        """The typed result of a final task, or its failure raised (RemoteError when the
+        function raised)."""
+        if task.state == task_pb2.TASK_STATE_SUCCEEDED:
+            value = task.result.output.fields.get("value")
+            if value is None:
+                raise TaskFailed(task)
+            result: R = self.codec.decode_result(value.string_value)
+            return result
+        raise failure(task)
+
+
+def failure(task: task_pb2.Task) -> TaskFailed:
+    """How a function task that did not succeed is raised."""
+    exc = task.result.output.fields.get("exception")
+    if exc is None or not exc.HasField("struct_value"):
+        return TaskFailed(task)
+    f = exc.struct_value.fields
+    return RemoteError(
+        task,
+        f["type"].string_value if "type" in f else "",
+        f["message"].string_value if "message" in f else "",
+        f["traceback"].string_value if "traceback" in f else "",
+    )
+
+
+class Handle(Generic[R]):
+    """A submitted call: `result()` waits for its typed value; pass it as another call's
+    argument to run that call after it, with this result."""
+
+    def __init__(self, function: Function[Any, R], client: Client, task_id: str, seq: int) -> None:
+        self.function = function
+        self.client = client
+        self.task_id = task_id
+        self.created_seq = seq
+
+    def __repr__(self) -> str:
+        return f"<Handle {self.function.name} task={self.task_id}>"
+
+    def result(self, timeout: timedelta | None = None) -> R:
+        """Wait for it; the typed value, or RemoteError / TaskFailed (WaitTimeout after
+        `timeout`)."""
+        return self.function.outcome(self.client.wait(self.task_id, timeout=timeout))
+
+    def cancel(self) -> task_pb2.Task:
+        return self.client.cancel(self.task_id)
+
+    def task(self) -> task_pb2.Task:
+        """The task as it is now (state, progress)."""
+        return self.client.get(self.task_id)
+
+
+class AsyncHandle(Generic[R]):
+    """Handle, for AsyncClient."""
+
+    def __init__(
+        self, function: Function[Any, R], client: AsyncClient, task_id: str, seq: int
+    ) -> None:
+        self.function = function
+        self.client = client
+        self.task_id = task_id
+        self.created_seq = seq
+
+    def __repr__(self) -> str:
+        return f"<AsyncHandle {self.function.name} task={self.task_id}>"
+
+    async def result(self, timeout: timedelta | None = None) -> R:
+        task = await self.client.wait(self.task_id, timeout=timeout)
+        return self.function.outcome(task)
+
+    async def cancel(self) -> task_pb2.Task:
+        return await self.client.cancel(self.task_id)
+
+    async def task(self) -> task_pb2.Task:
+        return await self.client.get(self.task_id)
+
+
+async def _final_tasks(
+    client: AsyncClient, ids: Sequence[str], since: int
+) -> dict[str, task_pb2.Task]:
+    """Each task's final state and result, from one Watch of outcomes since `since`."""
+    wanted = set(ids)
+    done: dict[str, task_pb2.Task] = {}
+    if not wanted:
+        return done
+    async for event in client.watch(since=since, states=FINAL_STATES):
+        if event.task_id in wanted and event.task_id not in done:
+            done[event.task_id] = task_pb2.Task(
+                id=event.task_id, state=event.state, result=event.result
+            )
+            if len(done) == len(wanted):
+                break
+    return done
+
+
+async def async_gather(handles: Sequence[AsyncHandle[R]]) -> list[R]:
+    """Every handle's typed result, in order (the first failure raised), from one Watch."""
+    if not handles:
+        return []
+    since = max(0, min(h.created_seq for h in handles) - 1)
+    done = await _final_tasks(handles[0].client, [h.task_id for h in handles], since)
+    return [h.function.outcome(done[h.task_id]) for h in handles]
+
+
+def gather(handles: Sequence[Handle[R]]) -> list[R]:
+    """Every handle's typed result, in order (the first failure raised), from one Watch."""
+    if not handles:
+        return []
+    client = handles[0].client
+    since = max(0, min(h.created_seq for h in handles) - 1)
+    done = client._run(_final_tasks(client._async, [h.task_id for h in handles], since))
+    return [h.function.outcome(done[h.task_id]) for h in handles]
+
+
+class AsyncFunction(Function[P, R]):
+    """A Function made of an `async def`: its result type is what the coroutine returns."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        result: Coroutine[Any, Any, R] = self.fn(*args, **kwargs)  # type: ignore[assignment]
+        return result
+
+
+def _made(fn: Callable[..., Any], name: str | None, defaults: dict[str, Any]) -> Any:
+    cls = AsyncFunction if inspect.iscoroutinefunction(fn) else Function
+    return cls(fn, name=name, **defaults)
+
+
+class _Decorator:
+    """`@task(...)` with options."""
+
+    def __init__(self, name: str | None, defaults: dict[str, Any]) -> None:
+        self._name, self._defaults = name, defaults
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Function[P, R]: ...
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        return _made(fn, self._name, self._defaults)
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncFunction[P, R]: ...
+@overload
+def task(fn: Callable[P, R], /) -> Function[P, R]: ...
+@overload
+def task(*, name: str | None = None, **defaults: Any) -> _Decorator: ...
+
+
+def task(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **defaults: Any
+) -> Any:
+    """Make a function of an importable module runnable on nodes (`@shoal.task` or
+    `@shoal.task(priority="high", timeout=timedelta(minutes=5), retries=2)`)."""
+    if fn is not None:
+        return _made(fn, name, defaults)
+    return _Decorator(name, defaults)
+
+
+def functions_of(module: object) -> Mapping[str, Function[Any, Any]]:
+    """The functions `@task` made in a module, by name (import path)."""
+    found = (getattr(module, attr, None) for attr in dir(module))
+    return {f.name: f for f in found if isinstance(f, Function)}

@@ -1,0 +1,120 @@
+"""Functions the integration tests' nodes import (`--import tests.integration.functions_module`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import shoal
+
+_log = logging.getLogger("functions_module")
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+
+
+@shoal.task
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@shoal.task
+def square(x: int) -> int:
+    return x * x
+
+
+@shoal.task
+async def greet(name: str, *, punctuation: str = "!") -> str:
+    await asyncio.sleep(0)
+    print(f"greeting {name}")
+    _log.warning("logged for %s", name)
+    return f"hello {name}{punctuation}"
+
+
+@shoal.task
+def midpoint(a: Point, b: Point) -> Point:
+    return Point((a.x + b.x) / 2, (a.y + b.y) / 2)
+
+
+@shoal.task
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+class Refused(ValueError):
+    """Raised on purpose."""
+
+
+@shoal.task
+def fail(why: str) -> None:
+    raise Refused(why)
+
+
+@shoal.task
+async def wait_async(seconds: float, marker: str = "") -> str:
+    """Sleeps; when cancelled, writes `marker` (a file) to show CancelledError arrived."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        if marker:
+            Path(marker).write_text("cancelled")  # noqa: ASYNC240  (a test's marker)
+        raise
+    return "woke"
+
+
+@shoal.task
+def wait_sync(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+@shoal.task
+def pid_after(gate: str) -> int:
+    """Writes its worker's pid to `gate` + ".pid", then waits for `gate` to exist."""
+    Path(gate + ".pid").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+@shoal.task(retries=2)
+def flaky(counter: str) -> int:
+    """Fails until it has been called three times (counting in the file `counter`)."""
+    path = Path(counter)
+    n = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(n))
+    if n < 3:
+        raise RuntimeError(f"attempt {n} fails")
+    return n
+
+
+@shoal.task(timeout=timedelta(seconds=1))
+async def too_slow() -> str:
+    await asyncio.sleep(60)
+    return "never"
+
+
+@shoal.task
+async def with_progress(steps: int, gate: str = "") -> int:
+    for i in range(steps):
+        shoal.progress((i + 1) / steps, f"{i + 1} of {steps}")
+        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 60
+    # Waits for a file the test writes.
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:  # noqa: ASYNC110, ASYNC240
+        await asyncio.sleep(0.02)
+    return steps
+
+
+@shoal.task
+def noop() -> None:
+    return None

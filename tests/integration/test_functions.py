@@ -1,0 +1,141 @@
+"""`@shoal.task` functions through a real mesh: warm worker processes on a real node."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import shoal
+from shoal import TaskFailed
+from shoal.v1 import task_pb2
+
+from . import functions_module as fm
+from .harness import Mesh, MeshFactory, eventually
+
+MODULE = "tests.integration.functions_module"
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory) -> Mesh:
+    return await mesh_factory(slots=2, imports=[MODULE])
+
+
+async def _running(mesh: Mesh, task_id: str) -> None:
+    async def check() -> None:
+        task = await mesh.client.get(task_id)
+        assert task.state == task_pb2.TASK_STATE_RUNNING
+
+    await eventually(check, timeout=30)
+
+
+async def test_calls_return_typed_values_and_raise_remote_errors(mesh: Mesh) -> None:
+    offered = set(mesh.node.info().functions)
+    assert {f"{MODULE}:add", f"{MODULE}:greet", f"{MODULE}:midpoint"} <= offered
+    client = mesh.client
+    assert await (await fm.add.async_submit(client, 2, 3)).result() == 5
+    greeting = await fm.greet.async_submit(client, "ada", punctuation="?")
+    assert await greeting.result() == "hello ada?"
+    task = await greeting.task()
+    assert "greeting ada" in task.result.stdout  # print, captured
+    assert "logged for ada" in task.result.stderr  # logging, captured
+    point = await (await fm.midpoint.async_submit(client, fm.Point(0, 0), fm.Point(2, 4))).result()
+    assert point == fm.Point(1.0, 2.0) and isinstance(point, fm.Point)
+    with pytest.raises(shoal.RemoteError) as raised:
+        await (await fm.fail.async_submit(client, "no thanks")).result()
+    assert raised.value.remote_type == f"{MODULE}.Refused"
+    assert raised.value.remote_message == "no thanks"
+    assert "raise Refused(why)" in raised.value.remote_traceback
+    # Arguments that do not fit the type hints fail the task, not the worker.
+    bad = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=f"{MODULE}:add", args=b'["x", 1]'))
+    failed = await client.wait((await client.submit(bad)).id)
+    assert failed.state == task_pb2.TASK_STATE_FAILED and "valid integer" in failed.result.error
+    assert not failed.result.infrastructure_failure
+    assert await (await fm.add.async_submit(client, 1, 1)).result() == 2
+
+
+async def test_handles_as_arguments_make_a_dag(mesh: Mesh) -> None:
+    client = mesh.client
+    a = await fm.square.async_submit(client, 3)
+    b = await fm.square.async_submit(client, 4)
+    both = await fm.add.async_submit(client, a, b=b)
+    assert await both.result() == 25
+    assert set((await both.task()).depends_on) == {a.task_id, b.task_id}
+    # An upstream that fails skips what depends on it.
+    broken = await fm.fail.async_submit(client, "upstream")
+    after = await fm.add.async_submit(client, broken, 1)
+    with pytest.raises(TaskFailed) as skipped:
+        await after.result()
+    assert skipped.value.task.state == task_pb2.TASK_STATE_SKIPPED
+
+
+async def test_map_over_ten_thousand_inputs(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(slots=4, imports=[MODULE])
+
+    def blocking() -> list[int]:  # the blocking Client, off the loop that serves the mesh
+        with shoal.Client(mesh.address, token=mesh.token) as client:
+            handles = fm.square.map(client, range(10_000))
+            assert len(handles) == 10_000
+            assert fm.add.submit(client, handles[2], handles[3]).result() == 13
+            return shoal.gather(handles)
+
+    assert await asyncio.to_thread(blocking) == [i * i for i in range(10_000)]
+
+
+async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:
+    client = mesh.client
+    marker = tmp_path / "cancelled"
+    waiting = await fm.wait_async.async_submit(client, 60, str(marker))
+    await _running(mesh, waiting.task_id)
+    await waiting.cancel()
+    done = await client.wait(waiting.task_id)
+    assert done.state == task_pb2.TASK_STATE_CANCELLED
+    await eventually(lambda: marker.read_text() == "cancelled" or None, retry_on=(OSError,))
+    assert marker.read_text() == "cancelled"  # CancelledError reached the function
+
+    stuck = await fm.wait_sync.async_submit(client, 60)  # a sync call: its worker is replaced
+    await _running(mesh, stuck.task_id)
+    await stuck.cancel()
+    assert (await client.wait(stuck.task_id)).state == task_pb2.TASK_STATE_CANCELLED
+
+    slow = await fm.too_slow.async_submit(client)
+    assert (await client.wait(slow.task_id)).state == task_pb2.TASK_STATE_TIMED_OUT
+
+    assert await (await fm.flaky.async_submit(client, str(tmp_path / "count"))).result() == 3
+    # Both slots still serve calls.
+    assert await asyncio.gather(
+        *[(await fm.add.async_submit(client, i, 1)).result() for i in range(4)]
+    ) == [1, 2, 3, 4]
+
+
+async def test_a_worker_killed_mid_call_fails_only_its_attempt(mesh: Mesh, tmp_path: Path) -> None:
+    client = mesh.client
+    gate = tmp_path / "gate"
+    doomed = await fm.pid_after.async_submit(client, str(gate))
+    pid_file = Path(f"{gate}.pid")
+    pid = int(await eventually(lambda: pid_file.read_text(), retry_on=(OSError, ValueError)))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TaskFailed) as failed:
+        await doomed.result()
+    assert not isinstance(failed.value, shoal.RemoteError)
+    assert "worker process died" in failed.value.task.result.error
+    assert not failed.value.task.result.infrastructure_failure  # not the node's fault
+    gate.write_text("open")
+    pids = {await (await fm.pid_after.async_submit(client, str(gate))).result() for _ in range(4)}
+    assert pid not in pids  # replaced
+    [status] = await client.nodes()  # no circuit breaker counts the crash against the node
+    assert all(b.failures == 0 for b in status.breakers)
+
+
+async def test_a_node_without_the_module_never_receives_its_functions(mesh: Mesh) -> None:
+    other = await mesh.start_node(
+        slots=2, node_id="elsewhere", imports=["tests.integration.functions_elsewhere"]
+    )
+    assert other.info().functions == ["tests.integration.functions_elsewhere:elsewhere"]
+    handles = [await fm.add.async_submit(mesh.client, i, i) for i in range(20)]
+    assert await shoal.async_gather(handles) == [2 * i for i in range(20)]
+    for h in handles:
+        assert (await h.task()).node_id == mesh.node.node_id

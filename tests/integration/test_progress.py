@@ -1,0 +1,112 @@
+"""Progress from inside tasks (a function, a shell task) to Watch, Get and the CLI; `shoal logs`
+and `shoal artifacts`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+import shoal
+from shoal.config import ADMIN_TOKEN_FILE
+from shoal.v1 import task_pb2
+
+from . import functions_module as fm
+from .harness import BIN, CliProcesses, Mesh, MeshFactory, eventually, run_tool
+
+MODULE = "tests.integration.functions_module"
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory) -> Mesh:
+    return await mesh_factory(slots=2, imports=[MODULE])
+
+
+async def _progress_events(mesh: Mesh, task: task_pb2.Task) -> list[task_pb2.Event]:
+    seen: list[task_pb2.Event] = []
+    async for event in mesh.client.watch(since=task.created_seq - 1, task_ids=[task.id]):
+        if event.HasField("progress"):
+            seen.append(event)
+        if event.state == task_pb2.TASK_STATE_SUCCEEDED:
+            return seen
+    return seen
+
+
+async def test_a_function_reports_progress_to_watch_get_and_the_cli(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    handle = await fm.with_progress.async_submit(mesh.client, 4, str(gate))
+    task = await handle.task()
+    watching = asyncio.create_task(_progress_events(mesh, task))
+
+    async def reported() -> task_pb2.Task:
+        t = await handle.task()
+        assert t.progress.fraction == 1.0 and t.progress.message == "4 of 4"
+        return t
+
+    running = await eventually(reported, timeout=30)
+    assert running.state == task_pb2.TASK_STATE_RUNNING
+    gate.write_text("go")
+    assert await handle.result() == 4
+    events = await asyncio.wait_for(watching, 30)
+    fractions = [e.progress.fraction for e in events]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert events[-1].progress.message == "4 of 4"
+    assert all(e.state == task_pb2.TASK_STATE_RUNNING for e in events)
+
+
+async def test_a_shell_task_reports_progress_on_its_descriptor(
+    mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    gate = tmp_path / "gate"
+    script = (
+        "sleep 1.2\n"
+        'echo "0.25 a quarter" >"$SHOAL_PROGRESS"\n'
+        'echo "not a number" >"$SHOAL_PROGRESS"\n'
+        'echo "NaN bad" >"$SHOAL_PROGRESS"\n'
+        "sleep 0.2\n"
+        f'"{sys.executable}" -m shoal progress 7 "over the top, clamped"\n'
+        f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+        "echo done\n"
+    )
+    task = await mesh.client.submit(shoal.shell(script))
+    watching = asyncio.create_task(_progress_events(mesh, task))
+
+    async def reported() -> task_pb2.Task:
+        t = await mesh.client.get(task.id)
+        assert t.progress.fraction == 1.0, t.progress
+        return t
+
+    await eventually(reported, timeout=30)
+    shown = await run_tool([str(BIN / "shoal"), "get", task.id, "-c", mesh.address], timeout=30)
+    assert "100% over the top, clamped" in " ".join(shown.stdout.split()), shown
+    gate.write_text("go")
+    events = await asyncio.wait_for(watching, 30)
+    assert [(e.progress.fraction, e.progress.message) for e in events] == [
+        (0.25, "a quarter"),
+        (1.0, "over the top, clamped"),
+    ]
+    assert events[0].progress.HasField("estimated_end")
+
+    logs = await run_tool([str(BIN / "shoal"), "logs", task.id, "-c", mesh.address])
+    assert logs.stdout == "done\n", logs
+
+
+async def test_logs_follow_a_running_task_and_artifacts_download(
+    mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    gate = tmp_path / "gate"
+    script = f'echo first; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo second >&2'
+    task = await mesh.client.submit(shoal.shell(script))
+    follow = await cli.start("logs", "-f", task.id, "-c", mesh.address, pipe=True)
+    gate.write_text("go")  # followed live or printed whole once ended: the same bytes
+    out, err = await asyncio.wait_for(follow.proc.communicate(), 60)
+    assert follow.proc.returncode == 0
+    assert out.decode() == "first\n" and err.decode() == "second\n"

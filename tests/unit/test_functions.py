@@ -1,0 +1,150 @@
+"""The function codec (JSON by type hints), specs of calls, progress as the coordinator takes
+it, and the worker wire's bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import TypedDict
+
+import pytest
+from pydantic import BaseModel
+
+import shoal
+from shoal._codec import CodecError
+from shoal._function import AsyncHandle, Function, failure
+from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
+from shoal.errors import InvalidArgument, RemoteError
+from shoal.node.functions.wire import MAX_FRAME, WireError, async_read_frame, encode_frame
+from shoal.specs import timestamp
+from shoal.v1 import task_pb2
+from shoal.validation import Limits, validate_batch
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+
+
+class Box(BaseModel):
+    name: str
+    size: int
+
+
+class Tags(TypedDict):
+    a: int
+
+
+@shoal.task
+def place(p: Point, box: Box, tags: Tags, *rest: int, scale: float = 1.0, **more: str) -> Point:
+    return Point(p.x * scale, p.y * scale)
+
+
+@shoal.task(priority="high", retries=2)
+async def later(n: int) -> list[int]:
+    return [n]
+
+
+def test_arguments_round_trip_by_their_type_hints() -> None:
+    codec = place.codec
+    args, kwargs = codec.encode_arguments(
+        [Point(1, 2), Box(name="b", size=3), {"a": 1}, 4, 5], {"scale": 2.0, "colour": "red"}
+    )
+    back_args, back_kwargs = codec.decode_arguments(args, kwargs, {})
+    assert back_args == [Point(1, 2), Box(name="b", size=3), {"a": 1}, 4, 5]
+    assert back_kwargs == {"scale": 2.0, "colour": "red"}
+    assert codec.decode_result(codec.encode_result(Point(3, 4))) == Point(3, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "upstream"),
+    [
+        (b"{}", b"", {}),  # not an array
+        (b"[1", b"", {}),  # not JSON
+        (b'["no point"]', b"", {}),  # does not fit the hint
+        (b'[{"x": 1, "y": 2}]', b"", {}),  # too few arguments
+        (b"[]", b'{"nope": 1}', {}),
+        (b"[null]", b"", {"3": "1"}),  # an upstream past the positional arguments
+        (b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]", b"", {}),  # deep nesting
+    ],
+)
+def test_hostile_arguments_are_refused_as_codec_errors(
+    args: bytes, kwargs: bytes, upstream: dict[str, str]
+) -> None:
+    with pytest.raises(CodecError):
+        place.codec.decode_arguments(args, kwargs, upstream)
+
+
+def test_a_result_that_is_not_json_is_a_codec_error() -> None:
+    with pytest.raises(CodecError):
+        later.codec.encode_result([math.nan])
+    with pytest.raises(CodecError):
+        place.codec.encode_result(object())
+    with pytest.raises(CodecError):
+        later.codec.encode_result("not a list")
+
+
+def test_a_call_is_a_function_spec_and_handles_become_dependencies() -> None:
+    upstream = AsyncHandle(later, None, "t-1", 5)  # type: ignore[arg-type]
+    spec = later.spec(upstream)
+    assert spec.function.name == f"{__name__}:later"
+    assert spec.function.args == b"[null]"
+    assert dict(spec.function.upstream) == {"0": "${{ deps[0].output.value }}"}
+    assert [d.task_id for d in spec.depends_on] == ["t-1"]
+    assert spec.priority == task_pb2.PRIORITY_HIGH and spec.retry.max_attempts == 3
+    validate_batch([spec], Limits(), single=True)
+    with pytest.raises(CodecError):
+        later.spec(1, 2)  # too many arguments: refused before anything is sent
+    assert asyncio.run(later(3)) == [3]  # still a plain function here
+    assert isinstance(later.options(priority="low"), Function)
+
+
+def test_a_function_spec_is_validated() -> None:
+    bad = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name="os:system; rm"))
+    with pytest.raises(InvalidArgument):
+        validate_batch([bad], Limits(), single=True)
+    worse = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name="a:b", upstream={"x y": "1"}))
+    with pytest.raises(InvalidArgument):
+        validate_batch([worse], Limits(), single=True)
+
+
+def test_a_remote_exception_is_raised_typed() -> None:
+    task = task_pb2.Task(id="t", state=task_pb2.TASK_STATE_FAILED)
+    task.result.output.update(
+        {"exception": {"type": "builtins.KeyError", "message": "'k'", "traceback": "Trace"}}
+    )
+    err = failure(task)
+    assert isinstance(err, RemoteError) and err.remote_type == "builtins.KeyError"
+    assert "Trace" in str(err)
+
+
+def test_progress_is_clamped_sampled_and_estimates_an_end() -> None:
+    wild = task_pb2.Progress(fraction=7.0, message="x\x1b[2J" + "m" * 1000)
+    first = accepted_progress(wild, None, now=100.0, started_at=90.0)
+    assert first is not None and first.fraction == 1.0
+    assert len(first.message) == 200 and "\x1b" not in first.message
+    half = task_pb2.Progress(fraction=0.5)
+    early = accepted_progress(half, None, now=100.0, started_at=90.0)
+    assert early is not None and early.estimated_end == timestamp(110.0)
+    assert accepted_progress(half, early, now=100.0 + MIN_INTERVAL / 2, started_at=90.0) is None
+    assert (
+        accepted_progress(task_pb2.Progress(fraction=math.nan), None, now=1, started_at=0) is None
+    )
+
+
+async def test_the_wire_refuses_oversized_and_malformed_frames() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(encode_frame({"op": "hello"}) + (MAX_FRAME + 1).to_bytes(4, "big"))
+    assert await async_read_frame(reader) == {"op": "hello"}
+    with pytest.raises(WireError):
+        await async_read_frame(reader)
+    reader = asyncio.StreamReader()
+    reader.feed_data((2).to_bytes(4, "big") + b"[]")
+    with pytest.raises(WireError):
+        await async_read_frame(reader)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"\x00\x00")
+    reader.feed_eof()
+    assert await async_read_frame(reader) is None

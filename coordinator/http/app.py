@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import ipaddress
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -143,6 +144,8 @@ class HttpServer:
             await site.start()
         except OSError as err:
             await runner.cleanup()
+            if err.errno:  # aiohttp's own words around it say less than the errno's
+                err = OSError(err.errno, os.strerror(err.errno))
             raise OSError(
                 f"cannot listen on {self._listen} (HTTP): {reason(err, int(port))}"
             ) from None

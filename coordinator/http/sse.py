@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,9 +26,9 @@ from shoal.coordinator.http.context import HttpCallContext
 from shoal.coordinator.http.errors import error_body, error_response, unexpected_response
 from shoal.coordinator.http.rpc import API_PREFIX, method_path
 from shoal.errors import InvalidArgument, ShoalError
-from shoal.v1 import tasks_pb2
+from shoal.v1 import task_pb2, tasks_pb2
 
-__all__ = ["HEARTBEAT_SECONDS", "events_route", "watch_request"]
+__all__ = ["HEARTBEAT_SECONDS", "EventJson", "events_route", "watch_request"]
 
 HEARTBEAT_SECONDS = 15.0
 """A comment line this often keeps proxies from closing an idle stream, and finds a gone
@@ -79,17 +80,48 @@ def watch_request(items: Iterable[tuple[str, str]], last_id: str | None) -> task
         raise InvalidArgument(f"bad events query: {str(err)[:300]}") from None
 
 
-def _message(event: str, data: object, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    kind = f"event: {event}\n" if event != "message" else ""
-    return f"{head}{kind}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _error(body: object) -> bytes:
+    return f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+
+class EventJson:
+    """Events as JSON by sequence number, shared by every subscriber: an event is encoded
+    once, not once per subscriber (an event's content is the same for every watcher that
+    receives it). Bounded in bytes; large events (output) are encoded each time."""
+
+    def __init__(self, *, max_bytes: int = 8 << 20, max_event: int = 16 << 10) -> None:
+        self._by_seq: OrderedDict[int, str] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_event = max_event
+
+    def event(self, event: task_pb2.Event) -> str:
+        text = self._by_seq.get(event.seq)
+        if text is None:
+            text = json.dumps(json_format.MessageToDict(event), separators=(",", ":"))
+            if len(text) <= self._max_event:
+                self._by_seq[event.seq] = text
+                self._bytes += len(text)
+                while self._bytes > self._max_bytes:
+                    self._bytes -= len(self._by_seq.popitem(last=False)[1])
+        return text
+
+    def response(self, response: tasks_pb2.WatchResponse) -> str:
+        """The WatchResponse in protobuf's JSON mapping (as MessageToDict would give it)."""
+        parts = []
+        if response.events:
+            parts.append(f'"events":[{",".join(self.event(e) for e in response.events)}]')
+        if response.cursor:
+            parts.append(f'"cursor":"{response.cursor}"')  # a uint64: a string in JSON
+        return "{" + ",".join(parts) + "}"
 
 
 class _Stream:
     """One subscriber's response: opened at its first message, written one at a time."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, encoded: EventJson) -> None:
         self._request = request
+        self._encoded = encoded
         self.response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -110,7 +142,8 @@ class _Stream:
             await self.response.write(chunk)
 
     async def write(self, response: tasks_pb2.WatchResponse) -> None:
-        await self.send(_message("message", json_format.MessageToDict(response), response.cursor))
+        data = self._encoded.response(response)
+        await self.send(f"id: {response.cursor}\ndata: {data}\n\n".encode())
 
     async def heartbeat(self) -> None:
         while True:
@@ -122,6 +155,7 @@ class _Stream:
 def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
     """GET /api/events over `tasks` (the Tasks servicer)."""
     path = method_path(_WATCH)
+    encoded = EventJson()
 
     async def events(request: web.Request) -> web.StreamResponse:
         try:
@@ -131,7 +165,7 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
             return error_response(err, path)
         except Exception:
             return unexpected_response(path)
-        stream = _Stream(request)
+        stream = _Stream(request, encoded)
         heartbeat = asyncio.create_task(stream.heartbeat())
         served = asyncio.create_task(_serve(tasks, watch, principal, request, stream))
         try:
@@ -152,7 +186,7 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
             _, body = error_body(failure)
             # Best effort, and briefly: a subscriber cut for not reading may not read this.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(stream.send(_message("error", body)), _LAST_WORD_SECONDS)
+                await asyncio.wait_for(stream.send(_error(body)), _LAST_WORD_SECONDS)
         elif failure is not None and not isinstance(failure, ConnectionError):
             response = unexpected_response(path, failure)
             if not stream.open:

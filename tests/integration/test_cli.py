@@ -221,6 +221,9 @@ async def test_up_prints_a_command_the_user_can_type(
     up = await cli.start(
         "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"), pipe=True
     )
+    # The dashboard is served, on loopback: 7080 or the next free port.
+    url = (await line_with(up, "dashboard: ")).split("dashboard: ", 1)[1].strip()
+    assert url.startswith("http://127.0.0.1:") and 7080 <= int(url.split(":")[2][:-1]) < 7100
     line = await line_with(up, "try: ")
     command = line.split("try: ", 1)[1].split(";", 1)[0]
     assert f"run -c 127.0.0.1:{port} -- echo hello" in command
@@ -228,6 +231,8 @@ async def test_up_prints_a_command_the_user_can_type(
     ran = await run_tool(shlex.split(command))
 
     assert (ran.returncode, ran.stdout) == (0, "hello\n"), ran
+    page = await run_tool(["curl", "-sf", url])
+    assert page.returncode == 0 and "<html" in page.stdout
     await up.stop()
 
 

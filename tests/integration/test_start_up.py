@@ -84,6 +84,17 @@ async def test_the_metrics_port_in_use_is_one_line(
     )
 
 
+async def test_the_http_port_in_use_is_one_line(
+    shoal: CliProcesses, tmp_path: Path, taken: int
+) -> None:
+    line = await fails_at_start(
+        shoal, *_serving("coordinator", 0, tmp_path), "--http-listen", f"127.0.0.1:{taken}"
+    )
+    assert line.startswith(
+        f"error: cannot listen on 127.0.0.1:{taken} (HTTP): address already in use"
+    )
+
+
 async def test_a_token_with_a_line_break_is_one_line(
     shoal: CliProcesses, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 
 from shoal.coordinator.store.writer import Batch, Results, Writer
-from shoal.errors import Unavailable
+from shoal.errors import InvalidArgument, Unavailable
 
 __all__ = ["FENCED", "OPTIONS", "PgConn", "PgWriter", "connect"]
 
@@ -121,6 +121,8 @@ class PgWriter(Writer):
                 except Exception as err:  # its own failure (a refusal, a constraint): its caller's
                     if conn.closed:
                         raise
+                    if isinstance(err, psycopg.DataError):  # text with NUL, a number out of range
+                        err = InvalidArgument(f"the store cannot hold this value: {err}")
                     results.append((fut, None, err))
         return results
 

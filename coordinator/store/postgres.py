@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -17,6 +17,7 @@ from shoal.coordinator.store.conn import Op
 from shoal.coordinator.store.leadership import Leader, Leadership
 from shoal.coordinator.store.pgschema import migrate
 from shoal.coordinator.store.pgwriter import PgConn, PgWriter, connect
+from shoal.coordinator.store.rows import Request, TaskRow
 from shoal.coordinator.store.sqlstore import SqlStore
 from shoal.errors import FailedPrecondition, Unavailable
 
@@ -121,6 +122,14 @@ class PostgresStore(SqlStore):
         conn, self._reader_conn = self._reader_conn, None
         if conn is not None:
             conn.close()
+
+    async def insert(
+        self, rows: Sequence[TaskRow], request: Request | None = None
+    ) -> tuple[list[str | None], list[list[str]]]:
+        if request is not None:  # the core joins caller and id with NUL, which TEXT refuses
+            key = request.key.replace("\\", "\\\\").replace("\0", "\\0")
+            request = Request(key, request.created_at)
+        return await super().insert(rows, request)
 
     def _write(self, op: Op) -> asyncio.Future[Any]:
         if self._writer is None:

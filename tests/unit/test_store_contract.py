@@ -209,16 +209,16 @@ async def test_a_resent_request_inserts_nothing_and_answers_the_first_ids(
     store = backend.make()
     await store.open()
     try:
-        first = await store.insert([row(1), row(2)], Request("caller/r1", 10.0))
+        first = await store.insert([row(1), row(2)], Request("caller\0r1", 10.0))
         assert first[0] == [None, None]
-        again = await store.insert([row(3), row(4)], Request("caller/r1", 11.0))
+        again = await store.insert([row(3), row(4)], Request("caller\0r1", 11.0))
         assert again[0] == ["t1", "t2"]
         assert await store.get("t3") is None
         with pytest.raises(FailedPrecondition, match="used before for 2 task"):
-            await store.insert([row(5)], Request("caller/r1", 12.0))
+            await store.insert([row(5)], Request("caller\0r1", 12.0))
         # The refused operation failed alone: a write in the same commit went through.
         results = await asyncio.gather(
-            store.insert([row(6)], Request("caller/r1", 13.0)),
+            store.insert([row(6)], Request("caller\0r1", 13.0)),
             store.insert([row(7)]),
             return_exceptions=True,
         )

@@ -22,7 +22,7 @@ from grpc_health.v1._async import HealthServicer
 
 from shoal._status import abort
 from shoal.auth import ANONYMOUS, Principal, Role
-from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = [
     "HEALTH_POLICY",
@@ -284,14 +284,20 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticate: Callable[[str], Principal] | None,
         *,
         client_certs: bool = True,
+        standby: Callable[[], str | None] | None = None,
     ) -> None:
         self._policy = policy
         self._authenticate = authenticate
         self._client_certs = client_certs
+        self._standby = standby
 
     def _caller(self, method: str, metadata: Any) -> Principal | None:
         """Who calls `method`, if they may (None: anyone may); from the call's metadata alone,
         before its request is read."""
+        if self._standby is not None and not method.startswith(f"/{HEALTH_SERVICE}/"):
+            leader = self._standby()
+            if leader is not None:
+                raise Unavailable(f"this coordinator stands by: {leader}")
         roles = self._policy.get(method, frozenset({Role.ADMIN}))
         if not roles:  # OPEN
             return None

@@ -1,0 +1,72 @@
+"""Standby coordinators on one PostgreSQL store: the standby answers NOT_SERVING and
+UNAVAILABLE naming the leader; when the leader is killed (SIGKILL) it leads within seconds,
+with every task the leader accepted."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from shoal import AsyncClient
+from shoal.errors import Unavailable
+from shoal.v1 import task_pb2
+
+from .harness import CliProcess, CliProcesses, eventually, free_port, health_status, wait_serving
+
+TAKEOVER = 5.0  # seconds a standby may take to lead once the leader is gone
+
+
+async def _coordinator(cli: CliProcesses, url: str, port: int, name: str) -> CliProcess:
+    return await cli.start(
+        "coordinator",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--store",
+        url,
+        "--no-auth",
+        "--data-dir",
+        str(cli.tmp_path / name),
+        name=name,
+        log_name=f"{name}.log",
+    )
+
+
+def _spec(i: int) -> task_pb2.TaskSpec:
+    return task_pb2.TaskSpec(shell=task_pb2.ShellSpec(argv=["echo", str(i)]))
+
+
+@pytest.mark.timeout(120)
+async def test_a_standby_takes_over_from_a_killed_leader(
+    cli: CliProcesses, postgres_url: str
+) -> None:
+    first_port, second_port = free_port(), free_port()
+    first = await _coordinator(cli, postgres_url, first_port, "first")
+    await wait_serving(f"127.0.0.1:{first_port}")
+    second = await _coordinator(cli, postgres_url, second_port, "second")
+    standby = f"127.0.0.1:{second_port}"
+
+    async def not_serving() -> None:
+        assert await health_status(standby) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await eventually(not_serving, timeout=30, retry_on=(AssertionError, grpc.RpcError))
+    async with AsyncClient(standby, token="unused") as client:
+        with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
+            await client.submit(_spec(0))
+
+    async with AsyncClient(f"127.0.0.1:{first_port}", token="unused") as client:
+        ids = await client.submit_batch([_spec(i) for i in range(50)])
+
+    await first.kill()
+    killed = time.monotonic()
+    await wait_serving(standby, timeout=30)
+    took = time.monotonic() - killed
+    print(f"takeover after SIGKILL: {took:.2f} s")
+    assert took < TAKEOVER + 2, cli.logs()  # + the health poll and a busy machine's slack
+    async with AsyncClient(standby, token="unused") as client:
+        for task_id in ids:
+            task = await client.get(task_id)
+            assert task.id == task_id
+    assert second.running

@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from shoal import AsyncClient
+from shoal.config import ADMIN_TOKEN_FILE
 from shoal.errors import Unavailable
 from shoal.v1 import task_pb2
 
@@ -56,17 +57,38 @@ async def test_a_standby_takes_over_from_a_killed_leader(
         with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
             await client.submit(_spec(0))
 
-    async with AsyncClient(f"127.0.0.1:{first_port}", token="unused") as client:
-        ids = await client.submit_batch([_spec(i) for i in range(50)])
+    both = f"127.0.0.1:{first_port},127.0.0.1:{second_port}"
+    # Auth is off: the node presents whatever the token file (the cli fixture's) holds.
+    (cli.tmp_path / "data").mkdir(exist_ok=True)
+    (cli.tmp_path / "data" / ADMIN_TOKEN_FILE).write_text("unused\n")
+    await cli.start("node", "-c", both, "--node-id", "n1", "--slots", "4", name="n1")
+    follower = AsyncClient(both, token="unused")
+    try:
+        await eventually(lambda: _one_node(follower), timeout=30)
+        ids = await follower.submit_batch([_spec(i) for i in range(50)])
+        for task_id in ids[:5]:
+            assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+        await _after_the_kill(cli, first, standby, follower, ids)
+    finally:
+        await follower.close()
+    assert second.running
 
+
+async def _one_node(client: AsyncClient) -> None:
+    assert [n.info.node_id for n in await client.nodes() if n.connected] == ["n1"]
+
+
+async def _after_the_kill(
+    cli: CliProcesses, first: CliProcess, standby: str, follower: AsyncClient, ids: list[str]
+) -> None:
     await first.kill()
     killed = time.monotonic()
     await wait_serving(standby, timeout=30)
     took = time.monotonic() - killed
     print(f"takeover after SIGKILL: {took:.2f} s")
     assert took < TAKEOVER + 2, cli.logs()  # + the health poll and a busy machine's slack
-    async with AsyncClient(standby, token="unused") as client:
-        for task_id in ids:
-            task = await client.get(task_id)
-            assert task.id == task_id
-    assert second.running
+    # The client and the node given both addresses follow the new leader: every task the
+    # killed one accepted runs to its end, and new ones too.
+    more = await follower.submit_batch([_spec(i) for i in range(50, 60)])
+    for task_id in [*ids, *more]:
+        assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED

@@ -22,7 +22,7 @@ import psycopg
 from shoal.coordinator.store.base import EPOCH_SHIFT
 from shoal.coordinator.store.pgwriter import OPTIONS
 
-__all__ = ["Leader", "Leadership"]
+__all__ = ["Leader", "Leadership", "Member", "members"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -34,6 +34,13 @@ _TAKE = (
     " (SELECT coalesce(max(final_seq), 0) >> %(shift)s FROM tasks WHERE final_seq IS NOT NULL)"
     ") + 1 WHERE id = 1 AND expires_at < now() RETURNING epoch"
 )
+
+
+_SEEN = (
+    "INSERT INTO coordinators (holder, address, seen_at) VALUES (%s, %s, now())"
+    " ON CONFLICT (holder) DO UPDATE SET address = excluded.address, seen_at = now()"
+)
+_FORGET = "DELETE FROM coordinators WHERE seen_at < now() - interval '1 minute' OR holder = %s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class Leadership:
                     "address": self.address,
                     "shift": EPOCH_SHIFT,
                 }
+                await conn.execute(_SEEN, (self._holder, self.address))
                 row = await (await conn.execute(_TAKE, args)).fetchone()
                 if row is not None:
                     self.epoch = int(row[0])
@@ -120,6 +128,7 @@ class Leadership:
                 )
                 if cur.rowcount == 1:
                     self._renewed = sent
+                    await conn.execute(_SEEN, (self._holder, self.address))
                     continue
                 on_lost(f"another coordinator took over from epoch {self.epoch}")
                 return
@@ -133,9 +142,10 @@ class Leadership:
 
     async def release(self) -> None:
         """Give up the lead at once (a standby takes over without waiting out the lease)."""
-        if self.epoch:
-            with contextlib.suppress(psycopg.Error, TimeoutError):
-                conn = await self._connection()
+        with contextlib.suppress(psycopg.Error, TimeoutError):
+            conn = await self._connection()
+            await asyncio.wait_for(conn.execute(_FORGET, (self._holder,)), self._ttl.seconds + 1)
+            if self.epoch:
                 await asyncio.wait_for(
                     conn.execute(
                         "UPDATE leader SET expires_at = '-infinity' WHERE id = 1 AND epoch = %s",
@@ -144,3 +154,26 @@ class Leadership:
                     timeout=self._ttl.total_seconds(),
                 )
         await self._drop()
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A coordinator on the store, as it last said it lives."""
+
+    address: str
+    seen_ago: float  # seconds
+    leads: bool
+
+
+def members(conn: psycopg.Connection[Any]) -> tuple[Leader | None, list[Member]]:
+    """Who leads (None: nobody ever did) and every coordinator seen in the last minute."""
+    row = conn.execute(
+        "SELECT address, epoch, expires_at > now(), holder FROM leader WHERE id = 1 AND epoch > 0"
+    ).fetchone()
+    leader = Leader(row[0], int(row[1]), bool(row[2])) if row else None
+    holder = row[3] if row and row[2] else None
+    found = conn.execute(
+        "SELECT holder, address, extract(epoch FROM now() - seen_at) FROM coordinators"
+        " WHERE seen_at > now() - interval '1 minute' ORDER BY address"
+    ).fetchall()
+    return leader, [Member(r[1], float(r[2]), r[0] == holder) for r in found]

@@ -90,7 +90,14 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+_V2 = """
+-- Every coordinator on the store, leading or standing by, says here that it lives.
+CREATE TABLE coordinators (
+    holder TEXT PRIMARY KEY, address TEXT NOT NULL, seen_at TIMESTAMPTZ NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 """Migration N + 1 takes a store at version N to N + 1; never edit one that was released."""
 
 

@@ -15,7 +15,16 @@ from shoal.config import ADMIN_TOKEN_FILE
 from shoal.errors import Unavailable
 from shoal.v1 import task_pb2
 
-from .harness import CliProcess, CliProcesses, eventually, free_port, health_status, wait_serving
+from .harness import (
+    BIN,
+    CliProcess,
+    CliProcesses,
+    eventually,
+    free_port,
+    health_status,
+    run_tool,
+    wait_serving,
+)
 
 TAKEOVER = 5.0  # seconds a standby may take to lead once the leader is gone
 
@@ -53,6 +62,10 @@ async def test_a_standby_takes_over_from_a_killed_leader(
         assert await health_status(standby) == health_pb2.HealthCheckResponse.NOT_SERVING
 
     await eventually(not_serving, timeout=30, retry_on=(AssertionError, grpc.RpcError))
+    shown = await run_tool([str(BIN / "shoal"), "store", "status", "--store", postgres_url])
+    assert shown.returncode == 0, shown.stderr
+    assert f"leader      127.0.0.1:{first_port} epoch 1" in shown.stdout
+    assert f"standby     {standby}" in shown.stdout
     async with AsyncClient(standby, token="unused") as client:
         with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
             await client.submit(_spec(0))

@@ -21,7 +21,7 @@ from shoal.coordinator.store.rows import Request, TaskRow
 from shoal.coordinator.store.sqlstore import SqlStore
 from shoal.errors import FailedPrecondition, Unavailable
 
-__all__ = ["PostgresStore", "is_postgres_url", "redacted"]
+__all__ = ["PostgresStore", "is_postgres_url", "redacted", "request_key"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -29,6 +29,12 @@ _log = logging.getLogger("shoal.coordinator")
 def is_postgres_url(store: str) -> bool:
     """Whether a `store` setting names a PostgreSQL database."""
     return store.startswith(("postgresql://", "postgres://"))
+
+
+def request_key(key: str) -> str:
+    """A request key as PostgreSQL stores it: the core joins caller and id with NUL, which a
+    TEXT column refuses, so backslash and NUL are escaped (one to one)."""
+    return key.replace("\\", "\\\\").replace("\0", "\\0")
 
 
 def redacted(url: str) -> str:
@@ -127,8 +133,7 @@ class PostgresStore(SqlStore):
         self, rows: Sequence[TaskRow], request: Request | None = None
     ) -> tuple[list[str | None], list[list[str]]]:
         if request is not None:  # the core joins caller and id with NUL, which TEXT refuses
-            key = request.key.replace("\\", "\\\\").replace("\0", "\\0")
-            request = Request(key, request.created_at)
+            request = Request(request_key(request.key), request.created_at)
         return await super().insert(rows, request)
 
     def _write(self, op: Op) -> asyncio.Future[Any]:

@@ -167,3 +167,24 @@ def status(store: StoreOpt) -> None:
             console.print(
                 f"standby     {escape(member.address)} (seen {member.seen_ago:.1f} s ago)"
             )
+
+
+@app.command()
+def copy(
+    to: Annotated[str, typer.Option("--to", help="postgresql://user@host/db (empty)")],
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="The data dir of the SQLite store [as `shoal coordinator`]"),
+    ] = None,
+) -> None:
+    """Move an SQLite store into an empty PostgreSQL database (stop its coordinator first)."""
+    from shoal.coordinator.store.copy import copy_store
+
+    _database(to)
+    try:
+        counts = copy_store(_store(source), to)
+    except ShoalError as err:
+        print_error(err)
+        raise typer.Exit(1) from None
+    copied = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
+    console.print(f"copied {copied or 'nothing'}")

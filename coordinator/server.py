@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -294,7 +295,9 @@ class CoordinatorServer:
 
     async def _serve(self, server: grpc.aio.Server) -> None:
         s = self.settings
-        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
+        # Coordinators sharing a store each keep the local admin token of their own machine.
+        name = "local-admin" if self.pg is None else f"local-admin@{socket.gethostname()}"
+        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path, name):
             _log.info("wrote a new admin token to %s", self.admin_token_path)
         if self.pg is None:
             await server.start()

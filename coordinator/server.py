@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import ssl
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from shoal._reflection import serve_reflection
@@ -31,7 +34,8 @@ from shoal.coordinator.engine import Coordinator, CoreOptions
 from shoal.coordinator.http import HttpServer
 from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.placement import Routing
-from shoal.coordinator.store import SqliteStore
+from shoal.coordinator.store import SqliteStore, Store
+from shoal.coordinator.store.postgres import PostgresStore, is_postgres_url
 from shoal.coordinator.validation import Limits
 from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
@@ -48,6 +52,19 @@ from shoal.v1 import (
 )
 
 __all__ = ["POLICY", "SERVICE_NAMES", "CoordinatorServer", "is_loopback"]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _store(settings: CoordinatorSettings) -> Store:
+    """The store the settings name: PostgreSQL by URL, else SQLite in the data dir."""
+    if is_postgres_url(settings.store):
+        return PostgresStore(settings.store)
+    if settings.store:
+        raise FailedPrecondition("store must be empty (SQLite in data_dir) or a postgresql:// URL")
+    return SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous)
+
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -86,8 +103,12 @@ class CoordinatorServer:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
+        store = _store(settings)
+        self.pg = store if isinstance(store, PostgresStore) else None
+        self.deposed = asyncio.Event()
+        """Set once another coordinator took over: this one stopped serving."""
         self.core = Coordinator(
-            SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous),
+            store,
             CoreOptions(
                 limits=Limits(
                     max_spec_bytes=settings.max_spec_bytes,
@@ -131,6 +152,8 @@ class CoordinatorServer:
         self.adopter: Adopter | None = None
         self.port = 0
         self._own = OwnAddresses(0, settings.reachable_at)  # port: once it listens
+        self.core_started = False
+        self._deposing: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -189,12 +212,35 @@ class CoordinatorServer:
                     "listening on %s without TLS: tokens cross the network in clear", address
                 )
 
+    def _standby(self) -> str | None:
+        """Who leads while this one stands by (its address, or a phrase); None once it leads."""
+        if self.pg is None or self.core_started:
+            return None
+        leader = self.pg.leader
+        if leader is None or not leader.live:
+            return "no coordinator leads right now"
+        return f"the leader is at {leader.address}"
+
+    def _lost(self, reason: str) -> None:
+        if not self.deposed.is_set():
+            self.deposed.set()
+            self._deposing = asyncio.get_running_loop().create_task(self.stop(grace=0))
+
     async def start(self) -> None:
         self._check_settings()
         # Ports first: one another process holds ends the start at once, not after recovery.
         server = await self._listen()
         try:
+            if self.pg is not None:
+                # A standby answers from the start: health NOT_SERVING, calls UNAVAILABLE.
+                own = self.settings.reachable_at[0] if self.settings.reachable_at else ""
+                self.pg.leadership.address = own or self.address
+                self.pg.on_lost = self._lost
+                await self._set_health(NOT_SERVING)
+                await server.start()
             await self.core.start()
+            self.core_started = True
+            await self._set_health(SERVING)
         except BaseException:
             await self._stop_metrics()
             await server.stop(None)
@@ -217,6 +263,7 @@ class CoordinatorServer:
             POLICY,
             self.core.tokens.authenticate if s.auth else None,
             client_certs=s.require_client_cert,
+            standby=self._standby if self.pg is not None else None,
         )
         options = server_options(
             s.max_message_bytes,
@@ -291,6 +338,11 @@ class CoordinatorServer:
         if http is not None:
             await http.stop()
 
+    async def _set_health(self, status: int) -> None:
+        if self._health is not None:
+            for name in ("", *SERVICE_NAMES):
+                await self._health.set(name, status)
+
     async def _stop_metrics(self) -> None:
         metrics, self._metrics = self._metrics, None
         if metrics is not None:
@@ -298,9 +350,12 @@ class CoordinatorServer:
 
     async def _serve(self, server: grpc.aio.Server) -> None:
         s = self.settings
-        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path):
+        # Coordinators sharing a store each keep the local admin token of their own machine.
+        name = "local-admin" if self.pg is None else f"local-admin@{socket.gethostname()}"
+        if s.auth and await self.core.tokens.bootstrap_admin(self.admin_token_path, name):
             _log.info("wrote a new admin token to %s", self.admin_token_path)
-        await server.start()
+        if self.pg is None:
+            await server.start()
         self._server = server
         if self.http is not None:
             await self.http.start()

@@ -202,8 +202,9 @@ class TokenRegistry:
         row.revoked_at = at
         return row
 
-    async def bootstrap_admin(self, path: Path) -> bool:
-        """Make sure `path` holds a working admin token, creating one if needed (mode 0600).
+    async def bootstrap_admin(self, path: Path, name: str = "local-admin") -> bool:
+        """Make sure `path` holds a working admin token named `name`, creating one if needed
+        (mode 0600), and revoking an older one of that name (its file is gone).
 
         Returns True when a new token was written.
         """
@@ -212,7 +213,6 @@ class TokenRegistry:
             return False
         except (OSError, Unauthenticated):
             pass
-        name = "local-admin"
         for row in self.active():
             if row.name == name:
                 await self.revoke(row.id)  # its file is gone: nobody can use it

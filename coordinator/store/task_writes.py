@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 
 from shoal.coordinator.store.base import REQUEST_RETENTION
+from shoal.coordinator.store.conn import Conn, Op
 from shoal.coordinator.store.rows import FinishedRow, Request, TaskRow
-from shoal.coordinator.store.writer import Op
 from shoal.errors import FailedPrecondition
 
-__all__ = ["finish_op", "insert_op"]
+__all__ = ["Op", "finish_op", "insert_op"]
 
 
 _INSERTED = (
@@ -20,13 +19,31 @@ _INSERTED = (
 )
 
 
-def _by_key(conn: sqlite3.Connection, key: str) -> str | None:
+def _by_key(conn: Conn, key: str) -> str | None:
     found = conn.execute("SELECT id FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
     return found[0] if found else None
 
 
+_KEYS_AT_ONCE = 500  # keys looked up per statement (SQLite takes at most 32766 parameters)
+
+
+def _by_keys(conn: Conn, keys: list[str]) -> dict[str, str]:
+    """The tasks already holding some of `keys`: one statement per 500 keys, not per key."""
+    found: dict[str, str] = {}
+    for i in range(0, len(keys), _KEYS_AT_ONCE):
+        chunk = keys[i : i + _KEYS_AT_ONCE]
+        found.update(
+            conn.execute(
+                "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN"
+                f" ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+        )
+    return found
+
+
 def _earlier_request(
-    conn: sqlite3.Connection, rows: Sequence[TaskRow], request: Request
+    conn: Conn, rows: Sequence[TaskRow], request: Request
 ) -> list[str | None] | None:
     """The task ids of a request stored before under the same key, in its order, or None."""
     found = conn.execute(
@@ -52,7 +69,7 @@ def _earlier_request(
 
 
 def insert_op(rows: Sequence[TaskRow], request: Request | None) -> Op:
-    def op(conn: sqlite3.Connection) -> tuple[list[str | None], list[list[str]]]:
+    def op(conn: Conn) -> tuple[list[str | None], list[list[str]]]:
         # The one writer runs this: nothing can insert a key between the lookup and the insert.
         if request is not None:
             earlier = _earlier_request(conn, rows, request)
@@ -66,10 +83,11 @@ def insert_op(rows: Sequence[TaskRow], request: Request | None) -> Op:
                 "DELETE FROM requests WHERE created_at < ?",
                 (request.created_at - REQUEST_RETENTION,),
             )
-        existing: list[str | None] = [None] * len(rows)
-        for i, r in enumerate(rows):
-            if r.idempotency_key is not None:
-                existing[i] = _by_key(conn, r.idempotency_key)
+        keys = [r.idempotency_key for r in rows if r.idempotency_key is not None]
+        held = _by_keys(conn, keys) if keys else {}
+        existing = [
+            None if r.idempotency_key is None else held.get(r.idempotency_key) for r in rows
+        ]
         final = [old or r.id for old, r in zip(existing, rows, strict=True)]
         resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
         conn.executemany(
@@ -97,7 +115,7 @@ def insert_op(rows: Sequence[TaskRow], request: Request | None) -> Op:
 
 
 def finish_op(rows: Sequence[FinishedRow]) -> Op:
-    def op(conn: sqlite3.Connection) -> None:
+    def op(conn: Conn) -> None:
         conn.executemany(
             "UPDATE tasks SET state = ?, final_seq = ?, finished_at = ?, started_at = ?,"
             " node_id = ?, attempt_epoch = ?, attempt_number = ?, result = ?, finished_by = ?,"

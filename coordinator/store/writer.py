@@ -1,4 +1,4 @@
-"""The store's one writer thread: group commit, a savepoint per operation."""
+"""The store's one writer thread: group commit (SQLite's here, PostgreSQL's in pgwriter)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,26 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from shoal.coordinator.store.base import STORE_FULL
+from shoal.coordinator.store.conn import Op
 from shoal.errors import ResourceExhausted, ShoalError, Unavailable
 
-__all__ = ["Op", "Writer"]
+__all__ = ["Batch", "Results", "SqliteWriter", "Writer"]
 
 _FULL_RETRY = timedelta(seconds=5)  # freeing space takes an operator: not a quick resend
 
-Op = Callable[[sqlite3.Connection], Any]
+Batch = list[tuple[Op, "asyncio.Future[Any]"]]
+Results = list[tuple["asyncio.Future[Any]", Any, BaseException | None]]
 
 
 class Writer(threading.Thread):
     """The one writer: takes every queued operation, runs them in one transaction, commits once."""
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name="shoal-store-writer", daemon=True)
-        self._conn = conn
         self._loop = loop
         self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
 
@@ -38,11 +38,18 @@ class Writer(threading.Thread):
     def stop(self) -> None:
         self._queue.put(None)
 
+    def _commit(self, batch: Batch) -> Results:
+        """Run the batch in one transaction: each operation's result or failure."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Close the connection (in the writer's thread, after the last commit)."""
+        raise NotImplementedError
+
     def run(self) -> None:
-        conn = self._conn
         while True:
             item = self._queue.get()
-            batch: list[tuple[Op, asyncio.Future[Any]]] = []
+            batch: Batch = []
             stopping = item is None
             if item is not None:
                 batch.append(item)
@@ -56,16 +63,25 @@ class Writer(threading.Thread):
                 else:
                     batch.append(nxt)
             if batch:
-                self._loop.call_soon_threadsafe(_deliver, self._commit(conn, batch))
+                self._loop.call_soon_threadsafe(_deliver, self._commit(batch))
             if stopping:
-                conn.close()
+                self._close()
                 return
 
-    @staticmethod
-    def _commit(
-        conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+
+class SqliteWriter(Writer):
+    """SQLite's group commit: a savepoint per operation, one COMMIT (one fsync) per batch."""
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._conn = conn
+
+    def _close(self) -> None:
+        self._conn.close()
+
+    def _commit(self, batch: Batch) -> Results:
+        conn = self._conn
+        results: Results = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, fut in batch:
@@ -98,7 +114,7 @@ def _full(err: Exception) -> ShoalError | None:
     return None
 
 
-def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _deliver(results: Results) -> None:
     for fut, value, err in results:
         if fut.cancelled():
             continue

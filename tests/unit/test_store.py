@@ -1,8 +1,8 @@
-"""The SQLite store: durability across reopen, idempotency, group commit, replay ranges."""
+"""What only the SQLite store does: private files, a full disk, one opener, the state file
+(the contract every backend keeps is in test_store_contract.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from datetime import timedelta
@@ -12,7 +12,6 @@ import pytest
 
 from shoal.coordinator.events import EPOCH_SHIFT
 from shoal.coordinator.store import STORE_FULL, FinishedRow, SqliteStore, TaskRow, Unfinished
-from shoal.coordinator.store import sqlite as store_module
 from shoal.coordinator.store.marks import Marks, read_marks
 from shoal.errors import FailedPrecondition, ResourceExhausted
 from shoal.v1 import task_pb2
@@ -31,136 +30,6 @@ def row(seq: int, key: str | None = None, tenant: str = "") -> TaskRow:
 def done(seq: int, final_seq: int, state: int = task_pb2.TASK_STATE_SUCCEEDED) -> FinishedRow:
     result = task_pb2.TaskResult(exit_code=0, stdout=f"{seq}\n").SerializeToString()
     return FinishedRow(f"t{seq}", state, final_seq, 2000.0, 1500.0, "n1", 1, 1, result, seq=seq)
-
-
-async def test_epoch_grows_and_rows_survive_reopen(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    assert await store.open() == 1
-    assert (await store.insert([row(1), row(2), row(3)]))[0] == [None, None, None]
-    await store.finish([done(2, 10)])
-    await store.close()
-
-    store = SqliteStore(tmp_path / "s.db")
-    assert await store.open() == 2
-    assert [r[1] for r in await unfinished(store)] == ["t1", "t3"]
-    got = await store.get("t2")
-    assert got is not None and got.outcome is not None
-    assert task_pb2.TaskResult.FromString(got.outcome.result).stdout == "2\n"
-    assert await store.get("missing") is None
-    await store.close()
-    await store.close()  # idempotent
-
-
-async def test_idempotency_key_returns_existing_id(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    assert (await store.insert([row(1, key="k")]))[0] == [None]
-    assert (await store.insert([row(2, key="k"), row(3)]))[0] == ["t1", None]
-    assert await store.get("t2") is None
-    await store.close()
-
-
-async def test_batch_indexes_resolve_to_final_ids_and_survive_reopen(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    await store.insert([row(1, key="k")])
-    keyed, fresh, child = row(2, key="k"), row(3), row(4)
-    child.depends_on = [0, 1, "t1"]  # the keyed row (an existing task), the fresh one, by id
-    existing, resolved = await store.insert([keyed, fresh, child])
-    assert existing == ["t1", None, None]
-    assert resolved[2] == ["t1", "t3", "t1"]
-    await store.close()
-
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    pending = {r[1]: r[5] for r in await unfinished(store)}
-    assert pending == {"t1": None, "t3": None, "t4": ["t1", "t3", "t1"]}
-    await store.close()
-
-
-async def test_unfinished_tasks_are_read_page_by_page_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "_UNFINISHED_PAGE", 7)
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    await store.insert([row(i) for i in range(1, 31)])
-    await store.finish([done(5, 100)])
-    pages = [[r[0] for r in page] async for page in store.unfinished()]
-    assert [len(p) for p in pages] == [7, 7, 7, 7, 1]
-    assert [seq for page in pages for seq in page] == [i for i in range(1, 31) if i != 5]
-
-    # A reader that stops early leaves the store usable.
-    async for _ in store.unfinished():
-        break
-    assert (await store.get("t1")) is not None
-    await store.close()
-
-
-async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
-    await store.open()
-    results = await asyncio.gather(*(store.insert([row(i)]) for i in range(1, 201)))
-    assert all(r[0] == [None] for r in results)
-    assert len(await unfinished(store)) == 200
-    await store.close()
-
-
-async def test_finish_is_recorded_once(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    await store.insert([row(1)])
-    await store.finish([done(1, 5, task_pb2.TASK_STATE_FAILED)])
-    await store.finish([done(1, 6, task_pb2.TASK_STATE_SUCCEEDED)])  # a late duplicate
-    got = await store.get("t1")
-    assert got is not None and got.outcome is not None
-    assert (got.outcome.state, got.outcome.final_seq) == (task_pb2.TASK_STATE_FAILED, 5)
-    await store.close()
-
-
-async def test_list_filters_and_pages(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    await store.insert([row(i, tenant="a" if i % 2 else "b") for i in range(1, 7)])
-    await store.finish([done(1, 20), done(2, 21, task_pb2.TASK_STATE_FAILED)])
-    everything = await store.list_tasks(
-        before_seq=None, tenant=None, final_states=None, include_unfinished=True, limit=10
-    )
-    assert [t.row.seq for t in everything] == [6, 5, 4, 3, 2, 1]
-    failed = await store.list_tasks(
-        before_seq=None,
-        tenant=None,
-        final_states=[task_pb2.TASK_STATE_FAILED],
-        include_unfinished=False,
-        limit=10,
-    )
-    assert [t.row.id for t in failed] == ["t2"]
-    page = await store.list_tasks(
-        before_seq=5, tenant="a", final_states=None, include_unfinished=True, limit=1
-    )
-    assert [t.row.id for t in page] == ["t3"]
-    await store.close()
-
-
-async def test_events_between_orders_acceptances_and_outcomes(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    await store.insert([row(1), row(2), row(4)])
-    await store.finish([done(1, 3), done(2, 5)])
-    items = await store.events_between(0, 100, 100)
-    assert [(seq, st.row.id) for seq, st in items] == [
-        (1, "t1"),
-        (2, "t2"),
-        (3, "t1"),
-        (4, "t4"),
-        (5, "t2"),
-    ]
-    # A page cut by the limit never skips an event of the other kind.
-    first = await store.events_between(0, 100, 2)
-    assert [seq for seq, _ in first] == [1, 2]
-    rest = await store.events_between(first[-1][0], 100, 2)
-    assert [seq for seq, _ in rest] == [3, 4, 5]
-    await store.close()
 
 
 async def test_the_store_is_its_owners_only_even_when_made_open_before(tmp_path: Path) -> None:
@@ -218,25 +87,6 @@ async def test_a_full_disk_is_resource_exhausted_with_a_retry_delay_and_heals(
     got = await store.get("t1")
     assert got is not None and got.outcome is not None and got.outcome.result == big
     await store.close()
-
-
-async def test_attempts_dispatched_since_the_last_record_are_kept_until_the_next(
-    tmp_path: Path,
-) -> None:
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    try:
-        await store.put_node_attempts({"n1": "t1 1 1"})
-        await store.add_dispatched({"n1": "t2 1 1", "n2": "t3 1 1"})
-        await store.add_dispatched({"n2": "t1 1 2"})
-        assert await store.node_attempts() == {"n1": "t1 1 1\nt2 1 1", "n2": "t3 1 1\nt1 1 2"}
-        await store.put_node_attempts({"n2": "t1 1 2"})  # covers what came before
-        assert await store.node_attempts() == {"n1": "t1 1 1", "n2": "t1 1 2"}
-        await store.add_dispatched({"n1": "t4 1 1"})
-        await store.set_member("n1", False)  # forgets its attempts, recorded either way
-        assert await store.node_attempts() == {"n2": "t1 1 2"}
-    finally:
-        await store.close()
 
 
 async def test_a_store_is_held_by_one_opener_at_a_time(tmp_path: Path) -> None:

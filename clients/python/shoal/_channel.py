@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 from pathlib import Path
 
 import grpc
@@ -22,8 +25,16 @@ def open_channel(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> grpc.aio.Channel:
-    """A plaintext channel, or TLS when a CA or a client certificate is given (mTLS with both)."""
+    """A plaintext channel, or TLS when a CA or a client certificate is given (mTLS with both).
+
+    `target` may list several coordinators ("host:port,host:port"): calls then go to the one
+    whose health is SERVING, the leader (standbys answer NOT_SERVING), and follow it when
+    another takes over.
+    """
     options = grpc_options(max_message_bytes)
+    if "," in target:
+        target = _addresses(target)
+        options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
     if tls_ca is None and tls_cert is None:
         return grpc.aio.insecure_channel(target, options=options)
     if (tls_cert is None) != (tls_key is None):
@@ -34,6 +45,37 @@ def open_channel(
         certificate_chain=tls_cert.read_bytes() if tls_cert else None,
     )
     return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+# gRPC's own client-side health checking: round_robin over the addresses that answer
+# grpc.health.v1.Health/Watch with SERVING, which only the leader does.
+_FOLLOW_THE_LEADER = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+
+
+def _addresses(target: str) -> str:
+    """host:port,host:port as a gRPC target of those addresses (names resolved here, once)."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    ports: list[int] = []
+    for item in target.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"not host:port: {item.strip()!r} (in {target!r})")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = ipaddress.ip_address(
+                socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+            )
+        found.append(ip)
+        ports.append(int(port))
+    if len({ip.version for ip in found}) > 1:
+        raise ValueError(f"list coordinators all by IPv4 or all by IPv6, not both: {target!r}")
+    if found[0].version == 4:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in zip(found, ports, strict=True))
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in zip(found, ports, strict=True))
 
 
 CLIENT_KEY = "shoal-client"

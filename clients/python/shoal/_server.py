@@ -23,7 +23,7 @@ from grpc_health.v1._async import HealthServicer
 
 from shoal._status import abort
 from shoal.auth import ANONYMOUS, Principal, Role
-from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shoal.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = [
     "HEALTH_POLICY",
@@ -249,11 +249,18 @@ def authorize(
     authenticate: Callable[[str], Principal] | None,
     method: str,
     token: Callable[[], str],
+    *,
+    standby: Callable[[], str | None] | None = None,
 ) -> Principal | None:
     """Who calls `method` with the token `token()` gives ('' when none was sent; asked only
     when needed), if they may (None: anyone may, unauthenticated); Unauthenticated or
     PermissionDenied if not. A method missing from `policy` is admin only; `authenticate`
-    None: auth is off. Every transport (gRPC, HTTP) decides here."""
+    None: auth is off. While `standby()` names a leader, every call but health's is
+    Unavailable. Every transport (gRPC, HTTP) decides here."""
+    if standby is not None and not method.startswith(f"/{HEALTH_SERVICE}/"):
+        leader = standby()
+        if leader is not None:
+            raise Unavailable(f"this coordinator stands by: {leader}")
     roles = policy.get(method, frozenset({Role.ADMIN}))
     if not roles:  # OPEN
         return None
@@ -322,15 +329,23 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticate: Callable[[str], Principal] | None,
         *,
         client_certs: bool = True,
+        standby: Callable[[], str | None] | None = None,
     ) -> None:
         self._policy = policy
         self._authenticate = authenticate
         self._client_certs = client_certs
+        self._standby = standby
 
     def _caller(self, method: str, metadata: Any) -> Principal | None:
         """Who calls `method`, if they may (None: anyone may); from the call's metadata alone,
         before its request is read."""
-        return authorize(self._policy, self._authenticate, method, lambda: _bearer(metadata))
+        return authorize(
+            self._policy,
+            self._authenticate,
+            method,
+            lambda: _bearer(metadata),
+            standby=self._standby,
+        )
 
     def _admit(self, principal: Principal | None, context: Any) -> None:
         if principal is None:

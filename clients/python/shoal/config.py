@@ -137,6 +137,9 @@ class CoordinatorSettings(_Settings):
     http_listen: str = ""
     # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
     synchronous: str = "FULL"
+    # Where tasks are kept: "" for SQLite in data_dir, or "postgresql://user@host/db", which
+    # several coordinators may share (one leads, the others stand by and take over).
+    store: str = ""
     # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.
     # (A node's own lease is renewed by the coordinator's answers, at least 4 times a lease.)
     heartbeat_interval: timedelta = timedelta(seconds=3)

@@ -253,6 +253,10 @@ def _given(**kwargs: Any) -> dict[str, Any]:
 def coordinator(
     listen: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1:7070]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the store lives")] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="postgresql://user@host/db to share a store with standby coordinators"),
+    ] = None,
     auth: AuthOpt = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server key (PEM)")] = None,
@@ -293,6 +297,7 @@ def coordinator(
             **_given(
                 listen=listen,
                 data_dir=data_dir,
+                store=store,
                 auth=auth,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
@@ -316,7 +321,9 @@ def coordinator(
         if server.settings.auth:
             console.print(f"admin token in {server.admin_token_path}")
         collect_seldom()
-        await _until_signalled(server.stop)
+        await _until_signalled(server.stop, done=server.deposed)
+        if server.deposed.is_set():
+            raise typer.Exit(1)  # another coordinator leads: a supervisor starts this one again
 
     run_async(main())
 

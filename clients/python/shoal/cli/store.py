@@ -106,3 +106,85 @@ def accept_loss(
         print_error(err)
         raise typer.Exit(1) from None
     console.print(f"accepted: a coordinator goes on with what it holds, in an epoch past {epoch}")
+
+
+StoreOpt = Annotated[str, typer.Option("--store", help="postgresql://user@host/db")]
+
+
+def _database(store: str) -> None:
+    from shoal.coordinator.store.postgres import is_postgres_url
+
+    if not is_postgres_url(store):
+        print_error(ShoalError("--store takes a postgresql:// URL (SQLite migrates at start)"))
+        raise typer.Exit(2)
+
+
+@app.command()
+def migrate(store: StoreOpt) -> None:
+    """Bring a PostgreSQL store's schema up to date (coordinators also do it at start)."""
+    from shoal.coordinator.store.postgres import PostgresStore
+
+    _database(store)
+
+    async def run() -> tuple[int, int]:
+        pg = PostgresStore(store)
+        try:
+            return await pg.migrate()
+        finally:
+            await pg.close()
+
+    try:
+        found, now = asyncio.run(run())
+    except ShoalError as err:
+        print_error(err)
+        raise typer.Exit(1) from None
+    console.print(f"schema version {now}" + ("" if found == now else f" (was {found})"))
+
+
+@app.command()
+def status(store: StoreOpt) -> None:
+    """Which coordinator leads on a PostgreSQL store, and which stand by."""
+    import psycopg
+
+    from shoal.coordinator.store.leadership import members
+    from shoal.coordinator.store.pgwriter import connect
+    from shoal.coordinator.store.postgres import redacted
+
+    _database(store)
+    try:
+        with connect(store) as conn:
+            leader, seen = members(conn)
+    except psycopg.Error as err:
+        print_error(ShoalError(f"cannot read {redacted(store)}: {err}"))
+        raise typer.Exit(1) from None
+    if leader is None:
+        console.print("leader      none yet")
+    else:
+        state = "" if leader.live else " [red](its lease ran out)[/red]"
+        console.print(f"leader      {escape(leader.address)} epoch {leader.epoch}{state}")
+    for member in seen:
+        if not member.leads:
+            console.print(
+                f"standby     {escape(member.address)} (seen {member.seen_ago:.1f} s ago)"
+            )
+
+
+@app.command()
+def copy(
+    to: Annotated[str, typer.Option("--to", help="postgresql://user@host/db (empty)")],
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="The data dir of the SQLite store [as `shoal coordinator`]"),
+    ] = None,
+) -> None:
+    """Move an SQLite store into an empty PostgreSQL database (stop its coordinator first)."""
+    from shoal.coordinator.store.copy import copy_store
+
+    _database(to)
+    try:
+        counts = copy_store(_store(source), to)
+    except ShoalError as err:
+        print_error(err)
+        raise typer.Exit(1) from None
+    copied = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
+    console.print(f"copied {copied or 'nothing'}")

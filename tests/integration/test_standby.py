@@ -1,0 +1,107 @@
+"""Standby coordinators on one PostgreSQL store: the standby answers NOT_SERVING and
+UNAVAILABLE naming the leader; when the leader is killed (SIGKILL) it leads within seconds,
+with every task the leader accepted."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from shoal import AsyncClient
+from shoal.config import ADMIN_TOKEN_FILE
+from shoal.errors import Unavailable
+from shoal.v1 import task_pb2
+
+from .harness import (
+    BIN,
+    CliProcess,
+    CliProcesses,
+    eventually,
+    free_port,
+    health_status,
+    run_tool,
+    wait_serving,
+)
+
+TAKEOVER = 5.0  # seconds a standby may take to lead once the leader is gone
+
+
+async def _coordinator(cli: CliProcesses, url: str, port: int, name: str) -> CliProcess:
+    return await cli.start(
+        "coordinator",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--store",
+        url,
+        "--no-auth",
+        "--data-dir",
+        str(cli.tmp_path / name),
+        name=name,
+        log_name=f"{name}.log",
+    )
+
+
+def _spec(i: int) -> task_pb2.TaskSpec:
+    return task_pb2.TaskSpec(shell=task_pb2.ShellSpec(argv=["echo", str(i)]))
+
+
+@pytest.mark.timeout(120)
+async def test_a_standby_takes_over_from_a_killed_leader(
+    cli: CliProcesses, postgres_url: str
+) -> None:
+    first_port, second_port = free_port(), free_port()
+    first = await _coordinator(cli, postgres_url, first_port, "first")
+    await wait_serving(f"127.0.0.1:{first_port}")
+    second = await _coordinator(cli, postgres_url, second_port, "second")
+    standby = f"127.0.0.1:{second_port}"
+
+    async def not_serving() -> None:
+        assert await health_status(standby) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await eventually(not_serving, timeout=30, retry_on=(AssertionError, grpc.RpcError))
+    shown = await run_tool([str(BIN / "shoal"), "store", "status", "--store", postgres_url])
+    assert shown.returncode == 0, shown.stderr
+    assert f"leader      127.0.0.1:{first_port} epoch 1" in shown.stdout
+    assert f"standby     {standby}" in shown.stdout
+    async with AsyncClient(standby, token="unused") as client:
+        with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
+            await client.submit(_spec(0))
+
+    both = f"127.0.0.1:{first_port},127.0.0.1:{second_port}"
+    # Auth is off: the node presents whatever the token file (the cli fixture's) holds.
+    (cli.tmp_path / "data").mkdir(exist_ok=True)
+    (cli.tmp_path / "data" / ADMIN_TOKEN_FILE).write_text("unused\n")
+    await cli.start("node", "-c", both, "--node-id", "n1", "--slots", "4", name="n1")
+    follower = AsyncClient(both, token="unused")
+    try:
+        await eventually(lambda: _one_node(follower), timeout=30)
+        ids = await follower.submit_batch([_spec(i) for i in range(50)])
+        for task_id in ids[:5]:
+            assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+        await _after_the_kill(cli, first, standby, follower, ids)
+    finally:
+        await follower.close()
+    assert second.running
+
+
+async def _one_node(client: AsyncClient) -> None:
+    assert [n.info.node_id for n in await client.nodes() if n.connected] == ["n1"]
+
+
+async def _after_the_kill(
+    cli: CliProcesses, first: CliProcess, standby: str, follower: AsyncClient, ids: list[str]
+) -> None:
+    await first.kill()
+    killed = time.monotonic()
+    await wait_serving(standby, timeout=30)
+    took = time.monotonic() - killed
+    print(f"takeover after SIGKILL: {took:.2f} s")
+    assert took < TAKEOVER + 2, cli.logs()  # + the health poll and a busy machine's slack
+    # The client and the node given both addresses follow the new leader: every task the
+    # killed one accepted runs to its end, and new ones too.
+    more = await follower.submit_batch([_spec(i) for i in range(50, 60)])
+    for task_id in [*ids, *more]:
+        assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED

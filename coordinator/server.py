@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1._async import HealthServicer
 
 from shoal._reflection import serve_reflection
@@ -26,11 +25,9 @@ from shoal.config import ADMIN_TOKEN_FILE, STORE_FILE, CoordinatorSettings
 from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.api import AdminService, LocksService, NodeGatewayService, TasksService
 from shoal.coordinator.discovery import CoordinatorDiscovery
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.metrics import MetricsServer
-from shoal.coordinator.placement import Routing
 from shoal.coordinator.store import SqliteStore
-from shoal.coordinator.validation import Limits
 from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
 from shoal.handshake import OwnAddresses
@@ -83,40 +80,7 @@ class CoordinatorServer:
         self.settings = settings
         self.core = Coordinator(
             SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous),
-            CoreOptions(
-                limits=Limits(
-                    max_spec_bytes=settings.max_spec_bytes,
-                    max_batch=settings.max_batch,
-                    max_string=settings.max_string,
-                    max_labels=settings.max_labels,
-                    max_result_bytes=settings.max_result_bytes,
-                    max_rendered_spec_bytes=settings.max_rendered_spec_bytes,
-                    max_watch_tasks=settings.max_watch_tasks,
-                    max_node_slots=settings.max_node_slots,
-                    max_queued=settings.max_queued,
-                    max_queued_per_tenant=settings.max_queued_per_tenant,
-                    tenant_submit_rate=settings.tenant_submit_rate,
-                    tenant_submit_burst=settings.tenant_submit_burst,
-                ),
-                heartbeat_interval=settings.heartbeat_interval,
-                lease=settings.lease,
-                max_heartbeat_rate=settings.max_heartbeat_rate,
-                event_capacity=settings.event_capacity,
-                event_bytes=settings.event_bytes,
-                finished_cache=settings.finished_cache,
-                node_message_rate=settings.node_message_rate,
-                node_message_burst=settings.node_message_burst,
-                routing=Routing(settings.routing),
-                tenant_weights=settings.tenant_weights,
-                restart_grace=settings.restart_grace,
-                unplaceable_grace=settings.unplaceable_grace,
-                breaker_threshold=settings.breaker_threshold,
-                breaker_cooldown=settings.breaker_cooldown,
-                max_lock_ttl=settings.max_lock_ttl,
-                max_catch_up=settings.max_catch_up,
-                pricing=settings.pricing,
-                quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
-            ),
+            settings,
         )
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Self
 
 import grpc
 from grpc_health.v1._async import HealthServicer
@@ -14,12 +15,14 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
+    collect_seldom,
     listen,
     method_path,
     serve_health,
     server_credentials,
     server_options,
 )
+from shoal._signals import until_signalled
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, STORE_FILE, CoordinatorSettings
 from shoal.coordinator.adopt import Adopter, NodeTls
@@ -74,7 +77,8 @@ POLICY: dict[str, frozenset[Role]] = {
 
 
 class CoordinatorServer:
-    """Runs the core behind a gRPC server; `start`, then `stop` (idempotent)."""
+    """Runs the core behind a gRPC server: `run()` until signalled, or `async with`, or
+    `start` then `stop` (idempotent)."""
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
@@ -241,7 +245,28 @@ class CoordinatorServer:
             s.data_dir,
         )
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Serve (starting first unless started) until SIGINT or SIGTERM, then stop; a second
+        signal cuts the stop short."""
+        if self._server is None:
+            await self.start()
+        try:
+            collect_seldom()
+            await until_signalled()
+        finally:
+            await self.stop()
+
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work, then drain: mDNS says goodbye, health turns NOT_SERVING, the
+        core refuses new calls, records what nodes run and closes their sessions, then the
+        server gives calls in flight `grace` seconds."""
         server, self._server = self._server, None
         if server is None:
             return

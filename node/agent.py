@@ -98,8 +98,8 @@ class NodeAgent:
             self.node_id,
             self.executors,
             secrets=self.secrets,
-            push=self.link.push,
-            output_room=self.link.output_room,
+            push=self.link.outbox.push,
+            output_room=self.link.outbox.output_room,
             pausing=self._pausing,
             on_groups_changed=self._report_guard,
         )
@@ -306,7 +306,7 @@ class NodeAgent:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_FLUSH_BEFORE_LEAVING):
-                await self.link.flushed.wait()
+                await self.link.outbox.flushed.wait()
         _log.info("node=%s drained; leaving", self.node_id)
         self.left.set()
 

@@ -238,7 +238,7 @@ class TaskLifecycle:
     ) -> None:
         """Make a task final now; its outcome is committed with the next group of outcomes."""
         if rec.state == QUEUED:
-            self.scheduler.queue.discard()
+            self.scheduler.queue.remove(rec)
         if not is_final(rec.state):
             self.unfinished[rec.tenant] -= 1
         if by:

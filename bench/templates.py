@@ -21,10 +21,10 @@ from collections.abc import Callable
 from _common import MB
 
 from shoal import python, shell
-from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import InvalidArgument
 from shoal.templates import render
 from shoal.v1 import task_pb2
+from shoal.validation import Limits, validate_batch
 
 SIZE = 1_000_000
 REF = "${{ deps[0].stdout }}"

@@ -23,10 +23,10 @@ from shoal.coordinator.clock import Clock
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import Store
 from shoal.coordinator.timers import SetTimer, TimerKind
-from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound, ShoalError
 from shoal.specs import timestamp
 from shoal.v1 import admin_pb2, task_pb2
+from shoal.validation import Limits, validate_batch
 
 if TYPE_CHECKING:
     from shoal.coordinator.engine import Submitted

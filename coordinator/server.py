@@ -7,9 +7,9 @@ import logging
 import socket
 import ssl
 from pathlib import Path
+from typing import Self
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
@@ -19,24 +19,24 @@ from shoal._server import (
     HEALTH_SERVICE,
     OPEN,
     Gate,
+    collect_seldom,
     listen,
     method_path,
     serve_health,
     server_credentials,
     server_options,
 )
+from shoal._signals import until_signalled
 from shoal.auth import Role
 from shoal.config import ADMIN_TOKEN_FILE, STORE_FILE, CoordinatorSettings
 from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.api import AdminService, LocksService, NodeGatewayService, TasksService
 from shoal.coordinator.discovery import CoordinatorDiscovery
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.http import HttpServer
 from shoal.coordinator.metrics import MetricsServer
-from shoal.coordinator.placement import Routing
 from shoal.coordinator.store import SqliteStore, Store
 from shoal.coordinator.store.postgres import PostgresStore, is_postgres_url
-from shoal.coordinator.validation import Limits
 from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
 from shoal.handshake import OwnAddresses
@@ -99,7 +99,8 @@ POLICY: dict[str, frozenset[Role]] = {
 
 
 class CoordinatorServer:
-    """Runs the core behind a gRPC server; `start`, then `stop` (idempotent)."""
+    """Runs the core behind a gRPC server: `run()` until signalled, or `async with`, or
+    `start` then `stop` (idempotent)."""
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
@@ -109,40 +110,7 @@ class CoordinatorServer:
         """Set once another coordinator took over: this one stopped serving."""
         self.core = Coordinator(
             store,
-            CoreOptions(
-                limits=Limits(
-                    max_spec_bytes=settings.max_spec_bytes,
-                    max_batch=settings.max_batch,
-                    max_string=settings.max_string,
-                    max_labels=settings.max_labels,
-                    max_result_bytes=settings.max_result_bytes,
-                    max_rendered_spec_bytes=settings.max_rendered_spec_bytes,
-                    max_watch_tasks=settings.max_watch_tasks,
-                    max_node_slots=settings.max_node_slots,
-                    max_queued=settings.max_queued,
-                    max_queued_per_tenant=settings.max_queued_per_tenant,
-                    tenant_submit_rate=settings.tenant_submit_rate,
-                    tenant_submit_burst=settings.tenant_submit_burst,
-                ),
-                heartbeat_interval=settings.heartbeat_interval,
-                lease=settings.lease,
-                max_heartbeat_rate=settings.max_heartbeat_rate,
-                event_capacity=settings.event_capacity,
-                event_bytes=settings.event_bytes,
-                finished_cache=settings.finished_cache,
-                node_message_rate=settings.node_message_rate,
-                node_message_burst=settings.node_message_burst,
-                routing=Routing(settings.routing),
-                tenant_weights=settings.tenant_weights,
-                restart_grace=settings.restart_grace,
-                unplaceable_grace=settings.unplaceable_grace,
-                breaker_threshold=settings.breaker_threshold,
-                breaker_cooldown=settings.breaker_cooldown,
-                max_lock_ttl=settings.max_lock_ttl,
-                max_catch_up=settings.max_catch_up,
-                pricing=settings.pricing,
-                quotas=[json_format.ParseDict(q, admin_pb2.Quota()) for q in settings.quotas],
-            ),
+            settings,
         )
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
@@ -390,7 +358,28 @@ class CoordinatorServer:
             s.data_dir,
         )
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Serve (starting first unless started) until SIGINT or SIGTERM, or until another
+        coordinator takes the lead (`deposed`), then stop; a second signal cuts the stop short."""
+        if self._server is None:
+            await self.start()
+        try:
+            collect_seldom()
+            await until_signalled(done=self.deposed)
+        finally:
+            await self.stop()
+
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work, then drain: mDNS says goodbye, health turns NOT_SERVING, the
+        core refuses new calls, records what nodes run and closes their sessions, then the
+        server gives calls in flight `grace` seconds."""
         server, self._server = self._server, None
         if server is None:
             return

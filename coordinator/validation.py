@@ -1,25 +1,14 @@
-"""The bounds on what a node says: its Hello, and the size of the results it reports.
-
-The checks on submitted specs live in `shoal.validation` (the node uses them too); they are
-re-exported here.
-"""
+"""The bounds on what a node says in its Hello (the checks on submitted specs, which the node
+uses too, are in `shoal.validation`)."""
 
 from __future__ import annotations
 
 from shoal.auth import Principal, Role
 from shoal.errors import InvalidArgument, PermissionDenied
-from shoal.specs import bounded_result
 from shoal.v1 import node_pb2
-from shoal.validation import Limits, check_request_id, validate_batch
+from shoal.validation import Limits
 
-__all__ = [
-    "Limits",
-    "bounded_result",
-    "check_hello",
-    "check_request_id",
-    "drop_unserved",
-    "validate_batch",
-]
+__all__ = ["check_hello", "drop_unserved"]
 
 
 # What a node may claim beyond its slots: larger resources are refused as not real.

@@ -9,15 +9,15 @@ import logging
 import platform
 import socket
 from collections.abc import Callable
+from typing import Self
 
 import grpc
 import psutil
 from grpc_health.v1._async import HealthServicer
 
 from shoal import __version__
-from shoal._server import (
-    listen,
-)
+from shoal._server import collect_seldom, listen
+from shoal._signals import until_signalled
 from shoal.auth import check_token
 from shoal.config import NodeSettings, read_token
 from shoal.errors import (
@@ -98,8 +98,8 @@ class NodeAgent:
             self.node_id,
             self.executors,
             secrets=self.secrets,
-            push=self.link.push,
-            output_room=self.link.output_room,
+            push=self.link.outbox.push,
+            output_room=self.link.outbox.output_room,
             pausing=self._pausing,
             on_groups_changed=self._report_guard,
         )
@@ -201,6 +201,36 @@ class NodeAgent:
             ",".join(sorted(self.executors)),
         )
 
+    async def __aenter__(self) -> Self:
+        await self._start_or_stop()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Serve (starting first unless started) until SIGINT or SIGTERM, or until it leaves
+        (drained away, or refused for good: then that refusal is raised); then drain and stop.
+        A second signal stops at once."""
+        if self._server is None:
+            await self._start_or_stop()
+        try:
+            collect_seldom()
+            await until_signalled(done=self.left)
+            await self.shutdown()
+        finally:
+            await self.stop()
+        if self.refusal is not None:
+            raise self.refusal
+
+    async def _start_or_stop(self) -> None:
+        """Start; on failure, stop what did start."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
     async def stop(self) -> None:
         """Stop at once: running tasks are killed (the coordinator runs them again)."""
         await self.link.stop()
@@ -276,7 +306,7 @@ class NodeAgent:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_FLUSH_BEFORE_LEAVING):
-                await self.link.flushed.wait()
+                await self.link.outbox.flushed.wait()
         _log.info("node=%s drained; leaving", self.node_id)
         self.left.set()
 

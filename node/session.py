@@ -1,6 +1,6 @@
 """A node's session with its coordinator: one at a time, whichever side dialled
 (NodeGateway.Connect, or Node.Attach by an adopting coordinator); the lease it holds through
-it; the outbox of the node's updates, which outlives any one session.
+it. The updates it carries wait in the node's outbox (outbox.py), which outlives sessions.
 
 Liveness: the node heartbeats every interval the coordinator names, numbering each; the
 coordinator answers with the number, renewing the lease from the moment that heartbeat was
@@ -13,39 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
 import time
-from collections import deque
 from typing import Any, Protocol
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal._channel import bearer, open_channel
-from shoal._output import output_size
-from shoal.auth import hash_secret, parse_token
 from shoal.config import NodeSettings
 from shoal.errors import FailedPrecondition, PermissionDenied, ShoalError, Unauthenticated
-from shoal.handshake import Direction, OwnAddresses, coordinator_proof
+from shoal.handshake import OwnAddresses
 from shoal.node.discovery import NodeDiscovery
-from shoal.specs import bounded_result
+from shoal.node.outbox import Outbox
+from shoal.node.proofs import Unproven, challenge, identify
 from shoal.v1 import gateway_pb2_grpc, node_pb2
 
 __all__ = ["CoordinatorLink", "SessionHost", "SessionStream"]
 
 _log = logging.getLogger("shoal.node")
-_MAX_OUTBOX = 10_000
 _MAX_MESSAGE = 16 << 20
 _IDENTIFY_TIMEOUT = 5.0  # seconds a coordinator the node found has to prove itself
-# An update batch, whatever its updates: well under the message limit, so that no update,
-# however large, can make the stream fail (and fail again after every reconnect).
-_MAX_BATCH_BYTES = 4 << 20
-# Output waiting to be sent beyond which tasks that print are slowed (see `output_room`).
-_OUTPUT_ROOM = 4 << 20
-# Attempts a Hello claims at most: a coordinator refuses more (its max_batch by default).
-_MAX_CLAIMS = 10_000
 
 
 class SessionStream(Protocol):
@@ -133,18 +121,12 @@ class CoordinatorLink:
     def __init__(self, host: SessionHost) -> None:
         self._host = host
         self.connected = asyncio.Event()  # set while a session is up
-        self._outbox: list[node_pb2.TaskUpdate] = []
-        self._outbox_ready = asyncio.Event()
-        self._output_bytes = 0  # of the output updates in the outbox
-        self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
-        self._output_room.set()
-        self.flushed = asyncio.Event()  # set while every update was written to a stream
-        self.flushed.set()
-        # Results written to the current stream, each with the first heartbeat written after
-        # it: the coordinator applies a stream in order, so the answer to that heartbeat shows
-        # it arrived. Until then a lost session (the coordinator killed or stopping) may have
-        # lost it, and the next session sends it again.
-        self._unacked: deque[tuple[int, node_pb2.TaskUpdate]] = deque()
+        self.outbox = Outbox()
+        self.push = (
+            self.outbox.push
+        )  # send an update with the next batch, in this session or the next
+        self.output_room = self.outbox.output_room
+        self.flushed = self.outbox.flushed  # set while every update was written to a stream
         # The lease: its length (from Welcome), when it ends (monotonic; None before the first
         # session) and the send times of heartbeats not yet answered, by number.
         self._lease = 0.0
@@ -193,9 +175,7 @@ class CoordinatorLink:
             self._lease = _seconds(renewed.lease)
             self._interval = _seconds(renewed.heartbeat_interval)
             self._next_heartbeat = time.monotonic() + self._interval
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= renewed.seq:
-            unacked.popleft()
+        self.outbox.acked(renewed.seq)
         sent = self._heartbeats.pop(renewed.seq, None)
         if sent is not None:
             self._renewed(sent)
@@ -223,7 +203,7 @@ class CoordinatorLink:
     def heartbeat_soon(self) -> None:
         """Heartbeat at once: what heartbeats say changed."""
         self._next_heartbeat = 0.0
-        self._outbox_ready.set()
+        self.outbox.ready.set()
 
     async def _dial_loop(self) -> None:
         """Keep a session up: reconnect with jittered exponential backoff, reset after success.
@@ -291,38 +271,10 @@ class CoordinatorLink:
             await channel.close()
 
     async def _identify(self, stub: gateway_pb2_grpc.NodeGatewayStub, address: str) -> None:
-        """Have a coordinator this node found (mDNS, loopback) prove it issued the node's token,
-        for the address dialled, before the token is sent to it."""
-        token_id, secret = parse_token(self._host.token)
-        nonce = os.urandom(32)
-        node_id = self._host.node_id
-        challenge = node_pb2.Challenge(
-            token_id=token_id, nonce=nonce, node_id=node_id, address=address
-        )
         try:
-            proof = await stub.Identify(challenge, timeout=_IDENTIFY_TIMEOUT)
-        except grpc.aio.AioRpcError as err:
-            _log.warning(
-                "node=%s will not send its token to %s: it did not prove it issued it (%s %s)",
-                node_id,
-                address,
-                err.code().name,
-                err.details(),
-            )
-            raise _SessionFailed(err.details()) from err
-        expected = coordinator_proof(
-            hash_secret(secret),
-            Direction.JOIN,
-            token_id=token_id,
-            node_id=node_id,
-            address=address,
-            nonce=nonce,
-        )
-        if not hmac.compare_digest(proof.mac, expected):
-            _log.warning(
-                "node=%s will not send its token to %s: its proof does not hold", node_id, address
-            )
-            raise _SessionFailed("the coordinator's proof does not hold")
+            await identify(stub, address, self._host.token, self._host.node_id)
+        except Unproven as err:
+            raise _SessionFailed(str(err)) from err
 
     async def attach(self, stream: SessionStream, peer: str) -> None:
         """The session of a coordinator that dialled this node (Node.Attach), until it ends.
@@ -334,7 +286,7 @@ class CoordinatorLink:
         """
         token = self._host.token
         if token:
-            await self._challenge(stream, token, peer)
+            await challenge(stream, token, self._host.node_id, peer, self._host.own_addresses)
         elif self._host.settings.auth:
             raise FailedPrecondition("this node has no token: no coordinator can prove itself")
         self._adopted += 1
@@ -345,46 +297,6 @@ class CoordinatorLink:
             self._adopted -= 1
             if not self._adopted:
                 self.not_adopted.set()
-
-    async def _challenge(self, stream: SessionStream, token: str, peer: str) -> None:
-        """Have the coordinator that dialled this node prove it issued the node's token."""
-        token_id, secret = parse_token(token)
-        nonce = os.urandom(32)
-        node_id = self._host.node_id
-        await stream.write(
-            node_pb2.NodeMessage(
-                challenge=node_pb2.Challenge(token_id=token_id, nonce=nonce, node_id=node_id)
-            )
-        )
-        answer = await stream.read()
-        proof = (
-            answer.proof
-            if isinstance(answer, node_pb2.CoordinatorMessage)
-            and answer.WhichOneof("msg") == "proof"
-            else node_pb2.Proof()
-        )
-        expected = coordinator_proof(
-            hash_secret(secret),
-            Direction.ATTACH,
-            token_id=token_id,
-            node_id=node_id,
-            address=proof.address,
-            nonce=nonce,
-        )
-        if not hmac.compare_digest(proof.mac, expected):
-            _log.warning("node=%s refused a coordinator at %s: no proof", node_id, peer)
-            raise Unauthenticated(
-                "only the coordinator that issued this node's token may attach it"
-            )
-        if not await self._host.own_addresses.async_contains(proof.address):
-            _log.warning(
-                "node=%s refused a coordinator at %s: it dialled %r, not an address of this node"
-                " (list the addresses coordinators reach it at in reachable_at)",
-                node_id,
-                peer,
-                proof.address,
-            )
-            raise Unauthenticated(f"{proof.address!r} is not this node's address")
 
     async def _run_session(self, stream: SessionStream, peer: str, *, token: str = "") -> None:
         """Hello, Welcome, then assignments in and updates out until the stream ends.
@@ -398,7 +310,8 @@ class CoordinatorLink:
         async with self._session_slot:
             if ended.is_set():  # a newer session came meanwhile
                 return
-            hello = node_pb2.Hello(info=self._host.info(), running=self._claims(), token=token)
+            claims = self.outbox.claims(self._host.running_attempts())
+            hello = node_pb2.Hello(info=self._host.info(), running=claims, token=token)
             sent = time.monotonic()
             try:
                 await stream.write(node_pb2.NodeMessage(hello=hello))
@@ -434,7 +347,7 @@ class CoordinatorLink:
                 await asyncio.wait(halves, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.connected.clear()
-                self._resend_unacked()
+                self.outbox.resend_unacked()
                 for half in halves:
                     half.cancel()
                 # The stream may have ended under them: writing then fails with AioRpcError,
@@ -477,34 +390,27 @@ class CoordinatorLink:
         """Send updates as they come, and a heartbeat every interval whatever else goes."""
         while True:
             wait = self._next_heartbeat - time.monotonic()
-            if wait > 0 and not self._outbox:
-                self._outbox_ready.clear()
+            if wait > 0 and not self.outbox:
+                self.outbox.ready.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
-                        await self._outbox_ready.wait()
+                        await self.outbox.ready.wait()
             if self.check_lease():
                 # The coordinator has given this node up, or will have by the time anything
                 # written here arrives (its connection may be a black hole): a new session
                 # carries what is in the outbox.
                 _log.warning("node=%s lease lapsed: ending the session", self._host.node_id)
                 return
-            if self._outbox:
-                batch, output = self._take_batch()
+            if self.outbox:
+                batch, output = self.outbox.take()
                 try:
                     await stream.write(
                         node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=batch))
                     )
                 except BaseException:
-                    self._outbox[:0] = batch  # resend with the next session
-                    self._output_bytes += output
-                    if self._output_bytes >= _OUTPUT_ROOM:
-                        self._output_room.clear()
+                    self.outbox.put_back(batch, output)  # resend with the next session
                     raise
-                self._unacked.extend(
-                    (self._heartbeat_seq + 1, u) for u in batch if u.HasField("finished")
-                )
-                if not self._outbox:
-                    self.flushed.set()
+                self.outbox.sent(batch, self._heartbeat_seq + 1)
             now = time.monotonic()
             if now >= self._next_heartbeat:
                 self._next_heartbeat = now + self._interval
@@ -513,67 +419,3 @@ class CoordinatorLink:
                 heartbeat = self._host.heartbeat()
                 heartbeat.seq = self._heartbeat_seq
                 await stream.write(node_pb2.NodeMessage(heartbeat=heartbeat))
-
-    def _claims(self) -> list[node_pb2.RunningAttempt]:
-        """What Hello claims: the attempts it still runs, then those whose result has yet to
-        reach a coordinator (which records it only for an attempt it lets the node keep)."""
-        claims = self._host.running_attempts()
-        for update in self._outbox:
-            if len(claims) >= _MAX_CLAIMS:
-                break
-            if update.HasField("finished"):
-                claims.append(
-                    node_pb2.RunningAttempt(task_id=update.task_id, attempt=update.attempt)
-                )
-        return claims
-
-    def _resend_unacked(self) -> None:
-        """The session ended: results it may have lost go out again with the next one."""
-        if self._unacked:
-            self._outbox[:0] = [u for _, u in self._unacked]
-            self._unacked.clear()
-            self.flushed.clear()
-
-    def _take_batch(self) -> tuple[list[node_pb2.TaskUpdate], int]:
-        """The next batch off the outbox, at most _MAX_BATCH_BYTES (at least one update), and
-        the bytes of output in it."""
-        outbox = self._outbox
-        size = output = 0
-        end = len(outbox)
-        for i, update in enumerate(outbox):
-            size += update.ByteSize()
-            if size > _MAX_BATCH_BYTES and i:
-                end = i
-                break
-            if update.HasField("output"):
-                output += output_size(update.output)
-        batch, self._outbox = outbox[:end], outbox[end:]
-        self._output_bytes -= output
-        if self._output_bytes < _OUTPUT_ROOM:
-            self._output_room.set()
-        return batch, output
-
-    async def output_room(self) -> None:
-        """Return once the outbox holds less than _OUTPUT_ROOM of output: a task printing faster
-        than its session carries it waits here (and its pipe fills), rather than growing it."""
-        while self._output_bytes >= _OUTPUT_ROOM:
-            await self._output_room.wait()
-
-    def push(self, update: node_pb2.TaskUpdate) -> None:
-        """Send an update with the next batch, in this session or the next."""
-        kind = update.WhichOneof("update")
-        if kind == "output":
-            if len(self._outbox) >= _MAX_OUTBOX:
-                return  # disconnected for long: output is dropped first, results never
-            self._output_bytes += output_size(update.output)
-            if self._output_bytes >= _OUTPUT_ROOM:
-                self._output_room.clear()
-        elif kind == "finished":
-            # Whatever an executor put in it, a result fits in a batch (the coordinator cuts
-            # results further to its own limit).
-            bounded_result(update.finished.result, _MAX_BATCH_BYTES // 2)
-        self._outbox.append(update)
-        self._outbox_ready.set()
-        self.flushed.clear()
-
-    # -- direct tasks: the node's own service ----------------------------------------------

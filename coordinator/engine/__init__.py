@@ -1,5 +1,5 @@
 """The coordinator's transport-free core: `Coordinator` is the façade the servicers call."""
 
-from shoal.coordinator.engine.coordinator import SHUTTING_DOWN, Coordinator, CoreOptions, Submitted
+from shoal.coordinator.engine.coordinator import SHUTTING_DOWN, Coordinator, Submitted
 
-__all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
+__all__ = ["SHUTTING_DOWN", "Coordinator", "Submitted"]

@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from google.protobuf import json_format
+
 from shoal.auth import Principal
+from shoal.config import CoreOptions
 from shoal.coordinator.encoding import task_record
 from shoal.coordinator.engine.clock import TimerLoop
 from shoal.coordinator.engine.dispatch import Dispatcher
 from shoal.coordinator.engine.intake import Intake, Submitted
 from shoal.coordinator.engine.lifecycle import TaskLifecycle
 from shoal.coordinator.engine.nodes import NodeSessions
-from shoal.coordinator.engine.options import CoreOptions
 from shoal.coordinator.engine.overview import overview
 from shoal.coordinator.engine.queries import SHUTTING_DOWN, Queries
 from shoal.coordinator.engine.states import PENDING
@@ -39,7 +41,7 @@ from shoal.errors import NotFound
 from shoal.handshake import Direction
 from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 
-__all__ = ["SHUTTING_DOWN", "Coordinator", "CoreOptions", "Submitted"]
+__all__ = ["SHUTTING_DOWN", "Coordinator", "Submitted"]
 
 _log = logging.getLogger("shoal.coordinator")
 
@@ -74,6 +76,8 @@ class Coordinator:
         rng: random.Random | None = None,
     ) -> None:
         self.options = options or CoreOptions()
+        # Quotas from configuration, on top of the stored ones (a malformed one fails here).
+        self._quotas = [json_format.ParseDict(q, admin_pb2.Quota()) for q in self.options.quotas]
         self.tokens = TokenRegistry(store, wall=wall)
         self.watchers_cut = 0  # watches ended because they fell behind the event log
         k = self._k = TaskLifecycle(
@@ -91,7 +95,7 @@ class Coordinator:
             cancel_timer=k.timers.cancel,
             spawn=k.spawn,
             clock=k.time,
-            limits=self.options.limits,
+            limits=self.options,
             max_catch_up=self.options.max_catch_up,
         )
         self._t = TimerLoop(k, self._d, self._n, self._schedules)
@@ -283,8 +287,8 @@ class Coordinator:
                 gc.freeze()
         for body in await self._k.store.quotas():
             self._k.quotas.set(admin_pb2.Quota.FromString(body))
-        for quota in self.options.quotas:
-            check_quota(quota, self.options.limits.max_string)
+        for quota in self._quotas:
+            check_quota(quota, self.options.max_string)
             self._k.quotas.set(quota)
         self._k.quotas.restore(await self._k.store.usage())
         await self._d.leases.load()
@@ -386,7 +390,7 @@ class Coordinator:
         return await self._d.leases.release(name, token, by=by)
 
     async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
-        check_quota(quota, self.options.limits.max_string)
+        check_quota(quota, self.options.max_string)
         await self._k.store.put_quota(quota.key, quota.SerializeToString())
         self._k.quotas.set(quota)
         self._d.wake(quota_key(quota.key))  # a raised limit lets waiting tasks through

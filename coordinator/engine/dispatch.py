@@ -62,7 +62,7 @@ class Dispatcher:
             spawn=kernel.spawn,
             wake=self.wake,
             clock=kernel.time,
-            max_name=kernel.options.limits.max_string,
+            max_name=kernel.options.max_string,
             max_ttl=kernel.options.max_lock_ttl,
         )
         kernel.kick = self.kick
@@ -135,7 +135,7 @@ class Dispatcher:
             return render(
                 rec.spec,
                 [results.get(u, NO_RESULT) for u in rec.upstream],
-                limit=self._k.options.limits.max_rendered_spec_bytes,
+                limit=self._k.options.max_rendered_spec_bytes,
             )
         except (ResourceExhausted, InvalidArgument) as err:
             # The task's own mistake (its references expand too far, or into a reference): it

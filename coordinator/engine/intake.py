@@ -17,10 +17,10 @@ from shoal.coordinator.gates.backpressure import Backpressure
 from shoal.coordinator.placement import fields_of
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.store import Request, TaskRow
-from shoal.coordinator.validation import check_request_id, validate_batch
 from shoal.errors import FieldViolation, InvalidArgument, Unavailable
 from shoal.specs import is_final
 from shoal.v1 import task_pb2
+from shoal.validation import check_request_id, validate_batch
 
 __all__ = ["Intake", "Submitted"]
 
@@ -40,7 +40,7 @@ class Intake:
     def __init__(self, kernel: TaskLifecycle) -> None:
         self._k = kernel
         self.backpressure = Backpressure(
-            kernel.options.limits,
+            kernel.options,
             kernel.unfinished,
             clock=kernel.clock,
             finished=lambda: kernel.finished_count.total(),
@@ -72,8 +72,8 @@ class Intake:
         # Each spec is serialized (for its row) and its fields listed once, for all that follows.
         encoded = [spec.SerializeToString() for spec in specs]
         fields = [fields_of(spec) for spec in specs]
-        validate_batch(specs, self._k.options.limits, single=single, encoded=encoded, fields=fields)
-        check_request_id(request_id, self._k.options.limits)
+        validate_batch(specs, self._k.options, single=single, encoded=encoded, fields=fields)
+        check_request_id(request_id, self._k.options)
         # Counted as unfinished from here, before any await: concurrent submits see each other.
         reserved = self.backpressure.reserve(specs, waiter=f"{by.name}\0{client}" if client else "")
         records: list[TaskRecord] = []

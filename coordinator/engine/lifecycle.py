@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 from tenacity import AsyncRetrying, wait_exponential_jitter
 
 from shoal.auth import COORDINATOR
+from shoal.config import CoreOptions
 from shoal.coordinator.clock import Clock
 from shoal.coordinator.encoding import attempt_id, finished_row, task_change
-from shoal.coordinator.engine.options import CoreOptions
 from shoal.coordinator.engine.states import NO_RESULT, PENDING, QUEUED, SKIPPED, SUCCEEDED
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.gates.breakers import Breakers, backend_key, node_key
 from shoal.coordinator.gates.quotas import QuotaGate
-from shoal.coordinator.placement import Scheduler, requirements_of
+from shoal.coordinator.placement import Routing, Scheduler, requirements_of
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.retries import retry_delay
 from shoal.coordinator.routes import route
@@ -62,7 +62,7 @@ class TaskLifecycle:
         self.events = EventLog(0)
         self.accepting = False
         self.scheduler = Scheduler(
-            tenant_weights=options.tenant_weights, routing=options.routing, rng=rng
+            tenant_weights=options.tenant_weights, routing=Routing(options.routing), rng=rng
         )
         self.tasks: dict[str, TaskRecord] = {}
         self.finished: deque[str] = deque()
@@ -238,7 +238,7 @@ class TaskLifecycle:
     ) -> None:
         """Make a task final now; its outcome is committed with the next group of outcomes."""
         if rec.state == QUEUED:
-            self.scheduler.queue.discard()
+            self.scheduler.queue.remove(rec)
         if not is_final(rec.state):
             self.unfinished[rec.tenant] -= 1
         if by:

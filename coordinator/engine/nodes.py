@@ -22,9 +22,9 @@ from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import TokenRow
 from shoal.coordinator.timers import TimerKind
 from shoal.coordinator.tokens import TokenRegistry
-from shoal.coordinator.validation import bounded_result, check_hello, drop_unserved
+from shoal.coordinator.validation import check_hello, drop_unserved
 from shoal.errors import InvalidArgument, NotFound, Unavailable
-from shoal.specs import FINAL_STATES, is_final, to_duration
+from shoal.specs import FINAL_STATES, bounded_result, is_final, to_duration
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 __all__ = ["NodeSessions"]
@@ -87,7 +87,7 @@ class NodeSessions:
         info = hello.info
         if not info.node_id:
             raise InvalidArgument("hello.info.node_id is required")
-        check_hello(hello, by, self._k.options.limits)
+        check_hello(hello, by, self._k.options)
         if not self._k.accepting:
             raise Unavailable("the coordinator is shutting down")
         if dropped := drop_unserved(info):
@@ -246,7 +246,7 @@ class NodeSessions:
                 self._d.load_changed(session)
             loaded = msg.heartbeat.loaded_models
             if loaded != session.loaded_models and "ollama" in session.slots.executors:
-                session.loaded_models = list(loaded[: self._k.options.limits.max_labels])
+                session.loaded_models = list(loaded[: self._k.options.max_labels])
                 session.slots.loaded_models = frozenset(session.loaded_models)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")
@@ -284,9 +284,9 @@ class NodeSessions:
             elif kind == "output":
                 output = u.output
                 size = output_size(output)
-                if size > self._k.options.limits.max_result_bytes:
-                    output.data = output.data[: self._k.options.limits.max_result_bytes]
-                    output.raw = output.raw[: self._k.options.limits.max_result_bytes]
+                if size > self._k.options.max_result_bytes:
+                    output.data = output.data[: self._k.options.max_result_bytes]
+                    output.raw = output.raw[: self._k.options.max_result_bytes]
                     size = output_size(output)
                 change = task_change(rec, by=session.principal.name, output=output)
                 self._k.events.emit(change, size=size)
@@ -304,7 +304,7 @@ class NodeSessions:
                         self._k.requeue(rec)
                     continue
                 state = u.finished.state
-                result = bounded_result(u.finished.result, self._k.options.limits.max_result_bytes)
+                result = bounded_result(u.finished.result, self._k.options.max_result_bytes)
                 if state not in FINAL_STATES:
                     result.error = result.error or f"node reported non-final state {state}"
                     state = FAILED

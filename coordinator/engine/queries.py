@@ -177,9 +177,9 @@ class Queries:
         The first item has no events and gives the starting cursor.
         """
         tenant = by.scoped_tenant(tenant)
-        if len(task_ids) > self._k.options.limits.max_watch_tasks:
+        if len(task_ids) > self._k.options.max_watch_tasks:
             raise InvalidArgument(
-                f"watch at most {self._k.options.limits.max_watch_tasks} task ids at once"
+                f"watch at most {self._k.options.max_watch_tasks} task ids at once"
             )
         ids = frozenset(task_ids)
         cursor = self._k.events.last_seq if since is None else since

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from shoal.coordinator.gates.ratelimit import TokenBucket
-from shoal.coordinator.validation import Limits
 from shoal.errors import FieldViolation, ResourceExhausted
 from shoal.v1 import task_pb2
+from shoal.validation import Limits
 
 __all__ = ["Backpressure"]
 

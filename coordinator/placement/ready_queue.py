@@ -96,9 +96,9 @@ or None when no fitting node that takes that level has room."""
 class ReadyQueue:
     """Ready tasks in lanes per (placement class, priority, tenant), fair between tenants.
 
-    `len()` counts tasks still to dispatch; a task cancelled in the queue is `discard()`ed by
-    the caller and dropped when it reaches the head of its lane. `dispatch(place)` takes tasks
-    out best first; the scheduler parks and unparks classes with `park`/`unpark`.
+    `len()` counts tasks still to dispatch; a task that leaves it otherwise (cancelled) is
+    `remove`d, and its entry dropped when it reaches the head of its lane. `dispatch(place)`
+    takes tasks out best first; the scheduler parks and unparks classes with `park`/`unpark`.
     """
 
     def __init__(
@@ -165,8 +165,10 @@ class ReadyQueue:
         elif not lane.cls.offered:
             self._unoffered(lane.cls)
 
-    def discard(self) -> None:
-        """Account for a queued task that left the queue without being popped (cancelled)."""
+    def remove(self, task: Queued) -> None:
+        """`task`, queued, leaves without being dispatched (cancelled, timed out, skipped): it
+        counts no more at once, and its entry goes when it reaches the head of its lane (it
+        no longer says `queued` by then)."""
         self._size -= 1
 
     def _lane(self, task: Queued, level: int) -> _Lane:
@@ -318,7 +320,7 @@ class ReadyQueue:
             items = lane.items
             task = items[0]
             tag = task.tag
-            if not task.queued:  # cancelled while queued: already discarded
+            if not task.queued:  # cancelled while queued: already removed
                 items.popleft()
                 if items:
                     lane.gen = next(self._gen)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from shoal import shell
+from shoal.config import CoreOptions
 from shoal.coordinator.clock import Clock
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition
 from shoal.specs import timestamp

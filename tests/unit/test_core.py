@@ -14,10 +14,10 @@ import pytest
 
 from shoal import retry, shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.config import CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.sessions import MAX_PENDING_CANCELS, NodeSession
 from shoal.coordinator.store import STORE_FULL, SqliteStore
-from shoal.coordinator.validation import Limits
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import node_pb2, task_pb2
 from tests.integration.harness import eventually
@@ -221,8 +221,8 @@ async def test_time_moves_tasks_under_an_injected_clock(tmp_path: Path) -> None:
 
 
 async def test_backpressure_caps_unfinished_tasks_and_says_when_to_retry(tmp_path: Path) -> None:
-    limits = Limits(max_queued=3, max_queued_per_tenant=2)
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=limits))
+    options = CoreOptions(max_queued=3, max_queued_per_tenant=2)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options)
     await c.start()
     try:
         a = await c.submit([shell("true", tenant="a")] * 2, by=ADMIN)
@@ -297,9 +297,7 @@ async def test_models_and_tools_count_only_with_an_executor_that_serves_them(
 async def test_upstream_values_too_large_to_send_fail_the_task_and_free_its_slot(
     tmp_path: Path,
 ) -> None:
-    c = Coordinator(
-        SqliteStore(tmp_path / "s.db"), CoreOptions(limits=Limits(max_rendered_spec_bytes=1000))
-    )
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(max_rendered_spec_bytes=1000))
     await c.start()
     try:
         ref = "${{ deps[0].stdout }}"
@@ -392,7 +390,7 @@ async def _reopened(path: Path, task_id: str) -> task_pb2.Task:
 
 
 async def test_concurrent_batches_cannot_pass_max_queued_together(tmp_path: Path) -> None:
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=Limits(max_queued=50)))
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(max_queued=50))
     await c.start()
     try:
         await c.submit([shell("true")] * 39 + [shell("true", idempotency_key="k")], by=ALICE)

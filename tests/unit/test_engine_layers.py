@@ -12,7 +12,6 @@ PACKAGE = "shoal.coordinator.engine"
 # through its `kick` callback).
 LAYERS = [
     "states",
-    "options",
     "lifecycle",
     "dispatch",
     "queries",

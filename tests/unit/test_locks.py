@@ -9,7 +9,8 @@ import pytest
 
 from shoal import shell
 from shoal.auth import Principal, Role
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.config import CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.gates.locks import parse_locks
 from shoal.coordinator.store import SqliteStore
 from shoal.errors import FailedPrecondition, InvalidArgument

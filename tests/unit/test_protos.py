@@ -11,8 +11,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from shoal.config import NodeSettings
-from shoal.coordinator.validation import Limits
 from shoal.v1 import admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2
+from shoal.validation import Limits
 
 PROTOS = Path(__file__).parents[2] / "protos" / "shoal" / "v1"
 MODULES = [admin_pb2, gateway_pb2, locks_pb2, node_pb2, task_pb2, tasks_pb2]

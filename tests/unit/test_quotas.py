@@ -13,10 +13,10 @@ import pytest
 
 from shoal import shell
 from shoal._status import from_rpc_error, to_status
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.config import CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.sessions import NodeSession
 from shoal.coordinator.store import SqliteStore
-from shoal.coordinator.validation import Limits
 from shoal.errors import FieldViolation, ResourceExhausted
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
@@ -160,8 +160,8 @@ class Clock:
 
 async def test_a_tenant_submitting_too_fast_is_told_which_quota_and_when(tmp_path: Path) -> None:
     clock = Clock()
-    limits = Limits(tenant_submit_rate=2, tenant_submit_burst=2)
-    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(limits=limits), clock=clock)
+    options = CoreOptions(tenant_submit_rate=2, tenant_submit_burst=2)
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), options, clock=clock)
     await c.start()
     try:
         await c.submit([shell("true", tenant="acme")] * 2, by=ADMIN)

@@ -17,7 +17,7 @@ from shoal.node.executors.base import (
     Outcome,
     TaskError,
 )
-from shoal.node.executors.docker import _EngineError, _is_task_error
+from shoal.node.executors.docker.engine import EngineError, is_task_error
 from shoal.v1 import task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -87,4 +87,4 @@ async def test_a_secret_the_node_lacks_is_the_tasks_failure() -> None:
     ],
 )
 def test_a_pull_that_finds_no_such_image_is_the_tasks_failure(error: str, tasks: bool) -> None:
-    assert _is_task_error(_EngineError(f"pulling x:1: {error}")) is tasks
+    assert is_task_error(EngineError(f"pulling x:1: {error}")) is tasks

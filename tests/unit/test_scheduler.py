@@ -166,7 +166,7 @@ def test_cancelled_tasks_are_skipped() -> None:
     s.queue.push(first)
     s.queue.push(second)
     first.queued = False
-    s.queue.discard()
+    s.queue.remove(first)
     s.add_node(node("a", 5))
     assert [t.seq for t, _ in s.schedule()] == [2]
     assert len(s.queue) == 0
@@ -444,7 +444,7 @@ def test_resources_are_never_oversubscribed() -> None:
         s.queue.push(t)
         if rng.random() < 0.1:
             t.queued = False
-            s.queue.discard()
+            s.queue.remove(t)
         if rng.random() < 0.3:
             batch = s.schedule()
             started.update(t.seq for t, _ in batch)

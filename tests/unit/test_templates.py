@@ -8,10 +8,10 @@ import pytest
 from google.protobuf import struct_pb2
 
 from shoal import docker, llm, ollama, python, shell, tool
-from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import FieldViolation, InvalidArgument
 from shoal.templates import MAX_MESSAGES, references, render
 from shoal.v1 import task_pb2
+from shoal.validation import Limits, validate_batch
 
 LIMIT = Limits().max_rendered_spec_bytes
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shoal import docker, shell, tool
-from shoal.coordinator.engine import Coordinator, CoreOptions
+from shoal.config import CoreOptions
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.placement import NodeSlots, Scheduler, requirements_of
 from shoal.coordinator.store import SqliteStore
 from shoal.v1 import node_pb2, task_pb2

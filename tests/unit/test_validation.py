@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from shoal import noop, python, shell
-from shoal.coordinator.validation import Limits, validate_batch
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import task_pb2
+from shoal.validation import Limits, validate_batch
 
 LIMITS = Limits()
 

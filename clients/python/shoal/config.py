@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from shoal.errors import FailedPrecondition, Unauthenticated
+from shoal.validation import Limits
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
@@ -30,6 +31,8 @@ __all__ = [
     "STORE_FILE",
     "ClientSettings",
     "CoordinatorSettings",
+    "CoreOptions",
+    "Limits",
     "NodeSettings",
     "config_path",
     "default_data_dir",
@@ -108,38 +111,11 @@ class _Settings(BaseSettings):
         return init_settings, env_settings, InitSettingsSource(settings_cls, table)
 
 
-class CoordinatorSettings(_Settings):
-    """`shoal coordinator` and the coordinator half of `shoal up`."""
+class CoreOptions(Limits):
+    """The coordinator engine's tunables, each with its default, read from nothing: a test
+    builds one with a few overrides; `CoordinatorSettings` reads them with the process's own
+    from file, environment and flags. Durations are timedelta."""
 
-    _table = "coordinator"
-    model_config = SettingsConfigDict(env_prefix="SHOAL_COORDINATOR_", extra="ignore")
-
-    listen: str = DEFAULT_COORDINATOR
-    data_dir: Path = Field(default_factory=default_data_dir)
-    # mDNS: the coordinator advertises `_shoal._tcp` with its cluster name (nodes started without
-    # a coordinator address join the one of their cluster), and watches the nodes advertised
-    # for its cluster. auto: only when it listens beyond loopback; on; off.
-    cluster: str = "default"
-    advertise: Literal["auto", "on", "off"] = "auto"
-    # Sessions this coordinator dials (Node.Attach), for nodes that cannot reach it: `adopt`
-    # every node advertised for its cluster by mDNS, and always the nodes at `nodes` (host:port
-    # of their service). A node that dials in itself is not dialled too: one session per node.
-    adopt: bool = False
-    nodes: list[str] = Field(default_factory=list)
-    # host:port addresses nodes reach this coordinator at besides its own (NAT, a proxy): a
-    # node that found it by itself has it prove its identity for the address it dialled.
-    reachable_at: list[str] = Field(default_factory=list)
-    # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
-    # empty. Unauthenticated: bind it where only the scraper reaches.
-    metrics_listen: str = ""
-    # The HTTP/JSON API, its live events (SSE) and the dashboard at http://<http_listen>/ (e.g.
-    # "127.0.0.1:7080"); off when empty. Same tokens, roles, TLS and loopback rule as gRPC.
-    http_listen: str = ""
-    # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
-    synchronous: str = "FULL"
-    # Where tasks are kept: "" for SQLite in data_dir, or "postgresql://user@host/db", which
-    # several coordinators may share (one leads, the others stand by and take over).
-    store: str = ""
     # Nodes heartbeat this often; one silent for a lease is lost and its tasks run elsewhere.
     # (A node's own lease is renewed by the coordinator's answers, at least 4 times a lease.)
     heartbeat_interval: timedelta = timedelta(seconds=3)
@@ -173,6 +149,50 @@ class CoordinatorSettings(_Settings):
     # slower than that is cut, and resumes from its cursor.
     event_bytes: int = Field(default=64 << 20, gt=0)
     finished_cache: int = 10_000
+    # Messages per second a node session may send (a token bucket; excess is read later).
+    node_message_rate: float = 2000.0
+    node_message_burst: int = 4000
+    # Scheduling: the routing strategy of tasks that name none, and tenant weights for
+    # fair sharing within a priority (a tenant not listed weighs 1).
+    routing: Literal["least_loaded", "round_robin", "random", "weighted", "affinity"] = (
+        "least_loaded"
+    )
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
+
+
+class CoordinatorSettings(_Settings, CoreOptions):
+    """`shoal coordinator` and the coordinator half of `shoal up`: the engine's options and the
+    process's own (listen address, store, discovery, connections, TLS)."""
+
+    _table = "coordinator"
+    model_config = SettingsConfigDict(env_prefix="SHOAL_COORDINATOR_", extra="ignore")
+
+    listen: str = DEFAULT_COORDINATOR
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # mDNS: the coordinator advertises `_shoal._tcp` with its cluster name (nodes started without
+    # a coordinator address join the one of their cluster), and watches the nodes advertised
+    # for its cluster. auto: only when it listens beyond loopback; on; off.
+    cluster: str = "default"
+    advertise: Literal["auto", "on", "off"] = "auto"
+    # Sessions this coordinator dials (Node.Attach), for nodes that cannot reach it: `adopt`
+    # every node advertised for its cluster by mDNS, and always the nodes at `nodes` (host:port
+    # of their service). A node that dials in itself is not dialled too: one session per node.
+    adopt: bool = False
+    nodes: list[str] = Field(default_factory=list)
+    # host:port addresses nodes reach this coordinator at besides its own (NAT, a proxy): a
+    # node that found it by itself has it prove its identity for the address it dialled.
+    reachable_at: list[str] = Field(default_factory=list)
+    # Prometheus metrics at http://<metrics_listen>/metrics (e.g. "127.0.0.1:9464"); off when
+    # empty. Unauthenticated: bind it where only the scraper reaches.
+    metrics_listen: str = ""
+    # The HTTP/JSON API, its live events (SSE) and the dashboard at http://<http_listen>/ (e.g.
+    # "127.0.0.1:7080"); off when empty. Same tokens, roles, TLS and loopback rule as gRPC.
+    http_listen: str = ""
+    # FULL: an acknowledged task survives power loss; NORMAL: survives a process crash only.
+    synchronous: str = "FULL"
+    # Where tasks are kept: "" for SQLite in data_dir, or "postgresql://user@host/db", which
+    # several coordinators may share (one leads, the others stand by and take over).
+    store: str = ""
     max_message_bytes: int = 16 << 20
     # Connections: one that has not finished its TLS and HTTP/2 handshake within
     # handshake_timeout is closed, and one without calls for idle_timeout; beyond
@@ -182,25 +202,6 @@ class CoordinatorSettings(_Settings):
     idle_timeout: timedelta = timedelta(minutes=5)
     max_connections: int = Field(default=10_000, ge=1)
     max_streams: int = Field(default=1_000, ge=1)
-    max_spec_bytes: int = 1 << 20
-    # A spec with its upstream outputs (`${{ deps[0].stdout }}`) filled in: over it, the task
-    # fails when it would be dispatched.
-    max_rendered_spec_bytes: int = Field(default=4 << 20, gt=0)
-    max_batch: int = 10_000
-    max_string: int = 256  # names, keys, tenants, label keys and values
-    max_labels: int = 64  # entries in required_labels, metadata, env maps and secrets
-    max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
-    max_watch_tasks: int = 1000  # task ids in one Watch filter
-    # Slots one node may claim (a Hello beyond it, or beyond sane resources, is refused).
-    max_node_slots: int = Field(default=1024, ge=1)
-    # Backpressure: submits beyond these many unfinished tasks get RESOURCE_EXHAUSTED with a
-    # retry delay (per tenant: 0 means no cap).
-    max_queued: int = 1_000_000
-    max_queued_per_tenant: int = 0
-    # Tasks one tenant may submit per second (a token bucket, bursts of tenant_submit_burst);
-    # beyond it, RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo. 0: no limit.
-    tenant_submit_rate: float = 0.0
-    tenant_submit_burst: int = 0
     # Authentication: bearer tokens checked on every call but health. Off is allowed on
     # loopback only.
     auth: bool = True
@@ -211,15 +212,6 @@ class CoordinatorSettings(_Settings):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     require_client_cert: bool = False
-    # Messages per second a node session may send (a token bucket; excess is read later).
-    node_message_rate: float = 2000.0
-    node_message_burst: int = 4000
-    # Scheduling: the routing strategy of tasks that name none, and tenant weights for
-    # fair sharing within a priority (a tenant not listed weighs 1).
-    routing: Literal["least_loaded", "round_robin", "random", "weighted", "affinity"] = (
-        "least_loaded"
-    )
-    tenant_weights: dict[str, float] = Field(default_factory=dict)
 
 
 class NodeSettings(_Settings):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.specs import duration, fields_of, secret_references
@@ -19,24 +20,33 @@ from shoal.v1 import task_pb2
 __all__ = ["LLM_PROVIDERS", "Limits", "check_request_id", "validate_batch"]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may submit."""
+class Limits(BaseModel):
+    """Bounds on what a client may submit (the coordinator's settings carry each one)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_spec_bytes: int = 1 << 20
     max_batch: int = 10_000
     max_string: int = 256  # names, keys, tenants, label keys and values
-    max_labels: int = 64  # entries of each map or list in a spec
+    max_labels: int = 64  # entries of each map or list in a spec (and env maps and secrets)
     max_result_bytes: int = 1 << 20  # a result a node reports; larger ones are cut
-    max_rendered_spec_bytes: int = 4 << 20  # a spec with its upstream outputs filled in
-    max_watch_tasks: int = 1000
-    max_depends_on: int = 100  # upstream tasks of one task (fan-in)
-    max_queued: int = 1_000_000  # unfinished tasks in all (backpressure)
-    max_queued_per_tenant: int = 0  # unfinished tasks of one tenant; 0: no cap
-    tenant_submit_rate: float = 0.0  # tasks a tenant may submit per second; 0: no limit
-    tenant_submit_burst: int = 0  # above that rate, at once; 0: a second's worth
-    max_attempts: int = 100
-    max_node_slots: int = 1024  # slots one node may claim in its Hello
+    # A spec with its upstream outputs (`${{ deps[0].stdout }}`) filled in: over it, the task
+    # fails when it would be dispatched.
+    max_rendered_spec_bytes: int = Field(default=4 << 20, gt=0)
+    max_watch_tasks: int = 1000  # task ids in one Watch filter
+    # Slots one node may claim (a Hello beyond it, or beyond sane resources, is refused).
+    max_node_slots: int = Field(default=1024, ge=1)
+    # Backpressure: submits beyond these many unfinished tasks get RESOURCE_EXHAUSTED with a
+    # retry delay (per tenant: 0 means no cap).
+    max_queued: int = 1_000_000
+    max_queued_per_tenant: int = 0
+    # Tasks one tenant may submit per second (a token bucket, bursts of tenant_submit_burst,
+    # 0: a second's worth); beyond it, RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo.
+    # 0: no limit.
+    tenant_submit_rate: float = 0.0
+    tenant_submit_burst: int = 0
+    max_depends_on: ClassVar[int] = 100  # upstream tasks of one task (fan-in)
+    max_attempts: ClassVar[int] = 100
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

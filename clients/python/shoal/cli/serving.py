@@ -11,10 +11,8 @@ import json
 import logging
 import shlex
 import shutil
-import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +25,7 @@ from shoal._client import AsyncClient
 from shoal._console import console, err_console, serving
 from shoal._extras import needs_extra
 from shoal._server import collect_seldom, raise_open_files_limit
+from shoal._signals import until_signalled
 from shoal.cli.app import CoordinatorOpt, app, duration, parse_labels, run_async
 from shoal.cli.render import state_text
 from shoal.config import CoordinatorSettings, NodeSettings, default_data_dir
@@ -34,6 +33,8 @@ from shoal.errors import InvalidArgument
 from shoal.join import JoinLine, ca_fingerprint, fetch_pinned_ca
 
 if TYPE_CHECKING:
+    from shoal.coordinator.server import CoordinatorServer
+    from shoal.node.agent import NodeAgent
     from shoal.node.guard import ResourceGuard
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")]
@@ -59,32 +60,6 @@ def _logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-
-
-async def _until_signalled(
-    *stops: Callable[[], Awaitable[None]], done: asyncio.Event | None = None
-) -> None:
-    """Wait for SIGINT or SIGTERM (or `done`), then run each stop in order.
-
-    A second signal cancels the stops: whatever they were waiting for ends at once.
-    """
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
-    waits = [asyncio.create_task(e.wait()) for e in (signalled, done) if e is not None]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-    err_console.print("stopping… (again to stop at once)")
-    current = asyncio.current_task()
-    assert current is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, current.cancel)
-    for fn in stops:
-        await fn()
 
 
 HttpListenOpt = Annotated[
@@ -141,42 +116,44 @@ def up(
     coord = CoordinatorServer(coord_settings)
 
     async def main() -> None:
-        await coord.start()
-        token_file = coord.admin_token_path if coord.settings.auth else None
-        settings = NodeSettings(
-            **_given(coordinator=coord.address, slots=slots, token_file=token_file)
-        )
-        if "guard_min_priority" not in settings.model_fields_set:
-            # The local node runs what its own user asks for: a busy laptop holds back only
-            # work below the default priority.
-            settings = settings.model_copy(update={"guard_min_priority": "normal"})
-        node = NodeAgent(settings)
-        node.on_guard_change = functools.partial(_guard_changed, settings)
-        try:
-            await node.start()
-        except BaseException:
-            await node.stop()
-            await coord.stop()
-            raise
-        console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{coord.address}[/cyan]")
-        if coord.http_url:
-            console.print(f"  dashboard: [cyan]{coord.http_url}[/cyan]")
-        console.print(f"  data dir    {coord.settings.data_dir}")
-        if token_file is not None:
-            console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
-        console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
-        console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
-        console.print(
-            f"  try: {_shoal_command()} run -c {coord.address} -- echo hello;  Ctrl-C to stop",
-            highlight=False,
-        )
-        if demo:
-            await asyncio.wait_for(node.connected.wait(), 10)
-            await _demo(coord.address, token_file)
-        collect_seldom()
-        await _until_signalled(node.stop, coord.stop)
+        async with coord:
+            token_file = coord.admin_token_path if coord.settings.auth else None
+            settings = NodeSettings(
+                **_given(coordinator=coord.address, slots=slots, token_file=token_file)
+            )
+            if "guard_min_priority" not in settings.model_fields_set:
+                # The local node runs what its own user asks for: a busy laptop holds back
+                # only work below the default priority.
+                settings = settings.model_copy(update={"guard_min_priority": "normal"})
+            node = NodeAgent(settings)
+            node.on_guard_change = functools.partial(_guard_changed, settings)
+            async with node:
+                _print_up(coord, token_file, node, settings)
+                if demo:
+                    await asyncio.wait_for(node.connected.wait(), 10)
+                    await _demo(coord.address, token_file)
+                collect_seldom()
+                await until_signalled()
 
     run_async(main())
+
+
+def _print_up(
+    coord: CoordinatorServer, token_file: Path | None, node: NodeAgent, settings: NodeSettings
+) -> None:
+    address = coord.address
+    console.print(f"[bold]Shoal is up[/bold]: gRPC [cyan]{address}[/cyan]")
+    if coord.http_url:
+        console.print(f"  dashboard: [cyan]{coord.http_url}[/cyan]")
+    console.print(f"  data dir    {coord.settings.data_dir}")
+    if token_file is not None:
+        console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
+    console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
+    console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
+    console.print(
+        f"  try: {_shoal_command()} run -c {address} -- echo hello;  Ctrl-C to stop",
+        highlight=False,
+    )
 
 
 def _guard_summary(settings: NodeSettings) -> str:
@@ -320,8 +297,7 @@ def coordinator(
             console.print(f"dashboard: [cyan]{server.http_url}[/cyan]")
         if server.settings.auth:
             console.print(f"admin token in {server.admin_token_path}")
-        collect_seldom()
-        await _until_signalled(server.stop, done=server.deposed)
+        await server.run()
         if server.deposed.is_set():
             raise typer.Exit(1)  # another coordinator leads: a supervisor starts this one again
 
@@ -447,15 +423,8 @@ def node(
     )
 
     async def main() -> None:
-        agent = NodeAgent(settings)
-        try:
-            await agent.start()
-            collect_seldom()
-            await _until_signalled(agent.shutdown, done=agent.left)
-        finally:
-            await agent.stop()
-        if agent.refusal is not None:  # its coordinator refused it for good: say why, and end
-            raise agent.refusal
+        # Its coordinator may refuse it for good: run() raises why, and the command ends.
+        await NodeAgent(settings).run()
 
     run_async(main())
 

@@ -1,0 +1,127 @@
+"""The node's outbox: its task updates waiting for a session to carry them, in batches, with
+the results a lost session may have lost sent again by the next one. It outlives sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from shoal._output import output_size
+from shoal.specs import bounded_result
+from shoal.v1 import node_pb2
+
+__all__ = ["MAX_BATCH_BYTES", "Outbox"]
+
+_MAX_UPDATES = 10_000
+# An update batch, whatever its updates: well under the message limit, so that no update,
+# however large, can make the stream fail (and fail again after every reconnect).
+MAX_BATCH_BYTES = 4 << 20
+# Output waiting to be sent beyond which tasks that print are slowed (see `output_room`).
+_OUTPUT_ROOM = 4 << 20
+# Attempts a Hello claims at most: a coordinator refuses more (its max_batch by default).
+_MAX_CLAIMS = 10_000
+
+
+class Outbox:
+    """Updates in the order they came: `push`, then a session's writer `take`s batches and
+    says which were `sent` (or `put_back` what it could not write)."""
+
+    def __init__(self) -> None:
+        self._updates: list[node_pb2.TaskUpdate] = []
+        self.ready = asyncio.Event()  # set when an update came (the writer clears it to wait)
+        self._output_bytes = 0  # of the output updates held
+        self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
+        self._output_room.set()
+        self.flushed = asyncio.Event()  # set while every update was written to a stream
+        self.flushed.set()
+        # Results written to the current stream, each with the first heartbeat written after
+        # it: the coordinator applies a stream in order, so the answer to that heartbeat shows
+        # it arrived. Until then a lost session (the coordinator killed or stopping) may have
+        # lost it, and the next session sends it again.
+        self._unacked: deque[tuple[int, node_pb2.TaskUpdate]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._updates)
+
+    def push(self, update: node_pb2.TaskUpdate) -> None:
+        """Send an update with the next batch, in this session or the next."""
+        kind = update.WhichOneof("update")
+        if kind == "output":
+            if len(self._updates) >= _MAX_UPDATES:
+                return  # disconnected for long: output is dropped first, results never
+            self._add_output(output_size(update.output))
+        elif kind == "finished":
+            # Whatever an executor put in it, a result fits in a batch (the coordinator cuts
+            # results further to its own limit).
+            bounded_result(update.finished.result, MAX_BATCH_BYTES // 2)
+        self._updates.append(update)
+        self.ready.set()
+        self.flushed.clear()
+
+    async def output_room(self) -> None:
+        """Return once the outbox holds less than _OUTPUT_ROOM of output: a task printing faster
+        than its session carries it waits here (and its pipe fills), rather than growing it."""
+        while self._output_bytes >= _OUTPUT_ROOM:
+            await self._output_room.wait()
+
+    def take(self) -> tuple[list[node_pb2.TaskUpdate], int]:
+        """The next batch, at most MAX_BATCH_BYTES (at least one update), and the bytes of
+        output in it."""
+        updates = self._updates
+        size = output = 0
+        end = len(updates)
+        for i, update in enumerate(updates):
+            size += update.ByteSize()
+            if size > MAX_BATCH_BYTES and i:
+                end = i
+                break
+            if update.HasField("output"):
+                output += output_size(update.output)
+        batch, self._updates = updates[:end], updates[end:]
+        self._add_output(-output)
+        return batch, output
+
+    def put_back(self, batch: list[node_pb2.TaskUpdate], output: int) -> None:
+        """A batch `take` gave that could not be written: first in line for the next session."""
+        self._updates[:0] = batch
+        self._add_output(output)
+
+    def sent(self, batch: list[node_pb2.TaskUpdate], heartbeat_seq: int) -> None:
+        """`batch` was written before heartbeat `heartbeat_seq`: its results wait for that
+        heartbeat's answer."""
+        self._unacked.extend((heartbeat_seq, u) for u in batch if u.HasField("finished"))
+        if not self._updates:
+            self.flushed.set()
+
+    def acked(self, heartbeat_seq: int) -> None:
+        """The coordinator answered heartbeat `heartbeat_seq`: what was written before it
+        arrived."""
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= heartbeat_seq:
+            unacked.popleft()
+
+    def resend_unacked(self) -> None:
+        """The session ended: results it may have lost go out again with the next one."""
+        if self._unacked:
+            self._updates[:0] = [u for _, u in self._unacked]
+            self._unacked.clear()
+            self.flushed.clear()
+
+    def claims(self, running: list[node_pb2.RunningAttempt]) -> list[node_pb2.RunningAttempt]:
+        """What Hello claims: the attempts the node still runs, then those whose result has yet
+        to reach a coordinator (which records it only for an attempt it lets the node keep)."""
+        for update in self._updates:
+            if len(running) >= _MAX_CLAIMS:
+                break
+            if update.HasField("finished"):
+                running.append(
+                    node_pb2.RunningAttempt(task_id=update.task_id, attempt=update.attempt)
+                )
+        return running
+
+    def _add_output(self, size: int) -> None:
+        self._output_bytes += size
+        if self._output_bytes >= _OUTPUT_ROOM:
+            self._output_room.clear()
+        else:
+            self._output_room.set()

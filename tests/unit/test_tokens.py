@@ -11,10 +11,11 @@ import pytest
 from shoal.auth import Principal, Role, parse_token
 from shoal.coordinator.store import SqliteStore
 from shoal.coordinator.tokens import TokenRegistry
-from shoal.coordinator.validation import Limits, check_hello
+from shoal.coordinator.validation import check_hello
 from shoal.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from shoal.handshake import Direction
 from shoal.v1 import node_pb2
+from shoal.validation import Limits
 
 
 class Clock:

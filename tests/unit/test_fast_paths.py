@@ -15,8 +15,8 @@ from shoal.coordinator.placement import requirements
 from shoal.v1 import task_pb2
 
 SPEC_FIELDS = frozenset(task_pb2.TaskSpec.DESCRIPTOR.fields_by_name)
-# What the plain placement path reads itself: a spec's kind, its model, tool and provider.
-PLAIN = frozenset({"custom", "llm", "model", "tool"})
+# What the plain placement path reads itself: a spec's kind, its model, tool or function, provider.
+PLAIN = frozenset({"custom", "function", "llm", "model", "tool"})
 
 
 def _spec_fields_read(function: Callable[..., Any], *, after_return: bool = False) -> set[str]:

@@ -12,7 +12,7 @@ import typer
 
 from shoal import __version__
 from shoal._client import AsyncClient
-from shoal._console import console, print_error
+from shoal._console import console, err_console, print_error
 from shoal.errors import ShoalError
 
 # Help texts are plain text: rich markup would eat their "[default]" and "[env ...]" notes.
@@ -53,9 +53,13 @@ def connect(coordinator: str | None) -> AsyncClient:
 
 
 def run_async(coro: Awaitable[_T]) -> _T:
-    """Run a coroutine; Shoal errors become a message and exit status 1."""
+    """Run a coroutine; Shoal errors become a message and exit status 1, and a serving command
+    stopped at once by a second SIGINT or SIGTERM (it cancels the coroutine) exits with 130."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    except asyncio.CancelledError:
+        err_console.print("stopped at once")
+        raise typer.Exit(130) from None
     except ShoalError as err:
         print_error(err)
         raise typer.Exit(1) from None

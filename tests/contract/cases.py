@@ -16,6 +16,7 @@ import docker as docker_sdk
 
 from shoal import docker, llm, noop, ollama, python, shell, tool
 from shoal.v1 import task_pb2
+from tests.integration import functions_module
 from tests.integration.docker_engine import IMAGE
 from tests.integration.harness import eventually
 from tests.standins import HttpStandIn, OllamaStandIn, OpenAIStandIn
@@ -70,6 +71,9 @@ class ExecutorCase:
     # processes are checked for every executor, through the context's process groups).
     released: Callable[[CaseEnv], Awaitable[None]] | None = None
     silent: bool = False  # it has no output to stream (its checks of output are not run)
+    # Its processes are a warm pool that outlives each run (the function executor's workers):
+    # a stopped run must give its process group back, and the worker is not expected gone.
+    warm: bool = False
 
 
 def _custom(executor: str, params: dict[str, Any]) -> task_pb2.TaskSpec:
@@ -148,6 +152,13 @@ CASES: dict[str, ExecutorCase] = {
         runs_long=lambda env: Said(tool("sleep", {"seconds": 600})),
         fails=lambda env: tool("slugify", {"text": 3}),
         silent=True,
+    ),
+    "function": ExecutorCase(
+        streams=lambda env: Said(functions_module.greet.spec("contract"), "greeting contract"),
+        runs_long=lambda env: Said(functions_module.started_then_wait.spec(600), "started"),
+        fails=lambda env: functions_module.fail.spec("on purpose"),
+        settings=lambda env: {"imports": [functions_module.__name__]},
+        warm=True,
     ),
     "docker": ExecutorCase(
         streams=lambda env: Said(docker(IMAGE, ["echo", "from a container"]), "from a container"),

@@ -117,7 +117,7 @@ def _group_gone(pgid: int) -> None:
 async def _left_nothing(case: ExecutorCase, env: CaseEnv, recorder: _Recorder) -> None:
     """What a stopped run started is gone: its processes, and what its case names."""
     assert not len(recorder.groups), "a process group is still registered"
-    leaders = recorder.leaders
+    leaders = () if case.warm else recorder.leaders
 
     def groups_gone() -> None:
         for pgid in leaders:

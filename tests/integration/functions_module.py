@@ -71,6 +71,14 @@ async def wait_async(seconds: float, marker: str = "") -> str:
 
 
 @shoal.task
+async def started_then_wait(seconds: float) -> str:
+    """Says `started` (flushed, so it streams), then sleeps."""
+    print("started", flush=True)
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+@shoal.task
 def wait_sync(seconds: float) -> str:
     time.sleep(seconds)
     return "woke"

@@ -13,12 +13,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from shoal._gate import HEALTH_POLICY, HEALTH_SERVICE, OPEN, Gate
 from shoal._reflection import serve_reflection
 from shoal._server import (
-    HEALTH_POLICY,
-    HEALTH_SERVICE,
-    OPEN,
-    Gate,
     collect_seldom,
     listen,
     method_path,

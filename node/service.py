@@ -9,12 +9,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1._async import HealthServicer
 
+from shoal._gate import HEALTH_POLICY, HEALTH_SERVICE, OPEN, Gate
 from shoal._reflection import serve_reflection
 from shoal._server import (
-    HEALTH_POLICY,
-    HEALTH_SERVICE,
-    OPEN,
-    Gate,
     method_path,
     serve_health,
     server_credentials,

@@ -1,6 +1,6 @@
 """gRPC servicers of the coordinator: decode, call the engine, encode.
 
-The Gate (shoal._server) has already authenticated the caller, checked its role and mapped
+The Gate (shoal._gate) has already authenticated the caller, checked its role and mapped
 errors to statuses; `current_principal()` is who is calling.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from shoal._server import current_principal
+from shoal._gate import current_principal
 from shoal.auth import Role
 from shoal.coordinator.api.context import Ctx
 from shoal.coordinator.engine import Coordinator

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
-from shoal._server import current_principal
+from shoal._gate import current_principal
 from shoal.auth import Principal
 from shoal.coordinator.api.context import Ctx
 from shoal.coordinator.engine import Coordinator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from shoal._server import current_principal
+from shoal._gate import current_principal
 from shoal.coordinator.api.context import Ctx
 from shoal.coordinator.engine import Coordinator
 from shoal.errors import InvalidArgument

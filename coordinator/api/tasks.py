@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from shoal._server import current_principal
+from shoal._gate import current_principal
 from shoal.coordinator.api.context import Ctx, client_of
 from shoal.coordinator.engine import SHUTTING_DOWN, Coordinator
 from shoal.errors import Unavailable

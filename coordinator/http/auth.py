@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from shoal._server import authorize
+from shoal._gate import authorize
 from shoal.auth import ANONYMOUS, Principal, Role, check_token
 from shoal.errors import PermissionDenied, Unauthenticated
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from shoal._server import acting_as
+from shoal._gate import acting_as
 from shoal.coordinator.http.auth import Caller
 from shoal.coordinator.http.body import read_message
 from shoal.coordinator.http.context import HttpCallContext

@@ -20,7 +20,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from shoal._server import acting_as
+from shoal._gate import acting_as
 from shoal.coordinator.http.auth import Caller
 from shoal.coordinator.http.context import HttpCallContext
 from shoal.coordinator.http.errors import error_body, error_response, unexpected_response

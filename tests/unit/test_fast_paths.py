@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal import _builders as builders
-from shoal import validation
+from shoal import spec_checks
 from shoal.coordinator.placement import requirements
 from shoal.v1 import task_pb2
 
@@ -47,14 +47,14 @@ def _spec_fields_read(function: Callable[..., Any], *, after_return: bool = Fals
 
 
 def test_the_guard_lists_name_spec_fields() -> None:
-    assert validation._SCHEDULING <= SPEC_FIELDS
+    assert spec_checks._SCHEDULING <= SPEC_FIELDS
     assert requirements._PLACING <= SPEC_FIELDS
 
 
 def test_every_field_the_scheduling_check_reads_is_in_its_guard() -> None:
-    read = _spec_fields_read(validation._check_scheduling, after_return=True)
+    read = _spec_fields_read(spec_checks._check_scheduling, after_return=True)
     assert {"selectors", "depends_on", "retry"} <= read  # the reader works
-    assert read <= validation._SCHEDULING
+    assert read <= spec_checks._SCHEDULING
 
 
 def test_every_field_placement_reads_beyond_the_plain_path_is_in_its_guard() -> None:

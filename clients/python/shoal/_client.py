@@ -4,33 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import logging
 import uuid
-from collections.abc import (
-    AsyncGenerator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from types import EllipsisType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    retry_never,
-    wait_exponential_jitter,
-)
 
 from shoal._builders import tool
+from shoal._calls import Calls
 from shoal._channel import CLIENT_KEY, bearer, open_channel
-from shoal._status import from_rpc_error, from_server
+from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
 from shoal.specs import is_final, to_duration
@@ -46,10 +34,8 @@ from shoal.v1 import (
 
 __all__ = ["AsyncClient"]
 
-_T = TypeVar("_T")
 _log = logging.getLogger("shoal")
 _MAX_MESSAGE = 64 << 20
-_BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
 
 
 class AsyncClient:
@@ -81,17 +67,18 @@ class AsyncClient:
     ):
         settings = ClientSettings()
         self._wait_when_full = wait_when_full
-        self._retry_for = retry_for.total_seconds()
-        self._connect_for = min(connect_for.total_seconds(), self._retry_for)
-        # Whether a coordinator ever answered: only then is "unavailable" worth riding out.
-        self._reached = False
         self.target = target or settings.coordinator
-        self._timeout = timeout.total_seconds()
         if token is None:
             token = read_token(settings.token, settings.token_file)
-        # A name for this client, so that a coordinator that is full keeps its place in line
-        # between its tries.
-        self._metadata = (*bearer(token), (CLIENT_KEY, uuid.uuid4().hex))
+        self._calls = Calls(
+            self.target,
+            # A name for this client, so that a coordinator that is full keeps its place in
+            # line between its tries.
+            (*bearer(token), (CLIENT_KEY, uuid.uuid4().hex)),
+            timeout=timeout.total_seconds(),
+            retry_for=retry_for.total_seconds(),
+            connect_for=connect_for.total_seconds(),
+        )
         self._channel = open_channel(
             self.target,
             max_message_bytes=_MAX_MESSAGE,
@@ -103,61 +90,11 @@ class AsyncClient:
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._locks = locks_pb2_grpc.LocksStub(self._channel)
 
-    async def _unary(
-        self,
-        method: Any,
-        request: Any,
-        *,
-        timeout: float | EllipsisType | None = ...,
-        retry: bool = True,
-    ) -> Any:
-        """One call (`timeout`: the client's; None: none); with `retry` (it is safe to repeat),
-        resent while the coordinator is unavailable, with jittered exponential backoff, for up
-        to `retry_for`."""
-        deadline = self._timeout if timeout is ... else timeout
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(Unavailable) if retry else retry_never,
-                wait=_BACKOFF,
-                stop=self._given_up,
-                reraise=True,
-            ):
-                with attempt:
-                    return await self._call(
-                        method(request, timeout=deadline, metadata=self._metadata)
-                    )
-        except Unavailable as err:
-            raise self._unreached(err) from None
-        raise AssertionError("unreachable")
-
-    async def _call(self, awaitable: Awaitable[_T]) -> _T:
-        """Await one call; notes whether a coordinator answered it, even with an error."""
-        try:
-            response = await awaitable
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
-                self._reached = True
-            raise from_rpc_error(err) from None
-        self._reached = True
-        return response
-
-    def _given_up(self, state: RetryCallState) -> bool:
-        """Whether to stop resending: after `retry_for`, or `connect_for` while no coordinator
-        ever answered (decided anew at each try: one may answer meanwhile)."""
-        limit = self._retry_for if self._reached else self._connect_for
-        return (state.seconds_since_start or 0.0) >= limit
-
-    def _unreached(self, err: Unavailable) -> Unavailable:
-        """`err`, naming the address tried when no coordinator ever answered there."""
-        if self._reached:
-            return err
-        return Unavailable(f"cannot reach a coordinator at {self.target}: {err.message}")
-
     async def _submit(self, method: Any, request: Any) -> Any:
         """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
         while True:
             try:
-                return await self._unary(method, request)
+                return await self._calls.unary(method, request)
             except ResourceExhausted as err:
                 if not self._wait_when_full or err.retry_after is None:
                     raise
@@ -188,7 +125,7 @@ class AsyncClient:
         return list(response.task_ids)
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        task: task_pb2.Task = await self._unary(
+        task: task_pb2.Task = await self._calls.unary(
             self._tasks.Get, tasks_pb2.GetRequest(task_id=task_id)
         )
         return task
@@ -200,8 +137,8 @@ class AsyncClient:
         deadline = None
         if timeout is not None:
             request.timeout.CopyFrom(to_duration(timeout))
-            deadline = timeout.total_seconds() + self._timeout
-        task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
+            deadline = timeout.total_seconds() + self._calls.timeout
+        task: task_pb2.Task = await self._calls.unary(self._tasks.Wait, request, timeout=deadline)
         if timeout is not None and not is_final(task.state):
             raise WaitTimeout(task, timeout)
         return task
@@ -221,8 +158,10 @@ class AsyncClient:
         while True:
             request = tasks_pb2.WaitRequest(task_id=task_id)
             request.timeout.CopyFrom(to_duration(slice_))
-            deadline = slice_.total_seconds() + self._timeout
-            task: task_pb2.Task = await self._unary(self._tasks.Wait, request, timeout=deadline)
+            deadline = slice_.total_seconds() + self._calls.timeout
+            task: task_pb2.Task = await self._calls.unary(
+                self._tasks.Wait, request, timeout=deadline
+            )
             if is_final(task.state):
                 return task
             if task.pending_reason != told:
@@ -232,7 +171,7 @@ class AsyncClient:
             slice_ = every
 
     async def cancel(self, task_id: str) -> task_pb2.Task:
-        task: task_pb2.Task = await self._unary(
+        task: task_pb2.Task = await self._calls.unary(
             self._tasks.Cancel, tasks_pb2.CancelRequest(task_id=task_id)
         )
         return task
@@ -250,7 +189,7 @@ class AsyncClient:
                 limit=min(1000, limit - len(out)),
                 page_token=token,
             )
-            page = await self._unary(self._tasks.List, request)
+            page = await self._calls.unary(self._tasks.List, request)
             out += page.tasks
             token = page.next_page_token
             if not token:
@@ -258,7 +197,7 @@ class AsyncClient:
         return out[:limit]
 
     async def nodes(self) -> builtins.list[admin_pb2.NodeStatus]:
-        response = await self._unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
+        response = await self._calls.unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
         return list(response.nodes)
 
     async def drain(
@@ -266,11 +205,11 @@ class AsyncClient:
     ) -> admin_pb2.NodeStatus:
         """Take a node out of service (admin): see `shoal drain`."""
         request = admin_pb2.DrainRequest(node_id=node_id, grace=to_duration(grace), leave=leave)
-        status: admin_pb2.NodeStatus = await self._unary(self._admin.Drain, request)
+        status: admin_pb2.NodeStatus = await self._calls.unary(self._admin.Drain, request)
         return status
 
     async def undrain(self, node_id: str) -> admin_pb2.NodeStatus:
-        status: admin_pb2.NodeStatus = await self._unary(
+        status: admin_pb2.NodeStatus = await self._calls.unary(
             self._admin.Undrain, admin_pb2.DrainRequest(node_id=node_id)
         )
         return status
@@ -288,70 +227,75 @@ class AsyncClient:
         request = locks_pb2.AcquireRequest(
             name=name, ttl=to_duration(ttl), wait=to_duration(wait), shared=shared
         )
-        lease: locks_pb2.Lease = await self._unary(
-            self._locks.Acquire, request, timeout=wait.total_seconds() + self._timeout, retry=False
+        lease: locks_pb2.Lease = await self._calls.unary(
+            self._locks.Acquire,
+            request,
+            timeout=wait.total_seconds() + self._calls.timeout,
+            retry=False,
         )
         return lease
 
     async def renew_lock(self, lease: locks_pb2.Lease, *, ttl: timedelta) -> locks_pb2.Lease:
         request = locks_pb2.RenewRequest(name=lease.name, token=lease.token, ttl=to_duration(ttl))
-        renewed: locks_pb2.Lease = await self._unary(self._locks.Renew, request)
+        renewed: locks_pb2.Lease = await self._calls.unary(self._locks.Renew, request)
         return renewed
 
     async def release_lock(self, lease: locks_pb2.Lease) -> None:
         request = locks_pb2.ReleaseRequest(name=lease.name, token=lease.token)
-        await self._unary(self._locks.Release, request, retry=False)
+        await self._calls.unary(self._locks.Release, request, retry=False)
 
     async def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
         """Set the limits on a quota key (admin), replacing any it had."""
-        made: admin_pb2.Quota = await self._unary(self._admin.SetQuota, quota)
+        made: admin_pb2.Quota = await self._calls.unary(self._admin.SetQuota, quota)
         return made
 
     async def quotas(self) -> builtins.list[admin_pb2.Quota]:
-        response = await self._unary(self._admin.ListQuotas, admin_pb2.ListQuotasRequest())
+        response = await self._calls.unary(self._admin.ListQuotas, admin_pb2.ListQuotasRequest())
         return list(response.quotas)
 
     async def delete_quota(self, key: str) -> admin_pb2.Quota:
-        gone: admin_pb2.Quota = await self._unary(
+        gone: admin_pb2.Quota = await self._calls.unary(
             self._admin.DeleteQuota, admin_pb2.QuotaRef(key=key), retry=False
         )
         return gone
 
     async def usage(self, key: str = "") -> builtins.list[admin_pb2.KeyUsage]:
         """What each quota key (or `key`) used per day and month, and runs now."""
-        response = await self._unary(self._admin.GetUsage, admin_pb2.UsageRequest(key=key))
+        response = await self._calls.unary(self._admin.GetUsage, admin_pb2.UsageRequest(key=key))
         return list(response.usage)
 
     async def create_token(
         self, request: admin_pb2.CreateTokenRequest
     ) -> admin_pb2.CreateTokenResponse:
         """Create an API token (admin); the response holds its secret, shown only then."""
-        made: admin_pb2.CreateTokenResponse = await self._unary(
+        made: admin_pb2.CreateTokenResponse = await self._calls.unary(
             self._admin.CreateToken, request, retry=False
         )
         return made
 
     async def tokens(self, *, include_revoked: bool = False) -> builtins.list[admin_pb2.TokenInfo]:
-        response = await self._unary(
+        response = await self._calls.unary(
             self._admin.ListTokens, admin_pb2.ListTokensRequest(include_revoked=include_revoked)
         )
         return list(response.tokens)
 
     async def revoke_token(self, name_or_id: str) -> admin_pb2.TokenInfo:
-        info: admin_pb2.TokenInfo = await self._unary(
+        info: admin_pb2.TokenInfo = await self._calls.unary(
             self._admin.RevokeToken, admin_pb2.RevokeTokenRequest(token=name_or_id), retry=False
         )
         return info
 
     async def create_schedule(self, schedule: admin_pb2.Schedule) -> admin_pb2.Schedule:
         """Create a schedule (admin): `schedule.spec` is submitted on its cron or interval."""
-        made: admin_pb2.Schedule = await self._unary(
+        made: admin_pb2.Schedule = await self._calls.unary(
             self._admin.CreateSchedule, schedule, retry=False
         )
         return made
 
     async def schedules(self) -> builtins.list[admin_pb2.Schedule]:
-        response = await self._unary(self._admin.ListSchedules, admin_pb2.ListSchedulesRequest())
+        response = await self._calls.unary(
+            self._admin.ListSchedules, admin_pb2.ListSchedulesRequest()
+        )
         return list(response.schedules)
 
     async def schedule_action(self, action: str, name: str) -> admin_pb2.Schedule:
@@ -363,7 +307,7 @@ class AsyncClient:
         }
         if action not in methods:
             raise ValueError(f"unknown schedule action {action!r}")
-        done: admin_pb2.Schedule = await self._unary(
+        done: admin_pb2.Schedule = await self._calls.unary(
             methods[action], admin_pb2.ScheduleRef(name=name), retry=action != "delete"
         )
         return done
@@ -396,8 +340,10 @@ class AsyncClient:
             )
             if cursor is not None:
                 request.since = cursor
-            stream = await self._open_watch(request, reconnect)
-            cursor = request.since
+            stream, first = await self._calls.open_stream(
+                functools.partial(self._tasks.Watch, request), retry=reconnect
+            )
+            cursor = first.cursor
             try:
                 while (response := await stream.read()) is not grpc.aio.EOF:
                     for event in response.events:
@@ -410,29 +356,6 @@ class AsyncClient:
                     raise error from None
             finally:
                 stream.cancel()
-
-    async def _open_watch(
-        self, request: tasks_pb2.WatchRequest, reconnect: bool
-    ) -> grpc.aio.UnaryStreamCall[tasks_pb2.WatchRequest, tasks_pb2.WatchResponse]:
-        """Open a Watch and read its first (cursor) response, retrying with backoff (for
-        `connect_for` only while no coordinator ever answered)."""
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(Unavailable) if reconnect else retry_never,
-                wait=_BACKOFF,
-                stop=lambda state: not self._reached and self._given_up(state),
-                reraise=True,
-            ):
-                with attempt:
-                    stream = self._tasks.Watch(request, metadata=self._metadata)
-                    first = await self._call(stream.read())
-                    if first is grpc.aio.EOF:
-                        raise Unavailable("the watch ended before it started")
-                    request.since = first.cursor
-                    return stream
-        except Unavailable as err:
-            raise self._unreached(err) from None
-        raise AssertionError("unreachable")
 
     async def run(self, spec: task_pb2.TaskSpec) -> AsyncGenerator[task_pb2.Event, None]:
         """Submit a task and follow it to its end, output included; the last event is final."""

@@ -27,6 +27,14 @@ __all__ = [
 ]
 
 
+def _state_name(task: task_pb2.Task) -> str:
+    """`SUCCEEDED` for TASK_STATE_SUCCEEDED, read from the message's own descriptor: this module
+    imports no generated code (the store raises these errors and stays free of protobuf)."""
+    states = task.DESCRIPTOR.fields_by_name["state"].enum_type
+    value = states.values_by_number.get(task.state) if states else None
+    return value.name.removeprefix("TASK_STATE_") if value else str(task.state)
+
+
 class ShoalError(Exception):
     """Base of every error Shoal raises on purpose."""
 
@@ -102,10 +110,8 @@ class TaskFailed(ShoalError):
     Raised by the SDK, never by a server: it maps to no status code."""
 
     def __init__(self, task: task_pb2.Task) -> None:
-        from shoal.specs import state_name  # specs needs this module first
-
         why = task.result.error or task.result.stderr.strip()[-500:]
-        super().__init__(f"task {task.id} {state_name(task.state)}" + (f": {why}" if why else ""))
+        super().__init__(f"task {task.id} {_state_name(task)}" + (f": {why}" if why else ""))
         self.task = task
 
 
@@ -132,11 +138,8 @@ class WaitTimeout(ShoalError):
     Raised by the SDK, never by a server: it maps to no status code."""
 
     def __init__(self, task: task_pb2.Task, timeout: timedelta) -> None:
-        from shoal.specs import state_name  # specs needs this module first
-
         why = f" ({task.pending_reason})" if task.pending_reason else ""
         super().__init__(
-            f"task {task.id} still {state_name(task.state)} after {timeout.total_seconds():g} s"
-            + why
+            f"task {task.id} still {_state_name(task)} after {timeout.total_seconds():g} s" + why
         )
         self.task = task

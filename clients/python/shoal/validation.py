@@ -1,23 +1,23 @@
-"""Checks on submitted specs: a bad spec is refused with every violation named, nothing stored.
+"""Checks on submitted batches: a bad spec is refused with every violation named, nothing
+stored. The limits, sizes, dependencies within a batch and its cycles are checked here, each
+spec's own fields in `shoal.spec_checks`.
 
 Shared by the coordinator (Submit) and the node (direct Execute).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
-from shoal.specs import duration, fields_of, secret_references
-from shoal.templates import references
+from shoal.spec_checks import spec_violations
+from shoal.specs import fields_of
 from shoal.v1 import task_pb2
 
-__all__ = ["LLM_PROVIDERS", "Limits", "check_request_id", "validate_batch"]
+__all__ = ["Limits", "check_request_id", "validate_batch"]
 
 
 class Limits(BaseModel):
@@ -47,275 +47,6 @@ class Limits(BaseModel):
     tenant_submit_burst: int = 0
     max_depends_on: ClassVar[int] = 100  # upstream tasks of one task (fan-in)
     max_attempts: ClassVar[int] = 100
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_VALUED_OPERATORS = (
-    task_pb2.LabelSelector.OPERATOR_UNSPECIFIED,
-    task_pb2.LabelSelector.OPERATOR_IN,
-    task_pb2.LabelSelector.OPERATOR_NOT_IN,
-)
-_SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file name
-
-
-LLM_PROVIDERS = ("ollama", "openai", "anthropic", "gemini")
-_PRIORITIES = frozenset(task_pb2.Priority.values())
-_SCHEDULING = frozenset(
-    {
-        "selectors",
-        "preferred_labels",
-        "resources",
-        "routing",
-        "hard_affinity",
-        "affinity_key",
-        "model",
-        "depends_on",
-        "not_before",
-        "queue_timeout",
-        "retry",
-    }
-)
-"""The fields _check_scheduling looks at (beyond the references to upstream results)."""
-_OPERATORS = frozenset(task_pb2.LabelSelector.Operator.values())
-_ROUTINGS = frozenset(task_pb2.RoutingStrategy.values())
-
-
-def _llm_violations(llm: task_pb2.LlmSpec, bad: Callable[[str, str], None]) -> None:
-    if llm.routes:
-        if llm.provider:
-            bad("llm.provider", "set provider and model, or routes, not both")
-        for i, r in enumerate(llm.routes):
-            if r.provider not in LLM_PROVIDERS:
-                bad(
-                    f"llm.routes[{i}].provider",
-                    f"unknown provider {r.provider!r}: one of {', '.join(LLM_PROVIDERS)}",
-                )
-            if not r.model:
-                bad(f"llm.routes[{i}].model", "missing model")
-        return
-    if llm.provider not in LLM_PROVIDERS:
-        bad("llm.provider", f"unknown provider {llm.provider!r}: one of {', '.join(LLM_PROVIDERS)}")
-    if not llm.model:
-        bad("llm.model", "missing model")
-
-
-def _spec_violations(
-    spec: task_pb2.TaskSpec,
-    at: str,
-    limits: Limits,
-    present: Collection[str],
-    encoded: bytes,
-) -> list[FieldViolation]:
-    """What is wrong with one spec; `present`: the fields it sets, `encoded`: it serialized."""
-    out: list[FieldViolation] = []
-
-    def bad(path: str, why: str) -> None:
-        out.append(FieldViolation(f"{at}.{path}" if at else path, why))
-
-    # Most fields are unset in most specs: only those set are looked at.
-    kind = spec.WhichOneof("kind")
-    if kind is None:
-        bad(
-            "kind",
-            "missing task kind: set one of shell, python, docker, ollama, llm, http, tool, custom",
-        )
-    elif kind == "shell":
-        sh = spec.shell
-        if not sh.argv and not sh.script:
-            bad("shell", "empty command: set argv or script")
-        elif sh.argv and sh.script:
-            bad("shell", "set argv or script, not both")
-        elif sh.argv and not sh.argv[0]:
-            bad("shell.argv", "argv[0] is empty")
-    elif kind == "python":
-        if not spec.python.code.strip():
-            bad("python.code", "empty code")
-    elif kind == "custom":
-        if not spec.custom.executor:
-            bad("custom.executor", "missing executor name")
-    elif kind == "docker" and not spec.docker.image:
-        bad("docker.image", "missing image")
-    elif kind == "llm":
-        _llm_violations(spec.llm, bad)
-    elif kind == "ollama" and not spec.ollama.model:
-        bad("ollama.model", "missing model")
-    elif kind == "http" and not spec.http.url:
-        bad("http.url", "missing url")
-    elif kind == "tool" and not spec.tool.name:
-        bad("tool.name", "missing tool name")
-    elif kind == "function":
-        _function_violations(spec.function, limits, bad)
-    if "priority" in present and spec.priority not in _PRIORITIES:
-        bad("priority", f"unknown priority {spec.priority}")
-    if "timeout" in present:
-        try:
-            duration(spec.timeout, "timeout", positive=True)
-        except InvalidArgument as err:
-            bad("timeout", err.message)
-    for name in ("name", "idempotency_key", "tenant", "backend"):
-        if name not in present:
-            continue
-        text = getattr(spec, name)
-        if len(text) > limits.max_string:
-            bad(name, f"longer than {limits.max_string} characters")
-        elif not text.isprintable():
-            bad(name, "must be printable text")
-    maps = {
-        name: getattr(spec, name) for name in ("required_labels", "metadata") if name in present
-    }
-    if kind in ("shell", "python", "docker"):
-        maps[f"{kind}.env"] = getattr(spec, kind).env
-    for name, entries in maps.items():
-        if not entries:
-            continue
-        if len(entries) > limits.max_labels:
-            bad(name, f"more than {limits.max_labels} entries")
-        elif any(len(k) > limits.max_string for k in entries):
-            bad(name, f"a key longer than {limits.max_string} characters")
-        elif name == "required_labels" and any(
-            len(v) > limits.max_string for v in entries.values()
-        ):
-            bad(name, f"a value longer than {limits.max_string} characters")
-    if "secrets" in present:
-        _check_secrets(spec, kind, limits, bad)
-    for field in ("locks", "quota_keys"):
-        if field not in present:
-            continue
-        names = getattr(spec, field)
-        if len(names) > limits.max_labels:
-            bad(field, f"more than {limits.max_labels} entries")
-        for i, name in enumerate(names):
-            if not name.removeprefix("read:") if field == "locks" else not name:
-                bad(f"{field}[{i}]", "names nothing")
-            elif len(name) > limits.max_string or not name.isprintable():
-                bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
-    _check_scheduling(spec, present, encoded, limits, bad)
-    return out
-
-
-def _check_secrets(
-    spec: task_pb2.TaskSpec, kind: str | None, limits: Limits, bad: Callable[[str, str], None]
-) -> None:
-    if len(spec.secrets) > limits.max_labels:
-        bad("secrets", f"more than {limits.max_labels} entries")
-    seen = set(getattr(spec, kind).env) if kind in ("shell", "python", "docker") else set()
-    for i, ref in enumerate(spec.secrets):
-        env = ref.env or ref.name
-        if not _SECRET_NAME.match(ref.name) or len(ref.name) > limits.max_string:
-            bad(
-                f"secrets[{i}].name",
-                f"must be 1-{limits.max_string} letters, digits, '_', '.' or '-'",
-            )
-        elif not _ENV_NAME.match(env):
-            bad(f"secrets[{i}].env", f"{env!r} is not an environment variable name")
-        elif env in seen:
-            bad(f"secrets[{i}].env", f"{env!r} is set twice (by the spec's env or a secret)")
-        seen.add(env)
-
-
-def _check_references(
-    spec: task_pb2.TaskSpec, limits: Limits, bad: Callable[[str, str], None]
-) -> None:
-    """Each field with a reference that is malformed, names no upstream, or sits in code is
-    named once; a spec holds at most `limits.max_labels` references (each is filled at
-    dispatch), so the scan stops at the first beyond."""
-    named: set[str] = set()
-    try:
-        for count, ref in enumerate(references(spec), 1):
-            if count > limits.max_labels:
-                bad(spec.WhichOneof("kind") or "kind", f"more than {limits.max_labels} references")
-                return
-            if ref.field in named:
-                continue
-            if ref.code:
-                named.add(ref.field)
-                bad(
-                    ref.field,
-                    f"an upstream reference may not be in {ref.code}: put it in an env value,"
-                    " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
-                )
-            elif ref.upstream is None:
-                named.add(ref.field)
-                bad(
-                    ref.field,
-                    f"{ref.text[:80]!r} is malformed: a reference is ${{{{ deps[N].stdout }}}},"
-                    " .stderr, .exit_code, .output or .output.key.path",
-                )
-            elif ref.upstream >= len(spec.depends_on):
-                named.add(ref.field)
-                bad(ref.field, f"{ref.text[:80]!r} names no upstream task of depends_on")
-    except InvalidArgument as err:  # too many messages to search
-        for v in err.violations:
-            bad(v.field, v.description)
-
-
-def _check_scheduling(
-    spec: task_pb2.TaskSpec,
-    present: Collection[str],
-    encoded: bytes,
-    limits: Limits,
-    bad: Callable[[str, str], None],
-) -> None:
-    """Placement, dependency, time and retry fields (those `present`); reports through `bad`."""
-    # Walking every string is dear; the serialized spec tells first if any could refer.
-    if b"${{" in encoded:
-        _check_references(spec, limits, bad)
-        listed = {ref.name for ref in spec.secrets}
-        for secret in secret_references(spec):
-            if secret not in listed:
-                bad("http.headers", f"secret {secret[:80]!r} is not one of the task's secrets")
-    if _SCHEDULING.isdisjoint(present):
-        return
-    for i, sel in enumerate(spec.selectors):
-        if not sel.key or len(sel.key) > limits.max_string:
-            bad(f"selectors[{i}].key", f"must be 1-{limits.max_string} characters")
-        if sel.operator not in _OPERATORS:
-            bad(f"selectors[{i}].operator", f"unknown operator {sel.operator}")
-        if len(sel.values) > limits.max_labels:
-            bad(f"selectors[{i}].values", f"more than {limits.max_labels} values")
-        elif not sel.values and sel.operator in _VALUED_OPERATORS:
-            bad(f"selectors[{i}].values", "IN and NOT_IN need at least one value")
-    if len(spec.selectors) > limits.max_labels:
-        bad("selectors", f"more than {limits.max_labels} selectors")
-    if len(spec.preferred_labels) > limits.max_labels:
-        bad("preferred_labels", f"more than {limits.max_labels} entries")
-    for i, pref in enumerate(spec.preferred_labels):
-        if not math.isfinite(pref.weight) or pref.weight < 0:
-            bad(f"preferred_labels[{i}].weight", "must be a finite number >= 0")
-    res = spec.resources
-    if not math.isfinite(res.cpu) or res.cpu < 0 or res.cpu > 1e6:
-        bad("resources.cpu", "must be between 0 and 1e6 cores")
-    if spec.routing not in _ROUTINGS:
-        bad("routing", f"unknown routing strategy {spec.routing}")
-    if spec.hard_affinity and not spec.affinity_key:
-        bad("hard_affinity", "needs an affinity_key")
-    if len(spec.affinity_key) > limits.max_string or len(spec.model) > limits.max_string:
-        bad("affinity_key" if spec.affinity_key else "model", "too long")
-    if len(spec.depends_on) > limits.max_depends_on:
-        bad("depends_on", f"more than {limits.max_depends_on} upstream tasks")
-    for i, dep in enumerate(spec.depends_on):
-        if dep.WhichOneof("ref") is None or (dep.HasField("task_id") and not dep.task_id):
-            bad(f"depends_on[{i}]", "set task_id or batch_index")
-    if spec.HasField("not_before"):
-        ts = spec.not_before
-        if not 0 <= ts.seconds <= 253402300799 or not 0 <= ts.nanos < 1_000_000_000:
-            bad("not_before", "must be a time between 1970 and 9999")
-    if spec.HasField("queue_timeout"):
-        try:
-            duration(spec.queue_timeout, "queue_timeout", positive=True)
-        except InvalidArgument as err:
-            bad("queue_timeout", err.message)
-    retry = spec.retry
-    if retry.max_attempts > limits.max_attempts:
-        bad("retry.max_attempts", f"at most {limits.max_attempts}")
-    for name in ("initial_backoff", "max_backoff"):
-        if retry.HasField(name):
-            try:
-                duration(getattr(retry, name), f"retry.{name}")
-            except InvalidArgument as err:
-                bad(f"retry.{name}", err.message)
-    if not math.isfinite(retry.multiplier) or not (retry.multiplier == 0 or retry.multiplier >= 1):
-        bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
 
 
 _CYCLE_SHOWN = 5
@@ -392,7 +123,7 @@ def validate_batch(
         at = "spec" if single else f"specs[{i}]"
         present = fields_of(spec) if fields is None else fields[i]
         data = spec.SerializeToString() if encoded is None else encoded[i]
-        violations += _spec_violations(spec, at, limits, present, data)
+        violations += spec_violations(spec, at, limits, present, data)
         for j, dep in enumerate(spec.depends_on if "depends_on" in present else ()):
             if dep.HasField("batch_index") and (
                 dep.batch_index >= len(specs) or dep.batch_index == i
@@ -420,22 +151,3 @@ def validate_batch(
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         raise InvalidArgument(f"{first.field}: {first.description}{more}", violations)
-
-
-def _function_violations(
-    f: task_pb2.FunctionSpec, limits: Limits, bad: Callable[[str, str], None]
-) -> None:
-    """A function's name is an import path (`package.module:qualname`), its upstream
-    arguments positions or identifiers."""
-    module, _, qualname = f.name.partition(":")
-    if not f.name:
-        bad("function.name", "missing function name")
-    elif len(f.name) > limits.max_string or not all(
-        part.isidentifier() for part in (*module.split("."), *qualname.split("."))
-    ):
-        bad("function.name", "must be an import path: package.module:qualname")
-    if len(f.upstream) > limits.max_labels:
-        bad("function.upstream", f"more than {limits.max_labels} entries")
-    for key in f.upstream:
-        if not (key.isdigit() and len(key) <= 6) and not key.isidentifier():
-            bad("function.upstream", f"{key[:40]!r} is neither a position nor an argument name")

@@ -6,25 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import platform
-import socket
 from collections.abc import Callable
 from typing import Self
 
 import grpc
-import psutil
 from grpc_health.v1._async import HealthServicer
 
-from shoal import __version__
 from shoal._server import collect_seldom, listen
 from shoal._signals import until_signalled
 from shoal.auth import check_token
 from shoal.config import NodeSettings, read_token
-from shoal.errors import (
-    FailedPrecondition,
-    ShoalError,
-    Unavailable,
-)
+from shoal.errors import ShoalError, Unavailable
 from shoal.handshake import OwnAddresses
 from shoal.node.direct import DirectTask, check_direct_request
 from shoal.node.discovery import NodeDiscovery
@@ -35,28 +27,23 @@ from shoal.node.executors.base import (
 from shoal.node.fingerprint import MachineProbe
 from shoal.node.guard import ForegroundLoad, ResourceGuard, Thresholds
 from shoal.node.health import node_health
+from shoal.node.info import node_info
 from shoal.node.runner import Runner
 from shoal.node.secrets import SecretStore
-from shoal.node.service import check_service_access, node_server, service_credentials
+from shoal.node.service import (
+    check_service_access,
+    check_tls_files,
+    node_server,
+    service_credentials,
+)
 from shoal.node.session import CoordinatorLink
+from shoal.node.upkeep import follow_offers, refresh_offers, watch_load
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["NodeAgent"]
 
 _log = logging.getLogger("shoal.node")
 _FLUSH_BEFORE_LEAVING = 5.0  # seconds a leaving node waits for its last updates to go out
-_SAMPLE_LOAD_EVERY = 1.0  # seconds between two samples of the machine's load (the guard)
-# Seconds between two looks at what executors offer (models an Ollama server holds).
-_REFRESH_OFFERS_EVERY = 10.0
-
-
-def _check_tls_files(s: NodeSettings) -> None:
-    """TLS settings a node can use, or the mistake at start (not at each reconnect)."""
-    if (s.tls_cert is None) != (s.tls_key is None):
-        raise FailedPrecondition("TLS needs both tls_cert and tls_key")
-    for path in (s.tls_ca, s.tls_cert, s.tls_key):
-        if path is not None:
-            path.read_bytes()  # OSError naming it
 
 
 class NodeAgent:
@@ -108,16 +95,7 @@ class NodeAgent:
         # The resource guard: while the machine is busy with its own work, only tasks of
         # `_floor` or higher priority are taken (and background ones paused, by policy).
         self.guard = (
-            ResourceGuard(
-                ForegroundLoad(),
-                Thresholds(
-                    cpu_percent=settings.guard_cpu_percent,
-                    memory_percent=settings.guard_memory_percent,
-                    margin=settings.guard_margin_percent,
-                    busy_after=settings.guard_busy_after,
-                    calm_after=settings.guard_calm_after,
-                ),
-            )
+            ResourceGuard(ForegroundLoad(), Thresholds.from_settings(settings))
             if settings.guard
             else None
         )
@@ -130,32 +108,7 @@ class NodeAgent:
 
     def info(self) -> node_pb2.NodeInfo:
         """This node's fingerprint and capabilities."""
-        s = self.settings
-        machine = self.machine.current()
-        info = node_pb2.NodeInfo(
-            node_id=self.node_id,
-            hostname=socket.gethostname(),
-            version=__version__,
-            labels=self.settings.labels,
-            executors=sorted(self.executors),
-            slots=self.settings.slots,
-            resources=node_pb2.Resources(
-                cpus=s.cpus if s.cpus is not None else psutil.cpu_count() or 1,
-                memory_mb=(
-                    s.memory_mb if s.memory_mb is not None else psutil.virtual_memory().total >> 20
-                ),
-                gpus=s.gpus if s.gpus is not None else len(machine.gpus),
-            ),
-            models=s.models,
-            weight=s.weight,
-            python_version=platform.python_version(),
-            detected_gpus=[node_pb2.Gpu(name=g.name, memory_mb=g.memory_mb) for g in machine.gpus],
-            docker_available=machine.docker_available,
-            ollama_models=machine.ollama_models,  # an Ollama executor says what it holds
-        )
-        for executor in self.executors.values():
-            executor.offers(info)
-        return info
+        return node_info(self.settings, self.node_id, self.machine.current(), self.executors)
 
     @property
     def running(self) -> int:
@@ -167,7 +120,7 @@ class NodeAgent:
         )
         check_token(self._token)
         check_service_access(self.settings, self._token)
-        await asyncio.to_thread(_check_tls_files, self.settings)
+        await asyncio.to_thread(check_tls_files, self.settings)
         await self.machine.async_refresh()
         for name, executor in list(self.executors.items()):
             if not await executor.async_available():
@@ -175,9 +128,13 @@ class NodeAgent:
                     "node=%s executor=%s not available here: not offered", self.node_id, name
                 )
                 del self.executors[name]
-        await self._refresh_offers()
+        if await refresh_offers(self.executors.values()):
+            self.link.heartbeat_soon()
         if any(e.refreshes for e in self.executors.values()):
-            self._offers_task = asyncio.create_task(self._follow_offers(), name="shoal-node-offers")
+            self._offers_task = asyncio.create_task(
+                follow_offers(self.executors.values, self.link.heartbeat_soon),
+                name="shoal-node-offers",
+            )
         server, self._health = await node_server(self, self._token)
         self.port = listen(server, self.settings.listen, service_credentials(self.settings))
         self.own_addresses.port = self.port
@@ -188,7 +145,13 @@ class NodeAgent:
         self.link.start(dial=not self.settings.standalone)
         if self.guard is not None:
             self._load_task = asyncio.create_task(
-                self._watch_load(self.guard), name="shoal-node-load"
+                watch_load(
+                    self.guard,
+                    node_id=self.node_id,
+                    task_sessions=self.runner.process_groups,
+                    on_change=self._load_changed,
+                ),
+                name="shoal-node-load",
             )
         _log.info(
             "node=%s serving on port %d, coordinator=%s slots=%d executors=%s",
@@ -333,32 +296,7 @@ class NodeAgent:
         for name, status in self.health().items():
             await servicer.set(name, status)
 
-    # -- what executors offer (models, tools, providers) ------------------------------------
-
-    async def _refresh_offers(self) -> None:
-        changed = await asyncio.gather(*(e.async_refresh() for e in self.executors.values()))
-        if any(changed):
-            self.link.heartbeat_soon()
-
-    async def _follow_offers(self) -> None:
-        while True:
-            await asyncio.sleep(_REFRESH_OFFERS_EVERY)
-            await self._refresh_offers()
-
-    # -- the resource guard ----------------------------------------------------------------
-
-    async def _watch_load(self, guard: ResourceGuard) -> None:
-        """Sample the machine's foreground load; act when it turns busy or calm."""
-        while True:
-            sessions = self.runner.process_groups()
-            try:
-                changed = await guard.async_check(sessions)
-            except (psutil.Error, OSError) as err:
-                _log.warning("node=%s cannot sample the machine's load: %s", self.node_id, err)
-                changed = False
-            if changed:
-                self._load_changed(guard)
-            await asyncio.sleep(_SAMPLE_LOAD_EVERY)
+    # -- the resource guard (its loop: upkeep.py) ------------------------------------------
 
     def _load_changed(self, guard: ResourceGuard) -> None:
         pausing = self.settings.guard_policy == "pause"

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 
 import psutil
+
+if TYPE_CHECKING:
+    from shoal.config import NodeSettings
 
 __all__ = ["ForegroundLoad", "Load", "LoadSource", "ResourceGuard", "Thresholds"]
 
@@ -144,6 +147,17 @@ class Thresholds:
     margin: float = 10.0
     busy_after: timedelta = timedelta(seconds=3)
     calm_after: timedelta = timedelta(seconds=10)
+
+    @classmethod
+    def from_settings(cls, settings: NodeSettings) -> Self:
+        """The thresholds a node's settings (its `guard_*` fields) give."""
+        return cls(
+            cpu_percent=settings.guard_cpu_percent,
+            memory_percent=settings.guard_memory_percent,
+            margin=settings.guard_margin_percent,
+            busy_after=settings.guard_busy_after,
+            calm_after=settings.guard_calm_after,
+        )
 
 
 class ResourceGuard:

@@ -26,7 +26,13 @@ from shoal.v1 import node_pb2, node_pb2_grpc
 if TYPE_CHECKING:
     from shoal.node.agent import NodeAgent
 
-__all__ = ["NodeService", "check_service_access", "node_server", "service_credentials"]
+__all__ = [
+    "NodeService",
+    "check_service_access",
+    "check_tls_files",
+    "node_server",
+    "service_credentials",
+]
 
 _MAX_MESSAGE = 16 << 20
 _POLICY = {
@@ -75,6 +81,15 @@ def _authenticator(token: str) -> Callable[[str], Principal]:
         return Principal("node-operator", Role.ADMIN)
 
     return authenticate
+
+
+def check_tls_files(s: NodeSettings) -> None:
+    """TLS settings a node can use, or the mistake at start (not at each reconnect)."""
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise FailedPrecondition("TLS needs both tls_cert and tls_key")
+    for path in (s.tls_ca, s.tls_cert, s.tls_key):
+        if path is not None:
+            path.read_bytes()  # OSError naming it
 
 
 def check_service_access(settings: NodeSettings, token: str) -> None:

@@ -1,7 +1,8 @@
 """The `shoal` command. Signals, logging and config loading live here only.
 
-Serving commands are in `serving`, task commands in `tasks` and `logs`, admin commands in `admin`,
-`tokens`, `schedules`, `store` and `certs`, and how results are shown in `render`.
+Serving commands are in `up` and `serving` (their shared options in `options`), task
+commands in `tasks` and `logs`, admin commands in `admin`, `tokens`, `schedules`, `store` and
+`certs`, and how results are shown in `render`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ app.command()(health)
 # Importing a module of commands registers them on `app`, and `shoal --help` lists them in
 # that order: keep these imports in this order.
 # isort: off
+from shoal.cli import up  # noqa: E402
 from shoal.cli import serving  # noqa: E402
 from shoal.cli import tasks  # noqa: E402
 from shoal.cli import logs  # noqa: E402
@@ -33,7 +35,7 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(admin.quota_app, name="quota")
 app.add_typer(store_app, name="store")
 
-__all__ = ["admin", "app", "logs", "main", "serving", "tasks"]
+__all__ = ["admin", "app", "logs", "main", "serving", "tasks", "up"]
 
 
 def main() -> None:

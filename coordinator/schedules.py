@@ -217,21 +217,37 @@ class ScheduleBook:
         """Submit what a firing owes, then store the schedule's new state."""
         s = state.schedule
         if owed:
-            spec = task_pb2.TaskSpec()
-            spec.CopyFrom(s.spec)
-            spec.idempotency_key = ""
-            spec.metadata["shoal.schedule"] = s.name
-            by = Principal(f"schedule:{s.name}", Role.SUBMITTER, tenant=spec.tenant)
             try:
-                done = await self._submit([spec] * owed, by)
+                await self._submit_runs(state, owed, now)
             except ShoalError as err:
                 _log.warning("schedule=%s could not submit: %s", s.name, err.message)
-            else:
-                s.last_task_id = done[-1].task_id
-                s.runs += owed
-                s.last_run.FromNanoseconds(int(now * 1e9))
         if s.name in self._schedules:
             await self._store.put_schedule(s.name, self._shown(state).SerializeToString())
+
+    async def _submit_runs(self, state: ScheduleState, owed: int, now: float) -> None:
+        """Submit `owed` runs of the schedule's spec as the schedule, and count them."""
+        s = state.schedule
+        spec = task_pb2.TaskSpec()
+        spec.CopyFrom(s.spec)
+        spec.idempotency_key = ""
+        spec.metadata["shoal.schedule"] = s.name
+        by = Principal(f"schedule:{s.name}", Role.SUBMITTER, tenant=spec.tenant)
+        done = await self._submit([spec] * owed, by)
+        s.last_task_id = done[-1].task_id
+        s.runs += owed
+        s.last_run.FromNanoseconds(int(now * 1e9))
+
+    async def run_now(self, name: str) -> admin_pb2.Schedule:
+        """Submit one run now, as a firing would, paused or not; next_run stays as it was.
+
+        An operator's explicit request: the overlap policy does not hold it back, and a
+        refused submission (quota, validation) is the caller's error.
+        """
+        state = self._get(name)
+        await self._submit_runs(state, 1, self._clock.wall())
+        if name in self._schedules:
+            await self._store.put_schedule(name, self._shown(state).SerializeToString())
+        return self._shown(state)
 
     async def create(self, schedule: admin_pb2.Schedule, *, by: Principal) -> admin_pb2.Schedule:
         """Store a new schedule; its first run is its first firing time from now."""

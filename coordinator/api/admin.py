@@ -108,6 +108,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.Schedule:
         return await self._core.pause_schedule(request.name, paused=False)
 
+    async def RunSchedule(self, request: admin_pb2.ScheduleRef, context: Ctx) -> admin_pb2.Schedule:
+        _log.info("schedule %r run now by %s", request.name, current_principal().name)
+        return await self._core.run_schedule(request.name)
+
     async def Drain(self, request: admin_pb2.DrainRequest, context: Ctx) -> admin_pb2.NodeStatus:
         grace = (
             duration(request.grace, "grace") if request.HasField("grace") else _DEFAULT_DRAIN_GRACE

@@ -160,7 +160,7 @@ async def test_every_method_of_every_service_refuses_a_caller_without_credential
         rest = {p: c for p, c in statuses.items() if p not in health}
         assert rest and set(rest.values()) == {UNAUTHENTICATED}, rest
     # 7 Tasks, 16 Admin, Connect, 3 Locks, reflection (v1, v1alpha), 3 health
-    assert len(coordinator) == 32
+    assert len(coordinator) == 33
 
 
 async def test_garbage_revoked_and_expired_tokens_are_refused(mesh: Mesh) -> None:
@@ -213,7 +213,10 @@ EXPECTED: dict[str, set[str]] = {
     "/shoal.v1.Admin/CreateToken": set(),
     "/shoal.v1.Admin/ListTokens": set(),
     "/shoal.v1.Admin/RevokeToken": set(),
-    **{f"/shoal.v1.Admin/{m}Schedule": set() for m in ("Create", "Delete", "Pause", "Resume")},
+    **{
+        f"/shoal.v1.Admin/{m}Schedule": set()
+        for m in ("Create", "Delete", "Pause", "Resume", "Run")
+    },
     "/shoal.v1.Admin/Drain": set(),
     "/shoal.v1.Admin/Undrain": set(),
     **{
@@ -306,6 +309,7 @@ def _requests(f: Fixture) -> dict[str, Callable[[], Awaitable[Message]]]:
         "/shoal.v1.Admin/ListSchedules": const(admin_pb2.ListSchedulesRequest()),
         "/shoal.v1.Admin/PauseSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
         "/shoal.v1.Admin/ResumeSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
+        "/shoal.v1.Admin/RunSchedule": const(admin_pb2.ScheduleRef(name="nightly")),
         "/shoal.v1.Admin/DeleteSchedule": schedule_to_delete,
         "/shoal.v1.Admin/Drain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),
         "/shoal.v1.Admin/Undrain": const(admin_pb2.DrainRequest(node_id=f.mesh.node.node_id)),

@@ -14,7 +14,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.schedules import MAX_CATCH_UP, ScheduleState, check, next_after
 from shoal.coordinator.store import SqliteStore
-from shoal.errors import AlreadyExists, InvalidArgument
+from shoal.errors import AlreadyExists, InvalidArgument, NotFound
 from shoal.v1 import admin_pb2, task_pb2
 
 from .test_core import NODE, hello
@@ -157,6 +157,24 @@ async def test_overlap_skip_in_the_core_and_pause(core: tuple[Coordinator, Wall]
     assert c.schedules()[0].runs == 1
     await c.delete_schedule("tick")
     assert c.schedules() == []
+
+
+async def test_run_now_submits_one_run_and_keeps_the_timing(
+    core: tuple[Coordinator, Wall],
+) -> None:
+    c, _ = core
+    await c.create_schedule(every(60), by=ROOT)
+    await c.pause_schedule("tick", paused=True)
+    (before,) = c.schedules()
+    shown = await c.run_schedule("tick")  # paused or not, and the first run still waits
+    await c.run_schedule("tick")
+    tasks = await _tasks(c)
+    assert [t.spec.metadata["shoal.schedule"] for t in tasks] == ["tick", "tick"]
+    assert shown.runs == 1 and shown.last_task_id
+    (after,) = c.schedules()
+    assert after.runs == 2 and after.paused and after.next_run == before.next_run
+    with pytest.raises(NotFound):
+        await c.run_schedule("nope")
 
 
 async def test_schedules_survive_a_restart(tmp_path: Path) -> None:

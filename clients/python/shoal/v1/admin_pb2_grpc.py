@@ -80,6 +80,11 @@ class AdminStub:
                 request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
                 _registered_method=True)
+        self.RunSchedule = channel.unary_unary(
+                '/shoal.v1.Admin/RunSchedule',
+                request_serializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/shoal.v1.Admin/Drain',
                 request_serializer=shoal_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
@@ -178,6 +183,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunSchedule(self, request, context):
+        """Submits one run now, as a firing would (paused or not); the timing is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """A node takes no new work, finishes what it runs within the grace period and gives back
         the rest; Undrain makes it take work again.
@@ -270,6 +282,11 @@ def add_AdminServicer_to_server(servicer, server):
             ),
             'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeSchedule,
+                    request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
+                    response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
+            ),
+            'RunSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSchedule,
                     request_deserializer=shoal_dot_v1_dot_admin__pb2.ScheduleRef.FromString,
                     response_serializer=shoal_dot_v1_dot_admin__pb2.Schedule.SerializeToString,
             ),
@@ -551,6 +568,33 @@ class Admin:
             request,
             target,
             '/shoal.v1.Admin/ResumeSchedule',
+            shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
+            shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Admin/RunSchedule',
             shoal_dot_v1_dot_admin__pb2.ScheduleRef.SerializeToString,
             shoal_dot_v1_dot_admin__pb2.Schedule.FromString,
             options,

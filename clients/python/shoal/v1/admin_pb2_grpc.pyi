@@ -45,6 +45,8 @@ class AdminStub:
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
     PauseSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
     ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
+    RunSchedule: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]
+    """Submits one run now, as a firing would (paused or not); the timing is unchanged."""
     Drain: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]
     """A node takes no new work, finishes what it runs within the grace period and gives back
     the rest; Undrain makes it take work again.
@@ -76,6 +78,8 @@ class AdminAsyncStub(AdminStub):
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
     PauseSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
     ResumeSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
+    RunSchedule: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScheduleRef, _admin_pb2.Schedule]  # type: ignore[assignment]
+    """Submits one run now, as a firing would (paused or not); the timing is unchanged."""
     Drain: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainRequest, _admin_pb2.NodeStatus]  # type: ignore[assignment]
     """A node takes no new work, finishes what it runs within the grace period and gives back
     the rest; Undrain makes it take work again.
@@ -158,6 +162,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ScheduleRef,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def RunSchedule(
+        self,
+        request: _admin_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Schedule, _abc.Awaitable[_admin_pb2.Schedule]]:
+        """Submits one run now, as a firing would (paused or not); the timing is unchanged."""
 
     @_abc_1.abstractmethod
     def Drain(

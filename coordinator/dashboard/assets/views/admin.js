@@ -1,4 +1,4 @@
-// Admin views: schedules (pause, resume), quotas with usage, locks held, tokens.
+// Admin views: schedules (run now, pause, resume), quotas with usage, locks held, tokens.
 
 import { call } from "../api.js";
 import { action, ago, fill, h, num, summary, table, toast, when } from "../dom.js";
@@ -17,9 +17,12 @@ export function renderSchedules(main) {
         h("td", {}, s.paused ? "" : when(s.nextRun)),
         h("td", {}, s.lastTaskId ? h("a", { class: "mono", href: `#/tasks/${encodeURIComponent(s.lastTaskId)}` }, ago(s.lastRun)) : ""),
         h("td", {}, num(s.runs), Number(s.skipped) ? ` (${num(s.skipped)} skipped)` : ""),
-        h("td", {}, s.paused
-          ? action("Resume", async () => { await call("Admin", "ResumeSchedule", { name: s.name }); toast(`${s.name} resumed`); load(); })
-          : action("Pause", async () => { await call("Admin", "PauseSchedule", { name: s.name }); toast(`${s.name} paused`); load(); }))));
+        h("td", {},
+          action("Run now", async () => { const r = await call("Admin", "RunSchedule", { name: s.name }); toast(`${s.name} run submitted: ${r.lastTaskId || ""}`); load(); }),
+          " ",
+          s.paused
+            ? action("Resume", async () => { await call("Admin", "ResumeSchedule", { name: s.name }); toast(`${s.name} resumed`); load(); })
+            : action("Pause", async () => { await call("Admin", "PauseSchedule", { name: s.name }); toast(`${s.name} paused`); load(); }))));
       fill(body, table(["Name", "When", "Task", "State", "Next run", "Last run", "Runs", ""], rows, { empty: "No schedules. Create one with `shoal schedule create`." }));
     } catch (err) {
       fill(body, h("p", { class: "error" }, err.message));

@@ -7,7 +7,7 @@ import logging
 import socket
 import ssl
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -30,10 +30,8 @@ from shoal.coordinator.adopt import Adopter, NodeTls
 from shoal.coordinator.api import AdminService, LocksService, NodeGatewayService, TasksService
 from shoal.coordinator.discovery import CoordinatorDiscovery
 from shoal.coordinator.engine import Coordinator
-from shoal.coordinator.http import HttpServer
 from shoal.coordinator.metrics import MetricsServer
 from shoal.coordinator.store import SqliteStore, Store
-from shoal.coordinator.store.postgres import PostgresStore, is_postgres_url
 from shoal.discovery import advertises, is_loopback
 from shoal.errors import FailedPrecondition
 from shoal.handshake import OwnAddresses
@@ -54,13 +52,23 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _store(settings: CoordinatorSettings) -> Store:
-    """The store the settings name: PostgreSQL by URL, else SQLite in the data dir."""
-    if is_postgres_url(settings.store):
-        return PostgresStore(settings.store)
+if TYPE_CHECKING:
+    from shoal.coordinator.http import HttpServer
+    from shoal.coordinator.store.postgres import PostgresStore
+
+
+def _store(settings: CoordinatorSettings) -> tuple[Store, PostgresStore | None]:
+    """The store the settings name: PostgreSQL by URL (also returned as such: it leads or
+    stands by), else SQLite in the data dir."""
+    if settings.store.startswith(("postgresql://", "postgres://")):
+        # Imported when asked for: psycopg is not what every coordinator needs at start.
+        from shoal.coordinator.store.postgres import PostgresStore
+
+        pg = PostgresStore(settings.store)
+        return pg, pg
     if settings.store:
         raise FailedPrecondition("store must be empty (SQLite in data_dir) or a postgresql:// URL")
-    return SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous)
+    return SqliteStore(settings.data_dir / STORE_FILE, synchronous=settings.synchronous), None
 
 
 _log = logging.getLogger("shoal.coordinator")
@@ -101,8 +109,7 @@ class CoordinatorServer:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        store = _store(settings)
-        self.pg = store if isinstance(store, PostgresStore) else None
+        store, self.pg = _store(settings)
         self.deposed = asyncio.Event()
         """Set once another coordinator took over: this one stopped serving."""
         self.core = Coordinator(
@@ -248,6 +255,8 @@ class CoordinatorServer:
         )
         locks_pb2_grpc.add_LocksServicer_to_server(locks, server)
         if s.http_listen:
+            from shoal.coordinator.http import HttpServer  # aiohttp: only when it serves
+
             self.http = HttpServer(
                 self.core,
                 {

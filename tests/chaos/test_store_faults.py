@@ -198,7 +198,7 @@ async def test_a_full_disk_mid_run_loses_nothing_and_heals(
 
 # -- a second coordinator ------------------------------------------------------------------------
 
-OWNER_TASKS = 1000
+OWNER_TASKS = 4000  # ~10 s of paced submitting: the three intruders start and end within it
 
 
 @pytest.mark.timeout(90)

@@ -122,7 +122,9 @@ def postgres_server() -> Iterator[PostgresServer]:
                     raise RuntimeError(
                         "PostgreSQL did not start: " + (root / "server.log").read_text()[-2000:]
                     ) from None
-                time.sleep(0.05)
+                # Its socket has no event to wait on: wait on the process (it may die) meanwhile.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=0.05)
         try:
             yield server
         finally:

@@ -1,7 +1,8 @@
 """A function's arguments and result as JSON, by its type hints (pydantic's TypeAdapter).
 
 Shared by the SDK, which encodes a call and decodes its result, and the node's worker, which
-decodes the call and encodes the result. Never pickle: only what JSON holds crosses the wire.
+decodes the call and encodes the result. Only what JSON holds crosses the wire: data never
+becomes code.
 """
 
 from __future__ import annotations

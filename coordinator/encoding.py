@@ -10,8 +10,8 @@ from shoal.coordinator.events import Change
 from shoal.coordinator.gates.locks import parse_locks
 from shoal.coordinator.placement import fields_of, plain_key, requirements_of
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.store import FinishedRow, StoredTask, TaskRow
-from shoal.specs import is_final, timestamp
+from shoal.coordinator.store import LABEL_CHARS, FinishedRow, StoredTask, TaskRow
+from shoal.specs import executor_of, is_final, timestamp
 from shoal.templates import has_references
 from shoal.v1 import task_pb2
 
@@ -91,7 +91,19 @@ def task_row(rec: TaskRecord, spec: task_pb2.TaskSpec) -> TaskRow:
         # A task with nothing unusual (no upstream, times, locks, routes: `more` is None) can
         # be queued again after a restart from its placement alone.
         plain_key(rec.placement) if rec.more is None else None,
+        executor_of(spec),
+        _labels(spec) if spec.required_labels or spec.metadata else [],
     )
+
+
+def _labels(spec: task_pb2.TaskSpec) -> list[tuple[str, str]]:
+    """The entries of a spec's required labels and metadata that List can filter on."""
+    return [
+        (k, v)
+        for entries in (spec.required_labels, spec.metadata)
+        for k, v in entries.items()
+        if len(k) <= LABEL_CHARS and len(v) <= LABEL_CHARS
+    ]
 
 
 def finished_row(rec: TaskRecord, epoch: int) -> FinishedRow:

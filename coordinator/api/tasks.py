@@ -51,7 +51,9 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         )
 
     async def Get(self, request: tasks_pb2.GetRequest, context: Ctx) -> task_pb2.Task:
-        return await self._core.get(request.task_id, by=current_principal())
+        return await self._core.get(
+            request.task_id, by=current_principal(), dependents=request.include_dependents
+        )
 
     async def Wait(self, request: tasks_pb2.WaitRequest, context: Ctx) -> task_pb2.Task:
         timeout = duration(request.timeout, "timeout") if request.HasField("timeout") else None
@@ -67,6 +69,10 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             limit=request.limit,
             page_token=request.page_token,
             by=current_principal(),
+            executor=request.executor,
+            labels=dict(request.labels),
+            created_after=_seconds(request, "created_after"),
+            created_before=_seconds(request, "created_before"),
         )
         return tasks_pb2.ListResponse(tasks=tasks, next_page_token=token)
 
@@ -117,3 +123,10 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     """Take a finished task's outcome, so that an error nobody awaits is not logged."""
     if not task.cancelled():
         task.exception()
+
+
+def _seconds(request: tasks_pb2.ListRequest, name: str) -> float | None:
+    """A timestamp field of `request` in seconds since the epoch; None when unset."""
+    if not request.HasField(name):  # type: ignore[arg-type]
+        return None
+    return float(getattr(request, name).ToNanoseconds()) / 1e9

@@ -158,8 +158,9 @@ class Coordinator:
             specs, by=by, single=single, request_id=request_id, client=client
         )
 
-    async def get(self, task_id: str, *, by: Principal) -> task_pb2.Task:
-        return await self._q.get(task_id, by=by)
+    async def get(self, task_id: str, *, by: Principal, dependents: bool = False) -> task_pb2.Task:
+        """One task; with `dependents`, also the ids of the tasks downstream of it."""
+        return await self._q.get(task_id, by=by, dependents=dependents)
 
     async def wait(
         self, task_id: str, timeout: timedelta | None, *, by: Principal
@@ -179,10 +180,22 @@ class Coordinator:
         limit: int,
         page_token: str,
         by: Principal,
+        executor: str = "",
+        labels: Mapping[str, str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[task_pb2.Task], str]:
-        """Tasks newest first, filtered by state and tenant; paged by an opaque token."""
+        """Tasks newest first, filtered in the store's query; paged by an opaque token."""
         return await self._q.list_tasks(
-            states=states, tenant=tenant, limit=limit, page_token=page_token, by=by
+            states=states,
+            tenant=tenant,
+            limit=limit,
+            page_token=page_token,
+            by=by,
+            executor=executor,
+            labels=labels,
+            created_after=created_after,
+            created_before=created_before,
         )
 
     def watch(

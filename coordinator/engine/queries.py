@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 
 from shoal._output import output_size
@@ -17,9 +17,16 @@ from shoal.coordinator.engine.states import ASSIGNED, CANCELLED, PENDING, QUEUED
 from shoal.coordinator.events import Change
 from shoal.coordinator.gates.breakers import CLOSED, OPEN
 from shoal.coordinator.records import TaskRecord
-from shoal.coordinator.store import StoredTask
+from shoal.coordinator.store import LABEL_CHARS, StoredTask, TaskFilter
 from shoal.coordinator.tokens import TokenRegistry
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from shoal.specs import FINAL_STATES, is_final
 from shoal.v1 import task_pb2
 
@@ -28,6 +35,8 @@ __all__ = ["SHUTTING_DOWN", "Queries", "hidden"]
 _log = logging.getLogger("shoal.coordinator")
 _REPLAY_PAGE = 1000
 _PAGE_BYTES = 1 << 20  # of output in one page of a watch (one event at least)
+MAX_DEPENDENTS = 1000  # downstream ids one Get returns
+MAX_LABEL_FILTERS = 4
 SHUTTING_DOWN = "the coordinator is shutting down: watch again from the last cursor received"
 
 
@@ -47,11 +56,16 @@ class Queries:
         self._d = dispatcher
         self.tokens = tokens
 
-    async def get(self, task_id: str, *, by: Principal) -> task_pb2.Task:
+    async def get(self, task_id: str, *, by: Principal, dependents: bool = False) -> task_pb2.Task:
+        """One task; with `dependents`, also the tasks downstream of it (from the store)."""
         rec = self.live(task_id, by)
-        if rec is not None:
-            return self.task_proto(rec)
-        return stored_task(await self.stored(task_id, by))
+        task = self.task_proto(rec) if rec is not None else None
+        if task is None:
+            task = stored_task(await self.stored(task_id, by))
+        if dependents:
+            found = await self._k.store.dependents(task_id, MAX_DEPENDENTS)
+            task.dependents.extend(tid for tid, tenant in found if not hidden(by, tenant))
+        return task
 
     def live(self, task_id: str, by: Principal) -> TaskRecord | None:
         rec = self._k.tasks.get(task_id)
@@ -127,8 +141,14 @@ class Queries:
         limit: int,
         page_token: str,
         by: Principal,
+        executor: str = "",
+        labels: Mapping[str, str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[task_pb2.Task], str]:
-        """Tasks newest first, filtered by state and tenant; paged by an opaque token."""
+        """Tasks newest first, filtered by state, tenant, executor, labels and creation time
+        (in the store's query); paged by an opaque token."""
+        only = _task_filter(executor, labels or {}, created_after, created_before)
         tenant = by.scoped_tenant(tenant)
         limit = min(max(limit or 100, 1), 1000)
         before: int | None = None
@@ -151,6 +171,7 @@ class Queries:
             final_states=finals,
             include_unfinished=include_live,
             limit=limit,
+            only=only,
         )
         tasks: list[task_pb2.Task] = []
         for st in stored:
@@ -277,3 +298,38 @@ class Queries:
         task.ClearField("result")
         task.ClearField("finished_at")
         return task
+
+
+def _task_filter(
+    executor: str,
+    labels: Mapping[str, str],
+    created_after: float | None,
+    created_before: float | None,
+) -> TaskFilter:
+    """List's filters, checked: InvalidArgument naming each bad field."""
+    bad: list[FieldViolation] = []
+    if len(executor) > LABEL_CHARS or not executor.isprintable():
+        bad.append(FieldViolation("executor", f"printable, at most {LABEL_CHARS} characters"))
+    if len(labels) > MAX_LABEL_FILTERS:
+        bad.append(FieldViolation("labels", f"at most {MAX_LABEL_FILTERS} entries"))
+    else:
+        for key, value in labels.items():
+            if not key or len(key) > LABEL_CHARS or len(value) > LABEL_CHARS:
+                bad.append(
+                    FieldViolation(
+                        f"labels[{key[:64]!r}]",
+                        f"a key of 1 to {LABEL_CHARS} characters, a value of at most {LABEL_CHARS}",
+                    )
+                )
+    if created_after is not None and created_before is not None and created_before <= created_after:
+        bad.append(FieldViolation("created_before", "must be later than created_after"))
+    if bad:
+        raise InvalidArgument(
+            "bad filter: " + "; ".join(f"{v.field}: {v.description}" for v in bad), bad
+        )
+    return TaskFilter(
+        executor=executor,
+        labels=tuple(sorted(labels.items())),
+        created_after=created_after,
+        created_before=created_before,
+    )

@@ -3,9 +3,11 @@ SQLite backend (sqlite), with the marks, directory lock and checks the SQLite fi
 
 from shoal.coordinator.store.base import EPOCH_SHIFT, REQUEST_RETENTION, STORE_FULL, Store
 from shoal.coordinator.store.rows import (
+    LABEL_CHARS,
     FinishedRow,
     Request,
     StoredTask,
+    TaskFilter,
     TaskRow,
     TokenRow,
     Unfinished,
@@ -15,6 +17,7 @@ from shoal.coordinator.store.sqlite import SqliteStore
 
 __all__ = [
     "EPOCH_SHIFT",
+    "LABEL_CHARS",
     "REQUEST_RETENTION",
     "STORE_FULL",
     "FinishedRow",
@@ -22,6 +25,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredTask",
+    "TaskFilter",
     "TaskRow",
     "TokenRow",
     "Unfinished",

@@ -11,9 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
 from shoal.coordinator.store.rows import (
+    ANY_TASK,
     FinishedRow,
     Request,
     StoredTask,
+    TaskFilter,
     TaskRow,
     TokenRow,
     Unfinished,
@@ -75,8 +77,15 @@ class Store(ABC):
         final_states: Sequence[int] | None,
         include_unfinished: bool,
         limit: int,
+        only: TaskFilter = ANY_TASK,
     ) -> list[StoredTask]:
-        """Tasks newest first; `final_states` None means any outcome."""
+        """Tasks newest first; `final_states` None means any outcome; `only` filters further
+        (a label or executor by its index: a page costs what it holds, not what it skips)."""
+
+    @abstractmethod
+    async def dependents(self, task_id: str, limit: int) -> list[tuple[str, str]]:
+        """(id, tenant) of the tasks that depend on `task_id`, in arrival order: at most
+        `limit`, finished or not."""
 
     @abstractmethod
     async def events_between(

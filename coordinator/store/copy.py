@@ -24,9 +24,11 @@ _TABLES = (
         "tasks",
         "seq, id, idempotency_key, tenant, priority, spec, created_at, state, final_seq,"
         " finished_at, started_at, node_id, attempt_epoch, attempt_number, result,"
-        " submitted_by, finished_by, depends_on, attempts, placement",
+        " submitted_by, finished_by, depends_on, attempts, placement, executor",
         "seq",
     ),
+    ("task_labels", "key, value, seq", "key, value, seq"),
+    ("task_edges", "upstream, seq", "upstream, seq"),
     ("tokens", TOKEN_COLUMNS, "created_at"),
     ("schedules", "name, body", "name"),
     ("members", "node_id", "node_id"),

@@ -97,7 +97,21 @@ CREATE TABLE coordinators (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+_V3 = """
+-- What List filters on and Get(include_dependents) reads: each task's executor, its labels and
+-- metadata entries, and each dependency edge (an upstream id and its downstream task's seq).
+ALTER TABLE tasks ADD COLUMN executor TEXT;
+CREATE INDEX tasks_executor ON tasks (executor, seq);
+CREATE TABLE task_labels (
+    key TEXT NOT NULL, value TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (key, value, seq)
+);
+CREATE TABLE task_edges (upstream TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (upstream, seq));
+INSERT INTO task_edges (upstream, seq)
+    SELECT DISTINCT j.value, t.seq FROM tasks t, jsonb_array_elements_text(t.depends_on::jsonb) j
+    WHERE t.depends_on <> '[]';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 """Migration N + 1 takes a store at version N to N + 1; never edit one that was released."""
 
 

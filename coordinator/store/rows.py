@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FinishedRow", "Request", "StoredTask", "TaskRow", "TokenRow", "Unfinished", "UsageRow"]
+__all__ = [
+    "ANY_TASK",
+    "LABEL_CHARS",
+    "FinishedRow",
+    "Request",
+    "StoredTask",
+    "TaskFilter",
+    "TaskRow",
+    "TokenRow",
+    "Unfinished",
+    "UsageRow",
+]
+
+
+LABEL_CHARS = 256
+"""The longest label key or value the filter index holds (a longer one is not indexed: an
+index entry is bounded in size, and a metadata value need not be short)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +63,9 @@ class TaskRow:
     # For a task that asks nothing unusual: what it needs of a node, so a restart can queue it
     # without parsing its spec (the core's to read and write; None for any other task).
     placement: str | None = None
+    executor: str = ""  # the executor's name, for List's filter
+    # (key, value) of its required labels and metadata, for List's filter (written, not read).
+    labels: list[tuple[str, str]] = field(default_factory=list)
 
 
 Unfinished = tuple[int, str, bytes, float, str, "list[str] | None", "str | None", int, str]
@@ -71,6 +90,20 @@ class FinishedRow:
     finished_by: str = ""
     attempts: bytes = b""  # earlier attempts: a serialised shoal.v1.Task with only `attempts`
     seq: int = 0  # its acceptance number: the row to update (0 in rows read back)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What List asks of tasks beyond state and tenant: all must hold."""
+
+    executor: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # each (key, value) among its labels or metadata
+    created_after: float | None = None  # inclusive
+    created_before: float | None = None  # exclusive
+
+
+ANY_TASK = TaskFilter()
+"""The filter every task passes."""
 
 
 @dataclass(slots=True)

@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS lock_tokens (name TEXT PRIMARY KEY, token INTEGER NOT
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT NOT NULL, token INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (name, token)
 );
+-- What List filters on and Get(include_dependents) reads: each task's labels and metadata
+-- entries, and each dependency edge (an upstream id and its downstream task's seq).
+CREATE TABLE IF NOT EXISTS task_labels (
+    key TEXT NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (key, value, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS task_edges (
+    upstream TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (upstream, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     key TEXT NOT NULL, period TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
     cost REAL NOT NULL, PRIMARY KEY (key, period)
@@ -77,6 +85,16 @@ _ADDED_COLUMNS = (
     ("tasks", "depends_on", "TEXT NOT NULL DEFAULT '[]'"),
     ("tasks", "attempts", "BLOB"),
     ("tasks", "placement", "TEXT"),
+    ("tasks", "executor", "TEXT"),
+)
+
+# Made after the columns they cover exist.
+_INDEXES = "CREATE INDEX IF NOT EXISTS tasks_executor ON tasks (executor, seq);"
+
+# Edges of the tasks stored before task_edges existed, from their depends_on lists.
+_EDGES_BACKFILL = (
+    "INSERT OR IGNORE INTO task_edges (upstream, seq) SELECT j.value, t.seq"
+    " FROM tasks t, json_each(t.depends_on) j WHERE t.depends_on != '[]'"
 )
 
 COLUMNS = (
@@ -111,8 +129,15 @@ def stored_task(r: tuple[Any, ...]) -> StoredTask:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
+    had_tasks, had_edges = (
+        conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+        for name in ("tasks", "task_edges")
+    )
     conn.executescript(_SCHEMA)
     for table, column, definition in _ADDED_COLUMNS:
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    conn.executescript(_INDEXES)
+    if had_tasks and not had_edges:
+        conn.execute(_EDGES_BACKFILL)

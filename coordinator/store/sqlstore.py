@@ -18,9 +18,11 @@ from typing import Any
 from shoal.coordinator.store.base import Store
 from shoal.coordinator.store.conn import Conn
 from shoal.coordinator.store.rows import (
+    ANY_TASK,
     FinishedRow,
     Request,
     StoredTask,
+    TaskFilter,
     TaskRow,
     TokenRow,
     Unfinished,
@@ -33,6 +35,8 @@ __all__ = ["UNFINISHED_PAGE", "SqlStore"]
 
 UNFINISHED_PAGE = 20_000
 """Rows read at a time on a restart."""
+
+_T_COLUMNS = ", ".join(f"t.{c.strip()}" for c in COLUMNS.split(","))
 
 _UNFINISHED = (
     "SELECT seq, id, spec, created_at, submitted_by, NULLIF(depends_on, '[]'), placement,"
@@ -97,25 +101,59 @@ class SqlStore(Store):
         final_states: Sequence[int] | None,
         include_unfinished: bool,
         limit: int,
+        only: TaskFilter = ANY_TASK,
     ) -> list[StoredTask]:
+        # With labels, the first one's index drives (newest first, from the cursor on) and
+        # the tasks are joined to it; else the executor's index, or the tasks' own order.
+        order = "t.seq"
+        joins: list[str] = []
         where: list[str] = []
         args: list[Any] = []
+        for i, (key, value) in enumerate(only.labels):
+            joins.append(f" JOIN task_labels l{i} ON l{i}.seq = t.seq")
+            where.append(f"l{i}.key = ? AND l{i}.value = ?")
+            args += [key, value]
+        if only.labels:
+            order = "l0.seq"
         if before_seq is not None:
-            where.append("seq < ?")
+            where.append(f"{order} < ?")
             args.append(before_seq)
+        if only.executor:
+            where.append("t.executor = ?")
+            args.append(only.executor)
+        if only.created_after is not None:
+            where.append("t.created_at >= ?")
+            args.append(only.created_after)
+        if only.created_before is not None:
+            where.append("t.created_at < ?")
+            args.append(only.created_before)
         if tenant:
-            where.append("tenant = ?")
+            where.append("t.tenant = ?")
             args.append(tenant)
         if final_states is None:
-            finals = "final_seq IS NOT NULL"
+            finals = "t.final_seq IS NOT NULL"
         else:
-            finals = f"state IN ({','.join('?' * len(final_states))})" if final_states else "FALSE"
+            marks = ",".join("?" * len(final_states))
+            finals = f"t.state IN ({marks})" if final_states else "FALSE"
             args += list(final_states)
-        where.append(f"({finals} OR final_seq IS NULL)" if include_unfinished else finals)
-        sql = f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        where.append(f"({finals} OR t.final_seq IS NULL)" if include_unfinished else finals)
+        sql = (
+            f"SELECT {_T_COLUMNS} FROM tasks t{''.join(joins)} WHERE {' AND '.join(where)}"
+            f" ORDER BY {order} DESC LIMIT ?"
+        )
         args.append(limit)
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         return [stored_task(r) for r in rows]
+
+    async def dependents(self, task_id: str, limit: int) -> list[tuple[str, str]]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT t.id, t.tenant FROM task_edges e JOIN tasks t ON t.seq = e.seq"
+                " WHERE e.upstream = ? ORDER BY e.seq LIMIT ?",
+                (task_id, limit),
+            ).fetchall()
+        )
+        return [(r[0], r[1]) for r in rows]
 
     async def events_between(
         self, after: int, before: int, limit: int

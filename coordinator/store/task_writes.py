@@ -15,7 +15,7 @@ __all__ = ["Op", "finish_op", "insert_op"]
 
 _INSERTED = (
     "seq, id, idempotency_key, tenant, priority, spec, created_at, submitted_by, depends_on,"
-    " placement"
+    " placement, executor"
 )
 
 
@@ -91,7 +91,7 @@ def insert_op(rows: Sequence[TaskRow], request: Request | None) -> Op:
         final = [old or r.id for old, r in zip(existing, rows, strict=True)]
         resolved = [[final[d] if isinstance(d, int) else d for d in r.depends_on] for r in rows]
         conn.executemany(
-            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tasks ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.seq,
@@ -104,11 +104,29 @@ def insert_op(rows: Sequence[TaskRow], request: Request | None) -> Op:
                     r.submitted_by,
                     json.dumps(ups) if ups else "[]",
                     r.placement,
+                    r.executor or None,
                 )
                 for r, old, ups in zip(rows, existing, resolved, strict=True)
                 if old is None
             ],
         )
+        # Most tasks have neither upstream nor labels: nothing more is written for them.
+        edges = [
+            (up, r.seq)
+            for r, old, ups in zip(rows, existing, resolved, strict=True)
+            if ups and old is None
+            for up in dict.fromkeys(ups)
+        ]
+        if edges:
+            conn.executemany("INSERT INTO task_edges (upstream, seq) VALUES (?, ?)", edges)
+        labels = [
+            (key, value, r.seq)
+            for r, old in zip(rows, existing, strict=True)
+            if r.labels and old is None
+            for key, value in dict.fromkeys(r.labels)
+        ]
+        if labels:
+            conn.executemany("INSERT INTO task_labels (key, value, seq) VALUES (?, ?, ?)", labels)
         return existing, resolved
 
     return op

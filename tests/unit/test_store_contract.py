@@ -14,6 +14,7 @@ from shoal.coordinator.store import (
     FinishedRow,
     SqliteStore,
     Store,
+    TaskFilter,
     TaskRow,
     TokenRow,
     UsageRow,
@@ -160,6 +161,90 @@ async def test_list_filters_and_pages(backend: Backend) -> None:
         before_seq=5, tenant="a", final_states=None, include_unfinished=True, limit=1
     )
     assert [t.row.id for t in page] == ["t3"]
+    await store.close()
+
+
+async def test_dependents_outlive_their_upstream_and_a_reopen(backend: Backend) -> None:
+    store = backend.make()
+    await store.open()
+    up, other = row(1), row(2)
+    await store.insert([up, other])
+    a, b, c = row(3, tenant="x"), row(4), row(5)
+    a.depends_on = ["t1", "t1"]  # named twice: one edge
+    b.depends_on = [0, "t2"]  # a batch index and an id
+    c.depends_on = ["t1", 1]
+    await store.insert([a, b, c])
+    await store.finish([done(1, 20), done(3, 21)])
+    assert await store.dependents("t1", 10) == [("t3", "x"), ("t5", "")]
+    assert await store.dependents("t1", 1) == [("t3", "x")]
+    assert await store.dependents("t3", 10) == [("t4", "")]
+    assert await store.dependents("t4", 10) == [("t5", "")]
+    assert await store.dependents("t5", 10) == []
+    assert await store.dependents("missing", 10) == []
+    await store.close()
+
+    store = backend.make()
+    await store.open()
+    assert await store.dependents("t2", 10) == [("t4", "")]
+    await store.close()
+
+
+def labelled(seq: int, executor: str, labels: list[tuple[str, str]]) -> TaskRow:
+    r = row(seq)
+    r.executor, r.labels, r.created_at = executor, labels, 1000.0 + seq
+    return r
+
+
+async def test_list_filters_by_executor_labels_and_time_in_the_query(backend: Backend) -> None:
+    store = backend.make()
+    await store.open()
+    rows = [
+        labelled(
+            i, "shell" if i % 2 else "python", [("team", "ml" if i % 3 else "web"), ("x", "1")]
+        )
+        for i in range(1, 31)
+    ]
+    await store.insert(rows)
+    await store.finish([done(i, 100 + i) for i in range(1, 31, 4)])
+
+    async def ids(only: TaskFilter, *, limit: int = 100, before: int | None = None) -> list[int]:
+        found = await store.list_tasks(
+            before_seq=before,
+            tenant=None,
+            final_states=None,
+            include_unfinished=True,
+            limit=limit,
+            only=only,
+        )
+        return [t.row.seq for t in found]
+
+    shell = [i for i in range(30, 0, -1) if i % 2]
+    assert await ids(TaskFilter(executor="shell")) == shell
+    assert await ids(TaskFilter(executor="docker")) == []
+    web = [i for i in range(30, 0, -1) if i % 3 == 0]
+    assert await ids(TaskFilter(labels=(("team", "web"),))) == web
+    both = (("team", "web"), ("x", "1"))
+    assert await ids(TaskFilter(executor="shell", labels=both)) == [i for i in web if i % 2]
+    assert await ids(TaskFilter(labels=(("team", "web"), ("x", "2")))) == []
+    assert await ids(TaskFilter(created_after=1010.0, created_before=1013.0)) == [12, 11, 10]
+
+    # Paging by the last seq of each page gives every match once, in order.
+    for only in (TaskFilter(labels=(("team", "ml"),)), TaskFilter(executor="python")):
+        every, before, seen = await ids(only), None, []
+        while page := await ids(only, limit=4, before=before):
+            seen += page
+            before = page[-1]
+        assert seen == every and every
+    # With the state filter applied too (finished ones only).
+    finished = await store.list_tasks(
+        before_seq=None,
+        tenant=None,
+        final_states=None,
+        include_unfinished=False,
+        limit=100,
+        only=TaskFilter(labels=(("team", "web"),)),
+    )
+    assert [t.row.seq for t in finished] == [i for i in web if i % 4 == 1]
     await store.close()
 
 

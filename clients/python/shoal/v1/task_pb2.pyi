@@ -1372,6 +1372,7 @@ class Task(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    DEPENDENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     node_id: _builtins.str
@@ -1405,6 +1406,12 @@ class Task(_message.Message):
     def progress(self) -> Global___Progress:
         """what the running attempt last said of its progress"""
 
+    @_builtins.property
+    def dependents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Downstream: the tasks that depend on this one, in arrival order (at most 1,000), filled
+        only by Get with include_dependents.
+        """
+
     def __init__(
         self,
         *,
@@ -1423,10 +1430,11 @@ class Task(_message.Message):
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         progress: Global___Progress | None = ...,
+        dependents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "created_seq", b"created_seq", "depends_on", b"depends_on", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "created_seq", b"created_seq", "dependents", b"dependents", "depends_on", b"depends_on", "finished_at", b"finished_at", "id", b"id", "node_id", b"node_id", "pending_reason", b"pending_reason", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

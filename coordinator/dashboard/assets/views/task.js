@@ -1,11 +1,11 @@
-// One task: spec, attempts, upstream graph, why it waits, live output, usage; cancel.
+// One task: spec, attempts, dependency graph (upstream and downstream), why it waits, live output, usage; cancel.
 
 import { call } from "../api.js";
 import { LiveEvents } from "../live.js";
 import { action, badge, chips, FINAL, fill, h, kindOf, kv, num, priorityName, stateName, summary, table, toast, took, when } from "../dom.js";
 
 const MAX_OUTPUT = 1 << 20; // characters of output kept on the page (the tail)
-const MAX_UPSTREAM = 20;
+const MAX_NEIGHBOURS = 20; // tasks drawn on each side of the graph
 
 export function renderTask(main, { parts, caller }) {
   const id = parts[1];
@@ -31,7 +31,7 @@ export function renderTask(main, { parts, caller }) {
 
   async function load() {
     try {
-      task = await call("Tasks", "Get", { taskId: id });
+      task = await call("Tasks", "Get", { taskId: id, includeDependents: true });
     } catch (err) {
       fill(head, h("h1", {}, "Task ", h("span", { class: "mono" }, id)));
       fill(facts, h("p", { class: "error" }, err.message));
@@ -113,17 +113,34 @@ export function renderTask(main, { parts, caller }) {
   }
 
   async function drawGraph() {
-    const ups = (task.dependsOn || []).slice(0, MAX_UPSTREAM);
-    const node = (t, tid) => h("a", { class: "gnode", href: `#/tasks/${encodeURIComponent(tid)}` },
+    const all = { up: task.dependsOn || [], down: task.dependents || [] };
+    if (!all.up.length && !all.down.length) {
+      fill(graph, h("h3", {}, "Dependencies"), h("p", { class: "empty" }, "No upstream or downstream tasks."));
+      return;
+    }
+    const node = (t, tid) => h("a", { class: "gnode", href: `#/tasks/${encodeURIComponent(tid)}`, dataset: { id: tid } },
       t ? badge(t.state) : null, h("span", { class: "mono" }, tid), t ? h("span", { class: "muted" }, summary(t.spec)) : null);
-    const self = h("div", { class: "gnode self" }, badge(task.state), h("span", { class: "mono" }, task.id));
-    const upBox = h("div", { class: "gcol" });
-    fill(graph, h("h3", {}, "Dependencies"), ups.length
-      ? h("div", { class: "graph" }, upBox, h("div", { class: "garrow", title: "upstream before this task" }, "↓"), h("div", { class: "gcol" }, self))
-      : h("p", { class: "empty" }, "No upstream tasks."),
-      (task.dependsOn || []).length > MAX_UPSTREAM ? h("p", { class: "muted" }, `and ${task.dependsOn.length - MAX_UPSTREAM} more upstream`) : null);
-    const found = await Promise.all(ups.map((u) => call("Tasks", "Get", { taskId: u }).catch(() => null)));
-    if (!stopped) fill(upBox, ups.map((u, i) => node(found[i], u)));
+    const column = (ids, side, more) => h("div", { class: `gcol ${side}` }, ids.map((tid) => node(null, tid)),
+      more > 0 ? h("p", { class: "muted" }, `and ${more}${side === "down" && all.down.length >= 1000 ? "+" : ""} more`) : null);
+    const shown = { up: all.up.slice(0, MAX_NEIGHBOURS), down: all.down.slice(0, MAX_NEIGHBOURS) };
+    const cols = {
+      up: column(shown.up, "up", all.up.length - shown.up.length),
+      down: column(shown.down, "down", all.down.length - shown.down.length),
+    };
+    const self = h("div", { class: "gcol" }, h("div", { class: "gnode self" }, badge(task.state), h("span", { class: "mono" }, task.id)));
+    const arrow = (title) => h("div", { class: "garrow", title }, "↓");
+    fill(graph, h("h3", {}, "Dependencies"),
+      h("div", { class: "graph", id: "graph" },
+        h("div", { class: "gside" }, h("span", { class: "muted" }, `Upstream (${all.up.length})`), all.up.length ? cols.up : h("p", { class: "empty" }, "none")),
+        arrow("upstream runs before this task"), self, arrow("downstream runs after this task"),
+        h("div", { class: "gside" }, h("span", { class: "muted" }, `Downstream (${all.down.length}${all.down.length >= 1000 ? "+" : ""})`), all.down.length ? cols.down : h("p", { class: "empty" }, "none"))));
+    // Each neighbour's state and summary, once fetched (a missing or hidden one stays an id).
+    for (const side of ["up", "down"]) {
+      const found = await Promise.all(shown[side].map((u) => call("Tasks", "Get", { taskId: u }).catch(() => null)));
+      if (stopped) return;
+      fill(cols[side], shown[side].map((u, i) => node(found[i], u)),
+        all[side].length > shown[side].length ? h("p", { class: "muted" }, `and ${all[side].length - shown[side].length} more`) : null);
+    }
   }
 
   function setOutput(text) {

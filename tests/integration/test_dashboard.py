@@ -101,13 +101,27 @@ async def test_the_dashboard_shows_the_mesh_live_and_controls_it(
     # A batch finishes live on the tasks view, with a hostile name and output among them.
     await pg.goto(f"{url}#/tasks")
     await expect(pg.locator(".live-dot:not(.off)")).to_be_visible()
-    specs = [shell(f"echo task-{i}", name=f"batch-{i}") for i in range(30)]
+    specs = [
+        shell(f"echo task-{i}", name=f"batch-{i}", metadata={"half": "ab"[i % 2]})
+        for i in range(30)
+    ]
     specs.append(shell(f"printf '%s' '{HOSTILE_OUT}'", name=HOSTILE, metadata={"x": HOSTILE}))
     ids = await dash.client.submit_batch(specs)
     done = pg.locator("tbody .badge", has_text="succeeded")
     await expect(done).to_have_count(31)
     await expect(pg.locator("td", has_text=HOSTILE)).to_have_count(1)
     await _shot(pg, "tasks")
+
+    # Filtered by the coordinator: executor and label, from the form; a bad label says so.
+    await pg.fill("input[name=executor]", "shell")
+    await pg.fill("input[name=label]", "half=a")
+    await pg.click("form.filters button[type=submit]")
+    await expect(pg.locator("tbody tr")).to_have_count(15)
+    await expect(pg.locator("tbody td", has_text="batch-0")).to_have_count(1)
+    await _shot(pg, "tasks-filtered")
+    await pg.fill("input[name=label]", "half")
+    await pg.click("form.filters button[type=submit]")
+    await expect(pg.locator(".card .error")).to_contain_text("key=value")
 
     # The hostile task renders as text: its name, metadata and output, and no markup runs.
     await pg.goto(f"{url}#/tasks/{ids[-1]}")
@@ -133,6 +147,15 @@ async def test_the_dashboard_shows_the_mesh_live_and_controls_it(
     await expect(pg.locator("#output")).to_contain_text("second line")
     await expect(pg.locator("main .head .badge")).to_have_text("succeeded")
     await _shot(pg, "task")
+
+    # The upstream task's graph shows the streaming task downstream; a click opens it.
+    await pg.goto(f"{url}#/tasks/{ids[0]}")
+    downstream = pg.locator("#graph .gcol.down .gnode", has_text=slow.id)
+    await expect(downstream.locator(".badge")).to_have_text("succeeded")
+    await _shot(pg, "task-graph")
+    await downstream.click()
+    await expect(pg.locator("#task-id")).to_have_text(slow.id)
+    await expect(pg.locator("#graph .gcol.up .gnode", has_text=ids[0])).to_be_visible()
 
     # Cancel a running task from its page.
     stuck = await dash.client.submit(shell(gate_script(tmp_path / "never"), name="stuck"))

@@ -6,7 +6,8 @@ bench/throughput.py, whose closed loop of no-op tasks this reuses. Two phases, e
 number of tasks: with no SSE subscriber, then with --subscribers of them (every event, as the
 dashboard's feed asks), each its own HTTP connection in one separate process (this file with
 --subscribe), so that reading them costs this client nothing. The subscribers count the
-events and bytes they receive per second; events/s is what they received during the phase.
+events, messages and bytes they receive per second; events/s is what they received during
+the phase (a message carries the events of about COALESCE_SECONDS).
 
     .venv/bin/python bench/sse.py                     # 50,000 tasks a phase, 10 subscribers
     .venv/bin/python bench/sse.py --tasks 20000 --subscribers 5
@@ -63,6 +64,7 @@ async def subscribe(url: str, token: str, count: int) -> dict[str, Any]:
     """`count` subscribers of every event until SIGTERM; then what each received a second."""
     events: list[Counter[int]] = [Counter() for _ in range(count)]
     sizes: list[Counter[int]] = [Counter() for _ in range(count)]
+    messages: list[Counter[int]] = [Counter() for _ in range(count)]
     errors: list[str] = []
 
     async def one(i: int, http: httpx.AsyncClient) -> None:
@@ -76,6 +78,7 @@ async def subscribe(url: str, token: str, count: int) -> dict[str, Any]:
                 second = int(time.time())
                 events[i][second] += chunk.count(b'"seq":')
                 sizes[i][second] += len(chunk)
+                messages[i][second] += chunk.count(b"\ndata: ")
                 if b"event: error" in chunk:
                     errors.append(f"subscriber {i} was cut: {chunk[-300:]!r}")
 
@@ -91,6 +94,7 @@ async def subscribe(url: str, token: str, count: int) -> dict[str, Any]:
     return {
         "events": [dict(c) for c in events],
         "bytes": [dict(c) for c in sizes],
+        "messages": [dict(c) for c in messages],
         "errors": errors,
     }
 
@@ -180,6 +184,9 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                         row["sse_mb_per_s_total"] = round(
                             sum(_window(got["bytes"], start, end)) / span / 1e6, 2
                         )
+                        row["sse_messages_per_s_each"] = [
+                            round(n / span) for n in _window(got["messages"], start, end)
+                        ]
                         row["sse_errors"] = got["errors"]
                     report["phases"].append(row)
                     print(
@@ -223,6 +230,14 @@ def figures(phases: Sequence[dict[str, Any]]) -> list[Figure]:
             )
             out.append(
                 figure(f"SSE MB/s to {n} subscribers (sum)", row["sse_mb_per_s_total"], "MB/s")
+            )
+            messages = row["sse_messages_per_s_each"]
+            out.append(
+                figure(
+                    "SSE messages/s, busiest subscriber (events coalesced)",
+                    max(messages) if messages else None,
+                    "messages/s",
+                )
             )
     return out
 

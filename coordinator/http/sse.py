@@ -5,6 +5,10 @@ a browser that reconnects sends the last id back (Last-Event-ID) and resumes aft
 and repeating nothing. It is the same servicer method as gRPC's Watch, so a subscriber that
 reads slower than events come is cut the same way (an `error` event, then the stream ends;
 it reconnects from its last id), and what one holds in memory stays bounded.
+
+Events that come within COALESCE_SECONDS of each other go out as one message, so a browser
+parses a few messages a second however fast the mesh runs; a message still carries every
+event up to its id.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from shoal.coordinator.http.rpc import API_PREFIX, method_path
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.v1 import task_pb2, tasks_pb2
 
-__all__ = ["HEARTBEAT_SECONDS", "EventJson", "events_route", "watch_request"]
+__all__ = ["COALESCE_SECONDS", "HEARTBEAT_SECONDS", "EventJson", "events_route", "watch_request"]
 
 HEARTBEAT_SECONDS = 15.0
 """A comment line this often keeps proxies from closing an idle stream, and finds a gone
@@ -42,6 +46,9 @@ _FIELDS = {
     "state": tasks_pb2.WatchRequest.DESCRIPTOR.fields_by_name["states"],
     "cursor": tasks_pb2.WatchRequest.DESCRIPTOR.fields_by_name["since"],
 }
+COALESCE_SECONDS = 0.1
+"""Events that come within this long of each other are sent as one message."""
+_MAX_PENDING = 1 << 20  # characters of events held for the next message; past it, sent at once
 _LAST_WORD_SECONDS = 5.0
 _TRUE = frozenset({"true", "1", "yes", ""})
 _FALSE = frozenset({"false", "0", "no"})
@@ -117,7 +124,8 @@ class EventJson:
 
 
 class _Stream:
-    """One subscriber's response: opened at its first message, written one at a time."""
+    """One subscriber's response: opened at its first message, written one at a time; the
+    events of the responses that come within COALESCE_SECONDS are sent as one message."""
 
     def __init__(self, request: web.Request, encoded: EventJson) -> None:
         self._request = request
@@ -130,6 +138,14 @@ class _Stream:
             }
         )
         self._lock = asyncio.Lock()
+        self._pending: list[str] = []  # events encoded, not sent yet
+        self._pending_size = 0
+        self._cursor = 0  # of the last response written
+        self._sent = -1  # the cursor of the last message sent
+        self._flusher: asyncio.Task[None] | None = None
+        self._flushing = False  # the flusher is sending (not to be cut off mid-message)
+        self._closed = False
+        self._failure: BaseException | None = None
 
     @property
     def open(self) -> bool:
@@ -137,13 +153,65 @@ class _Stream:
 
     async def send(self, chunk: bytes) -> None:
         async with self._lock:
-            if not self.response.prepared:
-                await self.response.prepare(self._request)
-            await self.response.write(chunk)
+            await self._send(chunk)
+
+    async def _send(self, chunk: bytes) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self._request)
+        await self.response.write(chunk)
 
     async def write(self, response: tasks_pb2.WatchResponse) -> None:
-        data = self._encoded.response(response)
-        await self.send(f"id: {response.cursor}\ndata: {data}\n\n".encode())
+        """Take a response in; sent soon with those that follow it, at once when it is the
+        first or what waits is large (then this waits for the subscriber to read)."""
+        if self._failure is not None:
+            raise self._failure
+        if response.events:
+            text = ",".join(self._encoded.event(e) for e in response.events)
+            self._pending.append(text)
+            self._pending_size += len(text)
+        self._cursor = response.cursor
+        if not self.open or self._pending_size >= _MAX_PENDING:
+            await self.flush()
+        elif self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(COALESCE_SECONDS)
+        self._flushing = True
+        try:
+            await self.flush()
+        except Exception as err:  # the subscriber is gone: the next write says so
+            self._failure = err
+        finally:
+            self._flushing = False
+            self._flusher = None
+            if self._pending and self._failure is None and not self._closed:
+                # These came in while the message before was sent.
+                self._flusher = asyncio.create_task(self._flush_soon())
+
+    async def flush(self) -> None:
+        """Send what waits as one message (the cursor alone when no event waits)."""
+        async with self._lock:
+            if not self._pending and self._cursor == self._sent:
+                return
+            parts = [f'"events":[{",".join(self._pending)}]'] if self._pending else []
+            if self._cursor:
+                parts.append(f'"cursor":"{self._cursor}"')  # a uint64: a string in JSON
+            cursor, self._pending, self._pending_size = self._cursor, [], 0
+            await self._send(f"id: {cursor}\ndata: {{{','.join(parts)}}}\n\n".encode())
+            self._sent = cursor
+
+    async def close(self) -> None:
+        """Stop the flush that waits to run (what it held stays, for a last flush), or let
+        the one sending finish its message (briefly)."""
+        self._closed = True
+        flusher, self._flusher = self._flusher, None
+        if flusher is None:
+            return
+        if not self._flushing:
+            flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(flusher, _LAST_WORD_SECONDS)
 
     async def heartbeat(self) -> None:
         while True:
@@ -172,6 +240,7 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
             # Whichever ends first: the watch, or a heartbeat that found the subscriber gone.
             await asyncio.wait((served, heartbeat), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            await stream.close()
             for task in (heartbeat, served):
                 task.cancel()
             for task in (heartbeat, served):
@@ -185,8 +254,9 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
                 return error_response(failure, path)
             _, body = error_body(failure)
             # Best effort, and briefly: a subscriber cut for not reading may not read this.
+            # What it was sent before the error goes first.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(stream.send(_error(body)), _LAST_WORD_SECONDS)
+                await asyncio.wait_for(_last_word(stream, body), _LAST_WORD_SECONDS)
         elif failure is not None and not isinstance(failure, ConnectionError):
             response = unexpected_response(path, failure)
             if not stream.open:
@@ -194,6 +264,11 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
         return stream.response
 
     return web.get(f"{API_PREFIX}/events", events)
+
+
+async def _last_word(stream: _Stream, body: object) -> None:
+    await stream.flush()
+    await stream.send(_error(body))
 
 
 async def _serve(

@@ -297,3 +297,30 @@ async def test_a_subscriber_that_does_not_read_is_cut_with_an_error_and_resumes(
         if e.get("state") == "TASK_STATE_SUCCEEDED"
     }
     assert {first.id, task.id, last.id} <= finals
+
+
+async def test_a_fast_stream_is_coalesced_into_few_messages_losing_nothing(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    """Events that come close together go out as one message; every message still carries
+    all events up to its id, in order."""
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    got: list[Message] = []
+    reader = Reader()
+    async with http.stream("GET", "/api/events", headers=auth) as response:
+        chunks = response.aiter_raw()
+        async for chunk in chunks:  # up to the first message: the starting cursor
+            if got := reader.feed(chunk):
+                break
+        ids = await mesh.client.submit_batch([noop() for _ in range(300)])
+        async for chunk in chunks:
+            got += reader.feed(chunk)
+            finished = [e for e in events_of(got) if e.get("state") == "TASK_STATE_SUCCEEDED"]
+            if len(finished) >= len(ids):
+                break
+    live = got[1:]
+    order = seqs(live)
+    assert order == sorted(set(order))
+    assert all(int(m.id or 0) >= max(int(e["seq"]) for e in m.data["events"]) for m in live)
+    assert {e["taskId"] for e in events_of(live)} == set(ids)
+    assert len(live) < len(order) / 4, (len(live), len(order))

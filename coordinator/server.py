@@ -210,11 +210,13 @@ class CoordinatorServer:
                 self.pg.on_lost = self._lost
                 await self._set_health(NOT_SERVING)
                 await server.start()
+                await self._start_http()
             await self.core.start()
             self.core_started = True
             await self._set_health(SERVING)
         except BaseException:
             await self._stop_metrics()
+            await self._stop_http()
             await server.stop(None)
             raise
         try:
@@ -269,6 +271,7 @@ class CoordinatorServer:
                 authenticate=self.core.tokens.authenticate if s.auth else None,
                 tls=self._http_tls(),
                 max_body_bytes=min(s.max_message_bytes, _MAX_HTTP_BODY),
+                standby=self._standby if self.pg is not None else None,
             )
         self._health = await serve_health(server, SERVICE_NAMES)
         serve_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE))
@@ -307,6 +310,12 @@ class CoordinatorServer:
             ) from None
         return context
 
+    async def _start_http(self) -> None:
+        """Serve HTTP (once): a standby does from the start, refusing calls as gRPC does."""
+        if self.http is not None and not self.http.started:
+            await self.http.start()
+            _log.info("HTTP API and dashboard on %s", self.http.url)
+
     async def _stop_http(self) -> None:
         http, self.http = self.http, None
         if http is not None:
@@ -331,9 +340,7 @@ class CoordinatorServer:
         if self.pg is None:
             await server.start()
         self._server = server
-        if self.http is not None:
-            await self.http.start()
-            _log.info("HTTP API and dashboard on %s", self.http.url)
+        await self._start_http()
         if s.adopt or s.nodes:
             tls = None
             if s.tls_cert is not None and s.tls_key is not None and s.tls_client_ca is not None:

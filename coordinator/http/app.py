@@ -79,11 +79,13 @@ class HttpServer:
         authenticate: Callable[[str], Principal] | None,
         tls: ssl.SSLContext | None = None,
         max_body_bytes: int = 4 << 20,
+        standby: Callable[[], str | None] | None = None,
     ) -> None:
         self._core = core
         self._listen = listen
         self._tls = tls
-        self.caller = Caller(policy, authenticate, Sessions())
+        # While `standby()` names the leader, every call is refused naming it (503), as gRPC's.
+        self.caller = Caller(policy, authenticate, Sessions(), standby)
         app = web.Application(
             client_max_size=max_body_bytes,
             middlewares=[self._guard],
@@ -108,6 +110,10 @@ class HttpServer:
     def url(self) -> str:
         host = self._listen.rsplit(":", 1)[0]
         return f"{'https' if self._tls else 'http'}://{host}:{self.port}/"
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
 
     async def start(self) -> None:
         """Bind and serve; OSError saying why when the address cannot be bound."""

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from shoal._gate import authorize
 from shoal.auth import ANONYMOUS, Principal, Role, check_token
-from shoal.errors import PermissionDenied, Unauthenticated
+from shoal.errors import PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Caller", "Session", "Sessions"]
 
@@ -100,10 +100,12 @@ class Caller:
         policy: Mapping[str, frozenset[Role]],
         authenticate: Callable[[str], Principal] | None,
         sessions: Sessions,
+        standby: Callable[[], str | None] | None = None,
     ) -> None:
         self._policy = policy
         self._authenticate = authenticate
         self.sessions = sessions
+        self._standby = standby
 
     @property
     def auth(self) -> bool:
@@ -113,10 +115,24 @@ class Caller:
         """The principal calling `method` (None: an open method); raises Unauthenticated or
         PermissionDenied as gRPC would, and PermissionDenied for a cookie call without its
         CSRF token."""
-        return authorize(self._policy, self._authenticate, method, lambda: self.token(request))
+        return authorize(
+            self._policy,
+            self._authenticate,
+            method,
+            lambda: self.token(request),
+            standby=self._standby,
+        )
+
+    def check_leading(self) -> None:
+        """Unavailable, naming the leader, while this coordinator stands by (its tokens are
+        not loaded: no caller can be told who they are)."""
+        leader = self._standby() if self._standby is not None else None
+        if leader is not None:
+            raise Unavailable(f"this coordinator stands by: {leader}")
 
     def whoami(self, request: web.Request) -> Principal:
         """Who sends `request` (any valid token or session)."""
+        self.check_leading()
         if self._authenticate is None:
             return ANONYMOUS
         token = self.token(request)
@@ -126,6 +142,7 @@ class Caller:
 
     def login(self, token: str) -> tuple[Principal, Session | None]:
         """Check `token` and open a session for it (None when auth is off)."""
+        self.check_leading()
         if self._authenticate is None:
             return ANONYMOUS, None
         principal = self._authenticate(check_token(token))

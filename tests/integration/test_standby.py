@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -29,11 +30,14 @@ from .harness import (
 TAKEOVER = 5.0  # seconds a standby may take to lead once the leader is gone
 
 
-async def _coordinator(cli: CliProcesses, url: str, port: int, name: str) -> CliProcess:
+async def _coordinator(
+    cli: CliProcesses, url: str, port: int, name: str, http_port: int = 0
+) -> CliProcess:
     return await cli.start(
         "coordinator",
         "--listen",
         f"127.0.0.1:{port}",
+        *(("--http-listen", f"127.0.0.1:{http_port}") if http_port else ()),
         "--store",
         url,
         "--no-auth",
@@ -55,8 +59,10 @@ async def test_a_standby_takes_over_from_a_killed_leader(
     first_port, second_port = free_port(), free_port()
     first = await _coordinator(cli, postgres_url, first_port, "first")
     await wait_serving(f"127.0.0.1:{first_port}")
-    second = await _coordinator(cli, postgres_url, second_port, "second")
+    http_port = free_port()
+    second = await _coordinator(cli, postgres_url, second_port, "second", http_port)
     standby = f"127.0.0.1:{second_port}"
+    standby_http = f"http://127.0.0.1:{http_port}"
 
     async def not_serving() -> None:
         assert await health_status(standby) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -69,6 +75,19 @@ async def test_a_standby_takes_over_from_a_killed_leader(
     async with AsyncClient(standby, token="unused") as client:
         with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
             await client.submit(_spec(0))
+    # Its HTTP API answers as its gRPC does: 503 naming the leader; the page itself loads.
+    async with httpx.AsyncClient(base_url=standby_http, timeout=20) as http:
+        for method, path in (
+            ("POST", "/api/shoal.v1.Tasks/List"),
+            ("GET", "/api/whoami"),
+            ("GET", "/api/events"),
+        ):
+            refused = await http.request(method, path, json={} if method == "POST" else None)
+            assert refused.status_code == 503, refused.text
+            body = refused.json()
+            assert body["code"] == "unavailable", body
+            assert f"the leader is at 127.0.0.1:{first_port}" in body["message"], body
+        assert (await http.get("/")).status_code == 200
 
     both = f"127.0.0.1:{first_port},127.0.0.1:{second_port}"
     # Auth is off: the node presents whatever the token file (the cli fixture's) holds.
@@ -82,6 +101,9 @@ async def test_a_standby_takes_over_from_a_killed_leader(
         for task_id in ids[:5]:
             assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
         await _after_the_kill(cli, first, standby, follower, ids)
+        async with httpx.AsyncClient(base_url=standby_http, timeout=20) as http:
+            listed = await http.post("/api/shoal.v1.Tasks/List", json={"limit": 1})
+            assert listed.status_code == 200, listed.text
     finally:
         await follower.close()
     assert second.running

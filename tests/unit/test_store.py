@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from datetime import timedelta
 from pathlib import Path
@@ -187,3 +188,25 @@ async def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(FailedPrecondition, match=r"its state file s\.state is damaged"):
         await SqliteStore(tmp_path / "s.db").open()
+
+
+async def test_a_store_from_before_dependency_edges_gets_them_from_its_tasks(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    child, other = row(2), row(3)
+    child.depends_on = ["t1"]
+    other.depends_on = ["t1", 0]
+    await store.insert([row(1)])
+    await store.insert([child, other])
+    await store.close()
+    # As a release before task_edges left it: no such table, nor the executor index.
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        conn.execute("DROP TABLE task_edges")
+        conn.execute("DROP INDEX tasks_executor")
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    assert await store.dependents("t1", 10) == [("t2", ""), ("t3", "")]
+    assert await store.dependents("t2", 10) == [("t3", "")]
+    await store.close()

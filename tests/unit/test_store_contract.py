@@ -378,3 +378,27 @@ async def test_the_small_tables_round_trip(backend: Backend) -> None:
         assert await store.members() == ["n1"]
     finally:
         await store.close()
+
+
+async def test_the_postgresql_migration_gives_older_tasks_their_edges(postgres_url: str) -> None:
+    import psycopg
+
+    from shoal.coordinator.store.pgschema import MIGRATIONS, migrate
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, sql in enumerate(MIGRATIONS[:2], start=1):
+            conn.execute(sql)
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        for seq, deps in ((1, "[]"), (2, '["t1"]'), (3, '["t1", "t2"]')):
+            conn.execute(
+                "INSERT INTO tasks (seq, id, tenant, priority, spec, created_at, depends_on)"
+                " VALUES (%s, %s, '', 3, '', 0, %s)",
+                (seq, f"t{seq}", deps),
+            )
+        assert migrate(conn) == (2, len(MIGRATIONS))
+    store = PostgresStore(postgres_url)
+    await store.open()
+    assert await store.dependents("t1", 10) == [("t2", ""), ("t3", "")]
+    assert await store.dependents("t2", 10) == [("t3", "")]
+    await store.close()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from shoal.coordinator.store import (
@@ -20,6 +21,7 @@ from shoal.coordinator.store import (
     UsageRow,
     sqlstore,
 )
+from shoal.coordinator.store.pgschema import MIGRATIONS, migrate
 from shoal.coordinator.store.postgres import PostgresStore
 from shoal.coordinator.store.rows import Request, Unfinished
 from shoal.errors import FailedPrecondition
@@ -381,10 +383,6 @@ async def test_the_small_tables_round_trip(backend: Backend) -> None:
 
 
 async def test_the_postgresql_migration_gives_older_tasks_their_edges(postgres_url: str) -> None:
-    import psycopg
-
-    from shoal.coordinator.store.pgschema import MIGRATIONS, migrate
-
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         for version, sql in enumerate(MIGRATIONS[:2], start=1):

@@ -168,5 +168,6 @@ class Store(ABC):
 
     @abstractmethod
     def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
-        """Record attempts just dispatched to each node (the core's text), queued with the
-        next group commit at once: a node can then reclaim them after a crash soon after."""
+        """Record attempts just dispatched to each node (the core's text), with the next
+        group commit (within a fraction of a second when none comes): a node can then
+        reclaim them after a crash soon after. It starts no commit of its own."""

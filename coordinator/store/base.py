@@ -164,7 +164,8 @@ class Store(ABC):
     @abstractmethod
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
         """Record the attempts each node was dispatched and still runs (the core's text); what
-        add_dispatched recorded before is covered by it, and forgotten."""
+        add_dispatched recorded before is covered by it, and forgotten. Like add_dispatched,
+        it goes with the next group commit."""
 
     @abstractmethod
     def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:

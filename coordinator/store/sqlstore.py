@@ -259,7 +259,7 @@ class SqlStore(Store):
             # writer, in order), and every node dispatched to since its last record is in it.
             c.execute("DELETE FROM dispatched")
 
-        await self._write(op)
+        await self._write(op, ride_along=True)
 
     def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
         return self._write(

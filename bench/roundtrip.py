@@ -18,6 +18,12 @@ already records (all processes share the machine's wall clock):
 The events are read back after the trips (`Watch` from the first one's sequence number),
 so no watcher adds its work to the trips measured.
 
+Two floors, measured in the same run, tell how far below the figures a trip can go on this
+machine: a one-row SQLite commit with synchronous=FULL on the store's disk (a trip makes two,
+the acceptance and the outcome), and a bare gRPC call from this client to the coordinator
+(`grpc.health.v1.Health/Check`, which touches no store; a trip makes two calls and sends two
+stream messages).
+
     .venv/bin/python bench/roundtrip.py                # writes bench/results/roundtrip.json
     .venv/bin/python bench/roundtrip.py --trips 200
 """
@@ -28,6 +34,7 @@ import argparse
 import asyncio
 import itertools
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -35,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from _common import (
     RESULTS,
     BenchError,
@@ -53,6 +61,7 @@ from _common import (
     start_cluster,
     wait_nodes,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shoal import AsyncClient, noop
 from shoal.errors import ShoalError
@@ -117,6 +126,39 @@ async def trip(client: AsyncClient, trace: Trace) -> task_pb2.Task:
     return done
 
 
+def commit_floor(path: Path, n: int) -> tuple[str, list[float]]:
+    """Times of `n` one-row commits, WAL with synchronous=FULL, as the store commits."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (v BLOB)")
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t VALUES (?)", (b"x" * 200,))
+            db.execute("COMMIT")
+            times.append(time.perf_counter() - t0)
+        return "SQLite commit, synchronous=FULL", times
+    finally:
+        db.close()
+
+
+async def call_floor(address: str, n: int) -> tuple[str, list[float]]:
+    """Times of `n` gRPC calls to the coordinator that do nothing (Health/Check)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        request = health_pb2.HealthCheckRequest()
+        await check(request)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await check(request)
+            times.append(time.perf_counter() - t0)
+        return "gRPC call, Health/Check", times
+
+
 def breakdown(trace: Trace, ids: Sequence[str]) -> list[dict[str, Any]]:
     """p50/p99 of each hop (ms) over the tasks that have both its ends; a point a task lacks
     (e.g. RUNNING, when started and finished came in one batch) joins its hop to the next."""
@@ -168,6 +210,10 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             # CPU per trip moves less than time when the machine is shared: it tells whether
             # a change did less work, where latency alone is drowned in noise.
             cpu, wall = meter.percent(), time.monotonic() - started
+            floors = [
+                await asyncio.to_thread(commit_floor, workdir / "floor.db", args.trips),
+                await call_floor(cluster.address, args.trips),
+            ]
             async with asyncio.timeout(deadline.left(30.0)):
                 await replay(client, trace, tasks[0].created_seq - 1, tasks[-1].id)
         ids = [t.id for t in tasks]
@@ -181,6 +227,13 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                 "round trip p99, one task at a time", ms(percentile(totals, 0.99)), "ms", "rt_p99"
             ),
         ]
+        for name, values in floors:
+            report["figures"].append(
+                figure(f"floor: {name} p50", ms(percentile(values, 0.5)), "ms")
+            )
+            report["figures"].append(
+                figure(f"floor: {name} p99", ms(percentile(values, 0.99)), "ms")
+            )
         for who, pct in cpu.items():
             per_trip = pct / 100 * wall / max(len(totals), 1) * 1000
             report["figures"].append(figure(f"CPU of the {who} per trip", round(per_trip, 3), "ms"))

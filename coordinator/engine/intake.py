@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -126,6 +127,10 @@ class Intake:
                 change.result = None
             accepted.append(change)
         self._k.events.publish(accepted)
+        if accepted:
+            # A turn of the loop before answering: the dispatcher, kicked by `admit`, sends the
+            # tasks on their way first (in one pass for all the submits answered this turn).
+            await asyncio.sleep(0)
         return out
 
     async def check_upstream_ids(self, specs: Sequence[task_pb2.TaskSpec], by: Principal) -> None:

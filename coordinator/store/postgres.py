@@ -136,10 +136,10 @@ class PostgresStore(SqlStore):
             request = Request(request_key(request.key), request.created_at)
         return await super().insert(rows, request)
 
-    def _write(self, op: Op) -> asyncio.Future[Any]:
+    def _write(self, op: Op, *, ride_along: bool = False) -> asyncio.Future[Any]:
         if self._writer is None:
             raise Unavailable("the store is closed")
-        fut: asyncio.Future[Any] = self._writer.submit(op)
+        fut: asyncio.Future[Any] = self._writer.submit(op, ride_along=ride_along)
         return fut
 
     async def _read(self, fn: Callable[[Any], Any]) -> Any:

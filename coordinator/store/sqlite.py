@@ -207,10 +207,10 @@ class SqliteStore(SqlStore):
         self._reader.shutdown(wait=True)
         self._lock.release()
 
-    def _write(self, op: Op) -> asyncio.Future[Any]:
+    def _write(self, op: Op, *, ride_along: bool = False) -> asyncio.Future[Any]:
         if self._writer is None:
             raise Unavailable("the store is closed")
-        return self._writer.submit(op)
+        return self._writer.submit(op, ride_along=ride_along)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         def call() -> Any:

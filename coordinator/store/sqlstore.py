@@ -50,8 +50,9 @@ class SqlStore(Store):
     _DISPATCHED_ORDER = "rowid"  # the column that keeps the dispatched lines in arrival order
 
     @abstractmethod
-    def _write(self, op: Op) -> asyncio.Future[Any]:
-        """Queue `op` for the next group commit; the future has its result once committed."""
+    def _write(self, op: Op, *, ride_along: bool = False) -> asyncio.Future[Any]:
+        """Queue `op` for the next group commit; the future has its result once committed.
+        With `ride_along` (nobody waits for it) it starts no commit of its own (see Writer)."""
 
     @abstractmethod
     async def _read(self, fn: Callable[[Any], Any]) -> Any:
@@ -296,13 +297,14 @@ class SqlStore(Store):
             # writer, in order), and every node dispatched to since its last record is in it.
             c.execute("DELETE FROM dispatched")
 
-        await self._write(op)
+        await self._write(op, ride_along=True)
 
     def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
         return self._write(
             lambda c: c.executemany(
                 "INSERT INTO dispatched (node_id, attempts) VALUES (?, ?)", list(attempts.items())
-            )
+            ),
+            ride_along=True,
         )
 
     async def quotas(self) -> list[bytes]:

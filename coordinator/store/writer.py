@@ -7,6 +7,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -17,22 +18,30 @@ from shoal.errors import ResourceExhausted, ShoalError, Unavailable
 __all__ = ["Batch", "Results", "SqliteWriter", "Writer"]
 
 _FULL_RETRY = timedelta(seconds=5)  # freeing space takes an operator: not a quick resend
+# How long an operation that rides along (nobody waits for it) waits for one that is awaited,
+# so that an idle store commits (and fsyncs) once per call, not once more for it.
+RIDE_ALONG = 0.2
 
 Batch = list[tuple[Op, "asyncio.Future[Any]"]]
+_Item = tuple[Op, "asyncio.Future[Any]", bool]  # the operation, its future, whether it rides along
 Results = list[tuple["asyncio.Future[Any]", Any, BaseException | None]]
 
 
 class Writer(threading.Thread):
-    """The one writer: takes every queued operation, runs them in one transaction, commits once."""
+    """The one writer: takes every queued operation, runs them in one transaction, commits once.
+
+    An operation submitted with `ride_along` (a record nobody waits for) does not start a
+    commit of its own: it goes with the next one, or within RIDE_ALONG seconds.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name="shoal-store-writer", daemon=True)
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
 
-    def submit(self, op: Op) -> asyncio.Future[Any]:
+    def submit(self, op: Op, *, ride_along: bool = False) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((op, fut))
+        self._queue.put((op, fut, ride_along))
         return fut
 
     def stop(self) -> None:
@@ -48,25 +57,36 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch: Batch = []
-            stopping = item is None
-            if item is not None:
-                batch.append(item)
-            while not stopping:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                else:
-                    batch.append(nxt)
+            batch, stopping = self._take()
             if batch:
                 self._loop.call_soon_threadsafe(_deliver, self._commit(batch))
             if stopping:
                 self._close()
                 return
+
+    def _take(self) -> tuple[Batch, bool]:
+        """The next batch, in the order queued, and whether to stop after it: all that is
+        queued once an operation in it is awaited, or once RIDE_ALONG has passed."""
+        batch: Batch = []
+        awaited = False
+        deadline = 0.0
+        while True:
+            try:
+                if awaited:
+                    item = self._queue.get_nowait()
+                elif batch:  # only operations that ride along: wait for company, a while
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                else:
+                    item = self._queue.get()
+            except queue.Empty:
+                return batch, False
+            if item is None:
+                return batch, True
+            op, fut, ride_along = item
+            batch.append((op, fut))
+            awaited = awaited or not ride_along
+            if len(batch) == 1:
+                deadline = time.monotonic() + RIDE_ALONG
 
 
 class SqliteWriter(Writer):

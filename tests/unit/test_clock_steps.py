@@ -141,7 +141,8 @@ async def test_a_queue_timeout_counts_monotonic_seconds(
 ) -> None:
     spec = shell("true")
     spec.queue_timeout.FromTimedelta(timedelta(seconds=600))
-    (done,) = await core.submit([spec], by=ALICE)  # no node: it waits
+    spec.wait_for_node = True  # no node: it waits (rather than fail as unplaceable)
+    (done,) = await core.submit([spec], by=ALICE)
     t.step(step)
     t.advance(10)
     core.tick()
@@ -200,6 +201,7 @@ async def test_a_date_follows_the_wall_clock_and_a_timeout_does_not(
     core: Coordinator, t: FakeTime
 ) -> None:
     dated, timed = shell("true"), shell("true")
+    dated.wait_for_node = timed.wait_for_node = True  # no node: they wait
     dated.not_before.CopyFrom(timestamp(T0 + 600))
     timed.queue_timeout.FromTimedelta(timedelta(seconds=600))
     first, second = await core.submit([dated, timed], by=ALICE)

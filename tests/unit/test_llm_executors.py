@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,14 @@ DEADLINE = 10.0  # seconds anything awaited here may take
 KEY = "sk-standin-key"
 CLOUD = ("openai", "anthropic", "gemini")
 KEY_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sdks_imported() -> None:
+    """The providers' SDKs, imported before any run is timed: the executor imports each on
+    first use, which takes seconds on a busy machine and is not what these tests time."""
+    for module in ("openai", "anthropic", "google.genai"):
+        importlib.import_module(module)
 
 
 class Output:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from shoal._client import AsyncClient
-from shoal.v1 import admin_pb2, locks_pb2, task_pb2
+from shoal._client import (
+    AsyncClient,
+    submit_batch_request,
+    submit_request,
+    wait_request,
+    waited,
+)
+from shoal.errors import ResourceExhausted
+from shoal.v1 import admin_pb2, locks_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
 
 __all__ = ["Client"]
 
@@ -30,6 +38,11 @@ class Client:
         )
         self._thread.start()
         self._async: AsyncClient = self._run(_make_async(target, options))
+        # Task calls go through a blocking channel in the caller's thread: a round trip then
+        # costs no hand-off to the loop thread and back.
+        self._calls = self._async.calls
+        self._channel = self._async.blocking_channel()
+        self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -44,6 +57,7 @@ class Client:
         if self._loop.is_closed():
             return
         self._run(self._async.close())
+        self._channel.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -52,17 +66,34 @@ class Client:
     def target(self) -> str:
         return self._async.target
 
+    def _submit(self, method: Any, request: Any) -> Any:
+        """See AsyncClient._submit."""
+        while True:
+            try:
+                return self._calls.blocking(method, request)
+            except ResourceExhausted as err:
+                if not self._async.wait_when_full or err.retry_after is None:
+                    raise
+                time.sleep(err.retry_after.total_seconds())
+
     def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
-        return self._run(self._async.submit(spec))
+        response: tasks_pb2.SubmitResponse = self._submit(self._tasks.Submit, submit_request(spec))
+        return response.task
 
     def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[str]:
-        return self._run(self._async.submit_batch(list(specs)))
+        response = self._submit(self._tasks.SubmitBatch, submit_batch_request(specs))
+        return list(response.task_ids)
 
     def get(self, task_id: str) -> task_pb2.Task:
-        return self._run(self._async.get(task_id))
+        task: task_pb2.Task = self._calls.blocking(
+            self._tasks.Get, tasks_pb2.GetRequest(task_id=task_id)
+        )
+        return task
 
     def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
-        return self._run(self._async.wait(task_id, timeout=timeout))
+        request, deadline = wait_request(task_id, timeout, self._calls.timeout)
+        task: task_pb2.Task = self._calls.blocking(self._tasks.Wait, request, timeout=deadline)
+        return waited(task, timeout)
 
     def wait_with_reasons(
         self, task_id: str, on_pending: Callable[[task_pb2.Task], object], **kwargs: Any
@@ -71,7 +102,10 @@ class Client:
         return self._run(self._async.wait_with_reasons(task_id, on_pending, **kwargs))
 
     def cancel(self, task_id: str) -> task_pb2.Task:
-        return self._run(self._async.cancel(task_id))
+        task: task_pb2.Task = self._calls.blocking(
+            self._tasks.Cancel, tasks_pb2.CancelRequest(task_id=task_id)
+        )
+        return task
 
     def list(
         self, *, states: Iterable[int] = (), tenant: str = "", limit: int = 100

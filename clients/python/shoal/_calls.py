@@ -3,26 +3,34 @@ coordinator is unavailable (for `retry_for`; `connect_for` until it first answer
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import Awaitable, Callable
 from types import EllipsisType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from tenacity import (
     AsyncRetrying,
-    RetryCallState,
+    Retrying,
     retry_if_exception_type,
     retry_never,
     wait_exponential_jitter,
 )
 
 from shoal._status import from_rpc_error, from_server
-from shoal.errors import Unavailable
+from shoal.errors import ShoalError, Unavailable
 
 __all__ = ["Calls"]
 
 _T = TypeVar("_T")
 _BACKOFF = wait_exponential_jitter(initial=0.05, jitter=0.05, max=5.0)
+
+
+def _first_wait() -> float:
+    """Before the first resend: what _BACKOFF waits before its second try."""
+    return 0.05 + random.uniform(0, 0.05)
 
 
 class Calls:
@@ -58,13 +66,14 @@ class Calls:
         resent while the coordinator is unavailable, with jittered exponential backoff, for up
         to `retry_for`."""
         deadline = self.timeout if timeout is ... else timeout
+        started = time.monotonic()
+        try:  # the first try outside the retry loop: a call answered costs nothing more
+            return await self._call(method(request, timeout=deadline, metadata=self.metadata))
+        except Unavailable as err:
+            self._resend_or_raise(err, retry, started)
+        await asyncio.sleep(_first_wait())
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(Unavailable) if retry else retry_never,
-                wait=_BACKOFF,
-                stop=self._given_up,
-                reraise=True,
-            ):
+            async for attempt in AsyncRetrying(**self._resends(started)):
                 with attempt:
                     return await self._call(
                         method(request, timeout=deadline, metadata=self.metadata)
@@ -72,6 +81,45 @@ class Calls:
         except Unavailable as err:
             raise self._unreached(err) from None
         raise AssertionError("unreachable")
+
+    def blocking(
+        self,
+        method: Any,
+        request: Any,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        retry: bool = True,
+    ) -> Any:
+        """`unary` through a blocking stub, in the calling thread."""
+        deadline = self.timeout if timeout is ... else timeout
+        started = time.monotonic()
+        try:
+            return self._answer(method, request, deadline)
+        except Unavailable as err:
+            self._resend_or_raise(err, retry, started)
+        time.sleep(_first_wait())
+        try:
+            for attempt in Retrying(**self._resends(started)):
+                with attempt:
+                    return self._answer(method, request, deadline)
+        except Unavailable as err:
+            raise self._unreached(err) from None
+        raise AssertionError("unreachable")
+
+    def _resend_or_raise(self, err: Unavailable, retry: bool, started: float) -> None:
+        """After a first try found the coordinator unavailable: raise, or return to resend."""
+        if not retry or self._given_up(time.monotonic() - started):
+            raise self._unreached(err) from None
+
+    def _resends(self, started: float) -> dict[str, Any]:
+        """How a call whose first try (at `started`) found no coordinator is resent, after
+        `_first_wait()`: with backoff, until `_given_up`."""
+        return {
+            "retry": retry_if_exception_type(Unavailable),
+            "wait": _BACKOFF,
+            "stop": lambda _: self._given_up(time.monotonic() - started),
+            "reraise": True,
+        }
 
     async def open_stream(self, start: Callable[..., Any], *, retry: bool) -> tuple[Any, Any]:
         """A server stream `start(metadata=...)` opens, and its first response, read to know it
@@ -81,7 +129,9 @@ class Calls:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(Unavailable) if retry else retry_never,
                 wait=_BACKOFF,
-                stop=lambda state: not self._reached and self._given_up(state),
+                stop=lambda state: (
+                    not self._reached and self._given_up(state.seconds_since_start or 0.0)
+                ),
                 reraise=True,
             ):
                 with attempt:
@@ -99,17 +149,31 @@ class Calls:
         try:
             response = await awaitable
         except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
-                self._reached = True
-            raise from_rpc_error(err) from None
+            raise self._failed(err) from None
         self._reached = True
         return response
 
-    def _given_up(self, state: RetryCallState) -> bool:
-        """Whether to stop resending: after `retry_for`, or `connect_for` while no coordinator
-        ever answered (decided anew at each try: one may answer meanwhile)."""
+    def _answer(self, method: Any, request: Any, deadline: float | None) -> Any:
+        """_call's blocking twin: one call through a blocking stub."""
+        try:
+            response = method(request, timeout=deadline, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise self._failed(err) from None
+        self._reached = True
+        return response
+
+    def _failed(self, err: grpc.RpcError) -> ShoalError:
+        """The error a failed call raises; notes whether a coordinator answered it."""
+        if cast(grpc.Call, err).code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
+            self._reached = True
+        return from_rpc_error(err)
+
+    def _given_up(self, elapsed: float) -> bool:
+        """Whether to stop resending after `elapsed` seconds: after `retry_for`, or
+        `connect_for` while no coordinator ever answered (decided anew at each try: one may
+        answer meanwhile)."""
         limit = self._retry_for if self._reached else self._connect_for
-        return (state.seconds_since_start or 0.0) >= limit
+        return elapsed >= limit
 
     def _unreached(self, err: Unavailable) -> Unavailable:
         """`err`, naming the address tried when no coordinator ever answered there."""

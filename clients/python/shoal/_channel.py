@@ -6,13 +6,14 @@ import ipaddress
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from shoal._server import grpc_options
 from shoal.auth import check_token
 
-__all__ = ["CLIENT_KEY", "Metadata", "bearer", "open_channel"]
+__all__ = ["CLIENT_KEY", "Metadata", "bearer", "open_blocking_channel", "open_channel"]
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -31,12 +32,41 @@ def open_channel(
     whose health is SERVING, the leader (standbys answer NOT_SERVING), and follow it when
     another takes over.
     """
+    target, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def open_blocking_channel(
+    target: str,
+    *,
+    max_message_bytes: int,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> grpc.Channel:
+    """open_channel's blocking twin: its calls run in the calling thread."""
+    target, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _dial(
+    target: str,
+    max_message_bytes: int,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> tuple[str, list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """The target, options and credentials (None: plaintext) of a channel to `target`."""
     options = grpc_options(max_message_bytes)
     if "," in target:
         target = _addresses(target)
         options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
     if tls_ca is None and tls_cert is None:
-        return grpc.aio.insecure_channel(target, options=options)
+        return target, options, None
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
     credentials = grpc.ssl_channel_credentials(
@@ -44,7 +74,7 @@ def open_channel(
         private_key=tls_key.read_bytes() if tls_key else None,
         certificate_chain=tls_cert.read_bytes() if tls_cert else None,
     )
-    return grpc.aio.secure_channel(target, credentials, options=options)
+    return target, options, credentials
 
 
 # gRPC's own client-side health checking: round_robin over the addresses that answer

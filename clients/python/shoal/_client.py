@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from shoal._builders import tool
 from shoal._calls import Calls
-from shoal._channel import CLIENT_KEY, bearer, open_channel
+from shoal._channel import CLIENT_KEY, bearer, open_blocking_channel, open_channel
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
@@ -79,16 +79,29 @@ class AsyncClient:
             retry_for=retry_for.total_seconds(),
             connect_for=connect_for.total_seconds(),
         )
-        self._channel = open_channel(
-            self.target,
-            max_message_bytes=_MAX_MESSAGE,
-            tls_ca=tls_ca or settings.tls_ca,
-            tls_cert=tls_cert or settings.tls_cert,
-            tls_key=tls_key or settings.tls_key,
-        )
+        self._dial: dict[str, Any] = {
+            "max_message_bytes": _MAX_MESSAGE,
+            "tls_ca": tls_ca or settings.tls_ca,
+            "tls_cert": tls_cert or settings.tls_cert,
+            "tls_key": tls_key or settings.tls_key,
+        }
+        self._channel = open_channel(self.target, **self._dial)
         self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._locks = locks_pb2_grpc.LocksStub(self._channel)
+
+    @property
+    def calls(self) -> Calls:
+        """How this client calls its coordinator (shared with Client's blocking calls)."""
+        return self._calls
+
+    @property
+    def wait_when_full(self) -> bool:
+        return self._wait_when_full
+
+    def blocking_channel(self) -> grpc.Channel:
+        """A blocking channel to the same coordinator, dialled the same way."""
+        return open_blocking_channel(self.target, **self._dial)
 
     async def _submit(self, method: Any, request: Any) -> Any:
         """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
@@ -112,16 +125,13 @@ class AsyncClient:
     async def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
         """Submit one task; returns it as stored (an existing one when its key matched)."""
         response: tasks_pb2.SubmitResponse = await self._submit(
-            self._tasks.Submit, tasks_pb2.SubmitRequest(spec=spec, request_id=uuid.uuid4().hex)
+            self._tasks.Submit, submit_request(spec)
         )
         return response.task
 
     async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
         """Submit many tasks atomically in one call; returns their ids in order."""
-        response = await self._submit(
-            self._tasks.SubmitBatch,
-            tasks_pb2.SubmitBatchRequest(specs=list(specs), request_id=uuid.uuid4().hex),
-        )
+        response = await self._submit(self._tasks.SubmitBatch, submit_batch_request(specs))
         return list(response.task_ids)
 
     async def get(self, task_id: str) -> task_pb2.Task:
@@ -133,15 +143,9 @@ class AsyncClient:
     async def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
         """The task once final. With `timeout`, raises WaitTimeout (holding the task as it is
         then) if it has not ended by then."""
-        request = tasks_pb2.WaitRequest(task_id=task_id)
-        deadline = None
-        if timeout is not None:
-            request.timeout.CopyFrom(to_duration(timeout))
-            deadline = timeout.total_seconds() + self._calls.timeout
+        request, deadline = wait_request(task_id, timeout, self._calls.timeout)
         task: task_pb2.Task = await self._calls.unary(self._tasks.Wait, request, timeout=deadline)
-        if timeout is not None and not is_final(task.state):
-            raise WaitTimeout(task, timeout)
-        return task
+        return waited(task, timeout)
 
     async def wait_with_reasons(
         self,
@@ -398,3 +402,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def submit_request(spec: task_pb2.TaskSpec) -> tasks_pb2.SubmitRequest:
+    """A Submit of `spec`, with a request id of its own: resent, it stores no second task."""
+    return tasks_pb2.SubmitRequest(spec=spec, request_id=uuid.uuid4().hex)
+
+
+def submit_batch_request(specs: Iterable[task_pb2.TaskSpec]) -> tasks_pb2.SubmitBatchRequest:
+    return tasks_pb2.SubmitBatchRequest(specs=list(specs), request_id=uuid.uuid4().hex)
+
+
+def wait_request(
+    task_id: str, timeout: timedelta | None, call_timeout: float
+) -> tuple[tasks_pb2.WaitRequest, float | None]:
+    """A Wait for `task_id` for up to `timeout` (None: until it ends), and the call's deadline."""
+    request = tasks_pb2.WaitRequest(task_id=task_id)
+    if timeout is None:
+        return request, None
+    request.timeout.CopyFrom(to_duration(timeout))
+    return request, timeout.total_seconds() + call_timeout
+
+
+def waited(task: task_pb2.Task, timeout: timedelta | None) -> task_pb2.Task:
+    """`task` as a Wait answered it; WaitTimeout when `timeout` passed before it ended."""
+    if timeout is not None and not is_final(task.state):
+        raise WaitTimeout(task, timeout)
+    return task

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from shoal._leader import LeaderChannel
 from shoal._server import grpc_options
 from shoal.auth import check_token
 
@@ -32,10 +33,10 @@ def open_channel(
     another takes over.
     """
     options = grpc_options(max_message_bytes)
-    if "," in target:
-        target = _addresses(target)
-        options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
     if tls_ca is None and tls_cert is None:
+        if "," in target:
+            target = _addresses(target)
+            options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
         return grpc.aio.insecure_channel(target, options=options)
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
@@ -44,6 +45,14 @@ def open_channel(
         private_key=tls_key.read_bytes() if tls_key else None,
         certificate_chain=tls_cert.read_bytes() if tls_cert else None,
     )
+    if "," in target:
+        # Each certificate names its own coordinator: a channel per address, each checked
+        # against the name it was dialled by.
+        _addresses(target)  # every item is host:port
+        return LeaderChannel(
+            [item.strip() for item in target.split(",")],
+            lambda address: grpc.aio.secure_channel(address, credentials, options=options),
+        )
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 

@@ -28,14 +28,14 @@ from shoal.v1 import task_pb2
 from tests.chaos.summary import publish
 from tests.postgres import postgres_server
 
-from .harness import CliProcess, CliProcesses, eventually, health_status
+from .harness import CliProcess, CliProcesses, eventually, health_status, wait_serving
 from .lan import Host, Lan, lan_unavailable
 from .test_discovery import _need, _node
 
 pytestmark = pytest.mark.timeout(180)
 
 PORT = 7070
-SERVING, NOT_SERVING = 1, 2
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ async def test_a_node_found_by_mdns_follows_the_serving_coordinator_to_the_stand
         seen.async_start()
         try:
             leader = await _coordinator(cli, a, store, data_dir)
-            assert await health_status(f"{a.ip}:{PORT}") == SERVING
+            await wait_serving(f"{a.ip}:{PORT}")  # it leads
             await _coordinator(cli, p, store, data_dir)
             assert await health_status(f"{p.ip}:{PORT}") == NOT_SERVING
 

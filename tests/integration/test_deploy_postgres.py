@@ -13,7 +13,7 @@ import yaml
 from .harness import run_tool
 
 COMPOSE = Path(__file__).parents[2] / "deploy" / "compose.postgres.yaml"
-KUBERNETES = Path(__file__).parents[2] / "deploy" / "kubernetes" / "shoal-postgres.yaml"
+KUBERNETES = Path(__file__).parents[2] / "deploy" / "kubernetes" / "postgres" / "shoal.yaml"
 
 
 def test_both_coordinators_share_the_database_and_nodes_know_both() -> None:

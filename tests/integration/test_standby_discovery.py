@@ -93,12 +93,13 @@ async def test_a_node_found_by_mdns_follows_the_serving_coordinator_to_the_stand
             leader = await _coordinator(cli, a, store, data_dir)
             await wait_serving(f"{a.ip}:{PORT}")  # it leads
             await _coordinator(cli, p, store, data_dir)
-            assert await health_status(f"{p.ip}:{PORT}") == NOT_SERVING
+            assert await health_status(f"{p.ip}:{PORT}") == NOT_SERVING, cli.logs()
 
             # Both advertise: the standby too.
             def both_advertised() -> None:
                 addresses = sorted(ad.address for ad in seen.seen.values())
-                assert addresses == sorted([f"{a.ip}:{PORT}", f"{p.ip}:{PORT}"]), addresses
+                expected = sorted([f"{a.ip}:{PORT}", f"{p.ip}:{PORT}"])
+                assert addresses == expected, f"{addresses}\n{cli.logs()}"
 
             await eventually(both_advertised, timeout=20)
 
@@ -111,7 +112,7 @@ async def test_a_node_found_by_mdns_follows_the_serving_coordinator_to_the_stand
 
                 async def joined() -> None:
                     nodes = {n.info.node_id for n in await client.nodes() if n.connected}
-                    assert nodes == {"b"}, nodes
+                    assert nodes == {"b"}, f"{nodes}\n{cli.logs()}"
 
                 await eventually(joined, timeout=30, interval=0.1)
 

@@ -46,14 +46,23 @@ def _port() -> int:
 
 
 async def _serving(address: str) -> bool:
+    return await _health(address) == int(health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _answers(address: str) -> bool:
+    """Whether `address` answers its health check at all (leading or standing by)."""
+    return await _health(address) is not None
+
+
+async def _health(address: str) -> int | None:
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1.0
             )
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+            return int(reply.status)
     except grpc.RpcError:
-        return False
+        return None
 
 
 async def _until(check: object, what: str, within: float = 60.0) -> None:
@@ -143,6 +152,11 @@ async def takeovers(
             start(address)
         times: list[float] = []
 
+        async def ready() -> None:
+            """Every coordinator answers: a kill always leaves two standbys ready to lead."""
+            for address in addresses:
+                await _until(lambda a=address: _answers(a), f"{address} answers")
+
         async def leader(other_than: str = "") -> str:
             while True:
                 with psycopg.connect(url) as conn:
@@ -157,6 +171,7 @@ async def takeovers(
                 await asyncio.sleep(0.02)
 
         for _ in range(kills):
+            await ready()
             leading = await asyncio.wait_for(leader(), 60)
             children.stop(coordinators[leading], grace=0, sig=9)
             killed = time.monotonic()

@@ -60,7 +60,7 @@ class CoordinatorDiscovery:
         self._settings = settings
         self._port = port
         self._advertise = advertise
-        self._on_nodes = on_nodes
+        self.on_nodes = on_nodes
         self._interval = health_interval.total_seconds()
         self._timeout = health_timeout.total_seconds()
         self._advertisement: Advertisement | None = None
@@ -161,8 +161,8 @@ class CoordinatorDiscovery:
                 watched = _Watched(ad)
                 watched.task = asyncio.create_task(self._watch_health(watched))
                 self._watched[name] = watched
-            if self._on_nodes is not None:
-                self._on_nodes({w.ad.node_id: w.ad.address for w in self._watched.values()})
+            if self.on_nodes is not None:
+                self.on_nodes({w.ad.node_id: w.ad.address for w in self._watched.values()})
             await browser.async_changed(60.0, since=version)
 
     async def _unwatch(self, name: str) -> None:

@@ -211,10 +211,14 @@ class CoordinatorServer:
                 await self._set_health(NOT_SERVING)
                 await server.start()
                 await self._start_http()
+                # Every coordinator of the store advertises: nodes that find them by mDNS
+                # follow the one whose health is SERVING.
+                await self._start_discovery()
             await self.core.start()
             self.core_started = True
             await self._set_health(SERVING)
         except BaseException:
+            await self._stop_discovery()
             await self._stop_metrics()
             await self._stop_http()
             await server.stop(None)
@@ -222,6 +226,7 @@ class CoordinatorServer:
         try:
             await self._serve(server)
         except BaseException:
+            await self._stop_discovery()
             await self._stop_metrics()
             await self.core.stop()
             await self._stop_http()
@@ -321,6 +326,34 @@ class CoordinatorServer:
         if http is not None:
             await http.stop()
 
+    async def _start_discovery(self) -> None:
+        """Advertise on mDNS (by the `advertise` rule) and, when adopting, browse for nodes."""
+        s = self.settings
+        advertise = advertises(s.advertise, s.listen)
+        if not (advertise or s.adopt):  # an adopting coordinator browses for nodes to dial
+            return
+        discovery = CoordinatorDiscovery(
+            s,
+            self.port,
+            advertise=advertise,
+            on_nodes=self.adopter.discovered if s.adopt and self.adopter else None,
+        )
+        try:
+            await discovery.async_start()
+        except (OSError, RuntimeError) as err:  # no multicast here: serve all the same
+            _log.error("cannot use mDNS (%s); nodes need its address", err)
+            await discovery.async_stop()
+        else:
+            self.discovery = discovery
+            self.core.discovered = discovery.nodes
+
+    async def _stop_discovery(self) -> None:
+        discovery, self.discovery = self.discovery, None
+        if discovery is not None:
+            # Nodes hear the goodbye and look for their coordinator again.
+            self.core.discovered = dict
+            await discovery.async_stop()
+
     async def _set_health(self, status: int) -> None:
         if self._health is not None:
             for name in ("", *SERVICE_NAMES):
@@ -347,22 +380,10 @@ class CoordinatorServer:
                 tls = NodeTls(s.tls_client_ca, s.tls_cert, s.tls_key)
             self.adopter = Adopter(self.core, s.nodes, auth=s.auth, tls=tls)
             self.adopter.start()
-        advertise = advertises(s.advertise, s.listen)
-        if advertise or s.adopt:  # an adopting coordinator browses for nodes to dial
-            discovery = CoordinatorDiscovery(
-                s,
-                self.port,
-                advertise=advertise,
-                on_nodes=self.adopter.discovered if s.adopt and self.adopter else None,
-            )
-            try:
-                await discovery.async_start()
-            except (OSError, RuntimeError) as err:  # no multicast here: serve all the same
-                _log.error("cannot use mDNS (%s); nodes need its address", err)
-                await discovery.async_stop()
-            else:
-                self.discovery = discovery
-                self.core.discovered = discovery.nodes
+        if self.discovery is None:
+            await self._start_discovery()
+        elif s.adopt and self.adopter is not None:  # advertised while it stood by
+            self.discovery.on_nodes = self.adopter.discovered
         _log.info(
             "coordinator listening on %s tls=%s auth=%s data_dir=%s",
             self.address,
@@ -396,11 +417,7 @@ class CoordinatorServer:
         server, self._server = self._server, None
         if server is None:
             return
-        discovery, self.discovery = self.discovery, None
-        if discovery is not None:
-            # Nodes hear the goodbye and look for their coordinator again.
-            self.core.discovered = dict
-            await discovery.async_stop()
+        await self._stop_discovery()
         await self._stop_metrics()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()

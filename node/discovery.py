@@ -33,6 +33,7 @@ _log = logging.getLogger("shoal.node")
 
 _WAIT_NOTICE = 3.0  # seconds without a coordinator before the node says it waits for one
 _RECHECK_AMBIGUOUS = 2.0  # seconds between two looks at several coordinators of one cluster
+_RECHECK_STANDBY = 0.25  # seconds between two looks at coordinators none of which serves
 _HEALTH_TIMEOUT = 1.0  # seconds a candidate coordinator has to answer its health check
 _REFRESH_EVERY = 5.0  # seconds between two looks at whether the node's capabilities changed
 
@@ -63,6 +64,8 @@ class CoordinatorFinder:
 
     An advertisement whose coordinator no longer answers (it died without saying goodbye)
     does not count when there are several: only those that answer their health check do.
+    Coordinators sharing a store all advertise, the leader SERVING and the standbys not: the
+    node follows the leader, and looks again every moment while none serves (a takeover).
     """
 
     def __init__(self, zc: AsyncZeroconf, settings: NodeSettings) -> None:
@@ -108,7 +111,10 @@ class CoordinatorFinder:
                         _log.warning("that coordinator requires TLS: give the node --tls-ca")
                 return chosen
             wait = _RECHECK_AMBIGUOUS if self._ambiguous else notice_at - time.monotonic()
-            if wait <= 0:
+            if any(c.cluster == cluster for c in seen) and not self._ambiguous:
+                # Advertised, but none serves: standbys, one of which is taking over.
+                wait = _RECHECK_STANDBY
+            elif wait <= 0:
                 others = sorted({f"{c.name} ({c.cluster})" for c in seen})
                 _log.warning(
                     "no coordinator of cluster %r advertised on mDNS yet%s; still looking",

@@ -21,6 +21,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from shoal._channel import bearer, open_channel
+from shoal._leader import LeaderChannel
 from shoal.config import NodeSettings
 from shoal.errors import FailedPrecondition, PermissionDenied, ShoalError, Unauthenticated
 from shoal.handshake import OwnAddresses
@@ -34,6 +35,7 @@ __all__ = ["CoordinatorLink", "SessionHost", "SessionStream"]
 _log = logging.getLogger("shoal.node")
 _MAX_MESSAGE = 16 << 20
 _IDENTIFY_TIMEOUT = 5.0  # seconds a coordinator the node found has to prove itself
+_FIND_LEADER = 2.0  # seconds a dial waits to learn which of several coordinators leads
 
 
 class SessionStream(Protocol):
@@ -247,6 +249,8 @@ class CoordinatorLink:
             tls_key=s.tls_key,
         )
         try:
+            if isinstance(channel, LeaderChannel):  # several addresses over TLS
+                await channel.found(_FIND_LEADER)
             stub = gateway_pb2_grpc.NodeGatewayStub(channel)
             # A coordinator given to the node, or verified by TLS, speaks for its cluster: its
             # refusal is final. One it found by itself is heard only once it proved itself.

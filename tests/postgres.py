@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import ipaddress
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -43,8 +44,8 @@ class PostgresServer:
         self.process = process
         self._made = 0
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{_USER}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://{_USER}@{host}:{self.port}/{dbname}"
 
     def database(self) -> str:
         self._made += 1
@@ -62,8 +63,9 @@ def _as_owner(argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start a cluster; stop it and remove its files at the end."""
+def postgres_server(also_on: Sequence[str] = ()) -> Iterator[PostgresServer]:
+    """Start a cluster on 127.0.0.1 (and the addresses `also_on`, where it trusts clients of
+    their /24); stop it and remove its files at the end."""
     bin_dir = _bin_dir()
     root = Path(tempfile.mkdtemp(prefix="shoal-pg-"))
     if os.geteuid() == 0:
@@ -88,6 +90,10 @@ def postgres_server() -> Iterator[PostgresServer]:
             check=True,
             capture_output=True,
         )
+        with (data / "pg_hba.conf").open("a") as hba:
+            for address in also_on:
+                net = ipaddress.ip_network(f"{address}/24", strict=False)
+                hba.write(f"host all all {net} trust\n")
         port = free_port()
         log = open(root / "server.log", "wb")  # noqa: SIM115 - the server writes it until the end
         process = subprocess.Popen(
@@ -101,7 +107,7 @@ def postgres_server() -> Iterator[PostgresServer]:
                     "-p",
                     str(port),
                     "-c",
-                    "listen_addresses=127.0.0.1",
+                    "listen_addresses=" + ",".join(["127.0.0.1", *also_on]),
                     "-c",
                     "fsync=on",
                     "-c",

@@ -22,9 +22,13 @@ import psycopg
 from shoal.coordinator.store.base import EPOCH_SHIFT
 from shoal.coordinator.store.pgwriter import OPTIONS
 
-__all__ = ["Leader", "Leadership", "Member", "members"]
+__all__ = ["GIVE_UP", "Leader", "Leadership", "Member", "members"]
 
 _log = logging.getLogger("shoal.coordinator")
+
+GIVE_UP = 0.8
+"""Part of the lease after its last renewal was sent by which a leader that could not renew
+stops leading (the database's lease runs from a later moment: when the renewal arrived)."""
 
 _TAKE = (
     "UPDATE leader SET expires_at = now() + %(ttl)s, holder = %(holder)s, address = %(address)s,"
@@ -64,6 +68,7 @@ class Leadership:
         self.leader: Leader | None = None  # as last seen while standing by
         self.epoch = 0
         self._renewed = 0.0  # monotonic time the last successful renewal was sent
+        self._abandoned: set[asyncio.Task[bool]] = set()  # renewals cancelled at the deadline
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -112,33 +117,77 @@ class Leadership:
             await asyncio.sleep(poll.total_seconds())
 
     async def keep(self, on_lost: Callable[[str], None]) -> None:
-        """Renew the lease until cancelled; `on_lost(reason)` once it is lost, then return."""
+        """Renew the lease until cancelled; `on_lost(reason)` once it is lost, then return.
+
+        The lead is given up by a deadline (GIVE_UP of the lease after the last renewal was
+        sent), before the database can see the lease run out; no renewal, reconnection or
+        slow network can hold it past that deadline.
+        """
         ttl = self._ttl.total_seconds()
+        pause = ttl / 4
         while True:
-            await asyncio.sleep(ttl / 4)
-            sent = time.monotonic()
-            try:
-                conn = await self._connection()
-                cur = await asyncio.wait_for(
-                    conn.execute(
-                        "UPDATE leader SET expires_at = now() + %s WHERE id = 1 AND epoch = %s",
-                        (self._ttl, self.epoch),
-                    ),
-                    timeout=ttl / 2,
-                )
-                if cur.rowcount == 1:
-                    self._renewed = sent
-                    await conn.execute(_SEEN, (self._holder, self.address))
-                    continue
-                on_lost(f"another coordinator took over from epoch {self.epoch}")
-                return
-            except (psycopg.Error, TimeoutError) as err:
-                _log.warning("cannot renew the lead of epoch %s: %s", self.epoch, err)
-                await self._drop()
-            # Before the database can see the lease run out (its clock started later).
-            if time.monotonic() - self._renewed >= ttl * 0.8:
+            deadline = self._renewed + ttl * GIVE_UP
+            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
                 on_lost(f"could not renew the lead of epoch {self.epoch} in time")
                 return
+            sent = time.monotonic()
+            # Not awaited past the deadline: a cancelled query may linger (psycopg then tries
+            # to cancel it on the server), and the deadline does not wait for that.
+            renewal = asyncio.create_task(self._renew(), name="shoal-lease-renewal")
+            await asyncio.wait({renewal}, timeout=left)
+            if not renewal.done():
+                self._abandon(renewal)
+                on_lost(f"could not renew the lead of epoch {self.epoch} in time")
+                return
+            try:
+                renewed = renewal.result()
+            except psycopg.Error as err:
+                _log.warning("cannot renew the lead of epoch %s: %s", self.epoch, err)
+                self._forget()
+                pause = ttl / 20  # try again soon, until the deadline
+                continue
+            if not renewed:
+                on_lost(f"another coordinator took over from epoch {self.epoch}")
+                return
+            self._renewed = sent
+            pause = ttl / 4
+
+    async def _renew(self) -> bool:
+        """Extend this epoch's lease; False when another coordinator holds the lead."""
+        conn = await self._connection()
+        cur = await conn.execute(
+            "UPDATE leader SET expires_at = now() + %s WHERE id = 1 AND epoch = %s",
+            (self._ttl, self.epoch),
+        )
+        if cur.rowcount != 1:
+            return False
+        await conn.execute(_SEEN, (self._holder, self.address))
+        return True
+
+    def _abandon(self, renewal: asyncio.Task[bool]) -> None:
+        """Cancel a renewal that outlived the deadline; its connection is closed once it ends."""
+        renewal.cancel()
+        conn, self._conn = self._conn, None
+        self._abandoned.add(renewal)
+
+        def ended(task: asyncio.Task[bool]) -> None:
+            self._abandoned.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: it is of no interest any more
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.pgconn.finish()
+
+        renewal.add_done_callback(ended)
+
+    def _forget(self) -> None:
+        """Drop the connection without waiting on it (its peer may be unreachable)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()  # closes the socket; sends nothing that could block
 
     async def release(self) -> None:
         """Give up the lead at once (a standby takes over without waiting out the lease)."""

@@ -149,9 +149,11 @@ class Cluster:
         slots: int = 1,
         labels: Mapping[str, str] | None = None,
         netns: NetworkNamespace | None = None,
+        coordinator: str | None = None,
         **settings: Setting,
     ) -> CliProcess:
-        """Start a node that keeps a ledger (inside `netns` when given); see `wait_nodes`."""
+        """Start a node that keeps a ledger (inside `netns` when given) and dials `coordinator`
+        (addresses, comma-separated; this cluster's by default); see `wait_nodes`."""
         self.ledger_path(node_id).parent.mkdir(exist_ok=True)
         config = self._config(
             node_id,
@@ -168,7 +170,7 @@ class Cluster:
             str(BIN / "shoal"),
             "node",
             "--coordinator",
-            self.address,
+            coordinator or self.address,
             "--node-id",
             node_id,
             "--slots",

@@ -40,6 +40,20 @@ async def netns() -> AsyncIterator[NetworkNamespace]:
         await made.delete()
 
 
+@pytest.fixture
+async def namespaces() -> AsyncIterator[list[NetworkNamespace]]:
+    """Three namespaces, each linked to this one by a veth pair; all removed in teardown,
+    however far their making got. Ask for them before what runs inside them."""
+    made = [NetworkNamespace.numbered(i) for i in range(3)]
+    try:
+        for ns in made:
+            await ns.create()
+        yield made
+    finally:
+        for ns in made:
+            await ns.delete()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     lines = published()
     if lines:

@@ -1,8 +1,9 @@
 """A network namespace joined to the root one by a veth pair, and partitions of that link.
 
 Root only. A process started under `exec_prefix()` reaches the root namespace at `host_ip`
-and nothing else; `partition()` drops every packet on the link (iptables rules inside the
-namespace, so they go away with it) until `heal()`.
+and nothing else; `partition()` drops every packet on the link, or only those to and from one
+port of the root namespace (iptables rules inside the namespace, so they go away with it),
+until `heal()`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tests.integration.harness import run_tool
 
@@ -47,6 +48,7 @@ class NetworkNamespace:
     host_ip: str
     ns_ip: str
     partitioned: bool = False
+    _rules: list[list[str]] = field(default_factory=list)
 
     @classmethod
     def for_this_process(cls) -> NetworkNamespace:
@@ -56,6 +58,23 @@ class NetworkNamespace:
             name=f"{_PREFIX}{pid}",
             host_if=f"shc{pid % 10_000_000}h",  # interface names hold 15 characters
             ns_if=f"shc{pid % 10_000_000}n",
+            host_ip=f"{subnet}.1",
+            ns_ip=f"{subnet}.2",
+        )
+
+    @classmethod
+    def numbered(cls, index: int) -> NetworkNamespace:
+        """The `index`-th (0-9) of several namespaces of this process, each on its own subnet
+        (10.90+index.<pid>), apart from `for_this_process`'s and tests/integration/lan.py's."""
+        if not 0 <= index <= 9:
+            raise ValueError(f"namespace index {index} is not 0-9")
+        pid = os.getpid()
+        tag = f"shc{pid % 1_000_000}x{index}"  # interface names hold 15 characters
+        subnet = f"10.{90 + index}.{pid % 250}"
+        return cls(
+            name=f"{_PREFIX}{pid}-{index}",
+            host_if=f"{tag}h",
+            ns_if=f"{tag}n",
             host_ip=f"{subnet}.1",
             ns_ip=f"{subnet}.2",
         )
@@ -87,17 +106,27 @@ class NetworkNamespace:
         """
         await _ip("link", "del", self.host_if, check=False)
         await _ip("netns", "del", self.name, check=False)
+        self._rules.clear()
         self.partitioned = False
 
-    async def partition(self) -> None:
-        """Drop every packet in and out of the namespace's end of the link."""
-        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
-            await self._in_ns("iptables", "-w", "-A", chain, flag, self.ns_if, "-j", "DROP")
+    async def partition(self, port: int | None = None) -> None:
+        """Drop every packet in and out of the namespace's end of the link; with `port`, only
+        TCP to and from that port on the root namespace's side (a server there is cut off,
+        while the namespace still reaches and serves everything else)."""
+        if self.partitioned:
+            raise RuntimeError(f"{self.name} is already partitioned")
+        rules = [["INPUT", "-i", self.ns_if], ["OUTPUT", "-o", self.ns_if]]
+        if port is not None:
+            rules[0] += ["-p", "tcp", "--sport", str(port)]
+            rules[1] += ["-p", "tcp", "--dport", str(port)]
+        for rule in rules:
+            await self._in_ns("iptables", "-w", "-A", *rule, "-j", "DROP")
+            self._rules.append(rule)
         self.partitioned = True
 
     async def heal(self) -> None:
-        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
-            await self._in_ns("iptables", "-w", "-D", chain, flag, self.ns_if, "-j", "DROP")
+        while self._rules:
+            await self._in_ns("iptables", "-w", "-D", *self._rules.pop(), "-j", "DROP")
         self.partitioned = False
 
     async def _in_ns(self, *argv: str) -> None:

@@ -17,7 +17,7 @@ DEPLOY = Path(__file__).parents[2] / "deploy"
 
 
 async def test_the_kubernetes_manifests_pass_strict_schema_validation() -> None:
-    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    manifests = sorted((DEPLOY / "kubernetes").rglob("*.yaml"))  # postgres/ too
     assert manifests
     checked = await run_tool(
         [str(BIN / "kubernetes-validate"), "--strict", *map(str, manifests)], timeout=60

@@ -1,17 +1,22 @@
 """Standby coordinators on one PostgreSQL store: the standby answers NOT_SERVING and
 UNAVAILABLE naming the leader; when the leader is killed (SIGKILL) it leads within seconds,
-with every task the leader accepted."""
+with every task the leader accepted; nodes and clients given every address follow it, over
+TLS too (a certificate for each coordinator)."""
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
-from shoal import AsyncClient
+from shoal import AsyncClient, certs
+from shoal._channel import open_channel
+from shoal._health import Health, check_health
 from shoal.config import ADMIN_TOKEN_FILE
 from shoal.errors import Unavailable
 from shoal.v1 import task_pb2
@@ -127,3 +132,59 @@ async def _after_the_kill(
     more = await follower.submit_batch([_spec(i) for i in range(50, 60)])
     for task_id in [*ids, *more]:
         assert (await follower.wait(task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+async def _tls_health(address: str, ca: Path) -> Health:
+    async with open_channel(address, max_message_bytes=1 << 16, tls_ca=ca) as channel:
+        return await check_health(channel, timeout=2.0)
+
+
+@pytest.mark.timeout(120)
+async def test_over_tls_a_node_and_a_client_given_every_address_follow_the_leader(
+    cli: CliProcesses, postgres_url: str, tmp_path: Path
+) -> None:
+    # One CA; each coordinator's certificate names its own address only.
+    pki = tmp_path / "pki"
+    ca = certs.init_ca(pki)
+    addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.2:{free_port()}"]
+    coordinators: list[CliProcess] = []
+    for i, address in enumerate(addresses):
+        cert, key = certs.issue(pki, f"coordinator-{i}", hosts=[address.rsplit(":", 1)[0]])
+        coordinators.append(
+            await cli.start(
+                "coordinator",
+                "--listen",
+                address,
+                "--store",
+                postgres_url,
+                "--data-dir",
+                str(tmp_path / "data"),  # shared: one local admin token
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                name=f"c{i}",
+                log_name=f"c{i}.log",
+            )
+        )
+        expected = Health.SERVING if i == 0 else Health.NOT_SERVING
+
+        async def answers(address: str = address, expected: Health = expected) -> None:
+            assert await _tls_health(address, ca) == expected, cli.logs()
+
+        await eventually(answers, timeout=30, interval=0.1)
+
+    both = ",".join(addresses)
+    await cli.start("node", "-c", both, "--node-id", "n1", "--slots", "2", "--tls-ca", str(ca))
+    token = (tmp_path / "data" / ADMIN_TOKEN_FILE).read_text().strip()
+    async with AsyncClient(both, token=token, tls_ca=ca, retry_for=timedelta(seconds=30)) as client:
+        await eventually(lambda: _one_node(client), timeout=30)
+        first = await client.submit(_spec(1))
+        assert (await client.wait(first.id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+        await coordinators[0].kill()
+        await eventually(lambda: _one_node(client), timeout=30, interval=0.1)
+        second = await client.submit(_spec(2))
+        done = await client.wait(second.id)
+        assert (done.state, done.node_id) == (task_pb2.TASK_STATE_SUCCEEDED, "n1")
+    assert await _tls_health(addresses[1], ca) == Health.SERVING

@@ -38,11 +38,11 @@ class Client:
         )
         self._thread.start()
         self._async: AsyncClient = self._run(_make_async(target, options))
-        # Task calls go through a blocking channel in the caller's thread: a round trip then
-        # costs no hand-off to the loop thread and back.
+        # Task calls go through a blocking channel in the caller's thread, when there is one:
+        # a round trip then costs no hand-off to the loop thread and back.
         self._calls = self._async.calls
         self._channel = self._async.blocking_channel()
-        self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
+        self._tasks = None if self._channel is None else tasks_pb2_grpc.TasksStub(self._channel)
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -57,7 +57,8 @@ class Client:
         if self._loop.is_closed():
             return
         self._run(self._async.close())
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -77,20 +78,28 @@ class Client:
                 time.sleep(err.retry_after.total_seconds())
 
     def submit(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
+        if self._tasks is None:
+            return self._run(self._async.submit(spec))
         response: tasks_pb2.SubmitResponse = self._submit(self._tasks.Submit, submit_request(spec))
         return response.task
 
     def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[str]:
+        if self._tasks is None:
+            return self._run(self._async.submit_batch(list(specs)))
         response = self._submit(self._tasks.SubmitBatch, submit_batch_request(specs))
         return list(response.task_ids)
 
     def get(self, task_id: str) -> task_pb2.Task:
+        if self._tasks is None:
+            return self._run(self._async.get(task_id))
         task: task_pb2.Task = self._calls.blocking(
             self._tasks.Get, tasks_pb2.GetRequest(task_id=task_id)
         )
         return task
 
     def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
+        if self._tasks is None:
+            return self._run(self._async.wait(task_id, timeout=timeout))
         request, deadline = wait_request(task_id, timeout, self._calls.timeout)
         task: task_pb2.Task = self._calls.blocking(self._tasks.Wait, request, timeout=deadline)
         return waited(task, timeout)
@@ -102,6 +111,8 @@ class Client:
         return self._run(self._async.wait_with_reasons(task_id, on_pending, **kwargs))
 
     def cancel(self, task_id: str) -> task_pb2.Task:
+        if self._tasks is None:
+            return self._run(self._async.cancel(task_id))
         task: task_pb2.Task = self._calls.blocking(
             self._tasks.Cancel, tasks_pb2.CancelRequest(task_id=task_id)
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from shoal._leader import LeaderChannel
 from shoal._server import grpc_options
 from shoal.auth import check_token
 
@@ -32,10 +33,17 @@ def open_channel(
     whose health is SERVING, the leader (standbys answer NOT_SERVING), and follow it when
     another takes over.
     """
-    target, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
+    dialled, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.insecure_channel(dialled, options=options)
+    if "," in target:
+        # Each certificate names its own coordinator: a channel per address, each checked
+        # against the name it was dialled by.
+        return LeaderChannel(
+            [item.strip() for item in target.split(",")],
+            lambda address: grpc.aio.secure_channel(address, credentials, options=options),
+        )
+    return grpc.aio.secure_channel(dialled, credentials, options=options)
 
 
 def open_blocking_channel(
@@ -45,12 +53,15 @@ def open_blocking_channel(
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
-) -> grpc.Channel:
-    """open_channel's blocking twin: its calls run in the calling thread."""
-    target, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
+) -> grpc.Channel | None:
+    """open_channel's blocking twin, its calls made in the calling thread; None for a list
+    of coordinators over TLS, which only open_channel follows."""
+    dialled, options, credentials = _dial(target, max_message_bytes, tls_ca, tls_cert, tls_key)
     if credentials is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, credentials, options=options)
+        return grpc.insecure_channel(dialled, options=options)
+    if "," in target:
+        return None
+    return grpc.secure_channel(dialled, credentials, options=options)
 
 
 def _dial(
@@ -62,10 +73,10 @@ def _dial(
 ) -> tuple[str, list[tuple[str, Any]], grpc.ChannelCredentials | None]:
     """The target, options and credentials (None: plaintext) of a channel to `target`."""
     options = grpc_options(max_message_bytes)
-    if "," in target:
-        target = _addresses(target)
-        options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
     if tls_ca is None and tls_cert is None:
+        if "," in target:
+            target = _addresses(target)
+            options.append(("grpc.service_config", _FOLLOW_THE_LEADER))
         return target, options, None
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
@@ -74,6 +85,8 @@ def _dial(
         private_key=tls_key.read_bytes() if tls_key else None,
         certificate_chain=tls_cert.read_bytes() if tls_cert else None,
     )
+    if "," in target:
+        _addresses(target)  # every item is host:port
     return target, options, credentials
 
 

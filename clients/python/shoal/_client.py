@@ -99,8 +99,9 @@ class AsyncClient:
     def wait_when_full(self) -> bool:
         return self._wait_when_full
 
-    def blocking_channel(self) -> grpc.Channel:
-        """A blocking channel to the same coordinator, dialled the same way."""
+    def blocking_channel(self) -> grpc.Channel | None:
+        """A blocking channel to the same coordinator, dialled the same way (None: there is
+        none for a list of coordinators over TLS)."""
         return open_blocking_channel(self.target, **self._dial)
 
     async def _submit(self, method: Any, request: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import re
@@ -66,6 +67,13 @@ def _host_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")[:40] or "shoal"
 
 
+def _server_name(label: str, service_type: str, hosts: Sequence[str], port: int) -> str:
+    """The host name of a service at `hosts`:`port`, unique to those addresses."""
+    digest = hashlib.sha256(f"{','.join(hosts)}|{port}".encode()).hexdigest()[:8]
+    kind = service_type.split(".", 1)[0].strip("_")
+    return f"{_host_label(label)[:31]}-{digest}-{kind}.local."
+
+
 class Advertisement:
     """One service advertised from `async_publish` until `async_withdraw`.
 
@@ -91,8 +99,9 @@ class Advertisement:
             port=port,
             properties=dict(txt),
             # A host name of its own: two services on one machine (or in two network
-            # namespaces of one machine, which share its host name) never mix addresses.
-            server=f"{_host_label(label)}-{service_type.split('.', 1)[0].strip('_')}.local.",
+            # namespaces of one machine, which share its host name) never mix addresses,
+            # even when their instance names collide (the second is renamed, not its host).
+            server=_server_name(label, service_type, hosts, port),
             parsed_addresses=list(hosts),
         )
         self._txt = dict(txt)

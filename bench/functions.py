@@ -14,6 +14,7 @@ SubmitBatch), each waited for through one Watch of outcomes. Round trips: `submi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import fn_tasks
+import psutil
 from _common import (
     RESULTS,
     BenchError,
@@ -62,6 +64,30 @@ async def _outcomes(client: AsyncClient, ids: Sequence[str], since: int) -> None
             left.discard(event.task_id)
             if not left:
                 return
+
+
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    """CPU time so far of the coordinator, the node, its function workers and this client."""
+    node = psutil.Process(cluster.nodes[0].proc.pid)
+    groups = {
+        "coordinator": [psutil.Process(cluster.coordinator.proc.pid)],
+        "node": [node],
+        "workers": node.children(recursive=True),
+        "client": [psutil.Process()],
+    }
+    out: dict[str, float] = {}
+    for name, procs in groups.items():
+        out[name] = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                out[name] += t.user + t.system
+    return out
+
+
+def cpu_per_task(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU microseconds per task of each process group between two readings."""
+    return {k: round(1e6 * (after[k] - before[k]) / n) for k in after}
 
 
 async def noop_rate(client: AsyncClient, n: int) -> float:
@@ -120,8 +146,16 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             await noop_rate(client, min(args.tasks, 1000))  # warm up both paths
             await function_rate(client, min(args.tasks, 1000))
             deadline.check("warm-up")
+            c0 = cpu_seconds(cluster)
             noop_per_s = await noop_rate(client, args.tasks)
+            c1 = cpu_seconds(cluster)
             function_per_s = await function_rate(client, args.tasks)
+            c2 = cpu_seconds(cluster)
+            report["cpu_us_per_task"] = {
+                "noop": cpu_per_task(c0, c1, args.tasks),
+                "function": cpu_per_task(c1, c2, args.tasks),
+            }
+            print(f"CPU us per task: {report['cpu_us_per_task']}", flush=True)
             deadline.check("throughput")
             fn_trips = await trips(call_function, args.trips)
             noop_trips = await trips(call_noop, args.trips)

@@ -89,7 +89,8 @@ async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:
     client = mesh.client
     marker = tmp_path / "cancelled"
     waiting = await fm.wait_async.async_submit(client, 60, str(marker))
-    await _running(mesh, waiting.task_id)
+    # Running in its worker (a call cancelled before its worker starts it is dropped).
+    await eventually(lambda: marker.read_text() == "started" or None, retry_on=(OSError,))
     await waiting.cancel()
     done = await client.wait(waiting.task_id)
     assert done.state == task_pb2.TASK_STATE_CANCELLED

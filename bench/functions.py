@@ -9,6 +9,7 @@ SubmitBatch), each waited for through one Watch of outcomes. Round trips: `submi
 
     .venv/bin/python bench/functions.py              # writes bench/results/functions.json
     .venv/bin/python bench/functions.py --tasks 5000 --trips 200
+    .venv/bin/python bench/functions.py --peers   # and Ray's and Dramatiq's, in the same run
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from typing import Any
 
 import fn_tasks
 import psutil
+from peer_runs import run_peers
 from _common import (
     RESULTS,
     BenchError,
     Children,
     Cluster,
     Deadline,
+    Figure,
     admin_token,
     child_env,
     default_shoal,
@@ -183,6 +186,21 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
     return report
 
 
+def peer_figures(peers: Sequence[dict[str, Any]]) -> list[Figure]:
+    out = []
+    for peer in peers:
+        name = peer["system"]
+        if "error" in peer:
+            out.append(figure(f"{name} calls per second", None, "calls/s", note=peer["error"]))
+            continue
+        out += [
+            figure(f"{name} calls per second", peer["calls_per_s"], "calls/s"),
+            figure(f"{name} round trip p50", peer["p50_ms"], "ms"),
+            figure(f"{name} round trip p99", peer["p99_ms"], "ms"),
+        ]
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Function calls per second and round trips, beside no-op tasks.",
@@ -195,6 +213,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=300.0, help="bound on the whole run, s")
     p.add_argument("--out", type=Path, default=RESULTS / "functions.json", help="JSON output")
     p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run Ray and Dramatiq (bench/peer_runs.py) with the same calls and trips",
+    )
     args = p.parse_args(argv)
     if args.tasks < 1 or args.trips < 1 or args.slots < 1 or args.tasks > 10_000:
         p.error("--tasks (at most 10,000: one batch), --trips and --slots must be at least 1")
@@ -203,7 +226,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return finish(run_async(lambda children: bench(args, children)), args.out)
+    report = run_async(lambda children: bench(args, children))
+    if report is not None and args.peers:
+        peers = run_peers(args.tasks, args.trips, args.deadline)
+        report["peers"] = peers
+        report.setdefault("figures", []).extend(peer_figures(peers))
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from typing import Any
 
 import fn_tasks
 import psutil
-from peer_runs import run_peers
 from _common import (
     RESULTS,
     BenchError,
@@ -47,6 +46,7 @@ from _common import (
     wait_listening,
     wait_nodes,
 )
+from peer_runs import run_peers
 
 import shoal
 from shoal import AsyncClient, noop

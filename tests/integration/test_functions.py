@@ -64,6 +64,10 @@ async def test_handles_as_arguments_make_a_dag(mesh: Mesh) -> None:
     both = await fm.add.async_submit(client, a, b=b)
     assert await both.result() == 25
     assert set((await both.task()).depends_on) == {a.task_id, b.task_id}
+    # Handles inside a list, and in a dataclass's fields: each result arrives in its place.
+    assert await (await fm.total.async_submit(client, [a, b, 1])).result() == 26
+    middle = await fm.midpoint.async_submit(client, fm.Point(a, 0), fm.Point(b, 2))  # type: ignore[arg-type]
+    assert await middle.result() == fm.Point(12.5, 1.0)
     # An upstream that fails skips what depends on it.
     broken = await fm.fail.async_submit(client, "upstream")
     after = await fm.add.async_submit(client, broken, 1)

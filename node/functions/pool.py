@@ -7,7 +7,7 @@ node (gRPC's fork handlers break forked children).
 
 Calls are pipelined: a worker holds several, runs them in the order sent and answers in
 batches, and the calls started in one turn of the event loop go to it in one write. Only
-calls of a function known to be fast (its recent calls took under `FAST`) queue behind
+calls of a function known to be fast (most of its recent calls took under `FAST`) queue behind
 others; any other call waits for an idle worker. A worker that dies fails the oldest call it
 held (the one it ran: the worker sends the answers of earlier calls before it starts one
 once they are `FAST` old), and its other calls are sent to another worker.
@@ -168,7 +168,7 @@ class WorkerPool:
         self._closed = False
         self._waiters: list[asyncio.Future[None]] = []  # dispatches waiting for room
         self._batch: WorkerProcess | None = None  # where this turn's fast calls go
-        self._took: dict[str, float] = {}  # seconds a function's recent calls took
+        self._fast_share: dict[str, float] = {}  # of a function's recent calls, how many fast
         self.fast_below = FAST
         self.functions: list[str] = []
         self.asynchronous: frozenset[str] = frozenset()  # async functions: cancelled in place
@@ -212,7 +212,7 @@ class WorkerPool:
 
     def fast(self, name: str) -> bool:
         """Whether calls of `name` may queue behind others (its recent calls were fast)."""
-        return self._took.get(name, self.fast_below) < self.fast_below
+        return self._fast_share.get(name, 0.0) > 0.5
 
     def _choose(self, call: Call) -> WorkerProcess | None:
         fast = self.fast(call.name)
@@ -262,8 +262,10 @@ class WorkerPool:
             if message.get("op") in ENDS:
                 del worker.held[call.id]
                 took = message.get("took")
-                if isinstance(took, (int, float)):
-                    self._took[call.name] = 0.8 * self._took.get(call.name, took) + 0.2 * took
+                if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
+                    # machine's load) do not count for more than a few
+                    share = self._fast_share.get(call.name, 0.0)
+                    self._fast_share[call.name] = 0.8 * share + 0.2 * (took < self.fast_below)
                 if self._waiters:
                     self._notify()
             call.frames.put_nowait(message)

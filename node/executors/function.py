@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from shoal._output import set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
+from shoal.node.executors.python import runs_python
+from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions.pool import ENDS, REQUEUE, Call, WorkerPool, WorkerProcess
 from shoal.v1 import node_pb2, task_pb2
 
@@ -57,7 +60,8 @@ class FunctionExecutor(Executor):
 
     def __init__(self, settings: NodeSettings) -> None:
         super().__init__(settings)
-        self._pool = WorkerPool(settings.imports, settings.slots, _worker_env())
+        self.users = TaskUsers(settings.run_as)
+        self._pool = WorkerPool(settings.imports, settings.slots, _worker_env(), self.users)
         self._functions: frozenset[str] = frozenset()
         self._ids = 0
 
@@ -65,6 +69,17 @@ class FunctionExecutor(Executor):
         return bool(self.settings.imports)
 
     async def async_available(self) -> bool:
+        """Whether its workers start: as the run_as user, the rule of `python` tasks (under
+        "auto", the node's own user when others cannot run this interpreter)."""
+        if self.users.switching and not await runs_python(self.users):
+            if not self.users.auto:
+                _log.error("functions not offered: the run_as user cannot run %s", sys.executable)
+                return False
+            _log.warning(
+                "function workers run as the node's own user: other users cannot run %s",
+                sys.executable,
+            )
+            self.users.give_up()
         try:
             await self._pool.start()
         except (OSError, TimeoutError, Exception) as err:

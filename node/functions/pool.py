@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions.wire import WireError, async_read_frame, encode_frame
 
 __all__ = ["DEPTH", "FAST", "Call", "WorkerPool", "WorkerProcess"]
@@ -63,21 +64,38 @@ class WorkerProcess:
         self.held: dict[int, Call] = {}  # in the order sent: the first is running
         self._out: list[bytes] = []
         self.culprit: int | None = None  # the call it was killed for, if it was
+        self.lease = contextlib.AsyncExitStack()  # its user and directory (run_as)
 
     @classmethod
-    async def start(cls, modules: Sequence[str], env: Mapping[str, str]) -> WorkerProcess:
-        """Start a worker and wait for it to say which functions it holds; OSError or
-        WireError when it cannot start or says nothing sensible."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "shoal.node.functions.worker",
-            *modules,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=dict(env),
-            start_new_session=True,
-        )
+    async def start(
+        cls, modules: Sequence[str], env: Mapping[str, str], users: TaskUsers | None = None
+    ) -> WorkerProcess:
+        """Start a worker (as a user of `users`, the node's run_as, for its whole life) and
+        wait for it to say which functions it holds; OSError or WireError when it cannot start
+        or says nothing sensible."""
+        lease = contextlib.AsyncExitStack()
+        argv = [sys.executable, "-m", "shoal.node.functions.worker", *modules]
+        env = dict(env)
+        cwd = None
+        try:
+            leased = await lease.enter_async_context(users.lease(None)) if users else None
+            if leased is not None:
+                argv, cwd = leased.user.argv(argv), leased.home
+                # Its modules are found where the node finds them, not in its own directory.
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (env.get("PYTHONPATH"), os.getcwd()) if p
+                )
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except BaseException:
+            await lease.aclose()
+            raise
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(_START_TIMEOUT):
@@ -88,8 +106,11 @@ class WorkerProcess:
             _kill(proc.pid)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
+                await asyncio.shield(lease.aclose())
             raise
-        return cls(proc, hello)
+        worker = cls(proc, hello)
+        worker.lease = lease
+        return worker
 
     @property
     def alive(self) -> bool:
@@ -148,6 +169,7 @@ class WorkerProcess:
                 await self.proc.wait()
         self.kill()
         await self.proc.wait()
+        await self.lease.aclose()
 
 
 def _kill(pid: int) -> None:
@@ -159,8 +181,15 @@ class WorkerPool:
     """`size` workers of `modules`; `dispatch` sends a call to one, whose frames then arrive
     in the call's queue. A worker that dies is replaced in the background."""
 
-    def __init__(self, modules: Sequence[str], size: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        modules: Sequence[str],
+        size: int,
+        env: Mapping[str, str],
+        users: TaskUsers | None = None,
+    ) -> None:
         self.modules = list(modules)
+        self.users = users
         self.size = size
         self._env = dict(env)
         self._all: list[WorkerProcess] = []
@@ -177,7 +206,7 @@ class WorkerPool:
     async def start(self) -> None:
         """Start every worker; OSError / WireError when none starts."""
         results = await asyncio.gather(
-            *(WorkerProcess.start(self.modules, self._env) for _ in range(self.size)),
+            *(WorkerProcess.start(self.modules, self._env, self.users) for _ in range(self.size)),
             return_exceptions=True,
         )
         started = [r for r in results if isinstance(r, WorkerProcess)]
@@ -279,6 +308,7 @@ class WorkerPool:
             call.worker = None
             call.frames.put_nowait(None if ran else REQUEUE)
         await worker.proc.wait()
+        await worker.lease.aclose()
         self._notify()
         self._spawn()
 
@@ -290,7 +320,7 @@ class WorkerPool:
         delay = 0.5
         while not self._closed:
             try:
-                worker = await WorkerProcess.start(self.modules, self._env)
+                worker = await WorkerProcess.start(self.modules, self._env, self.users)
             except (OSError, WireError, TimeoutError) as err:
                 _log.warning("a function worker did not start: %s; trying again", err)
                 await asyncio.sleep(delay)

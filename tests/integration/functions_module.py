@@ -134,3 +134,8 @@ def noop() -> None:
 @shoal.task
 def touch(path: str) -> None:
     Path(path).write_text("ran")
+
+
+@shoal.task
+def whoami() -> int:
+    return os.getuid()

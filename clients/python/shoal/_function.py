@@ -85,15 +85,29 @@ class Function(Generic[P, R]):
                     f" argument, and in its first {MAX_SEARCHED:,} values)"
                 ) from None
             raise
-        spec = task_pb2.FunctionSpec(name=self.name, upstream=upstream)
+        out = task_pb2.TaskSpec()
+        if deps:
+            common = dict(self.defaults)
+            common["depends_on"] = [*deps, *common.get("depends_on", ())]
+            common.setdefault("name", self.fn.__name__)
+            _common(out, **common)
+            out.function.name = self.name
+            out.function.upstream.update(upstream)
+        else:
+            out.CopyFrom(self._template)
         if plain_args:
-            spec.args = encoded_args
+            out.function.args = encoded_args
         if plain_kwargs:
-            spec.kwargs = encoded_kwargs
+            out.function.kwargs = encoded_kwargs
+        return out
+
+    @functools.cached_property
+    def _template(self) -> task_pb2.TaskSpec:
+        """The spec of a call with no handles, but its arguments (built once: `map` makes
+        thousands)."""
         common = dict(self.defaults)
-        common["depends_on"] = [*deps, *common.get("depends_on", ())]
         common.setdefault("name", self.fn.__name__)
-        return _common(task_pb2.TaskSpec(function=spec), **common)
+        return _common(task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=self.name)), **common)
 
     def submit(self, client: Client, /, *args: Any, **kwargs: Any) -> Handle[R]:
         """Run it on a node; returns at once with a handle to its result."""

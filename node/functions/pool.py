@@ -285,9 +285,10 @@ class WorkerPool:
     async def _follow(self, worker: WorkerProcess) -> None:
         """Route a worker's frames to its calls until it ends; then fail or resend them."""
         while (message := await worker.receive()) is not None:
-            call = worker.held.get(message.get("id"))  # type: ignore[arg-type]
+            call_id = message.get("id")
+            call = worker.held.get(call_id) if isinstance(call_id, int) else None
             if call is None:
-                continue
+                continue  # a call given up on, or a worker that says nonsense
             if message.get("op") in ENDS:
                 del worker.held[call.id]
                 took = message.get("took")

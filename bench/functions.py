@@ -9,11 +9,13 @@ SubmitBatch), each waited for through one Watch of outcomes. Round trips: `submi
 
     .venv/bin/python bench/functions.py              # writes bench/results/functions.json
     .venv/bin/python bench/functions.py --tasks 5000 --trips 200
+    .venv/bin/python bench/functions.py --peers   # and Ray's and Dramatiq's, in the same run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -23,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import fn_tasks
+import psutil
 from _common import (
     RESULTS,
     BenchError,
     Children,
     Cluster,
     Deadline,
+    Figure,
     admin_token,
     child_env,
     default_shoal,
@@ -42,6 +46,7 @@ from _common import (
     wait_listening,
     wait_nodes,
 )
+from peer_runs import run_peers
 
 import shoal
 from shoal import AsyncClient, noop
@@ -62,6 +67,30 @@ async def _outcomes(client: AsyncClient, ids: Sequence[str], since: int) -> None
             left.discard(event.task_id)
             if not left:
                 return
+
+
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    """CPU time so far of the coordinator, the node, its function workers and this client."""
+    node = psutil.Process(cluster.nodes[0].proc.pid)
+    groups = {
+        "coordinator": [psutil.Process(cluster.coordinator.proc.pid)],
+        "node": [node],
+        "workers": node.children(recursive=True),
+        "client": [psutil.Process()],
+    }
+    out: dict[str, float] = {}
+    for name, procs in groups.items():
+        out[name] = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                out[name] += t.user + t.system
+    return out
+
+
+def cpu_per_task(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU microseconds per task of each process group between two readings."""
+    return {k: round(1e6 * (after[k] - before[k]) / n) for k in after}
 
 
 async def noop_rate(client: AsyncClient, n: int) -> float:
@@ -120,8 +149,16 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             await noop_rate(client, min(args.tasks, 1000))  # warm up both paths
             await function_rate(client, min(args.tasks, 1000))
             deadline.check("warm-up")
+            c0 = cpu_seconds(cluster)
             noop_per_s = await noop_rate(client, args.tasks)
+            c1 = cpu_seconds(cluster)
             function_per_s = await function_rate(client, args.tasks)
+            c2 = cpu_seconds(cluster)
+            report["cpu_us_per_task"] = {
+                "noop": cpu_per_task(c0, c1, args.tasks),
+                "function": cpu_per_task(c1, c2, args.tasks),
+            }
+            print(f"CPU us per task: {report['cpu_us_per_task']}", flush=True)
             deadline.check("throughput")
             fn_trips = await trips(call_function, args.trips)
             noop_trips = await trips(call_noop, args.trips)
@@ -149,6 +186,21 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
     return report
 
 
+def peer_figures(peers: Sequence[dict[str, Any]]) -> list[Figure]:
+    out = []
+    for peer in peers:
+        name = peer["system"]
+        if "error" in peer:
+            out.append(figure(f"{name} calls per second", None, "calls/s", note=peer["error"]))
+            continue
+        out += [
+            figure(f"{name} calls per second", peer["calls_per_s"], "calls/s"),
+            figure(f"{name} round trip p50", peer["p50_ms"], "ms"),
+            figure(f"{name} round trip p99", peer["p99_ms"], "ms"),
+        ]
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Function calls per second and round trips, beside no-op tasks.",
@@ -161,6 +213,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=300.0, help="bound on the whole run, s")
     p.add_argument("--out", type=Path, default=RESULTS / "functions.json", help="JSON output")
     p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run Ray and Dramatiq (bench/peer_runs.py) with the same calls and trips",
+    )
     args = p.parse_args(argv)
     if args.tasks < 1 or args.trips < 1 or args.slots < 1 or args.tasks > 10_000:
         p.error("--tasks (at most 10,000: one batch), --trips and --slots must be at least 1")
@@ -169,7 +226,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return finish(run_async(lambda children: bench(args, children)), args.out)
+    report = run_async(lambda children: bench(args, children))
+    if report is not None and args.peers:
+        peers = run_peers(args.tasks, args.trips, args.deadline)
+        report["peers"] = peers
+        report.setdefault("figures", []).extend(peer_figures(peers))
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

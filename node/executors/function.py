@@ -1,18 +1,19 @@
 """`function`: a `@shoal.task` function of the modules the node imports (`imports`), run in
 one of its warm worker processes (shoal.node.functions.pool).
 
-A cancel or timeout asks the worker to stop the call (an async function gets CancelledError);
-a worker that does not within `_STOP_GRACE`, or that ran a sync function (which cannot be
-interrupted), is killed and replaced. A worker that dies mid-call fails that attempt only, as
-the task's failure: the node is not to blame for what the function did.
+A cancel or timeout asks the worker to stop the call (an async function gets CancelledError;
+a call still queued in the worker is dropped); a worker that does not within `_STOP_GRACE`,
+or that runs the sync function (which cannot be interrupted), is killed and replaced. A
+worker that dies mid-call fails that attempt only, as the task's failure (the node is not to
+blame for what the function did); the calls queued behind it go to another worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,9 @@ from shoal._output import set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
-from shoal.node.functions.pool import WorkerPool, WorkerProcess
+from shoal.node.executors.python import runs_python
+from shoal.node.executors.taskuser import TaskUsers
+from shoal.node.functions.pool import ENDS, REQUEUE, Call, WorkerPool, WorkerProcess
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["FunctionExecutor"]
@@ -28,7 +31,6 @@ __all__ = ["FunctionExecutor"]
 _log = logging.getLogger("shoal.node")
 _STOP_GRACE = 3.0  # seconds a cancelled call has to stop before its worker is killed
 MAX_RESULT_BYTES = 1 << 20  # a function's return value, as JSON (the coordinator keeps 1 MiB)
-_ENDS = frozenset({"done", "raised", "bad", "cancelled"})
 
 
 def _worker_env() -> dict[str, str]:
@@ -43,14 +45,11 @@ def _worker_env() -> dict[str, str]:
 
 
 @dataclass
-class _Call:
-    worker: WorkerProcess
-    id: int
+class _Run:
+    call: Call
     ctx: ExecutionContext
     out: _Tail
     err: _Tail
-    name: str
-    healthy: bool = False
 
 
 @register
@@ -61,13 +60,26 @@ class FunctionExecutor(Executor):
 
     def __init__(self, settings: NodeSettings) -> None:
         super().__init__(settings)
-        self._pool = WorkerPool(settings.imports, settings.slots, _worker_env())
+        self.users = TaskUsers(settings.run_as)
+        self._pool = WorkerPool(settings.imports, settings.slots, _worker_env(), self.users)
         self._functions: frozenset[str] = frozenset()
+        self._ids = 0
 
     def available(self) -> bool:
         return bool(self.settings.imports)
 
     async def async_available(self) -> bool:
+        """Whether its workers start: as the run_as user, the rule of `python` tasks (under
+        "auto", the node's own user when others cannot run this interpreter)."""
+        if self.users.switching and not await runs_python(self.users):
+            if not self.users.auto:
+                _log.error("functions not offered: the run_as user cannot run %s", sys.executable)
+                return False
+            _log.warning(
+                "function workers run as the node's own user: other users cannot run %s",
+                sys.executable,
+            )
+            self.users.give_up()
         try:
             await self._pool.start()
         except (OSError, TimeoutError, Exception) as err:
@@ -96,45 +108,44 @@ class FunctionExecutor(Executor):
             # The coordinator sends a function only to nodes that offer it: only a caller that
             # picked the node itself gets here.
             raise TaskError(f"function {f.name!r} is not offered here")
-        worker = await self._pool.acquire()
-        tail = ctx.output_tail_bytes
-        call = _Call(worker, worker.next_id(), ctx, _Tail(tail), _Tail(tail), f.name)
-        ctx.groups.add(worker.pid)
-        try:
-            return await self._call(call, f)
-        finally:
-            paused = ctx.groups.paused
-            ctx.groups.discard(worker.pid)
-            if paused:
-                worker.resume()
-            self._pool.release(worker, healthy=call.healthy)
-
-    async def _call(self, call: _Call, f: task_pb2.FunctionSpec) -> Outcome:
+        self._ids += 1
         request = {
             "op": "call",
-            "id": call.id,
-            "name": f.name,
             "args": f.args.decode(errors="replace"),
             "kwargs": f.kwargs.decode(errors="replace"),
             "upstream": dict(f.upstream),
         }
+        tail = ctx.output_tail_bytes
+        run = _Run(Call(self._ids, f.name, request), ctx, _Tail(tail), _Tail(tail))
+        while True:  # again when its worker died running another call
+            worker = await self._pool.dispatch(run.call)
+            ctx.groups.add(worker.pid)
+            try:
+                outcome = await self._follow(run, worker)
+            finally:
+                paused = ctx.groups.paused
+                ctx.groups.discard(worker.pid)
+                if paused:
+                    worker.resume()
+            if outcome is not None:
+                return outcome
+
+    async def _follow(self, run: _Run, worker: WorkerProcess) -> Outcome | None:
+        """The call's outcome from its worker's frames; None when it is to be sent again."""
         try:
-            await call.worker.send(request)
             while True:
-                message = await call.worker.receive()
+                message = await run.call.frames.get()
                 if message is None:
-                    return await self._died(call)
-                if message.get("id") != call.id:
-                    continue
-                if await self._take(call, message):
-                    return self._outcome(call, message)
-        except (BrokenPipeError, ConnectionResetError):
-            return await self._died(call)
+                    return await self._died(run, worker)
+                if message is REQUEUE:
+                    return None
+                if await self._take(run, message):
+                    return self._outcome(run, message)
         except asyncio.CancelledError:
-            await self._stop(call)
+            await self._stop(run, worker)
             raise
 
-    async def _take(self, call: _Call, message: dict[str, Any]) -> bool:
+    async def _take(self, call: _Run, message: dict[str, Any]) -> bool:
         """Pass on an output or progress frame; whether the frame ends the call."""
         op = message.get("op")
         if op == "out":
@@ -151,11 +162,10 @@ class FunctionExecutor(Executor):
             fraction, text = message.get("fraction"), message.get("message")
             if isinstance(fraction, (int, float)) and isinstance(text, str):
                 call.ctx.progress(float(fraction), text)
-        return op in _ENDS
+        return op in ENDS
 
-    def _outcome(self, call: _Call, message: dict[str, Any]) -> Outcome:
+    def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
         op = message["op"]
-        call.healthy = not message.get("replace")
         result = task_pb2.TaskResult()
         set_result_text(result, "stdout", call.out.text())
         set_result_text(result, "stderr", call.err.text())
@@ -184,34 +194,32 @@ class FunctionExecutor(Executor):
         result.error = str(message.get("error", "bad call"))[:4000]
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
-    async def _died(self, call: _Call) -> Outcome:
-        call.healthy = False
-        call.worker.kill()
-        how = await call.worker.ended()
-        _log.warning(
-            "task=%s function worker pid=%d died: %s", call.ctx.task_id, call.worker.pid, how
-        )
+    async def _died(self, run: _Run, worker: WorkerProcess) -> Outcome:
+        how = await worker.ended()
+        _log.warning("task=%s function worker pid=%d died: %s", run.ctx.task_id, worker.pid, how)
         result = task_pb2.TaskResult(exit_code=-9 if "SIGKILL" in how else 1)
         result.error = f"the function's worker process died ({how}); a new one replaces it"
-        set_result_text(result, "stdout", call.out.text())
-        set_result_text(result, "stderr", call.err.text())
+        set_result_text(result, "stdout", run.out.text())
+        set_result_text(result, "stderr", run.err.text())
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
-    async def _stop(self, call: _Call) -> None:
-        """Ask the worker to stop an async call; kill it unless it does within the grace (a
-        sync call cannot be interrupted: its worker is killed at once)."""
-        call.healthy = False
-        if call.name not in self._pool.asynchronous:
-            call.worker.kill()
+    async def _stop(self, run: _Run, worker: WorkerProcess) -> None:
+        """Stop a call: a call not yet run is dropped, an async one cancelled in place; a
+        running sync call cannot be interrupted, so its worker is killed at once, as is a
+        worker that has not answered within the grace (its other calls go to another)."""
+        call = run.call
+        if call.worker is not worker or call.id not in worker.held:
+            return  # it has ended, or its worker died
+        if worker.running(call) and call.name not in self._pool.asynchronous:
+            worker.kill(call)
             return
+        self._pool.cancel(call)
         try:
-            await call.worker.send({"op": "cancel", "id": call.id})
             async with asyncio.timeout(_STOP_GRACE):
-                while (message := await call.worker.receive()) is not None:
-                    if message.get("id") == call.id and message.get("op") in _ENDS:
-                        call.healthy = not message.get("replace")
+                while True:
+                    message = await call.frames.get()
+                    if message is None or message is REQUEUE or message.get("op") in ENDS:
                         return
-        except (TimeoutError, BrokenPipeError, ConnectionResetError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             pass
-        with contextlib.suppress(Exception):
-            call.worker.kill()
+        worker.kill(call)

@@ -17,7 +17,8 @@ __all__ = ["PythonExecutor"]
 _log = logging.getLogger("shoal.node")
 
 
-async def _runs_python(users: TaskUsers) -> bool:
+async def runs_python(users: TaskUsers) -> bool:
+    """Whether the task user can run this interpreter."""
     async with users.lease(None) as leased:
         assert leased is not None
         user, home = leased.user, leased.home
@@ -50,7 +51,7 @@ class PythonExecutor(Executor):
         if getattr(sys, "frozen", False):
             _log.warning("python not offered: this shoal is one executable, with no Python")
             return False
-        if not self.users.switching or await _runs_python(self.users):
+        if not self.users.switching or await runs_python(self.users):
             return True
         if self.users.auto:
             _log.warning(

@@ -4,6 +4,13 @@ one dies or will not stop.
 Each worker is `python -m shoal.node.functions.worker MODULE...` in its own process group
 (so that the node can pause it with its task), started with asyncio, never forked from the
 node (gRPC's fork handlers break forked children).
+
+Calls are pipelined: a worker holds several, runs them in the order sent and answers in
+batches, and the calls started in one turn of the event loop go to it in one write. Only
+calls of a function known to be fast (most of its recent calls took under `FAST`) queue behind
+others; any other call waits for an idle worker. A worker that dies fails the oldest call it
+held (the one it ran: the worker sends the answers of earlier calls before it starts one
+once they are `FAST` old), and its other calls are sent to another worker.
 """
 
 from __future__ import annotations
@@ -17,16 +24,36 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions.wire import WireError, async_read_frame, encode_frame
 
-__all__ = ["WorkerPool", "WorkerProcess"]
+__all__ = ["DEPTH", "FAST", "Call", "WorkerPool", "WorkerProcess"]
 
 _log = logging.getLogger("shoal.node")
 _START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
+FAST = 0.001
+"""Seconds under which a function's calls count as fast: such calls may queue in a worker."""
+DEPTH = 16
+"""The most calls one worker holds at once."""
+ENDS = frozenset({"done", "raised", "bad", "cancelled"})
+REQUEUE: dict[str, Any] = {"op": "requeue"}
+"""Put in a call's frames when its worker died running another call: send it again."""
+
+
+class Call:
+    """One call: its request, and the frames its worker sends of it (None: the worker died
+    running it; REQUEUE: the worker died before it ran it)."""
+
+    def __init__(self, call_id: int, name: str, request: dict[str, Any]) -> None:
+        self.id = call_id
+        self.name = name
+        self.frame = encode_frame({**request, "id": call_id, "name": name})
+        self.frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.worker: WorkerProcess | None = None
 
 
 class WorkerProcess:
-    """One worker: send it frames, receive its frames, kill it."""
+    """One worker: post calls and frames to it (written once per turn of the loop), kill it."""
 
     def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any]) -> None:
         self.proc = proc
@@ -34,22 +61,41 @@ class WorkerProcess:
         self.functions = sorted(str(f) for f in hello.get("functions") or [])
         self.errors = [str(e) for e in hello.get("errors") or []]
         self.asynchronous = frozenset(str(f) for f in hello.get("async") or [])
-        self._next = 0
+        self.held: dict[int, Call] = {}  # in the order sent: the first is running
+        self._out: list[bytes] = []
+        self.culprit: int | None = None  # the call it was killed for, if it was
+        self.lease = contextlib.AsyncExitStack()  # its user and directory (run_as)
 
     @classmethod
-    async def start(cls, modules: Sequence[str], env: Mapping[str, str]) -> WorkerProcess:
-        """Start a worker and wait for it to say which functions it holds; OSError or
-        WireError when it cannot start or says nothing sensible."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "shoal.node.functions.worker",
-            *modules,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=dict(env),
-            start_new_session=True,
-        )
+    async def start(
+        cls, modules: Sequence[str], env: Mapping[str, str], users: TaskUsers | None = None
+    ) -> WorkerProcess:
+        """Start a worker (as a user of `users`, the node's run_as, for its whole life) and
+        wait for it to say which functions it holds; OSError or WireError when it cannot start
+        or says nothing sensible."""
+        lease = contextlib.AsyncExitStack()
+        argv = [sys.executable, "-m", "shoal.node.functions.worker", *modules]
+        env = dict(env)
+        cwd = None
+        try:
+            leased = await lease.enter_async_context(users.lease(None)) if users else None
+            if leased is not None:
+                argv, cwd = leased.user.argv(argv), leased.home
+                # Its modules are found where the node finds them, not in its own directory.
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (env.get("PYTHONPATH"), os.getcwd()) if p
+                )
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except BaseException:
+            await lease.aclose()
+            raise
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(_START_TIMEOUT):
@@ -60,22 +106,33 @@ class WorkerProcess:
             _kill(proc.pid)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
+                await asyncio.shield(lease.aclose())
             raise
-        return cls(proc, hello)
-
-    def next_id(self) -> int:
-        self._next += 1
-        return self._next
+        worker = cls(proc, hello)
+        worker.lease = lease
+        return worker
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None
+        return self.proc.returncode is None and self.culprit is None
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """BrokenPipeError / ConnectionResetError when the worker is gone."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(encode_frame(message))
-        await self.proc.stdin.drain()
+    def running(self, call: Call) -> bool:
+        """Whether `call` is the one it runs now (or will run next)."""
+        return next(iter(self.held), None) == call.id
+
+    def post(self, data: bytes) -> None:
+        """Write `data` with whatever else is posted in this turn of the event loop."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        data, self._out = b"".join(self._out), []
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        with contextlib.suppress(OSError):  # a dead worker: its reader sees the end
+            stdin.write(data)
 
     async def receive(self) -> dict[str, Any] | None:
         """Its next frame; None when it has gone (or broke the protocol: it is killed)."""
@@ -87,7 +144,9 @@ class WorkerProcess:
             self.kill()
             return None
 
-    def kill(self) -> None:
+    def kill(self, culprit: Call | None = None) -> None:
+        if culprit is not None and self.culprit is None:
+            self.culprit = culprit.id
         _kill(self.pid)
 
     def resume(self) -> None:
@@ -110,6 +169,7 @@ class WorkerProcess:
                 await self.proc.wait()
         self.kill()
         await self.proc.wait()
+        await self.lease.aclose()
 
 
 def _kill(pid: int) -> None:
@@ -118,17 +178,27 @@ def _kill(pid: int) -> None:
 
 
 class WorkerPool:
-    """`size` workers of `modules`; `acquire` one per call, `release` it after (a broken one
-    is killed and replaced in the background)."""
+    """`size` workers of `modules`; `dispatch` sends a call to one, whose frames then arrive
+    in the call's queue. A worker that dies is replaced in the background."""
 
-    def __init__(self, modules: Sequence[str], size: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        modules: Sequence[str],
+        size: int,
+        env: Mapping[str, str],
+        users: TaskUsers | None = None,
+    ) -> None:
         self.modules = list(modules)
+        self.users = users
         self.size = size
         self._env = dict(env)
-        self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
-        self._all: set[WorkerProcess] = set()
-        self._spawning: set[asyncio.Task[Any]] = set()
+        self._all: list[WorkerProcess] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._waiters: list[asyncio.Future[None]] = []  # dispatches waiting for room
+        self._batch: WorkerProcess | None = None  # where this turn's fast calls go
+        self._fast_share: dict[str, float] = {}  # of a function's recent calls, how many fast
+        self.fast_below = FAST
         self.functions: list[str] = []
         self.asynchronous: frozenset[str] = frozenset()  # async functions: cancelled in place
         self.errors: list[str] = []
@@ -136,62 +206,122 @@ class WorkerPool:
     async def start(self) -> None:
         """Start every worker; OSError / WireError when none starts."""
         results = await asyncio.gather(
-            *(WorkerProcess.start(self.modules, self._env) for _ in range(self.size)),
+            *(WorkerProcess.start(self.modules, self._env, self.users) for _ in range(self.size)),
             return_exceptions=True,
         )
+        started = [r for r in results if isinstance(r, WorkerProcess)]
         for r in results:
-            if isinstance(r, WorkerProcess):
-                self._add(r)
-            elif isinstance(r, BaseException) and not isinstance(r, Exception):
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        if not self._all:
-            error = next(r for r in results if isinstance(r, Exception))
-            raise error
-        first = next(iter(self._all))
-        self.functions, self.errors = first.functions, first.errors
-        self.asynchronous = first.asynchronous
-        for _ in range(self.size - len(self._all)):
+        if not started:
+            raise next(r for r in results if isinstance(r, Exception))
+        self.functions, self.errors = started[0].functions, started[0].errors
+        self.asynchronous = started[0].asynchronous
+        for worker in started:
+            self._add(worker)
+        for _ in range(self.size - len(started)):
             self._spawn()
 
+    def _background(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _add(self, worker: WorkerProcess) -> None:
-        self._all.add(worker)
-        self._idle.put_nowait(worker)
+        self._all.append(worker)
+        self._background(self._follow(worker), "shoal-function-reader")
+        self._notify()
 
-    async def acquire(self) -> WorkerProcess:
-        """An idle, live worker (waits for one)."""
-        while True:
-            worker = await self._idle.get()
-            if worker.alive:
-                return worker
-            self._replace(worker)
+    def _notify(self) -> None:
+        """Room may have come: every waiting dispatch looks again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def release(self, worker: WorkerProcess, *, healthy: bool) -> None:
-        """Give a worker back after a call; one that is not healthy is replaced."""
-        if healthy and worker.alive and not self._closed:
-            self._idle.put_nowait(worker)
-        else:
-            self._replace(worker)
+    def fast(self, name: str) -> bool:
+        """Whether calls of `name` may queue behind others (its recent calls were fast)."""
+        return self._fast_share.get(name, 0.0) > 0.5
 
-    def _replace(self, worker: WorkerProcess) -> None:
+    def _choose(self, call: Call) -> WorkerProcess | None:
+        fast = self.fast(call.name)
+        batch = self._batch
+        if fast and batch is not None and batch.alive and len(batch.held) < DEPTH:
+            return batch
+        live = [w for w in self._all if w.alive]
+        idle = next((w for w in live if not w.held), None)
+        if idle is None and fast:
+            idle = min(live, key=lambda w: len(w.held), default=None)
+            if idle is not None and len(idle.held) >= DEPTH:
+                idle = None
+        if idle is not None and fast and self._batch is None:
+            self._batch = idle
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        return idle
+
+    def _end_turn(self) -> None:
+        self._batch = None
+
+    async def dispatch(self, call: Call) -> WorkerProcess:
+        """Send a call to a worker that can take it (waits for one)."""
+        while (worker := self._choose(call)) is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        call.worker = worker
+        worker.held[call.id] = call
+        worker.post(call.frame)
+        return worker
+
+    def cancel(self, call: Call) -> None:
+        """Ask the worker to drop a call it has not run yet, or cancel it (async) in place."""
+        if call.worker is not None and call.id in call.worker.held:
+            call.worker.post(encode_frame({"op": "cancel", "id": call.id}))
+
+    async def _follow(self, worker: WorkerProcess) -> None:
+        """Route a worker's frames to its calls until it ends; then fail or resend them."""
+        while (message := await worker.receive()) is not None:
+            call_id = message.get("id")
+            call = worker.held.get(call_id) if isinstance(call_id, int) else None
+            if call is None:
+                continue  # a call given up on, or a worker that says nonsense
+            if message.get("op") in ENDS:
+                del worker.held[call.id]
+                took = message.get("took")
+                if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
+                    # machine's load) do not count for more than a few
+                    share = self._fast_share.get(call.name, 0.0)
+                    self._fast_share[call.name] = 0.8 * share + 0.2 * (took < self.fast_below)
+                if self._waiters:
+                    self._notify()
+            call.frames.put_nowait(message)
         worker.kill()
-        self._all.discard(worker)
-        reap = asyncio.create_task(worker.proc.wait())
-        self._spawning.add(reap)
-        reap.add_done_callback(self._spawning.discard)
+        held = list(worker.held.values())
+        worker.held.clear()
+        with contextlib.suppress(ValueError):
+            self._all.remove(worker)
+        for i, call in enumerate(held):
+            ran = call.id == worker.culprit if worker.culprit is not None else i == 0
+            call.worker = None
+            call.frames.put_nowait(None if ran else REQUEUE)
+        await worker.proc.wait()
+        await worker.lease.aclose()
+        self._notify()
         self._spawn()
 
     def _spawn(self) -> None:
-        if self._closed:
-            return
-        task = asyncio.create_task(self._start_one(), name="shoal-function-worker")
-        self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        if not self._closed:
+            self._background(self._start_one(), "shoal-function-worker")
 
     async def _start_one(self) -> None:
         delay = 0.5
         while not self._closed:
             try:
-                worker = await WorkerProcess.start(self.modules, self._env)
+                worker = await WorkerProcess.start(self.modules, self._env, self.users)
             except (OSError, WireError, TimeoutError) as err:
                 _log.warning("a function worker did not start: %s; trying again", err)
                 await asyncio.sleep(delay)
@@ -205,9 +335,9 @@ class WorkerPool:
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in list(self._spawning):
+        workers, self._all = list(self._all), []
+        await asyncio.gather(*(w.aclose() for w in workers), return_exceptions=True)
+        for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._spawning, return_exceptions=True)
-        await asyncio.gather(*(w.aclose() for w in self._all), return_exceptions=True)
-        self._all.clear()
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -8,12 +8,21 @@ import os
 import struct
 from typing import Any
 
-__all__ = ["MAX_FRAME", "WireError", "async_read_frame", "encode_frame", "read_frame", "write_all"]
+__all__ = [
+    "LENGTH",
+    "MAX_FRAME",
+    "WireError",
+    "async_read_frame",
+    "decode_frame",
+    "encode_frame",
+    "read_frame",
+    "write_all",
+]
 
 MAX_FRAME = 32 << 20
 """The largest frame either side accepts: a call's spec is at most a few MiB, a result 1 MiB."""
 
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 
 
 class WireError(Exception):
@@ -24,10 +33,10 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
         errors="surrogateescape"
     )
-    return _LENGTH.pack(len(body)) + body
+    return LENGTH.pack(len(body)) + body
 
 
-def _decode(body: bytes) -> dict[str, Any]:
+def decode_frame(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body)
     except (ValueError, RecursionError) as err:
@@ -40,13 +49,13 @@ def _decode(body: bytes) -> dict[str, Any]:
 async def async_read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     """The next frame, or None at end of stream; WireError when it breaks the protocol."""
     try:
-        (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        (size,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
     except asyncio.IncompleteReadError:
         return None
     if size > MAX_FRAME:
         raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
     try:
-        return _decode(await reader.readexactly(size))
+        return decode_frame(await reader.readexactly(size))
     except asyncio.IncompleteReadError:
         return None
 
@@ -64,14 +73,14 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
 
 def read_frame(fd: int) -> dict[str, Any] | None:
     """Blocking read_frame from a file descriptor (the worker's side)."""
-    head = _read_exactly(fd, _LENGTH.size)
+    head = _read_exactly(fd, LENGTH.size)
     if head is None:
         return None
-    (size,) = _LENGTH.unpack(head)
+    (size,) = LENGTH.unpack(head)
     if size > MAX_FRAME:
         raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
     body = _read_exactly(fd, size)
-    return None if body is None else _decode(body)
+    return None if body is None else decode_frame(body)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -1,7 +1,9 @@
 """A function worker: `python -m shoal.node.functions.worker MODULE...`, started by the node.
 
-It imports the modules once, says which `@shoal.task` functions they hold, then runs one call
-at a time as the node asks: frames (shoal.node.functions.wire) on fd 0 in, fd 1 out. The
+It imports the modules once, says which `@shoal.task` functions they hold, then runs the calls
+the node sends, one at a time in the order sent, answering in batches: frames
+(shoal.node.functions.wire) on fd 0 in, fd 1 out. A cancel drops a call not yet run, or
+cancels a running async one (the node kills a worker to stop a running sync call). The
 function's print and logging go back as output frames; fd 1 and 2 of the process itself then
 point at the node's stderr, so what C code writes there cannot break the frames.
 """
@@ -9,25 +11,36 @@ point at the node's stderr, so what C code writes there cannot break the frames.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import inspect
 import io
 import logging
 import os
+import select
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
 from shoal import _progress
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
-from shoal.node.functions.wire import encode_frame, read_frame, write_all
+from shoal.node.functions.wire import (
+    LENGTH,
+    MAX_FRAME,
+    WireError,
+    decode_frame,
+    encode_frame,
+    write_all,
+)
 
 _send_lock = threading.Lock()
 _out_fd = -1
 _current: int | None = None  # the id of the call running now
+_FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 
 
 def send(message: dict[str, Any]) -> None:
@@ -132,74 +145,162 @@ async def _call_async(
     return _returned(fn, call_id, value, limit)
 
 
+class _Input:
+    """The node's frames on fd 0, read as they come (several per read)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self._buf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def fill(self, *, block: bool) -> None:
+        """Read what is there (waits for something when `block`)."""
+        if self.closed or (not block and not self._poll.poll(0)):
+            return
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            self.closed = True
+        self._buf += data
+
+    def frames(self) -> list[dict[str, Any]]:
+        """The whole frames read so far; WireError when one breaks the protocol."""
+        out: list[dict[str, Any]] = []
+        buf, at = self._buf, 0
+        while len(buf) - at >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(buf, at)
+            if size > MAX_FRAME:
+                raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
+            if len(buf) - at - LENGTH.size < size:
+                break
+            out.append(decode_frame(bytes(buf[at + LENGTH.size : at + LENGTH.size + size])))
+            at += LENGTH.size + size
+        del buf[:at]
+        return out
+
+
+class _Replies:
+    """Answers held to be sent together: at the latest when no call is left to run, or before
+    a call starts once the first of them is FAST old."""
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []
+        self._since = 0.0
+
+    def add(self, message: dict[str, Any]) -> None:
+        if not self._held:
+            self._since = time.perf_counter()
+        self._held.append(encode_frame(message))
+
+    def flush(self, *, unless_fresh: bool = False) -> None:
+        if not self._held or (unless_fresh and time.perf_counter() - self._since < _FAST):
+            return
+        data, self._held = b"".join(self._held), []
+        with _send_lock:
+            write_all(_out_fd, data)
+
+
+class _Queue:
+    """The calls sent and not yet run, in order."""
+
+    def __init__(self, replies: _Replies) -> None:
+        self.calls: collections.deque[dict[str, Any]] = collections.deque()
+        self._replies = replies
+
+    def take(self, frames: list[dict[str, Any]], running: Any = None) -> bool:
+        """Queue calls, drop the cancelled ones; whether `running` was cancelled."""
+        cancelled = False
+        for frame in frames:
+            if frame.get("op") == "call":
+                self.calls.append(frame)
+            elif frame.get("op") == "cancel":
+                call_id = frame.get("id")
+                if running is not None and call_id == running:
+                    cancelled = True
+                    continue
+                for call in self.calls:
+                    if call.get("id") == call_id:
+                        self.calls.remove(call)
+                        self._replies.add({"op": "cancelled", "id": call_id, "took": 0.0})
+                        break
+        return cancelled
+
+
 def _run_async(
     loop: asyncio.AbstractEventLoop,
     fn: Function[Any, Any],
     message: dict[str, Any],
-    in_fd: int,
+    inp: _Input,
+    queue: _Queue,
     limit: int,
-) -> tuple[dict[str, Any], bool]:
-    """Run an async call on the worker's loop; a cancel frame (or the node going away)
-    cancels it. Returns the reply and whether the node is still there."""
+) -> dict[str, Any]:
+    """Run an async call on the worker's loop, taking in further frames meanwhile; a cancel
+    frame (or the node going away) cancels it."""
     task = loop.create_task(_call_async(fn, message, limit))
-    node_there = True
 
     def readable() -> None:
-        nonlocal node_there
         try:
-            frame = read_frame(in_fd)  # the node writes each (small) frame at once
-        except Exception:
-            frame = None
-        if frame is None:
-            node_there = False
-            loop.remove_reader(in_fd)
-            task.cancel()
-        elif frame.get("op") == "cancel" and frame.get("id") == message["id"]:
+            inp.fill(block=True)
+            cancelled = queue.take(inp.frames(), running=message["id"])
+        except (OSError, WireError):
+            inp.closed, cancelled = True, True
+        if inp.closed:
+            loop.remove_reader(inp.fd)
+        if cancelled or inp.closed:
             task.cancel()
 
-    loop.add_reader(in_fd, readable)
+    loop.add_reader(inp.fd, readable)
     try:
         reply = loop.run_until_complete(task)
     except asyncio.CancelledError:
         reply = {"op": "cancelled", "id": message["id"]}
     finally:
-        loop.remove_reader(in_fd)
-    return reply, node_there
+        loop.remove_reader(inp.fd)
+    return reply
 
 
-def _serve(functions: dict[str, Function[Any, Any]], in_fd: int, limit: int) -> None:
+def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) -> None:
+    """Run the calls in the order they came, until the node closes the pipe."""
     global _current
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    replies = _Replies()
+    queue = _Queue(replies)
     while True:
-        message = read_frame(in_fd)
-        if message is None:
+        if not queue.calls:
+            replies.flush()
+        inp.fill(block=not queue.calls)
+        queue.take(inp.frames())
+        if inp.closed:
+            replies.flush()
             return  # the node closed the pipe: it is done with this worker
-        if message.get("op") != "call":
-            continue  # a cancel for a call that has ended
+        if not queue.calls:
+            continue
+        message = queue.calls.popleft()
+        replies.flush(unless_fresh=True)
         fn = functions.get(str(message.get("name")))
         if fn is None:
-            send({"op": "bad", "id": message.get("id"), "error": "no such function here"})
+            replies.add({"op": "bad", "id": message.get("id"), "error": "no such function here"})
             continue
         _current = message.get("id")
-        node_there = True
+        started = time.perf_counter()
         if inspect.iscoroutinefunction(fn.fn):
-            reply, node_there = _run_async(loop, fn, message, in_fd, limit)
+            reply = _run_async(loop, fn, message, inp, queue, limit)
         else:
             reply = _call_sync(fn, message, limit)
+        reply["took"] = time.perf_counter() - started
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        send(reply)
+        replies.add(reply)
         _current = None
-        if not node_there:
-            return
 
 
 def main() -> None:
     global _out_fd
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
-    in_fd, _out_fd = os.dup(0), os.dup(1)
+    inp, _out_fd = _Input(os.dup(0)), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # stray writes to fd 1 go to the node's stderr, not into the frames
@@ -216,7 +317,7 @@ def main() -> None:
             "errors": errors,
         }
     )
-    _serve(functions, in_fd, limit)
+    _serve(functions, inp, limit)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,10 @@ def fail(why: str) -> None:
 
 @shoal.task
 async def wait_async(seconds: float, marker: str = "") -> str:
-    """Sleeps; when cancelled, writes `marker` (a file) to show CancelledError arrived."""
+    """Sleeps; writes "started" to `marker` (a file), then "cancelled" when CancelledError
+    arrives."""
+    if marker:
+        Path(marker).write_text("started")  # noqa: ASYNC240  (a test's marker)
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
@@ -126,3 +129,13 @@ async def with_progress(steps: int, gate: str = "") -> int:
 @shoal.task
 def noop() -> None:
     return None
+
+
+@shoal.task
+def touch(path: str) -> None:
+    Path(path).write_text("ran")
+
+
+@shoal.task
+def whoami() -> int:
+    return os.getuid()

@@ -4,6 +4,7 @@ and `shoal artifacts`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import shoal
 from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import task_pb2
+from tests.contract.loopback import LoopbackHttp
 
 from . import functions_module as fm
 from .harness import BIN, CliProcesses, Mesh, MeshFactory, eventually, run_tool
@@ -110,3 +112,32 @@ async def test_logs_follow_a_running_task_and_artifacts_download(
     out, err = await asyncio.wait_for(follow.proc.communicate(), 60)
     assert follow.proc.returncode == 0
     assert out.decode() == "first\n" and err.decode() == "second\n"
+
+
+async def test_artifacts_are_listed_and_saved(
+    mesh_factory: MeshFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async with LoopbackHttp() as server:
+        mesh = await mesh_factory(slots=1, http_allow_hosts=[f"127.0.0.1:{server.port}"])
+        monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+        spec = task_pb2.TaskSpec(http=task_pb2.HttpSpec(url=server.url("/json")))
+        task = await mesh.client.wait((await mesh.client.submit(spec)).id)
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.result
+    shoal_cli = [str(BIN / "shoal"), "artifacts", task.id]
+    listed = await run_tool([*shoal_cli, "-c", mesh.address])
+    assert listed.returncode == 0, listed
+    assert "body" in listed.stdout and "application/json" in listed.stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    saved = out / "body.json"
+    done = await run_tool([*shoal_cli, "body", "-o", str(saved), "-c", mesh.address])
+    assert done.returncode == 0, done
+    assert json.loads(saved.read_bytes()) == {"greeting": "hello", "n": 3}
+    printed = await run_tool([*shoal_cli, "body", "-o", "-", "-c", mesh.address])
+    assert json.loads(printed.stdout) == {"greeting": "hello", "n": 3}
+    # A name that is not one of the task's artifacts (a path, say) is refused; nothing written.
+    hostile = await run_tool([*shoal_cli, "../x", "-o", str(out / "x"), "-c", mesh.address])
+    assert hostile.returncode == 1 and "no artifact '../x'" in hostile.stderr, hostile
+    assert "it has: body" in hostile.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["body.json"]
+    assert not (tmp_path / "x").exists()

@@ -101,6 +101,58 @@ def test_a_call_is_a_function_spec_and_handles_become_dependencies() -> None:
     assert isinstance(later.options(priority="low"), Function)
 
 
+@shoal.task
+def weigh(parts: dict[str, list[Point]], extra: tuple[int, ...] = ()) -> float:
+    return sum(p.x for ps in parts.values() for p in ps) + sum(extra)
+
+
+def test_handles_nested_in_arguments_become_dependencies_typed_in_place() -> None:
+    a = AsyncHandle(later, None, "t-a", 5)  # type: ignore[arg-type]
+    b = AsyncHandle(later, None, "t-b", 6)  # type: ignore[arg-type]
+    spec = weigh.spec({"a/b": [Point(1, 2), a], "c": [Point(b, 0)]}, extra=(b, 4))  # type: ignore[arg-type]
+    f = spec.function
+    assert dict(f.upstream) == {
+        "0/a~1b/1": "${{ deps[0].output.value }}",
+        "0/c/0/x": "${{ deps[1].output.value }}",
+        "extra/0": "${{ deps[2].output.value }}",
+    }
+    assert [d.task_id for d in spec.depends_on] == ["t-a", "t-b", "t-b"]
+    validate_batch([spec], Limits(), single=True)
+    args, kwargs = weigh.codec.decode_arguments(
+        f.args,
+        f.kwargs,
+        {"0/a~1b/1": '{"x": 3, "y": 4}', "0/c/0/x": "5.5", "extra/0": "6"},
+    )
+    assert args == [{"a/b": [Point(1, 2), Point(3, 4)], "c": [Point(5.5, 0)]}]
+    assert kwargs == {"extra": (6, 4)}
+    with pytest.raises(CodecError, match="not in the arguments"):  # a place that is not there
+        weigh.codec.decode_arguments(f.args, f.kwargs, {"0/zz/0": "1"})
+    with pytest.raises(CodecError, match="is not in the argument"):
+        weigh.codec.decode_arguments(f.args, f.kwargs, {"0/c/7": "1"})
+
+
+def test_handles_are_looked_for_to_a_bounded_depth() -> None:
+    a = AsyncHandle(later, None, "t-a", 5)  # type: ignore[arg-type]
+    deep: object = a
+    for _ in range(9):
+        deep = [deep]
+    with pytest.raises(CodecError, match="8 levels deep"):
+        total_of.spec(deep)
+    shallow: object = a
+    for _ in range(8):
+        shallow = [shallow]
+    assert len(total_of.spec(shallow).depends_on) == 1
+    too_deep = "0" + "/0" * 9
+    spec = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name="a:b", upstream={too_deep: "1"}))
+    with pytest.raises(InvalidArgument):
+        validate_batch([spec], Limits(), single=True)
+
+
+@shoal.task
+def total_of(values: object) -> int:
+    return 0
+
+
 def test_a_function_spec_is_validated() -> None:
     bad = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name="os:system; rm"))
     with pytest.raises(InvalidArgument):

@@ -16,13 +16,43 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["UPSTREAM", "CallCodec", "CodecError", "import_path"]
+__all__ = ["UPSTREAM", "CallCodec", "CodecError", "Untyped", "import_path", "place_step"]
 
 _P = inspect.Parameter
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
 
 UPSTREAM: Any = object()
 """In encode_arguments: an argument that an upstream task's result fills in (sent as null)."""
+
+
+class Untyped:
+    """In encode_arguments: an argument sent as plain JSON, unchecked (upstream results are
+    put into it before the worker checks it by the type hint)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def place_step(step: str) -> str:
+    """A step of an upstream result's place, escaped as in JSON Pointer."""
+    return step.replace("~", "~0").replace("/", "~1")
+
+
+def _put(container: Any, path: list[str], value: Any) -> None:
+    """Put `value` at `path` (steps of place_step) in decoded JSON; CodecError when the path
+    leads nowhere."""
+    for i, step in enumerate(path):
+        key: Any = step.replace("~1", "/").replace("~0", "~")
+        if isinstance(container, list):
+            if not key.isdigit() or int(key) >= len(container):
+                raise CodecError(f"upstream place {'/'.join(path)!r} is not in the argument")
+            key = int(key)
+        elif not isinstance(container, dict) or key not in container:
+            raise CodecError(f"upstream place {'/'.join(path)!r} is not in the argument")
+        if i == len(path) - 1:
+            container[key] = value
+        else:
+            container = container[key]
 
 
 class CodecError(ValueError):
@@ -133,6 +163,15 @@ class CallCodec:
             raise CodecError(f"arguments are not JSON: {err}") from None
         if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
             raise CodecError("args must be a JSON array and kwargs a JSON object")
+        nested = {k: v for k, v in upstream.items() if "/" in k}
+        upstream = {k: v for k, v in upstream.items() if "/" not in k}
+        for key, text in nested.items():
+            head, *path = key.split("/")
+            try:
+                holder: Any = raw_args[int(head)] if head.isdigit() else raw_kwargs[head]
+                _put(holder, path, json.loads(text))
+            except (IndexError, KeyError, ValueError, RecursionError):
+                raise CodecError(f"upstream place {key[:80]!r} is not in the arguments") from None
         try:
             out_args = [
                 self._for_position(i).validate_json(upstream[str(i)])
@@ -173,6 +212,8 @@ class CallCodec:
 def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
     """`value` as JSON data, once it fits the hint (a tuple for a list, a dict for a
     dataclass: as the function will get it)."""
+    if isinstance(value, Untyped):
+        return _ANY.dump_python(value.value, mode="json")
     return adapter.dump_python(adapter.validate_python(value), mode="json")
 
 

@@ -10,6 +10,7 @@ sizes = shoal.gather(resize.map(client, paths, widths))   # one SubmitBatch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -17,8 +18,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from shoal._builders import _common, retry
-from shoal._codec import UPSTREAM, CallCodec, import_path
+from shoal._codec import UPSTREAM, CallCodec, CodecError, Untyped, import_path, place_step
 from shoal.errors import RemoteError, TaskFailed
+from shoal.spec_checks import UPSTREAM_DEPTH
 from shoal.specs import FINAL_STATES
 from shoal.v1 import task_pb2
 
@@ -66,33 +68,46 @@ class Function(Generic[P, R]):
         return made
 
     def spec(self, *args: Any, **kwargs: Any) -> task_pb2.TaskSpec:
-        """The TaskSpec of one call; a handle among the arguments becomes a dependency whose
-        result arrives as that argument."""
+        """The TaskSpec of one call; a handle among the arguments (or in a list, tuple, dict
+        value or dataclass field of one) becomes a dependency whose typed result arrives in
+        its place."""
         self.codec.check(args, kwargs)
-        upstream: dict[str, str] = {}
-        deps: list[str] = []
-        plain_args = list(args)
-        plain_kwargs = dict(kwargs)
-        for i, value in enumerate(args):
-            if isinstance(value, (Handle, AsyncHandle)):
-                upstream[str(i)] = _reference(len(deps))
-                deps.append(value.task_id)
-                plain_args[i] = UPSTREAM
-        for name, value in kwargs.items():
-            if isinstance(value, (Handle, AsyncHandle)):
-                upstream[name] = _reference(len(deps))
-                deps.append(value.task_id)
-                plain_kwargs[name] = UPSTREAM
-        encoded_args, encoded_kwargs = self.codec.encode_arguments(plain_args, plain_kwargs)
-        spec = task_pb2.FunctionSpec(name=self.name, upstream=upstream)
+        lifter = _Lifter()
+        plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
+        plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
+        upstream, deps = lifter.upstream, lifter.deps
+        try:
+            encoded_args, encoded_kwargs = self.codec.encode_arguments(plain_args, plain_kwargs)
+        except CodecError as err:
+            if lifter.cut:
+                raise CodecError(
+                    f"{err} (handles are found only {UPSTREAM_DEPTH} levels deep in an"
+                    f" argument, and in its first {MAX_SEARCHED:,} values)"
+                ) from None
+            raise
+        out = task_pb2.TaskSpec()
+        if deps:
+            common = dict(self.defaults)
+            common["depends_on"] = [*deps, *common.get("depends_on", ())]
+            common.setdefault("name", self.fn.__name__)
+            _common(out, **common)
+            out.function.name = self.name
+            out.function.upstream.update(upstream)
+        else:
+            out.CopyFrom(self._template)
         if plain_args:
-            spec.args = encoded_args
+            out.function.args = encoded_args
         if plain_kwargs:
-            spec.kwargs = encoded_kwargs
+            out.function.kwargs = encoded_kwargs
+        return out
+
+    @functools.cached_property
+    def _template(self) -> task_pb2.TaskSpec:
+        """The spec of a call with no handles, but its arguments (built once: `map` makes
+        thousands)."""
         common = dict(self.defaults)
-        common["depends_on"] = [*deps, *common.get("depends_on", ())]
         common.setdefault("name", self.fn.__name__)
-        return _common(task_pb2.TaskSpec(function=spec), **common)
+        return _common(task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=self.name)), **common)
 
     def submit(self, client: Client, /, *args: Any, **kwargs: Any) -> Handle[R]:
         """Run it on a node; returns at once with a handle to its result."""
@@ -130,6 +145,63 @@ class Function(Generic[P, R]):
             result: R = self.codec.decode_result(value.string_value)
             return result
         raise failure(task)
+
+
+MAX_SEARCHED = 10_000
+"""Values of one call's arguments looked through for handles (beyond: not searched)."""
+
+
+class _Lifter:
+    """Takes the handles out of a call's arguments, down to UPSTREAM_DEPTH levels in lists,
+    tuples, dict values and dataclass fields: each becomes a dependency whose result the
+    worker puts back in its place."""
+
+    def __init__(self) -> None:
+        self.upstream: dict[str, str] = {}
+        self.deps: list[str] = []
+        self.searched = 0
+        self.cut = False  # some values were not searched
+
+    def argument(self, key: str, value: Any) -> Any:
+        if isinstance(value, (Handle, AsyncHandle)):
+            self._take(key, value)
+            return UPSTREAM
+        lifted, held = self._lift(key, value, 0)
+        return Untyped(lifted) if held else value
+
+    def _take(self, place: str, handle: Handle[Any] | AsyncHandle[Any]) -> None:
+        self.upstream[place] = _reference(len(self.deps))
+        self.deps.append(handle.task_id)
+
+    def _lift(self, place: str, value: Any, depth: int) -> tuple[Any, bool]:
+        """`value` with its handles taken out (None in their place), and whether it had any."""
+        if isinstance(value, (Handle, AsyncHandle)):
+            self._take(place, value)
+            return None, True
+        if isinstance(value, (list, tuple)):
+            items: Any = enumerate(value)
+        elif isinstance(value, dict):
+            items = value.items()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        else:
+            return value, False
+        if depth >= UPSTREAM_DEPTH:
+            self.cut = True
+            return value, False
+        out: dict[Any, Any] = {}
+        held = False
+        for key, item in items:
+            self.searched += 1
+            if self.searched > MAX_SEARCHED:
+                self.cut = True
+                out[key] = item
+                continue
+            out[key], had = self._lift(f"{place}/{place_step(str(key))}", item, depth + 1)
+            held = held or had
+        if not held:
+            return value, False
+        return (list(out.values()) if isinstance(value, (list, tuple)) else out), True
 
 
 def failure(task: task_pb2.Task) -> TaskFailed:

@@ -45,6 +45,10 @@ _SCHEDULING = frozenset(
     }
 )
 """The fields _check_scheduling looks at (beyond the references to upstream results)."""
+UPSTREAM_DEPTH = 8
+"""How deep in an argument (lists, tuples, dict values, dataclass fields) a function call's
+upstream result may go: its place is `ARG/STEP/...` (JSON Pointer escapes in each step)."""
+
 _OPERATORS = frozenset(task_pb2.LabelSelector.Operator.values())
 _ROUTINGS = frozenset(task_pb2.RoutingStrategy.values())
 
@@ -302,5 +306,8 @@ def _function_violations(
     if len(f.upstream) > limits.max_labels:
         bad("function.upstream", f"more than {limits.max_labels} entries")
     for key in f.upstream:
-        if not (key.isdigit() and len(key) <= 6) and not key.isidentifier():
+        head, *path = key.split("/")
+        if not (head.isdigit() and len(head) <= 6) and not head.isidentifier():
             bad("function.upstream", f"{key[:40]!r} is neither a position nor an argument name")
+        elif len(path) > UPSTREAM_DEPTH or len(key) > limits.max_string:
+            bad("function.upstream", f"{key[:40]!r}: a path deeper than {UPSTREAM_DEPTH}")

@@ -1,0 +1,142 @@
+"""The function executor's warm workers with calls pipelined: several calls of a fast function
+share one worker; when it dies, only the call it ran fails and the others run elsewhere; a
+call cancelled while queued never runs; workers run as the node's run_as user."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shoal.config import NodeSettings
+from shoal.node.executors.base import ExecutionContext, Outcome
+from shoal.node.executors.function import FunctionExecutor
+from shoal.node.executors.python import runs_python
+from shoal.node.executors.taskuser import TASK_UID_BASE, TaskUsers
+from shoal.node.functions.pool import Call
+from shoal.v1 import task_pb2
+from tests.integration import functions_module as fm
+from tests.integration.harness import eventually
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[FunctionExecutor]:
+    ex = FunctionExecutor(NodeSettings(imports=["tests.integration.functions_module"], slots=3))
+    assert await ex.async_available()
+    try:
+        yield ex
+    finally:
+        await ex.aclose()
+
+
+def _ctx() -> ExecutionContext:
+    return ExecutionContext(task_id="t", emit=lambda chunk: None, output_tail_bytes=4096)
+
+
+async def _value(run: asyncio.Task[Outcome]) -> str:
+    outcome = await run
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    return outcome.result.output.fields["value"].string_value
+
+
+async def _made_fast(ex: FunctionExecutor, gate: Path) -> None:
+    """Calls of pid_after with its gate open: the pool learns that they are fast."""
+    gate.write_text("open")  # noqa: ASYNC240
+    ex._pool.fast_below = 10.0  # whatever the machine's load: fast
+    for _ in range(4):
+        await ex.run(fm.pid_after.spec(str(gate)), _ctx())
+    assert ex._pool.fast(fm.pid_after.name)
+    gate.unlink()  # noqa: ASYNC240
+
+
+async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    await _made_fast(executor, gate)
+    pid_file = Path(f"{gate}.pid")
+    pid_file.unlink()  # noqa: ASYNC240
+    # Started in one turn of the loop: one worker holds all three, and runs the first.
+    runs = [
+        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(3)
+    ]
+    pid = int(await eventually(lambda: pid_file.read_text(), retry_on=(OSError, ValueError)))
+    held = [w for w in executor._pool._all if w.held]
+    assert [w.pid for w in held] == [pid] and len(held[0].held) == 3
+    os.kill(pid, signal.SIGKILL)
+    failed = await runs[0]
+    assert failed.state == task_pb2.TASK_STATE_FAILED
+    assert "worker process died" in failed.result.error
+    gate.write_text("open")
+    pids = {int(await _value(r)) for r in runs[1:]}
+    assert pid not in pids  # the queued calls ran in another worker
+
+
+async def test_a_call_cancelled_while_queued_never_runs(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    await _made_fast(executor, gate)
+    pid_file = Path(f"{gate}.pid")
+    pid_file.unlink()  # noqa: ASYNC240
+    marker = tmp_path / "marker"
+    for _ in range(4):
+        await executor.run(fm.touch.spec(str(marker)), _ctx())
+    marker.unlink()
+    first = asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx()))
+    queued = asyncio.create_task(executor.run(fm.touch.spec(str(marker)), _ctx()))
+    await eventually(lambda: pid_file.read_text(), retry_on=(OSError,))
+    [worker] = [w for w in executor._pool._all if w.held]
+    assert len(worker.held) == 2
+    posted = asyncio.Event()
+    pool_cancel = executor._pool.cancel
+
+    def cancel(call: Call) -> None:
+        pool_cancel(call)
+        posted.set()
+
+    executor._pool.cancel = cancel  # type: ignore[method-assign]
+    queued.cancel()
+    # The cancel frame is written (the worker is still in the first call) before it ends.
+    await posted.wait()
+    await eventually(lambda: not worker._out or None)
+    gate.write_text("open")
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert int(await _value(first)) > 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("run_as", ["auto", "nobody"])
+async def test_workers_run_as_the_run_as_user(run_as: str) -> None:
+    """The rule of python tasks: as the run_as user when it can run this interpreter; else, under
+    "auto", as the node's user, and a user named is not given up (functions not offered)."""
+    others_can = await runs_python(TaskUsers(run_as))
+    ex = FunctionExecutor(
+        NodeSettings(imports=["tests.integration.functions_module"], slots=2, run_as=run_as)
+    )
+    try:
+        offered = await ex.async_available()
+        assert offered == (others_can or run_as == "auto")
+        if not offered:
+            return
+        uids = {int(await _value(asyncio.create_task(_whoami(ex)))) for _ in range(4)}
+        if not others_can:
+            assert uids == {os.geteuid()}
+        elif run_as == "auto":
+            assert all(uid >= TASK_UID_BASE for uid in uids)  # a uid of its own per worker
+        else:
+            assert uids == {pwd.getpwnam("nobody").pw_uid}
+    finally:
+        await ex.aclose()
+
+
+async def _whoami(ex: FunctionExecutor) -> Outcome:
+    return await ex.run(fm.whoami.spec(), _ctx())

@@ -77,6 +77,11 @@ async def test_a_standby_takes_over_from_a_killed_leader(
     assert shown.returncode == 0, shown.stderr
     assert f"leader      127.0.0.1:{first_port} epoch 1" in shown.stdout
     assert f"standby     {standby}" in shown.stdout
+    roles = await run_tool(
+        [str(BIN / "shoal"), "status", "-c", f"127.0.0.1:{first_port},{standby}"]
+    )
+    assert roles.returncode == 0, roles.stderr
+    assert roles.stdout == f"leader     127.0.0.1:{first_port}\nstandby    {standby}\n"
     async with AsyncClient(standby, token="unused") as client:
         with pytest.raises(Unavailable, match=f"the leader is at 127.0.0.1:{first_port}"):
             await client.submit(_spec(0))

@@ -7,12 +7,13 @@ commands in `tasks` and `logs`, admin commands in `admin`, `tokens`, `schedules`
 
 from __future__ import annotations
 
-from shoal._health_cli import health
+from shoal._health_cli import health, status
 from shoal.cli.app import app
 from shoal.cli.discover import discover
 
 app.command()(discover)
 app.command()(health)
+app.command()(status)
 
 # Importing a module of commands registers them on `app`, and `shoal --help` lists them in
 # that order: keep these imports in this order.

@@ -27,11 +27,11 @@ reinstall-pkg: $(STAMP)
 run: $(STAMP) reinstall-pkg
 	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
-# tests/dist builds the executable (minutes): `make dist-test` runs them. The suite runs on
-# JOBS pytest-xdist workers (most tests wait on processes and sockets, not on a core); tests
-# of one `xdist_group` share a worker (tests/conftest.py puts the chaos suite in one);
-# `make test JOBS=0` runs it in this process. The slowest 25 tests are listed at the end.
-JOBS ?= 2
+# tests/dist builds the executable (minutes): `make dist-test` runs them. `make test JOBS=2`
+# runs the suite on two pytest-xdist workers (most tests wait on processes and sockets, not
+# on a core); tests of one `xdist_group` share a worker (see tests/conftest.py). JOBS=0, the
+# default, runs it in this process. The slowest 25 tests are listed at the end.
+JOBS ?= 0
 test: $(STAMP) reinstall-pkg lint protos-check
 	$(BIN)/python -m pytest -q tests --ignore=tests/dist -n $(JOBS) --dist loadgroup --durations=25
 

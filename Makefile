@@ -27,9 +27,13 @@ reinstall-pkg: $(STAMP)
 run: $(STAMP) reinstall-pkg
 	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
-# tests/dist builds the executable (minutes): `make dist-test` runs them.
+# tests/dist builds the executable (minutes): `make dist-test` runs them. `make test JOBS=2`
+# runs the suite on two pytest-xdist workers (most tests wait on processes and sockets, not
+# on a core); tests of one `xdist_group` share a worker (see tests/conftest.py). JOBS=0, the
+# default, runs it in this process. The slowest 25 tests are listed at the end.
+JOBS ?= 0
 test: $(STAMP) reinstall-pkg lint protos-check
-	$(BIN)/python -m pytest -q tests --ignore=tests/dist
+	$(BIN)/python -m pytest -q tests --ignore=tests/dist -n $(JOBS) --dist loadgroup --durations=25
 
 unit: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/unit

@@ -8,7 +8,47 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos.summary import take_published
+from tests.integration.docker_engine import docker_engine as docker_engine  # one per session
 from tests.postgres import PostgresServer, postgres_server
+
+_FIGURES = "published"
+"""The user property that carries a test's published figures (from an xdist worker too)."""
+
+_ONE_WORKER = (Path(__file__).parent / "chaos", Path(__file__).parent / "fuzz")
+"""Tests under these folders run one after another on one xdist worker (`--dist loadgroup`):
+chaos scenarios kill processes, cut links, step clocks and time the recovery, and the fuzzer
+keeps a core busy for minutes; none of them runs beside another of them."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.path.is_relative_to(folder) for folder in _ONE_WORKER):
+            item.add_marker(pytest.mark.xdist_group("chaos-and-fuzz"))
+        elif "docker_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("docker"))  # one worker starts a dockerd
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item) -> None:
+    """Each phase's published lines go into the test's report (built after this hook)."""
+    item.user_properties.extend((_FIGURES, line) for line in take_published())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":  # the last report: it carries the lines of every phase
+        _figures.extend(str(v) for k, v in report.user_properties if k == _FIGURES)
+
+
+_figures: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Figures tests published (chaos scenarios, discovery times), again at the end."""
+    if _figures:
+        terminalreporter.section("figures")
+        for line in _figures:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ import pytest
 
 from tests.chaos.cluster import Cluster
 from tests.chaos.netns import NetworkNamespace
-from tests.chaos.summary import published
 
 
 @pytest.fixture
@@ -52,11 +51,3 @@ async def namespaces() -> AsyncIterator[list[NetworkNamespace]]:
     finally:
         for ns in made:
             await ns.delete()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = published()
-    if lines:
-        terminalreporter.section("chaos figures")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -14,7 +14,7 @@ import pytest
 
 from shoal import AsyncClient, shell
 from shoal.v1 import task_pb2
-from tests.integration.docker_engine import DockerEngine, docker_engine  # noqa: F401
+from tests.integration.docker_engine import DockerEngine
 from tests.integration.harness import eventually, free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,7 +34,7 @@ async def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, 
 
 
 async def test_compose_brings_up_a_coordinator_and_three_nodes_that_run_100_tasks(
-    docker_engine: DockerEngine,  # noqa: F811
+    docker_engine: DockerEngine,
     executable: Path,
 ) -> None:
     # The image's context from the executable already built (-o: make does not rebuild it).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from shoal import AsyncClient
 from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings, NodeSettings
 from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
-from tests.chaos.summary import published
 
 from .harness import BIN, STARTUP, CliProcesses, Mesh, MeshFactory
 
@@ -100,18 +98,3 @@ def grpcurl() -> Path:
     path = BIN / "grpcurl"
     assert path.exists(), f"{path} is missing: install the dev extras (make dev)"
     return path
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Figures tests published (e.g. discovery times), again at the end of the session.
-
-    The chaos suite's conftest prints the same list when it is loaded: then it does.
-    """
-    plugins = terminalreporter.config.pluginmanager.list_name_plugin()
-    if any(str(name).endswith(os.path.join("chaos", "conftest.py")) for name, _ in plugins):
-        return
-    lines = published()
-    if lines:
-        terminalreporter.section("figures")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -33,7 +33,7 @@ from shoal.node.secrets import Redactor
 from shoal.v1 import task_pb2
 from tests.chaos.summary import publish
 
-from .docker_engine import IMAGE, DockerEngine, docker_engine  # noqa: F401  (the fixture)
+from .docker_engine import IMAGE, DockerEngine
 from .harness import MeshFactory, collect, eventually
 from .test_task_mistakes import no_breakers, two_nodes
 
@@ -57,7 +57,7 @@ def containers(engine: DockerEngine, *labels: str) -> list[Container]:
 
 @pytest.fixture(autouse=True)
 def engine(
-    docker_engine: DockerEngine,  # noqa: F811  (the fixture imported above)
+    docker_engine: DockerEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[DockerEngine]:
     """The engine, where nodes find it; no container of this module's nodes survives a test."""

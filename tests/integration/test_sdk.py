@@ -74,7 +74,11 @@ async def test_a_custom_task_runs_on_its_executor(mesh: Mesh) -> None:
     assert dict(done.result.output) == {"hello": "shoal"}
 
 
-@pytest.mark.parametrize("address", [f"127.0.0.1:{free_port()}", "no-such-host.invalid:7070"])
+@pytest.mark.parametrize(
+    "address",
+    [f"127.0.0.1:{free_port()}", "no-such-host.invalid:7070"],
+    ids=["closed-port", "unresolvable"],  # the same on every xdist worker
+)
 async def test_a_coordinator_never_reached_is_named_at_once(address: str) -> None:
     """Refused or unresolvable: not worth the minutes `retry_for` rides out a restart for."""
     async with AsyncClient(address, token="t", retry_for=timedelta(minutes=10)) as client:

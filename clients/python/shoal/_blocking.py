@@ -1,4 +1,4 @@
-"""The blocking SDK: `Client`, every AsyncClient method run on a private event loop thread."""
+"""The blocking SDK: `Client`, every AsyncClient method, blocking."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ _T = TypeVar("_T")
 
 
 class Client:
-    """The blocking SDK: every AsyncClient method, run on a private event loop thread.
+    """The blocking SDK: every AsyncClient method. Task calls (submit, get, wait, cancel) are
+    made in the caller's thread; the rest run on a private event loop thread.
 
     Takes the arguments of AsyncClient.
     """

@@ -325,9 +325,8 @@ class Dispatcher:
         self.kick()
 
     def record_dispatched(self, attempts: Mapping[str, str]) -> None:
-        """Record who was dispatched what just now, with the store's next group commit (no
-        waiting for it, nor a commit of its own): after a crash, a node reclaims an attempt
-        only as recorded."""
+        """Record who was dispatched what just now, in the store's next group commit (no
+        waiting for it): after a crash, a node reclaims an attempt only as recorded."""
         try:
             written = self._k.store.add_dispatched(attempts)
         except Exception:  # the store is closed: its tasks run again after the restart instead

@@ -173,11 +173,11 @@ class Store(ABC):
     @abstractmethod
     async def put_node_attempts(self, attempts: Mapping[str, str]) -> None:
         """Record the attempts each node was dispatched and still runs (the core's text); what
-        add_dispatched recorded before is covered by it, and forgotten. Like add_dispatched,
-        it goes with the next group commit."""
+        add_dispatched recorded before is covered by it, and forgotten. It rides along with
+        the next group commit (see Writer)."""
 
     @abstractmethod
     def add_dispatched(self, attempts: Mapping[str, str]) -> Awaitable[None]:
-        """Record attempts just dispatched to each node (the core's text), with the next
-        group commit (within a fraction of a second when none comes): a node can then
-        reclaim them after a crash soon after. It starts no commit of its own."""
+        """Record attempts just dispatched to each node (the core's text), queued with the
+        next group commit at once: a node can then reclaim them after a crash soon after.
+        (It does not ride along: a task seen running must not run again after a crash.)"""

@@ -303,8 +303,7 @@ class SqlStore(Store):
         return self._write(
             lambda c: c.executemany(
                 "INSERT INTO dispatched (node_id, attempts) VALUES (?, ?)", list(attempts.items())
-            ),
-            ride_along=True,
+            )
         )
 
     async def quotas(self) -> list[bytes]:

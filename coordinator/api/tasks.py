@@ -9,7 +9,7 @@ from shoal._gate import current_principal
 from shoal.coordinator.api.context import Ctx, client_of
 from shoal.coordinator.engine import SHUTTING_DOWN, Coordinator
 from shoal.errors import Unavailable
-from shoal.specs import duration
+from shoal.specs import duration, instant
 from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
 
 __all__ = ["TasksService"]
@@ -129,4 +129,4 @@ def _seconds(request: tasks_pb2.ListRequest, name: str) -> float | None:
     """A timestamp field of `request` in seconds since the epoch; None when unset."""
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
-    return float(getattr(request, name).ToNanoseconds()) / 1e9
+    return instant(getattr(request, name), name)

@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+
+from shoal.v1 import tasks_pb2, tasks_pb2_grpc
 
 from .harness import Mesh, MeshFactory
 
@@ -114,3 +117,17 @@ async def test_bad_filters_are_refused_naming_the_field(http: httpx.AsyncClient)
         assert detail["fieldViolations"][0]["field"].startswith(field), error
     bad_time = await http.post("/api/shoal.v1.Tasks/List", json={"createdAfter": "yesterday"})
     assert bad_time.status_code == 400 and "createdAfter" in bad_time.json()["message"]
+
+
+async def test_a_time_out_of_range_over_grpc_is_refused_naming_the_field(mesh: Mesh) -> None:
+    """JSON cannot carry such a time; protobuf can (the fuzzer sent seconds=2**61)."""
+    auth = (("authorization", f"Bearer {mesh.token}"),)
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = tasks_pb2_grpc.TasksStub(channel)
+        for field in ("created_after", "created_before"):
+            request = tasks_pb2.ListRequest()
+            getattr(request, field).seconds = 2**61
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.List(request, metadata=auth)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"{field} must be a time between 1970 and 9999" in str(refused.value.details())

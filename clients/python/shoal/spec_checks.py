@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from shoal.errors import FieldViolation, InvalidArgument
-from shoal.specs import duration, secret_references
+from shoal.specs import duration, instant, secret_references
 from shoal.templates import references
 from shoal.v1 import task_pb2
 
@@ -270,9 +270,10 @@ def _check_scheduling(
         if dep.WhichOneof("ref") is None or (dep.HasField("task_id") and not dep.task_id):
             bad(f"depends_on[{i}]", "set task_id or batch_index")
     if spec.HasField("not_before"):
-        ts = spec.not_before
-        if not 0 <= ts.seconds <= 253402300799 or not 0 <= ts.nanos < 1_000_000_000:
-            bad("not_before", "must be a time between 1970 and 9999")
+        try:
+            instant(spec.not_before, "not_before")
+        except InvalidArgument as err:
+            bad("not_before", err.violations[0].description)
     if spec.HasField("queue_timeout"):
         try:
             duration(spec.queue_timeout, "queue_timeout", positive=True)

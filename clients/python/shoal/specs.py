@@ -9,7 +9,7 @@ from typing import Any, overload
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shoal.errors import InvalidArgument
+from shoal.errors import FieldViolation, InvalidArgument
 from shoal.v1 import task_pb2
 
 __all__ = [
@@ -89,6 +89,20 @@ def duration(d: Duration, field: str, *, positive: bool = False) -> timedelta:
     if positive and not (seconds or nanos):
         raise InvalidArgument(f"{field} must be positive")
     return timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+_LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z, the last a Timestamp may hold
+
+
+def instant(ts: Timestamp, field: str) -> float:
+    """A request's Timestamp as wall-clock seconds; InvalidArgument naming `field` when it is
+    not a time between 1970 and 9999."""
+    if not 0 <= ts.seconds <= _LAST_SECOND or not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            f"{field} must be a time between 1970 and 9999",
+            [FieldViolation(field, "must be a time between 1970 and 9999")],
+        )
+    return ts.seconds + ts.nanos / 1e9
 
 
 @overload

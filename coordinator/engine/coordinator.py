@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +16,6 @@ from google.protobuf import json_format
 
 from shoal.auth import Principal
 from shoal.config import CoreOptions
-from shoal.coordinator.encoding import task_record
 from shoal.coordinator.engine.clock import TimerLoop
 from shoal.coordinator.engine.dispatch import Dispatcher
 from shoal.coordinator.engine.intake import Intake, Submitted
@@ -25,17 +23,14 @@ from shoal.coordinator.engine.lifecycle import TaskLifecycle
 from shoal.coordinator.engine.nodes import NodeSessions
 from shoal.coordinator.engine.overview import overview
 from shoal.coordinator.engine.queries import SHUTTING_DOWN, Queries
-from shoal.coordinator.engine.states import PENDING
+from shoal.coordinator.engine.recovery import recover
 from shoal.coordinator.events import EventLog
 from shoal.coordinator.gates.keys import quota_key
 from shoal.coordinator.gates.locks import LockGate
 from shoal.coordinator.gates.quotas import QuotaGate, check_quota
-from shoal.coordinator.placement import plain_requirements
-from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.schedules import ScheduleBook
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import Store, TokenRow
-from shoal.coordinator.timers import TimerKind
 from shoal.coordinator.tokens import NewToken, TokenRegistry
 from shoal.errors import NotFound
 from shoal.handshake import Direction
@@ -44,20 +39,6 @@ from shoal.v1 import admin_pb2, locks_pb2, node_pb2, task_pb2
 __all__ = ["SHUTTING_DOWN", "Coordinator", "Submitted"]
 
 _log = logging.getLogger("shoal.coordinator")
-
-_FREEZE_AFTER = 100_000  # tasks recovered
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside (the collector runs again after, as it was)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class Coordinator:
@@ -292,12 +273,7 @@ class Coordinator:
         self._k.events = EventLog(
             self._k.epoch, capacity=self.options.event_capacity, max_bytes=self.options.event_bytes
         )
-        with _collector_paused():  # a million new objects would set off full collections
-            await self._recover()
-            if len(self._k.tasks) >= _FREEZE_AFTER:
-                # The collector would walk every record once it runs again, and at each full
-                # collection after: what lives now is kept out of its collections for good.
-                gc.freeze()
+        await recover(self._k, self._n, self.options)
         for body in await self._k.store.quotas():
             self._k.quotas.set(admin_pb2.Quota.FromString(body))
         for quota in self._quotas:
@@ -311,53 +287,6 @@ class Coordinator:
         self._sweeper = asyncio.create_task(self._n.sweep_leases(), name="shoal-lease-sweeper")
         self._k.accepting = True
         _log.info("coordinator started epoch=%d recovered=%d", self._k.epoch, len(self._k.tasks))
-
-    async def _recover(self) -> None:
-        """Queue every unfinished task of the store again (or hold it for its node: attach)."""
-        records = []
-        tasks, unfinished = self._k.tasks, self._k.unfinished
-        names: dict[str, str] = {}  # one string per submitter or tenant, not one per task
-        async for rows in self._k.store.unfinished():
-            for seq, task_id, spec_bytes, created_at, by, depends_on, key, prio, tenant in rows:
-                by = names.setdefault(by, by)
-                if key is not None:  # nothing unusual: no need to parse its spec
-                    req = plain_requirements(key)
-                    tenant = names.setdefault(tenant, tenant)
-                    rec = TaskRecord(task_id, seq, spec_bytes, prio, req, tenant, created_at, by)
-                else:
-                    spec = task_pb2.TaskSpec.FromString(spec_bytes)
-                    rec = task_record(task_id, seq, spec, spec_bytes, created_at, by)
-                    if depends_on:
-                        rec.upstream = depends_on
-                tasks[rec.id] = rec
-                unfinished[rec.tenant] += 1
-                records.append(rec)
-        # Only records with a rare field set (`more`) can have upstream tasks to link.
-        linked = [rec for rec in records if rec.more is not None]
-        outcomes = await self._k.outcomes_of(linked)
-        for rec in linked:
-            self._k.link(rec, outcomes)
-        self._n.expect_back(await self._k.store.members(), await self._k.store.node_attempts())
-        grace = (self.options.restart_grace or self.options.lease).total_seconds()
-        now = self._k.wall()
-        if self._n.awaited:  # no task fails for want of a node before those nodes had their time
-            self._k.unplaceable.hold_until = now + grace
-        for rec in records:
-            if rec.more is not None and rec.queue_timeout is not None:
-                deadline = rec.created_at + rec.queue_timeout  # stored as wall time
-                rec.queue_deadline = self._k.time.remaining(deadline, most=rec.queue_timeout)
-            if (
-                self._n.awaited
-                and grace > 0
-                and not rec.waiting_on
-                and (rec.release_at or 0) <= now
-            ):
-                rec.state = PENDING  # its node may still run it: see NodeSessions.attach
-                self._k.recovering.add(rec.id)
-            else:
-                self._k.admit(rec)
-        if self._k.recovering:
-            self._k.set_timer(TimerKind.RECOVERY, "", self._k.time.now() + grace)
 
     async def stop(self) -> None:
         """Refuse new work, end watches, close node sessions, flush outcomes, close the store;

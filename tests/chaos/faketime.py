@@ -4,7 +4,7 @@ Only the wall clock moves (FAKETIME_DONT_FAKE_MONOTONIC=1), as with an NTP step 
 by hand; the offset is read again from a file at every call (FAKETIME_NO_CACHE=1), so a step
 takes effect at once. Debian: `apt-get install faketime`.
 
-libfaketime 0.9.10 breaks CPython >= 3.11's `time.sleep()` in that mode (its
+libfaketime 0.9.10 breaks CPython >= 3.11's sleep function in that mode (its
 clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) gets a negative time: EINVAL). The coordinator
 never calls it (asyncio waits in epoll with relative timeouts), so it runs under libfaketime.
 """

@@ -19,6 +19,7 @@ LAYERS = [
     "intake",
     "nodes",
     "clock",
+    "recovery",
     "coordinator",
     "__init__",
 ]

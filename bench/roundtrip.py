@@ -1,10 +1,16 @@
 """Sequential round trips: one no-op task at a time, submitted and then waited for.
 
-What is measured: --trips times (default 500, after --warmup), this client sends `Submit`
-with one no-op task through the SDK, then `Wait` for it, then the next. One coordinator
+What is measured: --trips round trips of one no-op task through the SDK (default 500 of
+each kind, after --warmup), one at a time, the two kinds taking turns:
+
+    one call     `execute`: a Submit that answers once the task has ended
+    two calls    `submit`, then `wait` for the task
+
+One coordinator
 (durable store, synchronous=FULL) and one node run as `shoal` CLI processes on loopback.
-Figures: p50/p99 of the round trip (submit sent to Wait answered) against issue 24's targets,
-the CPU time per trip of each process, and a breakdown hop by hop, from times the path
+Figures: p50/p99 of each kind's round trip (submit sent to the ending answered) against
+issue 24's targets, the CPU time per trip of each process (both kinds), and a breakdown hop by
+hop for each kind, from times the path
 already records (all processes share the machine's wall clock):
 
     submit sent         this client, before the call
@@ -13,7 +19,7 @@ already records (all processes share the machine's wall clock):
     started received    the RUNNING event's time: the node received it and said it started
     finish received     the task's finished_at: the node's result reached the coordinator
     outcome committed   the final event's time (published after the commit)
-    Wait answered       this client, when the call returned
+    answered            this client, when the call that waits returned
 
 The events are read back after the trips (`Watch` from the first one's sequence number),
 so no watcher adds its work to the trips measured.
@@ -76,8 +82,9 @@ POINTS = (
     "started received",
     "finish received",
     "outcome committed",
-    "Wait answered",
+    "answered",
 )
+KINDS = ("one call", "two calls")
 _EVENT_POINTS = {
     task_pb2.TASK_STATE_QUEUED: "Submit committed",
     task_pb2.TASK_STATE_ASSIGNED: "dispatched",
@@ -111,18 +118,21 @@ async def replay(client: AsyncClient, trace: Trace, since: int, last: str) -> No
             trace.note(event.task_id, point, t)
 
 
-async def trip(client: AsyncClient, trace: Trace) -> task_pb2.Task:
-    """One round trip; returns the task as Wait answered."""
+async def trip(client: AsyncClient, trace: Trace, kind: str) -> task_pb2.Task:
+    """One round trip of `kind`; returns the task as it ended."""
     sent = time.time_ns()
-    task = await client.submit(noop())
-    done = await client.wait(task.id)
+    if kind == "one call":
+        done = await client.execute(noop())
+    else:
+        task = await client.submit(noop())
+        done = await client.wait(task.id)
     answered = time.time_ns()
     if done.state != task_pb2.TASK_STATE_SUCCEEDED:
-        raise BenchError(f"task {task.id} ended {task_pb2.TaskState.Name(done.state)}")
-    trace.note(task.id, "submit sent", sent)
-    trace.note(task.id, "Wait answered", answered)
+        raise BenchError(f"task {done.id} ended {task_pb2.TaskState.Name(done.state)}")
+    trace.note(done.id, "submit sent", sent)
+    trace.note(done.id, "answered", answered)
     if done.HasField("finished_at"):
-        trace.note(task.id, "finish received", done.finished_at.ToNanoseconds())
+        trace.note(done.id, "finish received", done.finished_at.ToNanoseconds())
     return done
 
 
@@ -194,19 +204,20 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
         trace = Trace()
         async with AsyncClient(cluster.address, token=token) as client:
             await wait_nodes(client, 1, children, deadline)
-            for _ in range(args.warmup):
-                await trip(client, trace)
-            tasks: list[task_pb2.Task] = []
-            totals: list[float] = []
+            for i in range(args.warmup):
+                await trip(client, trace, KINDS[i % 2])
+            tasks: dict[str, list[task_pb2.Task]] = {kind: [] for kind in KINDS}
+            totals: dict[str, list[float]] = {kind: [] for kind in KINDS}
             meter, started = CpuMeter(cluster.pids()), time.monotonic()
-            for i in range(args.trips):
+            for i in range(2 * args.trips):
                 if i % 50 == 0:
                     deadline.check("the round trips")
                     children.check_alive()
-                task = await trip(client, trace)
-                tasks.append(task)
+                kind = KINDS[i % 2]  # taking turns: both meet the same machine
+                task = await trip(client, trace, kind)
+                tasks[kind].append(task)
                 points = trace.points[task.id]
-                totals.append((points["Wait answered"] - points["submit sent"]) / 1e9)
+                totals[kind].append((points["answered"] - points["submit sent"]) / 1e9)
             # CPU per trip moves less than time when the machine is shared: it tells whether
             # a change did less work, where latency alone is drowned in noise.
             cpu, wall = meter.percent(), time.monotonic() - started
@@ -214,19 +225,19 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                 await asyncio.to_thread(commit_floor, workdir / "floor.db", args.trips),
                 await call_floor(cluster.address, args.trips),
             ]
+            first = min(t.created_seq for kind in KINDS for t in tasks[kind])
+            last = max((t for kind in KINDS for t in tasks[kind]), key=lambda t: t.created_seq)
             async with asyncio.timeout(deadline.left(30.0)):
-                await replay(client, trace, tasks[0].created_seq - 1, tasks[-1].id)
-        ids = [t.id for t in tasks]
-        hops = breakdown(trace, ids)
-        report.update(trips=len(totals), hops=hops)
-        report["figures"] = [
-            figure(
-                "round trip p50, one task at a time", ms(percentile(totals, 0.5)), "ms", "rt_p50"
-            ),
-            figure(
-                "round trip p99, one task at a time", ms(percentile(totals, 0.99)), "ms", "rt_p99"
-            ),
-        ]
+                await replay(client, trace, first - 1, last.id)
+        hops = {kind: breakdown(trace, [t.id for t in tasks[kind]]) for kind in KINDS}
+        report.update(trips=args.trips, hops=hops)
+        report["figures"] = []
+        for kind in KINDS:
+            for q, name in ((0.5, "p50"), (0.99, "p99")):
+                value = ms(percentile(totals[kind], q))
+                report["figures"].append(
+                    figure(f"round trip {name}, {kind}", value, "ms", f"rt_{name}")
+                )
         for name, values in floors:
             report["figures"].append(
                 figure(f"floor: {name} p50", ms(percentile(values, 0.5)), "ms")
@@ -235,13 +246,14 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                 figure(f"floor: {name} p99", ms(percentile(values, 0.99)), "ms")
             )
         for who, pct in cpu.items():
-            per_trip = pct / 100 * wall / max(len(totals), 1) * 1000
+            per_trip = pct / 100 * wall / (2 * args.trips) * 1000
             report["figures"].append(figure(f"CPU of the {who} per trip", round(per_trip, 3), "ms"))
-        for hop in hops:
-            name = f"hop {hop['from']} → {hop['to']}"
-            note = "" if hop["tasks"] == len(totals) else f"{hop['tasks']} tasks"
-            report["figures"].append(figure(f"{name} p50", hop["p50_ms"], "ms", note=note))
-            report["figures"].append(figure(f"{name} p99", hop["p99_ms"], "ms", note=note))
+        for kind in KINDS:
+            for hop in hops[kind]:
+                name = f"{kind}: {hop['from']} → {hop['to']}"
+                note = "" if hop["tasks"] == args.trips else f"{hop['tasks']} tasks"
+                report["figures"].append(figure(f"{name} p50", hop["p50_ms"], "ms", note=note))
+                report["figures"].append(figure(f"{name} p99", hop["p99_ms"], "ms", note=note))
     except BenchError as err:
         report["error"] = str(err)
     except ShoalError as err:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from shoal._gate import current_principal
 from shoal.coordinator.api.context import Ctx, client_of
 from shoal.coordinator.engine import SHUTTING_DOWN, Coordinator
-from shoal.errors import Unavailable
+from shoal.errors import InvalidArgument, Unavailable
 from shoal.specs import duration, instant
 from shoal.v1 import task_pb2, tasks_pb2, tasks_pb2_grpc
 
@@ -23,6 +24,10 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         self, request: tasks_pb2.SubmitRequest, context: Ctx
     ) -> tasks_pb2.SubmitResponse:
         by = current_principal()
+        # Checked before anything is stored: a bad wait_timeout changes nothing.
+        timeout = _timeout(request, "wait_timeout")
+        if timeout is not None and not request.wait:
+            raise InvalidArgument("wait_timeout is the bound of a wait: set wait too")
         (done,) = await self._core.submit(
             [request.spec],
             single=True,
@@ -30,9 +35,11 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             request_id=request.request_id,
             client=client_of(context),
         )
-        return tasks_pb2.SubmitResponse(
-            task=await self._core.get(done.task_id, by=by), created=done.created
-        )
+        if request.wait:
+            task = await self._core.wait(done.task_id, timeout, by=by)
+        else:
+            task = await self._core.get(done.task_id, by=by)
+        return tasks_pb2.SubmitResponse(task=task, created=done.created)
 
     async def SubmitBatch(
         self, request: tasks_pb2.SubmitBatchRequest, context: Ctx
@@ -56,7 +63,7 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         )
 
     async def Wait(self, request: tasks_pb2.WaitRequest, context: Ctx) -> task_pb2.Task:
-        timeout = duration(request.timeout, "timeout") if request.HasField("timeout") else None
+        timeout = _timeout(request, "timeout")
         return await self._core.wait(request.task_id, timeout, by=current_principal())
 
     async def Cancel(self, request: tasks_pb2.CancelRequest, context: Ctx) -> task_pb2.Task:
@@ -130,3 +137,12 @@ def _seconds(request: tasks_pb2.ListRequest, name: str) -> float | None:
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
     return instant(getattr(request, name), name)
+
+
+def _timeout(
+    request: tasks_pb2.WaitRequest | tasks_pb2.SubmitRequest, name: str
+) -> timedelta | None:
+    """A wait's bound from its Duration field `name`; None (no bound) when unset."""
+    if not request.HasField(name):  # type: ignore[arg-type]
+        return None
+    return duration(getattr(request, name), name)

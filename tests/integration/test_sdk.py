@@ -56,6 +56,68 @@ async def test_wait_with_a_timeout_raises_for_a_task_that_has_not_ended(mesh: Me
     assert ended.state == task_pb2.TASK_STATE_CANCELLED
 
 
+async def test_execute_submits_and_answers_once_the_task_has_ended(mesh: Mesh) -> None:
+    done = await mesh.client.execute(shell(["sh", "-c", "echo out"]))
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert done.result.stdout == "out\n"
+    assert (await mesh.client.get(done.id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+    def blocking() -> task_pb2.Task:
+        with Client(mesh.address, token=mesh.token) as client:
+            return client.execute(shell(["false"]))
+
+    failed = await asyncio.to_thread(blocking)
+    assert failed.state == task_pb2.TASK_STATE_FAILED
+    assert failed.result.exit_code == 1
+
+
+async def test_execute_with_a_timeout_leaves_the_task_submitted(mesh: Mesh) -> None:
+    short = timedelta(milliseconds=200)
+    with pytest.raises(WaitTimeout) as waited:
+        await mesh.client.execute(shell(["true"], not_before=later()), timeout=short)
+    task = waited.value.task
+    assert task.state == task_pb2.TASK_STATE_PENDING
+    assert (await mesh.client.get(task.id)).state == task_pb2.TASK_STATE_PENDING
+    await mesh.client.cancel(task.id)
+
+
+async def test_a_resent_submit_that_waits_waits_for_the_first_task(mesh: Mesh) -> None:
+    """The same request_id: one task, and each call answers with it once it has ended."""
+    auth = (("authorization", f"Bearer {mesh.token}"),)
+    request = tasks_pb2.SubmitRequest(spec=shell(["true"]), request_id="once", wait=True)
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = tasks_pb2_grpc.TasksStub(channel)
+        first, second = await asyncio.gather(
+            stub.Submit(request, metadata=auth), stub.Submit(request, metadata=auth)
+        )
+    assert first.task.id == second.task.id
+    assert {first.created, second.created} == {True, False}
+    assert first.task.state == second.task.state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("wait", "seconds", "error"),
+    [
+        (False, 1, "wait_timeout is the bound of a wait: set wait too"),
+        (True, -1, "wait_timeout must be between 0 and"),
+    ],
+)
+async def test_a_bad_wait_is_refused_and_stores_nothing(
+    mesh: Mesh, wait: bool, seconds: int, error: str
+) -> None:
+    auth = (("authorization", f"Bearer {mesh.token}"),)
+    before = await mesh.client.list()
+    request = tasks_pb2.SubmitRequest(spec=shell(["true"]), wait=wait)
+    request.wait_timeout.seconds = seconds
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = tasks_pb2_grpc.TasksStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Submit(request, metadata=auth)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith(error)
+    assert len(await mesh.client.list()) == len(before)
+
+
 async def test_states_read_by_name(mesh: Mesh) -> None:
     """The README's `client.run` loop prints states by name, not number."""
     printed = [

@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from datetime import timedelta
+from types import EllipsisType
 from typing import Any, TypeVar
 
 from shoal._client import (
     AsyncClient,
+    execute_request,
     submit_batch_request,
     submit_request,
     wait_request,
@@ -26,8 +28,8 @@ _T = TypeVar("_T")
 
 
 class Client:
-    """The blocking SDK: every AsyncClient method. Task calls (submit, get, wait, cancel) are
-    made in the caller's thread; the rest run on a private event loop thread.
+    """The blocking SDK: every AsyncClient method. Task calls (submit, execute, get, wait,
+    cancel) are made in the caller's thread; the rest run on a private event loop thread.
 
     Takes the arguments of AsyncClient.
     """
@@ -68,11 +70,13 @@ class Client:
     def target(self) -> str:
         return self._async.target
 
-    def _submit(self, method: Any, request: Any) -> Any:
+    def _submit(
+        self, method: Any, request: Any, *, timeout: float | EllipsisType | None = ...
+    ) -> Any:
         """See AsyncClient._submit."""
         while True:
             try:
-                return self._calls.blocking(method, request)
+                return self._calls.blocking(method, request, timeout=timeout)
             except ResourceExhausted as err:
                 if not self._async.wait_when_full or err.retry_after is None:
                     raise
@@ -83,6 +87,18 @@ class Client:
             return self._run(self._async.submit(spec))
         response: tasks_pb2.SubmitResponse = self._submit(self._tasks.Submit, submit_request(spec))
         return response.task
+
+    def execute(
+        self, spec: task_pb2.TaskSpec, *, timeout: timedelta | None = None
+    ) -> task_pb2.Task:
+        """See AsyncClient.execute."""
+        if self._tasks is None:
+            return self._run(self._async.execute(spec, timeout=timeout))
+        request, deadline = execute_request(spec, timeout, self._calls.timeout)
+        response: tasks_pb2.SubmitResponse = self._submit(
+            self._tasks.Submit, request, timeout=deadline
+        )
+        return waited(response.task, timeout)
 
     def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[str]:
         if self._tasks is None:

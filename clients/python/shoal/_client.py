@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import grpc
@@ -104,11 +105,13 @@ class AsyncClient:
         none for a list of coordinators over TLS)."""
         return open_blocking_channel(self.target, **self._dial)
 
-    async def _submit(self, method: Any, request: Any) -> Any:
+    async def _submit(
+        self, method: Any, request: Any, *, timeout: float | EllipsisType | None = ...
+    ) -> Any:
         """A submit; refused for backpressure, nothing was stored, so it may simply be resent."""
         while True:
             try:
-                return await self._calls.unary(method, request)
+                return await self._calls.unary(method, request, timeout=timeout)
             except ResourceExhausted as err:
                 if not self._wait_when_full or err.retry_after is None:
                     raise
@@ -129,6 +132,18 @@ class AsyncClient:
             self._tasks.Submit, submit_request(spec)
         )
         return response.task
+
+    async def execute(
+        self, spec: task_pb2.TaskSpec, *, timeout: timedelta | None = None
+    ) -> task_pb2.Task:
+        """Submit one task and wait for it to end, in one call: the task once final. With
+        `timeout`, raises WaitTimeout (holding the task as it is then) if it has not ended by
+        then; the task stays submitted."""
+        request, deadline = execute_request(spec, timeout, self._calls.timeout)
+        response: tasks_pb2.SubmitResponse = await self._submit(
+            self._tasks.Submit, request, timeout=deadline
+        )
+        return waited(response.task, timeout)
 
     async def submit_batch(self, specs: Iterable[task_pb2.TaskSpec]) -> list[str]:
         """Submit many tasks atomically in one call; returns their ids in order."""
@@ -422,6 +437,19 @@ def wait_request(
     if timeout is None:
         return request, None
     request.timeout.CopyFrom(to_duration(timeout))
+    return request, timeout.total_seconds() + call_timeout
+
+
+def execute_request(
+    spec: task_pb2.TaskSpec, timeout: timedelta | None, call_timeout: float
+) -> tuple[tasks_pb2.SubmitRequest, float | None]:
+    """A Submit of `spec` that waits up to `timeout` (None: until it ends), and the call's
+    deadline."""
+    request = submit_request(spec)
+    request.wait = True
+    if timeout is None:
+        return request, None
+    request.wait_timeout.CopyFrom(to_duration(timeout))
     return request, timeout.total_seconds() + call_timeout
 
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shoal.v1 import task_pb2 as shoal_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/tasks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"E\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x0eSubmitResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.shoal.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"K\n\x12SubmitBatchRequest\x12!\n\x05specs\x18\x01 \x03(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"K\n\x13SubmitBatchResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\"9\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1a\n\x12include_dependents\x18\x02 \x01(\x08\"J\n\x0bWaitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc0\x02\n\x0bListRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.shoal.v1.TaskState\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.shoal.v1.ListRequest.LabelsEntry\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0cListResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.shoal.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12#\n\x06states\x18\x05 \x03(\x0e\x32\x13.shoal.v1.TaskStateB\x08\n\x06_since\"@\n\rWatchResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x32\x92\x03\n\x05Tasks\x12;\n\x06Submit\x12\x17.shoal.v1.SubmitRequest\x1a\x18.shoal.v1.SubmitResponse\x12J\n\x0bSubmitBatch\x12\x1c.shoal.v1.SubmitBatchRequest\x1a\x1d.shoal.v1.SubmitBatchResponse\x12+\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x0e.shoal.v1.Task\x12-\n\x04Wait\x12\x15.shoal.v1.WaitRequest\x1a\x0e.shoal.v1.Task\x12\x31\n\x06\x43\x61ncel\x12\x17.shoal.v1.CancelRequest\x1a\x0e.shoal.v1.Task\x12\x35\n\x04List\x12\x15.shoal.v1.ListRequest\x1a\x16.shoal.v1.ListResponse\x12:\n\x05Watch\x12\x16.shoal.v1.WatchRequest\x1a\x17.shoal.v1.WatchResponse0\x01\x42y\n\x0c\x64\x65v.shoal.v1B\nTasksProtoP\x01Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\xa2\x02\x03SHL\xaa\x02\x08Shoal.V1\xca\x02\x08Shoal\\V1\xea\x02\tShoal::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/tasks.proto\x12\x08shoal.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13shoal/v1/task.proto\"\x84\x01\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x0eSubmitResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.shoal.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"K\n\x12SubmitBatchRequest\x12!\n\x05specs\x18\x01 \x03(\x0b\x32\x12.shoal.v1.TaskSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"K\n\x13SubmitBatchResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\"9\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1a\n\x12include_dependents\x18\x02 \x01(\x08\"J\n\x0bWaitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xc0\x02\n\x0bListRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.shoal.v1.TaskState\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.shoal.v1.ListRequest.LabelsEntry\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0cListResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.shoal.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x0cWatchRequest\x12\x12\n\x05since\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12#\n\x06states\x18\x05 \x03(\x0e\x32\x13.shoal.v1.TaskStateB\x08\n\x06_since\"@\n\rWatchResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\x32\x92\x03\n\x05Tasks\x12;\n\x06Submit\x12\x17.shoal.v1.SubmitRequest\x1a\x18.shoal.v1.SubmitResponse\x12J\n\x0bSubmitBatch\x12\x1c.shoal.v1.SubmitBatchRequest\x1a\x1d.shoal.v1.SubmitBatchResponse\x12+\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x0e.shoal.v1.Task\x12-\n\x04Wait\x12\x15.shoal.v1.WaitRequest\x1a\x0e.shoal.v1.Task\x12\x31\n\x06\x43\x61ncel\x12\x17.shoal.v1.CancelRequest\x1a\x0e.shoal.v1.Task\x12\x35\n\x04List\x12\x15.shoal.v1.ListRequest\x1a\x16.shoal.v1.ListResponse\x12:\n\x05Watch\x12\x16.shoal.v1.WatchRequest\x1a\x17.shoal.v1.WatchResponse0\x01\x42y\n\x0c\x64\x65v.shoal.v1B\nTasksProtoP\x01Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\xa2\x02\x03SHL\xaa\x02\x08Shoal.V1\xca\x02\x08Shoal\\V1\xea\x02\tShoal::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.shoal.v1B\nTasksProtoP\001Z3github.com/shoal-mesh/shoal/gen/go/shoal/v1;shoalv1\242\002\003SHL\252\002\010Shoal.V1\312\002\010Shoal\\V1\352\002\tShoal::V1'
   _globals['_LISTREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITREQUEST']._serialized_start=120
-  _globals['_SUBMITREQUEST']._serialized_end=189
-  _globals['_SUBMITRESPONSE']._serialized_start=191
-  _globals['_SUBMITRESPONSE']._serialized_end=254
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=256
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=331
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=333
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=408
-  _globals['_GETREQUEST']._serialized_start=410
-  _globals['_GETREQUEST']._serialized_end=467
-  _globals['_WAITREQUEST']._serialized_start=469
-  _globals['_WAITREQUEST']._serialized_end=543
-  _globals['_CANCELREQUEST']._serialized_start=545
-  _globals['_CANCELREQUEST']._serialized_end=577
-  _globals['_LISTREQUEST']._serialized_start=580
-  _globals['_LISTREQUEST']._serialized_end=900
-  _globals['_LISTREQUEST_LABELSENTRY']._serialized_start=855
-  _globals['_LISTREQUEST_LABELSENTRY']._serialized_end=900
-  _globals['_LISTRESPONSE']._serialized_start=902
-  _globals['_LISTRESPONSE']._serialized_end=972
-  _globals['_WATCHREQUEST']._serialized_start=975
-  _globals['_WATCHREQUEST']._serialized_end=1106
-  _globals['_WATCHRESPONSE']._serialized_start=1108
-  _globals['_WATCHRESPONSE']._serialized_end=1172
-  _globals['_TASKS']._serialized_start=1175
-  _globals['_TASKS']._serialized_end=1577
+  _globals['_SUBMITREQUEST']._serialized_start=121
+  _globals['_SUBMITREQUEST']._serialized_end=253
+  _globals['_SUBMITRESPONSE']._serialized_start=255
+  _globals['_SUBMITRESPONSE']._serialized_end=318
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=320
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=395
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=397
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=472
+  _globals['_GETREQUEST']._serialized_start=474
+  _globals['_GETREQUEST']._serialized_end=531
+  _globals['_WAITREQUEST']._serialized_start=533
+  _globals['_WAITREQUEST']._serialized_end=607
+  _globals['_CANCELREQUEST']._serialized_start=609
+  _globals['_CANCELREQUEST']._serialized_end=641
+  _globals['_LISTREQUEST']._serialized_start=644
+  _globals['_LISTREQUEST']._serialized_end=964
+  _globals['_LISTREQUEST_LABELSENTRY']._serialized_start=919
+  _globals['_LISTREQUEST_LABELSENTRY']._serialized_end=964
+  _globals['_LISTRESPONSE']._serialized_start=966
+  _globals['_LISTRESPONSE']._serialized_end=1036
+  _globals['_WATCHREQUEST']._serialized_start=1039
+  _globals['_WATCHREQUEST']._serialized_end=1170
+  _globals['_WATCHRESPONSE']._serialized_start=1172
+  _globals['_WATCHRESPONSE']._serialized_end=1236
+  _globals['_TASKS']._serialized_start=1239
+  _globals['_TASKS']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

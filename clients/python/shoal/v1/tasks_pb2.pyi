@@ -27,21 +27,33 @@ class SubmitRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes the call safe to resend: a request with the same id from the same caller (within
     an hour) returns the task(s) of the first instead of creating any.
     """
+    wait: _builtins.bool
+    """Answer once the task is final (its outcome stored) instead of once it is stored: Submit
+    then Wait in one call. `task` is then the task as it ended, or as it is when
+    `wait_timeout` (unset: none) passes first. Resent with its request_id, the call waits for
+    the same task.
+    """
     @_builtins.property
     def spec(self) -> _task_pb2.TaskSpec: ...
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         spec: _task_pb2.TaskSpec | None = ...,
         request_id: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "wait", b"wait", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -78,7 +78,7 @@ class TasksServicer:
     """
 
     def Submit(self, request, context):
-        """Accepts one task; answered after it is durably stored.
+        """Accepts one task; answered after it is durably stored, or with `wait` once it ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,7 @@ class TasksStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TasksAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SubmitRequest, _tasks_pb2.SubmitResponse]
-    """Accepts one task; answered after it is durably stored."""
+    """Accepts one task; answered after it is durably stored, or with `wait` once it ends."""
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SubmitBatchRequest, _tasks_pb2.SubmitBatchResponse]
     """Accepts many tasks atomically: all are stored, or none (and the call fails)."""
     Get: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetRequest, _task_pb2.Task]
@@ -52,7 +52,7 @@ class TasksAsyncStub(TasksStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SubmitRequest, _tasks_pb2.SubmitResponse]  # type: ignore[assignment]
-    """Accepts one task; answered after it is durably stored."""
+    """Accepts one task; answered after it is durably stored, or with `wait` once it ends."""
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SubmitBatchRequest, _tasks_pb2.SubmitBatchResponse]  # type: ignore[assignment]
     """Accepts many tasks atomically: all are stored, or none (and the call fails)."""
     Get: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetRequest, _task_pb2.Task]  # type: ignore[assignment]
@@ -72,7 +72,7 @@ class TasksServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.SubmitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.SubmitResponse, _abc.Awaitable[_tasks_pb2.SubmitResponse]]:
-        """Accepts one task; answered after it is durably stored."""
+        """Accepts one task; answered after it is durably stored, or with `wait` once it ends."""
 
     @_abc_1.abstractmethod
     def SubmitBatch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import time
@@ -87,13 +88,43 @@ def wait_sync(seconds: float) -> str:
     return "woke"
 
 
+class Gate:
+    """A file a test holds locked while calls that `wait_at` it must wait: they pass once the
+    test opens it (releases its lock), at once when it is open, and when the test dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self.shut()
+
+    def shut(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def open(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock goes with it
+            self._fd = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def wait_at(gate: str) -> None:
+    """Wait until the Gate at `gate` is open."""
+    fd = os.open(gate, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
 @shoal.task
 def pid_after(gate: str) -> int:
-    """Writes its worker's pid to `gate` + ".pid", then waits for `gate` to exist."""
+    """Writes its worker's pid to `gate` + ".pid", then waits at the Gate `gate`."""
     Path(gate + ".pid").write_text(str(os.getpid()))
-    deadline = time.monotonic() + 60
-    while not Path(gate).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_at(gate)
     return os.getpid()
 
 
@@ -119,10 +150,8 @@ async def with_progress(steps: int, gate: str = "") -> int:
     for i in range(steps):
         shoal.progress((i + 1) / steps, f"{i + 1} of {steps}")
         await asyncio.sleep(0.05)
-    deadline = time.monotonic() + 60
-    # Waits for a file the test writes.
-    while gate and not os.path.exists(gate) and time.monotonic() < deadline:  # noqa: ASYNC110, ASYNC240
-        await asyncio.sleep(0.02)
+    if gate:
+        await asyncio.to_thread(wait_at, gate)
     return steps
 
 

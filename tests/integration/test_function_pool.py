@@ -46,20 +46,20 @@ async def _value(run: asyncio.Task[Outcome]) -> str:
     return outcome.result.output.fields["value"].string_value
 
 
-async def _made_fast(ex: FunctionExecutor, gate: Path) -> None:
+async def _made_fast(ex: FunctionExecutor, gate: fm.Gate) -> None:
     """Calls of pid_after with its gate open: the pool learns that they are fast."""
-    gate.write_text("open")  # noqa: ASYNC240
+    gate.open()
     ex._pool.fast_below = 10.0  # whatever the machine's load: fast
     for _ in range(4):
         await ex.run(fm.pid_after.spec(str(gate)), _ctx())
     assert ex._pool.fast(fm.pid_after.name)
-    gate.unlink()  # noqa: ASYNC240
+    gate.shut()
 
 
 async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
+    gate = fm.Gate(tmp_path / "gate")
     await _made_fast(executor, gate)
     pid_file = Path(f"{gate}.pid")
     pid_file.unlink()  # noqa: ASYNC240
@@ -74,7 +74,7 @@ async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
     failed = await runs[0]
     assert failed.state == task_pb2.TASK_STATE_FAILED
     assert "worker process died" in failed.result.error
-    gate.write_text("open")
+    gate.open()
     pids = {int(await _value(r)) for r in runs[1:]}
     assert pid not in pids  # the queued calls ran in another worker
 
@@ -82,7 +82,7 @@ async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
 async def test_a_call_cancelled_while_queued_never_runs(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
+    gate = fm.Gate(tmp_path / "gate")
     await _made_fast(executor, gate)
     pid_file = Path(f"{gate}.pid")
     pid_file.unlink()  # noqa: ASYNC240
@@ -107,7 +107,7 @@ async def test_a_call_cancelled_while_queued_never_runs(
     # The cancel frame is written (the worker is still in the first call) before it ends.
     await posted.wait()
     await eventually(lambda: not worker._out or None)
-    gate.write_text("open")
+    gate.open()
     with pytest.raises(asyncio.CancelledError):
         await queued
     assert int(await _value(first)) > 0

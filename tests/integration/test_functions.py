@@ -118,7 +118,7 @@ async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:
 
 async def test_a_worker_killed_mid_call_fails_only_its_attempt(mesh: Mesh, tmp_path: Path) -> None:
     client = mesh.client
-    gate = tmp_path / "gate"
+    gate = fm.Gate(tmp_path / "gate")
     doomed = await fm.pid_after.async_submit(client, str(gate))
     pid_file = Path(f"{gate}.pid")
     pid = int(await eventually(lambda: pid_file.read_text(), retry_on=(OSError, ValueError)))
@@ -128,7 +128,7 @@ async def test_a_worker_killed_mid_call_fails_only_its_attempt(mesh: Mesh, tmp_p
     assert not isinstance(failed.value, shoal.RemoteError)
     assert "worker process died" in failed.value.task.result.error
     assert not failed.value.task.result.infrastructure_failure  # not the node's fault
-    gate.write_text("open")
+    gate.open()
     pids = {await (await fm.pid_after.async_submit(client, str(gate))).result() for _ in range(4)}
     assert pid not in pids  # replaced
     [status] = await client.nodes()  # no circuit breaker counts the crash against the node

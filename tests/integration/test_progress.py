@@ -41,7 +41,7 @@ async def _progress_events(mesh: Mesh, task: task_pb2.Task) -> list[task_pb2.Eve
 async def test_a_function_reports_progress_to_watch_get_and_the_cli(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
+    gate = fm.Gate(tmp_path / "gate")
     handle = await fm.with_progress.async_submit(mesh.client, 4, str(gate))
     task = await handle.task()
     watching = asyncio.create_task(_progress_events(mesh, task))
@@ -53,7 +53,7 @@ async def test_a_function_reports_progress_to_watch_get_and_the_cli(
 
     running = await eventually(reported, timeout=30)
     assert running.state == task_pb2.TASK_STATE_RUNNING
-    gate.write_text("go")
+    gate.open()
     assert await handle.result() == 4
     events = await asyncio.wait_for(watching, 30)
     fractions = [e.progress.fraction for e in events]
@@ -66,7 +66,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
     mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
-    gate = tmp_path / "gate"
+    gate = fm.Gate(tmp_path / "gate")
     script = (
         "sleep 1.2\n"
         'echo "0.25 a quarter" >"$SHOAL_PROGRESS"\n'
@@ -74,7 +74,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
         'echo "NaN bad" >"$SHOAL_PROGRESS"\n'
         "sleep 0.2\n"
         f'"{sys.executable}" -m shoal progress 7 "over the top, clamped"\n'
-        f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+        f'flock -s "{gate}" true\n'
         "echo done\n"
     )
     task = await mesh.client.submit(shoal.shell(script))
@@ -88,7 +88,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
     await eventually(reported, timeout=30)
     shown = await run_tool([str(BIN / "shoal"), "get", task.id, "-c", mesh.address], timeout=30)
     assert "100% over the top, clamped" in " ".join(shown.stdout.split()), shown
-    gate.write_text("go")
+    gate.open()
     events = await asyncio.wait_for(watching, 30)
     assert [(e.progress.fraction, e.progress.message) for e in events] == [
         (0.25, "a quarter"),
@@ -104,11 +104,11 @@ async def test_logs_follow_a_running_task_and_artifacts_download(
     mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
-    gate = tmp_path / "gate"
-    script = f'echo first; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo second >&2'
+    gate = fm.Gate(tmp_path / "gate")
+    script = f'echo first; flock -s "{gate}" true; echo second >&2'
     task = await mesh.client.submit(shoal.shell(script))
     follow = await cli.start("logs", "-f", task.id, "-c", mesh.address, pipe=True)
-    gate.write_text("go")  # followed live or printed whole once ended: the same bytes
+    gate.open()  # followed live or printed whole once ended: the same bytes
     out, err = await asyncio.wait_for(follow.proc.communicate(), 60)
     assert follow.proc.returncode == 0
     assert out.decode() == "first\n" and err.decode() == "second\n"

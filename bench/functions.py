@@ -32,7 +32,6 @@ from _common import (
     Children,
     Cluster,
     Deadline,
-    Figure,
     admin_token,
     child_env,
     default_shoal,
@@ -46,7 +45,7 @@ from _common import (
     wait_listening,
     wait_nodes,
 )
-from peer_runs import run_peers
+from peer_runs import peer_figures, run_peers
 
 import shoal
 from shoal import AsyncClient, noop
@@ -184,21 +183,6 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
                 children.stop(child)
         shutil.rmtree(workdir, ignore_errors=True)
     return report
-
-
-def peer_figures(peers: Sequence[dict[str, Any]]) -> list[Figure]:
-    out = []
-    for peer in peers:
-        name = peer["system"]
-        if "error" in peer:
-            out.append(figure(f"{name} calls per second", None, "calls/s", note=peer["error"]))
-            continue
-        out += [
-            figure(f"{name} calls per second", peer["calls_per_s"], "calls/s"),
-            figure(f"{name} round trip p50", peer["p50_ms"], "ms"),
-            figure(f"{name} round trip p99", peer["p99_ms"], "ms"),
-        ]
-    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

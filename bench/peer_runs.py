@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PEERS", "run_peers"]
+from _common import Figure, figure
+
+__all__ = ["PEERS", "peer_figures", "run_peers"]
 
 PEERS = Path(__file__).resolve().parent / "peers"
 VENVS = Path(os.environ.get("PEERS_VENVS", "/tmp/peers"))
@@ -102,4 +104,20 @@ def run_peers(n: int, trips: int, timeout: float) -> list[dict[str, Any]]:
                         "versions": data.get("versions", {}),
                     }
                 )
+    return out
+
+
+def peer_figures(peers: list[dict[str, Any]]) -> list[Figure]:
+    """What `run_peers` gave, as figures: calls per second and round trips of each peer."""
+    out = []
+    for peer in peers:
+        name = peer["system"]
+        if "error" in peer:
+            out.append(figure(f"{name} calls per second", None, "calls/s", note=peer["error"]))
+            continue
+        out += [
+            figure(f"{name} calls per second", peer["calls_per_s"], "calls/s"),
+            figure(f"{name} round trip p50", peer["p50_ms"], "ms"),
+            figure(f"{name} round trip p99", peer["p99_ms"], "ms"),
+        ]
     return out

@@ -32,6 +32,7 @@ stream messages).
 
     .venv/bin/python bench/roundtrip.py                # writes bench/results/roundtrip.json
     .venv/bin/python bench/roundtrip.py --trips 200
+    .venv/bin/python bench/roundtrip.py --peers   # and Ray's and Dramatiq's, in the same run
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from _common import (
     wait_nodes,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from peer_runs import peer_figures, run_peers
 
 from shoal import AsyncClient, noop
 from shoal.errors import ShoalError
@@ -279,6 +281,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=120.0, help="bound on the whole run, s")
     p.add_argument("--out", type=Path, default=RESULTS / "roundtrip.json", help="JSON output")
     p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="then Ray's and Dramatiq's round trips (bench/peer_runs.py), as many",
+    )
     args = p.parse_args(argv)
     if args.trips < 1 or args.warmup < 0 or args.slots < 1:
         p.error("--trips and --slots must be at least 1, --warmup not negative")
@@ -287,7 +294,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return finish(run_async(lambda children: bench(args, children)), args.out)
+    report = run_async(lambda children: bench(args, children))
+    if report is not None and args.peers:
+        # Their throughput run is kept short: this benchmark is about one task at a time.
+        peers = run_peers(1_000, args.trips, args.deadline)
+        report["peers"] = peers
+        report.setdefault("figures", []).extend(peer_figures(peers))
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

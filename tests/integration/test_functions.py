@@ -55,6 +55,16 @@ async def test_calls_return_typed_values_and_raise_remote_errors(mesh: Mesh) -> 
     assert failed.state == task_pb2.TASK_STATE_FAILED and "valid integer" in failed.result.error
     assert not failed.result.infrastructure_failure
     assert await (await fm.add.async_submit(client, 1, 1)).result() == 2
+    # In one call: submitted, waited for, decoded.
+    assert await fm.midpoint.async_call(client, fm.Point(0, 0), fm.Point(4, 2)) == fm.Point(2, 1)
+    with pytest.raises(shoal.RemoteError):
+        await fm.fail.async_call(client, "again")
+
+    def blocking() -> int:
+        with shoal.Client(mesh.address, token=mesh.token) as sync:
+            return fm.add.call(sync, 40, 2)
+
+    assert await asyncio.to_thread(blocking) == 42
 
 
 async def test_handles_as_arguments_make_a_dag(mesh: Mesh) -> None:

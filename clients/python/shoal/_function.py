@@ -120,6 +120,14 @@ class Function(Generic[P, R]):
         task = await client.submit(self.spec(*args, **kwargs))
         return AsyncHandle(self, client, task.id, task.created_seq)
 
+    def call(self, client: Client, /, *args: Any, **kwargs: Any) -> R:
+        """Run it on a node and wait for it, in one call: the typed value, or RemoteError /
+        TaskFailed."""
+        return self.outcome(client.execute(self.spec(*args, **kwargs)))
+
+    async def async_call(self, client: AsyncClient, /, *args: Any, **kwargs: Any) -> R:
+        return self.outcome(await client.execute(self.spec(*args, **kwargs)))
+
     def map(self, client: Client, /, *iterables: Iterable[Any]) -> list[Handle[R]]:
         """One call per item (zipped, as the builtin map), submitted as one batch."""
         specs = [self.spec(*items) for items in zip(*iterables, strict=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -85,45 +86,75 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
 
     # It writes through the context rather than yielding: a write can then be given up.
     async def Watch(self, request: tasks_pb2.WatchRequest, context: Ctx) -> None:  # type: ignore[override]
-        since = request.since if request.HasField("since") else None
-        async for cursor, events in self._core.watch(
-            since=since,
+        await self.follow(request, context.write)
+
+    def watch_events(
+        self, request: tasks_pb2.WatchRequest
+    ) -> AsyncIterator[tuple[int, list[task_pb2.Event]]]:
+        """What Watch sends, as (cursor, events), for the caller acting now."""
+        return self._core.watch(
+            since=request.since if request.HasField("since") else None,
             task_ids=list(request.task_ids),
             output=request.output,
             tenant=request.tenant,
             states=list(request.states),
             by=current_principal(),
-        ):
-            await self._send(context, tasks_pb2.WatchResponse(events=events, cursor=cursor))
+        )
 
-    async def _send(self, context: Ctx, response: tasks_pb2.WatchResponse) -> None:
-        """Write a watch's response; a watcher that reads slower than events come is cut once
-        what it has yet to read leaves the in-memory log, so that what it holds stays bounded.
-        It resumes from its cursor (the SDK's watch does so by itself)."""
+    async def follow(
+        self,
+        request: tasks_pb2.WatchRequest,
+        write: Callable[[tasks_pb2.WatchResponse], Awaitable[None]],
+        *,
+        until: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Watch: each response to `write`; a watcher that reads slower than events come is
+        cut once what it has yet to read leaves the in-memory log, so that what it holds
+        stays bounded. It resumes from its cursor (the SDK's watch does so by itself).
+        With `until`, it returns once `until(cursor)` is true after a write."""
+        async for cursor, events in self.watch_events(request):
+            await self._send(write, tasks_pb2.WatchResponse(events=events, cursor=cursor))
+            if until is not None and until(cursor):
+                return
+
+    def forgotten(self, cursor: int) -> bool:
+        """Whether the event after `cursor` left the in-memory log: a watcher that has yet to
+        send what comes after `cursor` fell behind."""
+        return cursor + 1 < self._core.events.oldest_seq
+
+    def fell_behind(self) -> Unavailable:
+        """The error that cuts a watcher that reads too slowly (counted)."""
+        if self._core.events.closed:  # a watcher that does not read holds no shutdown up
+            return Unavailable(SHUTTING_DOWN)
+        self._core.watchers_cut += 1
+        return Unavailable(
+            "this watcher fell behind: events it had yet to read left the coordinator's"
+            " memory; watch again from the last cursor it received"
+        )
+
+    async def _send(
+        self,
+        write: Callable[[tasks_pb2.WatchResponse], Awaitable[None]],
+        response: tasks_pb2.WatchResponse,
+    ) -> None:
         events = self._core.events
         if response.cursor < events.oldest_seq - 1:  # replaying from the store: nothing to lose
-            await context.write(response)
+            await write(response)
             return
-        write = asyncio.ensure_future(context.write(response))
+        written = asyncio.ensure_future(write(response))
         dropped = asyncio.ensure_future(events.wait_dropped(response.cursor))
         try:
-            await asyncio.wait((write, dropped), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((written, dropped), return_when=asyncio.FIRST_COMPLETED)
         finally:
             dropped.cancel()
-            cut = not write.done()
+            cut = not written.done()
             if cut:
-                write.cancel()
+                written.cancel()
             # A write given up (or the call gone meanwhile) may still end in the call's error.
-            write.add_done_callback(_retrieved)
-        if cut and events.closed:  # a watcher that does not read holds no shutdown up
-            raise Unavailable(SHUTTING_DOWN)
+            written.add_done_callback(_retrieved)
         if cut:
-            self._core.watchers_cut += 1
-            raise Unavailable(
-                "this watcher fell behind: events it had yet to read left the coordinator's"
-                " memory; watch again from the last cursor it received"
-            )
-        write.result()
+            raise self.fell_behind()
+        written.result()
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 from aiohttp import web
 
 from shoal._channel import CLIENT_KEY
@@ -16,16 +13,11 @@ CLIENT_HEADER = "X-Shoal-Client"
 
 
 class HttpCallContext:
-    """What the servicers read of a grpc.aio.ServicerContext, from an HTTP request: its
-    metadata, its peer, and (for Watch) a `write` that sends a response."""
+    """What the unary servicers read of a grpc.aio.ServicerContext, from an HTTP request: its
+    metadata and its peer."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        write: Callable[[Any], Awaitable[None]] | None = None,
-    ) -> None:
+    def __init__(self, request: web.Request) -> None:
         self._request = request
-        self._write = write
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         client = self._request.headers.get(CLIENT_HEADER)
@@ -33,8 +25,3 @@ class HttpCallContext:
 
     def peer(self) -> str:
         return f"http:{self._request.remote or 'unknown'}"
-
-    async def write(self, response: Any) -> None:
-        if self._write is None:
-            raise RuntimeError("this call answers once; it has no stream to write to")
-        await self._write(response)

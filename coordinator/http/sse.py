@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -25,9 +25,10 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from shoal._gate import acting_as
+from shoal.auth import Principal
 from shoal.coordinator.http.auth import Caller
-from shoal.coordinator.http.context import HttpCallContext
 from shoal.coordinator.http.errors import error_body, error_response, unexpected_response
+from shoal.coordinator.http.feed import Feed, Feeds
 from shoal.coordinator.http.rpc import API_PREFIX, method_path
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.v1 import task_pb2, tasks_pb2
@@ -125,7 +126,7 @@ class EventJson:
 
 class _Stream:
     """One subscriber's response: opened at its first message, written one at a time; the
-    events of the responses that come within COALESCE_SECONDS are sent as one message."""
+    events that come within COALESCE_SECONDS of each other are sent as one message."""
 
     def __init__(self, request: web.Request, encoded: EventJson) -> None:
         self._request = request
@@ -140,12 +141,14 @@ class _Stream:
         self._lock = asyncio.Lock()
         self._pending: list[str] = []  # events encoded, not sent yet
         self._pending_size = 0
-        self._cursor = 0  # of the last response written
+        self._cursor = 0  # of the last events taken in
         self._sent = -1  # the cursor of the last message sent
+        self.unsent: int | None = None  # the cursor before the events pending (None: none)
         self._flusher: asyncio.Task[None] | None = None
         self._flushing = False  # the flusher is sending (not to be cut off mid-message)
         self._closed = False
         self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
 
     @property
     def open(self) -> bool:
@@ -160,34 +163,54 @@ class _Stream:
             await self.response.prepare(self._request)
         await self.response.write(chunk)
 
+    def put(self, cursor: int, events: str) -> None:
+        """Take events (encoded, joined by commas) up to `cursor` in, to be sent soon: with
+        those that follow within COALESCE_SECONDS, at once when it is the first message or
+        what waits is large."""
+        if events:
+            if not self._pending:
+                self.unsent = self._cursor
+            self._pending.append(events)
+            self._pending_size += len(events)
+        self._cursor = cursor
+        if self._flusher is None and not self._closed and self._failure is None:
+            at_once = not self.open or self._pending_size >= _MAX_PENDING
+            delay = 0.0 if at_once else COALESCE_SECONDS
+            self._flusher = asyncio.create_task(self._flush_soon(delay))
+
     async def write(self, response: tasks_pb2.WatchResponse) -> None:
-        """Take a response in; sent soon with those that follow it, at once when it is the
-        first or what waits is large (then this waits for the subscriber to read)."""
+        """`put` a response, then wait for it to be sent when what waits is large (the
+        subscriber reads slowly: its watch waits for it)."""
         if self._failure is not None:
             raise self._failure
-        if response.events:
-            text = ",".join(self._encoded.event(e) for e in response.events)
-            self._pending.append(text)
-            self._pending_size += len(text)
-        self._cursor = response.cursor
+        self.put(response.cursor, ",".join(self._encoded.event(e) for e in response.events))
         if not self.open or self._pending_size >= _MAX_PENDING:
             await self.flush()
-        elif self._flusher is None and not self._closed:
-            self._flusher = asyncio.create_task(self._flush_soon())
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(COALESCE_SECONDS)
+    def fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+        self._failed.set()
+
+    async def failed(self) -> None:
+        """Raise its failure once it has one."""
+        await self._failed.wait()
+        assert self._failure is not None
+        raise self._failure
+
+    async def _flush_soon(self, delay: float) -> None:
+        await asyncio.sleep(delay)
         self._flushing = True
         try:
             await self.flush()
-        except Exception as err:  # the subscriber is gone: the next write says so
-            self._failure = err
+        except Exception as err:  # the subscriber is gone
+            self.fail(err)
         finally:
             self._flushing = False
             self._flusher = None
             if self._pending and self._failure is None and not self._closed:
                 # These came in while the message before was sent.
-                self._flusher = asyncio.create_task(self._flush_soon())
+                self._flusher = asyncio.create_task(self._flush_soon(COALESCE_SECONDS))
 
     async def flush(self) -> None:
         """Send what waits as one message (the cursor alone when no event waits)."""
@@ -198,6 +221,7 @@ class _Stream:
             if self._cursor:
                 parts.append(f'"cursor":"{self._cursor}"')  # a uint64: a string in JSON
             cursor, self._pending, self._pending_size = self._cursor, [], 0
+            self.unsent = None
             await self._send(f"id: {cursor}\ndata: {{{','.join(parts)}}}\n\n".encode())
             self._sent = cursor
 
@@ -224,6 +248,7 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
     """GET /api/events over `tasks` (the Tasks servicer)."""
     path = method_path(_WATCH)
     encoded = EventJson()
+    feeds = Feeds()
 
     async def events(request: web.Request) -> web.StreamResponse:
         try:
@@ -235,7 +260,7 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
             return unexpected_response(path)
         stream = _Stream(request, encoded)
         heartbeat = asyncio.create_task(stream.heartbeat())
-        served = asyncio.create_task(_serve(tasks, watch, principal, request, stream))
+        served = asyncio.create_task(_serve(tasks, watch, principal, stream, feeds, encoded))
         try:
             # Whichever ends first: the watch, or a heartbeat that found the subscriber gone.
             await asyncio.wait((served, heartbeat), return_when=asyncio.FIRST_COMPLETED)
@@ -274,13 +299,48 @@ async def _last_word(stream: _Stream, body: object) -> None:
 async def _serve(
     tasks: Any,
     watch: tasks_pb2.WatchRequest,
-    principal: Any,
-    request: web.Request,
+    principal: Principal | None,
     stream: _Stream,
+    feeds: Feeds,
+    encoded: EventJson,
 ) -> None:
-    context = HttpCallContext(request, stream.write)
+    """Serve a subscriber from the feed of its query and caller; from further back than the
+    feed holds, from a Watch of its own until it has caught up with it."""
+    live = tasks_pb2.WatchRequest()
+    live.CopyFrom(watch)
+    live.ClearField("since")
+    key = (live.SerializeToString(deterministic=True), _caller_key(principal))
+
+    def start(ended: Callable[[Feed], None]) -> Feed:
+        with acting_as(principal) if principal is not None else contextlib.nullcontext():
+            batches = tasks.watch_events(live)
+        return Feed(
+            batches, encoded.event, behind=tasks.forgotten, cut=tasks.fell_behind, ended=ended
+        )
+
+    feed = feeds.get(key, start)
+    try:
+        await feed.ready.wait()
+        if feed.failure is not None:
+            raise feed.failure
+        if not feed.join(stream, watch.since if watch.HasField("since") else None):
+
+            def caught_up(cursor: int) -> bool:
+                nonlocal feed
+                if not feed.live:
+                    feed = feeds.get(key, start)
+                return feed.join(stream, cursor)
+
+            with acting_as(principal) if principal is not None else contextlib.nullcontext():
+                await tasks.follow(watch, stream.write, until=caught_up)
+        await stream.failed()
+    finally:
+        feed.leave(stream)
+
+
+def _caller_key(principal: Principal | None) -> tuple[str, ...]:
+    """What a feed's events depend on of its caller: who (their token: revoked, the feed
+    ends), and the tenant they see."""
     if principal is None:
-        await tasks.Watch(watch, context)
-    else:
-        with acting_as(principal):
-            await tasks.Watch(watch, context)
+        return ()
+    return (principal.name, principal.token_id, principal.tenant, str(principal.role))

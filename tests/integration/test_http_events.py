@@ -78,12 +78,14 @@ def seqs(messages: list[Message]) -> list[int]:
 
 
 async def read_until(
-    response: httpx.Response,
+    response: httpx.Response | AsyncIterator[bytes],
     reader: Reader,
     done: Callable[[list[Message]], bool],
     into: list[Message],
 ) -> None:
-    async for chunk in response.aiter_raw():
+    """Read (a response, or its chunks read on from where they were left) until `done`."""
+    chunks = response.aiter_raw() if isinstance(response, httpx.Response) else response
+    async for chunk in chunks:
         into.extend(reader.feed(chunk))
         if done(into):
             return
@@ -238,12 +240,105 @@ async def test_a_subscriber_that_leaves_leaves_no_watcher(
     await eventually(none_left)
 
 
+def feeds() -> list[asyncio.Task[object]]:
+    """The shared watches this loop runs for SSE subscribers."""
+    return [t for t in asyncio.all_tasks() if t.get_name() == "shoal-sse-feed"]
+
+
+async def test_subscribers_of_one_query_share_one_feed(mesh: Mesh, http: httpx.AsyncClient) -> None:
+    """Subscribers asking the same as the same caller are served by one watch, and get the
+    same events; another query has a feed of its own; the last to leave ends it."""
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    got: dict[str, list[Message]] = {"a": [], "b": [], "done": []}
+    async with (
+        http.stream("GET", "/api/events", headers=auth) as a,
+        http.stream("GET", "/api/events", headers=auth) as b,
+        http.stream("GET", "/api/events?states=succeeded", headers=auth) as done,
+    ):
+        streams = {"a": a.aiter_raw(), "b": b.aiter_raw(), "done": done.aiter_raw()}
+        readers = {name: Reader() for name in streams}
+        for name, chunks in streams.items():  # up to each first message: where it starts
+            await read_until(chunks, readers[name], bool, got[name])
+        assert len(feeds()) == 2
+        ids = await mesh.client.submit_batch([noop({"i": i}) for i in range(50)])
+
+        def all_done(messages: list[Message]) -> bool:
+            finished = {
+                e["taskId"] for e in events_of(messages) if e["state"] == "TASK_STATE_SUCCEEDED"
+            }
+            return finished >= set(ids)
+
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(read_until(r, readers[n], all_done, got[n]) for n, r in streams.items())
+            ),
+            60,
+        )
+    assert events_of(got["a"]) == events_of(got["b"])
+    assert {e["taskId"] for e in events_of(got["a"])} == set(ids)
+    assert {e["state"] for e in events_of(got["done"])} == {"TASK_STATE_SUCCEEDED"}
+    assert seqs(got["done"]) == [
+        int(e["seq"]) for e in events_of(got["a"]) if e["state"] == "TASK_STATE_SUCCEEDED"
+    ]
+
+    def none_left() -> None:
+        assert feeds() == [] and watchers() == []
+
+    await eventually(none_left)
+
+
+async def test_a_subscriber_joins_a_feed_from_a_recent_cursor(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    """A subscriber that comes back with a cursor the feed still holds gets the events after
+    it from the feed's recent batches, then the live ones: none lost, none twice."""
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    first: list[Message] = []
+    later: list[Message] = []
+    async with http.stream("GET", "/api/events", headers=auth) as response:
+        staying = response.aiter_raw()
+        reader = Reader()
+        done = await mesh.client.submit_batch([noop() for _ in range(20)])
+        await read_until(
+            staying,
+            reader,
+            lambda ms: (
+                {e["taskId"] for e in events_of(ms) if "SUCCEEDED" in e["state"]} >= set(done)
+            ),
+            first,
+        )
+        middle = [m for m in first if m.id][len([m for m in first if m.id]) // 2]
+        assert middle.id is not None
+        async with http.stream(
+            "GET", "/api/events", headers={**auth, "Last-Event-ID": middle.id}
+        ) as back:
+            assert len(feeds()) == 1
+            more = await mesh.client.submit_batch([noop() for _ in range(20)])
+
+            def ended(ms: list[Message]) -> bool:
+                return {e["taskId"] for e in events_of(ms) if "SUCCEEDED" in e["state"]} >= set(
+                    more
+                )
+
+            await asyncio.wait_for(
+                asyncio.gather(
+                    read_until(back, Reader(), ended, later),
+                    read_until(staying, reader, ended, first),
+                ),
+                60,
+            )
+    after = [n for n in seqs(first) if n > int(middle.id)]
+    assert seqs(later) == after
+
+
+@pytest.mark.parametrize("start", ["behind", "live"])
 async def test_a_subscriber_that_does_not_read_is_cut_with_an_error_and_resumes(
-    mesh_factory: MeshFactory,
+    mesh_factory: MeshFactory, start: str
 ) -> None:
     """What the server holds for a subscriber is bounded: one that stops reading while output
     floods past the in-memory log gets an `error` event and the stream ends; from its last
-    id it resumes, losing and repeating nothing."""
+    id it resumes, losing and repeating nothing. Whether it started behind (on a watch of its
+    own) or live (on the shared feed)."""
     mesh = await mesh_factory(
         slots=2,
         coordinator={"http_listen": "127.0.0.1:0", "event_bytes": MB},
@@ -256,7 +351,11 @@ async def test_a_subscriber_that_does_not_read_is_cut_with_an_error_and_resumes(
     async with (
         httpx.AsyncClient(base_url=mesh.coordinator.http_url, timeout=60) as http,
         http.stream(
-            "GET", f"/api/events?since={first.created_seq - 1}&output=true", headers=auth
+            "GET",
+            f"/api/events?since={first.created_seq - 1}&output=true"
+            if start == "behind"
+            else "/api/events?output=true",
+            headers=auth,
         ) as stalled,
     ):
         chunks = stalled.aiter_raw()

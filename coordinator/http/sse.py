@@ -2,9 +2,10 @@
 
 Each message's `id:` is the Watch cursor after it and its `data:` the WatchResponse as JSON;
 a browser that reconnects sends the last id back (Last-Event-ID) and resumes after it, losing
-and repeating nothing. It is the same servicer method as gRPC's Watch, so a subscriber that
-reads slower than events come is cut the same way (an `error` event, then the stream ends;
-it reconnects from its last id), and what one holds in memory stays bounded.
+and repeating nothing. Subscribers that ask the same as the same caller share one watch
+(feed.py): each event is encoded once for all of them. A subscriber that reads slower than
+events come is cut as a gRPC watcher is (an `error` event, then the stream ends; it
+reconnects from its last id), and what one holds in memory stays bounded.
 
 Events that come within COALESCE_SECONDS of each other go out as one message, so a browser
 parses a few messages a second however fast the mesh runs; a message still carries every

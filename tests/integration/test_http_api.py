@@ -129,6 +129,16 @@ async def test_a_tenant_sees_and_touches_only_its_own_tasks(
     )
     assert ok.status_code == 200
     assert (await mesh.client.wait(task["id"])).state == task_pb2.TASK_STATE_CANCELLED
+    # Submit and wait, in one request: the answer is the task as it ended, in its tenant.
+    ran = await http.post(
+        "/api/shoal.v1.Tasks/Submit",
+        json={"spec": {"shell": {"argv": ["echo", "done"]}}, "wait": True},
+        headers=bearer(tokens["acme"]),
+    )
+    assert ran.status_code == 200, ran.text
+    ended = ran.json()["task"]
+    assert ended["state"] == "TASK_STATE_SUCCEEDED" and ended["result"]["stdout"] == "done\n"
+    assert ended["spec"]["tenant"] == "acme"
 
 
 async def test_bad_input_gets_a_precise_error_and_changes_nothing(

@@ -4,6 +4,8 @@ the results a lost session may have lost sent again by the next one. It outlives
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
 
 from shoal._output import output_size
@@ -20,15 +22,21 @@ MAX_BATCH_BYTES = 4 << 20
 _OUTPUT_ROOM = 4 << 20
 # Attempts a Hello claims at most: a coordinator refuses more (its max_batch by default).
 _MAX_CLAIMS = 10_000
+RIDE_ALONG = 0.005
+"""Seconds a Started update waits for company: a task that ends within it is reported in one
+update batch, not two (each batch costs both ends ~100 us), and one that runs on is seen
+running that much later."""
 
 
 class Outbox:
-    """Updates in the order they came: `push`, then a session's writer `take`s batches and
-    says which were `sent` (or `put_back` what it could not write)."""
+    """Updates in the order they came: `push`, then a session's writer `take`s batches once
+    they are `due_at`, and says which were `sent` (or `put_back` what it could not write)."""
 
     def __init__(self) -> None:
         self._updates: list[node_pb2.TaskUpdate] = []
         self.ready = asyncio.Event()  # set when an update came (the writer clears it to wait)
+        # When what is held is to be sent (monotonic): at once, unless all of it rides along.
+        self._due_at = math.inf
         self._output_bytes = 0  # of the output updates held
         self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
         self._output_room.set()
@@ -39,9 +47,6 @@ class Outbox:
         # it arrived. Until then a lost session (the coordinator killed or stopping) may have
         # lost it, and the next session sends it again.
         self._unacked: deque[tuple[int, node_pb2.TaskUpdate]] = deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._updates)
 
     def push(self, update: node_pb2.TaskUpdate) -> None:
         """Send an update with the next batch, in this session or the next."""
@@ -55,8 +60,17 @@ class Outbox:
             # results further to its own limit).
             bounded_result(update.finished.result, MAX_BATCH_BYTES // 2)
         self._updates.append(update)
+        if kind == "started":  # nobody waits for it: it rides along with the next update
+            self._due_at = min(self._due_at, time.monotonic() + RIDE_ALONG)
+        else:
+            self._due_at = -math.inf
         self.ready.set()
         self.flushed.clear()
+
+    @property
+    def due_at(self) -> float:
+        """When the updates held are to be sent (monotonic; inf when none are held)."""
+        return self._due_at
 
     async def output_room(self) -> None:
         """Return once the outbox holds less than _OUTPUT_ROOM of output: a task printing faster
@@ -78,12 +92,15 @@ class Outbox:
             if update.HasField("output"):
                 output += output_size(update.output)
         batch, self._updates = updates[:end], updates[end:]
+        if not self._updates:
+            self._due_at = math.inf
         self._add_output(-output)
         return batch, output
 
     def put_back(self, batch: list[node_pb2.TaskUpdate], output: int) -> None:
         """A batch `take` gave that could not be written: first in line for the next session."""
         self._updates[:0] = batch
+        self._due_at = -math.inf
         self._add_output(output)
 
     def sent(self, batch: list[node_pb2.TaskUpdate], heartbeat_seq: int) -> None:
@@ -105,6 +122,7 @@ class Outbox:
         if self._unacked:
             self._updates[:0] = [u for _, u in self._unacked]
             self._unacked.clear()
+            self._due_at = -math.inf
             self.flushed.clear()
 
     def claims(self, running: list[node_pb2.RunningAttempt]) -> list[node_pb2.RunningAttempt]:

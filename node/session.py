@@ -393,8 +393,7 @@ class CoordinatorLink:
     async def _write(self, stream: SessionStream) -> None:
         """Send updates as they come, and a heartbeat every interval whatever else goes."""
         while True:
-            wait = self._next_heartbeat - time.monotonic()
-            if wait > 0 and not self.outbox:
+            while (wait := min(self._next_heartbeat, self.outbox.due_at) - time.monotonic()) > 0:
                 self.outbox.ready.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -405,7 +404,7 @@ class CoordinatorLink:
                 # carries what is in the outbox.
                 _log.warning("node=%s lease lapsed: ending the session", self._host.node_id)
                 return
-            if self.outbox:
+            if self.outbox.due_at <= time.monotonic():
                 batch, output = self.outbox.take()
                 try:
                     await stream.write(

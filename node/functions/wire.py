@@ -29,10 +29,12 @@ class WireError(Exception):
     """The other side broke the protocol (a frame too large, or not a JSON object)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # json.dumps with
+# options builds one per call
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
-        errors="surrogateescape"
-    )
+    body = _ENCODER.encode(message).encode(errors="surrogateescape")
     return LENGTH.pack(len(body)) + body
 
 

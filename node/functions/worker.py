@@ -84,8 +84,8 @@ def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]
 
 def _arguments(fn: Function[Any, Any], message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     return fn.codec.decode_arguments(
-        str(message.get("args", "")).encode(),
-        str(message.get("kwargs", "")).encode(),
+        str(message.get("args", "")),
+        str(message.get("kwargs", "")),
         {str(k): str(v) for k, v in dict(message.get("upstream") or {}).items()},
     )
 

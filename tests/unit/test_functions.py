@@ -4,7 +4,9 @@ it, and the worker wire's bounds."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -75,6 +77,32 @@ def test_hostile_arguments_are_refused_as_codec_errors(
 ) -> None:
     with pytest.raises(CodecError):
         place.codec.decode_arguments(args, kwargs, upstream)
+
+
+def _required_keyword(a: int, *, b: int) -> int:
+    return a + b
+
+
+def _optional(a: int, b: int = 0, /) -> int:
+    return a + b
+
+
+def _starred(a: int, *rest: int) -> int:
+    return a + sum(rest)
+
+
+@pytest.mark.parametrize("fn", [_required_keyword, _optional, _starred])
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 40])
+def test_a_call_is_checked_as_binding_would(fn: Callable[..., int], count: int) -> None:
+    codec = Function(fn).codec
+    args = list(range(count))
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        with pytest.raises(CodecError):
+            codec.check(args, {})
+    else:
+        codec.check(args, {})
 
 
 def test_a_result_that_is_not_json_is_a_codec_error() -> None:

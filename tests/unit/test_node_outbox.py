@@ -1,0 +1,53 @@
+"""The node's outbox: a Started update rides along with the next update (or goes within
+RIDE_ALONG); anything else is due at once."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from shoal.node.outbox import RIDE_ALONG, Outbox
+from shoal.v1 import node_pb2, task_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _started(task_id: str) -> node_pb2.TaskUpdate:
+    return node_pb2.TaskUpdate(task_id=task_id, started=node_pb2.Started())
+
+
+def _finished(task_id: str) -> node_pb2.TaskUpdate:
+    return node_pb2.TaskUpdate(
+        task_id=task_id, finished=node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED)
+    )
+
+
+async def test_started_waits_for_company_a_while() -> None:
+    outbox = Outbox()
+    assert outbox.due_at == math.inf
+    before = time.monotonic()
+    outbox.push(_started("a"))
+    assert before < outbox.due_at <= time.monotonic() + RIDE_ALONG
+    outbox.push(_finished("a"))
+    assert outbox.due_at <= time.monotonic()
+    batch, _ = outbox.take()
+    assert [u.WhichOneof("update") for u in batch] == ["started", "finished"]
+    assert outbox.due_at == math.inf
+
+
+async def test_a_later_started_does_not_hold_an_earlier_one_longer() -> None:
+    outbox = Outbox()
+    outbox.push(_started("a"))
+    first = outbox.due_at
+    outbox.push(_started("b"))
+    assert outbox.due_at == first
+
+
+async def test_what_is_sent_again_is_due_at_once() -> None:
+    outbox = Outbox()
+    outbox.push(_started("a"))
+    batch, output = outbox.take()
+    outbox.put_back(batch, output)
+    assert outbox.due_at <= time.monotonic()

@@ -4,8 +4,8 @@ second, and sequential round trips of a trivial function beside those of a no-op
 One coordinator (durable store, synchronous=FULL) and one node (`--import fn_tasks`, so its
 warm workers hold bench/fn_tasks.py) run as `shoal` CLI processes on loopback. Throughput:
 --tasks no-op tasks (SubmitBatch, 1,000 a call) then --tasks calls of `square` (`map`, one
-SubmitBatch), each waited for through one Watch of outcomes. Round trips: `submit` then
-`result()` of `trivial()`, one at a time, and the same with a no-op task.
+SubmitBatch), each waited for through one Watch of outcomes. Round trips: `trivial.call()`
+(submitted and waited for in one call), one at a time, and the same with a no-op task.
 
     .venv/bin/python bench/functions.py              # writes bench/results/functions.json
     .venv/bin/python bench/functions.py --tasks 5000 --trips 200
@@ -135,11 +135,12 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
         async with AsyncClient(address, token=admin_token(workdir / "data")) as client:
             await wait_nodes(client, 1, children, deadline, within=60)
 
+            # Each in one call (a Submit that answers once the task has ended).
             async def call_function() -> None:
-                await (await fn_tasks.trivial.async_submit(client)).result()
+                await fn_tasks.trivial.async_call(client)
 
             async def call_noop() -> None:
-                task = await client.wait((await client.submit(noop())).id)
+                task = await client.execute(noop())
                 if task.state != task_pb2.TASK_STATE_SUCCEEDED:
                     raise BenchError(f"a no-op task failed: {task.result.error}")
 

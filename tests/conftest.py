@@ -7,38 +7,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xdist.remote import Producer  # type: ignore[import-untyped]
 
 from tests.chaos.summary import take_published
 from tests.integration.docker_engine import docker_engine as docker_engine  # one per session
 from tests.postgres import PostgresServer, postgres_server
+from tests.workers import GroupScheduling
 
 _FIGURES = "published"
 """The user property that carries a test's published figures (from an xdist worker too)."""
 
-_HERE = Path(__file__).parent
 
-_ONE_WORKER = (_HERE / "chaos", _HERE / "fuzz")
-"""Tests under these folders run one after another on one xdist worker (`--dist loadgroup`):
-chaos scenarios kill processes, cut links, step clocks and time the recovery, and the fuzzer
-keeps a core busy for minutes; none of them runs beside another of them."""
-
-_MDNS = tuple(
-    _HERE / "integration" / name
-    for name in ("test_advertisement.py", "test_discovery.py", "test_standby_discovery.py")
-)
-"""Tests that browse mDNS in the root network namespace, where a socket hears every group any
-socket there joined: one test's browser would see what another's nodes announce. They share
-one worker; their namespaces' 10.78.<pid % 250> subnets cannot meet there either."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(item.path.is_relative_to(folder) for folder in _ONE_WORKER):
-            item.add_marker(pytest.mark.xdist_group("chaos-and-fuzz"))
-        elif item.path in _MDNS:
-            item.add_marker(pytest.mark.xdist_group("mdns"))
-        elif "docker_engine" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("docker"))  # one worker starts a dockerd
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> GroupScheduling | None:
+    """`--dist loadgroup` shares tests among workers by the groups of tests/workers.py."""
+    return GroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 @pytest.hookimpl(tryfirst=True)

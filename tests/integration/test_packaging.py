@@ -12,8 +12,7 @@ import pytest
 
 from .harness import Mesh, run_tool
 
-# One worker runs the module: the wheel (minutes on 2 cores) is built once for all its tests.
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("packaging")]
+pytestmark = pytest.mark.timeout(600)  # one worker runs the module (see tests/workers.py)
 
 ROOT = Path(__file__).parents[2]
 _NOT_SOURCE = frozenset({"build", "dist", "test-artifacts"})

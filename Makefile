@@ -29,7 +29,7 @@ run: $(STAMP) reinstall-pkg
 
 # tests/dist builds the executable (minutes): `make dist-test` runs them. The suite runs on
 # two pytest-xdist workers (most tests wait on processes and sockets, not on a core); tests of
-# one `xdist_group` share a worker (see tests/conftest.py). `make test JOBS=0` runs it in this
+# one group share a worker (see tests/workers.py). `make test JOBS=0` runs it in this
 # process. The slowest 25 tests are listed at the end. Tests marked `whole_machine` measure
 # the machine's CPU: they run afterwards, alone.
 JOBS ?= 2

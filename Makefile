@@ -27,13 +27,16 @@ reinstall-pkg: $(STAMP)
 run: $(STAMP) reinstall-pkg
 	$(BIN)/shoal up --demo $(if $(PORT),--listen 127.0.0.1:$(PORT))
 
-# tests/dist builds the executable (minutes): `make dist-test` runs them. `make test JOBS=2`
-# runs the suite on two pytest-xdist workers (most tests wait on processes and sockets, not
-# on a core); tests of one `xdist_group` share a worker (see tests/conftest.py). JOBS=0, the
-# default, runs it in this process. The slowest 25 tests are listed at the end.
-JOBS ?= 0
+# tests/dist builds the executable (minutes): `make dist-test` runs them. The suite runs on
+# two pytest-xdist workers (most tests wait on processes and sockets, not on a core); tests of
+# one group share a worker (see tests/workers.py). `make test JOBS=0` runs it in this
+# process. The slowest 25 tests are listed at the end. Tests marked `whole_machine` measure
+# the machine's CPU: they run afterwards, alone.
+JOBS ?= 2
 test: $(STAMP) reinstall-pkg lint protos-check
-	$(BIN)/python -m pytest -q tests --ignore=tests/dist -n $(JOBS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q tests --ignore=tests/dist -n $(JOBS) --dist loadgroup \
+	  -m 'not whole_machine' --durations=25
+	$(BIN)/python -m pytest -q tests --ignore=tests/dist -m whole_machine
 
 unit: $(STAMP) reinstall-pkg
 	$(BIN)/python -m pytest -q tests/unit

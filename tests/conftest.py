@@ -7,26 +7,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xdist.remote import Producer  # type: ignore[import-untyped]
 
 from tests.chaos.summary import take_published
 from tests.integration.docker_engine import docker_engine as docker_engine  # one per session
 from tests.postgres import PostgresServer, postgres_server
+from tests.workers import GroupScheduling
 
 _FIGURES = "published"
 """The user property that carries a test's published figures (from an xdist worker too)."""
 
-_ONE_WORKER = (Path(__file__).parent / "chaos", Path(__file__).parent / "fuzz")
-"""Tests under these folders run one after another on one xdist worker (`--dist loadgroup`):
-chaos scenarios kill processes, cut links, step clocks and time the recovery, and the fuzzer
-keeps a core busy for minutes; none of them runs beside another of them."""
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(item.path.is_relative_to(folder) for folder in _ONE_WORKER):
-            item.add_marker(pytest.mark.xdist_group("chaos-and-fuzz"))
-        elif "docker_engine" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("docker"))  # one worker starts a dockerd
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> GroupScheduling | None:
+    """`--dist loadgroup` shares tests among workers by the groups of tests/workers.py."""
+    return GroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -11,9 +12,12 @@ import pytest
 
 from .harness import Mesh, run_tool
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(600)  # one worker runs the module (see tests/workers.py)
 
 ROOT = Path(__file__).parents[2]
+_NOT_SOURCE = frozenset({"build", "dist", "test-artifacts"})
+"""Top-level folders a copy of the tree leaves out, with its dot-folders (.git, .venv, caches)
+and *.egg-info: what installs, builds and runs leave."""
 SERVING_ONLY = ("docker", "ollama", "httpx", "croniter", "prometheus-client", "cryptography")
 """Distributions that only `shoal[coordinator]` or `shoal[node]` bring."""
 
@@ -23,7 +27,8 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv with the wheel built from this tree and only the client's dependencies."""
     where = tmp_path_factory.mktemp("packaging")
     wheels = where / "wheels"
-    build = ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)]
+    source = _source_copy(where)
+    build = ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)]
     subprocess.run([sys.executable, "-m", "pip", *build], check=True)
     (wheel,) = wheels.glob("shoal-*.whl")
     venv = where / "venv"
@@ -32,6 +37,24 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True
     )
     return venv / "bin"
+
+
+def _source_copy(where: Path) -> Path:
+    """A copy of this tree's sources in `where`: setuptools builds in the tree it is given
+    (build/, *.egg-info), and the repository's are shared with whatever else runs there."""
+    source = where / "source"
+    shutil.copytree(ROOT, source, ignore=_leave_out, symlinks=True)
+    return source
+
+
+def _leave_out(folder: str, names: list[str]) -> set[str]:
+    top = Path(folder) == ROOT
+    return {
+        n
+        for n in names
+        if (top and (n in _NOT_SOURCE or n.endswith(".egg-info") or n.startswith(".")))
+        or n == "__pycache__"
+    }
 
 
 def test_the_client_install_leaves_the_serving_dependencies_out(client_venv: Path) -> None:
@@ -119,13 +142,13 @@ def test_the_sdist_carries_the_protos_and_license(tmp_path: Path) -> None:
         "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", build, str(tmp_path)],
-        cwd=ROOT,
+        [sys.executable, "-c", build, str(tmp_path / "sdist")],
+        cwd=_source_copy(tmp_path),
         check=True,
         capture_output=True,
         text=True,
     )
-    sdist = tmp_path / done.stdout.split()[-1]
+    sdist = tmp_path / "sdist" / done.stdout.split()[-1]
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
 

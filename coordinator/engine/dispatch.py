@@ -117,11 +117,7 @@ class Dispatcher:
             self.sessions[node_id].assign(assignments)
         if by_node:
             self.moved.update(by_node)
-            # Queued for the store after this turn: the sessions' writers, woken above, send
-            # the assignments first (the writer thread's work would hold them up).
-            asyncio.get_running_loop().call_soon(
-                self.record_dispatched, {node_id: "\n".join(x) for node_id, x in lines.items()}
-            )
+            self.record_dispatched({node_id: "\n".join(x) for node_id, x in lines.items()})
         for event in events:
             self._k.events.emit(event)
         if self._k.scheduler.queue.unoffered:

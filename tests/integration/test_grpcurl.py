@@ -179,6 +179,20 @@ async def test_submit_as_json_then_wait_reads_stdout(mesh: Mesh, grpcurl: Path) 
     assert task["result"]["stdout"] == "hello\n"
     assert task["node_id"] == mesh.node.node_id
 
+    # Submit that waits: one call, answered with the task as it ended.
+    ran = ok_json(
+        await grpcurl_call(
+            grpcurl,
+            mesh.address,
+            "shoal.v1.Tasks/Submit",
+            {"spec": {"shell": {"argv": ["echo", "at once"]}}, "wait": True},
+            token=mesh.token,
+        )
+    )
+    assert ran["created"] is True
+    assert ran["task"]["state"] == "TASK_STATE_SUCCEEDED"
+    assert ran["task"]["result"]["stdout"] == "at once\n"
+
 
 async def test_health_serving_on_coordinator_and_node(
     mesh: Mesh, grpcurl: Path, tmp_path: Path

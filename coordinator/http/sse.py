@@ -168,25 +168,33 @@ class _Stream:
         """Take events (encoded, joined by commas) up to `cursor` in, to be sent soon: with
         those that follow within COALESCE_SECONDS, at once when it is the first message or
         what waits is large."""
+        self._take(cursor, events)
+        if self._flusher is None and not self._closed and self._failure is None:
+            delay = 0.0 if self._due() else COALESCE_SECONDS
+            self._flusher = asyncio.create_task(self._flush_soon(delay))
+
+    async def write(self, response: tasks_pb2.WatchResponse) -> None:
+        """`put` a response; when what waits is due at once, send it and wait for the
+        subscriber to take it (one that reads slowly holds its watch back)."""
+        if self._failure is not None:
+            raise self._failure
+        self._take(response.cursor, ",".join(self._encoded.event(e) for e in response.events))
+        if self._due():
+            await self.flush()
+        elif self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._flush_soon(COALESCE_SECONDS))
+
+    def _take(self, cursor: int, events: str) -> None:
         if events:
             if not self._pending:
                 self.unsent = self._cursor
             self._pending.append(events)
             self._pending_size += len(events)
         self._cursor = cursor
-        if self._flusher is None and not self._closed and self._failure is None:
-            at_once = not self.open or self._pending_size >= _MAX_PENDING
-            delay = 0.0 if at_once else COALESCE_SECONDS
-            self._flusher = asyncio.create_task(self._flush_soon(delay))
 
-    async def write(self, response: tasks_pb2.WatchResponse) -> None:
-        """`put` a response, then wait for it to be sent when what waits is large (the
-        subscriber reads slowly: its watch waits for it)."""
-        if self._failure is not None:
-            raise self._failure
-        self.put(response.cursor, ",".join(self._encoded.event(e) for e in response.events))
-        if not self.open or self._pending_size >= _MAX_PENDING:
-            await self.flush()
+    def _due(self) -> bool:
+        """Whether what waits goes at once: the first message, or much waits."""
+        return not self.open or self._pending_size >= _MAX_PENDING
 
     def fail(self, error: BaseException) -> None:
         if self._failure is None:
@@ -313,7 +321,7 @@ async def _serve(
     key = (live.SerializeToString(deterministic=True), _caller_key(principal))
 
     def start(ended: Callable[[Feed], None]) -> Feed:
-        with acting_as(principal) if principal is not None else contextlib.nullcontext():
+        with _acting(principal):
             batches = tasks.watch_events(live)
         return Feed(
             batches, encoded.event, behind=tasks.forgotten, cut=tasks.fell_behind, ended=ended
@@ -332,11 +340,16 @@ async def _serve(
                     feed = feeds.get(key, start)
                 return feed.join(stream, cursor)
 
-            with acting_as(principal) if principal is not None else contextlib.nullcontext():
+            with _acting(principal):
                 await tasks.follow(watch, stream.write, until=caught_up)
         await stream.failed()
     finally:
         feed.leave(stream)
+
+
+def _acting(principal: Principal | None) -> contextlib.AbstractContextManager[None]:
+    """The servicer's calls made as `principal` (None: auth is off, as its default)."""
+    return acting_as(principal) if principal is not None else contextlib.nullcontext()
 
 
 def _caller_key(principal: Principal | None) -> tuple[str, ...]:

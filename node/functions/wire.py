@@ -29,8 +29,8 @@ class WireError(Exception):
     """The other side broke the protocol (a frame too large, or not a JSON object)."""
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # json.dumps with
-# options builds one per call
+# One encoder for every frame: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

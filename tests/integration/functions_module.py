@@ -6,7 +6,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -82,12 +81,6 @@ async def started_then_wait(seconds: float) -> str:
     return "woke"
 
 
-@shoal.task
-def wait_sync(seconds: float) -> str:
-    time.sleep(seconds)
-    return "woke"
-
-
 class Gate:
     """A file a test holds locked while calls that `wait_at` it must wait: they pass once the
     test opens it (releases its lock), at once when it is open, and when the test dies."""
@@ -118,6 +111,13 @@ def wait_at(gate: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
+
+
+@shoal.task
+def wait_sync(gate: str) -> str:
+    """A sync call that blocks (no CancelledError can reach it) until the Gate `gate` opens."""
+    wait_at(gate)
+    return "woke"
 
 
 @shoal.task

@@ -111,7 +111,8 @@ async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:
     await eventually(lambda: marker.read_text() == "cancelled" or None, retry_on=(OSError,))
     assert marker.read_text() == "cancelled"  # CancelledError reached the function
 
-    stuck = await fm.wait_sync.async_submit(client, 60)  # a sync call: its worker is replaced
+    shut = fm.Gate(tmp_path / "never")  # never opened: only the worker's end ends the call
+    stuck = await fm.wait_sync.async_submit(client, str(shut))  # its worker is replaced
     await _running(mesh, stuck.task_id)
     await stuck.cancel()
     assert (await client.wait(stuck.task_id)).state == task_pb2.TASK_STATE_CANCELLED

@@ -11,8 +11,8 @@ from datetime import timedelta
 from types import EllipsisType
 from typing import Any, TypeVar
 
-from shoal._client import (
-    AsyncClient,
+from shoal._client import AsyncClient
+from shoal._requests import (
     execute_request,
     submit_batch_request,
     submit_request,

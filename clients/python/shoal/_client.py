@@ -19,9 +19,16 @@ from google.protobuf import json_format
 from shoal._builders import tool
 from shoal._calls import Calls
 from shoal._channel import CLIENT_KEY, bearer, open_blocking_channel, open_channel
+from shoal._requests import (
+    execute_request,
+    submit_batch_request,
+    submit_request,
+    wait_request,
+    waited,
+)
 from shoal._status import from_rpc_error
 from shoal.config import ClientSettings, read_token
-from shoal.errors import ResourceExhausted, TaskFailed, Unavailable, WaitTimeout
+from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
 from shoal.specs import is_final, to_duration
 from shoal.v1 import (
     admin_pb2,
@@ -418,43 +425,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def submit_request(spec: task_pb2.TaskSpec) -> tasks_pb2.SubmitRequest:
-    """A Submit of `spec`, with a request id of its own: resent, it stores no second task."""
-    return tasks_pb2.SubmitRequest(spec=spec, request_id=uuid.uuid4().hex)
-
-
-def submit_batch_request(specs: Iterable[task_pb2.TaskSpec]) -> tasks_pb2.SubmitBatchRequest:
-    return tasks_pb2.SubmitBatchRequest(specs=list(specs), request_id=uuid.uuid4().hex)
-
-
-def wait_request(
-    task_id: str, timeout: timedelta | None, call_timeout: float
-) -> tuple[tasks_pb2.WaitRequest, float | None]:
-    """A Wait for `task_id` for up to `timeout` (None: until it ends), and the call's deadline."""
-    request = tasks_pb2.WaitRequest(task_id=task_id)
-    if timeout is None:
-        return request, None
-    request.timeout.CopyFrom(to_duration(timeout))
-    return request, timeout.total_seconds() + call_timeout
-
-
-def execute_request(
-    spec: task_pb2.TaskSpec, timeout: timedelta | None, call_timeout: float
-) -> tuple[tasks_pb2.SubmitRequest, float | None]:
-    """A Submit of `spec` that waits up to `timeout` (None: until it ends), and the call's
-    deadline."""
-    request = submit_request(spec)
-    request.wait = True
-    if timeout is None:
-        return request, None
-    request.wait_timeout.CopyFrom(to_duration(timeout))
-    return request, timeout.total_seconds() + call_timeout
-
-
-def waited(task: task_pb2.Task, timeout: timedelta | None) -> task_pb2.Task:
-    """`task` as a Wait answered it; WaitTimeout when `timeout` passed before it ended."""
-    if timeout is not None and not is_final(task.state):
-        raise WaitTimeout(task, timeout)
-    return task

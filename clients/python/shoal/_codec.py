@@ -232,8 +232,8 @@ def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
     return adapter.dump_python(adapter.validate_python(value), mode="json")
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # json.dumps with options
-# builds one per call
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _dumps(value: Any) -> bytes:

@@ -3,9 +3,11 @@ second, and sequential round trips of a trivial function beside those of a no-op
 
 One coordinator (durable store, synchronous=FULL) and one node (`--import fn_tasks`, so its
 warm workers hold bench/fn_tasks.py) run as `shoal` CLI processes on loopback. Throughput:
---tasks no-op tasks (SubmitBatch, 1,000 a call) then --tasks calls of `square` (`map`, one
-SubmitBatch), each waited for through one Watch of outcomes. Round trips: `trivial.call()`
-(submitted and waited for in one call), one at a time, and the same with a no-op task.
+--tasks no-op tasks and --tasks calls of `square`, in --turns rounds that each run a share of
+both (each share submitted in one SubmitBatch, `map` for the calls, and waited for through one
+Watch of outcomes), so that the machine's drifting speed slows both alike. Round trips:
+`trivial.call()` (submitted and waited for in one call), one at a time, and the same with a
+no-op task.
 
     .venv/bin/python bench/functions.py              # writes bench/results/functions.json
     .venv/bin/python bench/functions.py --tasks 5000 --trips 200
@@ -87,28 +89,51 @@ def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     return out
 
 
-def cpu_per_task(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-    """CPU microseconds per task of each process group between two readings."""
-    return {k: round(1e6 * (after[k] - before[k]) / n) for k in after}
-
-
 async def noop_rate(client: AsyncClient, n: int) -> float:
+    """No-op tasks per second: `n` submitted in one SubmitBatch, waited for by one Watch."""
     started = time.perf_counter()
-    ids: list[str] = []
-    for i in range(0, n, 1000):
-        ids += await client.submit_batch([noop()] * min(1000, n - i))
+    ids = await client.submit_batch([noop()] * n)
     first = await client.get(ids[0])
     await _outcomes(client, ids, first.created_seq - 1)
     return n / (time.perf_counter() - started)
 
 
 async def function_rate(client: AsyncClient, n: int) -> float:
+    """Calls of `square` per second: `n` mapped in one SubmitBatch, their typed results
+    gathered by one Watch."""
     started = time.perf_counter()
     handles = await fn_tasks.square.async_map(client, range(n))
     results = await shoal.async_gather(handles)
     if results[-1] != (n - 1) ** 2:
         raise BenchError("a wrong result")
     return n / (time.perf_counter() - started)
+
+
+async def rates_in_turns(
+    client: AsyncClient, cluster: Cluster, n: int, turns: int
+) -> dict[str, Any]:
+    """Both rates over `turns` rounds that each run n/turns no-op tasks, then as many calls:
+    a machine whose speed drifts during the run slows both alike. Their CPU time per task,
+    by process group."""
+    chunk = max(1, n // turns)
+    spent = {"noop": 0.0, "function": 0.0}
+    cpu: dict[str, dict[str, float]] = {"noop": {}, "function": {}}
+    for _ in range(turns):
+        for kind, rate in (("noop", noop_rate), ("function", function_rate)):
+            before = cpu_seconds(cluster)
+            spent[kind] += chunk / await rate(client, chunk)
+            after = cpu_seconds(cluster)
+            for group, seconds in after.items():
+                cpu[kind][group] = cpu[kind].get(group, 0.0) + seconds - before[group]
+    done = chunk * turns
+    return {
+        "noop_per_s": done / spent["noop"],
+        "function_per_s": done / spent["function"],
+        "cpu_us_per_task": {
+            kind: {group: round(1e6 * s / done) for group, s in groups.items()}
+            for kind, groups in cpu.items()
+        },
+    }
 
 
 async def trips(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
@@ -149,15 +174,9 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             await noop_rate(client, min(args.tasks, 1000))  # warm up both paths
             await function_rate(client, min(args.tasks, 1000))
             deadline.check("warm-up")
-            c0 = cpu_seconds(cluster)
-            noop_per_s = await noop_rate(client, args.tasks)
-            c1 = cpu_seconds(cluster)
-            function_per_s = await function_rate(client, args.tasks)
-            c2 = cpu_seconds(cluster)
-            report["cpu_us_per_task"] = {
-                "noop": cpu_per_task(c0, c1, args.tasks),
-                "function": cpu_per_task(c1, c2, args.tasks),
-            }
+            rates = await rates_in_turns(client, cluster, args.tasks, args.turns)
+            noop_per_s, function_per_s = rates["noop_per_s"], rates["function_per_s"]
+            report["cpu_us_per_task"] = rates["cpu_us_per_task"]
             print(f"CPU us per task: {report['cpu_us_per_task']}", flush=True)
             deadline.check("throughput")
             fn_trips = await trips(call_function, args.trips)
@@ -193,6 +212,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tasks", type=int, default=10_000, help="tasks (and calls) per rate")
     p.add_argument("--trips", type=int, default=300, help="measured round trips of each")
+    p.add_argument("--turns", type=int, default=5, help="rounds the two rates take turns in")
     p.add_argument("--warmup", type=int, default=30, help="round trips before measuring")
     p.add_argument("--slots", type=int, default=4, help="slots (and function workers) of the node")
     p.add_argument("--deadline", type=float, default=300.0, help="bound on the whole run, s")
@@ -204,8 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run Ray and Dramatiq (bench/peer_runs.py) with the same calls and trips",
     )
     args = p.parse_args(argv)
-    if args.tasks < 1 or args.trips < 1 or args.slots < 1 or args.tasks > 10_000:
-        p.error("--tasks (at most 10,000: one batch), --trips and --slots must be at least 1")
+    if min(args.tasks, args.trips, args.slots, args.turns) < 1 or args.tasks > 10_000:
+        p.error("--tasks (at most 10,000: one batch), --trips, --slots, --turns: at least 1")
     return args
 
 

@@ -109,12 +109,11 @@ class FunctionExecutor(Executor):
             # picked the node itself gets here.
             raise TaskError(f"function {f.name!r} is not offered here")
         self._ids += 1
-        request = {
-            "op": "call",
-            "args": f.args.decode(errors="replace"),
-            "kwargs": f.kwargs.decode(errors="replace"),
-            "upstream": dict(f.upstream),
-        }
+        request: dict[str, Any] = {"op": "call", "args": f.args.decode(errors="replace")}
+        if f.kwargs:
+            request["kwargs"] = f.kwargs.decode(errors="replace")
+        if f.upstream:
+            request["upstream"] = dict(f.upstream)
         tail = ctx.output_tail_bytes
         run = _Run(Call(self._ids, f.name, request), ctx, _Tail(tail), _Tail(tail))
         while True:  # again when its worker died running another call
@@ -134,7 +133,7 @@ class FunctionExecutor(Executor):
         """The call's outcome from its worker's frames; None when it is to be sent again."""
         try:
             while True:
-                message = await run.call.frames.get()
+                message = await run.call.next()
                 if message is None:
                     return await self._died(run, worker)
                 if message is REQUEUE:
@@ -167,8 +166,10 @@ class FunctionExecutor(Executor):
     def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
         op = message["op"]
         result = task_pb2.TaskResult()
-        set_result_text(result, "stdout", call.out.text())
-        set_result_text(result, "stderr", call.err.text())
+        if call.out.size:  # most calls print nothing
+            set_result_text(result, "stdout", call.out.text())
+        if call.err.size:
+            set_result_text(result, "stderr", call.err.text())
         if op == "done":
             value = str(message.get("value", "null"))
             if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
@@ -217,7 +218,7 @@ class FunctionExecutor(Executor):
         try:
             async with asyncio.timeout(_STOP_GRACE):
                 while True:
-                    message = await call.frames.get()
+                    message = await call.next()
                     if message is None or message is REQUEUE or message.get("op") in ENDS:
                         return
         except (TimeoutError, asyncio.CancelledError):

@@ -47,15 +47,16 @@ class ProcessGroups:
     def add(self, pgid: int) -> None:
         """A group the task started (its leader's pid); stopped at once while paused."""
         self._leaders.add(pgid)
-        if self._paused:
+        if self._paused:  # only then can `stopped` change
             _signal_group(pgid, signal.SIGSTOP)
-        self._changed()
+            self._changed()
 
     def discard(self, pgid: int) -> None:
         """The group is gone (its processes ended or were killed)."""
         if pgid in self._leaders:
             self._leaders.discard(pgid)
-            self._changed()
+            if self._paused:
+                self._changed()
 
     def pause(self) -> None:
         """Stop every group (SIGSTOP) until `resume`."""

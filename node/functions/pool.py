@@ -16,6 +16,7 @@ once they are `FAST` old), and its other calls are sent to another worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shoal.node.executors.taskuser import TaskUsers
-from shoal.node.functions.wire import WireError, async_read_frame, encode_frame
+from shoal.node.functions.wire import FrameReader, WireError, async_read_frames, encode_frame
 
 __all__ = ["DEPTH", "FAST", "Call", "WorkerPool", "WorkerProcess"]
 
@@ -42,21 +43,41 @@ REQUEUE: dict[str, Any] = {"op": "requeue"}
 
 class Call:
     """One call: its request, and the frames its worker sends of it (None: the worker died
-    running it; REQUEUE: the worker died before it ran it)."""
+    running it; REQUEUE: the worker died before it ran it), to be taken in order by `next`."""
 
     def __init__(self, call_id: int, name: str, request: dict[str, Any]) -> None:
         self.id = call_id
         self.name = name
-        self.frame = encode_frame({**request, "id": call_id, "name": name})
-        self.frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        request["id"], request["name"] = call_id, name
+        self.frame = encode_frame(request)
         self.worker: WorkerProcess | None = None
+        self._frames: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, frame: dict[str, Any] | None) -> None:
+        self._frames.append(frame)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next frame (waits for it)."""
+        while not self._frames:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._frames.popleft()
 
 
 class WorkerProcess:
     """One worker: post calls and frames to it (written once per turn of the loop), kill it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, hello: dict[str, Any]) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, hello: dict[str, Any], frames: FrameReader
+    ) -> None:
         self.proc = proc
+        self._frames = frames
         self.pid = proc.pid
         self.functions = sorted(str(f) for f in hello.get("functions") or [])
         self.errors = [str(e) for e in hello.get("errors") or []]
@@ -96,19 +117,23 @@ class WorkerProcess:
         except BaseException:
             await lease.aclose()
             raise
+        frames = FrameReader()
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(_START_TIMEOUT):
-                hello = await async_read_frame(proc.stdout)
-            if hello is None or hello.get("op") != "hello":
+                said = await async_read_frames(proc.stdout, frames)
+            if said is None:
                 raise WireError(f"the worker ended as it started (exit {await proc.wait()})")
+            hello = said[0]
+            if len(said) > 1 or hello.get("op") != "hello":
+                raise WireError("the worker did not start with a hello")
         except BaseException:
             _kill(proc.pid)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
                 await asyncio.shield(lease.aclose())
             raise
-        worker = cls(proc, hello)
+        worker = cls(proc, hello, frames)
         worker.lease = lease
         return worker
 
@@ -134,11 +159,12 @@ class WorkerProcess:
         with contextlib.suppress(OSError):  # a dead worker: its reader sees the end
             stdin.write(data)
 
-    async def receive(self) -> dict[str, Any] | None:
-        """Its next frame; None when it has gone (or broke the protocol: it is killed)."""
+    async def receive(self) -> list[dict[str, Any]] | None:
+        """Its next frames (all that came at once); None when it has gone (or broke the
+        protocol: it is killed)."""
         assert self.proc.stdout is not None
         try:
-            return await async_read_frame(self.proc.stdout)
+            return await async_read_frames(self.proc.stdout, self._frames)
         except WireError as err:
             _log.warning("function worker pid=%d broke the protocol: %s", self.pid, err)
             self.kill()
@@ -254,9 +280,10 @@ class WorkerPool:
             idle = min(live, key=lambda w: len(w.held), default=None)
             if idle is not None and len(idle.held) >= DEPTH:
                 idle = None
-        if idle is not None and fast and self._batch is None:
+        if idle is not None and fast:  # the turn's next fast calls go with this one
+            if self._batch is None:
+                asyncio.get_running_loop().call_soon(self._end_turn)
             self._batch = idle
-            asyncio.get_running_loop().call_soon(self._end_turn)
         return idle
 
     def _end_turn(self) -> None:
@@ -284,21 +311,9 @@ class WorkerPool:
 
     async def _follow(self, worker: WorkerProcess) -> None:
         """Route a worker's frames to its calls until it ends; then fail or resend them."""
-        while (message := await worker.receive()) is not None:
-            call_id = message.get("id")
-            call = worker.held.get(call_id) if isinstance(call_id, int) else None
-            if call is None:
-                continue  # a call given up on, or a worker that says nonsense
-            if message.get("op") in ENDS:
-                del worker.held[call.id]
-                took = message.get("took")
-                if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
-                    # machine's load) do not count for more than a few
-                    share = self._fast_share.get(call.name, 0.0)
-                    self._fast_share[call.name] = 0.8 * share + 0.2 * (took < self.fast_below)
-                if self._waiters:
-                    self._notify()
-            call.frames.put_nowait(message)
+        while (messages := await worker.receive()) is not None:
+            for message in messages:
+                self._route(worker, message)
         worker.kill()
         held = list(worker.held.values())
         worker.held.clear()
@@ -307,11 +322,28 @@ class WorkerPool:
         for i, call in enumerate(held):
             ran = call.id == worker.culprit if worker.culprit is not None else i == 0
             call.worker = None
-            call.frames.put_nowait(None if ran else REQUEUE)
+            call.put(None if ran else REQUEUE)
         await worker.proc.wait()
         await worker.lease.aclose()
         self._notify()
         self._spawn()
+
+    def _route(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        """Pass a frame to its call."""
+        call_id = message.get("id")
+        call = worker.held.get(call_id) if isinstance(call_id, int) else None
+        if call is None:
+            return  # a call given up on, or a worker that says nonsense
+        if message.get("op") in ENDS:
+            del worker.held[call.id]
+            took = message.get("took")
+            if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
+                # machine's load) do not count for more than a few
+                share = self._fast_share.get(call.name, 0.0)
+                self._fast_share[call.name] = 0.8 * share + 0.2 * (took < self.fast_below)
+            if self._waiters:
+                self._notify()
+        call.put(message)
 
     def _spawn(self) -> None:
         if not self._closed:

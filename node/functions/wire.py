@@ -11,11 +11,11 @@ from typing import Any
 __all__ = [
     "LENGTH",
     "MAX_FRAME",
+    "FrameReader",
     "WireError",
-    "async_read_frame",
+    "async_read_frames",
     "decode_frame",
     "encode_frame",
-    "read_frame",
     "write_all",
 ]
 
@@ -38,7 +38,7 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
-def decode_frame(body: bytes) -> dict[str, Any]:
+def decode_frame(body: bytes | bytearray) -> dict[str, Any]:
     try:
         message = json.loads(body)
     except (ValueError, RecursionError) as err:
@@ -48,41 +48,44 @@ def decode_frame(body: bytes) -> dict[str, Any]:
     return message
 
 
-async def async_read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next frame, or None at end of stream; WireError when it breaks the protocol."""
-    try:
-        (size,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
-    except asyncio.IncompleteReadError:
-        return None
-    if size > MAX_FRAME:
-        raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
-    try:
-        return decode_frame(await reader.readexactly(size))
-    except asyncio.IncompleteReadError:
-        return None
+class FrameReader:
+    """Whole frames out of a byte stream read in chunks of any size: `feed` what was read, then
+    take the `frames` it completed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> list[dict[str, Any]]:
+        """The whole frames fed so far, in order; WireError when one breaks the protocol."""
+        out: list[dict[str, Any]] = []
+        buf, at, end = self._buf, 0, len(self._buf)
+        while end - at >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(buf, at)
+            if size > MAX_FRAME:
+                raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
+            start = at + LENGTH.size
+            if end - start < size:
+                break
+            out.append(decode_frame(buf[start : start + size]))
+            at = start + size
+        del buf[:at]
+        return out
 
 
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    parts: list[bytes] = []
-    while size:
-        data = os.read(fd, min(size, 1 << 20))
+async def async_read_frames(
+    reader: asyncio.StreamReader, frames: FrameReader
+) -> list[dict[str, Any]] | None:
+    """The next whole frames (all that came in one read); None at end of stream. WireError
+    when one breaks the protocol."""
+    while not (out := frames.frames()):
+        data = await reader.read(1 << 16)
         if not data:
             return None
-        parts.append(data)
-        size -= len(data)
-    return b"".join(parts)
-
-
-def read_frame(fd: int) -> dict[str, Any] | None:
-    """Blocking read_frame from a file descriptor (the worker's side)."""
-    head = _read_exactly(fd, LENGTH.size)
-    if head is None:
-        return None
-    (size,) = LENGTH.unpack(head)
-    if size > MAX_FRAME:
-        raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
-    body = _read_exactly(fd, size)
-    return None if body is None else decode_frame(body)
+        frames.feed(data)
+    return out
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -28,14 +28,7 @@ from typing import Any
 from shoal import _progress
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
-from shoal.node.functions.wire import (
-    LENGTH,
-    MAX_FRAME,
-    WireError,
-    decode_frame,
-    encode_frame,
-    write_all,
-)
+from shoal.node.functions.wire import FrameReader, WireError, encode_frame, write_all
 
 _send_lock = threading.Lock()
 _out_fd = -1
@@ -151,7 +144,7 @@ class _Input:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.closed = False
-        self._buf = bytearray()
+        self._frames = FrameReader()
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -162,27 +155,19 @@ class _Input:
         data = os.read(self.fd, 1 << 16)
         if not data:
             self.closed = True
-        self._buf += data
+        self._frames.feed(data)
 
     def frames(self) -> list[dict[str, Any]]:
         """The whole frames read so far; WireError when one breaks the protocol."""
-        out: list[dict[str, Any]] = []
-        buf, at = self._buf, 0
-        while len(buf) - at >= LENGTH.size:
-            (size,) = LENGTH.unpack_from(buf, at)
-            if size > MAX_FRAME:
-                raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
-            if len(buf) - at - LENGTH.size < size:
-                break
-            out.append(decode_frame(bytes(buf[at + LENGTH.size : at + LENGTH.size + size])))
-            at += LENGTH.size + size
-        del buf[:at]
-        return out
+        return self._frames.frames()
 
 
 class _Replies:
     """Answers held to be sent together: at the latest when no call is left to run, or before
-    a call starts once the first of them is FAST old."""
+    a call starts once the first of them has waited FAST of this worker's CPU time. CPU time,
+    not the clock: a worker that the machine's load holds back has not run the calls it was
+    sent any sooner by sending what it has, and answers sent in pieces cost every process
+    downstream a message each."""
 
     def __init__(self) -> None:
         self._held: list[bytes] = []
@@ -190,11 +175,11 @@ class _Replies:
 
     def add(self, message: dict[str, Any]) -> None:
         if not self._held:
-            self._since = time.perf_counter()
+            self._since = time.process_time()
         self._held.append(encode_frame(message))
 
     def flush(self, *, unless_fresh: bool = False) -> None:
-        if not self._held or (unless_fresh and time.perf_counter() - self._since < _FAST):
+        if not self._held or (unless_fresh and time.process_time() - self._since < _FAST):
             return
         data, self._held = b"".join(self._held), []
         with _send_lock:
@@ -265,6 +250,7 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
     global _current
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
     replies = _Replies()
     queue = _Queue(replies)
     while True:
@@ -285,16 +271,23 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
             continue
         _current = message.get("id")
         started = time.perf_counter()
-        if inspect.iscoroutinefunction(fn.fn):
+        if fn.name in asynchronous:
             reply = _run_async(loop, fn, message, inp, queue, limit)
         else:
             reply = _call_sync(fn, message, limit)
         reply["took"] = time.perf_counter() - started
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        _flush_replaced_streams()
         replies.add(reply)
         _current = None
+
+
+def _flush_replaced_streams() -> None:
+    """Flush sys.stdout and sys.stderr if the call replaced them (ours need no flush), so
+    that what it wrote goes out as this call's output."""
+    for stream in (sys.stdout, sys.stderr):
+        if not isinstance(stream, _OutputFrames):
+            with contextlib.suppress(Exception):
+                stream.flush()
 
 
 def main() -> None:

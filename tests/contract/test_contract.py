@@ -80,6 +80,18 @@ async def _executor(name: str, env: CaseEnv) -> AsyncIterator[Executor]:
         await executor.aclose()
 
 
+class _SeenGroups(ProcessGroups):
+    """Process groups that remember every group ever added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def add(self, pgid: int) -> None:
+        self.seen.add(pgid)
+        super().add(pgid)
+
+
 class _Recorder:
     """An ExecutionContext whose output and process groups the test can see."""
 
@@ -87,8 +99,8 @@ class _Recorder:
         self.chunks: list[task_pb2.OutputChunk] = []
         self.says = says
         self.heard = asyncio.Event()  # set once the output includes `says`
-        self.leaders: set[int] = set()  # every process group the run registered
-        self.groups = ProcessGroups(lambda: self.leaders.update(self.groups))
+        self.groups = _SeenGroups()
+        self.leaders = self.groups.seen  # every process group the run registered
         self.ctx = ExecutionContext(
             "contract", self._emit, 64 << 10, workdir=env.tmp, groups=self.groups
         )

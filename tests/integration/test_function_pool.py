@@ -18,6 +18,7 @@ from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.function import FunctionExecutor
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TASK_UID_BASE, TaskUsers
+from shoal.node.functions import pool
 from shoal.node.functions.pool import Call
 from shoal.v1 import task_pb2
 from tests.integration import functions_module as fm
@@ -77,6 +78,25 @@ async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
     gate.open()
     pids = {int(await _value(r)) for r in runs[1:]}
     assert pid not in pids  # the queued calls ran in another worker
+
+
+async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
+    executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = fm.Gate(tmp_path / "gate")
+    await _made_fast(executor, gate)
+    monkeypatch.setattr(pool, "DEPTH", 2)
+    # Four started in one turn of the loop, two to a worker: two workers woken, not three.
+    runs = [
+        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(4)
+    ]
+
+    def sent() -> None:
+        assert sorted(len(w.held) for w in executor._pool._all) == [0, 2, 2]
+
+    await eventually(sent)
+    gate.open()
+    assert len({await _value(r) for r in runs}) == 2
 
 
 async def test_a_call_cancelled_while_queued_never_runs(

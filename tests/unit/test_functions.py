@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import pytest
 from pydantic import BaseModel
@@ -18,7 +18,13 @@ from shoal._codec import CodecError
 from shoal._function import AsyncHandle, Function, failure
 from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
 from shoal.errors import InvalidArgument, RemoteError
-from shoal.node.functions.wire import MAX_FRAME, WireError, async_read_frame, encode_frame
+from shoal.node.functions.wire import (
+    MAX_FRAME,
+    FrameReader,
+    WireError,
+    async_read_frames,
+    encode_frame,
+)
 from shoal.specs import timestamp
 from shoal.v1 import task_pb2
 from shoal.validation import Limits, validate_batch
@@ -215,16 +221,28 @@ def test_progress_is_clamped_sampled_and_estimates_an_end() -> None:
 
 
 async def test_the_wire_refuses_oversized_and_malformed_frames() -> None:
-    reader = asyncio.StreamReader()
-    reader.feed_data(encode_frame({"op": "hello"}) + (MAX_FRAME + 1).to_bytes(4, "big"))
-    assert await async_read_frame(reader) == {"op": "hello"}
+    async def read(data: bytes, *, eof: bool = False) -> list[dict[str, Any]] | None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        if eof:
+            reader.feed_eof()
+        return await async_read_frames(reader, FrameReader())
+
+    two = encode_frame({"op": "hello"}) + encode_frame({"op": "done", "id": 1})
+    assert await read(two) == [{"op": "hello"}, {"op": "done", "id": 1}]
     with pytest.raises(WireError):
-        await async_read_frame(reader)
-    reader = asyncio.StreamReader()
-    reader.feed_data((2).to_bytes(4, "big") + b"[]")
+        await read(encode_frame({"op": "hello"}) + (MAX_FRAME + 1).to_bytes(4, "big"))
     with pytest.raises(WireError):
-        await async_read_frame(reader)
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"\x00\x00")
-    reader.feed_eof()
-    assert await async_read_frame(reader) is None
+        await read((2).to_bytes(4, "big") + b"[]")
+    assert await read(b"\x00\x00", eof=True) is None
+    assert await read(encode_frame({"op": "hello"})[:-1], eof=True) is None  # cut short
+
+
+def test_frames_are_whole_whatever_the_reads() -> None:
+    frames = FrameReader()
+    data = b"".join(encode_frame({"op": "out", "id": i, "data": "é" * i}) for i in range(50))
+    got: list[dict[str, Any]] = []
+    for at in range(0, len(data), 7):  # in reads that cut frames anywhere
+        frames.feed(data[at : at + 7])
+        got += frames.frames()
+    assert [m["id"] for m in got] == list(range(50)) and got[3]["data"] == "ééé"

@@ -10,7 +10,7 @@ Watch of outcomes), so that the machine's drifting speed slows both alike. Round
 no-op task.
 
     .venv/bin/python bench/functions.py              # writes bench/results/functions.json
-    .venv/bin/python bench/functions.py --tasks 5000 --trips 200
+    .venv/bin/python bench/functions.py --tasks 5000 --trips 200 --slots 16
     .venv/bin/python bench/functions.py --peers   # and Ray's and Dramatiq's, in the same run
 """
 
@@ -145,16 +145,19 @@ async def trips(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
     return out
 
 
-async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
-    deadline = Deadline(args.deadline)
-    report: dict[str, Any] = {"meta": meta(args)}
+async def one_node(
+    args: argparse.Namespace, children: Children, deadline: Deadline, slots: int, trips_too: bool
+) -> dict[str, Any]:
+    """A coordinator and one node of `slots` slots: both rates in turns, and (`trips_too`) the
+    round trips of each kind."""
+    out: dict[str, Any] = {"slots": slots}
     workdir = Path(tempfile.mkdtemp(prefix="shoal-bench-functions-"))
     cluster: Cluster | None = None
     try:
         coordinator = start_coordinator(args.shoal, workdir, children)
         address = await wait_listening(coordinator, children, deadline)
         env = child_env(workdir, {"PYTHONPATH": str(BENCH)})
-        argv = [args.shoal, "node", "-c", address, "--slots", str(args.slots)]
+        argv = [args.shoal, "node", "-c", address, "--slots", str(slots)]
         node = children.spawn("node", [*argv, "--import", "fn_tasks"], workdir / "node.log", env)
         cluster = Cluster(coordinator, address, [node])
         async with AsyncClient(address, token=admin_token(workdir / "data")) as client:
@@ -174,35 +177,58 @@ async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
             await noop_rate(client, min(args.tasks, 1000))  # warm up both paths
             await function_rate(client, min(args.tasks, 1000))
             deadline.check("warm-up")
-            rates = await rates_in_turns(client, cluster, args.tasks, args.turns)
-            noop_per_s, function_per_s = rates["noop_per_s"], rates["function_per_s"]
-            report["cpu_us_per_task"] = rates["cpu_us_per_task"]
-            print(f"CPU us per task: {report['cpu_us_per_task']}", flush=True)
+            out.update(await rates_in_turns(client, cluster, args.tasks, args.turns))
+            share = out["function_per_s"] / out["noop_per_s"]
+            print(f"{slots} slots: {share:.0%}, CPU us per task {out['cpu_us_per_task']}")
             deadline.check("throughput")
-            fn_trips = await trips(call_function, args.trips)
-            noop_trips = await trips(call_noop, args.trips)
-        share = function_per_s / noop_per_s
-        report["figures"] = [
-            figure("no-op tasks per second", noop_per_s, "tasks/s"),
-            figure(
-                "function calls per second",
-                function_per_s,
-                "calls/s",
-                note=f"{share:.0%} of the no-op rate (goal: at least 80%)",
-            ),
-            figure("function round trip p50", ms(percentile(fn_trips, 0.5)), "ms"),
-            figure("function round trip p99", ms(percentile(fn_trips, 0.99)), "ms"),
-            figure("no-op round trip p50", ms(percentile(noop_trips, 0.5)), "ms"),
-            figure("no-op round trip p99", ms(percentile(noop_trips, 0.99)), "ms"),
-        ]
-    except ShoalError as err:
-        report["error"] = f"a call failed: {err}"
+            if trips_too:
+                out["function_trips"] = await trips(call_function, args.trips)
+                out["noop_trips"] = await trips(call_noop, args.trips)
     finally:
         if cluster is not None:
             for child in [*cluster.nodes, cluster.coordinator]:
                 children.stop(child)
         shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+async def bench(args: argparse.Namespace, children: Children) -> dict[str, Any]:
+    deadline = Deadline(args.deadline)
+    report: dict[str, Any] = {"meta": meta(args), "cpu_us_per_task": {}}
+    figures: list[Any] = []
+    try:
+        for i, slots in enumerate(args.slots):
+            run = await one_node(args, children, deadline, slots, trips_too=i == 0)
+            share = run["function_per_s"] / run["noop_per_s"]
+            report["cpu_us_per_task"][slots] = run["cpu_us_per_task"]
+            figures += [
+                figure(f"no-op tasks per second, {slots} slots", run["noop_per_s"], "tasks/s"),
+                figure(
+                    f"function calls per second, {slots} slots",
+                    run["function_per_s"],
+                    "calls/s",
+                    note=f"{share:.0%} of the no-op rate (goal: at least 80%)",
+                ),
+            ]
+            if i == 0:
+                fn_trips, noop_trips = run["function_trips"], run["noop_trips"]
+                trip_figures = [
+                    figure("function round trip p50", ms(percentile(fn_trips, 0.5)), "ms"),
+                    figure("function round trip p99", ms(percentile(fn_trips, 0.99)), "ms"),
+                    figure("no-op round trip p50", ms(percentile(noop_trips, 0.5)), "ms"),
+                    figure("no-op round trip p99", ms(percentile(noop_trips, 0.99)), "ms"),
+                ]
+        report["figures"] = figures + trip_figures
+    except ShoalError as err:
+        report["error"] = f"a call failed: {err}"
     return report
+
+
+def _slot_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("slot counts of at least 1, comma-separated")
+    return counts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -214,7 +240,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trips", type=int, default=300, help="measured round trips of each")
     p.add_argument("--turns", type=int, default=5, help="rounds the two rates take turns in")
     p.add_argument("--warmup", type=int, default=30, help="round trips before measuring")
-    p.add_argument("--slots", type=int, default=4, help="slots (and function workers) of the node")
+    p.add_argument(
+        "--slots",
+        type=_slot_counts,
+        default=[4, 16, 64],
+        help="slots (and function workers) of the node: one run for each count",
+    )
     p.add_argument("--deadline", type=float, default=300.0, help="bound on the whole run, s")
     p.add_argument("--out", type=Path, default=RESULTS / "functions.json", help="JSON output")
     p.add_argument("--shoal", default=default_shoal(), help="the shoal CLI")
@@ -224,8 +255,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run Ray and Dramatiq (bench/peer_runs.py) with the same calls and trips",
     )
     args = p.parse_args(argv)
-    if min(args.tasks, args.trips, args.slots, args.turns) < 1 or args.tasks > 10_000:
-        p.error("--tasks (at most 10,000: one batch), --trips, --slots, --turns: at least 1")
+    if min(args.tasks, args.trips, args.turns) < 1 or args.tasks > 10_000:
+        p.error("--tasks (at most 10,000: one batch), --trips and --turns must be at least 1")
     return args
 
 

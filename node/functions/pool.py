@@ -6,7 +6,8 @@ Each worker is `python -m shoal.node.functions.worker MODULE...` in its own proc
 node (gRPC's fork handlers break forked children).
 
 Calls are pipelined: a worker holds several, runs them in the order sent and answers in
-batches, and the calls started in one turn of the event loop go to it in one write. Only
+batches, and the calls started in one turn of the event loop go to it in one write (up to
+DEPTH; the next ones then to one more worker). Only
 calls of a function known to be fast (most of its recent calls took under `FAST`) queue behind
 others; any other call waits for an idle worker. A worker that dies fails the oldest call it
 held (the one it ran: the worker sends the answers of earlier calls before it starts one

@@ -79,7 +79,9 @@ def _arguments(fn: Function[Any, Any], message: dict[str, Any]) -> tuple[list[An
     return fn.codec.decode_arguments(
         str(message.get("args", "")),
         str(message.get("kwargs", "")),
-        {str(k): str(v) for k, v in dict(message.get("upstream") or {}).items()},
+        {str(k): str(v) for k, v in dict(upstream).items()}
+        if (upstream := message.get("upstream"))
+        else {},
     )
 
 

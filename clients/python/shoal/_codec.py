@@ -164,7 +164,7 @@ class CallCodec:
             }
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
-        return _dumps(plain_args), _dumps(plain_kwargs)
+        return _dumps(plain_args), _dumps(plain_kwargs) if plain_kwargs else b"{}"
 
     def decode_arguments(
         self, args: str | bytes, kwargs: str | bytes, upstream: Mapping[str, str]
@@ -178,8 +178,9 @@ class CallCodec:
             raise CodecError(f"arguments are not JSON: {err}") from None
         if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
             raise CodecError("args must be a JSON array and kwargs a JSON object")
-        nested = {k: v for k, v in upstream.items() if "/" in k}
-        upstream = {k: v for k, v in upstream.items() if "/" not in k}
+        nested = {k: v for k, v in upstream.items() if "/" in k} if upstream else {}
+        if nested:
+            upstream = {k: v for k, v in upstream.items() if "/" not in k}
         for key, text in nested.items():
             head, *path = key.split("/")
             try:

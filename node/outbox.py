@@ -26,6 +26,9 @@ RIDE_ALONG = 0.005
 """Seconds a Started update waits for company: a task that ends within it is reported in one
 update batch, not two (each batch costs both ends ~100 us), and one that runs on is seen
 running that much later."""
+FOLLOWED_WAIT = 0.001
+"""Seconds at most a result waits when its executor says that others are about to follow
+(pipelined function calls answered by several workers): they go in one update batch."""
 
 
 class Outbox:
@@ -48,8 +51,9 @@ class Outbox:
         # lost it, and the next session sends it again.
         self._unacked: deque[tuple[int, node_pb2.TaskUpdate]] = deque()
 
-    def push(self, update: node_pb2.TaskUpdate) -> None:
-        """Send an update with the next batch, in this session or the next."""
+    def push(self, update: node_pb2.TaskUpdate, *, more_follow: bool = False) -> None:
+        """Send an update with the next batch, in this session or the next (a result with
+        `more_follow` may wait up to FOLLOWED_WAIT for the results said to follow it)."""
         kind = update.WhichOneof("update")
         if kind == "output":
             if len(self._updates) >= _MAX_UPDATES:
@@ -62,6 +66,8 @@ class Outbox:
         self._updates.append(update)
         if kind == "started":  # nobody waits for it: it rides along with the next update
             self._due_at = min(self._due_at, time.monotonic() + RIDE_ALONG)
+        elif kind == "finished" and more_follow:
+            self._due_at = min(self._due_at, time.monotonic() + FOLLOWED_WAIT)
         else:
             self._due_at = -math.inf
         self.ready.set()

@@ -52,10 +52,11 @@ class AttemptReport:
     task_id: str
     attempt: task_pb2.AttemptId
     ledger: Ledger
-    push: Callable[[node_pb2.TaskUpdate], None]
+    push: Callable[..., None]  # Outbox.push
 
-    def _update(self, **kw: Any) -> None:
-        self.push(node_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw))
+    def _update(self, *, more_follow: bool = False, **kw: Any) -> None:
+        update = node_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw)
+        self.push(update, more_follow=more_follow)
 
     def started(self) -> None:
         self.ledger.write("start", self.task_id, self.attempt)
@@ -69,7 +70,10 @@ class AttemptReport:
 
     def finished(self, outcome: Outcome) -> None:
         self.ledger.finished(self.task_id, self.attempt, outcome.state, fenced=False)
-        self._update(finished=node_pb2.Finished(state=outcome.state, result=outcome.result))  # type: ignore[arg-type]
+        self._update(
+            finished=node_pb2.Finished(state=outcome.state, result=outcome.result),  # type: ignore[arg-type]
+            more_follow=outcome.more_follow,
+        )
 
     def released(self, why: str, outcome: Outcome) -> None:
         # Not an outcome: stopped from outside the task. A coordinator that still counts it as

@@ -93,7 +93,7 @@ class Runner:
         executors: dict[str, Executor],
         *,
         secrets: SecretStore,
-        push: Callable[[node_pb2.TaskUpdate], None],
+        push: Callable[..., None],  # Outbox.push
         output_room: Callable[[], Awaitable[None]],
         pausing: Callable[[], bool],
         on_groups_changed: Callable[[], None],

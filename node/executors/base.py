@@ -65,6 +65,9 @@ class ExecutionContext:
 class Outcome:
     state: int  # a final TaskState
     result: task_pb2.TaskResult
+    # The executor has other runs about to end (within moments): this one's report may wait a
+    # little for theirs, so that they reach the coordinator in one message.
+    more_follow: bool = False
 
 
 class RunFailed(Exception):

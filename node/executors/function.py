@@ -139,7 +139,10 @@ class FunctionExecutor(Executor):
                 if message is REQUEUE:
                     return None
                 if await self._take(run, message):
-                    return self._outcome(run, message)
+                    outcome = self._outcome(run, message)
+                    # Calls sent with it are about to end too: their reports go in one message.
+                    outcome.more_follow = self._pool.fast_held > 0
+                    return outcome
         except asyncio.CancelledError:
             await self._stop(run, worker)
             raise

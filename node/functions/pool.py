@@ -52,6 +52,7 @@ class Call:
         request["id"], request["name"] = call_id, name
         self.frame = encode_frame(request)
         self.worker: WorkerProcess | None = None
+        self.fast = False  # whether it was sent as a fast call (it may queue behind others)
         self._frames: collections.deque[dict[str, Any] | None] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -226,6 +227,7 @@ class WorkerPool:
         self._batch: WorkerProcess | None = None  # where this turn's fast calls go
         self._fast_share: dict[str, float] = {}  # of a function's recent calls, how many fast
         self.fast_below = FAST
+        self.fast_held = 0  # fast calls held by workers now
         self.functions: list[str] = []
         self.asynchronous: frozenset[str] = frozenset()  # async functions: cancelled in place
         self.errors: list[str] = []
@@ -301,6 +303,8 @@ class WorkerPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         call.worker = worker
+        call.fast = self.fast(call.name)
+        self.fast_held += call.fast
         worker.held[call.id] = call
         worker.post(call.frame)
         return worker
@@ -318,6 +322,7 @@ class WorkerPool:
         worker.kill()
         held = list(worker.held.values())
         worker.held.clear()
+        self.fast_held -= sum(call.fast for call in held)
         with contextlib.suppress(ValueError):
             self._all.remove(worker)
         for i, call in enumerate(held):
@@ -337,6 +342,7 @@ class WorkerPool:
             return  # a call given up on, or a worker that says nonsense
         if message.get("op") in ENDS:
             del worker.held[call.id]
+            self.fast_held -= call.fast
             took = message.get("took")
             if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
                 # machine's load) do not count for more than a few

@@ -78,6 +78,7 @@ async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
     gate.open()
     pids = {int(await _value(r)) for r in runs[1:]}
     assert pid not in pids  # the queued calls ran in another worker
+    assert executor._pool.fast_held == 0
 
 
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
@@ -95,8 +96,15 @@ async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
         assert sorted(len(w.held) for w in executor._pool._all) == [0, 2, 2]
 
     await eventually(sent)
+    assert executor._pool.fast_held == 4
+    ended: list[Outcome] = []
+    for run in runs:
+        run.add_done_callback(lambda r: ended.append(r.result()))
     gate.open()
     assert len({await _value(r) for r in runs}) == 2
+    # A result says whether others sent with it are still to come (then its report waits a
+    # moment for theirs); the last one does not.
+    assert not ended[-1].more_follow and executor._pool.fast_held == 0
 
 
 async def test_a_call_cancelled_while_queued_never_runs(

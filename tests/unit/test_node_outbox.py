@@ -1,5 +1,6 @@
 """The node's outbox: a Started update rides along with the next update (or goes within
-RIDE_ALONG); anything else is due at once."""
+RIDE_ALONG), a result said to be followed by others waits for them (FOLLOWED_WAIT at most);
+anything else is due at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from shoal.node.outbox import RIDE_ALONG, Outbox
+from shoal.node.outbox import FOLLOWED_WAIT, RIDE_ALONG, Outbox
 from shoal.v1 import node_pb2, task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,3 +52,22 @@ async def test_what_is_sent_again_is_due_at_once() -> None:
     batch, output = outbox.take()
     outbox.put_back(batch, output)
     assert outbox.due_at <= time.monotonic()
+
+
+async def test_a_result_followed_by_others_waits_for_them_a_moment_at_most() -> None:
+    outbox = Outbox()
+    before = time.monotonic()
+    outbox.push(_finished("a"), more_follow=True)
+    outbox.push(_finished("b"), more_follow=True)
+    assert before < outbox.due_at <= before + FOLLOWED_WAIT + 0.001  # not moved by "b"
+    outbox.push(_finished("c"))  # the last of them: all go now, in one batch
+    assert outbox.due_at <= time.monotonic()
+    batch, _ = outbox.take()
+    assert [u.task_id for u in batch] == ["a", "b", "c"]
+
+
+async def test_a_started_riding_along_goes_with_a_followed_result_sooner() -> None:
+    outbox = Outbox()
+    outbox.push(_started("a"))
+    outbox.push(_finished("b"), more_follow=True)
+    assert outbox.due_at <= time.monotonic() + FOLLOWED_WAIT

@@ -178,7 +178,7 @@ class FunctionExecutor(Executor):
             if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
                 result.error = f"its result is over {MAX_RESULT_BYTES} bytes of JSON"
                 return Outcome(task_pb2.TASK_STATE_FAILED, result)
-            result.output.update({"value": value})
+            result.output.fields["value"].string_value = value
             return Outcome(task_pb2.TASK_STATE_SUCCEEDED, result)
         if op == "raised":
             kind, text = str(message.get("type", "")), str(message.get("message", ""))

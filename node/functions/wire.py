@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import struct
 from typing import Any
+
+from shoal import _json
 
 __all__ = [
     "LENGTH",
@@ -29,18 +30,14 @@ class WireError(Exception):
     """The other side broke the protocol (a frame too large, or not a JSON object)."""
 
 
-# One encoder for every frame: json.dumps with options builds a new one each time.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = _ENCODER.encode(message).encode(errors="surrogateescape")
+    body = _json.dumps(message)
     return LENGTH.pack(len(body)) + body
 
 
 def decode_frame(body: bytes | bytearray) -> dict[str, Any]:
     try:
-        message = json.loads(body)
+        message = _json.loads(body)
     except (ValueError, RecursionError) as err:
         raise WireError(f"a frame is not JSON: {err}") from None
     if not isinstance(message, dict):

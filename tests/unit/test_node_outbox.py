@@ -58,16 +58,24 @@ async def test_a_result_followed_by_others_waits_for_them_a_moment_at_most() -> 
     outbox = Outbox()
     before = time.monotonic()
     outbox.push(_finished("a"), more_follow=True)
+    due = outbox.due_at
+    assert before < due <= time.monotonic() + FOLLOWED_WAIT
     outbox.push(_finished("b"), more_follow=True)
-    assert before < outbox.due_at <= before + FOLLOWED_WAIT + 0.001  # not moved by "b"
-    outbox.push(_finished("c"))  # the last of them: all go now, in one batch
+    outbox.push(_started("c"))  # neither moves it
+    assert outbox.due_at == due
+    outbox.push(_finished("d"))  # the last of them: all go now, in one batch
     assert outbox.due_at <= time.monotonic()
     batch, _ = outbox.take()
-    assert [u.task_id for u in batch] == ["a", "b", "c"]
+    assert [u.task_id for u in batch] == ["a", "b", "c", "d"]
+    outbox.push(_started("e"))  # a new batch: a Started alone rides along again
+    assert outbox.due_at <= time.monotonic() + RIDE_ALONG
 
 
-async def test_a_started_riding_along_goes_with_a_followed_result_sooner() -> None:
+async def test_started_updates_held_wait_with_a_followed_result() -> None:
     outbox = Outbox()
     outbox.push(_started("a"))
-    outbox.push(_finished("b"), more_follow=True)
-    assert outbox.due_at <= time.monotonic() + FOLLOWED_WAIT
+    outbox.push(_started("b"))
+    riding = outbox.due_at
+    pushed = time.monotonic()
+    outbox.push(_finished("a"), more_follow=True)  # "b" most likely ends with it
+    assert riding < outbox.due_at and pushed < outbox.due_at <= time.monotonic() + FOLLOWED_WAIT

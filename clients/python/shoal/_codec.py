@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from shoal import _json
+
 __all__ = ["UPSTREAM", "CallCodec", "CodecError", "Untyped", "import_path", "place_step"]
 
 _P = inspect.Parameter
@@ -172,8 +174,8 @@ class CallCodec:
         """Arguments from their JSON (and upstream results as JSON text), validated by the
         type hints; CodecError when they do not fit."""
         try:
-            raw_args = json.loads(args) if args else []
-            raw_kwargs = json.loads(kwargs) if kwargs else {}
+            raw_args = _json.loads(args) if args else []
+            raw_kwargs = _json.loads(kwargs) if kwargs else {}
         except (ValueError, RecursionError) as err:
             raise CodecError(f"arguments are not JSON: {err}") from None
         if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
@@ -185,7 +187,7 @@ class CallCodec:
             head, *path = key.split("/")
             try:
                 holder: Any = raw_args[int(head)] if head.isdigit() else raw_kwargs[head]
-                _put(holder, path, json.loads(text))
+                _put(holder, path, _json.loads(text))
             except (IndexError, KeyError, ValueError, RecursionError):
                 raise CodecError(f"upstream place {key[:80]!r} is not in the arguments") from None
         try:

@@ -143,16 +143,17 @@ class Function(Generic[P, R]):
         seq = (await client.get(ids[0])).created_seq if ids else 0
         return [AsyncHandle(self, client, i, seq) for i in ids]
 
-    def outcome(self, task: task_pb2.Task) -> R:
-        """The typed result of a final task, or its failure raised (RemoteError when the
-        function raised)."""
+    def outcome(self, task: task_pb2.Task | task_pb2.Event) -> R:
+        """The typed result of a final task (or of the Watch event of its end), or its failure
+        raised (RemoteError when the function raised)."""
         if task.state == task_pb2.TASK_STATE_SUCCEEDED:
             value = task.result.output.fields.get("value")
-            if value is None:
-                raise TaskFailed(task)
-            result: R = self.codec.decode_result(value.string_value)
-            return result
-        raise failure(task)
+            if value is not None:
+                result: R = self.codec.decode_result(value.string_value)
+                return result
+        if isinstance(task, task_pb2.Event):
+            task = task_pb2.Task(id=task.task_id, state=task.state, result=task.result)
+        raise TaskFailed(task) if task.state == task_pb2.TASK_STATE_SUCCEEDED else failure(task)
 
 
 MAX_SEARCHED = 10_000
@@ -279,17 +280,15 @@ class AsyncHandle(Generic[R]):
 
 async def _final_tasks(
     client: AsyncClient, ids: Sequence[str], since: int
-) -> dict[str, task_pb2.Task]:
-    """Each task's final state and result, from one Watch of outcomes since `since`."""
+) -> dict[str, task_pb2.Event]:
+    """Each task's outcome (the Watch event of its end), from one Watch since `since`."""
     wanted = set(ids)
-    done: dict[str, task_pb2.Task] = {}
+    done: dict[str, task_pb2.Event] = {}
     if not wanted:
         return done
     async for event in client.watch(since=since, states=FINAL_STATES):
         if event.task_id in wanted and event.task_id not in done:
-            done[event.task_id] = task_pb2.Task(
-                id=event.task_id, state=event.state, result=event.result
-            )
+            done[event.task_id] = event
             if len(done) == len(wanted):
                 break
     return done

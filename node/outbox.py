@@ -22,15 +22,12 @@ MAX_BATCH_BYTES = 4 << 20
 _OUTPUT_ROOM = 4 << 20
 # Attempts a Hello claims at most: a coordinator refuses more (its max_batch by default).
 _MAX_CLAIMS = 10_000
-RIDE_ALONG = 0.005
-"""Seconds a Started update waits for company: a task that ends within it is reported in one
-update batch, not two (each batch costs both ends ~100 us), and one that runs on is seen
-running that much later."""
-FOLLOWED_WAIT = 0.01
-"""Seconds at most a result waits when its executor says that others are about to follow
-(pipelined function calls answered by several workers), and the Started updates held with it:
-they go in one update batch, so that the coordinator hands out freed slots in one group again,
-rather than in ever smaller ones (each batch costs both ends ~100 us)."""
+RIDE_ALONG = 0.01
+"""Seconds a Started update waits for company, and a result whose executor says that others
+are about to follow it (pipelined function calls): a task that ends within it is reported in
+one update batch, not two, and the results of calls sent together go together (each batch
+costs both ends ~100 us; and the coordinator then hands out the slots freed in one group, not
+in ever smaller ones). A task that runs on is seen running that much later."""
 
 
 class Outbox:
@@ -56,7 +53,7 @@ class Outbox:
 
     def push(self, update: node_pb2.TaskUpdate, *, more_follow: bool = False) -> None:
         """Send an update with the next batch, in this session or the next (a result with
-        `more_follow` may wait up to FOLLOWED_WAIT for the results said to follow it)."""
+        `more_follow` may wait up to RIDE_ALONG for the results said to follow it)."""
         kind = update.WhichOneof("update")
         if kind == "output":
             if len(self._updates) >= _MAX_UPDATES:
@@ -74,7 +71,7 @@ class Outbox:
             # Results about to follow it: it waits for them, and so do the Started updates
             # held (most likely of the same calls).
             if not self._following and self._due_at > -math.inf:
-                self._due_at = time.monotonic() + FOLLOWED_WAIT
+                self._due_at = time.monotonic() + RIDE_ALONG
             self._following = True
         else:
             self._due_at = -math.inf

@@ -150,13 +150,14 @@ class WorkerProcess:
     def post(self, data: bytes) -> None:
         """Write `data` with whatever else is posted in this turn of the event loop."""
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what was posted now (rather than at the end of the turn)."""
         data, self._out = b"".join(self._out), []
         stdin = self.proc.stdin
-        if stdin is None or stdin.is_closing():
+        if not data or stdin is None or stdin.is_closing():
             return
         with contextlib.suppress(OSError):  # a dead worker: its reader sees the end
             stdin.write(data)
@@ -307,6 +308,8 @@ class WorkerPool:
         self.fast_held += call.fast
         worker.held[call.id] = call
         worker.post(call.frame)
+        if len(worker.held) >= DEPTH:  # it has all it takes: it starts on them while the
+            worker.flush()  # turn's other calls go out
         return worker
 
     def cancel(self, call: Call) -> None:

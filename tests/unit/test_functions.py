@@ -66,6 +66,19 @@ def test_arguments_round_trip_by_their_type_hints() -> None:
     assert codec.decode_result(codec.encode_result(Point(3, 4))) == Point(3, 4)
 
 
+def test_an_argument_json_cannot_hold_is_refused_and_one_that_looks_alike_is_not() -> None:
+    codec = place.codec
+    p, box, tags = Point(1, 2), Box(name="b", size=3), {"a": 1}
+    for scale in (math.nan, math.inf, -math.inf):
+        with pytest.raises(CodecError, match="not JSON"):
+            codec.encode_arguments([p, box, tags], {"scale": scale})
+    args, kwargs = codec.encode_arguments(
+        [p, Box(name="NaN\udcff", size=1), tags], {"colour": "-Infinity é"}
+    )
+    back_args, back_kwargs = codec.decode_arguments(args, kwargs, {})
+    assert back_args[1].name == "NaN\udcff" and back_kwargs == {"colour": "-Infinity é"}
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "upstream"),
     [

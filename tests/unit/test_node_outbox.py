@@ -1,5 +1,5 @@
 """The node's outbox: a Started update rides along with the next update (or goes within
-RIDE_ALONG), a result said to be followed by others waits for them (FOLLOWED_WAIT at most);
+RIDE_ALONG), and so does a result said to be followed by others (with the Started updates held);
 anything else is due at once."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shoal.node.outbox import FOLLOWED_WAIT, RIDE_ALONG, Outbox
+from shoal.node.outbox import RIDE_ALONG, Outbox
 from shoal.v1 import node_pb2, task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -59,7 +59,7 @@ async def test_a_result_followed_by_others_waits_for_them_a_moment_at_most() -> 
     before = time.monotonic()
     outbox.push(_finished("a"), more_follow=True)
     due = outbox.due_at
-    assert before < due <= time.monotonic() + FOLLOWED_WAIT
+    assert before < due <= time.monotonic() + RIDE_ALONG
     outbox.push(_finished("b"), more_follow=True)
     outbox.push(_started("c"))  # neither moves it
     assert outbox.due_at == due
@@ -78,4 +78,4 @@ async def test_started_updates_held_wait_with_a_followed_result() -> None:
     riding = outbox.due_at
     pushed = time.monotonic()
     outbox.push(_finished("a"), more_follow=True)  # "b" most likely ends with it
-    assert riding < outbox.due_at and pushed < outbox.due_at <= time.monotonic() + FOLLOWED_WAIT
+    assert riding < outbox.due_at and pushed < outbox.due_at <= time.monotonic() + RIDE_ALONG

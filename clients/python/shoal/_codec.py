@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
+import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
 from shoal import _json
@@ -164,9 +165,9 @@ class CallCodec:
             plain_kwargs = {
                 k: _plain(self._for_keyword(k), v) for k, v in kwargs.items() if v is not UPSTREAM
             }
+            return _dumps(plain_args), _dumps(plain_kwargs) if plain_kwargs else b"{}"
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
-        return _dumps(plain_args), _dumps(plain_kwargs) if plain_kwargs else b"{}"
 
     def decode_arguments(
         self, args: str | bytes, kwargs: str | bytes, upstream: Mapping[str, str]
@@ -240,4 +241,11 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode()
+    """JSON of plain data; ValueError for a NaN or an infinity (no JSON has them)."""
+    try:
+        out = pydantic_core.to_json(value)
+        if b"NaN" not in out and b"Infinity" not in out:
+            return out
+    except pydantic_core.PydanticSerializationError:
+        pass
+    return _ENCODER.encode(value).encode()  # the error, or a string that holds such words

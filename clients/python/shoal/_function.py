@@ -160,6 +160,9 @@ MAX_SEARCHED = 10_000
 """Values of one call's arguments looked through for handles (beyond: not searched)."""
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 class _Lifter:
     """Takes the handles out of a call's arguments, down to UPSTREAM_DEPTH levels in lists,
     tuples, dict values and dataclass fields: each becomes a dependency whose result the
@@ -172,6 +175,8 @@ class _Lifter:
         self.cut = False  # some values were not searched
 
     def argument(self, key: str, value: Any) -> Any:
+        if type(value) in _SCALARS:  # most arguments: nothing in them to take out
+            return value
         if isinstance(value, (Handle, AsyncHandle)):
             self._take(key, value)
             return UPSTREAM

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -10,7 +9,13 @@ from shoal.node.executors.base import Outcome
 from shoal.node.ledger import Ledger
 from shoal.v1 import node_pb2, task_pb2
 
-__all__ = ["AttemptReport", "RunReport", "Stop"]
+__all__ = ["AttemptReport", "Push", "RunReport", "Stop"]
+
+
+class Push(Protocol):
+    """Where updates go (Outbox.push)."""
+
+    def __call__(self, update: node_pb2.TaskUpdate, *, more_follow: bool = False) -> None: ...
 
 
 class RunReport(Protocol):
@@ -52,7 +57,7 @@ class AttemptReport:
     task_id: str
     attempt: task_pb2.AttemptId
     ledger: Ledger
-    push: Callable[..., None]  # Outbox.push
+    push: Push
 
     def _update(self, *, more_follow: bool = False, **kw: Any) -> None:
         update = node_pb2.TaskUpdate(task_id=self.task_id, attempt=self.attempt, **kw)

@@ -28,7 +28,7 @@ from shoal.node.executors.base import (
 from shoal.node.executors.groups import ProcessGroups
 from shoal.node.ledger import Ledger
 from shoal.node.output import OutputCap
-from shoal.node.report import AttemptReport, RunReport, Stop
+from shoal.node.report import AttemptReport, Push, RunReport, Stop
 from shoal.node.secrets import MissingSecrets, Redactor, SecretsNotGranted, SecretStore
 from shoal.node.slots import Slots
 from shoal.specs import executor_of
@@ -93,7 +93,7 @@ class Runner:
         executors: dict[str, Executor],
         *,
         secrets: SecretStore,
-        push: Callable[..., None],  # Outbox.push
+        push: Push,
         output_room: Callable[[], Awaitable[None]],
         pausing: Callable[[], bool],
         on_groups_changed: Callable[[], None],

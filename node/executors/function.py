@@ -138,17 +138,18 @@ class FunctionExecutor(Executor):
                     return await self._died(run, worker)
                 if message is REQUEUE:
                     return None
-                if await self._take(run, message):
+                if message.get("op") in ENDS:
                     outcome = self._outcome(run, message)
                     # Calls sent with it are about to end too: their reports go in one message.
                     outcome.more_follow = self._pool.fast_held > 0
                     return outcome
+                await self._pass_on(run, message)
         except asyncio.CancelledError:
             await self._stop(run, worker)
             raise
 
-    async def _take(self, call: _Run, message: dict[str, Any]) -> bool:
-        """Pass on an output or progress frame; whether the frame ends the call."""
+    async def _pass_on(self, call: _Run, message: dict[str, Any]) -> None:
+        """Pass on an output or progress frame."""
         op = message.get("op")
         if op == "out":
             data = str(message.get("data", ""))
@@ -164,7 +165,6 @@ class FunctionExecutor(Executor):
             fraction, text = message.get("fraction"), message.get("message")
             if isinstance(fraction, (int, float)) and isinstance(text, str):
                 call.ctx.progress(float(fraction), text)
-        return op in ENDS
 
     def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
         op = message["op"]

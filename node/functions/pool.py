@@ -320,8 +320,12 @@ class WorkerPool:
     async def _follow(self, worker: WorkerProcess) -> None:
         """Route a worker's frames to its calls until it ends; then fail or resend them."""
         while (messages := await worker.receive()) is not None:
-            for message in messages:
-                self._route(worker, message)
+            try:
+                for message in messages:
+                    self._route(worker, message)
+            except Exception:  # a frame no check foresaw: its calls must not wait forever
+                _log.exception("function worker pid=%d sent a frame not understood", worker.pid)
+                break
         worker.kill()
         held = list(worker.held.values())
         worker.held.clear()
@@ -339,11 +343,11 @@ class WorkerPool:
 
     def _route(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
         """Pass a frame to its call."""
-        call_id = message.get("id")
+        call_id, op = message.get("id"), message.get("op")
         call = worker.held.get(call_id) if isinstance(call_id, int) else None
-        if call is None:
+        if call is None or not isinstance(op, str):
             return  # a call given up on, or a worker that says nonsense
-        if message.get("op") in ENDS:
+        if op in ENDS:
             del worker.held[call.id]
             self.fast_held -= call.fast
             took = message.get("took")

@@ -168,3 +168,17 @@ def touch(path: str) -> None:
 @shoal.task
 def whoami() -> int:
     return os.getuid()
+
+
+@shoal.task
+def says_nonsense() -> str:
+    """Writes frames of its own among its worker's, as code run in a worker can."""
+    import sys
+
+    from shoal.node.functions import wire
+
+    worker = sys.modules["__main__"]  # the worker runs as a script
+    own = worker._current
+    for frame in ({"id": own, "op": []}, {"id": own, "op": {"x": 1}}, {"id": [own], "op": "done"}):
+        wire.write_all(worker._out_fd, wire.encode_frame(frame))
+    return "said"

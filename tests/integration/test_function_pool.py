@@ -107,6 +107,12 @@ async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     assert not ended[-1].more_follow and executor._pool.fast_held == 0
 
 
+async def test_nonsense_frames_from_a_worker_are_ignored(executor: FunctionExecutor) -> None:
+    outcome = await executor.run(fm.says_nonsense.spec(), _ctx())
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert outcome.result.output.fields["value"].string_value == '"said"'
+
+
 async def test_a_call_cancelled_while_queued_never_runs(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:

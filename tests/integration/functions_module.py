@@ -182,3 +182,11 @@ def says_nonsense() -> str:
     for frame in ({"id": own, "op": []}, {"id": own, "op": {"x": 1}}, {"id": [own], "op": "done"}):
         wire.write_all(worker._out_fd, wire.encode_frame(frame))
     return "said"
+
+
+@shoal.task
+def prints_undecodable(raw: str) -> str:
+    """Prints a name as os.listdir gives one that is not UTF-8 (a lone surrogate in it)."""
+    name = os.fsdecode(bytes.fromhex(raw))
+    print(name)
+    return "printed"

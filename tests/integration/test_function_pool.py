@@ -113,6 +113,16 @@ async def test_nonsense_frames_from_a_worker_are_ignored(executor: FunctionExecu
     assert outcome.result.output.fields["value"].string_value == '"said"'
 
 
+async def test_output_that_is_not_utf8_arrives_with_replacement_characters(
+    executor: FunctionExecutor,
+) -> None:
+    chunks: list[task_pb2.OutputChunk] = []
+    ctx = ExecutionContext(task_id="t", emit=chunks.append, output_tail_bytes=4096)
+    outcome = await executor.run(fm.prints_undecodable.spec(b"a\xffb".hex()), ctx)
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert "".join(c.data for c in chunks) == "a\ufffdb\n"
+
+
 async def test_a_call_cancelled_while_queued_never_runs(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:

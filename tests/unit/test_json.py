@@ -1,5 +1,5 @@
-"""shoal._json: pydantic-core's JSON where it agrees with the standard library, the standard
-library's answer where pydantic-core refuses (lone surrogates); bad JSON is a ValueError."""
+"""shoal._json: pydantic-core's JSON; a lone surrogate goes out as U+FFFD and is refused coming
+in (unless taken as the standard library takes it); bad JSON is a ValueError."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ def test_what_goes_out_comes_back(value: object) -> None:
     assert json.loads(text) == value == _json.loads(text)
 
 
-def test_a_lone_surrogate_goes_as_the_byte_it_escapes() -> None:
-    assert _json.dumps({"data": "a\udcffb"}) == b'{"data":"a\xffb"}'
+def test_a_lone_surrogate_goes_as_the_replacement_character() -> None:
+    out = _json.dumps({"data": "a\udcffb\ud800c\U0001f600"})
+    assert out.decode() == '{"data":"a\ufffdb\ufffdc\U0001f600"}'
 
 
-def test_a_lone_surrogate_escape_reads_as_python_reads_it() -> None:
-    assert _json.loads('["\\ud800"]') == ["\ud800"]
+def test_a_lone_surrogate_escape_is_refused_unless_taken_as_python_takes_it() -> None:
+    with pytest.raises(ValueError):
+        _json.loads('["\\ud800"]')
+    assert _json.loads('["\\ud800"]', lone_surrogates=True) == ["\ud800"]
 
 
 @pytest.mark.parametrize("text", [b"", b"\xff", b"{", b'{"a":1}x', b"[" * 100_000])

@@ -175,8 +175,8 @@ class CallCodec:
         """Arguments from their JSON (and upstream results as JSON text), validated by the
         type hints; CodecError when they do not fit."""
         try:
-            raw_args = _json.loads(args) if args else []
-            raw_kwargs = _json.loads(kwargs) if kwargs else {}
+            raw_args = _json.loads(args, lone_surrogates=True) if args else []
+            raw_kwargs = _json.loads(kwargs, lone_surrogates=True) if kwargs else {}
         except (ValueError, RecursionError) as err:
             raise CodecError(f"arguments are not JSON: {err}") from None
         if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
@@ -188,7 +188,7 @@ class CallCodec:
             head, *path = key.split("/")
             try:
                 holder: Any = raw_args[int(head)] if head.isdigit() else raw_kwargs[head]
-                _put(holder, path, _json.loads(text))
+                _put(holder, path, _json.loads(text, lone_surrogates=True))
             except (IndexError, KeyError, ValueError, RecursionError):
                 raise CodecError(f"upstream place {key[:80]!r} is not in the arguments") from None
         try:

@@ -1,6 +1,6 @@
 """JSON in and out at the speed of pydantic-core's parser and serializer (Rust, several times
-the standard library's), with the standard library's answer wherever pydantic-core refuses
-what it takes: a lone surrogate, escaped in JSON text or held by a string."""
+the standard library's). Lone surrogates, which no UTF-8 text (and no protobuf string) holds:
+`dumps` writes each as U+FFFD; `loads` refuses them unless asked to take them as Python does."""
 
 from __future__ import annotations
 
@@ -15,18 +15,22 @@ __all__ = ["dumps", "loads"]
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def loads(data: bytes | bytearray | str) -> Any:
-    """The value of JSON text; ValueError (or RecursionError) when it is not JSON."""
+def loads(data: bytes | bytearray | str, *, lone_surrogates: bool = False) -> Any:
+    """The value of JSON text; ValueError (or RecursionError) when it is not JSON, or (unless
+    `lone_surrogates`) when it escapes a lone surrogate."""
     try:
         return pydantic_core.from_json(data)
     except ValueError:
+        if not lone_surrogates:
+            raise
         return json.loads(data)  # the error to give, or what only Python takes
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON of plain data (dicts with string keys, lists, strings, numbers, bools, None);
-    a lone surrogate in a string goes as the byte it escapes."""
+    """Compact UTF-8 JSON of plain data (dicts with string keys, lists, strings, numbers, bools,
+    None); a lone surrogate in a string goes as U+FFFD."""
     try:
         return pydantic_core.to_json(value)
     except pydantic_core.PydanticSerializationError:
-        return _ENCODER.encode(value).encode(errors="surrogateescape")
+        text = _ENCODER.encode(value)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()

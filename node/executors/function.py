@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from shoal._output import set_result_text
@@ -44,12 +43,25 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-@dataclass
 class _Run:
-    call: Call
-    ctx: ExecutionContext
-    out: _Tail
-    err: _Tail
+    """A call, and the last `output_tail_bytes` of each stream it printed on."""
+
+    __slots__ = ("_tails", "call", "ctx")
+
+    def __init__(self, call: Call, ctx: ExecutionContext) -> None:
+        self.call = call
+        self.ctx = ctx
+        self._tails: dict[int, _Tail] = {}  # most calls print nothing
+
+    def keep(self, stream: int, text: str) -> None:
+        tail = self._tails.get(stream)
+        if tail is None:
+            tail = self._tails[stream] = _Tail(self.ctx.output_tail_bytes)
+        tail.add(text)
+
+    def printed(self, stream: int) -> str:
+        tail = self._tails.get(stream)
+        return tail.text() if tail is not None else ""
 
 
 @register
@@ -114,8 +126,7 @@ class FunctionExecutor(Executor):
             request["kwargs"] = f.kwargs.decode(errors="replace")
         if f.upstream:
             request["upstream"] = dict(f.upstream)
-        tail = ctx.output_tail_bytes
-        run = _Run(Call(self._ids, f.name, request), ctx, _Tail(tail), _Tail(tail))
+        run = _Run(Call(self._ids, f.name, request), ctx)
         while True:  # again when its worker died running another call
             worker = await self._pool.dispatch(run.call)
             ctx.groups.add(worker.pid)
@@ -152,13 +163,12 @@ class FunctionExecutor(Executor):
         """Pass on an output or progress frame."""
         op = message.get("op")
         if op == "out":
-            data = str(message.get("data", ""))
+            data = call.ctx.redactor.redact(str(message.get("data", "")))
             if message.get("stream") == 2:
-                stream, tail = task_pb2.OUTPUT_STREAM_STDERR, call.err
+                stream = task_pb2.OUTPUT_STREAM_STDERR
             else:
-                stream, tail = task_pb2.OUTPUT_STREAM_STDOUT, call.out
-            data = call.ctx.redactor.redact(data)
-            tail.add(data)
+                stream = task_pb2.OUTPUT_STREAM_STDOUT
+            call.keep(stream, data)
             call.ctx.emit(task_pb2.OutputChunk(stream=stream, data=data))
             await call.ctx.paced()
         elif op == "progress":
@@ -169,10 +179,10 @@ class FunctionExecutor(Executor):
     def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
         op = message["op"]
         result = task_pb2.TaskResult()
-        if call.out.size:  # most calls print nothing
-            set_result_text(result, "stdout", call.out.text())
-        if call.err.size:
-            set_result_text(result, "stderr", call.err.text())
+        if out := call.printed(task_pb2.OUTPUT_STREAM_STDOUT):
+            set_result_text(result, "stdout", out)
+        if err := call.printed(task_pb2.OUTPUT_STREAM_STDERR):
+            set_result_text(result, "stderr", err)
         if op == "done":
             value = str(message.get("value", "null"))
             if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
@@ -188,7 +198,11 @@ class FunctionExecutor(Executor):
             result.error = f"{kind}: {text}"[:4000]
             result.output.update({"exception": {"type": kind, "message": text, "traceback": trace}})
             set_result_text(
-                result, "stderr", (call.err.text() + trace)[-call.ctx.output_tail_bytes :]
+                result,
+                "stderr",
+                (call.printed(task_pb2.OUTPUT_STREAM_STDERR) + trace)[
+                    -call.ctx.output_tail_bytes :
+                ],
             )
             return Outcome(task_pb2.TASK_STATE_FAILED, result)
         if op == "cancelled":  # it raised CancelledError by itself
@@ -203,8 +217,8 @@ class FunctionExecutor(Executor):
         _log.warning("task=%s function worker pid=%d died: %s", run.ctx.task_id, worker.pid, how)
         result = task_pb2.TaskResult(exit_code=-9 if "SIGKILL" in how else 1)
         result.error = f"the function's worker process died ({how}); a new one replaces it"
-        set_result_text(result, "stdout", run.out.text())
-        set_result_text(result, "stderr", run.err.text())
+        set_result_text(result, "stdout", run.printed(task_pb2.OUTPUT_STREAM_STDOUT))
+        set_result_text(result, "stderr", run.printed(task_pb2.OUTPUT_STREAM_STDERR))
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
     async def _stop(self, run: _Run, worker: WorkerProcess) -> None:

@@ -5,13 +5,13 @@ Each worker is `python -m shoal.node.functions.worker MODULE...` in its own proc
 (so that the node can pause it with its task), started with asyncio, never forked from the
 node (gRPC's fork handlers break forked children).
 
-Calls are pipelined: a worker holds several, runs them in the order sent and answers in
-batches, and the calls started in one turn of the event loop go to it in one write (up to
-DEPTH; the next ones then to one more worker). Only
-calls of a function known to be fast (most of its recent calls took under `FAST`) queue behind
-others; any other call waits for an idle worker. A worker that dies fails the oldest call it
-held (the one it ran: the worker sends the answers of earlier calls before it starts one
-once they are `FAST` old), and its other calls are sent to another worker.
+Calls are pipelined: a worker holds up to DEPTH, runs them in the order sent and answers in
+batches; the calls started in one turn of the event loop go to it in writes of FEED, and once
+it holds DEPTH the next ones go to one more worker. Only calls of a function known to be fast
+(most of its recent calls took under `FAST`) queue behind others; any other call waits for an
+idle worker. A worker that dies fails the oldest call it held (the one it ran: the worker
+sends the answers of earlier calls before it starts one once they are `FAST` old), and its
+other calls are sent to another worker.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ FAST = 0.001
 """Seconds under which a function's calls count as fast: such calls may queue in a worker."""
 DEPTH = 16
 """The most calls one worker holds at once."""
+FEED = 4
+"""Frames posted to a worker in one turn of the loop that are written at once, not at the
+turn's end: an idle worker starts on the first calls while the node sends out the others."""
 ENDS = frozenset({"done", "raised", "bad", "cancelled"})
 REQUEUE: dict[str, Any] = {"op": "requeue"}
 """Put in a call's frames when its worker died running another call: send it again."""
@@ -148,10 +151,13 @@ class WorkerProcess:
         return next(iter(self.held), None) == call.id
 
     def post(self, data: bytes) -> None:
-        """Write `data` with whatever else is posted in this turn of the event loop."""
+        """Write `data` with whatever else is posted in this turn of the event loop, or at once
+        with the FEED - 1 before it: the worker starts on those while the rest go out."""
         if not self._out:
             asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(data)
+        if len(self._out) >= FEED:
+            self.flush()
 
     def flush(self) -> None:
         """Write what was posted now (rather than at the end of the turn)."""
@@ -274,14 +280,13 @@ class WorkerPool:
         return self._fast_share.get(name, 0.0) > 0.5
 
     def _choose(self, call: Call) -> WorkerProcess | None:
-        fast = self.fast(call.name)
+        fast = call.fast
         batch = self._batch
-        if fast and batch is not None and batch.alive and len(batch.held) < DEPTH:
+        if fast and batch is not None and len(batch.held) < DEPTH and batch.alive:
             return batch
-        live = [w for w in self._all if w.alive]
-        idle = next((w for w in live if not w.held), None)
+        idle = next((w for w in self._all if not w.held and w.alive), None)
         if idle is None and fast:
-            idle = min(live, key=lambda w: len(w.held), default=None)
+            idle = min((w for w in self._all if w.alive), key=lambda w: len(w.held), default=None)
             if idle is not None and len(idle.held) >= DEPTH:
                 idle = None
         if idle is not None and fast:  # the turn's next fast calls go with this one
@@ -295,6 +300,7 @@ class WorkerPool:
 
     async def dispatch(self, call: Call) -> WorkerProcess:
         """Send a call to a worker that can take it (waits for one)."""
+        call.fast = self.fast(call.name)
         while (worker := self._choose(call)) is None:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -304,12 +310,9 @@ class WorkerPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         call.worker = worker
-        call.fast = self.fast(call.name)
         self.fast_held += call.fast
         worker.held[call.id] = call
         worker.post(call.frame)
-        if len(worker.held) >= DEPTH:  # it has all it takes: it starts on them while the
-            worker.flush()  # turn's other calls go out
         return worker
 
     def cancel(self, call: Call) -> None:

@@ -151,8 +151,8 @@ class WorkerProcess:
         return next(iter(self.held), None) == call.id
 
     def post(self, data: bytes) -> None:
-        """Write `data` with whatever else is posted in this turn of the event loop, or at once
-        with the FEED - 1 before it: the worker starts on those while the rest go out."""
+        """Write `data` at the end of this turn of the event loop, with whatever else is posted
+        to the worker in it; or at once once FEED frames wait, so that it starts on them."""
         if not self._out:
             asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(data)

@@ -6,12 +6,12 @@ Each worker is `python -m shoal.node.functions.worker MODULE...` in its own proc
 node (gRPC's fork handlers break forked children).
 
 Calls are pipelined: a worker holds up to DEPTH, runs them in the order sent and answers in
-batches; the calls started in one turn of the event loop go to it in writes of FEED, and once
-it holds DEPTH the next ones go to one more worker. Only calls of a function known to be fast
-(most of its recent calls took under `FAST`) queue behind others; any other call waits for an
-idle worker. A worker that dies fails the oldest call it held (the one it ran: the worker
-sends the answers of earlier calls before it starts one once they are `FAST` old), and its
-other calls are sent to another worker.
+batches; the calls started in one turn of the event loop go to it in writes of FEED (an idle
+worker gets the first at once), and once it holds DEPTH the next ones go to one more worker.
+Only calls of a function known to be fast (most of its recent calls took under `FAST`) queue
+behind others; any other call waits for an idle worker. A worker that dies fails the oldest
+call it held (the one it ran: the worker sends the answers of earlier calls before it starts
+one once they are `FAST` old), and its other calls are sent to another worker.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DEPTH = 16
 """The most calls one worker holds at once."""
 FEED = 4
 """Frames posted to a worker in one turn of the loop that are written at once, not at the
-turn's end: an idle worker starts on the first calls while the node sends out the others."""
+turn's end: the worker starts on them while the node sends out the others."""
 ENDS = frozenset({"done", "raised", "bad", "cancelled"})
 REQUEUE: dict[str, Any] = {"op": "requeue"}
 """Put in a call's frames when its worker died running another call: send it again."""
@@ -152,11 +152,12 @@ class WorkerProcess:
 
     def post(self, data: bytes) -> None:
         """Write `data` at the end of this turn of the event loop, with whatever else is posted
-        to the worker in it; or at once once FEED frames wait, so that it starts on them."""
+        to the worker in it; or at once when FEED frames wait, or when the worker holds nothing
+        else (it was idle), so that it starts on them while the rest go out."""
         if not self._out:
             asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(data)
-        if len(self._out) >= FEED:
+        if len(self._out) >= FEED or len(self.held) <= 1:
             self.flush()
 
     def flush(self) -> None:

@@ -107,6 +107,34 @@ async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     assert not ended[-1].more_follow and executor._pool.fast_held == 0
 
 
+async def test_an_idle_worker_is_written_its_first_call_at_once_then_every_feed(
+    executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = fm.Gate(tmp_path / "gate")
+    await _made_fast(executor, gate)
+    writes: list[int] = []  # frames in each write
+    flush = pool.WorkerProcess.flush
+
+    def counted(worker: pool.WorkerProcess) -> None:
+        if worker._out:
+            writes.append(len(worker._out))
+        flush(worker)
+
+    monkeypatch.setattr(pool.WorkerProcess, "flush", counted)
+    # Six started in one turn of the loop, all to one worker: it starts on the first while the
+    # node sends the others, FEED at a time, and the rest at the turn's end.
+    runs = [
+        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(6)
+    ]
+
+    def written() -> None:
+        assert writes == [1, pool.FEED, 1]
+
+    await eventually(written)
+    gate.open()
+    assert len({await _value(r) for r in runs}) == 1
+
+
 async def test_nonsense_frames_from_a_worker_are_ignored(executor: FunctionExecutor) -> None:
     outcome = await executor.run(fm.says_nonsense.spec(), _ctx())
     assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error

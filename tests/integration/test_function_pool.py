@@ -121,10 +121,11 @@ async def test_an_idle_worker_is_written_its_first_call_at_once_then_every_feed(
         flush(worker)
 
     monkeypatch.setattr(pool.WorkerProcess, "flush", counted)
-    # Six started in one turn of the loop, all to one worker: it starts on the first while the
-    # node sends the others, FEED at a time, and the rest at the turn's end.
+    # FEED + 2 started in one turn of the loop, all to one worker: it starts on the first while
+    # the node sends the others, FEED at a time, and the rest at the turn's end.
     runs = [
-        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(6)
+        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx()))
+        for _ in range(pool.FEED + 2)
     ]
 
     def written() -> None:

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from shoal._output import set_result_text
+from shoal._output import Stream, set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
@@ -30,6 +30,10 @@ __all__ = ["FunctionExecutor"]
 _log = logging.getLogger("shoal.node")
 _STOP_GRACE = 3.0  # seconds a cancelled call has to stop before its worker is killed
 MAX_RESULT_BYTES = 1 << 20  # a function's return value, as JSON (the coordinator keeps 1 MiB)
+_STREAMS: tuple[tuple[int, Stream], ...] = (
+    (task_pb2.OUTPUT_STREAM_STDOUT, "stdout"),
+    (task_pb2.OUTPUT_STREAM_STDERR, "stderr"),
+)
 
 
 def _worker_env() -> dict[str, str]:
@@ -62,6 +66,12 @@ class _Run:
     def printed(self, stream: int) -> str:
         tail = self._tails.get(stream)
         return tail.text() if tail is not None else ""
+
+    def put_printed(self, result: task_pb2.TaskResult) -> None:
+        """What it printed into `result` (its stdout and stderr)."""
+        for stream, field in _STREAMS:
+            if text := self.printed(stream):
+                set_result_text(result, field, text)
 
 
 @register
@@ -179,10 +189,7 @@ class FunctionExecutor(Executor):
     def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
         op = message["op"]
         result = task_pb2.TaskResult()
-        if out := call.printed(task_pb2.OUTPUT_STREAM_STDOUT):
-            set_result_text(result, "stdout", out)
-        if err := call.printed(task_pb2.OUTPUT_STREAM_STDERR):
-            set_result_text(result, "stderr", err)
+        call.put_printed(result)
         if op == "done":
             value = str(message.get("value", "null"))
             if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
@@ -197,13 +204,8 @@ class FunctionExecutor(Executor):
             result.exit_code = 1
             result.error = f"{kind}: {text}"[:4000]
             result.output.update({"exception": {"type": kind, "message": text, "traceback": trace}})
-            set_result_text(
-                result,
-                "stderr",
-                (call.printed(task_pb2.OUTPUT_STREAM_STDERR) + trace)[
-                    -call.ctx.output_tail_bytes :
-                ],
-            )
+            printed = call.printed(task_pb2.OUTPUT_STREAM_STDERR)
+            set_result_text(result, "stderr", (printed + trace)[-call.ctx.output_tail_bytes :])
             return Outcome(task_pb2.TASK_STATE_FAILED, result)
         if op == "cancelled":  # it raised CancelledError by itself
             result.exit_code = 1
@@ -217,8 +219,7 @@ class FunctionExecutor(Executor):
         _log.warning("task=%s function worker pid=%d died: %s", run.ctx.task_id, worker.pid, how)
         result = task_pb2.TaskResult(exit_code=-9 if "SIGKILL" in how else 1)
         result.error = f"the function's worker process died ({how}); a new one replaces it"
-        set_result_text(result, "stdout", run.printed(task_pb2.OUTPUT_STREAM_STDOUT))
-        set_result_text(result, "stderr", run.printed(task_pb2.OUTPUT_STREAM_STDERR))
+        run.put_printed(result)
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
     async def _stop(self, run: _Run, worker: WorkerProcess) -> None:

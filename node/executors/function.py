@@ -14,15 +14,17 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
 
-from shoal._output import Stream, set_result_text
+from shoal import _json
+from shoal._output import Stream, output_chunk, set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TaskUsers
-from shoal.node.functions.pool import ENDS, REQUEUE, Call, WorkerPool, WorkerProcess
+from shoal.node.functions import wire
+from shoal.node.functions.pool import REQUEUE, Call, WorkerPool, WorkerProcess
+from shoal.node.functions.wire import ENDS, Frame
 from shoal.v1 import node_pb2, task_pb2
 
 __all__ = ["FunctionExecutor"]
@@ -131,12 +133,9 @@ class FunctionExecutor(Executor):
             # picked the node itself gets here.
             raise TaskError(f"function {f.name!r} is not offered here")
         self._ids += 1
-        request: dict[str, Any] = {"op": "call", "args": f.args.decode(errors="replace")}
-        if f.kwargs:
-            request["kwargs"] = f.kwargs.decode(errors="replace")
-        if f.upstream:
-            request["upstream"] = dict(f.upstream)
-        run = _Run(Call(self._ids, f.name, request), ctx)
+        upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
+        frame = wire.encode_call(self._ids, f.name, f.args, f.kwargs, upstream)
+        run = _Run(Call(self._ids, f.name, frame), ctx)
         while True:  # again when its worker died running another call
             worker = await self._pool.dispatch(run.call)
             ctx.groups.add(worker.pid)
@@ -154,52 +153,55 @@ class FunctionExecutor(Executor):
         """The call's outcome from its worker's frames; None when it is to be sent again."""
         try:
             while True:
-                message = await run.call.next()
-                if message is None:
+                frame = await run.call.next()
+                if frame is None:
                     return await self._died(run, worker)
-                if message is REQUEUE:
+                if frame is REQUEUE:
                     return None
-                if message.get("op") in ENDS:
-                    outcome = self._outcome(run, message)
+                if frame.kind in ENDS:
+                    outcome = self._outcome(run, frame)
                     # Calls sent with it are about to end too: their reports go in one message.
                     outcome.more_follow = self._pool.fast_held > 0
                     return outcome
-                await self._pass_on(run, message)
+                await self._pass_on(run, frame)
         except asyncio.CancelledError:
             await self._stop(run, worker)
             raise
 
-    async def _pass_on(self, call: _Run, message: dict[str, Any]) -> None:
-        """Pass on an output or progress frame."""
-        op = message.get("op")
-        if op == "out":
-            data = call.ctx.redactor.redact(str(message.get("data", "")))
-            if message.get("stream") == 2:
+    async def _pass_on(self, call: _Run, frame: Frame) -> None:
+        """Pass on an output or progress frame (and ignore any other)."""
+        if frame.kind == wire.OUT:
+            # Decoded as a process's output is: bytes that are not UTF-8 survive to the wire.
+            text = call.ctx.redactor.redact(frame.data.decode(errors="surrogateescape"))
+            if frame.number == 2:
                 stream = task_pb2.OUTPUT_STREAM_STDERR
             else:
                 stream = task_pb2.OUTPUT_STREAM_STDOUT
-            call.keep(stream, data)
-            call.ctx.emit(task_pb2.OutputChunk(stream=stream, data=data))
+            call.keep(stream, text)
+            call.ctx.emit(output_chunk(stream, text))
             await call.ctx.paced()
-        elif op == "progress":
-            fraction, text = message.get("fraction"), message.get("message")
-            if isinstance(fraction, (int, float)) and isinstance(text, str):
-                call.ctx.progress(float(fraction), text)
+        elif frame.kind == wire.PROGRESS:
+            call.ctx.progress(frame.number, frame.data.decode(errors="replace"))
 
-    def _outcome(self, call: _Run, message: dict[str, Any]) -> Outcome:
-        op = message["op"]
+    def _outcome(self, call: _Run, frame: Frame) -> Outcome:
         result = task_pb2.TaskResult()
         call.put_printed(result)
-        if op == "done":
-            value = str(message.get("value", "null"))
-            if len(value) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
+        if frame.kind == wire.DONE:
+            if len(frame.data) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
                 result.error = f"its result is over {MAX_RESULT_BYTES} bytes of JSON"
                 return Outcome(task_pb2.TASK_STATE_FAILED, result)
+            value = frame.data.decode(errors="replace")
             result.output.fields["value"].string_value = value
             return Outcome(task_pb2.TASK_STATE_SUCCEEDED, result)
-        if op == "raised":
-            kind, text = str(message.get("type", "")), str(message.get("message", ""))
-            trace = call.ctx.redactor.redact(str(message.get("traceback", "")))
+        if frame.kind == wire.RAISED:
+            try:
+                raised = _json.loads(frame.data)
+            except (ValueError, RecursionError):
+                raised = None
+            if not isinstance(raised, dict):
+                raised = {"message": "its worker sent an exception that is not JSON"}
+            kind, text = str(raised.get("type", "")), str(raised.get("message", ""))
+            trace = call.ctx.redactor.redact(str(raised.get("traceback", "")))
             call.ctx.emit(task_pb2.OutputChunk(stream=task_pb2.OUTPUT_STREAM_STDERR, data=trace))
             result.exit_code = 1
             result.error = f"{kind}: {text}"[:4000]
@@ -207,11 +209,11 @@ class FunctionExecutor(Executor):
             printed = call.printed(task_pb2.OUTPUT_STREAM_STDERR)
             set_result_text(result, "stderr", (printed + trace)[-call.ctx.output_tail_bytes :])
             return Outcome(task_pb2.TASK_STATE_FAILED, result)
-        if op == "cancelled":  # it raised CancelledError by itself
+        if frame.kind == wire.CANCELLED:  # it raised CancelledError by itself
             result.exit_code = 1
             result.error = "the function was cancelled (it raised CancelledError)"
             return Outcome(task_pb2.TASK_STATE_FAILED, result)
-        result.error = str(message.get("error", "bad call"))[:4000]
+        result.error = frame.data.decode(errors="replace")[:4000] or "bad call"
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
     async def _died(self, run: _Run, worker: WorkerProcess) -> Outcome:
@@ -236,8 +238,8 @@ class FunctionExecutor(Executor):
         try:
             async with asyncio.timeout(_STOP_GRACE):
                 while True:
-                    message = await call.next()
-                    if message is None or message is REQUEUE or message.get("op") in ENDS:
+                    frame = await call.next()
+                    if frame is None or frame is REQUEUE or frame.kind in ENDS:
                         return
         except (TimeoutError, asyncio.CancelledError):
             pass

@@ -26,10 +26,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shoal import _json
 from shoal.node.executors.taskuser import TaskUsers
-from shoal.node.functions.wire import FrameReader, WireError, async_read_frames, encode_frame
+from shoal.node.functions import wire
+from shoal.node.functions.wire import ENDS, Frame, FrameReader, WireError, async_read_frames
 
-__all__ = ["DEPTH", "FAST", "Call", "WorkerPool", "WorkerProcess"]
+__all__ = ["DEPTH", "FAST", "REQUEUE", "Call", "WorkerPool", "WorkerProcess"]
 
 _log = logging.getLogger("shoal.node")
 _START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
@@ -40,31 +42,31 @@ DEPTH = 16
 FEED = 4
 """Frames posted to a worker in one turn of the loop that are written at once, not at the
 turn's end: the worker starts on them while the node sends out the others."""
-ENDS = frozenset({"done", "raised", "bad", "cancelled"})
-REQUEUE: dict[str, Any] = {"op": "requeue"}
+REQUEUE = Frame(-1, 0)
 """Put in a call's frames when its worker died running another call: send it again."""
 
 
 class Call:
-    """One call: its request, and the frames its worker sends of it (None: the worker died
+    """One call: its CALL frame, and the frames its worker sends of it (None: the worker died
     running it; REQUEUE: the worker died before it ran it), to be taken in order by `next`."""
 
-    def __init__(self, call_id: int, name: str, request: dict[str, Any]) -> None:
+    __slots__ = ("_frames", "_waiter", "fast", "frame", "id", "name", "worker")
+
+    def __init__(self, call_id: int, name: str, frame: bytes) -> None:
         self.id = call_id
         self.name = name
-        request["id"], request["name"] = call_id, name
-        self.frame = encode_frame(request)
+        self.frame = frame
         self.worker: WorkerProcess | None = None
         self.fast = False  # whether it was sent as a fast call (it may queue behind others)
-        self._frames: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._frames: collections.deque[Frame | None] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put(self, frame: dict[str, Any] | None) -> None:
+    def put(self, frame: Frame | None) -> None:
         self._frames.append(frame)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next(self) -> dict[str, Any] | None:
+    async def next(self) -> Frame | None:
         """The next frame (waits for it)."""
         while not self._frames:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -129,9 +131,14 @@ class WorkerProcess:
                 said = await async_read_frames(proc.stdout, frames)
             if said is None:
                 raise WireError(f"the worker ended as it started (exit {await proc.wait()})")
-            hello = said[0]
-            if len(said) > 1 or hello.get("op") != "hello":
+            if len(said) > 1 or said[0].kind != wire.HELLO:
                 raise WireError("the worker did not start with a hello")
+            try:
+                hello = _json.loads(said[0].data)
+            except (ValueError, RecursionError):
+                hello = None
+            if not isinstance(hello, dict):
+                raise WireError("the worker's hello is not a JSON object")
         except BaseException:
             _kill(proc.pid)
             with contextlib.suppress(asyncio.CancelledError):
@@ -169,7 +176,7 @@ class WorkerProcess:
         with contextlib.suppress(OSError):  # a dead worker: its reader sees the end
             stdin.write(data)
 
-    async def receive(self) -> list[dict[str, Any]] | None:
+    async def receive(self) -> list[Frame] | None:
         """Its next frames (all that came at once); None when it has gone (or broke the
         protocol: it is killed)."""
         assert self.proc.stdout is not None
@@ -319,14 +326,14 @@ class WorkerPool:
     def cancel(self, call: Call) -> None:
         """Ask the worker to drop a call it has not run yet, or cancel it (async) in place."""
         if call.worker is not None and call.id in call.worker.held:
-            call.worker.post(encode_frame({"op": "cancel", "id": call.id}))
+            call.worker.post(wire.encode_frame(wire.CANCEL, call.id))
 
     async def _follow(self, worker: WorkerProcess) -> None:
         """Route a worker's frames to its calls until it ends; then fail or resend them."""
-        while (messages := await worker.receive()) is not None:
+        while (frames := await worker.receive()) is not None:
             try:
-                for message in messages:
-                    self._route(worker, message)
+                for frame in frames:
+                    self._route(worker, frame)
             except Exception:  # a frame no check foresaw: its calls must not wait forever
                 _log.exception("function worker pid=%d sent a frame not understood", worker.pid)
                 break
@@ -345,23 +352,20 @@ class WorkerPool:
         self._notify()
         self._spawn()
 
-    def _route(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+    def _route(self, worker: WorkerProcess, frame: Frame) -> None:
         """Pass a frame to its call."""
-        call_id, op = message.get("id"), message.get("op")
-        call = worker.held.get(call_id) if isinstance(call_id, int) else None
-        if call is None or not isinstance(op, str):
+        call = worker.held.get(frame.id)
+        if call is None:
             return  # a call given up on, or a worker that says nonsense
-        if op in ENDS:
+        if frame.kind in ENDS:
             del worker.held[call.id]
             self.fast_held -= call.fast
-            took = message.get("took")
-            if isinstance(took, (int, float)):  # a share, so that a few slow ones (the
-                # machine's load) do not count for more than a few
-                share = self._fast_share.get(call.name, 0.0)
-                self._fast_share[call.name] = 0.8 * share + 0.2 * (took < self.fast_below)
+            # A share, so that a few slow calls (the machine's load) count for no more than a few.
+            share = self._fast_share.get(call.name, 0.0)
+            self._fast_share[call.name] = 0.8 * share + 0.2 * (frame.number < self.fast_below)
             if self._waiters:
                 self._notify()
-        call.put(message)
+        call.put(frame)
 
     def _spawn(self) -> None:
         if not self._closed:

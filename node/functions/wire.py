@@ -1,48 +1,110 @@
-"""Frames between the node and a function worker: a 4-byte big-endian length, then JSON."""
+"""Frames between the node and a function worker: a fixed header (the length of the rest, the
+frame's kind, the call it is about, a number), then bytes whose meaning the kind gives.
+
+    kind        sent by  number          data
+    HELLO       worker   -               JSON {"functions": [...], "async": [...], "errors": [...]}
+    CALL        node     -               CALL_HEAD (the lengths of the next three), the name,
+                                         the args, the kwargs; then the upstream JSON, if any
+    CANCEL      node     -               -
+    DONE        worker   seconds taken   the result's JSON
+    RAISED      worker   seconds taken   JSON {"type": ..., "message": ..., "traceback": ...}
+    BAD         worker   seconds taken   why the call could not be made (UTF-8)
+    CANCELLED   worker   seconds taken   -
+    OUT         worker   1 or 2 (stream) what the call printed (UTF-8)
+    PROGRESS    worker   fraction        what the call said of its progress (UTF-8)
+
+A call's arguments and its result are JSON already: they go through as they are, decoded only
+by the function's codec, not wrapped in JSON of their own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import struct
-from typing import Any
-
-from shoal import _json
+from typing import NamedTuple
 
 __all__ = [
-    "LENGTH",
+    "BAD",
+    "CALL",
+    "CANCEL",
+    "CANCELLED",
+    "DONE",
+    "ENDS",
+    "HELLO",
     "MAX_FRAME",
+    "OUT",
+    "PROGRESS",
+    "RAISED",
+    "Frame",
     "FrameReader",
     "WireError",
     "async_read_frames",
-    "decode_frame",
+    "decode_call",
+    "encode_call",
     "encode_frame",
     "write_all",
 ]
 
+HELLO, CALL, CANCEL, DONE, RAISED, BAD, CANCELLED, OUT, PROGRESS = range(9)
+ENDS = frozenset({DONE, RAISED, BAD, CANCELLED})
+"""The kinds of frame that end a call: the last the worker sends of it."""
+
 MAX_FRAME = 32 << 20
 """The largest frame either side accepts: a call's spec is at most a few MiB, a result 1 MiB."""
 
-LENGTH = struct.Struct(">I")
+HEAD = struct.Struct(">IBQd")
+"""The length of what follows it, the kind, the call's id, the number."""
+CALL_HEAD = struct.Struct(">III")
+"""A call's data begins with the lengths of its name, args and kwargs."""
+_REST = HEAD.size - 4  # of the header, what its length counts
 
 
 class WireError(Exception):
-    """The other side broke the protocol (a frame too large, or not a JSON object)."""
+    """The other side broke the protocol (a frame too large or too short)."""
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
-    body = _json.dumps(message)
-    return LENGTH.pack(len(body)) + body
+class Frame(NamedTuple):
+    kind: int
+    id: int
+    number: float = 0.0
+    data: bytes = b""
 
 
-def decode_frame(body: bytes | bytearray) -> dict[str, Any]:
-    try:
-        message = _json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise WireError(f"a frame is not JSON: {err}") from None
-    if not isinstance(message, dict):
-        raise WireError("a frame is not a JSON object")
-    return message
+def encode_frame(kind: int, call_id: int, number: float = 0.0, data: bytes = b"") -> bytes:
+    return HEAD.pack(_REST + len(data), kind, call_id, number) + data
+
+
+def encode_call(call_id: int, name: str, args: bytes, kwargs: bytes, upstream: bytes) -> bytes:
+    """A CALL frame; `upstream` is empty or the JSON object of the upstream results."""
+    raw = name.encode()
+    size = _REST + CALL_HEAD.size + len(raw) + len(args) + len(kwargs) + len(upstream)
+    return b"".join(
+        (
+            HEAD.pack(size, CALL, call_id, 0.0),
+            CALL_HEAD.pack(len(raw), len(args), len(kwargs)),
+            raw,
+            args,
+            kwargs,
+            upstream,
+        )
+    )
+
+
+def decode_call(data: bytes) -> tuple[str, bytes, bytes, bytes]:
+    """The name, args, kwargs and upstream JSON of a CALL frame's data; WireError when the
+    lengths it gives do not fit it."""
+    if len(data) < CALL_HEAD.size:
+        raise WireError("a call frame shorter than its header")
+    name_size, args_size, kwargs_size = CALL_HEAD.unpack_from(data)
+    at = CALL_HEAD.size
+    args_at = at + name_size
+    kwargs_at = args_at + args_size
+    upstream_at = kwargs_at + kwargs_size
+    if upstream_at > len(data):
+        raise WireError("a call frame shorter than the lengths it gives")
+    name = data[at:args_at].decode(errors="replace")
+    return name, data[args_at:kwargs_at], data[kwargs_at:upstream_at], data[upstream_at:]
 
 
 class FrameReader:
@@ -55,26 +117,26 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def frames(self) -> list[dict[str, Any]]:
+    def frames(self) -> list[Frame]:
         """The whole frames fed so far, in order; WireError when one breaks the protocol."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         buf, at, end = self._buf, 0, len(self._buf)
-        while end - at >= LENGTH.size:
-            (size,) = LENGTH.unpack_from(buf, at)
-            if size > MAX_FRAME:
-                raise WireError(f"a frame of {size} bytes (the most is {MAX_FRAME})")
-            start = at + LENGTH.size
-            if end - start < size:
+        while end - at >= HEAD.size:
+            size, kind, call_id, number = HEAD.unpack_from(buf, at)
+            if not _REST <= size <= MAX_FRAME:
+                raise WireError(f"a frame of {size} bytes (from {_REST} to {MAX_FRAME})")
+            stop = at + 4 + size
+            if stop > end:
                 break
-            out.append(decode_frame(buf[start : start + size]))
-            at = start + size
+            out.append(Frame(kind, call_id, number, bytes(buf[at + HEAD.size : stop])))
+            at = stop
         del buf[:at]
         return out
 
 
 async def async_read_frames(
     reader: asyncio.StreamReader, frames: FrameReader
-) -> list[dict[str, Any]] | None:
+) -> list[Frame] | None:
     """The next whole frames (all that came in one read); None at end of stream. WireError
     when one breaks the protocol."""
     while not (out := frames.frames()):

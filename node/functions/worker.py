@@ -25,10 +25,12 @@ import time
 import traceback
 from typing import Any
 
-from shoal import _progress
+from shoal import _json, _progress
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
-from shoal.node.functions.wire import FrameReader, WireError, encode_frame, write_all
+from shoal._output import wire_forms
+from shoal.node.functions import wire
+from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame, write_all
 
 _send_lock = threading.Lock()
 _out_fd = -1
@@ -36,8 +38,8 @@ _current: int | None = None  # the id of the call running now
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 
 
-def send(message: dict[str, Any]) -> None:
-    data = encode_frame(message)
+def send(data: bytes) -> None:
+    """Write a frame now (output and progress, which go out as they come)."""
     with _send_lock:
         write_all(_out_fd, data)
 
@@ -53,13 +55,15 @@ class _OutputFrames(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if text and _current is not None:
-            send({"op": "out", "id": _current, "stream": self._stream, "data": text})
+            data, raw = wire_forms(text)  # bytes that os.fsdecode made text go back as bytes
+            send(encode_frame(wire.OUT, _current, self._stream, raw or data.encode()))
         return len(text)
 
 
 def _progress_frame(fraction: float, message: str) -> None:
     if _current is not None:
-        send({"op": "progress", "id": _current, "fraction": fraction, "message": message[:1000]})
+        data = message[:1000].encode(errors="replace")
+        send(encode_frame(wire.PROGRESS, _current, fraction, data))
 
 
 def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]:
@@ -75,69 +79,82 @@ def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]
     return found, errors
 
 
-def _arguments(fn: Function[Any, Any], message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    return fn.codec.decode_arguments(
-        str(message.get("args", "")),
-        str(message.get("kwargs", "")),
-        {str(k): str(v) for k, v in dict(upstream).items()}
-        if (upstream := message.get("upstream"))
-        else {},
+class _Call:
+    """A call the node sent: its id, its function's name and arguments as JSON."""
+
+    __slots__ = ("args", "id", "kwargs", "name", "upstream")
+
+    def __init__(self, frame: Frame) -> None:
+        self.id = frame.id
+        self.name, self.args, self.kwargs, self.upstream = wire.decode_call(frame.data)
+
+
+_Reply = tuple[int, bytes]
+"""How a call ended: the kind of its last frame, and its data."""
+
+
+def _arguments(fn: Function[Any, Any], call: _Call) -> tuple[list[Any], dict[str, Any]]:
+    upstream: dict[str, str] = {}
+    if call.upstream:
+        try:
+            given = _json.loads(call.upstream)
+        except (ValueError, RecursionError):
+            given = None
+        if not isinstance(given, dict):
+            raise CodecError("upstream results are not a JSON object")
+        upstream = {str(k): str(v) for k, v in given.items()}
+    return fn.codec.decode_arguments(call.args, call.kwargs, upstream)
+
+
+def _bad(why: str) -> _Reply:
+    return wire.BAD, why.encode(errors="replace")
+
+
+def _raised(err: BaseException) -> _Reply:
+    return wire.RAISED, _json.dumps(
+        {
+            "type": f"{type(err).__module__}.{type(err).__qualname__}",
+            "message": str(err)[:10_000],
+            "traceback": "".join(traceback.format_exception(err))[-100_000:],
+        }
     )
 
 
-def _raised(call_id: Any, err: BaseException) -> dict[str, Any]:
-    return {
-        "op": "raised",
-        "id": call_id,
-        "type": f"{type(err).__module__}.{type(err).__qualname__}",
-        "message": str(err)[:10_000],
-        "traceback": "".join(traceback.format_exception(err))[-100_000:],
-    }
-
-
-def _returned(fn: Function[Any, Any], call_id: Any, value: Any, limit: int) -> dict[str, Any]:
+def _returned(fn: Function[Any, Any], value: Any, limit: int) -> _Reply:
     try:
-        text = fn.codec.encode_result(value)
+        data = fn.codec.encode_result(value)
     except CodecError as err:
-        return {"op": "bad", "id": call_id, "error": str(err)}
-    if len(text) > limit:
-        return {
-            "op": "bad",
-            "id": call_id,
-            "error": f"its result is {len(text)} bytes of JSON, over the node's {limit}",
-        }
-    return {"op": "done", "id": call_id, "value": text}
+        return _bad(str(err))
+    if len(data) > limit:
+        return _bad(f"its result is {len(data)} bytes of JSON, over the node's {limit}")
+    return wire.DONE, data
 
 
-def _call_sync(fn: Function[Any, Any], message: dict[str, Any], limit: int) -> dict[str, Any]:
+def _call_sync(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply:
     """A sync function runs in the main thread: the node kills the worker to cancel it."""
-    call_id = message["id"]
     try:
-        args, kwargs = _arguments(fn, message)
+        args, kwargs = _arguments(fn, call)
     except CodecError as err:
-        return {"op": "bad", "id": call_id, "error": str(err)}
+        return _bad(str(err))
     try:
         value = fn.fn(*args, **kwargs)
     except (Exception, SystemExit, KeyboardInterrupt) as err:
-        return _raised(call_id, err)
-    return _returned(fn, call_id, value, limit)
+        return _raised(err)
+    return _returned(fn, value, limit)
 
 
-async def _call_async(
-    fn: Function[Any, Any], message: dict[str, Any], limit: int
-) -> dict[str, Any]:
-    call_id = message["id"]
+async def _call_async(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply:
     try:
-        args, kwargs = _arguments(fn, message)
+        args, kwargs = _arguments(fn, call)
     except CodecError as err:
-        return {"op": "bad", "id": call_id, "error": str(err)}
+        return _bad(str(err))
     try:
         value = await fn.fn(*args, **kwargs)
     except asyncio.CancelledError:
-        return {"op": "cancelled", "id": call_id}
+        return wire.CANCELLED, b""
     except (Exception, SystemExit, KeyboardInterrupt) as err:
-        return _raised(call_id, err)
-    return _returned(fn, call_id, value, limit)
+        return _raised(err)
+    return _returned(fn, value, limit)
 
 
 class _Input:
@@ -159,7 +176,7 @@ class _Input:
             self.closed = True
         self._frames.feed(data)
 
-    def frames(self) -> list[dict[str, Any]]:
+    def frames(self) -> list[Frame]:
         """The whole frames read so far; WireError when one breaks the protocol."""
         return self._frames.frames()
 
@@ -175,10 +192,10 @@ class _Replies:
         self._held: list[bytes] = []
         self._since = 0.0
 
-    def add(self, message: dict[str, Any]) -> None:
+    def add(self, frame: bytes) -> None:
         if not self._held:
             self._since = time.process_time()
-        self._held.append(encode_frame(message))
+        self._held.append(frame)
 
     def flush(self, *, unless_fresh: bool = False) -> None:
         if not self._held or (unless_fresh and time.process_time() - self._since < _FAST):
@@ -192,24 +209,23 @@ class _Queue:
     """The calls sent and not yet run, in order."""
 
     def __init__(self, replies: _Replies) -> None:
-        self.calls: collections.deque[dict[str, Any]] = collections.deque()
+        self.calls: collections.deque[Frame] = collections.deque()
         self._replies = replies
 
-    def take(self, frames: list[dict[str, Any]], running: Any = None) -> bool:
+    def take(self, frames: list[Frame], running: int | None = None) -> bool:
         """Queue calls, drop the cancelled ones; whether `running` was cancelled."""
         cancelled = False
         for frame in frames:
-            if frame.get("op") == "call":
+            if frame.kind == wire.CALL:
                 self.calls.append(frame)
-            elif frame.get("op") == "cancel":
-                call_id = frame.get("id")
-                if running is not None and call_id == running:
+            elif frame.kind == wire.CANCEL:
+                if frame.id == running:
                     cancelled = True
                     continue
                 for call in self.calls:
-                    if call.get("id") == call_id:
+                    if call.id == frame.id:
                         self.calls.remove(call)
-                        self._replies.add({"op": "cancelled", "id": call_id, "took": 0.0})
+                        self._replies.add(encode_frame(wire.CANCELLED, frame.id))
                         break
         return cancelled
 
@@ -217,19 +233,19 @@ class _Queue:
 def _run_async(
     loop: asyncio.AbstractEventLoop,
     fn: Function[Any, Any],
-    message: dict[str, Any],
+    call: _Call,
     inp: _Input,
     queue: _Queue,
     limit: int,
-) -> dict[str, Any]:
+) -> _Reply:
     """Run an async call on the worker's loop, taking in further frames meanwhile; a cancel
     frame (or the node going away) cancels it."""
-    task = loop.create_task(_call_async(fn, message, limit))
+    task = loop.create_task(_call_async(fn, call, limit))
 
     def readable() -> None:
         try:
             inp.fill(block=True)
-            cancelled = queue.take(inp.frames(), running=message["id"])
+            cancelled = queue.take(inp.frames(), running=call.id)
         except (OSError, WireError):
             inp.closed, cancelled = True, True
         if inp.closed:
@@ -241,7 +257,7 @@ def _run_async(
     try:
         reply = loop.run_until_complete(task)
     except asyncio.CancelledError:
-        reply = {"op": "cancelled", "id": message["id"]}
+        reply = wire.CANCELLED, b""
     finally:
         loop.remove_reader(inp.fd)
     return reply
@@ -265,21 +281,26 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
             return  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
-        message = queue.calls.popleft()
+        frame = queue.calls.popleft()
         replies.flush(unless_fresh=True)
-        fn = functions.get(str(message.get("name")))
-        if fn is None:
-            replies.add({"op": "bad", "id": message.get("id"), "error": "no such function here"})
+        try:
+            call = _Call(frame)
+        except WireError as err:
+            replies.add(encode_frame(wire.BAD, frame.id, 0.0, str(err).encode()))
             continue
-        _current = message.get("id")
+        fn = functions.get(call.name)
+        if fn is None:
+            replies.add(encode_frame(wire.BAD, call.id, 0.0, b"no such function here"))
+            continue
+        _current = call.id
         started = time.perf_counter()
         if fn.name in asynchronous:
-            reply = _run_async(loop, fn, message, inp, queue, limit)
+            kind, data = _run_async(loop, fn, call, inp, queue, limit)
         else:
-            reply = _call_sync(fn, message, limit)
-        reply["took"] = time.perf_counter() - started
+            kind, data = _call_sync(fn, call, limit)
+        took = time.perf_counter() - started
         _flush_replaced_streams()
-        replies.add(reply)
+        replies.add(encode_frame(kind, call.id, took, data))
         _current = None
 
 
@@ -304,14 +325,12 @@ def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     _progress.set_sink(_progress_frame)
     functions, errors = _load(sys.argv[1:])
-    send(
-        {
-            "op": "hello",
-            "functions": sorted(functions),
-            "async": sorted(n for n, f in functions.items() if inspect.iscoroutinefunction(f.fn)),
-            "errors": errors,
-        }
-    )
+    hello = {
+        "functions": sorted(functions),
+        "async": sorted(n for n, f in functions.items() if inspect.iscoroutinefunction(f.fn)),
+        "errors": errors,
+    }
+    send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
     _serve(functions, inp, limit)
 
 

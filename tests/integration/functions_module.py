@@ -179,8 +179,14 @@ def says_nonsense() -> str:
 
     worker = sys.modules["__main__"]  # the worker runs as a script
     own = worker._current
-    for frame in ({"id": own, "op": []}, {"id": own, "op": {"x": 1}}, {"id": [own], "op": "done"}):
-        wire.write_all(worker._out_fd, wire.encode_frame(frame))
+    for frame in (
+        wire.encode_frame(99, own, 0.0, b"no such kind"),
+        wire.encode_frame(wire.CALL, own, 0.0, b"a call, from a worker"),
+        wire.encode_frame(wire.HELLO, own, 0.0, b"[]"),
+        wire.encode_frame(wire.PROGRESS, own, float("nan"), b"\xff\xfe"),
+        wire.encode_frame(wire.DONE, own + 1000, 0.0, b'"the result of a call it was not sent"'),
+    ):
+        wire.write_all(worker._out_fd, frame)
     return "said"
 
 

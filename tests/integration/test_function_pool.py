@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal._output import chunk_bytes, stdout_bytes
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.function import FunctionExecutor
@@ -142,7 +143,7 @@ async def test_nonsense_frames_from_a_worker_are_ignored(executor: FunctionExecu
     assert outcome.result.output.fields["value"].string_value == '"said"'
 
 
-async def test_output_that_is_not_utf8_arrives_with_replacement_characters(
+async def test_output_that_is_not_utf8_arrives_as_text_and_as_its_exact_bytes(
     executor: FunctionExecutor,
 ) -> None:
     chunks: list[task_pb2.OutputChunk] = []
@@ -150,6 +151,8 @@ async def test_output_that_is_not_utf8_arrives_with_replacement_characters(
     outcome = await executor.run(fm.prints_undecodable.spec(b"a\xffb".hex()), ctx)
     assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
     assert "".join(c.data for c in chunks) == "a\ufffdb\n"
+    assert b"".join(chunk_bytes(c) for c in chunks) == b"a\xffb\n"
+    assert stdout_bytes(outcome.result) == b"a\xffb\n"
 
 
 async def test_a_call_cancelled_while_queued_never_runs(

@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import pytest
 from pydantic import BaseModel
@@ -18,11 +18,15 @@ from shoal._codec import CodecError
 from shoal._function import AsyncHandle, Function, failure
 from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
 from shoal.errors import InvalidArgument, RemoteError
+from shoal.node.functions import wire
 from shoal.node.functions.wire import (
     MAX_FRAME,
+    Frame,
     FrameReader,
     WireError,
     async_read_frames,
+    decode_call,
+    encode_call,
     encode_frame,
 )
 from shoal.specs import timestamp
@@ -234,28 +238,40 @@ def test_progress_is_clamped_sampled_and_estimates_an_end() -> None:
 
 
 async def test_the_wire_refuses_oversized_and_malformed_frames() -> None:
-    async def read(data: bytes, *, eof: bool = False) -> list[dict[str, Any]] | None:
+    async def read(data: bytes, *, eof: bool = False) -> list[Frame] | None:
         reader = asyncio.StreamReader()
         reader.feed_data(data)
         if eof:
             reader.feed_eof()
         return await async_read_frames(reader, FrameReader())
 
-    two = encode_frame({"op": "hello"}) + encode_frame({"op": "done", "id": 1})
-    assert await read(two) == [{"op": "hello"}, {"op": "done", "id": 1}]
-    with pytest.raises(WireError):
-        await read(encode_frame({"op": "hello"}) + (MAX_FRAME + 1).to_bytes(4, "big"))
-    with pytest.raises(WireError):
-        await read((2).to_bytes(4, "big") + b"[]")
+    two = encode_frame(wire.HELLO, 0, 0.0, b"{}") + encode_frame(wire.DONE, 1, 0.5, b"4")
+    assert await read(two) == [Frame(wire.HELLO, 0, 0.0, b"{}"), Frame(wire.DONE, 1, 0.5, b"4")]
+    with pytest.raises(WireError):  # too large
+        await read(encode_frame(wire.HELLO, 0) + (MAX_FRAME + 1).to_bytes(4, "big") + bytes(17))
+    with pytest.raises(WireError):  # shorter than its own header
+        await read((2).to_bytes(4, "big") + bytes(17))
     assert await read(b"\x00\x00", eof=True) is None
-    assert await read(encode_frame({"op": "hello"})[:-1], eof=True) is None  # cut short
+    assert await read(encode_frame(wire.DONE, 1, 0.0, b"4")[:-1], eof=True) is None  # cut short
 
 
 def test_frames_are_whole_whatever_the_reads() -> None:
     frames = FrameReader()
-    data = b"".join(encode_frame({"op": "out", "id": i, "data": "é" * i}) for i in range(50))
-    got: list[dict[str, Any]] = []
+    data = b"".join(encode_frame(wire.OUT, i, 1, ("é" * i).encode()) for i in range(50))
+    got: list[Frame] = []
     for at in range(0, len(data), 7):  # in reads that cut frames anywhere
         frames.feed(data[at : at + 7])
         got += frames.frames()
-    assert [m["id"] for m in got] == list(range(50)) and got[3]["data"] == "ééé"
+    assert [f.id for f in got] == list(range(50)) and got[3].data.decode() == "ééé"
+
+
+def test_a_call_frame_holds_its_parts_and_one_that_lies_about_them_is_refused() -> None:
+    frames = FrameReader()
+    frames.feed(encode_call(7, "m:f", b"[1]", b"{}", b'{"0":"2"}'))
+    (frame,) = frames.frames()
+    assert (frame.kind, frame.id) == (wire.CALL, 7)
+    assert decode_call(frame.data) == ("m:f", b"[1]", b"{}", b'{"0":"2"}')
+    with pytest.raises(WireError):
+        decode_call(frame.data[:-12])
+    with pytest.raises(WireError):
+        decode_call(b"\x00")

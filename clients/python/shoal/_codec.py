@@ -210,17 +210,17 @@ class CallCodec:
         self.check(out_args, out_kwargs)
         return out_args, out_kwargs
 
-    def encode_result(self, value: Any) -> str:
-        """The return value as JSON text; CodecError when it does not serialize."""
+    def encode_result(self, value: Any) -> bytes:
+        """The return value as JSON; CodecError when it does not serialize."""
         try:
             adapter = self.result_adapter
-            return adapter.dump_json(adapter.validate_python(value)).decode()
+            return adapter.dump_json(adapter.validate_python(value))
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
             ) from None
 
-    def decode_result(self, text: str) -> Any:
+    def decode_result(self, text: str | bytes) -> Any:
         """The return value from its JSON text, typed by the return hint."""
         try:
             return self.result_adapter.validate_json(text)

@@ -113,18 +113,25 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._broken: WireError | None = None
 
     def feed(self, data: bytes) -> None:
         self._buf += data
 
     def frames(self) -> list[Frame]:
-        """The whole frames fed so far, in order; WireError when one breaks the protocol."""
+        """The whole frames fed so far, in order; WireError once those before the first that
+        breaks the protocol have been taken."""
+        if self._broken is not None:
+            raise self._broken
         out: list[Frame] = []
         buf, at, end = self._buf, 0, len(self._buf)
         while end - at >= HEAD.size:
             size, kind, call_id, number = HEAD.unpack_from(buf, at)
             if not _REST <= size <= MAX_FRAME:
-                raise WireError(f"a frame of {size} bytes (from {_REST} to {MAX_FRAME})")
+                self._broken = WireError(f"a frame of {size} bytes (from {_REST} to {MAX_FRAME})")
+                if not out:
+                    raise self._broken
+                break
             stop = at + 4 + size
             if stop > end:
                 break

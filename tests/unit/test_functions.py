@@ -4,13 +4,16 @@ it, and the worker wire's bounds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypedDict
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import shoal
@@ -238,19 +241,28 @@ def test_progress_is_clamped_sampled_and_estimates_an_end() -> None:
 
 
 async def test_the_wire_refuses_oversized_and_malformed_frames() -> None:
-    async def read(data: bytes, *, eof: bool = False) -> list[Frame] | None:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
+    def reader(data: bytes, *, eof: bool = False) -> asyncio.StreamReader:
+        stream = asyncio.StreamReader()
+        stream.feed_data(data)
         if eof:
-            reader.feed_eof()
-        return await async_read_frames(reader, FrameReader())
+            stream.feed_eof()
+        return stream
+
+    async def read(data: bytes, *, eof: bool = False) -> list[Frame] | None:
+        return await async_read_frames(reader(data, eof=eof), FrameReader())
 
     two = encode_frame(wire.HELLO, 0, 0.0, b"{}") + encode_frame(wire.DONE, 1, 0.5, b"4")
     assert await read(two) == [Frame(wire.HELLO, 0, 0.0, b"{}"), Frame(wire.DONE, 1, 0.5, b"4")]
-    with pytest.raises(WireError):  # too large
-        await read(encode_frame(wire.HELLO, 0) + (MAX_FRAME + 1).to_bytes(4, "big") + bytes(17))
+    too_large = (MAX_FRAME + 1).to_bytes(4, "big") + bytes(17)
+    with pytest.raises(WireError):
+        await read(too_large)
     with pytest.raises(WireError):  # shorter than its own header
         await read((2).to_bytes(4, "big") + bytes(17))
+    # The frames before a bad one are taken, then the error.
+    stream, frames = reader(encode_frame(wire.DONE, 1, 0.0, b"4") + too_large), FrameReader()
+    assert await async_read_frames(stream, frames) == [Frame(wire.DONE, 1, 0.0, b"4")]
+    with pytest.raises(WireError):
+        await async_read_frames(stream, frames)
     assert await read(b"\x00\x00", eof=True) is None
     assert await read(encode_frame(wire.DONE, 1, 0.0, b"4")[:-1], eof=True) is None  # cut short
 
@@ -275,3 +287,34 @@ def test_a_call_frame_holds_its_parts_and_one_that_lies_about_them_is_refused() 
         decode_call(frame.data[:-12])
     with pytest.raises(WireError):
         decode_call(b"\x00")
+
+
+_FRAMES = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=255),
+        st.integers(min_value=0, max_value=2**64 - 1),
+        st.floats(allow_nan=False),
+        st.binary(max_size=40),
+    ),
+    max_size=5,
+)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(_FRAMES, st.binary(max_size=60), st.integers(min_value=1, max_value=64))
+def test_frames_come_out_as_they_went_in_and_garbage_after_them_breaks_nothing_else(
+    sent: list[tuple[int, int, float, bytes]], garbage: bytes, step: int
+) -> None:
+    data = b"".join(encode_frame(*frame) for frame in sent) + garbage
+    frames, got = FrameReader(), []
+    try:
+        for at in range(0, len(data), step):
+            frames.feed(data[at : at + step])
+            got += frames.frames()
+    except WireError:
+        pass
+    assert got[: len(sent)] == [Frame(*frame) for frame in sent]
+    for frame in got:
+        with contextlib.suppress(WireError):  # a call frame's data: its parts, or refused
+            _, args, kwargs, upstream = decode_call(frame.data)
+            assert len(args) + len(kwargs) + len(upstream) <= len(frame.data)

@@ -5,9 +5,10 @@ Each worker is `python -m shoal.node.functions.worker MODULE...` in its own proc
 (so that the node can pause it with its task), started with asyncio, never forked from the
 node (gRPC's fork handlers break forked children).
 
-Calls are pipelined: a worker holds up to DEPTH, runs them in the order sent and answers in
-batches; the calls started in one turn of the event loop go to it in writes of FEED (an idle
-worker gets the first at once), and once it holds DEPTH the next ones go to one more worker.
+Calls are pipelined: a worker holds up to `depth_for` calls (DEPTH, or more when the workers
+outnumber the cores that can run them), runs them in the order sent and answers in batches;
+the calls started in one turn of the event loop go to it in writes of FEED (an idle worker
+gets the first at once), and once it holds its depth the next ones go to one more worker.
 Only calls of a function known to be fast (most of its recent calls took under `FAST`) queue
 behind others; any other call waits for an idle worker. A worker that dies fails the oldest
 call it held (the one it ran: the worker sends the answers of earlier calls before it starts
@@ -31,14 +32,14 @@ from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
 from shoal.node.functions.wire import ENDS, Frame, FrameReader, WireError, async_read_frames
 
-__all__ = ["DEPTH", "FAST", "REQUEUE", "Call", "WorkerPool", "WorkerProcess"]
+__all__ = ["DEPTH", "FAST", "REQUEUE", "Call", "WorkerPool", "WorkerProcess", "depth_for"]
 
 _log = logging.getLogger("shoal.node")
 _START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
 FAST = 0.001
 """Seconds under which a function's calls count as fast: such calls may queue in a worker."""
 DEPTH = 16
-"""The most calls one worker holds at once."""
+"""The most calls one worker holds at once where the machine has a core for each worker."""
 FEED = 4
 """Frames posted to a worker in one turn of the loop that are written at once, not at the
 turn's end: the worker starts on them while the node sends out the others."""
@@ -215,6 +216,24 @@ class WorkerProcess:
         await self.lease.aclose()
 
 
+def depth_for(size: int, cores: int) -> int:
+    """The most calls one of `size` workers holds on a machine of `cores`: DEPTH, or enough
+    that a turn's calls go to no more workers than the cores besides the node's own can run
+    at once. Each worker sent calls costs the node a write, a wake-up and a read per batch;
+    workers beyond the cores only queue for them (64 slots on 2 cores: one worker of 64
+    calls, not four of 16)."""
+    spare = max(1, cores - 1)
+    return max(DEPTH, -(-size // spare))
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -234,6 +253,7 @@ class WorkerPool:
         self.modules = list(modules)
         self.users = users
         self.size = size
+        self.depth = depth_for(size, _cores())
         self._env = dict(env)
         self._all: list[WorkerProcess] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -290,12 +310,12 @@ class WorkerPool:
     def _choose(self, call: Call) -> WorkerProcess | None:
         fast = call.fast
         batch = self._batch
-        if fast and batch is not None and len(batch.held) < DEPTH and batch.alive:
+        if fast and batch is not None and len(batch.held) < self.depth and batch.alive:
             return batch
         idle = next((w for w in self._all if not w.held and w.alive), None)
         if idle is None and fast:
             idle = min((w for w in self._all if w.alive), key=lambda w: len(w.held), default=None)
-            if idle is not None and len(idle.held) >= DEPTH:
+            if idle is not None and len(idle.held) >= self.depth:
                 idle = None
         if idle is not None and fast:  # the turn's next fast calls go with this one
             if self._batch is None:

@@ -87,7 +87,7 @@ async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
 ) -> None:
     gate = fm.Gate(tmp_path / "gate")
     await _made_fast(executor, gate)
-    monkeypatch.setattr(pool, "DEPTH", 2)
+    monkeypatch.setattr(executor._pool, "depth", 2)
     # Four started in one turn of the loop, two to a worker: two workers woken, not three.
     runs = [
         asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(4)

@@ -22,6 +22,7 @@ from shoal._function import AsyncHandle, Function, failure
 from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
 from shoal.errors import InvalidArgument, RemoteError
 from shoal.node.functions import wire
+from shoal.node.functions.pool import DEPTH, depth_for
 from shoal.node.functions.wire import (
     MAX_FRAME,
     Frame,
@@ -318,3 +319,11 @@ def test_frames_come_out_as_they_went_in_and_garbage_after_them_breaks_nothing_e
         with contextlib.suppress(WireError):  # a call frame's data: its parts, or refused
             _, args, kwargs, upstream = decode_call(frame.data)
             assert len(args) + len(kwargs) + len(upstream) <= len(frame.data)
+
+
+def test_a_worker_holds_more_calls_only_where_workers_outnumber_the_spare_cores() -> None:
+    assert depth_for(4, cores=2) == DEPTH
+    assert depth_for(64, cores=2) == 64  # one core besides the node's: one worker at a time
+    assert depth_for(64, cores=3) == 32
+    assert depth_for(64, cores=8) == DEPTH
+    assert depth_for(64, cores=1) == 64

@@ -194,11 +194,8 @@ class FunctionExecutor(Executor):
             result.output.fields["value"].string_value = value
             return Outcome(task_pb2.TASK_STATE_SUCCEEDED, result)
         if frame.kind == wire.RAISED:
-            try:
-                raised = _json.loads(frame.data)
-            except (ValueError, RecursionError):
-                raised = None
-            if not isinstance(raised, dict):
+            raised = wire.json_object(frame.data)
+            if raised is None:
                 raised = {"message": "its worker sent an exception that is not JSON"}
             kind, text = str(raised.get("type", "")), str(raised.get("message", ""))
             trace = call.ctx.redactor.redact(str(raised.get("traceback", "")))

@@ -27,7 +27,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shoal import _json
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
 from shoal.node.functions.wire import ENDS, Frame, FrameReader, WireError, async_read_frames
@@ -134,11 +133,8 @@ class WorkerProcess:
                 raise WireError(f"the worker ended as it started (exit {await proc.wait()})")
             if len(said) > 1 or said[0].kind != wire.HELLO:
                 raise WireError("the worker did not start with a hello")
-            try:
-                hello = _json.loads(said[0].data)
-            except (ValueError, RecursionError):
-                hello = None
-            if not isinstance(hello, dict):
+            hello = wire.json_object(said[0].data)
+            if hello is None:
                 raise WireError("the worker's hello is not a JSON object")
         except BaseException:
             _kill(proc.pid)

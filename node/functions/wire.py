@@ -10,7 +10,7 @@ frame's kind, the call it is about, a number), then bytes whose meaning the kind
     RAISED      worker   seconds taken   JSON {"type": ..., "message": ..., "traceback": ...}
     BAD         worker   seconds taken   why the call could not be made (UTF-8)
     CANCELLED   worker   seconds taken   -
-    OUT         worker   1 or 2 (stream) what the call printed (UTF-8)
+    OUT         worker   1 or 2 (stream) what the call printed (bytes, UTF-8 where it was)
     PROGRESS    worker   fraction        what the call said of its progress (UTF-8)
 
 A call's arguments and its result are JSON already: they go through as they are, decoded only
@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from shoal import _json
 
 __all__ = [
     "BAD",
@@ -43,6 +45,7 @@ __all__ = [
     "decode_call",
     "encode_call",
     "encode_frame",
+    "json_object",
     "write_all",
 ]
 
@@ -105,6 +108,16 @@ def decode_call(data: bytes) -> tuple[str, bytes, bytes, bytes]:
         raise WireError("a call frame shorter than the lengths it gives")
     name = data[at:args_at].decode(errors="replace")
     return name, data[args_at:kwargs_at], data[kwargs_at:upstream_at], data[upstream_at:]
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object that a frame's data holds (a HELLO's, a RAISED's, a call's upstream);
+    None when it holds anything else."""
+    try:
+        value = _json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class FrameReader:

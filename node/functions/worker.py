@@ -96,11 +96,8 @@ _Reply = tuple[int, bytes]
 def _arguments(fn: Function[Any, Any], call: _Call) -> tuple[list[Any], dict[str, Any]]:
     upstream: dict[str, str] = {}
     if call.upstream:
-        try:
-            given = _json.loads(call.upstream)
-        except (ValueError, RecursionError):
-            given = None
-        if not isinstance(given, dict):
+        given = wire.json_object(call.upstream)
+        if given is None:
             raise CodecError("upstream results are not a JSON object")
         upstream = {str(k): str(v) for k, v in given.items()}
     return fn.codec.decode_arguments(call.args, call.kwargs, upstream)

@@ -36,7 +36,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self._updates: list[node_pb2.TaskUpdate] = []
-        self.ready = asyncio.Event()  # set when an update came (the writer clears it to wait)
+        self.ready = asyncio.Event()  # set when updates are due sooner (the writer clears it)
         # When what is held is to be sent (monotonic): at once, unless all of it rides along.
         self._due_at = math.inf
         self._following = False  # a result held waits for others said to follow it
@@ -64,6 +64,7 @@ class Outbox:
             # results further to its own limit).
             bounded_result(update.finished.result, MAX_BATCH_BYTES // 2)
         self._updates.append(update)
+        due_at = self._due_at
         if kind == "started":  # nobody waits for it: it rides along with the next update
             if not self._following:
                 self._due_at = min(self._due_at, time.monotonic() + RIDE_ALONG)
@@ -75,7 +76,8 @@ class Outbox:
             self._following = True
         else:
             self._due_at = -math.inf
-        self.ready.set()
+        if self._due_at < due_at:  # the writer waits for the old time: it is sooner now
+            self.ready.set()
         self.flushed.clear()
 
     @property

@@ -79,3 +79,17 @@ async def test_started_updates_held_wait_with_a_followed_result() -> None:
     pushed = time.monotonic()
     outbox.push(_finished("a"), more_follow=True)  # "b" most likely ends with it
     assert riding < outbox.due_at and pushed < outbox.due_at <= time.monotonic() + RIDE_ALONG
+
+
+async def test_the_writer_is_woken_only_when_updates_are_due_sooner() -> None:
+    # Its wait ends at the time it read: an update that makes them due no sooner need not
+    # wake it (a turn of calls pushes hundreds).
+    outbox = Outbox()
+    outbox.push(_started("a"))
+    assert outbox.ready.is_set()  # due at last, not never
+    outbox.ready.clear()
+    outbox.push(_started("b"))
+    outbox.push(_finished("a"), more_follow=True)
+    assert not outbox.ready.is_set()
+    outbox.push(_finished("b"))
+    assert outbox.ready.is_set()  # due now

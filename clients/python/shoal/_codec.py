@@ -69,12 +69,19 @@ def import_path(fn: Callable[..., Any]) -> str:
 
 
 def _adapter(hint: Any) -> TypeAdapter[Any]:
+    """The adapter of a type hint; its core validator and serializer are called directly
+    (TypeAdapter's own methods add a Python call to each, in calls `map` makes thousands of)."""
     if hint is inspect.Parameter.empty:
         return _ANY
     try:
-        return TypeAdapter(hint)
+        adapter = TypeAdapter(hint)
     except Exception:  # a hint pydantic cannot build a schema for: taken as it comes
         return _ANY
+    if not isinstance(adapter.validator, pydantic_core.SchemaValidator) or not isinstance(
+        adapter.serializer, pydantic_core.SchemaSerializer
+    ):
+        return _ANY  # not built (a reference it cannot resolve): taken as it comes
+    return adapter
 
 
 class CallCodec:
@@ -193,18 +200,20 @@ class CallCodec:
                 raise CodecError(f"upstream place {key[:80]!r} is not in the arguments") from None
         try:
             out_args = [
-                self._for_position(i).validate_json(upstream[str(i)])
+                self._for_position(i).validator.validate_json(upstream[str(i)])
                 if str(i) in upstream
-                else self._for_position(i).validate_python(a)
+                else self._for_position(i).validator.validate_python(a)
                 for i, a in enumerate(raw_args)
             ]
-            out_kwargs = {k: self._for_keyword(k).validate_python(v) for k, v in raw_kwargs.items()}
+            out_kwargs = {
+                k: self._for_keyword(k).validator.validate_python(v) for k, v in raw_kwargs.items()
+            }
             for key, text in upstream.items():
                 if key.isdigit():
                     if int(key) >= len(out_args):
                         raise CodecError(f"upstream argument {key} is past the positional ones")
                 else:
-                    out_kwargs[key] = self._for_keyword(key).validate_json(text)
+                    out_kwargs[key] = self._for_keyword(key).validator.validate_json(text)
         except ValidationError as err:
             raise CodecError(f"{self._fn.__qualname__}: {err}") from None
         self.check(out_args, out_kwargs)
@@ -214,7 +223,7 @@ class CallCodec:
         """The return value as JSON; CodecError when it does not serialize."""
         try:
             adapter = self.result_adapter
-            return adapter.dump_json(adapter.validate_python(value))
+            return adapter.serializer.to_json(adapter.validator.validate_python(value))
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
@@ -223,7 +232,7 @@ class CallCodec:
     def decode_result(self, text: str | bytes) -> Any:
         """The return value from its JSON text, typed by the return hint."""
         try:
-            return self.result_adapter.validate_json(text)
+            return self.result_adapter.validator.validate_json(text)
         except ValidationError as err:
             raise CodecError(f"{self._fn.__qualname__}: its result does not fit: {err}") from None
 
@@ -232,8 +241,8 @@ def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
     """`value` as JSON data, once it fits the hint (a tuple for a list, a dict for a
     dataclass: as the function will get it)."""
     if isinstance(value, Untyped):
-        return _ANY.dump_python(value.value, mode="json")
-    return adapter.dump_python(adapter.validate_python(value), mode="json")
+        return _ANY.serializer.to_python(value.value, mode="json")
+    return adapter.serializer.to_python(adapter.validator.validate_python(value), mode="json")
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.

@@ -3,6 +3,7 @@ violation is named with its field's path (`shoal.validation` checks the batch ar
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Collection
@@ -292,17 +293,21 @@ def _check_scheduling(
         bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
 
 
+@functools.lru_cache(maxsize=1024)  # a batch's calls name a few functions, thousands of times
+def _import_path(name: str) -> bool:
+    """Whether `name` is `package.module:qualname`."""
+    module, _, qualname = name.partition(":")
+    return all(part.isidentifier() for part in (*module.split("."), *qualname.split(".")))
+
+
 def _function_violations(
     f: task_pb2.FunctionSpec, limits: Limits, bad: Callable[[str, str], None]
 ) -> None:
     """A function's name is an import path (`package.module:qualname`), its upstream
     arguments positions or identifiers."""
-    module, _, qualname = f.name.partition(":")
     if not f.name:
         bad("function.name", "missing function name")
-    elif len(f.name) > limits.max_string or not all(
-        part.isidentifier() for part in (*module.split("."), *qualname.split("."))
-    ):
+    elif len(f.name) > limits.max_string or not _import_path(f.name):
         bad("function.name", "must be an import path: package.module:qualname")
     if len(f.upstream) > limits.max_labels:
         bad("function.upstream", f"more than {limits.max_labels} entries")

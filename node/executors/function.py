@@ -136,18 +136,21 @@ class FunctionExecutor(Executor):
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
         frame = wire.encode_call(self._ids, f.name, f.args, f.kwargs, upstream)
         run = _Run(Call(self._ids, f.name, frame), ctx)
-        while True:  # again when its worker died running another call
-            worker = await self._pool.dispatch(run.call)
-            ctx.groups.add(worker.pid)
-            try:
-                outcome = await self._follow(run, worker)
-            finally:
-                paused = ctx.groups.paused
-                ctx.groups.discard(worker.pid)
-                if paused:
-                    worker.resume()
-            if outcome is not None:
-                return outcome
+        try:
+            while True:  # again when its worker died running another call
+                worker = await self._pool.dispatch(run.call)
+                ctx.groups.add(worker.pid)
+                try:
+                    outcome = await self._follow(run, worker)
+                finally:
+                    paused = ctx.groups.paused
+                    ctx.groups.discard(worker.pid)
+                    if paused:
+                        worker.resume()
+                if outcome is not None:
+                    return outcome
+        finally:
+            run.call.drop()
 
     async def _follow(self, run: _Run, worker: WorkerProcess) -> Outcome | None:
         """The call's outcome from its worker's frames; None when it is to be sent again."""

@@ -7,8 +7,9 @@ node (gRPC's fork handlers break forked children).
 
 Calls are pipelined: a worker holds up to `depth_for` calls (DEPTH, or more when the workers
 outnumber the cores that can run them), runs them in the order sent and answers in batches;
-the calls started in one turn of the event loop go to it in writes of FEED (an idle worker
-gets the first at once), and once it holds its depth the next ones go to one more worker.
+the calls started in one turn of the event loop go to it in writes that each double what it
+was sent in the turn (an idle worker gets the first at once), and once it holds its depth the
+next ones go to one more worker.
 Only calls of a function known to be fast (most of its recent calls took under `FAST`) queue
 behind others; any other call waits for an idle worker. A worker that dies fails the oldest
 call it held (the one it ran: the worker sends the answers of earlier calls before it starts
@@ -24,14 +25,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
-from shoal.node.functions.wire import ENDS, Frame, FrameReader, WireError, async_read_frames
+from shoal.node.functions.wire import ENDS, Frame, FrameReader, WireError
 
-__all__ = ["DEPTH", "FAST", "REQUEUE", "Call", "WorkerPool", "WorkerProcess", "depth_for"]
+__all__ = [
+    "BACKLOG",
+    "DEPTH",
+    "FAST",
+    "REQUEUE",
+    "Call",
+    "WorkerPool",
+    "WorkerProcess",
+    "depth_for",
+]
 
 _log = logging.getLogger("shoal.node")
 _START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
@@ -40,17 +50,35 @@ FAST = 0.001
 DEPTH = 16
 """The most calls one worker holds at once where the machine has a core for each worker."""
 FEED = 4
-"""Frames posted to a worker in one turn of the loop that are written at once, not at the
-turn's end: the worker starts on them while the node sends out the others."""
+"""The fewest frames posted to a worker in one turn of the loop that are written at once, not
+at the turn's end; a later write of the turn holds at least as many as went before it. The
+worker starts on the first while the node sends out the others, and is woken a few times a
+turn (each wake-up costs it about what a trivial call does), not once every FEED calls."""
 REQUEUE = Frame(-1, 0)
 """Put in a call's frames when its worker died running another call: send it again."""
+
+
+BACKLOG = 1 << 20
+"""Bytes of a call's frames the node holds, not yet taken, beyond which it stops reading its
+worker's pipe (the worker then waits on its writes) until it takes them: a function printing
+faster than its output is carried cannot grow the node's memory."""
 
 
 class Call:
     """One call: its CALL frame, and the frames its worker sends of it (None: the worker died
     running it; REQUEUE: the worker died before it ran it), to be taken in order by `next`."""
 
-    __slots__ = ("_frames", "_waiter", "fast", "frame", "id", "name", "worker")
+    __slots__ = (
+        "_frames",
+        "_queued",
+        "_stalled",
+        "_waiter",
+        "fast",
+        "frame",
+        "id",
+        "name",
+        "worker",
+    )
 
     def __init__(self, call_id: int, name: str, frame: bytes) -> None:
         self.id = call_id
@@ -60,9 +88,16 @@ class Call:
         self.fast = False  # whether it was sent as a fast call (it may queue behind others)
         self._frames: collections.deque[Frame | None] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._queued = 0  # bytes of the frames not yet taken
+        self._stalled: WorkerProcess | None = None  # a worker not read until they are taken
 
     def put(self, frame: Frame | None) -> None:
         self._frames.append(frame)
+        if frame is not None and frame.data:
+            self._queued += len(frame.data)
+            if self._queued > BACKLOG and self.worker is not None and self._stalled is None:
+                self._stalled = self.worker
+                self._stalled.pause_reading()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -74,25 +109,48 @@ class Call:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._frames.popleft()
+        frame = self._frames.popleft()
+        if frame is not None and frame.data:
+            self._queued -= len(frame.data)
+            if self._stalled is not None and self._queued <= BACKLOG // 2:
+                self._unstall()
+        return frame
+
+    def drop(self) -> None:
+        """Let go of the frames not taken (its outcome is known without them)."""
+        self._frames.clear()
+        self._queued = 0
+        self._unstall()
+
+    def _unstall(self) -> None:
+        if self._stalled is not None:
+            self._stalled.resume_reading()
+            self._stalled = None
 
 
-class WorkerProcess:
-    """One worker: post calls and frames to it (written once per turn of the loop), kill it."""
+class WorkerProcess(asyncio.Protocol):
+    """One worker: post calls and frames to it (written once per turn of the loop), kill it.
+    Its frames are handed to `on_frames` as they are read (no task in between), and `on_end`
+    is told once when it has ended or broken the protocol."""
 
-    def __init__(
-        self, proc: asyncio.subprocess.Process, hello: dict[str, Any], frames: FrameReader
-    ) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, lease: contextlib.AsyncExitStack) -> None:
         self.proc = proc
-        self._frames = frames
         self.pid = proc.pid
-        self.functions = sorted(str(f) for f in hello.get("functions") or [])
-        self.errors = [str(e) for e in hello.get("errors") or []]
-        self.asynchronous = frozenset(str(f) for f in hello.get("async") or [])
+        self.lease = lease  # its user and directory (run_as)
+        self.functions: list[str] = []
+        self.errors: list[str] = []
+        self.asynchronous: frozenset[str] = frozenset()
         self.held: dict[int, Call] = {}  # in the order sent: the first is running
         self._out: list[bytes] = []
+        self._turn = False  # whether what is posted in this turn is to be written at its end
+        self._written = 0  # frames written to it in this turn
         self.culprit: int | None = None  # the call it was killed for, if it was
-        self.lease = contextlib.AsyncExitStack()  # its user and directory (run_as)
+        self.gone = False  # its pipe ended or it broke the protocol
+        self.on_frames: Callable[[WorkerProcess, list[Frame]], None] | None = None
+        self.on_end: Callable[[WorkerProcess], None] | None = None
+        self._reader = FrameReader()
+        self._transport: asyncio.ReadTransport | None = None
+        self._hello: asyncio.Future[list[Frame] | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def start(
@@ -105,6 +163,7 @@ class WorkerProcess:
         argv = [sys.executable, "-m", "shoal.node.functions.worker", *modules]
         env = dict(env)
         cwd = None
+        read_fd = write_fd = -1
         try:
             leased = await lease.enter_async_context(users.lease(None)) if users else None
             if leased is not None:
@@ -113,22 +172,30 @@ class WorkerProcess:
                 env["PYTHONPATH"] = os.pathsep.join(
                     p for p in (env.get("PYTHONPATH"), os.getcwd()) if p
                 )
+            # Its output is read straight from a pipe: a subprocess's own pipes hand what is
+            # read on in a later turn of the loop.
+            read_fd, write_fd = os.pipe()
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=write_fd,
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
             )
         except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
             await lease.aclose()
             raise
-        frames = FrameReader()
+        os.close(write_fd)
+        worker = cls(proc, lease)
         try:
-            assert proc.stdout is not None
+            pipe = os.fdopen(read_fd, "rb", buffering=0)  # the transport closes it
+            await asyncio.get_running_loop().connect_read_pipe(lambda: worker, pipe)
             async with asyncio.timeout(_START_TIMEOUT):
-                said = await async_read_frames(proc.stdout, frames)
+                said = await asyncio.shield(worker._hello)
             if said is None:
                 raise WireError(f"the worker ended as it started (exit {await proc.wait()})")
             if len(said) > 1 or said[0].kind != wire.HELLO:
@@ -137,18 +204,71 @@ class WorkerProcess:
             if hello is None:
                 raise WireError("the worker's hello is not a JSON object")
         except BaseException:
-            _kill(proc.pid)
+            worker.end()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
                 await asyncio.shield(lease.aclose())
             raise
-        worker = cls(proc, hello, frames)
-        worker.lease = lease
+        worker.functions = sorted(str(f) for f in hello.get("functions") or [])
+        worker.errors = [str(e) for e in hello.get("errors") or []]
+        worker.asynchronous = frozenset(str(f) for f in hello.get("async") or [])
         return worker
+
+    # -- its output pipe (asyncio.Protocol) ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while frames := self._reader.frames():
+                if self.on_frames is not None:
+                    self.on_frames(self, frames)
+                elif not self._hello.done():
+                    self._hello.set_result(frames)
+                else:
+                    raise WireError("it spoke before it was sent a call")
+        except WireError as err:
+            _log.warning("function worker pid=%d broke the protocol: %s", self.pid, err)
+            self.end()
+        except Exception:  # a frame no check foresaw: its calls must not wait forever
+            _log.exception("function worker pid=%d sent a frame not understood", self.pid)
+            self.end()
+
+    def eof_received(self) -> None:
+        self.end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.end()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self.gone:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.gone:
+            self._transport.resume_reading()
+
+    def end(self) -> None:
+        """It is done with: killed, its pipe closed, and `on_end` told (once)."""
+        if self.gone:
+            return
+        self.gone = True
+        self.kill()
+        if self._transport is not None:
+            self._transport.close()
+        if not self._hello.done():
+            self._hello.set_result(None)
+        if self.on_end is not None:
+            self.on_end(self)
+
+    # -- calls -----------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None and self.culprit is None
+        return not self.gone and self.proc.returncode is None and self.culprit is None
 
     def running(self, call: Call) -> bool:
         """Whether `call` is the one it runs now (or will run next)."""
@@ -156,33 +276,32 @@ class WorkerProcess:
 
     def post(self, data: bytes) -> None:
         """Write `data` at the end of this turn of the event loop, with whatever else is posted
-        to the worker in it; or at once when FEED frames wait, or when the worker holds nothing
-        else (it was idle), so that it starts on them while the rest go out."""
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self.flush)
+        to the worker in it; or at once when the worker holds nothing else (it was idle), or
+        when as many frames wait as were written in the turn (and FEED), so that it starts on
+        them while the rest go out."""
+        if not self._turn:
+            self._turn = True
+            asyncio.get_running_loop().call_soon(self._end_turn)
         self._out.append(data)
-        if len(self._out) >= FEED or len(self.held) <= 1:
+        if len(self._out) >= max(FEED, self._written) or len(self.held) <= 1:
             self.flush()
+
+    def _end_turn(self) -> None:
+        self.flush()
+        self._turn = False
+        self._written = 0
 
     def flush(self) -> None:
         """Write what was posted now (rather than at the end of the turn)."""
+        if not self._out:
+            return
+        self._written += len(self._out)
         data, self._out = b"".join(self._out), []
         stdin = self.proc.stdin
         if not data or stdin is None or stdin.is_closing():
             return
-        with contextlib.suppress(OSError):  # a dead worker: its reader sees the end
+        with contextlib.suppress(OSError):  # a dead worker: its pipe's end is seen
             stdin.write(data)
-
-    async def receive(self) -> list[Frame] | None:
-        """Its next frames (all that came at once); None when it has gone (or broke the
-        protocol: it is killed)."""
-        assert self.proc.stdout is not None
-        try:
-            return await async_read_frames(self.proc.stdout, self._frames)
-        except WireError as err:
-            _log.warning("function worker pid=%d broke the protocol: %s", self.pid, err)
-            self.kill()
-            return None
 
     def kill(self, culprit: Call | None = None) -> None:
         if culprit is not None and self.culprit is None:
@@ -207,7 +326,7 @@ class WorkerProcess:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await self.proc.wait()
-        self.kill()
+        self.end()
         await self.proc.wait()
         await self.lease.aclose()
 
@@ -289,7 +408,9 @@ class WorkerPool:
 
     def _add(self, worker: WorkerProcess) -> None:
         self._all.append(worker)
-        self._background(self._follow(worker), "shoal-function-reader")
+        worker.on_frames, worker.on_end = self._route, self._ended
+        if worker.gone:  # it ended before it was added
+            self._ended(worker)
         self._notify()
 
     def _notify(self) -> None:
@@ -344,16 +465,8 @@ class WorkerPool:
         if call.worker is not None and call.id in call.worker.held:
             call.worker.post(wire.encode_frame(wire.CANCEL, call.id))
 
-    async def _follow(self, worker: WorkerProcess) -> None:
-        """Route a worker's frames to its calls until it ends; then fail or resend them."""
-        while (frames := await worker.receive()) is not None:
-            try:
-                for frame in frames:
-                    self._route(worker, frame)
-            except Exception:  # a frame no check foresaw: its calls must not wait forever
-                _log.exception("function worker pid=%d sent a frame not understood", worker.pid)
-                break
-        worker.kill()
+    def _ended(self, worker: WorkerProcess) -> None:
+        """A worker has gone: fail the call it ran, send its others to another, replace it."""
         held = list(worker.held.values())
         worker.held.clear()
         self.fast_held -= sum(call.fast for call in held)
@@ -363,25 +476,33 @@ class WorkerPool:
             ran = call.id == worker.culprit if worker.culprit is not None else i == 0
             call.worker = None
             call.put(None if ran else REQUEUE)
-        await worker.proc.wait()
-        await worker.lease.aclose()
         self._notify()
-        self._spawn()
+        self._background(self._replace(worker), "shoal-function-worker")
 
-    def _route(self, worker: WorkerProcess, frame: Frame) -> None:
-        """Pass a frame to its call."""
-        call = worker.held.get(frame.id)
-        if call is None:
-            return  # a call given up on, or a worker that says nonsense
-        if frame.kind in ENDS:
-            del worker.held[call.id]
-            self.fast_held -= call.fast
-            # A share, so that a few slow calls (the machine's load) count for no more than a few.
-            share = self._fast_share.get(call.name, 0.0)
-            self._fast_share[call.name] = 0.8 * share + 0.2 * (frame.number < self.fast_below)
-            if self._waiters:
-                self._notify()
-        call.put(frame)
+    async def _replace(self, worker: WorkerProcess) -> None:
+        await worker.proc.wait()
+        await worker.lease.aclose()  # before another takes its user (run_as)
+        await self._start_one()
+
+    def _route(self, worker: WorkerProcess, frames: list[Frame]) -> None:
+        """Pass each frame to its call."""
+        held = worker.held
+        freed = False
+        for frame in frames:
+            call = held.get(frame.id)
+            if call is None:
+                continue  # a call given up on, or a worker that says nonsense
+            if frame.kind in ENDS:
+                del held[call.id]
+                freed = True
+                self.fast_held -= call.fast
+                # A share, so that a few slow calls (the machine's load) count for no more
+                # than a few.
+                share = self._fast_share.get(call.name, 0.0)
+                self._fast_share[call.name] = 0.8 * share + 0.2 * (frame.number < self.fast_below)
+            call.put(frame)
+        if freed and self._waiters:
+            self._notify()
 
     def _spawn(self) -> None:
         if not self._closed:

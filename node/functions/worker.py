@@ -268,18 +268,26 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
     replies = _Replies()
     queue = _Queue(replies)
+    looked = time.perf_counter()
     while True:
         if not queue.calls:
             replies.flush()
-        inp.fill(block=not queue.calls)
-        queue.take(inp.frames())
+            inp.fill(block=True)
+            queue.take(inp.frames())
+            looked = time.perf_counter()
+        elif time.perf_counter() - looked >= _FAST:
+            # Between calls, now and then (not each time: a look costs what a trivial call
+            # does): frames that came meanwhile (a cancel), answers that have waited.
+            inp.fill(block=False)
+            queue.take(inp.frames())
+            replies.flush(unless_fresh=True)
+            looked = time.perf_counter()
         if inp.closed:
             replies.flush()
             return  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
         frame = queue.calls.popleft()
-        replies.flush(unless_fresh=True)
         try:
             call = _Call(frame)
         except WireError as err:

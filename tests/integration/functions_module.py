@@ -191,6 +191,15 @@ def says_nonsense() -> str:
 
 
 @shoal.task
+def chatter(mib: int) -> int:
+    """Prints `mib` MiB, 64 KiB at a time."""
+    line = "x" * (64 * 1024 - 1)
+    for _ in range(mib * 16):
+        print(line)
+    return mib
+
+
+@shoal.task
 def prints_undecodable(raw: str) -> str:
     """Prints a name as os.listdir gives one that is not UTF-8 (a lone surrogate in it)."""
     name = os.fsdecode(bytes.fromhex(raw))

@@ -108,7 +108,7 @@ async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     assert not ended[-1].more_follow and executor._pool.fast_held == 0
 
 
-async def test_an_idle_worker_is_written_its_first_call_at_once_then_every_feed(
+async def test_an_idle_worker_is_written_its_first_call_at_once_then_ever_more_at_once(
     executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = fm.Gate(tmp_path / "gate")
@@ -122,15 +122,16 @@ async def test_an_idle_worker_is_written_its_first_call_at_once_then_every_feed(
         flush(worker)
 
     monkeypatch.setattr(pool.WorkerProcess, "flush", counted)
-    # FEED + 2 started in one turn of the loop, all to one worker: it starts on the first while
-    # the node sends the others, FEED at a time, and the rest at the turn's end.
+    # 16 started in one turn of the loop, all to one worker: it starts on the first while the
+    # node sends the others, FEED, then as many as were written before, and the rest at the
+    # turn's end.
+    assert executor._pool.depth >= 16
     runs = [
-        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx()))
-        for _ in range(pool.FEED + 2)
+        asyncio.create_task(executor.run(fm.pid_after.spec(str(gate)), _ctx())) for _ in range(16)
     ]
 
     def written() -> None:
-        assert writes == [1, pool.FEED, 1]
+        assert writes == [1, pool.FEED, 1 + pool.FEED, 16 - 2 * (1 + pool.FEED)]
 
     await eventually(written)
     gate.open()
@@ -216,3 +217,36 @@ async def test_workers_run_as_the_run_as_user(run_as: str) -> None:
 
 async def _whoami(ex: FunctionExecutor) -> Outcome:
     return await ex.run(fm.whoami.spec(), _ctx())
+
+
+async def test_a_worker_is_not_read_while_its_call_holds_more_than_a_backlog(
+    executor: FunctionExecutor,
+) -> None:
+    # Its output is not carried (the outbox is full): the node stops reading the worker, which
+    # waits on its pipe, rather than holding all it prints.
+    room = asyncio.Event()
+    printed: list[int] = []
+
+    async def paced() -> None:
+        await room.wait()
+
+    ctx = ExecutionContext(
+        task_id="t",
+        emit=lambda chunk: printed.append(len(chunk_bytes(chunk))),
+        output_tail_bytes=4096,
+        paced=paced,
+    )
+    run = asyncio.create_task(executor.run(fm.chatter.spec(16), ctx))
+
+    def stalled() -> Call:
+        calls = [c for w in executor._pool._all for c in w.held.values()]
+        assert len(calls) == 1 and calls[0]._stalled is not None
+        return calls[0]
+
+    call = await eventually(stalled)
+    await asyncio.sleep(0.5)  # time to print more, were it read
+    assert pool.BACKLOG < call._queued < 2 * pool.BACKLOG
+    assert not run.done()
+    room.set()
+    assert (await _value(run)) == "16"
+    assert sum(printed) == 16 << 20

@@ -19,7 +19,6 @@ by the function's codec, not wrapped in JSON of their own.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 from typing import Any, NamedTuple
@@ -41,7 +40,6 @@ __all__ = [
     "Frame",
     "FrameReader",
     "WireError",
-    "async_read_frames",
     "decode_call",
     "encode_call",
     "encode_frame",
@@ -152,19 +150,6 @@ class FrameReader:
             at = stop
         del buf[:at]
         return out
-
-
-async def async_read_frames(
-    reader: asyncio.StreamReader, frames: FrameReader
-) -> list[Frame] | None:
-    """The next whole frames (all that came in one read); None at end of stream. WireError
-    when one breaks the protocol."""
-    while not (out := frames.frames()):
-        data = await reader.read(1 << 16)
-        if not data:
-            return None
-        frames.feed(data)
-    return out
 
 
 def write_all(fd: int, data: bytes) -> None:

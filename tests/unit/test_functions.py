@@ -322,3 +322,38 @@ def test_a_worker_holds_more_calls_only_where_workers_outnumber_the_spare_cores(
     assert depth_for(64, cores=3) == 32
     assert depth_for(64, cores=8) == DEPTH
     assert depth_for(64, cores=1) == 64
+
+
+def test_gather_types_results_as_they_come_and_raises_the_first_failure_in_order() -> None:
+    def ended(task_id: str, value: str | None) -> task_pb2.Event:
+        event = task_pb2.Event(task_id=task_id, state=task_pb2.TASK_STATE_SUCCEEDED)
+        if value is None:
+            event.state = task_pb2.TASK_STATE_FAILED
+            event.result.output.update({"exception": {"type": "E", "message": task_id}})
+        else:
+            event.result.output.fields["value"].string_value = value
+        return event
+
+    class Watching:
+        def __init__(self, events: list[task_pb2.Event]) -> None:
+            self.events = events
+
+        async def watch(self, *, since: int, states: object) -> object:
+            for event in self.events:
+                yield event
+
+    def gathered(events: list[task_pb2.Event], ids: list[str]) -> list[list[int]]:
+        client = Watching(events)
+        handles = [AsyncHandle(later, client, i, 5) for i in ids]  # type: ignore[arg-type]
+        return asyncio.run(shoal.async_gather(handles))
+
+    # Out of order, with others' events between and a repeated end: typed, in the handles' order.
+    events = [ended("b", "[2]"), ended("x", "oops"), ended("a", "[1]"), ended("b", None)]
+    assert gathered(events, ["a", "b"]) == [[1], [2]]
+    # "c" failed first, but "b" comes first among the handles: its failure is raised.
+    events = [ended("c", None), ended("a", "[1]"), ended("b", None)]
+    with pytest.raises(RemoteError, match="b"):
+        gathered(events, ["a", "b", "c"])
+    # A result that does not fit the type is a failure in its turn too.
+    with pytest.raises(CodecError):
+        gathered([ended("a", '"no list"'), ended("b", None)], ["a", "b"])

@@ -283,20 +283,33 @@ class AsyncHandle(Generic[R]):
         return await self.client.get(self.task_id)
 
 
-async def _final_tasks(
-    client: AsyncClient, ids: Sequence[str], since: int
-) -> dict[str, task_pb2.Event]:
-    """Each task's outcome (the Watch event of its end), from one Watch since `since`."""
-    wanted = set(ids)
-    done: dict[str, task_pb2.Event] = {}
-    if not wanted:
-        return done
+async def _outcomes(
+    client: AsyncClient, handles: Sequence[Handle[R] | AsyncHandle[R]], since: int
+) -> list[R]:
+    """Each handle's typed result, in order (the first failure raised), from one Watch since
+    `since`: each is typed as its event arrives, while the others still run."""
+    functions = {h.task_id: h.function for h in handles}
+    settled: dict[str, tuple[bool, Any]] = {}  # by task id: (typed, the value or the error)
+    if not functions:
+        return []
     async for event in client.watch(since=since, states=FINAL_STATES):
-        if event.task_id in wanted and event.task_id not in done:
-            done[event.task_id] = event
-            if len(done) == len(wanted):
-                break
-    return done
+        task_id = event.task_id
+        function = functions.get(task_id)
+        if function is None or task_id in settled:
+            continue
+        try:
+            settled[task_id] = (True, function.outcome(event))
+        except Exception as err:  # raised in its turn, if no failure comes before it
+            settled[task_id] = (False, err)
+        if len(settled) == len(functions):
+            break
+    results: list[R] = []
+    for handle in handles:
+        typed, value = settled[handle.task_id]
+        if not typed:
+            raise value
+        results.append(value)
+    return results
 
 
 async def async_gather(handles: Sequence[AsyncHandle[R]]) -> list[R]:
@@ -304,8 +317,7 @@ async def async_gather(handles: Sequence[AsyncHandle[R]]) -> list[R]:
     if not handles:
         return []
     since = max(0, min(h.created_seq for h in handles) - 1)
-    done = await _final_tasks(handles[0].client, [h.task_id for h in handles], since)
-    return [h.function.outcome(done[h.task_id]) for h in handles]
+    return await _outcomes(handles[0].client, handles, since)
 
 
 def gather(handles: Sequence[Handle[R]]) -> list[R]:
@@ -314,8 +326,7 @@ def gather(handles: Sequence[Handle[R]]) -> list[R]:
         return []
     client = handles[0].client
     since = max(0, min(h.created_seq for h in handles) - 1)
-    done = client._run(_final_tasks(client._async, [h.task_id for h in handles], since))
-    return [h.function.outcome(done[h.task_id]) for h in handles]
+    return client._run(_outcomes(client._async, handles, since))
 
 
 class AsyncFunction(Function[P, R]):

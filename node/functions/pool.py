@@ -13,7 +13,7 @@ next ones go to one more worker.
 Only calls of a function known to be fast (most of its recent calls took under `FAST`) queue
 behind others; any other call waits for an idle worker. A worker that dies fails the oldest
 call it held (the one it ran: the worker sends the answers of earlier calls before it starts
-one once they are `FAST` old), and its other calls are sent to another worker.
+one once they are about `FAST` old), and its other calls are sent to another worker.
 """
 
 from __future__ import annotations

@@ -191,8 +191,8 @@ class WorkerProcess(asyncio.Protocol):
             raise
         os.close(write_fd)
         worker = cls(proc, lease)
+        pipe = os.fdopen(read_fd, "rb", buffering=0)  # its transport closes it
         try:
-            pipe = os.fdopen(read_fd, "rb", buffering=0)  # the transport closes it
             await asyncio.get_running_loop().connect_read_pipe(lambda: worker, pipe)
             async with asyncio.timeout(_START_TIMEOUT):
                 said = await asyncio.shield(worker._hello)
@@ -205,6 +205,8 @@ class WorkerProcess(asyncio.Protocol):
                 raise WireError("the worker's hello is not a JSON object")
         except BaseException:
             worker.end()
+            if worker._transport is None:  # it never had one
+                pipe.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
                 await asyncio.shield(lease.aclose())

@@ -23,7 +23,9 @@ from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
-from shoal.node.functions.pool import REQUEUE, Call, WorkerPool, WorkerProcess
+from shoal.node.functions.call import REQUEUE, Call
+from shoal.node.functions.pool import WorkerPool
+from shoal.node.functions.process import WorkerProcess
 from shoal.node.functions.wire import ENDS, Frame
 from shoal.v1 import node_pb2, task_pb2
 

@@ -181,10 +181,9 @@ class _Input:
 class _Replies:
     """Answers held to be sent together: at the latest when no call is left to run, or between
     calls (looked at every FAST of the clock) once the first of them has waited FAST of this
-    worker's CPU time. CPU time,
-    not the clock: a worker that the machine's load holds back has not run the calls it was
-    sent any sooner by sending what it has, and answers sent in pieces cost every process
-    downstream a message each."""
+    worker's CPU time. CPU time, not the clock: a worker that the machine's load holds back
+    has not run the calls it was sent any sooner by sending what it has, and answers sent in
+    pieces cost every process downstream a message each."""
 
     def __init__(self) -> None:
         self._held: list[bytes] = []

@@ -19,8 +19,8 @@ from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.function import FunctionExecutor
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TASK_UID_BASE, TaskUsers
-from shoal.node.functions import pool
-from shoal.node.functions.pool import Call
+from shoal.node.functions import process
+from shoal.node.functions.call import BACKLOG, Call
 from shoal.v1 import task_pb2
 from tests.integration import functions_module as fm
 from tests.integration.harness import eventually
@@ -114,14 +114,14 @@ async def test_an_idle_worker_is_written_its_first_call_at_once_then_ever_more_a
     gate = fm.Gate(tmp_path / "gate")
     await _made_fast(executor, gate)
     writes: list[int] = []  # frames in each write
-    flush = pool.WorkerProcess.flush
+    flush = process.WorkerProcess.flush
 
-    def counted(worker: pool.WorkerProcess) -> None:
+    def counted(worker: process.WorkerProcess) -> None:
         if worker._out:
             writes.append(len(worker._out))
         flush(worker)
 
-    monkeypatch.setattr(pool.WorkerProcess, "flush", counted)
+    monkeypatch.setattr(process.WorkerProcess, "flush", counted)
     # 16 started in one turn of the loop, all to one worker: it starts on the first while the
     # node sends the others, FEED, then as many as were written before, and the rest at the
     # turn's end.
@@ -131,7 +131,7 @@ async def test_an_idle_worker_is_written_its_first_call_at_once_then_ever_more_a
     ]
 
     def written() -> None:
-        assert writes == [1, pool.FEED, 1 + pool.FEED, 16 - 2 * (1 + pool.FEED)]
+        assert writes == [1, process.FEED, 1 + process.FEED, 16 - 2 * (1 + process.FEED)]
 
     await eventually(written)
     gate.open()
@@ -245,7 +245,7 @@ async def test_a_worker_is_not_read_while_its_call_holds_more_than_a_backlog(
 
     call = await eventually(stalled)
     await asyncio.sleep(0.5)  # time to print more, were it read
-    assert pool.BACKLOG < call._queued < 2 * pool.BACKLOG
+    assert BACKLOG < call._queued < 2 * BACKLOG
     assert not run.done()
     room.set()
     assert (await _value(run)) == "16"

@@ -28,6 +28,11 @@ are about to follow it (pipelined function calls): a task that ends within it is
 one update batch, not two, and the results of calls sent together go together (each batch
 costs both ends ~100 us; and the coordinator then hands out the slots freed in one group, not
 in ever smaller ones). A task that runs on is seen running that much later."""
+RIDE_ALONG_MOST = 32
+"""Results that wait for those said to follow them at most: the one that makes this many goes
+at once with the others, so that the coordinator records them and hands out their slots while
+the rest of a long turn of calls still runs (64 slots' calls report in two parts, not one
+after the whole turn)."""
 
 
 class Outbox:
@@ -40,6 +45,7 @@ class Outbox:
         # When what is held is to be sent (monotonic): at once, unless all of it rides along.
         self._due_at = math.inf
         self._following = False  # a result held waits for others said to follow it
+        self._riding = 0  # results held that wait for others
         self._output_bytes = 0  # of the output updates held
         self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
         self._output_room.set()
@@ -68,12 +74,13 @@ class Outbox:
         if kind == "started":  # nobody waits for it: it rides along with the next update
             if not self._following:
                 self._due_at = min(self._due_at, time.monotonic() + RIDE_ALONG)
-        elif kind == "finished" and more_follow:
+        elif kind == "finished" and more_follow and self._riding < RIDE_ALONG_MOST - 1:
             # Results about to follow it: it waits for them, and so do the Started updates
             # held (most likely of the same calls).
             if not self._following and self._due_at > -math.inf:
                 self._due_at = time.monotonic() + RIDE_ALONG
             self._following = True
+            self._riding += 1
         else:
             self._due_at = -math.inf
         if self._due_at < due_at:  # the writer waits for the old time: it is sooner now
@@ -105,6 +112,7 @@ class Outbox:
             if update.HasField("output"):
                 output += output_size(update.output)
         batch, self._updates = updates[:end], updates[end:]
+        self._riding = 0  # what is left (of a batch cut short) is due already
         if not self._updates:
             self._due_at = math.inf
             self._following = False

@@ -1,6 +1,6 @@
 """The node's outbox: a Started update rides along with the next update (or goes within
 RIDE_ALONG), and so does a result said to be followed by others (with the Started updates held);
-anything else is due at once."""
+anything else is due at once; RIDE_ALONG_MOST results riding along go at once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shoal.node.outbox import RIDE_ALONG, Outbox
+from shoal.node.outbox import RIDE_ALONG, RIDE_ALONG_MOST, Outbox
 from shoal.v1 import node_pb2, task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -69,6 +69,20 @@ async def test_a_result_followed_by_others_waits_for_them_a_moment_at_most() -> 
     assert [u.task_id for u in batch] == ["a", "b", "c", "d"]
     outbox.push(_started("e"))  # a new batch: a Started alone rides along again
     assert outbox.due_at <= time.monotonic() + RIDE_ALONG
+
+
+async def test_results_followed_by_others_go_once_ride_along_most_wait() -> None:
+    # The coordinator starts on them while the rest of a long turn of calls runs.
+    outbox = Outbox()
+    for i in range(RIDE_ALONG_MOST - 1):
+        outbox.push(_finished(str(i)), more_follow=True)
+    assert outbox.due_at > time.monotonic()
+    outbox.push(_finished("last"), more_follow=True)
+    assert outbox.due_at <= time.monotonic()
+    batch, _ = outbox.take()
+    assert len(batch) == RIDE_ALONG_MOST
+    outbox.push(_finished("next"), more_follow=True)  # the next part waits again
+    assert outbox.due_at > time.monotonic()
 
 
 async def test_started_updates_held_wait_with_a_followed_result() -> None:

@@ -299,7 +299,8 @@ async def test_a_real_mdns_peer_lists_the_nodes_and_their_txt(
     _no_coordinator_token(tmp_path)
     for host, node_id in ((lan.hosts["b"], "b"), (lan.hosts["c"], "c")):
         await _node(cli, host, node_id, "--label", "gpu=true", "--label", "odd=x,y=z")
-    await eventually(lambda: _all_seen(nodes.seen.values(), {"b", "c"}), timeout=10)
+    # Two node processes start (and import) first: on a loaded machine that takes a while.
+    await eventually(lambda: _all_seen(nodes.seen.values(), {"b", "c"}), timeout=30)
 
     async def listed() -> dict[str, dict[str, str]]:
         done = await run_tool(

@@ -44,8 +44,7 @@ class Outbox:
         self.ready = asyncio.Event()  # set when updates are due sooner (the writer clears it)
         # When what is held is to be sent (monotonic): at once, unless all of it rides along.
         self._due_at = math.inf
-        self._following = False  # a result held waits for others said to follow it
-        self._riding = 0  # results held that wait for others
+        self._riding = 0  # results held that wait for others said to follow them
         self._output_bytes = 0  # of the output updates held
         self._output_room = asyncio.Event()  # set while that is under _OUTPUT_ROOM
         self._output_room.set()
@@ -72,14 +71,13 @@ class Outbox:
         self._updates.append(update)
         due_at = self._due_at
         if kind == "started":  # nobody waits for it: it rides along with the next update
-            if not self._following:
+            if not self._riding:
                 self._due_at = min(self._due_at, time.monotonic() + RIDE_ALONG)
         elif kind == "finished" and more_follow and self._riding < RIDE_ALONG_MOST - 1:
             # Results about to follow it: it waits for them, and so do the Started updates
             # held (most likely of the same calls).
-            if not self._following and self._due_at > -math.inf:
+            if not self._riding and self._due_at > -math.inf:
                 self._due_at = time.monotonic() + RIDE_ALONG
-            self._following = True
             self._riding += 1
         else:
             self._due_at = -math.inf
@@ -112,10 +110,9 @@ class Outbox:
             if update.HasField("output"):
                 output += output_size(update.output)
         batch, self._updates = updates[:end], updates[end:]
-        self._riding = 0  # what is left (of a batch cut short) is due already
-        if not self._updates:
-            self._due_at = math.inf
-            self._following = False
+        self._riding = 0
+        # What is left (of a batch cut short) is due already.
+        self._due_at = -math.inf if self._updates else math.inf
         self._add_output(-output)
         return batch, output
 

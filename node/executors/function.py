@@ -73,6 +73,8 @@ class _Run:
 
     def put_printed(self, result: task_pb2.TaskResult) -> None:
         """What it printed into `result` (its stdout and stderr)."""
+        if not self._tails:  # most calls
+            return
         for stream, field in _STREAMS:
             if text := self.printed(stream):
                 set_result_text(result, field, text)

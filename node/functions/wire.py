@@ -59,6 +59,7 @@ HEAD = struct.Struct(">IBQd")
 CALL_HEAD = struct.Struct(">III")
 """A call's data begins with the lengths of its name, args and kwargs."""
 _REST = HEAD.size - 4  # of the header, what its length counts
+_CALL_START = struct.Struct(HEAD.format + CALL_HEAD.format[1:])  # a CALL frame's two headers
 
 
 class WireError(Exception):
@@ -80,16 +81,8 @@ def encode_call(call_id: int, name: str, args: bytes, kwargs: bytes, upstream: b
     """A CALL frame; `upstream` is empty or the JSON object of the upstream results."""
     raw = name.encode()
     size = _REST + CALL_HEAD.size + len(raw) + len(args) + len(kwargs) + len(upstream)
-    return b"".join(
-        (
-            HEAD.pack(size, CALL, call_id, 0.0),
-            CALL_HEAD.pack(len(raw), len(args), len(kwargs)),
-            raw,
-            args,
-            kwargs,
-            upstream,
-        )
-    )
+    head = _CALL_START.pack(size, CALL, call_id, 0.0, len(raw), len(args), len(kwargs))
+    return b"".join((head, raw, args, kwargs, upstream))
 
 
 def decode_call(data: bytes) -> tuple[str, bytes, bytes, bytes]:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shoal.node.outbox import RIDE_ALONG, RIDE_ALONG_MOST, Outbox
+from shoal.node.outbox import MAX_BATCH_BYTES, RIDE_ALONG, RIDE_ALONG_MOST, Outbox
 from shoal.v1 import node_pb2, task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -107,3 +107,24 @@ async def test_the_writer_is_woken_only_when_updates_are_due_sooner() -> None:
     assert not outbox.ready.is_set()
     outbox.push(_finished("b"))
     assert outbox.ready.is_set()  # due now
+
+
+async def test_what_a_full_batch_leaves_goes_next_without_waiting() -> None:
+    # A batch is cut at MAX_BATCH_BYTES: the rest is due, and a result said to be followed
+    # by others does not make it wait.
+    outbox = Outbox()
+    big = node_pb2.TaskUpdate(
+        task_id="big",
+        finished=node_pb2.Finished(
+            state=task_pb2.TASK_STATE_SUCCEEDED, result=task_pb2.TaskResult(stdout="x" * (1 << 20))
+        ),
+    )
+    for _ in range(MAX_BATCH_BYTES // big.ByteSize() + 2):
+        outbox.push(big)
+    batch, _ = outbox.take()
+    assert sum(u.ByteSize() for u in batch) <= MAX_BATCH_BYTES
+    assert outbox.due_at <= time.monotonic()
+    outbox.push(_finished("a"), more_follow=True)
+    assert outbox.due_at <= time.monotonic()
+    rest, _ = outbox.take()
+    assert rest[-1].task_id == "a" and outbox.due_at == math.inf

@@ -73,8 +73,11 @@ class Function(Generic[P, R]):
         its place."""
         self.codec.check(args, kwargs)
         lifter = _Lifter()
-        plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
-        plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
+        plain_args: Sequence[Any] = args
+        plain_kwargs: Mapping[str, Any] = kwargs
+        if not _only_scalars(args, kwargs):  # handles may be among them, or inside them
+            plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
+            plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
         upstream, deps = lifter.upstream, lifter.deps
         try:
             encoded_args, encoded_kwargs = self.codec.encode_arguments(plain_args, plain_kwargs)
@@ -161,6 +164,12 @@ MAX_SEARCHED = 10_000
 
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _only_scalars(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether every argument is a number, string, bool or None (most calls' arguments):
+    nothing in them to take out."""
+    return _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, kwargs.values()))
 
 
 class _Lifter:

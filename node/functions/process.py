@@ -23,6 +23,7 @@ __all__ = ["FEED", "WorkerProcess"]
 
 _log = logging.getLogger("shoal.node")
 _START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
+_DRAIN = 0.5  # seconds the pipe of a worker that has exited is still read (what it wrote)
 FEED = 4
 """The fewest frames posted to a worker in one turn of the loop that are written at once, not
 at the turn's end; a later write of the turn holds at least as many as went before it. The
@@ -52,6 +53,7 @@ class WorkerProcess(asyncio.Protocol):
         self.on_end: Callable[[WorkerProcess], None] | None = None
         self._reader = FrameReader()
         self._transport: asyncio.ReadTransport | None = None
+        self._pidfd = -1  # readable once its process has exited (Linux)
         self._hello: asyncio.Future[list[Frame] | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -113,6 +115,7 @@ class WorkerProcess(asyncio.Protocol):
                 await asyncio.shield(proc.wait())
                 await asyncio.shield(lease.aclose())
             raise
+        worker._watch_exit()
         worker.functions = sorted(str(f) for f in hello.get("functions") or [])
         worker.errors = [str(e) for e in hello.get("errors") or []]
         worker.asynchronous = frozenset(str(f) for f in hello.get("async") or [])
@@ -155,14 +158,37 @@ class WorkerProcess(asyncio.Protocol):
         if self._transport is not None and not self.gone:
             self._transport.resume_reading()
 
+    def _watch_exit(self) -> None:
+        """Be told when its process exits, though another process may hold its pipe open (a
+        child it forked): it is then ended once what it wrote before has been read. Where
+        there is no pidfd (not Linux), its pipe's end tells."""
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._exited)
+
+    def _exited(self) -> None:
+        self._unwatch()
+        asyncio.get_running_loop().call_later(_DRAIN, self.end)
+
+    def _unwatch(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
     def end(self) -> None:
-        """It is done with: killed, its pipe closed, and `on_end` told (once)."""
+        """It is done with: killed, its pipes closed, and `on_end` told (once)."""
         if self.gone:
             return
         self.gone = True
         self.kill()
+        self._unwatch()
         if self._transport is not None:
             self._transport.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         if not self._hello.done():
             self._hello.set_result(None)
         if self.on_end is not None:

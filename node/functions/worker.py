@@ -36,6 +36,8 @@ _send_lock = threading.Lock()
 _out_fd = -1
 _current: int | None = None  # the id of the call running now
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
+OUT_PIECE = 1 << 18
+"""Characters of output in one frame at most (a MiB of UTF-8 at most, well under MAX_FRAME)."""
 
 
 def send(data: bytes) -> None:
@@ -54,8 +56,11 @@ class _OutputFrames(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if text and _current is not None:
-            data, raw = wire_forms(text)  # bytes that os.fsdecode made text go back as bytes
+        if _current is None:
+            return len(text)
+        for at in range(0, len(text), OUT_PIECE):  # each piece fits a frame
+            # Bytes that os.fsdecode made text go back as bytes.
+            data, raw = wire_forms(text[at : at + OUT_PIECE])
             send(encode_frame(wire.OUT, _current, self._stream, raw or data.encode()))
         return len(text)
 

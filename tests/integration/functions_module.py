@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -205,3 +206,22 @@ def prints_undecodable(raw: str) -> str:
     name = os.fsdecode(bytes.fromhex(raw))
     print(name)
     return "printed"
+
+
+@shoal.task
+def prints_at_once(count: int) -> int:
+    """Prints `count` characters in one write (more than one frame can hold, when many)."""
+    print("é" * count, end="")
+    return os.getpid()
+
+
+@shoal.task
+def forks_then_exits(marker: str) -> None:
+    """Forks a child that holds every file its worker has open (its pipes too) and writes its
+    pid to `marker`, then ends its worker (exit 3) without answering."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    Path(marker).write_text(str(child))
+    os._exit(3)

@@ -1,6 +1,7 @@
 """The function executor's warm workers with calls pipelined: several calls of a fast function
-share one worker; when it dies, only the call it ran fails and the others run elsewhere; a
-call cancelled while queued never runs; workers run as the node's run_as user."""
+share one worker; when it dies, only the call it ran fails and the others run elsewhere (also
+when a child it forked holds its pipes); a call cancelled while queued never runs; output
+printed at once beyond a frame arrives in pieces; workers run as the node's run_as user."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from shoal.node.executors.base import ExecutionContext, Outcome
 from shoal.node.executors.function import FunctionExecutor
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TASK_UID_BASE, TaskUsers
-from shoal.node.functions import process
+from shoal.node.functions import process, wire
 from shoal.node.functions.call import BACKLOG, Call
 from shoal.v1 import task_pb2
 from tests.integration import functions_module as fm
@@ -250,3 +251,38 @@ async def test_a_worker_is_not_read_while_its_call_holds_more_than_a_backlog(
     room.set()
     assert (await _value(run)) == "16"
     assert sum(printed) == 16 << 20
+
+
+async def test_output_printed_at_once_beyond_a_frame_arrives_in_pieces(
+    executor: FunctionExecutor,
+) -> None:
+    chunks: list[task_pb2.OutputChunk] = []
+    ctx = ExecutionContext(task_id="t", emit=chunks.append, output_tail_bytes=4096)
+    count = wire.MAX_FRAME // 2 + 1  # "é": two bytes each
+    outcome = await executor.run(fm.prints_at_once.spec(count), ctx)
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert sum(len(c.data) for c in chunks) == count
+    pid = int(outcome.result.output.fields["value"].string_value)
+    assert pid in {w.pid for w in executor._pool._all}  # its worker lives on
+
+
+async def test_a_worker_that_exits_while_its_child_holds_its_pipes_fails_its_call(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    marker = tmp_path / "child"
+    async with asyncio.timeout(30):
+        outcome = await executor.run(fm.forks_then_exits.spec(str(marker)), _ctx())
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "worker process died (exit 3)" in outcome.result.error
+    child = int(marker.read_text())
+    await eventually(lambda: not _alive(child))  # killed with its worker's group
+    assert await _value(asyncio.create_task(executor.run(fm.square.spec(3), _ctx()))) == "9"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie that nobody has reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -131,9 +131,23 @@ def test_a_call_is_checked_as_binding_would(fn: Callable[..., int], count: int) 
         codec.check(args, {})
 
 
+def _halved(x: float) -> float:
+    return x / 2
+
+
+def _echo(text: str) -> str:
+    return text
+
+
 def test_a_result_that_is_not_json_is_a_codec_error() -> None:
     with pytest.raises(CodecError):
         later.codec.encode_result([math.nan])
+    halved = Function(_halved).codec
+    for value in (math.nan, math.inf, -math.inf):  # not null: that would not be the value
+        with pytest.raises(CodecError, match="not JSON"):
+            halved.encode_result(value)
+    assert halved.decode_result(halved.encode_result(1.5)) == 1.5
+    assert Function(_echo).codec.encode_result("NaN Infinity") == b'"NaN Infinity"'
     with pytest.raises(CodecError):
         place.codec.encode_result(object())
     with pytest.raises(CodecError):

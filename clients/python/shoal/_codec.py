@@ -220,10 +220,10 @@ class CallCodec:
         return out_args, out_kwargs
 
     def encode_result(self, value: Any) -> bytes:
-        """The return value as JSON; CodecError when it does not serialize."""
+        """The return value as JSON; CodecError when it does not serialize (a NaN or an
+        infinity, as in an argument: JSON has none, and null would not be the value)."""
         try:
-            adapter = self.result_adapter
-            return adapter.serializer.to_json(adapter.validator.validate_python(value))
+            return _dumps(_plain(self.result_adapter, value))
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"

@@ -53,17 +53,19 @@ class _Run:
     groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
     deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
     progress_at: float = -math.inf  # when it last reported progress (monotonic)
+    progress_done: bool = False  # whether it last reported 1 (done)
 
     def progress(self, fraction: float, message: str) -> None:
         """Pass on what the task says of its progress: clamped, and sampled to at most one
-        report every PROGRESS_INTERVAL (but the last, at 1)."""
+        report every PROGRESS_INTERVAL (but the first at 1, which is the last to tell)."""
         if not math.isfinite(fraction):
             return
         fraction = min(1.0, max(0.0, fraction))
+        done = fraction == 1.0
         now = time.monotonic()
-        if now - self.progress_at < PROGRESS_INTERVAL and fraction < 1.0:
+        if now - self.progress_at < PROGRESS_INTERVAL and (not done or self.progress_done):
             return
-        self.progress_at = now
+        self.progress_at, self.progress_done = now, done
         self.report.progress(task_pb2.Progress(fraction=fraction, message=message[:200]))
 
     def pause(self) -> None:

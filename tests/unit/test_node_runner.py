@@ -1,5 +1,6 @@
 """The node's shape: a grpc-free runner under the process, and executors that say what they
-offer through their hooks rather than being recognised by their class."""
+offer through their hooks rather than being recognised by their class; what a run says of its
+progress, sampled."""
 
 from __future__ import annotations
 
@@ -64,3 +65,25 @@ def test_what_an_executor_offers_is_in_the_nodes_info_and_heartbeats(tmp_path: P
     assert list(info.tools) == ["lookup"]
     assert list(info.llm_providers) == ["acme"]
     assert list(node.heartbeat().loaded_models) == ["tiny"]
+
+
+class _Progress:
+    """A RunReport that keeps the progress it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[float] = []
+
+    def progress(self, progress: task_pb2.Progress) -> None:
+        self.told.append(progress.fraction)
+
+
+def test_progress_is_sampled_and_done_is_told_once() -> None:
+    report = _Progress()
+    run = runner_module._Run("t", task_pb2.AttemptId(), report)  # type: ignore[arg-type]
+    for i in range(1000):
+        run.progress(i / 1000, "")
+    run.progress(float("nan"), "")
+    for _ in range(1000):  # a loop that says "done" over and over is told once
+        run.progress(1.0, "")
+    run.progress(5.0, "")  # clamped: done again
+    assert report.told == [0.0, 1.0]

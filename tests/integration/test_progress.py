@@ -72,6 +72,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
         'echo "0.25 a quarter" >"$SHOAL_PROGRESS"\n'
         'echo "not a number" >"$SHOAL_PROGRESS"\n'
         'echo "NaN bad" >"$SHOAL_PROGRESS"\n'
+        f'"{sys.executable}" -m shoal progress nan bad 2>/dev/null || echo refused\n'
         "sleep 0.2\n"
         f'"{sys.executable}" -m shoal progress 7 "over the top, clamped"\n'
         f'flock -s "{gate}" true\n'
@@ -97,7 +98,7 @@ async def test_a_shell_task_reports_progress_on_its_descriptor(
     assert events[0].progress.HasField("estimated_end")
 
     logs = await run_tool([str(BIN / "shoal"), "logs", task.id, "-c", mesh.address])
-    assert logs.stdout == "done\n", logs
+    assert logs.stdout == "refused\ndone\n", logs
 
 
 async def test_logs_follow_a_running_task_and_artifacts_download(

@@ -3,6 +3,7 @@ from inside a task)."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -97,6 +98,9 @@ def progress(
     message: Annotated[str, typer.Argument(help="What it is doing")] = "",
 ) -> None:
     """Report the progress of the task this runs in (a shell or python task)."""
+    if not math.isfinite(fraction):
+        err_console.print(f"a fraction from 0 to 1, not {fraction}")
+        raise typer.Exit(2)
     fd = os.environ.get(PROGRESS_FD, "")
     if not fd.isdigit():
         err_console.print(f"not inside a Shoal task: {PROGRESS_FD} is not set")

@@ -17,7 +17,17 @@ from shoal.cli.render import event_line
 from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import admin_pb2, task_pb2
 
-from .harness import BIN, CliProcess, CliProcesses, Completed, Mesh, free_port, run_tool
+from . import functions_module as fm
+from .harness import (
+    BIN,
+    CliProcess,
+    CliProcesses,
+    Completed,
+    Mesh,
+    MeshFactory,
+    free_port,
+    run_tool,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -266,3 +276,27 @@ async def test_submit_and_run_docker_http_and_tool_tasks(
     refused = await shoal_(mesh_cli, "submit", "-c", mesh.address, "--tool", "x", "--input", "[]")
     assert refused.returncode == 2
     assert "--input: expected a JSON object, got list" in words(refused.stderr)
+
+
+async def test_what_tasks_and_nodes_say_is_shown_as_they_say_it_not_as_markup(
+    mesh_factory: MeshFactory, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A task's name, a function's error and a node's id could style or break the CLI's
+    # tables and messages (rich markup) if it read them as markup.
+    hostile = "[/x][b]y[/b]"
+    mesh = await mesh_factory(
+        slots=2, node_id="[/n]", imports=["tests.integration.functions_module"]
+    )
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    spec = fm.fail.options(name=hostile).spec(hostile)
+    failed = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+    assert failed.state == task_pb2.TASK_STATE_FAILED and hostile in failed.result.error
+
+    shown = await shoal_(cli, "get", failed.id, "-c", mesh.address)
+    assert shown.returncode == 0, shown
+    assert words(f"name {hostile}") in words(shown.stdout)
+    assert hostile in words(shown.stdout.partition("error")[2]) and "[/n]" in shown.stdout
+    listed = await shoal_(cli, "ls", "-c", mesh.address)
+    assert listed.returncode == 0 and hostile in words(listed.stdout), listed
+    nodes = await shoal_(cli, "nodes", "-c", mesh.address)
+    assert nodes.returncode == 0 and "[/n]" in nodes.stdout, nodes

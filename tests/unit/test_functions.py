@@ -371,3 +371,12 @@ def test_gather_types_results_as_they_come_and_raises_the_first_failure_in_order
     # A result that does not fit the type is a failure in its turn too.
     with pytest.raises(CodecError):
         gathered([ended("a", '"no list"'), ended("b", None)], ["a", "b"])
+
+
+def test_options_name_the_tasks_and_replace_the_functions_own() -> None:
+    named = later.options(name="[/x] nightly", retries=5)
+    spec = named.spec(1)
+    assert spec.name == "[/x] nightly" and spec.function.name == later.name == named.name
+    assert spec.retry.max_attempts == 6 and spec.priority == task_pb2.PRIORITY_HIGH
+    assert later.spec(1).name == "later" and later.spec(1).retry.max_attempts == 3
+    assert later.options(priority="low").spec(1).retry.max_attempts == 3

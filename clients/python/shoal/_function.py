@@ -63,8 +63,15 @@ class Function(Generic[P, R]):
         return f"<shoal function {self.name}>"
 
     def options(self, **defaults: Any) -> Function[P, R]:
-        """This function with other task options (merged over its own)."""
-        made: Function[P, R] = _made(self.fn, self.name, {**self.defaults, **defaults})
+        """This function with other task options (merged over its own); `name` names its
+        tasks (the function keeps its own name, its import path)."""
+        merged = {**self.defaults, **defaults}
+        if "retries" in defaults and "retry" not in defaults:
+            merged.pop("retry", None)  # made again from the new retries
+        task_name = merged.pop("name", None)
+        made: Function[P, R] = _made(self.fn, self.name, merged)
+        if task_name is not None:
+            made.defaults["name"] = task_name
         return made
 
     def spec(self, *args: Any, **kwargs: Any) -> task_pb2.TaskSpec:

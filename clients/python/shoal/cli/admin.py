@@ -6,11 +6,12 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shoal._console import console
 from shoal.cli.app import CoordinatorOpt, JsonOpt, app, connect, run_async
-from shoal.cli.render import breaker_text, node_state, print_json
+from shoal.cli.render import breaker_text, node_state, plain, print_json
 from shoal.specs import to_duration
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -45,14 +46,15 @@ def nodes(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> None:
             why = f" ({n.throttle_reason})" if n.throttle_reason else ""
             notes.append(f"machine busy{why}: takes {floor} priority or higher only")
         table.add_row(
-            n.info.node_id,
-            n.info.hostname,
-            ",".join(n.info.executors),
-            ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
-            f"{n.running}/{n.info.slots}" if n.connected else "",
+            *plain(
+                n.info.node_id,
+                n.info.hostname,
+                ",".join(n.info.executors),
+                ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
+                f"{n.running}/{n.info.slots}" if n.connected else "",
+            ),
             node_state(n),
-            "\n".join(notes),
-            n.address,
+            *plain("\n".join(notes), n.address),
         )
     console.print(table)
 
@@ -73,7 +75,7 @@ def drain(
             return await client.drain(node_id, grace=timedelta(seconds=grace), leave=leave)
 
     status = run_async(main())
-    console.print(f"node {status.info.node_id} draining: {status.running} tasks running")
+    console.print(f"node {escape(status.info.node_id)} draining: {status.running} tasks running")
 
 
 @app.command()
@@ -84,7 +86,7 @@ def undrain(node_id: str, coordinator: CoordinatorOpt = None) -> None:
         async with connect(coordinator) as client:
             return await client.undrain(node_id)
 
-    console.print(f"node {run_async(main()).info.node_id} takes work again")
+    console.print(f"node {escape(run_async(main()).info.node_id)} takes work again")
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def quota_set(
         async with connect(coordinator) as client:
             return await client.set_quota(quota)
 
-    console.print(f"quota on {run_async(main()).key} set")
+    console.print(f"quota on {escape(run_async(main()).key)} set")
 
 
 @quota_app.command("ls")
@@ -158,7 +160,7 @@ def quota_ls(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> No
         if q.rate:
             per = q.per.ToTimedelta().total_seconds() or 1.0
             cells[0] = f"{q.rate:g}/{per:g}s burst {q.burst or max(1, int(q.rate))}"
-        table.add_row(q.key, *cells, "yes" if q.fail_fast else "")
+        table.add_row(*plain(q.key), *cells, "yes" if q.fail_fast else "")
     console.print(table)
 
 
@@ -170,7 +172,7 @@ def quota_rm(key: str, coordinator: CoordinatorOpt = None) -> None:
         async with connect(coordinator) as client:
             return await client.delete_quota(key)
 
-    console.print(f"quota on {run_async(main()).key} removed")
+    console.print(f"quota on {escape(run_async(main()).key)} removed")
 
 
 @app.command()
@@ -195,8 +197,7 @@ def usage(
     for u in listed:
         reserved = f"{u.reserved_tokens} tokens, ${u.reserved_cost:.4f}" if u.running else ""
         table.add_row(
-            u.key,
-            u.period,
+            *plain(u.key, u.period),
             str(u.requests),
             str(u.tokens),
             f"{u.cost:.4f}",

@@ -15,6 +15,7 @@ from shoal._channel import open_channel
 from shoal._console import console
 from shoal._health import Health, check_health
 from shoal._mdns import Browser, decode_coordinator, decode_node, open_zeroconf
+from shoal.cli.render import plain
 from shoal.config import ClientSettings
 from shoal.discovery import COORDINATOR_SERVICE, NODE_SERVICE, CoordinatorAd, NodeAd
 
@@ -137,10 +138,7 @@ def discover(
         coordinators.add_column(col, overflow="fold")
     for c, health in found.coordinators:
         coordinators.add_row(
-            c.name.split(".", 1)[0],
-            c.cluster,
-            c.address,
-            c.version,
+            *plain(c.name.split(".", 1)[0], c.cluster, c.address, c.version),
             str(c.tls).lower(),
             str(c.auth).lower(),
             _health(health),
@@ -150,12 +148,14 @@ def discover(
         nodes.add_column(col, overflow="fold")
     for n, health in found.nodes:
         nodes.add_row(
-            n.node_id,
-            n.cluster,
-            n.address,
-            ",".join(n.executors),
-            ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
-            ",".join(n.models),
+            *plain(
+                n.node_id,
+                n.cluster,
+                n.address,
+                ",".join(n.executors),
+                ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
+                ",".join(n.models),
+            ),
             _health(health),
         )
     console.print(coordinators)

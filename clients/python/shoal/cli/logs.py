@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shoal._console import console, err_console
 from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal._progress import PROGRESS_FD, format_line
 from shoal.cli.app import CoordinatorOpt, app, connect, run_async
+from shoal.cli.render import plain
 from shoal.specs import is_final
 from shoal.v1 import task_pb2
 
@@ -76,20 +78,21 @@ def artifacts(
     if name is None:
         table = Table("name", "bytes", "type", box=None)
         for a in task.result.artifacts:
-            table.add_row(a.name, str(len(a.data)), a.media_type)
+            table.add_row(*plain(a.name, str(len(a.data)), a.media_type))
         console.print(table)
         return
     artifact = found.get(name)
     if artifact is None:
-        have = ", ".join(sorted(found)) or "none"
-        err_console.print(f"[red]task {task_id} has no artifact {name!r}[/red] (it has: {have})")
+        have = escape(", ".join(sorted(found)) or "none")
+        missing = escape(f"task {task_id} has no artifact {name!r}")
+        err_console.print(f"[red]{missing}[/red] (it has: {have})")
         raise typer.Exit(1)
     if output is None or str(output) == "-":
         sys.stdout.buffer.write(artifact.data)
         sys.stdout.flush()
         return
     output.write_bytes(artifact.data)
-    err_console.print(f"saved {name} ({len(artifact.data)} bytes) to {output}")
+    err_console.print(f"saved {escape(name)} ({len(artifact.data)} bytes) to {escape(str(output))}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.markup import escape
+from rich.text import Text
 
 from shoal._console import console, err_console
 from shoal.specs import is_final, state_name
@@ -18,6 +19,12 @@ from shoal.v1 import admin_pb2, task_pb2
 def print_json(messages: Iterable[Message]) -> None:
     """The messages as a JSON list (proto JSON, as `get --json` and grpcurl print them)."""
     console.print_json(data=[json_format.MessageToDict(m) for m in messages])
+
+
+def plain(*values: str) -> list[Text]:
+    """Table cells of data (names, errors, what tasks and nodes say) shown as they are, never
+    read as rich markup: "[/x]" in a task's name neither styles nor breaks a table."""
+    return [Text(v) for v in values]
 
 
 def state_text(state: int) -> str:
@@ -55,7 +62,7 @@ def event_line(e: task_pb2.Event) -> str:
     if e.HasField("progress"):
         return f"{e.task_id} progress {escape(progress_text(e.progress))}"
     what = escape(repr(e.output.data)) if e.HasField("output") else state_text(e.state)
-    node_part = f" node={e.node_id}" if e.node_id else ""
+    node_part = f" node={escape(e.node_id)}" if e.node_id else ""
     return f"{e.task_id} {what}{node_part}"
 
 

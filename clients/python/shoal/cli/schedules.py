@@ -6,11 +6,12 @@ from datetime import timedelta
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shoal._console import console
 from shoal.cli.app import CoordinatorOpt, JsonOpt, connect, run_async
-from shoal.cli.render import print_json, utc_time
+from shoal.cli.render import plain, print_json, utc_time
 from shoal.cli.specs import LabelOpt, PriorityOpt, PythonOpt, TenantOpt, TimeoutOpt, build_spec
 from shoal.v1 import admin_pb2
 
@@ -80,7 +81,7 @@ def schedule_create(
             return await client.create_schedule(schedule)
 
     made = run_async(main())
-    console.print(f"schedule {made.name}: next run {utc_time(made.next_run)}")
+    console.print(f"schedule {escape(made.name)}: next run {utc_time(made.next_run)}")
 
 
 @schedule_app.command("ls")
@@ -101,8 +102,7 @@ def schedule_ls(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) ->
     for s in listed:
         when = s.cron if s.HasField("cron") else f"every {s.every.ToTimedelta()}"
         table.add_row(
-            s.name,
-            when,
+            *plain(s.name, when),
             utc_time(s.next_run) if not s.paused else "",
             utc_time(s.last_run),
             str(s.runs),
@@ -118,7 +118,7 @@ def _schedule_action(action: str, name: str, coordinator: str | None) -> None:
             return await client.schedule_action(action, name)
 
     made = run_async(main())
-    console.print(f"schedule {made.name}: {action}d")
+    console.print(f"schedule {escape(made.name)}: {action}d")
 
 
 @schedule_app.command("rm")

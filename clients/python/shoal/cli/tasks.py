@@ -13,6 +13,7 @@ import typer
 from google.protobuf import json_format
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from shoal._client import AsyncClient
 from shoal._console import console, err_console
@@ -22,6 +23,7 @@ from shoal.cli.render import (
     ProgressBar,
     event_line,
     exit_text,
+    plain,
     print_json,
     progress_text,
     state_text,
@@ -144,7 +146,9 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                         # A tool streams nothing: what it returned is its output.
                         console.print_json(data=json_format.MessageToDict(result.output))
                     if result.error and event.state != task_pb2.TASK_STATE_SUCCEEDED:
-                        err_console.print(f"[red]{state_name(event.state)}[/red]: {result.error}")
+                        err_console.print(
+                            f"[red]{state_name(event.state)}[/red]: {escape(result.error)}"
+                        )
                     return _process_exit(event.state, result)
         except asyncio.CancelledError:
             with contextlib.suppress(ShoalError):
@@ -266,7 +270,8 @@ async def _progress_of(client: AsyncClient, ids: list[str], bar: Any, row: Any) 
     task = await client.get(ids[0])
     async for event in client.watch(since=task.created_seq - 1, task_ids=ids):
         if event.HasField("progress"):
-            bar.update(row, completed=event.progress.fraction, description=event.progress.message)
+            message = escape(event.progress.message[:60])
+            bar.update(row, completed=event.progress.fraction, description=message)
 
 
 @app.command()
@@ -286,11 +291,11 @@ def get(
         console.print_json(json_format.MessageToJson(task))
         return
     table = Table(show_header=False, box=None)
-    rows = [
+    rows: list[tuple[str, str | Text]] = [
         ("id", task.id),
         ("name", task.spec.name),
         ("kind", task.spec.WhichOneof("kind") or ""),
-        ("state", state_text(task.state)),
+        ("state", Text.from_markup(state_text(task.state))),
         ("node", task.node_id),
         ("attempt", f"{task.attempt.number}" if task.attempt.number else ""),
         ("after", ", ".join(task.depends_on)),
@@ -307,7 +312,7 @@ def get(
     ]
     for k, v in rows:
         if v:
-            table.add_row(f"[bold]{k}[/bold]", v)
+            table.add_row(Text(k, style="bold"), v if isinstance(v, Text) else Text(v))
     console.print(table)
     if task.result.stdout:
         console.print("[bold]stdout[/bold]", markup=True)
@@ -380,12 +385,9 @@ def ls(
         table.add_column(col)
     for t in tasks:
         table.add_row(
-            t.id,
-            t.spec.name,
-            t.spec.WhichOneof("kind") or "",
+            *plain(t.id, t.spec.name, t.spec.WhichOneof("kind") or ""),
             state_text(t.state),
-            exit_text(t),
-            t.node_id,
+            *plain(exit_text(t), t.node_id),
             t.created_at.ToDatetime().strftime("%H:%M:%S"),
         )
     console.print(table)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from shoal._console import console, err_console
 from shoal.cli.app import CoordinatorOpt, JsonOpt, connect, parse_labels, run_async
-from shoal.cli.render import print_json
+from shoal.cli.render import plain, print_json
 from shoal.config import ClientSettings
 from shoal.join import JoinLine, ca_fingerprint
 from shoal.v1 import admin_pb2
@@ -125,11 +125,7 @@ def token_ls(
     role_names = {v: k for k, v in _ROLE_NAMES.items()}
     for t in listed:
         table.add_row(
-            t.name,
-            t.id,
-            role_names.get(t.role, "?"),
-            t.tenant,
-            t.node_id,
+            *plain(t.name, t.id, role_names.get(t.role, "?"), t.tenant, t.node_id),
             *(
                 t.ToDatetime().strftime("%Y-%m-%d %H:%M") if t.ByteSize() else ""
                 for t in (t.created_at, t.expires_at, t.revoked_at)
@@ -150,7 +146,7 @@ def token_revoke(
             return await client.revoke_token(token)
 
     info = run_async(main())
-    console.print(f"revoked {info.name} ({info.id})")
+    console.print(f"revoked {escape(info.name)} ({escape(info.id)})")
 
 
 # -- schedules -----------------------------------------------------------------------------

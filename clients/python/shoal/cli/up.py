@@ -25,7 +25,7 @@ from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._signals import until_signalled
 from shoal.cli.app import app, run_async
 from shoal.cli.options import AuthOpt, HttpListenOpt, VerboseOpt, given, setup_logging
-from shoal.cli.render import state_text
+from shoal.cli.render import plain, state_text
 from shoal.config import CoordinatorSettings, NodeSettings
 
 if TYPE_CHECKING:
@@ -176,6 +176,8 @@ async def _demo(address: str, token_file: Path | None) -> None:
         if t.result.HasField("output"):
             output = json.dumps(json_format.MessageToDict(t.result.output))
         table.add_row(
-            t.spec.name, state_text(t.state), str(t.result.exit_code), t.node_id, output[:60]
+            *plain(t.spec.name),
+            state_text(t.state),
+            *plain(str(t.result.exit_code), t.node_id, output[:60]),
         )
     console.print(table)

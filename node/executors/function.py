@@ -25,7 +25,7 @@ from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
 from shoal.node.functions.call import REQUEUE, Call
 from shoal.node.functions.pool import WorkerPool
-from shoal.node.functions.process import WorkerProcess
+from shoal.node.functions.process import START_TIMEOUT, WorkerProcess
 from shoal.node.functions.wire import ENDS, Frame
 from shoal.v1 import node_pb2, task_pb2
 
@@ -33,6 +33,7 @@ __all__ = ["FunctionExecutor"]
 
 _log = logging.getLogger("shoal.node")
 _STOP_GRACE = 3.0  # seconds a cancelled call has to stop before its worker is killed
+_SLOW_START = 5.0  # seconds of importing after which the node says what it waits for
 MAX_RESULT_BYTES = 1 << 20  # a function's return value, as JSON (the coordinator keeps 1 MiB)
 _STREAMS: tuple[tuple[int, Stream], ...] = (
     (task_pb2.OUTPUT_STREAM_STDOUT, "stdout"),
@@ -48,6 +49,7 @@ def _worker_env() -> dict[str, str]:
         if not k.startswith("SHOAL_") and k not in NODE_ONLY_VARIABLES
     }
     env["SHOAL_WORKER_MAX_RESULT"] = str(MAX_RESULT_BYTES)
+    env["SHOAL_WORKER_NODE"] = str(os.getpid())  # its workers die with it
     return env
 
 
@@ -108,11 +110,27 @@ class FunctionExecutor(Executor):
                 sys.executable,
             )
             self.users.give_up()
+        modules = ", ".join(self._pool.modules)
+        _log.info("function workers: importing %s in %d processes", modules, self._pool.size)
+        slow = asyncio.get_running_loop().call_later(
+            _SLOW_START,
+            _log.warning,
+            "function workers still importing %s after %g s: the node starts once they have"
+            " (or after %g s without them)",
+            modules,
+            _SLOW_START,
+            START_TIMEOUT,
+        )
         try:
             await self._pool.start()
-        except (OSError, TimeoutError, Exception) as err:
+        except TimeoutError:
+            _log.warning("function workers did not start within %g s: not offered", START_TIMEOUT)
+            return False
+        except Exception as err:
             _log.warning("function workers did not start: %s", err)
             return False
+        finally:
+            slow.cancel()
         for error in self._pool.errors:
             _log.warning("import failed in function workers: %s", error)
         self._functions = frozenset(self._pool.functions)

@@ -19,10 +19,10 @@ from shoal.node.functions import wire
 from shoal.node.functions.call import Call
 from shoal.node.functions.wire import Frame, FrameReader, WireError
 
-__all__ = ["FEED", "WorkerProcess"]
+__all__ = ["FEED", "START_TIMEOUT", "WorkerProcess"]
 
 _log = logging.getLogger("shoal.node")
-_START_TIMEOUT = 120.0  # importing the modules may take a while on a loaded machine
+START_TIMEOUT = 120.0  # seconds to import the modules: a while, on a loaded machine
 _DRAIN = 0.5  # seconds the pipe of a worker that has exited is still read (what it wrote)
 FEED = 4
 """The fewest frames posted to a worker in one turn of the loop that are written at once, not
@@ -98,7 +98,7 @@ class WorkerProcess(asyncio.Protocol):
         pipe = os.fdopen(read_fd, "rb", buffering=0)  # its transport closes it
         try:
             await asyncio.get_running_loop().connect_read_pipe(lambda: worker, pipe)
-            async with asyncio.timeout(_START_TIMEOUT):
+            async with asyncio.timeout(START_TIMEOUT):
                 said = await asyncio.shield(worker._hello)
             if said is None:
                 raise WireError(f"the worker ended as it started (exit {await proc.wait()})")

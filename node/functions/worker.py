@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import importlib
 import inspect
 import io
 import logging
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -36,6 +38,7 @@ _send_lock = threading.Lock()
 _out_fd = -1
 _current: int | None = None  # the id of the call running now
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 OUT_PIECE = 1 << 18
 """Characters of output in one frame at most (a MiB of UTF-8 at most, well under MAX_FRAME)."""
 
@@ -323,8 +326,21 @@ def _flush_replaced_streams() -> None:
                 stream.flush()
 
 
+def _die_with_the_node() -> None:
+    """Be killed when the node's process ends, however it ends (SIGKILL too), though an import
+    or a call never returns (Linux: the parent-death signal; elsewhere the node's closed pipe
+    tells, between calls)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    node = os.environ.get("SHOAL_WORKER_NODE", "")
+    if node.isdigit() and os.getppid() != int(node):
+        os._exit(1)  # the node ended before this was set
+
+
 def main() -> None:
     global _out_fd
+    _die_with_the_node()
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
     inp, _out_fd = _Input(os.dup(0)), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)

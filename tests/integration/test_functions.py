@@ -7,14 +7,16 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 import shoal
 from shoal import TaskFailed
+from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import task_pb2
 
 from . import functions_module as fm
-from .harness import Mesh, MeshFactory, eventually
+from .harness import CliProcesses, Mesh, MeshFactory, eventually
 
 MODULE = "tests.integration.functions_module"
 
@@ -155,3 +157,30 @@ async def test_a_node_without_the_module_never_receives_its_functions(mesh: Mesh
     assert await shoal.async_gather(handles) == [2 * i for i in range(20)]
     for h in handles:
         assert (await h.task()).node_id == mesh.node.node_id
+
+
+async def test_a_node_killed_takes_its_workers_with_it(
+    mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILL: nothing of the node runs after it, and a worker busy importing (or in a call)
+    # does not read the pipe that would tell it.
+    monkeypatch.setenv("SHOAL_NODE_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    stuck = "tests.integration.functions_stuck"
+    node = await cli.start(
+        "node", "-c", mesh.address, "--node-id", "doomed", "--slots", "2", "--import", stuck
+    )
+
+    def workers() -> list[psutil.Process]:
+        found = [
+            p
+            for p in psutil.Process(node.proc.pid).children()
+            if "shoal.node.functions.worker" in p.cmdline()
+        ]
+        assert len(found) == 2
+        return found
+
+    held = await eventually(workers, timeout=60, retry_on=(AssertionError, psutil.Error))
+    node.proc.kill()
+    await node.proc.wait()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, held, 10)
+    assert not alive

@@ -12,6 +12,7 @@ import pytest
 
 import shoal
 from shoal import TaskFailed
+from shoal._function import MAP_BATCH
 from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import task_pb2
 
@@ -88,17 +89,18 @@ async def test_handles_as_arguments_make_a_dag(mesh: Mesh) -> None:
     assert skipped.value.task.state == task_pb2.TASK_STATE_SKIPPED
 
 
-async def test_map_over_ten_thousand_inputs(mesh_factory: MeshFactory) -> None:
+async def test_map_over_more_inputs_than_one_batch_holds(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(slots=4, imports=[MODULE])
+    count = MAP_BATCH + 2_000  # two SubmitBatch calls
 
     def blocking() -> list[int]:  # the blocking Client, off the loop that serves the mesh
         with shoal.Client(mesh.address, token=mesh.token) as client:
-            handles = fm.square.map(client, range(10_000))
-            assert len(handles) == 10_000
+            handles = fm.square.map(client, range(count))
+            assert len(handles) == count
             assert fm.add.submit(client, handles[2], handles[3]).result() == 13
             return shoal.gather(handles)
 
-    assert await asyncio.to_thread(blocking) == [i * i for i in range(10_000)]
+    assert await asyncio.to_thread(blocking) == [i * i for i in range(count)]
 
 
 async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from shoal.errors import RemoteError, TaskFailed
 from shoal.spec_checks import UPSTREAM_DEPTH
 from shoal.specs import FINAL_STATES
 from shoal.v1 import task_pb2
+from shoal.validation import Limits
 
 if TYPE_CHECKING:
     from shoal._blocking import Client
@@ -139,9 +140,10 @@ class Function(Generic[P, R]):
         return self.outcome(await client.execute(self.spec(*args, **kwargs)))
 
     def map(self, client: Client, /, *iterables: Iterable[Any]) -> list[Handle[R]]:
-        """One call per item (zipped, as the builtin map), submitted as one batch."""
+        """One call per item (zipped, as the builtin map), submitted in batches of MAP_BATCH
+        (one SubmitBatch for most maps; each batch goes whole or not at all)."""
         specs = [self.spec(*items) for items in zip(*iterables, strict=False)]
-        ids = client.submit_batch(specs) if specs else []
+        ids = [i for batch in _batches(specs) for i in client.submit_batch(batch)]
         seq = client.get(ids[0]).created_seq if ids else 0
         return [Handle(self, client, i, seq) for i in ids]
 
@@ -149,7 +151,7 @@ class Function(Generic[P, R]):
         self, client: AsyncClient, /, *iterables: Iterable[Any]
     ) -> list[AsyncHandle[R]]:
         specs = [self.spec(*items) for items in zip(*iterables, strict=False)]
-        ids = await client.submit_batch(specs) if specs else []
+        ids = [i for batch in _batches(specs) for i in await client.submit_batch(batch)]
         seq = (await client.get(ids[0])).created_seq if ids else 0
         return [AsyncHandle(self, client, i, seq) for i in ids]
 
@@ -164,6 +166,14 @@ class Function(Generic[P, R]):
         if isinstance(task, task_pb2.Event):
             task = task_pb2.Task(id=task.task_id, state=task.state, result=task.result)
         raise TaskFailed(task) if task.state == task_pb2.TASK_STATE_SUCCEEDED else failure(task)
+
+
+MAP_BATCH = Limits().max_batch
+"""Calls `map` submits in one SubmitBatch at most (what a coordinator takes by default)."""
+
+
+def _batches(specs: list[task_pb2.TaskSpec]) -> list[list[task_pb2.TaskSpec]]:
+    return [specs[at : at + MAP_BATCH] for at in range(0, len(specs), MAP_BATCH)]
 
 
 MAX_SEARCHED = 10_000

@@ -133,6 +133,9 @@ class FunctionExecutor(Executor):
             slow.cancel()
         for error in self._pool.errors:
             _log.warning("import failed in function workers: %s", error)
+        if self._pool.errors:
+            where = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+            _log.warning("function workers import from %s and the installed packages", where)
         self._functions = frozenset(self._pool.functions)
         _log.info(
             "function workers=%d functions=%s", self._pool.size, ",".join(sorted(self._functions))

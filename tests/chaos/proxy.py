@@ -59,7 +59,7 @@ class FaultProxy:
 
     async def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target)
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         for service in _FORWARDED:
             handlers = {}
             for method in service.methods:

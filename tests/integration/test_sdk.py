@@ -190,7 +190,7 @@ class StoppingThenBack(tasks_pb2_grpc.TasksServicer):
 async def test_a_coordinator_that_answers_unavailable_is_waited_for() -> None:
     """It was reached: it answered, if only that it cannot serve now (it is restarting)."""
     servicer = StoppingThenBack()  # type: ignore[abstract]
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     tasks_pb2_grpc.add_TasksServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -87,7 +87,7 @@ class _Relay:
                     if isinstance(answer, node_pb2.NodeMessage) and answer.HasField("hello"):
                         relay.tokens.append(answer.hello.token)
 
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         node_pb2_grpc.add_NodeServicer_to_server(FakeNode(), self._server)  # type: ignore[abstract]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
@@ -181,7 +181,7 @@ class _Impostor:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
                 yield node_pb2.CoordinatorMessage()
 
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         gateway_pb2_grpc.add_NodeGatewayServicer_to_server(Gateway(), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()

@@ -230,7 +230,7 @@ async def _who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 @asynccontextmanager
 async def mtls_server(pki: Pki, server_cert: str = "coordinator") -> AsyncIterator[int]:
     """Serve WHO_METHOD on 127.0.0.1 with client certificates required; yield the port."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     try:
         handler = grpc.unary_unary_rpc_method_handler(
             _who, request_deserializer=None, response_serializer=None

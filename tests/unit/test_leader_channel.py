@@ -40,7 +40,7 @@ async def coordinators(tmp_path: Path) -> AsyncIterator[Coordinators]:
     try:
         for i, host in enumerate(("127.0.0.1", "127.0.0.2")):
             cert, key = certs.issue(tmp_path, f"c{i}", hosts=[host])
-            server = grpc.aio.server()
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             servicer = health.aio.HealthServicer()
             await servicer.set("", SERVING if i == 0 else NOT_SERVING)
             health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

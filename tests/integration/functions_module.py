@@ -6,7 +6,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -103,6 +102,10 @@ class Gate:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+STUCK_GATE = "FUNCTIONS_STUCK_GATE"
+"""The variable naming the Gate at which importing tests.integration.functions_stuck waits."""
 
 
 def wait_at(gate: str) -> None:
@@ -216,12 +219,13 @@ def prints_at_once(count: int) -> int:
 
 
 @shoal.task
-def forks_then_exits(marker: str) -> None:
-    """Forks a child that holds every file its worker has open (its pipes too) and writes its
-    pid to `marker`, then ends its worker (exit 3) without answering."""
+def forks_then_exits(marker: str, gate: str) -> None:
+    """Forks a child that holds every file its worker has open (its pipes too) until the Gate
+    `gate` opens and writes its pid to `marker`, then ends its worker (exit 3) without
+    answering."""
     child = os.fork()
     if child == 0:
-        time.sleep(60)
+        wait_at(gate)
         os._exit(0)
     Path(marker).write_text(str(child))
     os._exit(3)

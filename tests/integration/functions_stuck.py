@@ -1,10 +1,12 @@
-"""A module whose import takes a minute: a node that imports it waits for its workers."""
+"""A module whose import waits at the Gate named by STUCK_GATE (until the test opens it, or
+dies): a node that imports it waits for its workers."""
 
-import time
+import os
 
 import shoal
+from tests.integration.functions_module import STUCK_GATE, wait_at
 
-time.sleep(60)
+wait_at(os.environ[STUCK_GATE])
 
 
 @shoal.task

@@ -269,13 +269,16 @@ async def test_output_printed_at_once_beyond_a_frame_arrives_in_pieces(
 async def test_a_worker_that_exits_while_its_child_holds_its_pipes_fails_its_call(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:
-    marker = tmp_path / "child"
-    async with asyncio.timeout(30):
-        outcome = await executor.run(fm.forks_then_exits.spec(str(marker)), _ctx())
-    assert outcome.state == task_pb2.TASK_STATE_FAILED
-    assert "worker process died (exit 3)" in outcome.result.error
-    child = int(marker.read_text())
-    await eventually(lambda: not _alive(child))  # killed with its worker's group
+    marker, gate = tmp_path / "child", fm.Gate(tmp_path / "gate")
+    try:
+        async with asyncio.timeout(30):
+            outcome = await executor.run(fm.forks_then_exits.spec(str(marker), str(gate)), _ctx())
+        assert outcome.state == task_pb2.TASK_STATE_FAILED
+        assert "worker process died (exit 3)" in outcome.result.error
+        child = int(marker.read_text())
+        await eventually(lambda: not _alive(child))  # killed with its worker's group
+    finally:
+        gate.open()
     assert await _value(asyncio.create_task(executor.run(fm.square.spec(3), _ctx()))) == "9"
 
 

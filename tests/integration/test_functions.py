@@ -162,11 +162,13 @@ async def test_a_node_without_the_module_never_receives_its_functions(mesh: Mesh
 
 
 async def test_a_node_killed_takes_its_workers_with_it(
-    mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch
+    mesh: Mesh, cli: CliProcesses, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # SIGKILL: nothing of the node runs after it, and a worker busy importing (or in a call)
     # does not read the pipe that would tell it.
     monkeypatch.setenv("SHOAL_NODE_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    gate = fm.Gate(tmp_path / "gate")  # shut: the workers' import waits at it
+    monkeypatch.setenv(fm.STUCK_GATE, str(gate))
     stuck = "tests.integration.functions_stuck"
     node = await cli.start(
         "node", "-c", mesh.address, "--node-id", "doomed", "--slots", "2", "--import", stuck
@@ -181,8 +183,11 @@ async def test_a_node_killed_takes_its_workers_with_it(
         assert len(found) == 2
         return found
 
-    held = await eventually(workers, timeout=60, retry_on=(AssertionError, psutil.Error))
-    node.proc.kill()
-    await node.proc.wait()
-    _, alive = await asyncio.to_thread(psutil.wait_procs, held, 10)
-    assert not alive
+    try:
+        held = await eventually(workers, timeout=60, retry_on=(AssertionError, psutil.Error))
+        node.proc.kill()
+        await node.proc.wait()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, held, 10)
+        assert not alive
+    finally:
+        gate.open()

@@ -9,14 +9,15 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import hypothesis
 import pytest
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import shoal
+from shoal import _codec, _json
 from shoal._codec import CodecError
 from shoal._function import AsyncHandle, Function, failure
 from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
@@ -137,6 +138,89 @@ def _halved(x: float) -> float:
 
 def _echo(text: str) -> str:
     return text
+
+
+def _int(v: int) -> None: ...
+def _float(v: float) -> None: ...
+def _str(v: str) -> None: ...
+def _bool(v: bool) -> None: ...
+def _any(v: Any) -> None: ...
+def _object(v: object) -> None: ...
+def _bare(v) -> None: ...  # type: ignore[no-untyped-def]
+def _optional_int(v: int | None) -> None: ...
+
+
+_SCALAR = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(alphabet=st.characters())
+)
+
+
+@pytest.mark.parametrize("fn", [_int, _float, _str, _bool, _any, _object, _bare, _optional_int])
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(value=_SCALAR)
+def test_a_scalar_argument_is_encoded_and_decoded_as_its_hint_validates_it(
+    fn: Callable[..., None], value: Any
+) -> None:
+    # Scalars that fit a hint as they are skip pydantic: the outcome must be pydantic's.
+    codec = Function(fn).codec
+    adapter = codec._for_position(0)
+    try:
+        expected = _codec._json_of([_codec._plain(adapter, value)], value)
+    except (ValidationError, ValueError, TypeError):
+        with pytest.raises(CodecError):
+            codec.encode_arguments([value], {})
+    else:
+        assert codec.encode_arguments([value], {})[0] == expected
+    try:
+        as_json = _codec._dumps([value])
+    except ValueError:
+        return  # a NaN or an infinity: no JSON holds it
+    try:
+        typed = adapter.validator.validate_python(_json.loads(as_json, lone_surrogates=True)[0])
+    except ValidationError:
+        with pytest.raises(CodecError):
+            codec.decode_arguments(as_json, b"", {})
+    else:
+        decoded, _ = codec.decode_arguments(as_json, b"", {})
+        assert repr(decoded) == repr([typed]) and type(decoded[0]) is type(typed)  # NaN too
+
+
+@dataclass
+class Loose:
+    anything: Any
+
+
+class LooseBox(BaseModel):
+    anything: Any
+
+
+def _untyped(x, *rest, **more):  # type: ignore[no-untyped-def]
+    return x
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "holder",
+    [
+        lambda v: v,
+        lambda v: [1.0, v],
+        lambda v: {"k": (v,)},
+        lambda v: Loose(v),
+        lambda v: [LooseBox(anything={"deep": [v]})],
+    ],
+)
+def test_a_nan_or_infinity_anywhere_in_untyped_data_is_refused_not_sent_as_null(
+    holder: Callable[[float], Any], bad: float
+) -> None:
+    codec = Function(_untyped).codec
+    value = holder(bad)
+    for args, kwargs in (([value], {}), ([1, value], {}), ([1], {"k": value})):
+        with pytest.raises(CodecError, match="not JSON"):
+            codec.encode_arguments(args, kwargs)
+    with pytest.raises(CodecError, match="not JSON"):
+        codec.encode_result(value)
+    assert codec.encode_result(holder(1.5)).count(b"1.5") == 1  # and finite ones go through
+    assert codec.encode_result([None, holder(2.0)]).startswith(b"[null,")
 
 
 def test_a_result_that_is_not_json_is_a_codec_error() -> None:

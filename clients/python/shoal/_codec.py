@@ -7,6 +7,7 @@ becomes code.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -16,7 +17,7 @@ from functools import cached_property
 from typing import Any
 
 import pydantic_core
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shoal import _json
 
@@ -24,6 +25,18 @@ __all__ = ["UPSTREAM", "CallCodec", "CodecError", "Untyped", "import_path", "pla
 
 _P = inspect.Parameter
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+_SCALARS: frozenset[type] = frozenset({int, float, str, bool, type(None)})
+_AS_IS: dict[Any, frozenset[type]] = {
+    _P.empty: _SCALARS,
+    Any: _SCALARS,
+    object: _SCALARS,
+    int: frozenset({int}),
+    float: frozenset({float}),
+    str: frozenset({str}),
+    bool: frozenset({bool}),
+}
+_NONE: frozenset[type] = frozenset()
 
 UPSTREAM: Any = object()
 """In encode_arguments: an argument that an upstream task's result fills in (sent as null)."""
@@ -133,6 +146,17 @@ class CallCodec:
     def result_adapter(self) -> TypeAdapter[Any]:
         return _adapter(self._hints.get("return", _P.empty))
 
+    @cached_property
+    def _as_is(self) -> tuple[frozenset[type], ...]:
+        """For each positional parameter, the types of value that its hint's validation
+        returns unchanged and that are JSON as they are: such arguments skip pydantic (most
+        calls' arguments, and `map` makes thousands of calls)."""
+        return tuple(_AS_IS.get(self._hints.get(p.name, _P.empty), _NONE) for p in self._positional)
+
+    def _all_as_is(self, args: Sequence[Any]) -> bool:
+        as_is = self._as_is
+        return len(args) <= len(as_is) and all(map(frozenset.__contains__, as_is, map(type, args)))
+
     def _for_position(self, i: int) -> TypeAdapter[Any]:
         if i < len(self._positional):
             return self._adapters[self._positional[i].name]
@@ -165,6 +189,8 @@ class CallCodec:
     ) -> tuple[bytes, bytes]:
         """The JSON array of positional and object of keyword arguments."""
         try:
+            if not kwargs and self._all_as_is(args):
+                return _dumps(list(args)), b"{}"
             plain_args = [
                 None if a is UPSTREAM else _plain(self._for_position(i), a)
                 for i, a in enumerate(args)
@@ -172,7 +198,9 @@ class CallCodec:
             plain_kwargs = {
                 k: _plain(self._for_keyword(k), v) for k, v in kwargs.items() if v is not UPSTREAM
             }
-            return _dumps(plain_args), _dumps(plain_kwargs) if plain_kwargs else b"{}"
+            return _json_of(plain_args, args), _json_of(
+                plain_kwargs, kwargs
+            ) if plain_kwargs else b"{}"
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
 
@@ -188,6 +216,9 @@ class CallCodec:
             raise CodecError(f"arguments are not JSON: {err}") from None
         if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
             raise CodecError("args must be a JSON array and kwargs a JSON object")
+        if not upstream and not raw_kwargs and self._all_as_is(raw_args):
+            self.check(raw_args, raw_kwargs)
+            return raw_args, raw_kwargs
         nested = {k: v for k, v in upstream.items() if "/" in k} if upstream else {}
         if nested:
             upstream = {k: v for k, v in upstream.items() if "/" not in k}
@@ -223,7 +254,7 @@ class CallCodec:
         """The return value as JSON; CodecError when it does not serialize (a NaN or an
         infinity, as in an argument: JSON has none, and null would not be the value)."""
         try:
-            return _dumps(_plain(self.result_adapter, value))
+            return _json_of(_plain(self.result_adapter, value), value)
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
@@ -243,6 +274,43 @@ def _plain(adapter: TypeAdapter[Any], value: Any) -> Any:
     if isinstance(value, Untyped):
         return _ANY.serializer.to_python(value.value, mode="json")
     return adapter.serializer.to_python(adapter.validator.validate_python(value), mode="json")
+
+
+def _json_of(plain: Any, value: Any) -> bytes:
+    """The JSON of `plain`, made of `value` by `_plain`; ValueError when `value` holds a NaN or
+    an infinity that pydantic made null (it does where the hint is Any, or none)."""
+    out = _dumps(plain)
+    if b"null" in out and not _finite(value):
+        raise ValueError("Out of range float values are not JSON compliant")
+    return out
+
+
+def _finite(value: Any) -> bool:
+    """Whether no float in `value` (or in its lists, tuples, sets, dicts, dataclass or model
+    fields, and arguments sent untyped) is a NaN or an infinity."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+            continue
+        if isinstance(item, (str, int, bytes)) or item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, Untyped):
+            stack.append(item.value)
+        elif isinstance(item, BaseModel):
+            stack.extend(item.__dict__.values())
+            stack.extend((item.__pydantic_extra__ or {}).values())
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+    return True
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.

@@ -80,13 +80,24 @@ class Function(Generic[P, R]):
         value or dataclass field of one) becomes a dependency whose typed result arrives in
         its place."""
         self.codec.check(args, kwargs)
+        if not _only_scalars(args, kwargs):
+            return self._lifted(args, kwargs)
+        # Most calls: no handles among the arguments.
+        encoded_args, encoded_kwargs = self.codec.encode_arguments(args, kwargs)
+        out = task_pb2.TaskSpec()
+        out.CopyFrom(self._template)
+        if args:
+            out.function.args = encoded_args
+        if kwargs:
+            out.function.kwargs = encoded_kwargs
+        return out
+
+    def _lifted(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> task_pb2.TaskSpec:
+        """The spec of a call whose arguments may hold handles (in them, too): each becomes a
+        dependency."""
         lifter = _Lifter()
-        plain_args: Sequence[Any] = args
-        plain_kwargs: Mapping[str, Any] = kwargs
-        if not _only_scalars(args, kwargs):  # handles may be among them, or inside them
-            plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
-            plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
-        upstream, deps = lifter.upstream, lifter.deps
+        plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
+        plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
         try:
             encoded_args, encoded_kwargs = self.codec.encode_arguments(plain_args, plain_kwargs)
         except CodecError as err:
@@ -97,18 +108,18 @@ class Function(Generic[P, R]):
                 ) from None
             raise
         out = task_pb2.TaskSpec()
-        if deps:
+        if lifter.deps:
             common = dict(self.defaults)
-            common["depends_on"] = [*deps, *common.get("depends_on", ())]
+            common["depends_on"] = [*lifter.deps, *common.get("depends_on", ())]
             common.setdefault("name", self.fn.__name__)
             _common(out, **common)
             out.function.name = self.name
-            out.function.upstream.update(upstream)
+            out.function.upstream.update(lifter.upstream)
         else:
             out.CopyFrom(self._template)
-        if plain_args:
+        if args:
             out.function.args = encoded_args
-        if plain_kwargs:
+        if kwargs:
             out.function.kwargs = encoded_kwargs
         return out
 

@@ -116,10 +116,14 @@ def _bad(why: str) -> _Reply:
 
 
 def _raised(err: BaseException) -> _Reply:
+    try:
+        message = str(err)
+    except BaseException:  # an exception whose str() raises: its type says enough
+        message = f"<{type(err).__qualname__}: str() failed>"
     return wire.RAISED, _json.dumps(
         {
             "type": f"{type(err).__module__}.{type(err).__qualname__}",
-            "message": str(err)[:10_000],
+            "message": message[:10_000],
             "traceback": "".join(traceback.format_exception(err))[-100_000:],
         }
     )
@@ -130,20 +134,26 @@ def _returned(fn: Function[Any, Any], value: Any, limit: int) -> _Reply:
         data = fn.codec.encode_result(value)
     except CodecError as err:
         return _bad(str(err))
+    except BaseException as err:  # the value's own code (a serializer) raised
+        return _raised(err)
     if len(data) > limit:
         return _bad(f"its result is {len(data)} bytes of JSON, over the node's {limit}")
     return wire.DONE, data
 
 
 def _call_sync(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply:
-    """A sync function runs in the main thread: the node kills the worker to cancel it."""
+    """A sync function runs in the main thread: the node kills the worker to cancel it.
+    Whatever the call raises (its arguments' validators too) is its outcome, never the end
+    of the worker."""
     try:
         args, kwargs = _arguments(fn, call)
     except CodecError as err:
         return _bad(str(err))
+    except BaseException as err:  # a validator of the function's types raised
+        return _raised(err)
     try:
         value = fn.fn(*args, **kwargs)
-    except (Exception, SystemExit, KeyboardInterrupt) as err:
+    except BaseException as err:  # SystemExit and the like: the call's own
         return _raised(err)
     return _returned(fn, value, limit)
 
@@ -153,11 +163,13 @@ async def _call_async(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply
         args, kwargs = _arguments(fn, call)
     except CodecError as err:
         return _bad(str(err))
+    except BaseException as err:  # a validator of the function's types raised
+        return _raised(err)
     try:
         value = await fn.fn(*args, **kwargs)
     except asyncio.CancelledError:
         return wire.CANCELLED, b""
-    except (Exception, SystemExit, KeyboardInterrupt) as err:
+    except BaseException as err:  # SystemExit and the like: the call's own
         return _raised(err)
     return _returned(fn, value, limit)
 

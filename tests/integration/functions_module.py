@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import BaseModel, field_serializer, field_validator
+
 import shoal
 
 _log = logging.getLogger("functions_module")
@@ -229,3 +231,49 @@ def forks_then_exits(marker: str, gate: str) -> None:
         os._exit(0)
     Path(marker).write_text(str(child))
     os._exit(3)
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str() for this one")
+
+
+class NotAnException(BaseException):
+    pass
+
+
+class Picky(BaseModel):
+    n: int
+
+    @field_validator("n")
+    @classmethod
+    def _lookup(cls, n: int) -> int:
+        return {1: 1}[n]  # a KeyError: pydantic passes it on, not a ValidationError
+
+
+class Stubborn(BaseModel):
+    n: int
+
+    @field_serializer("n")
+    def _out(self, n: int) -> int:
+        raise LookupError("will not serialize")
+
+
+@shoal.task
+def raises(kind: str) -> int:
+    """Raises what is named, or takes and returns models whose own code raises."""
+    if kind == "unprintable":
+        raise Unprintable
+    if kind == "base":
+        raise NotAnException("not an Exception")
+    return os.getpid()
+
+
+@shoal.task
+def picky(p: Picky) -> int:
+    return p.n
+
+
+@shoal.task
+def stubborn() -> Stubborn:
+    return Stubborn(n=1)

@@ -289,3 +289,25 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_whatever_a_call_raises_is_its_outcome_and_its_worker_lives_on(
+    executor: FunctionExecutor,
+) -> None:
+    """An exception whose str() raises, a BaseException that is not an Exception, a validator or
+    serializer of the function's types raising: each fails its call as raised, in the same
+    worker, which then runs the next call."""
+    pid = int(await _value(asyncio.create_task(executor.run(fm.raises.spec("none"), _ctx()))))
+    cases = [
+        (fm.raises.spec("unprintable"), "Unprintable: <Unprintable: str() failed>"),
+        (fm.raises.spec("base"), "NotAnException: not an Exception"),
+        (fm.picky.spec(fm.Picky.model_construct(n=2)), "KeyError: 2"),
+        (fm.stubborn.spec(), "LookupError: will not serialize"),
+    ]
+    for spec, error in cases:
+        outcome = await executor.run(spec, _ctx())
+        assert outcome.state == task_pb2.TASK_STATE_FAILED
+        assert outcome.result.error.endswith(error), outcome.result.error
+        again = await executor.run(fm.raises.spec("none"), _ctx())
+        assert again.state == task_pb2.TASK_STATE_SUCCEEDED, again.result.error
+        assert int(again.result.output.fields["value"].string_value) == pid  # the same worker

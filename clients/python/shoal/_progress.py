@@ -36,6 +36,7 @@ def format_line(fraction: float, message: str) -> bytes:
 def progress(fraction: float, message: str = "") -> None:
     """Say how far the running task is: `fraction` from 0 to 1 (clamped), and what it does."""
     fraction = float(fraction)
+    message = "" if message is None else str(message)
     if not math.isfinite(fraction):
         return
     fraction = min(1.0, max(0.0, fraction))

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.machinery
 import inspect
 import math
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 
 import hypothesis
@@ -464,3 +468,33 @@ def test_options_name_the_tasks_and_replace_the_functions_own() -> None:
     assert spec.retry.max_attempts == 6 and spec.priority == task_pb2.PRIORITY_HIGH
     assert later.spec(1).name == "later" and later.spec(1).retry.max_attempts == 3
     assert later.options(priority="low").spec(1).retry.max_attempts == 3
+
+
+def test_a_function_of_the_program_run_is_named_by_its_module_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def fn() -> None: ...
+
+    fn.__module__, fn.__qualname__ = "__main__", "fn"
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "tasks.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert Function(fn).name == "tasks:fn"  # python tasks.py: as `--import tasks` holds it
+    script.__spec__ = importlib.machinery.ModuleSpec("app.tasks", None)
+    assert Function(fn).name == "app.tasks:fn"  # python -m app.tasks
+    script.__spec__, script.__file__ = None, str(tmp_path / "not-a-module.py")
+    assert Function(fn).name == "__main__:fn"  # no better name: no node offers it
+
+
+def test_a_lambda_or_nested_function_runs_here_but_is_refused_a_node() -> None:
+    def outer() -> Function[[int], int]:
+        @shoal.task
+        def inner(x: int) -> int:
+            return x + 1
+
+        return inner
+
+    for fn in (outer(), shoal.task(lambda x: x + 1)):
+        assert fn(1) == 2
+        with pytest.raises(CodecError, match="must be defined at a module's top level"):
+            fn.spec(1)

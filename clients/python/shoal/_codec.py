@@ -11,17 +11,28 @@ import dataclasses
 import inspect
 import json
 import math
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shoal import _json
+from shoal.spec_checks import is_import_path
 
-__all__ = ["UPSTREAM", "CallCodec", "CodecError", "Untyped", "import_path", "place_step"]
+__all__ = [
+    "UPSTREAM",
+    "CallCodec",
+    "CodecError",
+    "Untyped",
+    "check_importable",
+    "import_path",
+    "place_step",
+]
 
 _P = inspect.Parameter
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
@@ -77,8 +88,29 @@ class CodecError(ValueError):
 
 
 def import_path(fn: Callable[..., Any]) -> str:
-    """`package.module:qualname` of a function defined at a module's top level."""
-    return f"{fn.__module__}:{fn.__qualname__}"
+    """`package.module:qualname` of a function defined at a module's top level. A function of
+    the program being run (`__main__`) is named by the module it is elsewhere: its own under
+    `python -m package.module`, else its file's (`python tasks.py`: `tasks`, as a node started
+    with `--import tasks` in that directory holds it)."""
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name != "__main__":
+            module = spec.name
+        elif (stem := Path(getattr(main, "__file__", None) or "").stem).isidentifier():
+            module = stem
+    return f"{module}:{fn.__qualname__}"
+
+
+def check_importable(name: str) -> None:
+    """CodecError unless `name` is an import path a node can find (not a lambda's, nor that of
+    a function defined inside another)."""
+    if not is_import_path(name):
+        raise CodecError(
+            f"{name!r} cannot run on a node: nodes import functions by their path"
+            " (package.module:qualname), so a function must be defined at a module's top level"
+        )
 
 
 def _adapter(hint: Any) -> TypeAdapter[Any]:

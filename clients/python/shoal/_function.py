@@ -18,7 +18,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from shoal._builders import _common, retry
-from shoal._codec import UPSTREAM, CallCodec, CodecError, Untyped, import_path, place_step
+from shoal._codec import (
+    UPSTREAM,
+    CallCodec,
+    CodecError,
+    Untyped,
+    check_importable,
+    import_path,
+    place_step,
+)
 from shoal.errors import RemoteError, TaskFailed
 from shoal.spec_checks import UPSTREAM_DEPTH
 from shoal.specs import FINAL_STATES
@@ -51,6 +59,11 @@ class Function(Generic[P, R]):
         self.fn = fn
         self.name = name or import_path(fn)
         self.codec = CallCodec(fn)
+        try:  # said when it is sent to a node (it may be meant to run only here)
+            check_importable(self.name)
+            self._importable: CodecError | None = None
+        except CodecError as err:
+            self._importable = err
         retries = defaults.pop("retries", None)
         if retries is not None and "retry" not in defaults:
             defaults["retry"] = retry(int(retries) + 1, backoff=timedelta(milliseconds=100))
@@ -79,6 +92,8 @@ class Function(Generic[P, R]):
         """The TaskSpec of one call; a handle among the arguments (or in a list, tuple, dict
         value or dataclass field of one) becomes a dependency whose typed result arrives in
         its place."""
+        if self._importable is not None:
+            raise self._importable
         self.codec.check(args, kwargs)
         if not _only_scalars(args, kwargs):
             return self._lifted(args, kwargs)

@@ -17,7 +17,7 @@ from shoal.v1 import task_pb2
 if TYPE_CHECKING:
     from shoal.validation import Limits
 
-__all__ = ["LLM_PROVIDERS", "spec_violations"]
+__all__ = ["LLM_PROVIDERS", "is_import_path", "spec_violations"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _VALUED_OPERATORS = (
@@ -294,7 +294,7 @@ def _check_scheduling(
 
 
 @functools.lru_cache(maxsize=1024)  # a batch's calls name a few functions, thousands of times
-def _import_path(name: str) -> bool:
+def is_import_path(name: str) -> bool:
     """Whether `name` is `package.module:qualname`."""
     module, _, qualname = name.partition(":")
     return all(part.isidentifier() for part in (*module.split("."), *qualname.split(".")))
@@ -307,7 +307,7 @@ def _function_violations(
     arguments positions or identifiers."""
     if not f.name:
         bad("function.name", "missing function name")
-    elif len(f.name) > limits.max_string or not _import_path(f.name):
+    elif len(f.name) > limits.max_string or not is_import_path(f.name):
         bad("function.name", "must be an import path: package.module:qualname")
     if len(f.upstream) > limits.max_labels:
         bad("function.upstream", f"more than {limits.max_labels} entries")

@@ -227,6 +227,22 @@ def test_a_nan_or_infinity_anywhere_in_untyped_data_is_refused_not_sent_as_null(
     assert codec.encode_result([None, holder(2.0)]).startswith(b"[null,")
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (b"[NaN]", b""),
+        (b"[-Infinity]", b""),
+        (b'[1, "\\ud800", Infinity]', b""),  # where only Python's parser takes the rest
+        (b"[1]", b'{"more": NaN}'),
+    ],
+)
+def test_arguments_with_nan_or_infinity_are_not_json_and_are_refused(
+    args: bytes, kwargs: bytes
+) -> None:
+    with pytest.raises(CodecError, match="not JSON"):
+        Function(_untyped).codec.decode_arguments(args, kwargs, {})
+
+
 def test_a_result_that_is_not_json_is_a_codec_error() -> None:
     with pytest.raises(CodecError):
         later.codec.encode_result([math.nan])

@@ -16,14 +16,18 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def loads(data: bytes | bytearray | str, *, lone_surrogates: bool = False) -> Any:
-    """The value of JSON text; ValueError (or RecursionError) when it is not JSON, or (unless
-    `lone_surrogates`) when it escapes a lone surrogate."""
+    """The value of JSON text; ValueError (or RecursionError) when it is not JSON (NaN and
+    Infinity are not), or (unless `lone_surrogates`) when it escapes a lone surrogate."""
     try:
-        return pydantic_core.from_json(data)
+        return pydantic_core.from_json(data, allow_inf_nan=False)
     except ValueError:
         if not lone_surrogates:
             raise
-        return json.loads(data)  # the error to give, or what only Python takes
+        return json.loads(data, parse_constant=_not_json)  # the error, or what only Python takes
+
+
+def _not_json(word: str) -> Any:
+    raise ValueError(f"{word} is not JSON")
 
 
 def dumps(value: Any) -> bytes:

@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,20 @@ def _environment(
     if env:
         merged.update(env)
     merged.update(ctx.secret_env)
+    # `shoal progress` works in any task, though the node runs from a virtualenv not on PATH:
+    # its scripts' directory comes last (nothing the task would find otherwise is shadowed).
+    if _SCRIPTS and _SCRIPTS not in (path := merged.get("PATH", "")).split(os.pathsep):
+        merged["PATH"] = f"{path}{os.pathsep}{_SCRIPTS}" if path else _SCRIPTS
     return merged
+
+
+def _scripts_dir() -> str:
+    """Where the node's own `shoal` command is (beside its interpreter), if it is there."""
+    here = Path(sys.executable).parent
+    return str(here) if (here / "shoal").is_file() else ""
+
+
+_SCRIPTS = _scripts_dir()
 
 
 async def _progress_lines(fd: int, ctx: ExecutionContext) -> None:

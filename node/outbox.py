@@ -41,7 +41,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self._updates: list[node_pb2.TaskUpdate] = []
-        self.ready = asyncio.Event()  # set when updates are due sooner (the writer clears it)
+        self.ready = asyncio.Event()  # set once updates are due (the writer clears it)
+        self._timer: asyncio.TimerHandle | None = None  # sets `ready` when they come due
         # When what is held is to be sent (monotonic): at once, unless all of it rides along.
         self._due_at = math.inf
         self._riding = 0  # results held that wait for others said to follow them
@@ -82,7 +83,7 @@ class Outbox:
         else:
             self._due_at = -math.inf
         if self._due_at < due_at:  # the writer waits for the old time: it is sooner now
-            self.ready.set()
+            self._wake_at(self._due_at)
         self.flushed.clear()
 
     @property
@@ -113,6 +114,7 @@ class Outbox:
         self._riding = 0
         # What is left (of a batch cut short) is due already.
         self._due_at = -math.inf if self._updates else math.inf
+        self._wake_at(self._due_at)
         self._add_output(-output)
         return batch, output
 
@@ -120,6 +122,7 @@ class Outbox:
         """A batch `take` gave that could not be written: first in line for the next session."""
         self._updates[:0] = batch
         self._due_at = -math.inf
+        self._wake_at(self._due_at)
         self._add_output(output)
 
     def sent(self, batch: list[node_pb2.TaskUpdate], heartbeat_seq: int) -> None:
@@ -142,6 +145,7 @@ class Outbox:
             self._updates[:0] = [u for _, u in self._unacked]
             self._unacked.clear()
             self._due_at = -math.inf
+            self._wake_at(self._due_at)
             self.flushed.clear()
 
     def claims(self, running: list[node_pb2.RunningAttempt]) -> list[node_pb2.RunningAttempt]:
@@ -155,6 +159,18 @@ class Outbox:
                     node_pb2.RunningAttempt(task_id=update.task_id, attempt=update.attempt)
                 )
         return running
+
+    def _wake_at(self, due_at: float) -> None:
+        """Set `ready` when what is held comes due: now, or at `due_at` (a timer rather than
+        waking the writer to wait again: a Started update held for company would cost a turn of
+        calls a wake-up of the writer each)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if due_at <= time.monotonic():
+            self.ready.set()
+        elif due_at < math.inf:
+            self._timer = asyncio.get_running_loop().call_at(due_at, self.ready.set)
 
     def _add_output(self, size: int) -> None:
         self._output_bytes += size

@@ -4,6 +4,7 @@ anything else is due at once; RIDE_ALONG_MOST results riding along go at once.""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -95,18 +96,25 @@ async def test_started_updates_held_wait_with_a_followed_result() -> None:
     assert riding < outbox.due_at and pushed < outbox.due_at <= time.monotonic() + RIDE_ALONG
 
 
-async def test_the_writer_is_woken_only_when_updates_are_due_sooner() -> None:
-    # Its wait ends at the time it read: an update that makes them due no sooner need not
-    # wake it (a turn of calls pushes hundreds).
+async def test_the_writer_is_woken_when_updates_come_due_and_not_before() -> None:
+    # A Started update held for company arms a timer rather than waking the writer to wait
+    # again (a turn of calls would cost it a wake-up each); a result due now wakes it at once;
+    # and once what was held is taken, nothing is due and no timer is left to wake it.
     outbox = Outbox()
     outbox.push(_started("a"))
-    assert outbox.ready.is_set()  # due at last, not never
-    outbox.ready.clear()
-    outbox.push(_started("b"))
-    outbox.push(_finished("a"), more_follow=True)
     assert not outbox.ready.is_set()
-    outbox.push(_finished("b"))
+    await asyncio.wait_for(outbox.ready.wait(), 5)  # due at last, not never
+    assert outbox.due_at <= time.monotonic()
+    outbox.ready.clear()
+    outbox.take()
+    outbox.push(_started("b"))
+    outbox.push(_finished("b"), more_follow=True)
+    assert not outbox.ready.is_set()
+    outbox.push(_finished("c"))
     assert outbox.ready.is_set()  # due now
+    outbox.ready.clear()
+    outbox.take()
+    assert outbox.due_at == math.inf and outbox._timer is None
 
 
 async def test_what_a_full_batch_leaves_goes_next_without_waiting() -> None:

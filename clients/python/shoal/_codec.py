@@ -25,6 +25,7 @@ from shoal import _json
 from shoal.spec_checks import is_import_path
 
 __all__ = [
+    "SCALARS",
     "UPSTREAM",
     "CallCodec",
     "CodecError",
@@ -37,11 +38,12 @@ __all__ = [
 _P = inspect.Parameter
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
 
-_SCALARS: frozenset[type] = frozenset({int, float, str, bool, type(None)})
+SCALARS: frozenset[type] = frozenset({int, float, str, bool, type(None)})
+"""The types of JSON's scalars as Python decodes them."""
 _AS_IS: dict[Any, frozenset[type]] = {
-    _P.empty: _SCALARS,
-    Any: _SCALARS,
-    object: _SCALARS,
+    _P.empty: SCALARS,
+    Any: SCALARS,
+    object: SCALARS,
     int: frozenset({int}),
     float: frozenset({float}),
     str: frozenset({str}),
@@ -230,9 +232,8 @@ class CallCodec:
             plain_kwargs = {
                 k: _plain(self._for_keyword(k), v) for k, v in kwargs.items() if v is not UPSTREAM
             }
-            return _json_of(plain_args, args), _json_of(
-                plain_kwargs, kwargs
-            ) if plain_kwargs else b"{}"
+            encoded_kwargs = _json_of(plain_kwargs, kwargs) if plain_kwargs else b"{}"
+            return _json_of(plain_args, args), encoded_kwargs
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
 

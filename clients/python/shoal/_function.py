@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from shoal._builders import _common, retry
 from shoal._codec import (
+    SCALARS,
     UPSTREAM,
     CallCodec,
     CodecError,
@@ -61,9 +62,9 @@ class Function(Generic[P, R]):
         self.codec = CallCodec(fn)
         try:  # said when it is sent to a node (it may be meant to run only here)
             check_importable(self.name)
-            self._importable: CodecError | None = None
+            self._not_importable = ""
         except CodecError as err:
-            self._importable = err
+            self._not_importable = str(err)
         retries = defaults.pop("retries", None)
         if retries is not None and "retry" not in defaults:
             defaults["retry"] = retry(int(retries) + 1, backoff=timedelta(milliseconds=100))
@@ -92,8 +93,8 @@ class Function(Generic[P, R]):
         """The TaskSpec of one call; a handle among the arguments (or in a list, tuple, dict
         value or dataclass field of one) becomes a dependency whose typed result arrives in
         its place."""
-        if self._importable is not None:
-            raise self._importable
+        if self._not_importable:
+            raise CodecError(self._not_importable)
         self.codec.check(args, kwargs)
         if not _only_scalars(args, kwargs):
             return self._lifted(args, kwargs)
@@ -206,13 +207,10 @@ MAX_SEARCHED = 10_000
 """Values of one call's arguments looked through for handles (beyond: not searched)."""
 
 
-_SCALARS = frozenset({int, float, str, bool, type(None)})
-
-
 def _only_scalars(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
     """Whether every argument is a number, string, bool or None (most calls' arguments):
     nothing in them to take out."""
-    return _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, kwargs.values()))
+    return SCALARS.issuperset(map(type, args)) and SCALARS.issuperset(map(type, kwargs.values()))
 
 
 class _Lifter:
@@ -227,7 +225,7 @@ class _Lifter:
         self.cut = False  # some values were not searched
 
     def argument(self, key: str, value: Any) -> Any:
-        if type(value) in _SCALARS:  # most arguments: nothing in them to take out
+        if type(value) in SCALARS:  # most arguments: nothing in them to take out
             return value
         if isinstance(value, (Handle, AsyncHandle)):
             self._take(key, value)

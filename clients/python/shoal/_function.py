@@ -96,21 +96,23 @@ class Function(Generic[P, R]):
         if self._not_importable:
             raise CodecError(self._not_importable)
         self.codec.check(args, kwargs)
-        if not _only_scalars(args, kwargs):
-            return self._lifted(args, kwargs)
-        # Most calls: no handles among the arguments.
-        encoded_args, encoded_kwargs = self.codec.encode_arguments(args, kwargs)
-        out = task_pb2.TaskSpec()
-        out.CopyFrom(self._template)
+        if _only_scalars(args, kwargs):  # most calls: no handles among the arguments
+            out = task_pb2.TaskSpec()
+            out.CopyFrom(self._template)
+            encoded_args, encoded_kwargs = self.codec.encode_arguments(args, kwargs)
+        else:
+            out, encoded_args, encoded_kwargs = self._lifted(args, kwargs)
         if args:
             out.function.args = encoded_args
         if kwargs:
             out.function.kwargs = encoded_kwargs
         return out
 
-    def _lifted(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> task_pb2.TaskSpec:
-        """The spec of a call whose arguments may hold handles (in them, too): each becomes a
-        dependency."""
+    def _lifted(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[task_pb2.TaskSpec, bytes, bytes]:
+        """The spec of a call whose arguments may hold handles (in them, too), each made a
+        dependency, and its arguments encoded."""
         lifter = _Lifter()
         plain_args = [lifter.argument(str(i), a) for i, a in enumerate(args)]
         plain_kwargs = {k: lifter.argument(k, v) for k, v in kwargs.items()}
@@ -133,11 +135,7 @@ class Function(Generic[P, R]):
             out.function.upstream.update(lifter.upstream)
         else:
             out.CopyFrom(self._template)
-        if args:
-            out.function.args = encoded_args
-        if kwargs:
-            out.function.kwargs = encoded_kwargs
-        return out
+        return out, encoded_args, encoded_kwargs
 
     @functools.cached_property
     def _template(self) -> task_pb2.TaskSpec:

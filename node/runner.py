@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shoal._output import result_text, set_result_text
+from shoal._progress import Sampler
 from shoal.config import NodeSettings
 from shoal.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from shoal.node.deadline import PausableDeadline
@@ -37,7 +38,6 @@ from shoal.v1 import node_pb2, task_pb2
 __all__ = ["Runner"]
 
 _log = logging.getLogger("shoal.node")
-PROGRESS_INTERVAL = 0.1  # seconds between two progress reports of one task
 _NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 
 
@@ -52,20 +52,15 @@ class _Run:
     stop: str = ""  # a Stop reason, once stopped
     groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
     deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
-    progress_at: float = -math.inf  # when it last reported progress (monotonic)
-    progress_done: bool = False  # whether it last reported 1 (done)
+    sampler: Sampler = field(default_factory=Sampler)  # of its progress reports
 
     def progress(self, fraction: float, message: str) -> None:
-        """Pass on what the task says of its progress: clamped, and sampled to at most one
-        report every PROGRESS_INTERVAL (but the first at 1, which is the last to tell)."""
+        """Pass on what the task says of its progress: clamped, and sampled (Sampler)."""
         if not math.isfinite(fraction):
             return
         fraction = min(1.0, max(0.0, fraction))
-        done = fraction == 1.0
-        now = time.monotonic()
-        if now - self.progress_at < PROGRESS_INTERVAL and (not done or self.progress_done):
+        if not self.sampler.passes(fraction, time.monotonic()):
             return
-        self.progress_at, self.progress_done = now, done
         self.report.progress(task_pb2.Progress(fraction=fraction, message=message[:200]))
 
     def pause(self) -> None:

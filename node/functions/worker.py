@@ -31,12 +31,14 @@ from shoal import _json, _progress
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
 from shoal._output import wire_forms
+from shoal._progress import Sampler
 from shoal.node.functions import wire
 from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame, write_all
 
 _send_lock = threading.Lock()
 _out_fd = -1
 _current: int | None = None  # the id of the call running now
+_sampler: Sampler | None = None  # of the running call's progress reports (the node's rule)
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 OUT_PIECE = 1 << 18
@@ -44,9 +46,77 @@ OUT_PIECE = 1 << 18
 
 
 def send(data: bytes) -> None:
-    """Write a frame now (output and progress, which go out as they come)."""
+    """Write frames now, after what was printed before them."""
     with _send_lock:
-        write_all(_out_fd, data)
+        _printed.take_and_write(data)
+
+
+class _Printed:
+    """What calls printed and has yet to go, in the order written: sent when its call ends,
+    when it holds OUT_PIECE characters, or within OUT_DELAY (a thread looks), so that a call
+    printing a line at a time costs the node a frame per batch of lines, not one per write,
+    and is still followed live."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[int, int, list[str]]] = []  # (call, stream, texts)
+        self._size = 0  # characters held
+        self.held = threading.Event()  # set while something is held
+
+    def add(self, call_id: int, stream: int, text: str) -> None:
+        with _send_lock:
+            runs = self._runs
+            if runs and runs[-1][0] == call_id and runs[-1][1] == stream:
+                runs[-1][2].append(text)
+            else:
+                if not runs:
+                    self.held.set()
+                runs.append((call_id, stream, [text]))
+            self._size += len(text)
+            if self._size >= OUT_PIECE:
+                self.take_and_write(b"")
+
+    def flush(self) -> None:
+        if self._runs:
+            send(b"")
+
+    def take_and_write(self, data: bytes) -> None:
+        """Write what is held, then `data` (under _send_lock)."""
+        frames = []
+        if self._runs:
+            for call_id, stream, texts in self._runs:
+                text = "".join(texts)
+                for at in range(0, len(text), OUT_PIECE):  # each piece fits a frame
+                    # Bytes that os.fsdecode made text go back as bytes.
+                    piece, raw = wire_forms(text[at : at + OUT_PIECE])
+                    frames.append(encode_frame(wire.OUT, call_id, stream, raw or piece.encode()))
+            self._runs, self._size = [], 0
+            self.held.clear()
+        if frames or data:
+            write_all(_out_fd, b"".join((*frames, data)))
+
+
+_printed = _Printed()
+OUT_DELAY = 0.05
+"""Seconds what a call prints may wait for what it prints next."""
+
+
+def _flush_printed_now_and_then() -> None:
+    """Send what was printed OUT_DELAY after it was (asleep while nothing is held)."""
+    while True:
+        _printed.held.wait()
+        time.sleep(OUT_DELAY)
+        _printed.flush()
+
+
+def _start_flusher() -> None:
+    threading.Thread(target=_flush_printed_now_and_then, name="shoal-output", daemon=True).start()
+
+
+def _forked() -> None:
+    """In a child a call forked: its own lock and flusher; what its parent held is the parent's."""
+    global _send_lock, _printed
+    _send_lock, _printed = threading.Lock(), _Printed()
+    _start_flusher()
 
 
 class _OutputFrames(io.TextIOBase):
@@ -59,19 +129,22 @@ class _OutputFrames(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if _current is None:
-            return len(text)
-        for at in range(0, len(text), OUT_PIECE):  # each piece fits a frame
-            # Bytes that os.fsdecode made text go back as bytes.
-            data, raw = wire_forms(text[at : at + OUT_PIECE])
-            send(encode_frame(wire.OUT, _current, self._stream, raw or data.encode()))
+        call_id = _current
+        if call_id is not None and text:
+            _printed.add(call_id, self._stream, text)
         return len(text)
 
 
 def _progress_frame(fraction: float, message: str) -> None:
-    if _current is not None:
+    global _sampler
+    call_id = _current
+    if call_id is None:
+        return
+    if _sampler is None:
+        _sampler = Sampler()
+    if _sampler.passes(fraction, time.monotonic()):
         data = message[:1000].encode(errors="replace")
-        send(encode_frame(wire.PROGRESS, _current, fraction, data))
+        send(encode_frame(wire.PROGRESS, call_id, fraction, data))
 
 
 def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]:
@@ -218,8 +291,7 @@ class _Replies:
         if not self._held or (unless_fresh and time.process_time() - self._since < _FAST):
             return
         data, self._held = b"".join(self._held), []
-        with _send_lock:
-            write_all(_out_fd, data)
+        send(data)
 
 
 class _Queue:
@@ -282,7 +354,7 @@ def _run_async(
 
 def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) -> None:
     """Run the calls in the order they came, until the node closes the pipe."""
-    global _current
+    global _current, _sampler
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
@@ -317,7 +389,7 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
         if fn is None:
             replies.add(encode_frame(wire.BAD, call.id, 0.0, b"no such function here"))
             continue
-        _current = call.id
+        _current, _sampler = call.id, None
         started = time.perf_counter()
         if fn.name in asynchronous:
             kind, data = _run_async(loop, fn, call, inp, queue, limit)
@@ -325,6 +397,7 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
             kind, data = _call_sync(fn, call, limit)
         took = time.perf_counter() - started
         _flush_replaced_streams()
+        _printed.flush()  # before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         _current = None
 
@@ -360,6 +433,8 @@ def main() -> None:
     os.dup2(2, 1)  # stray writes to fd 1 go to the node's stderr, not into the frames
     sys.stdout = _OutputFrames(1)
     sys.stderr = _OutputFrames(2)
+    _start_flusher()
+    os.register_at_fork(after_in_child=_forked)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     _progress.set_sink(_progress_frame)
     functions, errors = _load(sys.argv[1:])

@@ -214,6 +214,21 @@ def prints_undecodable(raw: str) -> str:
 
 
 @shoal.task
+def prints_lines(count: int, gate: str = "") -> int:
+    """Reports progress `count` times, then prints `count` numbered lines, a hundred on
+    stdout then a hundred on stderr in turn, then waits at the Gate `gate` (if any)."""
+    import sys
+
+    for i in range(count):
+        shoal.progress(i / count, f"{i}")
+    for i in range(count):
+        print(i, file=sys.stderr if i // 100 % 2 else sys.stdout)
+    if gate:
+        wait_at(gate)
+    return count
+
+
+@shoal.task
 def prints_at_once(count: int) -> int:
     """Prints `count` characters in one write (more than one frame can hold, when many)."""
     print("é" * count, end="")

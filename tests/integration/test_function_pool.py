@@ -266,6 +266,41 @@ async def test_output_printed_at_once_beyond_a_frame_arrives_in_pieces(
     assert pid in {w.pid for w in executor._pool._all}  # its worker lives on
 
 
+async def test_output_printed_line_by_line_goes_in_order_in_few_frames_and_live(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    """A call printing line after line (on stdout and stderr in turn) costs the node a frame per
+    batch of lines, not one per write: every line arrives, in order, on its stream; and what it
+    printed before it went on to wait is seen while it waits. Progress reported in a loop is
+    sampled in the worker as the node would."""
+    chunks: list[task_pb2.OutputChunk] = []
+    reports: list[float] = []
+    ctx = ExecutionContext(
+        task_id="t",
+        emit=chunks.append,
+        output_tail_bytes=1 << 20,
+        progress=lambda fraction, message: reports.append(fraction),
+    )
+    gate = fm.Gate(tmp_path / "gate")
+    count = 20_000
+    run = asyncio.create_task(executor.run(fm.prints_lines.spec(count, str(gate)), ctx))
+
+    def all_printed() -> None:
+        assert sum(c.data.count("\n") for c in chunks) == count
+
+    try:
+        await eventually(all_printed)
+        assert not run.done()  # seen while the call still waits
+    finally:
+        gate.open()
+    assert int(await _value(run)) == count
+    for stream, odd in ((task_pb2.OUTPUT_STREAM_STDOUT, 0), (task_pb2.OUTPUT_STREAM_STDERR, 1)):
+        text = "".join(c.data for c in chunks if c.stream == stream)
+        assert text == "".join(f"{i}\n" for i in range(count) if i // 100 % 2 == odd)
+    assert len(chunks) < count // 50  # a frame per run of a hundred lines, about
+    assert 1 <= len(reports) < 100
+
+
 async def test_a_worker_that_exits_while_its_child_holds_its_pipes_fails_its_call(
     executor: FunctionExecutor, tmp_path: Path
 ) -> None:

@@ -13,12 +13,41 @@ import math
 import os
 from collections.abc import Callable
 
-__all__ = ["PROGRESS_FD", "PROGRESS_PATH", "format_line", "progress", "set_sink"]
+__all__ = [
+    "INTERVAL",
+    "PROGRESS_FD",
+    "PROGRESS_PATH",
+    "Sampler",
+    "format_line",
+    "progress",
+    "set_sink",
+]
 
 PROGRESS_FD = "SHOAL_PROGRESS_FD"
 PROGRESS_PATH = "SHOAL_PROGRESS"  # /dev/fd/N, for shells: echo "0.5 half" >"$SHOAL_PROGRESS"
 
+INTERVAL = 0.1
+"""Seconds between two progress reports of one task that are passed on."""
+
 _sink: Callable[[float, str], None] | None = None
+
+
+class Sampler:
+    """Which of a task's progress reports to pass on: at most one every INTERVAL, but the
+    first at 1 (which is the last to tell) whenever it comes."""
+
+    __slots__ = ("_at", "_done")
+
+    def __init__(self) -> None:
+        self._at = -math.inf  # when the last report passed on was made (monotonic)
+        self._done = False  # whether it said 1
+
+    def passes(self, fraction: float, now: float) -> bool:
+        done = fraction == 1.0
+        if now - self._at < INTERVAL and (not done or self._done):
+            return False
+        self._at, self._done = now, done
+        return True
 
 
 def set_sink(sink: Callable[[float, str], None] | None) -> None:

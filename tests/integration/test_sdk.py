@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,13 @@ async def test_wait_with_a_timeout_raises_for_a_task_that_has_not_ended(mesh: Me
 
     def blocking() -> WaitTimeout:
         with Client(mesh.address, token=mesh.token) as client, pytest.raises(WaitTimeout) as err:
-            client.wait(task.id, timeout=short)
+            client.wait(task.id, timeout=0.2)  # seconds, as concurrent.futures takes them
         return err.value
 
     assert (await asyncio.to_thread(blocking)).task.state == task_pb2.TASK_STATE_PENDING
+    for bad in (-1, math.nan, "5", True):
+        with pytest.raises((ValueError, TypeError), match="timeout must be"):
+            await mesh.client.wait(task.id, timeout=bad)  # type: ignore[arg-type]
     # Without a timeout, or once it has ended, the task itself.
     await mesh.client.cancel(task.id)
     ended = await mesh.client.wait(task.id, timeout=short)

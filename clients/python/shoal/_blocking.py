@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from shoal._client import AsyncClient
 from shoal._requests import (
+    Timeout,
     execute_request,
     submit_batch_request,
     submit_request,
@@ -88,9 +89,7 @@ class Client:
         response: tasks_pb2.SubmitResponse = self._submit(self._tasks.Submit, submit_request(spec))
         return response.task
 
-    def execute(
-        self, spec: task_pb2.TaskSpec, *, timeout: timedelta | None = None
-    ) -> task_pb2.Task:
+    def execute(self, spec: task_pb2.TaskSpec, *, timeout: Timeout = None) -> task_pb2.Task:
         """See AsyncClient.execute."""
         if self._tasks is None:
             return self._run(self._async.execute(spec, timeout=timeout))
@@ -114,7 +113,7 @@ class Client:
         )
         return task
 
-    def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
+    def wait(self, task_id: str, *, timeout: Timeout = None) -> task_pb2.Task:
         if self._tasks is None:
             return self._run(self._async.wait(task_id, timeout=timeout))
         request, deadline = wait_request(task_id, timeout, self._calls.timeout)

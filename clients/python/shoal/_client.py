@@ -20,6 +20,7 @@ from shoal._builders import tool
 from shoal._calls import Calls
 from shoal._channel import CLIENT_KEY, bearer, open_blocking_channel, open_channel
 from shoal._requests import (
+    Timeout,
     execute_request,
     submit_batch_request,
     submit_request,
@@ -140,9 +141,7 @@ class AsyncClient:
         )
         return response.task
 
-    async def execute(
-        self, spec: task_pb2.TaskSpec, *, timeout: timedelta | None = None
-    ) -> task_pb2.Task:
+    async def execute(self, spec: task_pb2.TaskSpec, *, timeout: Timeout = None) -> task_pb2.Task:
         """Submit one task and wait for it to end, in one call: the task once final. With
         `timeout`, raises WaitTimeout (holding the task as it is then) if it has not ended by
         then; the task stays submitted."""
@@ -163,7 +162,7 @@ class AsyncClient:
         )
         return task
 
-    async def wait(self, task_id: str, *, timeout: timedelta | None = None) -> task_pb2.Task:
+    async def wait(self, task_id: str, *, timeout: Timeout = None) -> task_pb2.Task:
         """The task once final. With `timeout`, raises WaitTimeout (holding the task as it is
         then) if it has not ended by then."""
         request, deadline = wait_request(task_id, timeout, self._calls.timeout)

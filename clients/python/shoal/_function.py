@@ -28,6 +28,7 @@ from shoal._codec import (
     import_path,
     place_step,
 )
+from shoal._requests import Timeout
 from shoal.errors import RemoteError, TaskFailed
 from shoal.spec_checks import UPSTREAM_DEPTH
 from shoal.specs import FINAL_STATES
@@ -293,7 +294,7 @@ class Handle(Generic[R]):
     def __repr__(self) -> str:
         return f"<Handle {self.function.name} task={self.task_id}>"
 
-    def result(self, timeout: timedelta | None = None) -> R:
+    def result(self, timeout: Timeout = None) -> R:
         """Wait for it; the typed value, or RemoteError / TaskFailed (WaitTimeout after
         `timeout`)."""
         return self.function.outcome(self.client.wait(self.task_id, timeout=timeout))
@@ -320,7 +321,7 @@ class AsyncHandle(Generic[R]):
     def __repr__(self) -> str:
         return f"<AsyncHandle {self.function.name} task={self.task_id}>"
 
-    async def result(self, timeout: timedelta | None = None) -> R:
+    async def result(self, timeout: Timeout = None) -> R:
         task = await self.client.wait(self.task_id, timeout=timeout)
         return self.function.outcome(task)
 

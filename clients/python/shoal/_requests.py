@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
@@ -12,7 +13,32 @@ from shoal.errors import WaitTimeout
 from shoal.specs import is_final, to_duration
 from shoal.v1 import task_pb2, tasks_pb2
 
-__all__ = ["execute_request", "submit_batch_request", "submit_request", "wait_request", "waited"]
+__all__ = [
+    "Timeout",
+    "execute_request",
+    "submit_batch_request",
+    "submit_request",
+    "wait_request",
+    "waited",
+]
+
+Timeout = timedelta | float | None
+"""How long a wait may last: a timedelta or seconds; None: until the task ends."""
+
+
+def _timedelta(timeout: Timeout) -> timedelta | None:
+    """`timeout` as a timedelta; ValueError unless it is a finite span of at least 0."""
+    if timeout is None or isinstance(timeout, timedelta):
+        span = timeout
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if not math.isfinite(timeout):
+            raise ValueError(f"timeout must be a number of seconds, not {timeout}")
+        span = timedelta(seconds=timeout)
+    else:
+        raise TypeError(f"timeout must be a timedelta or seconds, not {type(timeout).__name__}")
+    if span is not None and span < timedelta(0):
+        raise ValueError(f"timeout must be at least 0, not {span.total_seconds():g} s")
+    return span
 
 
 def submit_request(spec: task_pb2.TaskSpec) -> tasks_pb2.SubmitRequest:
@@ -24,8 +50,9 @@ def submit_batch_request(specs: Iterable[task_pb2.TaskSpec]) -> tasks_pb2.Submit
     return tasks_pb2.SubmitBatchRequest(specs=list(specs), request_id=uuid.uuid4().hex)
 
 
-def _bounded(field: Duration, timeout: timedelta | None, call_timeout: float) -> float | None:
-    """Set a wait's bound `field` to `timeout` (None: none); the call's deadline."""
+def _bounded(field: Duration, wait: Timeout, call_timeout: float) -> float | None:
+    """Set a wait's bound `field` to `wait` (None: none); the call's deadline."""
+    timeout = _timedelta(wait)
     if timeout is None:
         return None
     field.CopyFrom(to_duration(timeout))
@@ -33,7 +60,7 @@ def _bounded(field: Duration, timeout: timedelta | None, call_timeout: float) ->
 
 
 def wait_request(
-    task_id: str, timeout: timedelta | None, call_timeout: float
+    task_id: str, timeout: Timeout, call_timeout: float
 ) -> tuple[tasks_pb2.WaitRequest, float | None]:
     """A Wait for `task_id` for up to `timeout` (None: until it ends), and the call's deadline."""
     request = tasks_pb2.WaitRequest(task_id=task_id)
@@ -41,7 +68,7 @@ def wait_request(
 
 
 def execute_request(
-    spec: task_pb2.TaskSpec, timeout: timedelta | None, call_timeout: float
+    spec: task_pb2.TaskSpec, timeout: Timeout, call_timeout: float
 ) -> tuple[tasks_pb2.SubmitRequest, float | None]:
     """A Submit of `spec` that waits up to `timeout` (None: until it ends), and the call's
     deadline."""
@@ -50,8 +77,9 @@ def execute_request(
     return request, _bounded(request.wait_timeout, timeout, call_timeout)
 
 
-def waited(task: task_pb2.Task, timeout: timedelta | None) -> task_pb2.Task:
-    """`task` as a Wait answered it; WaitTimeout when `timeout` passed before it ended."""
+def waited(task: task_pb2.Task, wait: Timeout) -> task_pb2.Task:
+    """`task` as a Wait answered it; WaitTimeout when `wait` passed before it ended."""
+    timeout = _timedelta(wait)
     if timeout is not None and not is_final(task.state):
         raise WaitTimeout(task, timeout)
     return task

@@ -17,7 +17,7 @@ from shoal.config import ADMIN_TOKEN_FILE
 from shoal.v1 import task_pb2
 
 from . import functions_module as fm
-from .harness import CliProcesses, Mesh, MeshFactory, eventually
+from .harness import BIN, CliProcesses, Mesh, MeshFactory, eventually, run_tool
 
 MODULE = "tests.integration.functions_module"
 
@@ -148,6 +148,40 @@ async def test_a_worker_killed_mid_call_fails_only_its_attempt(mesh: Mesh, tmp_p
     assert pid not in pids  # replaced
     [status] = await client.nodes()  # no circuit breaker counts the crash against the node
     assert all(b.failures == 0 for b in status.breakers)
+
+
+async def test_the_cli_runs_and_submits_a_function_call(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`shoal run --function PATH --input ARGS` prints what the function printed, then what it
+    returned (JSON); a failure exits 1 with its error; bad input changes nothing."""
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
+    shoal_cli = [str(BIN / "shoal")]
+    address = ["-c", mesh.address]
+    added = await run_tool(
+        [*shoal_cli, "run", *address, "--function", f"{MODULE}:add", "--input", "[2, 3]"]
+    )
+    assert (added.returncode, added.stdout) == (0, "5\n"), added
+    greeted = await run_tool(
+        [*shoal_cli, "run", *address, "--function", f"{MODULE}:greet", "--input", '{"name": "ada"}']
+    )
+    assert greeted.returncode == 0 and greeted.stdout.endswith('"hello ada!"\n'), greeted
+    failed = await run_tool(
+        [*shoal_cli, "run", *address, "--function", f"{MODULE}:fail", "--input", '["no"]']
+    )
+    assert failed.returncode == 1 and "Refused: no" in failed.stderr, failed
+    submitted = await run_tool(
+        [*shoal_cli, "submit", *address, "--function", f"{MODULE}:square", "--input", "[7]"]
+    )
+    assert submitted.returncode == 0, submitted
+    assert fm.square.outcome(await mesh.client.wait(submitted.stdout.strip())) == 49
+    before = len(await mesh.client.list())
+    for bad in (["--input", '{"x": NaN}'], ["--input", "7"], ["--python", "pass"]):
+        refused = await run_tool([*shoal_cli, "run", *address, "--function", f"{MODULE}:add", *bad])
+        assert refused.returncode == 2, refused
+    refused = await run_tool([*shoal_cli, "run", *address, "--function", "not a path"])
+    assert refused.returncode == 2 and "not an import path" in refused.stderr, refused
+    assert len(await mesh.client.list()) == before
 
 
 async def test_a_node_without_the_module_never_receives_its_functions(mesh: Mesh) -> None:

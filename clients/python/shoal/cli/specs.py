@@ -11,7 +11,9 @@ import typer
 from google.protobuf import json_format
 
 from shoal import _builders
+from shoal import _json as _json_module
 from shoal.cli.app import duration, parse_labels
+from shoal.spec_checks import is_import_path
 from shoal.v1 import task_pb2
 
 
@@ -47,6 +49,7 @@ def build_spec(
     method: str = "GET",
     tool: str | None = None,
     tool_input: str | None = None,
+    function: str | None = None,
 ) -> task_pb2.TaskSpec:
     if priority not in _builders.PRIORITIES:
         raise typer.BadParameter(f"priority must be one of {', '.join(_builders.PRIORITIES)}")
@@ -57,13 +60,14 @@ def build_spec(
             ("--docker", docker),
             ("--http", http),
             ("--tool", tool),
+            ("--function", function),
         )
         if v is not None
     ]
     if len(kinds) > 1:
         raise typer.BadParameter(f"give one of {', '.join(kinds)}")
-    if tool_input is not None and tool is None:
-        raise typer.BadParameter("--input goes with --tool")
+    if tool_input is not None and tool is None and function is None:
+        raise typer.BadParameter("--input goes with --tool or --function")
     common: dict[str, Any] = dict(
         name=name,
         priority=priority,
@@ -80,24 +84,52 @@ def build_spec(
         return _builders.python(python_code, args=command, **common)
     if docker is not None:
         return _builders.docker(docker, command, **common)
-    if command and (http is not None or tool is not None):
-        raise typer.BadParameter("--http and --tool take no command")
+    if command and (http is not None or tool is not None or function is not None):
+        raise typer.BadParameter("--http, --tool and --function take no command")
     if http is not None:
         return _builders.http(http, method=method, **common)
     if tool is not None:
         return _builders.tool(tool, _json_object(tool_input or "{}", "--input"), **common)
+    if function is not None:
+        return _function_call(function, tool_input or "[]", common)
     if not command:
         raise typer.BadParameter(
-            "give a command after --, or --python CODE, --docker IMAGE, --http URL or --tool NAME"
+            "give a command after --, or --python CODE, --docker IMAGE, --http URL,"
+            " --tool NAME or --function PATH"
         )
     return _builders.shell(command, **common)
 
 
-def _json_object(text: str, option: str) -> dict[str, Any]:
+def _function_call(path: str, arguments: str, common: dict[str, Any]) -> task_pb2.TaskSpec:
+    """A call of the `@shoal.task` function at `path` with `arguments`: a JSON array of the
+    positional ones, or an object of keyword ones (typed by the function, on the node)."""
+    if not is_import_path(path):
+        raise typer.BadParameter(
+            f"--function: {path!r} is not an import path (package.module:name)"
+        )
+    value = _json(arguments, "--input")
+    if not isinstance(value, list | dict):
+        raise typer.BadParameter(
+            "--input of --function: a JSON array of arguments, or an object of keyword ones"
+        )
+    call = task_pb2.FunctionSpec(name=path)
+    if isinstance(value, list):
+        call.args = _json_module.dumps(value)
+    else:
+        call.kwargs = _json_module.dumps(value)
+    common["name"] = common["name"] or path.rpartition(":")[2]
+    return _builders._common(task_pb2.TaskSpec(function=call), **common)
+
+
+def _json(text: str, option: str) -> Any:
     try:
-        value = json.loads(text)
-    except ValueError as err:
+        return _json_module.loads(text, lone_surrogates=True)
+    except (ValueError, RecursionError) as err:
         raise typer.BadParameter(f"{option}: not JSON: {err}") from None
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    value = _json(text, option)
     if not isinstance(value, dict):
         raise typer.BadParameter(f"{option}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -115,7 +147,20 @@ DockerOpt = Annotated[
 HttpOpt = Annotated[str | None, typer.Option("--http", help="Make one HTTP request to this URL")]
 MethodOpt = Annotated[str, typer.Option(help="The --http request's method")]
 ToolOpt = Annotated[str | None, typer.Option("--tool", help="Call the tool of this name")]
-InputOpt = Annotated[str | None, typer.Option("--input", help="The --tool call's input (JSON)")]
+InputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input",
+        help="The --tool call's input (JSON), or the --function call's arguments (a JSON array,"
+        " or an object of keyword arguments)",
+    ),
+]
+FunctionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--function", help="Call the @shoal.task function of this import path (package.module:name)"
+    ),
+]
 KeyOpt = Annotated[str, typer.Option("--key", help="Idempotency key")]
 TenantOpt = Annotated[str, typer.Option(help="Tenant")]
 AfterOpt = Annotated[

@@ -32,6 +32,7 @@ from shoal.cli.specs import (
     AfterOpt,
     AtOpt,
     DockerOpt,
+    FunctionOpt,
     HttpOpt,
     InputOpt,
     KeyOpt,
@@ -73,6 +74,7 @@ def run(
     method: MethodOpt = "GET",
     tool: ToolOpt = None,
     tool_input: InputOpt = None,
+    function: FunctionOpt = None,
 ) -> None:
     """Run a task, stream its output live, and exit with its exit code."""
     spec = build_spec(
@@ -93,6 +95,7 @@ def run(
         method=method,
         tool=tool,
         tool_input=tool_input,
+        function=function,
     )
     code = run_async(_follow(coordinator, spec))
     raise typer.Exit(code)
@@ -145,6 +148,9 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                     if spec.HasField("tool") and result.HasField("output"):
                         # A tool streams nothing: what it returned is its output.
                         console.print_json(data=json_format.MessageToDict(result.output))
+                    elif spec.HasField("function") and "value" in result.output.fields:
+                        # What the function returned, as JSON (after what it printed).
+                        sys.stdout.write(result.output.fields["value"].string_value + "\n")
                     if result.error and event.state != task_pb2.TASK_STATE_SUCCEEDED:
                         err_console.print(
                             f"[red]{state_name(event.state)}[/red]: {escape(result.error)}"
@@ -187,6 +193,7 @@ def submit(
     method: MethodOpt = "GET",
     tool: ToolOpt = None,
     tool_input: InputOpt = None,
+    function: FunctionOpt = None,
     count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
     file: Annotated[
         Path | None,
@@ -218,6 +225,7 @@ def submit(
             method=method,
             tool=tool,
             tool_input=tool_input,
+            function=function,
         )
         specs = [one] * count
     if not run_async(_submit(coordinator, specs, wait)):

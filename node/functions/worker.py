@@ -35,7 +35,9 @@ from shoal._progress import Sampler
 from shoal.node.functions import wire
 from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame, write_all
 
-_send_lock = threading.Lock()
+# Re-entrant: a finalizer or signal handler that prints while a frame is being written must
+# not deadlock the worker.
+_send_lock = threading.RLock()
 _out_fd = -1
 _current: int | None = None  # the id of the call running now
 _sampler: Sampler | None = None  # of the running call's progress reports (the node's rule)
@@ -83,14 +85,14 @@ class _Printed:
         """Write what is held, then `data` (under _send_lock)."""
         frames = []
         if self._runs:
-            for call_id, stream, texts in self._runs:
+            runs, self._runs, self._size = self._runs, [], 0
+            self.held.clear()
+            for call_id, stream, texts in runs:
                 text = "".join(texts)
                 for at in range(0, len(text), OUT_PIECE):  # each piece fits a frame
                     # Bytes that os.fsdecode made text go back as bytes.
                     piece, raw = wire_forms(text[at : at + OUT_PIECE])
                     frames.append(encode_frame(wire.OUT, call_id, stream, raw or piece.encode()))
-            self._runs, self._size = [], 0
-            self.held.clear()
         if frames or data:
             write_all(_out_fd, b"".join((*frames, data)))
 
@@ -105,7 +107,8 @@ def _flush_printed_now_and_then() -> None:
     while True:
         _printed.held.wait()
         time.sleep(OUT_DELAY)
-        _printed.flush()
+        with contextlib.suppress(OSError):  # the node is gone: the worker ends with it
+            _printed.flush()
 
 
 def _start_flusher() -> None:
@@ -115,7 +118,7 @@ def _start_flusher() -> None:
 def _forked() -> None:
     """In a child a call forked: its own lock and flusher; what its parent held is the parent's."""
     global _send_lock, _printed
-    _send_lock, _printed = threading.Lock(), _Printed()
+    _send_lock, _printed = threading.RLock(), _Printed()
     _start_flusher()
 
 
@@ -129,6 +132,8 @@ class _OutputFrames(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         call_id = _current
         if call_id is not None and text:
             _printed.add(call_id, self._stream, text)

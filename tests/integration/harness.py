@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import os
+import random
 import shlex
 import signal
 import socket
@@ -117,12 +119,27 @@ async def collect(events: AsyncGenerator[_T, None], until: Callable[[_T], bool])
     return out
 
 
+_PORTS_PER_WORKER = 4000
+_FIRST_PORT = 12_000  # below the kernel's ephemeral ports (32768-60999), where port 0 lands
+_WORKERS = (32_768 - _FIRST_PORT) // _PORTS_PER_WORKER
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+_ports = itertools.count(random.randrange(_PORTS_PER_WORKER))
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now (for processes that need one fixed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback TCP port nothing listens on right now (for processes that need one fixed),
+    from a range of this test worker's own: between its pick and its use, no other worker (nor
+    a server bound to port 0, which the kernel gives ephemeral ports) can take it."""
+    base = _FIRST_PORT + (int(_worker) % _WORKERS if _worker.isdigit() else 0) * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + next(_ports) % _PORTS_PER_WORKER
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or still in TIME_WAIT
+            return port
+    raise RuntimeError(f"no free port from {base} to {base + _PORTS_PER_WORKER - 1}")
 
 
 def gate_script(gate: Path, then: str = "", *, limit: float = 60.0) -> str:

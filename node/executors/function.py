@@ -19,7 +19,7 @@ from shoal import _json
 from shoal._output import Stream, output_chunk, set_result_text
 from shoal.config import NodeSettings
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
-from shoal.node.executors.process import NODE_ONLY_VARIABLES, _Tail
+from shoal.node.executors.process import _Tail, tasks_environment
 from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
@@ -42,12 +42,8 @@ _STREAMS: tuple[tuple[int, Stream], ...] = (
 
 
 def _worker_env() -> dict[str, str]:
-    """The node's environment without its own settings and API keys, as tasks get it."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SHOAL_") and k not in NODE_ONLY_VARIABLES
-    }
+    """The node's environment as tasks get it, and what the worker is to know."""
+    env = tasks_environment()
     env["SHOAL_WORKER_MAX_RESULT"] = str(MAX_RESULT_BYTES)
     env["SHOAL_WORKER_NODE"] = str(os.getpid())  # its workers die with it
     return env

@@ -18,7 +18,7 @@ from shoal.node.executors.base import ExecutionContext, InfrastructureError, Out
 from shoal.node.executors.taskuser import TaskUsers
 from shoal.v1 import task_pb2
 
-__all__ = ["NODE_ONLY_VARIABLES", "run_process"]
+__all__ = ["NODE_ONLY_VARIABLES", "run_process", "tasks_environment"]
 
 _CHUNK = 64 << 10
 _PROGRESS_LINE = 4096  # the longest progress line read; longer ones are skipped
@@ -146,17 +146,21 @@ async def run_process(
         ).outcome()
 
 
-def _environment(
-    env: Mapping[str, str] | None, ctx: ExecutionContext, user: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The node's environment without its own settings, then `user`'s, `env`, the secrets."""
-    # The node's own settings (its token among them) and its API keys are not the task's
-    # business.
-    merged = {
+def tasks_environment() -> dict[str, str]:
+    """The node's environment as tasks get it: the node's own settings (its token among them)
+    and its API keys are not their business."""
+    return {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("SHOAL_") and k not in NODE_ONLY_VARIABLES
     }
+
+
+def _environment(
+    env: Mapping[str, str] | None, ctx: ExecutionContext, user: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The node's environment without its own settings, then `user`'s, `env`, the secrets."""
+    merged = tasks_environment()
     if user:
         merged.update(user)
     if env:

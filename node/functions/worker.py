@@ -16,140 +16,23 @@ import contextlib
 import ctypes
 import importlib
 import inspect
-import io
 import logging
 import os
 import select
 import signal
 import sys
-import threading
 import time
 import traceback
 from typing import Any
 
-from shoal import _json, _progress
+from shoal import _json
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
-from shoal._output import wire_forms
-from shoal._progress import Sampler
-from shoal.node.functions import wire
-from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame, write_all
+from shoal.node.functions import printed, wire
+from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame
 
-# Re-entrant: a finalizer or signal handler that prints while a frame is being written must
-# not deadlock the worker.
-_send_lock = threading.RLock()
-_out_fd = -1
-_current: int | None = None  # the id of the call running now
-_sampler: Sampler | None = None  # of the running call's progress reports (the node's rule)
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 _PR_SET_PDEATHSIG = 1  # prctl(2)
-OUT_PIECE = 1 << 18
-"""Characters of output in one frame at most (a MiB of UTF-8 at most, well under MAX_FRAME)."""
-
-
-def send(data: bytes) -> None:
-    """Write frames now, after what was printed before them."""
-    with _send_lock:
-        _printed.take_and_write(data)
-
-
-class _Printed:
-    """What calls printed and has yet to go, in the order written: sent when its call ends,
-    when it holds OUT_PIECE characters, or within OUT_DELAY (a thread looks), so that a call
-    printing a line at a time costs the node a frame per batch of lines, not one per write,
-    and is still followed live."""
-
-    def __init__(self) -> None:
-        self._runs: list[tuple[int, int, list[str]]] = []  # (call, stream, texts)
-        self._size = 0  # characters held
-        self.held = threading.Event()  # set while something is held
-
-    def add(self, call_id: int, stream: int, text: str) -> None:
-        with _send_lock:
-            runs = self._runs
-            if runs and runs[-1][0] == call_id and runs[-1][1] == stream:
-                runs[-1][2].append(text)
-            else:
-                if not runs:
-                    self.held.set()
-                runs.append((call_id, stream, [text]))
-            self._size += len(text)
-            if self._size >= OUT_PIECE:
-                self.take_and_write(b"")
-
-    def flush(self) -> None:
-        if self._runs:
-            send(b"")
-
-    def take_and_write(self, data: bytes) -> None:
-        """Write what is held, then `data` (under _send_lock)."""
-        frames = []
-        if self._runs:
-            runs, self._runs, self._size = self._runs, [], 0
-            self.held.clear()
-            for call_id, stream, texts in runs:
-                text = "".join(texts)
-                for at in range(0, len(text), OUT_PIECE):  # each piece fits a frame
-                    # Bytes that os.fsdecode made text go back as bytes.
-                    piece, raw = wire_forms(text[at : at + OUT_PIECE])
-                    frames.append(encode_frame(wire.OUT, call_id, stream, raw or piece.encode()))
-        if frames or data:
-            write_all(_out_fd, b"".join((*frames, data)))
-
-
-_printed = _Printed()
-OUT_DELAY = 0.05
-"""Seconds what a call prints may wait for what it prints next."""
-
-
-def _flush_printed_now_and_then() -> None:
-    """Send what was printed OUT_DELAY after it was (asleep while nothing is held)."""
-    while True:
-        _printed.held.wait()
-        time.sleep(OUT_DELAY)
-        with contextlib.suppress(OSError):  # the node is gone: the worker ends with it
-            _printed.flush()
-
-
-def _start_flusher() -> None:
-    threading.Thread(target=_flush_printed_now_and_then, name="shoal-output", daemon=True).start()
-
-
-def _forked() -> None:
-    """In a child a call forked: its own lock and flusher; what its parent held is the parent's."""
-    global _send_lock, _printed
-    _send_lock, _printed = threading.RLock(), _Printed()
-    _start_flusher()
-
-
-class _OutputFrames(io.TextIOBase):
-    """sys.stdout / sys.stderr: each write goes to the node as the running call's output."""
-
-    def __init__(self, stream: int) -> None:
-        self._stream = stream
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        call_id = _current
-        if call_id is not None and text:
-            _printed.add(call_id, self._stream, text)
-        return len(text)
-
-
-def _progress_frame(fraction: float, message: str) -> None:
-    global _sampler
-    call_id = _current
-    if call_id is None:
-        return
-    if _sampler is None:
-        _sampler = Sampler()
-    if _sampler.passes(fraction, time.monotonic()):
-        data = message[:1000].encode(errors="replace")
-        send(encode_frame(wire.PROGRESS, call_id, fraction, data))
 
 
 def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]:
@@ -296,7 +179,7 @@ class _Replies:
         if not self._held or (unless_fresh and time.process_time() - self._since < _FAST):
             return
         data, self._held = b"".join(self._held), []
-        send(data)
+        printed.send(data)
 
 
 class _Queue:
@@ -359,7 +242,6 @@ def _run_async(
 
 def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) -> None:
     """Run the calls in the order they came, until the node closes the pipe."""
-    global _current, _sampler
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
@@ -394,26 +276,15 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
         if fn is None:
             replies.add(encode_frame(wire.BAD, call.id, 0.0, b"no such function here"))
             continue
-        _current, _sampler = call.id, None
+        printed.begin(call.id)
         started = time.perf_counter()
         if fn.name in asynchronous:
             kind, data = _run_async(loop, fn, call, inp, queue, limit)
         else:
             kind, data = _call_sync(fn, call, limit)
         took = time.perf_counter() - started
-        _flush_replaced_streams()
-        _printed.flush()  # before its answer
+        printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
-        _current = None
-
-
-def _flush_replaced_streams() -> None:
-    """Flush sys.stdout and sys.stderr if the call replaced them (ours need no flush), so
-    that what it wrote goes out as this call's output."""
-    for stream in (sys.stdout, sys.stderr):
-        if not isinstance(stream, _OutputFrames):
-            with contextlib.suppress(Exception):
-                stream.flush()
 
 
 def _die_with_the_node() -> None:
@@ -429,26 +300,21 @@ def _die_with_the_node() -> None:
 
 
 def main() -> None:
-    global _out_fd
     _die_with_the_node()
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
-    inp, _out_fd = _Input(os.dup(0)), os.dup(1)
+    inp = _Input(os.dup(0))
+    printed.install(os.dup(1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # stray writes to fd 1 go to the node's stderr, not into the frames
-    sys.stdout = _OutputFrames(1)
-    sys.stderr = _OutputFrames(2)
-    _start_flusher()
-    os.register_at_fork(after_in_child=_forked)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
-    _progress.set_sink(_progress_frame)
     functions, errors = _load(sys.argv[1:])
     hello = {
         "functions": sorted(functions),
         "async": sorted(n for n, f in functions.items() if inspect.iscoroutinefunction(f.fn)),
         "errors": errors,
     }
-    send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
+    printed.send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
     _serve(functions, inp, limit)
 
 

@@ -49,13 +49,13 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-class _Run:
-    """A call, and the last `output_tail_bytes` of each stream it printed on."""
+class _Run(Call):
+    """A call of a task, and the last `output_tail_bytes` of each stream it printed on."""
 
-    __slots__ = ("_tails", "call", "ctx")
+    __slots__ = ("_tails", "ctx")
 
-    def __init__(self, call: Call, ctx: ExecutionContext) -> None:
-        self.call = call
+    def __init__(self, call_id: int, name: str, frame: bytes, ctx: ExecutionContext) -> None:
+        super().__init__(call_id, name, frame)
         self.ctx = ctx
         self._tails: dict[int, _Tail] = {}  # most calls print nothing
 
@@ -156,28 +156,32 @@ class FunctionExecutor(Executor):
         self._ids += 1
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
         frame = wire.encode_call(self._ids, f.name, f.args, f.kwargs, upstream)
-        run = _Run(Call(self._ids, f.name, frame), ctx)
+        run = _Run(self._ids, f.name, frame, ctx)
+        groups = ctx.groups
+        pool = self._pool
         try:
             while True:  # again when its worker died running another call
-                worker = await self._pool.dispatch(run.call)
-                ctx.groups.add(worker.pid)
+                worker = pool.send(run) or await pool.dispatch(run)
+                groups.add(worker.pid)
                 try:
                     outcome = await self._follow(run, worker)
                 finally:
-                    paused = ctx.groups.paused
-                    ctx.groups.discard(worker.pid)
+                    paused = groups.paused
+                    groups.discard(worker.pid)
                     if paused:
                         worker.resume()
                 if outcome is not None:
                     return outcome
         finally:
-            run.call.drop()
+            run.drop()
 
     async def _follow(self, run: _Run, worker: WorkerProcess) -> Outcome | None:
         """The call's outcome from its worker's frames; None when it is to be sent again."""
         try:
             while True:
-                frame = await run.call.next()
+                while (arrival := run.arrived()) is not None:
+                    await arrival
+                frame = run.take()
                 if frame is None:
                     return await self._died(run, worker)
                 if frame is REQUEUE:
@@ -249,19 +253,18 @@ class FunctionExecutor(Executor):
         """Stop a call: a call not yet run is dropped, an async one cancelled in place; a
         running sync call cannot be interrupted, so its worker is killed at once, as is a
         worker that has not answered within the grace (its other calls go to another)."""
-        call = run.call
-        if call.worker is not worker or call.id not in worker.held:
+        if run.worker is not worker or run.id not in worker.held:
             return  # it has ended, or its worker died
-        if worker.running(call) and call.name not in self._pool.asynchronous:
-            worker.kill(call)
+        if worker.running(run) and run.name not in self._pool.asynchronous:
+            worker.kill(run)
             return
-        self._pool.cancel(call)
+        self._pool.cancel(run)
         try:
             async with asyncio.timeout(_STOP_GRACE):
                 while True:
-                    frame = await call.next()
+                    frame = await run.next()
                     if frame is None or frame is REQUEUE or frame.kind in ENDS:
                         return
         except (TimeoutError, asyncio.CancelledError):
             pass
-        worker.kill(call)
+        worker.kill(run)

@@ -143,10 +143,20 @@ class WorkerPool:
     def _end_turn(self) -> None:
         self._batch = None
 
+    def send(self, call: Call) -> WorkerProcess | None:
+        """Send a call to a worker that can take it now; None when none can (`dispatch`)."""
+        call.fast = self.fast(call.name)
+        worker = self._choose(call)
+        if worker is not None:
+            call.worker = worker
+            self.fast_held += call.fast
+            worker.held[call.id] = call
+            worker.post(call.frame)
+        return worker
+
     async def dispatch(self, call: Call) -> WorkerProcess:
         """Send a call to a worker that can take it (waits for one)."""
-        call.fast = self.fast(call.name)
-        while (worker := self._choose(call)) is None:
+        while (worker := self.send(call)) is None:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -154,10 +164,6 @@ class WorkerPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-        call.worker = worker
-        self.fast_held += call.fast
-        worker.held[call.id] = call
-        worker.post(call.frame)
         return worker
 
     def cancel(self, call: Call) -> None:

@@ -167,6 +167,7 @@ def begin(call_id: int) -> None:
 def end() -> None:
     """The call has returned: what it printed goes now (before its answer)."""
     global _current
-    _flush_replaced_streams()
+    if type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames:
+        _flush_replaced_streams()
     _printed.flush()
     _current = None

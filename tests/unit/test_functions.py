@@ -166,15 +166,19 @@ def test_a_scalar_argument_is_encoded_and_decoded_as_its_hint_validates_it(
     fn: Callable[..., None], value: Any
 ) -> None:
     # Scalars that fit a hint as they are skip pydantic: the outcome must be pydantic's.
-    codec = Function(fn).codec
+    function = Function(fn)
+    codec = function.codec
     adapter = codec._for_position(0)
     try:
         expected = _codec._json_of([_codec._plain(adapter, value)], value)
     except (ValidationError, ValueError, TypeError):
         with pytest.raises(CodecError):
             codec.encode_arguments([value], {})
+        with pytest.raises(CodecError):
+            function.spec(value)
     else:
         assert codec.encode_arguments([value], {})[0] == expected
+        assert function.spec(value).function.args == expected
     try:
         as_json = _codec._dumps([value])
     except ValueError:
@@ -187,6 +191,47 @@ def test_a_scalar_argument_is_encoded_and_decoded_as_its_hint_validates_it(
     else:
         decoded, _ = codec.decode_arguments(as_json, b"", {})
         assert repr(decoded) == repr([typed]) and type(decoded[0]) is type(typed)  # NaN too
+
+
+def _returns_int() -> int: ...  # type: ignore[empty-body]
+def _returns_float() -> float: ...  # type: ignore[empty-body]
+def _returns_str() -> str: ...  # type: ignore[empty-body]
+def _returns_bool() -> bool: ...  # type: ignore[empty-body]
+def _returns_none() -> None: ...
+def _returns_any() -> Any: ...
+def _returns_object() -> object: ...
+def _returns_bare(): ...  # type: ignore[no-untyped-def]
+def _returns_optional_int() -> int | None: ...
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _returns_int,
+        _returns_float,
+        _returns_str,
+        _returns_bool,
+        _returns_none,
+        _returns_any,
+        _returns_object,
+        _returns_bare,
+        _returns_optional_int,
+    ],
+)
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(value=_SCALAR)
+def test_a_scalar_result_is_encoded_as_its_hint_serializes_it(
+    fn: Callable[[], Any], value: Any
+) -> None:
+    # Results that fit the hint as they are skip pydantic: the outcome must be pydantic's.
+    codec = Function(fn).codec
+    try:
+        expected = _codec._json_of(_codec._plain(codec.result_adapter, value), value)
+    except (ValidationError, ValueError, TypeError):
+        with pytest.raises(CodecError):
+            codec.encode_result(value)
+    else:
+        assert codec.encode_result(value) == expected
 
 
 @dataclass

@@ -48,6 +48,7 @@ _AS_IS: dict[Any, frozenset[type]] = {
     float: frozenset({float}),
     str: frozenset({str}),
     bool: frozenset({bool}),
+    type(None): frozenset({type(None)}),
 }
 _NONE: frozenset[type] = frozenset()
 
@@ -218,6 +219,18 @@ class CallCodec:
         except TypeError as err:
             raise CodecError(f"{self._fn.__qualname__}: {err}") from None
 
+    def encode_as_is(self, args: Sequence[Any]) -> bytes | None:
+        """The JSON array of positional arguments that the signature takes and that fit their
+        hints as they are (most calls' arguments: no pydantic, no binding); None for any
+        others (`check`, then `encode_arguments`)."""
+        counts = self._positional_range
+        if counts is None or not counts[0] <= len(args) or not self._all_as_is(args):
+            return None
+        try:
+            return _dumps(list(args))
+        except ValueError as err:  # a NaN or an infinity
+            raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
+
     def encode_arguments(
         self, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> tuple[bytes, bytes]:
@@ -283,10 +296,17 @@ class CallCodec:
         self.check(out_args, out_kwargs)
         return out_args, out_kwargs
 
+    @cached_property
+    def _result_as_is(self) -> frozenset[type]:
+        """The types of return value that are JSON as they are (see `_as_is`)."""
+        return _AS_IS.get(self._hints.get("return", _P.empty), _NONE)
+
     def encode_result(self, value: Any) -> bytes:
         """The return value as JSON; CodecError when it does not serialize (a NaN or an
         infinity, as in an argument: JSON has none, and null would not be the value)."""
         try:
+            if type(value) in self._result_as_is:  # most results: no pydantic needed
+                return _dumps(value)
             return _json_of(_plain(self.result_adapter, value), value)
         except (ValidationError, ValueError, TypeError) as err:
             raise CodecError(

@@ -96,6 +96,12 @@ class Function(Generic[P, R]):
         its place."""
         if self._not_importable:
             raise CodecError(self._not_importable)
+        if not kwargs and (as_is := self.codec.encode_as_is(args)) is not None:
+            out = task_pb2.TaskSpec()  # most calls: the template and their arguments
+            out.CopyFrom(self._template)
+            if args:
+                out.function.args = as_is
+            return out
         self.codec.check(args, kwargs)
         if _only_scalars(args, kwargs):  # most calls: no handles among the arguments
             out = task_pb2.TaskSpec()

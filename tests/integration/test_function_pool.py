@@ -1,7 +1,8 @@
 """The function executor's warm workers with calls pipelined: several calls of a fast function
 share one worker; when it dies, only the call it ran fails and the others run elsewhere (also
 when a child it forked holds its pipes); a call cancelled while queued never runs; output
-printed at once beyond a frame arrives in pieces; workers run as the node's run_as user."""
+printed at once beyond a frame arrives in pieces; workers run as the node's run_as user, as
+batch processes."""
 
 from __future__ import annotations
 
@@ -190,6 +191,14 @@ async def test_a_call_cancelled_while_queued_never_runs(
         await queued
     assert int(await _value(first)) > 0
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_workers_run_as_batch_processes(executor: FunctionExecutor) -> None:
+    # Woken by the node's calls, a worker does not preempt the node mid-turn.
+    pids = [w.pid for w in executor._pool._all]
+    assert pids and all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in pids)
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the node's own policy is its own
 
 
 @pytest.mark.parametrize("run_as", ["auto", "nobody"])

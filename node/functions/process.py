@@ -24,7 +24,7 @@ __all__ = ["FEED", "START_TIMEOUT", "WorkerProcess"]
 _log = logging.getLogger("shoal.node")
 START_TIMEOUT = 120.0  # seconds to import the modules: a while, on a loaded machine
 _DRAIN = 0.5  # seconds the pipe of a worker that has exited is still read (what it wrote)
-FEED = 4
+FEED = 8
 """The fewest frames posted to a worker in one turn of the loop that are written at once, not
 at the turn's end; a later write of the turn holds at least as many as went before it. The
 worker starts on the first while the node sends out the others, and is woken a few times a

@@ -157,17 +157,15 @@ class FunctionExecutor(Executor):
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
         frame = wire.encode_call(self._ids, f.name, f.args, f.kwargs, upstream)
         run = _Run(self._ids, f.name, frame, ctx)
-        groups = ctx.groups
-        pool = self._pool
         try:
             while True:  # again when its worker died running another call
-                worker = pool.send(run) or await pool.dispatch(run)
-                groups.add(worker.pid)
+                worker = self._pool.send(run) or await self._pool.dispatch(run)
+                ctx.groups.add(worker.pid)
                 try:
                     outcome = await self._follow(run, worker)
                 finally:
-                    paused = groups.paused
-                    groups.discard(worker.pid)
+                    paused = ctx.groups.paused
+                    ctx.groups.discard(worker.pid)
                     if paused:
                         worker.resume()
                 if outcome is not None:
@@ -179,9 +177,7 @@ class FunctionExecutor(Executor):
         """The call's outcome from its worker's frames; None when it is to be sent again."""
         try:
             while True:
-                while (arrival := run.arrived()) is not None:
-                    await arrival
-                frame = run.take()
+                frame = await run.next()
                 if frame is None:
                     return await self._died(run, worker)
                 if frame is REQUEUE:

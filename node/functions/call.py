@@ -56,22 +56,17 @@ class Call:
             if self._queued > BACKLOG and self.worker is not None and self._stalled is None:
                 self._stalled = self.worker
                 self._stalled.pause_reading()
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
-    def arrived(self) -> asyncio.Future[None] | None:
-        """None when a frame is there to `take`; else a future done once one is."""
-        if self._frames:
-            return None
-        if self._waiter is None or self._waiter.done():  # (done: cancelled with its waiter)
+    async def next(self) -> Frame | None:
+        """The next frame (waits for it)."""
+        while not self._frames:
             self._waiter = asyncio.get_running_loop().create_future()
-        return self._waiter
-
-    def take(self) -> Frame | None:
-        """The next frame (there is one: `arrived` said so)."""
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         frame = self._frames.popleft()
         if frame is not None and frame.data:
             self._queued -= len(frame.data)
@@ -79,17 +74,10 @@ class Call:
                 self._unstall()
         return frame
 
-    async def next(self) -> Frame | None:
-        """The next frame (waits for it)."""
-        while (waiter := self.arrived()) is not None:
-            await waiter
-        return self.take()
-
     def drop(self) -> None:
         """Let go of the frames not taken (its outcome is known without them)."""
-        if self._frames:
-            self._frames.clear()
-            self._queued = 0
+        self._frames.clear()
+        self._queued = 0
         self._unstall()
 
     def _unstall(self) -> None:

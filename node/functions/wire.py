@@ -80,10 +80,8 @@ def encode_frame(kind: int, call_id: int, number: float = 0.0, data: bytes = b""
 def encode_call(call_id: int, name: str, args: bytes, kwargs: bytes, upstream: bytes) -> bytes:
     """A CALL frame; `upstream` is empty or the JSON object of the upstream results."""
     raw = name.encode()
-    n, a, k = len(raw), len(args), len(kwargs)
-    head = _CALL_START.pack(
-        _REST + CALL_HEAD.size + n + a + k + len(upstream), CALL, call_id, 0.0, n, a, k
-    )
+    size = _REST + CALL_HEAD.size + len(raw) + len(args) + len(kwargs) + len(upstream)
+    head = _CALL_START.pack(size, CALL, call_id, 0.0, len(raw), len(args), len(kwargs))
     return b"".join((head, raw, args, kwargs, upstream))
 
 

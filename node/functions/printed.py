@@ -141,6 +141,8 @@ def _progress_frame(fraction: float, message: str) -> None:
 def _flush_replaced_streams() -> None:
     """Flush sys.stdout and sys.stderr if the call replaced them (ours need no flush), so
     that what it wrote goes out as this call's output."""
+    if type(sys.stdout) is _OutputFrames and type(sys.stderr) is _OutputFrames:
+        return  # most calls
     for stream in (sys.stdout, sys.stderr):
         if not isinstance(stream, _OutputFrames):
             with contextlib.suppress(Exception):
@@ -167,7 +169,6 @@ def begin(call_id: int) -> None:
 def end() -> None:
     """The call has returned: what it printed goes now (before its answer)."""
     global _current
-    if type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames:
-        _flush_replaced_streams()
+    _flush_replaced_streams()
     _printed.flush()
     _current = None

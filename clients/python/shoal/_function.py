@@ -103,12 +103,7 @@ class Function(Generic[P, R]):
                 out.function.args = as_is
             return out
         self.codec.check(args, kwargs)
-        if _only_scalars(args, kwargs):  # most calls: no handles among the arguments
-            out = task_pb2.TaskSpec()
-            out.CopyFrom(self._template)
-            encoded_args, encoded_kwargs = self.codec.encode_arguments(args, kwargs)
-        else:
-            out, encoded_args, encoded_kwargs = self._lifted(args, kwargs)
+        out, encoded_args, encoded_kwargs = self._lifted(args, kwargs)
         if args:
             out.function.args = encoded_args
         if kwargs:
@@ -210,12 +205,6 @@ def _batches(specs: list[task_pb2.TaskSpec]) -> list[list[task_pb2.TaskSpec]]:
 
 MAX_SEARCHED = 10_000
 """Values of one call's arguments looked through for handles (beyond: not searched)."""
-
-
-def _only_scalars(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-    """Whether every argument is a number, string, bool or None (most calls' arguments):
-    nothing in them to take out."""
-    return SCALARS.issuperset(map(type, args)) and SCALARS.issuperset(map(type, kwargs.values()))
 
 
 class _Lifter:

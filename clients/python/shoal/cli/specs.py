@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import typer
 from google.protobuf import json_format
 
-from shoal import _builders
-from shoal import _json as _json_module
+from shoal import _builders, _json
 from shoal.cli.app import duration, parse_labels
 from shoal.spec_checks import is_import_path
 from shoal.v1 import task_pb2
@@ -107,29 +106,29 @@ def _function_call(path: str, arguments: str, common: dict[str, Any]) -> task_pb
         raise typer.BadParameter(
             f"--function: {path!r} is not an import path (package.module:name)"
         )
-    value = _json(arguments, "--input")
+    value = _parse_json(arguments, "--input")
     if not isinstance(value, list | dict):
         raise typer.BadParameter(
             "--input of --function: a JSON array of arguments, or an object of keyword ones"
         )
     call = task_pb2.FunctionSpec(name=path)
     if isinstance(value, list):
-        call.args = _json_module.dumps(value)
+        call.args = _json.dumps(value)
     else:
-        call.kwargs = _json_module.dumps(value)
+        call.kwargs = _json.dumps(value)
     common["name"] = common["name"] or path.rpartition(":")[2]
     return _builders._common(task_pb2.TaskSpec(function=call), **common)
 
 
-def _json(text: str, option: str) -> Any:
+def _parse_json(text: str, option: str) -> Any:
     try:
-        return _json_module.loads(text, lone_surrogates=True)
+        return _json.loads(text, lone_surrogates=True)
     except (ValueError, RecursionError) as err:
         raise typer.BadParameter(f"{option}: not JSON: {err}") from None
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:
-    value = _json(text, option)
+    value = _parse_json(text, option)
     if not isinstance(value, dict):
         raise typer.BadParameter(f"{option}: expected a JSON object, got {type(value).__name__}")
     return value

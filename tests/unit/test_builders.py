@@ -19,6 +19,17 @@ def test_a_priority_not_known_names_the_ones_allowed() -> None:
     assert shell("true", priority=task_pb2.PRIORITY_LOW).priority == task_pb2.PRIORITY_LOW
 
 
+def test_resources_are_a_request_or_a_mapping_of_amounts() -> None:
+    wanted = task_pb2.ResourceRequest(cpu=0.5, memory_mb=256, gpus=1, slots=2)
+    made = shell("true", resources={"cpu": 0.5, "memory_mb": 256, "gpus": 1, "slots": 2})
+    assert made.resources == wanted
+    assert shell("true", resources=wanted).resources == wanted
+    assert noop(resources={"slots": 3}).resources == task_pb2.ResourceRequest(slots=3)
+    with pytest.raises(InvalidArgument) as refused:
+        shell("true", resources={"memory": 1})
+    assert [v.field for v in refused.value.violations] == ["resources.memory"]
+
+
 def test_a_pull_policy_not_known_names_the_ones_allowed() -> None:
     with pytest.raises(InvalidArgument, match="pull must be one of never, if_missing, always"):
         docker("alpine", pull="sometimes")

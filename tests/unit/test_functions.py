@@ -10,7 +10,7 @@ import inspect
 import math
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -379,6 +379,45 @@ def test_a_function_spec_is_validated() -> None:
         validate_batch([worse], Limits(), single=True)
 
 
+@pytest.mark.parametrize(
+    ("field", "call", "says"),
+    [
+        ("function.args", task_pb2.FunctionSpec(args=b'{"x": 1}'), "must be a JSON array"),
+        ("function.args", task_pb2.FunctionSpec(args=b"7"), "must be a JSON array"),
+        ("function.args", task_pb2.FunctionSpec(args=b"[1,"), "not JSON"),
+        ("function.args", task_pb2.FunctionSpec(args=b"[NaN]"), "not JSON"),
+        ("function.args", task_pb2.FunctionSpec(args=b"[" * 100_000), "not JSON"),
+        ("function.kwargs", task_pb2.FunctionSpec(kwargs=b"[1]"), "must be a JSON object"),
+        ("function.kwargs", task_pb2.FunctionSpec(kwargs=b"\xff"), "not JSON"),
+        (
+            "function.upstream",
+            task_pb2.FunctionSpec(args=b"[null]", upstream={"1": "${{ deps[0].output.value }}"}),
+            "args has no position 1",
+        ),
+    ],
+)
+def test_arguments_that_no_worker_would_take_are_refused_at_submit(
+    field: str, call: task_pb2.FunctionSpec, says: str
+) -> None:
+    call.name = "a:b"
+    spec = task_pb2.TaskSpec(function=call, depends_on=[task_pb2.Dependency(task_id="t-1")])
+    with pytest.raises(InvalidArgument) as refused:
+        validate_batch([spec], Limits(), single=True)
+    found = [(v.field, says in v.description) for v in refused.value.violations]
+    assert found == [(f"spec.{field}", True)]
+
+
+def test_arguments_the_workers_take_pass() -> None:
+    later = task_pb2.FunctionSpec(
+        name="a:b",
+        args=b' [null, "\\ud800", 1e300] ',  # a lone surrogate escaped, as Python writes it
+        kwargs=b'{"k": {"n": []}}',
+        upstream={"0": "${{ deps[0].output.value }}", "k/n": "${{ deps[1].output.value }}"},
+    )
+    after = [task_pb2.Dependency(task_id=t) for t in ("t-1", "t-2")]
+    validate_batch([task_pb2.TaskSpec(function=later, depends_on=after)], Limits(), single=True)
+
+
 def test_a_remote_exception_is_raised_typed() -> None:
     task = task_pb2.Task(id="t", state=task_pb2.TASK_STATE_FAILED)
     task.result.output.update(
@@ -529,6 +568,32 @@ def test_options_name_the_tasks_and_replace_the_functions_own() -> None:
     assert spec.retry.max_attempts == 6 and spec.priority == task_pb2.PRIORITY_HIGH
     assert later.spec(1).name == "later" and later.spec(1).retry.max_attempts == 3
     assert later.options(priority="low").spec(1).retry.max_attempts == 3
+
+
+def test_options_take_resources_and_a_bad_option_is_refused_where_it_is_written() -> None:
+    heavy = later.options(resources={"cpu": 2, "memory_mb": 512, "gpus": 1, "slots": 2})
+    assert heavy.spec(1).resources == task_pb2.ResourceRequest(
+        cpu=2, memory_mb=512, gpus=1, slots=2
+    )
+    with pytest.raises(TypeError, match="no task option priorty"):
+        shoal.task(priorty="high")(total_of.fn)
+    with pytest.raises(InvalidArgument, match="priority must be one of"):
+        shoal.task(priority="hgh")(total_of.fn)
+    for resources in ({"cpus": 1}, {"slots": 1.5}, {"gpus": -1}, {"cpu": "2"}, {"slots": True}):
+        with pytest.raises(InvalidArgument, match=r"resources\."):
+            later.options(resources=resources)
+
+
+def test_a_generator_function_is_refused() -> None:
+    def numbers(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    async def later_numbers(n: int) -> AsyncIterator[int]:
+        yield n
+
+    for fn in (numbers, later_numbers):
+        with pytest.raises(TypeError, match="generator function"):
+            shoal.task(fn)
 
 
 def test_a_function_of_the_program_run_is_named_by_its_module_elsewhere(

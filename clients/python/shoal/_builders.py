@@ -48,6 +48,34 @@ def _choice(table: Mapping[str, int], value: str | int, field: str) -> int:
         raise InvalidArgument(message, [FieldViolation(field, message)]) from None
 
 
+def _resources(
+    value: task_pb2.ResourceRequest | Mapping[str, float],
+) -> task_pb2.ResourceRequest:
+    """What a task takes of its node: a ResourceRequest, or {"cpu": 2, "memory_mb": 512,
+    "gpus": 1, "slots": 2} (any of them); InvalidArgument for any other key or value."""
+    if isinstance(value, task_pb2.ResourceRequest):
+        return value
+    out = task_pb2.ResourceRequest()
+    for key, amount in value.items():
+        field = out.DESCRIPTOR.fields_by_name.get(key)
+        try:
+            if field is None:
+                raise ValueError("no such resource (cpu, memory_mb, gpus, slots)")
+            if isinstance(amount, bool) or not isinstance(amount, int | float):
+                raise ValueError(f"{amount!r} is not a number")
+            setattr(out, key, amount if key == "cpu" else _whole(amount))
+        except (ValueError, TypeError, OverflowError) as err:
+            message = f"resources.{key}: {err}"
+            raise InvalidArgument(message, [FieldViolation(f"resources.{key}", message)]) from None
+    return out
+
+
+def _whole(amount: float) -> int:
+    if amount != int(amount) or amount < 0:
+        raise ValueError(f"{amount!r} is not a whole number of at least 0")
+    return int(amount)
+
+
 def _common(
     spec: task_pb2.TaskSpec,
     *,
@@ -65,9 +93,12 @@ def _common(
     locks: Sequence[str] = (),
     quota_keys: Sequence[str] = (),
     backend: str = "",
+    resources: task_pb2.ResourceRequest | Mapping[str, float] | None = None,
     wait_for_node: bool = False,
 ) -> task_pb2.TaskSpec:
     spec.name = name
+    if resources is not None:
+        spec.resources.CopyFrom(_resources(resources))
     spec.wait_for_node = wait_for_node  # else it fails when no connected node can run it
     spec.locks.extend(locks)  # "file:/x" exclusive, "read:file:/x" shared
     spec.quota_keys.extend(quota_keys)

@@ -43,6 +43,8 @@ __all__ = ["AsyncFunction", "AsyncHandle", "Function", "Handle", "async_gather",
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_OPTIONS = frozenset(inspect.signature(_common).parameters) - {"spec"}
+"""The task options `@task` takes (the spec builders'), besides `retries`."""
 
 
 def _reference(index: int) -> str:
@@ -66,10 +68,16 @@ class Function(Generic[P, R]):
             self._not_importable = ""
         except CodecError as err:
             self._not_importable = str(err)
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@shoal.task: {fn.__qualname__} is a generator function; a task returns one"
+                " value (return a list)"
+            )
         retries = defaults.pop("retries", None)
         if retries is not None and "retry" not in defaults:
             defaults["retry"] = retry(int(retries) + 1, backoff=timedelta(milliseconds=100))
         self.defaults = defaults
+        self._template = self._made_template()  # a misspelt or bad option: said here
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -88,6 +96,7 @@ class Function(Generic[P, R]):
         made: Function[P, R] = _made(self.fn, self.name, merged)
         if task_name is not None:
             made.defaults["name"] = task_name
+            made._template = made._made_template()
         return made
 
     def spec(self, *args: Any, **kwargs: Any) -> task_pb2.TaskSpec:
@@ -139,12 +148,17 @@ class Function(Generic[P, R]):
             out.CopyFrom(self._template)
         return out, encoded_args, encoded_kwargs
 
-    @functools.cached_property
-    def _template(self) -> task_pb2.TaskSpec:
+    def _made_template(self) -> task_pb2.TaskSpec:
         """The spec of a call with no handles, but its arguments (built once: `map` makes
-        thousands)."""
+        thousands); TypeError for an option the builders do not have, InvalidArgument for a
+        bad value of one."""
         common = dict(self.defaults)
         common.setdefault("name", self.fn.__name__)
+        if unknown := sorted(set(common) - _OPTIONS):
+            raise TypeError(
+                f"@shoal.task on {self.fn.__qualname__}: no task option {', '.join(unknown)}"
+                f" (options: retries, {', '.join(sorted(_OPTIONS))})"
+            )
         return _common(task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=self.name)), **common)
 
     def submit(self, client: Client, /, *args: Any, **kwargs: Any) -> Handle[R]:

@@ -7,8 +7,9 @@ import functools
 import math
 import re
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from shoal._json import loads as json_loads
 from shoal.errors import FieldViolation, InvalidArgument
 from shoal.specs import duration, instant, secret_references
 from shoal.templates import references
@@ -303,12 +304,15 @@ def is_import_path(name: str) -> bool:
 def _function_violations(
     f: task_pb2.FunctionSpec, limits: Limits, bad: Callable[[str, str], None]
 ) -> None:
-    """A function's name is an import path (`package.module:qualname`), its upstream
-    arguments positions or identifiers."""
+    """A function's name is an import path (`package.module:qualname`), its arguments a JSON
+    array and a JSON object (as its workers take them), its upstream arguments positions
+    within the array or identifiers."""
     if not f.name:
         bad("function.name", "missing function name")
     elif len(f.name) > limits.max_string or not is_import_path(f.name):
         bad("function.name", "must be an import path: package.module:qualname")
+    args = _json_argument(f.args, list, "function.args", bad)
+    _json_argument(f.kwargs, dict, "function.kwargs", bad)
     if len(f.upstream) > limits.max_labels:
         bad("function.upstream", f"more than {limits.max_labels} entries")
     for key in f.upstream:
@@ -317,3 +321,23 @@ def _function_violations(
             bad("function.upstream", f"{key[:40]!r} is neither a position nor an argument name")
         elif len(path) > UPSTREAM_DEPTH or len(key) > limits.max_string:
             bad("function.upstream", f"{key[:40]!r}: a path deeper than {UPSTREAM_DEPTH}")
+        elif head.isdigit() and args is not None and int(head) >= len(args):
+            bad("function.upstream", f"{key[:40]!r}: args has no position {head}")
+
+
+def _json_argument(
+    data: bytes, kind: type, field: str, bad: Callable[[str, str], None]
+) -> Any | None:
+    """The value of a function's `args` or `kwargs` (None when empty or refused): JSON of
+    `kind`, a list or a dict."""
+    if not data:
+        return None
+    try:
+        value = json_loads(data, lone_surrogates=True)
+    except (ValueError, RecursionError) as err:
+        bad(field, f"not JSON: {str(err)[:200]}")
+        return None
+    if not isinstance(value, kind):
+        bad(field, f"must be a JSON {'array' if kind is list else 'object'}")
+        return None
+    return value

@@ -142,3 +142,6 @@ async def test_artifacts_are_listed_and_saved(
     assert "it has: body" in hostile.stderr
     assert sorted(p.name for p in out.iterdir()) == ["body.json"]
     assert not (tmp_path / "x").exists()
+    nowhere = await run_tool([*shoal_cli, "body", "-o", str(out / "no" / "x"), "-c", mesh.address])
+    assert nowhere.returncode == 1 and "cannot save to" in nowhere.stderr, nowhere
+    assert "Traceback" not in nowhere.stderr

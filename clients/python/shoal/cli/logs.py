@@ -91,7 +91,12 @@ def artifacts(
         sys.stdout.buffer.write(artifact.data)
         sys.stdout.flush()
         return
-    output.write_bytes(artifact.data)
+    try:
+        output.write_bytes(artifact.data)
+    except OSError as err:
+        why = escape(f"cannot save to {output}: {err.strerror or err}")
+        err_console.print(f"[red]{why}[/red]")
+        raise typer.Exit(1) from None
     err_console.print(f"saved {escape(name)} ({len(artifact.data)} bytes) to {escape(str(output))}")
 
 

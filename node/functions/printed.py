@@ -2,15 +2,20 @@
 
 `install` makes sys.stdout and sys.stderr send what the running call (`begin` .. `end`) writes
 as its output: in runs, one frame per run of writes to a stream, sent when the call ends, at
-OUT_PIECE characters, or OUT_DELAY after (a thread looks). Progress is sampled as the node
-samples it. Every frame the worker writes goes through `send`, after what was printed before.
+OUT_PIECE characters, or OUT_DELAY after (a thread looks). Fd 1 and 2 become pipes the worker
+reads (`capture_descriptors`): what subprocesses and C code write there during a call is its
+output too, in order with what it prints; between calls it goes to the node's stderr.
+Progress is sampled as the node samples it. Every frame the worker writes goes through
+`send`, after what was printed before.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import os
+import select
 import sys
 import threading
 import time
@@ -21,7 +26,16 @@ from shoal._progress import Sampler
 from shoal.node.functions import wire
 from shoal.node.functions.wire import encode_frame, write_all
 
-__all__ = ["OUT_DELAY", "OUT_PIECE", "begin", "end", "install", "send"]
+__all__ = [
+    "OUT_DELAY",
+    "OUT_PIECE",
+    "begin",
+    "capture_descriptors",
+    "end",
+    "install",
+    "send",
+    "to_node",
+]
 
 # Re-entrant: a finalizer or signal handler that prints while a frame is being written must
 # not deadlock the worker.
@@ -102,17 +116,32 @@ def _start_flusher() -> None:
 
 
 def _forked() -> None:
-    """In a child a call forked: its own lock and flusher; what its parent held is the parent's."""
-    global _send_lock, _printed
-    _send_lock, _printed = threading.RLock(), _Printed()
+    """In a child a call forked: its own lock and flusher; what its parent held is the parent's,
+    and so are the pipes of fd 1 and 2 (what the child writes there the parent reads)."""
+    global _send_lock, _printed, _descriptors
+    _send_lock, _printed, _descriptors = threading.RLock(), _Printed(), None
     _start_flusher()
 
 
 class _OutputFrames(io.TextIOBase):
-    """sys.stdout / sys.stderr: each write goes to the node as the running call's output."""
+    """sys.stdout / sys.stderr: each write goes to the node as the running call's output.
+    Its `fileno()` and `buffer` are the descriptor beneath (1 or 2), read as the same."""
 
     def __init__(self, stream: int) -> None:
         self._stream = stream
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def buffer(self) -> io.BufferedWriter:
+        global _buffered
+        _buffered = True  # flushed before what is printed next, and at the call's end
+        return _buffers[self._stream]
+
+    def fileno(self) -> int:
+        return self._stream
 
     def writable(self) -> bool:
         return True
@@ -122,8 +151,111 @@ class _OutputFrames(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         call_id = _current
         if call_id is not None and text:
+            if _descriptors is not None:
+                _descriptors.drain(waits=_PRINT_WAITS)  # what a command wrote goes first
             _printed.add(call_id, self._stream, text)
         return len(text)
+
+
+class _Descriptors:
+    """Fd 1 and 2 as pipes this process reads (a thread, as they fill; and `drain` before a
+    call's print and at its end): what is written there is the running call's output, or
+    the node's stderr's between calls."""
+
+    def __init__(self) -> None:
+        self._node = os.dup(2)  # the node's stderr
+        self._lock = threading.Lock()
+        self._waited = select.poll()  # by the thread (one poll object is not for two threads)
+        self._looked = select.poll()  # by `drain`, under the lock
+        self._cut = False  # whether a decoder holds the start of a character
+        self._streams: dict[int, tuple[int, codecs.IncrementalDecoder]] = {}  # fd -> stream
+        for stream in (1, 2):
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.dup2(write, stream)
+            os.close(write)
+            self._waited.register(read, select.POLLIN)
+            self._looked.register(read, select.POLLIN)
+            self._streams[read] = (stream, codecs.getincrementaldecoder("utf-8")("surrogateescape"))
+
+    def drain(self, *, ended: bool = False, waits: float = -1) -> None:
+        """Take what is in the pipes now (`ended`: and the end of a character cut short),
+        once the thread has passed on what it read, waiting at most `waits` seconds for it
+        (-1: as long as it takes): a print in a signal handler that came while a frame was
+        being written must not wait for ever on the thread, which waits for that frame."""
+        if _buffered:
+            for buffer in _buffers.values():
+                buffer.flush()  # not under the lock: a full pipe waits on the thread
+        if not self._lock.acquire(timeout=waits):
+            return
+        try:
+            if self._looked.poll(0):
+                for fd in self._streams:
+                    self._read(fd, at_most=None)
+            if ended and self._cut:
+                self._cut = False
+                for stream, decoder in self._streams.values():
+                    if text := decoder.decode(b"", final=True):
+                        self._pass_on(stream, text)
+        finally:
+            self._lock.release()
+
+    def follow(self) -> None:
+        """Read the pipes as they fill (a thread: a subprocess printing more than a pipe holds
+        must not wait for the call to end)."""
+        while True:
+            ready = self._waited.poll()
+            with self._lock:
+                for fd, _ in ready:
+                    self._read(fd, at_most=1 << 16)
+
+    def _read(self, fd: int, at_most: int | None) -> None:
+        stream, decoder = self._streams[fd]
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if text := decoder.decode(data):
+                self._pass_on(stream, text)
+            self._cut = self._cut or bool(decoder.getstate()[0])  # a character cut short
+            if at_most is not None:
+                return
+
+    def _pass_on(self, stream: int, text: str) -> None:
+        call_id = _current
+        if call_id is not None:
+            _printed.add(call_id, stream, text)
+        else:
+            self.to_node(text)
+
+    def to_node(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            write_all(self._node, text.encode(errors="surrogateescape"))
+
+
+_descriptors: _Descriptors | None = None
+_PRINT_WAITS = 0.1  # seconds a print waits for what a command wrote before it to be taken
+_buffers: dict[int, io.BufferedWriter] = {}  # sys.stdout.buffer and sys.stderr.buffer
+_buffered = False  # whether either was ever taken (most workers: never)
+
+
+def to_node(text: str) -> None:
+    """Write `text` to the node's stderr (its log), whatever call runs."""
+    if _descriptors is not None:
+        _descriptors.to_node(text)
+    else:
+        with contextlib.suppress(OSError):
+            write_all(2, text.encode(errors="surrogateescape"))
+
+
+def capture_descriptors() -> None:
+    """Make fd 1 and 2 pipes whose writes are the running call's output (`install` first)."""
+    global _descriptors
+    _descriptors = _Descriptors()
+    for stream in (1, 2):
+        _buffers[stream] = io.BufferedWriter(io.FileIO(stream, "wb", closefd=False))
+    threading.Thread(target=_descriptors.follow, name="shoal-descriptors", daemon=True).start()
 
 
 def _progress_frame(fraction: float, message: str) -> None:
@@ -170,5 +302,7 @@ def end() -> None:
     """The call has returned: what it printed goes now (before its answer)."""
     global _current
     _flush_replaced_streams()
+    if _descriptors is not None:
+        _descriptors.drain(ended=True)
     _printed.flush()
     _current = None

@@ -4,8 +4,9 @@ It imports the modules once, says which `@shoal.task` functions they hold, then 
 the node sends, one at a time in the order sent, answering in batches: frames
 (shoal.node.functions.wire) on fd 0 in, fd 1 out. A cancel drops a call not yet run, or
 cancels a running async one (the node kills a worker to stop a running sync call). The
-function's print and logging go back as output frames; fd 1 and 2 of the process itself then
-point at the node's stderr, so what C code writes there cannot break the frames.
+function's print and logging go back as output frames, and so does what its subprocesses and
+C code write on fd 1 and 2, which become pipes the worker reads (the frames go on a
+descriptor of their own).
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ def main() -> None:
     printed.install(os.dup(1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(2, 1)  # stray writes to fd 1 go to the node's stderr, not into the frames
+    printed.capture_descriptors()  # fd 1 and 2: the running call's output, not the frames
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     functions, errors = _load(sys.argv[1:])
     hello = {
@@ -325,7 +326,11 @@ def main() -> None:
         "errors": errors,
     }
     printed.send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
-    _serve(functions, inp, limit)
+    try:
+        _serve(functions, inp, limit)
+    except Exception:  # a bug of the worker's own: said in the node's log, not a call's output
+        printed.to_node(f"function worker {os.getpid()} failed:\n{traceback.format_exc()}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

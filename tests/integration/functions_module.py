@@ -227,6 +227,33 @@ def prints_lines(count: int, gate: str = "") -> int:
 
 
 @shoal.task
+def runs_commands(undecodable: str) -> int:
+    """Prints, and has subprocesses and the process itself write on fd 1 and 2 (and through
+    sys.stdout's fileno and buffer), a UTF-8 character cut across two writes among them."""
+    import subprocess
+    import sys
+
+    print("first")
+    subprocess.run(["sh", "-c", "echo from-a-command; echo to-its-stderr >&2"], check=True)
+    print("then")
+    os.write(1, "é".encode()[:1])
+    os.write(1, "é".encode()[1:] + b"\n")
+    os.write(2, bytes.fromhex(undecodable) + b"\n")
+    subprocess.run(["echo", "through-fileno"], stdout=sys.stdout, check=True)
+    sys.stdout.buffer.write(b"through-buffer\n")
+    return 0
+
+
+@shoal.task
+def floods_a_pipe(size: int) -> int:
+    """A subprocess writes `size` bytes on fd 1, far more than a pipe holds."""
+    import subprocess
+
+    subprocess.run(["head", "-c", str(size), "/dev/zero"], check=True)
+    return size
+
+
+@shoal.task
 def prints_at_once(count: int) -> int:
     """Prints `count` characters in one write (more than one frame can hold, when many)."""
     print("é" * count, end="")

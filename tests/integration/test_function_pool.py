@@ -1,7 +1,8 @@
 """The function executor's warm workers with calls pipelined: several calls of a fast function
 share one worker; when it dies, only the call it ran fails and the others run elsewhere (also
 when a child it forked holds its pipes); a call cancelled while queued never runs; output
-printed at once beyond a frame arrives in pieces; workers run as the node's run_as user, as
+printed at once beyond a frame arrives in pieces, and what its commands write on fd 1 and 2
+is its output; workers run as the node's run_as user, as
 batch processes."""
 
 from __future__ import annotations
@@ -161,6 +162,29 @@ async def test_output_that_is_not_utf8_arrives_as_text_and_as_its_exact_bytes(
     assert "".join(c.data for c in chunks) == "a\ufffdb\n"
     assert b"".join(chunk_bytes(c) for c in chunks) == b"a\xffb\n"
     assert stdout_bytes(outcome.result) == b"a\xffb\n"
+
+
+async def test_what_commands_and_c_code_write_on_fd_1_and_2_is_the_calls_output(
+    executor: FunctionExecutor,
+) -> None:
+    chunks: list[task_pb2.OutputChunk] = []
+    ctx = ExecutionContext(task_id="t", emit=chunks.append, output_tail_bytes=1 << 16)
+    outcome = await executor.run(fm.runs_commands.spec(b"a\xffb".hex()), ctx)
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    out = [c for c in chunks if c.stream == task_pb2.OUTPUT_STREAM_STDOUT]
+    err = [c for c in chunks if c.stream == task_pb2.OUTPUT_STREAM_STDERR]
+    said = "first\nfrom-a-command\nthen\né\nthrough-fileno\nthrough-buffer\n"
+    assert "".join(c.data for c in out) == said  # in the order written
+    assert b"".join(chunk_bytes(c) for c in err) == b"to-its-stderr\na\xffb\n"
+    assert stdout_bytes(outcome.result) == said.encode()
+    # More than a pipe holds, while the call waits for its command: read as it comes.
+    chunks.clear()
+    outcome = await executor.run(fm.floods_a_pipe.spec(3 << 20), ctx)
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    assert sum(len(chunk_bytes(c)) for c in chunks) == 3 << 20
+    # Between calls, what a worker writes there is not a call's: the next call's is its own.
+    outcome = await executor.run(fm.runs_commands.spec(b"x".hex()), ctx)
+    assert stdout_bytes(outcome.result) == said.encode()
 
 
 async def test_a_call_cancelled_while_queued_never_runs(

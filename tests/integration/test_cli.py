@@ -246,6 +246,27 @@ async def test_up_prints_a_command_the_user_can_type(
     await up.stop()
 
 
+async def test_up_imports_functions_and_a_refused_local_token_says_what_to_set(
+    cli: CliProcesses, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SHOAL_TOKEN", raising=False)
+    monkeypatch.delenv("SHOAL_TOKEN_FILE", raising=False)
+    port, data = free_port(), tmp_path / "data"
+    module = "tests.integration.functions_module"
+    serve = ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--import", module]
+    up = await cli.start("up", *serve, pipe=True)
+    offered = await line_with(up, "functions ")
+    assert f"{module}:add" in offered and f"{module}:square" in offered, offered
+    call = ["run", "-c", f"127.0.0.1:{port}", "--function", f"{module}:add", "--input", "[2, 3]"]
+    # Its own data dir holds its admin token: the one the CLI finds by itself is not it.
+    refused = await shoal_(cli, *call)
+    assert refused.returncode == 1 and "SHOAL_TOKEN_FILE" in refused.stderr, refused
+    monkeypatch.setenv("SHOAL_TOKEN_FILE", str(data / "admin.token"))
+    ran = await shoal_(cli, *call)
+    assert (ran.returncode, ran.stdout.strip().splitlines()[-1]) == (0, "5"), ran
+    await up.stop()
+
+
 async def test_make_run_takes_a_port() -> None:
     planned = await run_tool(["make", "-n", "run", "PORT=7171"])
     assert planned.returncode == 0, planned

@@ -20,7 +20,7 @@ from tenacity import (
 )
 
 from shoal._status import from_rpc_error, from_server
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import ShoalError, Unauthenticated, Unavailable
 
 __all__ = ["Calls"]
 
@@ -45,9 +45,11 @@ class Calls:
         timeout: float,
         retry_for: float,
         connect_for: float,
+        token_hint: str = "",
     ) -> None:
         self.target = target
         self.metadata = metadata
+        self._token_hint = token_hint  # added to a refusal of the token: where it came from
         self.timeout = timeout
         self._retry_for = retry_for
         self._connect_for = min(connect_for, retry_for)
@@ -166,7 +168,10 @@ class Calls:
         """The error a failed call raises; notes whether a coordinator answered it."""
         if cast(grpc.Call, err).code() != grpc.StatusCode.UNAVAILABLE or from_server(err):
             self._reached = True
-        return from_rpc_error(err)
+        error = from_rpc_error(err)
+        if isinstance(error, Unauthenticated) and self._token_hint:
+            return Unauthenticated(f"{error.message} ({self._token_hint})")
+        return error
 
     def _given_up(self, elapsed: float) -> bool:
         """Whether to stop resending after `elapsed` seconds: after `retry_for`, or

@@ -28,7 +28,7 @@ from shoal._requests import (
     waited,
 )
 from shoal._status import from_rpc_error
-from shoal.config import ClientSettings, read_token
+from shoal.config import ClientSettings, local_token_hint, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
 from shoal.specs import is_final, to_duration
 from shoal.v1 import (
@@ -77,8 +77,11 @@ class AsyncClient:
         settings = ClientSettings()
         self._wait_when_full = wait_when_full
         self.target = target or settings.coordinator
+        hint = ""
         if token is None:
             token = read_token(settings.token, settings.token_file)
+            if not settings.token and settings.token_file is None:
+                hint = local_token_hint(token)
         self._calls = Calls(
             self.target,
             # A name for this client, so that a coordinator that is full keeps its place in
@@ -87,6 +90,7 @@ class AsyncClient:
             timeout=timeout.total_seconds(),
             retry_for=retry_for.total_seconds(),
             connect_for=connect_for.total_seconds(),
+            token_hint=hint,
         )
         self._dial: dict[str, Any] = {
             "max_message_bytes": _MAX_MESSAGE,

@@ -36,6 +36,7 @@ __all__ = [
     "NodeSettings",
     "config_path",
     "default_data_dir",
+    "local_token_hint",
     "read_token",
 ]
 
@@ -76,6 +77,21 @@ def read_token(token: str = "", token_file: Path | None = None) -> str:
         if token_file is not None:
             raise Unauthenticated(f"cannot read token file {path}: {err.strerror}") from None
         return ""
+
+
+def local_token_hint(token: str) -> str:
+    """What to say of a token `read_token` found by itself (the local admin token, or none)
+    when a coordinator refuses it."""
+    path = default_data_dir() / ADMIN_TOKEN_FILE
+    if not token:
+        return (
+            f"no token was given, and there is none in {path}: set SHOAL_TOKEN, or"
+            " SHOAL_TOKEN_FILE to the admin.token in the coordinator's data dir"
+        )
+    return (
+        f"the token is the local admin token in {path}; a coordinator started with another"
+        " data dir has its own admin.token there: set SHOAL_TOKEN_FILE to it"
+    )
 
 
 class _Settings(BaseSettings):

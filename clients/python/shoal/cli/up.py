@@ -55,6 +55,12 @@ def up(
     listen: Annotated[str | None, typer.Option(help="Coordinator address to bind")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent tasks on the local node")] = None,
+    import_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import", help="A module whose @shoal.task functions the local node runs (repeatable)"
+        ),
+    ] = None,
     auth: AuthOpt = None,
     http_listen: HttpListenOpt = None,
     demo: Annotated[bool, typer.Option(help="Run a short demo batch once started")] = False,
@@ -80,7 +86,12 @@ def up(
         async with coord:
             token_file = coord.admin_token_path if coord.settings.auth else None
             settings = NodeSettings(
-                **given(coordinator=coord.address, slots=slots, token_file=token_file)
+                **given(
+                    coordinator=coord.address,
+                    slots=slots,
+                    token_file=token_file,
+                    imports=import_ or None,
+                )
             )
             if "guard_min_priority" not in settings.model_fields_set:
                 # The local node runs what its own user asks for: a busy laptop holds back
@@ -110,6 +121,9 @@ def _print_up(
     if token_file is not None:
         console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
     console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
+    if settings.imports:
+        functions = ", ".join(node.info().functions) or "none (see the log above)"
+        console.print(f"  functions   {functions}", highlight=False, soft_wrap=True)
     console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
     console.print(
         f"  try: {_shoal_command()} run -c {address} -- echo hello;  Ctrl-C to stop",

@@ -154,7 +154,8 @@ async def test_the_cli_runs_and_submits_a_function_call(
     mesh: Mesh, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`shoal run --function PATH --input ARGS` prints what the function printed, then what it
-    returned (JSON); a failure exits 1 with its error; bad input changes nothing."""
+    returned (JSON), as `shoal get` shows it; a failure exits 1 with its error; bad input
+    changes nothing."""
     monkeypatch.setenv("SHOAL_TOKEN_FILE", str(mesh.data_dir / ADMIN_TOKEN_FILE))
     shoal_cli = [str(BIN / "shoal")]
     address = ["-c", mesh.address]
@@ -175,6 +176,9 @@ async def test_the_cli_runs_and_submits_a_function_call(
     )
     assert submitted.returncode == 0, submitted
     assert fm.square.outcome(await mesh.client.wait(submitted.stdout.strip())) == 49
+    shown = await run_tool([*shoal_cli, "get", *address, submitted.stdout.strip()])
+    assert shown.returncode == 0 and "returned" in shown.stdout, shown
+    assert shown.stdout.split("returned", 1)[1].split()[0] == "49", shown
     before = len(await mesh.client.list())
     for bad in (["--input", '{"x": NaN}'], ["--input", "7"], ["--python", "pass"]):
         refused = await run_tool([*shoal_cli, "run", *address, "--function", f"{MODULE}:add", *bad])

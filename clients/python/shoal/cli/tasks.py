@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -316,6 +317,7 @@ def get(
             else "",
         ),
         ("exit code", exit_text(task)),
+        ("returned", _returned(task)),
         ("error", task.result.error),
     ]
     for k, v in rows:
@@ -328,6 +330,21 @@ def get(
     if task.result.stderr:
         console.print("[bold]stderr[/bold]", markup=True)
         console.out(task.result.stderr, end="")
+
+
+def _returned(task: task_pb2.Task) -> str:
+    """What a function or tool task returned, as JSON (its first _RETURNED characters)."""
+    output = task.result.output
+    if task.spec.HasField("function") and "value" in output.fields:
+        text = output.fields["value"].string_value
+    elif task.spec.HasField("tool") and task.result.HasField("output"):
+        text = json.dumps(json_format.MessageToDict(output), ensure_ascii=False)
+    else:
+        return ""
+    return text if len(text) <= _RETURNED else text[:_RETURNED] + " ... (`--json` has it all)"
+
+
+_RETURNED = 2000
 
 
 @app.command("wait")

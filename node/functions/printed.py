@@ -190,8 +190,8 @@ class _Descriptors:
             return
         try:
             if self._looked.poll(0):
-                for fd in self._streams:
-                    self._read(fd, at_most=None)
+                for fd in list(self._streams):
+                    self._read(fd, at_most=None)  # one at its end: the thread lets it go
             if ended and self._cut:
                 self._cut = False
                 for stream, decoder in self._streams.values():
@@ -202,32 +202,43 @@ class _Descriptors:
 
     def follow(self) -> None:
         """Read the pipes as they fill (a thread: a subprocess printing more than a pipe holds
-        must not wait for the call to end)."""
-        while True:
+        must not wait for the call to end). A pipe no one can write to any more (a call closed
+        fd 1 or 2, and so did every process it started) is let go."""
+        while self._streams:
             ready = self._waited.poll()
             with self._lock:
                 for fd, _ in ready:
-                    self._read(fd, at_most=1 << 16)
+                    if fd in self._streams and not self._read(fd, at_most=1 << 16):
+                        self._waited.unregister(fd)
+                        self._looked.unregister(fd)
+                        del self._streams[fd]
 
-    def _read(self, fd: int, at_most: int | None) -> None:
+    def _read(self, fd: int, at_most: int | None) -> bool:
+        """Pass on what the pipe `fd` holds (a read of at most `at_most`, or all); False once
+        it is at its end."""
         stream, decoder = self._streams[fd]
         while True:
             try:
                 data = os.read(fd, 1 << 16)
             except BlockingIOError:
-                return
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
             if text := decoder.decode(data):
                 self._pass_on(stream, text)
             self._cut = self._cut or bool(decoder.getstate()[0])  # a character cut short
             if at_most is not None:
-                return
+                return True
 
     def _pass_on(self, stream: int, text: str) -> None:
         call_id = _current
-        if call_id is not None:
-            _printed.add(call_id, stream, text)
-        else:
+        if call_id is None:
             self.to_node(text)
+            return
+        with contextlib.suppress(OSError):  # the node is gone: the worker ends with it
+            _printed.add(call_id, stream, text)
 
     def to_node(self, text: str) -> None:
         with contextlib.suppress(OSError):

@@ -254,6 +254,14 @@ def floods_a_pipe(size: int) -> int:
 
 
 @shoal.task
+def closes_its_output() -> int:
+    """Closes fd 1 and 2 of its worker (and returns its pid)."""
+    os.close(1)
+    os.close(2)
+    return os.getpid()
+
+
+@shoal.task
 def prints_at_once(count: int) -> int:
     """Prints `count` characters in one write (more than one frame can hold, when many)."""
     print("é" * count, end="")

@@ -14,6 +14,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shoal._output import chunk_bytes, stdout_bytes
@@ -185,6 +186,18 @@ async def test_what_commands_and_c_code_write_on_fd_1_and_2_is_the_calls_output(
     # Between calls, what a worker writes there is not a call's: the next call's is its own.
     outcome = await executor.run(fm.runs_commands.spec(b"x".hex()), ctx)
     assert stdout_bytes(outcome.result) == said.encode()
+
+
+async def test_a_call_that_closes_fd_1_and_2_leaves_its_worker_serving(
+    executor: FunctionExecutor,
+) -> None:
+    closing = asyncio.ensure_future(executor.run(fm.closes_its_output.spec(), _ctx()))
+    pid = int(await _value(closing))
+    worker = psutil.Process(pid)
+    before = sum(worker.cpu_times()[:2])
+    await asyncio.sleep(1.0)
+    assert sum(worker.cpu_times()[:2]) - before < 0.5  # its reader does not spin on them
+    assert await _value(asyncio.ensure_future(executor.run(fm.add.spec(2, 3), _ctx()))) == "5"
 
 
 async def test_a_call_cancelled_while_queued_never_runs(

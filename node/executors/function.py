@@ -155,7 +155,7 @@ class FunctionExecutor(Executor):
             raise TaskError(f"function {f.name!r} is not offered here")
         self._ids += 1
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
-        frame = wire.encode_call(self._ids, f.name, f.args, f.kwargs, upstream)
+        frame = wire.encode_call(self._ids, f.name, f.args.encode(), f.kwargs.encode(), upstream)
         run = _Run(self._ids, f.name, frame, ctx)
         try:
             while True:  # again when its worker died running another call

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -18,6 +19,7 @@ from shoal.v1 import task_pb2
 
 from . import functions_module as fm
 from .harness import BIN, CliProcesses, Mesh, MeshFactory, eventually, run_tool
+from .test_grpcurl import grpcurl_call, ok_json
 
 MODULE = "tests.integration.functions_module"
 
@@ -53,7 +55,7 @@ async def test_calls_return_typed_values_and_raise_remote_errors(mesh: Mesh) -> 
     assert raised.value.remote_message == "no thanks"
     assert "raise Refused(why)" in raised.value.remote_traceback
     # Arguments that do not fit the type hints fail the task, not the worker.
-    bad = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=f"{MODULE}:add", args=b'["x", 1]'))
+    bad = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name=f"{MODULE}:add", args='["x", 1]'))
     failed = await client.wait((await client.submit(bad)).id)
     assert failed.state == task_pb2.TASK_STATE_FAILED and "valid integer" in failed.result.error
     assert not failed.result.infrastructure_failure
@@ -186,6 +188,35 @@ async def test_the_cli_runs_and_submits_a_function_call(
     refused = await run_tool([*shoal_cli, "run", *address, "--function", "not a path"])
     assert refused.returncode == 2 and "not an import path" in refused.stderr, refused
     assert len(await mesh.client.list()) == before
+
+
+async def test_grpcurl_calls_a_function_with_its_arguments_as_json_text(
+    mesh: Mesh, grpcurl: Path
+) -> None:
+    token = (mesh.data_dir / ADMIN_TOKEN_FILE).read_text().strip()
+
+    async def submit(function: dict[str, str]) -> dict[str, Any]:
+        done = await grpcurl_call(
+            grpcurl,
+            mesh.address,
+            "shoal.v1.Tasks/Submit",
+            {"spec": {"function": function}, "wait": True},
+            token=token,
+        )
+        return ok_json(done)
+
+    added = await submit({"name": f"{MODULE}:add", "args": "[2, 3]"})
+    assert added["task"]["result"]["output"] == {"value": "5"}, added
+    greeted = await submit({"name": f"{MODULE}:greet", "kwargs": '{"name": "ada"}'})
+    assert greeted["task"]["result"]["output"] == {"value": '"hello ada!"'}, greeted
+    refused = await grpcurl_call(
+        grpcurl,
+        mesh.address,
+        "shoal.v1.Tasks/Submit",
+        {"spec": {"function": {"name": f"{MODULE}:add", "args": '{"a": 2}'}}},
+        token=token,
+    )
+    assert refused.returncode != 0 and "must be a JSON array" in refused.stderr, refused
 
 
 async def test_a_node_without_the_module_never_receives_its_functions(mesh: Mesh) -> None:

@@ -109,14 +109,14 @@ class Function(Generic[P, R]):
             out = task_pb2.TaskSpec()  # most calls: the template and their arguments
             out.CopyFrom(self._template)
             if args:
-                out.function.args = as_is
+                out.function.args = as_is.decode()
             return out
         self.codec.check(args, kwargs)
         out, encoded_args, encoded_kwargs = self._lifted(args, kwargs)
         if args:
-            out.function.args = encoded_args
+            out.function.args = encoded_args.decode()
         if kwargs:
-            out.function.kwargs = encoded_kwargs
+            out.function.kwargs = encoded_kwargs.decode()
         return out
 
     def _lifted(

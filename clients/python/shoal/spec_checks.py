@@ -326,7 +326,7 @@ def _function_violations(
 
 
 def _json_argument(
-    data: bytes, kind: type, field: str, bad: Callable[[str, str], None]
+    data: str, kind: type, field: str, bad: Callable[[str, str], None]
 ) -> Any | None:
     """The value of a function's `args` or `kwargs` (None when empty or refused): JSON of
     `kind`, a list or a dict."""

@@ -113,9 +113,9 @@ def _function_call(path: str, arguments: str, common: dict[str, Any]) -> task_pb
         )
     call = task_pb2.FunctionSpec(name=path)
     if isinstance(value, list):
-        call.args = _json.dumps(value)
+        call.args = _json.dumps(value).decode()
     else:
-        call.kwargs = _json.dumps(value)
+        call.kwargs = _json.dumps(value).decode()
     common["name"] = common["name"] or path.rpartition(":")[2]
     return _builders._common(task_pb2.TaskSpec(function=call), **common)
 

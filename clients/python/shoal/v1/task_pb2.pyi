@@ -849,10 +849,10 @@ class FunctionSpec(_message.Message):
     UPSTREAM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"package.module:qualname" """
-    args: _builtins.bytes
-    """a JSON array: the positional arguments (default: none)"""
-    kwargs: _builtins.bytes
-    """a JSON object: the keyword arguments (default: none)"""
+    args: _builtins.str
+    """JSON text of an array: the positional arguments (default: none)"""
+    kwargs: _builtins.str
+    """JSON text of an object: the keyword arguments (default: none)"""
     @_builtins.property
     def upstream(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Arguments that are the results of upstream functions: a position ("0") or a keyword ->
@@ -864,8 +864,8 @@ class FunctionSpec(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        args: _builtins.bytes = ...,
-        kwargs: _builtins.bytes = ...,
+        args: _builtins.str = ...,
+        kwargs: _builtins.str = ...,
         upstream: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

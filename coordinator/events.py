@@ -11,7 +11,7 @@ is built from one when first read, so changes nobody watches cost little.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from shoal._output import output_size
 from shoal.coordinator.store.base import EPOCH_SHIFT
@@ -198,16 +198,33 @@ class EventLog:
         start = seq + 1 - self._base
         return self._ring[start : None if limit is None else start + limit]
 
-    async def wait_dropped(self, seq: int) -> None:
-        """Return once the event after `seq` is no longer held, or the log is closed."""
-        while seq + 1 >= self._base and not self.closed:
+    def on_forgotten(self, seq: int, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` once the event after `seq` is no longer held, or the log is closed
+        (at once if it is already); returns what stops that. No task of its own: a watcher
+        arms it for each write (Watch writes thousands a second)."""
+        armed: asyncio.Future[None] | None = None
+
+        def look(_: object = None) -> None:
+            nonlocal armed
+            if seq + 1 < self._base or self.closed:
+                armed = None
+                callback()
+                return
             if self._dropped is None:
                 self._dropped = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._dropped)
+            armed = self._dropped
+            armed.add_done_callback(look)
+
+        def stop() -> None:
+            if armed is not None:
+                armed.remove_done_callback(look)
+
+        look()
+        return stop
 
     def close(self) -> None:
-        """No more events come (shutdown): every `wait_after` and `wait_dropped` returns now
-        and from now on."""
+        """No more events come (shutdown): every `wait_after` returns and every `on_forgotten`
+        calls back, now and from now on."""
         self.closed = True
         if self._wakeup is not None:
             self._wakeup.set_result(None)

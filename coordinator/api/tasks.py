@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from typing import Any
 
 from shoal._gate import current_principal
 from shoal.coordinator.api.context import Ctx, client_of
@@ -141,26 +140,26 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         if response.cursor < events.oldest_seq - 1:  # replaying from the store: nothing to lose
             await write(response)
             return
-        written = asyncio.ensure_future(write(response))
-        dropped = asyncio.ensure_future(events.wait_dropped(response.cursor))
+        # A write that waits on a reader too slow for the log is given up once the events
+        # after it leave the log: the deadline comes then.
+        writing = True
         try:
-            await asyncio.wait((written, dropped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            dropped.cancel()
-            cut = not written.done()
-            if cut:
-                written.cancel()
-            # A write given up (or the call gone meanwhile) may still end in the call's error.
-            written.add_done_callback(_retrieved)
-        if cut:
-            raise self.fell_behind()
-        written.result()
+            async with asyncio.timeout(None) as deadline:
 
+                def forgotten() -> None:
+                    if writing:
+                        deadline.reschedule(0)
 
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Take a finished task's outcome, so that an error nobody awaits is not logged."""
-    if not task.cancelled():
-        task.exception()
+                stop = events.on_forgotten(response.cursor, forgotten)
+                try:
+                    await write(response)
+                finally:
+                    writing = False
+                    stop()
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the write's own
+            raise self.fell_behind() from None
 
 
 def _seconds(request: tasks_pb2.ListRequest, name: str) -> float | None:

@@ -115,14 +115,26 @@ def test_output_held_is_bounded_in_bytes_oldest_first() -> None:
     assert log.after(log.first_seq) is None
 
 
-async def test_wait_dropped_wakes_once_a_position_leaves_the_log() -> None:
+async def test_on_forgotten_calls_back_once_a_position_leaves_the_log() -> None:
     log = EventLog(1, max_bytes=1000)
     log.emit(out("a", 10), size=10)
     cursor = log.last_seq
-    waiter = asyncio.create_task(log.wait_dropped(cursor))
+    called: list[str] = []
+    log.on_forgotten(cursor, lambda: called.append("kept"))
+    stop = log.on_forgotten(cursor, lambda: called.append("stopped"))
+    stop()
+    log.emit(out("b", 10), size=10)  # a drop of nothing: still held
     await asyncio.sleep(0)
-    assert not waiter.done()
+    assert called == []
     for i in range(20):
         log.emit(out(str(i), 100), size=100)
-    await asyncio.wait_for(waiter, 1)
+        await asyncio.sleep(0)  # each drop calls back soon: armed again until it is gone
+    assert called == ["kept"]
     assert log.after(cursor) is None
+    log.on_forgotten(cursor, lambda: called.append("at once"))
+    assert called == ["kept", "at once"]
+    closing = EventLog(1)
+    closing.on_forgotten(closing.last_seq, lambda: called.append("closed"))
+    closing.close()
+    await asyncio.sleep(0)
+    assert called[-1] == "closed"

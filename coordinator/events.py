@@ -203,9 +203,12 @@ class EventLog:
         (at once if it is already); returns what stops that. No task of its own: a watcher
         arms it for each write (Watch writes thousands a second)."""
         armed: asyncio.Future[None] | None = None
+        stopped = False
 
         def look(_: object = None) -> None:
             nonlocal armed
+            if stopped:  # a drop that came as it stopped
+                return
             if seq + 1 < self._base or self.closed:
                 armed = None
                 callback()
@@ -216,6 +219,8 @@ class EventLog:
             armed.add_done_callback(look)
 
         def stop() -> None:
+            nonlocal stopped
+            stopped = True
             if armed is not None:
                 armed.remove_done_callback(look)
 

@@ -142,19 +142,12 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
             return
         # A write that waits on a reader too slow for the log is given up once the events
         # after it leave the log: the deadline comes then.
-        writing = True
         try:
             async with asyncio.timeout(None) as deadline:
-
-                def forgotten() -> None:
-                    if writing:
-                        deadline.reschedule(0)
-
-                stop = events.on_forgotten(response.cursor, forgotten)
+                stop = events.on_forgotten(response.cursor, lambda: deadline.reschedule(0))
                 try:
                     await write(response)
                 finally:
-                    writing = False
                     stop()
         except TimeoutError:
             if not deadline.expired():

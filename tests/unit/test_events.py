@@ -133,6 +133,14 @@ async def test_on_forgotten_calls_back_once_a_position_leaves_the_log() -> None:
     assert log.after(cursor) is None
     log.on_forgotten(cursor, lambda: called.append("at once"))
     assert called == ["kept", "at once"]
+    # Stopped while its call back was on its way: it does not come.
+    held = log.last_seq
+    late = log.on_forgotten(held, lambda: called.append("late"))
+    for i in range(20):
+        log.emit(out(str(i), 100), size=100)
+    late()
+    await asyncio.sleep(0)
+    assert called[-1] == "at once"
     closing = EventLog(1)
     closing.on_forgotten(closing.last_seq, lambda: called.append("closed"))
     closing.close()

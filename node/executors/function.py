@@ -96,7 +96,11 @@ class FunctionExecutor(Executor):
 
     async def async_available(self) -> bool:
         """Whether its workers start: as the run_as user, the rule of `python` tasks (under
-        "auto", the node's own user when others cannot run this interpreter)."""
+        "auto", the node's own user when others cannot run this interpreter). Not offered by
+        the one-file executable, which holds no interpreter to run them."""
+        if getattr(sys, "frozen", False):
+            _log.warning("functions not offered: this shoal is one executable, with no Python")
+            return False
         if self.users.switching and not await runs_python(self.users):
             if not self.users.auto:
                 _log.error("functions not offered: the run_as user cannot run %s", sys.executable)

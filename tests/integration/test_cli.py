@@ -267,6 +267,16 @@ async def test_up_imports_functions_and_a_refused_local_token_says_what_to_set(
     await up.stop()
 
 
+async def test_up_demo_runs_a_function_call_among_its_tasks(
+    cli: CliProcesses, tmp_path: Path
+) -> None:
+    serve = ["--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data")]
+    up = await cli.start("up", "--demo", *serve, pipe=True)
+    row = words(await line_with(up, " area "))
+    assert "SUCCEEDED" in row and row.split()[-2] == "42", row
+    await up.stop()
+
+
 async def test_make_run_takes_a_port() -> None:
     planned = await run_tool(["make", "-n", "run", "PORT=7171"])
     assert planned.returncode == 0, planned

@@ -11,6 +11,7 @@ import asyncio
 import os
 import pwd
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -236,6 +237,15 @@ async def test_a_call_cancelled_while_queued_never_runs(
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_one_file_executable_offers_no_functions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    ex = FunctionExecutor(NodeSettings(imports=["tests.integration.functions_module"], slots=1))
+    assert ex.available() and not await ex.async_available()  # no interpreter to run them
+    assert ex.functions() == []
+
+
 async def test_workers_run_as_batch_processes(executor: FunctionExecutor) -> None:
     # Woken by the node's calls, a worker does not preempt the node mid-turn.
     pids = [w.pid for w in executor._pool._all]

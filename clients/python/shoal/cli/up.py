@@ -17,7 +17,7 @@ import typer
 from google.protobuf import json_format
 from rich.table import Table
 
-from shoal import _builders
+from shoal import _builders, demo_tasks
 from shoal._client import AsyncClient
 from shoal._console import console, err_console, serving
 from shoal._extras import needs_extra
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from shoal.node.guard import ResourceGuard
 
 _DASHBOARD_PORT = 7080
+_DEMO_TASKS = "shoal.demo_tasks"  # the demo's function, run on the local node
 
 
 def _free_port(host: str, first: int, tries: int = 20) -> int:
@@ -90,7 +91,7 @@ def up(
                     coordinator=coord.address,
                     slots=slots,
                     token_file=token_file,
-                    imports=import_ or None,
+                    imports=[*(import_ or []), *([_DEMO_TASKS] if demo else [])] or None,
                 )
             )
             if "guard_min_priority" not in settings.model_fields_set:
@@ -177,6 +178,7 @@ async def _demo(address: str, token_file: Path | None) -> None:
         _builders.python("print(sum(i * i for i in range(10**6)))", name="sum-of-squares"),
         _builders.shell("echo to stderr >&2; exit 3", name="fails-with-3"),
         _builders.noop({"hello": "shoal"}, name="noop"),
+        demo_tasks.area.spec(6, 7),
     ]
     token = (await asyncio.to_thread(token_file.read_text)).strip() if token_file else ""
     async with AsyncClient(address, token=token) as client:
@@ -187,7 +189,9 @@ async def _demo(address: str, token_file: Path | None) -> None:
         table.add_column(col)
     for t in tasks:
         output = t.result.stdout.strip() or t.result.stderr.strip()
-        if t.result.HasField("output"):
+        if t.spec.HasField("function"):
+            output = t.result.output.fields["value"].string_value
+        elif t.result.HasField("output"):
             output = json.dumps(json_format.MessageToDict(t.result.output))
         table.add_row(
             *plain(t.spec.name),

@@ -189,7 +189,7 @@ async def _demo(address: str, token_file: Path | None) -> None:
         table.add_column(col)
     for t in tasks:
         output = t.result.stdout.strip() or t.result.stderr.strip()
-        if t.spec.HasField("function"):
+        if "value" in t.result.output.fields and t.spec.HasField("function"):
             output = t.result.output.fields["value"].string_value
         elif t.result.HasField("output"):
             output = json.dumps(json_format.MessageToDict(t.result.output))

@@ -163,7 +163,8 @@ class _Descriptors:
     the node's stderr's between calls."""
 
     def __init__(self) -> None:
-        self._node = os.dup(2)  # the node's stderr
+        global _node_stderr
+        _node_stderr = os.dup(2)
         self._lock = threading.Lock()
         self._waited = select.poll()  # by the thread (one poll object is not for two threads)
         self._looked = select.poll()  # by `drain`, under the lock
@@ -191,7 +192,7 @@ class _Descriptors:
         try:
             if self._looked.poll(0):
                 for fd in list(self._streams):
-                    self._read(fd, at_most=None)  # one at its end: the thread lets it go
+                    self._read(fd, once=False)  # one at its end: the thread lets it go
             if ended and self._cut:
                 self._cut = False
                 for stream, decoder in self._streams.values():
@@ -208,14 +209,14 @@ class _Descriptors:
             ready = self._waited.poll()
             with self._lock:
                 for fd, _ in ready:
-                    if fd in self._streams and not self._read(fd, at_most=1 << 16):
+                    if fd in self._streams and not self._read(fd, once=True):
                         self._waited.unregister(fd)
                         self._looked.unregister(fd)
                         del self._streams[fd]
 
-    def _read(self, fd: int, at_most: int | None) -> bool:
-        """Pass on what the pipe `fd` holds (a read of at most `at_most`, or all); False once
-        it is at its end."""
+    def _read(self, fd: int, *, once: bool) -> bool:
+        """Pass on what the pipe `fd` holds (one read's worth `once`, else all); False once it
+        is at its end."""
         stream, decoder = self._streams[fd]
         while True:
             try:
@@ -229,23 +230,20 @@ class _Descriptors:
             if text := decoder.decode(data):
                 self._pass_on(stream, text)
             self._cut = self._cut or bool(decoder.getstate()[0])  # a character cut short
-            if at_most is not None:
+            if once:
                 return True
 
     def _pass_on(self, stream: int, text: str) -> None:
         call_id = _current
         if call_id is None:
-            self.to_node(text)
+            to_node(text)
             return
         with contextlib.suppress(OSError):  # the node is gone: the worker ends with it
             _printed.add(call_id, stream, text)
 
-    def to_node(self, text: str) -> None:
-        with contextlib.suppress(OSError):
-            write_all(self._node, text.encode(errors="surrogateescape"))
-
 
 _descriptors: _Descriptors | None = None
+_node_stderr = 2  # the node's stderr (fd 2 until `capture_descriptors` takes fd 2 over)
 _PRINT_WAITS = 0.1  # seconds a print waits for what a command wrote before it to be taken
 _buffers: dict[int, io.BufferedWriter] = {}  # sys.stdout.buffer and sys.stderr.buffer
 _buffered = False  # whether either was ever taken (most workers: never)
@@ -253,11 +251,8 @@ _buffered = False  # whether either was ever taken (most workers: never)
 
 def to_node(text: str) -> None:
     """Write `text` to the node's stderr (its log), whatever call runs."""
-    if _descriptors is not None:
-        _descriptors.to_node(text)
-    else:
-        with contextlib.suppress(OSError):
-            write_all(2, text.encode(errors="surrogateescape"))
+    with contextlib.suppress(OSError):
+        write_all(_node_stderr, text.encode(errors="surrogateescape"))
 
 
 def capture_descriptors() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -37,6 +38,17 @@ def exit_text(task: task_pb2.Task) -> str:
     """The exit code of a task that ended after it started; "" for one that never ran."""
     if is_final(task.state) and task.HasField("started_at"):
         return str(task.result.exit_code)
+    return ""
+
+
+def returned_text(task: task_pb2.Task) -> str:
+    """What a task returned, as JSON: a function's value, another task's output object; ""
+    for none."""
+    if task.spec.HasField("function"):
+        value = task.result.output.fields.get("value")
+        return value.string_value if value is not None else ""
+    if task.result.HasField("output"):
+        return json.dumps(json_format.MessageToDict(task.result.output), ensure_ascii=False)
     return ""
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from shoal.cli.render import (
     plain,
     print_json,
     progress_text,
+    returned_text,
     state_text,
 )
 from shoal.cli.specs import (
@@ -334,13 +334,9 @@ def get(
 
 def _returned(task: task_pb2.Task) -> str:
     """What a function or tool task returned, as JSON (its first _RETURNED characters)."""
-    output = task.result.output
-    if task.spec.HasField("function") and "value" in output.fields:
-        text = output.fields["value"].string_value
-    elif task.spec.HasField("tool") and task.result.HasField("output"):
-        text = json.dumps(json_format.MessageToDict(output), ensure_ascii=False)
-    else:
+    if task.spec.WhichOneof("kind") not in ("function", "tool"):
         return ""
+    text = returned_text(task)
     return text if len(text) <= _RETURNED else text[:_RETURNED] + " ... (`--json` has it all)"
 
 

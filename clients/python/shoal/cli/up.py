@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import shlex
 import shutil
 import socket
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from google.protobuf import json_format
 from rich.table import Table
 
 from shoal import _builders, demo_tasks
@@ -25,7 +23,7 @@ from shoal._server import collect_seldom, raise_open_files_limit
 from shoal._signals import until_signalled
 from shoal.cli.app import app, run_async
 from shoal.cli.options import AuthOpt, HttpListenOpt, VerboseOpt, given, setup_logging
-from shoal.cli.render import plain, state_text
+from shoal.cli.render import plain, returned_text, state_text
 from shoal.config import CoordinatorSettings, NodeSettings
 
 if TYPE_CHECKING:
@@ -188,11 +186,7 @@ async def _demo(address: str, token_file: Path | None) -> None:
     for col in ("name", "state", "exit", "node", "output"):
         table.add_column(col)
     for t in tasks:
-        output = t.result.stdout.strip() or t.result.stderr.strip()
-        if "value" in t.result.output.fields and t.spec.HasField("function"):
-            output = t.result.output.fields["value"].string_value
-        elif t.result.HasField("output"):
-            output = json.dumps(json_format.MessageToDict(t.result.output))
+        output = returned_text(t) or t.result.stdout.strip() or t.result.stderr.strip()
         table.add_row(
             *plain(t.spec.name),
             state_text(t.state),

@@ -153,48 +153,42 @@ class FunctionExecutor(Executor):
 
     async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
         f = spec.function
-        if f.name not in self._functions:
+        name = f.name
+        if name not in self._functions:
             # The coordinator sends a function only to nodes that offer it: only a caller that
             # picked the node itself gets here.
-            raise TaskError(f"function {f.name!r} is not offered here")
+            raise TaskError(f"function {name!r} is not offered here")
         self._ids += 1
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
-        frame = wire.encode_call(self._ids, f.name, f.args.encode(), f.kwargs.encode(), upstream)
-        run = _Run(self._ids, f.name, frame, ctx)
+        frame = wire.encode_call(self._ids, name, f.args.encode(), f.kwargs.encode(), upstream)
+        run = _Run(self._ids, name, frame, ctx)
+        pool, groups = self._pool, ctx.groups
         try:
             while True:  # again when its worker died running another call
-                worker = self._pool.send(run) or await self._pool.dispatch(run)
-                ctx.groups.add(worker.pid)
+                worker = pool.send(run) or await pool.dispatch(run)
+                groups.add(worker.pid)
                 try:
-                    outcome = await self._follow(run, worker)
+                    # Its frames up to the last (most calls send only that one).
+                    got = await run.next()
+                    while got is not None and got is not REQUEUE and got.kind not in ENDS:
+                        await self._pass_on(run, got)
+                        got = await run.next()
+                except asyncio.CancelledError:
+                    await self._stop(run, worker)
+                    raise
                 finally:
-                    paused = ctx.groups.paused
-                    ctx.groups.discard(worker.pid)
-                    if paused:
+                    if groups.paused:
                         worker.resume()
-                if outcome is not None:
+                    groups.discard(worker.pid)
+                if got is None:
+                    return await self._died(run, worker)
+                if got is not REQUEUE:
+                    outcome = self._outcome(run, got)
+                    # Calls sent with it are about to end too: their reports go in one message.
+                    outcome.more_follow = pool.fast_held > 0
                     return outcome
         finally:
             run.drop()
-
-    async def _follow(self, run: _Run, worker: WorkerProcess) -> Outcome | None:
-        """The call's outcome from its worker's frames; None when it is to be sent again."""
-        try:
-            while True:
-                frame = await run.next()
-                if frame is None:
-                    return await self._died(run, worker)
-                if frame is REQUEUE:
-                    return None
-                if frame.kind in ENDS:
-                    outcome = self._outcome(run, frame)
-                    # Calls sent with it are about to end too: their reports go in one message.
-                    outcome.more_follow = self._pool.fast_held > 0
-                    return outcome
-                await self._pass_on(run, frame)
-        except asyncio.CancelledError:
-            await self._stop(run, worker)
-            raise
 
     async def _pass_on(self, call: _Run, frame: Frame) -> None:
         """Pass on an output or progress frame (and ignore any other)."""

@@ -45,28 +45,39 @@ class Call:
         self.worker: WorkerProcess | None = None
         self.fast = False  # whether it was sent as a fast call (it may queue behind others)
         self._frames: collections.deque[Frame | None] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Frame | None] | None = None
         self._queued = 0  # bytes of the frames not yet taken
         self._stalled: WorkerProcess | None = None  # a worker not read until they are taken
 
     def put(self, frame: Frame | None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not self._frames and not waiter.done():
+            self._waiter = None  # it waits for this very frame (most calls): handed over
+            waiter.set_result(frame)
+            return
         self._frames.append(frame)
         if frame is not None and frame.data:
             self._queued += len(frame.data)
             if self._queued > BACKLOG and self.worker is not None and self._stalled is None:
                 self._stalled = self.worker
                 self._stalled.pause_reading()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     async def next(self) -> Frame | None:
         """The next frame (waits for it)."""
-        while not self._frames:
-            self._waiter = asyncio.get_running_loop().create_future()
+        if not self._frames:
+            waiter: asyncio.Future[Frame | None] = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
             try:
-                await self._waiter
+                return await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # handed over as it was cancelled
+                    handed = waiter.result()
+                    self._frames.appendleft(handed)
+                    self._queued += len(handed.data) if handed is not None else 0
+                raise
             finally:
-                self._waiter = None
+                if self._waiter is waiter:
+                    self._waiter = None
         frame = self._frames.popleft()
         if frame is not None and frame.data:
             self._queued -= len(frame.data)

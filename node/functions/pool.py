@@ -199,13 +199,15 @@ class WorkerPool:
             if call is None:
                 continue  # a call given up on, or a worker that says nonsense
             if frame.kind in ENDS:
-                del held[call.id]
+                del held[frame.id]
                 freed = True
                 self.fast_held -= call.fast
                 # A share, so that a few slow calls (the machine's load) count for no more
                 # than a few.
-                share = self._fast_share.get(call.name, 0.0)
-                self._fast_share[call.name] = 0.8 * share + 0.2 * (frame.number < self.fast_below)
+                shares = self._fast_share
+                shares[call.name] = 0.8 * shares.get(call.name, 0.0) + (
+                    0.2 if frame.number < self.fast_below else 0.0
+                )
             call.put(frame)
         if freed and self._waiters:
             self._notify()

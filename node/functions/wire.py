@@ -113,24 +113,33 @@ def json_object(data: bytes) -> dict[str, Any] | None:
 
 class FrameReader:
     """Whole frames out of a byte stream read in chunks of any size: `feed` what was read, then
-    take the `frames` it completed."""
+    take the `frames` it completed. A frame's data is cut from what was read once (a frame
+    read in many chunks is joined once it is whole, not at every chunk)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._parts: list[bytes] = []  # read, not yet made frames
+        self._held = 0  # their bytes
+        self._needed = HEAD.size  # bytes the next frame needs: its header, or all of it
         self._broken: WireError | None = None
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        if data:
+            self._parts.append(data)
+            self._held += len(data)
 
     def frames(self) -> list[Frame]:
         """The whole frames fed so far, in order; WireError once those before the first that
         breaks the protocol have been taken."""
         if self._broken is not None:
             raise self._broken
+        if self._held < self._needed:
+            return []
+        parts = self._parts
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
         out: list[Frame] = []
-        buf, at, end = self._buf, 0, len(self._buf)
+        at, end, unpack = 0, len(buf), HEAD.unpack_from
         while end - at >= HEAD.size:
-            size, kind, call_id, number = HEAD.unpack_from(buf, at)
+            size, kind, call_id, number = unpack(buf, at)
             if not _REST <= size <= MAX_FRAME:
                 self._broken = WireError(f"a frame of {size} bytes (from {_REST} to {MAX_FRAME})")
                 if not out:
@@ -138,11 +147,19 @@ class FrameReader:
                 break
             stop = at + 4 + size
             if stop > end:
+                self._needed = stop - at
                 break
-            out.append(Frame(kind, call_id, number, bytes(buf[at + HEAD.size : stop])))
+            out.append(_frame(Frame, (kind, call_id, number, buf[at + HEAD.size : stop])))
             at = stop
-        del buf[:at]
+        else:
+            self._needed = HEAD.size
+        rest = buf[at:] if at else buf
+        self._parts = [rest] if rest else []
+        self._held = len(rest)
         return out
+
+
+_frame = tuple.__new__  # a Frame made from its fields without NamedTuple's own __new__ (hot)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -27,6 +27,7 @@ from shoal._function import AsyncHandle, Function, failure
 from shoal.coordinator.progress import MIN_INTERVAL, accepted_progress
 from shoal.errors import InvalidArgument, RemoteError
 from shoal.node.functions import wire
+from shoal.node.functions.call import Call
 from shoal.node.functions.pool import DEPTH, depth_for
 from shoal.node.functions.wire import (
     MAX_FRAME,
@@ -473,6 +474,25 @@ def test_frames_are_whole_whatever_the_reads() -> None:
         frames.feed(data[at : at + 7])
         got += frames.frames()
     assert [f.id for f in got] == list(range(50)) and got[3].data.decode() == "ééé"
+
+
+async def test_a_calls_frames_arrive_in_order_and_none_is_lost_to_a_cancel() -> None:
+    call = Call(1, "m:f", b"")
+    waiting = asyncio.create_task(call.next())
+    await asyncio.sleep(0)
+    out, done = Frame(wire.OUT, 1, 1, b"hi"), Frame(wire.DONE, 1, 0.0, b"4")
+    call.put(out)  # handed to the waiting task
+    call.put(done)  # held for the next look
+    assert await waiting == out and await call.next() == done
+    # A frame handed over just as the task that waited for it was cancelled is kept.
+    waiting = asyncio.create_task(call.next())
+    await asyncio.sleep(0)
+    call.put(done)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    async with asyncio.timeout(5):
+        assert await call.next() == done
 
 
 def test_a_call_frame_holds_its_parts_and_one_that_lies_about_them_is_refused() -> None:

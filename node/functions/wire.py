@@ -113,29 +113,32 @@ def json_object(data: bytes) -> dict[str, Any] | None:
 
 class FrameReader:
     """Whole frames out of a byte stream read in chunks of any size: `feed` what was read, then
-    take the `frames` it completed. A frame's data is cut from what was read once (a frame
-    read in many chunks is joined once it is whole, not at every chunk)."""
+    take the `frames` it completed. A frame's data is cut from what was read once; a frame
+    that comes in many reads grows one buffer until it is whole."""
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []  # read, not yet made frames
-        self._held = 0  # their bytes
+        self._buf: bytes | bytearray = b""  # read, not yet made frames
         self._needed = HEAD.size  # bytes the next frame needs: its header, or all of it
         self._broken: WireError | None = None
 
     def feed(self, data: bytes) -> None:
-        if data:
-            self._parts.append(data)
-            self._held += len(data)
+        if not self._buf:
+            self._buf = data  # most reads: whole frames, taken as they are
+            return
+        if type(self._buf) is bytes:
+            self._buf = bytearray(self._buf)
+        self._buf += data
 
     def frames(self) -> list[Frame]:
         """The whole frames fed so far, in order; WireError once those before the first that
         breaks the protocol have been taken."""
         if self._broken is not None:
             raise self._broken
-        if self._held < self._needed:
+        buf = self._buf
+        if len(buf) < self._needed:
             return []
-        parts = self._parts
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        if type(buf) is bytearray:
+            buf = bytes(buf)
         out: list[Frame] = []
         at, end, unpack = 0, len(buf), HEAD.unpack_from
         while end - at >= HEAD.size:
@@ -153,9 +156,7 @@ class FrameReader:
             at = stop
         else:
             self._needed = HEAD.size
-        rest = buf[at:] if at else buf
-        self._parts = [rest] if rest else []
-        self._held = len(rest)
+        self._buf = buf[at:] if at else buf
         return out
 
 

@@ -408,6 +408,19 @@ def test_arguments_that_no_worker_would_take_are_refused_at_submit(
     assert found == [(f"spec.{field}", True)]
 
 
+def test_a_function_call_that_asks_for_secrets_is_refused_at_submit() -> None:
+    """Its worker serves every call of the function: a secret would outlive the call (and a
+    call accepted with one would run without it)."""
+    spec = task_pb2.TaskSpec(
+        function=task_pb2.FunctionSpec(name="a:b"), secrets=[task_pb2.SecretRef(name="key")]
+    )
+    with pytest.raises(InvalidArgument) as refused:
+        validate_batch([spec], Limits(), single=True)
+    assert [v.field for v in refused.value.violations] == ["spec.secrets"]
+    spec.ClearField("secrets")
+    validate_batch([spec], Limits(), single=True)
+
+
 def test_arguments_the_workers_take_pass() -> None:
     later = task_pb2.FunctionSpec(
         name="a:b",

@@ -173,6 +173,11 @@ def _check_secrets(
 ) -> None:
     if len(spec.secrets) > limits.max_labels:
         bad("secrets", f"more than {limits.max_labels} entries")
+    if kind == "function":
+        # Its warm worker process serves every call of the function, whoever made it: a
+        # secret put in its environment would outlive the call.
+        bad("secrets", "a function call takes no secrets (its worker serves every call)")
+        return
     seen = set(getattr(spec, kind).env) if kind in ("shell", "python", "docker") else set()
     for i, ref in enumerate(spec.secrets):
         env = ref.env or ref.name

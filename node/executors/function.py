@@ -52,11 +52,13 @@ def _worker_env() -> dict[str, str]:
 class _Run(Call):
     """A call of a task, and the last `output_tail_bytes` of each stream it printed on."""
 
-    __slots__ = ("_tails", "ctx")
+    __slots__ = ("_tails", "ctx", "followed")
 
-    def __init__(self, call_id: int, name: str, frame: bytes, ctx: ExecutionContext) -> None:
+    ctx: ExecutionContext  # its task's, given once the node has started the task
+
+    def __init__(self, call_id: int, name: str, frame: bytes) -> None:
         super().__init__(call_id, name, frame)
-        self.ctx = ctx
+        self.followed = False  # whether `run` has taken it up (it may be sent ahead of it)
         self._tails: dict[int, _Tail] = {}  # most calls print nothing
 
     def keep(self, stream: int, text: str) -> None:
@@ -90,6 +92,7 @@ class FunctionExecutor(Executor):
         self._pool = WorkerPool(settings.imports, settings.slots, _worker_env(), self.users)
         self._functions: frozenset[str] = frozenset()
         self._ids = 0
+        self._dropping: set[asyncio.Task[None]] = set()  # calls sent ahead being stopped
 
     def available(self) -> bool:
         return bool(self.settings.imports)
@@ -150,8 +153,11 @@ class FunctionExecutor(Executor):
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+        for task in list(self._dropping):
+            task.cancel()
+        await asyncio.gather(*self._dropping, return_exceptions=True)
 
-    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
+    def _call(self, spec: task_pb2.TaskSpec) -> _Run:
         f = spec.function
         name = f.name
         if name not in self._functions:
@@ -161,11 +167,47 @@ class FunctionExecutor(Executor):
         self._ids += 1
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
         frame = wire.encode_call(self._ids, name, f.args.encode(), f.kwargs.encode(), upstream)
-        run = _Run(self._ids, name, frame, ctx)
+        return _Run(self._ids, name, frame)
+
+    def send_ahead(self, spec: task_pb2.TaskSpec) -> _Run | None:
+        """A call of a fast function, sent to a worker that takes it now: the calls of a turn
+        reach it in one write while the node starts their tasks (one at a time, each with
+        its report), and it answers them meanwhile."""
+        if spec.function.name not in self._functions or not self._pool.fast(spec.function.name):
+            return None
+        run = self._call(spec)
+        return run if self._pool.send(run) is not None else None
+
+    def drop_ahead(self, ahead: object) -> None:
+        """Stop a call sent ahead whose task ended before `run` took it up (as a cancelled
+        call is stopped: dropped, cancelled in place, or its worker killed)."""
+        if not isinstance(ahead, _Run) or ahead.followed:
+            return
+        ahead.followed = True
+        if ahead.worker is None:
+            ahead.drop()
+            return
+        task = asyncio.get_running_loop().create_task(self._dropped(ahead, ahead.worker))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _dropped(self, run: _Run, worker: WorkerProcess) -> None:
+        try:
+            await self._stop(run, worker)
+        finally:
+            run.drop()
+
+    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
+        if ctx.secret_env:  # refused at submit: a caller of the node's own service only
+            raise TaskError("a function call takes no secrets (its worker serves every call)")
+        run = ctx.ahead if isinstance(ctx.ahead, _Run) else self._call(spec)
+        run.followed, run.ctx = True, ctx
         pool, groups = self._pool, ctx.groups
         try:
             while True:  # again when its worker died running another call
-                worker = pool.send(run) or await pool.dispatch(run)
+                worker = run.worker  # a worker's already, when sent ahead
+                if worker is None:
+                    worker = pool.send(run) or await pool.dispatch(run)
                 groups.add(worker.pid)
                 try:
                     # Its frames up to the last (most calls send only that one).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,26 @@ async def test_map_over_more_inputs_than_one_batch_holds(mesh_factory: MeshFacto
     assert await asyncio.to_thread(blocking) == [i * i for i in range(count)]
 
 
+def _reads(path: Path, text: str) -> Callable[[], None]:
+    """A check (for `eventually`) that `path` holds `text`."""
+
+    def check() -> None:
+        assert path.read_text() == text
+
+    return check
+
+
 async def test_cancel_timeout_and_retry(mesh: Mesh, tmp_path: Path) -> None:
     client = mesh.client
     marker = tmp_path / "cancelled"
     waiting = await fm.wait_async.async_submit(client, 60, str(marker))
     # Running in its worker (a call cancelled before its worker starts it is dropped).
-    await eventually(lambda: marker.read_text() == "started" or None, retry_on=(OSError,))
+    await eventually(_reads(marker, "started"), retry_on=(OSError, AssertionError))
     await waiting.cancel()
     done = await client.wait(waiting.task_id)
     assert done.state == task_pb2.TASK_STATE_CANCELLED
-    await eventually(lambda: marker.read_text() == "cancelled" or None, retry_on=(OSError,))
-    assert marker.read_text() == "cancelled"  # CancelledError reached the function
+    # CancelledError reached the function.
+    await eventually(_reads(marker, "cancelled"), retry_on=(OSError, AssertionError))
 
     shut = fm.Gate(tmp_path / "never")  # never opened: only the worker's end ends the call
     stuck = await fm.wait_sync.async_submit(client, str(shut))  # its worker is replaced

@@ -25,7 +25,7 @@ from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
 from shoal.node.functions.call import REQUEUE, Call
 from shoal.node.functions.pool import WorkerPool
-from shoal.node.functions.process import START_TIMEOUT, WorkerProcess
+from shoal.node.functions.process import FEED, START_TIMEOUT, WorkerProcess
 from shoal.node.functions.wire import ENDS, Frame
 from shoal.v1 import node_pb2, task_pb2
 
@@ -170,10 +170,13 @@ class FunctionExecutor(Executor):
         return _Run(self._ids, name, frame)
 
     def send_ahead(self, spec: task_pb2.TaskSpec) -> _Run | None:
-        """A call of a fast function, sent to a worker that takes it now: the calls of a turn
-        reach it in one write while the node starts their tasks (one at a time, each with
-        its report), and it answers them meanwhile."""
-        if spec.function.name not in self._functions or not self._pool.fast(spec.function.name):
+        """A call of a fast function, sent to a worker that takes it now, while the workers
+        hold fewer than FEED fast calls: the first calls of a turn reach a worker while the
+        node starts their tasks (one at a time, each with its report), and it answers them
+        meanwhile. Beyond, a worker has enough to start on, and each call sent ahead costs
+        its task a turn of the loop."""
+        name = spec.function.name
+        if self._pool.fast_held >= FEED or name not in self._functions or not self._pool.fast(name):
             return None
         run = self._call(spec)
         return run if self._pool.send(run) is not None else None

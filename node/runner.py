@@ -342,41 +342,31 @@ class Runner:
                 return TaskError(err.message).outcome()
             if secret_env:
                 redactor = Redactor(secret_env.values())
-            ahead = None if secret_env else executor.send_ahead(spec)
+            run.report.started()
+            output = OutputCap(
+                run.report.output,
+                limit=self.settings.max_output_bytes,
+                tail=self.settings.output_tail_bytes,
+            )
+            ctx = ExecutionContext(
+                run.task_id,
+                output,
+                self.settings.output_tail_bytes,
+                secret_env=secret_env,
+                redactor=redactor,
+                workdir=self.settings.workdir,
+                groups=run.groups,
+                paced=self._output_room if isinstance(run.report, AttemptReport) else unpaced,
+                progress=run.progress,
+            )
             try:
-                if ahead is not None:
-                    # The turn's other tasks send theirs too before any is reported started:
-                    # their process gets them together, and starts on them meanwhile.
-                    await asyncio.sleep(0)
-                run.report.started()
-                output = OutputCap(
-                    run.report.output,
-                    limit=self.settings.max_output_bytes,
-                    tail=self.settings.output_tail_bytes,
-                )
-                ctx = ExecutionContext(
-                    run.task_id,
-                    output,
-                    self.settings.output_tail_bytes,
-                    secret_env=secret_env,
-                    redactor=redactor,
-                    workdir=self.settings.workdir,
-                    groups=run.groups,
-                    paced=self._output_room if isinstance(run.report, AttemptReport) else unpaced,
-                    progress=run.progress,
-                    ahead=ahead,
-                )
-                try:
-                    if timeout is None:  # nothing to time: no timeout to pause either
+                if timeout is None:  # nothing to time: no timeout to pause either
+                    outcome = await executor.run(spec, ctx)
+                else:
+                    async with run.deadline.running(timeout):
                         outcome = await executor.run(spec, ctx)
-                    else:
-                        async with run.deadline.running(timeout):
-                            outcome = await executor.run(spec, ctx)
-                finally:
-                    output.close()
             finally:
-                if ahead is not None:
-                    executor.drop_ahead(ahead)  # nothing, once `run` has taken it up
+                output.close()
         except TimeoutError:
             if timeout is None:  # not its deadline: an executor let one of its own escape
                 raise

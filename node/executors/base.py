@@ -59,8 +59,6 @@ class ExecutionContext:
     paced: Callable[[], Awaitable[None]] = unpaced
     # Called with what the task says of its progress (a fraction 0..1, a message).
     progress: Callable[[float, str], None] = lambda fraction, message: None
-    # What the executor's `send_ahead` sent of the task (its own), or None.
-    ahead: object | None = None
 
 
 @dataclass
@@ -153,19 +151,6 @@ class Executor(ABC):
 
     def offers_now(self, heartbeat: node_pb2.Heartbeat) -> None:
         """Add to a heartbeat what it offers that changes while the node runs (loaded models)."""
-        return None
-
-    def send_ahead(self, spec: task_pb2.TaskSpec) -> object | None:
-        """Send the task to where it runs before the node's own work of starting it (its
-        report, its context), when that process is warm and takes it at once: the tasks of
-        one turn then reach it together, and it starts on them while the node goes on.
-        What was sent (None: nothing, as for most executors): `run` takes it up as
-        `ctx.ahead`, or `drop_ahead` stops it if the task is stopped first. Called once the
-        task holds its slot."""
-        return None
-
-    def drop_ahead(self, ahead: object) -> None:
-        """Stop what `send_ahead` sent, unless `run` has taken it up."""
         return None
 
     async def async_refresh(self) -> bool:

@@ -25,7 +25,7 @@ from shoal.node.executors.taskuser import TaskUsers
 from shoal.node.functions import wire
 from shoal.node.functions.call import REQUEUE, Call
 from shoal.node.functions.pool import WorkerPool
-from shoal.node.functions.process import FEED, START_TIMEOUT, WorkerProcess
+from shoal.node.functions.process import START_TIMEOUT, WorkerProcess
 from shoal.node.functions.wire import ENDS, Frame
 from shoal.v1 import node_pb2, task_pb2
 
@@ -52,13 +52,11 @@ def _worker_env() -> dict[str, str]:
 class _Run(Call):
     """A call of a task, and the last `output_tail_bytes` of each stream it printed on."""
 
-    __slots__ = ("_tails", "ctx", "followed")
+    __slots__ = ("_tails", "ctx")
 
-    ctx: ExecutionContext  # its task's, given once the node has started the task
-
-    def __init__(self, call_id: int, name: str, frame: bytes) -> None:
+    def __init__(self, call_id: int, name: str, frame: bytes, ctx: ExecutionContext) -> None:
         super().__init__(call_id, name, frame)
-        self.followed = False  # whether `run` has taken it up (it may be sent ahead of it)
+        self.ctx = ctx
         self._tails: dict[int, _Tail] = {}  # most calls print nothing
 
     def keep(self, stream: int, text: str) -> None:
@@ -92,7 +90,6 @@ class FunctionExecutor(Executor):
         self._pool = WorkerPool(settings.imports, settings.slots, _worker_env(), self.users)
         self._functions: frozenset[str] = frozenset()
         self._ids = 0
-        self._dropping: set[asyncio.Task[None]] = set()  # calls sent ahead being stopped
 
     def available(self) -> bool:
         return bool(self.settings.imports)
@@ -153,11 +150,8 @@ class FunctionExecutor(Executor):
 
     async def aclose(self) -> None:
         await self._pool.aclose()
-        for task in list(self._dropping):
-            task.cancel()
-        await asyncio.gather(*self._dropping, return_exceptions=True)
 
-    def _call(self, spec: task_pb2.TaskSpec) -> _Run:
+    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
         f = spec.function
         name = f.name
         if name not in self._functions:
@@ -167,50 +161,11 @@ class FunctionExecutor(Executor):
         self._ids += 1
         upstream = _json.dumps(dict(f.upstream)) if f.upstream else b""
         frame = wire.encode_call(self._ids, name, f.args.encode(), f.kwargs.encode(), upstream)
-        return _Run(self._ids, name, frame)
-
-    def send_ahead(self, spec: task_pb2.TaskSpec) -> _Run | None:
-        """A call of a fast function, sent to a worker that takes it now, while the workers
-        hold fewer than FEED fast calls: the first calls of a turn reach a worker while the
-        node starts their tasks (one at a time, each with its report), and it answers them
-        meanwhile. Beyond, a worker has enough to start on, and each call sent ahead costs
-        its task a turn of the loop."""
-        name = spec.function.name
-        if self._pool.fast_held >= FEED or name not in self._functions or not self._pool.fast(name):
-            return None
-        run = self._call(spec)
-        return run if self._pool.send(run) is not None else None
-
-    def drop_ahead(self, ahead: object) -> None:
-        """Stop a call sent ahead whose task ended before `run` took it up (as a cancelled
-        call is stopped: dropped, cancelled in place, or its worker killed)."""
-        if not isinstance(ahead, _Run) or ahead.followed:
-            return
-        ahead.followed = True
-        if ahead.worker is None:
-            ahead.drop()
-            return
-        task = asyncio.get_running_loop().create_task(self._dropped(ahead, ahead.worker))
-        self._dropping.add(task)
-        task.add_done_callback(self._dropping.discard)
-
-    async def _dropped(self, run: _Run, worker: WorkerProcess) -> None:
-        try:
-            await self._stop(run, worker)
-        finally:
-            run.drop()
-
-    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
-        if ctx.secret_env:  # refused at submit: a caller of the node's own service only
-            raise TaskError("a function call takes no secrets (its worker serves every call)")
-        run = ctx.ahead if isinstance(ctx.ahead, _Run) else self._call(spec)
-        run.followed, run.ctx = True, ctx
+        run = _Run(self._ids, name, frame, ctx)
         pool, groups = self._pool, ctx.groups
         try:
             while True:  # again when its worker died running another call
-                worker = run.worker  # a worker's already, when sent ahead
-                if worker is None:
-                    worker = pool.send(run) or await pool.dispatch(run)
+                worker = pool.send(run) or await pool.dispatch(run)
                 groups.add(worker.pid)
                 try:
                     # Its frames up to the last (most calls send only that one).

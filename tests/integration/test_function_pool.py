@@ -240,53 +240,6 @@ async def test_a_call_cancelled_while_queued_never_runs(
     assert not marker.exists()
 
 
-async def test_a_call_sent_ahead_runs_once_and_its_task_takes_up_its_answer(
-    executor: FunctionExecutor, tmp_path: Path
-) -> None:
-    executor._pool.fast_below = 10.0  # whatever the machine's load: fast
-    for i in range(4):
-        await executor.run(fm.flaky.spec(str(tmp_path / f"warm-{i}")), _ctx())
-    counter = tmp_path / "counter"
-    spec = fm.flaky.spec(str(counter))
-    ahead = executor.send_ahead(spec)
-    assert ahead is not None
-
-    # It runs before its task has started (the node is still reporting it, making its context).
-    def ran() -> None:
-        assert counter.read_text() == "1"
-
-    await eventually(ran, retry_on=(OSError, AssertionError))
-    ctx = ExecutionContext("t", lambda chunk: None, 4096, ahead=ahead)
-    outcome = await executor.run(spec, ctx)
-    # Once, not again by `run`: no worker holds it any more.
-    assert all(ahead.id not in w.held for w in executor._pool._all)
-    executor.drop_ahead(ahead)  # taken up: nothing to stop
-    assert outcome.state == task_pb2.TASK_STATE_FAILED and "attempt 1 fails" in outcome.result.error
-    assert counter.read_text() == "1"
-    assert executor.send_ahead(fm.wait_sync.spec("slow")) is None  # not known to be fast
-
-
-async def test_a_call_sent_ahead_of_a_task_stopped_before_it_started_is_stopped(
-    executor: FunctionExecutor, tmp_path: Path
-) -> None:
-    gate = fm.Gate(tmp_path / "gate")
-    await _made_fast(executor, gate)
-    pid_file = Path(f"{gate}.pid")
-    pid_file.unlink()  # noqa: ASYNC240
-    ahead = executor.send_ahead(fm.pid_after.spec(str(gate)))
-    assert ahead is not None
-    pid = int(await eventually(lambda: pid_file.read_text(), retry_on=(OSError, ValueError)))
-    executor.drop_ahead(ahead)  # its task was cancelled as the node started it
-
-    # A sync call cannot be interrupted: its worker is killed, and replaced.
-    def replaced() -> None:
-        assert all(w.pid != pid for w in executor._pool._all)
-
-    await eventually(replaced)
-    gate.open()
-    assert await _value(asyncio.create_task(executor.run(fm.square.spec(3), _ctx()))) == "9"
-
-
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 async def test_the_one_file_executable_offers_no_functions(
     monkeypatch: pytest.MonkeyPatch,

@@ -5,9 +5,7 @@ progress, sampled."""
 from __future__ import annotations
 
 import ast
-import asyncio
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -67,59 +65,6 @@ def test_what_an_executor_offers_is_in_the_nodes_info_and_heartbeats(tmp_path: P
     assert list(info.tools) == ["lookup"]
     assert list(info.llm_providers) == ["acme"]
     assert list(node.heartbeat().loaded_models) == ["tiny"]
-
-
-class _Ahead(Executor):
-    """Sends each task ahead (what it sent: a list of what then happened to it); a task whose
-    spec says `stop` is cancelled as it is sent."""
-
-    name = "ahead"
-
-    def __init__(self, settings: NodeSettings) -> None:
-        super().__init__(settings)
-        self.sent: list[list[str]] = []
-        self.stop: Callable[[], None] = lambda: None
-
-    def send_ahead(self, spec: task_pb2.TaskSpec) -> object | None:
-        self.sent.append(what := ["sent"])
-        if spec.custom.params.fields.get("stop"):
-            self.stop()
-        return what
-
-    def drop_ahead(self, ahead: object) -> None:
-        assert isinstance(ahead, list)
-        ahead.append("dropped")
-
-    async def run(self, spec: task_pb2.TaskSpec, ctx: ExecutionContext) -> Outcome:
-        assert isinstance(ctx.ahead, list)
-        ctx.ahead.append("run")
-        return Outcome(task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TaskResult())
-
-
-async def test_what_is_sent_ahead_is_run_or_dropped_when_its_task_stops_first(
-    tmp_path: Path,
-) -> None:
-    settings = NodeSettings(standalone=True, guard=False, workdir=tmp_path, slots=2)
-    ahead = _Ahead(settings)
-    node = NodeAgent(settings, executors={"ahead": ahead})
-    spec = task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="ahead"))
-    ran = node.runner.execute(spec)
-    await asyncio.wait_for(ran.ended.wait(), 10)
-    assert ran.state == task_pb2.TASK_STATE_SUCCEEDED
-    stopped = task_pb2.TaskSpec()
-    stopped.CopyFrom(spec)
-    stopped.custom.params.update({"stop": True})
-
-    def stop() -> None:
-        node.runner.cancel_direct("stops")
-
-    ahead.stop = stop
-    cancelled = node.runner.execute(stopped, "stops")
-    await asyncio.wait_for(cancelled.ended.wait(), 10)
-    assert cancelled.state == task_pb2.TASK_STATE_CANCELLED
-    # The runner always says when it is done with what was sent: `drop_ahead` does nothing
-    # once `run` has taken it up.
-    assert ahead.sent == [["sent", "run", "dropped"], ["sent", "dropped"]]
 
 
 class _Progress:

@@ -49,6 +49,7 @@ class _Run:
     priority: int = task_pb2.PRIORITY_NORMAL
     slot: bool = False  # whether it holds one of the node's slots
     task: asyncio.Task[None] | None = None
+    begun: bool = False  # whether its task has begun (a task cancelled before would not end)
     stop: str = ""  # a Stop reason, once stopped
     groups: ProcessGroups = field(default_factory=ProcessGroups)  # its processes, to pause
     deadline: PausableDeadline = field(default_factory=PausableDeadline)  # its timeout
@@ -262,12 +263,21 @@ class Runner:
     def _stop(run: _Run, why: str) -> None:
         run.stop = why
         run.resume()  # a paused task runs again before it is killed
-        if run.task is not None:
+        # One that has not begun (stopped in the turn it was started) sees `stop` as it
+        # begins: cancelled now, its coroutine would end before its `finally` could report it
+        # and give back its slot.
+        if run.task is not None and run.begun:
             run.task.cancel()
 
     async def _run(self, run: _Run, spec: task_pb2.TaskSpec) -> None:
+        run.begun = True
         try:
-            outcome = await self._execute(run, spec)
+            if run.stop:  # stopped before it began: nothing ran
+                outcome = Outcome(
+                    task_pb2.TASK_STATE_CANCELLED, task_pb2.TaskResult(error=run.stop)
+                )
+            else:
+                outcome = await self._execute(run, spec)
         except Exception as err:  # a bug: still report an outcome, or the slot stays taken
             _log.exception("node=%s task=%s failed to run", self.node_id, run.task_id)
             outcome = Outcome(

@@ -5,6 +5,7 @@ progress, sampled."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +66,20 @@ def test_what_an_executor_offers_is_in_the_nodes_info_and_heartbeats(tmp_path: P
     assert list(info.tools) == ["lookup"]
     assert list(info.llm_providers) == ["acme"]
     assert list(node.heartbeat().loaded_models) == ["tiny"]
+
+
+async def test_a_task_stopped_in_the_turn_it_was_started_ends_and_gives_back_its_slot(
+    tmp_path: Path,
+) -> None:
+    """Cancelled before its coroutine began, it would end without its `finally`: never
+    reported, its slot never given back (a node's Execute and Cancel read in one turn)."""
+    settings = NodeSettings(standalone=True, guard=False, workdir=tmp_path, slots=1)
+    runner = NodeAgent(settings).runner
+    started = runner.execute(task_pb2.TaskSpec(custom=task_pb2.CustomSpec(executor="noop")))
+    runner.cancel_direct(started.id)
+    await asyncio.wait_for(started.ended.wait(), 10)
+    assert started.state == task_pb2.TASK_STATE_CANCELLED
+    assert runner.slots.free == 1 and not runner.running and runner.idle.is_set()
 
 
 class _Progress:

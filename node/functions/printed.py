@@ -163,8 +163,6 @@ class _Descriptors:
     the node's stderr's between calls."""
 
     def __init__(self) -> None:
-        global _node_stderr
-        _node_stderr = os.dup(2)
         self._lock = threading.Lock()
         self._waited = select.poll()  # by the thread (one poll object is not for two threads)
         self._looked = select.poll()  # by `drain`, under the lock
@@ -257,7 +255,8 @@ def to_node(text: str) -> None:
 
 def capture_descriptors() -> None:
     """Make fd 1 and 2 pipes whose writes are the running call's output (`install` first)."""
-    global _descriptors
+    global _descriptors, _node_stderr
+    _node_stderr = os.dup(2)  # before fd 2 becomes a pipe
     _descriptors = _Descriptors()
     for stream in (1, 2):
         _buffers[stream] = io.BufferedWriter(io.FileIO(stream, "wb", closefd=False))

@@ -13,7 +13,14 @@ from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.encoding import attempt_id, task_change
 from shoal.coordinator.engine.dispatch import Dispatcher
 from shoal.coordinator.engine.lifecycle import TaskLifecycle
-from shoal.coordinator.engine.states import ASSIGNED, CANCELLED, FAILED, PENDING, RUNNING
+from shoal.coordinator.engine.states import (
+    ASSIGNED,
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+)
 from shoal.coordinator.gates.breakers import node_key
 from shoal.coordinator.gates.ratelimit import TokenBucket
 from shoal.coordinator.progress import accepted_progress
@@ -304,9 +311,19 @@ class NodeSessions:
                         self._k.requeue(rec)
                     continue
                 state = u.finished.state
+                had_output = u.finished.result.HasField("output")
                 result = bounded_result(u.finished.result, self._k.options.max_result_bytes)
                 if state not in FINAL_STATES:
                     result.error = result.error or f"node reported non-final state {state}"
+                    state = FAILED
+                elif (
+                    state == SUCCEEDED
+                    and had_output
+                    and not result.HasField("output")
+                    and rec.spec.HasField("function")
+                ):
+                    # Its value is what a function call is for: without it, it did not succeed.
+                    result.error = "its return value is over the coordinator's max_result_bytes"
                     state = FAILED
                 self._d.end_attempt(rec, session.node_id, result)
                 if rec.cancel_requested:

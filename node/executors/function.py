@@ -34,7 +34,9 @@ __all__ = ["FunctionExecutor"]
 _log = logging.getLogger("shoal.node")
 _STOP_GRACE = 3.0  # seconds a cancelled call has to stop before its worker is killed
 _SLOW_START = 5.0  # seconds of importing after which the node says what it waits for
-MAX_RESULT_BYTES = 1 << 20  # a function's return value, as JSON (the coordinator keeps 1 MiB)
+MAX_RESULT_BYTES = (1 << 20) - 4096
+"""A function's return value, as JSON: what a coordinator keeps of a result by default (1 MiB,
+`max_result_bytes`), less room for the result's other fields."""
 _STREAMS: tuple[tuple[int, Stream], ...] = (
     (task_pb2.OUTPUT_STREAM_STDOUT, "stdout"),
     (task_pb2.OUTPUT_STREAM_STDERR, "stderr"),

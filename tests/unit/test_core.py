@@ -330,6 +330,37 @@ async def test_upstream_values_too_large_to_send_fail_the_task_and_free_its_slot
         await c.stop()
 
 
+async def test_a_result_over_the_limit_keeps_its_value_and_a_call_without_its_value_fails(
+    tmp_path: Path,
+) -> None:
+    """The output tails give way to a function's value; a value too large by itself is
+    dropped, and a call that succeeded without it has failed (no value to return)."""
+    c = Coordinator(SqliteStore(tmp_path / "s.db"), CoreOptions(max_result_bytes=10_000))
+    await c.start()
+    try:
+        call = task_pb2.TaskSpec(function=task_pb2.FunctionSpec(name="m:f"))
+        kept, dropped = await c.submit([call, call], by=ALICE)
+        info = node_pb2.NodeInfo(node_id="n1", executors=["function"], slots=2, functions=["m:f"])
+        session = c.attach(node_pb2.Hello(info=info), "peer", by=NODE)
+        updates = []
+        for a, size in zip(await assignments(session), (6_000, 12_000), strict=True):
+            result = task_pb2.TaskResult(stdout="o" * 9_000 + "end")
+            result.output.fields["value"].string_value = "7" * size
+            done = node_pb2.Finished(state=task_pb2.TASK_STATE_SUCCEEDED, result=result)
+            updates.append(node_pb2.TaskUpdate(task_id=a.task_id, attempt=a.attempt, finished=done))
+        c.on_message(session, node_pb2.NodeMessage(updates=node_pb2.UpdateBatch(updates=updates)))
+
+        ok = await c.wait(kept.task_id, None, by=ALICE)
+        assert ok.state == task_pb2.TASK_STATE_SUCCEEDED
+        assert ok.result.output.fields["value"].string_value == "7" * 6_000
+        assert ok.result.stdout.endswith("end") and ok.result.ByteSize() <= 10_000
+        failed = await c.wait(dropped.task_id, None, by=ALICE)
+        assert failed.state == task_pb2.TASK_STATE_FAILED
+        assert "max_result_bytes" in failed.result.error
+    finally:
+        await c.stop()
+
+
 async def test_an_outcome_the_store_cannot_write_is_not_final_until_it_is_recorded(
     tmp_path: Path,
 ) -> None:

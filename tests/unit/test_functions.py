@@ -395,6 +395,29 @@ def test_a_function_spec_is_validated() -> None:
             task_pb2.FunctionSpec(args="[null]", upstream={"1": "${{ deps[0].output.value }}"}),
             "args has no position 1",
         ),
+        ("function.args", task_pb2.FunctionSpec(args="[1e400]"), "out of a float's range"),
+        ("function.kwargs", task_pb2.FunctionSpec(kwargs='{"x": -1e999}'), "out of a float"),
+        # An upstream's output is data: filled in as text, it could reshape the arguments.
+        (
+            "function.kwargs",
+            task_pb2.FunctionSpec(kwargs='{"path": "${{ deps[0].stdout }}", "dry_run": true}'),
+            "function.upstream",
+        ),
+        ("function.args", task_pb2.FunctionSpec(args='["${{ deps[0].stdout }}"]'), "upstream"),
+        (
+            "function.upstream['0']",
+            task_pb2.FunctionSpec(args="[null]", upstream={"0": "[${{ deps[0].stdout }}]"}),
+            "one reference and nothing else",
+        ),
+        # Digits to str.isdigit that are no position: refused, not dropped (or an error).
+        *(
+            (
+                "function.upstream",
+                task_pb2.FunctionSpec(args="[1, 2]", upstream={key: "${{ deps[0].output }}"}),
+                "neither a position nor an argument name",
+            )
+            for key in ("\u00b2", "\u0660", "00", "01")
+        ),
     ],
 )
 def test_arguments_that_no_worker_would_take_are_refused_at_submit(
@@ -430,6 +453,31 @@ def test_arguments_the_workers_take_pass() -> None:
     )
     after = [task_pb2.Dependency(task_id=t) for t in ("t-1", "t-2")]
     validate_batch([task_pb2.TaskSpec(function=later, depends_on=after)], Limits(), single=True)
+
+
+def test_a_result_holding_lone_surrogates_comes_back_as_it_was_returned() -> None:
+    """A file name that is not UTF-8 (os.listdir's surrogate escapes), as an argument may."""
+
+    def names(values: list[str]) -> list[str]:
+        return values
+
+    codec = _codec.CallCodec(names)
+    value = ["a\udcff", "\ud800", "plain"]
+    assert codec.decode_result(codec.encode_result(value)) == value
+    with pytest.raises(CodecError):
+        codec.decode_result('["a", 1')
+
+
+def test_a_number_beyond_a_float_is_not_json_here() -> None:
+    for text in ("[1e400]", b'{"a": [2, -1e309]}'):
+        with pytest.raises(ValueError, match="range"):
+            _json.loads(text)
+    assert _json.loads('["1e400", 1.5e308, 1e-999, 123456789012345678901234567890]') == [
+        "1e400",
+        1.5e308,
+        0.0,
+        123456789012345678901234567890,
+    ]
 
 
 def test_a_remote_exception_is_raised_typed() -> None:

@@ -22,7 +22,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shoal import _json
-from shoal.spec_checks import is_import_path
+from shoal.spec_checks import is_import_path, is_position
 
 __all__ = [
     "SCALARS",
@@ -75,7 +75,7 @@ def _put(container: Any, path: list[str], value: Any) -> None:
     for i, step in enumerate(path):
         key: Any = step.replace("~1", "/").replace("~0", "~")
         if isinstance(container, list):
-            if not key.isdigit() or int(key) >= len(container):
+            if not is_position(key) or int(key) >= len(container):
                 raise CodecError(f"upstream place {'/'.join(path)!r} is not in the argument")
             key = int(key)
         elif not isinstance(container, dict) or key not in container:
@@ -271,7 +271,7 @@ class CallCodec:
         for key, text in nested.items():
             head, *path = key.split("/")
             try:
-                holder: Any = raw_args[int(head)] if head.isdigit() else raw_kwargs[head]
+                holder: Any = raw_args[int(head)] if is_position(head) else raw_kwargs[head]
                 _put(holder, path, _json.loads(text, lone_surrogates=True))
             except (IndexError, KeyError, ValueError, RecursionError):
                 raise CodecError(f"upstream place {key[:80]!r} is not in the arguments") from None
@@ -286,7 +286,7 @@ class CallCodec:
                 k: self._for_keyword(k).validator.validate_python(v) for k, v in raw_kwargs.items()
             }
             for key, text in upstream.items():
-                if key.isdigit():
+                if is_position(key):
                     if int(key) >= len(out_args):
                         raise CodecError(f"upstream argument {key} is past the positional ones")
                 else:
@@ -314,9 +314,20 @@ class CallCodec:
             ) from None
 
     def decode_result(self, text: str | bytes) -> Any:
-        """The return value from its JSON text, typed by the return hint."""
+        """The return value from its JSON text, typed by the return hint (a string may hold
+        lone surrogates, as an argument may: a file name that is not UTF-8, say)."""
+        validator = self.result_adapter.validator
         try:
-            return self.result_adapter.validator.validate_json(text)
+            try:
+                return validator.validate_json(text)
+            except ValidationError as err:
+                if err.errors()[0]["type"] != "json_invalid":
+                    raise
+                try:
+                    value = _json.loads(text, lone_surrogates=True)
+                except (ValueError, RecursionError):
+                    raise err from None
+                return validator.validate_python(value)
         except ValidationError as err:
             raise CodecError(f"{self._fn.__qualname__}: its result does not fit: {err}") from None
 

@@ -5,6 +5,8 @@ the standard library's). Lone surrogates, which no UTF-8 text (and no protobuf s
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import pydantic_core
@@ -17,13 +19,38 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 def loads(data: bytes | bytearray | str, *, lone_surrogates: bool = False) -> Any:
     """The value of JSON text; ValueError (or RecursionError) when it is not JSON (NaN and
-    Infinity are not), or (unless `lone_surrogates`) when it escapes a lone surrogate."""
+    Infinity are not, nor is a number too large for a float, such as 1e400), or (unless
+    `lone_surrogates`) when it escapes a lone surrogate."""
     try:
-        return pydantic_core.from_json(data, allow_inf_nan=False)
+        value = pydantic_core.from_json(data, allow_inf_nan=False)
     except ValueError:
         if not lone_surrogates:
             raise
-        return json.loads(data, parse_constant=_not_json)  # the error, or what only Python takes
+        value = json.loads(data, parse_constant=_not_json)  # the error, or what only Python takes
+    big = _BIG_BYTES if isinstance(data, bytes | bytearray) else _BIG
+    if big.search(data) is not None and not _finite(value):
+        raise ValueError("a number out of a float's range (such as 1e400)")
+    return value
+
+
+# A number that a float cannot hold has an exponent of 3 digits or 309 digits before its
+# point: only text that has one is searched for the infinity it became.
+_BIG = re.compile(r"[eE]\+?\d{3}|\d{309}")
+_BIG_BYTES = re.compile(_BIG.pattern.encode())
+
+
+def _finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, dict):
+            stack += item.values()
+    return True
 
 
 def _not_json(word: str) -> Any:

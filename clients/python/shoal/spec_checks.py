@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from shoal._json import loads as json_loads
 from shoal.errors import FieldViolation, InvalidArgument
 from shoal.specs import duration, instant, secret_references
-from shoal.templates import references
+from shoal.templates import is_reference, references
 from shoal.v1 import task_pb2
 
 if TYPE_CHECKING:
@@ -209,11 +209,14 @@ def _check_references(
                 continue
             if ref.code:
                 named.add(ref.field)
-                bad(
-                    ref.field,
-                    f"an upstream reference may not be in {ref.code}: put it in an env value,"
-                    " e.g. env={'X': '${{ deps[0].stdout }}'}, and read the variable X",
+                where = (
+                    "a value of function.upstream, e.g. {'0': '${{ deps[0].output.value }}'}"
+                    " (as a handle passed as an argument makes)"
+                    if ref.field.startswith("function.")
+                    else "an env value, e.g. env={'X': '${{ deps[0].stdout }}'}, and read the"
+                    " variable X"
                 )
+                bad(ref.field, f"an upstream reference may not be in {ref.code}: put it in {where}")
             elif ref.upstream is None:
                 named.add(ref.field)
                 bad(
@@ -300,6 +303,12 @@ def _check_scheduling(
 
 
 @functools.lru_cache(maxsize=1024)  # a batch's calls name a few functions, thousands of times
+def is_position(key: str) -> bool:
+    """Whether an upstream place is a position: a number in ASCII digits, written as str(int)
+    writes it (str.isdigit takes "²" and "٠" too, and int() takes "007")."""
+    return key.isascii() and key.isdigit() and (key == "0" or key[0] != "0")
+
+
 def is_import_path(name: str) -> bool:
     """Whether `name` is `package.module:qualname`."""
     module, _, qualname = name.partition(":")
@@ -320,13 +329,16 @@ def _function_violations(
     _json_argument(f.kwargs, dict, "function.kwargs", bad)
     if len(f.upstream) > limits.max_labels:
         bad("function.upstream", f"more than {limits.max_labels} entries")
-    for key in f.upstream:
+    for key, value in f.upstream.items():
         head, *path = key.split("/")
-        if not (head.isdigit() and len(head) <= 6) and not head.isidentifier():
+        if not is_reference(value.strip()):
+            # One value in one place: text around a reference could give it another shape.
+            bad(f"function.upstream[{key[:40]!r}]", "must be one reference and nothing else")
+        if not (is_position(head) and len(head) <= 6) and not head.isidentifier():
             bad("function.upstream", f"{key[:40]!r} is neither a position nor an argument name")
         elif len(path) > UPSTREAM_DEPTH or len(key) > limits.max_string:
             bad("function.upstream", f"{key[:40]!r}: a path deeper than {UPSTREAM_DEPTH}")
-        elif head.isdigit() and args is not None and int(head) >= len(args):
+        elif is_position(head) and args is not None and int(head) >= len(args):
             bad("function.upstream", f"{key[:40]!r}: args has no position {head}")
 
 

@@ -127,16 +127,26 @@ def to_duration(td: timedelta) -> Duration:
 
 
 def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResult:
-    """A node's result cut to `limit` bytes: the output tails keep their ends."""
+    """A node's result cut to `limit` bytes: the output tails keep their ends, and give way to
+    the structured output (a function's return value), which is dropped only when it does not
+    fit by itself."""
     if result.ByteSize() <= limit:
         return result
-    share = limit // 4
-    result.stdout = result.stdout[-share:]
-    result.stderr = result.stderr[-share:]
-    result.stdout_raw = result.stdout_raw[-share:]
-    result.stderr_raw = result.stderr_raw[-share:]
-    result.error = result.error[:share]
+    result.error = result.error[: limit // 4]
+    tails = ("stdout", "stderr", "stdout_raw", "stderr_raw")
+    kept = [getattr(result, name) for name in tails]
+    for name in tails:
+        result.ClearField(name)
     if result.ByteSize() > limit:
         result.ClearField("output")
-        result.error = (result.error + " (structured output dropped: over the size limit)")[:share]
+        result.error = (result.error + " (structured output dropped: over the size limit)")[
+            : limit // 4
+        ]
+    share = max(0, limit - result.ByteSize() - 64) // 4  # 64: the tails' own field headers
+    while share:  # characters: fewer when they are not ASCII
+        for name, tail in zip(tails, kept, strict=True):
+            setattr(result, name, tail[-share:])
+        if result.ByteSize() <= limit:
+            break
+        share //= 2
     return result

@@ -37,7 +37,7 @@ from shoal.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from shoal.specs import SECRET_REFERENCE
 from shoal.v1 import task_pb2
 
-__all__ = ["MAX_MESSAGES", "Reference", "has_references", "references", "render"]
+__all__ = ["MAX_MESSAGES", "Reference", "has_references", "is_reference", "references", "render"]
 
 _OPEN, _CLOSE = "${{", "}}"
 # Applied only to one span from `${{` to the first `}}` after it (no `}}` inside), which
@@ -167,7 +167,10 @@ def _code(kind: str, message: Message) -> Callable[[str], str]:
     elif isinstance(message, task_pb2.ToolSpec):
         fixed = {"tool.name": "the tool to run"}
     elif isinstance(message, task_pb2.FunctionSpec):
-        fixed = {"function.name": "the function to run"}
+        # Its arguments are JSON: text filled in there could give them another shape.
+        json = "a function's JSON arguments"
+        fixed = {"function.name": "the function to run", "function.args": json}
+        fixed["function.kwargs"] = json
     elif isinstance(message, task_pb2.CustomSpec):
         fixed = {"custom.executor": "the executor to run"}
     return lambda path: fixed.get(path) or argv(path)
@@ -189,6 +192,11 @@ def references(spec: task_pb2.TaskSpec) -> Iterator[Reference]:
                 continue  # the node's secret, which the node fills in
             ok = _REF.fullmatch(text, start, end)
             yield Reference(field, text[start:end], int(ok.group(1)) if ok else None, why)
+
+
+def is_reference(text: str) -> bool:
+    """Whether `text` is one well-formed reference and nothing else."""
+    return _REF.fullmatch(text) is not None
 
 
 def has_references(spec: task_pb2.TaskSpec) -> bool:

@@ -27,8 +27,8 @@ def loads(data: bytes | bytearray | str, *, lone_surrogates: bool = False) -> An
         if not lone_surrogates:
             raise
         value = json.loads(data, parse_constant=_not_json)  # the error, or what only Python takes
-    big = _BIG_BYTES if isinstance(data, bytes | bytearray) else _BIG
-    if big.search(data) is not None and not _finite(value):
+    big = _BIG.search(data) if isinstance(data, str) else _BIG_BYTES.search(data)
+    if big is not None and not _finite(value):
         raise ValueError("a number out of a float's range (such as 1e400)")
     return value
 

@@ -135,8 +135,8 @@ def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResu
     result.error = result.error[: limit // 4]
     tails = ("stdout", "stderr", "stdout_raw", "stderr_raw")
     kept = [getattr(result, name) for name in tails]
-    for name in tails:
-        result.ClearField(name)
+    result.stdout = result.stderr = ""
+    result.stdout_raw = result.stderr_raw = b""
     if result.ByteSize() > limit:
         result.ClearField("output")
         result.error = (result.error + " (structured output dropped: over the size limit)")[

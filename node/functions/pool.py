@@ -172,21 +172,25 @@ class WorkerPool:
             call.worker.post(wire.encode_frame(wire.CANCEL, call.id))
 
     def _ended(self, worker: WorkerProcess) -> None:
-        """A worker has gone: fail the call it ran, send its others to another, replace it."""
+        """A worker has gone: it is sent no more calls, and is buried (in the background)."""
+        with contextlib.suppress(ValueError):
+            self._all.remove(worker)
+        self._notify()
+        self._background(self._bury(worker), "shoal-function-worker")
+
+    async def _bury(self, worker: WorkerProcess) -> None:
+        """Once it has exited: its calls answered in its ledger get their answers, the call
+        it was running fails (or the one it was killed for), the others go to another worker
+        (they never ran); then another takes its place."""
+        await worker.settled()
         held = list(worker.held.values())
         worker.held.clear()
         self.fast_held -= sum(call.fast for call in held)
-        with contextlib.suppress(ValueError):
-            self._all.remove(worker)
-        for i, call in enumerate(held):
-            ran = call.id == worker.culprit if worker.culprit is not None else i == 0
+        blamed = worker.culprit if worker.culprit is not None else worker.ran
+        for call in held:
             call.worker = None
-            call.put(None if ran else REQUEUE)
+            call.put(None if call.id == blamed else REQUEUE)
         self._notify()
-        self._background(self._replace(worker), "shoal-function-worker")
-
-    async def _replace(self, worker: WorkerProcess) -> None:
-        await worker.proc.wait()
         await worker.lease.aclose()  # before another takes its user (run_as)
         await self._start_one()
 

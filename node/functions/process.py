@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from shoal.node.executors.taskuser import TaskUsers
-from shoal.node.functions import wire
+from shoal.node.functions import ledger, wire
 from shoal.node.functions.call import Call
 from shoal.node.functions.wire import Frame, FrameReader, WireError
 
@@ -24,6 +24,7 @@ __all__ = ["FEED", "START_TIMEOUT", "WorkerProcess"]
 _log = logging.getLogger("shoal.node")
 START_TIMEOUT = 120.0  # seconds to import the modules: a while, on a loaded machine
 _DRAIN = 0.5  # seconds the pipe of a worker that has exited is still read (what it wrote)
+_EXIT = 5.0  # seconds a killed worker may take to exit (the kernel may hold it: a dead disk)
 FEED = 8
 """The fewest frames posted to a worker in one turn of the loop that are written at once, not
 at the turn's end; a later write of the turn holds at least as many as went before it. The
@@ -36,10 +37,13 @@ class WorkerProcess(asyncio.Protocol):
     Its frames are handed to `on_frames` as they are read (no task in between), and `on_end`
     is told once when it has ended or broken the protocol."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, lease: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, lease: contextlib.AsyncExitStack, ledger_fd: int
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.lease = lease  # its user and directory (run_as)
+        self._ledger = ledger_fd  # read once it has ended (shoal.node.functions.ledger)
         self.functions: list[str] = []
         self.errors: list[str] = []
         self.asynchronous: frozenset[str] = frozenset()
@@ -48,6 +52,7 @@ class WorkerProcess(asyncio.Protocol):
         self._turn = False  # whether what is posted in this turn is to be written at its end
         self._written = 0  # frames written to it in this turn
         self.culprit: int | None = None  # the call it was killed for, if it was
+        self.ran: int | None = None  # once it has ended: the call it was running (None: none)
         self.gone = False  # its pipe ended or it broke the protocol
         self.on_frames: Callable[[WorkerProcess, list[Frame]], None] | None = None
         self.on_end: Callable[[WorkerProcess], None] | None = None
@@ -67,7 +72,7 @@ class WorkerProcess(asyncio.Protocol):
         argv = [sys.executable, "-m", "shoal.node.functions.worker", *modules]
         env = dict(env)
         cwd = None
-        read_fd = write_fd = -1
+        read_fd = write_fd = ledger_fd = -1
         try:
             leased = await lease.enter_async_context(users.lease(None)) if users else None
             if leased is not None:
@@ -79,6 +84,8 @@ class WorkerProcess(asyncio.Protocol):
             # Its output is read straight from a pipe: a subprocess's own pipes hand what is
             # read on in a later turn of the loop.
             read_fd, write_fd = os.pipe()
+            ledger_fd = ledger.create()
+            env["SHOAL_WORKER_LEDGER"] = str(ledger_fd)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
@@ -86,15 +93,16 @@ class WorkerProcess(asyncio.Protocol):
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
+                pass_fds=(ledger_fd,),
             )
         except BaseException:
-            for fd in (read_fd, write_fd):
+            for fd in (read_fd, write_fd, ledger_fd):
                 if fd >= 0:
                     os.close(fd)
             await lease.aclose()
             raise
         os.close(write_fd)
-        worker = cls(proc, lease)
+        worker = cls(proc, lease, ledger_fd)
         pipe = os.fdopen(read_fd, "rb", buffering=0)  # its transport closes it
         try:
             await asyncio.get_running_loop().connect_read_pipe(lambda: worker, pipe)
@@ -194,6 +202,32 @@ class WorkerProcess(asyncio.Protocol):
         if self.on_end is not None:
             self.on_end(self)
 
+    async def settled(self) -> None:
+        """Once it has exited (`end` killed it), what its ledger says: the answers it held are
+        handed on, after all it sent, and the call it was running is `ran`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT):
+                await self.proc.wait()
+        if self._ledger < 0:
+            return
+        try:
+            running, held = ledger.read(self._ledger)
+        except OSError:
+            return
+        finally:
+            self._close_ledger()
+        self.ran = running if running in self.held else None
+        if not held or self.on_frames is None:
+            return
+        reader = FrameReader()
+        reader.feed(held)
+        try:
+            frames = reader.frames()
+        except WireError as err:
+            _log.warning("function worker pid=%d left a broken ledger: %s", self.pid, err)
+            return
+        self.on_frames(self, frames)
+
     # -- calls -----------------------------------------------------------------------------
 
     @property
@@ -258,7 +292,13 @@ class WorkerProcess(asyncio.Protocol):
                 await self.proc.wait()
         self.end()
         await self.proc.wait()
+        self._close_ledger()
         await self.lease.aclose()
+
+    def _close_ledger(self) -> None:
+        if self._ledger >= 0:
+            os.close(self._ledger)
+            self._ledger = -1
 
 
 def _kill(pid: int) -> None:

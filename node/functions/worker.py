@@ -30,6 +30,7 @@ from shoal import _json
 from shoal._codec import CodecError
 from shoal._function import Function, functions_of
 from shoal.node.functions import printed, wire
+from shoal.node.functions.ledger import Ledger
 from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame
 
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
@@ -165,22 +166,28 @@ class _Replies:
     calls (looked at every FAST of the clock) once the first of them has waited FAST of this
     worker's CPU time. CPU time, not the clock: a worker that the machine's load holds back
     has not run the calls it was sent any sooner by sending what it has, and answers sent in
-    pieces cost every process downstream a message each."""
+    pieces cost every process downstream a message each. They are held in the ledger, where
+    the node finds them if the worker dies before it sends them."""
 
-    def __init__(self) -> None:
-        self._held: list[bytes] = []
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
         self._since = 0.0
 
     def add(self, frame: bytes) -> None:
-        if not self._held:
+        ledger = self._ledger
+        if not ledger.held:
             self._since = time.process_time()
-        self._held.append(frame)
+        if not ledger.hold(frame):
+            self.flush()
+            if not ledger.hold(frame):  # larger than a ledger holds: sent by itself
+                printed.send(frame)
 
     def flush(self, *, unless_fresh: bool = False) -> None:
-        if not self._held or (unless_fresh and time.process_time() - self._since < _FAST):
+        ledger = self._ledger
+        if not ledger.held or (unless_fresh and time.process_time() - self._since < _FAST):
             return
-        data, self._held = b"".join(self._held), []
-        printed.send(data)
+        printed.send(ledger.answers())
+        ledger.clear()
 
 
 class _Queue:
@@ -241,12 +248,14 @@ def _run_async(
     return reply
 
 
-def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) -> None:
+def _serve(
+    functions: dict[str, Function[Any, Any]], inp: _Input, ledger: Ledger, limit: int
+) -> None:
     """Run the calls in the order they came, until the node closes the pipe."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
-    replies = _Replies()
+    replies = _Replies(ledger)
     queue = _Queue(replies)
     looked = time.perf_counter()
     while True:
@@ -277,6 +286,7 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
         if fn is None:
             replies.add(encode_frame(wire.BAD, call.id, 0.0, b"no such function here"))
             continue
+        ledger.running(call.id)
         printed.begin(call.id)
         started = time.perf_counter()
         if fn.name in asynchronous:
@@ -286,6 +296,7 @@ def _serve(functions: dict[str, Function[Any, Any]], inp: _Input, limit: int) ->
         took = time.perf_counter() - started
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
+        ledger.running(0)
 
 
 def _die_with_the_node() -> None:
@@ -314,6 +325,7 @@ def main() -> None:
     _as_batch()
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
     inp = _Input(os.dup(0))
+    ledger = Ledger(int(os.environ["SHOAL_WORKER_LEDGER"]))
     printed.install(os.dup(1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -327,7 +339,7 @@ def main() -> None:
     }
     printed.send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
     try:
-        _serve(functions, inp, limit)
+        _serve(functions, inp, ledger, limit)
     except Exception:  # a bug of the worker's own: said in the node's log, not a call's output
         printed.to_node(f"function worker {os.getpid()} failed:\n{traceback.format_exc()}")
         raise SystemExit(1) from None

@@ -167,6 +167,16 @@ def noop() -> None:
 
 
 @shoal.task
+def record(path: str, x: int) -> int:
+    """Note `x` in the file at `path`; a negative `x` ends the worker before it answers."""
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    if x < 0:
+        os._exit(7)
+    return x
+
+
+@shoal.task
 def touch(path: str) -> None:
     Path(path).write_text("ran")
 

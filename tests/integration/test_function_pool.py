@@ -87,6 +87,29 @@ async def test_a_dead_worker_fails_the_call_it_ran_and_resends_the_rest(
     assert executor._pool.fast_held == 0
 
 
+async def test_calls_answered_before_their_worker_died_keep_their_answers_and_run_once(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    """A worker sends its answers in batches: one that dies holds answers not sent yet, which
+    its node finds in its ledger. Only the call it died in fails; none runs twice."""
+    log = tmp_path / "ran"
+    executor._pool.fast_below = 10.0  # whatever the machine's load: fast
+    for _ in range(4):
+        await executor.run(fm.record.spec(str(tmp_path / "warm"), 0), _ctx())
+    xs = [*range(10), -1, *range(10, 20)]  # in one turn of the loop: to one worker, in order
+    runs = [asyncio.create_task(executor.run(fm.record.spec(str(log), x), _ctx())) for x in xs]
+    outcomes = await asyncio.gather(*runs)
+    failed = [
+        x for x, o in zip(xs, outcomes, strict=True) if o.state != task_pb2.TASK_STATE_SUCCEEDED
+    ]
+    assert failed == [-1]
+    assert "exit 7" in outcomes[xs.index(-1)].result.error
+    values = [o.result.output.fields["value"].string_value for o in outcomes]
+    assert values[:10] == [str(x) for x in range(10)]
+    ran = log.read_text().split()
+    assert sorted(ran, key=int) == sorted(map(str, xs), key=int)  # each once
+
+
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

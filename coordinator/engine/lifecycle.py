@@ -117,6 +117,7 @@ class TaskLifecycle:
             self.kick()
             return
         if rec.skip_reason and not rec.waiting_on:
+            rec.state = PENDING  # never queued: `finish` has nothing to take out of the queue
             self.finish(rec, SKIPPED, task_pb2.TaskResult(error=rec.skip_reason), by=COORDINATOR)
             return
         now = self.wall()

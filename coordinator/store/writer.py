@@ -108,7 +108,14 @@ class SqliteWriter(Writer):
                 # A savepoint per operation: one failing operation leaves the others intact.
                 conn.execute("SAVEPOINT op")
                 try:
-                    results.append((fut, op(conn), None))
+                    value = op(conn)
+                    if isinstance(value, sqlite3.Cursor):
+                        # Let go of here, in this thread: a cursor freed in another (its
+                        # caller's) resets its statement while this one runs the next, which
+                        # SQLite reports as API misuse.
+                        value.close()
+                        value = None
+                    results.append((fut, value, None))
                     conn.execute("RELEASE op")
                 except Exception as err:  # its own failure (a refusal, a constraint): its caller's
                     if not conn.in_transaction:  # SQLite undid them all (SQLITE_FULL may)

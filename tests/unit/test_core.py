@@ -70,6 +70,23 @@ async def test_dispatch_respects_slots_and_records_outcome(core: Coordinator) ->
     assert [a.task_id for a in await assignments(session)] == [done[2].task_id]
 
 
+async def test_a_task_skipped_as_it_is_submitted_leaves_the_queue_as_it_was(
+    core: Coordinator,
+) -> None:
+    """Its upstream had failed already: it is never queued, and the next task still runs
+    (the queue counted it out once too often: the next task waited for one after it)."""
+    session = core.attach(hello("n1", slots=1), "peer", by=NODE)
+    (failing,) = await core.submit([shell("false")], by=ALICE)
+    (a,) = await assignments(session)
+    core.on_message(session, finished(a, code=1))
+    assert (await core.wait(failing.task_id, None, by=ALICE)).state == task_pb2.TASK_STATE_FAILED
+    (dependent,) = await core.submit([shell("true", depends_on=[failing.task_id])], by=ALICE)
+    skipped = await core.wait(dependent.task_id, None, by=ALICE)
+    assert skipped.state == task_pb2.TASK_STATE_SKIPPED
+    (later,) = await core.submit([shell("true")], by=ALICE)
+    assert [a.task_id for a in await assignments(session)] == [later.task_id]
+
+
 async def test_stale_attempt_is_fenced(core: Coordinator) -> None:
     (done,) = await core.submit([shell("true")], by=ALICE)
     s1 = core.attach(hello("n1"), "peer", by=NODE)

@@ -82,3 +82,20 @@ async def test_stopping_commits_what_rides_along(
     db = sqlite3.connect(tmp_path / "w.db")
     assert db.execute("SELECT v FROM t").fetchall() == [("dispatched",)]
     db.close()
+
+
+async def test_a_cursor_an_operation_returns_stays_in_the_writers_thread(tmp_path: Path) -> None:
+    """A cursor freed in the caller's thread would reset its statement while the writer runs
+    the next on the same connection: SQLite's "bad parameter or other API misuse"."""
+    w = Counted(tmp_path / "w.db")
+    w.start()
+    try:
+        rows = [(str(i),) for i in range(50)]
+        ops = [
+            w.submit(lambda c: c.executemany("INSERT INTO t VALUES (?)", rows), ride_along=True)
+            for _ in range(200)
+        ]
+        assert await asyncio.gather(*ops) == [None] * 200
+    finally:
+        w.stop()
+        await asyncio.to_thread(w.join)

@@ -191,7 +191,7 @@ class WorkerPool:
             call.worker = None
             call.put(None if call.id == blamed else REQUEUE)
         self._notify()
-        await worker.lease.aclose()  # before another takes its user (run_as)
+        await worker.release()  # before another takes its user (run_as)
         await self._start_one()
 
     def _route(self, worker: WorkerProcess, frames: list[Frame]) -> None:

@@ -42,7 +42,7 @@ class WorkerProcess(asyncio.Protocol):
     ) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.lease = lease  # its user and directory (run_as)
+        self._lease: contextlib.AsyncExitStack | None = lease  # its user and directory (run_as)
         self._ledger = ledger_fd  # read once it has ended (shoal.node.functions.ledger)
         self.functions: list[str] = []
         self.errors: list[str] = []
@@ -293,7 +293,14 @@ class WorkerProcess(asyncio.Protocol):
         self.end()
         await self.proc.wait()
         self._close_ledger()
-        await self.lease.aclose()
+        await self.release()
+
+    async def release(self) -> None:
+        """Give back its user and directory (run_as), once it has exited; the first call
+        does, whoever makes it (the pool burying it, or closing)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.aclose()
 
     def _close_ledger(self) -> None:
         if self._ledger >= 0:

@@ -44,10 +44,21 @@ def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]
         try:
             module = importlib.import_module(name)
         except BaseException as err:  # a module that fails to import is reported, not fatal
-            errors.append(f"{name}: {type(err).__name__}: {err}")
+            errors.append(f"{name}: {type(err).__name__}: {err}{_where(err)}")
             continue
         found.update(functions_of(module))
     return found, errors
+
+
+def _where(err: BaseException) -> str:
+    """Where in the modules imported `err` was raised: ' (file:line)', or '' (Shoal's own
+    frames, and the import machinery's, are passed over)."""
+    ours = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))  # the shoal package
+    machinery = os.path.dirname(importlib.__file__)
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if not frame.filename.startswith((ours, machinery, "<frozen")):
+            return f" ({frame.filename}:{frame.lineno})"
+    return ""
 
 
 class _Call:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from google.protobuf import json_format
 
@@ -65,3 +67,15 @@ def test_custom_builds_a_task_for_a_third_party_executor() -> None:
 def test_a_tool_task_may_have_a_name() -> None:
     spec = tool("slugify", {"text": "x"}, name="slug it")
     assert (spec.tool.name, spec.name) == ("slugify", "slug it")
+
+
+@pytest.mark.parametrize("given", [2.5, timedelta(seconds=2.5)])
+def test_a_timeout_is_seconds_or_a_timedelta(given: float | timedelta) -> None:
+    spec = shell("true", timeout=given, queue_timeout=given)
+    assert spec.timeout.ToTimedelta() == spec.queue_timeout.ToTimedelta() == timedelta(seconds=2.5)
+
+
+@pytest.mark.parametrize("given", [-1, float("nan"), "3", True])
+def test_a_timeout_that_is_no_span_is_refused_where_it_is_written(given: object) -> None:
+    with pytest.raises((ValueError, TypeError), match="timeout must be"):
+        shell("true", timeout=given)

@@ -705,3 +705,21 @@ def test_a_lambda_or_nested_function_runs_here_but_is_refused_a_node() -> None:
         assert fn(1) == 2
         with pytest.raises(CodecError, match="must be defined at a module's top level"):
             fn.spec(1)
+
+
+def test_a_module_that_fails_to_import_is_reported_with_where_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_tasks.py").write_text(
+        "import shoal\n\n\n@shoal.task(timeout='2')\ndef f() -> None:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from shoal.node.functions import worker
+
+    found, errors = worker._load(["broken_tasks", "no_such_tasks_module"])
+    assert found == {}
+    assert errors == [
+        "broken_tasks: TypeError: timeout must be a timedelta or seconds, not str"
+        f" ({tmp_path / 'broken_tasks.py'}:4)",
+        "no_such_tasks_module: ModuleNotFoundError: No module named 'no_such_tasks_module'",
+    ]

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from shoal.errors import FieldViolation, InvalidArgument
+from shoal.specs import span
 from shoal.v1 import task_pb2
 
 __all__ = [
@@ -81,14 +82,14 @@ def _common(
     *,
     name: str = "",
     priority: str | int = "normal",
-    timeout: timedelta | None = None,
+    timeout: timedelta | float | None = None,
     idempotency_key: str = "",
     tenant: str = "",
     labels: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
     depends_on: Sequence[int | str | task_pb2.Dependency] = (),
     retry: task_pb2.RetryPolicy | None = None,
-    queue_timeout: timedelta | None = None,
+    queue_timeout: timedelta | float | None = None,
     not_before: datetime | None = None,
     locks: Sequence[str] = (),
     quota_keys: Sequence[str] = (),
@@ -104,7 +105,7 @@ def _common(
     spec.quota_keys.extend(quota_keys)
     spec.backend = backend
     spec.priority = _choice(PRIORITIES, priority, "priority")  # type: ignore[assignment]
-    if timeout is not None:
+    if (timeout := span(timeout, "timeout")) is not None:  # a timedelta, or seconds
         spec.timeout.FromTimedelta(timeout)
     spec.idempotency_key = idempotency_key
     spec.tenant = tenant
@@ -119,7 +120,7 @@ def _common(
             spec.depends_on.add(task_id=dep)
     if retry is not None:
         spec.retry.CopyFrom(retry)
-    if queue_timeout is not None:
+    if (queue_timeout := span(queue_timeout, "queue_timeout")) is not None:
         spec.queue_timeout.FromTimedelta(queue_timeout)
     if not_before is not None:
         spec.not_before.FromDatetime(not_before)

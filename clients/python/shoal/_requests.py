@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
@@ -10,7 +9,7 @@ from datetime import timedelta
 from google.protobuf.duration_pb2 import Duration
 
 from shoal.errors import WaitTimeout
-from shoal.specs import is_final, to_duration
+from shoal.specs import is_final, span, to_duration
 from shoal.v1 import task_pb2, tasks_pb2
 
 __all__ = [
@@ -26,21 +25,6 @@ Timeout = timedelta | float | None
 """How long a wait may last: a timedelta or seconds; None: until the task ends."""
 
 
-def _timedelta(timeout: Timeout) -> timedelta | None:
-    """`timeout` as a timedelta; ValueError unless it is a finite span of at least 0."""
-    if timeout is None or isinstance(timeout, timedelta):
-        span = timeout
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        if not math.isfinite(timeout):
-            raise ValueError(f"timeout must be a number of seconds, not {timeout}")
-        span = timedelta(seconds=timeout)
-    else:
-        raise TypeError(f"timeout must be a timedelta or seconds, not {type(timeout).__name__}")
-    if span is not None and span < timedelta(0):
-        raise ValueError(f"timeout must be at least 0, not {span.total_seconds():g} s")
-    return span
-
-
 def submit_request(spec: task_pb2.TaskSpec) -> tasks_pb2.SubmitRequest:
     """A Submit of `spec`, with a request id of its own: resent, it stores no second task."""
     return tasks_pb2.SubmitRequest(spec=spec, request_id=uuid.uuid4().hex)
@@ -52,7 +36,7 @@ def submit_batch_request(specs: Iterable[task_pb2.TaskSpec]) -> tasks_pb2.Submit
 
 def _bounded(field: Duration, wait: Timeout, call_timeout: float) -> float | None:
     """Set a wait's bound `field` to `wait` (None: none); the call's deadline."""
-    timeout = _timedelta(wait)
+    timeout = span(wait, "timeout")
     if timeout is None:
         return None
     field.CopyFrom(to_duration(timeout))
@@ -79,7 +63,7 @@ def execute_request(
 
 def waited(task: task_pb2.Task, wait: Timeout) -> task_pb2.Task:
     """`task` as a Wait answered it; WaitTimeout when `wait` passed before it ended."""
-    timeout = _timedelta(wait)
+    timeout = span(wait, "timeout")
     if timeout is not None and not is_final(task.state):
         raise WaitTimeout(task, timeout)
     return task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Any, overload
@@ -118,6 +119,22 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def span(value: timedelta | float | None, name: str) -> timedelta | None:
+    """A span given as a timedelta or seconds, as a timedelta (None stays None); ValueError
+    unless it is finite and at least 0, TypeError when it is neither."""
+    if value is None or isinstance(value, timedelta):
+        out = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a number of seconds, not {value}")
+        out = timedelta(seconds=value)
+    else:
+        raise TypeError(f"{name} must be a timedelta or seconds, not {type(value).__name__}")
+    if out is not None and out < timedelta(0):
+        raise ValueError(f"{name} must be at least 0, not {out.total_seconds():g} s")
+    return out
 
 
 def to_duration(td: timedelta) -> Duration:

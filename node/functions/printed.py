@@ -34,6 +34,7 @@ __all__ = [
     "end",
     "install",
     "send",
+    "tampered",
     "to_node",
 ]
 
@@ -284,6 +285,16 @@ def _flush_replaced_streams() -> None:
         if not isinstance(stream, _OutputFrames):
             with contextlib.suppress(Exception):
                 stream.flush()
+
+
+def tampered() -> str:
+    """What of the output a call left changed for the calls after it: sys.stdout or
+    sys.stderr replaced, or fd 1 or 2 no longer the pipes this process reads ('' if none)."""
+    if type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames:
+        return "sys.stdout or sys.stderr replaced"
+    if _descriptors is not None and len(_descriptors._streams) < 2:
+        return "fd 1 or 2 closed"
+    return ""
 
 
 def install(fd: int) -> None:

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -34,6 +35,7 @@ from shoal.node.functions.ledger import Ledger
 from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame
 
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
+_LOOK_AFTER = 0.0001  # seconds after which a call may have started a process or a timer
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -259,13 +261,43 @@ def _run_async(
     return reply
 
 
+def _left_behind(
+    loop: asyncio.AbstractEventLoop, threads: int, took: float, *, asynchronous: bool
+) -> str:
+    """What the call just run left that later calls would run beside or be changed by: a
+    thread, an asyncio task, a child process, a timer, its output replaced ('' if nothing).
+    The dearer looks (system calls) only after a call that took a while: starting a process
+    takes longer than a trivial call."""
+    if threading.active_count() > threads:
+        return "a thread running"
+    if loop.is_closed():
+        return "the event loop closed"
+    if asynchronous and asyncio.all_tasks(loop):
+        return "an asyncio task pending"
+    if tampered := printed.tampered():
+        return tampered
+    if took < _LOOK_AFTER:
+        return ""
+    if signal.getitimer(signal.ITIMER_REAL)[0] or signal.getitimer(signal.ITIMER_VIRTUAL)[0]:
+        return "an interval timer set"
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            pid, _ = os.waitpid(-1, os.WNOHANG)  # reaps the children that have ended
+            if pid == 0:
+                return "a child process running"
+    return ""
+
+
 def _serve(
     functions: dict[str, Function[Any, Any]], inp: _Input, ledger: Ledger, limit: int
-) -> None:
-    """Run the calls in the order they came, until the node closes the pipe."""
+) -> str:
+    """Run the calls in the order they came, until the node closes the pipe (''), or a call
+    leaves something behind that would run beside, or change, the calls after it: then what
+    it left (the worker is to end, and another takes its place)."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
+    threads = threading.active_count()
     replies = _Replies(ledger)
     queue = _Queue(replies)
     looked = time.perf_counter()
@@ -284,7 +316,7 @@ def _serve(
             looked = time.perf_counter()
         if inp.closed:
             replies.flush()
-            return  # the node closed the pipe: it is done with this worker
+            return ""  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
         frame = queue.calls.popleft()
@@ -300,7 +332,7 @@ def _serve(
         ledger.running(call.id)
         printed.begin(call.id)
         started = time.perf_counter()
-        if fn.name in asynchronous:
+        if is_async := fn.name in asynchronous:
             kind, data = _run_async(loop, fn, call, inp, queue, limit)
         else:
             kind, data = _call_sync(fn, call, limit)
@@ -308,6 +340,9 @@ def _serve(
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         ledger.running(0)
+        if left := _left_behind(loop, threads, took, asynchronous=is_async):
+            replies.flush()
+            return f"{call.name} left {left}"
 
 
 def _die_with_the_node() -> None:
@@ -350,10 +385,13 @@ def main() -> None:
     }
     printed.send(encode_frame(wire.HELLO, 0, 0.0, _json.dumps(hello)))
     try:
-        _serve(functions, inp, ledger, limit)
+        left = _serve(functions, inp, ledger, limit)
     except Exception:  # a bug of the worker's own: said in the node's log, not a call's output
         printed.to_node(f"function worker {os.getpid()} failed:\n{traceback.format_exc()}")
         raise SystemExit(1) from None
+    if left:
+        printed.to_node(f"function worker {os.getpid()} ends: {left}; another takes its place\n")
+        os._exit(0)  # now: not after the threads a call left
 
 
 if __name__ == "__main__":

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -174,6 +180,36 @@ def record(path: str, x: int) -> int:
     if x < 0:
         os._exit(7)
     return x
+
+
+def _late() -> None:
+    time.sleep(0.5)
+    print("late")
+
+
+@shoal.task
+def leaves(what: str) -> int:
+    """Returns, leaving something behind that would run beside the calls after it."""
+    if what == "thread":
+        threading.Thread(target=_late, daemon=True).start()
+    elif what == "child":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); print('late')"])
+    elif what == "stdout":
+        sys.stdout = io.StringIO()
+    elif what == "timer":
+        signal.signal(signal.SIGALRM, lambda *_: print("late"))
+        signal.setitimer(signal.ITIMER_REAL, 0.3, 0.3)
+    return os.getpid()
+
+
+@shoal.task
+async def leaves_a_task() -> int:
+    async def late() -> None:
+        await asyncio.sleep(0.5)
+        print("late")
+
+    asyncio.get_running_loop().create_task(late())
+    return os.getpid()
 
 
 @shoal.task

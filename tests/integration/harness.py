@@ -87,21 +87,26 @@ async def eventually(
     interval: float = 0.02,
     retry_on: tuple[type[BaseException], ...] = (AssertionError,),
 ) -> object:
-    """Call `check` (sync or async) until it returns without raising one of `retry_on`.
+    """Call `check` (sync or async) until it returns something other than False without
+    raising one of `retry_on` (a condition, `lambda: x == y`, waits until it holds).
 
     Returns what `check` returned; past `timeout` seconds, raises AssertionError chained to
     the last failure.
     """
     deadline = time.monotonic() + timeout
     while True:
+        failure: BaseException | None = None
         try:
             result = check()
             if inspect.isawaitable(result):
                 result = await result
-            return result
+            if result is not False:
+                return result
         except retry_on as err:
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"not true within {timeout:g} s: {err!r}") from err
+            failure = err
+        if time.monotonic() >= deadline:
+            why = repr(failure) if failure is not None else "it returned False"
+            raise AssertionError(f"not true within {timeout:g} s: {why}") from failure
         await asyncio.sleep(interval)
 
 

@@ -110,6 +110,30 @@ async def test_calls_answered_before_their_worker_died_keep_their_answers_and_ru
     assert sorted(ran, key=int) == sorted(map(str, xs), key=int)  # each once
 
 
+@pytest.mark.parametrize("what", ["thread", "child", "stdout", "timer", "task"])
+async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
+    executor: FunctionExecutor, what: str
+) -> None:
+    """A thread, a child, a timer or a task still running, or its output replaced: the calls
+    after it (of other tasks, maybe other users) would get its output, or none of their own.
+    Its worker ends once it has answered, and another takes its place."""
+    spec = fm.leaves_a_task.spec() if what == "task" else fm.leaves.spec(what)
+    outcome = await executor.run(spec, _ctx())
+    assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
+    pid = int(outcome.result.output.fields["value"].string_value)
+    await eventually(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+    await eventually(lambda: len(executor._pool._all) == executor._pool.size)
+    printed: list[str] = []
+    ctx = ExecutionContext(
+        task_id="t", emit=lambda c: printed.append(c.data), output_tail_bytes=4096
+    )
+    for _ in range(3):  # in the workers left and the new one
+        outcome = await executor.run(fm.greet.spec("x"), ctx)
+        assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
+    await asyncio.sleep(0.6)  # what was left would have printed by now
+    assert "late" not in "".join(printed)
+
+
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

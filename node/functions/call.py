@@ -35,6 +35,7 @@ class Call:
         "frame",
         "id",
         "name",
+        "recalled",
         "worker",
     )
 
@@ -44,6 +45,7 @@ class Call:
         self.frame = frame
         self.worker: WorkerProcess | None = None
         self.fast = False  # whether it was sent as a fast call (it may queue behind others)
+        self.recalled = False  # whether its worker was asked to give it back (a stuck worker)
         self._frames: collections.deque[Frame | None] = collections.deque()
         self._waiter: asyncio.Future[Frame | None] | None = None
         self._queued = 0  # bytes of the frames not yet taken

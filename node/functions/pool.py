@@ -34,6 +34,9 @@ FAST = 0.001
 """Seconds under which a function's calls count as fast: such calls may queue in a worker."""
 DEPTH = 16
 """The most calls one worker holds at once where the machine has a core for each worker."""
+STUCK = 0.05
+"""Seconds between looks for a worker whose first call has not ended (see WorkerPool._look):
+the calls queued behind one that has run this long, at least, go elsewhere."""
 
 
 def depth_for(size: int, cores: int) -> int:
@@ -78,6 +81,7 @@ class WorkerPool:
         self._fast_share: dict[str, float] = {}  # of a function's recent calls, how many fast
         self.fast_below = FAST
         self.fast_held = 0  # fast calls held by workers now
+        self._looks: asyncio.TimerHandle | None = None  # for stuck calls, while fast ones are held
         self.functions: list[str] = []
         self.asynchronous: frozenset[str] = frozenset()  # async functions: cancelled in place
         self.errors: list[str] = []
@@ -127,11 +131,11 @@ class WorkerPool:
     def _choose(self, call: Call) -> WorkerProcess | None:
         fast = call.fast
         batch = self._batch
-        if fast and batch is not None and len(batch.held) < self.depth and batch.alive:
+        if fast and batch is not None and len(batch.held) < self.depth and batch.open:
             return batch
         idle = next((w for w in self._all if not w.held and w.alive), None)
         if idle is None and fast:
-            idle = min((w for w in self._all if w.alive), key=lambda w: len(w.held), default=None)
+            idle = min((w for w in self._all if w.open), key=lambda w: len(w.held), default=None)
             if idle is not None and len(idle.held) >= self.depth:
                 idle = None
         if idle is not None and fast:  # the turn's next fast calls go with this one
@@ -149,10 +153,36 @@ class WorkerPool:
         worker = self._choose(call)
         if worker is not None:
             call.worker = worker
+            call.recalled = False
             self.fast_held += call.fast
             worker.held[call.id] = call
             worker.post(call.frame)
+            if call.fast and self._looks is None:
+                self._looks = asyncio.get_running_loop().call_later(STUCK, self._look)
         return worker
+
+    def _look(self) -> None:
+        """Every STUCK while fast calls are held: a worker whose first call has not ended
+        since the last look (a fast function's call that is not fast) gets no more calls,
+        and the calls queued behind it are recalled, to go to other workers once it has
+        answered that it will not run them (`_route`); it sends the answers it held too."""
+        self._looks = None
+        for worker in self._all:
+            head = next(iter(worker.held), None)
+            if head is None or head != worker.first:
+                worker.first, worker.stuck = head, False
+                continue
+            worker.stuck = True
+            behind = list(worker.held.values())[1:]
+            for call in behind:
+                if not call.recalled:
+                    call.recalled = True
+                    worker.post(wire.encode_frame(wire.CANCEL, call.id))
+            worker.flush()
+            if behind:  # (again, until it has answered: it may have been amid output)
+                worker.recall()
+        if self.fast_held > 0:
+            self._looks = asyncio.get_running_loop().call_later(STUCK, self._look)
 
     async def dispatch(self, call: Call) -> WorkerProcess:
         """Send a call to a worker that can take it (waits for one)."""
@@ -206,6 +236,10 @@ class WorkerPool:
                 del held[frame.id]
                 freed = True
                 self.fast_held -= call.fast
+                if call.recalled and frame.kind == wire.CANCELLED:
+                    call.worker = None
+                    call.put(REQUEUE)  # it never ran: to another worker
+                    continue
                 # A share, so that a few slow calls (the machine's load) count for no more
                 # than a few.
                 shares = self._fast_share
@@ -238,6 +272,8 @@ class WorkerPool:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._looks is not None:
+            self._looks.cancel()
         workers, self._all = list(self._all), []
         await asyncio.gather(*(w.aclose() for w in workers), return_exceptions=True)
         for task in list(self._tasks):

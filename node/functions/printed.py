@@ -19,6 +19,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from shoal import _progress
 from shoal._output import wire_forms
@@ -30,6 +31,7 @@ __all__ = [
     "OUT_DELAY",
     "OUT_PIECE",
     "begin",
+    "busy",
     "capture_descriptors",
     "end",
     "install",
@@ -50,8 +52,27 @@ OUT_PIECE = 1 << 18
 
 def send(data: bytes) -> None:
     """Write frames now, after what was printed before them."""
-    with _send_lock:
+    with _send_lock, _holding():
         _printed.take_and_write(data)
+
+
+_busy = 0  # > 0 while output is held or written, by any thread (changed under _send_lock)
+
+
+@contextlib.contextmanager
+def _holding() -> Iterator[None]:
+    global _busy
+    _busy += 1
+    try:
+        yield
+    finally:
+        _busy -= 1
+
+
+def busy() -> bool:
+    """Whether output is being held or written now: a signal handler that interrupted it
+    must not send frames of its own (they would cut into a frame, or jump over output)."""
+    return _busy > 0
 
 
 class _Printed:
@@ -66,7 +87,7 @@ class _Printed:
         self.held = threading.Event()  # set while something is held
 
     def add(self, call_id: int, stream: int, text: str) -> None:
-        with _send_lock:
+        with _send_lock, _holding():
             runs = self._runs
             if runs and runs[-1][0] == call_id and runs[-1][1] == stream:
                 runs[-1][2].append(text)

@@ -51,6 +51,8 @@ class WorkerProcess(asyncio.Protocol):
         self._out: list[bytes] = []
         self._turn = False  # whether what is posted in this turn is to be written at its end
         self._written = 0  # frames written to it in this turn
+        self.first: int | None = None  # the call it held first at the pool's last look
+        self.stuck = False  # whether that call ran from one look to the next (no more calls)
         self.culprit: int | None = None  # the call it was killed for, if it was
         self.ran: int | None = None  # once it has ended: the call it was running (None: none)
         self.gone = False  # its pipe ended or it broke the protocol
@@ -233,6 +235,17 @@ class WorkerProcess(asyncio.Protocol):
     @property
     def alive(self) -> bool:
         return not self.gone and self.proc.returncode is None and self.culprit is None
+
+    @property
+    def open(self) -> bool:
+        """Whether it may be sent fast calls to queue behind those it holds."""
+        return self.alive and not self.stuck
+
+    def recall(self) -> None:
+        """Have it take in the frames sent to it now, though it runs a sync call."""
+        if wire.RECALL is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, wire.RECALL)
 
     def running(self, call: Call) -> bool:
         """Whether `call` is the one it runs now (or will run next)."""

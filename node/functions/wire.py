@@ -20,6 +20,7 @@ by the function's codec, not wrapped in JSON of their own.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ __all__ = [
     "OUT",
     "PROGRESS",
     "RAISED",
+    "RECALL",
     "Frame",
     "FrameReader",
     "WireError",
@@ -53,6 +55,11 @@ ENDS = frozenset({DONE, RAISED, BAD, CANCELLED})
 
 MAX_FRAME = 32 << 20
 """The largest frame either side accepts: a call's spec is at most a few MiB, a result 1 MiB."""
+
+RECALL = signal.SIGRTMIN + 1 if hasattr(signal, "SIGRTMIN") else None
+"""The signal a node sends a worker stuck in a slow sync call, to have it take in the frames
+sent since (the cancels of the calls queued behind it) and send the answers it holds. None
+where there is no spare signal (not Linux): the calls queued wait for the slow one there."""
 
 HEAD = struct.Struct(">IBQd")
 """The length of what follows it, the kind, the call's id, the number."""

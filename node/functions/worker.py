@@ -228,22 +228,51 @@ class _Queue:
         return cancelled
 
 
+class _Recall:
+    """The handler of the node's RECALL signal while a sync call runs: the frames sent since
+    are taken in (the cancels of calls queued behind it among them: the node sends those
+    calls elsewhere once their worker has answered that they will not run here), and the
+    answers held are sent. Async calls take in frames as they come (`_run_async`)."""
+
+    def __init__(self, inp: _Input, queue: _Queue, replies: _Replies) -> None:
+        self.running: int | None = None  # the sync call running now
+        self._inp, self._queue, self._replies = inp, queue, replies
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        # Not in the worker's own code (between calls) nor amid output being held or sent.
+        if self.running is None or printed.busy():
+            return
+        try:
+            self._inp.fill(block=False)
+            self._queue.take(self._inp.frames(), running=self.running)
+        except (OSError, WireError):
+            return  # the loop sees it once the call has returned
+        self._replies.flush()
+
+    def install(self) -> None:
+        if wire.RECALL is not None:
+            signal.signal(wire.RECALL, self)
+            signal.siginterrupt(wire.RECALL, False)  # the call's system calls go on
+
+
 def _run_async(
     loop: asyncio.AbstractEventLoop,
     fn: Function[Any, Any],
     call: _Call,
     inp: _Input,
     queue: _Queue,
+    replies: _Replies,
     limit: int,
 ) -> _Reply:
-    """Run an async call on the worker's loop, taking in further frames meanwhile; a cancel
-    frame (or the node going away) cancels it."""
+    """Run an async call on the worker's loop, taking in further frames meanwhile (and
+    sending the answers held); a cancel frame (or the node going away) cancels it."""
     task = loop.create_task(_call_async(fn, call, limit))
 
     def readable() -> None:
         try:
             inp.fill(block=True)
             cancelled = queue.take(inp.frames(), running=call.id)
+            replies.flush()
         except (OSError, WireError):
             inp.closed, cancelled = True, True
         if inp.closed:
@@ -300,6 +329,8 @@ def _serve(
     threads = threading.active_count()
     replies = _Replies(ledger)
     queue = _Queue(replies)
+    recall = _Recall(inp, queue, replies)
+    recall.install()
     looked = time.perf_counter()
     while True:
         if not queue.calls:
@@ -333,9 +364,13 @@ def _serve(
         printed.begin(call.id)
         started = time.perf_counter()
         if is_async := fn.name in asynchronous:
-            kind, data = _run_async(loop, fn, call, inp, queue, limit)
+            kind, data = _run_async(loop, fn, call, inp, queue, replies, limit)
         else:
-            kind, data = _call_sync(fn, call, limit)
+            recall.running = call.id
+            try:
+                kind, data = _call_sync(fn, call, limit)
+            finally:
+                recall.running = None
         took = time.perf_counter() - started
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))

@@ -213,6 +213,13 @@ async def leaves_a_task() -> int:
 
 
 @shoal.task
+def slow_when(x: int, slow: int, seconds: float) -> int:
+    if x == slow:
+        time.sleep(seconds)
+    return x
+
+
+@shoal.task
 def touch(path: str) -> None:
     Path(path).write_text("ran")
 

@@ -8,6 +8,7 @@ batch processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import signal
@@ -132,6 +133,27 @@ async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
         assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
     await asyncio.sleep(0.6)  # what was left would have printed by now
     assert "late" not in "".join(printed)
+
+
+async def test_calls_queued_behind_a_call_that_is_not_fast_go_to_other_workers(
+    executor: FunctionExecutor,
+) -> None:
+    """A fast function's call that sleeps holds its worker: the answers it held go at once,
+    and the calls queued behind it run in the other workers, each once, long before it ends."""
+    executor._pool.fast_below = 10.0  # whatever the machine's load: fast
+    for _ in range(4):
+        await executor.run(fm.slow_when.spec(0, -1, 0), _ctx())
+    calls = [fm.slow_when.spec(x, 3, 20.0) for x in range(8)]  # the 4th sleeps for 20 s
+    runs = [asyncio.create_task(executor.run(spec, _ctx())) for spec in calls]
+    await asyncio.sleep(0)  # sent, in this turn of the loop: all to one worker
+    assert sorted(len(w.held) for w in executor._pool._all) == [0, 0, 8]
+    others = runs[:3] + runs[4:]
+    async with asyncio.timeout(5):
+        assert [await _value(r) for r in others] == [str(x) for x in range(8) if x != 3]
+    assert not runs[3].done()
+    runs[3].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runs[3]
 
 
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(

@@ -292,8 +292,9 @@ class Queries:
             return live_task(rec, self.pending_reason(rec))
         # Final in memory, not yet in the store: shown as it was, since a crash now would run
         # it again (and a client told its outcome would have been told wrong).
-        why = f": {self._k.store_error}" if self._k.store_error else ""
-        task = live_task(rec, f"finished; its outcome is not recorded yet{why}")
+        # Said only while the store fails: else it is recorded within a few milliseconds.
+        why = self._k.store_error
+        task = live_task(rec, f"finished; its outcome is not recorded yet: {why}" if why else "")
         task.state = RUNNING if rec.started_at is not None else ASSIGNED if rec.node_id else PENDING
         task.ClearField("result")
         task.ClearField("finished_at")

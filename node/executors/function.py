@@ -212,6 +212,7 @@ class FunctionExecutor(Executor):
         call.put_printed(result)
         if frame.kind == wire.DONE:
             if len(frame.data) > MAX_RESULT_BYTES:  # the worker checks it too: unless it lies
+                result.exit_code = 1
                 result.error = f"its result is over {MAX_RESULT_BYTES} bytes of JSON"
                 return Outcome(task_pb2.TASK_STATE_FAILED, result)
             value = frame.data.decode(errors="replace")
@@ -234,6 +235,7 @@ class FunctionExecutor(Executor):
             result.exit_code = 1
             result.error = "the function was cancelled (it raised CancelledError)"
             return Outcome(task_pb2.TASK_STATE_FAILED, result)
+        result.exit_code = 1  # its arguments or its value did not fit, or no such function
         result.error = frame.data.decode(errors="replace")[:4000] or "bad call"
         return Outcome(task_pb2.TASK_STATE_FAILED, result)
 
@@ -261,6 +263,7 @@ class FunctionExecutor(Executor):
                     frame = await run.next()
                     if frame is None or frame is REQUEUE or frame.kind in ENDS:
                         return
+                    await self._pass_on(run, frame)  # what it printed as it stopped
         except (TimeoutError, asyncio.CancelledError):
             pass
         worker.kill(run)

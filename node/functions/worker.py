@@ -113,7 +113,7 @@ def _returned(fn: Function[Any, Any], value: Any, limit: int) -> _Reply:
     except BaseException as err:  # the value's own code (a serializer) raised
         return _raised(err)
     if len(data) > limit:
-        return _bad(f"its result is {len(data)} bytes of JSON, over the node's {limit}")
+        return _bad(f"its result is {len(data):,} bytes of JSON, over the limit of {limit:,}")
     return wire.DONE, data
 
 

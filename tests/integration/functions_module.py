@@ -75,6 +75,7 @@ async def wait_async(seconds: float, marker: str = "") -> str:
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
+        print("stopping")
         if marker:
             Path(marker).write_text("cancelled")  # noqa: ASYNC240  (a test's marker)
         raise

@@ -156,6 +156,23 @@ async def test_calls_queued_behind_a_call_that_is_not_fast_go_to_other_workers(
         await runs[3]
 
 
+async def test_what_an_async_call_prints_as_it_is_cancelled_is_its_output(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    printed: list[str] = []
+    ctx = ExecutionContext(
+        task_id="t", emit=lambda c: printed.append(c.data), output_tail_bytes=4096
+    )
+    run = asyncio.create_task(executor.run(fm.wait_async.spec(60, str(marker)), ctx))
+    await eventually(lambda: marker.read_text() == "started", retry_on=(OSError,))
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert marker.read_text() == "cancelled"
+    assert "stopping" in "".join(printed)
+
+
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
     executor: FunctionExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

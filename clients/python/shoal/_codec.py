@@ -22,6 +22,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shoal import _json
+from shoal.errors import InvalidArgument
 from shoal.spec_checks import is_import_path, is_position
 
 __all__ = [
@@ -86,8 +87,9 @@ def _put(container: Any, path: list[str], value: Any) -> None:
             container = container[key]
 
 
-class CodecError(ValueError):
-    """Arguments or a result that do not fit the function's signature or type hints."""
+class CodecError(InvalidArgument, ValueError):
+    """Arguments or a result that do not fit the function's signature or type hints (or are
+    not JSON): nothing was sent."""
 
 
 def import_path(fn: Callable[..., Any]) -> str:
@@ -247,7 +249,9 @@ class CallCodec:
             }
             encoded_kwargs = _json_of(plain_kwargs, kwargs) if plain_kwargs else b"{}"
             return _json_of(plain_args, args), encoded_kwargs
-        except (ValidationError, ValueError, TypeError) as err:
+        except ValidationError as err:  # (a ValueError too)
+            raise CodecError(f"{self._fn.__qualname__}: an argument does not fit: {err}") from None
+        except (ValueError, TypeError) as err:
             raise CodecError(f"{self._fn.__qualname__}: an argument is not JSON: {err}") from None
 
     def decode_arguments(
@@ -308,7 +312,11 @@ class CallCodec:
             if type(value) in self._result_as_is:  # most results: no pydantic needed
                 return _dumps(value)
             return _json_of(_plain(self.result_adapter, value), value)
-        except (ValidationError, ValueError, TypeError) as err:
+        except ValidationError as err:  # (a ValueError too)
+            raise CodecError(
+                f"{self._fn.__qualname__} returned a value that does not fit its hint: {err}"
+            ) from None
+        except (ValueError, TypeError) as err:
             raise CodecError(
                 f"{self._fn.__qualname__} returned a value that is not JSON: {err}"
             ) from None

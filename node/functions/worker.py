@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from types import TracebackType
 from typing import Any
 
 from shoal import _json
@@ -91,6 +92,14 @@ def _bad(why: str) -> _Reply:
     return wire.BAD, why.encode(errors="replace")
 
 
+def _theirs(err: BaseException) -> TracebackType | None:
+    """The traceback of `err` from the function's own frames (the worker's passed over)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb or err.__traceback__
+
+
 def _raised(err: BaseException) -> _Reply:
     try:
         message = str(err)
@@ -100,7 +109,9 @@ def _raised(err: BaseException) -> _Reply:
         {
             "type": f"{type(err).__module__}.{type(err).__qualname__}",
             "message": message[:10_000],
-            "traceback": "".join(traceback.format_exception(err))[-100_000:],
+            "traceback": "".join(traceback.format_exception(type(err), err, _theirs(err)))[
+                -100_000:
+            ],
         }
     )
 

@@ -65,7 +65,9 @@ async def test_submit_wait_exits_1_unless_every_task_succeeded(
 
     fine = await shoal_(mesh_cli, "submit", "-c", mesh.address, "--wait", "--", "true")
     assert fine.returncode == 0, fine
-    assert "1 SUCCEEDED" in fine.stdout
+    (line,) = fine.stdout.splitlines()  # one task: its id and how it ended, as `wait` says
+    task_id, state = line.split()
+    assert state == "SUCCEEDED" and (await mesh.client.get(task_id)).id == task_id
 
 
 async def test_help_keeps_its_bracketed_notes_and_there_is_a_version(cli: CliProcesses) -> None:

@@ -18,7 +18,7 @@ from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal._progress import PROGRESS_FD, format_line
 from shoal.cli.app import CoordinatorOpt, app, connect, run_async
 from shoal.cli.render import plain
-from shoal.specs import is_final
+from shoal.specs import is_final, state_name
 from shoal.v1 import task_pb2
 
 
@@ -41,6 +41,13 @@ def logs(
     async def main() -> None:
         async with connect(coordinator) as client:
             task = await client.get(task_id)
+            if not follow and not is_final(task.state):
+                err_console.print(
+                    f"task {escape(task_id)} is {state_name(task.state)}: its output is kept once"
+                    f" it has ended; `shoal logs -f {escape(task_id)}` prints it from its start,"
+                    " live",
+                    highlight=False,
+                )
             if not follow or is_final(task.state):
                 task = await client.wait(task_id) if follow else task
                 _write(task_pb2.OUTPUT_STREAM_STDOUT, stdout_bytes(task.result))

@@ -261,6 +261,9 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
                 finally:
                     await _stopped(moving)
                     await _stopped(teller)
+        if wait and len(tasks) == 1:
+            _say_ended(tasks[0])
+            return tasks[0].state == task_pb2.TASK_STATE_SUCCEEDED
         if wait:
             counts: dict[str, int] = {}
             for t in tasks:
@@ -352,10 +355,17 @@ def wait_for(task_id: str, coordinator: CoordinatorOpt = None) -> None:
             return await client.wait_with_reasons(task_id, _teller())
 
     task = run_async(main())
+    _say_ended(task)
+    raise typer.Exit(_process_exit(task.state, task.result))
+
+
+def _say_ended(task: task_pb2.Task) -> None:
+    """How a task ended: its id and state, what it returned (a function or tool), its error."""
     console.print(f"{task.id} {state_text(task.state)}", highlight=False)
+    if returned := _returned(task):
+        console.out(returned)
     if task.result.error:
         err_console.print(f"[red]{state_name(task.state)}[/red]: {escape(task.result.error)}")
-    raise typer.Exit(_process_exit(task.state, task.result))
 
 
 def _process_exit(state: int, result: task_pb2.TaskResult) -> int:
@@ -402,7 +412,8 @@ def ls(
         print_json(tasks)
         return
     table = Table()
-    for col in ("id", "name", "kind", "state", "exit", "node", "created"):
+    table.add_column("id", no_wrap=True, min_width=16)  # whole: `shoal get` takes no less
+    for col in ("name", "kind", "state", "exit", "node", "created"):
         table.add_column(col)
     for t in tasks:
         table.add_row(

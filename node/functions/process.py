@@ -119,11 +119,12 @@ class WorkerProcess(asyncio.Protocol):
                 raise WireError("the worker's hello is not a JSON object")
         except BaseException:
             worker.end()
+            worker._close_ledger()
             if worker._transport is None:  # it never had one
                 pipe.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(proc.wait())
-                await asyncio.shield(lease.aclose())
+                await asyncio.shield(worker.release())
             raise
         worker._watch_exit()
         worker.functions = sorted(str(f) for f in hello.get("functions") or [])

@@ -253,10 +253,14 @@ class FunctionExecutor(Executor):
         worker that has not answered within the grace (its other calls go to another)."""
         if run.worker is not worker or run.id not in worker.held or worker.gone:
             return  # it has ended, or its worker died (which decides how it ends)
-        if worker.running(run) and run.name not in self._pool.asynchronous:
+        if run.name not in self._pool.asynchronous and worker.runs(run):
             worker.kill(run)
             return
+        # Dropped if it has not started, cancelled in place if it is async; a worker amid a
+        # sync call takes the cancel in at once, and sends the answers it held (this one's,
+        # if it has ended: no kill then).
         self._pool.cancel(run)
+        worker.wake()
         try:
             async with asyncio.timeout(_STOP_GRACE):
                 while True:

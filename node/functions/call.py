@@ -31,6 +31,7 @@ class Call:
         "_queued",
         "_stalled",
         "_waiter",
+        "deaths",
         "fast",
         "frame",
         "id",
@@ -46,6 +47,7 @@ class Call:
         self.worker: WorkerProcess | None = None
         self.fast = False  # whether it was sent as a fast call (it may queue behind others)
         self.recalled = False  # whether its worker was asked to give it back (a stuck worker)
+        self.deaths = 0  # its workers that died holding it, with no call to blame
         self._frames: collections.deque[Frame | None] = collections.deque()
         self._waiter: asyncio.Future[Frame | None] | None = None
         self._queued = 0  # bytes of the frames not yet taken

@@ -2,9 +2,11 @@
 keeps the answers it has not sent yet (it sends them in batches), so that a node whose worker
 died knows which call it died in and has the answers of the calls it ran before.
 
-The worker writes it without a system call; the node reads it only once the worker has ended
-(no writer is left then: nothing is read half written). Whatever a worker wrote there is read
-as any frame from it is: a hostile function can say no more in it than on its pipe.
+The worker writes it without a system call; the node reads the answers only once the worker
+has ended (no writer is left then: nothing is read half written), and the running call also
+while it runs (to stop that call, and no other, when it is cancelled). Whatever a worker wrote
+there is read as any frame from it is: a hostile function can say no more in it than on its
+pipe (and the node believes the call it names only if it is the first not answered).
 
     offset  size
     0       8      the id of the call running now (0: none)
@@ -19,7 +21,7 @@ import os
 import struct
 import tempfile
 
-__all__ = ["SIZE", "Ledger", "create", "read"]
+__all__ = ["SIZE", "Ledger", "create", "read", "running"]
 
 _RUNNING, _HELD = struct.Struct(">Q"), struct.Struct(">I")
 _HEAD = struct.Struct(">QI")
@@ -40,6 +42,13 @@ def create() -> int:
         os.close(fd)
         raise
     return fd
+
+
+def running(fd: int) -> int:
+    """The call a live worker runs now, as its ledger says (0: none): a value written whole
+    (aligned), so read whole; by the time it is used the worker may have moved on."""
+    data = os.pread(fd, _RUNNING.size, 0)
+    return _RUNNING.unpack(data)[0] if len(data) == _RUNNING.size else 0
 
 
 def read(fd: int) -> tuple[int, bytes]:

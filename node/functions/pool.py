@@ -27,13 +27,15 @@ from shoal.node.functions.call import REQUEUE, Call
 from shoal.node.functions.process import WorkerProcess
 from shoal.node.functions.wire import ENDS, Frame, WireError
 
-__all__ = ["DEPTH", "FAST", "WorkerPool", "depth_for"]
+__all__ = ["DEATHS", "DEPTH", "FAST", "WorkerPool", "depth_for"]
 
 _log = logging.getLogger("shoal.node")
 FAST = 0.001
 """Seconds under which a function's calls count as fast: such calls may queue in a worker."""
 DEPTH = 16
 """The most calls one worker holds at once where the machine has a core for each worker."""
+DEATHS = 2
+"""Deaths of its workers a call is sent elsewhere after (none blamed on it); then it fails."""
 STUCK = 0.05
 """Seconds between looks for a worker whose first call has not ended (see WorkerPool._look):
 the calls queued behind one that has run this long, at least, go elsewhere."""
@@ -177,10 +179,10 @@ class WorkerPool:
             for call in behind:
                 if not call.recalled:
                     call.recalled = True
-                    worker.post(wire.encode_frame(wire.CANCEL, call.id))
+                    worker.post(wire.encode_frame(wire.RECALL, call.id))
             worker.flush()
             if behind:  # (again, until it has answered: it may have been amid output)
-                worker.recall()
+                worker.wake()
         if self.fast_held > 0:
             self._looks = asyncio.get_running_loop().call_later(STUCK, self._look)
 
@@ -216,10 +218,17 @@ class WorkerPool:
         held = list(worker.held.values())
         worker.held.clear()
         self.fast_held -= sum(call.fast for call in held)
-        blamed = worker.culprit if worker.culprit is not None else worker.ran
+        # It runs its calls in order: the one it ran, if any, is the first it had not
+        # answered (a ledger that says otherwise lies). A call whose workers keep dying
+        # without one to blame (a function that lies in its ledger) fails in the end.
+        ran = worker.ran if held and worker.ran == held[0].id else None
         for call in held:
             call.worker = None
-            call.put(None if call.id == blamed else REQUEUE)
+            if call.id in (worker.culprit, ran):
+                call.put(None)
+            else:
+                call.deaths += 1
+                call.put(None if call.deaths > DEATHS else REQUEUE)
         self._notify()
         await worker.release()  # before another takes its user (run_as)
         await self._start_one()
@@ -236,9 +245,9 @@ class WorkerPool:
                 del held[frame.id]
                 freed = True
                 self.fast_held -= call.fast
-                if call.recalled and frame.kind == wire.CANCELLED:
+                if frame.kind == wire.DROPPED:  # recalled before it started
                     call.worker = None
-                    call.put(REQUEUE)  # it never ran: to another worker
+                    call.put(REQUEUE)  # to another worker
                     continue
                 # A share, so that a few slow calls (the machine's load) count for no more
                 # than a few.

@@ -282,6 +282,7 @@ def capture_descriptors() -> None:
     _descriptors = _Descriptors()
     for stream in (1, 2):
         _buffers[stream] = io.BufferedWriter(io.FileIO(stream, "wb", closefd=False))
+        _pipes[stream] = _identity(stream)
     threading.Thread(target=_descriptors.follow, name="shoal-descriptors", daemon=True).start()
 
 
@@ -308,13 +309,25 @@ def _flush_replaced_streams() -> None:
                 stream.flush()
 
 
+_pipes: dict[int, tuple[int, int] | None] = {}  # fd 1 and 2 as captured: (device, inode)
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def tampered() -> str:
     """What of the output a call left changed for the calls after it: sys.stdout or
     sys.stderr replaced, or fd 1 or 2 no longer the pipes this process reads ('' if none)."""
     if type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames:
         return "sys.stdout or sys.stderr replaced"
-    if _descriptors is not None and len(_descriptors._streams) < 2:
-        return "fd 1 or 2 closed"
+    for fd, pipe in _pipes.items():
+        if _identity(fd) != pipe:
+            return f"fd {fd} closed or replaced"
     return ""
 
 

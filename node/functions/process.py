@@ -242,15 +242,21 @@ class WorkerProcess(asyncio.Protocol):
         """Whether it may be sent fast calls to queue behind those it holds."""
         return self.alive and not self.stuck
 
-    def recall(self) -> None:
+    def wake(self) -> None:
         """Have it take in the frames sent to it now, though it runs a sync call."""
-        if wire.RECALL is not None:
+        if wire.WAKE is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, wire.RECALL)
+                os.kill(self.pid, wire.WAKE)
 
-    def running(self, call: Call) -> bool:
-        """Whether `call` is the one it runs now (or will run next)."""
-        return next(iter(self.held), None) == call.id
+    def runs(self, call: Call) -> bool:
+        """Whether it runs `call` now, as its ledger says (the first call it holds may have
+        ended, its answer held)."""
+        if self._ledger < 0:
+            return False
+        try:
+            return ledger.running(self._ledger) == call.id
+        except OSError:
+            return False
 
     def post(self, data: bytes) -> None:
         """Write `data` at the end of this turn of the event loop, with whatever else is posted

@@ -12,6 +12,8 @@ frame's kind, the call it is about, a number), then bytes whose meaning the kind
     CANCELLED   worker   seconds taken   -
     OUT         worker   1 or 2 (stream) what the call printed (bytes, UTF-8 where it was)
     PROGRESS    worker   fraction        what the call said of its progress (UTF-8)
+    RECALL      node     -               -   (give the call back unless it has started)
+    DROPPED     worker   -               -   (the call recalled: it will not run here)
 
 A call's arguments and its result are JSON already: they go through as they are, decoded only
 by the function's codec, not wrapped in JSON of their own.
@@ -32,6 +34,7 @@ __all__ = [
     "CANCEL",
     "CANCELLED",
     "DONE",
+    "DROPPED",
     "ENDS",
     "HELLO",
     "MAX_FRAME",
@@ -39,6 +42,7 @@ __all__ = [
     "PROGRESS",
     "RAISED",
     "RECALL",
+    "WAKE",
     "Frame",
     "FrameReader",
     "WireError",
@@ -49,17 +53,17 @@ __all__ = [
     "write_all",
 ]
 
-HELLO, CALL, CANCEL, DONE, RAISED, BAD, CANCELLED, OUT, PROGRESS = range(9)
-ENDS = frozenset({DONE, RAISED, BAD, CANCELLED})
+HELLO, CALL, CANCEL, DONE, RAISED, BAD, CANCELLED, OUT, PROGRESS, RECALL, DROPPED = range(11)
+ENDS = frozenset({DONE, RAISED, BAD, CANCELLED, DROPPED})
 """The kinds of frame that end a call: the last the worker sends of it."""
 
 MAX_FRAME = 32 << 20
 """The largest frame either side accepts: a call's spec is at most a few MiB, a result 1 MiB."""
 
-RECALL = signal.SIGRTMIN + 1 if hasattr(signal, "SIGRTMIN") else None
-"""The signal a node sends a worker stuck in a slow sync call, to have it take in the frames
-sent since (the cancels of the calls queued behind it) and send the answers it holds. None
-where there is no spare signal (not Linux): the calls queued wait for the slow one there."""
+WAKE = signal.SIGRTMIN + 1 if hasattr(signal, "SIGRTMIN") else None
+"""The signal a node sends a worker amid a sync call, to have it take in the frames sent since
+(recalls of the calls queued behind it, a cancel) and send the answers it holds. None where
+there is no spare signal (not Linux): the calls queued wait for the slow one there."""
 
 HEAD = struct.Struct(">IBQd")
 """The length of what follows it, the kind, the call's id, the number."""

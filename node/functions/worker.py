@@ -11,6 +11,7 @@ descriptor of their own).
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import collections
 import contextlib
@@ -22,7 +23,6 @@ import os
 import select
 import signal
 import sys
-import threading
 import time
 import traceback
 from types import TracebackType
@@ -37,7 +37,7 @@ from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_fram
 
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 _LOOK_AFTER = 0.0001  # seconds after which a call may have started a process or a timer
-_PR_SET_PDEATHSIG = 1  # prctl(2)
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # prctl(2)
 
 
 def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]:
@@ -222,26 +222,28 @@ class _Queue:
         self._replies = replies
 
     def take(self, frames: list[Frame], running: int | None = None) -> bool:
-        """Queue calls, drop the cancelled ones; whether `running` was cancelled."""
+        """Queue calls, drop the cancelled ones and the recalled ones not started; whether
+        `running` was cancelled (a recall leaves it running)."""
         cancelled = False
         for frame in frames:
             if frame.kind == wire.CALL:
                 self.calls.append(frame)
-            elif frame.kind == wire.CANCEL:
+            elif frame.kind in (wire.CANCEL, wire.RECALL):
                 if frame.id == running:
-                    cancelled = True
+                    cancelled = cancelled or frame.kind == wire.CANCEL
                     continue
                 for call in self.calls:
                     if call.id == frame.id:
                         self.calls.remove(call)
-                        self._replies.add(encode_frame(wire.CANCELLED, frame.id))
+                        said = wire.CANCELLED if frame.kind == wire.CANCEL else wire.DROPPED
+                        self._replies.add(encode_frame(said, frame.id))
                         break
         return cancelled
 
 
-class _Recall:
-    """The handler of the node's RECALL signal while a sync call runs: the frames sent since
-    are taken in (the cancels of calls queued behind it among them: the node sends those
+class _Wake:
+    """The handler of the node's WAKE signal while a sync call runs: the frames sent since
+    are taken in (recalls of the calls queued behind it among them: the node sends those
     calls elsewhere once their worker has answered that they will not run here), and the
     answers held are sent. Async calls take in frames as they come (`_run_async`)."""
 
@@ -261,9 +263,10 @@ class _Recall:
         self._replies.flush()
 
     def install(self) -> None:
-        if wire.RECALL is not None:
-            signal.signal(wire.RECALL, self)
-            signal.siginterrupt(wire.RECALL, False)  # the call's system calls go on
+        if wire.WAKE is not None:
+            # Its system calls are interrupted (a blocking read, waitpid): Python runs this
+            # handler, then goes on with them, as it does for any signal (PEP 475).
+            signal.signal(wire.WAKE, self)
 
 
 def _run_async(
@@ -301,14 +304,28 @@ def _run_async(
     return reply
 
 
+def _os_threads() -> int:
+    """The threads of this process, as the kernel counts them (0 where it cannot tell)."""
+    try:
+        return os.stat("/proc/self/task").st_nlink  # Linux: one link per thread, and 2
+    except OSError:
+        return 0
+
+
 def _left_behind(
-    loop: asyncio.AbstractEventLoop, threads: int, took: float, *, asynchronous: bool
+    loop: asyncio.AbstractEventLoop,
+    threads: tuple[int, int],
+    took: float,
+    wake: _Wake,
+    *,
+    asynchronous: bool,
 ) -> str:
     """What the call just run left that later calls would run beside or be changed by: a
     thread, an asyncio task, a child process, a timer, its output replaced ('' if nothing).
     The dearer looks (system calls) only after a call that took a while: starting a process
     takes longer than a trivial call."""
-    if threading.active_count() > threads:
+    python_threads, os_threads = threads
+    if _thread._count() > python_threads:  # threading's threads and _thread's alike
         return "a thread running"
     if loop.is_closed():
         return "the event loop closed"
@@ -316,11 +333,19 @@ def _left_behind(
         return "an asyncio task pending"
     if tampered := printed.tampered():
         return tampered
+    if signal.getitimer(signal.ITIMER_REAL)[0]:  # (signal.alarm too)
+        return "an alarm or interval timer set"
+    if wire.WAKE is not None and signal.getsignal(wire.WAKE) is not wake:
+        return "the node's signal taken over"
     if took < _LOOK_AFTER:
         return ""
-    if signal.getitimer(signal.ITIMER_REAL)[0] or signal.getitimer(signal.ITIMER_VIRTUAL)[0]:
+    if _os_threads() > os_threads:  # a thread it started that had not begun to run Python
+        return "a thread running"
+    if signal.getitimer(signal.ITIMER_VIRTUAL)[0] or signal.getitimer(signal.ITIMER_PROF)[0]:
         return "an interval timer set"
-    with contextlib.suppress(ChildProcessError):
+    if wire.WAKE is not None and wire.WAKE in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return "the node's signal blocked"
+    with contextlib.suppress(ChildProcessError):  # its own, and orphans it adopts (subreaper)
         while True:
             pid, _ = os.waitpid(-1, os.WNOHANG)  # reaps the children that have ended
             if pid == 0:
@@ -337,11 +362,11 @@ def _serve(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
-    threads = threading.active_count()
+    threads = _thread._count(), _os_threads()
     replies = _Replies(ledger)
     queue = _Queue(replies)
-    recall = _Recall(inp, queue, replies)
-    recall.install()
+    wake = _Wake(inp, queue, replies)
+    wake.install()
     looked = time.perf_counter()
     while True:
         if not queue.calls:
@@ -377,18 +402,26 @@ def _serve(
         if is_async := fn.name in asynchronous:
             kind, data = _run_async(loop, fn, call, inp, queue, replies, limit)
         else:
-            recall.running = call.id
+            wake.running = call.id
             try:
                 kind, data = _call_sync(fn, call, limit)
             finally:
-                recall.running = None
+                wake.running = None
         took = time.perf_counter() - started
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         ledger.running(0)
-        if left := _left_behind(loop, threads, took, asynchronous=is_async):
+        if left := _left_behind(loop, threads, took, wake, asynchronous=is_async):
             replies.flush()
             return f"{call.name} left {left}"
+
+
+def _adopt_orphans() -> None:
+    """Be the parent of the orphans of the processes calls start (Linux: a subreaper), so that
+    one that outlives its parent, a daemon's grandchild, is seen as left behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _die_with_the_node() -> None:
@@ -414,6 +447,7 @@ def _as_batch() -> None:
 
 def main() -> None:
     _die_with_the_node()
+    _adopt_orphans()
     _as_batch()
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
     inp = _Input(os.dup(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import fcntl
 import io
@@ -183,6 +184,9 @@ def record(path: str, x: int) -> int:
     return x
 
 
+_KEPT = -1
+
+
 def _late() -> None:
     time.sleep(0.5)
     print("late")
@@ -191,10 +195,20 @@ def _late() -> None:
 @shoal.task
 def leaves(what: str) -> int:
     """Returns, leaving something behind that would run beside the calls after it."""
+    late = [sys.executable, "-c", "import time; time.sleep(2); print('late')"]
     if what == "thread":
         threading.Thread(target=_late, daemon=True).start()
+    elif what == "raw thread":  # seen at once by the kernel; by Python once it runs
+        _thread.start_new_thread(_late, ())
+        time.sleep(0.001)
     elif what == "child":
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); print('late')"])
+        subprocess.Popen(late)
+    elif what == "grandchild":  # its parent gone at once: a daemon
+        subprocess.run([sys.executable, "-c", f"import subprocess; subprocess.Popen({late!r})"])
+    elif what == "fd 1":  # replaced by a file, the pipe kept open by a copy
+        global _KEPT
+        _KEPT = os.dup(1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     elif what == "stdout":
         sys.stdout = io.StringIO()
     elif what == "timer":
@@ -218,6 +232,35 @@ def slow_when(x: int, slow: int, seconds: float) -> int:
     if x == slow:
         time.sleep(seconds)
     return x
+
+
+@shoal.task
+def noted(path: str, x: int, seconds: float = 0.0) -> int:
+    """Note `x` in the file at `path` (each run), then sleep."""
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(seconds)
+    return x
+
+
+@shoal.task
+async def noted_async(path: str, x: int, seconds: float = 0.0) -> int:
+    with open(path, "a") as f:  # noqa: ASYNC230  (a test's note)
+        f.write(f"{x}\n")
+    await asyncio.sleep(seconds)
+    return x
+
+
+@shoal.task
+def lies_and_dies(path: str) -> None:
+    """Says in its worker's ledger that no call runs, then ends the worker."""
+    import gc
+
+    with open(path, "a") as f:
+        f.write("ran\n")
+    (ledger,) = [o for o in gc.get_objects() if type(o).__name__ == "Ledger"]
+    ledger.running(0)
+    os._exit(3)
 
 
 @shoal.task

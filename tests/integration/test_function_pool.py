@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,6 +28,7 @@ from shoal.node.executors.python import runs_python
 from shoal.node.executors.taskuser import TASK_UID_BASE, TaskUsers
 from shoal.node.functions import process, wire
 from shoal.node.functions.call import BACKLOG, Call
+from shoal.node.functions.pool import DEATHS
 from shoal.v1 import task_pb2
 from tests.integration import functions_module as fm
 from tests.integration.harness import eventually
@@ -111,7 +113,9 @@ async def test_calls_answered_before_their_worker_died_keep_their_answers_and_ru
     assert sorted(ran, key=int) == sorted(map(str, xs), key=int)  # each once
 
 
-@pytest.mark.parametrize("what", ["thread", "child", "stdout", "timer", "task"])
+@pytest.mark.parametrize(
+    "what", ["thread", "raw thread", "child", "grandchild", "stdout", "fd 1", "timer", "task"]
+)
 async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
     executor: FunctionExecutor, what: str
 ) -> None:
@@ -171,6 +175,62 @@ async def test_what_an_async_call_prints_as_it_is_cancelled_is_its_output(
         await run
     assert marker.read_text() == "cancelled"
     assert "stopping" in "".join(printed)
+
+
+async def _fast(executor: FunctionExecutor, fn: Any, path: Path) -> None:
+    executor._pool.fast_below = 10.0  # whatever the machine's load: fast
+    for _ in range(4):
+        await executor.run(fn.spec(str(path) + ".warm", 0), _ctx())
+
+
+async def test_cancelling_a_call_that_has_ended_stops_no_other(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    """Its answer held by its worker, which runs a later call: that one is not killed (nor
+    run again), and the cancelled one has ended."""
+    log = tmp_path / "ran"
+    await _fast(executor, fm.noted, log)
+    seconds = [0.0] * 4 + [1.0] + [0.0] * 2
+    runs = [
+        asyncio.create_task(executor.run(fm.noted.spec(str(log), x, s), _ctx()))
+        for x, s in enumerate(seconds)
+    ]
+    await asyncio.sleep(0)
+    (worker,) = [w for w in executor._pool._all if w.held]
+    await eventually(
+        lambda: log.read_text().split() == ["0", "1", "2", "3", "4"], retry_on=(OSError,)
+    )
+    runs[0].cancel()  # ended in its worker: its answer held while 4 sleeps
+    with contextlib.suppress(asyncio.CancelledError):
+        await runs[0]
+    assert [await _value(r) for r in runs[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert log.read_text().split() == [str(x) for x in range(7)]  # each once
+    assert worker.alive  # never killed
+
+
+async def test_a_recall_never_runs_a_call_twice(executor: FunctionExecutor, tmp_path: Path) -> None:
+    """Async calls that each take longer than a look: those not started go elsewhere, those
+    started end where they are."""
+    log = tmp_path / "ran"
+    await _fast(executor, fm.noted_async, log)
+    runs = [
+        asyncio.create_task(executor.run(fm.noted_async.spec(str(log), x, 0.06), _ctx()))
+        for x in range(24)
+    ]
+    assert [await _value(r) for r in runs] == [str(x) for x in range(24)]
+    assert sorted(map(int, log.read_text().split())) == list(range(24))
+
+
+async def test_a_call_whose_worker_lies_and_dies_fails_in_the_end(
+    executor: FunctionExecutor, tmp_path: Path
+) -> None:
+    """It says in its ledger that it ran nothing: it is sent elsewhere, as a call that never
+    ran would be, DEATHS times at most; then it fails."""
+    log = tmp_path / "ran"
+    outcome = await executor.run(fm.lies_and_dies.spec(str(log)), _ctx())
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert "worker process died" in outcome.result.error
+    assert log.read_text().split() == ["ran"] * (DEATHS + 1)
 
 
 async def test_fast_calls_past_one_workers_depth_fill_the_next_worker(
@@ -275,15 +335,13 @@ async def test_what_commands_and_c_code_write_on_fd_1_and_2_is_the_calls_output(
     assert stdout_bytes(outcome.result) == said.encode()
 
 
-async def test_a_call_that_closes_fd_1_and_2_leaves_its_worker_serving(
+async def test_a_call_that_closes_fd_1_and_2_ends_its_worker_and_calls_go_on(
     executor: FunctionExecutor,
 ) -> None:
+    """Later calls' commands would write nowhere, or into what took the descriptors."""
     closing = asyncio.ensure_future(executor.run(fm.closes_its_output.spec(), _ctx()))
     pid = int(await _value(closing))
-    worker = psutil.Process(pid)
-    before = sum(worker.cpu_times()[:2])
-    await asyncio.sleep(1.0)
-    assert sum(worker.cpu_times()[:2]) - before < 0.5  # its reader does not spin on them
+    await eventually(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
     assert await _value(asyncio.ensure_future(executor.run(fm.add.spec(2, 3), _ctx()))) == "5"
 
 

@@ -404,10 +404,13 @@ def test_a_function_spec_is_validated() -> None:
             "function.upstream",
         ),
         ("function.args", task_pb2.FunctionSpec(args='["${{ deps[0].stdout }}"]'), "upstream"),
-        (
-            "function.upstream['0']",
-            task_pb2.FunctionSpec(args="[null]", upstream={"0": "[${{ deps[0].stdout }}]"}),
-            "one reference and nothing else",
+        *(
+            (
+                "function.upstream['0']",
+                task_pb2.FunctionSpec(args="[null]", upstream={"0": value}),
+                "one reference and nothing else",
+            )
+            for value in ("[${{ deps[0].stdout }}]", "\u00a0${{ deps[0].output.value }}")
         ),
         # Digits to str.isdigit that are no position: refused, not dropped (or an error).
         *(
@@ -469,7 +472,7 @@ def test_a_result_holding_lone_surrogates_comes_back_as_it_was_returned() -> Non
 
 
 def test_a_number_beyond_a_float_is_not_json_here() -> None:
-    for text in ("[1e400]", b'{"a": [2, -1e309]}'):
+    for text in ("[1e400]", b'{"a": [2, -1e309]}', "[-1" + "0" * 300 + ".0e9]", "9" * 308 + ".9e1"):
         with pytest.raises(ValueError, match="range"):
             _json.loads(text)
     assert _json.loads('["1e400", 1.5e308, 1e-999, 123456789012345678901234567890]') == [

@@ -33,9 +33,9 @@ def loads(data: bytes | bytearray | str, *, lone_surrogates: bool = False) -> An
     return value
 
 
-# A number that a float cannot hold has an exponent of 3 digits or 309 digits before its
-# point: only text that has one is searched for the infinity it became.
-_BIG = re.compile(r"[eE]\+?\d{3}|\d{309}")
+# A number that a float cannot hold has an exponent or 309 digits before its point: only text
+# that has one is searched for the infinity it became.
+_BIG = re.compile(r"\d[eE]|\d{309}")
 _BIG_BYTES = re.compile(_BIG.pattern.encode())
 
 

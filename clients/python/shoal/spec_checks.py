@@ -331,7 +331,7 @@ def _function_violations(
         bad("function.upstream", f"more than {limits.max_labels} entries")
     for key, value in f.upstream.items():
         head, *path = key.split("/")
-        if not is_reference(value.strip()):
+        if not is_reference(value):
             # One value in one place: text around a reference could give it another shape.
             bad(f"function.upstream[{key[:40]!r}]", "must be one reference and nothing else")
         if not (is_position(head) and len(head) <= 6) and not head.isidentifier():

@@ -34,7 +34,7 @@ FAST = 0.001
 """Seconds under which a function's calls count as fast: such calls may queue in a worker."""
 DEPTH = 16
 """The most calls one worker holds at once where the machine has a core for each worker."""
-DEATHS = 2
+DEATHS = 5
 """Deaths of its workers a call is sent elsewhere after (none blamed on it); then it fails."""
 STUCK = 0.05
 """Seconds between looks for a worker whose first call has not ended (see WorkerPool._look):

@@ -386,6 +386,9 @@ def _serve(
             return ""  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
+        if _thread._count() > threads[0]:  # one an earlier call started, running only now
+            replies.flush()
+            return "a thread running that an earlier call started"  # the next runs elsewhere
         frame = queue.calls.popleft()
         try:
             call = _Call(frame)

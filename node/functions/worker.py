@@ -322,8 +322,8 @@ def _left_behind(
 ) -> str:
     """What the call just run left that later calls would run beside or be changed by: a
     thread, an asyncio task, a child process, a timer, its output replaced ('' if nothing).
-    The dearer looks (system calls) only after a call that took a while: starting a process
-    takes longer than a trivial call."""
+    Some looks only after a call that took a while (starting a process takes longer than a
+    trivial call); a thread that begins to run later is seen before the next call."""
     python_threads, os_threads = threads
     if _thread._count() > python_threads:  # threading's threads and _thread's alike
         return "a thread running"

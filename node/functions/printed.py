@@ -35,6 +35,7 @@ __all__ = [
     "capture_descriptors",
     "end",
     "install",
+    "replaced",
     "send",
     "tampered",
     "to_node",
@@ -320,11 +321,14 @@ def _identity(fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def replaced() -> bool:
+    """Whether a call left sys.stdout or sys.stderr replaced."""
+    return type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames
+
+
 def tampered() -> str:
-    """What of the output a call left changed for the calls after it: sys.stdout or
-    sys.stderr replaced, or fd 1 or 2 no longer the pipes this process reads ('' if none)."""
-    if type(sys.stdout) is not _OutputFrames or type(sys.stderr) is not _OutputFrames:
-        return "sys.stdout or sys.stderr replaced"
+    """Which of fd 1 and 2 a call left no longer the pipe this process reads ('' if none):
+    a system call each."""
     for fd, pipe in _pipes.items():
         if _identity(fd) != pipe:
             return f"fd {fd} closed or replaced"

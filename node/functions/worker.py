@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import importlib
@@ -304,45 +305,35 @@ def _run_async(
     return reply
 
 
-def _os_threads() -> int:
-    """The threads of this process, as the kernel counts them (0 where it cannot tell)."""
-    try:
-        return os.stat("/proc/self/task").st_nlink  # Linux: one link per thread, and 2
-    except OSError:
-        return 0
-
-
 def _left_behind(
     loop: asyncio.AbstractEventLoop,
-    threads: tuple[int, int],
-    took: float,
+    threads: int,
     wake: _Wake,
     *,
     asynchronous: bool,
+    thorough: bool,
 ) -> str:
-    """What the call just run left that later calls would run beside or be changed by: a
-    thread, an asyncio task, a child process, a timer, its output replaced ('' if nothing).
-    Some looks only after a call that took a while (starting a process takes longer than a
-    trivial call); a thread that begins to run later is seen before the next call."""
-    python_threads, os_threads = threads
-    if _thread._count() > python_threads:  # threading's threads and _thread's alike
+    """What the calls run left that later calls would run beside or be changed by: a thread,
+    an asyncio task, a child process, a timer, their output replaced ('' if nothing). Only
+    the looks that cost no system call after each call; all of them (`thorough`) after one
+    that took a while (starting a process takes longer than a trivial call) and whenever the
+    worker has run all it was sent, before it waits for more."""
+    if _threads() > threads:
         return "a thread running"
     if loop.is_closed():
         return "the event loop closed"
     if asynchronous and asyncio.all_tasks(loop):
         return "an asyncio task pending"
-    if tampered := printed.tampered():
-        return tampered
-    if signal.getitimer(signal.ITIMER_REAL)[0]:  # (signal.alarm too)
-        return "an alarm or interval timer set"
+    if printed.replaced():
+        return "sys.stdout or sys.stderr replaced"
     if wire.WAKE is not None and signal.getsignal(wire.WAKE) is not wake:
         return "the node's signal taken over"
-    if took < _LOOK_AFTER:
+    if not thorough:
         return ""
-    if _os_threads() > os_threads:  # a thread it started that had not begun to run Python
-        return "a thread running"
-    if signal.getitimer(signal.ITIMER_VIRTUAL)[0] or signal.getitimer(signal.ITIMER_PROF)[0]:
-        return "an interval timer set"
+    if tampered := printed.tampered():
+        return tampered
+    if any(signal.getitimer(t)[0] for t in _TIMERS):  # (signal.alarm too)
+        return "an alarm or interval timer set"
     if wire.WAKE is not None and wire.WAKE in signal.pthread_sigmask(signal.SIG_BLOCK, []):
         return "the node's signal blocked"
     with contextlib.suppress(ChildProcessError):  # its own, and orphans it adopts (subreaper)
@@ -353,6 +344,16 @@ def _left_behind(
     return ""
 
 
+_TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="shoal-calls")
+"""The worker's loop's default executor (asyncio.to_thread): its threads are the worker's."""
+
+
+def _threads() -> int:
+    """Python threads running besides the worker's own: threading's and _thread's alike."""
+    return _thread._count() - len(_EXECUTOR._threads)
+
+
 def _serve(
     functions: dict[str, Function[Any, Any]], inp: _Input, ledger: Ledger, limit: int
 ) -> str:
@@ -360,9 +361,10 @@ def _serve(
     leaves something behind that would run beside, or change, the calls after it: then what
     it left (the worker is to end, and another takes its place)."""
     loop = asyncio.new_event_loop()
+    loop.set_default_executor(_EXECUTOR)
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
-    threads = _thread._count(), _os_threads()
+    threads = _threads()
     replies = _Replies(ledger)
     queue = _Queue(replies)
     wake = _Wake(inp, queue, replies)
@@ -371,6 +373,8 @@ def _serve(
     while True:
         if not queue.calls:
             replies.flush()
+            if left := _left_behind(loop, threads, wake, asynchronous=True, thorough=True):
+                return f"a call left {left}"
             inp.fill(block=True)
             queue.take(inp.frames())
             looked = time.perf_counter()
@@ -386,7 +390,7 @@ def _serve(
             return ""  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
-        if _thread._count() > threads[0]:  # one an earlier call started, running only now
+        if _threads() > threads:  # one an earlier call started, running only now
             replies.flush()
             return "a thread running that an earlier call started"  # the next runs elsewhere
         frame = queue.calls.popleft()
@@ -414,7 +418,8 @@ def _serve(
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         ledger.running(0)
-        if left := _left_behind(loop, threads, took, wake, asynchronous=is_async):
+        thorough = took >= _LOOK_AFTER
+        if left := _left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough):
             replies.flush()
             return f"{call.name} left {left}"
 

@@ -264,6 +264,12 @@ def lies_and_dies(path: str) -> None:
 
 
 @shoal.task
+async def pid_in_a_thread() -> int:
+    """Its worker's pid, found in a thread of the loop's default executor (which stays)."""
+    return await asyncio.to_thread(os.getpid)
+
+
+@shoal.task
 def touch(path: str) -> None:
     Path(path).write_text("ran")
 

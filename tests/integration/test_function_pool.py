@@ -139,6 +139,16 @@ async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
     assert "late" not in "".join(printed)
 
 
+async def test_the_threads_of_asyncio_to_thread_are_not_left_behind(
+    executor: FunctionExecutor,
+) -> None:
+    pids = [
+        await _value(asyncio.ensure_future(executor.run(fm.pid_in_a_thread.spec(), _ctx())))
+        for _ in range(3)
+    ]
+    assert len(set(pids)) == 1 and psutil.pid_exists(int(pids[0]))  # one worker, kept
+
+
 async def test_calls_queued_behind_a_call_that_is_not_fast_go_to_other_workers(
     executor: FunctionExecutor,
 ) -> None:

@@ -20,6 +20,7 @@ import ctypes
 import importlib
 import inspect
 import logging
+import math
 import os
 import select
 import signal
@@ -38,6 +39,7 @@ from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_fram
 
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
 _LOOK_AFTER = 0.0001  # seconds after which a call may have started a process or a timer
+_LOOK_EVERY = 0.05  # seconds between thorough looks once all calls sent have run
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # prctl(2)
 
 
@@ -172,9 +174,14 @@ class _Input:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
-    def fill(self, *, block: bool) -> None:
-        """Read what is there (waits for something when `block`)."""
-        if self.closed or (not block and not self._poll.poll(0)):
+    def fill(self, *, block: bool, within: float | None = None) -> None:
+        """Read what is there (waits for something when `block`, for `within` seconds at
+        most if given)."""
+        if self.closed:
+            return
+        if not block:
+            within = 0.0
+        if within is not None and not self._poll.poll(math.ceil(max(within, 0.0) * 1000)):
             return
         data = os.read(self.fd, 1 << 16)
         if not data:
@@ -316,8 +323,8 @@ def _left_behind(
     """What the calls run left that later calls would run beside or be changed by: a thread,
     an asyncio task, a child process, a timer, their output replaced ('' if nothing). Only
     the looks that cost no system call after each call; all of them (`thorough`) after one
-    that took a while (starting a process takes longer than a trivial call) and whenever the
-    worker has run all it was sent, before it waits for more."""
+    that took a while (starting a process takes longer than a trivial call), and when the
+    worker has run all it was sent, if it has not looked for _LOOK_EVERY."""
     if _threads() > threads:
         return "a thread running"
     if loop.is_closed():
@@ -370,12 +377,19 @@ def _serve(
     wake = _Wake(inp, queue, replies)
     wake.install()
     looked = time.perf_counter()
+    thorough_at = 0.0  # when the last thorough look was
+    ran = False  # whether a call has run since
     while True:
         if not queue.calls:
             replies.flush()
-            if left := _left_behind(loop, threads, wake, asynchronous=True, thorough=True):
-                return f"a call left {left}"
-            inp.fill(block=True)
+            wait = None  # as long as it takes, once all that ran has been looked at
+            if ran:
+                wait = thorough_at + _LOOK_EVERY - time.perf_counter()
+                if wait <= 0:  # (not in every wave's path: once in a while)
+                    thorough_at, ran, wait = time.perf_counter(), False, None
+                    if left := _left_behind(loop, threads, wake, asynchronous=True, thorough=True):
+                        return f"a call left {left}"
+            inp.fill(block=True, within=wait)
             queue.take(inp.frames())
             looked = time.perf_counter()
         elif time.perf_counter() - looked >= _FAST:
@@ -404,6 +418,7 @@ def _serve(
             replies.add(encode_frame(wire.BAD, call.id, 0.0, b"no such function here"))
             continue
         ledger.running(call.id)
+        ran = True
         printed.begin(call.id)
         started = time.perf_counter()
         if is_async := fn.name in asynchronous:
@@ -418,7 +433,8 @@ def _serve(
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         ledger.running(0)
-        thorough = took >= _LOOK_AFTER
+        if thorough := took >= _LOOK_AFTER:
+            thorough_at = started + took
         if left := _left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough):
             replies.flush()
             return f"{call.name} left {left}"

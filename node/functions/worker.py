@@ -321,22 +321,23 @@ def _left_behind(
     thorough: bool,
 ) -> str:
     """What the calls run left that later calls would run beside or be changed by: a thread,
-    an asyncio task, a child process, a timer, their output replaced ('' if nothing). Only
-    the looks that cost no system call after each call; all of them (`thorough`) after one
-    that took a while (starting a process takes longer than a trivial call), and when the
-    worker has run all it was sent, if it has not looked for _LOOK_EVERY."""
+    an asyncio task, a child process, a timer, their output replaced ('' if nothing). The
+    looks that cost little after each call (`_serve` makes the two cheapest itself); all of
+    them (`thorough`) after one that took a while (starting a process takes longer than a
+    trivial call), and when the worker has run all it was sent, if it has not looked for
+    _LOOK_EVERY."""
     if _threads() > threads:
         return "a thread running"
+    if printed.replaced():
+        return "sys.stdout or sys.stderr replaced"
     if loop.is_closed():
         return "the event loop closed"
     if asynchronous and asyncio.all_tasks(loop):
         return "an asyncio task pending"
-    if printed.replaced():
-        return "sys.stdout or sys.stderr replaced"
-    if wire.WAKE is not None and signal.getsignal(wire.WAKE) is not wake:
-        return "the node's signal taken over"
     if not thorough:
         return ""
+    if wire.WAKE is not None and signal.getsignal(wire.WAKE) is not wake:
+        return "the node's signal taken over"
     if tampered := printed.tampered():
         return tampered
     if any(signal.getitimer(t)[0] for t in _TIMERS):  # (signal.alarm too)
@@ -435,7 +436,10 @@ def _serve(
         ledger.running(0)
         if thorough := took >= _LOOK_AFTER:
             thorough_at = started + took
-        if left := _left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough):
+        # Most calls: two looks here, the others with the next thorough one.
+        if (thorough or is_async or _threads() > threads or printed.replaced()) and (
+            left := _left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough)
+        ):
             replies.flush()
             return f"{call.name} left {left}"
 

@@ -249,8 +249,9 @@ class FunctionExecutor(Executor):
 
     async def _stop(self, run: _Run, worker: WorkerProcess) -> None:
         """Stop a call: a call not yet run is dropped, an async one cancelled in place; a
-        running sync call cannot be interrupted, so its worker is killed at once, as is a
-        worker that has not answered within the grace (its other calls go to another)."""
+        sync call its worker's ledger says it runs cannot be interrupted, so its worker is
+        killed at once, as is a worker that has not answered within the grace (its other
+        calls go to another)."""
         if run.worker is not worker or run.id not in worker.held or worker.gone:
             return  # it has ended, or its worker died (which decides how it ends)
         if run.name not in self._pool.asynchronous and worker.runs(run):

@@ -11,10 +11,8 @@ descriptor of their own).
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import ctypes
 import importlib
@@ -27,20 +25,18 @@ import signal
 import sys
 import time
 import traceback
-from types import TracebackType
 from typing import Any
 
 from shoal import _json
-from shoal._codec import CodecError
 from shoal._function import Function, functions_of
-from shoal.node.functions import printed, wire
+from shoal.node.functions import leftovers, printed, wire
+from shoal.node.functions.calls import Call, Reply, call_async, call_sync
 from shoal.node.functions.ledger import Ledger
+from shoal.node.functions.leftovers import left_behind, threads_running
 from shoal.node.functions.wire import Frame, FrameReader, WireError, encode_frame
 
 _FAST = 0.001  # seconds an answer may wait to go with the next ones (the pool's FAST)
-_LOOK_AFTER = 0.0001  # seconds after which a call may have started a process or a timer
-_LOOK_EVERY = 0.05  # seconds between thorough looks once all calls sent have run
-_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # prctl(2)
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _load(modules: list[str]) -> tuple[dict[str, Function[Any, Any]], list[str]]:
@@ -65,103 +61,6 @@ def _where(err: BaseException) -> str:
         if not frame.filename.startswith((ours, machinery, "<frozen")):
             return f" ({frame.filename}:{frame.lineno})"
     return ""
-
-
-class _Call:
-    """A call the node sent: its id, its function's name and arguments as JSON."""
-
-    __slots__ = ("args", "id", "kwargs", "name", "upstream")
-
-    def __init__(self, frame: Frame) -> None:
-        self.id = frame.id
-        self.name, self.args, self.kwargs, self.upstream = wire.decode_call(frame.data)
-
-
-_Reply = tuple[int, bytes]
-"""How a call ended: the kind of its last frame, and its data."""
-
-
-def _arguments(fn: Function[Any, Any], call: _Call) -> tuple[list[Any], dict[str, Any]]:
-    upstream: dict[str, str] = {}
-    if call.upstream:
-        given = wire.json_object(call.upstream)
-        if given is None:
-            raise CodecError("upstream results are not a JSON object")
-        upstream = {str(k): str(v) for k, v in given.items()}
-    return fn.codec.decode_arguments(call.args, call.kwargs, upstream)
-
-
-def _bad(why: str) -> _Reply:
-    return wire.BAD, why.encode(errors="replace")
-
-
-def _theirs(err: BaseException) -> TracebackType | None:
-    """The traceback of `err` from the function's own frames (the worker's passed over)."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return tb or err.__traceback__
-
-
-def _raised(err: BaseException) -> _Reply:
-    try:
-        message = str(err)
-    except BaseException:  # an exception whose str() raises: its type says enough
-        message = f"<{type(err).__qualname__}: str() failed>"
-    return wire.RAISED, _json.dumps(
-        {
-            "type": f"{type(err).__module__}.{type(err).__qualname__}",
-            "message": message[:10_000],
-            "traceback": "".join(traceback.format_exception(type(err), err, _theirs(err)))[
-                -100_000:
-            ],
-        }
-    )
-
-
-def _returned(fn: Function[Any, Any], value: Any, limit: int) -> _Reply:
-    try:
-        data = fn.codec.encode_result(value)
-    except CodecError as err:
-        return _bad(str(err))
-    except BaseException as err:  # the value's own code (a serializer) raised
-        return _raised(err)
-    if len(data) > limit:
-        return _bad(f"its result is {len(data):,} bytes of JSON, over the limit of {limit:,}")
-    return wire.DONE, data
-
-
-def _call_sync(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply:
-    """A sync function runs in the main thread: the node kills the worker to cancel it.
-    Whatever the call raises (its arguments' validators too) is its outcome, never the end
-    of the worker."""
-    try:
-        args, kwargs = _arguments(fn, call)
-    except CodecError as err:
-        return _bad(str(err))
-    except BaseException as err:  # a validator of the function's types raised
-        return _raised(err)
-    try:
-        value = fn.fn(*args, **kwargs)
-    except BaseException as err:  # SystemExit and the like: the call's own
-        return _raised(err)
-    return _returned(fn, value, limit)
-
-
-async def _call_async(fn: Function[Any, Any], call: _Call, limit: int) -> _Reply:
-    try:
-        args, kwargs = _arguments(fn, call)
-    except CodecError as err:
-        return _bad(str(err))
-    except BaseException as err:  # a validator of the function's types raised
-        return _raised(err)
-    try:
-        value = await fn.fn(*args, **kwargs)
-    except asyncio.CancelledError:
-        return wire.CANCELLED, b""
-    except BaseException as err:  # SystemExit and the like: the call's own
-        return _raised(err)
-    return _returned(fn, value, limit)
 
 
 class _Input:
@@ -280,15 +179,15 @@ class _Wake:
 def _run_async(
     loop: asyncio.AbstractEventLoop,
     fn: Function[Any, Any],
-    call: _Call,
+    call: Call,
     inp: _Input,
     queue: _Queue,
     replies: _Replies,
     limit: int,
-) -> _Reply:
+) -> Reply:
     """Run an async call on the worker's loop, taking in further frames meanwhile (and
     sending the answers held); a cancel frame (or the node going away) cancels it."""
-    task = loop.create_task(_call_async(fn, call, limit))
+    task = loop.create_task(call_async(fn, call, limit))
 
     def readable() -> None:
         try:
@@ -312,56 +211,6 @@ def _run_async(
     return reply
 
 
-def _left_behind(
-    loop: asyncio.AbstractEventLoop,
-    threads: int,
-    wake: _Wake,
-    *,
-    asynchronous: bool,
-    thorough: bool,
-) -> str:
-    """What the calls run left that later calls would run beside or be changed by: a thread,
-    an asyncio task, a child process, a timer, their output replaced ('' if nothing). The
-    looks that cost little after each call (`_serve` makes the two cheapest itself); all of
-    them (`thorough`) after one that took a while (starting a process takes longer than a
-    trivial call), and when the worker has run all it was sent, if it has not looked for
-    _LOOK_EVERY."""
-    if _threads() > threads:
-        return "a thread running"
-    if printed.replaced():
-        return "sys.stdout or sys.stderr replaced"
-    if loop.is_closed():
-        return "the event loop closed"
-    if asynchronous and asyncio.all_tasks(loop):
-        return "an asyncio task pending"
-    if not thorough:
-        return ""
-    if wire.WAKE is not None and signal.getsignal(wire.WAKE) is not wake:
-        return "the node's signal taken over"
-    if tampered := printed.tampered():
-        return tampered
-    if any(signal.getitimer(t)[0] for t in _TIMERS):  # (signal.alarm too)
-        return "an alarm or interval timer set"
-    if wire.WAKE is not None and wire.WAKE in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        return "the node's signal blocked"
-    with contextlib.suppress(ChildProcessError):  # its own, and orphans it adopts (subreaper)
-        while True:
-            pid, _ = os.waitpid(-1, os.WNOHANG)  # reaps the children that have ended
-            if pid == 0:
-                return "a child process running"
-    return ""
-
-
-_TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="shoal-calls")
-"""The worker's loop's default executor (asyncio.to_thread): its threads are the worker's."""
-
-
-def _threads() -> int:
-    """Python threads running besides the worker's own: threading's and _thread's alike."""
-    return _thread._count() - len(_EXECUTOR._threads)
-
-
 def _serve(
     functions: dict[str, Function[Any, Any]], inp: _Input, ledger: Ledger, limit: int
 ) -> str:
@@ -369,10 +218,10 @@ def _serve(
     leaves something behind that would run beside, or change, the calls after it: then what
     it left (the worker is to end, and another takes its place)."""
     loop = asyncio.new_event_loop()
-    loop.set_default_executor(_EXECUTOR)
+    loop.set_default_executor(leftovers.EXECUTOR)
     asyncio.set_event_loop(loop)
     asynchronous = {name for name, fn in functions.items() if inspect.iscoroutinefunction(fn.fn)}
-    threads = _threads()
+    threads = threads_running()
     replies = _Replies(ledger)
     queue = _Queue(replies)
     wake = _Wake(inp, queue, replies)
@@ -385,10 +234,10 @@ def _serve(
             replies.flush()
             wait = None  # as long as it takes, once all that ran has been looked at
             if ran:
-                wait = thorough_at + _LOOK_EVERY - time.perf_counter()
+                wait = thorough_at + leftovers.LOOK_EVERY - time.perf_counter()
                 if wait <= 0:  # (not in every wave's path: once in a while)
                     thorough_at, ran, wait = time.perf_counter(), False, None
-                    if left := _left_behind(loop, threads, wake, asynchronous=True, thorough=True):
+                    if left := left_behind(loop, threads, wake, asynchronous=True, thorough=True):
                         return f"a call left {left}"
             inp.fill(block=True, within=wait)
             queue.take(inp.frames())
@@ -405,12 +254,12 @@ def _serve(
             return ""  # the node closed the pipe: it is done with this worker
         if not queue.calls:
             continue
-        if _threads() > threads:  # one an earlier call started, running only now
+        if threads_running() > threads:  # one an earlier call started, running only now
             replies.flush()
             return "a thread running that an earlier call started"  # the next runs elsewhere
         frame = queue.calls.popleft()
         try:
-            call = _Call(frame)
+            call = Call(frame)
         except WireError as err:
             replies.add(encode_frame(wire.BAD, frame.id, 0.0, str(err).encode()))
             continue
@@ -427,29 +276,21 @@ def _serve(
         else:
             wake.running = call.id
             try:
-                kind, data = _call_sync(fn, call, limit)
+                kind, data = call_sync(fn, call, limit)
             finally:
                 wake.running = None
         took = time.perf_counter() - started
         printed.end()  # what it printed goes before its answer
         replies.add(encode_frame(kind, call.id, took, data))
         ledger.running(0)
-        if thorough := took >= _LOOK_AFTER:
+        if thorough := took >= leftovers.LOOK_AFTER:
             thorough_at = started + took
         # Most calls: two looks here, the others with the next thorough one.
-        if (thorough or is_async or _threads() > threads or printed.replaced()) and (
-            left := _left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough)
+        if (thorough or is_async or threads_running() > threads or printed.replaced()) and (
+            left := left_behind(loop, threads, wake, asynchronous=is_async, thorough=thorough)
         ):
             replies.flush()
             return f"{call.name} left {left}"
-
-
-def _adopt_orphans() -> None:
-    """Be the parent of the orphans of the processes calls start (Linux: a subreaper), so that
-    one that outlives its parent, a daemon's grandchild, is seen as left behind."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _die_with_the_node() -> None:
@@ -475,7 +316,7 @@ def _as_batch() -> None:
 
 def main() -> None:
     _die_with_the_node()
-    _adopt_orphans()
+    leftovers.adopt_orphans()
     _as_batch()
     limit = int(os.environ.get("SHOAL_WORKER_MAX_RESULT", str(1 << 20)))
     inp = _Input(os.dup(0))

@@ -187,7 +187,11 @@ def record(path: str, x: int) -> int:
 _KEPT = -1
 
 
-def _late() -> None:
+def _late(began: threading.Event | None = None) -> None:
+    """A leftover: prints half a second after its call, amid the calls after it (what it
+    does, not a wait for something)."""
+    if began is not None:
+        began.set()
     time.sleep(0.5)
     print("late")
 
@@ -198,9 +202,10 @@ def leaves(what: str) -> int:
     late = [sys.executable, "-c", "import time; time.sleep(2); print('late')"]
     if what == "thread":
         threading.Thread(target=_late, daemon=True).start()
-    elif what == "raw thread":  # seen at once by the kernel; by Python once it runs
-        _thread.start_new_thread(_late, ())
-        time.sleep(0.001)
+    elif what == "raw thread":  # seen by Python once it runs
+        began = threading.Event()
+        _thread.start_new_thread(_late, (began,))
+        began.wait(10)
     elif what == "child":
         subprocess.Popen(late)
     elif what == "grandchild":  # its parent gone at once: a daemon
@@ -228,18 +233,21 @@ async def leaves_a_task() -> int:
 
 
 @shoal.task
-def slow_when(x: int, slow: int, seconds: float) -> int:
+def slow_when(x: int, slow: int, gate: str) -> int:
+    """Returns `x`; when it is `slow`, once the Gate at `gate` is open."""
     if x == slow:
-        time.sleep(seconds)
+        wait_at(gate)
     return x
 
 
 @shoal.task
-def noted(path: str, x: int, seconds: float = 0.0) -> int:
-    """Note `x` in the file at `path` (each run), then sleep."""
+def noted(path: str, x: int, gate: str = "") -> int:
+    """Note `x` in the file at `path` (each run), then return once the Gate at `gate` (if
+    any) is open."""
     with open(path, "a") as f:
         f.write(f"{x}\n")
-    time.sleep(seconds)
+    if gate:
+        wait_at(gate)
     return x
 
 

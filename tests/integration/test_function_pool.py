@@ -150,14 +150,15 @@ async def test_the_threads_of_asyncio_to_thread_are_not_left_behind(
 
 
 async def test_calls_queued_behind_a_call_that_is_not_fast_go_to_other_workers(
-    executor: FunctionExecutor,
+    executor: FunctionExecutor, tmp_path: Path
 ) -> None:
-    """A fast function's call that sleeps holds its worker: the answers it held go at once,
-    and the calls queued behind it run in the other workers, each once, long before it ends."""
+    """A fast function's call that waits holds its worker: the answers it held go at once,
+    and the calls queued behind it run in the other workers, each once, before it ends."""
     executor._pool.fast_below = 10.0  # whatever the machine's load: fast
     for _ in range(4):
-        await executor.run(fm.slow_when.spec(0, -1, 0), _ctx())
-    calls = [fm.slow_when.spec(x, 3, 20.0) for x in range(8)]  # the 4th sleeps for 20 s
+        await executor.run(fm.slow_when.spec(0, -1, ""), _ctx())
+    gate = fm.Gate(tmp_path / "gate")
+    calls = [fm.slow_when.spec(x, 3, str(gate)) for x in range(8)]  # the 4th waits at it
     runs = [asyncio.create_task(executor.run(spec, _ctx())) for spec in calls]
     await asyncio.sleep(0)  # sent, in this turn of the loop: all to one worker
     assert sorted(len(w.held) for w in executor._pool._all) == [0, 0, 8]
@@ -165,9 +166,8 @@ async def test_calls_queued_behind_a_call_that_is_not_fast_go_to_other_workers(
     async with asyncio.timeout(5):
         assert [await _value(r) for r in others] == [str(x) for x in range(8) if x != 3]
     assert not runs[3].done()
-    runs[3].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runs[3]
+    gate.open()
+    assert await _value(runs[3]) == "3"
 
 
 async def test_what_an_async_call_prints_as_it_is_cancelled_is_its_output(
@@ -200,19 +200,22 @@ async def test_cancelling_a_call_that_has_ended_stops_no_other(
     run again), and the cancelled one has ended."""
     log = tmp_path / "ran"
     await _fast(executor, fm.noted, log)
-    seconds = [0.0] * 4 + [1.0] + [0.0] * 2
+    gate = fm.Gate(tmp_path / "gate")
     runs = [
-        asyncio.create_task(executor.run(fm.noted.spec(str(log), x, s), _ctx()))
-        for x, s in enumerate(seconds)
+        asyncio.create_task(
+            executor.run(fm.noted.spec(str(log), x, str(gate) if x == 4 else ""), _ctx())
+        )
+        for x in range(7)
     ]
     await asyncio.sleep(0)
     (worker,) = [w for w in executor._pool._all if w.held]
     await eventually(
         lambda: log.read_text().split() == ["0", "1", "2", "3", "4"], retry_on=(OSError,)
     )
-    runs[0].cancel()  # ended in its worker: its answer held while 4 sleeps
+    runs[0].cancel()  # ended in its worker: its answer held while 4 waits at the gate
     with contextlib.suppress(asyncio.CancelledError):
         await runs[0]
+    gate.open()
     assert [await _value(r) for r in runs[1:]] == ["1", "2", "3", "4", "5", "6"]
     assert log.read_text().split() == [str(x) for x in range(7)]  # each once
     assert worker.alive  # never killed

@@ -15,7 +15,7 @@ from typing import Any
 from shoal._output import output_chunk, set_result_text
 from shoal._progress import PROGRESS_FD, PROGRESS_PATH
 from shoal.node.executors.base import ExecutionContext, InfrastructureError, Outcome, TaskError
-from shoal.node.executors.taskuser import TaskUsers
+from shoal.node.executors.taskuser import TaskUsers, root_unsafe
 from shoal.v1 import task_pb2
 
 __all__ = ["NODE_ONLY_VARIABLES", "run_process", "tasks_environment"]
@@ -136,10 +136,17 @@ async def run_process(
             merged = _environment(
                 env, ctx, {"HOME": str(home), "USER": user.name, "LOGNAME": user.name}
             )
-            # What the task writes is its own (umask 077).
-            return await _run(
-                user.argv(argv), ctx, merged, cwd or home, stdin, {"umask": 0o077}, leased.reap
-            )
+            if any(root_unsafe(name) for name in ctx.secret_env):
+                # Set after the switch, its value would be on a command line for all to see.
+                return TaskError(
+                    "a secret cannot set LD_* or another variable the C library reads"
+                ).outcome()
+            try:
+                command, merged = user.command(argv, merged, cwd)
+            except ValueError as err:
+                return TaskError(str(err), exit_code=127).outcome()
+            # It starts in its own directory; what it writes is its own (umask 077).
+            return await _run(command, ctx, merged, home, stdin, {"umask": 0o077}, leased.reap)
     except OSError as err:
         return InfrastructureError(
             f"cannot prepare the task's user and directory: {err.strerror or err}"
@@ -241,14 +248,14 @@ async def _run(
             pass_fds=(progress_write,),
             **as_user,
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         os.close(progress_read)
         os.close(progress_write)
-        # The command could not start (not found, not executable, bad cwd): the task named
-        # it. A task that needs a program only some nodes have is placed there by labels.
-        return TaskError(
-            f"cannot start {argv[0]!r}: {err.strerror or err}", exit_code=127
-        ).outcome()
+        # The command could not start (not found, not executable, bad cwd, a NUL in it): the
+        # task named it. A task that needs a program only some nodes have is placed there by
+        # labels.
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        return TaskError(f"cannot start {argv[0]!r}: {why}", exit_code=127).outcome()
     os.close(progress_write)
     ctx.groups.add(proc.pid)
     out_tail, err_tail = _Tail(ctx.output_tail_bytes), _Tail(ctx.output_tail_bytes)

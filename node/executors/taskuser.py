@@ -18,7 +18,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,32 @@ _AUTO = "auto"
 _HELD: set[int] = set()  # uids this process leases now (the lock files hold them machine-wide)
 
 
+# What the loader and C library of a process act on, unless it is setuid (glibc's "unsecure"
+# variables): code to load (LD_PRELOAD, GCONV_PATH) and files to read. setpriv runs as root
+# until it switches: a task's own are set after the switch.
+_ROOT_UNSAFE = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+    }
+)
+
+
+def root_unsafe(name: str) -> bool:
+    """Whether a process run as root must not start with the task's `name` variable."""
+    return name in _ROOT_UNSAFE or name.startswith(("LD_", "MALLOC_"))
+
+
 @dataclass(frozen=True)
 class TaskUser:
     """A user other than the node's: tasks run with its uid and gid, and no other group."""
@@ -43,6 +69,7 @@ class TaskUser:
     gid: int
     name: str  # its name, or its uid when it has none
     setpriv: str = "setpriv"  # util-linux's, which drops to this user before it execs
+    env: str = "env"  # coreutils', which sets what may be set only after the switch
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """`argv`, run as this user with no other group and no way to gain privileges (setuid
@@ -61,6 +88,27 @@ class TaskUser:
             "--",
             *argv,
         ]
+
+    def command(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """`argv` run as this user in `cwd` (None: where it starts), and the environment to
+        start it with (`env`). What the task chose that a process run as root must not act on
+        is done after the switch, by env(1): its directory (entered as the task's user) and
+        the variables `root_unsafe` names (unless the node has them itself).
+        ValueError for a command whose name env(1) would take for a variable (it holds '=')."""
+        later = {k: v for k, v in env.items() if root_unsafe(k) and os.environ.get(k) != v}
+        if not later and not cwd:
+            return self.argv(argv), dict(env)
+        if "=" in argv[0]:
+            raise ValueError(
+                f"{argv[0]!r}: a command whose name holds '=' runs with no cwd and no LD_*"
+                " or other variable the C library reads as the node switches users"
+            )
+        start = {k: v for k, v in env.items() if k not in later}
+        chdir = ["--chdir", cwd] if cwd else []
+        pairs = [f"{k}={v}" for k, v in later.items()]
+        return self.argv([self.env, *chdir, "--", *pairs, *argv]), start
 
 
 @dataclass(frozen=True)
@@ -95,8 +143,9 @@ class TaskUsers:
                 return
             raise InvalidArgument(f"run_as {run_as!r} needs setpriv (util-linux) on the PATH")
         self._setpriv = setpriv
+        self._env = shutil.which("env") or "env"
         if not self.auto:
-            self.fixed = _named(run_as, setpriv)
+            self.fixed = _named(run_as, setpriv, self._env)
 
     @property
     def switching(self) -> bool:
@@ -149,7 +198,7 @@ class TaskUsers:
                 os.close(fd)  # another node process of this machine holds it
                 continue
             _HELD.add(uid)
-            return TaskUser(uid, uid, str(uid), self._setpriv), fd
+            return TaskUser(uid, uid, str(uid), self._setpriv, self._env), fd
 
 
 def _lock_dir() -> Path:
@@ -202,7 +251,7 @@ def _util_linux_setpriv() -> str | None:
     return setpriv if "util-linux" in version.stdout else None
 
 
-def _named(run_as: str, setpriv: str) -> TaskUser | None:
+def _named(run_as: str, setpriv: str, env: str) -> TaskUser | None:
     """The one user `run_as` names (a name, or uid[:gid]); None when it is the node's own."""
     user, _, group = run_as.partition(":")
     try:
@@ -227,4 +276,4 @@ def _named(run_as: str, setpriv: str) -> TaskUser | None:
             f"run_as {run_as!r}: only a node running as root can run tasks as another user"
             ' (run_as = "node" runs them as the node\'s own)'
         )
-    return TaskUser(uid, gid, name, setpriv)
+    return TaskUser(uid, gid, name, setpriv, env)

@@ -117,6 +117,38 @@ async def test_a_task_of_another_user_works_in_a_directory_of_its_own(root: Path
     assert left == [root / "node.token"]
 
 
+async def test_what_the_task_chooses_takes_effect_only_once_it_is_its_own_user(
+    root: Path,
+) -> None:
+    """setpriv runs as root until it switches: the task's loader variables (LD_PRELOAD would
+    load its code into a root process) and its directory apply only after the switch."""
+    private = root / "private"
+    private.mkdir(mode=0o700)
+    async with open_mesh(root, run_as="auto") as (client, _):
+        traced = shell(["/usr/bin/true"], env={"LD_DEBUG": "files", "TMPDIR": "/tmp"})
+        loaded = await client.wait((await client.submit(traced)).id, timeout=WAIT)
+        elsewhere = await client.wait(
+            (await client.submit(shell(["pwd"], cwd="/tmp"))).id, timeout=WAIT
+        )
+        shut_out = await client.wait(
+            (await client.submit(shell(["pwd"], cwd=str(private)))).id, timeout=WAIT
+        )
+        odd = await client.wait(
+            (await client.submit(shell(["/no/such=dir/cmd"], env={"LD_DEBUG": "x"}))).id,
+            timeout=WAIT,
+        )
+
+    assert loaded.state == task_pb2.TASK_STATE_SUCCEEDED, loaded.result
+    assert "needed by /usr/bin/true" in loaded.result.stderr  # the task's own program: traced
+    assert "setpriv" not in loaded.result.stderr  # the root process that switched: not
+    assert elsewhere.state == task_pb2.TASK_STATE_SUCCEEDED, elsewhere.result
+    assert elsewhere.result.stdout == "/tmp\n"
+    # A directory only root may enter is entered by the task's user: it cannot.
+    assert shut_out.state == task_pb2.TASK_STATE_FAILED
+    assert "Permission denied" in shut_out.result.stderr
+    assert odd.state == task_pb2.TASK_STATE_FAILED and "holds '='" in odd.result.error
+
+
 async def test_run_as_node_keeps_the_nodes_own_user(root: Path) -> None:
     async with open_mesh(root, run_as="node") as (client, token_file):
         done = await client.wait(

@@ -18,6 +18,7 @@ from shoal.node.executors.base import (
     TaskError,
 )
 from shoal.node.executors.docker.engine import EngineError, is_task_error
+from shoal.node.executors.process import run_process
 from shoal.v1 import task_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,3 +89,11 @@ async def test_a_secret_the_node_lacks_is_the_tasks_failure() -> None:
 )
 def test_a_pull_that_finds_no_such_image_is_the_tasks_failure(error: str, tasks: bool) -> None:
     assert is_task_error(EngineError(f"pulling x:1: {error}")) is tasks
+
+
+async def test_a_command_no_process_can_start_with_is_the_tasks_failure() -> None:
+    """A NUL in its command (a spec the coordinator's checks did not see) fails the task, not
+    the node."""
+    outcome = await run_process(["echo", "a\0b"], ExecutionContext("t", lambda chunk: None, 1024))
+    assert outcome.state == task_pb2.TASK_STATE_FAILED
+    assert outcome.result.exit_code == 127 and "null byte" in outcome.result.error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoal import noop, python, shell
+from shoal import docker, noop, python, shell
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import task_pb2
 from shoal.validation import Limits, validate_batch
@@ -49,6 +49,33 @@ def test_each_bad_field_is_named() -> None:
         "specs[5].python.code",
         "specs[6].custom.executor",
     ]
+
+
+def test_what_no_process_can_start_with_is_refused() -> None:
+    """A NUL ends a C string (the node could not start the command: before, its error counted
+    against the node), and '=' ends a variable's name."""
+    assert violations(
+        [
+            shell(["echo", "a\0b"]),
+            shell("true", env={"A=B": "1"}),
+            shell("true", env={"": "1"}),
+            shell("true", env={"A": "b\0"}),
+            shell("true", cwd="x\0"),
+            python("print(1)", args=["\0"]),
+            docker("image", ["a\0"]),
+        ]
+    ) == [
+        "specs[0].shell.argv",
+        "specs[1].shell.env",
+        "specs[2].shell.env",
+        "specs[3].shell.env['A']",
+        "specs[4].shell.cwd",
+        "specs[5].python.args",
+        "specs[6].docker.command",
+    ]
+    validate_batch(
+        [shell(["true"], env={"OK_1": "x", "lower.case-name": "y"})], LIMITS, single=True
+    )
 
 
 def test_repeated_key_in_one_batch() -> None:

@@ -140,6 +140,7 @@ def spec_violations(
     }
     if kind in ("shell", "python", "docker"):
         maps[f"{kind}.env"] = getattr(spec, kind).env
+        _process_violations(kind, getattr(spec, kind), bad)
     for name, entries in maps.items():
         if not entries:
             continue
@@ -166,6 +167,29 @@ def spec_violations(
                 bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
     _check_scheduling(spec, present, encoded, limits, bad)
     return out
+
+
+# The strings of a process spec that become a command line, a directory or an environment,
+# which end at a NUL.
+_PROCESS_TEXTS = {
+    "shell": ("argv", "script", "shell", "cwd"),
+    "python": ("code", "args", "cwd"),
+    "docker": ("image", "command", "workdir"),
+}
+
+
+def _process_violations(kind: str, spec: Any, bad: Callable[[str, str], None]) -> None:
+    """What no process can be started with: a NUL in its command, directory or environment,
+    or a variable whose name is empty or holds '='."""
+    for field in _PROCESS_TEXTS[kind]:
+        value = getattr(spec, field)
+        if any("\0" in text for text in ([value] if isinstance(value, str) else value)):
+            bad(f"{kind}.{field}", "holds a NUL character")
+    for name, value in spec.env.items():
+        if not name or "=" in name or "\0" in name:
+            bad(f"{kind}.env", f"{name[:40]!r} is not an environment variable name")
+        elif "\0" in value:
+            bad(f"{kind}.env[{name[:40]!r}]", "holds a NUL character")
 
 
 def _check_secrets(

@@ -149,3 +149,20 @@ def test_an_http_header_may_name_a_secret_the_task_lists() -> None:
     elsewhere = shell("echo ${{ secrets.api-token }}")
     elsewhere.secrets.add(name="api-token", env="TOKEN")
     assert violations([elsewhere]) == ["specs[0].shell.script"]
+
+
+def test_a_task_may_not_name_the_keys_the_coordinator_adds() -> None:
+    """Another tenant's key would spend that tenant's quota."""
+    assert violations(
+        [
+            shell("true", quota_keys=["tenant:globex"]),
+            shell("true", quota_keys=["gpu", "executor:docker"]),
+            shell("true", quota_keys=["model:big", "backend:x"]),
+        ]
+    ) == [
+        "specs[0].quota_keys[0]",
+        "specs[1].quota_keys[1]",
+        "specs[2].quota_keys[0]",
+        "specs[2].quota_keys[1]",
+    ]
+    validate_batch([shell("true", quota_keys=["provider:openai", "gpu"])], LIMITS, single=True)

@@ -26,6 +26,7 @@ _VALUED_OPERATORS = (
     task_pb2.LabelSelector.OPERATOR_IN,
     task_pb2.LabelSelector.OPERATOR_NOT_IN,
 )
+_AUTOMATIC_KEYS = frozenset({"executor", "tenant", "model", "backend"})  # quota keys' prefixes
 _SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # also a safe file name
 
 
@@ -165,6 +166,13 @@ def spec_violations(
                 bad(f"{field}[{i}]", "names nothing")
             elif len(name) > limits.max_string or not name.isprintable():
                 bad(f"{field}[{i}]", f"must be printable, at most {limits.max_string} characters")
+            elif field == "quota_keys" and name.partition(":")[0] in _AUTOMATIC_KEYS:
+                # Another tenant's key would spend that tenant's quota.
+                bad(
+                    f"{field}[{i}]",
+                    f"{name.partition(':')[0]}: keys are added by the coordinator, from the"
+                    " task's own executor, tenant, model and backend",
+                )
     _check_scheduling(spec, present, encoded, limits, bad)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from shoal.specs import timestamp
+from shoal.specs import printable, timestamp
 from shoal.v1 import task_pb2
 
 __all__ = ["MAX_MESSAGE", "MIN_INTERVAL", "accepted_progress"]
@@ -29,8 +29,7 @@ def accepted_progress(
     if not math.isfinite(fraction):
         return None
     fraction = min(1.0, max(0.0, fraction))
-    message = "".join(c for c in reported.message[: MAX_MESSAGE * 2] if c.isprintable())
-    message = message[:MAX_MESSAGE]
+    message = printable(reported.message, MAX_MESSAGE)
     if last is not None:
         since = now - last.updated_at.ToNanoseconds() / 1e9
         if 0 <= since < MIN_INTERVAL and fraction < 1.0:

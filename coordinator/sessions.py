@@ -14,10 +14,12 @@ from shoal.auth import Principal
 from shoal.coordinator.gates.ratelimit import TokenBucket
 from shoal.coordinator.placement import node_slots_of
 from shoal.coordinator.records import TaskRecord
-from shoal.specs import timestamp
+from shoal.specs import printable, timestamp
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_PENDING_CANCELS", "NodeSession", "Pace"]
+
+_REASON = 200  # characters kept of why a node says it is throttled
 
 MAX_PENDING_CANCELS = 10_000
 """Bounds what a node that floods updates for unknown attempts can make the coordinator hold."""
@@ -127,7 +129,7 @@ class NodeSession:
         if state == (self.throttled_by_load, self.min_priority, self.paused):
             return False
         self.throttled_by_load, self.min_priority, self.paused = state
-        self.throttle_reason = hb.throttle_reason if hb.throttled else ""
+        self.throttle_reason = printable(hb.throttle_reason, _REASON) if hb.throttled else ""
         return True
 
     @property

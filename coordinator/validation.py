@@ -42,16 +42,33 @@ def check_hello(hello: node_pb2.Hello, by: Principal, limits: Limits) -> None:
         raise PermissionDenied(f"token {by.name!r} may not offer executors {sorted(extra)}")
     if by.labels and (extra := {k for k, v in info.labels.items() if by.labels.get(k) != v}):
         raise PermissionDenied(f"token {by.name!r} may not claim labels {sorted(extra)}")
-    lists = [info.executors, info.labels, *(getattr(info, name) for name in _SERVED_BY)]
-    strings = (info.node_id, *info.labels.values(), *(x for xs in lists for x in xs))
-    if (
-        any(len(s) > limits.max_string for s in strings)
-        or any(len(xs) > limits.max_labels for xs in lists if xs is not info.functions)
-        or len(info.functions) > MAX_NODE_FUNCTIONS
+    lists = [
+        info.executors,
+        info.labels,
+        info.detected_gpus,
+        *(getattr(info, name) for name in _SERVED_BY),
+    ]
+    if any(len(xs) > limits.max_labels for xs in lists if xs is not info.functions) or (
+        len(info.functions) > MAX_NODE_FUNCTIONS
     ):
         raise InvalidArgument(
-            f"node info over its bounds: at most {limits.max_labels} labels, executors, models"
-            f" and tools, {limits.max_string} characters each"
+            f"node info over its bounds: at most {limits.max_labels} labels, executors, gpus,"
+            f" models and tools"
+        )
+    strings = (
+        info.node_id,
+        info.hostname,
+        info.version,
+        info.python_version,
+        *info.labels.values(),
+        *(gpu.name for gpu in info.detected_gpus),
+        *(x for xs in lists if xs is not info.detected_gpus for x in xs),
+    )
+    if any(len(s) > limits.max_string or not s.isprintable() for s in strings):
+        # (What a node says of itself is shown in listings and terminals.)
+        raise InvalidArgument(
+            f"node info over its bounds: its names, labels and versions printable text of at"
+            f" most {limits.max_string} characters each"
         )
     r = info.resources
     if (

@@ -31,7 +31,7 @@ from shoal.coordinator.timers import TimerKind
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import check_hello, drop_unserved
 from shoal.errors import InvalidArgument, NotFound, Unavailable
-from shoal.specs import FINAL_STATES, bounded_result, is_final, to_duration
+from shoal.specs import FINAL_STATES, bounded_result, is_final, printable, to_duration
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 __all__ = ["NodeSessions"]
@@ -253,7 +253,10 @@ class NodeSessions:
                 self._d.load_changed(session)
             loaded = msg.heartbeat.loaded_models
             if loaded != session.loaded_models and "ollama" in session.slots.executors:
-                session.loaded_models = list(loaded[: self._k.options.max_labels])
+                most = self._k.options.max_string
+                session.loaded_models = [
+                    m for m in loaded[: self._k.options.max_labels] if printable(m, most) == m
+                ]
                 session.slots.loaded_models = frozenset(session.loaded_models)
         elif kind == "hello":
             raise InvalidArgument("hello is only valid as the first message of a session")

@@ -333,3 +333,12 @@ async def test_what_tasks_and_nodes_say_is_shown_as_they_say_it_not_as_markup(
     assert listed.returncode == 0 and hostile in words(listed.stdout), listed
     nodes = await shoal_(cli, "nodes", "-c", mesh.address)
     assert nodes.returncode == 0 and "[/n]" in nodes.stdout, nodes
+
+    # An escape sequence in what a task says (a terminal's title, its screen cleared) is shown,
+    # not sent to the terminal.
+    spec = fm.fail.spec("\x1b]0;TITLE\x07\x1b[2J")
+    failed = await mesh.client.wait((await mesh.client.submit(spec)).id, timeout=WAIT)
+    shown = await shoal_(cli, "get", failed.id, "-c", mesh.address)
+    assert shown.returncode == 0, shown
+    table = shown.stdout.partition("\nstderr\n")[0]  # (its output, piped here, goes as it is)
+    assert "\x1b" not in table and "\\x1b]0;TITLE\\x07\\x1b[2J" in table

@@ -170,3 +170,24 @@ async def test_a_pool_token_admits_node_ids_after_its_prefix_only(store: SqliteS
     for bad in ("*", "a*b", "**", "a**"):
         with pytest.raises(InvalidArgument, match="PREFIX"):
             await registry.create(name=f"bad{bad}", role=Role.NODE, created_by="r", node_id=bad)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        node_pb2.NodeInfo(node_id="n", hostname="h" * 2_000_000),
+        node_pb2.NodeInfo(node_id="n", version="v" * 300),
+        node_pb2.NodeInfo(node_id="pool-\x1b[2Jx"),
+        node_pb2.NodeInfo(node_id="n", hostname="h\x1b]52;c;cm0=\x07"),
+        node_pb2.NodeInfo(node_id="n", python_version="3.11\n"),
+        node_pb2.NodeInfo(node_id="n", labels={"zone": "a\x1b[31m"}),
+        node_pb2.NodeInfo(node_id="n", detected_gpus=[node_pb2.Gpu(name="g")] * 1000),
+        node_pb2.NodeInfo(node_id="n", detected_gpus=[node_pb2.Gpu(name="g" * 300)]),
+    ],
+)
+def test_what_a_node_says_of_itself_is_bounded_printable_text(info: node_pb2.NodeInfo) -> None:
+    """It is shown in listings and terminals: a 2 MB hostname made `shoal nodes` print 60 MB."""
+    with pytest.raises(InvalidArgument, match="node info over its bounds"):
+        check_hello(node_pb2.Hello(info=info), Principal("n", Role.ADMIN), Limits())
+    good = node_pb2.NodeInfo(node_id="n", hostname="box-1.lan", version="0.1.0")
+    check_hello(node_pb2.Hello(info=good), Principal("n", Role.ADMIN), Limits())

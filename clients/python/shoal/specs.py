@@ -22,6 +22,7 @@ __all__ = [
     "executor_of",
     "fields_of",
     "is_final",
+    "printable",
     "secret_references",
     "state_name",
     "timestamp",
@@ -167,3 +168,9 @@ def bounded_result(result: task_pb2.TaskResult, limit: int) -> task_pb2.TaskResu
             break
         share //= 2
     return result
+
+
+def printable(text: str, most: int) -> str:
+    """`text` without the characters that are not printable (a terminal's escape sequences
+    among them), cut at `most`."""
+    return "".join(c for c in text[: most * 2] if c.isprintable())[:most]

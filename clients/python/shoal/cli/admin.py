@@ -11,7 +11,7 @@ from rich.table import Table
 
 from shoal._console import console
 from shoal.cli.app import CoordinatorOpt, JsonOpt, app, connect, run_async
-from shoal.cli.render import breaker_text, node_state, plain, print_json
+from shoal.cli.render import breaker_text, node_state, plain, print_json, shown
 from shoal.specs import to_duration
 from shoal.v1 import admin_pb2, task_pb2
 
@@ -75,7 +75,7 @@ def drain(
             return await client.drain(node_id, grace=timedelta(seconds=grace), leave=leave)
 
     status = run_async(main())
-    console.print(f"node {escape(status.info.node_id)} draining: {status.running} tasks running")
+    console.print(f"node {shown(status.info.node_id)} draining: {status.running} tasks running")
 
 
 @app.command()
@@ -86,7 +86,7 @@ def undrain(node_id: str, coordinator: CoordinatorOpt = None) -> None:
         async with connect(coordinator) as client:
             return await client.undrain(node_id)
 
-    console.print(f"node {escape(run_async(main()).info.node_id)} takes work again")
+    console.print(f"node {shown(run_async(main()).info.node_id)} takes work again")
 
 
 # -- tokens --------------------------------------------------------------------------------

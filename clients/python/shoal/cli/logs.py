@@ -17,13 +17,16 @@ from shoal._console import console, err_console
 from shoal._output import chunk_bytes, stderr_bytes, stdout_bytes
 from shoal._progress import PROGRESS_FD, format_line
 from shoal.cli.app import CoordinatorOpt, app, connect, run_async
-from shoal.cli.render import plain
+from shoal.cli.render import plain, visible
 from shoal.specs import is_final, state_name
 from shoal.v1 import task_pb2
 
 
 def _write(stream: int, data: bytes) -> None:
+    """A task's output as it is; in a terminal, with its escape sequences shown but colours."""
     out = sys.stderr if stream == task_pb2.OUTPUT_STREAM_STDERR else sys.stdout
+    if out.isatty():
+        data = visible(data.decode(errors="replace"), output=True).encode()
     out.buffer.write(data)
     out.flush()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,10 +23,32 @@ def print_json(messages: Iterable[Message]) -> None:
     console.print_json(data=[json_format.MessageToDict(m) for m in messages])
 
 
+# Control characters (but newline and tab): in a terminal, escape sequences that set its
+# title, write the clipboard or clear the screen. Shown as \x1b and the like.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
+_OUTPUT = {c: shown for c, shown in _CONTROL.items() if c != 0x0D}  # a progress bar's \r too
+_COLOUR = re.compile(r"(\x1b\[[0-9;:]*m)")  # SGR: colours and bold, which do nothing else
+
+
+def visible(text: str, *, output: bool = False) -> str:
+    """`text` with its control characters shown rather than acted on by a terminal. A task's
+    `output` keeps its colours and carriage returns."""
+    if not output:
+        return text.translate(_CONTROL)
+    parts = _COLOUR.split(text)  # colours at the odd places
+    return "".join(p if i % 2 else p.translate(_OUTPUT) for i, p in enumerate(parts))
+
+
+def shown(text: str) -> str:
+    """Data (what tasks and nodes say) in a line of rich markup: neither styles nor escapes."""
+    return escape(visible(text))
+
+
 def plain(*values: str) -> list[Text]:
     """Table cells of data (names, errors, what tasks and nodes say) shown as they are, never
-    read as rich markup: "[/x]" in a task's name neither styles nor breaks a table."""
-    return [Text(v) for v in values]
+    read as rich markup: "[/x]" in a task's name neither styles nor breaks a table, and an
+    escape sequence is shown, not sent to the terminal."""
+    return [Text(visible(v)) for v in values]
 
 
 def state_text(state: int) -> str:
@@ -57,24 +80,22 @@ def event_line(e: task_pb2.Event) -> str:
     if e.HasField("node"):
         n = e.node
         if not n.throttled:
-            return f"node {escape(n.node_id)} calm: takes every priority"
+            return f"node {shown(n.node_id)} calm: takes every priority"
         floor = task_pb2.Priority.Name(n.min_priority).removeprefix("PRIORITY_")
         paused = f", {n.paused} paused" if n.paused else ""
-        why = f" ({escape(n.reason)})" if n.reason else ""
-        return (
-            f"node {escape(n.node_id)} [yellow]throttled[/]{why}: takes {floor} or higher{paused}"
-        )
+        why = f" ({shown(n.reason)})" if n.reason else ""
+        return f"node {shown(n.node_id)} [yellow]throttled[/]{why}: takes {floor} or higher{paused}"
     if e.HasField("breaker"):
-        return f"breaker {escape(breaker_text(e.breaker))}"
+        return f"breaker {shown(breaker_text(e.breaker))}"
     if e.HasField("quota"):
         q = e.quota
         if q.limited:
-            return f"quota {escape(q.key)} holds tasks back: {escape(q.reason)}"
-        return f"quota {escape(q.key)} lets tasks pass again"
+            return f"quota {shown(q.key)} holds tasks back: {shown(q.reason)}"
+        return f"quota {shown(q.key)} lets tasks pass again"
     if e.HasField("progress"):
-        return f"{e.task_id} progress {escape(progress_text(e.progress))}"
-    what = escape(repr(e.output.data)) if e.HasField("output") else state_text(e.state)
-    node_part = f" node={escape(e.node_id)}" if e.node_id else ""
+        return f"{e.task_id} progress {shown(progress_text(e.progress))}"
+    what = shown(repr(e.output.data)) if e.HasField("output") else state_text(e.state)
+    node_part = f" node={shown(e.node_id)}" if e.node_id else ""
     return f"{e.task_id} {what}{node_part}"
 
 
@@ -133,7 +154,7 @@ class ProgressBar:
 
     def show(self, p: task_pb2.Progress) -> None:
         if not err_console.is_terminal:
-            err_console.print(f"progress: {escape(progress_text(p))}", highlight=False)
+            err_console.print(f"progress: {shown(progress_text(p))}", highlight=False)
             return
         if self._bar is None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -148,7 +169,7 @@ class ProgressBar:
             )
             self._bar.start()
             self._row = self._bar.add_task("", total=1.0)
-        self._bar.update(self._row, completed=p.fraction, description=escape(p.message[:60]))
+        self._bar.update(self._row, completed=p.fraction, description=shown(p.message[:60]))
 
     def close(self) -> None:
         if self._bar is not None:

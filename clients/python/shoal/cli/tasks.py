@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 from google.protobuf import json_format
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -27,7 +26,9 @@ from shoal.cli.render import (
     print_json,
     progress_text,
     returned_text,
+    shown,
     state_text,
+    visible,
 )
 from shoal.cli.specs import (
     AfterOpt,
@@ -110,7 +111,7 @@ def _teller() -> Callable[[task_pb2.Task], None]:
         nonlocal said
         if task.pending_reason != said:
             said = task.pending_reason
-            err_console.print(f"[yellow]waiting[/yellow]: {escape(said)}", highlight=False)
+            err_console.print(f"[yellow]waiting[/yellow]: {shown(said)}", highlight=False)
 
     return tell
 
@@ -154,7 +155,7 @@ async def _follow(coordinator: str | None, spec: task_pb2.TaskSpec) -> int:
                         sys.stdout.write(result.output.fields["value"].string_value + "\n")
                     if result.error and event.state != task_pb2.TASK_STATE_SUCCEEDED:
                         err_console.print(
-                            f"[red]{state_name(event.state)}[/red]: {escape(result.error)}"
+                            f"[red]{state_name(event.state)}[/red]: {shown(result.error)}"
                         )
                     return _process_exit(event.state, result)
         except asyncio.CancelledError:
@@ -282,7 +283,7 @@ async def _progress_of(client: AsyncClient, ids: list[str], bar: Any, row: Any) 
     task = await client.get(ids[0])
     async for event in client.watch(since=task.created_seq - 1, task_ids=ids):
         if event.HasField("progress"):
-            message = escape(event.progress.message[:60])
+            message = shown(event.progress.message[:60])
             bar.update(row, completed=event.progress.fraction, description=message)
 
 
@@ -325,14 +326,19 @@ def get(
     ]
     for k, v in rows:
         if v:
-            table.add_row(Text(k, style="bold"), v if isinstance(v, Text) else Text(v))
+            table.add_row(Text(k, style="bold"), v if isinstance(v, Text) else plain(v)[0])
     console.print(table)
     if task.result.stdout:
         console.print("[bold]stdout[/bold]", markup=True)
-        console.out(task.result.stdout, end="")
+        console.out(_output(task.result.stdout), end="")
     if task.result.stderr:
         console.print("[bold]stderr[/bold]", markup=True)
-        console.out(task.result.stderr, end="")
+        console.out(_output(task.result.stderr), end="")
+
+
+def _output(text: str) -> str:
+    """A task's output as `get` shows it: in a terminal, with its escape sequences shown."""
+    return visible(text, output=True) if console.is_terminal else text
 
 
 def _returned(task: task_pb2.Task) -> str:
@@ -365,7 +371,7 @@ def _say_ended(task: task_pb2.Task) -> None:
     if returned := _returned(task):
         console.out(returned)
     if task.result.error:
-        err_console.print(f"[red]{state_name(task.state)}[/red]: {escape(task.result.error)}")
+        err_console.print(f"[red]{state_name(task.state)}[/red]: {shown(task.result.error)}")
 
 
 def _process_exit(state: int, result: task_pb2.TaskResult) -> int:

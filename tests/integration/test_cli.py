@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import json
 import os
 import shlex
@@ -61,13 +62,31 @@ async def test_submit_wait_exits_1_unless_every_task_succeeded(
         mesh_cli, "submit", "-c", mesh.address, "--count", "2", "--wait", "--", "sh", "-c", "exit 2"
     )
     assert failed.returncode == 1, failed
-    assert "2 FAILED" in failed.stdout
+    *each, total = failed.stdout.splitlines()  # each failed task's id and state, then counts
+    assert [line.split()[1] for line in each] == ["FAILED", "FAILED"] and total == "2 FAILED"
 
     fine = await shoal_(mesh_cli, "submit", "-c", mesh.address, "--wait", "--", "true")
     assert fine.returncode == 0, fine
     (line,) = fine.stdout.splitlines()  # one task: its id and how it ended, as `wait` says
     task_id, state = line.split()
     assert state == "SUCCEEDED" and (await mesh.client.get(task_id)).id == task_id
+
+
+async def test_ctrl_c_on_submit_wait_says_which_tasks_go_on(
+    mesh: Mesh, mesh_cli: CliProcesses
+) -> None:
+    run = await mesh_cli.start(
+        "submit", "-c", mesh.address, "--wait", "--", "sleep", "30", pipe=True
+    )
+    assert run.proc.stderr is not None
+    said = (await asyncio.wait_for(run.proc.stderr.readline(), 30)).decode().split()
+    assert said[0] == "task", said  # its id, before it waits
+    run.proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(run.proc.communicate(), 30)
+    assert run.proc.returncode == 130
+    assert out.decode().split() == [said[1]] and "1 task(s) go on" in words(err.decode())
+    assert (await mesh.client.get(said[1])).state == task_pb2.TASK_STATE_RUNNING
+    await mesh.client.cancel(said[1])
 
 
 async def test_help_keeps_its_bracketed_notes_and_there_is_a_version(cli: CliProcesses) -> None:

@@ -174,6 +174,26 @@ async def test_a_client_that_reached_its_coordinator_rides_out_a_restart(
         assert (await asyncio.wait_for(call, DEADLINE)).id == task.id
 
 
+async def test_a_wait_longer_than_retry_for_rides_out_a_restart_too(
+    cli: CliProcesses, tmp_path: Path
+) -> None:
+    """`retry_for` counts from when the coordinator went away, not from when the call began:
+    a Wait that had waited longer gave up at once (`submit --wait` failed on a restart)."""
+    port = free_port()
+    address, data_dir = f"127.0.0.1:{port}", tmp_path / "data"
+    coordinator = await cli.coordinator(port, data_dir)
+    async with AsyncClient(address, retry_for=timedelta(seconds=1)) as client:
+        task = await client.submit(shell(["true"], not_before=later()))
+        waiting = asyncio.create_task(client.wait(task.id))
+        await asyncio.sleep(1.5)  # the Wait has now been in flight longer than retry_for
+        assert await coordinator.kill() == -9
+        await cli.coordinator(port, data_dir)
+        async with AsyncClient(address) as other:
+            await other.cancel(task.id)
+        done = await asyncio.wait_for(waiting, DEADLINE)
+    assert done.state == task_pb2.TASK_STATE_CANCELLED
+
+
 class StoppingThenBack(tasks_pb2_grpc.TasksServicer):
     """A coordinator that answers UNAVAILABLE, as one that is stopping does, twice."""
 

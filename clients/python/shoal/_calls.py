@@ -66,16 +66,16 @@ class Calls:
     ) -> Any:
         """One call (`timeout`: the client's; None: none); with `retry` (it is safe to repeat),
         resent while the coordinator is unavailable, with jittered exponential backoff, for up
-        to `retry_for`."""
+        to `retry_for` from when it was found so (a long Wait that a restart cut off is
+        resent too)."""
         deadline = self.timeout if timeout is ... else timeout
-        started = time.monotonic()
         try:  # the first try outside the retry loop: a call answered costs nothing more
             return await self._call(method(request, timeout=deadline, metadata=self.metadata))
         except Unavailable as err:
-            self._resend_or_raise(err, retry, started)
+            failed = self._resend_or_raise(err, retry)
         await asyncio.sleep(_first_wait())
         try:
-            async for attempt in AsyncRetrying(**self._resends(started)):
+            async for attempt in AsyncRetrying(**self._resends(failed)):
                 with attempt:
                     return await self._call(
                         method(request, timeout=deadline, metadata=self.metadata)
@@ -94,32 +94,33 @@ class Calls:
     ) -> Any:
         """`unary` through a blocking stub, in the calling thread."""
         deadline = self.timeout if timeout is ... else timeout
-        started = time.monotonic()
         try:
             return self._answer(method, request, deadline)
         except Unavailable as err:
-            self._resend_or_raise(err, retry, started)
+            failed = self._resend_or_raise(err, retry)
         time.sleep(_first_wait())
         try:
-            for attempt in Retrying(**self._resends(started)):
+            for attempt in Retrying(**self._resends(failed)):
                 with attempt:
                     return self._answer(method, request, deadline)
         except Unavailable as err:
             raise self._unreached(err) from None
         raise AssertionError("unreachable")
 
-    def _resend_or_raise(self, err: Unavailable, retry: bool, started: float) -> None:
-        """After a first try found the coordinator unavailable: raise, or return to resend."""
-        if not retry or self._given_up(time.monotonic() - started):
+    def _resend_or_raise(self, err: Unavailable, retry: bool) -> float:
+        """After a first try found the coordinator unavailable: raise, or return when it did
+        (to resend from then)."""
+        if not retry or self._given_up(0.0):
             raise self._unreached(err) from None
+        return time.monotonic()
 
-    def _resends(self, started: float) -> dict[str, Any]:
-        """How a call whose first try (at `started`) found no coordinator is resent, after
+    def _resends(self, failed: float) -> dict[str, Any]:
+        """How a call whose first try found no coordinator (at `failed`) is resent, after
         `_first_wait()`: with backoff, until `_given_up`."""
         return {
             "retry": retry_if_exception_type(Unavailable),
             "wait": _BACKOFF,
-            "stop": lambda _: self._given_up(time.monotonic() - started),
+            "stop": lambda _: self._given_up(time.monotonic() - failed),
             "reraise": True,
         }
 

@@ -251,6 +251,8 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
                 ids += await client.submit_batch(specs[i : i + 1000])
                 progress.update(bar, completed=len(ids))
             if wait:
+                if len(ids) == 1:
+                    err_console.print(f"[dim]task {ids[0]}[/dim]")
                 done = progress.add_task("running", total=len(ids))
                 tasks = []
                 teller = asyncio.create_task(_telling(client, ids))
@@ -259,6 +261,10 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
                     for coro in asyncio.as_completed([client.wait(i) for i in ids]):
                         tasks.append(await coro)
                         progress.update(done, completed=len(tasks))
+                except asyncio.CancelledError:  # Ctrl-C: the tasks go on
+                    progress.stop()
+                    _going_on(ids, tasks)
+                    raise
                 finally:
                     await _stopped(moving)
                     await _stopped(teller)
@@ -269,11 +275,25 @@ async def _submit(coordinator: str | None, specs: list[task_pb2.TaskSpec], wait:
             counts: dict[str, int] = {}
             for t in tasks:
                 counts[state_name(t.state)] = counts.get(state_name(t.state), 0) + 1
+                if t.state != task_pb2.TASK_STATE_SUCCEEDED:
+                    console.print(f"{t.id} {state_text(t.state)}", highlight=False)
             console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
             return set(counts) == {"SUCCEEDED"}
         for task_id in ids:
             console.print(task_id)
         return True
+
+
+def _going_on(ids: list[str], ended: list[task_pb2.Task]) -> None:
+    """Waiting stopped (Ctrl-C): the ids of the tasks that go on, on stdout, and a note."""
+    done = {t.id for t in ended}
+    going = [i for i in ids if i not in done]
+    for task_id in going:
+        console.print(task_id)
+    err_console.print(
+        f"stopped waiting; {len(going)} task(s) go on (`shoal cancel ID` stops one)",
+        highlight=False,
+    )
 
 
 async def _progress_of(client: AsyncClient, ids: list[str], bar: Any, row: Any) -> None:

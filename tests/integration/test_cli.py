@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import json
 import os
 import shlex
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 

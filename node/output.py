@@ -40,9 +40,14 @@ class OutputCap:
         self.limit = limit
         self._tail = tail
         self._cut: dict[int, tuple[int, _Tail]] = {}  # stream -> (bytes cut, its tail)
+        self._ends: dict[int, _Tail] = {}  # stream -> its last `tail` characters
 
     def __call__(self, chunk: task_pb2.OutputChunk) -> None:
         data = escaped_text(chunk.data, chunk.raw)
+        end = self._ends.get(chunk.stream)
+        if end is None:
+            end = self._ends[chunk.stream] = _Tail(self._tail)
+        end.add(data)
         size = len(chunk.raw) if chunk.raw else _size(data)
         if size <= self._room and size <= PIECE:  # the common case: passed on as it is
             self._room -= size
@@ -61,6 +66,12 @@ class OutputCap:
         cut, tail = self._cut.get(stream) or (0, _Tail(self._tail))
         tail.add(data)
         self._cut[stream] = (cut + size, tail)
+
+    def end_of(self, stream: int) -> str:
+        """The last `tail` characters the task wrote on `stream`: its result's, when it was
+        stopped (timed out, cancelled) before its executor made one."""
+        end = self._ends.get(stream)
+        return end.text() if end is not None else ""
 
     def close(self) -> None:
         """Say what was cut, and pass on each cut stream's tail (call once, when it ended)."""

@@ -41,6 +41,16 @@ _log = logging.getLogger("shoal.node")
 _NO_SECRETS = Redactor()  # what tasks without secrets are redacted with: nothing
 
 
+def _stopped(state: int, error: str, output: OutputCap | None) -> Outcome:
+    """The outcome of a task stopped before its executor made one (timed out, cancelled):
+    with the end of what it wrote, which says where it was."""
+    result = task_pb2.TaskResult(exit_code=-9, error=error)
+    if output is not None:
+        set_result_text(result, "stdout", output.end_of(task_pb2.OUTPUT_STREAM_STDOUT))
+        set_result_text(result, "stderr", output.end_of(task_pb2.OUTPUT_STREAM_STDERR))
+    return Outcome(state, result)
+
+
 @dataclass(eq=False)
 class _Run:
     task_id: str
@@ -329,6 +339,7 @@ class Runner:
             )
         timeout = spec.timeout.ToNanoseconds() / 1e9 if spec.HasField("timeout") else None
         redactor = _NO_SECRETS
+        output: OutputCap | None = None
         try:
             if not run.slot:
                 await self._take_slot(run)
@@ -380,17 +391,13 @@ class Runner:
         except TimeoutError:
             if timeout is None:  # not its deadline: an executor let one of its own escape
                 raise
-            return Outcome(
-                task_pb2.TASK_STATE_TIMED_OUT,
-                task_pb2.TaskResult(exit_code=-9, error=f"timed out after {timeout:g} s"),
+            outcome = _stopped(
+                task_pb2.TASK_STATE_TIMED_OUT, f"timed out after {timeout:g} s", output
             )
         except asyncio.CancelledError:
             if not run.stop:
                 raise
-            return Outcome(
-                task_pb2.TASK_STATE_CANCELLED,
-                task_pb2.TaskResult(exit_code=-9, error=run.stop),
-            )
+            outcome = _stopped(task_pb2.TASK_STATE_CANCELLED, run.stop, output)
         except RunFailed as err:
             outcome = err.outcome()  # redacted below, like any other
         except Exception as err:

@@ -151,6 +151,26 @@ async def test_execution_timeout_is_timed_out(mesh: Mesh) -> None:
     assert "timed out" in done.result.error
 
 
+async def test_a_stopped_task_keeps_the_end_of_its_output(mesh: Mesh) -> None:
+    """What a task wrote before it timed out or was cancelled says where it was."""
+    script = "echo step 1; echo warned >&2; sleep 30"
+    timed = await mesh.client.submit(shell(script, timeout=timedelta(seconds=1)))
+    cancelled = await mesh.client.submit(shell(script))
+    since = cancelled.created_seq - 1
+    async for event in mesh.client.watch(since=since, task_ids=[cancelled.id], output=True):
+        if event.HasField("output") and event.output.stream == task_pb2.OUTPUT_STREAM_STDERR:
+            break  # it has written both
+    await mesh.client.cancel(cancelled.id)
+
+    for task, state in (
+        (timed, task_pb2.TASK_STATE_TIMED_OUT),
+        (cancelled, task_pb2.TASK_STATE_CANCELLED),
+    ):
+        done = await mesh.client.wait(task.id, timeout=WAIT)
+        assert done.state == state, done
+        assert (done.result.stdout, done.result.stderr) == ("step 1\n", "warned\n")
+
+
 async def test_cancel_and_timeout_leave_no_unretrieved_errors(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -168,6 +168,13 @@ def _pair_and_missing_ca(tmp_path: Path) -> list[str]:
             " declaration (at line 1, column 6)",
         ),
         (
+            "node",
+            lambda p: [],
+            {"SHOAL_CONFIG": "{tmp}/typo.toml"},
+            "error: config file {tmp}/typo.toml: [node] has no setting 'slot' (did you mean"
+            " 'slots'?)",
+        ),
+        (
             "coordinator",
             lambda p: [],
             {"SHOAL_COORDINATOR_LEASE": "soon"},
@@ -175,7 +182,16 @@ def _pair_and_missing_ca(tmp_path: Path) -> list[str]:
             " duration (got 'soon')",
         ),
     ],
-    ids=["missing-cert", "unusable-cert", "node-missing-ca", "data-dir", "listen", "toml", "env"],
+    ids=[
+        "missing-cert",
+        "unusable-cert",
+        "node-missing-ca",
+        "data-dir",
+        "listen",
+        "toml",
+        "typo",
+        "env",
+    ],
 )
 async def test_other_start_up_mistakes_are_one_line(
     shoal: CliProcesses,
@@ -188,6 +204,7 @@ async def test_other_start_up_mistakes_are_one_line(
 ) -> None:
     (tmp_path / "file").write_text("")
     (tmp_path / "bad.toml").write_text("[node\n")
+    (tmp_path / "typo.toml").write_text("[node]\nslot = 7\n")
     for name, value in env.items():
         monkeypatch.setenv(name, value.format(tmp=tmp_path))
     assert callable(extra)

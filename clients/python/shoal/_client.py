@@ -28,7 +28,7 @@ from shoal._requests import (
     waited,
 )
 from shoal._status import from_rpc_error
-from shoal.config import ClientSettings, local_token_hint, read_token
+from shoal.config import ClientSettings, coordinator_target, local_token_hint, read_token
 from shoal.errors import ResourceExhausted, TaskFailed, Unavailable
 from shoal.specs import is_final, to_duration
 from shoal.v1 import (
@@ -76,7 +76,7 @@ class AsyncClient:
     ):
         settings = ClientSettings()
         self._wait_when_full = wait_when_full
-        self.target = target or settings.coordinator
+        self.target = coordinator_target(target or settings.coordinator)
         hint = ""
         if token is None:
             token = read_token(settings.token, settings.token_file)

@@ -26,7 +26,9 @@ def print_error(err: ShoalError) -> None:
     """`error: message`, then one line per bad field, on stderr."""
     err_console.print(f"[red]error:[/red] {escape(err.message)}", soft_wrap=True)
     for v in getattr(err, "violations", []):
-        err_console.print(f"  {escape(v.field)}: {escape(v.description)}")
+        line = f"{v.field}: {v.description}"
+        if line not in err.message:  # (a message of one violation says it already)
+            err_console.print(f"  {escape(line)}")
 
 
 def serving(command: Callable[_P, None]) -> Callable[_P, None]:

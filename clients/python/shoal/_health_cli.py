@@ -12,7 +12,7 @@ import typer
 from shoal._channel import open_channel
 from shoal._console import console
 from shoal._health import Health, check_health
-from shoal.config import ClientSettings
+from shoal.config import ClientSettings, coordinator_target
 
 __all__ = ["health", "status"]
 
@@ -49,9 +49,7 @@ def status(
 ) -> None:
     """Which of the coordinators leads and which stand by; exit 0 only if one leads."""
     settings = ClientSettings()
-    addresses = [a.strip() for a in (coordinator or settings.coordinator).split(",") if a.strip()]
-    if not addresses:
-        raise typer.BadParameter("no coordinator address", param_hint="--coordinator")
+    addresses = coordinator_target(coordinator or settings.coordinator).split(",")
 
     async def check_all() -> list[Health]:
         ca = tls_ca or settings.tls_ca

@@ -7,6 +7,7 @@ then command-line flags (passed as keyword arguments).
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import tomllib
@@ -28,6 +29,7 @@ from shoal.validation import Limits
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "DEFAULT_COORDINATOR",
+    "DEFAULT_PORT",
     "STORE_FILE",
     "ClientSettings",
     "CoordinatorSettings",
@@ -35,12 +37,26 @@ __all__ = [
     "Limits",
     "NodeSettings",
     "config_path",
+    "coordinator_target",
     "default_data_dir",
     "local_token_hint",
     "read_token",
 ]
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
+DEFAULT_PORT = 7070
+
+
+def coordinator_target(address: str) -> str:
+    """A coordinator address as given (`-c`, SHOAL_COORDINATOR, `[client] coordinator`), each
+    of its comma-separated hosts with the default port if it names none; empty: the default.
+    gRPC's own default port is 443."""
+    hosts = [h.strip() for h in address.split(",") if h.strip()]
+    if not hosts:
+        return DEFAULT_COORDINATOR
+    if any(":/" in h or h.startswith("unix:") for h in hosts):  # a gRPC target of its own
+        return address
+    return ",".join(f"{h}:{DEFAULT_PORT}" if ":" not in h or h.endswith("]") else h for h in hosts)
 
 
 def config_path() -> Path:
@@ -124,6 +140,12 @@ class _Settings(BaseSettings):
             except (OSError, tomllib.TOMLDecodeError) as err:
                 why = err.strerror if isinstance(err, OSError) else str(err)
                 raise FailedPrecondition(f"cannot read config file {path}: {why}") from None
+            if unknown := sorted(set(table) - set(cls.model_fields)):  # a misspelt key
+                near = difflib.get_close_matches(unknown[0], cls.model_fields, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise FailedPrecondition(
+                    f"config file {path}: [{cls._table}] has no setting {unknown[0]!r}{hint}"
+                )
         return init_settings, env_settings, InitSettingsSource(settings_cls, table)
 
 

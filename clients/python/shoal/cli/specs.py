@@ -136,7 +136,7 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
 
 NameOpt = Annotated[str, typer.Option(help="Task name")]
 PriorityOpt = Annotated[str, typer.Option(help="critical|high|normal|low|background")]
-TimeoutOpt = Annotated[float | None, typer.Option(help="Execution timeout in seconds")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="Execution timeout in seconds", min=0.0)]
 LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="Required node label")]
 PythonOpt = Annotated[str | None, typer.Option("--python", help="Run Python code instead")]
 DockerOpt = Annotated[
@@ -165,9 +165,9 @@ TenantOpt = Annotated[str, typer.Option(help="Tenant")]
 AfterOpt = Annotated[
     list[str] | None, typer.Option("--after", help="Run after this task succeeds (repeatable)")
 ]
-RetriesOpt = Annotated[int, typer.Option(help="Retry a failure up to N times, backing off")]
+RetriesOpt = Annotated[int, typer.Option(help="Retry a failure up to N times, backing off", min=0)]
 QueueTimeoutOpt = Annotated[
-    float | None, typer.Option(help="Time out if not started within SECONDS")
+    float | None, typer.Option(help="Time out if not started within SECONDS", min=0.0)
 ]
 AtOpt = Annotated[str | None, typer.Option(help="Not before this ISO time, or +SECONDS")]
 

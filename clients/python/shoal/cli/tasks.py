@@ -196,7 +196,7 @@ def submit(
     tool: ToolOpt = None,
     tool_input: InputOpt = None,
     function: FunctionOpt = None,
-    count: Annotated[int, typer.Option(help="Submit this many copies, in batches")] = 1,
+    count: Annotated[int, typer.Option(help="Submit this many copies, in batches", min=1)] = 1,
     file: Annotated[
         Path | None,
         typer.Option(help="JSON file: a TaskSpec object, or a list of them (proto JSON)"),

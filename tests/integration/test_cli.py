@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -248,6 +247,8 @@ async def test_up_prints_a_command_the_user_can_type(
     # As after `make dev`: the venv's scripts are not on PATH.
     path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN]
     monkeypatch.setenv("PATH", os.pathsep.join(path))
+    monkeypatch.delenv("SHOAL_TOKEN", raising=False)  # its data dir is not the default one:
+    monkeypatch.delenv("SHOAL_TOKEN_FILE", raising=False)  # the command says where its token is
     port = free_port()
     up = await cli.start(
         "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"), pipe=True
@@ -259,7 +260,7 @@ async def test_up_prints_a_command_the_user_can_type(
     command = line.split("try: ", 1)[1].split(";", 1)[0]
     assert f"run -c 127.0.0.1:{port} -- echo hello" in command
 
-    ran = await run_tool(shlex.split(command))
+    ran = await run_tool(["sh", "-c", command])  # as typed in a shell
 
     assert (ran.returncode, ran.stdout) == (0, "hello\n"), ran
     page = await run_tool(["curl", "-sf", url])

@@ -24,7 +24,7 @@ from shoal._signals import until_signalled
 from shoal.cli.app import app, run_async
 from shoal.cli.options import AuthOpt, HttpListenOpt, VerboseOpt, given, setup_logging
 from shoal.cli.render import plain, returned_text, state_text
-from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.config import ADMIN_TOKEN_FILE, CoordinatorSettings, NodeSettings, default_data_dir
 
 if TYPE_CHECKING:
     from shoal.coordinator.server import CoordinatorServer
@@ -117,16 +117,22 @@ def _print_up(
     if coord.http_url:
         console.print(f"  dashboard: [cyan]{coord.http_url}[/cyan]")
     console.print(f"  data dir    {coord.settings.data_dir}")
+    # The CLI finds the admin token of the default data dir by itself; another it is told of.
+    told = ""
     if token_file is not None:
-        console.print(f"  admin token {token_file} (mode 0600; the CLI finds it by itself)")
+        found = token_file.resolve() == (default_data_dir() / ADMIN_TOKEN_FILE).resolve()
+        told = "" if found else f"SHOAL_TOKEN_FILE={shlex.quote(str(token_file))} "
+        how = "the CLI finds it by itself" if found else "set SHOAL_TOKEN_FILE to it"
+        console.print(f"  admin token {token_file} (mode 0600; {how})")
     console.print(f"  local node  {node.node_id} (health on 127.0.0.1:{node.port})")
     if settings.imports:
         functions = ", ".join(node.info().functions) or "none (see the log above)"
         console.print(f"  functions   {functions}", highlight=False, soft_wrap=True)
     console.print(f"  guard       {_guard_summary(settings)}", highlight=False)
     console.print(
-        f"  try: {_shoal_command()} run -c {address} -- echo hello;  Ctrl-C to stop",
+        f"  try: {told}{_shoal_command()} run -c {address} -- echo hello;  Ctrl-C to stop",
         highlight=False,
+        soft_wrap=True,  # one line to copy, however long
     )
 
 

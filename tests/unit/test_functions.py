@@ -693,7 +693,9 @@ def test_a_function_of_the_program_run_is_named_by_its_module_elsewhere(
     script.__spec__ = importlib.machinery.ModuleSpec("app.tasks", None)
     assert Function(fn).name == "app.tasks:fn"  # python -m app.tasks
     script.__spec__, script.__file__ = None, str(tmp_path / "not-a-module.py")
-    assert Function(fn).name == "__main__:fn"  # no better name: no node offers it
+    assert Function(fn).name == "__main__:fn"  # no better name (python -c, a REPL, a notebook)
+    with pytest.raises(CodecError, match="defined in the program being run"):
+        Function(fn).spec()  # refused before it is sent: no node can import it
 
 
 def test_a_lambda_or_nested_function_runs_here_but_is_refused_a_node() -> None:

@@ -116,6 +116,12 @@ def check_importable(name: str) -> None:
             f"{name!r} cannot run on a node: nodes import functions by their path"
             " (package.module:qualname), so a function must be defined at a module's top level"
         )
+    if name.startswith("__main__:"):
+        raise CodecError(
+            f"{name!r} cannot run on a node: it is defined in the program being run (python -c,"
+            " a REPL or a notebook), which no node can import; define it in a module and start"
+            " the node with --import that module"
+        )
 
 
 def _adapter(hint: Any) -> TypeAdapter[Any]:

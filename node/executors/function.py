@@ -18,6 +18,7 @@ import sys
 from shoal import _json
 from shoal._output import Stream, output_chunk, set_result_text
 from shoal.config import NodeSettings
+from shoal.errors import FailedPrecondition
 from shoal.node.executors.base import ExecutionContext, Executor, Outcome, TaskError, register
 from shoal.node.executors.process import _Tail, tasks_environment
 from shoal.node.executors.python import runs_python
@@ -133,11 +134,13 @@ class FunctionExecutor(Executor):
             return False
         finally:
             slow.cancel()
-        for error in self._pool.errors:
-            _log.warning("import failed in function workers: %s", error)
-        if self._pool.errors:
+        if self._pool.errors:  # a mistake in --import: the node does not start without it
+            await self._pool.aclose()
             where = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-            _log.warning("function workers import from %s and the installed packages", where)
+            raise FailedPrecondition(
+                f"--import: {'; '.join(self._pool.errors)} (function workers import from"
+                f" {where} and the installed packages)"
+            )
         self._functions = frozenset(self._pool.functions)
         _log.info(
             "function workers=%d functions=%s", self._pool.size, ",".join(sorted(self._functions))

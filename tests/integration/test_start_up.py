@@ -212,6 +212,18 @@ async def test_other_start_up_mistakes_are_one_line(
     assert await fails_at_start(shoal, *args) == expected.format(tmp=tmp_path)
 
 
+@pytest.mark.parametrize("command", ["node", "up"])
+async def test_a_module_that_does_not_import_is_one_line(
+    shoal: CliProcesses, tmp_path: Path, command: str
+) -> None:
+    """A mistake in --import stops the start (the node would offer no functions)."""
+    args = [*_serving(command, 0, tmp_path), "--import", "no_such_tasks_module"]
+    line = await fails_at_start(shoal, *args)
+    assert line.startswith(
+        "error: --import: no_such_tasks_module: ModuleNotFoundError: No module named"
+    ), line
+
+
 async def test_verbose_keeps_the_traceback(shoal: CliProcesses, tmp_path: Path, taken: int) -> None:
     started = await shoal.start(*_serving("coordinator", taken, tmp_path), "--verbose", pipe=True)
     _, err = await asyncio.wait_for(started.proc.communicate(), STARTUP)

@@ -25,6 +25,7 @@ from .harness import (
     Completed,
     Mesh,
     MeshFactory,
+    eventually,
     free_port,
     run_tool,
 )
@@ -86,6 +87,21 @@ async def test_ctrl_c_on_submit_wait_says_which_tasks_go_on(
     assert out.decode().split() == [said[1]] and "1 task(s) go on" in words(err.decode())
     assert (await mesh.client.get(said[1])).state == task_pb2.TASK_STATE_RUNNING
     await mesh.client.cancel(said[1])
+
+
+async def test_cancel_says_how_the_task_ended(mesh: Mesh, mesh_cli: CliProcesses) -> None:
+    running = await mesh.client.submit(shell(["sleep", "30"]))
+
+    async def started() -> bool:
+        return (await mesh.client.get(running.id)).state == task_pb2.TASK_STATE_RUNNING
+
+    await eventually(started)
+    stopped = await shoal_(mesh_cli, "cancel", running.id, "-c", mesh.address)
+    assert (stopped.returncode, stopped.stdout.split()) == (0, [running.id, "CANCELLED"]), stopped
+
+    done = await mesh.client.execute(shell(["true"]))
+    late = await shoal_(mesh_cli, "cancel", done.id, "-c", mesh.address)
+    assert words(late.stdout) == f"{done.id} SUCCEEDED (it had ended: nothing to cancel)"
 
 
 async def test_help_keeps_its_bracketed_notes_and_there_is_a_version(cli: CliProcesses) -> None:

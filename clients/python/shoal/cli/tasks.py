@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,7 +52,7 @@ from shoal.cli.specs import (
     build_spec,
     read_specs,
 )
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, WaitTimeout
 from shoal.specs import is_final, state_name
 from shoal.v1 import task_pb2
 
@@ -405,14 +406,28 @@ def _process_exit(state: int, result: task_pb2.TaskResult) -> int:
 
 @app.command()
 def cancel(task_id: str, coordinator: CoordinatorOpt = None) -> None:
-    """Cancel a task (a running one is killed on its node)."""
+    """Cancel a task (a running one is killed on its node, which this waits for a while)."""
 
     async def main() -> task_pb2.Task:
         async with connect(coordinator) as client:
-            return await client.cancel(task_id)
+            task = await client.cancel(task_id)
+            if is_final(task.state):
+                return task
+            try:  # its node stops it
+                return await client.wait(task_id, timeout=_STOPPING)
+            except WaitTimeout as err:
+                return err.task
 
     task = run_async(main())
-    console.print(f"{task.id} {state_text(task.state)}")
+    if task.state != task_pb2.TASK_STATE_CANCELLED and is_final(task.state):
+        console.print(f"{task.id} {state_text(task.state)} (it had ended: nothing to cancel)")
+    elif not is_final(task.state):
+        console.print(f"{task.id} {state_text(task.state)} (its node is stopping it)")
+    else:
+        console.print(f"{task.id} {state_text(task.state)}")
+
+
+_STOPPING = timedelta(seconds=10)  # how long `cancel` waits for a running task to stop
 
 
 @app.command("ls")
@@ -426,8 +441,9 @@ def ls(
     """List tasks, newest first."""
     try:
         states = [task_pb2.TaskState.Value(f"TASK_STATE_{s.upper()}") for s in state or []]
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+    except ValueError:
+        known = [n.removeprefix("TASK_STATE_").lower() for n in task_pb2.TaskState.keys()[1:]]
+        raise typer.BadParameter(f"states are {', '.join(known)}", param_hint="--state") from None
 
     async def main() -> list[task_pb2.Task]:
         async with connect(coordinator) as client:

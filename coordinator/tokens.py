@@ -28,6 +28,7 @@ from shoal.errors import (
     Unauthenticated,
 )
 from shoal.handshake import Direction, coordinator_proof
+from shoal.spec_checks import TENANT_MAX, is_tenant
 
 __all__ = ["NewToken", "TokenRegistry"]
 
@@ -170,6 +171,8 @@ class TokenRegistry:
             raise InvalidArgument("node_id, executors and labels apply to node tokens only")
         if role in (Role.ADMIN, Role.NODE) and tenant:
             raise InvalidArgument(f"a {role} token has no tenant")
+        if tenant and not is_tenant(tenant):
+            raise InvalidArgument(f"a tenant is printable, has no '/' and is at most {TENANT_MAX}")
         token_id, token, digest = new_token()
         now = self._wall()
         row = TokenRow(

@@ -191,3 +191,11 @@ def test_what_a_node_says_of_itself_is_bounded_printable_text(info: node_pb2.Nod
         check_hello(node_pb2.Hello(info=info), Principal("n", Role.ADMIN), Limits())
     good = node_pb2.NodeInfo(node_id="n", hostname="box-1.lan", version="0.1.0")
     check_hello(node_pb2.Hello(info=good), Principal("n", Role.ADMIN), Limits())
+
+
+async def test_a_tenant_has_no_slash(store: SqliteStore) -> None:
+    """Tenant a's lock "b/db" is `tenant/a/b/db`, which tenant "a/b" would name "db"."""
+    registry = TokenRegistry(store)
+    with pytest.raises(InvalidArgument, match="no '/'"):
+        await registry.create(name="x", role=Role.SUBMITTER, created_by="r", tenant="a/b")
+    await registry.create(name="y", role=Role.SUBMITTER, created_by="r", tenant="a")

@@ -166,3 +166,15 @@ def test_a_task_may_not_name_the_keys_the_coordinator_adds() -> None:
         "specs[2].quota_keys[1]",
     ]
     validate_batch([shell("true", quota_keys=["provider:openai", "gpu"])], LIMITS, single=True)
+
+
+def test_tenants_and_required_labels_are_names() -> None:
+    """A tenant's locks are named `tenant/<tenant>/`: "a" and "a/b" would share them."""
+    assert violations(
+        [
+            shell("true", tenant="a/b"),
+            shell("true", labels={"zone": "b\nc"}),
+            shell("true", labels={"": "x"}),
+        ]
+    ) == ["specs[0].tenant", "specs[1].required_labels", "specs[2].required_labels"]
+    validate_batch([shell("true", tenant="acme", labels={"zone": "eu-1"})], LIMITS, single=True)

@@ -18,7 +18,7 @@ from shoal.v1 import task_pb2
 if TYPE_CHECKING:
     from shoal.validation import Limits
 
-__all__ = ["LLM_PROVIDERS", "is_import_path", "spec_violations"]
+__all__ = ["LLM_PROVIDERS", "TENANT_MAX", "is_import_path", "is_tenant", "spec_violations"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _VALUED_OPERATORS = (
@@ -136,6 +136,8 @@ def spec_violations(
             bad(name, f"longer than {limits.max_string} characters")
         elif not text.isprintable():
             bad(name, "must be printable text")
+        elif name == "tenant" and not is_tenant(text):
+            bad(name, "has no '/'")
     maps = {
         name: getattr(spec, name) for name in ("required_labels", "metadata") if name in present
     }
@@ -153,6 +155,10 @@ def spec_violations(
             len(v) > limits.max_string for v in entries.values()
         ):
             bad(name, f"a value longer than {limits.max_string} characters")
+        elif name == "required_labels" and not all(
+            k and k.isprintable() and v.isprintable() for k, v in entries.items()
+        ):
+            bad(name, "keys and values are printable text; a key is not empty")
     if "secrets" in present:
         _check_secrets(spec, kind, limits, bad)
     for field in ("locks", "quota_keys"):
@@ -332,6 +338,16 @@ def _check_scheduling(
                 bad(f"retry.{name}", err.message)
     if not math.isfinite(retry.multiplier) or not (retry.multiplier == 0 or retry.multiplier >= 1):
         bad("retry.multiplier", "must be at least 1 (0: the default, 2)")
+
+
+TENANT_MAX = 256
+"""The longest tenant name (Limits.max_string by default)."""
+
+
+def is_tenant(name: str) -> bool:
+    """Whether `name` may name a tenant: printable, at most TENANT_MAX characters, no '/' (a
+    tenant's locks are named `tenant/<tenant>/<lock>`: tenants "a" and "a/b" would share)."""
+    return len(name) <= TENANT_MAX and name.isprintable() and "/" not in name
 
 
 @functools.lru_cache(maxsize=1024)  # a batch's calls name a few functions, thousands of times

@@ -277,6 +277,8 @@ class CoordinatorServer:
                 tls=self._http_tls(),
                 max_body_bytes=min(s.max_message_bytes, _MAX_HTTP_BODY),
                 standby=self._standby if self.pg is not None else None,
+                max_connections=s.max_connections,
+                handshake_timeout=s.handshake_timeout.total_seconds(),
             )
         self._health = await serve_health(server, SERVICE_NAMES)
         serve_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE))

@@ -19,6 +19,7 @@ from shoal.auth import Principal, Role
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.http.auth import Caller, Sessions
 from shoal.coordinator.http.errors import error_response
+from shoal.coordinator.http.listener import Listener, connection_limit
 from shoal.coordinator.http.login import login_routes
 from shoal.coordinator.http.openapi import openapi_document
 from shoal.coordinator.http.rpc import API_PREFIX, json_response, rpc_routes
@@ -80,10 +81,16 @@ class HttpServer:
         tls: ssl.SSLContext | None = None,
         max_body_bytes: int = 4 << 20,
         standby: Callable[[], str | None] | None = None,
+        max_connections: int = 10_000,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self._core = core
         self._listen = listen
         self._tls = tls
+        # As gRPC's defaults: connections open at once (kept under half the open-file limit,
+        # leaving gRPC room), and how long one has for its TLS handshake.
+        self._max_connections = max_connections
+        self._handshake_timeout = handshake_timeout
         # While `standby()` names the leader, every call is refused naming it (503), as gRPC's.
         self.caller = Caller(policy, authenticate, Sessions(), standby)
         app = web.Application(
@@ -104,6 +111,7 @@ class HttpServer:
         app.add_routes(static_routes())
         self._app = app
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self.port = 0
 
     @property
@@ -139,27 +147,29 @@ class HttpServer:
             handler_cancellation=True,
         )
         await runner.setup()
-        site = web.TCPSite(
-            runner,
-            host.strip("[]") or None,
-            int(port),
-            ssl_context=self._tls,
-            reuse_address=True,
+        assert runner.server is not None
+        listener = Listener(
+            runner.server,
+            limit=connection_limit(self._max_connections),
+            tls=self._tls,
+            handshake_timeout=self._handshake_timeout,
         )
         try:
-            await site.start()
+            self.port = await listener.start(host.strip("[]"), int(port))
         except OSError as err:
             await runner.cleanup()
-            if err.errno:  # aiohttp's own words around it say less than the errno's
+            if err.errno:  # the errno's own words say more than what Python put around them
                 err = OSError(err.errno, os.strerror(err.errno))
             raise OSError(
                 f"cannot listen on {self._listen} (HTTP): {reason(err, int(port))}"
             ) from None
-        self._runner = runner
-        self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
+        self._runner, self._listener = runner, listener
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
         if runner is not None:
             await runner.cleanup()
 

@@ -2,8 +2,9 @@
 
 A session maps a random id (the `shoal_session` cookie) to the token it was opened with, held
 in this process only: the cookie carries no token, and every call authenticates the token
-again, so a revoked or expired token ends its sessions at once. Sessions are bounded in
-number (the oldest goes first) and expire.
+again, so a revoked or expired token ends its sessions at once. Sessions are bounded per token
+(its own oldest goes first: no login ends another token's session) and expire; logins are
+rate-limited per address and per token.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from shoal._gate import authorize
 from shoal.auth import ANONYMOUS, Principal, Role, check_token
+from shoal.coordinator.http.limits import LoginLimit
 from shoal.errors import PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Caller", "Session", "Sessions"]
@@ -37,37 +39,43 @@ class Session:
     token: str
     csrf: str
     expires_at: float  # monotonic
+    owner: str  # the id of the token it was opened with
 
 
 class Sessions:
-    """At most `capacity` sessions, each for `ttl` after it was opened."""
+    """At most `per_owner` sessions per token (a new one beyond it ends that token's oldest,
+    never another token's), each for `ttl` after it was opened."""
 
     def __init__(
         self,
         *,
-        capacity: int = 10_000,
+        per_owner: int = 16,
         ttl: timedelta = timedelta(hours=12),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._capacity = capacity
+        self._per_owner = per_owner
         self.ttl = ttl
         self._clock = clock
-        self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._by_id: OrderedDict[str, Session] = OrderedDict()  # in the order opened
+        self._by_owner: dict[str, list[str]] = {}  # ids, in the order opened
 
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def open(self, token: str) -> Session:
+    def open(self, token: str, owner: str) -> Session:
+        """A new session for `token`, whose id is `owner`."""
         self._expire()
-        while len(self._by_id) >= self._capacity:
-            self._by_id.popitem(last=False)
+        while len(self._by_owner.get(owner, ())) >= self._per_owner:
+            self.close(self._by_owner[owner][0])
         session = Session(
             id=secrets.token_urlsafe(32),
             token=token,
             csrf=secrets.token_urlsafe(32),
             expires_at=self._clock() + self.ttl.total_seconds(),
+            owner=owner,
         )
         self._by_id[session.id] = session
+        self._by_owner.setdefault(owner, []).append(session.id)
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -75,12 +83,18 @@ class Sessions:
             return None
         session = self._by_id.get(session_id)
         if session is not None and session.expires_at <= self._clock():
-            del self._by_id[session_id]
+            self.close(session_id)
             return None
         return session
 
     def close(self, session_id: str) -> None:
-        self._by_id.pop(session_id, None)
+        session = self._by_id.pop(session_id, None)
+        if session is None:
+            return
+        ids = self._by_owner[session.owner]
+        ids.remove(session_id)
+        if not ids:
+            del self._by_owner[session.owner]
 
     def _expire(self) -> None:
         now = self._clock()
@@ -88,7 +102,7 @@ class Sessions:
             oldest = next(iter(self._by_id.values()))
             if oldest.expires_at > now:  # opened in order, with one ttl: the rest are younger
                 break
-            self._by_id.popitem(last=False)
+            self.close(oldest.id)
 
 
 class Caller:
@@ -101,11 +115,14 @@ class Caller:
         authenticate: Callable[[str], Principal] | None,
         sessions: Sessions,
         standby: Callable[[], str | None] | None = None,
+        *,
+        logins: LoginLimit | None = None,
     ) -> None:
         self._policy = policy
         self._authenticate = authenticate
         self.sessions = sessions
         self._standby = standby
+        self._logins = logins or LoginLimit()
 
     @property
     def auth(self) -> bool:
@@ -140,13 +157,16 @@ class Caller:
             raise Unauthenticated("no credentials: send `Authorization: Bearer <token>` or log in")
         return self._authenticate(token)
 
-    def login(self, token: str) -> tuple[Principal, Session | None]:
-        """Check `token` and open a session for it (None when auth is off)."""
+    def login(self, token: str, address: str) -> tuple[Principal, Session | None]:
+        """Check `token` and open a session for it (None when auth is off); ResourceExhausted
+        when `address`, or the token, logs in too often."""
         self.check_leading()
         if self._authenticate is None:
             return ANONYMOUS, None
+        self._logins.take(("address", address), f"from {address}")
         principal = self._authenticate(check_token(token))
-        return principal, self.sessions.open(token)
+        self._logins.take(("token", principal.token_id), f"as {principal.name}")
+        return principal, self.sessions.open(token, principal.token_id)
 
     def token(self, request: web.Request) -> str:
         """The token of `request`: its bearer token, else its session's; '' when it has none."""

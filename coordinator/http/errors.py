@@ -82,9 +82,10 @@ def error_body(err: errors.ShoalError) -> tuple[int, dict[str, object]]:
 
 
 def error_response(err: errors.ShoalError, what: str) -> web.Response:
-    """The response to a call `what` that ended in `err`, logged as gRPC logs it."""
-    _log.log(log_level(err), "http=%s error=%s: %s", what, type(err).__name__, err.message)
+    """The response to a call `what` that ended in `err`, logged as gRPC logs it: with the
+    message as the caller gets it, cut (it may quote the request: a 3 MB name)."""
     status, body = error_body(err)
+    _log.log(log_level(err), "http=%s error=%s: %s", what, type(err).__name__, body["message"])
     headers = {}
     retry = getattr(err, "retry_after", None)
     if retry is not None:

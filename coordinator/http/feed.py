@@ -44,13 +44,11 @@ class _Batch:
     after: int  # the cursor before it
     cursor: int
     seqs: tuple[int, ...]
-    texts: tuple[str, ...]
-    joined: str
+    texts: tuple[str, ...]  # kept once: joined only for a member that joins from it
+    chars: int
 
     def since(self, floor: int) -> str:
         """Its events after `floor`."""
-        if floor <= self.after:
-            return self.joined
         return ",".join(t for s, t in zip(self.seqs, self.texts, strict=True) if s > floor)
 
 
@@ -83,11 +81,18 @@ class Feed:
         self._recent: deque[_Batch] = deque()
         self._recent_chars = 0
         self._oldest = -1  # the first cursor a member can join at
-        self._task = asyncio.create_task(self._run(batches), name="shoal-sse-feed")
+        task = asyncio.create_task(self._run(batches), name="shoal-sse-feed")
+        task.add_done_callback(self._drop_task)
+        self._task: asyncio.Task[None] | None = task
+
+    def _drop_task(self, task: asyncio.Task[None]) -> None:
+        # A cancelled task keeps its CancelledError, whose traceback holds _run's frame and so
+        # this feed: a cycle that only a full collection would free, with its recent batches.
+        self._task = None
 
     @property
     def live(self) -> bool:
-        return not self._task.done()
+        return self._task is not None and not self._task.done()
 
     def join(self, sink: Sink, since: int | None) -> bool:
         """Add `sink` from `since` (None: from now), first handing it what it missed of the
@@ -110,7 +115,7 @@ class Feed:
     def leave(self, sink: Sink) -> None:
         self._members.pop(sink, None)
         self._floors.pop(sink, None)
-        if not self._members and self.live:
+        if not self._members and self._task is not None:
             self._task.cancel()
 
     async def _run(self, batches: AsyncIterator[tuple[int, list[task_pb2.Event]]]) -> None:
@@ -124,11 +129,13 @@ class Feed:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            self.failure = err
+            # Without its traceback, which holds this frame and so this feed (a cycle).
+            self.failure = err.with_traceback(None)
             for sink in list(self._members):
                 sink.fail(err)
         finally:
             self._members.clear()
+            self._recent.clear()
             self.ready.set()
             self._ended(self)
             with contextlib.suppress(Exception):
@@ -136,13 +143,14 @@ class Feed:
 
     def _hand_out(self, cursor: int, events: list[task_pb2.Event]) -> None:
         texts = tuple(self._encode(e) for e in events)
-        batch = _Batch(self.cursor, cursor, tuple(e.seq for e in events), texts, ",".join(texts))
+        text = ",".join(texts)  # one string for every member (each holds it until sent)
+        batch = _Batch(self.cursor, cursor, tuple(e.seq for e in events), texts, len(text))
         self.cursor = cursor
         self._recent.append(batch)
-        self._recent_chars += len(batch.joined)
+        self._recent_chars += batch.chars
         while self._recent_chars > RECENT_CHARS and len(self._recent) > 1:
             gone = self._recent.popleft()
-            self._recent_chars -= len(gone.joined)
+            self._recent_chars -= gone.chars
             self._oldest = gone.cursor
         for sink, joined in list(self._members.items()):
             unsent = sink.unsent
@@ -153,7 +161,7 @@ class Feed:
                 continue
             floor = self._floors.get(sink)
             if floor is None:
-                sink.put(cursor, batch.joined)
+                sink.put(cursor, text)
             elif cursor > floor:
                 del self._floors[sink]
                 sink.put(cursor, batch.since(floor))

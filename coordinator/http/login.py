@@ -32,7 +32,7 @@ def login_routes(caller: Caller, *, secure: bool) -> list[web.RouteDef]:
             token = body.get("token") if isinstance(body, dict) else None
             if not isinstance(token, str) or not token:
                 raise InvalidArgument('the body must be {"token": "<token>"}')
-            principal, session = caller.login(token)
+            principal, session = caller.login(token, request.remote or "unknown")
         except ShoalError as err:
             return error_response(err, "login")
         except Exception:

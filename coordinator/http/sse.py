@@ -5,7 +5,10 @@ a browser that reconnects sends the last id back (Last-Event-ID) and resumes aft
 and repeating nothing. Subscribers that ask the same as the same caller share one watch
 (feed.py): each event is encoded once for all of them. A subscriber that reads slower than
 events come is cut as a gRPC watcher is (an `error` event, then the stream ends; it
-reconnects from its last id), and what one holds in memory stays bounded.
+reconnects from its last id): once more than MAX_UNSENT_BYTES of events wait behind a message
+its connection is still taking, or the events it missed left the log; one whose connection
+takes nothing for STALL_SECONDS is disconnected. A caller has at most MAX_STREAMS_PER_CALLER
+streams open, the server MAX_STREAMS: what the streams hold in memory stays bounded.
 
 Events that come within COALESCE_SECONDS of each other go out as one message, so a browser
 parses a few messages a second however fast the mesh runs; a message still carries every
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -30,11 +33,22 @@ from shoal.auth import Principal
 from shoal.coordinator.http.auth import Caller
 from shoal.coordinator.http.errors import error_body, error_response, unexpected_response
 from shoal.coordinator.http.feed import Feed, Feeds
+from shoal.coordinator.http.limits import StreamSlots
 from shoal.coordinator.http.rpc import API_PREFIX, method_path
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.v1 import task_pb2, tasks_pb2
 
-__all__ = ["COALESCE_SECONDS", "HEARTBEAT_SECONDS", "EventJson", "events_route", "watch_request"]
+__all__ = [
+    "COALESCE_SECONDS",
+    "HEARTBEAT_SECONDS",
+    "MAX_STREAMS",
+    "MAX_STREAMS_PER_CALLER",
+    "MAX_UNSENT_BYTES",
+    "STALL_SECONDS",
+    "EventJson",
+    "events_route",
+    "watch_request",
+]
 
 HEARTBEAT_SECONDS = 15.0
 """A comment line this often keeps proxies from closing an idle stream, and finds a gone
@@ -51,6 +65,16 @@ _FIELDS = {
 COALESCE_SECONDS = 0.1
 """Events that come within this long of each other are sent as one message."""
 _MAX_PENDING = 1 << 20  # characters of events held for the next message; past it, sent at once
+MAX_UNSENT_BYTES = 4 << 20
+"""Events a subscriber of a feed may have waiting (JSON, all ASCII: a byte a character) while
+its connection takes what was sent before; past it, it is cut as one that fell behind."""
+STALL_SECONDS = 10.0
+"""A connection that takes no piece of a message (_PIECE bytes) for this long is ended."""
+_PIECE = 64 << 10
+MAX_STREAMS_PER_CALLER = 16
+MAX_STREAMS = 128
+"""Event streams open at once, per caller and in all (each holds up to MAX_UNSENT_BYTES, and
+its feed up to feed.RECENT_CHARS)."""
 _LAST_WORD_SECONDS = 5.0
 _TRUE = frozenset({"true", "1", "yes", ""})
 _FALSE = frozenset({"false", "0", "no"})
@@ -129,9 +153,12 @@ class _Stream:
     """One subscriber's response: opened at its first message, written one at a time; the
     events that come within COALESCE_SECONDS of each other are sent as one message."""
 
-    def __init__(self, request: web.Request, encoded: EventJson) -> None:
+    def __init__(
+        self, request: web.Request, encoded: EventJson, cut: Callable[[], BaseException]
+    ) -> None:
         self._request = request
         self._encoded = encoded
+        self._cut = cut  # the error of a subscriber cut for falling behind
         self.response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -160,16 +187,40 @@ class _Stream:
             await self._send(chunk)
 
     async def _send(self, chunk: bytes) -> None:
+        """Write `chunk` a piece at a time: a connection that does not take a piece within
+        STALL_SECONDS is ended (it was sent what it took; it resumes from its last id)."""
         if not self.response.prepared:
             await self.response.prepare(self._request)
-        await self.response.write(chunk)
+        view = memoryview(chunk)
+        try:
+            for start in range(0, len(view), _PIECE):
+                async with asyncio.timeout(STALL_SECONDS):
+                    await self.response.write(view[start : start + _PIECE])
+        except TimeoutError:
+            self._abort()
+            raise self._cut() from None
+        except asyncio.CancelledError:
+            self._abort()  # a write given up midway leaves a connection that cannot write
+            raise
+
+    def _abort(self) -> None:
+        """End the connection at once, dropping what it has yet to send."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
 
     def put(self, cursor: int, events: str) -> None:
         """Take events (encoded, joined by commas) up to `cursor` in, to be sent soon: with
         those that follow within COALESCE_SECONDS, at once when it is the first message or
-        what waits is large."""
+        what waits is large. A subscriber whose connection is still taking an earlier message
+        while more than MAX_UNSENT_BYTES wait is cut, as one that fell behind (the feed does
+        not wait for it)."""
+        if self._failure is not None:
+            return
         self._take(cursor, events)
-        if self._flusher is None and not self._closed and self._failure is None:
+        if self._lock.locked() and self._pending_size > MAX_UNSENT_BYTES:
+            self.fail(self._cut())
+        elif self._flusher is None and not self._closed:
             delay = 0.0 if self._due() else COALESCE_SECONDS
             self._flusher = asyncio.create_task(self._flush_soon(delay))
 
@@ -206,6 +257,12 @@ class _Stream:
         await self._failed.wait()
         assert self._failure is not None
         raise self._failure
+
+    def discard(self) -> None:
+        """Drop what it holds once its response is over: the events it did not send, and its
+        failure (whose traceback holds its frames, and so it: a cycle that only a full
+        collection would free)."""
+        self._pending, self._pending_size, self._failure = [], 0, None
 
     async def _flush_soon(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -258,46 +315,62 @@ def events_route(tasks: Any, caller: Caller) -> web.RouteDef:
     path = method_path(_WATCH)
     encoded = EventJson()
     feeds = Feeds()
+    slots = StreamSlots(per_caller=MAX_STREAMS_PER_CALLER, total=MAX_STREAMS)
 
     async def events(request: web.Request) -> web.StreamResponse:
         try:
             principal = caller.for_method(request, path)
             watch = watch_request(request.query.items(), request.headers.get("Last-Event-ID"))
+            who = _caller_key(principal)
+            slots.take(who)
         except ShoalError as err:
             return error_response(err, path)
         except Exception:
             return unexpected_response(path)
-        stream = _Stream(request, encoded)
-        heartbeat = asyncio.create_task(stream.heartbeat())
-        served = asyncio.create_task(_serve(tasks, watch, principal, stream, feeds, encoded))
+        stream = _Stream(request, encoded, tasks.fell_behind)
         try:
-            # Whichever ends first: the watch, or a heartbeat that found the subscriber gone.
-            await asyncio.wait((served, heartbeat), return_when=asyncio.FIRST_COMPLETED)
+            served = _serve(tasks, watch, principal, stream, feeds, encoded)
+            return await _respond(stream, served, path)
         finally:
-            await stream.close()
-            for task in (heartbeat, served):
-                task.cancel()
-            for task in (heartbeat, served):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if served.cancelled():
-            return stream.response
-        failure = served.exception()
-        if isinstance(failure, ShoalError):
-            if not stream.open:
-                return error_response(failure, path)
-            _, body = error_body(failure)
-            # Best effort, and briefly: a subscriber cut for not reading may not read this.
-            # What it was sent before the error goes first.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_last_word(stream, body), _LAST_WORD_SECONDS)
-        elif failure is not None and not isinstance(failure, ConnectionError):
-            response = unexpected_response(path, failure)
-            if not stream.open:
-                return response
-        return stream.response
+            stream.discard()
+            slots.give_back(who)
 
     return web.get(f"{API_PREFIX}/events", events)
+
+
+async def _respond(
+    stream: _Stream, serve: Coroutine[Any, Any, None], path: str
+) -> web.StreamResponse:
+    """Run `serve` over `stream` until it ends or the subscriber is gone, then end the
+    response: with an `error` event when a Shoal error ended it."""
+    heartbeat = asyncio.create_task(stream.heartbeat())
+    served = asyncio.create_task(serve)
+    try:
+        # Whichever ends first: the watch, or a heartbeat that found the subscriber gone.
+        await asyncio.wait((served, heartbeat), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await stream.close()
+        for task in (heartbeat, served):
+            task.cancel()
+        for task in (heartbeat, served):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if served.cancelled():
+        return stream.response
+    failure = served.exception()
+    if isinstance(failure, ShoalError):
+        if not stream.open:
+            return error_response(failure, path)
+        _, body = error_body(failure)
+        # Best effort, and briefly: a subscriber cut for not reading may not read this.
+        # What it was sent before the error goes first.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_last_word(stream, body), _LAST_WORD_SECONDS)
+    elif failure is not None and not isinstance(failure, ConnectionError):
+        response = unexpected_response(path, failure)
+        if not stream.open:
+            return response
+    return stream.response
 
 
 async def _last_word(stream: _Stream, body: object) -> None:

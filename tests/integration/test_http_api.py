@@ -1,11 +1,13 @@
 """The HTTP/JSON API over real HTTP: the gRPC matrix of roles and tenants, cookie sessions,
-CSRF, and bad input."""
+CSRF, logins, bad input, and what a refusal logs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,9 @@ from google.protobuf import descriptor_pool, json_format
 from openapi_spec_validator import validate
 
 from shoal import shell
+from shoal.coordinator.http.auth import Sessions
+from shoal.coordinator.http.limits import LoginLimit
+from shoal.errors import ResourceExhausted
 from shoal.v1 import admin_pb2, task_pb2
 
 from .harness import Mesh, MeshFactory, run_tool
@@ -208,6 +213,71 @@ async def test_a_cookie_session_needs_its_csrf_token_to_change_anything(
     out = await http.post("/api/logout", headers={"X-CSRF-Token": csrf})
     assert out.status_code == 200
     assert (await http.get("/api/whoami")).status_code == 401
+
+
+async def test_logins_are_rate_limited_and_leave_other_sessions_alone(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    """A caller that logs in again and again is refused past a burst (429, Retry-After); the
+    admin's session, opened before, lives on."""
+    async with httpx.AsyncClient(base_url=mesh.coordinator.http_url, timeout=20) as admin:
+        assert (await admin.post("/api/login", json={"token": mesh.token})).status_code == 200
+        reader = await mesh.client.create_token(
+            admin_pb2.CreateTokenRequest(name="r", role=admin_pb2.ROLE_READER)
+        )
+        answers = [await http.post("/api/login", json={"token": reader.token}) for _ in range(20)]
+        refused = [a for a in answers if a.status_code != 200]
+        assert refused and {a.status_code for a in refused} == {429}, [a.text for a in refused]
+        assert refused[0].json()["code"] == "resource_exhausted"
+        assert int(refused[0].headers["Retry-After"]) >= 1
+        assert (await admin.get("/api/whoami")).json()["role"] == "admin"
+
+
+def test_a_tokens_sessions_are_bounded_and_a_login_ends_only_its_own_oldest() -> None:
+    """However often one token logs in, it ends only its own oldest sessions (the store,
+    without a server)."""
+    now = 0.0
+    sessions = Sessions(per_owner=2, ttl=timedelta(hours=1), clock=lambda: now)
+    admin = sessions.open("admin-token", "admin")
+    opened = [sessions.open("reader-token", "reader") for _ in range(1_000)]
+    assert sessions.get(admin.id) == admin
+    assert [sessions.get(s.id) for s in opened] == [None] * 998 + opened[-2:]
+    assert len(sessions) == 3
+    sessions.close(opened[-1].id)
+    now = 3600.0  # all expired: the next login sweeps them
+    sessions.open("reader-token", "reader")
+    assert len(sessions) == 1 and sessions.get(admin.id) is None
+
+
+def test_logins_are_limited_per_key_to_a_burst_then_a_rate() -> None:
+    """The login limit alone, its time moved by the test."""
+    now = 0.0
+    logins = LoginLimit(rate=0.2, burst=10, clock=lambda: now)
+    for _ in range(10):
+        logins.take(("address", "10.0.0.1"), "from 10.0.0.1")
+    with pytest.raises(ResourceExhausted, match="too many logins") as refused:
+        logins.take(("address", "10.0.0.1"), "from 10.0.0.1")
+    assert refused.value.retry_after == timedelta(seconds=5)
+    logins.take(("address", "10.0.0.2"), "from 10.0.0.2")  # another key: its own burst
+    now = 5.0
+    logins.take(("address", "10.0.0.1"), "from 10.0.0.1")  # one more, 5 s later
+
+
+async def test_a_refusal_logs_its_message_cut_as_it_answers_it(
+    mesh: Mesh, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that quotes a long value (a 3 MB tenant name) is refused with its message
+    cut, and the log line that tells of it is cut the same way."""
+    made = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="r", role=admin_pb2.ROLE_READER, tenant="acme")
+    )
+    with caplog.at_level(logging.WARNING, logger="shoal.http"):
+        refused = await http.post(
+            "/api/shoal.v1.Tasks/List", json={"tenant": "g" * 3_000_000}, headers=bearer(made.token)
+        )
+    assert refused.status_code == 403 and len(refused.content) < 1_000
+    (told,) = [r.getMessage() for r in caplog.records if r.name == "shoal.http"]
+    assert "PermissionDenied" in told and len(told) < 1_000
 
 
 async def test_whoami_names_role_tenant_and_token(mesh: Mesh, http: httpx.AsyncClient) -> None:

@@ -1,10 +1,13 @@
 """GET /api/events over real HTTP: Server-Sent Events with Watch's cursor, resumed across a
-cut mid-message without losing or repeating an event; filters; heartbeats; refusals."""
+cut mid-message without losing or repeating an event; filters; heartbeats; refusals; what a
+subscriber may hold (streams, events waiting, a connection that takes nothing)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,6 +19,7 @@ from google.protobuf import json_format
 
 from shoal import noop, shell
 from shoal.coordinator.http import sse
+from shoal.v1 import admin_pb2
 
 from .harness import Mesh, MeshFactory, eventually
 from .test_sizes import MB, flood
@@ -434,3 +438,105 @@ async def test_a_fast_stream_is_coalesced_into_few_messages_losing_nothing(
     assert all(int(m.id or 0) >= max(int(e["seq"]) for e in m.data["events"]) for m in live)
     assert {e["taskId"] for e in events_of(live)} == set(ids)
     assert len(live) < len(order) / 4, (len(live), len(order))
+
+
+async def test_a_caller_has_at_most_its_share_of_event_streams(
+    mesh: Mesh, http: httpx.AsyncClient
+) -> None:
+    """A stream past a caller's share is refused (429, Retry-After) until one of its own ends;
+    another caller is not held back by it."""
+    auth = {"Authorization": f"Bearer {mesh.token}"}
+    reader = await mesh.client.create_token(
+        admin_pb2.CreateTokenRequest(name="r", role=admin_pb2.ROLE_READER)
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(http.stream("GET", "/api/events", headers=auth))
+            for _ in range(sse.MAX_STREAMS_PER_CALLER)
+        ]
+        assert {s.status_code for s in streams} == {200}
+        refused = await http.get("/api/events", headers=auth)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["code"] == "resource_exhausted", refused.json()
+        other = {"Authorization": f"Bearer {reader.token}"}
+        async with http.stream("GET", "/api/events", headers=other) as theirs:
+            assert theirs.status_code == 200
+        await streams[0].aclose()
+
+        async def admitted() -> None:
+            async with http.stream("GET", "/api/events", headers=auth) as again:
+                assert again.status_code == 200
+
+        await eventually(admitted)
+
+
+@contextlib.asynccontextmanager
+async def silent_subscriber(mesh: Mesh, query: str) -> AsyncIterator[asyncio.StreamReader]:
+    """A subscriber of /api/events?`query` that takes its first message, then nothing until
+    the test reads (its receive buffer small, as an attacker's)."""
+    host, port = mesh.coordinator.http_url.removeprefix("http://").rstrip("/").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET /api/events?{query} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {mesh.token}\r\n\r\n".encode()
+    )
+    try:
+        await reader.readuntil(b"\r\n\r\n")  # the headers
+        await reader.readuntil(b"\n\n")  # the first message: where it starts
+        yield reader
+    finally:
+        writer.close()
+
+
+async def read_until_error(reader: asyncio.StreamReader) -> bytes:
+    """What `reader` gets up to the end of its first `error` event."""
+    got = bytearray()
+    while (at := got.find(b"event: error\n")) < 0 or got.find(b"\n\n", at) < 0:
+        chunk = await reader.read(1 << 16)
+        assert chunk, "the stream ended without an error event"
+        got += chunk
+    return bytes(got)
+
+
+async def test_a_subscriber_is_cut_once_the_events_waiting_for_it_are_over_the_bound(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber that takes nothing holds at most MAX_UNSENT_BYTES of events waiting, however
+    much the in-memory log still holds: past it, it is cut with an `error` event, after what
+    it was sent."""
+    monkeypatch.setattr(sse, "MAX_UNSENT_BYTES", 256 << 10)  # the log holds 64 MB
+    async with silent_subscriber(mesh, "output=true") as stalled:
+        # Output in bursts: the later ones wait behind a message the subscriber does not take.
+        burst = "head -c 500000 /dev/zero | tr '\\0' x; sleep 0.1"
+        task = await mesh.client.submit(shell(f"for i in 1 2 3 4 5 6 7 8; do {burst}; done"))
+        await eventually(lambda: mesh.coordinator.core.watchers_cut >= 1, timeout=30)
+        got = await asyncio.wait_for(read_until_error(stalled), 30)
+    before, _, error = got.partition(b"event: error\ndata: ")
+    assert b"id: " in before  # it was sent messages before it was cut
+    message = json.loads(error.split(b"\n", 1)[0])
+    assert message["code"] == "unavailable" and "fell behind" in message["message"]
+    await mesh.client.wait(task.id)
+
+
+async def test_a_connection_that_takes_nothing_is_ended(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber whose connection takes no piece of a message for STALL_SECONDS is
+    disconnected, even with few events waiting for it."""
+    monkeypatch.setattr(sse, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(sse, "MAX_UNSENT_BYTES", 64 * MB)
+    async with silent_subscriber(mesh, "output=true") as stalled:
+        task = await mesh.client.submit(flood(4))
+        await eventually(lambda: mesh.coordinator.core.watchers_cut >= 1, timeout=30)
+
+        async def read_to_the_end() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                while await stalled.read(1 << 16):
+                    pass
+
+        await asyncio.wait_for(read_to_the_end(), 30)
+    await mesh.client.wait(task.id)

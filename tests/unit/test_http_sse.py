@@ -1,4 +1,4 @@
-"""The SSE stream's shared event encoding and its query parsing, without a server."""
+"""The SSE stream's shared event encoding, its query parsing and its bounds, without a server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 from google.protobuf import json_format
 
+from shoal.coordinator.http.limits import StreamSlots
 from shoal.coordinator.http.sse import EventJson, watch_request
-from shoal.errors import InvalidArgument
+from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.v1 import task_pb2, tasks_pb2
 
 
@@ -51,3 +52,21 @@ def test_a_query_becomes_a_watch_request() -> None:
     for bad in ([("since", "-1")], [("since", "x")], [("what", "1")], [("output", "2")]):
         with pytest.raises(InvalidArgument):
             watch_request(bad, None)
+
+
+def test_event_streams_are_bounded_per_caller_and_in_all() -> None:
+    slots = StreamSlots(per_caller=2, total=3)
+    slots.take("a")
+    slots.take("a")
+    with pytest.raises(ResourceExhausted, match="this caller") as refused:
+        slots.take("a")
+    assert refused.value.retry_after is not None and refused.value.quota
+    slots.take("b")
+    with pytest.raises(ResourceExhausted, match="this server"):
+        slots.take("c")  # a caller with none open: the server has no room
+    slots.give_back("a")
+    slots.take("c")
+    for caller in ("a", "b", "c"):
+        slots.give_back(caller)
+    for caller in ("d", "d", "e"):
+        slots.take(caller)  # all given back: the room is whole again

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
+import weakref
 from collections.abc import AsyncIterator
 
-from shoal.coordinator.http.feed import Feed, Feeds
+import pytest
+
+from shoal.coordinator.http.feed import RECENT_CHARS, Feed, Feeds
 from shoal.v1 import task_pb2
 
 
@@ -128,3 +133,61 @@ async def test_a_failing_watch_fails_every_member_and_a_new_feed_starts() -> Non
     again.leave(Sink())  # it has no member: it ends
     await settled()
     assert not again.live and len(feeds) == 0
+
+
+@pytest.mark.parametrize("end", ["last member leaves", "watch fails"])
+async def test_an_ended_feed_is_freed_without_the_cyclic_collector(end: str) -> None:
+    """A feed that ended is freed as soon as nothing refers to it: no cycle through its task's
+    CancelledError or its failure's traceback keeps it (and its recent batches) until a full
+    collection, which a coordinator runs seldom."""
+    watch = Watch(0)
+    feed, ended = await make(watch)
+    member = Sink()
+    assert feed.join(member, None)
+    watch.push(1, 2)
+    await settled()
+    gc.disable()
+    try:
+        if end == "watch fails":
+            watch.queue.put_nowait(PermissionError("revoked"))
+        else:
+            feed.leave(member)
+        await settled()
+        assert ended == [feed] and not feed.live
+        gone = weakref.ref(feed)
+        del feed
+        ended.clear()
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+async def test_a_feed_keeps_its_recent_events_once() -> None:
+    """What a feed keeps of its last batches (for subscribers that join behind it) is bounded
+    by RECENT_CHARS, each event's text held once."""
+    watch = Watch(0)
+
+    def encode(event: task_pb2.Event) -> str:
+        return str(event.seq).ljust(16 << 10, "x")  # a text of its own, held by the feed alone
+
+    tracemalloc.start()
+    try:
+        feed = Feed(
+            watch.batches(),
+            encode,
+            behind=lambda cursor: False,
+            cut=lambda: RuntimeError("cut"),
+            ended=lambda f: None,
+        )
+        await feed.ready.wait()
+        before, _ = tracemalloc.get_traced_memory()
+        for first in range(1, 1024, 8):  # 16 MB in batches of 128 kB
+            watch.push(*range(first, first + 8))
+        await settled()
+        assert watch.queue.empty()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert RECENT_CHARS * 0.9 < held < RECENT_CHARS * 1.25, held
+    feed.leave(Sink())
+    await settled()

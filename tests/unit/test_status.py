@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import logging
 import urllib.parse
 
+import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from shoal import errors
-from shoal._status import to_status
+from shoal._status import abort, to_status
 
 METADATA_LIMIT = 8 << 10
 """What a grpc client accepts in trailing metadata by default."""
@@ -48,3 +51,22 @@ def test_a_short_error_is_sent_whole() -> None:
     bad = error_details_pb2.BadRequest()
     decoded.details[0].Unpack(bad)
     assert [(v.field, v.description) for v in bad.field_violations] == [("spec.x", "bad")]
+
+
+async def test_an_error_is_logged_cut_as_it_is_sent(caplog: pytest.LogCaptureFixture) -> None:
+    """Its message may quote the request: a 3 MB name made a 3 MB log line."""
+
+    class Aborted(Exception):
+        pass
+
+    class Context:  # as gRPC's: aborting raises
+        async def abort_with_status(self, status: grpc.Status) -> None:
+            raise Aborted
+
+    context = Context()
+    huge = "g" * 3_000_000
+    refused = errors.PermissionDenied(f"no access to tenant {huge!r}")
+    with caplog.at_level(logging.INFO, logger="shoal.rpc"), pytest.raises(Aborted):
+        await abort(context, refused, "List")
+    (record,) = caplog.records
+    assert len(record.getMessage()) < 1000 and "PermissionDenied" in record.getMessage()

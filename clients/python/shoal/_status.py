@@ -159,16 +159,13 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.ShoalError:
     return cls(message)
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
 async def abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception, method: str) -> None:
     """End the call with the status of `err`; an unexpected error is logged and INTERNAL."""
     if isinstance(err, errors.ShoalError):
         _, level = _code_and_level(err)
-        _log.log(level, "rpc=%s error=%s", method, _describe(err))
-        await context.abort_with_status(to_status(err))
+        status = status_of(err)  # cut: its message may quote the request (a 3 MB name)
+        _log.log(level, "rpc=%s error=%s: %s", method, type(err).__name__, status.message)
+        await context.abort_with_status(cast(grpc.Status, rpc_status.to_status(status)))
     if isinstance(err, NotImplementedError):  # what generated servicer bases raise
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     _log.exception("rpc=%s unexpected error", method)

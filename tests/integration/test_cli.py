@@ -369,6 +369,7 @@ async def test_what_tasks_and_nodes_say_is_shown_as_they_say_it_not_as_markup(
     assert listed.returncode == 0 and hostile in words(listed.stdout), listed
     nodes = await shoal_(cli, "nodes", "-c", mesh.address)
     assert nodes.returncode == 0 and "[/n]" in nodes.stdout, nodes
+    assert "functions" in nodes.stdout and "--json)" in nodes.stdout, nodes  # the first few
 
     # An escape sequence in what a task says (a terminal's title, its screen cleared) is shown,
     # not sent to the terminal.

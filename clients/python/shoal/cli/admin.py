@@ -37,6 +37,9 @@ def nodes(coordinator: CoordinatorOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(col, overflow="fold")
     for n in listed:
         notes = [breaker_text(b) for b in n.breakers]
+        if functions := n.info.functions:
+            more = f" (+{len(functions) - 3} more: --json)" if len(functions) > 3 else ""
+            notes.append(f"functions {', '.join(functions[:3])}{more}")
         if n.stale_updates:
             notes.append(f"{n.stale_updates} stale updates rejected")
         if n.throttled:

@@ -17,7 +17,7 @@ from shoal.coordinator.records import TaskRecord
 from shoal.specs import printable, timestamp
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
-__all__ = ["MAX_BATCH_BYTES", "MAX_PENDING_CANCELS", "NodeSession", "Pace"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_PENDING_CANCELS", "MAX_UNREAD_BYTES", "NodeSession", "Pace"]
 
 _REASON = 200  # characters kept of why a node says it is throttled
 
@@ -25,6 +25,10 @@ MAX_PENDING_CANCELS = 10_000
 """Bounds what a node that floods updates for unknown attempts can make the coordinator hold."""
 MAX_BATCH_BYTES = 4 << 20
 """An assignment batch is cut here, well under the message limit, whatever its specs weigh."""
+MAX_UNREAD_BYTES = 64 << 20
+"""The specs sent to a node that it has said nothing of yet (no update of their tasks): beyond
+this it is sent no more until it has. A node that does not read its stream would otherwise
+pin a copy of every task it has slots for (its slots x the largest spec, twice over)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,8 @@ class NodeSession:
         self.ended = asyncio.Event()  # set once closed
         self._assignments: list[node_pb2.Assignment] = []
         self.assigned_bytes = 0  # of the specs in `_assignments` (the dispatcher adds them)
+        self._unread: dict[str, int] = {}  # task id -> bytes of its spec, sent, not spoken of
+        self._unread_bytes = 0
         # Keyed by task: a node repeating updates of a stale attempt is told to stop it once.
         self._cancels: dict[str, node_pb2.RunningAttempt] = {}
         self.pace = pace  # as the node was last told
@@ -90,6 +96,30 @@ class NodeSession:
     @property
     def node_id(self) -> str:
         return self.info.node_id
+
+    @property
+    def behind(self) -> bool:
+        """Whether it has more of the specs sent to it unread than MAX_UNREAD_BYTES."""
+        return self._unread_bytes > MAX_UNREAD_BYTES
+
+    def sent(self, task_id: str, size: int) -> bool:
+        """Note a task's spec (`size` bytes) sent to it; whether it is now `behind`."""
+        self._unread[task_id] = size
+        self._unread_bytes += size
+        if self._unread_bytes <= MAX_UNREAD_BYTES:
+            return False
+        for gone in [t for t in self._unread if t not in self.inflight]:  # ended meanwhile
+            self._unread_bytes -= self._unread.pop(gone)
+        return self.behind
+
+    def read(self, task_id: str) -> bool:
+        """It spoke of a task (so it read it); whether it is no longer `behind` by that."""
+        size = self._unread.pop(task_id, None)
+        if size is None:
+            return False
+        was = self.behind
+        self._unread_bytes -= size
+        return was and not self.behind
 
     def assign(self, assignments: list[node_pb2.Assignment]) -> None:
         self._assignments += assignments

@@ -97,6 +97,13 @@ class Dispatcher:
                 put_back = True
                 continue
             session = self.sessions[slots.node_id]
+            if session.behind:  # closed to work: it has not read what this pass sent it
+                if gates or rec.locks:
+                    self.give_back(rec, None)
+                self._k.scheduler.release(slots, rec)
+                self._k.scheduler.queue.push_front(rec)
+                put_back = True
+                continue
             rec.state = ASSIGNED
             rec.attempt += 1
             rec.attempt_epoch = self._k.epoch
@@ -106,10 +113,13 @@ class Dispatcher:
             assignment = node_pb2.Assignment(task_id=rec.id, attempt=attempt)
             if rendered is not None:
                 assignment.spec.CopyFrom(rendered)
-                session.assigned_bytes += rendered.ByteSize()
+                size = rendered.ByteSize()
             else:  # straight from the stored bytes: no spec message kept for it
                 assignment.spec.MergeFromString(rec.spec_bytes)
-                session.assigned_bytes += len(rec.spec_bytes)
+                size = len(rec.spec_bytes)
+            session.assigned_bytes += size
+            if session.sent(rec.id, size):  # it has not read what it was sent: no more
+                self.apply_node_state(session.node_id)
             by_node.setdefault(session.node_id, []).append(assignment)
             lines.setdefault(session.node_id, []).append(f"{rec.id} {self._k.epoch} {rec.attempt}")
             events.append(task_change(rec, by=COORDINATOR))
@@ -313,6 +323,10 @@ class Dispatcher:
             self._k.scheduler.set_accepting(node_id, False, "draining")
         elif not self._k.breakers.passes(key):
             self._k.scheduler.set_accepting(node_id, False, "closed by its circuit breaker")
+        elif session.behind:
+            self._k.scheduler.set_accepting(
+                node_id, False, "it has not read the tasks sent to it yet"
+            )
         else:
             self._k.scheduler.set_accepting(node_id, True)
         tripped = frozenset(

@@ -263,7 +263,9 @@ class NodeSessions:
 
     def on_updates(self, session: NodeSession, updates: Sequence[node_pb2.TaskUpdate]) -> None:
         freed = False
+        caught_up = False  # it had not read what it was sent, and now has
         for u in updates:
+            caught_up = session.read(u.task_id) or caught_up
             rec = session.inflight.get(u.task_id)
             kind = u.WhichOneof("update")
             if (
@@ -336,6 +338,8 @@ class NodeSessions:
         if freed:
             self._d.moved.add(session.node_id)
             self._k.kick()
+        if caught_up:
+            self._d.apply_node_state(session.node_id)  # it takes work again
 
     def pace(self, sessions: int | None = None) -> Pace:
         """How often nodes heartbeat, and their lease: as configured, until the heartbeats of

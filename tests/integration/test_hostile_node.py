@@ -13,6 +13,7 @@ import pytest
 from shoal import AsyncClient, shell
 from shoal._channel import bearer, open_channel
 from shoal.config import CoordinatorSettings, NodeSettings
+from shoal.coordinator import sessions
 from shoal.coordinator.server import CoordinatorServer
 from shoal.node.agent import NodeAgent
 from shoal.v1 import admin_pb2, gateway_pb2_grpc, node_pb2, task_pb2
@@ -217,3 +218,43 @@ async def _state(arena: Arena, task_id: str, state: int) -> None:
 async def _events(client: AsyncClient, task: task_pb2.Task) -> list[task_pb2.Event]:
     watch = client.watch(since=task.created_seq - 1, task_ids=[task.id], output=True)
     return await collect(watch, lambda e: e.state == task.state and not e.HasField("output"))
+
+
+async def test_a_node_that_does_not_read_what_it_is_sent_is_sent_no_more(
+    arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each spec sent to a node that never reads its stream stays in the coordinator's memory
+    (and gRPC's): beyond MAX_UNREAD_BYTES it is sent no more until it speaks of them."""
+    monkeypatch.setattr(sessions, "MAX_UNREAD_BYTES", 100_000)
+    session = EvilSession(arena, info(slots=64))  # only evil has zone=a
+    try:
+        assert (await session.hello()).HasField("welcome")
+        big = "x" * 20_000
+        ids = await arena.admin.submit_batch(
+            [shell(["true"], env={"PAD": big}, labels={"zone": "a"}) for _ in range(30)]
+        )
+
+        async def placed() -> list[task_pb2.Task]:
+            tasks = [await arena.admin.get(i) for i in ids]
+            if any(t.state == task_pb2.TASK_STATE_PENDING for t in tasks):
+                return []  # not all looked at yet
+            return tasks
+
+        tasks = await eventually(placed)
+        sent = [t for t in tasks if t.state == task_pb2.TASK_STATE_ASSIGNED]
+        waiting = [t for t in tasks if t.state == task_pb2.TASK_STATE_QUEUED]
+        assert 5 <= len(sent) <= 6 and len(sent) + len(waiting) == 30  # 100 KB of 20 KB specs
+        assert "has not read the tasks sent to it" in waiting[0].pending_reason
+        # It reads them (says they started): it is sent more.
+        for t in sent:
+            started = node_pb2.TaskUpdate(task_id=t.id, attempt=t.attempt)
+            started.started.SetInParent()
+            await session.send(started)
+
+        async def more() -> bool:
+            states = [(await arena.admin.get(i)).state for i in ids]
+            return states.count(task_pb2.TASK_STATE_ASSIGNED) >= 5
+
+        await eventually(more)
+    finally:
+        await session.close()

@@ -1,4 +1,5 @@
-"""Node sessions as the engine sees them: attach, detach, updates, reclaims, pace."""
+"""Node sessions as the engine sees them: attach, detach, reclaims, pace (their updates:
+updates.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 
-from shoal._output import output_size
 from shoal.auth import COORDINATOR, Principal
 from shoal.coordinator.encoding import attempt_id, task_change
 from shoal.coordinator.engine.dispatch import Dispatcher
@@ -19,11 +19,10 @@ from shoal.coordinator.engine.states import (
     FAILED,
     PENDING,
     RUNNING,
-    SUCCEEDED,
 )
+from shoal.coordinator.engine.updates import apply_updates
 from shoal.coordinator.gates.breakers import node_key
 from shoal.coordinator.gates.ratelimit import TokenBucket
-from shoal.coordinator.progress import accepted_progress
 from shoal.coordinator.records import TaskRecord
 from shoal.coordinator.sessions import NodeSession, Pace
 from shoal.coordinator.store import TokenRow
@@ -31,7 +30,7 @@ from shoal.coordinator.timers import TimerKind
 from shoal.coordinator.tokens import TokenRegistry
 from shoal.coordinator.validation import check_hello, drop_unserved
 from shoal.errors import InvalidArgument, NotFound, Unavailable
-from shoal.specs import FINAL_STATES, bounded_result, is_final, printable, to_duration
+from shoal.specs import is_final, printable, to_duration
 from shoal.v1 import admin_pb2, node_pb2, task_pb2
 
 __all__ = ["NodeSessions"]
@@ -262,84 +261,7 @@ class NodeSessions:
             raise InvalidArgument("hello is only valid as the first message of a session")
 
     def on_updates(self, session: NodeSession, updates: Sequence[node_pb2.TaskUpdate]) -> None:
-        freed = False
-        caught_up = False  # it had not read what it was sent, and now has
-        for u in updates:
-            caught_up = session.read(u.task_id) or caught_up
-            rec = session.inflight.get(u.task_id)
-            kind = u.WhichOneof("update")
-            if (
-                rec is None
-                or u.attempt.epoch != rec.attempt_epoch
-                or u.attempt.number != rec.attempt
-                or is_final(rec.state)
-            ):
-                # A stale attempt: fenced off; it changes nothing, and the node should stop it.
-                session.stale_updates += 1
-                if kind not in ("finished", "released"):
-                    session.cancel(u.task_id, u.attempt)
-                continue
-            if kind == "started":
-                rec.state = RUNNING
-                rec.started_at = self._k.wall()
-                rec.progress = None
-                self._k.events.emit(task_change(rec, by=session.principal.name))
-            elif kind == "progress":
-                progress = accepted_progress(
-                    u.progress, rec.progress, now=self._k.wall(), started_at=rec.started_at
-                )
-                if progress is not None:
-                    rec.progress = progress
-                    change = task_change(rec, by=session.principal.name)
-                    change.event().progress.CopyFrom(progress)
-                    self._k.events.emit(change)
-            elif kind == "output":
-                output = u.output
-                size = output_size(output)
-                if size > self._k.options.max_result_bytes:
-                    output.data = output.data[: self._k.options.max_result_bytes]
-                    output.raw = output.raw[: self._k.options.max_result_bytes]
-                    size = output_size(output)
-                change = task_change(rec, by=session.principal.name, output=output)
-                self._k.events.emit(change, size=size)
-            elif kind in ("finished", "released"):
-                del session.inflight[rec.id]
-                self._k.scheduler.release(session.slots, rec)
-                freed = True
-                if kind == "released":
-                    # Given back unfinished by a draining node: no verdict, and not an attempt
-                    # its retry policy counts (its number is not used again, for fencing).
-                    self._d.end_attempt(rec, session.node_id, None)
-                    if rec.cancel_requested:
-                        self._k.finish(rec, CANCELLED, task_pb2.TaskResult(error="cancelled"))
-                    else:
-                        self._k.requeue(rec)
-                    continue
-                state = u.finished.state
-                had_output = u.finished.result.HasField("output")
-                result = bounded_result(u.finished.result, self._k.options.max_result_bytes)
-                if state not in FINAL_STATES:
-                    result.error = result.error or f"node reported non-final state {state}"
-                    state = FAILED
-                elif (
-                    state == SUCCEEDED
-                    and had_output
-                    and not result.HasField("output")
-                    and rec.spec.HasField("function")
-                ):
-                    # Its value is what a function call is for: without it, it did not succeed.
-                    result.error = "its return value is over the coordinator's max_result_bytes"
-                    state = FAILED
-                self._d.end_attempt(rec, session.node_id, result)
-                if rec.cancel_requested:
-                    self._k.finish(rec, state, result)
-                else:
-                    self._k.after_failure(rec, state, result, by=session.principal.name)
-        if freed:
-            self._d.moved.add(session.node_id)
-            self._k.kick()
-        if caught_up:
-            self._d.apply_node_state(session.node_id)  # it takes work again
+        apply_updates(self._k, self._d, session, updates)
 
     def pace(self, sessions: int | None = None) -> Pace:
         """How often nodes heartbeat, and their lease: as configured, until the heartbeats of

@@ -5,7 +5,9 @@ be made. Whatever a call raises is its outcome, never the end of the worker."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -82,32 +84,37 @@ def _returned(fn: Function[Any, Any], value: Any, limit: int) -> Reply:
     return wire.DONE, data
 
 
-def call_sync(fn: Function[Any, Any], call: Call, limit: int) -> Reply:
-    """A sync function runs in the main thread: the node kills the worker to cancel it.
-    Whatever the call raises (its arguments' validators too) is its outcome, never the end
-    of the worker."""
+def _bound(fn: Function[Any, Any], call: Call) -> Callable[[], Any] | Reply:
+    """`fn` with the call's arguments, to call; or the reply when they do not decode (a
+    validator of the function's types that raises is the call's outcome too)."""
     try:
         args, kwargs = _arguments(fn, call)
     except CodecError as err:
         return _bad(str(err))
-    except BaseException as err:  # a validator of the function's types raised
+    except BaseException as err:
         return _raised(err)
+    return functools.partial(fn.fn, *args, **kwargs)
+
+
+def call_sync(fn: Function[Any, Any], call: Call, limit: int) -> Reply:
+    """A sync function runs in the main thread: the node kills the worker to cancel it.
+    Whatever the call raises is its outcome, never the end of the worker."""
+    bound = _bound(fn, call)
+    if isinstance(bound, tuple):
+        return bound
     try:
-        value = fn.fn(*args, **kwargs)
+        value = bound()
     except BaseException as err:  # SystemExit and the like: the call's own
         return _raised(err)
     return _returned(fn, value, limit)
 
 
 async def call_async(fn: Function[Any, Any], call: Call, limit: int) -> Reply:
+    bound = _bound(fn, call)
+    if isinstance(bound, tuple):
+        return bound
     try:
-        args, kwargs = _arguments(fn, call)
-    except CodecError as err:
-        return _bad(str(err))
-    except BaseException as err:  # a validator of the function's types raised
-        return _raised(err)
-    try:
-        value = await fn.fn(*args, **kwargs)
+        value = await bound()
     except asyncio.CancelledError:
         return wire.CANCELLED, b""
     except BaseException as err:  # SystemExit and the like: the call's own

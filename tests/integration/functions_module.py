@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -187,24 +186,31 @@ def record(path: str, x: int) -> int:
 _KEPT = -1
 
 
-def _late(began: threading.Event | None = None) -> None:
-    """A leftover: prints half a second after its call, amid the calls after it (what it
-    does, not a wait for something)."""
+def _late(gate: str, began: threading.Event | None = None) -> None:
+    """A leftover: prints once the Gate at `gate` opens, amid the calls after its own."""
     if began is not None:
         began.set()
-    time.sleep(0.5)
+    wait_at(gate)
     print("late")
 
 
+_LATE = (
+    "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH);"
+    " print('late')"
+)
+"""A child's `_late`: its program, given the Gate's path."""
+
+
 @shoal.task
-def leaves(what: str) -> int:
-    """Returns, leaving something behind that would run beside the calls after it."""
-    late = [sys.executable, "-c", "import time; time.sleep(2); print('late')"]
+def leaves(what: str, gate: str) -> int:
+    """Returns, leaving something behind that would run beside the calls after it (and print
+    once the Gate at `gate` opens)."""
+    late = [sys.executable, "-c", _LATE, gate]
     if what == "thread":
-        threading.Thread(target=_late, daemon=True).start()
+        threading.Thread(target=_late, args=(gate,), daemon=True).start()
     elif what == "raw thread":  # seen by Python once it runs
         began = threading.Event()
-        _thread.start_new_thread(_late, (began,))
+        _thread.start_new_thread(_late, (gate, began))
         began.wait(10)
     elif what == "child":
         subprocess.Popen(late)
@@ -223,9 +229,9 @@ def leaves(what: str) -> int:
 
 
 @shoal.task
-async def leaves_a_task() -> int:
+async def leaves_a_task(gate: str) -> int:
     async def late() -> None:
-        await asyncio.sleep(0.5)
+        await asyncio.to_thread(wait_at, gate)
         print("late")
 
     asyncio.get_running_loop().create_task(late())

@@ -117,12 +117,14 @@ async def test_calls_answered_before_their_worker_died_keep_their_answers_and_ru
     "what", ["thread", "raw thread", "child", "grandchild", "stdout", "fd 1", "timer", "task"]
 )
 async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
-    executor: FunctionExecutor, what: str
+    executor: FunctionExecutor, what: str, tmp_path: Path
 ) -> None:
     """A thread, a child, a timer or a task still running, or its output replaced: the calls
     after it (of other tasks, maybe other users) would get its output, or none of their own.
     Its worker ends once it has answered, and another takes its place."""
-    spec = fm.leaves_a_task.spec() if what == "task" else fm.leaves.spec(what)
+    gate = fm.Gate(tmp_path / "gate")  # what was left prints once it opens
+    place = str(gate.path)
+    spec = fm.leaves_a_task.spec(place) if what == "task" else fm.leaves.spec(what, place)
     outcome = await executor.run(spec, _ctx())
     assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED, outcome.result.error
     pid = int(outcome.result.output.fields["value"].string_value)
@@ -132,10 +134,10 @@ async def test_a_call_that_leaves_something_behind_ends_its_worker_after_it(
     ctx = ExecutionContext(
         task_id="t", emit=lambda c: printed.append(c.data), output_tail_bytes=4096
     )
+    gate.open()  # what was left, were it still running, prints now
     for _ in range(3):  # in the workers left and the new one
         outcome = await executor.run(fm.greet.spec("x"), ctx)
         assert outcome.state == task_pb2.TASK_STATE_SUCCEEDED
-    await asyncio.sleep(0.6)  # what was left would have printed by now
     assert "late" not in "".join(printed)
 
 

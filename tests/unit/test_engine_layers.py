@@ -17,6 +17,7 @@ LAYERS = [
     "queries",
     "overview",
     "intake",
+    "updates",
     "nodes",
     "clock",
     "recovery",

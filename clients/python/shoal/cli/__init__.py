@@ -21,6 +21,7 @@ app.command()(status)
 from shoal.cli import up  # noqa: E402
 from shoal.cli import serving  # noqa: E402
 from shoal.cli import tasks  # noqa: E402
+from shoal.cli import listing  # noqa: E402
 from shoal.cli import logs  # noqa: E402
 from shoal.cli import admin  # noqa: E402
 
@@ -36,7 +37,7 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(admin.quota_app, name="quota")
 app.add_typer(store_app, name="store")
 
-__all__ = ["admin", "app", "logs", "main", "serving", "tasks", "up"]
+__all__ = ["admin", "app", "listing", "logs", "main", "serving", "tasks", "up"]
 
 
 def main() -> None:
